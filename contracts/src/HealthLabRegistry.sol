@@ -1,0 +1,440 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity 0.8.37;
+
+/// @title HealthLab consent registry
+/// @notice Owners register datasets by pointer and content hash, researchers request
+///         access with machine-readable purpose codes and pay the fee into escrow,
+///         owners approve or decline, grants expire or are revoked, and results are
+///         anchored against the grant that allowed them. Only pointers, hashes, codes
+///         and amounts are ever stored or logged: no health data, no purpose text.
+/// @dev Access is keyed by (dataset, researcher): one open request or grant per pair,
+///      which keeps `hasAccess` a single storage read and a request a single new slot.
+///      Every request still gets a global, sequential id; calls that act on a request
+///      name that id so an owner can never approve a different request than the one
+///      they reviewed. Payments are pull payments (`withdraw`).
+contract HealthLabRegistry {
+    // ------------------------------------------------------------------ use terms
+    // Purpose / permission codes (GA4GH DUO-style). A dataset's terms list the purposes it
+    // permits; a request's codes list the purposes it pursues.
+    /// @notice DUO:0000042 general research use (permits every research purpose below).
+    uint32 public constant GRU = 1 << 0;
+    /// @notice DUO:0000006 health, medical or biomedical research (permits DS).
+    uint32 public constant HMB = 1 << 1;
+    /// @notice DUO:0000007 disease-specific research.
+    uint32 public constant DS = 1 << 2;
+    /// @notice DUO:0000011 population origins or ancestry research.
+    uint32 public constant POA = 1 << 3;
+    /// @notice DUO:0000020-like methods development (software, statistics, algorithms).
+    uint32 public constant MDS = 1 << 4;
+    /// @dev Mask of all purpose bits.
+    uint32 internal constant PURPOSES = 0xFF;
+
+    // Modifiers: on a dataset they are requirements, on a request they are attestations that
+    // the requirement is met. A request must attest every requirement the dataset sets.
+    /// @notice DUO:0000046 non-commercial use only / the requester's use is non-commercial.
+    uint32 public constant NCU = 1 << 8;
+    /// @notice DUO:0000021 ethics approval required / the requester holds ethics approval.
+    uint32 public constant IRB = 1 << 9;
+    /// @notice DUO:0000019 publication required / the requester will publish results.
+    uint32 public constant PUB = 1 << 10;
+    /// @dev Mask of attestable modifiers.
+    uint32 internal constant ATTESTABLE = NCU | IRB | PUB;
+    /// @notice DUO:0000020 collaboration required: always reviewed by the owner, never auto-approved.
+    uint32 public constant COL = 1 << 11;
+    /// @notice All bits this contract understands; anything else is rejected.
+    uint32 public constant KNOWN_CODES = GRU | HMB | DS | POA | MDS | NCU | IRB | PUB | COL;
+
+    // --------------------------------------------------------------------- types
+    /// @notice Lifecycle of an access request. "Expired" is derived from `expiresAt`.
+    enum Status {
+        None,
+        Pending,
+        Approved,
+        Declined,
+        Cancelled,
+        Revoked
+    }
+
+    /// @notice A registered dataset. Packed: slot 0 = owner + fee, slot 1 = terms and flags.
+    struct Dataset {
+        address owner;
+        uint96 fee;
+        uint32 grantSeconds;
+        uint32 terms;
+        bool autoApprove;
+        bool active;
+        bytes32 contentHash;
+        string pointer;
+    }
+
+    /// @notice The current request or grant of one researcher on one dataset (one slot).
+    struct Access {
+        uint64 requestId;
+        uint96 amount;
+        uint40 createdAt;
+        uint40 expiresAt;
+        Status status;
+    }
+
+    // ------------------------------------------------------------------- storage
+    /// @notice Seconds after which a researcher may cancel an unanswered request.
+    uint256 public immutable requestTimeout;
+
+    /// @dev Both counters share one slot, so the first request does not pay for a new slot.
+    uint64 public datasetCount;
+    uint64 public requestCount;
+    mapping(uint256 datasetId => Dataset) internal _datasets;
+    mapping(bytes32 contentHash => uint256 datasetId) public datasetByContentHash;
+    mapping(uint256 datasetId => mapping(address researcher => Access)) internal _access;
+    /// @notice Withdrawable balance of each payee (owners' earnings, researchers' refunds).
+    mapping(address payee => uint256) public credits;
+    /// @notice The request each anchored result hash was recorded against (0: none).
+    mapping(bytes32 resultHash => uint256 requestId) public resultRequest;
+
+    bool private transient _entered;
+
+    // -------------------------------------------------------------------- events
+    event DatasetRegistered(
+        uint256 indexed datasetId,
+        address indexed owner,
+        bytes32 indexed contentHash,
+        string pointer,
+        uint256 fee,
+        uint32 grantSeconds,
+        uint32 terms,
+        bool autoApprove
+    );
+    event DatasetUpdated(
+        uint256 indexed datasetId, uint256 fee, uint32 grantSeconds, uint32 terms, bool autoApprove, bool active
+    );
+    event AccessRequested(
+        uint256 indexed requestId,
+        uint256 indexed datasetId,
+        address indexed researcher,
+        uint32 codes,
+        bytes32 purposeHash,
+        uint256 amount
+    );
+    event AccessGranted(
+        uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher, uint40 expiresAt, bool automatic
+    );
+    event AccessDeclined(uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher);
+    event RequestCancelled(uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher);
+    event AccessRevoked(uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher);
+    event Withdrawal(address indexed payee, address indexed to, uint256 amount);
+    event ResultRecorded(
+        uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher, bytes32 resultHash
+    );
+
+    // -------------------------------------------------------------------- errors
+    error UnknownDataset(uint256 datasetId);
+    error UnknownRequest(uint256 requestId);
+    error NotDatasetOwner(uint256 datasetId, address caller);
+    error NotRequester(uint256 requestId, address caller);
+    error EmptyPointer();
+    error InvalidPointer();
+    error ZeroContentHash();
+    error ZeroPurposeHash();
+    error DuplicateDataset(bytes32 contentHash, uint256 existingId);
+    error InvalidGrantDuration(uint256 grantSeconds);
+    error FeeTooLarge(uint256 fee);
+    error UnknownCodes(uint32 codes);
+    error NoPurpose();
+    error PurposeNotPermitted(uint32 codes, uint32 terms);
+    error DatasetInactive(uint256 datasetId);
+    error FeeChanged(uint256 agreedFee, uint256 currentFee);
+    error WrongPayment(uint256 expected, uint256 sent);
+    error RequestAlreadyOpen(uint256 requestId);
+    error AccessAlreadyGranted(uint256 requestId, uint40 expiresAt);
+    error NotPending(uint256 requestId, Status status);
+    error TooEarlyToCancel(uint256 requestId, uint256 cancellableAt);
+    error NoActiveGrant(uint256 datasetId, address researcher);
+    error NothingToWithdraw(address payee);
+    error ZeroAddress();
+    error PaymentFailed(address to, uint256 amount);
+    error Reentrancy();
+    error ResultAlreadyRecorded(bytes32 resultHash, uint256 requestId);
+    error ZeroResultHash();
+
+    // ----------------------------------------------------------------- modifiers
+    modifier nonReentrant() {
+        if (_entered) revert Reentrancy();
+        _entered = true;
+        _;
+        _entered = false;
+    }
+
+    modifier onlyOwner(uint256 datasetId) {
+        _checkOwner(datasetId);
+        _;
+    }
+
+    /// @param requestTimeout_ seconds after which an unanswered request may be cancelled.
+    constructor(uint256 requestTimeout_) {
+        requestTimeout = requestTimeout_;
+    }
+
+    // ------------------------------------------------------------------ datasets
+    /// @notice Register a dataset you hold.
+    /// @param pointer where the (possibly encrypted) content lives: `https://…` or `ipfs://…`.
+    /// @param contentHash sha256 of the content; one registration per content hash.
+    /// @param fee wei a researcher pays per request (escrowed until a decision).
+    /// @param grantSeconds how long an approved grant lasts.
+    /// @param terms permitted purposes and requirements (see the code constants).
+    /// @param autoApprove grant requests whose codes satisfy the terms in the same transaction.
+    /// @return datasetId the new dataset's id (starting at 1).
+    function registerDataset(
+        string calldata pointer,
+        bytes32 contentHash,
+        uint256 fee,
+        uint32 grantSeconds,
+        uint32 terms,
+        bool autoApprove
+    ) external returns (uint256 datasetId) {
+        _checkPointer(pointer);
+        if (contentHash == bytes32(0)) revert ZeroContentHash();
+        uint256 existing = datasetByContentHash[contentHash];
+        if (existing != 0) revert DuplicateDataset(contentHash, existing);
+        _checkConfig(fee, grantSeconds, terms);
+        uint64 id = ++datasetCount;
+        datasetId = id;
+        _datasets[id] = Dataset({
+            owner: msg.sender,
+            fee: uint96(fee),
+            grantSeconds: grantSeconds,
+            terms: terms,
+            autoApprove: autoApprove,
+            active: true,
+            contentHash: contentHash,
+            pointer: pointer
+        });
+        datasetByContentHash[contentHash] = datasetId;
+        emit DatasetRegistered(datasetId, msg.sender, contentHash, pointer, fee, grantSeconds, terms, autoApprove);
+    }
+
+    /// @notice Change a dataset's fee, grant duration, terms and auto-approval at once.
+    /// @dev Pending requests keep the fee they paid; new requests must name the new fee.
+    function updateDataset(uint256 datasetId, uint256 fee, uint32 grantSeconds, uint32 terms, bool autoApprove)
+        external
+        onlyOwner(datasetId)
+    {
+        _checkConfig(fee, grantSeconds, terms);
+        Dataset storage d = _datasets[datasetId];
+        d.fee = uint96(fee);
+        d.grantSeconds = grantSeconds;
+        d.terms = terms;
+        d.autoApprove = autoApprove;
+        emit DatasetUpdated(datasetId, fee, grantSeconds, terms, autoApprove, d.active);
+    }
+
+    /// @notice Open or close a dataset. While inactive nobody has access, no request can be
+    ///         made or approved, and researchers may cancel pending requests at once.
+    function setActive(uint256 datasetId, bool active) external onlyOwner(datasetId) {
+        Dataset storage d = _datasets[datasetId];
+        d.active = active;
+        emit DatasetUpdated(datasetId, d.fee, d.grantSeconds, d.terms, d.autoApprove, active);
+    }
+
+    // ------------------------------------------------------------------ requests
+    /// @notice Ask for access to a dataset and pay its fee into escrow.
+    /// @param datasetId the dataset.
+    /// @param agreedFee the fee you saw; the call reverts with `FeeChanged` if it differs.
+    /// @param codes purposes pursued and requirements attested (see the code constants).
+    /// @param purposeHash keccak256 of the free-text purpose; the text stays off chain.
+    /// @return requestId the new request's id; granted at once when the dataset auto-approves.
+    function requestAccess(uint256 datasetId, uint256 agreedFee, uint32 codes, bytes32 purposeHash)
+        external
+        payable
+        returns (uint256 requestId)
+    {
+        Dataset storage d = _datasets[datasetId];
+        address owner = d.owner;
+        if (owner == address(0)) revert UnknownDataset(datasetId);
+        if (!d.active) revert DatasetInactive(datasetId);
+        uint256 fee = d.fee;
+        if (agreedFee != fee) revert FeeChanged(agreedFee, fee);
+        if (msg.value != fee) revert WrongPayment(fee, msg.value);
+        if (purposeHash == bytes32(0)) revert ZeroPurposeHash();
+        uint32 terms = d.terms;
+        if (!_permits(codes, terms)) revert PurposeNotPermitted(codes, terms);
+
+        Access storage a = _access[datasetId][msg.sender];
+        Status status = a.status;
+        if (status == Status.Pending) revert RequestAlreadyOpen(a.requestId);
+        if (status == Status.Approved && block.timestamp < a.expiresAt) {
+            revert AccessAlreadyGranted(a.requestId, a.expiresAt);
+        }
+
+        uint64 id = ++requestCount;
+        requestId = id;
+        emit AccessRequested(id, datasetId, msg.sender, codes, purposeHash, fee);
+        if (d.autoApprove && (terms & COL) == 0) {
+            uint40 expiresAt = uint40(block.timestamp + d.grantSeconds);
+            _access[datasetId][msg.sender] = Access(id, uint96(fee), uint40(block.timestamp), expiresAt, Status.Approved);
+            if (fee != 0) credits[owner] += fee;
+            emit AccessGranted(id, datasetId, msg.sender, expiresAt, true);
+        } else {
+            _access[datasetId][msg.sender] = Access(id, uint96(fee), uint40(block.timestamp), 0, Status.Pending);
+        }
+    }
+
+    /// @notice Approve a pending request: a grant until now + the dataset's duration; the
+    ///         escrowed fee becomes withdrawable by the owner.
+    function approve(uint256 datasetId, address researcher, uint256 requestId) external onlyOwner(datasetId) {
+        Dataset storage d = _datasets[datasetId];
+        if (!d.active) revert DatasetInactive(datasetId);
+        Access storage a = _pending(datasetId, researcher, requestId);
+        uint40 expiresAt = uint40(block.timestamp + d.grantSeconds);
+        a.status = Status.Approved;
+        a.expiresAt = expiresAt;
+        uint256 amount = a.amount;
+        if (amount != 0) credits[d.owner] += amount;
+        emit AccessGranted(requestId, datasetId, researcher, expiresAt, false);
+    }
+
+    /// @notice Decline a pending request; the escrowed fee becomes withdrawable by the researcher.
+    function decline(uint256 datasetId, address researcher, uint256 requestId) external onlyOwner(datasetId) {
+        Access storage a = _pending(datasetId, researcher, requestId);
+        a.status = Status.Declined;
+        uint256 amount = a.amount;
+        if (amount != 0) credits[researcher] += amount;
+        emit AccessDeclined(requestId, datasetId, researcher);
+    }
+
+    /// @notice Cancel your own unanswered request after `requestTimeout` (at once if the
+    ///         dataset was deactivated); the fee becomes withdrawable by you.
+    function cancel(uint256 datasetId, uint256 requestId) external {
+        Access storage a = _access[datasetId][msg.sender];
+        if (a.requestId != requestId || requestId == 0) revert NotRequester(requestId, msg.sender);
+        if (a.status != Status.Pending) revert NotPending(requestId, a.status);
+        uint256 cancellableAt = uint256(a.createdAt) + requestTimeout;
+        if (block.timestamp < cancellableAt && _datasets[datasetId].active) {
+            revert TooEarlyToCancel(requestId, cancellableAt);
+        }
+        a.status = Status.Cancelled;
+        uint256 amount = a.amount;
+        if (amount != 0) credits[msg.sender] += amount;
+        emit RequestCancelled(requestId, datasetId, msg.sender);
+    }
+
+    /// @notice Revoke a researcher's live grant at once. The fee already earned stays earned.
+    function revoke(uint256 datasetId, address researcher) external onlyOwner(datasetId) {
+        Access storage a = _access[datasetId][researcher];
+        if (a.status != Status.Approved || block.timestamp >= a.expiresAt) {
+            revert NoActiveGrant(datasetId, researcher);
+        }
+        a.status = Status.Revoked;
+        emit AccessRevoked(a.requestId, datasetId, researcher);
+    }
+
+    // ------------------------------------------------------------------ payments
+    /// @notice Withdraw everything credited to you (earnings or refunds) to yourself.
+    /// @return amount wei paid out.
+    function withdraw() external returns (uint256 amount) {
+        return _withdraw(payable(msg.sender));
+    }
+
+    /// @notice Withdraw everything credited to you to another address (for example when
+    ///         your own address cannot receive ether).
+    function withdrawTo(address payable to) external returns (uint256 amount) {
+        if (to == address(0)) revert ZeroAddress();
+        return _withdraw(to);
+    }
+
+    // ------------------------------------------------------------------- results
+    /// @notice Anchor the hash of a result computed under your live grant.
+    function recordResult(uint256 datasetId, uint256 requestId, bytes32 resultHash) external {
+        if (resultHash == bytes32(0)) revert ZeroResultHash();
+        Access storage a = _access[datasetId][msg.sender];
+        if (a.requestId != requestId || requestId == 0) revert NotRequester(requestId, msg.sender);
+        if (!_live(datasetId, a)) revert NoActiveGrant(datasetId, msg.sender);
+        uint256 existing = resultRequest[resultHash];
+        if (existing != 0) revert ResultAlreadyRecorded(resultHash, existing);
+        resultRequest[resultHash] = requestId;
+        emit ResultRecorded(requestId, datasetId, msg.sender, resultHash);
+    }
+
+    // --------------------------------------------------------------------- views
+    /// @notice Whether `researcher` may use `datasetId` now: an approved, unexpired,
+    ///         unrevoked grant on an active dataset.
+    function hasAccess(uint256 datasetId, address researcher) external view returns (bool) {
+        return _live(datasetId, _access[datasetId][researcher]);
+    }
+
+    /// @notice A dataset's full record.
+    function getDataset(uint256 datasetId) external view returns (Dataset memory) {
+        Dataset memory d = _datasets[datasetId];
+        if (d.owner == address(0)) revert UnknownDataset(datasetId);
+        return d;
+    }
+
+    /// @notice The current request or grant of `researcher` on `datasetId` (zeroes if none).
+    function getAccess(uint256 datasetId, address researcher) external view returns (Access memory) {
+        return _access[datasetId][researcher];
+    }
+
+    /// @notice Whether a request carrying `codes` satisfies `terms`.
+    function permits(uint32 codes, uint32 terms) external pure returns (bool) {
+        return _permits(codes, terms);
+    }
+
+    // ------------------------------------------------------------------ internal
+    function _withdraw(address payable to) internal nonReentrant returns (uint256 amount) {
+        amount = credits[msg.sender];
+        if (amount == 0) revert NothingToWithdraw(msg.sender);
+        credits[msg.sender] = 0;
+        emit Withdrawal(msg.sender, to, amount);
+        (bool ok,) = to.call{value: amount}("");
+        if (!ok) revert PaymentFailed(to, amount);
+    }
+
+    function _pending(uint256 datasetId, address researcher, uint256 requestId)
+        internal
+        view
+        returns (Access storage a)
+    {
+        a = _access[datasetId][researcher];
+        if (a.requestId != requestId || requestId == 0) revert UnknownRequest(requestId);
+        if (a.status != Status.Pending) revert NotPending(requestId, a.status);
+    }
+
+    function _live(uint256 datasetId, Access storage a) internal view returns (bool) {
+        return a.status == Status.Approved && block.timestamp < a.expiresAt && _datasets[datasetId].active;
+    }
+
+    function _checkOwner(uint256 datasetId) internal view {
+        address owner = _datasets[datasetId].owner;
+        if (owner == address(0)) revert UnknownDataset(datasetId);
+        if (owner != msg.sender) revert NotDatasetOwner(datasetId, msg.sender);
+    }
+
+    function _checkConfig(uint256 fee, uint32 grantSeconds, uint32 terms) internal pure {
+        if (fee > type(uint96).max) revert FeeTooLarge(fee);
+        if (grantSeconds == 0) revert InvalidGrantDuration(grantSeconds);
+        if (terms & ~KNOWN_CODES != 0) revert UnknownCodes(terms);
+        if (terms & PURPOSES == 0) revert NoPurpose();
+    }
+
+    function _checkPointer(string calldata pointer) internal pure {
+        bytes calldata p = bytes(pointer);
+        if (p.length == 0) revert EmptyPointer();
+        if (p.length > 512) revert InvalidPointer();
+        bool https = p.length > 8 && bytes8(p[:8]) == bytes8("https://");
+        bool ipfs = p.length > 7 && bytes7(p[:7]) == bytes7("ipfs://");
+        if (!https && !ipfs) revert InvalidPointer();
+    }
+
+    /// @dev DUO hierarchy: GRU permits every purpose, HMB permits DS. Every attestable
+    ///      requirement of the terms must be attested by the codes.
+    function _permits(uint32 codes, uint32 terms) internal pure returns (bool) {
+        if (codes & ~KNOWN_CODES != 0 || codes & COL != 0) return false;
+        uint32 purposes = codes & PURPOSES;
+        if (purposes == 0) return false;
+        uint32 allowed = terms & PURPOSES;
+        if (allowed & GRU != 0) allowed = PURPOSES;
+        if (allowed & HMB != 0) allowed |= DS;
+        if (purposes & ~allowed != 0) return false;
+        uint32 required = terms & ATTESTABLE;
+        return codes & required == required;
+    }
+}

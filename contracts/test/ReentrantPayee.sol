@@ -1,0 +1,77 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity 0.8.37;
+
+/// @dev TEST ONLY. A researcher contract that tries to re-enter `withdraw` from its
+///      receive hook to be paid twice.
+interface IRegistry {
+    function requestAccess(uint256 datasetId, uint256 agreedFee, uint32 codes, bytes32 purposeHash)
+        external
+        payable
+        returns (uint256);
+    function cancel(uint256 datasetId, uint256 requestId) external;
+    function withdraw() external returns (uint256);
+    function withdrawTo(address payable to) external returns (uint256);
+}
+
+contract ReentrantPayee {
+    IRegistry public immutable registry;
+    uint256 public reentryAttempts;
+    uint256 public reentrySuccesses;
+    uint256 public received;
+
+    constructor(IRegistry registry_) {
+        registry = registry_;
+    }
+
+    function request(uint256 datasetId, uint32 codes, bytes32 purposeHash) external payable returns (uint256) {
+        return registry.requestAccess{value: msg.value}(datasetId, msg.value, codes, purposeHash);
+    }
+
+    function cancel(uint256 datasetId, uint256 requestId) external {
+        registry.cancel(datasetId, requestId);
+    }
+
+    function withdraw() external returns (uint256) {
+        return registry.withdraw();
+    }
+
+    receive() external payable {
+        received += msg.value;
+        if (reentryAttempts < 3) {
+            reentryAttempts += 1;
+            try registry.withdraw() returns (uint256) {
+                reentrySuccesses += 1;
+            } catch {}
+        }
+    }
+}
+
+/// @dev TEST ONLY. A payee whose receive hook always reverts; it can still move its
+///      credit elsewhere with `withdrawTo`.
+contract RevertingPayee {
+    IRegistry public immutable registry;
+
+    constructor(IRegistry registry_) {
+        registry = registry_;
+    }
+
+    function request(uint256 datasetId, uint32 codes, bytes32 purposeHash) external payable returns (uint256) {
+        return registry.requestAccess{value: msg.value}(datasetId, msg.value, codes, purposeHash);
+    }
+
+    function cancel(uint256 datasetId, uint256 requestId) external {
+        registry.cancel(datasetId, requestId);
+    }
+
+    function withdraw() external returns (uint256) {
+        return registry.withdraw();
+    }
+
+    function withdrawTo(address payable to) external returns (uint256) {
+        return registry.withdrawTo(to);
+    }
+
+    receive() external payable {
+        revert("RevertingPayee: no ether accepted");
+    }
+}

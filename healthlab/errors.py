@@ -1,0 +1,238 @@
+"""One error hierarchy for every refusal a HealthLab user can meet.
+
+Each class carries a message that says what happened and what to do. Contract reverts
+are decoded into the class named like the contract's custom error (for example the
+contract's ``FeeChanged`` becomes :class:`FeeChanged`), so callers can catch either a
+precise class or one of the families below.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+__all__ = [
+    "AccessAlreadyGranted",
+    "ChainUnreachable",
+    "ConfigurationError",
+    "ContractError",
+    "DatasetInactive",
+    "DuplicateDataset",
+    "FeeChanged",
+    "HealthLabError",
+    "InvalidInput",
+    "NoActiveGrant",
+    "NotAuthorized",
+    "NotFound",
+    "NotPending",
+    "NothingToWithdraw",
+    "PaymentFailed",
+    "PurposeNotPermitted",
+    "RequestAlreadyOpen",
+    "TooEarlyToCancel",
+    "TransactionFailed",
+    "WrongPayment",
+    "contract_error",
+]
+
+
+class HealthLabError(Exception):
+    """Base class of every error HealthLab raises on purpose."""
+
+
+class ConfigurationError(HealthLabError):
+    """Something in the set-up (environment, key files, artifacts) is missing or wrong."""
+
+
+class ChainUnreachable(HealthLabError, ConnectionError):
+    """The Ethereum node could not be reached."""
+
+
+class InvalidInput(HealthLabError, ValueError):
+    """An argument was rejected before anything was sent."""
+
+
+class TransactionFailed(HealthLabError):
+    """A transaction was mined but failed for a reason the node did not report."""
+
+
+class ContractError(HealthLabError):
+    """The registry contract refused the call (a revert with a named custom error).
+
+    Attributes
+    ----------
+    error_name:
+        The Solidity custom error's name.
+    values:
+        Its decoded arguments, by parameter name.
+    """
+
+    hint = "see the registry's NatSpec for this error"
+
+    def __init__(self, error_name: str, values: dict[str, Any], message: str | None = None):
+        self.error_name = error_name
+        self.values = values
+        super().__init__(message or self._default_message())
+
+    def _default_message(self) -> str:
+        shown = ", ".join(f"{k}={_show(v)}" for k, v in self.values.items())
+        return f"the registry refused the call: {self.error_name}({shown}); {self.hint}"
+
+
+class NotAuthorized(ContractError, PermissionError):
+    """The caller may not perform this operation."""
+
+
+class NotFound(ContractError, LookupError):
+    """A dataset or request id does not exist (or does not belong to this caller)."""
+
+
+class InvalidRequest(ContractError, ValueError):
+    """Arguments the contract rejected (bad pointer, zero hash, unknown codes, …)."""
+
+
+class StateConflict(ContractError):
+    """The operation does not fit the current state of the dataset or request."""
+
+
+# ---------------------------------------------------------------- precise errors
+class UnknownDataset(NotFound):
+    hint = "list datasets with `Ledger.datasets()` and use one of their ids"
+
+
+class UnknownRequest(NotFound):
+    hint = "list requests with `Ledger.requests()`; the id may belong to another dataset"
+
+
+class NotDatasetOwner(NotAuthorized):
+    hint = "only the dataset's owner may do this: send from the owner's account"
+
+
+class NotRequester(NotAuthorized):
+    hint = "only the researcher who made this request may do this, from that account"
+
+
+class EmptyPointer(InvalidRequest):
+    hint = "give the dataset's location as `https://…` or `ipfs://…`"
+
+
+class InvalidPointer(InvalidRequest):
+    hint = "a pointer must start with `https://` or `ipfs://` and be at most 512 bytes"
+
+
+class ZeroContentHash(InvalidRequest):
+    hint = "pass the sha256 of the dataset's content (see `healthlab.ledger.sha256_of`)"
+
+
+class ZeroPurposeHash(InvalidRequest):
+    hint = "state a purpose: its salted hash goes on chain, never the text"
+
+
+class ZeroResultHash(InvalidRequest):
+    hint = "anchor the hash of a real result"
+
+
+class DuplicateDataset(InvalidRequest):
+    hint = "this content is registered already; use the existing dataset id"
+
+
+class InvalidGrantDuration(InvalidRequest):
+    hint = "grant_seconds must be at least 1 (and below 2**32)"
+
+
+class FeeTooLarge(InvalidRequest):
+    hint = "fees are limited to 2**96-1 wei"
+
+
+class UnknownCodes(InvalidRequest):
+    hint = "use only the codes in `healthlab.Codes`"
+
+
+class NoPurpose(InvalidRequest):
+    hint = "terms must permit at least one purpose (e.g. Codes.GRU or Codes.HMB)"
+
+
+class PurposeNotPermitted(InvalidRequest):
+    hint = (
+        "the dataset's use terms do not allow this purpose: state a permitted purpose and"
+        " attest every requirement (NCU, IRB, PUB) the terms set; nothing was paid"
+    )
+
+
+class DatasetInactive(StateConflict):
+    hint = "the owner has closed this dataset; pending requests can be cancelled at once"
+
+
+class FeeChanged(StateConflict):
+    """The owner changed the fee after you saw it; nothing was paid."""
+
+    def _default_message(self) -> str:
+        return (
+            f"the dataset's fee changed from {self.values['agreedFee']} to "
+            f"{self.values['currentFee']} wei before your request was mined; nothing was "
+            f"paid. Request again with fee_wei={self.values['currentFee']} if you accept."
+        )
+
+
+class WrongPayment(StateConflict):
+    hint = "send exactly the dataset's fee"
+
+
+class RequestAlreadyOpen(StateConflict):
+    hint = "you already have a pending request on this dataset: wait or cancel it"
+
+
+class AccessAlreadyGranted(StateConflict):
+    hint = "you already hold a live grant on this dataset; request again once it expires"
+
+
+class NotPending(StateConflict):
+    hint = "only a pending request can be approved, declined or cancelled"
+
+
+class TooEarlyToCancel(StateConflict):
+    hint = "an unanswered request can be cancelled once the timeout has passed"
+
+
+class NoActiveGrant(StateConflict, PermissionError):
+    hint = "there is no approved, unexpired, unrevoked grant for this researcher"
+
+
+class NothingToWithdraw(StateConflict):
+    hint = "there is no balance credited to this account"
+
+
+class PaymentFailed(StateConflict):
+    hint = "the receiving address rejected the ether; use `withdraw(to=…)` instead"
+
+
+class ZeroAddress(InvalidRequest):
+    hint = "give a real address to withdraw to"
+
+
+class Reentrancy(StateConflict):
+    hint = "withdraw cannot be re-entered"
+
+
+class ResultAlreadyRecorded(StateConflict):
+    hint = "this result hash is anchored already; verify it instead of recording it"
+
+
+_BY_NAME: dict[str, type[ContractError]] = {
+    cls.__name__: cls
+    for cls in list(globals().values())
+    if isinstance(cls, type) and issubclass(cls, ContractError)
+}
+
+
+def contract_error(name: str, values: dict[str, Any]) -> ContractError:
+    """Build the exception for the contract's custom error ``name``."""
+    return _BY_NAME.get(name, ContractError)(name, values)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    return str(value)

@@ -1,0 +1,839 @@
+"""``healthlab.Ledger``: the Python client of the HealthLab registry contract."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import requests
+from eth_abi import decode as abi_decode
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_utils import function_abi_to_4byte_selector, keccak
+from web3 import Web3
+from web3.logs import DISCARD
+from web3.exceptions import (
+    ContractCustomError,
+    ContractLogicError,
+    ContractPanicError,
+    ProviderConnectionError,
+    TimeExhausted,
+    Web3RPCError,
+)
+
+from healthlab import errors
+from healthlab.ledger import deployments
+from healthlab.ledger.artifacts import load_artifact
+from healthlab.ledger.codes import Codes, as_codes
+from healthlab.ledger.records import Access, Dataset, Request, Status
+
+__all__ = ["DEFAULT_GRANT_SECONDS", "DEFAULT_REQUEST_TIMEOUT", "Ledger", "sha256_of"]
+
+DEFAULT_GRANT_SECONDS = 30 * 24 * 3600
+DEFAULT_REQUEST_TIMEOUT = 7 * 24 * 3600
+_DECISIONS = ("AccessGranted", "AccessDeclined", "RequestCancelled", "AccessRevoked")
+_FINAL = {
+    "AccessGranted": Status.APPROVED,
+    "AccessDeclined": Status.DECLINED,
+    "RequestCancelled": Status.CANCELLED,
+    "AccessRevoked": Status.REVOKED,
+}
+_CONNECTION_ERRORS = (requests.exceptions.ConnectionError, ProviderConnectionError)
+_REVERTS: tuple[type[Exception], ...] = (ContractCustomError, ContractLogicError, ContractPanicError)
+try:  # the embedded chain reports reverts in estimate_gas with its own exception
+    from eth_tester.exceptions import TransactionFailed as _TesterFailed
+
+    _REVERTS += (_TesterFailed,)
+except ImportError:  # pragma: no cover - eth-tester is an optional runtime
+    pass
+
+
+def sha256_of(data: bytes | str | os.PathLike[str]) -> str:
+    """The ``0x``-prefixed sha256 of bytes or of a file's content (the content hash)."""
+    digest = hashlib.sha256()
+    if isinstance(data, bytes):
+        digest.update(data)
+    else:
+        with open(data, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return "0x" + digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Purpose:
+    """A free-text purpose and the salt of its on-chain commitment (kept off chain)."""
+
+    text: str
+    salt: str
+
+    @property
+    def commitment(self) -> str:
+        """``keccak256(salt ‖ utf-8 text)``: what goes on chain."""
+        return "0x" + keccak(bytes.fromhex(self.salt[2:]) + self.text.encode()).hex()
+
+    @classmethod
+    def new(cls, text: str) -> Purpose:
+        """A commitment to ``text`` with a fresh 128-bit salt, so the hash cannot be guessed."""
+        if not text or not text.strip():
+            raise errors.InvalidInput("state the purpose of your study in a few words")
+        return cls(text=text, salt="0x" + secrets.token_hex(16))
+
+
+class Ledger:
+    """A connection to the HealthLab registry on an EVM chain.
+
+    Use :meth:`local` for the embedded chain (tests, teaching, a single notebook) and
+    :meth:`connect` for a node (anvil, a testnet, a consortium chain).
+
+    Examples
+    --------
+    >>> ledger = Ledger.local()
+    >>> owner, researcher = ledger.accounts[1], ledger.accounts[2]
+    >>> ds = ledger.register_dataset("ipfs://bafy…", "0x" + "11" * 32, fee_wei=10**15,
+    ...                              terms="HMB|NCU", sender=owner)
+    >>> req = ledger.request_access(ds, purpose="CVD risk", codes="HMB|NCU",
+    ...                             sender=researcher)
+    >>> ledger.approve(req, sender=owner); ledger.has_access(ds, researcher)
+    True
+    """
+
+    def __init__(
+        self,
+        w3: Web3,
+        registry_address: str,
+        *,
+        signers: Sequence[LocalAccount] = (),
+        rpc_url: str | None = None,
+        from_block: int = 0,
+        default_sender: str | None = None,
+    ) -> None:
+        artifact = load_artifact("HealthLabRegistry")
+        self.w3 = w3
+        self.rpc_url = rpc_url
+        self.address = Web3.to_checksum_address(registry_address)
+        self.contract = w3.eth.contract(address=self.address, abi=artifact["abi"])
+        self.from_block = from_block
+        self._signers = {acct.address: acct for acct in signers}
+        self.default_sender = default_sender
+        self.last_receipt: Any = None
+        self._purposes: dict[int, Purpose] = {}
+        self._errors = _error_table(artifact["abi"])
+        self._timestamps: dict[int, int] = {}
+
+    # ----------------------------------------------------------- construction
+    @classmethod
+    def local(
+        cls, *, request_timeout: int = DEFAULT_REQUEST_TIMEOUT, accounts: int = 10
+    ) -> Ledger:
+        """Start the embedded chain (eth-tester, py-evm) and deploy the registry.
+
+        Its ``accounts`` are funded with 1,000,000 ether each and unlocked; nothing
+        outside this Python process can see this chain.
+        """
+        from eth_tester import EthereumTester, PyEVMBackend
+        from web3 import EthereumTesterProvider
+
+        backend = PyEVMBackend(genesis_state=PyEVMBackend.generate_genesis_state(num_accounts=accounts))
+        w3 = Web3(EthereumTesterProvider(EthereumTester(backend)))
+        address, block = deploy_registry(w3, w3.eth.accounts[0], request_timeout)
+        return cls(w3, address, from_block=block)
+
+    @classmethod
+    def connect(
+        cls,
+        rpc_url: str | None = None,
+        registry_address: str | None = None,
+        *,
+        request_timeout: int = DEFAULT_REQUEST_TIMEOUT,
+        deploy: bool = True,
+        timeout: float = 10.0,
+    ) -> Ledger:
+        """Use an EVM JSON-RPC node.
+
+        Parameters
+        ----------
+        rpc_url:
+            The node, e.g. ``http://127.0.0.1:8545``; defaults to ``$HEALTHLAB_RPC_URL``.
+        registry_address:
+            The deployed registry; defaults to ``$HEALTHLAB_REGISTRY``, then to the
+            address recorded for this chain in ``$HEALTHLAB_HOME/deployments.json``.
+            When none is known the registry is deployed (unless ``deploy=False``) and
+            recorded there.
+
+        Keys come from ``$HEALTHLAB_PRIVATE_KEY`` or ``$HEALTHLAB_KEY_FILE`` (one hex
+        key per line), never from arguments; accounts the node has unlocked (anvil's
+        dev accounts) are usable as senders too.
+        """
+        url = rpc_url or os.environ.get("HEALTHLAB_RPC_URL")
+        if not url:
+            raise errors.ConfigurationError(
+                "no node given: pass rpc_url or set HEALTHLAB_RPC_URL "
+                "(for example http://127.0.0.1:8545 after `make node`), "
+                "or use Ledger.local() for the embedded chain"
+            )
+        w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}))
+        try:
+            chain_id = w3.eth.chain_id
+            genesis = w3.eth.get_block(0)["hash"]
+        except (*_CONNECTION_ERRORS, requests.exceptions.Timeout, OSError) as exc:
+            raise errors.ChainUnreachable(
+                f"cannot reach an Ethereum node at {url} ({type(exc).__name__}); start one "
+                "with `make node` or check HEALTHLAB_RPC_URL"
+            ) from exc
+        signers = _signers_from_env()
+        default = signers[0].address if signers else None
+        key = deployments.chain_key(chain_id, genesis)
+        address = registry_address or os.environ.get("HEALTHLAB_REGISTRY")
+        from_block = 0
+        if address is None:
+            record = deployments.lookup(key)
+            if record and w3.eth.get_code(Web3.to_checksum_address(record["address"])):
+                address, from_block = record["address"], int(record["block"])
+        elif not w3.eth.get_code(Web3.to_checksum_address(address)):
+            raise errors.ConfigurationError(
+                f"no contract at {address} on {url}; deploy one with "
+                "`healthlab deploy --rpc-url …` or unset HEALTHLAB_REGISTRY"
+            )
+        if address is None:
+            if not deploy:
+                raise errors.ConfigurationError(
+                    f"no registry is recorded for the chain at {url}; pass registry_address "
+                    "or deploy one with `healthlab deploy`"
+                )
+            deployer = default or _first_node_account(w3, url)
+            address, from_block = deploy_registry(
+                w3, deployer, request_timeout, signer=signers[0] if signers else None
+            )
+            deployments.record(key, address, from_block, url)
+        return cls(
+            w3,
+            address,
+            signers=signers,
+            rpc_url=url,
+            from_block=from_block,
+            default_sender=default,
+        )
+
+    # ---------------------------------------------------------------- accounts
+    @cached_property
+    def accounts(self) -> list[str]:
+        """Addresses this client can send from: its own keys, then the node's unlocked ones."""
+        own = list(self._signers)
+        return own + [a for a in self.w3.eth.accounts if a not in self._signers]
+
+    @property
+    def chain_id(self) -> int:
+        """The chain's id (31337 on anvil)."""
+        return int(self.w3.eth.chain_id)
+
+    def balance(self, address: str) -> int:
+        """Ether balance of ``address`` in wei."""
+        return int(self.w3.eth.get_balance(Web3.to_checksum_address(address)))
+
+    # ---------------------------------------------------------------- datasets
+    def register_dataset(
+        self,
+        uri: str,
+        content_hash: str | bytes,
+        *,
+        fee_wei: int = 0,
+        grant_seconds: int = DEFAULT_GRANT_SECONDS,
+        terms: Codes | int | str | Iterable[str] = Codes.GRU,
+        auto_approve: bool = False,
+        sender: str | None = None,
+    ) -> int:
+        """Register a dataset and return its id.
+
+        Parameters
+        ----------
+        uri:
+            Where the content lives: ``https://…`` or ``ipfs://CID``.
+        content_hash:
+            sha256 of the content (see :func:`sha256_of`), 32 bytes or 64 hex digits.
+        fee_wei:
+            What each request pays into escrow.
+        grant_seconds:
+            How long an approved grant lasts.
+        terms:
+            Permitted purposes and requirements, e.g. ``"HMB|NCU|IRB"``.
+        auto_approve:
+            Grant requests whose codes satisfy the terms in the same transaction.
+        """
+        fn = self.contract.functions.registerDataset(
+            uri,
+            _bytes32(content_hash, "content_hash"),
+            _uint(fee_wei, "fee_wei"),
+            _uint(grant_seconds, "grant_seconds", bits=32),
+            int(as_codes(terms)),
+            bool(auto_approve),
+        )
+        receipt = self._transact(fn, sender)
+        return int(self._event(receipt, "DatasetRegistered")["datasetId"])
+
+    def update_dataset(
+        self,
+        dataset_id: int,
+        *,
+        fee_wei: int | None = None,
+        grant_seconds: int | None = None,
+        terms: Codes | int | str | Iterable[str] | None = None,
+        auto_approve: bool | None = None,
+        sender: str | None = None,
+    ) -> Dataset:
+        """Change any of fee, grant duration, terms and auto-approval; return the new record."""
+        d = self.dataset(dataset_id)
+        fn = self.contract.functions.updateDataset(
+            dataset_id,
+            _uint(d.fee_wei if fee_wei is None else fee_wei, "fee_wei"),
+            _uint(d.grant_seconds if grant_seconds is None else grant_seconds, "grant_seconds", 32),
+            int(d.terms if terms is None else as_codes(terms)),
+            d.auto_approve if auto_approve is None else bool(auto_approve),
+        )
+        self._transact(fn, sender)
+        return self.dataset(dataset_id)
+
+    def set_active(self, dataset_id: int, active: bool, *, sender: str | None = None) -> None:
+        """Open (``True``) or close (``False``) a dataset; closed datasets grant no access."""
+        self._transact(self.contract.functions.setActive(dataset_id, bool(active)), sender)
+
+    def deactivate(self, dataset_id: int, *, sender: str | None = None) -> None:
+        """Close a dataset: no access, no new requests, pending ones cancellable at once."""
+        self.set_active(dataset_id, False, sender=sender)
+
+    def dataset(self, dataset_id: int) -> Dataset:
+        """The dataset's record."""
+        raw = self._call(self.contract.functions.getDataset(dataset_id))
+        owner, fee, grant, terms, auto, active, content_hash, pointer = raw
+        return Dataset(
+            id=int(dataset_id),
+            owner=owner,
+            pointer=pointer,
+            content_hash="0x" + bytes(content_hash).hex(),
+            fee_wei=int(fee),
+            grant_seconds=int(grant),
+            terms=Codes(terms),
+            auto_approve=bool(auto),
+            active=bool(active),
+        )
+
+    def datasets(self) -> pd.DataFrame:
+        """All datasets as a table, one row per dataset (the catalogue)."""
+        count = int(self._call(self.contract.functions.datasetCount()))
+        rows = [self.dataset(i).__dict__ for i in range(1, count + 1)]
+        frame = pd.DataFrame(rows, columns=list(Dataset.__dataclass_fields__))
+        frame["terms"] = frame["terms"].map(lambda c: _flag_names(c))
+        return frame.set_index("id")
+
+    # ---------------------------------------------------------------- requests
+    def request_access(
+        self,
+        dataset_id: int,
+        purpose: str,
+        codes: Codes | int | str | Iterable[str],
+        *,
+        fee_wei: int | None = None,
+        sender: str | None = None,
+    ) -> int:
+        """Request access and pay the fee into escrow; return the request id.
+
+        ``purpose`` stays off chain: only a salted hash is recorded, and the text and
+        salt are kept by this client (:meth:`purpose_of`) to show the owner. ``fee_wei``
+        is the fee you agree to pay; by default the fee read from the chain now. If the
+        owner changes it before your transaction is mined, :class:`~healthlab.errors.FeeChanged`
+        is raised and nothing is paid.
+        """
+        agreed = self.dataset(dataset_id).fee_wei if fee_wei is None else fee_wei
+        commitment = Purpose.new(purpose)
+        fn = self.contract.functions.requestAccess(
+            dataset_id,
+            _uint(agreed, "fee_wei"),
+            int(as_codes(codes)),
+            bytes.fromhex(commitment.commitment[2:]),
+        )
+        receipt = self._transact(fn, sender, value=agreed)
+        request_id = int(self._event(receipt, "AccessRequested")["requestId"])
+        self._purposes[request_id] = commitment
+        return request_id
+
+    def purpose_of(self, request_id: int) -> Purpose:
+        """The purpose text and salt of a request made from this client."""
+        try:
+            return self._purposes[request_id]
+        except KeyError:
+            raise errors.InvalidInput(
+                f"request {request_id} was not made from this client; ask its researcher "
+                "for the purpose text and salt, and check them with verify_purpose()"
+            ) from None
+
+    def verify_purpose(self, request_id: int, text: str, salt: str) -> bool:
+        """Whether ``text`` and ``salt`` are what request ``request_id`` committed to."""
+        return Purpose(text, salt).commitment == self.request(request_id).purpose_hash
+
+    def approve(self, request_id: int, *, sender: str | None = None) -> Request:
+        """Approve a pending request (owner only); the fee becomes the owner's to withdraw."""
+        req = self._request_event(request_id)
+        fn = self.contract.functions.approve(req["datasetId"], req["researcher"], request_id)
+        self._transact(fn, sender)
+        return self.request(request_id)
+
+    def decline(self, request_id: int, *, sender: str | None = None) -> Request:
+        """Decline a pending request (owner only); the fee becomes the researcher's refund."""
+        req = self._request_event(request_id)
+        fn = self.contract.functions.decline(req["datasetId"], req["researcher"], request_id)
+        self._transact(fn, sender)
+        return self.request(request_id)
+
+    def cancel(self, request_id: int, *, sender: str | None = None) -> Request:
+        """Cancel your unanswered request after the timeout; the fee becomes your refund."""
+        req = self._request_event(request_id)
+        self._transact(self.contract.functions.cancel(req["datasetId"], request_id), sender)
+        return self.request(request_id)
+
+    def revoke(self, dataset_id: int, researcher: str, *, sender: str | None = None) -> None:
+        """Revoke a researcher's live grant at once (owner only)."""
+        who = _address(researcher, "researcher")
+        self._transact(self.contract.functions.revoke(dataset_id, who), sender)
+
+    def has_access(self, dataset_id: int, researcher: str) -> bool:
+        """Whether ``researcher`` holds an approved, unexpired, unrevoked grant now."""
+        who = _address(researcher, "researcher")
+        return bool(self._call(self.contract.functions.hasAccess(dataset_id, who)))
+
+    def access(self, dataset_id: int, researcher: str) -> Access:
+        """The current request or grant of ``researcher`` on ``dataset_id``."""
+        who = _address(researcher, "researcher")
+        raw = self._call(self.contract.functions.getAccess(dataset_id, who))
+        request_id, amount, created, expires, status = raw
+        state = Status(status)
+        if state is Status.APPROVED and self._now() >= expires:
+            state = Status.EXPIRED
+        return Access(int(dataset_id), who, int(request_id), int(amount), int(created),
+                      int(expires), state)
+
+    def request(self, request_id: int) -> Request:
+        """A request's record and current status, with the transactions behind it."""
+        logs = self._logs(request_id=request_id)
+        created = next((e for e in logs if e["event"] == "AccessRequested"), None)
+        if created is None:
+            raise errors.UnknownRequest("UnknownRequest", {"requestId": request_id})
+        args = created["args"]
+        decisions = [e for e in logs if e["event"] in _DECISIONS]
+        grant = next((e for e in decisions if e["event"] == "AccessGranted"), None)
+        current = self.access(args["datasetId"], args["researcher"])
+        if current.request_id == request_id:
+            status = current.status
+        else:
+            status = _FINAL[decisions[-1]["event"]] if decisions else Status.NONE
+            if status is Status.APPROVED:
+                status = Status.EXPIRED
+        return Request(
+            id=int(request_id),
+            dataset_id=int(args["datasetId"]),
+            researcher=args["researcher"],
+            codes=Codes(args["codes"]),
+            purpose_hash="0x" + bytes(args["purposeHash"]).hex(),
+            amount_wei=int(args["amount"]),
+            status=status,
+            created_at=self._block_time(created["blockNumber"]),
+            expires_at=int(grant["args"]["expiresAt"]) if grant else None,
+            request_tx=created["transactionHash"].to_0x_hex(),
+            decision_tx=decisions[0]["transactionHash"].to_0x_hex() if decisions else None,
+        )
+
+    def requests(
+        self, *, dataset_id: int | None = None, researcher: str | None = None
+    ) -> list[Request]:
+        """Every request, optionally of one dataset and/or one researcher, oldest first."""
+        ids = []
+        for entry in self._logs(event="AccessRequested"):
+            args = entry["args"]
+            if dataset_id is not None and args["datasetId"] != dataset_id:
+                continue
+            if researcher is not None and args["researcher"] != _address(researcher, "researcher"):
+                continue
+            ids.append(int(args["requestId"]))
+        return [self.request(i) for i in ids]
+
+    # ---------------------------------------------------------------- payments
+    def credit(self, address: str) -> int:
+        """Wei credited to ``address`` and withdrawable now (earnings or refunds)."""
+        who = _address(address, "address")
+        return int(self._call(self.contract.functions.credits(who)))
+
+    def withdraw(self, *, sender: str | None = None, to: str | None = None) -> int:
+        """Pay out everything credited to ``sender`` (to ``to`` if given); return the wei paid."""
+        if to is None:
+            fn = self.contract.functions.withdraw()
+        else:
+            fn = self.contract.functions.withdrawTo(_address(to, "to"))
+        receipt = self._transact(fn, sender)
+        return int(self._event(receipt, "Withdrawal")["amount"])
+
+    # ----------------------------------------------------------------- results
+    def record_result(
+        self, request_id: int, result_hash: str | bytes, *, sender: str | None = None
+    ) -> str:
+        """Anchor a result's hash against the live grant of ``request_id``; return the tx hash."""
+        req = self._request_event(request_id)
+        fn = self.contract.functions.recordResult(
+            req["datasetId"], request_id, _bytes32(result_hash, "result_hash")
+        )
+        receipt = self._transact(fn, sender)
+        return str(receipt["transactionHash"].to_0x_hex())
+
+    def result_request(self, result_hash: str | bytes) -> int | None:
+        """The request a result hash was anchored against, or ``None``."""
+        found = int(self._call(self.contract.functions.resultRequest(_bytes32(result_hash, "result_hash"))))
+        return found or None
+
+    # ------------------------------------------------------------------ events
+    def events(self, *, from_block: int | None = None) -> pd.DataFrame:
+        """Every registry event as a table, one row per event, oldest first.
+
+        Columns: ``block``, ``time`` (UTC), ``event``, ``dataset``, ``request``,
+        ``account`` (the owner, researcher or payee concerned), ``amount_wei`` (fee,
+        escrow or payout as exact integers), ``details`` (the other arguments in
+        words), ``tx`` (transaction hash) and ``args`` (every argument, raw).
+        """
+        rows = [self._event_row(entry) for entry in self._logs(from_block=from_block)]
+        frame = pd.DataFrame(rows, columns=list(_EVENT_COLUMNS), dtype=object)
+        # wei exceed int64: keep amounts as exact Python ints in an object column
+        return frame.astype({"block": "int64", "dataset": "Int64", "request": "Int64"}).assign(
+            time=pd.to_datetime(frame["time"], utc=True)
+        )
+
+    def _event_row(self, entry: Any) -> dict[str, Any]:
+        args = dict(entry["args"])
+        account = args.get("researcher") or args.get("owner") or args.get("payee")
+        amount = args.get("amount", args.get("fee"))
+        shown = {k: v for k, v in args.items() if k not in _EVENT_MAIN}
+        details = " ".join(f"{k}={_detail(k, v)}" for k, v in shown.items())
+        return {
+            "block": int(entry["blockNumber"]),
+            "time": pd.Timestamp(self._block_time(entry["blockNumber"]), unit="s", tz="UTC"),
+            "event": entry["event"],
+            "dataset": args.get("datasetId"),
+            "request": args.get("requestId"),
+            "account": account,
+            "amount_wei": None if amount is None else int(amount),
+            "details": details,
+            "tx": entry["transactionHash"].to_0x_hex(),
+            "args": {k: ("0x" + v.hex() if isinstance(v, bytes) else v) for k, v in args.items()},
+        }
+
+    # -------------------------------------------------------------------- time
+    def now(self) -> int:
+        """Timestamp of the latest block (what the contract's view calls see)."""
+        return self._now()
+
+    def mine(self, timestamp: int | None = None) -> int:
+        """Mine one block, at ``timestamp`` if given (dev chains only); return its time."""
+        tester = self._tester
+        if tester is not None:
+            if timestamp is not None:
+                tester.time_travel(timestamp)  # mines a block at timestamp - 1 …
+            tester.mine_blocks(1)  # … and this one at timestamp
+        else:
+            if timestamp is not None:
+                self.w3.provider.make_request("evm_setNextBlockTimestamp", [timestamp])  # type: ignore[arg-type]
+            self.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+        return self._now()
+
+    def advance_time(self, seconds: int) -> int:
+        """Move the chain's clock forward by ``seconds`` (dev chains only)."""
+        return self.mine(self._now() + int(seconds))
+
+    # ---------------------------------------------------------------- plumbing
+    @property
+    def _tester(self) -> Any:
+        return getattr(self.w3.provider, "ethereum_tester", None)
+
+    def _now(self) -> int:
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def _block_time(self, number: int) -> int:
+        if number not in self._timestamps:
+            self._timestamps[number] = int(self.w3.eth.get_block(number)["timestamp"])
+        return self._timestamps[number]
+
+    def _sender(self, sender: str | None) -> str:
+        chosen = sender or self.default_sender
+        if chosen is None:
+            raise errors.InvalidInput(
+                "say who sends this transaction: pass sender=<address> "
+                "(for example ledger.accounts[1])"
+            )
+        return _address(chosen, "sender")
+
+    def transact(self, fn: Any, sender: str | None = None, *, value: int = 0) -> Any:
+        """Send a prepared contract call; return its receipt (low-level, for tests and tools)."""
+        return self._transact(fn, sender, value=value)
+
+    def _transact(self, fn: Any, sender: str | None, *, value: int = 0) -> Any:
+        sender = self._sender(sender)
+        tx: dict[str, Any] = {"from": sender, "value": int(value)}
+        with self._rpc():
+            try:
+                gas = fn.estimate_gas(tx)
+            except _REVERTS as exc:
+                raise self._decode(exc) from None
+            tx["gas"] = int(gas * 1.25) + 10_000
+            signer = self._signers.get(sender)
+            if signer is not None:
+                tx["nonce"] = self.w3.eth.get_transaction_count(sender, "pending")
+                built = fn.build_transaction(tx)
+                raw = signer.sign_transaction(built).raw_transaction
+                tx_hash = self.w3.eth.send_raw_transaction(raw)
+            else:
+                tx_hash = fn.transact(tx)
+            try:
+                receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
+            except TimeExhausted as exc:
+                raise errors.TransactionFailed(
+                    f"transaction {tx_hash.to_0x_hex()} was not mined within 120 s; "
+                    "check the node and look the transaction up later"
+                ) from exc
+        self.last_receipt = receipt
+        if receipt["status"] != 1:
+            try:
+                fn.call(tx, block_identifier=receipt["blockNumber"] - 1)
+            except _REVERTS as exc:
+                raise self._decode(exc) from None
+            raise errors.TransactionFailed(
+                f"transaction {tx_hash.to_0x_hex()} failed (out of gas or reverted by "
+                "state that changed in the same block); try again"
+            )
+        return receipt
+
+    def _call(self, fn: Any) -> Any:
+        with self._rpc():
+            try:
+                return fn.call()
+            except _REVERTS as exc:
+                raise self._decode(exc) from None
+
+    def _rpc(self) -> _RpcGuard:
+        return _RpcGuard(self.rpc_url)
+
+    def _decode(self, exc: Exception) -> Exception:
+        data = _revert_data(exc)
+        if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
+            selector = data[2:10]
+            if selector in self._errors:
+                name, types, names = self._errors[selector]
+                values = abi_decode(types, bytes.fromhex(data[10:]))
+                decoded = {
+                    k: Status(v) if k == "status" else v for k, v in zip(names, values, strict=True)
+                }
+                return errors.contract_error(name, decoded)
+        return errors.ContractError("revert", {"reason": str(exc)})
+
+    def _event(self, receipt: Any, name: str) -> Any:
+        logs = getattr(self.contract.events, name)().process_receipt(receipt, errors=DISCARD)
+        if not logs:
+            raise errors.TransactionFailed(f"no {name} event in transaction receipt")
+        return logs[0]["args"]
+
+    def _request_event(self, request_id: int) -> Any:
+        found = self._logs(event="AccessRequested", request_id=request_id)
+        if not found:
+            raise errors.UnknownRequest("UnknownRequest", {"requestId": request_id})
+        return found[0]["args"]
+
+    def _logs(
+        self,
+        *,
+        event: str | None = None,
+        request_id: int | None = None,
+        from_block: int | None = None,
+    ) -> list[Any]:
+        events = self._event_abis
+        topics: list[Any] = [
+            [topic for topic, abi in events.items() if event is None or abi["name"] == event]
+        ]
+        if request_id is not None:
+            topics[0] = [t for t in topics[0] if events[t]["name"] in ("AccessRequested", *_DECISIONS, "ResultRecorded")]
+            topics.append("0x" + int(request_id).to_bytes(32, "big").hex())
+        params = {
+            "address": self.address,
+            "fromBlock": self.from_block if from_block is None else from_block,
+            "toBlock": "latest",
+            "topics": topics,
+        }
+        with self._rpc():
+            raw = self.w3.eth.get_logs(params)  # type: ignore[arg-type]
+        decoded = []
+        for log in raw:
+            abi = events[log["topics"][0].to_0x_hex()]
+            decoded.append(getattr(self.contract.events, abi["name"])().process_log(log))
+        return decoded
+
+    @cached_property
+    def _event_abis(self) -> dict[str, dict[str, Any]]:
+        out = {}
+        for item in self.contract.abi:
+            if item["type"] == "event":
+                signature = f"{item['name']}({','.join(i['type'] for i in item['inputs'])})"
+                out["0x" + keccak(text=signature).hex()] = dict(item)
+        return out
+
+
+class _RpcGuard:
+    """Turn a lost connection into :class:`~healthlab.errors.ChainUnreachable`."""
+
+    def __init__(self, url: str | None) -> None:
+        self.url = url
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        if exc is not None and isinstance(exc, (*_CONNECTION_ERRORS, requests.exceptions.Timeout)):
+            raise errors.ChainUnreachable(
+                f"lost the Ethereum node at {self.url} ({type(exc).__name__}); is it still "
+                "running? Start one with `make node` or check HEALTHLAB_RPC_URL"
+            ) from exc
+        if exc is not None and isinstance(exc, Web3RPCError) and "insufficient funds" in str(exc):
+            raise errors.InvalidInput(
+                "the sender cannot pay for this transaction (fee plus gas); fund the "
+                "account first"
+            ) from exc
+        return False
+
+
+def deploy_registry(
+    w3: Web3,
+    deployer: str,
+    request_timeout: int = DEFAULT_REQUEST_TIMEOUT,
+    *,
+    signer: LocalAccount | None = None,
+) -> tuple[str, int]:
+    """Deploy the registry from ``deployer``; return (address, block number)."""
+    artifact = load_artifact("HealthLabRegistry")
+    factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
+    ctor = factory.constructor(int(request_timeout))
+    if signer is not None:
+        tx = ctor.build_transaction(
+            {"from": signer.address, "nonce": w3.eth.get_transaction_count(signer.address)}
+        )
+        tx_hash = w3.eth.send_raw_transaction(signer.sign_transaction(tx).raw_transaction)
+    else:
+        tx_hash = ctor.transact({"from": deployer})
+    receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
+    if receipt["status"] != 1 or receipt["contractAddress"] is None:
+        raise errors.TransactionFailed("deploying the registry failed")
+    return str(receipt["contractAddress"]), int(receipt["blockNumber"])
+
+
+# ------------------------------------------------------------------- helpers
+def _revert_data(exc: BaseException) -> str | None:
+    """The revert payload as hex, from web3's error or eth-tester's raw bytes."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        data = getattr(seen, "data", None)
+        if isinstance(data, dict):
+            data = data.get("data")
+        if isinstance(data, str) and data.startswith("0x"):
+            return data
+        for arg in getattr(seen, "args", ()):
+            if isinstance(arg, bytes):
+                return "0x" + arg.hex()
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _error_table(abi: list[dict[str, Any]]) -> dict[str, tuple[str, list[str], list[str]]]:
+    table = {}
+    for item in abi:
+        if item["type"] == "error":
+            selector = function_abi_to_4byte_selector(item).hex()  # type: ignore[arg-type]
+            types = [i["type"] for i in item["inputs"]]
+            table[selector] = (item["name"], types, [i["name"] for i in item["inputs"]])
+    return table
+
+
+def _signers_from_env() -> list[LocalAccount]:
+    keys: list[str] = []
+    if os.environ.get("HEALTHLAB_PRIVATE_KEY"):
+        keys += os.environ["HEALTHLAB_PRIVATE_KEY"].split(",")
+    key_file = os.environ.get("HEALTHLAB_KEY_FILE")
+    if key_file:
+        path = Path(key_file)
+        if not path.is_file():
+            raise errors.ConfigurationError(f"HEALTHLAB_KEY_FILE={key_file} does not exist")
+        if path.stat().st_mode & 0o077:
+            raise errors.ConfigurationError(
+                f"{key_file} is readable by other users; run `chmod 600 {key_file}`"
+            )
+        keys += [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    accounts = []
+    for number, key in enumerate(keys, 1):
+        try:
+            accounts.append(Account.from_key(key.strip()))
+        except (ValueError, TypeError) as exc:  # never echo the key itself
+            raise errors.ConfigurationError(
+                f"private key #{number} from the environment is not a valid 32-byte hex key"
+            ) from exc
+    return accounts
+
+
+def _first_node_account(w3: Web3, url: str) -> str:
+    accounts = w3.eth.accounts
+    if not accounts:
+        raise errors.ConfigurationError(
+            f"the node at {url} has no unlocked accounts; set HEALTHLAB_PRIVATE_KEY or "
+            "HEALTHLAB_KEY_FILE to deploy"
+        )
+    return str(accounts[0])
+
+
+def _bytes32(value: str | bytes, name: str) -> bytes:
+    if isinstance(value, str):
+        text = value[2:] if value.startswith(("0x", "0X")) else value
+        try:
+            value = bytes.fromhex(text)
+        except ValueError:
+            raise errors.InvalidInput(f"{name} must be 32 bytes as 64 hex digits") from None
+    if not isinstance(value, bytes) or len(value) != 32:
+        raise errors.InvalidInput(f"{name} must be 32 bytes (e.g. a sha256 digest)")
+    return value
+
+
+def _uint(value: int, name: str, bits: int = 256) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value >= 1 << bits:
+        raise errors.InvalidInput(f"{name} must be a whole number from 0 to 2**{bits}-1")
+    return value
+
+
+def _address(value: str, name: str) -> str:
+    if not isinstance(value, str) or not Web3.is_address(value):
+        raise errors.InvalidInput(f"{name} must be an Ethereum address (0x + 40 hex digits)")
+    return str(Web3.to_checksum_address(value))
+
+
+_EVENT_COLUMNS = ("block", "time", "event", "dataset", "request", "account", "amount_wei",
+                  "details", "tx", "args")
+_EVENT_MAIN = {"datasetId", "requestId", "researcher", "owner", "payee", "amount", "fee"}
+
+
+def _detail(key: str, value: Any) -> str:
+    if isinstance(value, bytes):
+        return "0x" + value.hex()[:12] + "…"
+    if key in ("codes", "terms"):
+        return _flag_names(value) or "none"
+    if key == "expiresAt":
+        return pd.Timestamp(int(value), unit="s", tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+    return str(value)
+
+
+def _flag_names(codes: Codes | int) -> str:
+    return "|".join(c.name or "" for c in Codes if int(codes) & c)
+

@@ -1,0 +1,48 @@
+"""Where the registry is deployed on each chain, so separate processes find the same one.
+
+Records live in ``$HEALTHLAB_HOME/deployments.json`` (default ``~/.healthlab``), keyed by
+chain id and genesis hash: a fresh dev chain with the same chain id is a different chain.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["chain_key", "home", "lookup", "record"]
+
+
+def home() -> Path:
+    """HealthLab's state folder (``$HEALTHLAB_HOME`` or ``~/.healthlab``)."""
+    return Path(os.environ.get("HEALTHLAB_HOME", Path.home() / ".healthlab"))
+
+
+def chain_key(chain_id: int, genesis_hash: bytes) -> str:
+    """A key that tells chains apart even when they share a chain id."""
+    return f"{chain_id}:{bytes(genesis_hash).hex()}"
+
+
+def _path() -> Path:
+    return home() / "deployments.json"
+
+
+def lookup(key: str) -> dict[str, Any] | None:
+    """The recorded deployment for chain ``key``, if any."""
+    path = _path()
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get(key)  # type: ignore[no-any-return]
+
+
+def record(key: str, address: str, block: int, rpc_url: str) -> None:
+    """Record a deployment atomically (concurrent notebooks never see half a file)."""
+    path = _path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[key] = {"address": address, "block": block, "rpc_url": rpc_url}
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False) as handle:
+        json.dump(data, handle, indent=1)
+    os.replace(handle.name, path)

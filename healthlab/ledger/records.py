@@ -1,0 +1,70 @@
+"""Typed records read back from the registry."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from healthlab.ledger.codes import Codes
+
+__all__ = ["Access", "Dataset", "Request", "Status"]
+
+
+class Status(enum.IntEnum):
+    """A request's state on chain (``EXPIRED`` is derived from the grant's expiry)."""
+
+    NONE = 0
+    PENDING = 1
+    APPROVED = 2
+    DECLINED = 3
+    CANCELLED = 4
+    REVOKED = 5
+    EXPIRED = 6
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A registered dataset."""
+
+    id: int
+    owner: str
+    pointer: str
+    content_hash: str
+    fee_wei: int
+    grant_seconds: int
+    terms: Codes
+    auto_approve: bool
+    active: bool
+
+
+@dataclass(frozen=True)
+class Access:
+    """The current request or grant of one researcher on one dataset."""
+
+    dataset_id: int
+    researcher: str
+    request_id: int
+    amount_wei: int
+    created_at: int
+    expires_at: int
+    status: Status
+
+
+@dataclass(frozen=True)
+class Request:
+    """An access request, with the transactions behind it.
+
+    ``status`` is the state now: a request whose grant ran out reads ``EXPIRED``.
+    """
+
+    id: int
+    dataset_id: int
+    researcher: str
+    codes: Codes
+    purpose_hash: str
+    amount_wei: int
+    status: Status
+    created_at: int
+    expires_at: int | None
+    request_tx: str
+    decision_tx: str | None

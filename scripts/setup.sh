@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Set up everything HealthLab needs, idempotently; quick when nothing changed.
+#   system : Debian packages (nodejs, npm) — installed when root or sudo allows
+#   python : .venv with the project and its dev tools, pinned by constraints.txt
+#   npm    : solc-js, anvil and cast in contracts/node_modules (npm ci, lock file)
+#   slither: slither-analyzer in its own venv (.tools/slither): it needs web3<8
+# Under CI (CI=true) anything missing is an error, never a skip.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=.venv
+TOOLS=.tools
+APT_PACKAGES=(nodejs npm)
+
+say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
+die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
+digest() { cat "$@" | sha256sum | cut -d' ' -f1; }
+fresh() { [ -f "$1" ] && [ "$(cat "$1")" = "$2" ]; }
+
+system() {
+  local missing=()
+  command -v node >/dev/null || missing+=(nodejs)
+  command -v npm >/dev/null || missing+=(npm)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+      die "missing Debian packages: ${missing[*]}. Install them with: sudo apt-get install -y ${APT_PACKAGES[*]}"
+    fi
+  fi
+  command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get here: install Node.js >= 20 and npm"
+  say "installing Debian packages: ${APT_PACKAGES[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${APT_PACKAGES[@]}" >/dev/null
+}
+
+python_env() {
+  local want; want=$(digest pyproject.toml constraints.txt)
+  fresh "$VENV/.healthlab-stamp" "$want" && return 0
+  say "installing Python packages into $VENV (pinned by constraints.txt)"
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip
+  "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[dev]"
+  echo "$want" > "$VENV/.healthlab-stamp"
+}
+
+npm_env() {
+  local want; want=$(digest contracts/package-lock.json)
+  fresh contracts/node_modules/.healthlab-stamp "$want" && return 0
+  say "installing npm packages in contracts/ (solc, anvil, cast)"
+  (cd contracts && npm ci --no-audit --no-fund --loglevel=error)
+  echo "$want" > contracts/node_modules/.healthlab-stamp
+}
+
+slither_env() {
+  local want; want=$(digest scripts/slither-requirements.txt)
+  fresh "$TOOLS/slither/.healthlab-stamp" "$want" && return 0
+  say "installing slither-analyzer into $TOOLS/slither"
+  [ -x "$TOOLS/slither/bin/python" ] || "$PYTHON" -m venv "$TOOLS/slither"
+  "$TOOLS/slither/bin/python" -m pip install -q --upgrade pip
+  "$TOOLS/slither/bin/python" -m pip install -q -r scripts/slither-requirements.txt
+  echo "$want" > "$TOOLS/slither/.healthlab-stamp"
+}
+
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(system python npm slither)
+for step in "${steps[@]}"; do
+  case "$step" in
+    system) system ;;
+    python) python_env ;;
+    npm) npm_env ;;
+    slither) slither_env ;;
+    *) die "unknown step $step (system, python, npm, slither)" ;;
+  esac
+done

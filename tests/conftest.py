@@ -1,0 +1,125 @@
+"""Shared fixtures: one embedded chain per session, reset by snapshot for each test.
+
+Components that live outside Python (the anvil node, cast) are required: when one is
+missing the test is skipped locally with the command that installs it, and fails under
+CI (``CI=true``), so CI never passes by skipping.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from healthlab.ledger import Ledger
+from healthlab.ledger.client import deploy_registry
+from healthlab.ledger.node import AnvilNode, find_tool
+
+ETHER = 10**18
+#: Request timeout the test registry is deployed with (seconds).
+TEST_TIMEOUT = 3600
+
+
+def require(tool: str) -> str:
+    """Path of an external tool; skip locally / fail under CI when it is missing."""
+    path = find_tool(tool)
+    if path is None:
+        message = f"{tool} is not installed: run `make setup` (npm ci in contracts/)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@dataclass
+class Chain:
+    """The session's embedded chain and its deployed registry."""
+
+    w3: Any
+    address: str
+    block: int
+
+    @property
+    def tester(self) -> Any:
+        return self.w3.provider.ethereum_tester
+
+    def ledger(self) -> Ledger:
+        """A fresh client on this chain (no caches carried across snapshots)."""
+        return Ledger(self.w3, self.address, from_block=self.block)
+
+
+@pytest.fixture(scope="session")
+def chain() -> Chain:
+    """An embedded chain with the registry deployed (request timeout: 1 hour)."""
+    base = Ledger.local()
+    address, block = deploy_registry(base.w3, base.w3.eth.accounts[0], TEST_TIMEOUT)
+    return Chain(base.w3, address, block)
+
+
+@pytest.fixture
+def ledger(chain: Chain) -> Iterator[Ledger]:
+    """A client on a clean registry: every change is rolled back after the test."""
+    snapshot = chain.tester.take_snapshot()
+    try:
+        yield chain.ledger()
+    finally:
+        chain.tester.revert_to_snapshot(snapshot)
+
+
+@pytest.fixture
+def owner(ledger: Ledger) -> str:
+    return ledger.accounts[1]
+
+
+@pytest.fixture
+def researcher(ledger: Ledger) -> str:
+    return ledger.accounts[2]
+
+
+@pytest.fixture
+def stranger(ledger: Ledger) -> str:
+    return ledger.accounts[3]
+
+
+_hashes = iter(range(1, 1 << 30))
+
+
+def content_hash() -> str:
+    """A fresh, non-zero 32-byte content hash."""
+    return "0x" + next(_hashes).to_bytes(32, "big").hex()
+
+
+@pytest.fixture
+def dataset(ledger: Ledger, owner: str) -> int:
+    """A dataset (fee 0.01 ETH, 30-day grants, terms HMB|NCU) registered by ``owner``."""
+    return ledger.register_dataset(
+        "https://hospital.example/cohort.csv",
+        content_hash(),
+        fee_wei=ETHER // 100,
+        grant_seconds=30 * 24 * 3600,
+        terms="HMB|NCU",
+        sender=owner,
+    )
+
+
+@pytest.fixture(scope="session")
+def anvil() -> Iterator[AnvilNode]:
+    """A real anvil node on its own loopback port and temp dir, stopped by PID."""
+    require("anvil")
+    home = tempfile.TemporaryDirectory(prefix="healthlab-home-")
+    old = os.environ.get("HEALTHLAB_HOME")
+    os.environ["HEALTHLAB_HOME"] = home.name
+    node = AnvilNode().start()
+    try:
+        yield node
+    finally:
+        node.close()
+        if old is None:
+            os.environ.pop("HEALTHLAB_HOME", None)
+        else:
+            os.environ["HEALTHLAB_HOME"] = old
+        home.cleanup()
