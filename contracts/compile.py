@@ -4,8 +4,8 @@
 Usage::
 
     python contracts/compile.py            # (re)write contracts/build/*.json
-    python contracts/compile.py --check    # fail if the artifacts differ from the sources
-    python contracts/compile.py --build-info DIR   # Hardhat-style build-info for Slither
+    python contracts/compile.py --check    # fail if artifacts differ from sources
+    python contracts/compile.py --build-info DIR   # build-info for Slither
 
 There is no native solc on PyPI or Debian here, so the compiler is the npm package
 ``solc`` pinned in ``contracts/package.json``, driven through its standard-JSON API
@@ -44,20 +44,23 @@ let input = '';
 process.stdin.on('data', (c) => (input += c));
 process.stdin.on('end', () => {
   const out = solc.compile(input);
-  process.stdout.write(JSON.stringify({version: solc.version(), output: JSON.parse(out)}));
+  const result = {version: solc.version(), output: JSON.parse(out)};
+  process.stdout.write(JSON.stringify(result));
 });
 """
 
 
-def standard_input(sources: list[str], with_ast: bool = False) -> dict[str, object]:
-    """The solc standard-JSON input for the given source paths."""
+def standard_input(
+    sources: list[str], with_ast: bool = False, root: Path = HERE
+) -> dict[str, object]:
+    """The solc standard-JSON input for the given source paths (relative to root)."""
     selection = ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"]
     selection += ["evm.methodIdentifiers", "devdoc", "userdoc"]
     if with_ast:  # Slither also reads source maps
         selection += ["evm.bytecode", "evm.deployedBytecode"]
     return {
         "language": "Solidity",
-        "sources": {path: {"content": (HERE / path).read_text()} for path in sources},
+        "sources": {path: {"content": (root / path).read_text()} for path in sources},
         "settings": {
             **SETTINGS,
             "outputSelection": {"*": {"*": selection, "": ["ast"] if with_ast else []}},
@@ -66,13 +69,15 @@ def standard_input(sources: list[str], with_ast: bool = False) -> dict[str, obje
 
 
 def run_solc(std_input: dict[str, object]) -> tuple[str, dict]:
-    """Compile through node + solc-js; return (compiler version, standard-JSON output)."""
+    """Compile through node + solc-js; return (version, standard-JSON output)."""
     node = shutil.which("node")
     if node is None:
-        sys.exit("node is not installed: run `make setup` (it installs nodejs and npm).")
+        sys.exit(
+            "node is not installed: run `make setup` (it installs nodejs and npm)."
+        )
     if not (HERE / "node_modules" / "solc").is_dir():
         sys.exit("solc-js is missing: run `make setup` (npm ci in contracts/).")
-    proc = subprocess.run(
+    proc = subprocess.run(  # noqa: S603 - node and a fixed script
         [node, "-e", NODE_SCRIPT],
         input=json.dumps(std_input),
         capture_output=True,
@@ -108,7 +113,8 @@ def artifacts() -> dict[Path, str]:
                 "settings": SETTINGS,
                 "abi": compiled["abi"],
                 "bytecode": "0x" + compiled["evm"]["bytecode"]["object"],
-                "deployedBytecode": "0x" + compiled["evm"]["deployedBytecode"]["object"],
+                "deployedBytecode": "0x"
+                + compiled["evm"]["deployedBytecode"]["object"],
                 "methodIdentifiers": compiled["evm"]["methodIdentifiers"],
                 "devdoc": compiled.get("devdoc", {}),
                 "userdoc": compiled.get("userdoc", {}),
@@ -119,9 +125,9 @@ def artifacts() -> dict[Path, str]:
     return files
 
 
-def write_build_info(directory: Path) -> None:
+def write_build_info(directory: Path, root: Path = HERE) -> None:
     """Write a Hardhat-style layout that Slither can analyse without calling solc."""
-    std_input = standard_input(["src/HealthLabRegistry.sol"], with_ast=True)
+    std_input = standard_input(["src/HealthLabRegistry.sol"], with_ast=True, root=root)
     version, output = run_solc(std_input)
     info = directory / "artifacts" / "build-info"
     info.mkdir(parents=True, exist_ok=True)
@@ -131,7 +137,7 @@ def write_build_info(directory: Path) -> None:
     for source in std_input["sources"]:  # type: ignore[union-attr]
         target = directory / source
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(HERE / source, target)
+        shutil.copy(root / source, target)
 
 
 def main() -> int:
@@ -139,16 +145,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare, do not write")
     parser.add_argument("--build-info", type=Path, help="write Slither's input here")
+    parser.add_argument(
+        "--root", type=Path, default=HERE, help="read src/ from here (build-info only)"
+    )
     args = parser.parse_args()
     if args.build_info:
-        write_build_info(args.build_info)
+        write_build_info(args.build_info, args.root.resolve())
         return 0
     files = artifacts()
     if args.check:
-        stale = [p for p, text in files.items() if not p.exists() or p.read_text() != text]
+        stale = [
+            p for p, text in files.items() if not p.exists() or p.read_text() != text
+        ]
         if stale:
             names = ", ".join(str(p.relative_to(HERE.parent)) for p in stale)
-            print(f"artifacts out of date: {names}; run `make contracts`", file=sys.stderr)
+            print(
+                f"artifacts out of date: {names}; run `make contracts`", file=sys.stderr
+            )
             return 1
         print("contract artifacts match their sources")
         return 0

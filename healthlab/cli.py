@@ -37,7 +37,9 @@ app = typer.Typer(
 
 RpcUrl = Annotated[
     str | None,
-    typer.Option("--rpc-url", envvar="HEALTHLAB_RPC_URL", help="JSON-RPC URL of the node."),
+    typer.Option(
+        "--rpc-url", envvar="HEALTHLAB_RPC_URL", help="JSON-RPC URL of the node."
+    ),
 ]
 Registry = Annotated[
     str | None,
@@ -45,7 +47,9 @@ Registry = Annotated[
 ]
 
 
-def _ledger(rpc_url: str | None, registry: str | None, *, deploy: bool = False) -> Ledger:
+def _ledger(
+    rpc_url: str | None, registry: str | None, *, deploy: bool = False
+) -> Ledger:
     return Ledger.connect(rpc_url, registry, deploy=deploy)
 
 
@@ -107,7 +111,9 @@ def node(
     """Run a local anvil node until Ctrl-C (state kept in --state)."""
     anvil = AnvilNode(port, state_file=state).start()
     typer.echo(f"anvil listening on {anvil.url}; export HEALTHLAB_RPC_URL={anvil.url}")
-    typer.echo("Ctrl-C stops it" + (f" and saves the chain to {state}" if state else ""))
+    typer.echo(
+        "Ctrl-C stops it" + (f" and saves the chain to {state}" if state else "")
+    )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         while anvil.process is not None and anvil.process.poll() is None:

@@ -1,4 +1,4 @@
-"""The walkthrough ``make demo`` runs: the consent ledger end to end on the embedded chain.
+"""The walkthrough ``make demo`` runs: the consent ledger end to end.
 
 A hospital registers a dataset, a researcher asks for access and pays into escrow, the
 hospital approves, a site checks the grant, the hospital withdraws its fee and later
@@ -30,7 +30,9 @@ def walkthrough(ledger: Ledger) -> pd.DataFrame:
     print(f"chain {ledger.chain_id}, registry {ledger.address}")
     print(f"hospital   {hospital}\nresearcher {researcher}")
 
-    _step("1. The hospital registers a dataset: a pointer and a content hash, never rows")
+    _step(
+        "1. The hospital registers a dataset: a pointer and a content hash, never rows"
+    )
     content = b"synthetic cohort: age,sex,bmi,sbp,chol,event\n"
     terms = Codes.HMB | Codes.NCU | Codes.IRB
     ds = ledger.register_dataset(
@@ -44,7 +46,9 @@ def walkthrough(ledger: Ledger) -> pd.DataFrame:
     d = ledger.dataset(ds)
     print(f"dataset {ds}: fee {d.fee_wei / ETHER} ETH, terms: {describe(d.terms)}")
 
-    _step("2. The researcher requests access, stating purpose codes; the fee goes to escrow")
+    _step(
+        "2. The researcher requests access with purpose codes; the fee goes to escrow"
+    )
     req = ledger.request_access(
         ds,
         purpose="Cardiovascular risk factors by sex, pooled across sites",
@@ -58,6 +62,7 @@ def walkthrough(ledger: Ledger) -> pd.DataFrame:
 
     _step("3. The hospital approves; a grant with an expiry is created")
     r = ledger.approve(req, sender=hospital)
+    assert r.expires_at is not None  # an approved request always has an expiry
     expires = pd.Timestamp(r.expires_at, unit="s", tz="UTC")
     print(f"request {req}: {r.status.name} until {expires:%Y-%m-%d %H:%M} UTC")
 
@@ -76,7 +81,9 @@ def walkthrough(ledger: Ledger) -> pd.DataFrame:
 
     _step("The event log (anyone can read it)")
     log = ledger.events().drop(columns=["args", "tx"])
-    log["account"] = log["account"].map(lambda a: a[:10] + "…" if isinstance(a, str) else a)
+    log["account"] = log["account"].map(
+        lambda a: a[:10] + "…" if isinstance(a, str) else a
+    )
     with pd.option_context("display.width", 200, "display.max_colwidth", 70):
         print(log.to_string(index=False))
     return log

@@ -41,7 +41,7 @@ class HealthLabError(Exception):
 
 
 class ConfigurationError(HealthLabError):
-    """Something in the set-up (environment, key files, artifacts) is missing or wrong."""
+    """Something in the set-up (environment, key files, artifacts) is wrong."""
 
 
 class ChainUnreachable(HealthLabError, ConnectionError):
@@ -69,7 +69,9 @@ class ContractError(HealthLabError):
 
     hint = "see the registry's NatSpec for this error"
 
-    def __init__(self, error_name: str, values: dict[str, Any], message: str | None = None):
+    def __init__(
+        self, error_name: str, values: dict[str, Any], message: str | None = None
+    ):
         self.error_name = error_name
         self.values = values
         super().__init__(message or self._default_message())
@@ -101,7 +103,9 @@ class UnknownDataset(NotFound):
 
 
 class UnknownRequest(NotFound):
-    hint = "list requests with `Ledger.requests()`; the id may belong to another dataset"
+    hint = (
+        "list requests with `Ledger.requests()`; the id may belong to another dataset"
+    )
 
 
 class NotDatasetOwner(NotAuthorized):
@@ -154,13 +158,16 @@ class NoPurpose(InvalidRequest):
 
 class PurposeNotPermitted(InvalidRequest):
     hint = (
-        "the dataset's use terms do not allow this purpose: state a permitted purpose and"
-        " attest every requirement (NCU, IRB, PUB) the terms set; nothing was paid"
+        "the dataset's use terms do not allow this purpose: state a permitted"
+        " purpose and attest every requirement (NCU, IRB, PUB) the terms set;"
+        " nothing was paid"
     )
 
 
 class DatasetInactive(StateConflict):
-    hint = "the owner has closed this dataset; pending requests can be cancelled at once"
+    hint = (
+        "the owner has closed this dataset; pending requests can be cancelled at once"
+    )
 
 
 class FeeChanged(StateConflict):
@@ -169,8 +176,9 @@ class FeeChanged(StateConflict):
     def _default_message(self) -> str:
         return (
             f"the dataset's fee changed from {self.values['agreedFee']} to "
-            f"{self.values['currentFee']} wei before your request was mined; nothing was "
-            f"paid. Request again with fee_wei={self.values['currentFee']} if you accept."
+            f"{self.values['currentFee']} wei before your request was mined; nothing "
+            f"was paid. Request again with fee_wei={self.values['currentFee']} if you "
+            "accept."
         )
 
 
@@ -183,7 +191,9 @@ class RequestAlreadyOpen(StateConflict):
 
 
 class AccessAlreadyGranted(StateConflict):
-    hint = "you already hold a live grant on this dataset; request again once it expires"
+    hint = (
+        "you already hold a live grant on this dataset; request again once it expires"
+    )
 
 
 class NotPending(StateConflict):

@@ -2,13 +2,15 @@
 # Static analysis of the registry with Slither, fed a Hardhat-style build-info written by
 # contracts/compile.py (Slither cannot drive solc-js itself). Fails on any High or Medium
 # finding. Test-only contracts are not analysed.
+# Usage: scripts/slither.sh [CONTRACTS_DIR]   (default: contracts; reads CONTRACTS_DIR/src)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SLITHER=$PWD/.tools/slither/bin/slither
 [ -x "$SLITHER" ] || { echo "slither is not installed: run make setup" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-.venv/bin/python contracts/compile.py --build-info "$work"
+root=$(realpath "${1:-contracts}")
+.venv/bin/python contracts/compile.py --build-info "$work" --root "$root"
 cd "$work"
 "$SLITHER" . --hardhat-ignore-compile --npx-disable \
   --exclude-informational --exclude-low --exclude-optimization \

@@ -95,7 +95,7 @@ def content_hash() -> str:
 
 @pytest.fixture
 def dataset(ledger: Ledger, owner: str) -> int:
-    """A dataset (fee 0.01 ETH, 30-day grants, terms HMB|NCU) registered by ``owner``."""
+    """A dataset (fee 0.01 ETH, 30-day grants, terms HMB|NCU) of ``owner``."""
     return ledger.register_dataset(
         "https://hospital.example/cohort.csv",
         content_hash(),

@@ -23,7 +23,9 @@ def load_artifact(name: str = "HealthLabRegistry") -> dict[str, Any]:
     Installed wheels carry the artifacts inside the package; a source checkout reads
     ``contracts/build`` directly.
     """
-    packaged = resources.files("healthlab.ledger").joinpath("_artifacts", f"{name}.json")
+    packaged = resources.files("healthlab.ledger").joinpath(
+        "_artifacts", f"{name}.json"
+    )
     if packaged.is_file():
         return json.loads(packaged.read_text())  # type: ignore[no-any-return]
     path = _REPO_BUILD / f"{name}.json"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -13,12 +15,12 @@ from typing import Any
 
 import pandas as pd
 import requests
-from eth_abi import decode as abi_decode
+from eth_abi.abi import decode as abi_decode
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
-from eth_utils import function_abi_to_4byte_selector, keccak
+from eth_utils.abi import function_abi_to_4byte_selector
+from eth_utils.crypto import keccak
 from web3 import Web3
-from web3.logs import DISCARD
 from web3.exceptions import (
     ContractCustomError,
     ContractLogicError,
@@ -27,6 +29,7 @@ from web3.exceptions import (
     TimeExhausted,
     Web3RPCError,
 )
+from web3.logs import DISCARD
 
 from healthlab import errors
 from healthlab.ledger import deployments
@@ -46,7 +49,11 @@ _FINAL = {
     "AccessRevoked": Status.REVOKED,
 }
 _CONNECTION_ERRORS = (requests.exceptions.ConnectionError, ProviderConnectionError)
-_REVERTS: tuple[type[Exception], ...] = (ContractCustomError, ContractLogicError, ContractPanicError)
+_REVERTS: tuple[type[Exception], ...] = (
+    ContractCustomError,
+    ContractLogicError,
+    ContractPanicError,
+)
 try:  # the embedded chain reports reverts in estimate_gas with its own exception
     from eth_tester.exceptions import TransactionFailed as _TesterFailed
 
@@ -81,7 +88,7 @@ class Purpose:
 
     @classmethod
     def new(cls, text: str) -> Purpose:
-        """A commitment to ``text`` with a fresh 128-bit salt, so the hash cannot be guessed."""
+        """Commit to ``text`` with a fresh 128-bit salt: the hash cannot be guessed."""
         if not text or not text.strip():
             raise errors.InvalidInput("state the purpose of your study in a few words")
         return cls(text=text, salt="0x" + secrets.token_hex(16))
@@ -97,11 +104,18 @@ class Ledger:
     --------
     >>> ledger = Ledger.local()
     >>> owner, researcher = ledger.accounts[1], ledger.accounts[2]
-    >>> ds = ledger.register_dataset("ipfs://bafy…", "0x" + "11" * 32, fee_wei=10**15,
-    ...                              terms="HMB|NCU", sender=owner)
-    >>> req = ledger.request_access(ds, purpose="CVD risk", codes="HMB|NCU",
-    ...                             sender=researcher)
-    >>> ledger.approve(req, sender=owner); ledger.has_access(ds, researcher)
+    >>> ds = ledger.register_dataset(
+    ...     "ipfs://bafy…",
+    ...     "0x" + "11" * 32,
+    ...     fee_wei=10**15,
+    ...     terms="HMB|NCU",
+    ...     sender=owner,
+    ... )
+    >>> req = ledger.request_access(
+    ...     ds, purpose="CVD risk", codes="HMB|NCU", sender=researcher
+    ... )
+    >>> ledger.approve(req, sender=owner)
+    ... ledger.has_access(ds, researcher)
     True
     """
 
@@ -121,7 +135,7 @@ class Ledger:
         self.address = Web3.to_checksum_address(registry_address)
         self.contract = w3.eth.contract(address=self.address, abi=artifact["abi"])
         self.from_block = from_block
-        self._signers = {acct.address: acct for acct in signers}
+        self._signers: dict[str, LocalAccount] = {a.address: a for a in signers}
         self.default_sender = default_sender
         self.last_receipt: Any = None
         self._purposes: dict[int, Purpose] = {}
@@ -141,7 +155,9 @@ class Ledger:
         from eth_tester import EthereumTester, PyEVMBackend
         from web3 import EthereumTesterProvider
 
-        backend = PyEVMBackend(genesis_state=PyEVMBackend.generate_genesis_state(num_accounts=accounts))
+        backend = PyEVMBackend(
+            genesis_state=PyEVMBackend.generate_genesis_state(num_accounts=accounts)
+        )
         w3 = Web3(EthereumTesterProvider(EthereumTester(backend)))
         address, block = deploy_registry(w3, w3.eth.accounts[0], request_timeout)
         return cls(w3, address, from_block=block)
@@ -161,7 +177,7 @@ class Ledger:
         Parameters
         ----------
         rpc_url:
-            The node, e.g. ``http://127.0.0.1:8545``; defaults to ``$HEALTHLAB_RPC_URL``.
+            The node, e.g. ``http://127.0.0.1:8545``; default ``$HEALTHLAB_RPC_URL``.
         registry_address:
             The deployed registry; defaults to ``$HEALTHLAB_REGISTRY``, then to the
             address recorded for this chain in ``$HEALTHLAB_HOME/deployments.json``.
@@ -185,8 +201,8 @@ class Ledger:
             genesis = w3.eth.get_block(0)["hash"]
         except (*_CONNECTION_ERRORS, requests.exceptions.Timeout, OSError) as exc:
             raise errors.ChainUnreachable(
-                f"cannot reach an Ethereum node at {url} ({type(exc).__name__}); start one "
-                "with `make node` or check HEALTHLAB_RPC_URL"
+                f"cannot reach an Ethereum node at {url} ({type(exc).__name__}); "
+                "start one with `make node` or check HEALTHLAB_RPC_URL"
             ) from exc
         signers = _signers_from_env()
         default = signers[0].address if signers else None
@@ -205,8 +221,8 @@ class Ledger:
         if address is None:
             if not deploy:
                 raise errors.ConfigurationError(
-                    f"no registry is recorded for the chain at {url}; pass registry_address "
-                    "or deploy one with `healthlab deploy`"
+                    f"no registry is recorded for the chain at {url}; pass "
+                    "registry_address or deploy one with `healthlab deploy`"
                 )
             deployer = default or _first_node_account(w3, url)
             address, from_block = deploy_registry(
@@ -225,9 +241,9 @@ class Ledger:
     # ---------------------------------------------------------------- accounts
     @cached_property
     def accounts(self) -> list[str]:
-        """Addresses this client can send from: its own keys, then the node's unlocked ones."""
+        """Addresses to send from: this client's keys, then the node's unlocked ones."""
         own = list(self._signers)
-        return own + [a for a in self.w3.eth.accounts if a not in self._signers]
+        return own + [str(a) for a in self.w3.eth.accounts if a not in self._signers]
 
     @property
     def chain_id(self) -> int:
@@ -288,24 +304,32 @@ class Ledger:
         auto_approve: bool | None = None,
         sender: str | None = None,
     ) -> Dataset:
-        """Change any of fee, grant duration, terms and auto-approval; return the new record."""
+        """Change fee, grant duration, terms or auto-approval; return the new record."""
         d = self.dataset(dataset_id)
         fn = self.contract.functions.updateDataset(
             dataset_id,
             _uint(d.fee_wei if fee_wei is None else fee_wei, "fee_wei"),
-            _uint(d.grant_seconds if grant_seconds is None else grant_seconds, "grant_seconds", 32),
+            _uint(
+                d.grant_seconds if grant_seconds is None else grant_seconds,
+                "grant_seconds",
+                32,
+            ),
             int(d.terms if terms is None else as_codes(terms)),
             d.auto_approve if auto_approve is None else bool(auto_approve),
         )
         self._transact(fn, sender)
         return self.dataset(dataset_id)
 
-    def set_active(self, dataset_id: int, active: bool, *, sender: str | None = None) -> None:
-        """Open (``True``) or close (``False``) a dataset; closed datasets grant no access."""
-        self._transact(self.contract.functions.setActive(dataset_id, bool(active)), sender)
+    def set_active(
+        self, dataset_id: int, active: bool, *, sender: str | None = None
+    ) -> None:
+        """Open or close (``active=False``) a dataset; closed ones grant no access."""
+        self._transact(
+            self.contract.functions.setActive(dataset_id, bool(active)), sender
+        )
 
     def deactivate(self, dataset_id: int, *, sender: str | None = None) -> None:
-        """Close a dataset: no access, no new requests, pending ones cancellable at once."""
+        """Close a dataset: no access, no new requests, pending ones cancellable now."""
         self.set_active(dataset_id, False, sender=sender)
 
     def dataset(self, dataset_id: int) -> Dataset:
@@ -347,11 +371,11 @@ class Ledger:
         ``purpose`` stays off chain: only a salted hash is recorded, and the text and
         salt are kept by this client (:meth:`purpose_of`) to show the owner. ``fee_wei``
         is the fee you agree to pay; by default the fee read from the chain now. If the
-        owner changes it before your transaction is mined, :class:`~healthlab.errors.FeeChanged`
-        is raised and nothing is paid.
+        owner changes it before your transaction is mined,
+        :class:`~healthlab.errors.FeeChanged` is raised and nothing is paid.
         """
-        agreed = self.dataset(dataset_id).fee_wei if fee_wei is None else fee_wei
         commitment = Purpose.new(purpose)
+        agreed = self.dataset(dataset_id).fee_wei if fee_wei is None else fee_wei
         fn = self.contract.functions.requestAccess(
             dataset_id,
             _uint(agreed, "fee_wei"),
@@ -369,35 +393,44 @@ class Ledger:
             return self._purposes[request_id]
         except KeyError:
             raise errors.InvalidInput(
-                f"request {request_id} was not made from this client; ask its researcher "
-                "for the purpose text and salt, and check them with verify_purpose()"
+                f"request {request_id} was not made from this client; ask its "
+                "researcher for the purpose text and salt; check them with "
+                "verify_purpose()"
             ) from None
 
     def verify_purpose(self, request_id: int, text: str, salt: str) -> bool:
-        """Whether ``text`` and ``salt`` are what request ``request_id`` committed to."""
+        """Whether ``text`` and ``salt`` are what ``request_id`` committed to."""
         return Purpose(text, salt).commitment == self.request(request_id).purpose_hash
 
     def approve(self, request_id: int, *, sender: str | None = None) -> Request:
-        """Approve a pending request (owner only); the fee becomes the owner's to withdraw."""
+        """Approve a pending request (owner only); the fee becomes the owner's."""
         req = self._request_event(request_id)
-        fn = self.contract.functions.approve(req["datasetId"], req["researcher"], request_id)
+        fn = self.contract.functions.approve(
+            req["datasetId"], req["researcher"], request_id
+        )
         self._transact(fn, sender)
         return self.request(request_id)
 
     def decline(self, request_id: int, *, sender: str | None = None) -> Request:
-        """Decline a pending request (owner only); the fee becomes the researcher's refund."""
+        """Decline a pending request (owner only); the researcher gets a refund."""
         req = self._request_event(request_id)
-        fn = self.contract.functions.decline(req["datasetId"], req["researcher"], request_id)
+        fn = self.contract.functions.decline(
+            req["datasetId"], req["researcher"], request_id
+        )
         self._transact(fn, sender)
         return self.request(request_id)
 
     def cancel(self, request_id: int, *, sender: str | None = None) -> Request:
-        """Cancel your unanswered request after the timeout; the fee becomes your refund."""
+        """Cancel your unanswered request after the timeout; you get a refund."""
         req = self._request_event(request_id)
-        self._transact(self.contract.functions.cancel(req["datasetId"], request_id), sender)
+        self._transact(
+            self.contract.functions.cancel(req["datasetId"], request_id), sender
+        )
         return self.request(request_id)
 
-    def revoke(self, dataset_id: int, researcher: str, *, sender: str | None = None) -> None:
+    def revoke(
+        self, dataset_id: int, researcher: str, *, sender: str | None = None
+    ) -> None:
         """Revoke a researcher's live grant at once (owner only)."""
         who = _address(researcher, "researcher")
         self._transact(self.contract.functions.revoke(dataset_id, who), sender)
@@ -415,8 +448,15 @@ class Ledger:
         state = Status(status)
         if state is Status.APPROVED and self._now() >= expires:
             state = Status.EXPIRED
-        return Access(int(dataset_id), who, int(request_id), int(amount), int(created),
-                      int(expires), state)
+        return Access(
+            int(dataset_id),
+            who,
+            int(request_id),
+            int(amount),
+            int(created),
+            int(expires),
+            state,
+        )
 
     def request(self, request_id: int) -> Request:
         """A request's record and current status, with the transactions behind it."""
@@ -445,19 +485,23 @@ class Ledger:
             created_at=self._block_time(created["blockNumber"]),
             expires_at=int(grant["args"]["expiresAt"]) if grant else None,
             request_tx=created["transactionHash"].to_0x_hex(),
-            decision_tx=decisions[0]["transactionHash"].to_0x_hex() if decisions else None,
+            decision_tx=decisions[0]["transactionHash"].to_0x_hex()
+            if decisions
+            else None,
         )
 
     def requests(
         self, *, dataset_id: int | None = None, researcher: str | None = None
     ) -> list[Request]:
-        """Every request, optionally of one dataset and/or one researcher, oldest first."""
+        """Every request, optionally of one dataset and/or researcher, oldest first."""
         ids = []
         for entry in self._logs(event="AccessRequested"):
             args = entry["args"]
             if dataset_id is not None and args["datasetId"] != dataset_id:
                 continue
-            if researcher is not None and args["researcher"] != _address(researcher, "researcher"):
+            if researcher is not None and args["researcher"] != _address(
+                researcher, "researcher"
+            ):
                 continue
             ids.append(int(args["requestId"]))
         return [self.request(i) for i in ids]
@@ -469,7 +513,7 @@ class Ledger:
         return int(self._call(self.contract.functions.credits(who)))
 
     def withdraw(self, *, sender: str | None = None, to: str | None = None) -> int:
-        """Pay out everything credited to ``sender`` (to ``to`` if given); return the wei paid."""
+        """Pay out what is credited to ``sender`` (to ``to`` if given); return wei."""
         if to is None:
             fn = self.contract.functions.withdraw()
         else:
@@ -481,7 +525,7 @@ class Ledger:
     def record_result(
         self, request_id: int, result_hash: str | bytes, *, sender: str | None = None
     ) -> str:
-        """Anchor a result's hash against the live grant of ``request_id``; return the tx hash."""
+        """Anchor a result hash against the live grant of ``request_id``; return tx."""
         req = self._request_event(request_id)
         fn = self.contract.functions.recordResult(
             req["datasetId"], request_id, _bytes32(result_hash, "result_hash")
@@ -491,7 +535,13 @@ class Ledger:
 
     def result_request(self, result_hash: str | bytes) -> int | None:
         """The request a result hash was anchored against, or ``None``."""
-        found = int(self._call(self.contract.functions.resultRequest(_bytes32(result_hash, "result_hash"))))
+        found = int(
+            self._call(
+                self.contract.functions.resultRequest(
+                    _bytes32(result_hash, "result_hash")
+                )
+            )
+        )
         return found or None
 
     # ------------------------------------------------------------------ events
@@ -506,9 +556,9 @@ class Ledger:
         rows = [self._event_row(entry) for entry in self._logs(from_block=from_block)]
         frame = pd.DataFrame(rows, columns=list(_EVENT_COLUMNS), dtype=object)
         # wei exceed int64: keep amounts as exact Python ints in an object column
-        return frame.astype({"block": "int64", "dataset": "Int64", "request": "Int64"}).assign(
-            time=pd.to_datetime(frame["time"], utc=True)
-        )
+        return frame.astype(
+            {"block": "int64", "dataset": "Int64", "request": "Int64"}
+        ).assign(time=pd.to_datetime(frame["time"], utc=True))
 
     def _event_row(self, entry: Any) -> dict[str, Any]:
         args = dict(entry["args"])
@@ -518,7 +568,9 @@ class Ledger:
         details = " ".join(f"{k}={_detail(k, v)}" for k, v in shown.items())
         return {
             "block": int(entry["blockNumber"]),
-            "time": pd.Timestamp(self._block_time(entry["blockNumber"]), unit="s", tz="UTC"),
+            "time": pd.Timestamp(
+                self._block_time(entry["blockNumber"]), unit="s", tz="UTC"
+            ),
             "event": entry["event"],
             "dataset": args.get("datasetId"),
             "request": args.get("requestId"),
@@ -526,7 +578,10 @@ class Ledger:
             "amount_wei": None if amount is None else int(amount),
             "details": details,
             "tx": entry["transactionHash"].to_0x_hex(),
-            "args": {k: ("0x" + v.hex() if isinstance(v, bytes) else v) for k, v in args.items()},
+            "args": {
+                k: ("0x" + v.hex() if isinstance(v, bytes) else v)
+                for k, v in args.items()
+            },
         }
 
     # -------------------------------------------------------------------- time
@@ -535,7 +590,7 @@ class Ledger:
         return self._now()
 
     def mine(self, timestamp: int | None = None) -> int:
-        """Mine one block, at ``timestamp`` if given (dev chains only); return its time."""
+        """Mine a block, at ``timestamp`` if given (dev chains only); return time."""
         tester = self._tester
         if tester is not None:
             if timestamp is not None:
@@ -574,7 +629,7 @@ class Ledger:
         return _address(chosen, "sender")
 
     def transact(self, fn: Any, sender: str | None = None, *, value: int = 0) -> Any:
-        """Send a prepared contract call; return its receipt (low-level, for tests and tools)."""
+        """Send a prepared contract call; return its receipt (low level, for tools)."""
         return self._transact(fn, sender, value=value)
 
     def _transact(self, fn: Any, sender: str | None, *, value: int = 0) -> Any:
@@ -588,7 +643,9 @@ class Ledger:
             tx["gas"] = int(gas * 1.25) + 10_000
             signer = self._signers.get(sender)
             if signer is not None:
-                tx["nonce"] = self.w3.eth.get_transaction_count(sender, "pending")
+                tx["nonce"] = self.w3.eth.get_transaction_count(
+                    Web3.to_checksum_address(sender), "pending"
+                )
                 built = fn.build_transaction(tx)
                 raw = signer.sign_transaction(built).raw_transaction
                 tx_hash = self.w3.eth.send_raw_transaction(raw)
@@ -620,8 +677,8 @@ class Ledger:
             except _REVERTS as exc:
                 raise self._decode(exc) from None
 
-    def _rpc(self) -> _RpcGuard:
-        return _RpcGuard(self.rpc_url)
+    def _rpc(self) -> AbstractContextManager[None]:
+        return _rpc_errors(self.rpc_url)
 
     def _decode(self, exc: Exception) -> Exception:
         data = _revert_data(exc)
@@ -631,13 +688,16 @@ class Ledger:
                 name, types, names = self._errors[selector]
                 values = abi_decode(types, bytes.fromhex(data[10:]))
                 decoded = {
-                    k: Status(v) if k == "status" else v for k, v in zip(names, values, strict=True)
+                    k: Status(v) if k == "status" else v
+                    for k, v in zip(names, values, strict=True)
                 }
                 return errors.contract_error(name, decoded)
         return errors.ContractError("revert", {"reason": str(exc)})
 
     def _event(self, receipt: Any, name: str) -> Any:
-        logs = getattr(self.contract.events, name)().process_receipt(receipt, errors=DISCARD)
+        logs = getattr(self.contract.events, name)().process_receipt(
+            receipt, errors=DISCARD
+        )
         if not logs:
             raise errors.TransactionFailed(f"no {name} event in transaction receipt")
         return logs[0]["args"]
@@ -657,10 +717,19 @@ class Ledger:
     ) -> list[Any]:
         events = self._event_abis
         topics: list[Any] = [
-            [topic for topic, abi in events.items() if event is None or abi["name"] == event]
+            [
+                topic
+                for topic, abi in events.items()
+                if event is None or abi["name"] == event
+            ]
         ]
         if request_id is not None:
-            topics[0] = [t for t in topics[0] if events[t]["name"] in ("AccessRequested", *_DECISIONS, "ResultRecorded")]
+            topics[0] = [
+                t
+                for t in topics[0]
+                if events[t]["name"]
+                in ("AccessRequested", *_DECISIONS, "ResultRecorded")
+            ]
             topics.append("0x" + int(request_id).to_bytes(32, "big").hex())
         params = {
             "address": self.address,
@@ -673,7 +742,9 @@ class Ledger:
         decoded = []
         for log in raw:
             abi = events[log["topics"][0].to_0x_hex()]
-            decoded.append(getattr(self.contract.events, abi["name"])().process_log(log))
+            decoded.append(
+                getattr(self.contract.events, abi["name"])().process_log(log)
+            )
         return decoded
 
     @cached_property
@@ -681,32 +752,30 @@ class Ledger:
         out = {}
         for item in self.contract.abi:
             if item["type"] == "event":
-                signature = f"{item['name']}({','.join(i['type'] for i in item['inputs'])})"
+                signature = (
+                    f"{item['name']}({','.join(i['type'] for i in item['inputs'])})"
+                )
                 out["0x" + keccak(text=signature).hex()] = dict(item)
         return out
 
 
-class _RpcGuard:
+@contextmanager
+def _rpc_errors(url: str | None) -> Iterator[None]:
     """Turn a lost connection into :class:`~healthlab.errors.ChainUnreachable`."""
-
-    def __init__(self, url: str | None) -> None:
-        self.url = url
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
-        if exc is not None and isinstance(exc, (*_CONNECTION_ERRORS, requests.exceptions.Timeout)):
-            raise errors.ChainUnreachable(
-                f"lost the Ethereum node at {self.url} ({type(exc).__name__}); is it still "
-                "running? Start one with `make node` or check HEALTHLAB_RPC_URL"
-            ) from exc
-        if exc is not None and isinstance(exc, Web3RPCError) and "insufficient funds" in str(exc):
-            raise errors.InvalidInput(
-                "the sender cannot pay for this transaction (fee plus gas); fund the "
-                "account first"
-            ) from exc
-        return False
+    try:
+        yield
+    except (*_CONNECTION_ERRORS, requests.exceptions.Timeout) as exc:
+        raise errors.ChainUnreachable(
+            f"lost the Ethereum node at {url} ({type(exc).__name__}); is it still "
+            "running? Start one with `make node` or check HEALTHLAB_RPC_URL"
+        ) from exc
+    except Web3RPCError as exc:
+        if "insufficient funds" not in str(exc):
+            raise
+        raise errors.InvalidInput(
+            "the sender cannot pay for this transaction (fee plus gas); fund the "
+            "account first"
+        ) from exc
 
 
 def deploy_registry(
@@ -722,9 +791,14 @@ def deploy_registry(
     ctor = factory.constructor(int(request_timeout))
     if signer is not None:
         tx = ctor.build_transaction(
-            {"from": signer.address, "nonce": w3.eth.get_transaction_count(signer.address)}
+            {
+                "from": signer.address,
+                "nonce": w3.eth.get_transaction_count(signer.address),
+            }
         )
-        tx_hash = w3.eth.send_raw_transaction(signer.sign_transaction(tx).raw_transaction)
+        tx_hash = w3.eth.send_raw_transaction(
+            signer.sign_transaction(tx).raw_transaction
+        )
     else:
         tx_hash = ctor.transact({"from": deployer})
     receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
@@ -746,11 +820,20 @@ def _revert_data(exc: BaseException) -> str | None:
         for arg in getattr(seen, "args", ()):
             if isinstance(arg, bytes):
                 return "0x" + arg.hex()
+            if isinstance(arg, str) and "b'" in arg:  # eth-tester: repr of the bytes
+                try:
+                    raw = ast.literal_eval(arg[arg.index("b'") :])
+                except (ValueError, SyntaxError):
+                    continue
+                if isinstance(raw, bytes):
+                    return "0x" + raw.hex()
         seen = seen.__cause__ or seen.__context__
     return None
 
 
-def _error_table(abi: list[dict[str, Any]]) -> dict[str, tuple[str, list[str], list[str]]]:
+def _error_table(
+    abi: list[dict[str, Any]],
+) -> dict[str, tuple[str, list[str], list[str]]]:
     table = {}
     for item in abi:
         if item["type"] == "error":
@@ -768,19 +851,25 @@ def _signers_from_env() -> list[LocalAccount]:
     if key_file:
         path = Path(key_file)
         if not path.is_file():
-            raise errors.ConfigurationError(f"HEALTHLAB_KEY_FILE={key_file} does not exist")
+            raise errors.ConfigurationError(
+                f"HEALTHLAB_KEY_FILE={key_file} does not exist"
+            )
         if path.stat().st_mode & 0o077:
             raise errors.ConfigurationError(
                 f"{key_file} is readable by other users; run `chmod 600 {key_file}`"
             )
-        keys += [ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        keys += [
+            ln.strip()
+            for ln in path.read_text().splitlines()
+            if ln.strip() and not ln.startswith("#")
+        ]
     accounts = []
     for number, key in enumerate(keys, 1):
         try:
             accounts.append(Account.from_key(key.strip()))
         except (ValueError, TypeError) as exc:  # never echo the key itself
             raise errors.ConfigurationError(
-                f"private key #{number} from the environment is not a valid 32-byte hex key"
+                f"private key #{number} from the environment is not a 32-byte hex key"
             ) from exc
     return accounts
 
@@ -801,27 +890,56 @@ def _bytes32(value: str | bytes, name: str) -> bytes:
         try:
             value = bytes.fromhex(text)
         except ValueError:
-            raise errors.InvalidInput(f"{name} must be 32 bytes as 64 hex digits") from None
+            raise errors.InvalidInput(
+                f"{name} must be 32 bytes as 64 hex digits"
+            ) from None
     if not isinstance(value, bytes) or len(value) != 32:
         raise errors.InvalidInput(f"{name} must be 32 bytes (e.g. a sha256 digest)")
     return value
 
 
 def _uint(value: int, name: str, bits: int = 256) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0 or value >= 1 << bits:
-        raise errors.InvalidInput(f"{name} must be a whole number from 0 to 2**{bits}-1")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < 0
+        or value >= 1 << bits
+    ):
+        raise errors.InvalidInput(
+            f"{name} must be a whole number from 0 to 2**{bits}-1"
+        )
     return value
 
 
 def _address(value: str, name: str) -> str:
     if not isinstance(value, str) or not Web3.is_address(value):
-        raise errors.InvalidInput(f"{name} must be an Ethereum address (0x + 40 hex digits)")
+        raise errors.InvalidInput(
+            f"{name} must be an Ethereum address (0x + 40 hex digits)"
+        )
     return str(Web3.to_checksum_address(value))
 
 
-_EVENT_COLUMNS = ("block", "time", "event", "dataset", "request", "account", "amount_wei",
-                  "details", "tx", "args")
-_EVENT_MAIN = {"datasetId", "requestId", "researcher", "owner", "payee", "amount", "fee"}
+_EVENT_COLUMNS = (
+    "block",
+    "time",
+    "event",
+    "dataset",
+    "request",
+    "account",
+    "amount_wei",
+    "details",
+    "tx",
+    "args",
+)
+_EVENT_MAIN = {
+    "datasetId",
+    "requestId",
+    "researcher",
+    "owner",
+    "payee",
+    "amount",
+    "fee",
+}
 
 
 def _detail(key: str, value: Any) -> str:
@@ -830,10 +948,11 @@ def _detail(key: str, value: Any) -> str:
     if key in ("codes", "terms"):
         return _flag_names(value) or "none"
     if key == "expiresAt":
-        return pd.Timestamp(int(value), unit="s", tz="UTC").strftime("%Y-%m-%dT%H:%M:%SZ")
+        return pd.Timestamp(int(value), unit="s", tz="UTC").strftime(
+            "%Y-%m-%dT%H:%M:%SZ"
+        )
     return str(value)
 
 
 def _flag_names(codes: Codes | int) -> str:
     return "|".join(c.name or "" for c in Codes if int(codes) & c)
-

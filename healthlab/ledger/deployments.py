@@ -1,7 +1,7 @@
-"""Where the registry is deployed on each chain, so separate processes find the same one.
+"""Where the registry is deployed on each chain, so every process finds the same one.
 
-Records live in ``$HEALTHLAB_HOME/deployments.json`` (default ``~/.healthlab``), keyed by
-chain id and genesis hash: a fresh dev chain with the same chain id is a different chain.
+Records live in ``$HEALTHLAB_HOME/deployments.json`` (default ``~/.healthlab``), keyed
+by chain id and genesis hash: a fresh dev chain with the same id is another chain.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Start and stop a local anvil node (Foundry, from the npm package in ``contracts/``)."""
+"""Start and stop a local anvil node (Foundry, from the npm package in contracts/)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,16 @@ from healthlab.errors import ConfigurationError
 
 __all__ = ["AnvilNode", "find_tool", "free_port"]
 
-_NPM_BIN = Path(__file__).resolve().parents[2] / "contracts" / "node_modules" / "@foundry-rs"
+_NPM_BIN = (
+    Path(__file__).resolve().parents[2] / "contracts" / "node_modules" / "@foundry-rs"
+)
 
 
 def find_tool(name: str) -> str | None:
-    """Path of Foundry's ``anvil`` or ``cast``: ``$HEALTHLAB_<NAME>``, contracts/node_modules, PATH."""
+    """Path of Foundry's ``anvil`` or ``cast``.
+
+    Looked up in ``$HEALTHLAB_<NAME>``, then contracts/node_modules, then ``PATH``.
+    """
     override = os.environ.get(f"HEALTHLAB_{name.upper()}")
     if override:
         return override
@@ -61,8 +66,8 @@ class AnvilNode:
         binary = find_tool("anvil")
         if binary is None:
             raise ConfigurationError(
-                "anvil is not installed: run `make setup` (npm ci in contracts/ installs "
-                "@foundry-rs/anvil-linux-amd64) or set HEALTHLAB_ANVIL"
+                "anvil is not installed: run `make setup` (npm ci in contracts/ "
+                "installs @foundry-rs/anvil-linux-amd64) or set HEALTHLAB_ANVIL"
             )
         self.binary = binary
         self.port = port or free_port()
@@ -82,10 +87,14 @@ class AnvilNode:
         """Start anvil and wait until it answers JSON-RPC."""
         args = [
             self.binary,
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "--chain-id", str(self.chain_id),
-            "--accounts", str(self.accounts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--chain-id",
+            str(self.chain_id),
+            "--accounts",
+            str(self.accounts),
             "--silent",
         ]
         if self.state_file is not None:
@@ -106,7 +115,9 @@ class AnvilNode:
                 return self
             time.sleep(0.05)
         self.stop()
-        raise ConfigurationError(f"anvil did not answer on {self.url} within {timeout} s")
+        raise ConfigurationError(
+            f"anvil did not answer on {self.url} within {timeout} s"
+        )
 
     def _answers(self) -> bool:
         try:
