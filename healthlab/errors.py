@@ -13,10 +13,13 @@ from typing import Any
 
 __all__ = [
     "AccessAlreadyGranted",
+    "AccessDenied",
     "ChainUnreachable",
     "ConfigurationError",
     "ContractError",
+    "DataRefused",
     "DatasetInactive",
+    "DisclosureRefused",
     "DuplicateDataset",
     "FeeChanged",
     "HealthLabError",
@@ -29,7 +32,9 @@ __all__ = [
     "PaymentFailed",
     "PurposeNotPermitted",
     "RequestAlreadyOpen",
+    "SignatureInvalid",
     "TooEarlyToCancel",
+    "TooFewSites",
     "TransactionFailed",
     "WrongPayment",
     "contract_error",
@@ -54,6 +59,29 @@ class InvalidInput(HealthLabError, ValueError):
 
 class TransactionFailed(HealthLabError):
     """A transaction was mined but failed for a reason the node did not report."""
+
+
+class AccessDenied(HealthLabError, PermissionError):
+    """A site refused to compute: no live grant, a bad signature, a replayed query."""
+
+
+class SignatureInvalid(AccessDenied):
+    """A query was not signed by the researcher it names (or was replayed/stale)."""
+
+
+class DisclosureRefused(HealthLabError):
+    """A site's disclosure policy refused the query (too few rows, differencing, …).
+
+    Messages name columns, groups and counts of cells, never row-level values.
+    """
+
+
+class TooFewSites(DisclosureRefused):
+    """Fewer sites than the policy's minimum would take part in a pooled result."""
+
+
+class DataRefused(InvalidInput):
+    """A site's data cannot be used as asked (missing values, infinities, ranges)."""
 
 
 class ContractError(HealthLabError):

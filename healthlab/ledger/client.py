@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import json
 import os
 import secrets
 from collections.abc import Iterable, Iterator, Sequence
@@ -17,6 +18,7 @@ import pandas as pd
 import requests
 from eth_abi.abi import decode as abi_decode
 from eth_account import Account
+from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils.abi import function_abi_to_4byte_selector
 from eth_utils.crypto import keccak
@@ -36,6 +38,7 @@ from healthlab.ledger import deployments
 from healthlab.ledger.artifacts import load_artifact
 from healthlab.ledger.codes import Codes, as_codes
 from healthlab.ledger.records import Access, Dataset, Request, Status
+from healthlab.ledger.signing import SignedQuery, query_typed_data
 
 __all__ = ["DEFAULT_GRANT_SECONDS", "DEFAULT_REQUEST_TIMEOUT", "Ledger", "sha256_of"]
 
@@ -606,6 +609,56 @@ class Ledger:
         """Move the chain's clock forward by ``seconds`` (dev chains only)."""
         return self.mine(self._now() + int(seconds))
 
+    # ----------------------------------------------------------------- signing
+    def sign_query(
+        self, researcher: str, query_hash: str, *, nonce: int
+    ) -> SignedQuery:
+        """Sign a query as ``researcher`` (EIP-712, bound to this chain and registry).
+
+        Uses this client's key for ``researcher`` (environment keys, or the embedded
+        chain's dev keys), else asks the node (``eth_signTypedData_v4``, as anvil's
+        unlocked accounts allow). The key itself is never exposed.
+        """
+        who = _address(researcher, "researcher")
+        issued_at = self._now()
+        typed = query_typed_data(
+            researcher=who,
+            query_hash=query_hash,
+            nonce=nonce,
+            issued_at=issued_at,
+            chain_id=self.chain_id,
+            registry=self.address,
+        )
+        signer = self._signers.get(who) or self._dev_signer(who)
+        if signer is not None:
+            signed = signer.sign_message(encode_typed_data(full_message=typed))
+            signature = "0x" + bytes(signed.signature).hex()
+        else:
+            wire = dict(typed, message=dict(typed["message"], queryHash=query_hash))
+            with self._rpc():
+                reply = self.w3.provider.make_request(
+                    "eth_signTypedData_v4",  # type: ignore[arg-type]
+                    [who, json.dumps(wire)],
+                )
+            if "result" not in reply:
+                raise errors.ConfigurationError(
+                    f"cannot sign as {who}: no key for it here and the node refused "
+                    "(set HEALTHLAB_PRIVATE_KEY or HEALTHLAB_KEY_FILE)"
+                )
+            signature = str(reply["result"])
+        return SignedQuery(
+            who, query_hash, nonce, issued_at, self.chain_id, self.address, signature
+        )
+
+    def _dev_signer(self, address: str) -> LocalAccount | None:
+        tester = self._tester
+        if tester is None:
+            return None
+        for key in tester.backend.account_keys:
+            if key.public_key.to_checksum_address() == address:
+                return Account.from_key(key.to_bytes())  # type: ignore[no-any-return]
+        return None
+
     # ---------------------------------------------------------------- plumbing
     @property
     def _tester(self) -> Any:
@@ -660,10 +713,14 @@ class Ledger:
                 ) from exc
         self.last_receipt = receipt
         if receipt["status"] != 1:
-            try:
-                fn.call(tx, block_identifier=receipt["blockNumber"] - 1)
-            except _REVERTS as exc:
-                raise self._decode(exc) from None
+            # Replay on the state the transaction met: after its block (a revert
+            # changes nothing, so earlier transactions of the block are included),
+            # then before it.
+            for block in (receipt["blockNumber"], receipt["blockNumber"] - 1):
+                try:
+                    fn.call(tx, block_identifier=block)
+                except _REVERTS as exc:
+                    raise self._decode(exc) from None
             raise errors.TransactionFailed(
                 f"transaction {tx_hash.to_0x_hex()} failed (out of gas or reverted by "
                 "state that changed in the same block); try again"
@@ -688,8 +745,8 @@ class Ledger:
                 name, types, names = self._errors[selector]
                 values = abi_decode(types, bytes.fromhex(data[10:]))
                 decoded = {
-                    k: Status(v) if k == "status" else v
-                    for k, v in zip(names, values, strict=True)
+                    k: _decoded_value(k, t, v)
+                    for k, t, v in zip(names, types, values, strict=True)
                 }
                 return errors.contract_error(name, decoded)
         return errors.ContractError("revert", {"reason": str(exc)})
@@ -829,6 +886,14 @@ def _revert_data(exc: BaseException) -> str | None:
                     return "0x" + raw.hex()
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def _decoded_value(name: str, kind: str, value: Any) -> Any:
+    if name == "status":
+        return Status(value)
+    if kind == "address":
+        return Web3.to_checksum_address(value)
+    return value
 
 
 def _error_table(

@@ -1,0 +1,42 @@
+"""Statistics across sites over homomorphically encrypted site totals (CKKS, TenSEAL).
+
+The public API: :func:`describe`, :func:`histogram`, :func:`crosstab`, :func:`corr`,
+:func:`cov`, :func:`ols` (and :func:`levels`); :class:`KeyHolder` for the researcher's
+keys and :class:`Aggregator` for the server side.
+"""
+
+from __future__ import annotations
+
+from healthlab.encrypted.keys import (
+    CKKSParams,
+    IntegrityError,
+    KeyHolder,
+    PublicContext,
+)
+from healthlab.encrypted.protocol import Aggregator, Contribution, Query
+from healthlab.encrypted.stats import (
+    corr,
+    cov,
+    crosstab,
+    describe,
+    histogram,
+    levels,
+    ols,
+)
+
+__all__ = [
+    "Aggregator",
+    "CKKSParams",
+    "Contribution",
+    "IntegrityError",
+    "KeyHolder",
+    "PublicContext",
+    "Query",
+    "corr",
+    "cov",
+    "crosstab",
+    "describe",
+    "histogram",
+    "levels",
+    "ols",
+]

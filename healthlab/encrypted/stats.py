@@ -1,0 +1,599 @@
+"""Table 1 statistics pooled across sites over encrypted site totals.
+
+Every function takes ``sites`` — a list of :class:`~healthlab.Site` (gated by grants
+on chain, queries signed by ``researcher``) or ``{name: DataFrame}`` for an ungated
+local simulation — and returns a pandas object whose ``.attrs["receipt"]`` ties it to
+the sites, the query and (when gated) the grants that allowed it.
+
+Moments are computed in two rounds: the first pools ``n`` and ``Σx`` to get a public
+center (the pooled mean), the second pools sums of deviations from it, so variances,
+covariances and regressions do not lose digits to cancellation (as pandas' two-pass
+algorithms do not). Sites encrypt exact fixed-point digits of their totals (see
+:mod:`healthlab.encrypted.encoding`), so pooled counts are exact and moments match
+pandas to ~1e-15 relative.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from healthlab.encrypted.keys import KeyHolder
+from healthlab.encrypted.protocol import Query, StudyRun, Totals, run_query
+from healthlab.errors import DataRefused, DisclosureRefused, InvalidInput
+from healthlab.receipts import Receipt, build_receipt
+from healthlab.sites import Site, as_sites
+
+__all__ = ["corr", "cov", "crosstab", "describe", "histogram", "levels", "ols"]
+
+SitesLike = Sequence[Site] | Mapping[str, pd.DataFrame]
+MAX_LEVELS = 50
+
+
+# ---------------------------------------------------------------- site side
+def _group_masks(
+    frame: pd.DataFrame, by: str | None, groups: Sequence[str]
+) -> list[np.ndarray]:
+    if by is None:
+        return [np.ones(len(frame), dtype=bool)]
+    labels = frame[by].astype(str).to_numpy()
+    return [labels == g for g in groups]
+
+
+def _full_masks(
+    site: Site, kept: pd.DataFrame, masks: list[np.ndarray]
+) -> list[np.ndarray]:
+    """Masks over *all* the site's rows (for differencing), from masks over kept rows.
+
+    ``Site.rows`` indexes kept rows by their position among all the site's rows.
+    """
+    positions = kept.index.to_numpy()
+    full = []
+    for mask in masks:
+        m = np.zeros(site.n_rows, dtype=bool)
+        m[positions[mask]] = True
+        full.append(m)
+    return full
+
+
+def _moments(site: Site, query: Query) -> Totals:
+    """n, Σ(x-c), Σ(x-c)² (or the upper triangle of Σ(x-c)(x-c)ᵀ) per group."""
+    spec = query.spec
+    columns: list[str] = list(spec["columns"])
+    by = spec.get("by")
+    asked = columns + ([by] if by else [])
+    kept, dropped = site.rows(asked, dropna=bool(spec.get("dropna")))
+    values = kept[columns].to_numpy(dtype=np.float64) - np.asarray(spec["center"])
+    masks = _group_masks(kept, by, spec.get("groups", ()))
+    totals: list[float] = [float(dropped)]
+    p = len(columns)
+    upper = np.triu_indices(p)
+    for mask in masks:
+        x = values[mask]
+        totals.append(float(len(x)))
+        totals.extend(x.sum(axis=0).tolist())
+        if spec["order"] == 2:
+            if spec["cross"]:
+                totals.extend((x.T @ x)[upper].tolist())
+            else:
+                totals.extend(np.square(x).sum(axis=0).tolist())
+    full = _full_masks(site, kept, masks)
+    model = spec.get("model_params")
+    if model:
+        for mask in full:
+            if mask.any():
+                site.check_model(int(model), int(mask.sum()))
+    return totals, {c: full for c in columns}
+
+
+def _counts(site: Site, query: Query) -> Totals:
+    """Cell counts of a histogram (one numeric column) or a cross-tabulation."""
+    spec = query.spec
+    columns: list[str] = list(spec["columns"])
+    kept, dropped = site.rows(columns, dropna=bool(spec.get("dropna")))
+    if "edges" in spec:
+        edges = np.asarray(spec["edges"], dtype=np.float64)
+        x = kept[columns[0]].to_numpy(dtype=np.float64)
+        index = np.searchsorted(edges, x, side="right") - 1
+        index[x == edges[-1]] = len(edges) - 2  # numpy: the last bin is closed
+        inside = (x >= edges[0]) & (x <= edges[-1])
+        masks = [inside & (index == i) for i in range(len(edges) - 1)]
+    else:
+        row_levels, col_levels = spec["levels"]
+        r = kept[columns[0]].astype(str).to_numpy()
+        c = kept[columns[1]].astype(str).to_numpy()
+        masks = [(r == a) & (c == b) for a in row_levels for b in col_levels]
+    totals = [float(dropped)] + [float(m.sum()) for m in masks]
+    full = _full_masks(site, kept, masks)
+    return totals, {col: full for col in columns}
+
+
+# ------------------------------------------------------------- researcher side
+def _prepare(sites: SitesLike, keys: KeyHolder | None) -> tuple[list[Site], KeyHolder]:
+    return as_sites(sites), keys or KeyHolder()
+
+
+def _run(
+    sites: list[Site],
+    kind: str,
+    spec: dict[str, Any],
+    n_totals: int,
+    compute: Any,
+    *,
+    keys: KeyHolder,
+    researcher: str | None,
+    min_sites: int,
+    min_rows: int,
+    on_refusal: str,
+) -> StudyRun:
+    query = Query(kind, spec, n_totals, min_rows=min_rows, min_sites=min_sites)
+    return run_query(
+        sites, query, compute, keys=keys, researcher=researcher, on_refusal=on_refusal
+    )
+
+
+def _centers(
+    sites: list[Site],
+    columns: list[str],
+    by: str | None,
+    groups: list[str],
+    options: dict[str, Any],
+) -> tuple[StudyRun, np.ndarray]:
+    """Round 1: pooled n and Σx per column (over all groups) → the public centers."""
+    spec = {
+        "columns": columns,
+        "center": [0.0] * len(columns),
+        "order": 1,
+        "cross": False,
+        "by": by,
+        "groups": groups,
+        "dropna": options["dropna"],
+    }
+    n_groups = max(1, len(groups))
+    run = _run(
+        sites,
+        "moments",
+        spec,
+        1 + n_groups * (1 + len(columns)),
+        _moments,
+        **_opts(options),
+    )
+    t = np.asarray(run.totals[1:]).reshape(n_groups, 1 + len(columns))
+    n = t[:, 0].sum()
+    if n == 0:
+        raise DisclosureRefused("no rows to summarize")
+    return run, t[:, 1:].sum(axis=0) / n
+
+
+def _opts(options: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: options[k]
+        for k in ("keys", "researcher", "min_sites", "min_rows", "on_refusal")
+    }
+
+
+def _options(
+    keys: KeyHolder | None,
+    researcher: str | None,
+    min_sites: int,
+    min_rows: int,
+    dropna: bool,
+    on_refusal: str,
+) -> dict[str, Any]:
+    return {
+        "keys": keys or KeyHolder(),
+        "researcher": researcher,
+        "min_sites": min_sites,
+        "min_rows": min_rows,
+        "dropna": dropna,
+        "on_refusal": on_refusal,
+    }
+
+
+def _second_moments(
+    sites: list[Site],
+    columns: list[str],
+    *,
+    by: str | None,
+    groups: list[str],
+    cross: bool,
+    options: dict[str, Any],
+    model_params: int | None = None,
+) -> tuple[list[StudyRun], np.ndarray, list[dict[str, Any]]]:
+    """Both rounds; return runs, centers and per-group {n, s1, s2 | m2, dropped}."""
+    first, center = _centers(sites, columns, by, groups, options)
+    participants = [s for s in sites if s.name in {x.name for x in first.sites}]
+    p = len(columns)
+    width = p * (p + 1) // 2 if cross else p
+    spec = {
+        "columns": columns,
+        "center": center.tolist(),
+        "order": 2,
+        "cross": cross,
+        "by": by,
+        "groups": groups,
+        "dropna": options["dropna"],
+        "model_params": model_params,
+    }
+    n_groups = max(1, len(groups))
+    per_group = 1 + p + width
+    second = _run(
+        participants,
+        "moments",
+        spec,
+        1 + n_groups * per_group,
+        _moments,
+        **_opts(options),
+    )
+    t = np.asarray(second.totals[1:]).reshape(n_groups, per_group)
+    out = []
+    for g in range(n_groups):
+        row = t[g]
+        entry: dict[str, Any] = {"n": row[0], "s1": row[1 : 1 + p]}
+        if cross:
+            m = np.zeros((p, p))
+            m[np.triu_indices(p)] = row[1 + p :]
+            entry["m2"] = m + np.triu(m, 1).T
+        else:
+            entry["s2"] = row[1 + p :]
+        out.append(entry)
+    out[0]["dropped"] = second.totals[0]
+    return [first, second], center, out
+
+
+def levels(
+    sites: SitesLike,
+    column: str,
+    *,
+    researcher: str | None = None,
+    keys: KeyHolder | None = None,
+) -> list[str]:
+    """The union of a categorical column's levels across sites (schema, not counts).
+
+    Each site authorizes the (signed) request first; a column with more than 50
+    distinct values is refused as not categorical.
+    """
+    site_list = as_sites(sites)
+    query = Query("levels", {"column": column}, 0)
+    from healthlab.encrypted.protocol import _sign
+
+    signed = _sign(site_list, query, researcher)
+    found: set[str] = set()
+    for site in site_list:
+        site.authorize(signed, query_hash=query.hash)
+        kept, _ = site.rows([column], dropna=True)
+        values = set(kept[column].astype(str).unique().tolist())
+        if len(values) > MAX_LEVELS:
+            raise DataRefused(
+                f"site {site.name}: {column!r} has more than {MAX_LEVELS} levels; it "
+                "is not categorical (bin it with histogram)"
+            )
+        found |= values
+    return sorted(found)
+
+
+def describe(
+    sites: SitesLike,
+    columns: Sequence[str],
+    *,
+    by: str | None = None,
+    researcher: str | None = None,
+    keys: KeyHolder | None = None,
+    dropna: bool = False,
+    min_sites: int = 2,
+    min_rows: int = 0,
+    on_refusal: str = "raise",
+) -> pd.DataFrame:
+    """``count``, ``mean``, ``std``, ``var``, ``sum`` and ``sem`` pooled across sites.
+
+    Shaped like ``pandas.DataFrame.describe()`` (statistics as rows, columns as
+    columns); with ``by``, columns become ``(group, column)``. Minimum, maximum and
+    quantiles are single rows' values and are not released. With ``dropna=True``
+    rows with a missing value are dropped at the sites and counted in ``missing``.
+
+    Examples
+    --------
+    >>> table = describe({"a": frame_a, "b": frame_b}, ["age", "bmi"])
+    >>> table.loc["mean", "age"]  # doctest: +SKIP
+    54.2
+    >>> table.attrs["receipt"]["sites"][0]["name"]  # doctest: +SKIP
+    'a'
+    """
+    site_list = as_sites(sites)
+    cols = _columns(columns)
+    options = _options(keys, researcher, min_sites, min_rows, dropna, on_refusal)
+    groups = levels(site_list, by, researcher=researcher) if by else []
+    runs, center, stats = _second_moments(
+        site_list, cols, by=by, groups=groups, cross=False, options=options
+    )
+    frames: dict[str | None, pd.DataFrame] = {}
+    labels: list[str | None] = list(groups) if groups else [None]
+    for label, entry in zip(labels, stats, strict=True):
+        n = entry["n"]
+        mean = center + entry["s1"] / n if n else np.full(len(cols), np.nan)
+        ss = (
+            entry["s2"] - np.square(entry["s1"]) / n
+            if n
+            else np.full(len(cols), np.nan)
+        )
+        var = ss / (n - 1) if n > 1 else np.full(len(cols), np.nan)
+        table = pd.DataFrame(
+            {
+                "count": float(n),
+                "mean": mean,
+                "std": np.sqrt(var),
+                "var": var,
+                "sum": mean * n,
+                "sem": np.sqrt(var / n) if n else np.nan,
+            },
+            index=cols,
+        ).T
+        frames[label] = table
+    result = frames[None] if by is None else pd.concat(frames, axis=1)
+    if dropna:
+        result.loc["missing"] = stats[0]["dropped"]
+    return attach_receipt(
+        result,
+        runs,
+        kind="describe",
+        parameters={"columns": cols, "by": by, "dropna": dropna},
+    )
+
+
+def histogram(
+    sites: SitesLike,
+    column: str,
+    bins: Sequence[float] | int,
+    *,
+    range: tuple[float, float] | None = None,
+    researcher: str | None = None,
+    keys: KeyHolder | None = None,
+    dropna: bool = False,
+    min_sites: int = 2,
+    min_rows: int = 0,
+    on_refusal: str = "raise",
+) -> pd.DataFrame:
+    """Exact pooled counts per bin, like ``numpy.histogram`` (last bin closed).
+
+    ``bins`` are edges, or a number of equal bins over ``range`` (required then: the
+    data's minimum and maximum are single rows' values and are not asked for). Values
+    outside the edges are not counted. A site refuses when any of its non-empty bins
+    holds fewer than ``min_rows`` rows.
+    """
+    site_list = as_sites(sites)
+    if isinstance(bins, int):
+        if range is None:
+            raise InvalidInput(
+                "give bin edges, or a number of bins with range=(low, high): the "
+                "minimum and maximum are not released"
+            )
+        edges = np.linspace(range[0], range[1], bins + 1)
+    else:
+        edges = np.asarray(bins, dtype=np.float64)
+    if edges.size < 2 or not np.all(np.diff(edges) > 0) or not np.isfinite(edges).all():
+        raise InvalidInput("bin edges must be finite and strictly increasing")
+    options = _options(keys, researcher, min_sites, min_rows, dropna, on_refusal)
+    spec = {"columns": [column], "edges": edges.tolist(), "dropna": dropna}
+    run = _run(site_list, "counts", spec, edges.size, _counts, **_opts(options))
+    counts = np.rint(run.totals[1:]).astype(np.int64)
+    result = pd.DataFrame({"left": edges[:-1], "right": edges[1:], "count": counts})
+    if dropna:
+        result.attrs["missing"] = int(run.totals[0])
+    return attach_receipt(
+        result,
+        [run],
+        kind="histogram",
+        parameters={"column": column, "edges": edges.tolist()},
+    )
+
+
+def crosstab(
+    sites: SitesLike,
+    row: str,
+    col: str,
+    *,
+    researcher: str | None = None,
+    keys: KeyHolder | None = None,
+    dropna: bool = False,
+    min_sites: int = 2,
+    min_rows: int = 0,
+    on_refusal: str = "raise",
+) -> pd.DataFrame:
+    """Exact pooled counts of ``row`` × ``col`` levels, like ``pandas.crosstab``.
+
+    Levels are compared as text. A site refuses when any non-empty cell of its own
+    table holds fewer than ``min_rows`` rows.
+    """
+    site_list = as_sites(sites)
+    row_levels = levels(site_list, row, researcher=researcher)
+    col_levels = levels(site_list, col, researcher=researcher)
+    options = _options(keys, researcher, min_sites, min_rows, dropna, on_refusal)
+    spec = {"columns": [row, col], "levels": [row_levels, col_levels], "dropna": dropna}
+    n = len(row_levels) * len(col_levels)
+    run = _run(site_list, "counts", spec, 1 + n, _counts, **_opts(options))
+    counts = (
+        np.rint(run.totals[1:])
+        .astype(np.int64)
+        .reshape(len(row_levels), len(col_levels))
+    )
+    result = pd.DataFrame(
+        counts,
+        index=pd.Index(row_levels, name=row),
+        columns=pd.Index(col_levels, name=col),
+    )
+    return attach_receipt(
+        result, [run], kind="crosstab", parameters={"row": row, "col": col}
+    )
+
+
+def cov(
+    sites: SitesLike,
+    columns: Sequence[str],
+    *,
+    researcher: str | None = None,
+    keys: KeyHolder | None = None,
+    dropna: bool = False,
+    min_sites: int = 2,
+    min_rows: int = 0,
+    on_refusal: str = "raise",
+) -> pd.DataFrame:
+    """Pooled sample covariance matrix (complete cases), like ``DataFrame.cov()``."""
+    return _matrix(
+        sites, columns, "cov", researcher, keys, dropna, min_sites, min_rows, on_refusal
+    )
+
+
+def corr(
+    sites: SitesLike,
+    columns: Sequence[str],
+    *,
+    researcher: str | None = None,
+    keys: KeyHolder | None = None,
+    dropna: bool = False,
+    min_sites: int = 2,
+    min_rows: int = 0,
+    on_refusal: str = "raise",
+) -> pd.DataFrame:
+    """Pooled Pearson correlation matrix (complete cases), like ``DataFrame.corr()``."""
+    return _matrix(
+        sites,
+        columns,
+        "corr",
+        researcher,
+        keys,
+        dropna,
+        min_sites,
+        min_rows,
+        on_refusal,
+    )
+
+
+def _matrix(
+    sites: SitesLike,
+    columns: Sequence[str],
+    kind: str,
+    researcher: str | None,
+    keys: KeyHolder | None,
+    dropna: bool,
+    min_sites: int,
+    min_rows: int,
+    on_refusal: str,
+) -> pd.DataFrame:
+    site_list = as_sites(sites)
+    cols = _columns(columns)
+    options = _options(keys, researcher, min_sites, min_rows, dropna, on_refusal)
+    runs, _, stats = _second_moments(
+        site_list, cols, by=None, groups=[], cross=True, options=options
+    )
+    entry = stats[0]
+    n, s1, m2 = entry["n"], entry["s1"], entry["m2"]
+    scatter = m2 - np.outer(s1, s1) / n
+    matrix = scatter / (n - 1)
+    if kind == "corr":
+        scale = np.sqrt(np.diag(scatter))
+        matrix = scatter / np.outer(scale, scale)
+        np.fill_diagonal(matrix, 1.0)
+    result = pd.DataFrame(matrix, index=cols, columns=cols)
+    return attach_receipt(
+        result, runs, kind=kind, parameters={"columns": cols, "dropna": dropna}
+    )
+
+
+def ols(
+    sites: SitesLike,
+    y: str,
+    X: Sequence[str],  # noqa: N803 - the usual name of a design matrix
+    *,
+    researcher: str | None = None,
+    keys: KeyHolder | None = None,
+    dropna: bool = False,
+    min_sites: int = 2,
+    min_rows: int = 0,
+    on_refusal: str = "raise",
+) -> pd.DataFrame:
+    """Ordinary least squares of ``y`` on ``X`` with an intercept, pooled across sites.
+
+    Returns one row per coefficient (``Intercept`` first) with ``coef``, ``se``,
+    ``t``; ``.attrs`` carries ``r2``, ``n`` and ``rss``. Each site refuses a model
+    with more than ``max_param_ratio`` (0.33) parameters per row of its own.
+    """
+    site_list = as_sites(sites)
+    xs = _columns(X)
+    if y in xs:
+        raise InvalidInput(f"{y!r} is both the response and a covariate")
+    cols = [*xs, y]
+    options = _options(keys, researcher, min_sites, min_rows, dropna, on_refusal)
+    runs, center, stats = _second_moments(
+        site_list,
+        cols,
+        by=None,
+        groups=[],
+        cross=True,
+        options=options,
+        model_params=len(xs) + 1,
+    )
+    entry = stats[0]
+    n, s1, m2 = entry["n"], entry["s1"], entry["m2"]
+    scatter = m2 - np.outer(s1, s1) / n
+    p = len(xs)
+    sxx, sxy, syy = scatter[:p, :p], scatter[:p, p], scatter[p, p]
+    try:
+        beta = np.linalg.solve(sxx, sxy)
+        inverse = np.linalg.inv(sxx)
+    except np.linalg.LinAlgError as exc:
+        raise DataRefused("the covariates are collinear; drop one of them") from exc
+    means = center + s1 / n
+    intercept = means[p] - means[:p] @ beta
+    rss = float(syy - sxy @ beta)
+    dof = n - p - 1
+    sigma2 = rss / dof
+    se_beta = np.sqrt(np.diag(inverse) * sigma2)
+    se_intercept = float(np.sqrt(sigma2 * (1.0 / n + means[:p] @ inverse @ means[:p])))
+    coef = np.concatenate([[intercept], beta])
+    se = np.concatenate([[se_intercept], se_beta])
+    result = pd.DataFrame(
+        {"coef": coef, "se": se, "t": coef / se}, index=["Intercept", *xs]
+    )
+    result.attrs.update(
+        {"n": round(n), "r2": 1.0 - rss / float(syy), "rss": rss, "dof": dof}
+    )
+    return attach_receipt(
+        result, runs, kind="ols", parameters={"y": y, "X": xs, "dropna": dropna}
+    )
+
+
+def attach_receipt(
+    result: pd.DataFrame, runs: list[StudyRun], *, kind: str, parameters: dict[str, Any]
+) -> pd.DataFrame:
+    """Attach the receipt of ``runs`` to ``result`` (``result.attrs["receipt"]``)."""
+    last = runs[-1]
+    receipt: Receipt = build_receipt(
+        kind=kind,
+        result=result,
+        queries=[r.query.as_dict() for r in runs],
+        parameters=parameters,
+        sites=last.sites,
+        researcher=last.signed.researcher if last.signed else None,
+        refused={k: v for r in runs for k, v in r.refused.items()},
+        extra={
+            "encryption": {
+                "mode": "site totals",
+                **runs[0].public_params,
+                "upload_bytes": last.upload_bytes,
+            }
+        },
+    )
+    result.attrs["receipt"] = receipt
+    return result
+
+
+def _columns(columns: Sequence[str] | str) -> list[str]:
+    cols = [columns] if isinstance(columns, str) else list(columns)
+    if not cols:
+        raise InvalidInput("name at least one column")
+    if len(set(cols)) != len(cols):
+        raise InvalidInput(f"columns repeat: {cols}")
+    return cols

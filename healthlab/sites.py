@@ -1,0 +1,415 @@
+"""A data holder: its rows, its disclosure policy, and the grant check before computing.
+
+A :class:`Site` never hands rows to a caller: study code running *at the site* (the
+encrypted statistics, the federated client) asks it to authorize a signed query, to
+release the rows of the columns asked, and to check the subsets it is about to
+summarize against the disclosure policy — which only the site's owner sets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import (
+    X25519PrivateKey,
+    X25519PublicKey,
+)
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from healthlab.errors import (
+    AccessDenied,
+    DataRefused,
+    DisclosureRefused,
+    InvalidInput,
+    SignatureInvalid,
+)
+from healthlab.ledger.signing import SignedQuery, recover_signer
+
+if TYPE_CHECKING:
+    from healthlab.ledger import Ledger
+
+__all__ = ["DisclosurePolicy", "QueryLogEntry", "Site", "as_sites"]
+
+
+@dataclass(frozen=True)
+class DisclosurePolicy:
+    """What a site will answer; defaults follow DataSHIELD's disclosure filters.
+
+    Attributes
+    ----------
+    min_rows:
+        Smallest non-empty subset, group or table cell summarized (``nfilter.subset``,
+        ``nfilter.tab``: 3). Empty cells are allowed: a zero reveals nobody.
+    max_param_ratio:
+        A model may have at most this many parameters per row (``nfilter.glm``: 0.33).
+    min_sites:
+        Fewest sites a pooled result may combine; a study can ask for more, never less.
+    min_difference:
+        Two subsets of the same column answered at this site must be identical or
+        differ by at least this many rows (differencing attacks).
+    max_query_age:
+        Seconds a signed query stays valid.
+    """
+
+    min_rows: int = 3
+    max_param_ratio: float = 0.33
+    min_sites: int = 2
+    min_difference: int = 3
+    max_query_age: int = 900
+
+    def __post_init__(self) -> None:
+        if self.min_rows < 1 or self.min_sites < 1 or self.min_difference < 1:
+            raise InvalidInput("min_rows, min_sites and min_difference must be >= 1")
+        if not 0 < self.max_param_ratio <= 1:
+            raise InvalidInput("max_param_ratio must be in (0, 1]")
+        if self.max_query_age < 1:
+            raise InvalidInput("max_query_age must be at least 1 second")
+
+
+@dataclass(frozen=True)
+class QueryLogEntry:
+    """One answered query, as the site remembers it (no values)."""
+
+    time: float
+    researcher: str | None
+    query_hash: str
+    kind: str
+    subsets: int
+    rows: int
+
+
+@dataclass
+class _Subset:
+    packed: bytes = field(repr=False)
+    size: int
+
+
+class Site:
+    """One data holder.
+
+    Parameters
+    ----------
+    name:
+        A short, public name (``"hospital_a"``).
+    data:
+        The site's rows, or a path to a CSV/Parquet file (its sha256 is then the
+        content hash, as registered on chain).
+    dataset_id, ledger:
+        The dataset this data is registered under and the chain holding its grants.
+        Without them the site is *ungated*: a local simulation for teaching and tests.
+    policy:
+        The owner's disclosure policy. It is fixed for the site's lifetime; a study
+        may ask for stricter settings, never weaker ones.
+
+    Examples
+    --------
+    >>> site = Site("hospital_a", frame, dataset_id=ds, ledger=ledger)
+    >>> site.gated
+    True
+    """
+
+    def __init__(
+        self,
+        name: str,
+        data: pd.DataFrame | str | os.PathLike[str],
+        *,
+        dataset_id: int | None = None,
+        ledger: Ledger | None = None,
+        policy: DisclosurePolicy | None = None,
+        content_hash: str | None = None,
+    ) -> None:
+        if not name or not isinstance(name, str):
+            raise InvalidInput("a site needs a short, non-empty name")
+        if (dataset_id is None) != (ledger is None):
+            raise InvalidInput(
+                "pass both dataset_id and ledger for a gated site, or neither for an "
+                "ungated simulation"
+            )
+        self.name = name
+        self.dataset_id = dataset_id
+        self.ledger = ledger
+        self._policy = policy or DisclosurePolicy()
+        self._path: Path | None = None
+        if isinstance(data, pd.DataFrame):
+            self._frame = data
+        elif not isinstance(data, (str, os.PathLike)):
+            raise InvalidInput(
+                f"site {name}: data must be a pandas DataFrame or a path to a CSV or "
+                f"Parquet file, not {type(data).__name__}"
+            )
+        else:
+            self._path = Path(data)
+            self._frame = _read_table(self._path)
+        self._content_hash = content_hash
+        self._mask_key = X25519PrivateKey.generate()
+        self._nonces: set[tuple[str, int]] = set()
+        self._answered: dict[str, list[_Subset]] = {}
+        self.log: list[QueryLogEntry] = []
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def policy(self) -> DisclosurePolicy:
+        """The owner's disclosure policy (read-only)."""
+        return self._policy
+
+    @property
+    def gated(self) -> bool:
+        """Whether every query is checked against a grant on chain."""
+        return self.ledger is not None
+
+    @property
+    def columns(self) -> list[str]:
+        """Column names (schema only, no values)."""
+        return [str(c) for c in self._frame.columns]
+
+    @property
+    def n_rows(self) -> int:
+        """Number of rows held (never published by itself; used for weights caps)."""
+        return len(self._frame)
+
+    @cached_property
+    def content_hash(self) -> str:
+        """sha256 of the data: of the file when built from one, else of the frame."""
+        if self._content_hash is not None:
+            return self._content_hash
+        digest = hashlib.sha256()
+        if self._path is not None:
+            with self._path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        else:
+            digest.update(repr(list(self._frame.columns)).encode())
+            digest.update(repr(list(self._frame.dtypes.astype(str))).encode())
+            hashed = pd.util.hash_pandas_object(self._frame, index=True)
+            digest.update(hashed.to_numpy(dtype=np.uint64).tobytes())
+        return "0x" + digest.hexdigest()
+
+    @property
+    def mask_public_key(self) -> bytes:
+        """This site's X25519 public key, for the pairwise masks of secure sums."""
+        return self._mask_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+    def __repr__(self) -> str:
+        kind = f"dataset {self.dataset_id}" if self.gated else "ungated"
+        return f"Site({self.name!r}, {kind})"
+
+    # ---------------------------------------------------------- authorization
+    def authorize(self, signed: SignedQuery | None, *, query_hash: str) -> str | None:
+        """Check a signed query before any computation; return the researcher.
+
+        A gated site requires: a signature by the named researcher over exactly this
+        query, on this chain and registry, fresh and never seen before, and a live
+        grant for that researcher on this site's dataset (read from the chain now).
+        An ungated site accepts unsigned queries.
+        """
+        if not self.gated:
+            return signed.researcher if signed else None
+        assert self.ledger is not None
+        assert self.dataset_id is not None
+        if signed is None:
+            raise SignatureInvalid(
+                f"site {self.name} only answers queries signed by a researcher"
+            )
+        if signed.query_hash != query_hash:
+            raise SignatureInvalid(
+                f"site {self.name}: the signature covers another query"
+            )
+        if signed.chain_id != self.ledger.chain_id or (
+            signed.registry.lower() != self.ledger.address.lower()
+        ):
+            raise SignatureInvalid(
+                f"site {self.name}: the query was signed for another chain or registry"
+            )
+        if recover_signer(signed).lower() != signed.researcher.lower():
+            raise SignatureInvalid(
+                f"site {self.name}: the query was not signed by {signed.researcher}"
+            )
+        age = self.ledger.now() - signed.issued_at
+        if not -60 <= age <= self._policy.max_query_age:
+            raise SignatureInvalid(
+                f"site {self.name}: the query was signed {age} s ago; sign it again"
+            )
+        key = (signed.researcher.lower(), signed.nonce)
+        if key in self._nonces:
+            raise SignatureInvalid(
+                f"site {self.name}: this signed query was already used (replay); "
+                "sign a new one"
+            )
+        if not self.ledger.has_access(self.dataset_id, signed.researcher):
+            raise AccessDenied(
+                f"site {self.name}: {signed.researcher} holds no live grant on "
+                f"dataset {self.dataset_id} (never approved, expired or revoked); "
+                "request access with Ledger.request_access"
+            )
+        self._nonces.add(key)
+        return signed.researcher
+
+    # ------------------------------------------------------------------- rows
+    def rows(
+        self, columns: Sequence[str], *, dropna: bool = False
+    ) -> tuple[pd.DataFrame, int]:
+        """The site's rows of ``columns`` for computation *at the site*; and how many
+        rows were dropped for missing values.
+
+        NaN or infinity in a numeric column is refused unless ``dropna``; then rows
+        with any missing value among ``columns`` are dropped and counted.
+        """
+        missing = [c for c in columns if c not in self._frame.columns]
+        if missing:
+            raise DataRefused(
+                f"site {self.name} has no column(s) {missing}; it has {self.columns}"
+            )
+        # index = row positions, so study code can map subsets back to all rows
+        frame = self._frame.loc[:, list(columns)].reset_index(drop=True)
+        bad = frame.isna()
+        numeric = frame.select_dtypes("number")
+        if not numeric.empty:
+            bad.loc[:, numeric.columns] |= ~np.isfinite(numeric.to_numpy(dtype=float))
+        rows_bad = bad.any(axis=1).to_numpy()
+        dropped = int(rows_bad.sum())
+        if dropped and not dropna:
+            counts = bad.sum()
+            detail = ", ".join(f"{c}: {int(n)}" for c, n in counts.items() if n)
+            raise DataRefused(
+                f"site {self.name} has missing or infinite values ({detail} rows); "
+                "pass dropna=True to drop those rows (the count dropped is reported)"
+            )
+        return frame.loc[~rows_bad], dropped
+
+    # ---------------------------------------------------------- disclosure
+    def check_subsets(
+        self, subsets: Mapping[str, Iterable[np.ndarray]], *, min_rows: int = 0
+    ) -> None:
+        """Refuse small subsets and differencing pairs before anything is computed.
+
+        ``subsets`` maps a column name to boolean masks over the site's rows (one per
+        group, cell or bin). A non-empty mask must select at least ``min_rows`` rows
+        (the policy's, or more if the study asks); and it must equal, or differ by at
+        least ``min_difference`` rows from, every subset of that column answered
+        before. Messages carry counts of offending subsets, never values.
+        """
+        threshold = max(min_rows, self._policy.min_rows)
+        small = 0
+        close = 0
+        for column, masks in subsets.items():
+            earlier = self._answered.get(column, [])
+            for mask in masks:
+                size = int(mask.sum())
+                if size == 0:
+                    continue
+                if size < threshold:
+                    small += 1
+                    continue
+                packed = np.packbits(mask).tobytes()
+                for old in earlier:
+                    diff = _popcount_xor(packed, old.packed)
+                    if 0 < diff < self._policy.min_difference:
+                        close += 1
+                        break
+        if small:
+            raise DisclosureRefused(
+                f"site {self.name}: {small} subset(s) or cell(s) would summarize fewer "
+                f"than {threshold} rows; use wider bins, fewer groups or more data"
+            )
+        if close:
+            raise DisclosureRefused(
+                f"site {self.name}: {close} subset(s) differ from a subset answered "
+                f"before by fewer than {self._policy.min_difference} rows "
+                "(differencing); ask for the same subset or a clearly different one"
+            )
+
+    def check_model(self, n_params: int, n_rows: int) -> None:
+        """Refuse a model with more parameters than ``max_param_ratio`` × rows."""
+        if n_params > self._policy.max_param_ratio * n_rows:
+            raise DisclosureRefused(
+                f"site {self.name}: {n_params} parameters on {n_rows} rows exceeds "
+                f"{self._policy.max_param_ratio} per row; use fewer covariates"
+            )
+
+    def remember(
+        self,
+        subsets: Mapping[str, Iterable[np.ndarray]],
+        *,
+        query_hash: str,
+        kind: str,
+        researcher: str | None,
+    ) -> None:
+        """Record an answered query's subsets (for differencing) and a log line."""
+        count = rows = 0
+        for column, masks in subsets.items():
+            known = self._answered.setdefault(column, [])
+            for mask in masks:
+                size = int(mask.sum())
+                if size == 0:
+                    continue
+                packed = np.packbits(mask).tobytes()
+                if not any(old.packed == packed for old in known):
+                    known.append(_Subset(packed, size))
+                count += 1
+                rows = max(rows, size)
+        self.log.append(
+            QueryLogEntry(time.time(), researcher, query_hash, kind, count, rows)
+        )
+
+    # ----------------------------------------------------------------- masks
+    def pairwise_seeds(
+        self, peers: Mapping[str, bytes], context: bytes
+    ) -> list[tuple[bytes, int]]:
+        """Seeds shared with every other site (X25519 + HKDF), with this site's sign.
+
+        The lower-named site of a pair adds the pair's stream, the other subtracts
+        it, so the masks cancel in the sum across sites.
+        """
+        seeds = []
+        for peer, public in sorted(peers.items()):
+            if peer == self.name:
+                continue
+            shared = self._mask_key.exchange(X25519PublicKey.from_public_bytes(public))
+            pair = "|".join(sorted((self.name, peer))).encode()
+            seed = HKDF(
+                algorithm=hashes.SHA256(),
+                length=32,
+                salt=None,
+                info=b"healthlab-mask|" + pair + b"|" + context,
+            ).derive(shared)
+            seeds.append((seed, 1 if self.name < peer else -1))
+        return seeds
+
+
+def _popcount_xor(a: bytes, b: bytes) -> int:
+    x = np.frombuffer(a, dtype=np.uint8) ^ np.frombuffer(b, dtype=np.uint8)
+    return int(np.unpackbits(x).sum())
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if not path.is_file():
+        raise InvalidInput(f"no data file at {path}")
+    if path.suffix in (".parquet", ".pq"):
+        return pd.read_parquet(path)
+    return pd.read_csv(path)
+
+
+def as_sites(sites: Sequence[Site] | Mapping[str, pd.DataFrame]) -> list[Site]:
+    """Normalize ``sites``: a list of :class:`Site`, or ``{name: DataFrame}``."""
+    if isinstance(sites, Mapping):
+        return [Site(str(name), frame) for name, frame in sites.items()]
+    listed = list(sites)
+    if not listed or not all(isinstance(s, Site) for s in listed):
+        raise InvalidInput(
+            "sites must be a list of healthlab.Site or a mapping {name: DataFrame}"
+        )
+    names = [s.name for s in listed]
+    if len(set(names)) != len(names):
+        raise InvalidInput(f"site names must be unique: {names}")
+    return listed
