@@ -66,7 +66,9 @@ def deploy(
     ] = DEFAULT_REQUEST_TIMEOUT,
 ) -> None:
     """Deploy a new registry and record its address for this chain."""
-    ledger = Ledger.connect(rpc_url, None, request_timeout=request_timeout, deploy=True)
+    ledger = Ledger.connect(
+        rpc_url, None, request_timeout=request_timeout, deploy=True, new=True
+    )
     typer.echo(f"registry at {ledger.address} on chain {ledger.chain_id}")
 
 

@@ -1,7 +1,8 @@
 """Statistics across sites over homomorphically encrypted site totals (CKKS, TenSEAL).
 
 The public API: :func:`describe`, :func:`histogram`, :func:`crosstab`, :func:`corr`,
-:func:`cov`, :func:`ols` (and :func:`levels`); :class:`KeyHolder` for the researcher's
+:func:`cov`, :func:`ols` (and :func:`levels`), :func:`describe_values` (every value
+encrypted); :class:`KeyHolder` for the researcher's
 keys and :class:`Aggregator` for the server side.
 """
 
@@ -36,7 +37,9 @@ __all__ = [
     "cov",
     "crosstab",
     "describe",
+    "describe_values",
     "histogram",
     "levels",
     "ols",
+    "square_bias_factor",
 ]

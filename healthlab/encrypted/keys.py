@@ -9,13 +9,15 @@ serialized through this API.
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tenseal as ts
-import tenseal.sealapi
+import tenseal.sealapi as sealapi
 
 from healthlab.errors import HealthLabError, InvalidInput
 
@@ -169,6 +171,32 @@ class KeyHolder:
         )
         return PublicContext(data=data, params=self.params)
 
+    def evaluation_context(self) -> PublicContext:
+        """Public context plus relinearization and Galois keys (~35 MB), for an
+        aggregator that computes on rows (every-value mode). No secret key.
+
+        Products are left unrelinearized and unrescaled (the aggregator relinearizes
+        once, on the sum), so the exported context has those automatic steps off.
+        """
+        return self._evaluation
+
+    @cached_property
+    def _evaluation(self) -> PublicContext:
+        if not self.__context.has_galois_keys():
+            self.__context.generate_galois_keys()
+        export = self.__context.copy()
+        # set before export: TenSEAL ignores these flags set on a loaded context
+        export.auto_relin = False
+        export.auto_rescale = False
+        export.auto_mod_switch = False
+        data = export.serialize(
+            save_public_key=True,
+            save_secret_key=False,
+            save_galois_keys=True,
+            save_relin_keys=True,
+        )
+        return PublicContext(data=data, params=self.params)
+
     @property
     def fingerprint(self) -> str:
         """Fingerprint of this key holder's public context."""
@@ -180,13 +208,36 @@ class KeyHolder:
         Use only on aggregates across sites: callers round what they return to a
         precision well above the noise before it leaves the key holder.
         """
-        if fingerprint != self.fingerprint:
+        if fingerprint not in (self.fingerprint, self._evaluation_fingerprint):
             raise IntegrityError(
                 "this aggregate was made under another public key; it cannot be "
                 "decrypted here"
             )
         vector = ts.ckks_vector_from(self.__context, ciphertext)
         return np.asarray(vector.decrypt(), dtype=np.float64)
+
+    def decrypt_folded(self, ciphertext: bytes, *, fingerprint: str) -> float:
+        """Slot 0 of a folded SEAL ciphertext (every slot holds the same total)."""
+        if fingerprint not in (self.fingerprint, self._evaluation_fingerprint):
+            raise IntegrityError("this total was made under another public key")
+        seal = self.__context.seal_context().data
+        with tempfile.TemporaryDirectory(prefix="healthlab-key-") as tmp:
+            path = Path(tmp) / "ct"
+            path.write_bytes(ciphertext)
+            loaded = sealapi.Ciphertext()
+            loaded.load(seal, str(path))
+        plain = sealapi.Plaintext()
+        sealapi.Decryptor(seal, self.__context.secret_key().data).decrypt(loaded, plain)
+        slots = sealapi.CKKSEncoder(seal).decode_double(plain)
+        spread = float(np.ptp(slots))
+        if spread > 1e-3 * max(1.0, abs(slots[0])):
+            raise IntegrityError("the folded total differs across slots: tampering?")
+        return float(slots[0])
+
+    @property
+    def _evaluation_fingerprint(self) -> str | None:
+        ready = self.__dict__.get("_evaluation")
+        return ready.fingerprint if ready is not None else None
 
     def __getstate__(self) -> None:
         raise TypeError("a KeyHolder holds a secret key and cannot be pickled")

@@ -566,7 +566,12 @@ def ols(
 
 
 def attach_receipt(
-    result: pd.DataFrame, runs: list[StudyRun], *, kind: str, parameters: dict[str, Any]
+    result: pd.DataFrame,
+    runs: list[StudyRun],
+    *,
+    kind: str,
+    parameters: dict[str, Any],
+    encryption: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
     """Attach the receipt of ``runs`` to ``result`` (``result.attrs["receipt"]``)."""
     last = runs[-1]
@@ -583,6 +588,7 @@ def attach_receipt(
                 "mode": "site totals",
                 **runs[0].public_params,
                 "upload_bytes": last.upload_bytes,
+                **(encryption or {}),
             }
         },
     )

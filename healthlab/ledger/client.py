@@ -173,6 +173,7 @@ class Ledger:
         *,
         request_timeout: int = DEFAULT_REQUEST_TIMEOUT,
         deploy: bool = True,
+        new: bool = False,
         timeout: float = 10.0,
     ) -> Ledger:
         """Use an EVM JSON-RPC node.
@@ -185,7 +186,8 @@ class Ledger:
             The deployed registry; defaults to ``$HEALTHLAB_REGISTRY``, then to the
             address recorded for this chain in ``$HEALTHLAB_HOME/deployments.json``.
             When none is known the registry is deployed (unless ``deploy=False``) and
-            recorded there.
+            recorded there; ``new=True`` always deploys a new one (``healthlab
+            deploy``).
 
         Keys come from ``$HEALTHLAB_PRIVATE_KEY`` or ``$HEALTHLAB_KEY_FILE`` (one hex
         key per line), never from arguments; accounts the node has unlocked (anvil's
@@ -210,13 +212,17 @@ class Ledger:
         signers = _signers_from_env()
         default = signers[0].address if signers else None
         key = deployments.chain_key(chain_id, genesis)
-        address = registry_address or os.environ.get("HEALTHLAB_REGISTRY")
+        address = (
+            None if new else (registry_address or os.environ.get("HEALTHLAB_REGISTRY"))
+        )
         from_block = 0
-        if address is None:
+        if address is None and not new:
             record = deployments.lookup(key)
             if record and w3.eth.get_code(Web3.to_checksum_address(record["address"])):
                 address, from_block = record["address"], int(record["block"])
-        elif not w3.eth.get_code(Web3.to_checksum_address(address)):
+        elif address is not None and not w3.eth.get_code(
+            Web3.to_checksum_address(address)
+        ):
             raise errors.ConfigurationError(
                 f"no contract at {address} on {url}; deploy one with "
                 "`healthlab deploy --rpc-url …` or unset HEALTHLAB_REGISTRY"
@@ -705,7 +711,9 @@ class Ledger:
             else:
                 tx_hash = fn.transact(tx)
             try:
-                receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
+                receipt = self.w3.eth.wait_for_transaction_receipt(
+                    tx_hash, timeout=120, poll_latency=0.01
+                )
             except TimeExhausted as exc:
                 raise errors.TransactionFailed(
                     f"transaction {tx_hash.to_0x_hex()} was not mined within 120 s; "

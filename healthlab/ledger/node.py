@@ -100,16 +100,21 @@ class AnvilNode:
         if self.state_file is not None:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
             args += ["--state", str(self.state_file), "--state-interval", "5"]
-        log = self.log_path.open("wb")
-        self.process = subprocess.Popen(  # noqa: S603 - our own binary, fixed arguments
-            args, stdout=log, stderr=subprocess.STDOUT, cwd=self._tmp.name
-        )
+        if self._answers():
+            raise ConfigurationError(
+                f"something already answers on {self.url}; pick another port"
+            )
+        with self.log_path.open("wb") as log:
+            self.process = subprocess.Popen(  # noqa: S603 - our binary, fixed args
+                args, stdout=log, stderr=subprocess.STDOUT, cwd=self._tmp.name
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                code = self.process.returncode
+                self.process = None
                 raise ConfigurationError(
-                    f"anvil exited with code {self.process.returncode}: "
-                    f"{self.log_path.read_text()[-500:]}"
+                    f"anvil exited with code {code}: {self.log_path.read_text()[-500:]}"
                 )
             if self._answers():
                 return self

@@ -1,0 +1,284 @@
+"""Every-value mode: sites encrypt each value and the aggregator computes on rows.
+
+This is the mode an aggregator needs when it must compute on rows (here: squares for
+the variance), and the mode that teaches what encrypting site totals saves: the upload
+grows from one ciphertext per site to one per 4096 values.
+
+Each site divides its values by a public bound ``B`` (so squares stay far inside what
+CKKS carries) and encrypts them 4096 at a time, spread over a process pool so both
+cores work. The aggregator, holding an evaluation context (public, relinearization
+and Galois keys — never the secret key), adds the ciphertexts, squares each one
+*without* relinearizing or rescaling (cheap: the size-3 products are added and
+relinearized once), and folds every slot into one with rotations, so the key holder
+decrypts only the totals Σx and Σx² — never a slot that holds a few rows.
+
+The squaring bias: rescaling after a multiplication divides by the dropped prime
+``q`` (≈ 2^40 but not equal) while TenSEAL labels the result with scale 2^40, which
+biases every squared value by the factor ``2^40 / q`` (~1e-7 relative here). We do
+not rescale — the product keeps its exact scale 2^80, which SEAL tracks — so there is
+no bias; :func:`square_bias_factor` gives the correction for code that does.
+The pooled count travels through the exact masked sum of site totals.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tenseal as ts
+import tenseal.sealapi as sealapi
+
+from healthlab.encrypted.keys import IntegrityError, KeyHolder, PublicContext
+from healthlab.encrypted.protocol import Query, Totals, _sign, run_query
+from healthlab.encrypted.stats import attach_receipt
+from healthlab.errors import DataRefused, InvalidInput
+from healthlab.sites import Site, as_sites
+
+__all__ = [
+    "EncryptedValues",
+    "describe_values",
+    "encrypt_values",
+    "square_bias_factor",
+]
+
+#: Significant digits the key holder keeps of a decrypted every-value total: far
+#: coarser than the CKKS noise (~1e-9 of the bound per slot), so raw decryptions,
+#: which could leak the secret key (Li–Micciancio 2021), never leave the key holder.
+KEPT_DIGITS = 9
+
+_worker_context: ts.Context | None = None
+
+
+def _init_worker(public: bytes) -> None:
+    global _worker_context
+    _worker_context = ts.context_from(public)
+
+
+def _encrypt_chunk(chunk: np.ndarray) -> bytes:
+    assert _worker_context is not None
+    return bytes(ts.ckks_vector(_worker_context, chunk).serialize())
+
+
+def encrypt_values(
+    values: np.ndarray, public: PublicContext, *, workers: int | None = None
+) -> list[bytes]:
+    """Encrypt ``values`` 4096 at a time; ``workers`` processes (default: all cores)."""
+    slots = public.params.slots
+    padded = np.zeros(-(-values.size // slots) * slots)  # zeros add nothing to sums
+    padded[: values.size] = values
+    chunks = [padded[i : i + slots] for i in range(0, padded.size, slots)]
+    workers = workers if workers is not None else (os.cpu_count() or 1)
+    if workers <= 1 or len(chunks) < 4:
+        context = public.load()
+        return [bytes(ts.ckks_vector(context, c).serialize()) for c in chunks]
+    with ProcessPoolExecutor(
+        workers, initializer=_init_worker, initargs=(public.data,)
+    ) as pool:
+        return list(pool.map(_encrypt_chunk, chunks, chunksize=4))
+
+
+@dataclass
+class EncryptedValues:
+    """One site's encrypted, scaled values of one column."""
+
+    site: str
+    column: str
+    fingerprint: str
+    ciphertexts: list[bytes] = field(repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes uploaded."""
+        return sum(len(c) for c in self.ciphertexts)
+
+
+def _aggregate_values(
+    evaluation: PublicContext, parts: Sequence[EncryptedValues]
+) -> tuple[bytes, bytes]:
+    """Aggregator: Σx and Σx² over every value, folded into every slot.
+
+    Works on SEAL ciphertexts directly: squares stay unrelinearized (size 3) while
+    they are added, then the sum is relinearized once and folded with rotations.
+    """
+    context = evaluation.load()
+    if not (context.has_galois_keys() and context.has_relin_keys()):
+        raise IntegrityError("the evaluation context lacks relinearization/Galois keys")
+    seal = context.seal_context().data
+    evaluator = sealapi.Evaluator(seal)
+    linear = squares = None
+    for part in parts:
+        if part.fingerprint != evaluation.fingerprint:
+            raise IntegrityError(f"site {part.site} encrypted under another key")
+        for blob in part.ciphertexts:
+            vector = ts.ckks_vector_from(context, blob)
+            value, square = vector.ciphertext()[0], vector.ciphertext()[0]  # copies
+            evaluator.square_inplace(square)
+            if linear is None or squares is None:
+                linear, squares = value, square
+            else:
+                evaluator.add_inplace(linear, value)
+                evaluator.add_inplace(squares, square)
+    if linear is None or squares is None:
+        raise DataRefused("no values to aggregate")
+    evaluator.relinearize_inplace(squares, context.relin_keys().data)
+    with tempfile.TemporaryDirectory(prefix="healthlab-agg-") as tmp:
+        folded = [
+            _fold(ct, evaluator, context, seal, Path(tmp), evaluation.params.slots)
+            for ct in (linear, squares)
+        ]
+    return folded[0], folded[1]
+
+
+def _fold(
+    ciphertext: Any,
+    evaluator: Any,
+    context: ts.Context,
+    seal: Any,
+    tmp: Path,
+    slots: int,
+) -> bytes:
+    """Add every rotation of ``ciphertext`` so each slot holds the sum of all slots."""
+    galois = context.galois_keys().data
+    path = tmp / "ct"
+    step = 1
+    while step < slots:
+        ciphertext.save(str(path))
+        rotated = sealapi.Ciphertext()
+        rotated.load(seal, str(path))
+        evaluator.rotate_vector_inplace(rotated, step, galois)
+        evaluator.add_inplace(ciphertext, rotated)
+        step *= 2
+    ciphertext.save(str(path))
+    return path.read_bytes()
+
+
+def square_bias_factor(public: PublicContext) -> float:
+    """``q / 2^scale``: multiply a TenSEAL ``square()`` result by this to unbias it.
+
+    TenSEAL rescales a product by the last data prime ``q`` but labels it with scale
+    2^scale, so every squared value decrypts ``2^scale / q`` times too large (about
+    1.3e-7 relative with the default primes). This module never rescales products;
+    the factor is for code that uses TenSEAL's arithmetic directly.
+    """
+    moduli = (
+        public.load().seal_context().data.key_context_data().parms().coeff_modulus()
+    )
+    dropped = moduli[len(moduli) - 2].value()
+    return float(dropped / 2.0**public.params.scale_bits)
+
+
+def _count_totals(site: Site, query: Query) -> Totals:
+    columns = list(query.spec["columns"])
+    kept, dropped = site.rows(columns, dropna=bool(query.spec.get("dropna")))
+    mask = np.zeros(site.n_rows, dtype=bool)
+    mask[kept.index.to_numpy()] = True
+    return [float(dropped), float(len(kept))], {c: [mask] for c in columns}
+
+
+def describe_values(
+    sites: Sequence[Site] | Mapping[str, pd.DataFrame],
+    columns: Sequence[str],
+    *,
+    bound: float | Mapping[str, float],
+    researcher: str | None = None,
+    keys: KeyHolder | None = None,
+    dropna: bool = False,
+    workers: int | None = None,
+    min_sites: int = 2,
+) -> pd.DataFrame:
+    """``count``, ``mean``, ``std``, ``var``, ``sum`` with every value encrypted.
+
+    ``bound`` is a public bound on ``|x|`` per column (a site refuses values beyond
+    it). Precision is that of CKKS, not exact: about 1e-9 × bound × √n absolute on
+    the sums; :func:`healthlab.encrypted.describe` is exact and far cheaper.
+
+    Examples
+    --------
+    >>> describe_values(
+    ...     {"a": frame_a, "b": frame_b}, ["age"], bound=120
+    ... )  # doctest: +SKIP
+    """
+    site_list = as_sites(sites)
+    cols = list(columns)
+    bounds = {c: float(bound[c] if isinstance(bound, Mapping) else bound) for c in cols}
+    if any(not np.isfinite(b) or b <= 0 for b in bounds.values()):
+        raise InvalidInput("bounds must be positive and finite")
+    keys = keys or KeyHolder()
+    query = Query("values", {"columns": cols, "dropna": dropna}, 2, min_sites=min_sites)
+    counted = run_query(
+        site_list, query, _count_totals, keys=keys, researcher=researcher
+    )
+    n = counted.totals[1]
+    participants = counted.sites
+    evaluation = keys.evaluation_context()
+    upload = Query(
+        "values-upload", {"columns": cols, "bounds": bounds, "dropna": dropna}, 0
+    )
+    signed = _sign(participants, upload, researcher)
+    for site in participants:  # every site checks the second query too
+        site.authorize(signed, query_hash=upload.hash)
+    results = {}
+    uploads: dict[str, int] = {s.name: 0 for s in participants}
+    for column in cols:
+        parts = [
+            _site_values(site, column, bounds[column], dropna, evaluation, workers)
+            for site in participants
+        ]
+        for part in parts:
+            uploads[part.site] += part.nbytes
+        s1_blob, s2_blob = _aggregate_values(evaluation, parts)
+        s1 = keys.decrypt_folded(s1_blob, fingerprint=evaluation.fingerprint)
+        s2 = keys.decrypt_folded(s2_blob, fingerprint=evaluation.fingerprint)
+        b = bounds[column]
+        total = float(np.format_float_positional(s1 * b, KEPT_DIGITS, fractional=False))
+        squares = float(
+            np.format_float_positional(s2 * b * b, KEPT_DIGITS, fractional=False)
+        )
+        mean = total / n
+        var = (squares - total * total / n) / (n - 1)
+        results[column] = {
+            "count": n,
+            "mean": mean,
+            "std": np.sqrt(var),
+            "var": var,
+            "sum": total,
+        }
+    table = pd.DataFrame(results)
+    return attach_receipt(
+        table,
+        [counted],
+        kind="describe",
+        parameters={"columns": cols, "mode": "every value", "bounds": bounds},
+        encryption={
+            "mode": "every value",
+            "upload_bytes": uploads,
+            "kept_digits": KEPT_DIGITS,
+        },
+    )
+
+
+def _site_values(
+    site: Site,
+    column: str,
+    bound: float,
+    dropna: bool,
+    evaluation: PublicContext,
+    workers: int | None,
+) -> EncryptedValues:
+    """At the site: scale one column by its public bound and encrypt every value."""
+    kept, _ = site.rows([column], dropna=dropna)
+    x = kept[column].to_numpy(dtype=np.float64)
+    if x.size and np.abs(x).max() > bound:
+        raise DataRefused(
+            f"site {site.name}: {column!r} exceeds the public bound {bound:g}; "
+            "raise the bound"
+        )
+    blobs = encrypt_values(x / bound, evaluation, workers=workers)
+    return EncryptedValues(site.name, column, evaluation.fingerprint, blobs)
