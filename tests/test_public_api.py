@@ -35,6 +35,8 @@ LEDGER_METHODS = [
 def test_top_level_exports_are_declared() -> None:
     assert set(healthlab.__all__) == {
         "Codes",
+        "DisclosurePolicy",
+        "Site",
         "Ledger",
         "Status",
         "__version__",

@@ -1,0 +1,415 @@
+"""The ServerApp: the rounds, with defences, a minimum of replies and a deadline.
+
+Each round: (secure mode: ask every site whether it still takes part and for its mask
+key) → send the global model to the sites → drop refusals, errors and late replies →
+reject updates with NaN/inf, a wrong shape or an absurd norm, cap example counts at
+what each site registered → aggregate with the chosen Flower strategy (or sum
+encrypted, masked updates) → evaluate on every site's held-out rows → record a
+history row and call the progress callback.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    RecordDict,
+)
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Strategy,
+)
+
+from healthlab.encrypted.encoding import decode_sum
+from healthlab.encrypted.keys import KeyHolder, PublicContext
+from healthlab.encrypted.protocol import Aggregate, Aggregator, Contribution
+from healthlab.errors import HealthLabError, InvalidInput, TooFewSites
+from healthlab.federated.study import Study
+from healthlab.federated.task import summarize
+
+__all__ = [
+    "STRATEGIES",
+    "RoundReport",
+    "ServerSettings",
+    "make_server_app",
+    "make_strategy",
+]
+
+
+def _c(message: Message) -> Any:
+    """A message's records, untyped (Flower types each record as a union)."""
+    return message.content
+
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "trimmed", "median")
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the server runs the rounds."""
+
+    rounds: int = 10
+    strategy: str = "fedavg"
+    min_sites: int = 2
+    round_timeout: float = 60.0
+    max_update_norm: float = 1e4
+    clip_norm: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_clipping_norm: float | None = None
+    proximal_mu: float = 0.1
+    trim_beta: float = 0.2
+    server_lr: float = 0.1
+
+
+@dataclass
+class RoundReport:
+    """What one round produced (one row of the history)."""
+
+    round: int
+    sites: list[str]
+    refused: dict[str, str]
+    rejected: dict[str, str]
+    pooled: dict[str, float]
+    per_site: dict[str, dict[str, float]]
+    seconds: float
+
+
+@dataclass
+class Outcome:
+    """Filled by the ServerApp: final parameters and the history."""
+
+    params: list[np.ndarray] = field(default_factory=list)
+    rounds: list[RoundReport] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+def make_strategy(settings: ServerSettings, n_sites: int) -> Strategy:
+    """The Flower strategy named in ``settings`` (optionally wrapped for DP)."""
+    common: dict[str, Any] = {
+        "fraction_train": 1.0,
+        "fraction_evaluate": 0.0,
+        "min_train_nodes": 1,
+        "min_available_nodes": 1,
+    }
+    name = settings.strategy
+    strategy: Strategy
+    if name == "fedavg":
+        strategy = FedAvg(**common)
+    elif name == "fedprox":
+        strategy = FedProx(**common, proximal_mu=settings.proximal_mu)
+    elif name == "fedadam":
+        strategy = FedAdam(**common, eta=settings.server_lr)
+    elif name == "trimmed":
+        strategy = FedTrimmedAvg(**common, beta=settings.trim_beta)
+    elif name == "median":
+        strategy = FedMedian(**common)
+    else:
+        raise InvalidInput(f"unknown strategy {name!r}; choose one of {STRATEGIES}")
+    if settings.dp_noise_multiplier is not None:
+        if settings.dp_clipping_norm is None:
+            raise InvalidInput("differential privacy needs dp_clipping_norm")
+        strategy = DifferentialPrivacyServerSideFixedClipping(
+            strategy,
+            noise_multiplier=settings.dp_noise_multiplier,
+            clipping_norm=settings.dp_clipping_norm,
+            num_sampled_clients=n_sites,
+        )
+    return strategy
+
+
+def make_server_app(
+    study: Study,
+    settings: ServerSettings,
+    initial: list[np.ndarray],
+    outcome: Outcome,
+    *,
+    on_round: Callable[[RoundReport], None] | None = None,
+    keys: KeyHolder | None = None,
+) -> ServerApp:
+    """The study's ServerApp; results land in ``outcome``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            _run_rounds(grid, study, settings, initial, outcome, on_round, keys)
+        except BaseException as exc:  # surfaced by train() in the caller's thread
+            outcome.error = exc
+
+    return app
+
+
+def _wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= expected or time.monotonic() > deadline:
+            return nodes
+        time.sleep(0.02)
+
+
+def _run_rounds(
+    grid: Grid,
+    study: Study,
+    settings: ServerSettings,
+    initial: list[np.ndarray],
+    outcome: Outcome,
+    on_round: Callable[[RoundReport], None] | None,
+    keys: KeyHolder | None,
+) -> None:
+    nodes = _wait_for_nodes(grid, len(study.sites), settings.round_timeout)
+    strategy = make_strategy(settings, len(study.sites))
+    params = [np.asarray(p, dtype=np.float64) for p in initial]
+    registered = {s.name: s.n_rows for s in study.sites}
+    for rnd in range(1, settings.rounds + 1):
+        started = time.monotonic()
+        refused: dict[str, str] = {}
+        rejected: dict[str, str] = {}
+        config = ConfigRecord({"round": rnd})
+        if study.secure == "ckks":
+            assert keys is not None
+            params, taken = _secure_round(
+                grid, nodes, study, settings, params, config, keys, refused
+            )
+        else:
+            messages = list(
+                strategy.configure_train(rnd, ArrayRecord(params), config, grid)
+            )
+            replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
+            good, taken = _screen(
+                replies, params, settings, registered, refused, rejected, len(messages)
+            )
+            if len(good) < settings.min_sites:
+                raise TooFewSites(
+                    _too_few(rnd, len(good), settings.min_sites, refused, rejected)
+                )
+            aggregated, _ = strategy.aggregate_train(rnd, good)
+            if aggregated is None:
+                raise HealthLabError(f"round {rnd}: the strategy produced no model")
+            params = [
+                np.asarray(a, dtype=np.float64) for a in aggregated.to_numpy_ndarrays()
+            ]
+        pooled, per_site = _evaluate(grid, nodes, params, study, settings, refused)
+        report = RoundReport(
+            rnd, taken, refused, rejected, pooled, per_site, time.monotonic() - started
+        )
+        outcome.rounds.append(report)
+        outcome.params = params
+        if on_round is not None:
+            on_round(report)
+
+
+def _status(reply: Message) -> Any:
+    if reply.has_error() or "status" not in _c(reply):
+        return None
+    return _c(reply)["status"]
+
+
+def _screen(
+    replies: Iterable[Message],
+    params: list[np.ndarray],
+    settings: ServerSettings,
+    registered: dict[str, int],
+    refused: dict[str, str],
+    rejected: dict[str, str],
+    sent: int,
+) -> tuple[list[Message], list[str]]:
+    """Keep well-formed updates; record refusals and rejections by site."""
+    shapes = [p.shape for p in params]
+    flat_global = np.concatenate([p.ravel() for p in params])
+    candidates: list[tuple[Message, str, np.ndarray]] = []
+    received = 0
+    for reply in replies:
+        received += 1
+        status = _status(reply)
+        if status is None:
+            error = reply.error.reason if reply.has_error() else "malformed reply"
+            rejected[f"node {reply.metadata.src_node_id}"] = f"error: {error}"
+            continue
+        site = str(status["site"])
+        if "refused" in status:
+            refused[site] = str(status["refused"])
+            continue
+        arrays = _c(reply)["arrays"].to_numpy_ndarrays()
+        if [a.shape for a in arrays] != shapes:
+            rejected[site] = "wrong shape"
+            continue
+        flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
+        if not np.isfinite(flat).all():
+            rejected[site] = "NaN or infinite values"
+            continue
+        update = flat - flat_global
+        norm = float(np.linalg.norm(update))
+        if norm > settings.max_update_norm:
+            rejected[site] = (
+                f"update norm {norm:.3g} exceeds {settings.max_update_norm:g}"
+            )
+            continue
+        if settings.clip_norm is not None and norm > settings.clip_norm:
+            clipped = flat_global + update * (settings.clip_norm / norm)
+            _replace_arrays(reply, clipped, shapes)
+        metrics = _c(reply)["metrics"]
+        claimed = int(metrics["num-examples"])
+        if claimed > registered.get(site, 0) or claimed < 1:
+            metrics["num-examples"] = max(1, min(claimed, registered.get(site, 1)))
+        candidates.append((reply, site, update))
+    for missing in range(sent - received):
+        rejected[f"late {missing + 1}"] = "no reply before the round deadline"
+    if len(candidates) >= 3:  # relative screen: far above the round's median norm
+        norms = np.array([np.linalg.norm(u) for _, _, u in candidates])
+        limit = 10.0 * float(np.median(norms)) + 1e-12
+        kept = []
+        for (reply, site, _), norm in zip(candidates, norms, strict=True):
+            if norm > limit and norm > 1.0:
+                rejected[site] = f"update norm {norm:.3g} is over 10x the round median"
+            else:
+                kept.append((reply, site))
+        return [r for r, _ in kept], [s for _, s in kept]
+    return [r for r, _, _ in candidates], [s for _, s, _ in candidates]
+
+
+def _replace_arrays(
+    reply: Message, flat: np.ndarray, shapes: list[tuple[int, ...]]
+) -> None:
+    arrays, start = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape)) if shape else 1
+        arrays.append(flat[start : start + size].reshape(shape))
+        start += size
+    _c(reply)["arrays"] = ArrayRecord(arrays)
+
+
+def _too_few(
+    rnd: int, got: int, need: int, refused: dict[str, str], rejected: dict[str, str]
+) -> str:
+    reasons = (
+        "; ".join(f"{k}: {v}" for k, v in {**refused, **rejected}.items()) or "none"
+    )
+    return (
+        f"round {rnd}: only {got} site(s) contributed, fewer than the {need} required "
+        f"(refused or rejected: {reasons})"
+    )
+
+
+def _secure_round(
+    grid: Grid,
+    nodes: list[int],
+    study: Study,
+    settings: ServerSettings,
+    params: list[np.ndarray],
+    config: ConfigRecord,
+    keys: KeyHolder,
+    refused: dict[str, str],
+) -> tuple[list[np.ndarray], list[str]]:
+    """Sites send masked, CKKS-encrypted n·w and n; only the sum is decrypted."""
+    rnd = int(cast(Any, config)["round"])
+    asks = [
+        Message(
+            RecordDict({"config": config}),
+            dst_node_id=n,
+            message_type=MessageType.QUERY,
+        )
+        for n in nodes
+    ]
+    ready: dict[int, tuple[str, bytes]] = {}
+    for reply in grid.send_and_receive(asks, timeout=settings.round_timeout):
+        status = _status(reply)
+        if status is None:
+            continue
+        if "refused" in status:
+            refused[str(status["site"])] = str(status["refused"])
+        else:
+            ready[reply.metadata.src_node_id] = (
+                str(status["site"]),
+                bytes(status["mask_key"]),
+            )
+    if len(ready) < settings.min_sites:
+        raise TooFewSites(_too_few(rnd, len(ready), settings.min_sites, refused, {}))
+    names = [name for name, _ in ready.values()]
+    keys_ = [key for _, key in ready.values()]
+    train_config = ConfigRecord({**dict(config), "peers": names, "peer_keys": keys_})
+    messages = [
+        Message(
+            RecordDict({"arrays": ArrayRecord(params), "config": train_config}),
+            dst_node_id=node,
+            message_type=MessageType.TRAIN,
+        )
+        for node in ready
+    ]
+    public: PublicContext = keys.public_context()
+    contributions = []
+    n_totals = sum(p.size for p in params) + 1
+    for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
+        status = _status(reply)
+        if status is None or "refused" in status:
+            raise TooFewSites(f"round {rnd}: a site left a secure round after agreeing")
+        contributions.append(
+            Contribution(
+                str(status["site"]),
+                study.hash,
+                str(status["fingerprint"]),
+                n_totals,
+                tuple(bytes(b) for b in status["ciphertexts"]),
+            )
+        )
+    if len(contributions) != len(ready):
+        raise TooFewSites(f"round {rnd}: a site missed the deadline of a secure round")
+    aggregate: Aggregate = Aggregator(public).add(contributions)
+    slots = [
+        keys.decrypt(c, fingerprint=aggregate.fingerprint)
+        for c in aggregate.ciphertexts
+    ]
+    totals = decode_sum(np.concatenate(slots), n_totals, len(aggregate.sites))
+    n = totals[-1]
+    flat = np.asarray(totals[:-1]) / n
+    shapes = [p.shape for p in params]
+    out, start = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape)) if shape else 1
+        out.append(flat[start : start + size].reshape(shape))
+        start += size
+    return out, names
+
+
+def _evaluate(
+    grid: Grid,
+    nodes: list[int],
+    params: list[np.ndarray],
+    study: Study,
+    settings: ServerSettings,
+    refused: dict[str, str],
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    messages = [
+        Message(
+            RecordDict({"arrays": ArrayRecord(params)}),
+            dst_node_id=node,
+            message_type=MessageType.EVALUATE,
+        )
+        for node in nodes
+    ]
+    totals: dict[str, float] = {}
+    per_site: dict[str, dict[str, float]] = {}
+    for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
+        status = _status(reply)
+        if status is None or "refused" in status:
+            continue
+        sums = {k: float(v) for k, v in _c(reply)["metrics"].items()}
+        per_site[str(status["site"])] = summarize(study.model, sums)
+        for key, value in sums.items():
+            totals[key] = totals.get(key, 0.0) + value
+    return summarize(study.model, totals), per_site
