@@ -34,12 +34,13 @@ contracts-check:
 	$(BIN)/python contracts/compile.py --check
 
 lint: setup
-	$(BIN)/ruff check healthlab tests benchmarks contracts/compile.py
-	$(BIN)/ruff format --check healthlab tests benchmarks contracts/compile.py
+	$(BIN)/ruff check healthlab tests benchmarks contracts/compile.py data_samples/generate.py
+	$(BIN)/ruff format --check healthlab tests benchmarks contracts/compile.py data_samples/generate.py
 	$(BIN)/mypy
 	scripts/slither.sh
 
 test: setup lint contracts-check
+	$(BIN)/python data_samples/generate.py --check
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: setup

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up everything HealthLab needs, idempotently; quick when nothing changed.
-#   system : Debian packages (nodejs, npm) — installed when root or sudo allows
+#   system : Debian packages (nodejs, npm, postgresql) — installed when root or sudo allows
 #   python : .venv with the project and its dev tools, pinned by constraints.txt
 #   npm    : solc-js, anvil and cast in contracts/node_modules (npm ci, lock file)
 #   slither: slither-analyzer in its own venv (.tools/slither): it needs web3<8
@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=.venv
 TOOLS=.tools
-APT_PACKAGES=(nodejs npm)
+APT_PACKAGES=(nodejs npm postgresql)
 
 say() { printf '\033[1msetup:\033[0m %s\n' "$*"; }
 die() { printf 'setup: %s\n' "$*" >&2; exit 1; }
@@ -22,6 +22,7 @@ system() {
   local missing=()
   command -v node >/dev/null || missing+=(nodejs)
   command -v npm >/dev/null || missing+=(npm)
+  compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
   [ ${#missing[@]} -eq 0 ] && return 0
   local sudo=""
   if [ "$(id -u)" -ne 0 ]; then
@@ -30,9 +31,12 @@ system() {
     fi
   fi
   command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get here: install Node.js >= 20 and npm"
-  say "installing Debian packages: ${APT_PACKAGES[*]}"
+  say "installing Debian packages: ${missing[*]}"
+  # the tests start their own PostgreSQL servers: no default cluster on port 5432
+  $sudo mkdir -p /etc/postgresql-common
+  echo "create_main_cluster = false" | $sudo tee /etc/postgresql-common/createcluster.conf >/dev/null
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${APT_PACKAGES[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 python_env() {

@@ -48,10 +48,11 @@ __all__ = [
     "square_bias_factor",
 ]
 
-#: Significant digits the key holder keeps of a decrypted every-value total: far
-#: coarser than the CKKS noise (~1e-9 of the bound per slot), so raw decryptions,
-#: which could leak the secret key (Li–Micciancio 2021), never leave the key holder.
-KEPT_DIGITS = 9
+#: Quantum (in units of the public bound) to which the key holder rounds a decrypted
+#: every-value total. The noise of a folded sum of 1M values is ~1e-4 of the bound;
+#: 2^-8 ≈ 0.004 sits well above it, so raw decryptions — which could leak the secret
+#: key (Li–Micciancio 2021) — never leave the key holder.
+QUANTUM = 2.0**-8
 
 _worker_context: ts.Context | None = None
 
@@ -237,10 +238,8 @@ def describe_values(
         s1 = keys.decrypt_folded(s1_blob, fingerprint=evaluation.fingerprint)
         s2 = keys.decrypt_folded(s2_blob, fingerprint=evaluation.fingerprint)
         b = bounds[column]
-        total = float(np.format_float_positional(s1 * b, KEPT_DIGITS, fractional=False))
-        squares = float(
-            np.format_float_positional(s2 * b * b, KEPT_DIGITS, fractional=False)
-        )
+        total = round(s1 / QUANTUM) * QUANTUM * b
+        squares = round(s2 / QUANTUM) * QUANTUM * b * b
         mean = total / n
         var = (squares - total * total / n) / (n - 1)
         results[column] = {
@@ -259,7 +258,7 @@ def describe_values(
         encryption={
             "mode": "every value",
             "upload_bytes": uploads,
-            "kept_digits": KEPT_DIGITS,
+            "rounding_quantum": QUANTUM,
         },
     )
 
