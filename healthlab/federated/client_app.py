@@ -44,6 +44,14 @@ def refusal(msg: Message, site: str, reason: str) -> Message:
 def make_client_app(study: Study, public: PublicContext | None = None) -> ClientApp:
     """A ClientApp whose node ``partition-id`` *i* is ``study.sites[i]``."""
     app = ClientApp()
+    cache: dict[str, object] = {}
+
+    def loaded() -> object:
+        """The public context, deserialized once per study (not every round)."""
+        if "context" not in cache:
+            assert public is not None
+            cache["context"] = public.load()
+        return cache["context"]
 
     @app.query()
     def ready(msg: Message, context: Context) -> Message:
@@ -92,7 +100,7 @@ def make_client_app(study: Study, public: PublicContext | None = None) -> Client
             masked = mask_digits(digits, mask_vector(seeds, digits.size))
             import tenseal as ts
 
-            context_ = public.load()
+            context_ = loaded()
             slots = public.params.slots
             blobs = [
                 ts.ckks_vector(

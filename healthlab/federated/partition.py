@@ -46,14 +46,18 @@ def _partition(
 
 
 def iid(
-    frame: pd.DataFrame, n_sites: int, *, prefix: str = "site_"
+    frame: pd.DataFrame, n_sites: int, *, seed: int = 42, prefix: str = "site_"
 ) -> dict[str, pd.DataFrame]:
-    """``n_sites`` random, equally sized sites (flwr-datasets ``IidPartitioner``)."""
+    """``n_sites`` random, equally sized sites (flwr-datasets ``IidPartitioner``).
+
+    The partitioner takes contiguous shards, so the rows are shuffled (``seed``) first.
+    """
     from flwr_datasets.partitioner import IidPartitioner
 
     if n_sites < 1:
         raise InvalidInput("n_sites must be at least 1")
-    return _partition(frame, IidPartitioner(num_partitions=n_sites), n_sites, prefix)
+    shuffled = frame.sample(frac=1.0, random_state=seed)
+    return _partition(shuffled, IidPartitioner(num_partitions=n_sites), n_sites, prefix)
 
 
 def dirichlet(

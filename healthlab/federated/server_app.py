@@ -172,6 +172,8 @@ def _run_rounds(
     on_round: Callable[[RoundReport], None] | None,
     keys: KeyHolder | None,
 ) -> None:
+    if hasattr(grid, "pull_interval"):  # the in-memory grid polls every 0.1 s
+        grid.pull_interval = 0.005
     nodes = _wait_for_nodes(grid, len(study.sites), settings.round_timeout)
     strategy = make_strategy(settings, len(study.sites))
     params = [np.asarray(p, dtype=np.float64) for p in initial]
