@@ -46,6 +46,7 @@ test: setup lint contracts-check
 bench: setup
 	$(BIN)/python benchmarks/gas.py
 	$(BIN)/python benchmarks/encrypted_stats.py
+	$(BIN)/python benchmarks/federated.py
 
 clean:
 	rm -rf $(VENV) .tools contracts/node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis
