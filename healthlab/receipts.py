@@ -270,6 +270,13 @@ def verify(
         except HealthLabError as exc:
             report.add(f"site {site['name']} request", False, str(exc))
             continue
+        registered = _registered_hash(ledger, site.get("dataset_id"))
+        report.add(
+            f"site {site['name']} data",
+            registered is not None
+            and registered.lower() == str(site.get("content_hash", "")).lower(),
+            "the site's data is not what its dataset registered on chain",
+        )
         report.add(
             f"site {site['name']} request",
             request.dataset_id == site.get("dataset_id")
@@ -289,3 +296,10 @@ def verify(
             "not recorded on chain",
         )
     return report
+
+
+def _registered_hash(ledger: Ledger, dataset_id: Any) -> str | None:
+    try:
+        return ledger.dataset(int(dataset_id)).content_hash
+    except (HealthLabError, TypeError, ValueError):
+        return None

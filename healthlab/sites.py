@@ -302,16 +302,18 @@ class Site:
         threshold = max(min_rows, self._policy.min_rows)
         small = 0
         close = 0
+        seen: set[bytes] = set()  # a cell shared by several columns counts once
         for column, masks in subsets.items():
             earlier = self._answered.get(column, [])
             for mask in masks:
                 size = int(mask.sum())
                 if size == 0:
                     continue
-                if size < threshold:
-                    small += 1
-                    continue
                 packed = np.packbits(mask).tobytes()
+                if size < threshold:
+                    small += packed not in seen
+                    seen.add(packed)
+                    continue
                 for old in earlier:
                     diff = _popcount_xor(packed, old.packed)
                     if 0 < diff < self._policy.min_difference:

@@ -24,6 +24,7 @@ from healthlab.encrypted.stats import (
     levels,
     ols,
 )
+from healthlab.encrypted.values import describe_values, square_bias_factor
 
 __all__ = [
     "Aggregator",

@@ -141,8 +141,12 @@ def _centers(
     by: str | None,
     groups: list[str],
     options: dict[str, Any],
+    model_params: int | None = None,
 ) -> tuple[StudyRun, np.ndarray]:
-    """Round 1: pooled n and Σx per column (over all groups) → the public centers."""
+    """Round 1: pooled n and Σx per column (over all groups) → the public centers.
+
+    A model's size is checked here already, so a refused model answers nothing.
+    """
     spec = {
         "columns": columns,
         "center": [0.0] * len(columns),
@@ -151,6 +155,7 @@ def _centers(
         "by": by,
         "groups": groups,
         "dropna": options["dropna"],
+        "model_params": model_params,
     }
     n_groups = max(1, len(groups))
     run = _run(
@@ -204,7 +209,7 @@ def _second_moments(
     model_params: int | None = None,
 ) -> tuple[list[StudyRun], np.ndarray, list[dict[str, Any]]]:
     """Both rounds; return runs, centers and per-group {n, s1, s2 | m2, dropped}."""
-    first, center = _centers(sites, columns, by, groups, options)
+    first, center = _centers(sites, columns, by, groups, options, model_params)
     participants = [s for s in sites if s.name in {x.name for x in first.sites}]
     p = len(columns)
     width = p * (p + 1) // 2 if cross else p
@@ -494,8 +499,9 @@ def _matrix(
     matrix = scatter / (n - 1)
     if kind == "corr":
         scale = np.sqrt(np.diag(scatter))
-        matrix = scatter / np.outer(scale, scale)
-        np.fill_diagonal(matrix, 1.0)
+        with np.errstate(divide="ignore", invalid="ignore"):  # constant column: NaN
+            matrix = scatter / np.outer(scale, scale)
+        np.fill_diagonal(matrix, np.where(scale > 0, 1.0, np.nan))
     result = pd.DataFrame(matrix, index=cols, columns=cols)
     return attach_receipt(
         result, runs, kind=kind, parameters={"columns": cols, "dropna": dropna}
@@ -587,13 +593,22 @@ def attach_receipt(
             "encryption": {
                 "mode": "site totals",
                 **runs[0].public_params,
-                "upload_bytes": last.upload_bytes,
+                "upload_bytes": _uploads(runs),
                 **(encryption or {}),
             }
         },
     )
     result.attrs["receipt"] = receipt
     return result
+
+
+def _uploads(runs: list[StudyRun]) -> dict[str, int]:
+    """Bytes each site uploaded over every round of a result."""
+    total: dict[str, int] = {}
+    for run in runs:
+        for site, size in run.upload_bytes.items():
+            total[site] = total.get(site, 0) + size
+    return total
 
 
 def _columns(columns: Sequence[str] | str) -> list[str]:

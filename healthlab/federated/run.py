@@ -210,22 +210,27 @@ def _preprocessing(
     keys: KeyHolder,
     dropna: bool,
     whiten: bool,
+    min_sites: int,
 ) -> Preprocessing:
     """Pooled standardization (or whitening) from the encrypted statistics."""
+    # a site without a grant is skipped here as in the rounds (it refuses every round)
+    options: dict[str, Any] = {
+        "researcher": researcher,
+        "keys": keys,
+        "dropna": dropna,
+        "on_refusal": "skip",
+        "min_sites": min_sites,
+    }
     if whiten:
-        matrix = cov(sites, features, researcher=researcher, keys=keys, dropna=dropna)
-        stats = describe(
-            sites, features, researcher=researcher, keys=keys, dropna=dropna
-        )
+        matrix = cov(sites, features, **options)
+        stats = describe(sites, features, **options)
         center = stats.loc["mean", features].to_numpy(dtype=float)
         values, vectors = np.linalg.eigh(matrix.to_numpy())
         if values.min() <= 1e-12 * values.max():
             raise InvalidInput("the features are collinear; drop one to whiten")
         transform = vectors @ np.diag(values**-0.5) @ vectors.T
     else:
-        stats = describe(
-            sites, features, researcher=researcher, keys=keys, dropna=dropna
-        )
+        stats = describe(sites, features, **options)
         center = stats.loc["mean", features].to_numpy(dtype=float)
         std = stats.loc["std", features].to_numpy(dtype=float).copy()
         std[~np.isfinite(std) | (std == 0)] = 1.0
@@ -320,6 +325,7 @@ def train(
             keys=keys,
             dropna=dropna,
             whiten=whiten,
+            min_sites=min_sites,
         )
         if standardize
         else Preprocessing.identity(len(cols))

@@ -177,7 +177,11 @@ def _run_rounds(
     nodes = _wait_for_nodes(grid, len(study.sites), settings.round_timeout)
     strategy = make_strategy(settings, len(study.sites))
     params = [np.asarray(p, dtype=np.float64) for p in initial]
-    registered = {s.name: s.n_rows for s in study.sites}
+    # the most training rows a site can hold: its registered rows minus the held-out
+    registered = {
+        s.name: s.n_rows - round(study.test_fraction * s.n_rows) for s in study.sites
+    }
+    names: dict[int, str] = {}
     for rnd in range(1, settings.rounds + 1):
         started = time.monotonic()
         refused: dict[str, str] = {}
@@ -194,7 +198,14 @@ def _run_rounds(
             )
             replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
             good, taken = _screen(
-                replies, params, settings, registered, refused, rejected, len(messages)
+                replies,
+                params,
+                settings,
+                registered,
+                refused,
+                rejected,
+                len(messages),
+                names,
             )
             if len(good) < settings.min_sites:
                 raise TooFewSites(
@@ -230,6 +241,7 @@ def _screen(
     refused: dict[str, str],
     rejected: dict[str, str],
     sent: int,
+    names: dict[int, str],
 ) -> tuple[list[Message], list[str]]:
     """Keep well-formed updates; record refusals and rejections by site."""
     shapes = [p.shape for p in params]
@@ -239,11 +251,13 @@ def _screen(
     for reply in replies:
         received += 1
         status = _status(reply)
+        node = reply.metadata.src_node_id
         if status is None:
             error = reply.error.reason if reply.has_error() else "malformed reply"
-            rejected[f"node {reply.metadata.src_node_id}"] = f"error: {error}"
+            rejected[names.get(node, f"node {node}")] = f"error: {error}"
             continue
         site = str(status["site"])
+        names[node] = site
         if "refused" in status:
             refused[site] = str(status["refused"])
             continue

@@ -90,5 +90,5 @@ def recover_signer(signed: SignedQuery) -> str:
                 encode_typed_data(full_message=typed), signature=signed.signature
             )
         )
-    except (ValueError, TypeError) as exc:
+    except Exception as exc:  # eth-keys and eth-utils raise many kinds
         raise SignatureInvalid("the query's signature is malformed") from exc
