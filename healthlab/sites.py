@@ -157,6 +157,35 @@ class Site:
         self._answered: dict[str, list[_Subset]] = {}
         self.log: list[QueryLogEntry] = []
 
+    @classmethod
+    def from_sql(
+        cls,
+        name: str,
+        url: str,
+        table: str,
+        *,
+        columns: Sequence[str] | None = None,
+        dataset_id: int | None = None,
+        ledger: Ledger | None = None,
+        policy: DisclosurePolicy | None = None,
+    ) -> Site:
+        """A site whose rows live in a SQL table (SQLite by default, PostgreSQL by URL).
+
+        The content hash is the frame hash of the rows read (column names, dtypes,
+        values): register that hash for the dataset.
+
+        Examples
+        --------
+        >>> site = Site.from_sql(
+        ...     "hospital_a", "postgresql://…/cohort", "cohort"
+        ... )  # doctest: +SKIP
+        """
+        from healthlab.data.stores import SQLStore
+
+        with SQLStore(url) as store:
+            frame = store.read_table(table, columns=list(columns) if columns else None)
+        return cls(name, frame, dataset_id=dataset_id, ledger=ledger, policy=policy)
+
     # ------------------------------------------------------------------ facts
     @property
     def policy(self) -> DisclosurePolicy:
