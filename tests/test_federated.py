@@ -527,3 +527,17 @@ def test_dirichlet_sites_keep_every_row_and_skew_the_labels() -> None:
     again = dirichlet(frame, 4, "target", alpha=0.5, seed=42)
     for name, part in parts.items():
         pd.testing.assert_frame_equal(part, again[name])
+
+
+def test_norm_clip_bounds_every_round_move() -> None:
+    frame = load_breast_cancer(as_frame=True).frame
+    sites = iid(frame, 3, seed=1)
+    clip = 0.01
+    result = train(sites, "target", rounds=1, clip_norm=clip, progress=lambda r: None)
+    flat = np.concatenate([np.ravel(p) for p in result.params])
+    # from the zero initial model, the average of updates clipped to `clip` moves
+    # at most `clip`; unclipped, one round moves the weights by far more
+    assert np.linalg.norm(flat) <= clip * (1 + 1e-9)
+    free = train(sites, "target", rounds=1, progress=lambda r: None)
+    free_flat = np.concatenate([np.ravel(p) for p in free.params])
+    assert np.linalg.norm(free_flat) > 10 * clip

@@ -367,6 +367,14 @@ def histogram(
     data's minimum and maximum are single rows' values and are not asked for). Values
     outside the edges are not counted. A site refuses when any of its non-empty bins
     holds fewer than ``min_rows`` rows.
+
+    Examples
+    --------
+    >>> histogram(sites, "age", [20, 40, 60, 80], researcher=me)  # doctest: +SKIP
+       left  right  count
+    0  20.0   40.0   1021
+    1  40.0   60.0   2377
+    2  60.0   80.0   1644
     """
     site_list = as_sites(sites)
     if isinstance(bins, int):
@@ -411,6 +419,14 @@ def crosstab(
 
     Levels are compared as text. A site refuses when any non-empty cell of its own
     table holds fewer than ``min_rows`` rows.
+
+    Examples
+    --------
+    >>> crosstab(sites, "sex", "smoker", researcher=me)  # doctest: +SKIP
+    smoker     0    1
+    sex
+    F       1702  541
+    M       1488  919
     """
     site_list = as_sites(sites)
     row_levels = levels(site_list, row, researcher=researcher)
@@ -445,7 +461,13 @@ def cov(
     min_rows: int = 0,
     on_refusal: str = "raise",
 ) -> pd.DataFrame:
-    """Pooled sample covariance matrix (complete cases), like ``DataFrame.cov()``."""
+    """Pooled sample covariance matrix (complete cases), like ``DataFrame.cov()``.
+
+    Examples
+    --------
+    >>> cov(sites, ["age", "sbp"], researcher=me).loc["age", "sbp"]  # doctest: +SKIP
+    61.3
+    """
     return _matrix(
         sites, columns, "cov", researcher, keys, dropna, min_sites, min_rows, on_refusal
     )
@@ -462,7 +484,16 @@ def corr(
     min_rows: int = 0,
     on_refusal: str = "raise",
 ) -> pd.DataFrame:
-    """Pooled Pearson correlation matrix (complete cases), like ``DataFrame.corr()``."""
+    """Pooled Pearson correlation matrix (complete cases), like ``DataFrame.corr()``.
+
+    Examples
+    --------
+    >>> corr(sites, ["age", "sbp", "bmi"], researcher=me).round(2)  # doctest: +SKIP
+          age   sbp   bmi
+    age  1.00  0.31  0.08
+    sbp  0.31  1.00  0.22
+    bmi  0.08  0.22  1.00
+    """
     return _matrix(
         sites,
         columns,
@@ -525,6 +556,11 @@ def ols(
     Returns one row per coefficient (``Intercept`` first) with ``coef``, ``se``,
     ``t``; ``.attrs`` carries ``r2``, ``n`` and ``rss``. Each site refuses a model
     with more than ``max_param_ratio`` (0.33) parameters per row of its own.
+
+    Examples
+    --------
+    >>> fit = ols(sites, "sbp", ["age", "bmi"], researcher=me)  # doctest: +SKIP
+    >>> fit["coef"], fit.attrs["r2"]  # doctest: +SKIP
     """
     site_list = as_sites(sites)
     xs = _columns(X)
