@@ -9,6 +9,14 @@ Examples
     healthlab status --rpc-url http://127.0.0.1:8545
     healthlab datasets --rpc-url http://127.0.0.1:8545
     healthlab events --rpc-url http://127.0.0.1:8545
+    healthlab superlink --port 9093                              # a study's SuperLink
+    healthlab site-node --superlink 127.0.0.1:9093 --site site_a --data a.csv \\
+        --dataset-id 1 --rpc-url http://127.0.0.1:8545           # one site's node
+    healthlab study --superlink 127.0.0.1:9093 --target y --features a,b \\
+        --rounds 5 --researcher 0x… --datasets 1,2               # launch a study
+
+The federated deployment (SuperLink, site nodes, studies) is documented with a worked
+example in :mod:`healthlab.federated.deploy`.
 
 ``--rpc-url`` defaults to ``$HEALTHLAB_RPC_URL`` and ``--registry`` to
 ``$HEALTHLAB_REGISTRY`` or the address recorded for that chain. Keys come only from
@@ -20,7 +28,7 @@ from __future__ import annotations
 import signal
 import sys
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import pandas as pd
 import typer
@@ -124,6 +132,209 @@ def node(
         pass
     finally:
         anvil.close()
+
+
+@app.command()
+def superlink(
+    port: Annotated[
+        int, typer.Option(help="Port on 127.0.0.1 (all Flower APIs).")
+    ] = 9093,
+) -> None:
+    """Run a Flower SuperLink for federated studies until Ctrl-C."""
+    from healthlab.federated.deploy import SuperLink
+
+    link = SuperLink(port)
+    link.start()
+    typer.echo(f"SuperLink on {link.address} (pid {link.pid}); Ctrl-C stops it")
+    _follow(link)
+
+
+@app.command("site-node")
+def site_node(
+    superlink: Annotated[
+        str, typer.Option(help="The SuperLink's HOST:PORT.", show_default=False)
+    ],
+    site: Annotated[str, typer.Option(help="This site's public name.")],
+    dataset_id: Annotated[
+        int, typer.Option(help="The dataset id this data is registered under.")
+    ],
+    data: Annotated[
+        str | None, typer.Option(help="The site's CSV or Parquet file.")
+    ] = None,
+    sql_url: Annotated[
+        str | None,
+        typer.Option(
+            help="SQLAlchemy URL of the site's database (default "
+            "$HEALTHLAB_DATABASE_URL, read by the node: keeps passwords out of ps)."
+        ),
+    ] = None,
+    table: Annotated[str | None, typer.Option(help="The table to read.")] = None,
+    rpc_url: RpcUrl = None,
+    registry: Registry = None,
+    key: Annotated[
+        str | None,
+        typer.Option(
+            help="The site's X25519 key file (PEM, mode 600; created if missing). "
+            "Default: <state-dir>/mask-key.pem."
+        ),
+    ] = None,
+    state_dir: Annotated[
+        str | None,
+        typer.Option(help="The site's state (default ~/.healthlab/sites/<site>)."),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port of the node's own API (default: free).")
+    ] = None,
+    verify_content: Annotated[
+        bool,
+        typer.Option(help="Refuse when the data differs from the registered hash."),
+    ] = False,
+    connect_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the SuperLink.")
+    ] = 120.0,
+) -> None:
+    """Run one site's Flower SuperNode (its data, its grant gate) until Ctrl-C."""
+    from pathlib import Path
+
+    from healthlab.federated.deploy import (
+        SiteConfig,
+        SiteNode,
+        ensure_state_dir,
+        load_site_key,
+    )
+    from healthlab.federated.deployed_client import load_site
+
+    ledger = _ledger(rpc_url, registry)
+    state = ensure_state_dir(
+        state_dir or Path.home() / ".healthlab" / "sites" / site
+    ).resolve()
+    key_path = Path(key).expanduser().resolve() if key else state / "mask-key.pem"
+    load_site_key(key_path)
+    config = SiteConfig(
+        name=site,
+        dataset_id=dataset_id,
+        rpc_url=str(ledger.rpc_url),
+        registry=ledger.address,
+        data=data,
+        sql_url=sql_url,
+        table=table,
+        key_path=str(key_path),
+        state_dir=str(state),
+        verify_content=verify_content,
+    ).resolved()
+    loaded = load_site(config)  # fail now, not at the first round
+    typer.echo(
+        f"site {site}: {loaded.n_rows} rows, dataset {dataset_id} on chain "
+        f"{ledger.chain_id} (registry {ledger.address})"
+    )
+    node = SiteNode(superlink, config, port=port)
+    node.start(timeout=connect_timeout)
+    typer.echo(
+        f"site {site}: SuperNode {node.node_id} connected to {superlink} "
+        f"(pid {node.pid}); Ctrl-C stops it"
+    )
+    _follow(node)
+
+
+@app.command()
+def study(
+    superlink: Annotated[
+        str, typer.Option(help="The SuperLink's HOST:PORT.", show_default=False)
+    ],
+    target: Annotated[str, typer.Option(help="The outcome column.")],
+    features: Annotated[str, typer.Option(help="Comma-separated feature columns.")],
+    researcher: Annotated[
+        str,
+        typer.Option(
+            envvar="HEALTHLAB_RESEARCHER", help="The researcher who signs the study."
+        ),
+    ],
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 10,
+    model: Annotated[str, typer.Option(help="logistic | linear | mlp.")] = "logistic",
+    strategy: Annotated[
+        str, typer.Option(help="fedavg | fedprox | fedadam | trimmed | median.")
+    ] = "fedavg",
+    datasets: Annotated[
+        str, typer.Option(help="Comma-separated dataset ids taking part.")
+    ] = "",
+    sites: Annotated[
+        int, typer.Option(help="Site nodes to wait for (default: --min-sites).")
+    ] = 0,
+    min_sites: Annotated[int, typer.Option(help="Fewest sites per round.")] = 2,
+    epochs: Annotated[
+        int, typer.Option(help="Local epochs per round (0: model default).")
+    ] = 0,
+    lr: Annotated[
+        float, typer.Option(help="Local learning rate (0: model default).")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed (held-out split, init).")] = 0,
+    test_fraction: Annotated[float, typer.Option(help="Held-out share.")] = 0.2,
+    standardize: Annotated[
+        bool, typer.Option(help="Pooled standardization from masked sums.")
+    ] = True,
+    dropna: Annotated[
+        bool, typer.Option(help="Drop rows with missing values at the sites.")
+    ] = False,
+    node_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the site nodes.")
+    ] = 120.0,
+    round_timeout: Annotated[float, typer.Option(help="Round deadline (s).")] = 120.0,
+    result: Annotated[
+        str | None,
+        typer.Option(help="Write the result JSON here (a path on the SuperLink host)."),
+    ] = None,
+    rpc_url: RpcUrl = None,
+    registry: Registry = None,
+) -> None:
+    """Sign a federated study and run it against a SuperLink (flwr run --stream)."""
+    from pathlib import Path
+
+    from healthlab.federated.deploy import StudyConfig, launch_study
+
+    ledger = _ledger(rpc_url, registry)
+    config = StudyConfig(
+        target=target,
+        features=tuple(c.strip() for c in features.split(",") if c.strip()),
+        model=model,
+        rounds=rounds,
+        strategy=strategy,
+        epochs=epochs,
+        lr=lr,
+        seed=seed,
+        test_fraction=test_fraction,
+        dropna=dropna,
+        standardize=standardize,
+        min_sites=min_sites,
+        datasets=tuple(int(d) for d in datasets.split(",") if d.strip()),
+        expected_sites=sites,
+        node_timeout=node_timeout,
+        round_timeout=round_timeout,
+        result_path=str(Path(result).expanduser().resolve()) if result else "",
+    ).sign(ledger, researcher)
+    typer.echo(f"study {config.hash} signed by {config.researcher}")
+    run = launch_study(superlink, config, ledger=ledger, echo=typer.echo)
+    history = run.history.drop(columns=["per_site", "rejected"], errors="ignore")
+    _show(history)
+    typer.echo(f"{len(history)} round(s) in {run.seconds:.1f} s")
+    if result:
+        typer.echo(f"result: {config.result_path}")
+
+
+def _follow(process: Any) -> None:
+    """Echo a Flower process's output until it exits or Ctrl-C/SIGTERM; stop it."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    shown = 0
+    try:
+        while process.running:
+            text = process.log()
+            if len(text) > shown:
+                typer.echo(text[shown:], nl=False)
+                shown = len(text)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        process.close()
 
 
 @app.command()

@@ -111,6 +111,8 @@ class Site:
     policy:
         The owner's disclosure policy. It is fixed for the site's lifetime; a study
         may ask for stricter settings, never weaker ones.
+    mask_key:
+        The site's X25519 key for pairwise masks (default: a fresh one).
 
     Examples
     --------
@@ -128,6 +130,7 @@ class Site:
         ledger: Ledger | None = None,
         policy: DisclosurePolicy | None = None,
         content_hash: str | None = None,
+        mask_key: X25519PrivateKey | None = None,
     ) -> None:
         if not name or not isinstance(name, str):
             raise InvalidInput("a site needs a short, non-empty name")
@@ -152,7 +155,8 @@ class Site:
             self._path = Path(data)
             self._frame = _read_table(self._path)
         self._content_hash = content_hash
-        self._mask_key = X25519PrivateKey.generate()
+        # a deployed site keeps one key across processes; a simulated one makes its own
+        self._mask_key = mask_key or X25519PrivateKey.generate()
         self._nonces: set[tuple[str, int]] = set()
         self._answered: dict[str, list[_Subset]] = {}
         self.log: list[QueryLogEntry] = []

@@ -48,6 +48,7 @@ __all__ = [
     "ServerSettings",
     "make_server_app",
     "make_strategy",
+    "run_rounds",
 ]
 
 
@@ -147,7 +148,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            _run_rounds(grid, study, settings, initial, outcome, on_round, keys)
+            run_rounds(grid, study, settings, initial, outcome, on_round, keys)
         except BaseException as exc:  # surfaced by train() in the caller's thread
             outcome.error = exc
 
@@ -163,7 +164,7 @@ def _wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
         time.sleep(0.02)
 
 
-def _run_rounds(
+def run_rounds(
     grid: Grid,
     study: Study,
     settings: ServerSettings,

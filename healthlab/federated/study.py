@@ -113,6 +113,13 @@ class Study:
                     "longer live (revoked or expired); this site stops contributing"
                 )
 
+    def mark_authorized(self, site: Site) -> None:
+        """Record that ``site`` verified the researcher's signature another way (the
+        deployment runtime checks its own signed study); the grant is still checked
+        every round."""
+        with self._lock:
+            self._authorized.add(site.name)
+
     def data(self, site: Site) -> SiteData:
         """The site's train/test rows, transformed (computed once, at the site)."""
         with self._lock:

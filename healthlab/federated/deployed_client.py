@@ -1,0 +1,347 @@
+"""The site's ClientApp on Flower's deployment runtime (``app``, one SuperNode a site).
+
+The site reads who it is from its SuperNode's node config (see
+:class:`~healthlab.federated.deploy.SiteConfig`: ``site-name``, ``data-path`` or
+``sql-url`` + ``table``, ``dataset-id``, ``rpc-url``, ``registry``, ``key-path``,
+``state-dir``) and the study from the run config
+(:class:`~healthlab.federated.deploy.StudyConfig`). Flower starts a fresh ClientApp
+process for every message, so the site reloads its data each time and keeps what
+must last across the messages of a run in the run's ``context.state``.
+
+Messages:
+
+* ``query.hello`` — the site checks the researcher's signature of the study (its
+  chain, registry, freshness, that the nonce was not used in another run) and the
+  live grant on its dataset, and answers with its name, its row count (the cap on the
+  example counts it may claim), its dataset and content hash, and its X25519 public
+  key; or refuses.
+* ``query.moments`` — its ``n``, ``Σx`` and ``Σxxᵀ`` over the feature columns as
+  exact fixed-point digits plus pairwise masks shared with the other sites
+  (:mod:`healthlab.encrypted.encoding`): only the sum across sites is readable.
+* ``train`` / ``evaluate`` — :func:`healthlab.federated.client_app.make_client_app`'s
+  handlers, unchanged: the grant is checked again (``Study.gate``) before local
+  training or held-out metrics, on features transformed with the public pooled
+  preprocessing that arrives with the message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from healthlab.encrypted.encoding import encode_totals, mask_digits, mask_vector
+from healthlab.errors import (
+    AccessDenied,
+    DataRefused,
+    DisclosureRefused,
+    HealthLabError,
+    SignatureInvalid,
+)
+from healthlab.federated.client_app import make_client_app, refusal
+from healthlab.federated.deploy import (
+    SiteConfig,
+    StudyConfig,
+    ensure_state_dir,
+    load_site_key,
+)
+from healthlab.federated.study import Preprocessing, Study
+from healthlab.sites import Site
+
+__all__ = ["PREPROCESSING", "app", "load_site", "preprocessing_record"]
+
+#: Content key of the public pooled preprocessing the server attaches to messages.
+PREPROCESSING = "preprocessing"
+_STATE = "healthlab"
+_logger = logging.getLogger("healthlab.federated.site")
+
+app = ClientApp()
+
+
+def preprocessing_record(prep: Preprocessing) -> ConfigRecord:
+    """The public transform as a message record (``center``, row-major ``matrix``)."""
+    matrix = np.asarray(prep.matrix, dtype=np.float64)
+    return ConfigRecord(
+        {
+            "center": [float(c) for c in prep.center],
+            "matrix": [float(v) for v in matrix.ravel()],
+            "p": len(prep.center),
+        }
+    )
+
+
+def _preprocessing(msg: Message, study: StudyConfig) -> Preprocessing:
+    content: Any = msg.content
+    p = len(study.features)
+    if PREPROCESSING not in content:
+        if study.standardize:
+            raise DataRefused(
+                "the study standardizes features but the message carries no pooled "
+                "preprocessing"
+            )
+        return Preprocessing.identity(p)
+    record = content[PREPROCESSING]
+    center = [float(c) for c in record["center"]]
+    flat = np.asarray([float(v) for v in record["matrix"]], dtype=np.float64)
+    if len(center) != p or flat.size != p * p or not np.isfinite(flat).all():
+        raise DataRefused("the preprocessing sent with the message is malformed")
+    rows = flat.reshape(p, p).tolist()
+    return Preprocessing(tuple(center), tuple(tuple(r) for r in rows))
+
+
+def load_site(config: SiteConfig) -> Site:
+    """The site's data, dataset, chain and key material, from its node config.
+
+    Loaded afresh for every message (Flower runs each in a new process): replay
+    protection across messages and runs lives in ``state-dir``, not in memory.
+    """
+    from healthlab.ledger import Ledger
+
+    ledger = Ledger.connect(config.rpc_url, config.registry, deploy=False)
+    data: Any
+    if config.data is not None:
+        data = Path(config.data).expanduser()
+    else:
+        from healthlab.data.stores import SQLStore
+
+        assert config.table is not None
+        store = SQLStore(config.sql_url)
+        try:
+            data = store.read_table(config.table)
+        finally:
+            store.close()
+    key_path = config.key_path or (
+        str(Path(config.state_dir) / "mask-key.pem") if config.state_dir else None
+    )
+    # a deployed site keeps one key for the whole run (Flower starts a process per
+    # message), so it loads its own
+    site = Site(
+        config.name,
+        data,
+        dataset_id=config.dataset_id,
+        ledger=ledger,
+        mask_key=load_site_key(key_path) if key_path is not None else None,
+    )
+    if config.verify_content:
+        registered = ledger.dataset(config.dataset_id).content_hash
+        if registered.lower() != site.content_hash.lower():
+            raise DataRefused(
+                f"site {config.name}: the data loaded does not match the content hash "
+                f"registered for dataset {config.dataset_id}"
+            )
+    return site
+
+
+def _site_and_study(context: Context) -> tuple[SiteConfig, Site, StudyConfig]:
+    site_config = SiteConfig.from_node_config(context.node_config)
+    study = StudyConfig.from_run_config(context.run_config)
+    return site_config, load_site(site_config), study
+
+
+def _authorize(
+    site: Site, site_config: SiteConfig, study: StudyConfig, context: Context
+) -> bool:
+    """The researcher's signature, once per run (remembered in ``context.state``);
+    returns whether this message was the first (the grant was checked with it)."""
+    state: Any = context.state
+    known = state[_STATE]["study-hash"] if _STATE in state else None
+    if known == study.hash:
+        return False
+    signed = study.signed_query()
+    if signed is None:
+        raise SignatureInvalid(
+            f"site {site.name} only takes part in studies signed by a researcher"
+        )
+    if signed.query_hash.lower() != study.hash.lower():
+        raise SignatureInvalid(
+            f"site {site.name}: the study's settings differ from what the researcher "
+            "signed"
+        )
+    if study.datasets and site.dataset_id not in study.datasets:
+        raise AccessDenied(
+            f"site {site.name}: dataset {site.dataset_id} is not part of the signed "
+            f"study (datasets {list(study.datasets)})"
+        )
+    _check_nonce(site_config, signed.researcher, signed.nonce, context.run_id)
+    site.authorize(signed, query_hash=study.hash)
+    _record_nonce(site_config, signed.researcher, signed.nonce, context.run_id)
+    state[_STATE] = ConfigRecord({"study-hash": study.hash})
+    _logger.info("site %s: study %s authorized", site.name, study.hash[:10])
+    return True
+
+
+def _nonce_file(site_config: SiteConfig) -> Path | None:
+    if site_config.state_dir is None:
+        return None
+    return ensure_state_dir(site_config.state_dir) / "signatures.json"
+
+
+def _check_nonce(
+    site_config: SiteConfig, researcher: str, nonce: int, run: int
+) -> None:
+    file = _nonce_file(site_config)
+    if file is None or not file.exists():
+        return
+    used = json.loads(file.read_text())
+    earlier = used.get(f"{researcher.lower()}:{nonce}")
+    if earlier is not None and earlier != run:
+        raise SignatureInvalid(
+            f"site {site_config.name}: this signed study was already used in run "
+            f"{earlier} (replay); the researcher must sign it again"
+        )
+
+
+def _record_nonce(
+    site_config: SiteConfig, researcher: str, nonce: int, run: int
+) -> None:
+    file = _nonce_file(site_config)
+    if file is None:
+        return
+    used = json.loads(file.read_text()) if file.exists() else {}
+    used[f"{researcher.lower()}:{nonce}"] = run
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(used, indent=1))
+    os.replace(tmp, file)
+
+
+def _check_grant(site: Site, study: StudyConfig) -> None:
+    assert site.ledger is not None
+    assert site.dataset_id is not None
+    if not site.ledger.has_access(site.dataset_id, study.researcher):
+        raise AccessDenied(
+            f"site {site.name}: the grant on dataset {site.dataset_id} is no longer "
+            "live (revoked or expired); this site stops contributing"
+        )
+
+
+def _site_name(context: Context) -> str:
+    return str(context.node_config.get("site-name", f"node {context.node_id}"))
+
+
+_REFUSED = (HealthLabError, OSError)
+
+
+@app.query("hello")
+def hello(msg: Message, context: Context) -> Message:
+    """Signature and grant check; the site's name, row count, dataset and public key."""
+    try:
+        site_config, site, study = _site_and_study(context)
+        if not _authorize(site, site_config, study, context):
+            _check_grant(site, study)
+    except _REFUSED as exc:
+        return refusal(msg, _site_name(context), str(exc))
+    has_key = site_config.key_path is not None or site_config.state_dir is not None
+    status = ConfigRecord(
+        {
+            "site": site.name,
+            "rows": site.n_rows,
+            "dataset-id": int(site.dataset_id or 0),
+            "content-hash": site.content_hash,
+            "mask-key": site.mask_public_key if has_key else b"",
+        }
+    )
+    return Message(RecordDict({"status": status}), reply_to=msg)
+
+
+@app.query("moments")
+def moments(msg: Message, context: Context) -> Message:
+    """Masked ``n, Σx, Σxxᵀ`` (upper triangle) over the study's feature columns."""
+    try:
+        site_config, site, study = _site_and_study(context)
+        if not _authorize(site, site_config, study, context):
+            _check_grant(site, study)
+        if site_config.key_path is None and site_config.state_dir is None:
+            raise DisclosureRefused(
+                f"site {site.name} has no key material for masked sums: start its "
+                "node with key-path or state-dir"
+            )
+        config: Any = msg.content["config"]
+        peers = dict(
+            zip(
+                [str(p) for p in config["peers"]],
+                [bytes(k) for k in config["peer-keys"]],
+                strict=True,
+            )
+        )
+        if site.name not in peers:
+            raise DataRefused(f"site {site.name} is not among the peers of this sum")
+        if len(peers) < site.policy.min_sites:
+            raise DisclosureRefused(
+                f"site {site.name}: a pooled result needs at least "
+                f"{site.policy.min_sites} sites; {len(peers)} take part"
+            )
+        kept, _ = site.rows(list(study.features), dropna=study.dropna)
+        n = len(kept)
+        if n < site.policy.min_rows:
+            raise DisclosureRefused(
+                f"site {site.name}: fewer than {site.policy.min_rows} complete rows"
+            )
+        x = kept.to_numpy(dtype=np.float64)
+        upper = np.triu_indices(x.shape[1])
+        totals = np.concatenate([[float(n)], x.sum(axis=0), (x.T @ x)[upper]])
+        digits = encode_totals(totals)
+        seeds = site.pairwise_seeds(
+            peers, f"{study.hash}|moments|{context.run_id}".encode()
+        )
+        masked = mask_digits(digits, mask_vector(seeds, digits.size))
+    except _REFUSED as exc:
+        return refusal(msg, _site_name(context), str(exc))
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord([masked]),
+            "status": ConfigRecord({"site": site.name}),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+def _delegate(msg: Message, context: Context) -> Message:
+    """Run the simulation's ClientApp handler on this site's data."""
+    try:
+        site_config, site, study = _site_and_study(context)
+        _authorize(site, site_config, study, context)
+        prep = _preprocessing(msg, study)
+    except _REFUSED as exc:
+        return refusal(msg, _site_name(context), str(exc))
+    local = Study(
+        [site],
+        list(study.features),
+        study.target,
+        study.model_family(),
+        study.train_config(),
+        prep,
+        study.researcher,
+        test_fraction=study.test_fraction,
+        seed=study.seed,
+        dropna=study.dropna,
+    )
+    # The signature was checked above against the deployment's study hash; Study.gate
+    # checks the grant again before the round, as in the simulation.
+    local.mark_authorized(site)
+    inner = make_client_app(local)
+    scoped = Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config={"partition-id": 0},
+        state=context.state,
+        run_config=context.run_config,
+    )
+    return inner(msg, scoped)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training from the global model (``client_app``'s handler)."""
+    return _delegate(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Held-out metric sums (``client_app``'s handler)."""
+    return _delegate(msg, context)

@@ -1,0 +1,832 @@
+"""Federated studies on Flower's deployment runtime, on loopback.
+
+One SuperLink and three SuperNodes, one per site, each started on its own port with
+its own FLWR_HOME, data (two CSV files and a SQLite table), key material and state;
+the researcher holds grants on anvil; ``healthlab study`` signs a 2-round study and
+runs it with ``flwr run --stream``; the processes are stopped by PID, SuperNodes
+before the SuperLink. The deployed model is the in-process simulation's model.
+
+The site's ClientApp handlers are also called in-process (no Flower processes) to
+show what a site refuses: unsigned or altered studies, replayed signatures, datasets
+outside the study, revoked grants, data that differs from what was registered.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    Metadata,
+    RecordDict,
+)
+from sklearn.datasets import load_breast_cancer
+from typer.testing import CliRunner
+
+from healthlab import cli
+from healthlab.data.stores import SQLStore
+from healthlab.encrypted.encoding import DIGITS, decode_sum, encode_totals
+from healthlab.errors import HealthLabError
+from healthlab.federated import FederatedResult, train
+from healthlab.federated.deploy import (
+    SiteConfig,
+    SiteNode,
+    StudyConfig,
+    SuperLink,
+    find_flower,
+    launch_study,
+    load_result,
+    write_app,
+)
+from healthlab.federated.deployed_client import app as client_app
+from healthlab.federated.deployed_client import preprocessing_record
+from healthlab.federated.study import Preprocessing
+from healthlab.ledger import Ledger, sha256_of
+from healthlab.ledger.client import deploy_registry
+from healthlab.ledger.node import AnvilNode
+from healthlab.sites import Site
+
+pytestmark = pytest.mark.anvil
+
+TARGET = "target"
+FEATURES = [str(c) for c in load_breast_cancer(as_frame=True).frame.columns[:8]]
+SITES = ["site_0", "site_1", "site_2"]
+ROUNDS = 2
+#: Rows per site: unequal, so FedAvg's weighting matters.
+SIZES = (250, 200, 119)
+GRANT_SECONDS = 7 * 24 * 3600
+
+
+def require_flower() -> None:
+    """Skip locally / fail under CI when Flower's commands are missing."""
+    missing = [
+        n
+        for n in ("flower-superlink", "flower-supernode", "flwr")
+        if not find_flower(n)
+    ]
+    if missing:
+        message = f"{missing} not installed: run `make setup` (flwr>=1.41,<1.42)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def site_frames() -> dict[str, pd.DataFrame]:
+    frame = load_breast_cancer(as_frame=True).frame[[*FEATURES, TARGET]]
+    shuffled = frame.sample(frac=1.0, random_state=7).reset_index(drop=True)
+    bounds = np.cumsum((0, *SIZES))
+    return {
+        name: shuffled.iloc[bounds[i] : bounds[i + 1]].reset_index(drop=True)
+        for i, name in enumerate(SITES)
+    }
+
+
+def registry(anvil: AnvilNode) -> Ledger:
+    """A registry of its own on the session's anvil (nothing recorded in HOME)."""
+    from web3 import Web3
+
+    w3 = Web3(Web3.HTTPProvider(anvil.url))
+    address, _ = deploy_registry(w3, w3.eth.accounts[0])
+    return Ledger.connect(anvil.url, address, deploy=False)
+
+
+def grant(ledger: Ledger, content: str, owner: str, researcher: str, tag: str) -> int:
+    """Register a dataset (auto-approved, free) and give ``researcher`` its grant."""
+    ds = ledger.register_dataset(
+        f"https://{tag}.hospital.example/data.csv",
+        content,
+        grant_seconds=GRANT_SECONDS,
+        terms="HMB",
+        auto_approve=True,
+        sender=owner,
+    )
+    ledger.request_access(ds, "deployment test", "HMB", sender=researcher)
+    assert ledger.has_access(ds, researcher), f"no grant on dataset {ds}"
+    return ds
+
+
+# ------------------------------------------------------------ the study config
+BASE = StudyConfig(target=TARGET, features=tuple(FEATURES), datasets=(4, 5, 6))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"target": "mean radius", "features": ("mean texture",)},
+        {"features": tuple(reversed(FEATURES))},
+        {"model": "mlp"},
+        {"rounds": 4},
+        {"strategy": "median"},
+        {"epochs": 11},
+        {"lr": 0.25},
+        {"seed": 1},
+        {"test_fraction": 0.3},
+        {"standardize": False},
+        {"min_sites": 3},
+        {"dp_noise_multiplier": 1.0, "dp_clipping_norm": 1.0},
+        {"datasets": (4, 5)},
+    ],
+)
+def test_study_hash_covers_every_setting_the_sites_compute_with(
+    change: dict[str, Any],
+) -> None:
+    assert replace(BASE, **change).hash != BASE.hash
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"node_timeout": 5.0, "round_timeout": 7.0, "expected_sites": 9},
+        {"result_path": "/elsewhere/result.json"},
+        {"epochs": 10, "lr": 0.5},  # the logistic model's defaults, spelled out
+    ],
+)
+def test_study_hash_ignores_operation_and_resolved_defaults(
+    change: dict[str, Any],
+) -> None:
+    assert replace(BASE, **change).hash == BASE.hash
+
+
+def test_written_app_gives_flower_the_study_back(tmp_path: Path) -> None:
+    from flwr.common.config import get_fused_config_from_dir, validate_config
+
+    study = replace(BASE, rounds=7, lr=0.05, dropna=True, result_path="/r.json")
+    app = write_app(tmp_path / "app", study)
+    config = tomllib.loads((app / "pyproject.toml").read_text())
+    valid, errors, _ = validate_config(config, check_module=True, project_dir=app)
+    assert valid, errors  # what `flwr run` checks before building the FAB
+    assert config["tool"]["flwr"]["app"]["components"] == {
+        "serverapp": "healthlab.federated.deployed_server:app",
+        "clientapp": "healthlab.federated.deployed_client:app",
+    }
+    run_config = get_fused_config_from_dir(app, {})
+    assert StudyConfig.from_run_config(run_config) == study
+
+
+def test_node_config_survives_flowers_parser(tmp_path: Path) -> None:
+    site = SiteConfig(
+        name="site_x",
+        dataset_id=12,
+        rpc_url="http://127.0.0.1:8545",
+        registry="0x" + "ab" * 20,
+        data=str(tmp_path / "a folder" / "data.csv"),
+        state_dir=str(tmp_path / "state"),
+        verify_content=True,
+    )
+    assert SiteConfig.from_node_config(_node_config(site)) == site
+
+
+# ---------------------------------------------------------------- deployment
+@dataclass
+class Deployment:
+    """What the module's one deployed study produced (processes already stopped)."""
+
+    frames: dict[str, pd.DataFrame]
+    datasets: dict[str, int]
+    content_hashes: dict[str, str]
+    ledger: Ledger
+    researcher: str
+    raw: dict[str, Any]
+    result: FederatedResult
+    cli_output: str
+    too_few_sites: str
+    ports: dict[str, int]
+    node_ids: dict[str, int]
+    seconds: dict[str, float]
+    stopped: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+class _CliNode:
+    """``healthlab site-node`` in a subprocess; its output read by a thread."""
+
+    def __init__(self, args: list[str]) -> None:
+        healthlab = Path(sys.executable).parent / "healthlab"
+        self.process = subprocess.Popen(
+            [str(healthlab), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for raw in self.process.stdout:
+            self.lines.append(raw.decode(errors="replace"))
+
+    def wait_connected(self, timeout: float) -> tuple[int, int]:
+        """(node id, SuperNode pid) once the command says it is connected."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = "".join(self.lines)
+            match = re.search(r"SuperNode (\d+) connected to \S+ \(pid (\d+)\)", text)
+            if match:
+                return int(match[1]), int(match[2])
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(
+            f"`healthlab site-node` did not connect within {timeout} s:\n"
+            + "".join(self.lines)[-3000:]
+        )
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM by PID (the command stops its SuperNode); its exit code."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.reader.join(5)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return int(self.process.returncode)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) process."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.fixture(scope="module")
+def deployment(
+    anvil: AnvilNode, tmp_path_factory: pytest.TempPathFactory
+) -> Deployment:
+    """Chain, data, a SuperLink, three SuperNodes, one signed 2-round study, stop."""
+    require_flower()
+    started = time.monotonic()
+    work = tmp_path_factory.mktemp("deploy")
+    ledger = registry(anvil)
+    owner, researcher = ledger.accounts[6], ledger.accounts[7]
+    frames = site_frames()
+    paths = {}
+    for name, frame in frames.items():
+        paths[name] = work / f"{name}.csv"
+        frame.to_csv(paths[name], index=False)
+    # site_2 keeps its rows in a SQL database instead
+    db_url = f"sqlite:///{work / 'site_2.db'}"
+    store = SQLStore(db_url)
+    try:
+        store.write_table("cohort", pd.read_csv(paths["site_2"]))
+        sql_frame = store.read_table("cohort")
+    finally:
+        store.close()
+    hashes = {
+        "site_0": sha256_of(paths["site_0"]),
+        "site_1": sha256_of(paths["site_1"]),
+        "site_2": Site("site_2", sql_frame).content_hash,
+    }
+    datasets = {
+        name: grant(ledger, hashes[name], owner, researcher, name) for name in SITES
+    }
+    configs = {
+        name: SiteConfig(
+            name=name,
+            dataset_id=datasets[name],
+            rpc_url=anvil.url,
+            registry=ledger.address,
+            data=str(paths[name]),
+            state_dir=str(work / f"state_{name}"),
+            verify_content=True,
+        )
+        for name in SITES[:2]
+    }
+    link = SuperLink()
+    nodes: list[SiteNode] = []
+    cli_node: _CliNode | None = None
+    cli_supernode_pid: int | None = None
+    seconds: dict[str, float] = {"chain and data": time.monotonic() - started}
+    stopped: dict[str, dict[str, Any]] = {}
+    try:
+        link.start(timeout=60)
+        for name in SITES[:2]:  # launched together, then waited for
+            nodes.append(SiteNode(link.address, configs[name]).launch())
+        cli_node = _CliNode(
+            [
+                "site-node",
+                "--superlink",
+                link.address,
+                "--site",
+                "site_2",
+                "--sql-url",
+                db_url,
+                "--table",
+                "cohort",
+                "--dataset-id",
+                str(datasets["site_2"]),
+                "--rpc-url",
+                anvil.url,
+                "--registry",
+                ledger.address,
+                "--state-dir",
+                str(work / "state_site_2"),
+                "--verify-content",
+            ]
+        )
+        for node in nodes:
+            node.wait_ready(60)
+        cli_node_id, cli_supernode_pid = cli_node.wait_connected(90)
+        seconds["processes up"] = time.monotonic() - started - sum(seconds.values())
+        result_path = work / "result.json"
+        study_started = time.monotonic()
+        outcome = CliRunner().invoke(
+            cli.app,
+            [
+                "study",
+                "--superlink",
+                link.address,
+                "--rpc-url",
+                anvil.url,
+                "--registry",
+                ledger.address,
+                "--researcher",
+                researcher,
+                "--datasets",
+                ",".join(str(datasets[n]) for n in SITES),
+                "--target",
+                TARGET,
+                "--features",
+                ",".join(FEATURES),
+                "--rounds",
+                str(ROUNDS),
+                "--sites",
+                "3",
+                "--min-sites",
+                "3",
+                "--node-timeout",
+                "60",
+                "--round-timeout",
+                "90",
+                "--result",
+                str(result_path),
+            ],
+        )
+        seconds["study"] = time.monotonic() - study_started
+        assert outcome.exit_code == 0, (
+            f"healthlab study failed: {outcome.output[-4000:]}\n"
+            f"{outcome.exception!r}\nSuperLink log:\n{link.log()[-3000:]}"
+        )
+        raw = json.loads(result_path.read_text())
+        result = load_result(raw, ledger=ledger)
+        # a study that needs more sites than are connected fails with a clear error
+        too_few_started = time.monotonic()
+        with pytest.raises(HealthLabError) as too_few:
+            launch_study(
+                link.address,
+                StudyConfig(
+                    target=TARGET,
+                    features=tuple(FEATURES),
+                    rounds=1,
+                    min_sites=4,
+                    expected_sites=4,
+                    node_timeout=3.0,
+                ),
+                workdir=work / "too-few",
+                timeout=120,
+            )
+        seconds["too few sites"] = time.monotonic() - too_few_started
+        ports = {"superlink": link.port, **{n.site.name: n.port for n in nodes}}
+        node_ids = {n.site.name: int(n.node_id or 0) for n in nodes}
+        node_ids["site_2"] = cli_node_id
+    finally:
+        stop_started = time.monotonic()
+        for node in nodes:  # SuperNodes first
+            pids = node.group()
+            node.stop()
+            code = node.process.returncode if node.process else None
+            stopped[node.site.name] = {
+                "pids": pids,
+                "code": code,
+                "alive": [p for p in pids if _alive(p)],
+                "at": time.monotonic(),
+            }
+        if cli_node is not None:
+            code = cli_node.stop()
+            pids = [cli_node.process.pid]
+            if cli_supernode_pid is not None:
+                pids.append(cli_supernode_pid)
+            deadline = time.monotonic() + 15
+            while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            stopped["site_2"] = {
+                "pids": pids,
+                "code": code,
+                "alive": [p for p in pids if _alive(p)],
+                "at": time.monotonic(),
+            }
+        link_pids = link.group()
+        link.stop()
+        stopped["superlink"] = {
+            "pids": link_pids,
+            "code": link.process.returncode if link.process else None,
+            "alive": [p for p in link_pids if _alive(p)],
+            "at": time.monotonic(),
+        }
+        seconds["stop"] = time.monotonic() - stop_started
+        for node in nodes:
+            node.close()
+        link.close()
+    seconds["total"] = time.monotonic() - started
+    print(f"\ndeployment timings (s): { {k: round(v, 1) for k, v in seconds.items()} }")
+    return Deployment(
+        frames,
+        datasets,
+        hashes,
+        ledger,
+        researcher,
+        raw,
+        result,
+        outcome.output,
+        str(too_few.value),
+        ports,
+        node_ids,
+        seconds,
+        stopped,
+    )
+
+
+def test_two_rounds_complete_with_all_three_sites(deployment: Deployment) -> None:
+    history = deployment.result.history
+    assert deployment.raw["status"] == "finished", deployment.raw.get("error")
+    assert history["round"].tolist() == [1, 2]
+    for _, row in history.iterrows():
+        assert sorted(row["sites"]) == SITES, f"round {row['round']}: {row['sites']}"
+        assert row["n_sites"] == 3
+        assert row["refused"] == {}, f"round {row['round']} refusals: {row['refused']}"
+        assert row["rejected"] == {}, (
+            f"round {row['round']} rejected: {row['rejected']}"
+        )
+        assert set(row["per_site"]) == set(SITES)
+    weights = np.concatenate([p.ravel() for p in deployment.result.params])
+    assert weights.shape == (len(FEATURES) + 1,)
+    assert np.isfinite(weights).all()
+    assert np.abs(weights).max() > 0.1, "the model did not move from its zero start"
+    assert history["loss"].iloc[1] < history["loss"].iloc[0]
+    assert "2 round(s) in" in deployment.cli_output, deployment.cli_output[-2000:]
+
+
+def test_a_study_needing_more_sites_than_connected_fails_clearly(
+    deployment: Deployment,
+) -> None:
+    message = deployment.too_few_sites
+    assert "the study failed on the SuperLink" in message, message
+    assert "only 3 site node(s) connected" in message, message
+    assert "the study needs 4" in message, message
+    assert deployment.seconds["too few sites"] < 60, deployment.seconds
+
+
+def test_sites_run_on_their_own_ports_and_nodes(deployment: Deployment) -> None:
+    ports = list(deployment.ports.values())
+    assert len(set(ports)) == len(ports) == 3, deployment.ports
+    assert len(set(deployment.node_ids.values())) == 3, deployment.node_ids
+    assert all(v > 0 for v in deployment.node_ids.values()), deployment.node_ids
+
+
+def test_deployed_model_equals_the_in_process_simulation(
+    deployment: Deployment,
+) -> None:
+    simulated = train(
+        deployment.frames,
+        TARGET,
+        FEATURES,
+        rounds=ROUNDS,
+        min_sites=3,
+        progress=lambda report: None,
+    )
+    for deployed, local in zip(deployment.result.params, simulated.params, strict=True):
+        np.testing.assert_allclose(deployed, local, rtol=1e-9, atol=1e-12)
+    columns = ["loss", "accuracy", "auc"]
+    np.testing.assert_allclose(
+        deployment.result.history[columns].to_numpy(),
+        simulated.history[columns].to_numpy(),
+        rtol=1e-9,
+    )
+    assert deployment.result.history["accuracy"].iloc[-1] >= 0.85
+
+
+def test_pooled_standardization_equals_pandas_on_the_pooled_rows(
+    deployment: Deployment,
+) -> None:
+    pooled = pd.concat(deployment.frames.values())[FEATURES]
+    prep = deployment.result.preprocessing
+    np.testing.assert_allclose(prep.center, pooled.mean().to_numpy(), rtol=1e-12)
+    matrix = np.asarray(prep.matrix)
+    np.testing.assert_allclose(
+        np.diag(matrix), 1.0 / pooled.std(ddof=1).to_numpy(), rtol=1e-10
+    )
+    assert np.count_nonzero(matrix - np.diag(np.diag(matrix))) == 0
+
+
+def test_receipt_names_each_sites_dataset_hash_and_grant(
+    deployment: Deployment,
+) -> None:
+    receipt = deployment.result.receipt
+    assert receipt["gated"] is True
+    assert receipt["researcher"] == deployment.researcher
+    by_name = {s["name"]: s for s in receipt["sites"]}
+    assert sorted(by_name) == SITES
+    for name in SITES:
+        ds = deployment.datasets[name]
+        access = deployment.ledger.access(ds, deployment.researcher)
+        assert by_name[name]["dataset_id"] == ds
+        assert by_name[name]["request_id"] == access.request_id
+        assert by_name[name]["content_hash"] == deployment.content_hashes[name]
+
+
+def test_processes_are_stopped_by_pid_supernodes_before_superlink(
+    deployment: Deployment,
+) -> None:
+    stopped = deployment.stopped
+    assert sorted(stopped) == [*SITES, "superlink"]
+    for name, record in stopped.items():
+        assert record["pids"], f"{name}: no process was recorded"
+        assert record["alive"] == [], f"{name}: still running {record['alive']}"
+        assert record["code"] is not None, f"{name} did not exit"
+        if name != "superlink":
+            assert record["at"] < stopped["superlink"]["at"]
+    assert stopped["site_2"]["code"] == 0, "healthlab site-node did not exit cleanly"
+    # a SuperNode's group held Flower's SuperExec besides the node itself
+    assert len(stopped["site_0"]["pids"]) >= 2, stopped["site_0"]
+
+
+# --------------------------------------------------- the site, in-process
+_ids = itertools.count(1)
+
+
+@dataclass
+class GatedSite:
+    """One site's config, its signed study and the chain behind them."""
+
+    config: SiteConfig
+    study: StudyConfig
+    ledger: Ledger
+    owner: str
+    researcher: str
+    frame: pd.DataFrame
+
+
+@pytest.fixture(scope="module")
+def chain(anvil: AnvilNode) -> Ledger:
+    return registry(anvil)
+
+
+def make_site(chain: Ledger, folder: Path, name: str, frame: pd.DataFrame) -> GatedSite:
+    owner, researcher = chain.accounts[8], chain.accounts[9]
+    path = folder / f"{name}.csv"
+    frame.to_csv(path, index=False)
+    ds = grant(chain, sha256_of(path), owner, researcher, f"{name}-{folder.name}")
+    config = SiteConfig(
+        name=name,
+        dataset_id=ds,
+        rpc_url=str(chain.rpc_url),
+        registry=chain.address,
+        data=str(path),
+        state_dir=str(folder / f"state_{name}"),
+        verify_content=True,
+    )
+    signed = StudyConfig(
+        target=TARGET, features=tuple(FEATURES), rounds=2, datasets=(ds,)
+    ).sign(chain, researcher)
+    return GatedSite(config, signed, chain, owner, researcher, frame)
+
+
+_seeds = itertools.count(100)
+
+
+@pytest.fixture
+def site(chain: Ledger, tmp_path: Path) -> GatedSite:
+    """A gated site with rows of its own (every dataset's content is unique)."""
+    rows = site_frames()["site_0"].sample(frac=1.0, random_state=next(_seeds))
+    return make_site(chain, tmp_path, "site_a", rows.reset_index(drop=True))
+
+
+def ask(
+    site: SiteConfig,
+    study: StudyConfig,
+    action: str,
+    *,
+    run_id: int = 1,
+    state: RecordDict | None = None,
+    content: RecordDict | None = None,
+) -> Any:
+    """Call the deployed ClientApp as a SuperNode would; the reply's content."""
+    metadata = Metadata(
+        run_id=run_id,
+        message_id=f"message-{next(_ids)}",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type=action,
+    )
+    message = Message(
+        content or RecordDict({"config": ConfigRecord({})}), metadata=metadata
+    )
+    context = Context(
+        run_id=run_id,
+        node_id=1,
+        node_config=_node_config(site),
+        state=state if state is not None else RecordDict(),
+        run_config=study.to_run_config(),
+    )
+    return client_app(message, context).content
+
+
+def _node_config(site: SiteConfig) -> dict[str, Any]:
+    """The node config Flower parses from ``site.node_config()``."""
+    from flwr.common.config import parse_config_args
+
+    return dict(parse_config_args([site.node_config()]))
+
+
+def train_message(site: GatedSite, round_: int = 1) -> RecordDict:
+    prep = Preprocessing.identity(len(FEATURES))
+    params = [np.zeros(len(FEATURES)), np.zeros(1)]
+    return RecordDict(
+        {
+            "arrays": ArrayRecord(params),
+            "config": ConfigRecord({"round": round_}),
+            "preprocessing": preprocessing_record(prep),
+        }
+    )
+
+
+def refused(content: Any) -> str:
+    status = content["status"]
+    assert "refused" in status, f"expected a refusal, got {dict(status)}"
+    assert "arrays" not in content and "metrics" not in content
+    return str(status["refused"])
+
+
+def test_site_joins_a_signed_study_while_the_grant_is_live(site: GatedSite) -> None:
+    status = ask(site.config, site.study, "query.hello")["status"]
+    assert "refused" not in status, status.get("refused")
+    assert status["site"] == "site_a"
+    assert status["rows"] == len(site.frame)
+    assert status["dataset-id"] == site.config.dataset_id
+    assert status["content-hash"] == sha256_of(site.config.data or "")
+    assert len(status["mask-key"]) == 32
+    key = Path(site.config.state_dir or "") / "mask-key.pem"
+    assert key.stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"rounds": 50}, "differ from what the researcher signed"),
+        ({"features": tuple(FEATURES[:3])}, "differ from what the researcher signed"),
+        ({"signature": ""}, "only takes part in studies signed"),
+    ],
+)
+def test_site_refuses_a_study_altered_after_signing_or_unsigned(
+    site: GatedSite, change: dict[str, Any], reason: str
+) -> None:
+    altered = replace(site.study, **change)
+    assert reason in refused(ask(site.config, altered, "query.hello"))
+    assert reason in refused(
+        ask(site.config, altered, "train", content=train_message(site))
+    )
+
+
+def test_site_refuses_a_signature_replayed_in_another_run(site: GatedSite) -> None:
+    assert (
+        "refused"
+        not in ask(site.config, site.study, "query.hello", run_id=11)["status"]
+    )
+    # the same run may present it again (e.g. after the node restarted) ...
+    assert (
+        "refused"
+        not in ask(site.config, site.study, "query.hello", run_id=11)["status"]
+    )
+    # ... another run may not
+    reason = refused(ask(site.config, site.study, "query.hello", run_id=12))
+    assert "already used in run 11" in reason
+
+
+def test_site_refuses_a_study_that_does_not_include_its_dataset(
+    site: GatedSite,
+) -> None:
+    other = StudyConfig(
+        target=TARGET,
+        features=tuple(FEATURES),
+        datasets=(site.config.dataset_id + 1000,),
+    ).sign(site.ledger, site.researcher)
+    assert "not part of the signed study" in refused(
+        ask(site.config, other, "query.hello")
+    )
+
+
+def test_site_stops_training_from_the_round_after_its_grant_is_revoked(
+    site: GatedSite,
+) -> None:
+    state = RecordDict()
+    assert (
+        "refused"
+        not in ask(site.config, site.study, "query.hello", state=state)["status"]
+    )
+    first = ask(
+        site.config, site.study, "train", state=state, content=train_message(site)
+    )
+    assert "refused" not in first["status"], first["status"].get("refused")
+    assert first["metrics"]["num-examples"] == len(site.frame) - round(
+        0.2 * len(site.frame)
+    )
+    assert np.isfinite(first["arrays"].to_numpy_ndarrays()[0]).all()
+    site.ledger.revoke(site.config.dataset_id, site.researcher, sender=site.owner)
+    second = ask(
+        site.config, site.study, "train", state=state, content=train_message(site, 2)
+    )
+    assert "no longer live" in refused(second)
+    evaluation = ask(
+        site.config, site.study, "evaluate", state=state, content=train_message(site, 2)
+    )
+    assert "no longer live" in refused(evaluation)
+
+
+def test_site_refuses_data_that_differs_from_the_registered_hash(
+    site: GatedSite,
+) -> None:
+    path = Path(site.config.data or "")
+    path.write_text(path.read_text().replace("\n1", "\n2", 1))  # one value changed
+    reason = refused(ask(site.config, site.study, "query.hello"))
+    assert "does not match the content hash registered" in reason
+
+
+def test_masked_moments_reveal_only_the_pooled_totals(
+    chain: Ledger, tmp_path: Path
+) -> None:
+    frames = site_frames()
+    owner, researcher = chain.accounts[8], chain.accounts[9]
+    configs, datasets = [], []
+    for i, name in enumerate(SITES):
+        path = tmp_path / f"{name}.csv"
+        frames[name].to_csv(path, index=False)
+        ds = grant(
+            chain, sha256_of(path), owner, researcher, f"moments-{i}-{tmp_path.name}"
+        )
+        datasets.append(ds)
+        configs.append(
+            SiteConfig(
+                name=name,
+                dataset_id=ds,
+                rpc_url=str(chain.rpc_url),
+                registry=chain.address,
+                data=str(path),
+                key_path=str(tmp_path / f"{name}.pem"),
+            )
+        )
+    study = StudyConfig(
+        target=TARGET, features=tuple(FEATURES), datasets=tuple(datasets)
+    ).sign(chain, researcher)
+    keys = [bytes(ask(c, study, "query.hello")["status"]["mask-key"]) for c in configs]
+    peers = ConfigRecord({"peers": list(SITES), "peer-keys": keys})
+    masked = [
+        np.asarray(
+            ask(c, study, "query.moments", content=RecordDict({"config": peers}))[
+                "arrays"
+            ].to_numpy_ndarrays()[0]
+        )
+        for c in configs
+    ]
+    p = len(FEATURES)
+    upper = np.triu_indices(p)
+
+    def totals(frame: pd.DataFrame) -> np.ndarray:
+        x = frame[FEATURES].to_numpy(dtype=np.float64)
+        return np.concatenate([[len(x)], x.sum(axis=0), (x.T @ x)[upper]])
+
+    n_totals = 1 + p + p * (p + 1) // 2
+    assert masked[0].shape == (n_totals * DIGITS,)
+    plain = encode_totals(totals(frames["site_0"]))
+    assert np.mean(masked[0] == plain) < 0.01, "site_0's digits are not masked"
+    decoded = decode_sum(np.sum(masked, axis=0).astype(np.float64), n_totals, 3)
+    expected = sum(totals(frames[name]) for name in SITES)
+    np.testing.assert_allclose(decoded, expected, rtol=1e-14)
+    assert decoded[0] == sum(SIZES)
