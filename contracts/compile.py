@@ -26,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 BUILD = HERE / "build"
 SOURCES = {
     "src/HealthLabRegistry.sol": ["HealthLabRegistry"],
+    "src/CityScoreOracle.sol": ["CityScoreOracle"],
     "test/ReentrantPayee.sol": ["ReentrantPayee", "RevertingPayee"],
 }
 SETTINGS: dict[str, object] = {
@@ -126,13 +127,19 @@ def artifacts() -> dict[Path, str]:
 
 
 def write_build_info(directory: Path, root: Path = HERE) -> None:
-    """Write a Hardhat-style layout that Slither can analyse without calling solc."""
-    std_input = standard_input(["src/HealthLabRegistry.sol"], with_ast=True, root=root)
+    """Write a Hardhat-style layout that Slither can analyse without calling solc.
+
+    Every ``src/*.sol`` under ``root`` is analysed (test-only contracts are not).
+    """
+    sources = sorted(p.relative_to(root).as_posix() for p in root.glob("src/*.sol"))
+    if not sources:
+        sys.exit(f"no Solidity sources in {root / 'src'}")
+    std_input = standard_input(sources, with_ast=True, root=root)
     version, output = run_solc(std_input)
     info = directory / "artifacts" / "build-info"
     info.mkdir(parents=True, exist_ok=True)
     build = {"solcVersion": version.split("+")[0], "input": std_input, "output": output}
-    (info / "HealthLabRegistry.json").write_text(json.dumps(build))
+    (info / "contracts.json").write_text(json.dumps(build))
     (directory / "hardhat.config.js").write_text("module.exports = {};\n")
     for source in std_input["sources"]:  # type: ignore[union-attr]
         target = directory / source

@@ -322,3 +322,20 @@ def test_deployment_records_are_kept_per_chain(
         "rpc_url": "http://127.0.0.1:1",
     }
     assert deployments.lookup(b) is None
+
+
+def test_chain_clock_moves_forward_exactly_or_refuses_clearly(ledger: Ledger) -> None:
+    now = ledger.now()
+    with pytest.raises(errors.InvalidInput, match="later timestamp"):
+        ledger.mine(now)
+    with pytest.raises(errors.InvalidInput, match="at least one second"):
+        ledger.advance_time(0)
+    moved = ledger.advance_time(5)
+    assert moved >= now + 5
+    assert ledger.mine(moved + 100) == moved + 100
+    # the embedded chain never stamps a block before its pending block's time
+    pending = int(ledger._tester.get_block_by_number("pending")["timestamp"])
+    assert pending > moved + 100
+    if pending > ledger.now() + 1:
+        with pytest.raises(errors.InvalidInput, match="follows the wall clock"):
+            ledger.mine(ledger.now() + 1)

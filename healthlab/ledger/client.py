@@ -599,21 +599,52 @@ class Ledger:
         return self._now()
 
     def mine(self, timestamp: int | None = None) -> int:
-        """Mine a block, at ``timestamp`` if given (dev chains only); return time."""
+        """Mine a block, at ``timestamp`` if given (dev chains only); return its time.
+
+        The embedded chain stamps blocks with the wall clock at the least, so a
+        ``timestamp`` before its next block's time is refused rather than missed.
+        """
         tester = self._tester
+        if timestamp is not None and timestamp <= self._now():
+            raise errors.InvalidInput(
+                f"the chain is at {self._now()}; a new block needs a later timestamp"
+            )
         if tester is not None:
             if timestamp is not None:
-                tester.time_travel(timestamp)  # mines a block at timestamp - 1 …
+                pending = int(tester.get_block_by_number("pending")["timestamp"])
+                if timestamp < pending:
+                    raise errors.InvalidInput(
+                        f"the embedded chain's next block is at {pending} (it follows "
+                        "the wall clock); pick that time or a later one"
+                    )
+                if timestamp > pending:
+                    tester.time_travel(timestamp)  # mines a block at timestamp - 1 …
             tester.mine_blocks(1)  # … and this one at timestamp
         else:
             if timestamp is not None:
-                self.w3.provider.make_request("evm_setNextBlockTimestamp", [timestamp])  # type: ignore[arg-type]
+                self.w3.provider.make_request(
+                    "evm_setNextBlockTimestamp",  # type: ignore[arg-type]
+                    [timestamp],
+                )
             self.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
-        return self._now()
+        mined = self._now()
+        if timestamp is not None and mined != timestamp:
+            raise errors.TransactionFailed(
+                f"the node mined at {mined} instead of {timestamp}"
+            )
+        return mined
 
     def advance_time(self, seconds: int) -> int:
-        """Move the chain's clock forward by ``seconds`` (dev chains only)."""
-        return self.mine(self._now() + int(seconds))
+        """Move the chain's clock forward by at least ``seconds`` (dev chains only)."""
+        if seconds < 1:
+            raise errors.InvalidInput("advance the clock by at least one second")
+        target = self._now() + int(seconds)
+        tester = self._tester
+        if tester is not None:  # the embedded chain never stamps behind the wall clock
+            target = max(
+                target, int(tester.get_block_by_number("pending")["timestamp"])
+            )
+        return self.mine(target)
 
     # ----------------------------------------------------------------- signing
     def sign_query(
@@ -885,9 +916,12 @@ def _revert_data(exc: BaseException) -> str | None:
         for arg in getattr(seen, "args", ()):
             if isinstance(arg, bytes):
                 return "0x" + arg.hex()
-            if isinstance(arg, str) and "b'" in arg:  # eth-tester: repr of the bytes
+            quote = next(
+                (q for q in ("b'", 'b"') if isinstance(arg, str) and q in arg), ""
+            )
+            if quote:  # eth-tester: the repr of the bytes, b'…' or b"…"
                 try:
-                    raw = ast.literal_eval(arg[arg.index("b'") :])
+                    raw = ast.literal_eval(arg[arg.index(quote) :])
                 except (ValueError, SyntaxError):
                     continue
                 if isinstance(raw, bytes):

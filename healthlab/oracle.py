@@ -1,0 +1,1072 @@
+"""The city health score oracle: its contract's client and the data holder's worker.
+
+Anyone can ask the ``CityScoreOracle`` contract for a city's aggregate citizen health
+score over a period of days (:meth:`OracleClient.request_score`), paying the fee into
+escrow. The data holder runs an :class:`OracleWorker`: it watches for requests,
+scores every user-day at each of its sites with :mod:`healthlab.score`, pools the
+city's user-days of the period across sites with the encrypted statistics
+(:func:`healthlab.encrypted.describe`) under the sites' disclosure rules, and answers
+on chain - with the mean score ×100 and the number of user-days and sites behind it,
+or with a :class:`Refusal` code and no number. No individual's score leaves a site.
+
+Scaling: the published ``score_x100`` is ``floor(mean × 100 + 0.5)`` (half up) of the
+pooled mean, so ``score_x100 / 100`` is the mean to two decimals.
+
+Periods are day numbers: whole days since 1970-01-01 (UTC), both ends included
+(:func:`day_number`); a city id is the city's short name, UTF-8, right-padded with
+zeros to 32 bytes (:func:`city_id`).
+
+Examples
+--------
+>>> from healthlab import Ledger
+>>> from healthlab.data import city_days, load_city_tables
+>>> tables = load_city_tables()
+>>> days = city_days(tables)
+>>> holder = days["user_id"].map(tables.patients.set_index("user_id")["site"])
+>>> sites = {str(name): frame for name, frame in days.groupby(holder)}
+>>> ledger = Ledger.local()
+>>> owner, worker_account, citizen = ledger.accounts[1:4]
+>>> oracle = OracleClient.deploy(ledger, oracle=worker_account, sender=owner)
+>>> worker = OracleWorker(oracle, sites, sender=worker_account)
+>>> req = oracle.request_score("coastal", "2025-04-01", "2025-04-30", sender=citizen)
+>>> [action.action for action in worker.run_once()]
+['fulfilled']
+>>> oracle.request(req).result
+ScoreResult(score_x100=7442, user_days=2867, sites=2)
+>>> inland = oracle.request_score("inland", "2025-04-01", "2025-04-30", sender=citizen)
+>>> worker.run_once()[0].answer.reason
+'1 site(s) hold the period; a result pools at least 2'
+>>> oracle.request(inland).refusal
+<Refusal.TOO_FEW_SITES: 2>
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import logging
+import math
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from eth_abi.abi import decode as abi_decode
+from web3 import Web3
+from web3.logs import DISCARD
+
+from healthlab import errors
+from healthlab.encrypted import KeyHolder, describe
+from healthlab.ledger.artifacts import load_artifact
+from healthlab.ledger.client import (
+    _REVERTS,
+    Ledger,
+    _error_table,
+    _revert_data,
+    _rpc_errors,
+)
+from healthlab.receipts import Receipt
+from healthlab.score import health_score
+from healthlab.sites import DisclosurePolicy, Site
+
+__all__ = [
+    "DEFAULT_REQUEST_TIMEOUT",
+    "MAX_SCORE_X100",
+    "Answer",
+    "InvalidPeriod",
+    "InvalidRefusal",
+    "InvalidResult",
+    "InvalidTimeout",
+    "NoOracle",
+    "NotOracle",
+    "NotOwner",
+    "NotPending",
+    "NotRequester",
+    "NothingToWithdraw",
+    "OracleClient",
+    "OracleEvent",
+    "OracleWorker",
+    "PaymentFailed",
+    "Reentrancy",
+    "Refusal",
+    "RequestStatus",
+    "ScoreRequest",
+    "ScoreResult",
+    "TooEarlyToCancel",
+    "UnknownRequest",
+    "WorkerAction",
+    "WrongPayment",
+    "ZeroAddress",
+    "ZeroCity",
+    "city_id",
+    "city_name",
+    "day_date",
+    "day_number",
+    "scale_score",
+]
+
+log = logging.getLogger(__name__)
+
+#: Seconds after which an unanswered request may be cancelled (default: one day).
+DEFAULT_REQUEST_TIMEOUT = 24 * 3600
+#: The highest ``score_x100`` (a score of 100.00).
+MAX_SCORE_X100 = 10_000
+_EPOCH = dt.date(1970, 1, 1)
+_UINT32 = (1 << 32) - 1
+_UINT96 = (1 << 96) - 1
+
+
+# ------------------------------------------------------------------- records
+class RequestStatus(enum.IntEnum):
+    """A score request's state on chain (the contract's ``Status``)."""
+
+    NONE = 0
+    PENDING = 1
+    FULFILLED = 2
+    REFUSED = 3
+    CANCELLED = 4
+
+
+class Refusal(enum.IntEnum):
+    """Why the oracle answered without a number (the contract's ``Refusal``)."""
+
+    NONE = 0
+    #: A site's disclosure policy refused (too few user-days or users, differencing).
+    DISCLOSURE_REFUSED = 1
+    #: Fewer sites hold the city's period than a pooled result needs.
+    TOO_FEW_SITES = 2
+    #: No site holds a scored user-day of the city in the period.
+    NO_DATA = 3
+    #: No site knows the city at all.
+    UNKNOWN_CITY = 4
+    #: A site's data could not be used.
+    DATA_REFUSED = 5
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """A fulfilled request's answer: an aggregate, never an individual's score."""
+
+    score_x100: int
+    user_days: int
+    sites: int
+
+    @property
+    def score(self) -> float:
+        """The pooled mean score (0-100) to two decimals."""
+        return self.score_x100 / 100
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """A score request as the contract holds it now.
+
+    ``result`` is set only when ``status`` is ``FULFILLED``, ``refusal`` only when it
+    is ``REFUSED``: a refused request carries no number.
+    """
+
+    id: int
+    requester: str
+    city: str
+    city_id: str
+    from_day: int
+    to_day: int
+    amount_wei: int
+    created_at: int
+    cancellable_at: int
+    status: RequestStatus
+    result: ScoreResult | None
+    refusal: Refusal | None
+
+    @property
+    def period(self) -> tuple[dt.date, dt.date]:
+        """The first and last day of the period (inclusive) as dates."""
+        return day_date(self.from_day), day_date(self.to_day)
+
+
+@dataclass(frozen=True)
+class OracleEvent:
+    """One event of the oracle contract."""
+
+    event: str
+    block: int
+    log_index: int
+    tx: str
+    request_id: int | None
+    args: dict[str, Any]
+
+
+# ------------------------------------------------------------------- errors
+class _OracleError(errors.ContractError):
+    """Mixin: the message names the oracle contract rather than the registry."""
+
+    def _default_message(self) -> str:
+        shown = ", ".join(f"{k}={_show(v)}" for k, v in self.values.items())
+        return (
+            f"the city score oracle refused the call: {self.error_name}({shown}); "
+            f"{self.hint}"
+        )
+
+
+class NotOwner(_OracleError, errors.NotAuthorized):
+    hint = "only the oracle contract's owner may register the oracle or set the fee"
+
+
+class NotOracle(_OracleError, errors.NotAuthorized):
+    hint = (
+        "only the registered oracle (the data holder's worker) may answer requests; "
+        "see OracleClient.oracle"
+    )
+
+
+class NotRequester(_OracleError, errors.NotRequester):
+    hint = "only the account that requested this score may cancel it"
+
+
+class UnknownRequest(_OracleError, errors.UnknownRequest):
+    hint = "list score requests with OracleClient.requests()"
+
+
+class NotPending(_OracleError, errors.NotPending):
+    hint = "this request was answered or cancelled already: each is settled once"
+
+
+class NoOracle(_OracleError, errors.StateConflict):
+    hint = (
+        "no oracle is registered yet, so nobody could answer; nothing was paid. "
+        "The owner registers one with OracleClient.set_oracle"
+    )
+
+
+class ZeroAddress(_OracleError, errors.ZeroAddress):
+    hint = "give a real address"
+
+
+class ZeroCity(_OracleError, errors.InvalidRequest):
+    hint = "name the city (its short id, e.g. 'coastal')"
+
+
+class InvalidPeriod(_OracleError, errors.InvalidRequest):
+    hint = "the period's last day must not come before its first day"
+
+
+class InvalidTimeout(_OracleError, errors.InvalidRequest):
+    hint = "the request timeout must be 1 to 2**32-1 seconds"
+
+
+class WrongPayment(_OracleError, errors.WrongPayment):
+    hint = "send exactly the oracle's current fee (OracleClient.fee_wei); nothing paid"
+
+
+class InvalidResult(_OracleError, errors.InvalidRequest):
+    hint = "a score is 0-10000 (x100) over at least one user-day and one site"
+
+
+class InvalidRefusal(_OracleError, errors.InvalidRequest):
+    hint = "give a refusal reason other than Refusal.NONE"
+
+
+class TooEarlyToCancel(_OracleError, errors.TooEarlyToCancel):
+    hint = "an unanswered request can be cancelled once its timeout has passed"
+
+
+class NothingToWithdraw(_OracleError, errors.NothingToWithdraw):
+    hint = "nothing is credited to this account on the oracle contract"
+
+
+class PaymentFailed(_OracleError, errors.PaymentFailed):
+    hint = "the receiving address rejected the ether; withdraw to another address"
+
+
+class Reentrancy(_OracleError, errors.Reentrancy):
+    hint = "withdraw cannot be re-entered"
+
+
+_ERRORS: dict[str, type[errors.ContractError]] = {
+    cls.__name__: cls
+    for cls in (
+        NotOwner,
+        NotOracle,
+        NotRequester,
+        UnknownRequest,
+        NotPending,
+        NoOracle,
+        ZeroAddress,
+        ZeroCity,
+        InvalidPeriod,
+        InvalidTimeout,
+        WrongPayment,
+        InvalidResult,
+        InvalidRefusal,
+        TooEarlyToCancel,
+        NothingToWithdraw,
+        PaymentFailed,
+        Reentrancy,
+    )
+}
+
+
+# ------------------------------------------------------------------ helpers
+def city_id(name: str) -> bytes:
+    """The contract's ``bytes32`` id of a city: its name, UTF-8, zero-padded."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise errors.InvalidInput(
+            "a city is named by a non-empty string, e.g. 'coastal'"
+        )
+    raw = name.encode()
+    if len(raw) > 32:
+        raise errors.InvalidInput(f"city names are at most 32 bytes of UTF-8: {name!r}")
+    return raw.ljust(32, b"\0")
+
+
+def city_name(raw: bytes) -> str:
+    """The city name of a ``bytes32`` id (undecodable bytes become U+FFFD)."""
+    return bytes(raw).rstrip(b"\0").decode("utf-8", errors="replace")
+
+
+def day_number(day: dt.date | str | int) -> int:
+    """Whole days since 1970-01-01 of a date, an ISO date string or a day number."""
+    if isinstance(day, bool):
+        raise errors.InvalidInput("a day is a date, an ISO date string or a number")
+    if isinstance(day, int):
+        number = day
+    elif isinstance(day, dt.datetime):
+        number = (day.date() - _EPOCH).days
+    elif isinstance(day, dt.date):
+        number = (day - _EPOCH).days
+    elif isinstance(day, str):
+        try:
+            number = (dt.date.fromisoformat(day) - _EPOCH).days
+        except ValueError:
+            raise errors.InvalidInput(
+                f"{day!r} is not an ISO date (YYYY-MM-DD)"
+            ) from None
+    else:
+        raise errors.InvalidInput("a day is a date, an ISO date string or a number")
+    if not 0 <= number <= _UINT32:
+        raise errors.InvalidInput("days must fall on or after 1970-01-01")
+    return number
+
+
+def day_date(number: int) -> dt.date:
+    """The date of a day number."""
+    return _EPOCH + dt.timedelta(days=int(number))
+
+
+def scale_score(mean: float) -> int:
+    """The published form of a mean score: ``floor(mean × 100 + 0.5)``, 0-10000."""
+    if not math.isfinite(mean) or not 0 <= mean <= 100:
+        raise errors.InvalidInput(f"a mean score lies in [0, 100], not {mean!r}")
+    return min(MAX_SCORE_X100, math.floor(mean * 100 + 0.5))
+
+
+def _uint(value: int, name: str, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise errors.InvalidInput(f"{name} must be a whole number from 0 to {high}")
+    return value
+
+
+def _address(value: str, name: str) -> str:
+    if not isinstance(value, str) or not Web3.is_address(value):
+        raise errors.InvalidInput(f"{name} must be an Ethereum address")
+    return str(Web3.to_checksum_address(value))
+
+
+# ------------------------------------------------------------------- client
+class OracleClient:
+    """The Python client of a deployed ``CityScoreOracle``, on a :class:`Ledger`'s
+    connection (its node, accounts and keys).
+
+    Parameters
+    ----------
+    ledger:
+        The connection; transactions are sent through :meth:`Ledger.transact`.
+    address:
+        The oracle contract.
+    from_block:
+        Where event scans start (the deployment block).
+    """
+
+    def __init__(self, ledger: Ledger, address: str, *, from_block: int = 0) -> None:
+        artifact = load_artifact("CityScoreOracle")
+        self.ledger = ledger
+        self.w3 = ledger.w3
+        self.address = Web3.to_checksum_address(_address(address, "address"))
+        self.contract = self.w3.eth.contract(address=self.address, abi=artifact["abi"])
+        self.from_block = int(from_block)
+        self.last_receipt: Any = None
+        self._errors = _error_table(artifact["abi"])
+
+    @classmethod
+    def deploy(
+        cls,
+        ledger: Ledger,
+        *,
+        request_timeout: int = DEFAULT_REQUEST_TIMEOUT,
+        oracle: str | None = None,
+        fee_wei: int = 0,
+        sender: str | None = None,
+    ) -> OracleClient:
+        """Deploy a new oracle contract owned by ``sender``; optionally register the
+        ``oracle`` account and a fee at once."""
+        _uint(request_timeout, "request_timeout", _UINT32)
+        if request_timeout == 0:
+            raise errors.InvalidInput("request_timeout must be at least 1 second")
+        artifact = load_artifact("CityScoreOracle")
+        factory = ledger.w3.eth.contract(
+            abi=artifact["abi"], bytecode=artifact["bytecode"]
+        )
+        receipt = _send(
+            ledger,
+            _error_table(artifact["abi"]),
+            factory.constructor(int(request_timeout)),
+            sender,
+        )
+        client = cls(
+            ledger,
+            receipt["contractAddress"],
+            from_block=int(receipt["blockNumber"]),
+        )
+        client.last_receipt = receipt
+        if oracle is not None:
+            client.set_oracle(oracle, sender=sender)
+        if fee_wei:
+            client.set_fee(fee_wei, sender=sender)
+        return client
+
+    # ------------------------------------------------------------ settings
+    @property
+    def owner(self) -> str:
+        """The account that registers the oracle and sets the fee."""
+        return str(self._call(self.contract.functions.owner()))
+
+    @property
+    def oracle(self) -> str | None:
+        """The registered oracle account (``None`` until one is registered)."""
+        found = str(self._call(self.contract.functions.oracle()))
+        return None if int(found, 16) == 0 else found
+
+    @property
+    def fee_wei(self) -> int:
+        """What a new request pays into escrow."""
+        return int(self._call(self.contract.functions.fee()))
+
+    @cached_property
+    def request_timeout(self) -> int:
+        """Seconds after which an unanswered request may be cancelled."""
+        return int(self._call(self.contract.functions.requestTimeout()))
+
+    def set_oracle(self, oracle: str, *, sender: str | None = None) -> None:
+        """Register the account that answers requests (owner only)."""
+        who = _address(oracle, "oracle")
+        self._transact(self.contract.functions.setOracle(who), sender)
+
+    def set_fee(self, fee_wei: int, *, sender: str | None = None) -> None:
+        """Set the fee of new requests (owner only); pending ones keep theirs."""
+        fee = _uint(fee_wei, "fee_wei", _UINT96)
+        self._transact(self.contract.functions.setFee(fee), sender)
+
+    # ------------------------------------------------------------ requests
+    def request_score(
+        self,
+        city: str,
+        from_day: dt.date | str | int,
+        to_day: dt.date | str | int,
+        *,
+        fee_wei: int | None = None,
+        sender: str | None = None,
+    ) -> int:
+        """Ask for ``city``'s score over ``from_day``-``to_day`` (inclusive), paying
+        the fee (default: the fee read now); return the request id.
+
+        If the fee changed before the transaction is mined, the contract reverts with
+        :class:`~healthlab.errors.WrongPayment` and nothing is paid.
+        """
+        start, end = day_number(from_day), day_number(to_day)
+        if end < start:
+            raise errors.InvalidInput(
+                f"the period ends ({day_date(end)}) before it starts "
+                f"({day_date(start)})"
+            )
+        pay = self.fee_wei if fee_wei is None else _uint(fee_wei, "fee_wei", _UINT96)
+        fn = self.contract.functions.requestScore(city_id(city), start, end)
+        receipt = self._transact(fn, sender, value=pay)
+        return int(self._event(receipt, "ScoreRequested")["requestId"])
+
+    def fulfil(
+        self,
+        request_id: int,
+        result: ScoreResult,
+        *,
+        sender: str | None = None,
+    ) -> ScoreRequest:
+        """Answer a pending request with an aggregate (the registered oracle only)."""
+        fn = self.contract.functions.fulfil(
+            _uint(request_id, "request_id", (1 << 64) - 1),
+            _uint(result.score_x100, "score_x100", MAX_SCORE_X100),
+            _uint(result.user_days, "user_days", _UINT32),
+            _uint(result.sites, "sites", (1 << 16) - 1),
+        )
+        self._transact(fn, sender)
+        return self.request(request_id)
+
+    def refuse(
+        self, request_id: int, reason: Refusal, *, sender: str | None = None
+    ) -> ScoreRequest:
+        """Answer a pending request with a refusal and no number (oracle only)."""
+        code = Refusal(reason)
+        if code is Refusal.NONE:
+            raise errors.InvalidInput("give a refusal reason other than Refusal.NONE")
+        fn = self.contract.functions.refuse(
+            _uint(request_id, "request_id", (1 << 64) - 1), int(code)
+        )
+        self._transact(fn, sender)
+        return self.request(request_id)
+
+    def cancel(self, request_id: int, *, sender: str | None = None) -> ScoreRequest:
+        """Cancel your unanswered request after the timeout; the fee is refunded."""
+        fn = self.contract.functions.cancel(
+            _uint(request_id, "request_id", (1 << 64) - 1)
+        )
+        self._transact(fn, sender)
+        return self.request(request_id)
+
+    def request(self, request_id: int) -> ScoreRequest:
+        """A request's record as the contract holds it now."""
+        raw = self._call(self.contract.functions.getRequest(int(request_id)))
+        requester, amount, cid, start, end, created, status, refusal = raw[:8]
+        score_x100, user_days, sites = raw[8:]
+        state = RequestStatus(status)
+        return ScoreRequest(
+            id=int(request_id),
+            requester=str(requester),
+            city=city_name(cid),
+            city_id="0x" + bytes(cid).hex(),
+            from_day=int(start),
+            to_day=int(end),
+            amount_wei=int(amount),
+            created_at=int(created),
+            cancellable_at=int(created) + self.request_timeout,
+            status=state,
+            result=ScoreResult(int(score_x100), int(user_days), int(sites))
+            if state is RequestStatus.FULFILLED
+            else None,
+            refusal=Refusal(refusal) if state is RequestStatus.REFUSED else None,
+        )
+
+    @property
+    def request_count(self) -> int:
+        """How many requests were ever made."""
+        return int(self._call(self.contract.functions.requestCount()))
+
+    def requests(
+        self,
+        *,
+        requester: str | None = None,
+        status: RequestStatus | None = None,
+    ) -> list[ScoreRequest]:
+        """Every request, oldest first, optionally of one requester and/or status."""
+        who = None if requester is None else _address(requester, "requester")
+        found = [self.request(i) for i in range(1, self.request_count + 1)]
+        return [
+            r
+            for r in found
+            if (who is None or r.requester == who)
+            and (status is None or r.status is status)
+        ]
+
+    # ------------------------------------------------------------ payments
+    def credit(self, address: str) -> int:
+        """Wei credited to ``address`` on the oracle and withdrawable now."""
+        who = _address(address, "address")
+        return int(self._call(self.contract.functions.credits(who)))
+
+    def withdraw(self, *, sender: str | None = None, to: str | None = None) -> int:
+        """Pay out what is credited to ``sender`` (to ``to`` if given); return wei."""
+        if to is None:
+            fn = self.contract.functions.withdraw()
+        else:
+            fn = self.contract.functions.withdrawTo(_address(to, "to"))
+        receipt = self._transact(fn, sender)
+        return int(self._event(receipt, "Withdrawal")["amount"])
+
+    # -------------------------------------------------------------- events
+    def events(
+        self,
+        *,
+        event: str | None = None,
+        from_block: int | None = None,
+        to_block: int | str = "latest",
+    ) -> list[OracleEvent]:
+        """The contract's events (of one kind if ``event`` is given), oldest first."""
+        params: dict[str, Any] = {
+            "address": self.address,
+            "fromBlock": self.from_block if from_block is None else int(from_block),
+            "toBlock": to_block,
+        }
+        names = self._event_names
+        if event is not None:
+            topics = [t for t, n in names.items() if n == event]
+            if not topics:
+                raise errors.InvalidInput(
+                    f"the oracle has no event {event!r}; it has "
+                    f"{', '.join(sorted(set(names.values())))}"
+                )
+            params["topics"] = [topics]
+        with _rpc_errors(self.ledger.rpc_url):
+            raw = self.w3.eth.get_logs(params)  # type: ignore[arg-type]
+        out = []
+        for entry in raw:
+            name = names.get(entry["topics"][0].to_0x_hex())
+            if name is None:
+                continue
+            decoded = getattr(self.contract.events, name)().process_log(entry)
+            args = {
+                k: ("0x" + bytes(v).hex() if isinstance(v, bytes) else v)
+                for k, v in decoded["args"].items()
+            }
+            if name == "ScoreRefused":
+                args["reason"] = Refusal(int(args["reason"]))
+            request_id = args.get("requestId")
+            out.append(
+                OracleEvent(
+                    event=name,
+                    block=int(entry["blockNumber"]),
+                    log_index=int(entry["logIndex"]),
+                    tx=entry["transactionHash"].to_0x_hex(),
+                    request_id=None if request_id is None else int(request_id),
+                    args=args,
+                )
+            )
+        return out
+
+    @cached_property
+    def _event_names(self) -> dict[str, str]:
+        out = {}
+        for item in self.contract.abi:
+            if item["type"] == "event":
+                types = ",".join(i["type"] for i in item["inputs"])
+                topic = Web3.keccak(text=f"{item['name']}({types})").to_0x_hex()
+                out[topic] = str(item["name"])
+        return out
+
+    # ------------------------------------------------------------ plumbing
+    def transact(self, fn: Any, sender: str | None = None, *, value: int = 0) -> Any:
+        """Send a prepared call (e.g. ``client.contract.functions.X(...)``); return
+        its receipt. Low level: no client-side checks; reverts still become this
+        module's error classes."""
+        return self._transact(fn, sender, value=value)
+
+    def _transact(self, fn: Any, sender: str | None, *, value: int = 0) -> Any:
+        receipt = _send(self.ledger, self._errors, fn, sender, value=value)
+        self.last_receipt = receipt
+        return receipt
+
+    def _call(self, fn: Any) -> Any:
+        with _rpc_errors(self.ledger.rpc_url):
+            try:
+                return fn.call()
+            except _REVERTS as exc:
+                raise _decode(self._errors, exc) from None
+
+    def _event(self, receipt: Any, name: str) -> Any:
+        logs = getattr(self.contract.events, name)().process_receipt(
+            receipt, errors=DISCARD
+        )
+        if not logs:
+            raise errors.TransactionFailed(f"no {name} event in transaction receipt")
+        return logs[0]["args"]
+
+
+ErrorTable = dict[str, tuple[str, list[str], list[str]]]
+
+
+def _send(
+    ledger: Ledger, table: ErrorTable, fn: Any, sender: str | None, *, value: int = 0
+) -> Any:
+    """Send a prepared call through ``ledger``; decode reverts with ``table``.
+
+    The ledger decodes reverts with the registry's errors, so the call is first
+    simulated here on the pending block (``eth_call``; a constructor is estimated).
+    """
+    who = sender or ledger.default_sender
+    if who is None:
+        raise errors.InvalidInput(
+            "say who sends this transaction: pass sender=<address>"
+        )
+    tx = {"from": _address(who, "sender"), "value": int(value)}
+    with _rpc_errors(ledger.rpc_url):
+        try:
+            if hasattr(fn, "call"):
+                fn.call(tx, block_identifier="pending")
+            else:
+                fn.estimate_gas(tx)
+        except _REVERTS as exc:
+            raise _decode(table, exc) from None
+    try:
+        return ledger.transact(fn, who, value=value)
+    except errors.ContractError:
+        # the state changed between the estimate and the transaction: replay it
+        if hasattr(fn, "call"):
+            with _rpc_errors(ledger.rpc_url):
+                try:
+                    fn.call(tx)
+                except _REVERTS as exc:
+                    raise _decode(table, exc) from None
+        raise
+
+
+def _decode(table: ErrorTable, exc: Exception) -> errors.ContractError:
+    """The oracle's error class for a revert, with its decoded arguments."""
+    data = _revert_data(exc)
+    if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
+        found = table.get(data[2:10])
+        if found is not None:
+            name, types, names = found
+            values = abi_decode(types, bytes.fromhex(data[10:]))
+            decoded = {
+                k: _decoded_value(k, t, v)
+                for k, t, v in zip(names, types, values, strict=True)
+            }
+            return _ERRORS.get(name, _OracleError)(name, decoded)
+    return _OracleError("revert", {"reason": str(exc)})
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, enum.Enum):
+        return value.name
+    if isinstance(value, bytes):
+        return "0x" + value.hex()
+    return str(value)
+
+
+def _decoded_value(name: str, kind: str, value: Any) -> Any:
+    if name == "status":
+        return RequestStatus(value)
+    if kind == "address":
+        return Web3.to_checksum_address(value)
+    return value
+
+
+# ------------------------------------------------------------------- worker
+@dataclass(frozen=True)
+class Answer:
+    """What the worker computed for a period: a result or a refusal, never both.
+
+    ``reason`` explains a refusal with site names and thresholds, never values;
+    ``receipt`` is the encrypted-statistics receipt of a result (kept by the data
+    holder, not published).
+    """
+
+    result: ScoreResult | None
+    refusal: Refusal | None
+    reason: str = ""
+    receipt: Receipt | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class WorkerAction:
+    """One thing :meth:`OracleWorker.run_once` did about a request."""
+
+    request_id: int
+    action: str  # "fulfilled", "refused" or "skipped"
+    answer: Answer | None
+    tx: str | None
+    gas_used: int | None
+    note: str = ""
+
+
+_REFUSAL_OF: tuple[tuple[type[errors.HealthLabError], Refusal], ...] = (
+    (errors.TooFewSites, Refusal.TOO_FEW_SITES),
+    (errors.DisclosureRefused, Refusal.DISCLOSURE_REFUSED),
+    (errors.DataRefused, Refusal.DATA_REFUSED),
+)
+
+
+class OracleWorker:
+    """The data holder's oracle: computes city scores at its sites and answers.
+
+    Parameters
+    ----------
+    client:
+        The oracle contract's client.
+    sites:
+        ``{site name: frame}``: each site's user-days with ``user_id``, ``date``,
+        ``city_id`` and the score's factor columns (as :func:`healthlab.data.city_days`
+        gives them). Scores are computed once, at construction, per site.
+    sender:
+        The registered oracle account the worker answers from (default: the ledger's
+        default sender).
+    weights, min_coverage:
+        Passed to :func:`healthlab.score.health_score`.
+    policy:
+        Every site's disclosure policy (default :class:`DisclosurePolicy`: at least 3
+        user-days per site, 2 sites, differencing by at least 3 user-days).
+    min_users:
+        Fewest distinct users whose days a site pools (default 3), so a site's share
+        of a mean is never one or two people's.
+    min_sites:
+        Fewest sites a result pools (never fewer than the policy's).
+    from_block:
+        The first block scanned for requests (default: the contract's deployment).
+
+    Notes
+    -----
+    Each site's memory of the user-days it answered before (the differencing check)
+    lives in this object: a restarted worker starts with an empty memory.
+    """
+
+    def __init__(
+        self,
+        client: OracleClient,
+        sites: Mapping[str, pd.DataFrame],
+        *,
+        sender: str | None = None,
+        weights: Mapping[str, float] | None = None,
+        min_coverage: float = 0.5,
+        policy: DisclosurePolicy | None = None,
+        min_users: int = 3,
+        min_sites: int = 2,
+        keys: KeyHolder | None = None,
+        from_block: int | None = None,
+    ) -> None:
+        if not isinstance(sites, Mapping) or not sites:
+            raise errors.InvalidInput(
+                "sites must be a non-empty mapping {site name: city-days frame}"
+            )
+        who = sender or client.ledger.default_sender
+        if who is None:
+            raise errors.InvalidInput("pass sender=<the registered oracle account>")
+        if isinstance(min_users, bool) or not isinstance(min_users, int):
+            raise errors.InvalidInput("min_users must be a whole number")
+        self.client = client
+        self.sender = _address(who, "sender")
+        self.policy = policy or DisclosurePolicy()
+        self.min_users = max(1, min_users)
+        self.min_sites = max(int(min_sites), self.policy.min_sites)
+        self.from_block = client.from_block if from_block is None else int(from_block)
+        self._keys = keys or KeyHolder()
+        self._tables = {
+            str(name): _score_table(str(name), frame, weights, min_coverage)
+            for name, frame in sites.items()
+        }
+        # what each site answered before, over all its rows (differencing)
+        self._memory = {
+            name: Site(name, table[["score"]], policy=self.policy)
+            for name, table in self._tables.items()
+        }
+        self._queue: dict[int, OracleEvent] = {}
+
+    # ------------------------------------------------------------ compute
+    def compute(
+        self,
+        city: str,
+        from_day: dt.date | str | int,
+        to_day: dt.date | str | int,
+        *,
+        requester: str | None = None,
+    ) -> Answer:
+        """The city's pooled score over the period, or the refusal the rules give.
+
+        Each site selects its scored user-days of the city in the period and refuses
+        fewer than the policy's ``min_rows`` user-days or ``min_users`` users, and a
+        selection that differs from one it answered before by fewer than
+        ``min_difference`` user-days. The pooled mean and count come from
+        :func:`healthlab.encrypted.describe` over the sites holding any such day.
+        """
+        start, end = day_number(from_day), day_number(to_day)
+        masks: dict[str, np.ndarray] = {}
+        known = False
+        refused: list[str] = []
+        for name, table in self._tables.items():
+            in_city = (table["city_id"] == city).to_numpy()
+            known = known or bool(in_city.any())
+            day = table["day"].to_numpy()
+            mask = (
+                in_city
+                & (day >= start)
+                & (day <= end)
+                & table["score"].notna().to_numpy()
+            )
+            if not mask.any():
+                continue
+            masks[name] = mask
+            try:
+                self._memory[name].check_subsets({"score": [mask]})
+                users = int(table.loc[mask, "user_id"].nunique())
+                if users < self.min_users:
+                    raise errors.DisclosureRefused(
+                        f"site {name}: the period holds the days of fewer than "
+                        f"{self.min_users} users"
+                    )
+            except errors.DisclosureRefused as exc:
+                refused.append(str(exc))
+        if refused:
+            return Answer(None, Refusal.DISCLOSURE_REFUSED, "; ".join(refused))
+        if not known:
+            return Answer(None, Refusal.UNKNOWN_CITY, f"no site holds city {city!r}")
+        if not masks:
+            return Answer(None, Refusal.NO_DATA, "no scored user-day in the period")
+        if len(masks) < self.min_sites:
+            return Answer(
+                None,
+                Refusal.TOO_FEW_SITES,
+                f"{len(masks)} site(s) hold the period; a result pools at least "
+                f"{self.min_sites}",
+            )
+        sites = [
+            Site(
+                name,
+                self._tables[name].loc[mask, ["score"]].reset_index(drop=True),
+                policy=self.policy,
+            )
+            for name, mask in masks.items()
+        ]
+        try:
+            table = describe(
+                sites, ["score"], keys=self._keys, min_sites=self.min_sites
+            )
+        except errors.HealthLabError as exc:
+            for kind, code in _REFUSAL_OF:
+                if isinstance(exc, kind):
+                    return Answer(None, code, str(exc))
+            raise
+        receipt = table.attrs["receipt"]
+        for name, mask in masks.items():
+            self._memory[name].remember(
+                {"score": [mask]},
+                query_hash=str(receipt["result_hash"]),
+                kind="city-score",
+                researcher=requester,
+            )
+        pooled = table["score"].to_dict()
+        result = ScoreResult(
+            score_x100=scale_score(float(pooled["mean"])),
+            user_days=round(float(pooled["count"])),
+            sites=len(sites),
+        )
+        return Answer(result, None, "", receipt)
+
+    # ---------------------------------------------------------------- loop
+    def run_once(self) -> list[WorkerAction]:
+        """Read new requests, answer every pending one; return what was done.
+
+        A request that is no longer pending (cancelled meanwhile) is skipped. If the
+        chain cannot be reached the error propagates and the unanswered requests stay
+        queued for the next call. Raises
+        :class:`~healthlab.errors.ConfigurationError` before computing anything when
+        this worker's account is not the registered oracle.
+        """
+        registered = self.client.oracle
+        if registered != self.sender:
+            raise errors.ConfigurationError(
+                f"this worker answers from {self.sender}, but the oracle registered "
+                f"on {self.client.address} is {registered}: the owner must register "
+                "this account (OracleClient.set_oracle)"
+            )
+        latest = int(self.client.w3.eth.block_number)
+        if latest >= self.from_block:
+            for found in self.client.events(
+                event="ScoreRequested", from_block=self.from_block, to_block=latest
+            ):
+                assert found.request_id is not None
+                self._queue[found.request_id] = found
+            self.from_block = latest + 1
+        actions = []
+        for request_id in sorted(self._queue):
+            actions.append(self._answer(request_id))
+            del self._queue[request_id]
+        return actions
+
+    def run(
+        self, poll_seconds: float = 2.0, stop_event: threading.Event | None = None
+    ) -> list[WorkerAction]:
+        """Call :meth:`run_once` every ``poll_seconds`` until ``stop_event`` is set;
+        return every action taken. Lost connections are logged and retried."""
+        stop = stop_event or threading.Event()
+        done: list[WorkerAction] = []
+        while not stop.is_set():
+            try:
+                actions = self.run_once()
+            except (errors.ChainUnreachable, errors.TransactionFailed) as exc:
+                log.warning("oracle worker: %s; retrying", exc)
+            else:
+                for action in actions:
+                    log.info(
+                        "oracle worker: request %d %s", action.request_id, action.action
+                    )
+                done += actions
+            stop.wait(poll_seconds)
+        return done
+
+    @property
+    def pending(self) -> list[int]:
+        """Request ids seen but not yet answered (after a failed run_once)."""
+        return sorted(self._queue)
+
+    def _answer(self, request_id: int) -> WorkerAction:
+        record = self.client.request(request_id)
+        if record.status is not RequestStatus.PENDING:
+            return WorkerAction(
+                request_id, "skipped", None, None, None, record.status.name.lower()
+            )
+        answer = self.compute(
+            record.city, record.from_day, record.to_day, requester=record.requester
+        )
+        try:
+            if answer.result is not None:
+                self.client.fulfil(request_id, answer.result, sender=self.sender)
+                action = "fulfilled"
+            else:
+                assert answer.refusal is not None
+                self.client.refuse(request_id, answer.refusal, sender=self.sender)
+                action = "refused"
+        except errors.NotPending as exc:  # cancelled between the check and the answer
+            return WorkerAction(request_id, "skipped", answer, None, None, str(exc))
+        receipt = self.client.last_receipt
+        return WorkerAction(
+            request_id,
+            action,
+            answer,
+            receipt["transactionHash"].to_0x_hex(),
+            int(receipt["gasUsed"]),
+            answer.reason,
+        )
+
+
+def _score_table(
+    name: str,
+    frame: pd.DataFrame,
+    weights: Mapping[str, float] | None,
+    min_coverage: float,
+) -> pd.DataFrame:
+    """One site's user-days: user, city, day number and score (computed here)."""
+    if not isinstance(frame, pd.DataFrame):
+        raise errors.InvalidInput(f"site {name}: give its user-days as a DataFrame")
+    absent = [c for c in ("user_id", "date", "city_id") if c not in frame.columns]
+    if absent:
+        raise errors.InvalidInput(
+            f"site {name} lacks column(s) {', '.join(absent)} (see "
+            "healthlab.data.city_days)"
+        )
+    frame = frame.reset_index(drop=True)
+    dates = pd.to_datetime(frame["date"], errors="coerce")
+    if dates.isna().any():
+        raise errors.InvalidInput(
+            f"site {name}: {int(dates.isna().sum())} row(s) have no valid date"
+        )
+    if dates.dt.tz is not None:
+        dates = dates.dt.tz_convert("UTC").dt.tz_localize(None)
+    days = dates.to_numpy().astype("datetime64[D]").astype(np.int64)
+    scores = health_score(frame, weights, min_coverage=min_coverage)
+    return pd.DataFrame(
+        {
+            "user_id": frame["user_id"].astype(str).to_numpy(),
+            "city_id": frame["city_id"].astype(str).to_numpy(),
+            "day": days,
+            "score": scores.to_numpy(dtype=float),
+        }
+    )

@@ -1,0 +1,360 @@
+"""Authorization matrix of the registry: who may call each state-changing function.
+
+Every guarded function is sent straight to the contract (``Ledger.transact``) by every
+party that may not call it, and must revert with its named error and change nothing:
+credits, access records, dataset records, balances, counters and the block height are
+read before and after. One positive control per function shows that the permitted
+party succeeds from the very same state, so the matrix cannot pass vacuously.
+
+The scene (two datasets, a pending request, a live grant, an owner's credit, the
+request timeout elapsed) is built once per module and restored by snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from healthlab import errors
+from healthlab.ledger import Ledger, Status
+from tests.conftest import ETHER, Chain, content_hash
+
+FEE = ETHER // 100
+GRANT_SECONDS = 30 * 24 * 3600
+RESULT_HASH = "0x" + "ab" * 32
+
+
+@dataclass(frozen=True)
+class Scene:
+    """Parties and records every case starts from."""
+
+    ledger: Ledger
+    owner: str  # owns `dataset`; credited FEE for the holder's grant
+    researcher: str  # has a pending request on `dataset`, older than the timeout
+    holder: str  # holds a live grant on `dataset`
+    stranger: str  # nothing to do with either dataset
+    other_owner: str  # owns `other_dataset`
+    payee: str  # a plain address to withdraw to
+    dataset: int
+    other_dataset: int
+    pending_request: int
+    grant_request: int
+
+    def party(self, role: str) -> str:
+        return str(getattr(self, role))
+
+    @property
+    def parties(self) -> dict[str, str]:
+        roles = ("owner", "researcher", "holder", "stranger", "other_owner", "payee")
+        return {role: self.party(role) for role in roles}
+
+
+@pytest.fixture(scope="module")
+def scene_snapshot(chain: Chain) -> Iterator[tuple[Any, dict[str, Any]]]:
+    """Build the scene once; yield its snapshot and ids, restore the chain after."""
+    tester = chain.tester
+    clean = tester.take_snapshot()
+    ledger = chain.ledger()
+    owner, researcher, stranger, other_owner, holder, payee = ledger.accounts[1:7]
+    dataset = ledger.register_dataset(
+        "https://hospital.example/cohort.csv",
+        content_hash(),
+        fee_wei=FEE,
+        grant_seconds=GRANT_SECONDS,
+        terms="HMB|NCU",
+        sender=owner,
+    )
+    other_dataset = ledger.register_dataset(
+        "ipfs://bafy-other-cohort",
+        content_hash(),
+        fee_wei=FEE,
+        terms="GRU",
+        sender=other_owner,
+    )
+    grant_request = ledger.request_access(dataset, "CVD risk", "HMB|NCU", sender=holder)
+    ledger.approve(grant_request, sender=owner)
+    pending_request = ledger.request_access(
+        dataset, "diabetes incidence", "DS|NCU", sender=researcher
+    )
+    timeout = int(ledger.contract.functions.requestTimeout().call())
+    ledger.advance_time(timeout + 1)  # the researcher may now cancel
+    ids = {
+        "owner": owner,
+        "researcher": researcher,
+        "holder": holder,
+        "stranger": stranger,
+        "other_owner": other_owner,
+        "payee": payee,
+        "dataset": dataset,
+        "other_dataset": other_dataset,
+        "pending_request": pending_request,
+        "grant_request": grant_request,
+    }
+    try:
+        yield tester.take_snapshot(), ids
+    finally:
+        tester.revert_to_snapshot(clean)
+
+
+@pytest.fixture
+def scene(chain: Chain, scene_snapshot: tuple[Any, dict[str, Any]]) -> Iterator[Scene]:
+    """The scene on a fresh client; every change is rolled back after the test."""
+    snapshot, ids = scene_snapshot
+    try:
+        yield Scene(ledger=chain.ledger(), **ids)
+    finally:
+        chain.tester.revert_to_snapshot(snapshot)
+
+
+def fingerprint(scene: Scene) -> dict[str, Any]:
+    """Everything a call could change, read from the chain."""
+    ledger = scene.ledger
+    fns = ledger.contract.functions
+    state: dict[str, Any] = {
+        "block number": ledger.w3.eth.block_number,
+        "contract balance": ledger.balance(ledger.address),
+        "dataset counter": fns.datasetCount().call(),
+        "request counter": fns.requestCount().call(),
+        "result anchor": fns.resultRequest(bytes.fromhex(RESULT_HASH[2:])).call(),
+    }
+    for ds in (scene.dataset, scene.other_dataset):
+        state[f"dataset {ds}"] = fns.getDataset(ds).call()
+    for role, address in scene.parties.items():
+        state[f"credit of {role}"] = fns.credits(address).call()
+        state[f"ether of {role}"] = ledger.balance(address)
+        for ds in (scene.dataset, scene.other_dataset):
+            state[f"access of {role} on {ds}"] = fns.getAccess(ds, address).call()
+    return state
+
+
+# ------------------------------------------------------------------ the matrix
+@dataclass(frozen=True)
+class Guarded:
+    """A state-changing function, who may call it and how it refuses the others."""
+
+    name: str
+    call: Callable[[Scene], Any]
+    allowed: str
+    refused: tuple[str, ...]
+    error: type[errors.ContractError]
+    values: Callable[[Scene, str], dict[str, Any]]
+
+
+def _not_owner(scene: Scene, caller: str) -> dict[str, Any]:
+    return {"datasetId": scene.dataset, "caller": caller}
+
+
+def _not_requester(request: str) -> Callable[[Scene, str], dict[str, Any]]:
+    def values(scene: Scene, caller: str) -> dict[str, Any]:
+        return {"requestId": getattr(scene, request), "caller": caller}
+
+    return values
+
+
+def _nothing(scene: Scene, caller: str) -> dict[str, Any]:
+    return {"payee": caller}
+
+
+OWNER_REFUSED = ("researcher", "stranger", "other_owner")
+GUARDED = [
+    Guarded(
+        "updateDataset",
+        lambda s: s.ledger.contract.functions.updateDataset(
+            s.dataset, 2 * FEE, 3600, 0x1, True
+        ),
+        "owner",
+        OWNER_REFUSED,
+        errors.NotDatasetOwner,
+        _not_owner,
+    ),
+    Guarded(
+        "setActive",
+        lambda s: s.ledger.contract.functions.setActive(s.dataset, False),
+        "owner",
+        OWNER_REFUSED,
+        errors.NotDatasetOwner,
+        _not_owner,
+    ),
+    Guarded(
+        "approve",
+        lambda s: s.ledger.contract.functions.approve(
+            s.dataset, s.researcher, s.pending_request
+        ),
+        "owner",
+        OWNER_REFUSED,
+        errors.NotDatasetOwner,
+        _not_owner,
+    ),
+    Guarded(
+        "decline",
+        lambda s: s.ledger.contract.functions.decline(
+            s.dataset, s.researcher, s.pending_request
+        ),
+        "owner",
+        OWNER_REFUSED,
+        errors.NotDatasetOwner,
+        _not_owner,
+    ),
+    Guarded(
+        "revoke",
+        lambda s: s.ledger.contract.functions.revoke(s.dataset, s.holder),
+        "owner",
+        OWNER_REFUSED,
+        errors.NotDatasetOwner,
+        _not_owner,
+    ),
+    Guarded(
+        "cancel",
+        lambda s: s.ledger.contract.functions.cancel(s.dataset, s.pending_request),
+        "researcher",
+        ("owner", "stranger", "holder"),
+        errors.NotRequester,
+        _not_requester("pending_request"),
+    ),
+    Guarded(
+        "recordResult",
+        lambda s: s.ledger.contract.functions.recordResult(
+            s.dataset, s.grant_request, bytes.fromhex(RESULT_HASH[2:])
+        ),
+        "holder",
+        ("owner", "stranger", "researcher"),
+        errors.NotRequester,
+        _not_requester("grant_request"),
+    ),
+    Guarded(
+        "withdraw",
+        lambda s: s.ledger.contract.functions.withdraw(),
+        "owner",
+        ("stranger", "researcher"),  # the researcher's fee is escrowed, not credited
+        errors.NothingToWithdraw,
+        _nothing,
+    ),
+    Guarded(
+        "withdrawTo",
+        lambda s: s.ledger.contract.functions.withdrawTo(s.payee),
+        "owner",
+        ("stranger", "researcher"),
+        errors.NothingToWithdraw,
+        _nothing,
+    ),
+]
+REFUSALS = [(g, role) for g in GUARDED for role in g.refused]
+
+
+@pytest.mark.parametrize(
+    ("guarded", "role"),
+    REFUSALS,
+    ids=[f"{g.name}-by-{role}" for g, role in REFUSALS],
+)
+def test_unauthorized_call_reverts_with_named_error_and_changes_nothing(
+    scene: Scene, guarded: Guarded, role: str
+) -> None:
+    caller = scene.party(role)
+    before = fingerprint(scene)
+    with pytest.raises(errors.ContractError) as refused:
+        scene.ledger.transact(guarded.call(scene), caller)
+    assert type(refused.value) is guarded.error, (
+        f"{guarded.name} by {role}: expected {guarded.error.__name__}, "
+        f"got {type(refused.value).__name__}: {refused.value}"
+    )
+    assert refused.value.values == guarded.values(scene, caller)
+    assert fingerprint(scene) == before, (
+        f"refused {guarded.name} by {role} changed state"
+    )
+
+
+def _effect_update(scene: Scene, before: dict[str, Any]) -> None:
+    record = scene.ledger.dataset(scene.dataset)
+    assert (record.fee_wei, record.grant_seconds, int(record.terms)) == (
+        2 * FEE,
+        3600,
+        0x1,
+    )
+    assert record.auto_approve is True
+
+
+def _effect_set_active(scene: Scene, before: dict[str, Any]) -> None:
+    assert scene.ledger.dataset(scene.dataset).active is False
+    assert scene.ledger.has_access(scene.dataset, scene.holder) is False
+
+
+def _effect_approve(scene: Scene, before: dict[str, Any]) -> None:
+    access = scene.ledger.access(scene.dataset, scene.researcher)
+    assert access.status is Status.APPROVED
+    assert access.expires_at == scene.ledger.now() + GRANT_SECONDS
+    assert scene.ledger.has_access(scene.dataset, scene.researcher) is True
+    assert scene.ledger.credit(scene.owner) == 2 * FEE  # the holder's and this fee
+
+
+def _effect_decline(scene: Scene, before: dict[str, Any]) -> None:
+    access = scene.ledger.access(scene.dataset, scene.researcher)
+    assert access.status is Status.DECLINED
+    assert scene.ledger.credit(scene.researcher) == FEE
+    assert scene.ledger.credit(scene.owner) == FEE
+
+
+def _effect_revoke(scene: Scene, before: dict[str, Any]) -> None:
+    assert scene.ledger.access(scene.dataset, scene.holder).status is Status.REVOKED
+    assert scene.ledger.has_access(scene.dataset, scene.holder) is False
+    assert scene.ledger.credit(scene.owner) == FEE  # the earned fee stays earned
+
+
+def _effect_cancel(scene: Scene, before: dict[str, Any]) -> None:
+    access = scene.ledger.access(scene.dataset, scene.researcher)
+    assert access.status is Status.CANCELLED
+    assert scene.ledger.credit(scene.researcher) == FEE
+
+
+def _effect_record(scene: Scene, before: dict[str, Any]) -> None:
+    assert scene.ledger.result_request(RESULT_HASH) == scene.grant_request
+
+
+def _effect_withdraw(scene: Scene, before: dict[str, Any]) -> None:
+    receipt = scene.ledger.last_receipt
+    gas = receipt["gasUsed"] * receipt["effectiveGasPrice"]
+    assert scene.ledger.credit(scene.owner) == 0
+    assert scene.ledger.balance(scene.owner) == before["ether of owner"] + FEE - gas
+
+
+def _effect_withdraw_to(scene: Scene, before: dict[str, Any]) -> None:
+    assert scene.ledger.credit(scene.owner) == 0
+    assert scene.ledger.balance(scene.payee) == before["ether of payee"] + FEE
+
+
+EFFECTS: dict[str, Callable[[Scene, dict[str, Any]], None]] = {
+    "updateDataset": _effect_update,
+    "setActive": _effect_set_active,
+    "approve": _effect_approve,
+    "decline": _effect_decline,
+    "revoke": _effect_revoke,
+    "cancel": _effect_cancel,
+    "recordResult": _effect_record,
+    "withdraw": _effect_withdraw,
+    "withdrawTo": _effect_withdraw_to,
+}
+
+
+@pytest.mark.parametrize("guarded", GUARDED, ids=[g.name for g in GUARDED])
+def test_permitted_party_succeeds_from_the_same_state(
+    scene: Scene, guarded: Guarded
+) -> None:
+    before = fingerprint(scene)
+    receipt = scene.ledger.transact(guarded.call(scene), scene.party(guarded.allowed))
+    assert receipt["status"] == 1
+    EFFECTS[guarded.name](scene, before)
+    assert fingerprint(scene) != before
+
+
+def test_every_state_changing_function_is_in_the_matrix(scene: Scene) -> None:
+    abi = scene.ledger.contract.abi
+    mutating = {
+        item["name"]
+        for item in abi
+        if item["type"] == "function"
+        and item["stateMutability"] in ("nonpayable", "payable")
+    }
+    # registerDataset and requestAccess are open to everyone by design
+    assert mutating - {"registerDataset", "requestAccess"} == {g.name for g in GUARDED}

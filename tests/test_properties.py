@@ -1,0 +1,925 @@
+"""Stateful property test: the registry against an exact Python model of it.
+
+Six actors (accounts 1..6, each both owner and researcher) register datasets (fees
+including 0, grants of 10..5000 s, random terms, auto-approval on or off), update
+them, open and close them, request access (codes that fit the terms, random codes,
+stale agreed fees, wrong payments), approve, decline, cancel, revoke, record results,
+withdraw (to themselves, each other, an outside payee or the zero address), and move
+the clock (random jumps and jumps onto grant expiries and cancellation times).
+
+Every step's outcome is predicted by the model: a refused step must revert with the
+error class *and arguments* the model names. After every step the whole chain state is
+compared with the model: every dataset record, every (dataset, actor) access record,
+``hasAccess`` for every pair, every credit, both counters, the clock and the contract's
+balance, and the money invariants hold:
+
+* contract balance == escrowed + credited (nothing else can send ether to it);
+* total paid in == total paid out + balance held;
+* every fee is in exactly one place: escrow (its request still pending), its owner's
+  credit or withdrawals, or its researcher's refund credit or withdrawals.
+
+Each example runs on the session chain from a snapshot (taken in ``__init__``, restored
+in ``teardown``). Profiles, chosen with ``HEALTHLAB_HYPOTHESIS_PROFILE``:
+
+* ``ci`` (default): 16 examples × up to 40 steps (~520 steps run; ~55 s of CPU,
+  60-80 s wall on the 2-core dev box while other jobs ran);
+* ``thorough``: 300 examples × up to 60 steps (~12,500 steps; ~25 minutes).
+
+A step costs ~0.1 s, mostly the ~50 view calls of the invariant check.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import pytest
+from eth_abi import decode as abi_decode
+from eth_abi import encode as abi_encode
+from eth_utils import (
+    function_abi_to_4byte_selector,
+    get_abi_input_types,
+    get_abi_output_types,
+)
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+from healthlab import errors
+from healthlab.ledger import Codes, Ledger, Status, permits
+from tests.conftest import Chain
+
+T = TypeVar("T")
+
+PROFILE_ENV = "HEALTHLAB_HYPOTHESIS_PROFILE"
+_COMMON: dict[str, Any] = {"deadline": None}
+settings.register_profile(
+    "healthlab-registry-ci", max_examples=16, stateful_step_count=40, **_COMMON
+)
+settings.register_profile(
+    "healthlab-registry-thorough",
+    max_examples=300,
+    stateful_step_count=60,
+    **_COMMON,
+)
+
+MAX_DATASETS = 3
+ZERO_ADDRESS = "0x" + "00" * 20
+#: Mined blocks are put this far ahead of the wall clock, so that every transaction
+#: lands exactly one second after the latest block (eth-tester uses
+#: max(wall clock, parent + 1)) and the model knows every timestamp.
+CLOCK_LEAD = 10**7
+
+PURPOSES = (Codes.GRU, Codes.HMB, Codes.DS, Codes.POA, Codes.MDS)
+ATTESTABLE = (Codes.NCU, Codes.IRB, Codes.PUB)
+ALL_CODES = (*PURPOSES, *ATTESTABLE, Codes.COL)
+PURPOSE_MASK = 0xFF
+
+FEES = st.one_of(st.just(0), st.integers(1, 10**6), st.integers(10**6, 10**18))
+GRANTS = st.integers(10, 5000)
+TERMS = st.builds(
+    lambda purposes, modifiers: sum(purposes) + sum(modifiers),
+    st.sets(st.sampled_from(PURPOSES), min_size=1),
+    st.sets(st.sampled_from((*ATTESTABLE, Codes.COL))),
+)
+#: Configuration faults the contract must refuse (None: a valid configuration).
+FAULTS = st.sampled_from([None] * 6 + ["fee", "grant", "purpose"])
+
+
+# ------------------------------------------------------------------------ model
+class Held(enum.Enum):
+    """Where a request's fee is."""
+
+    ESCROW = "escrowed"
+    OWNER = "earned by the owner"
+    REFUND = "refunded to the researcher"
+
+
+@dataclass
+class DatasetModel:
+    owner: str
+    fee: int
+    grant_seconds: int
+    terms: int
+    auto_approve: bool
+    active: bool
+    content_hash: bytes
+    pointer: str
+    old_fees: list[int] = field(default_factory=list)
+
+    def as_chain(self) -> tuple[Any, ...]:
+        """The tuple ``getDataset`` returns (eth-abi decodes addresses lower-case)."""
+        return (
+            self.owner.lower(),
+            self.fee,
+            self.grant_seconds,
+            self.terms,
+            self.auto_approve,
+            self.active,
+            self.content_hash,
+            self.pointer,
+        )
+
+
+@dataclass(frozen=True)
+class AccessModel:
+    request_id: int = 0
+    amount: int = 0
+    created_at: int = 0
+    expires_at: int = 0
+    status: Status = Status.NONE
+
+    def as_chain(self) -> tuple[int, ...]:
+        """The tuple ``getAccess`` returns."""
+        return (
+            self.request_id,
+            self.amount,
+            self.created_at,
+            self.expires_at,
+            int(self.status),
+        )
+
+
+@dataclass
+class Payment:
+    dataset: int
+    researcher: str
+    amount: int
+    held: Held
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The error the contract must revert with."""
+
+    error: type[errors.ContractError]
+    values: dict[str, Any]
+
+
+def _refuse(error: type[errors.ContractError], **values: Any) -> Refusal:
+    return Refusal(error, values)
+
+
+def model_permits(codes: int, terms: int) -> bool:
+    """The DUO rules of the contract's NatSpec, written independently of the client."""
+    known = sum(ALL_CODES)
+    if codes & ~known or codes & Codes.COL:
+        return False
+    purposes = codes & PURPOSE_MASK
+    if not purposes:
+        return False
+    allowed = terms & PURPOSE_MASK
+    if allowed & Codes.GRU:
+        allowed = PURPOSE_MASK
+    if allowed & Codes.HMB:
+        allowed |= Codes.DS
+    required = terms & sum(ATTESTABLE)
+    return not purposes & ~allowed and codes & required == required
+
+
+@dataclass
+class Model:
+    """The registry's expected state; ``now`` is the latest block's timestamp."""
+
+    now: int
+    timeout: int
+    datasets: dict[int, DatasetModel] = field(default_factory=dict)
+    access: dict[tuple[int, str], AccessModel] = field(default_factory=dict)
+    credits: dict[str, int] = field(default_factory=dict)
+    payments: dict[int, Payment] = field(default_factory=dict)
+    withdrawn: dict[str, int] = field(default_factory=dict)
+    results: dict[bytes, int] = field(default_factory=dict)
+    paid_in: int = 0
+    paid_out: int = 0
+
+    @property
+    def next_time(self) -> int:
+        """Timestamp of the next transaction's block."""
+        return self.now + 1
+
+    @property
+    def request_count(self) -> int:
+        return len(self.payments)
+
+    def record(self, ds: int, who: str) -> AccessModel:
+        return self.access.get((ds, who), AccessModel())
+
+    def has_access(self, ds: int, who: str, at: int | None = None) -> bool:
+        a = self.record(ds, who)
+        when = self.now if at is None else at
+        return (
+            a.status is Status.APPROVED
+            and when < a.expires_at
+            and self.datasets[ds].active
+        )
+
+    def owner_check(self, ds: int, caller: str) -> Refusal | None:
+        if ds not in self.datasets:
+            return _refuse(errors.UnknownDataset, datasetId=ds)
+        if self.datasets[ds].owner != caller:
+            return _refuse(errors.NotDatasetOwner, datasetId=ds, caller=caller)
+        return None
+
+    def config_check(self, fee: int, grant: int, terms: int) -> Refusal | None:
+        if fee >= 1 << 96:
+            return _refuse(errors.FeeTooLarge, fee=fee)
+        if grant == 0:
+            return _refuse(errors.InvalidGrantDuration, grantSeconds=grant)
+        if terms & ~sum(ALL_CODES):
+            return _refuse(errors.UnknownCodes, codes=terms)
+        if not terms & PURPOSE_MASK:
+            return _refuse(errors.NoPurpose)
+        return None
+
+    def credit(self, payee: str, amount: int) -> None:
+        self.credits[payee] = self.credits.get(payee, 0) + amount
+
+    # ------------------------------------------------------------ predictions
+    def refuse_register(
+        self, digest: bytes, fee: int, grant: int, terms: int
+    ) -> Refusal | None:
+        for ds, record in self.datasets.items():
+            if record.content_hash == digest:
+                return _refuse(
+                    errors.DuplicateDataset, contentHash=digest, existingId=ds
+                )
+        return self.config_check(fee, grant, terms)
+
+    def refuse_request(
+        self, ds: int, who: str, agreed: int, value: int, codes: int
+    ) -> Refusal | None:
+        if ds not in self.datasets:
+            return _refuse(errors.UnknownDataset, datasetId=ds)
+        d = self.datasets[ds]
+        if not d.active:
+            return _refuse(errors.DatasetInactive, datasetId=ds)
+        if agreed != d.fee:
+            return _refuse(errors.FeeChanged, agreedFee=agreed, currentFee=d.fee)
+        if value != d.fee:
+            return _refuse(errors.WrongPayment, expected=d.fee, sent=value)
+        if not model_permits(codes, d.terms):
+            return _refuse(errors.PurposeNotPermitted, codes=codes, terms=d.terms)
+        a = self.record(ds, who)
+        if a.status is Status.PENDING:
+            return _refuse(errors.RequestAlreadyOpen, requestId=a.request_id)
+        if a.status is Status.APPROVED and self.next_time < a.expires_at:
+            return _refuse(
+                errors.AccessAlreadyGranted,
+                requestId=a.request_id,
+                expiresAt=a.expires_at,
+            )
+        return None
+
+    def refuse_pending(self, ds: int, who: str, request_id: int) -> Refusal | None:
+        a = self.record(ds, who)
+        if a.request_id != request_id or request_id == 0:
+            return _refuse(errors.UnknownRequest, requestId=request_id)
+        if a.status is not Status.PENDING:
+            return _refuse(errors.NotPending, requestId=request_id, status=a.status)
+        return None
+
+    def refuse_approve(
+        self, ds: int, who: str, request_id: int, caller: str
+    ) -> Refusal | None:
+        refusal = self.owner_check(ds, caller)
+        if refusal is None and not self.datasets[ds].active:
+            refusal = _refuse(errors.DatasetInactive, datasetId=ds)
+        return refusal or self.refuse_pending(ds, who, request_id)
+
+    def refuse_decline(
+        self, ds: int, who: str, request_id: int, caller: str
+    ) -> Refusal | None:
+        return self.owner_check(ds, caller) or self.refuse_pending(ds, who, request_id)
+
+    def refuse_cancel(self, ds: int, request_id: int, caller: str) -> Refusal | None:
+        a = self.record(ds, caller)
+        if a.request_id != request_id or request_id == 0:
+            return _refuse(errors.NotRequester, requestId=request_id, caller=caller)
+        if a.status is not Status.PENDING:
+            return _refuse(errors.NotPending, requestId=request_id, status=a.status)
+        cancellable_at = a.created_at + self.timeout
+        if self.next_time < cancellable_at and self.datasets[ds].active:
+            return _refuse(
+                errors.TooEarlyToCancel,
+                requestId=request_id,
+                cancellableAt=cancellable_at,
+            )
+        return None
+
+    def refuse_revoke(self, ds: int, who: str, caller: str) -> Refusal | None:
+        refusal = self.owner_check(ds, caller)
+        if refusal is not None:
+            return refusal
+        a = self.record(ds, who)
+        if a.status is not Status.APPROVED or self.next_time >= a.expires_at:
+            return _refuse(errors.NoActiveGrant, datasetId=ds, researcher=who)
+        return None
+
+    def refuse_withdraw(self, payee: str, to: str | None) -> Refusal | None:
+        if to == ZERO_ADDRESS:
+            return _refuse(errors.ZeroAddress)
+        if self.credits.get(payee, 0) == 0:
+            return _refuse(errors.NothingToWithdraw, payee=payee)
+        return None
+
+    def refuse_result(
+        self, ds: int, request_id: int, digest: bytes, caller: str
+    ) -> Refusal | None:
+        a = self.record(ds, caller)
+        if a.request_id != request_id or request_id == 0:
+            return _refuse(errors.NotRequester, requestId=request_id, caller=caller)
+        if not self.has_access(ds, caller, at=self.next_time):
+            return _refuse(errors.NoActiveGrant, datasetId=ds, researcher=caller)
+        if digest in self.results:
+            return _refuse(
+                errors.ResultAlreadyRecorded,
+                resultHash=digest,
+                requestId=self.results[digest],
+            )
+        return None
+
+
+# ------------------------------------------------------------------ chain reads
+class Views:
+    """The registry's view functions, called through eth-tester directly.
+
+    The invariants read ~50 values after every step; this path does ~600 reads/s
+    against ~200/s through web3's contract objects.
+    """
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.tester = ledger.w3.provider.ethereum_tester  # type: ignore[union-attr]
+        self.address = ledger.address
+        self.caller = ledger.accounts[0]
+        self.functions: dict[str, tuple[bytes, list[str], list[str]]] = {
+            item["name"]: (
+                function_abi_to_4byte_selector(item),
+                get_abi_input_types(item),
+                get_abi_output_types(item),
+            )
+            for item in ledger.contract.abi
+            if item["type"] == "function"
+        }
+
+    def __call__(self, name: str, *args: Any) -> Any:
+        selector, inputs, outputs = self.functions[name]
+        data = "0x" + (selector + abi_encode(inputs, list(args))).hex()
+        raw = self.tester.call({"from": self.caller, "to": self.address, "data": data})
+        values = abi_decode(outputs, bytes.fromhex(raw[2:]))
+        return values[0] if len(values) == 1 else values
+
+    def balance(self, address: str) -> int:
+        return int(self.tester.get_balance(address))
+
+    def now(self) -> int:
+        return int(self.tester.get_block_by_number("latest")["timestamp"])
+
+
+# ----------------------------------------------------------------- the machine
+class RegistryMachine(RuleBasedStateMachine):
+    """Random operations by six actors, each checked against :class:`Model`."""
+
+    def __init__(self, chain: Chain) -> None:
+        super().__init__()
+        self.chain = chain
+        self.snapshot = chain.tester.take_snapshot()
+        self.ledger = chain.ledger()
+        self.views = Views(self.ledger)
+        accounts = self.ledger.accounts
+        self.actors = list(accounts[1:7])
+        self.outsider = accounts[7]  # only ever receives withdrawals
+        assert self.views("datasetCount") == 0, "the session chain must be clean"
+        assert self.views("requestCount") == 0, "the session chain must be clean"
+        assert self.views.balance(self.ledger.address) == 0, "the registry holds ether"
+        now = self.ledger.mine(self.views.now() + CLOCK_LEAD)
+        self.model = Model(now=now, timeout=int(self.views("requestTimeout")))
+        self.hashes = 0
+
+    def teardown(self) -> None:
+        self.chain.tester.revert_to_snapshot(self.snapshot)
+
+    # -------------------------------------------------------------- helpers
+    def fresh_hash(self) -> bytes:
+        self.hashes += 1
+        return self.hashes.to_bytes(32, "big")
+
+    def attempt(self, refusal: Refusal | None, action: Callable[[], T]) -> T | None:
+        """Run ``action``; when the model predicts a refusal, demand exactly it."""
+        if refusal is None:
+            result = action()
+            self.model.now += 1  # one transaction, one block, one second
+            return result
+        with pytest.raises(errors.ContractError) as caught:
+            action()
+        assert type(caught.value) is refusal.error, (
+            f"expected {refusal.error.__name__}{refusal.values}, got "
+            f"{type(caught.value).__name__}: {caught.value}"
+        )
+        assert caught.value.values == refusal.values
+        return None
+
+    def gas_paid(self) -> int:
+        receipt = self.ledger.last_receipt
+        return int(receipt["gasUsed"]) * int(receipt["effectiveGasPrice"])
+
+    def check_client_view(self, ds: int, who: str) -> None:
+        assert self.ledger.has_access(ds, who) is self.model.has_access(ds, who), (
+            f"Ledger.has_access({ds}, {who}) disagrees with the model"
+        )
+
+    def draw_dataset(self, data: st.DataObject) -> int:
+        return data.draw(st.sampled_from(sorted(self.model.datasets)), label="dataset")
+
+    def draw_request(
+        self, data: st.DataObject, preferred: list[int]
+    ) -> tuple[int, Payment]:
+        every = sorted(self.model.payments)
+        choices = st.sampled_from(every)
+        if preferred:
+            choices = st.one_of(st.sampled_from(preferred), choices)
+        request_id = data.draw(choices, label="request")
+        return request_id, self.model.payments[request_id]
+
+    def requests_in(self, status: Status) -> list[int]:
+        return sorted(
+            a.request_id for a in self.model.access.values() if a.status is status
+        )
+
+    def register(
+        self,
+        owner: str,
+        fee: int,
+        grant: int,
+        terms: int,
+        auto_approve: bool,
+        digest: bytes,
+    ) -> None:
+        pointer = f"https://site{len(self.model.datasets)}.example/cohort.parquet"
+        refusal = self.model.refuse_register(digest, fee, grant, terms)
+        ds = self.attempt(
+            refusal,
+            lambda: self.ledger.register_dataset(
+                pointer,
+                digest,
+                fee_wei=fee,
+                grant_seconds=grant,
+                terms=Codes(terms),
+                auto_approve=auto_approve,
+                sender=owner,
+            ),
+        )
+        if ds is not None:
+            assert ds == len(self.model.datasets) + 1
+            self.model.datasets[ds] = DatasetModel(
+                owner, fee, grant, terms, auto_approve, True, digest, pointer
+            )
+
+    # ---------------------------------------------------------------- rules
+    @initialize(
+        data=st.data(),
+        owners=st.lists(st.integers(0, 5), min_size=2, max_size=2),
+        fees=st.lists(FEES, min_size=2, max_size=2),
+        grants=st.lists(GRANTS, min_size=2, max_size=2),
+        terms=st.lists(TERMS, min_size=2, max_size=2),
+        auto_approve=st.lists(st.booleans(), min_size=2, max_size=2),
+        researchers=st.lists(st.integers(0, 5), min_size=1, max_size=3),
+    )
+    def two_datasets_and_requests(
+        self,
+        data: st.DataObject,
+        owners: list[int],
+        fees: list[int],
+        grants: list[int],
+        terms: list[int],
+        auto_approve: list[bool],
+        researchers: list[int],
+    ) -> None:
+        """Start every example with material for every rule (swarm testing may
+        switch off the rules that register and request)."""
+        for config in zip(owners, fees, grants, terms, auto_approve, strict=True):
+            owner, fee, grant, codes, auto = config
+            self.register(
+                self.actors[owner], fee, grant, codes, auto, self.fresh_hash()
+            )
+        for researcher in researchers:
+            self.permitted_request(data, researcher)
+
+    @precondition(lambda self: len(self.model.datasets) < MAX_DATASETS)
+    @rule(
+        owner=st.integers(0, 5),
+        fee=FEES,
+        grant=GRANTS,
+        terms=TERMS,
+        auto_approve=st.booleans(),
+        fault=st.sampled_from([None, None, "duplicate", "fee", "grant", "purpose"]),
+    )
+    def register_dataset(
+        self,
+        owner: int,
+        fee: int,
+        grant: int,
+        terms: int,
+        auto_approve: bool,
+        fault: str | None,
+    ) -> None:
+        digest = self.fresh_hash()
+        if fault == "duplicate":
+            digest = next(iter(self.model.datasets.values())).content_hash
+        fee, grant, terms = _faulty(fault, fee, grant, terms)
+        self.register(self.actors[owner], fee, grant, terms, auto_approve, digest)
+
+    @rule(data=st.data(), fee=FEES, fault=FAULTS)
+    def update_dataset(self, data: st.DataObject, fee: int, fault: str | None) -> None:
+        ds = self.draw_dataset(data)
+        d = self.model.datasets[ds]
+        caller = data.draw(st.one_of(st.just(d.owner), st.sampled_from(self.actors)))
+        grant = data.draw(st.one_of(st.none(), GRANTS), label="grant")
+        terms = data.draw(st.one_of(st.none(), TERMS), label="terms")
+        auto = data.draw(st.one_of(st.none(), st.booleans()), label="auto_approve")
+        fee, grant, terms = _faulty(fault, fee, grant, terms)
+        new_grant = d.grant_seconds if grant is None else grant
+        new_terms = d.terms if terms is None else terms
+        refusal = self.model.owner_check(ds, caller) or self.model.config_check(
+            fee, new_grant, new_terms
+        )
+        record = self.attempt(
+            refusal,
+            lambda: self.ledger.update_dataset(
+                ds,
+                fee_wei=fee,
+                grant_seconds=grant,
+                terms=None if terms is None else Codes(terms),
+                auto_approve=auto,
+                sender=caller,
+            ),
+        )
+        if record is not None:
+            if fee != d.fee:
+                d.old_fees.append(d.fee)
+            d.fee, d.grant_seconds, d.terms = fee, new_grant, new_terms
+            d.auto_approve = d.auto_approve if auto is None else auto
+            assert (record.fee_wei, record.grant_seconds, int(record.terms)) == (
+                d.fee,
+                d.grant_seconds,
+                d.terms,
+            )
+
+    @rule(data=st.data(), close=st.sampled_from([False, False, True]))
+    def set_active(self, data: st.DataObject, close: bool) -> None:
+        ds = self.draw_dataset(data)
+        d = self.model.datasets[ds]
+        caller = data.draw(st.one_of(st.just(d.owner), st.sampled_from(self.actors)))
+        done = self.attempt(
+            self.model.owner_check(ds, caller),
+            lambda: self.ledger.set_active(ds, not close, sender=caller) or True,
+        )
+        if done:
+            d.active = not close
+
+    @rule(data=st.data(), researcher=st.integers(0, 5))
+    def request_access(self, data: st.DataObject, researcher: int) -> None:
+        self.permitted_request(data, researcher)
+
+    def permitted_request(self, data: st.DataObject, researcher: int) -> None:
+        """A request the terms permit, paying the fee as it stands."""
+        ds = self.draw_dataset(data)
+        d = self.model.datasets[ds]
+        codes = data.draw(_fitting_codes(d.terms), label="codes")
+        self.request(ds, self.actors[researcher], codes, d.fee, d.fee)
+
+    @rule(
+        data=st.data(),
+        researcher=st.integers(0, 5),
+        fault=st.sampled_from(["codes", "stale fee", "wrong value", "no dataset"]),
+    )
+    def request_access_badly(
+        self, data: st.DataObject, researcher: int, fault: str
+    ) -> None:
+        """A request with random codes, a stale fee, a wrong payment or no dataset."""
+        ds = self.draw_dataset(data)
+        d = self.model.datasets[ds]
+        codes = data.draw(_fitting_codes(d.terms), label="codes")
+        agreed = value = d.fee
+        if fault == "codes":
+            codes = data.draw(_any_codes(), label="random codes")
+        elif fault == "stale fee":
+            stale = st.sampled_from([*d.old_fees, d.fee + 1]).filter(
+                lambda f: f != d.fee
+            )
+            agreed = value = data.draw(stale, label="stale fee")
+        elif fault == "wrong value":
+            wrong = [d.fee + 1, d.fee - 1] if d.fee else [1]
+            value = data.draw(st.sampled_from(wrong), label="value")
+        else:
+            ds = len(self.model.datasets) + 1
+        self.request(ds, self.actors[researcher], codes, agreed, value)
+
+    def request(self, ds: int, who: str, codes: int, agreed: int, value: int) -> None:
+        terms = self.model.datasets[ds].terms if ds in self.model.datasets else None
+        if terms is not None:
+            assert permits(codes, terms) is model_permits(codes, terms), (
+                f"healthlab.permits({codes:#x}, {terms:#x}) breaks the DUO rules"
+            )
+        refusal = self.model.refuse_request(ds, who, agreed, value, codes)
+        paid = self.views.balance(who)
+        held = self.views.balance(self.ledger.address)
+        if value != agreed:  # the client always pays what it agreed: go around it
+
+            def send() -> int:
+                fn = self.ledger.contract.functions.requestAccess(
+                    ds, agreed, codes, b"\x01" * 32
+                )
+                self.ledger.transact(fn, who, value=value)
+                return self.model.request_count + 1
+
+        else:
+
+            def send() -> int:
+                return self.ledger.request_access(
+                    ds, "a study", Codes(codes), fee_wei=agreed, sender=who
+                )
+
+        request_id = self.attempt(refusal, send)
+        if request_id is None:
+            return
+        assert request_id == self.model.request_count + 1
+        d, at, fee = self.model.datasets[ds], self.model.now, value
+        if d.auto_approve and not d.terms & Codes.COL:
+            expires = at + d.grant_seconds
+            record = AccessModel(request_id, fee, at, expires, Status.APPROVED)
+            self.model.credit(d.owner, fee)
+            place = Held.OWNER
+        else:
+            record = AccessModel(request_id, fee, at, 0, Status.PENDING)
+            place = Held.ESCROW
+        self.model.access[(ds, who)] = record
+        self.model.payments[request_id] = Payment(ds, who, fee, place)
+        self.model.paid_in += fee
+        assert self.views.balance(who) == paid - fee - self.gas_paid(), (
+            "the researcher paid something other than the fee plus gas"
+        )
+        assert self.views.balance(self.ledger.address) == held + fee
+        self.check_client_view(ds, who)
+
+    def decide(self, data: st.DataObject, approve: bool) -> None:
+        request_id, payment = self.draw_request(data, self.requests_in(Status.PENDING))
+        ds, who = payment.dataset, payment.researcher
+        d = self.model.datasets[ds]
+        caller = data.draw(st.one_of(st.just(d.owner), st.sampled_from(self.actors)))
+        if data.draw(st.sampled_from([False] * 5 + [True]), label="never made"):
+            # ids the client cannot look up: the contract itself must refuse them
+            request_id = data.draw(st.sampled_from([0, 10**6]), label="request")
+            name = "approve" if approve else "decline"
+            fn = getattr(self.ledger.contract.functions, name)(ds, who, request_id)
+
+            def send() -> Any:
+                return self.ledger.transact(fn, caller)
+
+        else:
+            act = self.ledger.approve if approve else self.ledger.decline
+
+            def send() -> Any:
+                return act(request_id, sender=caller)
+
+        if approve:
+            refusal = self.model.refuse_approve(ds, who, request_id, caller)
+        else:
+            refusal = self.model.refuse_decline(ds, who, request_id, caller)
+        request = self.attempt(refusal, send)
+        if request is None:
+            return
+        a = self.model.record(ds, who)
+        if approve:
+            expires = self.model.now + d.grant_seconds
+            a = replace(a, status=Status.APPROVED, expires_at=expires)
+            self.model.credit(d.owner, a.amount)
+            payment.held = Held.OWNER
+        else:
+            a = replace(a, status=Status.DECLINED)
+            self.model.credit(who, a.amount)
+            payment.held = Held.REFUND
+        self.model.access[(ds, who)] = a
+        assert (request.status, request.amount_wei) == (a.status, a.amount)
+        assert request.expires_at == (a.expires_at if approve else None)
+        self.check_client_view(ds, who)
+
+    @precondition(lambda self: self.model.payments)
+    @rule(data=st.data())
+    def approve(self, data: st.DataObject) -> None:
+        self.decide(data, approve=True)
+
+    @precondition(lambda self: self.model.payments)
+    @rule(data=st.data())
+    def decline(self, data: st.DataObject) -> None:
+        self.decide(data, approve=False)
+
+    @precondition(lambda self: self.model.payments)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        request_id, payment = self.draw_request(data, self.requests_in(Status.PENDING))
+        ds, who = payment.dataset, payment.researcher
+        caller = data.draw(st.one_of(st.just(who), st.sampled_from(self.actors)))
+        request = self.attempt(
+            self.model.refuse_cancel(ds, request_id, caller),
+            lambda: self.ledger.cancel(request_id, sender=caller),
+        )
+        if request is None:
+            return
+        a = replace(self.model.record(ds, who), status=Status.CANCELLED)
+        self.model.access[(ds, who)] = a
+        self.model.credit(who, a.amount)
+        payment.held = Held.REFUND
+        assert request.status is Status.CANCELLED
+
+    @precondition(lambda self: self.model.payments)
+    @rule(data=st.data())
+    def revoke(self, data: st.DataObject) -> None:
+        _, payment = self.draw_request(data, self.requests_in(Status.APPROVED))
+        ds, who = payment.dataset, payment.researcher
+        d = self.model.datasets[ds]
+        caller = data.draw(st.one_of(st.just(d.owner), st.sampled_from(self.actors)))
+        done = self.attempt(
+            self.model.refuse_revoke(ds, who, caller),
+            lambda: self.ledger.revoke(ds, who, sender=caller) or True,
+        )
+        if done:
+            a = replace(self.model.record(ds, who), status=Status.REVOKED)
+            self.model.access[(ds, who)] = a
+            self.check_client_view(ds, who)
+
+    @precondition(lambda self: self.model.payments)
+    @rule(data=st.data(), reuse=st.booleans())
+    def record_result(self, data: st.DataObject, reuse: bool) -> None:
+        request_id, payment = self.draw_request(data, self.requests_in(Status.APPROVED))
+        ds, who = payment.dataset, payment.researcher
+        caller = data.draw(st.one_of(st.just(who), st.sampled_from(self.actors)))
+        if reuse and self.model.results:
+            digest = data.draw(st.sampled_from(sorted(self.model.results)))
+        else:
+            digest = self.fresh_hash()
+        done = self.attempt(
+            self.model.refuse_result(ds, request_id, digest, caller),
+            lambda: self.ledger.record_result(request_id, digest, sender=caller),
+        )
+        if done is not None:
+            self.model.results[digest] = request_id
+            assert self.ledger.result_request(digest) == request_id
+
+    @rule(data=st.data(), payee=st.integers(0, 5))
+    def withdraw(self, data: st.DataObject, payee: int) -> None:
+        credited = sorted(a for a, c in self.model.credits.items() if c)
+        who = self.actors[payee]
+        if credited:
+            who = data.draw(st.one_of(st.sampled_from(credited), st.just(who)))
+        to = data.draw(
+            st.one_of(
+                st.none(),
+                st.sampled_from([*self.actors, self.outsider]),
+                st.just(ZERO_ADDRESS),
+            ),
+            label="to",
+        )
+        recipient = who if to is None else to
+        before = self.views.balance(recipient)
+        amount = self.attempt(
+            self.model.refuse_withdraw(who, to),
+            lambda: self.ledger.withdraw(sender=who, to=to),
+        )
+        if amount is None:
+            return
+        expected = self.model.credits[who]
+        assert amount == expected, "withdraw paid out something other than the credit"
+        self.model.credits[who] = 0
+        self.model.withdrawn[who] = self.model.withdrawn.get(who, 0) + amount
+        self.model.paid_out += amount
+        gas = self.gas_paid() if recipient == who else 0
+        assert self.views.balance(recipient) == before + amount - gas, (
+            "the recipient did not receive exactly the credit"
+        )
+
+    @rule(seconds=st.one_of(st.integers(1, 120), st.integers(120, 6000)))
+    def advance_time(self, seconds: int) -> None:
+        self.model.now += seconds
+        assert self.ledger.advance_time(seconds) == self.model.now
+
+    @precondition(
+        lambda self: any(
+            a.status in (Status.APPROVED, Status.PENDING)
+            for a in self.model.access.values()
+        )
+    )
+    @rule(data=st.data(), offset=st.sampled_from([-2, -1, 0]))
+    def jump_to_edge(self, data: st.DataObject, offset: int) -> None:
+        """Put the latest block just before or at an expiry or a cancellation time."""
+        edges = sorted(
+            a.expires_at
+            if a.status is Status.APPROVED
+            else a.created_at + self.model.timeout
+            for a in self.model.access.values()
+            if a.status in (Status.APPROVED, Status.PENDING)
+        )
+        edge = data.draw(st.sampled_from(edges), label="edge")
+        target = max(self.model.now + 1, edge + offset)
+        assert self.ledger.advance_time(target - self.model.now) == target
+        self.model.now = target
+
+    # ----------------------------------------------------------- invariants
+    @invariant()
+    def chain_matches_model(self) -> None:
+        m, view = self.model, self.views
+        assert view.now() == m.now, "a refused call mined a block (or time drifted)"
+        assert view("datasetCount") == len(m.datasets)
+        assert view("requestCount") == m.request_count
+        for ds, d in m.datasets.items():
+            assert view("getDataset", ds) == d.as_chain(), f"dataset {ds} differs"
+        escrowed = 0
+        for ds in m.datasets:
+            for who in self.actors:
+                record = m.record(ds, who)
+                on_chain = view("getAccess", ds, who)
+                assert on_chain == record.as_chain(), f"access of {who} on {ds}"
+                if record.status is Status.PENDING:
+                    escrowed += on_chain[1]
+                assert view("hasAccess", ds, who) is m.has_access(ds, who), (
+                    f"hasAccess({ds}, {who}) at t={m.now}: model says "
+                    f"{m.has_access(ds, who)} for {record}"
+                )
+        credits = {who: view("credits", who) for who in self.actors}
+        assert credits == {who: m.credits.get(who, 0) for who in self.actors}
+        held = view.balance(self.ledger.address)
+        assert held == escrowed + sum(credits.values()), "balance != escrow + credits"
+        assert m.paid_in == m.paid_out + held, "paid in != paid out + held"
+        self.check_settlement(escrowed, credits)
+
+    def check_settlement(self, escrowed: int, credits: dict[str, int]) -> None:
+        """Each fee is in exactly one place: escrow, the owner's or the researcher's."""
+        m = self.model
+        in_escrow = earned = refunded = 0
+        due = dict.fromkeys(self.actors, 0)
+        for request_id, p in m.payments.items():
+            if p.held is Held.ESCROW:
+                a = m.record(p.dataset, p.researcher)
+                assert (a.request_id, a.status) == (request_id, Status.PENDING)
+                in_escrow += p.amount
+            elif p.held is Held.OWNER:
+                due[m.datasets[p.dataset].owner] += p.amount
+                earned += p.amount
+            else:
+                due[p.researcher] += p.amount
+                refunded += p.amount
+        assert in_escrow == escrowed, "escrow on chain != fees of pending requests"
+        assert in_escrow + earned + refunded == m.paid_in
+        for who in self.actors:
+            assert credits[who] + m.withdrawn.get(who, 0) == due[who], (
+                f"{who}: credited {credits[who]} + withdrawn "
+                f"{m.withdrawn.get(who, 0)} != fees owed to them {due[who]}"
+            )
+
+
+def _faulty(
+    fault: str | None, fee: int, grant: T, terms: T
+) -> tuple[int, T | int, T | int]:
+    """Break one field of a dataset configuration (``None`` keeps all fields)."""
+    if fault == "fee":
+        return 1 << 96, grant, terms
+    if fault == "grant":
+        return fee, 0, terms
+    if fault == "purpose":
+        return fee, grant, int(Codes.NCU | Codes.COL)
+    return fee, grant, terms
+
+
+def _fitting_codes(terms: int) -> st.SearchStrategy[int]:
+    """Codes that state permitted purposes and attest every requirement of ``terms``."""
+    allowed = [p for p in PURPOSES if model_permits(p | terms & sum(ATTESTABLE), terms)]
+    required = terms & sum(ATTESTABLE)
+    return st.builds(
+        lambda purposes, extra: sum(purposes) | required | sum(extra),
+        st.sets(st.sampled_from(allowed), min_size=1),
+        st.sets(st.sampled_from(ATTESTABLE)),
+    )
+
+
+def _any_codes() -> st.SearchStrategy[int]:
+    return st.builds(sum, st.sets(st.sampled_from(ALL_CODES)))
+
+
+def _profile() -> settings:
+    name = os.environ.get(PROFILE_ENV, "ci")
+    if name not in ("ci", "thorough"):
+        raise ValueError(f"{PROFILE_ENV} must be 'ci' or 'thorough', not {name!r}")
+    return settings.get_profile(f"healthlab-registry-{name}")
+
+
+def test_registry_matches_its_model_under_random_operations(chain: Chain) -> None:
+    run_state_machine_as_test(lambda: RegistryMachine(chain), settings=_profile())
