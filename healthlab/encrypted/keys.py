@@ -115,7 +115,12 @@ class PublicContext:
         return "sha256:" + hashlib.sha256(self.data).hexdigest()
 
     def load(self) -> ts.Context:
-        """Deserialize; refuses a context that carries a secret key."""
+        """The context, deserialized once (sites and aggregators reuse it); refuses
+        a context that carries a secret key."""
+        return self._loaded
+
+    @cached_property
+    def _loaded(self) -> ts.Context:
         context = ts.context_from(self.data)
         if context.is_private() or context.has_secret_key():
             raise IntegrityError(

@@ -25,8 +25,9 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,22 +78,41 @@ def _encrypt_chunk(chunk: np.ndarray) -> bytes:
     return bytes(ts.ckks_vector(_worker_context, chunk).serialize())
 
 
+def _chunks(values: np.ndarray, slots: int) -> list[np.ndarray]:
+    padded = np.zeros(-(-values.size // slots) * slots)  # zeros add nothing to sums
+    padded[: values.size] = values
+    return [padded[i : i + slots] for i in range(0, padded.size, slots)]
+
+
+def encryption_pool(
+    public: PublicContext, workers: int | None = None
+) -> ProcessPoolExecutor:
+    """A process pool whose workers hold ``public`` (loaded once per worker)."""
+    count = workers if workers is not None else (os.cpu_count() or 1)
+    return ProcessPoolExecutor(
+        max(1, count), initializer=_init_worker, initargs=(public.data,)
+    )
+
+
+def _encrypt(
+    values: np.ndarray, public: PublicContext, pool: ProcessPoolExecutor | None
+) -> Iterator[bytes]:
+    chunks = _chunks(values, public.params.slots)
+    if pool is None or len(chunks) < 4:
+        context = public.load()
+        return (bytes(ts.ckks_vector(context, c).serialize()) for c in chunks)
+    return pool.map(_encrypt_chunk, chunks, chunksize=4)
+
+
 def encrypt_values(
     values: np.ndarray, public: PublicContext, *, workers: int | None = None
 ) -> list[bytes]:
     """Encrypt ``values`` 4096 at a time; ``workers`` processes (default: all cores)."""
-    slots = public.params.slots
-    padded = np.zeros(-(-values.size // slots) * slots)  # zeros add nothing to sums
-    padded[: values.size] = values
-    chunks = [padded[i : i + slots] for i in range(0, padded.size, slots)]
-    workers = workers if workers is not None else (os.cpu_count() or 1)
-    if workers <= 1 or len(chunks) < 4:
-        context = public.load()
-        return [bytes(ts.ckks_vector(context, c).serialize()) for c in chunks]
-    with ProcessPoolExecutor(
-        workers, initializer=_init_worker, initargs=(public.data,)
-    ) as pool:
-        return list(pool.map(_encrypt_chunk, chunks, chunksize=4))
+    count = workers if workers is not None else (os.cpu_count() or 1)
+    if count <= 1 or len(_chunks(values, public.params.slots)) < 4:
+        return list(_encrypt(values, public, None))
+    with encryption_pool(public, count) as pool:
+        return list(_encrypt(values, public, pool))
 
 
 @dataclass
@@ -110,41 +130,60 @@ class EncryptedValues:
         return sum(len(c) for c in self.ciphertexts)
 
 
-def _aggregate_values(
-    evaluation: PublicContext, parts: Sequence[EncryptedValues]
-) -> tuple[bytes, bytes]:
-    """Aggregator: Σx and Σx² over every value, folded into every slot.
+class ValueAggregator:
+    """Aggregator: Σx and Σx² over every value of one column, folded into every slot.
 
-    Works on SEAL ciphertexts directly: squares stay unrelinearized (size 3) while
-    they are added, then the sum is relinearized once and folded with rotations.
+    Holds the evaluation context (loaded once) and accepts ciphertexts made under the
+    matching public context. Works on SEAL ciphertexts directly: squares stay
+    unrelinearized (size 3) while they are added as they arrive, then the sum is
+    relinearized once and folded with rotations.
     """
-    context = evaluation.load()
-    if not (context.has_galois_keys() and context.has_relin_keys()):
-        raise IntegrityError("the evaluation context lacks relinearization/Galois keys")
-    seal = context.seal_context().data
-    evaluator = sealapi.Evaluator(seal)
-    linear = squares = None
-    for part in parts:
-        if part.fingerprint != evaluation.fingerprint:
-            raise IntegrityError(f"site {part.site} encrypted under another key")
-        for blob in part.ciphertexts:
-            vector = ts.ckks_vector_from(context, blob)
-            value, square = vector.ciphertext()[0], vector.ciphertext()[0]  # copies
-            evaluator.square_inplace(square)
-            if linear is None or squares is None:
-                linear, squares = value, square
-            else:
-                evaluator.add_inplace(linear, value)
-                evaluator.add_inplace(squares, square)
-    if linear is None or squares is None:
-        raise DataRefused("no values to aggregate")
-    evaluator.relinearize_inplace(squares, context.relin_keys().data)
-    with tempfile.TemporaryDirectory(prefix="healthlab-agg-") as tmp:
-        folded = [
-            _fold(ct, evaluator, context, seal, Path(tmp), evaluation.params.slots)
-            for ct in (linear, squares)
-        ]
-    return folded[0], folded[1]
+
+    def __init__(self, evaluation: PublicContext, accepted: str) -> None:
+        self.context = evaluation.load()
+        if not (self.context.has_galois_keys() and self.context.has_relin_keys()):
+            raise IntegrityError(
+                "the evaluation context lacks relinearization/Galois keys"
+            )
+        self.slots = evaluation.params.slots
+        self.accepted = accepted
+        self.seal = self.context.seal_context().data
+        self.evaluator = sealapi.Evaluator(self.seal)
+        self.start()
+
+    def start(self) -> None:
+        """Begin a new column."""
+        self.linear: Any = None
+        self.squares: Any = None
+        self.count = 0
+
+    def add(self, site: str, fingerprint: str, blob: bytes) -> None:
+        """Add one site ciphertext of values (and its square)."""
+        if fingerprint != self.accepted:
+            raise IntegrityError(f"site {site} encrypted under another key")
+        vector = ts.ckks_vector_from(self.context, blob)
+        value, square = vector.ciphertext()[0], vector.ciphertext()[0]  # copies
+        self.evaluator.square_inplace(square)
+        if self.linear is None:
+            self.linear, self.squares = value, square
+        else:
+            self.evaluator.add_inplace(self.linear, value)
+            self.evaluator.add_inplace(self.squares, square)
+        self.count += 1
+
+    def finish(self) -> tuple[bytes, bytes]:
+        """The folded Σx and Σx² (serialized SEAL ciphertexts)."""
+        if self.linear is None:
+            raise DataRefused("no values to aggregate")
+        self.evaluator.relinearize_inplace(self.squares, self.context.relin_keys().data)
+        with tempfile.TemporaryDirectory(prefix="healthlab-agg-") as tmp:
+            folded = [
+                _fold(
+                    ct, self.evaluator, self.context, self.seal, Path(tmp), self.slots
+                )
+                for ct in (self.linear, self.squares)
+            ]
+        return folded[0], folded[1]
 
 
 def _fold(
@@ -242,31 +281,33 @@ def describe_values(
     uploads: dict[str, int] = {
         s.name: counted.upload_bytes.get(s.name, 0) for s in participants
     }
-    for column in cols:
-        parts = [
-            _site_values(site, column, bounds[column], dropna, evaluation, workers)
-            for site in participants
-        ]
-        for part in parts:
-            uploads[part.site] += part.nbytes
-        s1_blob, s2_blob = _aggregate_values(evaluation, parts)
-        s1 = keys.decrypt_folded(s1_blob, fingerprint=evaluation.fingerprint)
-        s2 = keys.decrypt_folded(s2_blob, fingerprint=evaluation.fingerprint)
-        b = bounds[column]
-        quantum = rounding_quantum(
-            sum(len(p.ciphertexts) for p in parts), evaluation.params.slots
-        )
-        total = round(s1 / quantum) * quantum * b
-        squares = round(s2 / quantum) * quantum * b * b
-        mean = total / n
-        var = (squares - total * total / n) / (n - 1)
-        results[column] = {
-            "count": n,
-            "mean": mean,
-            "std": np.sqrt(var),
-            "var": var,
-            "sum": total,
-        }
+    public = keys.public_context()  # sites encrypt with the public key only
+    aggregator = ValueAggregator(evaluation, accepted=public.fingerprint)
+    count = workers if workers is not None else (os.cpu_count() or 1)
+    with encryption_pool(public, count) if count > 1 else _no_pool() as pool:
+        for column in cols:
+            aggregator.start()
+            for site in participants:
+                x = _site_column(site, column, bounds[column], dropna)
+                for blob in _encrypt(x, public, pool):  # added as they arrive
+                    uploads[site.name] += len(blob)
+                    aggregator.add(site.name, public.fingerprint, blob)
+            s1_blob, s2_blob = aggregator.finish()
+            s1 = keys.decrypt_folded(s1_blob, fingerprint=evaluation.fingerprint)
+            s2 = keys.decrypt_folded(s2_blob, fingerprint=evaluation.fingerprint)
+            b = bounds[column]
+            quantum = rounding_quantum(aggregator.count, evaluation.params.slots)
+            total = round(s1 / quantum) * quantum * b
+            squares = round(s2 / quantum) * quantum * b * b
+            mean = total / n
+            var = (squares - total * total / n) / (n - 1)
+            results[column] = {
+                "count": n,
+                "mean": mean,
+                "std": np.sqrt(var),
+                "var": var,
+                "sum": total,
+            }
     table = pd.DataFrame(results)
     return attach_receipt(
         table,
@@ -281,15 +322,13 @@ def describe_values(
     )
 
 
-def _site_values(
-    site: Site,
-    column: str,
-    bound: float,
-    dropna: bool,
-    evaluation: PublicContext,
-    workers: int | None,
-) -> EncryptedValues:
-    """At the site: scale one column by its public bound and encrypt every value."""
+@contextmanager
+def _no_pool() -> Iterator[None]:
+    yield None
+
+
+def _site_column(site: Site, column: str, bound: float, dropna: bool) -> np.ndarray:
+    """At the site: one column scaled by its public bound (refused beyond it)."""
     kept, _ = site.rows([column], dropna=dropna)
     x = kept[column].to_numpy(dtype=np.float64)
     if x.size and np.abs(x).max() > bound:
@@ -297,5 +336,4 @@ def _site_values(
             f"site {site.name}: {column!r} exceeds the public bound {bound:g}; "
             "raise the bound"
         )
-    blobs = encrypt_values(x / bound, evaluation, workers=workers)
-    return EncryptedValues(site.name, column, evaluation.fingerprint, blobs)
+    return np.asarray(x / bound)
