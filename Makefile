@@ -19,6 +19,9 @@ setup:
 
 demo: setup
 	$(BIN)/python -m healthlab.demo
+	@for nb in notebooks/*.ipynb; do \
+	  $(BIN)/healthlab report $$(basename $$nb .ipynb) --out reports || exit 1; \
+	done
 
 lab: setup
 	mkdir -p notebooks
@@ -42,6 +45,11 @@ lint: setup
 test: setup lint contracts-check
 	$(BIN)/python data_samples/generate.py --check
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+# Run the study report notebook headless (papermill) into reports/ as HTML.
+.PHONY: report
+report: setup
+	$(BIN)/healthlab report 06_study_report --out reports
 
 bench: setup
 	$(BIN)/python benchmarks/gas.py

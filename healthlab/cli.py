@@ -14,6 +14,7 @@ Examples
         --dataset-id 1 --rpc-url http://127.0.0.1:8545           # one site's node
     healthlab study --superlink 127.0.0.1:9093 --target y --features a,b \\
         --rounds 5 --researcher 0x… --datasets 1,2               # launch a study
+    healthlab report 06_study_report -p rounds=5 --out reports  # notebook -> HTML
 
 The federated deployment (SuperLink, site nodes, studies) is documented with a worked
 example in :mod:`healthlab.federated.deploy`.
@@ -41,6 +42,7 @@ app = typer.Typer(
     help="HealthLab: consent registry and studies on health data.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,  # a traceback must never print a key
 )
 
 RpcUrl = Annotated[
@@ -335,6 +337,41 @@ def _follow(process: Any) -> None:
         pass
     finally:
         process.close()
+
+
+@app.command()
+def report(
+    notebook: Annotated[
+        str, typer.Argument(help="Notebook name or number in notebooks/.")
+    ] = "06_study_report",
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--param",
+            "-p",
+            help="NAME=VALUE, repeatable; JSON values (5, 0.5, '[\"age\"]') or text. "
+            "Never keys: parameters are written into the report.",
+        ),
+    ] = None,
+    out: Annotated[
+        str, typer.Option(help="Folder for the executed notebook and its HTML.")
+    ] = "reports",
+    code: Annotated[
+        bool, typer.Option("--code/--no-code", help="Show code cells in the HTML.")
+    ] = False,
+) -> None:
+    """Run a notebook headless (papermill) and write it as a static HTML report."""
+    from healthlab.notebooks import (
+        export_html,
+        parse_parameters,
+        run_notebook,
+        summary,
+    )
+
+    executed = run_notebook(notebook, parse_parameters(param or []), out)
+    html = export_html(executed, no_input=not code)
+    typer.echo(summary(executed))
+    typer.echo(f"report: {html}\nexecuted notebook: {executed}")
 
 
 @app.command()

@@ -125,7 +125,10 @@ class Receipt(dict[str, Any]):
     ) -> list[dict[str, Any]]:
         """Record this receipt's hash against every grant it names; return the anchors.
 
-        Must be sent by the researcher holding the grants, while they are live.
+        Sent by the researcher holding the grants, while they are live. Anchors
+        already on chain are kept (anchoring again is safe); when a grant refuses
+        (revoked, expired), the anchors made so far stay in the receipt and the
+        error is raised.
         """
         requests = sorted(
             {s["request_id"] for s in self["sites"] if s.get("request_id")}
@@ -133,14 +136,18 @@ class Receipt(dict[str, Any]):
         if not requests:
             raise InvalidInput("an ungated result has no grant to anchor against")
         sender = sender or self.get("researcher")
-        anchors = []
-        for request_id in requests:
-            tx = ledger.record_result(
-                request_id, anchor_hash(self["receipt_hash"], request_id), sender=sender
-            )
-            anchors.append({"request_id": request_id, "tx": tx})
-        self["anchors"] = anchors
-        return anchors
+        done = {a["request_id"]: a for a in self.get("anchors", [])}
+        try:
+            for request_id in requests:
+                digest = anchor_hash(self["receipt_hash"], request_id)
+                if ledger.result_request(digest) == request_id:  # anchored before
+                    done.setdefault(request_id, {"request_id": request_id, "tx": None})
+                    continue
+                tx = ledger.record_result(request_id, digest, sender=sender)
+                done[request_id] = {"request_id": request_id, "tx": tx}
+        finally:  # what did land on chain is kept even when a later grant refuses
+            self["anchors"] = [done[r] for r in requests if r in done]
+        return list(self["anchors"])
 
 
 @dataclass

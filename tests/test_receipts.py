@@ -305,3 +305,24 @@ def test_receipt_with_data_other_than_registered_fails_verification(
     assert report.problems == [
         "site a data: the site's data is not what its dataset registered on chain"
     ]
+
+
+def test_anchoring_keeps_what_landed_when_a_grant_refuses(
+    study: Study, table: pd.DataFrame
+) -> None:
+    receipt = Receipt(table.attrs["receipt"])
+    requests = sorted(study.requests)
+    revoked = requests[-1]
+    site = next(s for s in receipt["sites"] if s["request_id"] == revoked)
+    owner = study.ledger.dataset(site["dataset_id"]).owner
+    study.ledger.revoke(site["dataset_id"], receipt["researcher"], sender=owner)
+    with pytest.raises(healthlab.errors.NoActiveGrant):
+        receipt.anchor(study.ledger)
+    assert [a["request_id"] for a in receipt["anchors"]] == requests[:-1]
+    for request_id in requests[:-1]:
+        digest = anchor_hash(receipt["receipt_hash"], request_id)
+        assert study.ledger.result_request(digest) == request_id
+    # anchoring again is safe: the landed anchors are recognised, not re-sent
+    with pytest.raises(healthlab.errors.NoActiveGrant):
+        receipt.anchor(study.ledger)
+    assert [a["request_id"] for a in receipt["anchors"]] == requests[:-1]

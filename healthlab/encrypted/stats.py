@@ -339,7 +339,11 @@ def describe(
         frames[label] = table
     result = frames[None] if by is None else pd.concat(frames, axis=1)
     if dropna:
-        result.loc["missing"] = stats[0]["dropped"]
+        dropped = stats[0]["dropped"]
+        if by is None:
+            result.loc["missing"] = dropped
+        else:  # rows dropped (their group may be the missing value) are not per group
+            result.attrs["missing"] = dropped
     return attach_receipt(
         result,
         runs,

@@ -1,0 +1,806 @@
+"""What the notebooks call: a study's grants, tables and figures, headless runs.
+
+The notebooks in ``notebooks/`` hold narrative and parameters; the steps they share
+live here, typed and tested:
+
+- :func:`open_study` registers each site's data on a chain, and has the researcher
+  request access and each owner approve — the gated sites of a study.
+- :func:`show` displays a table for people (HTML, text) together with a
+  machine-readable copy that :func:`tables` reads back from an executed notebook, so
+  tests and reports check the numbers a notebook produced, not only that it ran.
+- Plaintext references (:func:`pandas_histogram`, :func:`pandas_ols`), the
+  comparison table :func:`compare`, federated helpers (:func:`progress_printer`,
+  :func:`revoke_after`, :func:`round_table`, :func:`federated_vs_centralized`) and
+  figures (:func:`plot_metric`, :func:`plot_histogram`, :func:`plot_coefficients`;
+  ``None`` when matplotlib is missing — the tables carry the same numbers).
+- :func:`run_notebook` executes a notebook with papermill and :func:`export_html`
+  turns the result into a static HTML report (``healthlab report``, ``make report``).
+
+Examples
+--------
+>>> study = open_study(Ledger.local(), load_cohort_sites(), purpose="CVD risk")
+>>> table = encrypted.describe(study.sites, ["age"], researcher=study.researcher)
+>>> show(table, "describe", title="Age, pooled across sites")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from healthlab.errors import ConfigurationError, HealthLabError, InvalidInput
+from healthlab.sites import DisclosurePolicy, Site
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from healthlab.federated import FederatedResult, RoundReport
+    from healthlab.ledger import Ledger
+    from healthlab.receipts import Receipt, Verification
+
+__all__ = [
+    "NOTEBOOKS_DIR",
+    "TABLE_MIMETYPE",
+    "Study",
+    "compare",
+    "export_html",
+    "federated_vs_centralized",
+    "notebook_path",
+    "open_study",
+    "pandas_histogram",
+    "pandas_ols",
+    "parse_parameters",
+    "plot_coefficients",
+    "plot_histogram",
+    "plot_metric",
+    "progress_printer",
+    "provenance",
+    "receipt_of",
+    "receipt_table",
+    "revoke_after",
+    "round_table",
+    "run_notebook",
+    "show",
+    "site_summary",
+    "summary",
+    "table_one",
+    "tables",
+    "verification_table",
+]
+
+#: The repository's notebooks (``NN_snake_case.ipynb``).
+NOTEBOOKS_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+#: The output type :func:`show` adds next to HTML and text: the table as JSON.
+TABLE_MIMETYPE = "application/vnd.healthlab.table+json"
+#: Environment every headless run gets: no telemetry, no downloads.
+RUN_ENVIRONMENT = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+}
+#: Parameter names that look like credentials (papermill writes parameters into the
+#: executed notebook twice; keys come from the environment, never from parameters).
+_SECRET_NAME = re.compile(
+    r"key|secret|token|passw|mnemonic|credential|seed_phrase", re.IGNORECASE
+)
+_HEX64 = re.compile(r"^(0x)?[0-9a-fA-F]{64}$")
+
+
+# ------------------------------------------------------------------ the study
+@dataclass
+class Study:
+    """The gated sites of a study on one chain, their owners and the grants made."""
+
+    ledger: Ledger
+    researcher: str
+    sites: list[Site]
+    owners: dict[str, str]
+    datasets: dict[str, int]
+    requests: dict[str, int] = field(default_factory=dict)
+
+    def site(self, name: str) -> Site:
+        """The site called ``name``."""
+        for site in self.sites:
+            if site.name == name:
+                return site
+        raise InvalidInput(f"no site {name!r}; the study has {list(self.owners)}")
+
+    def parties(self) -> pd.DataFrame:
+        """Who is who: each owner with its dataset and grant, and the researcher."""
+        rows = [
+            {
+                "party": f"data owner of {name}",
+                "address": owner,
+                "dataset": self.datasets[name],
+                "request": self.requests.get(name),
+                "has access": self.ledger.has_access(
+                    self.datasets[name], self.researcher
+                ),
+            }
+            for name, owner in self.owners.items()
+        ]
+        rows.append({"party": "researcher", "address": self.researcher})
+        table = pd.DataFrame(rows).set_index("party")
+        return table.astype(
+            {"dataset": "Int64", "request": "Int64", "has access": "boolean"}
+        )
+
+    def revoke(self, name: str) -> None:
+        """The owner of site ``name`` revokes the researcher's grant."""
+        self.ledger.revoke(
+            self.datasets[name], self.researcher, sender=self.owners[name]
+        )
+
+
+def open_study(
+    ledger: Ledger,
+    frames: Mapping[str, pd.DataFrame],
+    *,
+    purpose: str,
+    codes: str = "HMB|NCU",
+    terms: str = "HMB|NCU",
+    fee_wei: int = 0,
+    grant_seconds: int = 30 * 24 * 3600,
+    grant: Sequence[str] | None = None,
+    researcher: str | None = None,
+    policy: DisclosurePolicy | None = None,
+) -> Study:
+    """Register every site's data, request access to each and have its owner approve.
+
+    Site ``i`` is owned by ``ledger.accounts[1 + i]``; the researcher defaults to the
+    next account. Each dataset is registered with the content hash of the site's
+    frame (what :func:`healthlab.receipts.verify` checks), a ``https://`` pointer,
+    ``fee_wei``, ``grant_seconds`` and use ``terms``; the researcher requests access
+    to the sites named in ``grant`` (default: all) with ``purpose`` and ``codes``
+    and pays the fee, and each owner approves.
+
+    Examples
+    --------
+    >>> study = open_study(
+    ...     Ledger.local(), load_cohort_sites(), purpose="CVD risk"
+    ... )  # doctest: +SKIP
+    >>> study.parties()  # doctest: +SKIP
+    """
+    names = [str(n) for n in frames]
+    accounts = ledger.accounts
+    if len(accounts) < len(names) + 2:
+        raise InvalidInput(
+            f"{len(names)} sites need {len(names) + 2} accounts (deployer, owners, "
+            f"researcher); the chain has {len(accounts)}"
+        )
+    chosen = set(names if grant is None else grant)
+    unknown = sorted(chosen - set(names))
+    if unknown:
+        raise InvalidInput(f"cannot grant unknown sites {unknown}; sites: {names}")
+    who = researcher or accounts[1 + len(names)]
+    study = Study(ledger, who, [], {}, {})
+    for i, (name, frame) in enumerate(frames.items()):
+        owner = accounts[1 + i]
+        ds = ledger.register_dataset(
+            f"https://{name.replace('_', '-')}.hospital.example/cohort.csv",
+            Site(name, frame).content_hash,
+            fee_wei=fee_wei,
+            grant_seconds=grant_seconds,
+            terms=terms,
+            sender=owner,
+        )
+        if name in chosen:
+            request = ledger.request_access(ds, purpose, codes, sender=who)
+            ledger.approve(request, sender=owner)
+            study.requests[name] = request
+        study.owners[name] = owner
+        study.datasets[name] = ds
+        study.sites.append(
+            Site(name, frame, dataset_id=ds, ledger=ledger, policy=policy)
+        )
+    return study
+
+
+def site_summary(frames: Mapping[str, pd.DataFrame], target: str) -> pd.DataFrame:
+    """Rows and outcome share per site (how a split differs between sites)."""
+    rows = {
+        name: {
+            "rows": len(frame),
+            "events": int(frame[target].sum()),
+            "event share": float(frame[target].mean()),
+        }
+        for name, frame in frames.items()
+    }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("site")
+
+
+# ------------------------------------------------------------------- tables
+def show(
+    frame: pd.DataFrame | pd.Series,
+    key: str,
+    *,
+    title: str = "",
+    digits: int | None = None,
+) -> None:
+    """Display ``frame`` (HTML and text) with a JSON copy under ``key``.
+
+    ``digits`` rounds what people see; the copy (:data:`TABLE_MIMETYPE`) keeps every
+    digit and is what :func:`tables` reads back from an executed notebook. Front ends
+    that do not know its type show the HTML.
+    """
+    from IPython.display import display
+
+    table = frame.to_frame() if isinstance(frame, pd.Series) else frame
+    shown = None if digits is None else (lambda x: f"{x:.{digits}f}")
+    heading = f"<h4>{title}</h4>" if title else ""
+    html = table.to_html(float_format=shown)
+    text = (title + "\n" if title else "") + table.to_string(float_format=shown)
+    bundle = {
+        "text/html": heading + html,
+        "text/plain": text,
+        TABLE_MIMETYPE: {"key": key, "title": title, **_payload(table)},
+    }
+    display(bundle, raw=True)  # type: ignore[no-untyped-call]
+
+
+def _payload(table: pd.DataFrame) -> dict[str, Any]:
+    split = table.to_dict(orient="split")
+    return {
+        "index": [_json_cell(v) for v in split["index"]],
+        "columns": [_json_cell(v) for v in split["columns"]],
+        "data": [[_json_cell(v) for v in row] for row in split["data"]],
+        "index_names": [_json_cell(n) for n in table.index.names],
+        "column_names": [_json_cell(n) for n in table.columns.names],
+    }
+
+
+def _json_cell(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_json_cell(v) for v in value]
+    if isinstance(value, (list, dict)):
+        return json.loads(json.dumps(value, default=_json_cell))
+    if value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def tables(notebook: str | os.PathLike[str] | Any) -> dict[str, pd.DataFrame]:
+    """The tables a notebook displayed with :func:`show`, by key (last one wins).
+
+    ``notebook`` is an executed notebook's path or its ``nbformat`` node.
+    """
+    import nbformat
+
+    nb = (
+        nbformat.read(os.fspath(notebook), as_version=4)  # type: ignore[no-untyped-call]
+        if isinstance(notebook, (str, os.PathLike))
+        else notebook
+    )
+    found: dict[str, pd.DataFrame] = {}
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            payload = output.get("data", {}).get(TABLE_MIMETYPE)
+            if payload:
+                found[payload["key"]] = _frame(payload)
+    return found
+
+
+def _frame(payload: Mapping[str, Any]) -> pd.DataFrame:
+    def labels(values: list[Any], names: list[Any]) -> pd.Index:
+        if values and isinstance(values[0], list):
+            return pd.MultiIndex.from_tuples([tuple(v) for v in values], names=names)
+        index: pd.Index = pd.Index(values, name=names[0] if names else None)
+        return index
+
+    return pd.DataFrame(
+        payload["data"],
+        index=labels(payload["index"], payload["index_names"]),
+        columns=labels(payload["columns"], payload["column_names"]),
+    )
+
+
+def compare(
+    ours: pd.DataFrame,
+    reference: pd.DataFrame,
+    *,
+    names: tuple[str, str] = ("encrypted", "pandas"),
+) -> pd.DataFrame:
+    """Both results side by side, cell by cell, on the rows and columns they share.
+
+    One row per (statistic, column) with both values and their absolute and relative
+    differences; ``.attrs["max_abs"]``/``["max_rel"]`` hold the largest ones.
+    """
+    rows = [r for r in ours.index if r in reference.index]
+    cols = [c for c in ours.columns if c in reference.columns]
+    if not rows or not cols:
+        raise InvalidInput("the two results share no rows or columns to compare")
+    levels = list(range(ours.columns.nlevels))
+    a = ours.loc[rows, cols].astype(float).stack(levels)
+    b = reference.loc[rows, cols].astype(float).stack(levels)
+    table = pd.DataFrame({names[0]: a, names[1]: b})
+    table["abs diff"] = (table[names[0]] - table[names[1]]).abs()
+    scale = table[names[1]].abs().where(table[names[1]] != 0, 1.0)
+    table["rel diff"] = table["abs diff"] / scale
+    table.index.names = ["row", *["group"] * (len(levels) - 1), "column"]
+    table.attrs = {
+        "max_abs": float(table["abs diff"].max()),
+        "max_rel": float(table["rel diff"].max()),
+    }
+    return table
+
+
+def pandas_histogram(
+    frame: pd.DataFrame, column: str, edges: Sequence[float]
+) -> pd.DataFrame:
+    """``numpy.histogram`` of pooled rows, shaped like ``encrypted.histogram``."""
+    counts, bins = np.histogram(frame[column].dropna(), bins=np.asarray(edges, float))
+    return pd.DataFrame({"left": bins[:-1], "right": bins[1:], "count": counts})
+
+
+def pandas_ols(frame: pd.DataFrame, y: str, X: Sequence[str]) -> pd.DataFrame:  # noqa: N803
+    """Least squares on pooled rows (complete cases), shaped like ``encrypted.ols``."""
+    rows = frame[[*X, y]].dropna()
+    design = np.column_stack([np.ones(len(rows)), rows[list(X)].to_numpy(float)])
+    target = rows[y].to_numpy(float)
+    coef, rss, _, _ = np.linalg.lstsq(design, target, rcond=None)
+    dof = len(rows) - design.shape[1]
+    sigma2 = float(rss[0]) / dof
+    se = np.sqrt(np.diag(np.linalg.inv(design.T @ design)) * sigma2)
+    return pd.DataFrame(
+        {"coef": coef, "se": se, "t": coef / se}, index=["Intercept", *X]
+    )
+
+
+def receipt_table(receipt: Mapping[str, Any]) -> pd.DataFrame:
+    """A receipt's sites: dataset, grant (request), a short content hash; refusals."""
+    rows = [
+        {
+            "site": s["name"],
+            "dataset": s.get("dataset_id"),
+            "request": s.get("request_id"),
+            "content hash": str(s.get("content_hash", ""))[:18] + "…",
+            "took part": True,
+            "refusal": "",
+        }
+        for s in receipt["sites"]
+    ]
+    rows += [
+        {"site": name, "content hash": "", "took part": False, "refusal": reason}
+        for name, reason in receipt.get("refused", {}).items()
+    ]
+    table = pd.DataFrame(rows).set_index("site")
+    return table.astype({"dataset": "Int64", "request": "Int64"})
+
+
+def verification_table(verification: Verification) -> pd.DataFrame:
+    """Every check of :func:`healthlab.receipts.verify`: passed, or why not."""
+    rows = [
+        {"check": name, "passed": passed, "problem": "" if passed else detail}
+        for name, passed, detail in verification.checks
+    ]
+    return pd.DataFrame(rows, columns=["check", "passed", "problem"]).set_index("check")
+
+
+def provenance(
+    results: Mapping[str, Any], ledger: Ledger, *, anchor: bool = True
+) -> pd.DataFrame:
+    """Anchor each result's receipt on chain (by its researcher) and verify it.
+
+    ``results`` maps a label to an encrypted-statistics result (its receipt in
+    ``.attrs["receipt"]``) or a :class:`~healthlab.federated.FederatedResult`. One row
+    per result: kind, sites, receipt hash, anchored requests, and whether every
+    check of :func:`healthlab.receipts.verify` passed.
+    """
+    from healthlab.receipts import verify
+
+    rows = []
+    for label, result in results.items():
+        receipt = receipt_of(result)
+        checked = _hashed(result)
+        if anchor:
+            receipt.anchor(ledger)
+        report = verify(receipt, checked, ledger)
+        rows.append(
+            {
+                "result": label,
+                "kind": receipt["kind"],
+                "sites": ", ".join(s["name"] for s in receipt["sites"]),
+                "receipt hash": receipt["receipt_hash"],
+                "anchored requests": ", ".join(
+                    str(a["request_id"]) for a in receipt.get("anchors", [])
+                ),
+                "verified": report.ok,
+                "problems": "; ".join(report.problems),
+            }
+        )
+    return pd.DataFrame(rows).set_index("result")
+
+
+def receipt_of(result: Any) -> Receipt:
+    """The receipt of an encrypted-statistics result or a federated model."""
+    from healthlab.federated import FederatedResult
+
+    if isinstance(result, FederatedResult):
+        return result.receipt
+    receipt: Receipt | None = getattr(result, "attrs", {}).get("receipt")
+    if receipt is None:
+        raise InvalidInput("this result carries no receipt")
+    return receipt
+
+
+def _hashed(result: Any) -> Any:
+    """What a result's ``result_hash`` covers (a model: its final parameters)."""
+    from healthlab.federated import FederatedResult
+
+    if isinstance(result, FederatedResult):
+        return {f"param{i}": p.tolist() for i, p in enumerate(result.params)}
+    return result
+
+
+def table_one(
+    overall: pd.DataFrame,
+    grouped: pd.DataFrame,
+    counts: Mapping[str, pd.DataFrame] | None = None,
+    *,
+    digits: int = 1,
+) -> pd.DataFrame:
+    """A paper's Table 1 from pooled results: mean (SD) and n (%) per group.
+
+    ``overall`` and ``grouped`` are ``encrypted.describe`` results without and with
+    ``by=`` (same columns); ``counts`` maps a categorical variable to its
+    ``encrypted.crosstab(sites, variable, by)``. Columns: each group, then
+    ``overall``. The ``n`` row counts the rows summarized for the continuous
+    variables; each categorical variable's percentages are of its own table.
+    """
+    groups = list(dict.fromkeys(str(g) for g in grouped.columns.get_level_values(0)))
+    columns = [str(c) for c in overall.columns]
+    table: dict[str, dict[str, str]] = {"n": {}}
+    for g in groups:
+        table["n"][g] = f"{_at(grouped, 'count', (g, columns[0])):.0f}"
+    table["n"]["overall"] = f"{_at(overall, 'count', columns[0]):.0f}"
+    for c in columns:
+        row = table[f"{c}, mean (SD)"] = {}
+        for g in groups:
+            mean = _at(grouped, "mean", (g, c))
+            sd = _at(grouped, "std", (g, c))
+            row[g] = f"{mean:.{digits}f} ({sd:.{digits}f})"
+        mean, sd = _at(overall, "mean", c), _at(overall, "std", c)
+        row["overall"] = f"{mean:.{digits}f} ({sd:.{digits}f})"
+    for name, cross in (counts or {}).items():
+        cross = cross.rename(columns=str)
+        totals = cross.sum(axis=0)
+        everyone = cross.to_numpy().sum()
+        for level in cross.index:
+            row = table[f"{name} = {level}, n (%)"] = {}
+            for g in groups:
+                n = int(cross.loc[level, g]) if g in cross.columns else 0
+                share = 100 * n / totals[g] if g in cross.columns and totals[g] else 0
+                row[g] = f"{n} ({share:.1f} %)"
+            n = int(cross.loc[level].sum())
+            row["overall"] = f"{n} ({100 * n / everyone:.1f} %)"
+    return pd.DataFrame.from_dict(table, orient="index")[[*groups, "overall"]]
+
+
+def _at(frame: pd.DataFrame, row: str, column: Any) -> float:
+    return float(np.asarray(frame.loc[row, column], dtype=float))
+
+
+# -------------------------------------------------------------- federated
+def progress_printer(
+    rounds: int, *hooks: Callable[[RoundReport], None]
+) -> Callable[[RoundReport], None]:
+    """A ``progress=`` callback printing one line per round, then running ``hooks``.
+
+    Printed lines reach headless runs and HTML reports (a widget would not).
+    """
+
+    def report(r: RoundReport) -> None:
+        metrics = "  ".join(f"{k} {v:.4f}" for k, v in r.pooled.items())
+        refused = f"  refused: {', '.join(r.refused)}" if r.refused else ""
+        print(f"round {r.round}/{rounds}  {len(r.sites)} sites  {metrics}{refused}")
+        for hook in hooks:
+            hook(r)
+
+    return report
+
+
+def revoke_after(study: Study, site: str, round_: int) -> Callable[[RoundReport], None]:
+    """A round hook: ``site``'s owner revokes the grant right after round ``round_``."""
+    study.site(site)  # fail now for an unknown site, not mid-training
+
+    def hook(r: RoundReport) -> None:
+        if r.round == round_:
+            study.revoke(site)
+            print(f"-- the owner of {site} revoked the grant after round {round_}")
+
+    return hook
+
+
+def round_table(result: FederatedResult) -> pd.DataFrame:
+    """The history, one row per round, with sites and refusals spelled out."""
+    history = result.history
+    table = history.drop(columns=["per_site", "rejected", "sites", "refused"])
+    table.insert(1, "sites", history["sites"].map(lambda s: ", ".join(sorted(s))))
+    table.insert(3, "refused", history["refused"].map(lambda s: ", ".join(sorted(s))))
+    return table.set_index("round")
+
+
+def federated_vs_centralized(
+    result: FederatedResult, frames: Mapping[str, pd.DataFrame]
+) -> pd.DataFrame:
+    """Accuracy and AUC of the federated model and of scikit-learn trained centrally.
+
+    Both are scored on the same held-out rows (each site's ``result.test_index``);
+    the centralized model (standardized features, ``LogisticRegression``) is fit on
+    the union of the sites' training rows — what pooling the data would give.
+    Rows with a missing feature or target are left out, as the sites did.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    train_parts, test_parts = [], []
+    columns = [*result.features, result.target]
+    for name, frame in frames.items():
+        held_out = np.zeros(len(frame), dtype=bool)
+        held_out[list(result.test_index.get(name, []))] = True
+        complete = frame[columns].notna().all(axis=1).to_numpy()
+        train_parts.append(frame[complete & ~held_out])
+        test_parts.append(frame[complete & held_out])
+    train_rows, test_rows = pd.concat(train_parts), pd.concat(test_parts)
+    y_train, y_test = train_rows[result.target], test_rows[result.target]
+    scaler = StandardScaler().fit(train_rows[result.features])
+    central = LogisticRegression(max_iter=1000).fit(
+        scaler.transform(train_rows[result.features]), y_train
+    )
+    central_p = central.predict_proba(scaler.transform(test_rows[result.features]))[
+        :, 1
+    ]
+    federated_p = result.predict_proba(test_rows)
+    rows = {
+        "federated": federated_p,
+        "centralized (scikit-learn)": central_p,
+    }
+    scores = {
+        name: {
+            "accuracy": float(np.mean((p >= 0.5) == y_test.to_numpy())),
+            "auc": float(roc_auc_score(y_test, p)),
+            "train rows": len(train_rows),
+            "held-out rows": len(test_rows),
+        }
+        for name, p in rows.items()
+    }
+    return pd.DataFrame.from_dict(scores, orient="index")
+
+
+# ------------------------------------------------------------------ figures
+def _pyplot() -> Any | None:
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:  # tables carry the same numbers
+        return None
+    return plt
+
+
+def plot_metric(
+    histories: Mapping[str, pd.DataFrame], metric: str = "auc", *, title: str = ""
+) -> Figure | None:
+    """One line per history (``round`` against ``metric``); None without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for label, history in histories.items():
+        ax.plot(history["round"], history[metric], marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel(metric)
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    plt.close(fig)  # shown once, by the cell that returns it
+    return fig  # type: ignore[no-any-return]
+
+
+def plot_histogram(table: pd.DataFrame, *, title: str = "") -> Figure | None:
+    """Bars of a histogram table (``left``, ``right``, ``count``)."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    widths = table["right"] - table["left"]
+    ax.bar(table["left"], table["count"], width=widths, align="edge", edgecolor="k")
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    plt.close(fig)
+    return fig  # type: ignore[no-any-return]
+
+
+def plot_coefficients(table: pd.DataFrame, *, title: str = "") -> Figure | None:
+    """Coefficients with 95 % intervals (``coef`` ± 1.96 ``se``), intercept left out."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    rows = table.drop(index="Intercept", errors="ignore")
+    fig, ax = plt.subplots(figsize=(6, 1.5 + 0.4 * len(rows)))
+    ax.errorbar(rows["coef"], rows.index, xerr=1.96 * rows["se"], fmt="o", capsize=4)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_xlabel("coefficient (95 % interval)")
+    ax.set_title(title)
+    plt.close(fig)
+    return fig  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------ headless runs
+def notebook_path(name: str | os.PathLike[str]) -> Path:
+    """A notebook by path, file name or number: ``"06"``, ``"06_study_report"``…"""
+    path = Path(name)
+    if path.suffix == ".ipynb" and path.is_file():
+        return path
+    stem = path.stem if path.suffix == ".ipynb" else str(name)
+    matches = sorted(NOTEBOOKS_DIR.glob(f"{stem}*.ipynb"))
+    exact = [m for m in matches if m.stem == stem]
+    if exact or len(matches) == 1:
+        return (exact or matches)[0]
+    known = ", ".join(p.stem for p in sorted(NOTEBOOKS_DIR.glob("*.ipynb")))
+    raise InvalidInput(f"no single notebook matches {str(name)!r}; known: {known}")
+
+
+def parse_parameters(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["rounds=5", 'columns=["age","bmi"]', "by=sex"]`` → parameter values.
+
+    A value is read as JSON when it is JSON (numbers, lists, ``true``), else as text.
+    """
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise InvalidInput(f"parameters are NAME=VALUE, not {pair!r}")
+        try:
+            values[name.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            values[name.strip()] = text
+    return values
+
+
+def summary(executed: str | os.PathLike[str]) -> str:
+    """One line about an executed notebook: tables, figures, run time."""
+    import nbformat
+
+    nb = nbformat.read(os.fspath(executed), as_version=4)  # type: ignore[no-untyped-call]
+    outputs = [o for c in nb.cells for o in c.get("outputs", [])]
+    figures = sum("image/png" in o.get("data", {}) for o in outputs)
+    seconds = nb.metadata.get("papermill", {}).get("duration") or 0.0
+    return (
+        f"{Path(executed).stem}: {len(tables(nb))} tables, {figures} figures, "
+        f"{seconds:.1f} s"
+    )
+
+
+def _check_parameters(path: Path, parameters: Mapping[str, Any]) -> None:
+    """Refuse unknown parameter names and anything that looks like a credential."""
+    import papermill  # type: ignore[import-untyped]
+
+    for name, value in parameters.items():
+        if _SECRET_NAME.search(name) or (
+            isinstance(value, str) and _HEX64.match(value.strip())
+        ):
+            raise InvalidInput(
+                f"parameter {name!r} looks like a secret: parameters are written "
+                "into the executed notebook and its report. Keys come from "
+                "HEALTHLAB_PRIVATE_KEY or HEALTHLAB_KEY_FILE, never from parameters"
+            )
+    declared = papermill.inspect_notebook(str(path))
+    unknown = sorted(set(parameters) - set(declared))
+    if unknown:
+        raise InvalidInput(
+            f"{path.name} has no parameter(s) {unknown}; it takes {sorted(declared)}"
+        )
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def run_notebook(
+    name: str | os.PathLike[str],
+    parameters: Mapping[str, Any] | None = None,
+    out_dir: str | os.PathLike[str] = "reports",
+    *,
+    timeout: float = 600.0,
+    progress: bool = False,
+) -> Path:
+    """Execute a notebook with papermill into ``out_dir``; return the executed copy.
+
+    ``parameters`` override the notebook's ``parameters`` cell; unknown names and
+    anything that looks like a key are refused (papermill writes parameters into the
+    executed notebook). The kernel is the ``python3`` of this environment, runs in
+    the notebook's folder, with telemetry and downloads off. A failing cell raises
+    :class:`~healthlab.errors.HealthLabError` naming the cell and the error; the
+    executed copy keeps the traceback.
+
+    Examples
+    --------
+    >>> run_notebook("06_study_report", {"rounds": 2}, "reports")  # doctest: +SKIP
+    PosixPath('reports/06_study_report.ipynb')
+    """
+    import papermill
+
+    source = notebook_path(name)
+    values = dict(parameters or {})
+    _check_parameters(source, values)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / source.name
+    with _environment(RUN_ENVIRONMENT):
+        try:
+            papermill.execute_notebook(
+                str(source),
+                str(target),
+                parameters=values,
+                kernel_name="python3",
+                cwd=str(source.parent),
+                progress_bar=progress,
+                execution_timeout=timeout,
+                # the kernel listens on loopback only; keep its start-up notice
+                # about unencrypted local TCP out of every run's output
+                extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            )
+        except papermill.PapermillExecutionError as exc:
+            raise HealthLabError(
+                f"{source.name} failed in cell {exc.exec_count} with {exc.ename}: "
+                f"{exc.evalue}; the executed copy with the traceback is {target}"
+            ) from exc
+    return target
+
+
+def export_html(
+    executed: str | os.PathLike[str],
+    html_path: str | os.PathLike[str] | None = None,
+    *,
+    no_input: bool = True,
+) -> Path:
+    """Write an executed notebook as static HTML (without code cells by default).
+
+    Outputs are embedded (figures as images), no widget state is needed, so the
+    report opens offline. Returns the HTML file's path (default: next to it).
+    """
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    source = Path(executed)
+    if not source.is_file():
+        raise ConfigurationError(f"no executed notebook at {source}")
+    target = Path(html_path) if html_path else source.with_suffix(".html")
+    exporter = HTMLExporter(  # type: ignore[no-untyped-call]
+        exclude_input=no_input,
+        exclude_input_prompt=no_input,
+        exclude_output_prompt=no_input,
+    )
+    notebook = nbformat.read(source, as_version=4)  # type: ignore[no-untyped-call]
+    body, _ = exporter.from_notebook_node(notebook)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(body, encoding="utf-8")
+    return target
