@@ -30,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from healthlab._process import stop_process, wait_until_ready
 from healthlab.errors import ConfigurationError
 from healthlab.ledger.node import free_port
 
@@ -198,19 +199,15 @@ class PostgresServer:
             log,
         )
         log.close()
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ConfigurationError(
-                    f"postgres exited with code {self.process.returncode}: "
-                    f"{self.log_path.read_text()[-800:]}"
-                )
-            if self._ready():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise ConfigurationError(
-            f"postgres did not get ready on port {self.port} within {timeout} s"
+        wait_until_ready(
+            self.process,
+            self._ready,
+            name="postgres",
+            timeout=max(0.0, deadline - time.monotonic()),
+            log_tail=lambda: self.log_path.read_text()[-800:],
+            stop=self.stop,
         )
+        return self
 
     def _ready(self) -> bool:
         """True once the postmaster says ``ready`` in its PID file (PostgreSQL ≥ 10)."""
@@ -222,13 +219,7 @@ class PostgresServer:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the server by PID (SIGINT: fast shutdown), killing it if it hangs."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, sig=signal.SIGINT, timeout=timeout)
         self.process = None
 
     def close(self) -> None:

@@ -124,6 +124,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Self, cast
 
 import numpy as np
 
+from healthlab._process import stop_process
 from healthlab.errors import ConfigurationError, HealthLabError, InvalidInput
 from healthlab.ledger.node import free_port
 from healthlab.ledger.signing import SignedQuery
@@ -735,13 +736,7 @@ class _FlowerProcess:
         process = self.process
         if process is None:
             return
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, timeout=timeout)
         # Flower's SuperExec notices its parent is gone within ~0.2 s; then finish
         # off anything of the group still alive.
         pgid = process.pid

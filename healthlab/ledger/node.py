@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from types import TracebackType
 
 import requests
 
+from healthlab._process import stop_process, wait_until_ready
 from healthlab.errors import ConfigurationError
 
 __all__ = ["AnvilNode", "find_tool", "free_port"]
@@ -108,21 +107,15 @@ class AnvilNode:
             self.process = subprocess.Popen(  # noqa: S603 - our binary, fixed args
                 args, stdout=log, stderr=subprocess.STDOUT, cwd=self._tmp.name
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                code = self.process.returncode
-                self.process = None
-                raise ConfigurationError(
-                    f"anvil exited with code {code}: {self.log_path.read_text()[-500:]}"
-                )
-            if self._answers():
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise ConfigurationError(
-            f"anvil did not answer on {self.url} within {timeout} s"
+        wait_until_ready(
+            self.process,
+            self._answers,
+            name="anvil",
+            timeout=timeout,
+            log_tail=lambda: self.log_path.read_text()[-500:],
+            stop=self.stop,
         )
+        return self
 
     def _answers(self) -> bool:
         try:
@@ -137,13 +130,7 @@ class AnvilNode:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop anvil by PID (SIGTERM, so a state file is written), then clean up."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout=timeout)
         self.process = None
 
     def close(self) -> None:
