@@ -177,34 +177,26 @@ class ValueAggregator:
             raise DataRefused("no values to aggregate")
         self.evaluator.relinearize_inplace(self.squares, self.context.relin_keys().data)
         with tempfile.TemporaryDirectory(prefix="healthlab-agg-") as tmp:
-            folded = [
-                _fold(
-                    ct, self.evaluator, self.context, self.seal, Path(tmp), self.slots
-                )
-                for ct in (self.linear, self.squares)
-            ]
+            folded = []
+            for ciphertext in (self.linear, self.squares):
+                _fold(ciphertext, self.evaluator, self.context, self.slots)
+                folded.append(_save(ciphertext, Path(tmp)))
         return folded[0], folded[1]
 
 
-def _fold(
-    ciphertext: Any,
-    evaluator: Any,
-    context: ts.Context,
-    seal: Any,
-    tmp: Path,
-    slots: int,
-) -> bytes:
+def _fold(ciphertext: Any, evaluator: Any, context: ts.Context, slots: int) -> None:
     """Add every rotation of ``ciphertext`` so each slot holds the sum of all slots."""
     galois = context.galois_keys().data
-    path = tmp / "ct"
     step = 1
     while step < slots:
-        ciphertext.save(str(path))
         rotated = sealapi.Ciphertext()
-        rotated.load(seal, str(path))
-        evaluator.rotate_vector_inplace(rotated, step, galois)
+        evaluator.rotate_vector(ciphertext, step, galois, rotated)
         evaluator.add_inplace(ciphertext, rotated)
         step *= 2
+
+
+def _save(ciphertext: Any, directory: Path) -> bytes:
+    path = directory / "ct"
     ciphertext.save(str(path))
     return path.read_bytes()
 
