@@ -24,8 +24,7 @@ demo: setup
 	done
 
 lab: setup
-	mkdir -p notebooks
-	$(BIN)/jupyter lab --notebook-dir=notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 node: setup
 	$(BIN)/healthlab node --port 8545 --state .healthlab/anvil-state.json
