@@ -51,6 +51,7 @@ import numpy as np
 import pandas as pd
 import tenseal as ts
 import tenseal.sealapi as sealapi
+from machine import cpu_model  # benchmarks/machine.py (run as a script)
 
 from healthlab import encrypted
 from healthlab.encrypted import KeyHolder, values
@@ -353,19 +354,7 @@ def ciphertext_size(public: PublicContext) -> int:
 
 # ----------------------------------------------------------------- reporting
 def machine_info() -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(
-                (
-                    ln.split(":", 1)[1].strip()
-                    for ln in handle
-                    if ln.startswith("model name")
-                ),
-                cpu,
-            )
-    except OSError:
-        pass
+    cpu = cpu_model()
     names = ("tenseal", "numpy", "pandas", "psutil")
     versions = []
     for name in names:

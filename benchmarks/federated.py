@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+from machine import cpu_model  # benchmarks/machine.py (run as a script)
 
 if TYPE_CHECKING:
     from healthlab.federated import FederatedResult, RoundReport
@@ -312,19 +313,7 @@ def score(sites: dict[str, pd.DataFrame], result: FederatedResult) -> Scores:
 
 # ----------------------------------------------------------------- reporting
 def machine_info() -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(
-                (
-                    ln.split(":", 1)[1].strip()
-                    for ln in handle
-                    if ln.startswith("model name")
-                ),
-                cpu,
-            )
-    except OSError:
-        pass
+    cpu = cpu_model()
     versions = []
     for name in ("healthlab", "flwr", "flwr-datasets", "numpy", "scikit-learn"):
         try:

@@ -32,6 +32,8 @@ from functools import partial
 from importlib import metadata
 from typing import Any
 
+from machine import cpu_model  # benchmarks/machine.py (run as a script)
+
 from healthlab.ledger import Ledger, Purpose
 from healthlab.ledger.codes import as_codes
 from healthlab.ledger.node import AnvilNode, find_tool
@@ -291,19 +293,7 @@ def throughput(
 
 # ----------------------------------------------------------------- reporting
 def machine_info(anvil_binary: str | None) -> list[str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            cpu = next(
-                (
-                    ln.split(":", 1)[1].strip()
-                    for ln in handle
-                    if ln.startswith("model name")
-                ),
-                cpu,
-            )
-    except OSError:
-        pass
+    cpu = cpu_model()
     versions = ", ".join(
         f"{name} {metadata.version(name)}" for name in ("web3", "eth-tester", "py-evm")
     )
