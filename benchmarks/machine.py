@@ -16,4 +16,3 @@ def cpu_model() -> str:
     except OSError:
         pass
     return cpu
-
