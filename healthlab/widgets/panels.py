@@ -1,0 +1,655 @@
+"""ipywidgets panels over a :class:`~healthlab.ledger.Ledger`.
+
+Three panels make the consent registry usable without code:
+
+- :class:`Catalogue` — the datasets with filters, for everyone;
+- :class:`RequestForm` — a researcher asks for access (the fee is shown before
+  paying) and follows the status of their requests;
+- :class:`OwnerInbox` — a data owner approves, declines and revokes, and withdraws
+  their earnings.
+
+Senders are addresses, never keys: the ledger signs with keys from the environment
+or with the node's unlocked accounts. Every action reports in the panel's ``status``
+line *and* prints the same line, so results also appear in headless runs; an error
+inside a callback is shown and printed the same way (and kept in ``.error``), never
+swallowed. Each action is a method too (``form.request()``, ``inbox.approve()``…),
+which is what a button calls, so notebooks and tests can drive the panels without a
+browser.
+
+Examples
+--------
+>>> ledger = Ledger.local()  # doctest: +SKIP
+>>> Catalogue(ledger)  # doctest: +SKIP
+>>> RequestForm(ledger, researcher=ledger.accounts[2])  # doctest: +SKIP
+>>> OwnerInbox(ledger, owner=ledger.accounts[1])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import html
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import ipywidgets as widgets
+import pandas as pd
+
+from healthlab.errors import HealthLabError, InvalidInput
+from healthlab.ledger.codes import ATTESTABLE, DESCRIPTIONS, PURPOSES, Codes, as_codes
+from healthlab.ledger.codes import permits as codes_permit
+from healthlab.ledger.records import Request, Status
+
+if TYPE_CHECKING:
+    from healthlab.ledger import Ledger
+
+__all__ = ["Catalogue", "OwnerInbox", "RequestForm", "eth"]
+
+T = TypeVar("T")
+WEI_PER_ETH = 10**18
+_ANY = ""
+
+
+def eth(wei: int) -> str:
+    """Wei as an exact decimal string of ether: ``10**16`` → ``"0.01"``."""
+    whole, frac = divmod(int(wei), WEI_PER_ETH)
+    digits = f"{frac:018d}".rstrip("0")
+    return f"{whole}.{digits}" if digits else str(whole)
+
+
+def _utc(timestamp: int | None) -> str:
+    if timestamp is None:
+        return ""
+    return pd.Timestamp(int(timestamp), unit="s", tz="UTC").strftime(
+        "%Y-%m-%d %H:%M UTC"
+    )
+
+
+def _names(codes: Codes | int) -> str:
+    return "|".join(c.name or "" for c in Codes if int(codes) & c)
+
+
+def _short(address: str) -> str:
+    return f"{address[:6]}…{address[-4:]}"
+
+
+def _html_table(frame: pd.DataFrame, empty: str) -> str:
+    if frame.empty:
+        return f"<i>{html.escape(empty)}</i>"
+    return str(frame.to_html(escape=True))
+
+
+class _Panel:
+    """Status line, error reporting and notebook display shared by the panels."""
+
+    widget: Any
+
+    def __init__(self) -> None:
+        self.status = widgets.HTML(value="")
+        #: The last line shown in the status (plain text).
+        self.message = ""
+        #: The error of the last action, or None when it succeeded.
+        self.error: BaseException | None = None
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> Any:
+        return self.widget._repr_mimebundle_(**kwargs)
+
+    def _say(self, message: str) -> None:
+        self.message = message
+        self.error = None
+        self.status.value = f"<span style='color:#1b5e20'>{html.escape(message)}</span>"
+        print(message)
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.message = f"{type(exc).__name__}: {exc}"
+        self.status.value = (
+            f"<span style='color:#b71c1c'><b>{html.escape(type(exc).__name__)}</b>: "
+            f"{html.escape(str(exc))}</span>"
+        )
+        print(f"error: {self.message}")
+
+    def _run(self, action: Callable[[], T]) -> T | None:
+        """Run ``action``; show and print any error (unexpected ones propagate too)."""
+        try:
+            return action()
+        except HealthLabError as exc:  # a refusal the user can act on
+            self._fail(exc)
+            return None
+        except Exception as exc:  # a bug: show it, print the traceback, re-raise
+            self._fail(exc)
+            traceback.print_exc()
+            raise
+
+
+# ------------------------------------------------------------------ catalogue
+class Catalogue(_Panel):
+    """The datasets of a ledger as a filterable table; ``.selected`` is a dataset id.
+
+    Filters: ``text`` (case-insensitive, in the pointer or the owner's address),
+    ``use`` (a code: for a purpose, datasets whose terms permit it once its
+    requirements are attested — GRU permits every purpose, HMB permits DS; for a
+    requirement such as NCU or COL, datasets whose terms set it) and ``active_only``.
+    """
+
+    COLUMNS = (
+        "owner",
+        "pointer",
+        "fee (ETH)",
+        "grant (days)",
+        "terms",
+        "auto-approve",
+        "active",
+    )
+
+    def __init__(self, ledger: Ledger, *, active_only: bool = True) -> None:
+        super().__init__()
+        self.ledger = ledger
+        self.text = widgets.Text(
+            description="contains", placeholder="pointer or owner address"
+        )
+        self.use = widgets.Dropdown(
+            description="use",
+            options=[("any use", _ANY)]
+            + [(f"{c.name} — {DESCRIPTIONS[c]}", c.name) for c in Codes],
+            value=_ANY,
+        )
+        self.active_only = widgets.Checkbox(
+            value=active_only, description="active only"
+        )
+        self.refresh_button = widgets.Button(description="refresh", icon="refresh")
+        self.select = widgets.Select(description="dataset", options=[], rows=6)
+        self.table_html = widgets.HTML()
+        #: Every dataset (last refresh) and the rows the filters keep.
+        self.all = pd.DataFrame(columns=list(self.COLUMNS))
+        self.table = self.all
+        for control in (self.text, self.use, self.active_only):
+            control.observe(lambda _change: self._run(self._apply), names="value")
+        self.refresh_button.on_click(lambda _button: self.refresh())
+        self.widget = widgets.VBox(
+            [
+                widgets.HTML("<h3>Datasets</h3>"),
+                widgets.HBox([self.text, self.use, self.active_only]),
+                self.refresh_button,
+                self.table_html,
+                self.select,
+                self.status,
+            ]
+        )
+        self.refresh()
+
+    @property
+    def selected(self) -> int | None:
+        """The id of the selected dataset (None when the filters keep no row)."""
+        value = self.select.value
+        return None if value is None else int(value)
+
+    def refresh(self) -> pd.DataFrame | None:
+        """Read the datasets from the chain again and apply the filters."""
+
+        def load() -> pd.DataFrame:
+            raw = self.ledger.datasets()
+            rows = pd.DataFrame(
+                {
+                    "owner": raw["owner"],
+                    "pointer": raw["pointer"],
+                    "fee (ETH)": [eth(int(w)) for w in raw["fee_wei"]],
+                    "grant (days)": [int(s) / 86400 for s in raw["grant_seconds"]],
+                    "terms": raw["terms"],
+                    "auto-approve": raw["auto_approve"].astype(bool),
+                    "active": raw["active"].astype(bool),
+                },
+                index=raw.index,
+                columns=list(self.COLUMNS),
+            )
+            self.all = rows
+            table = self._apply()
+            self._say(f"{len(rows)} datasets on chain, {len(table)} shown")
+            return table
+
+        return self._run(load)
+
+    def _apply(self) -> pd.DataFrame:
+        rows = self.all
+        keep = pd.Series(True, index=rows.index)
+        needle = self.text.value.strip().lower()
+        if needle:
+            keep &= rows["pointer"].str.lower().str.contains(
+                needle, regex=False
+            ) | rows["owner"].str.lower().str.contains(needle, regex=False)
+        if self.use.value != _ANY:
+            keep &= rows["terms"].map(lambda t: _offers(as_codes(t), self.use.value))
+        if self.active_only.value:
+            keep &= rows["active"]
+        self.table = rows[keep.astype(bool)]
+        self.table_html.value = _html_table(self.table, "no dataset matches")
+        previous = self.select.value
+        ids = [int(i) for i in self.table.index]
+        self.select.options = [
+            (f"#{i} {self.table.at[i, 'pointer']!s}", int(i)) for i in self.table.index
+        ]
+        self.select.value = previous if previous in ids else (ids[0] if ids else None)
+        return self.table
+
+    def show(self) -> None:
+        """Display the filtered table as a static table (headless runs, reports)."""
+        from healthlab.notebooks import show
+
+        show(self.table, "catalogue", title="Datasets")
+
+
+def _offers(terms: Codes, name: str) -> bool:
+    code = Codes[name]
+    if code & PURPOSES:
+        return codes_permit(code | ATTESTABLE, terms)
+    return bool(terms & code)
+
+
+# ---------------------------------------------------------------- requests
+def _request_rows(requests: list[Request]) -> pd.DataFrame:
+    frame = pd.DataFrame(
+        [
+            {
+                "request": r.id,
+                "dataset": r.dataset_id,
+                "codes": _names(r.codes),
+                "paid (ETH)": eth(r.amount_wei),
+                "status": r.status.name,
+                "requested": _utc(r.created_at),
+                "expires": _utc(r.expires_at),
+            }
+            for r in requests
+        ],
+        columns=[
+            "request",
+            "dataset",
+            "codes",
+            "paid (ETH)",
+            "status",
+            "requested",
+            "expires",
+        ],
+    )
+    return frame.set_index("request")
+
+
+class RequestForm(_Panel):
+    """A researcher's access request, and the status of their requests.
+
+    The fee is read from the chain whenever the dataset changes and shown before
+    paying; the request pays exactly the fee shown (``fee_wei``), so if the owner
+    changed it meanwhile the registry refuses with ``FeeChanged`` and nothing is paid.
+    Pass a :class:`Catalogue` to follow its selection.
+    """
+
+    def __init__(
+        self, ledger: Ledger, researcher: str, *, catalogue: Catalogue | None = None
+    ) -> None:
+        super().__init__()
+        self.ledger = ledger
+        self.researcher = researcher
+        self.dataset = widgets.Dropdown(description="dataset", options=[])
+        self.codes = widgets.SelectMultiple(
+            description="purpose codes",
+            options=[(f"{c.name} — {DESCRIPTIONS[c]}", c.name) for c in Codes],
+            rows=len(Codes),
+        )
+        self.purpose = widgets.Textarea(
+            description="purpose", placeholder="what is the study about?"
+        )
+        self.fee = widgets.HTML()
+        self.terms = widgets.HTML()
+        #: The fee shown for the selected dataset, in wei (what a request pays).
+        self.fee_wei: int | None = None
+        self.request_button = widgets.Button(
+            description="request access", button_style="primary", icon="paper-plane"
+        )
+        self.refresh_button = widgets.Button(description="refresh", icon="refresh")
+        self.table_html = widgets.HTML()
+        #: The researcher's requests (last refresh).
+        self.table = _request_rows([])
+        self.dataset.observe(lambda _change: self._run(self._read_fee), names="value")
+        self.request_button.on_click(lambda _button: self.request())
+        self.refresh_button.on_click(lambda _button: self.refresh())
+        if catalogue is not None:
+            catalogue.select.observe(self._follow, names="value")
+        self.widget = widgets.VBox(
+            [
+                widgets.HTML(f"<h3>Request access as {html.escape(researcher)}</h3>"),
+                self.dataset,
+                self.terms,
+                self.fee,
+                self.codes,
+                self.purpose,
+                self.request_button,
+                self.status,
+                widgets.HTML("<h4>Your requests</h4>"),
+                self.refresh_button,
+                self.table_html,
+            ]
+        )
+        self.refresh()
+
+    def _follow(self, change: dict[str, Any]) -> None:
+        ids = [value for _label, value in self.dataset.options]
+        if change["new"] in ids:
+            self.dataset.value = change["new"]
+
+    def _read_fee(self) -> None:
+        self.fee_wei = None
+        self.fee.value = self.terms.value = ""
+        if self.dataset.value is None:
+            return
+        record = self.ledger.dataset(int(self.dataset.value))
+        self.fee_wei = record.fee_wei
+        self.fee.value = (
+            f"<b>fee: {eth(record.fee_wei)} ETH</b> ({record.fee_wei} wei), paid "
+            "into escrow now; the owner gets it on approval, you get it back if "
+            "declined"
+        )
+        self.terms.value = (
+            f"use terms: {html.escape(_names(record.terms) or 'none')}; grants last "
+            f"{record.grant_seconds / 86400:g} days"
+        )
+
+    def refresh(self) -> pd.DataFrame | None:
+        """Reload the open datasets, the fee shown and the researcher's requests."""
+
+        def load() -> pd.DataFrame:
+            frame = self.ledger.datasets()
+            frame = frame[frame["active"].astype(bool)]
+            _choose(
+                self.dataset,
+                [(f"#{i} {frame.at[i, 'pointer']!s}", int(i)) for i in frame.index],
+            )
+            self._read_fee()  # also when the same dataset stays selected
+            self.table = _request_rows(self.ledger.requests(researcher=self.researcher))
+            self.table_html.value = _html_table(self.table, "no requests yet")
+            return self.table
+
+        return self._run(load)
+
+    def request(self) -> int | None:
+        """Request access to the selected dataset; return the request id."""
+
+        def send() -> int:
+            if self.dataset.value is None:
+                raise InvalidInput("choose a dataset first")
+            if not self.codes.value:
+                raise InvalidInput(
+                    "choose at least one purpose code (and attest what the terms "
+                    "require, e.g. NCU)"
+                )
+            if self.fee_wei is None:
+                raise InvalidInput("the fee could not be read; press refresh")
+            ds = int(self.dataset.value)
+            request_id = self.ledger.request_access(
+                ds,
+                self.purpose.value,
+                as_codes(list(self.codes.value)),
+                fee_wei=self.fee_wei,
+                sender=self.researcher,
+            )
+            status = self.ledger.request(request_id).status
+            self.refresh()
+            self._say(
+                f"request #{request_id} on dataset #{ds}: {status.name}; paid "
+                f"{eth(self.fee_wei)} ETH into escrow"
+            )
+            return request_id
+
+        return self._run(send)
+
+    def show(self) -> None:
+        """Display the researcher's requests as a static table."""
+        from healthlab.notebooks import show
+
+        show(self.table, "my_requests", title="Your requests")
+
+
+# ------------------------------------------------------------------- inbox
+class OwnerInbox(_Panel):
+    """A data owner's pending requests and live grants, and their earnings.
+
+    Pending requests show the purpose codes, the purpose text when this client made
+    the request (otherwise only its hash is on chain), the fee and the requester's
+    history: how many requests they made before this one (on any dataset) and how
+    many of those were granted.
+    """
+
+    PENDING_COLUMNS = (
+        "request",
+        "dataset",
+        "researcher",
+        "codes",
+        "purpose",
+        "fee (ETH)",
+        "earlier requests",
+        "earlier grants",
+        "requested",
+    )
+    GRANT_COLUMNS = ("request", "dataset", "researcher", "codes", "expires")
+
+    def __init__(self, ledger: Ledger, owner: str) -> None:
+        super().__init__()
+        self.ledger = ledger
+        self.owner = owner
+        self.pending_select = widgets.Select(description="request", options=[], rows=5)
+        self.approve_button = widgets.Button(
+            description="approve", button_style="success", icon="check"
+        )
+        self.decline_button = widgets.Button(
+            description="decline", button_style="warning", icon="times"
+        )
+        self.grant_select = widgets.Select(description="grant", options=[], rows=5)
+        self.revoke_button = widgets.Button(
+            description="revoke", button_style="danger", icon="ban"
+        )
+        self.credit = widgets.HTML()
+        #: The owner's withdrawable credit in wei (last refresh).
+        self.credit_wei = 0
+        self.withdraw_button = widgets.Button(description="withdraw", icon="download")
+        self.refresh_button = widgets.Button(description="refresh", icon="refresh")
+        self.pending_html = widgets.HTML()
+        self.grants_html = widgets.HTML()
+        #: Pending requests and live grants on the owner's datasets (last refresh).
+        self.pending = pd.DataFrame(columns=list(self.PENDING_COLUMNS)).set_index(
+            "request"
+        )
+        self.grants = pd.DataFrame(columns=list(self.GRANT_COLUMNS)).set_index(
+            "request"
+        )
+        self._grants: dict[int, tuple[int, str]] = {}
+        self.approve_button.on_click(lambda _button: self.approve())
+        self.decline_button.on_click(lambda _button: self.decline())
+        self.revoke_button.on_click(lambda _button: self.revoke())
+        self.withdraw_button.on_click(lambda _button: self.withdraw())
+        self.refresh_button.on_click(lambda _button: self.refresh())
+        self.widget = widgets.VBox(
+            [
+                widgets.HTML(f"<h3>Requests for {html.escape(owner)}</h3>"),
+                self.refresh_button,
+                self.pending_html,
+                widgets.HBox(
+                    [self.pending_select, self.approve_button, self.decline_button]
+                ),
+                widgets.HTML("<h4>Live grants</h4>"),
+                self.grants_html,
+                widgets.HBox([self.grant_select, self.revoke_button]),
+                widgets.HTML("<h4>Earnings</h4>"),
+                widgets.HBox([self.credit, self.withdraw_button]),
+                self.status,
+            ]
+        )
+        self.refresh()
+
+    def _purpose(self, request_id: int) -> str:
+        try:
+            return self.ledger.purpose_of(request_id).text
+        except InvalidInput:
+            return "(only its hash is on chain; ask the researcher)"
+
+    def refresh(self) -> pd.DataFrame | None:
+        """Reload requests, grants and credit from the chain."""
+
+        def load() -> pd.DataFrame:
+            datasets = self.ledger.datasets()
+            owned = {
+                int(i)
+                for i in datasets.index
+                if str(datasets.at[i, "owner"]).lower() == self.owner.lower()
+            }
+            everything = self.ledger.requests()
+            pending, grants = [], []
+            self._grants = {}
+            for r in everything:
+                if r.dataset_id not in owned:
+                    continue
+                if r.status is Status.PENDING:
+                    earlier = [
+                        q
+                        for q in everything
+                        if q.researcher == r.researcher and q.id < r.id
+                    ]
+                    pending.append(
+                        {
+                            "request": r.id,
+                            "dataset": r.dataset_id,
+                            "researcher": r.researcher,
+                            "codes": _names(r.codes),
+                            "purpose": self._purpose(r.id),
+                            "fee (ETH)": eth(r.amount_wei),
+                            "earlier requests": len(earlier),
+                            "earlier grants": sum(
+                                q.expires_at is not None for q in earlier
+                            ),
+                            "requested": _utc(r.created_at),
+                        }
+                    )
+                elif r.status is Status.APPROVED:
+                    grants.append(
+                        {
+                            "request": r.id,
+                            "dataset": r.dataset_id,
+                            "researcher": r.researcher,
+                            "codes": _names(r.codes),
+                            "expires": _utc(r.expires_at),
+                        }
+                    )
+                    self._grants[r.id] = (r.dataset_id, r.researcher)
+            self.pending = pd.DataFrame(
+                pending, columns=list(self.PENDING_COLUMNS)
+            ).set_index("request")
+            self.grants = pd.DataFrame(
+                grants, columns=list(self.GRANT_COLUMNS)
+            ).set_index("request")
+            self.pending_html.value = _html_table(self.pending, "no pending requests")
+            self.grants_html.value = _html_table(self.grants, "no live grants")
+            _choose(
+                self.pending_select,
+                [
+                    (
+                        f"#{i} on #{self.pending.at[i, 'dataset']!s} by "
+                        f"{_short(str(self.pending.at[i, 'researcher']))}",
+                        int(i),
+                    )
+                    for i in self.pending.index
+                ],
+            )
+            _choose(
+                self.grant_select,
+                [
+                    (
+                        f"#{i} on #{self.grants.at[i, 'dataset']!s} for "
+                        f"{_short(str(self.grants.at[i, 'researcher']))}",
+                        int(i),
+                    )
+                    for i in self.grants.index
+                ],
+            )
+            self.credit_wei = self.ledger.credit(self.owner)
+            self.credit.value = f"credit: <b>{eth(self.credit_wei)} ETH</b>"
+            return self.pending
+
+        return self._run(load)
+
+    def _selected(self, select: Any, what: str) -> int:
+        if select.value is None:
+            raise InvalidInput(f"select a {what} first")
+        return int(select.value)
+
+    def approve(self) -> Request | None:
+        """Approve the selected pending request; the fee becomes the owner's credit."""
+
+        def act() -> Request:
+            done = self.ledger.approve(
+                self._selected(self.pending_select, "pending request"),
+                sender=self.owner,
+            )
+            self.refresh()
+            self._say(
+                f"approved request #{done.id}: {done.researcher} may use dataset "
+                f"#{done.dataset_id} until {_utc(done.expires_at)}; "
+                f"{eth(done.amount_wei)} ETH credited to you"
+            )
+            return done
+
+        return self._run(act)
+
+    def decline(self) -> Request | None:
+        """Decline the selected pending request; the researcher is refunded."""
+
+        def act() -> Request:
+            done = self.ledger.decline(
+                self._selected(self.pending_select, "pending request"),
+                sender=self.owner,
+            )
+            self.refresh()
+            self._say(
+                f"declined request #{done.id} on dataset #{done.dataset_id}; "
+                f"{eth(done.amount_wei)} ETH credited back to {done.researcher}"
+            )
+            return done
+
+        return self._run(act)
+
+    def revoke(self) -> tuple[int, str] | None:
+        """Revoke the selected live grant at once; return (dataset id, researcher)."""
+
+        def act() -> tuple[int, str]:
+            request_id = self._selected(self.grant_select, "live grant")
+            ds, researcher = self._grants[request_id]
+            self.ledger.revoke(ds, researcher, sender=self.owner)
+            self.refresh()
+            self._say(
+                f"revoked request #{request_id}: {researcher} no longer has access "
+                f"to dataset #{ds}"
+            )
+            return ds, researcher
+
+        return self._run(act)
+
+    def withdraw(self) -> int | None:
+        """Pay the owner's credit out to the owner; return the wei paid."""
+
+        def act() -> int:
+            paid = self.ledger.withdraw(sender=self.owner)
+            self.refresh()
+            self._say(f"withdrew {eth(paid)} ETH ({paid} wei) to {self.owner}")
+            return paid
+
+        return self._run(act)
+
+    def show(self) -> None:
+        """Display pending requests and live grants as static tables."""
+        from healthlab.notebooks import show
+
+        show(self.pending, "pending_requests", title="Pending requests")
+        show(self.grants, "live_grants", title="Live grants")
+
+
+def _choose(select: Any, options: list[tuple[str, int]]) -> None:
+    """Set a selector's options, keeping the selection when it is still there."""
+    previous = select.value
+    ids = [value for _label, value in options]
+    select.options = options
+    select.value = previous if previous in ids else (ids[0] if ids else None)

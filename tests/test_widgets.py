@@ -1,0 +1,464 @@
+"""The notebook panels, driven without a kernel: set values, click, check the chain."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from healthlab import errors
+from healthlab.ledger import Codes, Ledger, Status
+from healthlab.widgets import Catalogue, OwnerInbox, RequestForm, eth
+from tests.conftest import ETHER, content_hash
+
+DAY = 24 * 3600
+
+
+def register(
+    ledger: Ledger,
+    owner: str,
+    uri: str,
+    *,
+    fee_wei: int = ETHER // 100,
+    terms: str = "HMB|NCU",
+    active: bool = True,
+) -> int:
+    ds = ledger.register_dataset(
+        uri,
+        content_hash(),
+        fee_wei=fee_wei,
+        grant_seconds=30 * DAY,
+        terms=terms,
+        sender=owner,
+    )
+    if not active:
+        ledger.set_active(ds, False, sender=owner)
+    return ds
+
+
+@pytest.fixture
+def catalogue_chain(ledger: Ledger, owner: str, stranger: str) -> dict[str, int]:
+    """Four datasets of two owners: HMB|NCU, GRU, POA (closed), DS|IRB."""
+    return {
+        "cohort": register(ledger, owner, "https://hospital.example/cohort.csv"),
+        "registry": register(
+            ledger, stranger, "ipfs://bafyregistry", fee_wei=0, terms="GRU"
+        ),
+        "ancestry": register(
+            ledger,
+            owner,
+            "https://genomes.example/ancestry.csv",
+            terms="POA",
+            active=False,
+        ),
+        "diabetes": register(
+            ledger,
+            stranger,
+            "https://clinic.example/diabetes.csv",
+            fee_wei=3 * ETHER // 2,
+            terms="DS|IRB",
+        ),
+    }
+
+
+# ------------------------------------------------------------------ helpers
+@pytest.mark.parametrize(
+    ("wei", "shown"),
+    [
+        (0, "0"),
+        (ETHER // 100, "0.01"),
+        (3 * ETHER // 2, "1.5"),
+        (1, "0.000000000000000001"),
+    ],
+)
+def test_eth_formats_wei_exactly(wei: int, shown: str) -> None:
+    assert eth(wei) == shown
+
+
+# ---------------------------------------------------------------- catalogue
+def test_catalogue_lists_datasets_with_fee_in_eth_duration_and_term_names(
+    ledger: Ledger, owner: str, catalogue_chain: dict[str, int]
+) -> None:
+    panel = Catalogue(ledger, active_only=False)
+    cohort = catalogue_chain["cohort"]
+    assert list(panel.table.index) == sorted(catalogue_chain.values())
+    row = panel.table.loc[cohort]
+    assert row["owner"] == owner
+    assert row["pointer"] == "https://hospital.example/cohort.csv"
+    assert row["fee (ETH)"] == "0.01"
+    assert row["grant (days)"] == 30
+    assert row["terms"] == "HMB|NCU"
+    assert not row["auto-approve"]
+    assert row["active"]
+    assert panel.table.loc[catalogue_chain["diabetes"], "fee (ETH)"] == "1.5"
+    assert not panel.table.loc[catalogue_chain["ancestry"], "active"]
+    assert panel.selected == cohort, "the first row is selected by default"
+    assert "hospital.example/cohort.csv" in panel.table_html.value
+
+
+@pytest.mark.parametrize(
+    ("text", "use", "active_only", "expected"),
+    [
+        ("", "", False, ["cohort", "registry", "ancestry", "diabetes"]),
+        ("", "", True, ["cohort", "registry", "diabetes"]),
+        ("EXAMPLE", "", False, ["cohort", "ancestry", "diabetes"]),
+        ("ipfs://", "", True, ["registry"]),
+        # purposes: GRU permits everything, HMB permits DS
+        ("", "HMB", True, ["cohort", "registry"]),
+        ("", "DS", True, ["cohort", "registry", "diabetes"]),
+        ("", "POA", False, ["registry", "ancestry"]),
+        ("", "POA", True, ["registry"]),
+        # requirements: the terms set them
+        ("", "IRB", True, ["diabetes"]),
+        ("", "NCU", True, ["cohort"]),
+        ("", "COL", False, []),
+        ("clinic", "DS", True, ["diabetes"]),
+    ],
+)
+def test_catalogue_filters_reduce_rows(
+    ledger: Ledger,
+    catalogue_chain: dict[str, int],
+    text: str,
+    use: str,
+    active_only: bool,
+    expected: list[str],
+) -> None:
+    panel = Catalogue(ledger, active_only=False)
+    assert len(panel.table) == 4
+    panel.text.value = text
+    panel.use.value = use
+    panel.active_only.value = active_only
+    ids = sorted(catalogue_chain[name] for name in expected)
+    assert list(panel.table.index) == ids, (text, use, active_only)
+    assert [value for _label, value in panel.select.options] == ids
+    assert panel.selected == (ids[0] if ids else None)
+    if not ids:
+        assert "no dataset matches" in panel.table_html.value
+
+
+def test_catalogue_owner_filter_matches_address_case_insensitively(
+    ledger: Ledger, stranger: str, catalogue_chain: dict[str, int]
+) -> None:
+    panel = Catalogue(ledger)
+    panel.text.value = stranger.lower()[2:12]
+    assert list(panel.table.index) == [
+        catalogue_chain["registry"],
+        catalogue_chain["diabetes"],
+    ]
+
+
+def test_catalogue_refresh_button_shows_new_datasets_and_keeps_selection(
+    ledger: Ledger, owner: str, catalogue_chain: dict[str, int]
+) -> None:
+    panel = Catalogue(ledger)
+    panel.select.value = catalogue_chain["diabetes"]
+    new = register(ledger, owner, "https://hospital.example/new.csv")
+    assert new not in panel.table.index, "the table changes only on refresh"
+    panel.refresh_button.click()
+    assert new in panel.table.index
+    assert panel.selected == catalogue_chain["diabetes"]
+    assert panel.message == "5 datasets on chain, 4 shown"
+
+
+# ------------------------------------------------------------- request form
+def test_request_form_shows_fee_read_from_chain_when_dataset_changes(
+    ledger: Ledger, catalogue_chain: dict[str, int], researcher: str
+) -> None:
+    form = RequestForm(ledger, researcher)
+    options = [value for _label, value in form.dataset.options]
+    assert catalogue_chain["ancestry"] not in options, "closed datasets are not offered"
+    for name in ("diabetes", "registry", "cohort"):
+        form.dataset.value = catalogue_chain[name]
+        fee = ledger.dataset(catalogue_chain[name]).fee_wei
+        assert form.fee_wei == fee, name
+        assert f"{eth(fee)} ETH" in form.fee.value
+        assert f"({fee} wei)" in form.fee.value
+
+
+def test_request_form_creates_pending_request_with_chosen_codes_paying_fee_shown(
+    ledger: Ledger, catalogue_chain: dict[str, int], researcher: str, owner: str
+) -> None:
+    ds = catalogue_chain["cohort"]
+    form = RequestForm(ledger, researcher)
+    form.dataset.value = ds
+    shown = form.fee_wei
+    escrow, wallet = ledger.balance(ledger.address), ledger.balance(researcher)
+    form.codes.value = ("HMB", "NCU")
+    form.purpose.value = "cardiovascular risk in adults"
+    form.request_button.click()
+
+    assert form.error is None, form.message
+    [made] = ledger.requests(researcher=researcher)
+    assert made.dataset_id == ds
+    assert made.status is Status.PENDING
+    assert made.codes == Codes.HMB | Codes.NCU
+    assert shown == made.amount_wei == ledger.dataset(ds).fee_wei == ETHER // 100
+    assert ledger.balance(ledger.address) - escrow == shown
+    gas = ledger.last_receipt["gasUsed"] * ledger.last_receipt["effectiveGasPrice"]
+    assert wallet - ledger.balance(researcher) == shown + gas
+    assert ledger.verify_purpose(
+        made.id, "cardiovascular risk in adults", ledger.purpose_of(made.id).salt
+    )
+    assert form.message == (
+        f"request #{made.id} on dataset #{ds}: PENDING; paid 0.01 ETH into escrow"
+    )
+    assert f"request #{made.id}" in form.status.value
+    assert list(form.table.index) == [made.id]
+    assert form.table.loc[made.id, "status"] == "PENDING"
+    assert form.table.loc[made.id, "codes"] == "HMB|NCU"
+
+
+def test_request_form_status_table_follows_owner_decision_on_refresh(
+    ledger: Ledger, dataset: int, researcher: str, owner: str
+) -> None:
+    form = RequestForm(ledger, researcher)
+    form.codes.value = ("DS", "NCU")
+    form.purpose.value = "type 2 diabetes"
+    request_id = form.request()
+    assert request_id is not None, form.message
+    ledger.approve(request_id, sender=owner)
+    assert form.table.loc[request_id, "status"] == "PENDING"
+    form.refresh_button.click()
+    assert form.table.loc[request_id, "status"] == "APPROVED"
+    assert form.table.loc[request_id, "expires"] != ""
+
+
+@pytest.mark.parametrize(
+    ("codes", "purpose", "error", "text"),
+    [
+        (("POA", "NCU"), "ancestry", errors.PurposeNotPermitted, "PurposeNotPermitted"),
+        (("HMB",), "no NCU attested", errors.PurposeNotPermitted, "attest"),
+        ((), "no codes", errors.InvalidInput, "choose at least one purpose code"),
+        (("HMB", "NCU"), "   ", errors.InvalidInput, "state the purpose"),
+    ],
+)
+def test_request_form_error_is_shown_and_printed_and_changes_nothing(
+    ledger: Ledger,
+    dataset: int,
+    researcher: str,
+    capsys: pytest.CaptureFixture[str],
+    codes: tuple[str, ...],
+    purpose: str,
+    error: type[Exception],
+    text: str,
+) -> None:
+    form = RequestForm(ledger, researcher)
+    escrow, wallet = ledger.balance(ledger.address), ledger.balance(researcher)
+    block = ledger.w3.eth.block_number
+    capsys.readouterr()
+    form.codes.value = codes
+    form.purpose.value = purpose
+    form.request_button.click()
+
+    assert isinstance(form.error, error), form.message
+    assert text in form.message
+    assert text in form.status.value
+    assert error.__name__ in form.status.value
+    assert f"error: {form.message}" in capsys.readouterr().out
+    assert ledger.requests() == []
+    assert ledger.access(dataset, researcher).status is Status.NONE
+    assert ledger.balance(ledger.address) == escrow
+    assert ledger.balance(researcher) == wallet
+    assert ledger.w3.eth.block_number == block, "no transaction was mined"
+
+
+def test_request_form_refuses_when_fee_changed_after_it_was_shown(
+    ledger: Ledger, dataset: int, researcher: str, owner: str
+) -> None:
+    form = RequestForm(ledger, researcher)
+    assert form.fee_wei == ETHER // 100
+    ledger.update_dataset(dataset, fee_wei=ETHER // 10, sender=owner)
+    escrow = ledger.balance(ledger.address)
+    form.codes.value = ("HMB", "NCU")
+    form.purpose.value = "CVD risk"
+    form.request_button.click()
+    assert isinstance(form.error, errors.FeeChanged), form.message
+    assert str(ETHER // 10) in form.status.value
+    assert ledger.requests() == []
+    assert ledger.balance(ledger.address) == escrow
+    form.refresh_button.click()
+    assert form.fee_wei == ETHER // 10, "refresh reads the new fee"
+    assert "0.1 ETH" in form.fee.value
+
+
+def test_request_form_follows_catalogue_selection(
+    ledger: Ledger, catalogue_chain: dict[str, int], researcher: str
+) -> None:
+    catalogue = Catalogue(ledger)
+    form = RequestForm(ledger, researcher, catalogue=catalogue)
+    catalogue.select.value = catalogue_chain["diabetes"]
+    assert form.dataset.value == catalogue_chain["diabetes"]
+    assert form.fee_wei == 3 * ETHER // 2
+
+
+# -------------------------------------------------------------- owner inbox
+def _request(ledger: Ledger, ds: int, researcher: str, codes: str = "HMB|NCU") -> int:
+    return ledger.request_access(ds, "CVD risk", codes, sender=researcher)
+
+
+def test_owner_inbox_lists_pending_requests_with_codes_fee_and_history(
+    ledger: Ledger, owner: str, researcher: str, stranger: str, dataset: int
+) -> None:
+    other = register(ledger, stranger, "https://clinic.example/other.csv", fee_wei=0)
+    first = _request(ledger, other, researcher)
+    ledger.approve(first, sender=stranger)
+    second = _request(
+        ledger, register(ledger, stranger, "ipfs://x", fee_wei=0), researcher
+    )
+    ledger.decline(second, sender=stranger)
+    pending = _request(ledger, dataset, researcher, codes="DS|NCU")
+    newcomer = ledger.accounts[4]
+    fresh = _request(ledger, dataset, newcomer)
+
+    inbox = OwnerInbox(ledger, owner)
+    assert list(inbox.pending.index) == [pending, fresh], "only the owner's datasets"
+    row = inbox.pending.loc[pending]
+    assert row["dataset"] == dataset
+    assert row["researcher"] == researcher
+    assert row["codes"] == "DS|NCU"
+    assert row["purpose"] == "CVD risk"
+    assert row["fee (ETH)"] == "0.01"
+    assert (row["earlier requests"], row["earlier grants"]) == (2, 1)
+    assert (
+        inbox.pending.loc[fresh, "earlier requests"],
+        inbox.pending.loc[fresh, "earlier grants"],
+    ) == (0, 0)
+    assert inbox.pending_select.value == pending
+    assert inbox.grants.empty
+    assert OwnerInbox(ledger, stranger).pending.empty, "stranger's requests are decided"
+
+
+def test_owner_inbox_approve_grants_access_and_credits_owner(
+    ledger: Ledger, owner: str, researcher: str, dataset: int
+) -> None:
+    request_id = _request(ledger, dataset, researcher)
+    inbox = OwnerInbox(ledger, owner)
+    assert not ledger.has_access(dataset, researcher)
+    inbox.pending_select.value = request_id
+    inbox.approve_button.click()
+    assert inbox.error is None, inbox.message
+    assert ledger.has_access(dataset, researcher)
+    assert ledger.request(request_id).status is Status.APPROVED
+    assert ledger.credit(owner) == inbox.credit_wei == ETHER // 100
+    assert "0.01 ETH" in inbox.credit.value
+    assert inbox.pending.empty
+    assert list(inbox.grants.index) == [request_id]
+    assert inbox.message.startswith(f"approved request #{request_id}")
+
+
+def test_owner_inbox_decline_refunds_researcher(
+    ledger: Ledger, owner: str, researcher: str, dataset: int
+) -> None:
+    request_id = _request(ledger, dataset, researcher)
+    inbox = OwnerInbox(ledger, owner)
+    inbox.decline_button.click()
+    assert inbox.error is None, inbox.message
+    assert ledger.request(request_id).status is Status.DECLINED
+    assert ledger.credit(researcher) == ETHER // 100
+    assert ledger.credit(owner) == inbox.credit_wei == 0
+    assert not ledger.has_access(dataset, researcher)
+    assert inbox.pending.empty
+    assert inbox.message == (
+        f"declined request #{request_id} on dataset #{dataset}; 0.01 ETH credited "
+        f"back to {researcher}"
+    )
+
+
+def test_owner_inbox_revoke_ends_selected_grant_only(
+    ledger: Ledger, owner: str, researcher: str, dataset: int
+) -> None:
+    other = ledger.accounts[4]
+    kept = _request(ledger, dataset, other)
+    ledger.approve(kept, sender=owner)
+    revoked = _request(ledger, dataset, researcher)
+    ledger.approve(revoked, sender=owner)
+    inbox = OwnerInbox(ledger, owner)
+    assert list(inbox.grants.index) == [kept, revoked]
+    inbox.grant_select.value = revoked
+    inbox.revoke_button.click()
+    assert inbox.error is None, inbox.message
+    assert not ledger.has_access(dataset, researcher)
+    assert ledger.has_access(dataset, other)
+    assert ledger.request(revoked).status is Status.REVOKED
+    assert list(inbox.grants.index) == [kept]
+
+
+def test_owner_inbox_withdraw_pays_owner_exactly_the_credit(
+    ledger: Ledger, owner: str, researcher: str, dataset: int
+) -> None:
+    for who in (researcher, ledger.accounts[4]):
+        ledger.approve(_request(ledger, dataset, who), sender=owner)
+    inbox = OwnerInbox(ledger, owner)
+    assert inbox.credit_wei == 2 * ETHER // 100
+    before = ledger.balance(owner)
+    inbox.withdraw_button.click()
+    assert inbox.error is None, inbox.message
+    receipt = ledger.last_receipt
+    gas = receipt["gasUsed"] * receipt["effectiveGasPrice"]
+    assert ledger.balance(owner) == before + 2 * ETHER // 100 - gas
+    assert ledger.credit(owner) == inbox.credit_wei == 0
+    assert inbox.message == f"withdrew 0.02 ETH ({2 * ETHER // 100} wei) to {owner}"
+
+
+@pytest.mark.parametrize(
+    ("button", "error", "text"),
+    [
+        ("approve_button", errors.InvalidInput, "select a pending request first"),
+        ("decline_button", errors.InvalidInput, "select a pending request first"),
+        ("revoke_button", errors.InvalidInput, "select a live grant first"),
+        ("withdraw_button", errors.NothingToWithdraw, "NothingToWithdraw"),
+    ],
+)
+def test_owner_inbox_errors_are_shown_and_printed(
+    ledger: Ledger,
+    owner: str,
+    dataset: int,
+    capsys: pytest.CaptureFixture[str],
+    button: str,
+    error: type[Exception],
+    text: str,
+) -> None:
+    inbox = OwnerInbox(ledger, owner)
+    block = ledger.w3.eth.block_number
+    capsys.readouterr()
+    getattr(inbox, button).click()
+    assert isinstance(inbox.error, error), inbox.message
+    assert text in inbox.message
+    assert text in inbox.status.value
+    assert f"error: {inbox.message}" in capsys.readouterr().out
+    assert ledger.w3.eth.block_number == block, "no transaction was mined"
+
+
+def test_owner_inbox_shows_refusal_when_request_was_decided_elsewhere(
+    ledger: Ledger, owner: str, researcher: str, dataset: int
+) -> None:
+    request_id = _request(ledger, dataset, researcher)
+    inbox = OwnerInbox(ledger, owner)
+    ledger.decline(request_id, sender=owner)  # e.g. from another browser tab
+    inbox.approve_button.click()
+    assert isinstance(inbox.error, errors.NotPending), inbox.message
+    assert "NotPending" in inbox.status.value
+    assert not ledger.has_access(dataset, researcher)
+    assert ledger.credit(owner) == 0
+
+
+def test_panels_show_addresses_never_keys(
+    ledger: Ledger, owner: str, researcher: str, dataset: int
+) -> None:
+    ledger.approve(_request(ledger, dataset, researcher), sender=owner)
+    key = re.compile(r"(0x)?[0-9a-fA-F]{64}")
+    panels = [
+        Catalogue(ledger),
+        RequestForm(ledger, researcher),
+        OwnerInbox(ledger, owner),
+    ]
+    seen = 0
+    stack = [panel.widget for panel in panels]
+    while stack:
+        widget = stack.pop()
+        stack.extend(getattr(widget, "children", ()))
+        value = getattr(widget, "value", None)
+        if isinstance(value, str):
+            seen += 1
+            assert not key.search(value), f"{type(widget).__name__}: {value[:80]}"
+    assert seen > 10, "the walk reached the panels' text widgets"
