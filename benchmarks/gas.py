@@ -19,6 +19,7 @@ import argparse
 import math
 import os
 import platform
+import secrets
 import shlex
 import statistics
 import subprocess
@@ -35,8 +36,9 @@ from typing import Any
 from machine import cpu_model  # benchmarks/machine.py (run as a script)
 
 from healthlab.ledger import Ledger, Purpose
-from healthlab.ledger.codes import as_codes
+from healthlab.ledger.codes import Codes, as_codes
 from healthlab.ledger.node import AnvilNode, find_tool
+from healthlab.storage import seal_key
 
 ETHER = 10**18
 FEE = ETHER // 100
@@ -196,6 +198,21 @@ def operation_gas(ledger: Ledger) -> tuple[list[Row], dict[str, int]]:
         "recordResult",
         "live (auto-approved) grant, new result hash",
         lambda: ledger.record_result(dave_request, hashes(), sender=dave),
+    )
+
+    # a download grant and its key envelope (ECIES to the researcher's public key)
+    eve = ledger.accounts[8]
+    ledger.update_dataset(automatic, terms=as_codes(TERMS) | Codes.DL, sender=owner)
+    eve_request = ledger.request_access(
+        automatic, "download for a re-analysis", TERMS, download=True, sender=eve
+    )
+    envelope = seal_key(
+        secrets.token_bytes(32), ledger.requester_public_key(eve_request), context=b""
+    )
+    add(
+        "releaseKey",
+        f"{len(envelope)}-byte key envelope (logged, not stored)",
+        lambda: ledger.release_key(eve_request, envelope, sender=owner),
     )
 
     fresh = register(ledger, new_owner, hashes)

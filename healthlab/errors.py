@@ -20,17 +20,21 @@ __all__ = [
     "DataRefused",
     "DatasetInactive",
     "DisclosureRefused",
+    "DownloadNotPermitted",
     "DuplicateDataset",
     "EmptyPointer",
     "FeeChanged",
     "FeeTooLarge",
     "HealthLabError",
+    "InvalidEnvelope",
     "InvalidGrantDuration",
     "InvalidInput",
     "InvalidPointer",
     "InvalidRequest",
+    "KeyNotReleased",
     "NoActiveGrant",
     "NoPurpose",
+    "NotADownloadGrant",
     "NotAuthorized",
     "NotDatasetOwner",
     "NotFound",
@@ -85,6 +89,10 @@ class AccessDenied(HealthLabError, PermissionError):
 
 class SignatureInvalid(AccessDenied):
     """A query was not signed by the researcher it names (or was replayed/stale)."""
+
+
+class KeyNotReleased(AccessDenied):
+    """A download grant is live but its owner has not published the data key yet."""
 
 
 class DisclosureRefused(HealthLabError):
@@ -208,6 +216,24 @@ class PurposeNotPermitted(InvalidRequest):
         " purpose and attest every requirement (NCU, IRB, PUB) the terms set;"
         " nothing was paid"
     )
+
+
+class DownloadNotPermitted(NotAuthorized):
+    hint = (
+        "this dataset is compute-only (its terms lack Codes.DL): run your study at the"
+        " sites instead of downloading; nothing was paid"
+    )
+
+
+class NotADownloadGrant(StateConflict):
+    hint = (
+        "this grant is for computing at the sites only; to download, request again with"
+        " download=True once it ends (the dataset's terms must include Codes.DL)"
+    )
+
+
+class InvalidEnvelope(InvalidRequest):
+    hint = "a key envelope is 1 to 512 bytes: wrap the key with healthlab.storage"
 
 
 class DatasetInactive(StateConflict):

@@ -25,6 +25,7 @@ from tests.conftest import ETHER, Chain, content_hash
 FEE = ETHER // 100
 GRANT_SECONDS = 30 * 24 * 3600
 RESULT_HASH = "0x" + "ab" * 32
+ENVELOPE = b"\x04" + bytes(range(128))  # a stand-in: the contract only logs it
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Scene:
     ledger: Ledger
     owner: str  # owns `dataset`; credited FEE for the holder's grant
     researcher: str  # has a pending request on `dataset`, older than the timeout
-    holder: str  # holds a live grant on `dataset`
+    holder: str  # holds a live download grant on `dataset`
     stranger: str  # nothing to do with either dataset
     other_owner: str  # owns `other_dataset`
     payee: str  # a plain address to withdraw to
@@ -64,7 +65,7 @@ def scene_snapshot(chain: Chain) -> Iterator[tuple[Any, dict[str, Any]]]:
         content_hash(),
         fee_wei=FEE,
         grant_seconds=GRANT_SECONDS,
-        terms="HMB|NCU",
+        terms="HMB|NCU|DL",
         sender=owner,
     )
     other_dataset = ledger.register_dataset(
@@ -74,7 +75,9 @@ def scene_snapshot(chain: Chain) -> Iterator[tuple[Any, dict[str, Any]]]:
         terms="GRU",
         sender=other_owner,
     )
-    grant_request = ledger.request_access(dataset, "CVD risk", "HMB|NCU", sender=holder)
+    grant_request = ledger.request_access(
+        dataset, "CVD risk", "HMB|NCU", download=True, sender=holder
+    )
     ledger.approve(grant_request, sender=owner)
     pending_request = ledger.request_access(
         dataset, "diabetes incidence", "DS|NCU", sender=researcher
@@ -207,6 +210,16 @@ GUARDED = [
         _not_owner,
     ),
     Guarded(
+        "releaseKey",
+        lambda s: s.ledger.contract.functions.releaseKey(
+            s.dataset, s.holder, s.grant_request, ENVELOPE
+        ),
+        "owner",
+        OWNER_REFUSED,
+        errors.NotDatasetOwner,
+        _not_owner,
+    ),
+    Guarded(
         "cancel",
         lambda s: s.ledger.contract.functions.cancel(s.dataset, s.pending_request),
         "researcher",
@@ -302,6 +315,16 @@ def _effect_revoke(scene: Scene, before: dict[str, Any]) -> None:
     assert scene.ledger.credit(scene.owner) == FEE  # the earned fee stays earned
 
 
+def _effect_release(scene: Scene, before: dict[str, Any]) -> None:
+    assert scene.ledger.key_envelope(scene.grant_request) == ENVELOPE
+    receipt = scene.ledger.last_receipt
+    gas = receipt["gasUsed"] * receipt["effectiveGasPrice"]
+    after = fingerprint(scene)
+    assert after["ether of owner"] == before["ether of owner"] - gas
+    same = {"block number": 0, "ether of owner": 0}
+    assert after | same == before | same, "releasing a key must only log the envelope"
+
+
 def _effect_cancel(scene: Scene, before: dict[str, Any]) -> None:
     access = scene.ledger.access(scene.dataset, scene.researcher)
     assert access.status is Status.CANCELLED
@@ -330,6 +353,7 @@ EFFECTS: dict[str, Callable[[Scene, dict[str, Any]], None]] = {
     "approve": _effect_approve,
     "decline": _effect_decline,
     "revoke": _effect_revoke,
+    "releaseKey": _effect_release,
     "cancel": _effect_cancel,
     "recordResult": _effect_record,
     "withdraw": _effect_withdraw,

@@ -82,7 +82,7 @@ CLOCK_LEAD = 10**7
 
 PURPOSES = (Codes.GRU, Codes.HMB, Codes.DS, Codes.POA, Codes.MDS)
 ATTESTABLE = (Codes.NCU, Codes.IRB, Codes.PUB)
-ALL_CODES = (*PURPOSES, *ATTESTABLE, Codes.COL)
+ALL_CODES = (*PURPOSES, *ATTESTABLE, Codes.COL, Codes.DL)
 PURPOSE_MASK = 0xFF
 
 FEES = st.one_of(st.just(0), st.integers(1, 10**6), st.integers(10**6, 10**18))
@@ -90,7 +90,7 @@ GRANTS = st.integers(10, 5000)
 TERMS = st.builds(
     lambda purposes, modifiers: sum(purposes) + sum(modifiers),
     st.sets(st.sampled_from(PURPOSES), min_size=1),
-    st.sets(st.sampled_from((*ATTESTABLE, Codes.COL))),
+    st.sets(st.sampled_from((*ATTESTABLE, Codes.COL, Codes.DL))),
 )
 #: Configuration faults the contract must refuse (None: a valid configuration).
 FAULTS = st.sampled_from([None] * 6 + ["fee", "grant", "purpose"])
@@ -138,6 +138,7 @@ class AccessModel:
     created_at: int = 0
     expires_at: int = 0
     status: Status = Status.NONE
+    download: bool = False
 
     def as_chain(self) -> tuple[int, ...]:
         """The tuple ``getAccess`` returns."""
@@ -147,6 +148,7 @@ class AccessModel:
             self.created_at,
             self.expires_at,
             int(self.status),
+            self.download,
         )
 
 
@@ -183,6 +185,8 @@ def model_permits(codes: int, terms: int) -> bool:
         allowed = PURPOSE_MASK
     if allowed & Codes.HMB:
         allowed |= Codes.DS
+    if codes & Codes.DL and not terms & Codes.DL:
+        return False  # a download needs terms that allow downloads
     required = terms & sum(ATTESTABLE)
     return not purposes & ~allowed and codes & required == required
 
@@ -267,6 +271,8 @@ class Model:
             return _refuse(errors.FeeChanged, agreedFee=agreed, currentFee=d.fee)
         if value != d.fee:
             return _refuse(errors.WrongPayment, expected=d.fee, sent=value)
+        if codes & Codes.DL and not d.terms & Codes.DL:
+            return _refuse(errors.DownloadNotPermitted, datasetId=ds)
         if not model_permits(codes, d.terms):
             return _refuse(errors.PurposeNotPermitted, codes=codes, terms=d.terms)
         a = self.record(ds, who)
@@ -330,6 +336,25 @@ class Model:
             return _refuse(errors.ZeroAddress)
         if self.credits.get(payee, 0) == 0:
             return _refuse(errors.NothingToWithdraw, payee=payee)
+        return None
+
+    def refuse_release(
+        self, ds: int, who: str, request_id: int, size: int, caller: str
+    ) -> Refusal | None:
+        refusal = self.owner_check(ds, caller)
+        if refusal is not None:
+            return refusal
+        if size == 0 or size > 512:
+            return _refuse(errors.InvalidEnvelope, length=size)
+        a = self.record(ds, who)
+        if a.request_id != request_id or request_id == 0:
+            return _refuse(errors.UnknownRequest, requestId=request_id)
+        if not self.has_access(ds, who, at=self.next_time):
+            return _refuse(errors.NoActiveGrant, datasetId=ds, researcher=who)
+        if not a.download:
+            return _refuse(errors.NotADownloadGrant, requestId=request_id)
+        if not self.datasets[ds].terms & Codes.DL:
+            return _refuse(errors.DownloadNotPermitted, datasetId=ds)
         return None
 
     def refuse_result(
@@ -656,11 +681,15 @@ class RegistryMachine(RuleBasedStateMachine):
         d, at, fee = self.model.datasets[ds], self.model.now, value
         if d.auto_approve and not d.terms & Codes.COL:
             expires = at + d.grant_seconds
-            record = AccessModel(request_id, fee, at, expires, Status.APPROVED)
+            record = AccessModel(
+                request_id, fee, at, expires, Status.APPROVED, bool(codes & Codes.DL)
+            )
             self.model.credit(d.owner, fee)
             place = Held.OWNER
         else:
-            record = AccessModel(request_id, fee, at, 0, Status.PENDING)
+            record = AccessModel(
+                request_id, fee, at, 0, Status.PENDING, bool(codes & Codes.DL)
+            )
             place = Held.ESCROW
         self.model.access[(ds, who)] = record
         self.model.payments[request_id] = Payment(ds, who, fee, place)
@@ -756,6 +785,24 @@ class RegistryMachine(RuleBasedStateMachine):
             a = replace(self.model.record(ds, who), status=Status.REVOKED)
             self.model.access[(ds, who)] = a
             self.check_client_view(ds, who)
+
+    @precondition(lambda self: self.model.payments)
+    @rule(data=st.data(), size=st.sampled_from([0, 1, 129, 512, 513]))
+    def release_key(self, data: st.DataObject, size: int) -> None:
+        """Publish an envelope: only the owner, only for a live download grant of a
+        dataset that allows downloads; it is logged and changes no state."""
+        request_id, payment = self.draw_request(data, self.requests_in(Status.APPROVED))
+        ds, who = payment.dataset, payment.researcher
+        d = self.model.datasets[ds]
+        caller = data.draw(st.one_of(st.just(d.owner), st.sampled_from(self.actors)))
+        envelope = bytes([size % 251]) * size
+        fn = self.ledger.contract.functions.releaseKey(ds, who, request_id, envelope)
+        done = self.attempt(
+            self.model.refuse_release(ds, who, request_id, size, caller),
+            lambda: self.ledger.transact(fn, caller),
+        )
+        if done is not None:
+            assert self.ledger.key_envelope(request_id) == envelope
 
     @precondition(lambda self: self.model.payments)
     @rule(data=st.data(), reuse=st.booleans())

@@ -432,7 +432,7 @@ BAD_CALLS: list[Any] = [
             errors.UnknownCodes,
             id=f"unknown-code-bit-{bit}",
         )
-        for bit, terms in [(5, 1 << 5 | 1), (12, 1 << 12 | 1), (31, 1 << 31 | 1)]
+        for bit, terms in [(5, 1 << 5 | 1), (13, 1 << 13 | 1), (31, 1 << 31 | 1)]
     ],
     pytest.param(
         lambda s: (s.update(terms=(1 << 7) | HMB_NCU), "owner", 0, {"codes": 0x182}),
@@ -713,6 +713,10 @@ def test_collaboration_terms_are_never_auto_approved(
         ("HMB|IRB|PUB", "HMB|IRB|PUB", True),
         ("DS|NCU|IRB|PUB", "GRU|NCU|IRB|PUB|COL", True),
         ("HMB|NCU|IRB|PUB", "HMB", True),
+        ("HMB|DL", "HMB", False),
+        ("HMB|DL", "HMB|DL", True),
+        ("HMB", "HMB|DL", True),
+        ("DL", "GRU|DL", False),
     ],
 )
 def test_duo_hierarchy_and_attestations(

@@ -41,8 +41,12 @@ contract HealthLabRegistry {
     uint32 internal constant ATTESTABLE = NCU | IRB | PUB;
     /// @notice DUO:0000020 collaboration required: always reviewed by the owner, never auto-approved.
     uint32 public constant COL = 1 << 11;
+    /// @notice Download: on a dataset, researchers may download the (encrypted) content and
+    ///         receive its key when approved; without it the dataset is compute-only (studies
+    ///         run at the sites). On a request, the researcher asks for a download grant.
+    uint32 public constant DL = 1 << 12;
     /// @notice All bits this contract understands; anything else is rejected.
-    uint32 public constant KNOWN_CODES = GRU | HMB | DS | POA | MDS | NCU | IRB | PUB | COL;
+    uint32 public constant KNOWN_CODES = GRU | HMB | DS | POA | MDS | NCU | IRB | PUB | COL | DL;
 
     // --------------------------------------------------------------------- types
     /// @notice Lifecycle of an access request. "Expired" is derived from `expiresAt`.
@@ -68,15 +72,20 @@ contract HealthLabRegistry {
     }
 
     /// @notice The current request or grant of one researcher on one dataset (one slot).
+    /// @dev `download`: the request asked for (and a grant allows) downloading the content.
     struct Access {
         uint64 requestId;
         uint96 amount;
         uint40 createdAt;
         uint40 expiresAt;
         Status status;
+        bool download;
     }
 
     // ------------------------------------------------------------------- storage
+    /// @notice Largest key envelope accepted by `releaseKey`, in bytes.
+    uint256 public constant MAX_ENVELOPE = 512;
+
     /// @notice Seconds after which a researcher may cancel an unanswered request.
     uint256 public immutable requestTimeout;
 
@@ -125,6 +134,11 @@ contract HealthLabRegistry {
     event ResultRecorded(
         uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher, bytes32 resultHash
     );
+    /// @notice The dataset's data key, encrypted (ECIES, secp256k1) to the researcher's
+    ///         Ethereum public key: useless to anyone else. Kept only in this log.
+    event KeyReleased(
+        uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher, bytes envelope
+    );
 
     // -------------------------------------------------------------------- errors
     error UnknownDataset(uint256 datasetId);
@@ -155,6 +169,9 @@ contract HealthLabRegistry {
     error Reentrancy();
     error ResultAlreadyRecorded(bytes32 resultHash, uint256 requestId);
     error ZeroResultHash();
+    error DownloadNotPermitted(uint256 datasetId);
+    error NotADownloadGrant(uint256 requestId);
+    error InvalidEnvelope(uint256 length);
 
     // ----------------------------------------------------------------- modifiers
     modifier nonReentrant() {
@@ -256,6 +273,7 @@ contract HealthLabRegistry {
         if (msg.value != fee) revert WrongPayment(fee, msg.value);
         if (purposeHash == bytes32(0)) revert ZeroPurposeHash();
         uint32 terms = d.terms;
+        if (codes & DL != 0 && terms & DL == 0) revert DownloadNotPermitted(datasetId);
         if (!_permits(codes, terms)) revert PurposeNotPermitted(codes, terms);
 
         Access storage a = _access[datasetId][msg.sender];
@@ -270,11 +288,13 @@ contract HealthLabRegistry {
         emit AccessRequested(id, datasetId, msg.sender, codes, purposeHash, fee);
         if (d.autoApprove && (terms & COL) == 0) {
             uint40 expiresAt = uint40(block.timestamp + d.grantSeconds);
-            _access[datasetId][msg.sender] = Access(id, uint96(fee), uint40(block.timestamp), expiresAt, Status.Approved);
+            _access[datasetId][msg.sender] =
+                Access(id, uint96(fee), uint40(block.timestamp), expiresAt, Status.Approved, codes & DL != 0);
             if (fee != 0) credits[owner] += fee;
             emit AccessGranted(id, datasetId, msg.sender, expiresAt, true);
         } else {
-            _access[datasetId][msg.sender] = Access(id, uint96(fee), uint40(block.timestamp), 0, Status.Pending);
+            _access[datasetId][msg.sender] =
+                Access(id, uint96(fee), uint40(block.timestamp), 0, Status.Pending, codes & DL != 0);
         }
     }
 
@@ -325,6 +345,25 @@ contract HealthLabRegistry {
         }
         a.status = Status.Revoked;
         emit AccessRevoked(a.requestId, datasetId, researcher);
+    }
+
+    /// @notice Publish the dataset's data key for a researcher's live download grant,
+    ///         encrypted to that researcher's public key (see `KeyReleased`). Only the
+    ///         owner can; a revoked or expired grant, a compute-only grant or a dataset
+    ///         that no longer allows downloads gets no envelope.
+    /// @param requestId the grant's request id: an envelope is always for one grant.
+    /// @param envelope the wrapped key (1 to `MAX_ENVELOPE` bytes); only logged, never stored.
+    function releaseKey(uint256 datasetId, address researcher, uint256 requestId, bytes calldata envelope)
+        external
+        onlyOwner(datasetId)
+    {
+        if (envelope.length == 0 || envelope.length > MAX_ENVELOPE) revert InvalidEnvelope(envelope.length);
+        Access storage a = _access[datasetId][researcher];
+        if (a.requestId != requestId || requestId == 0) revert UnknownRequest(requestId);
+        if (!_live(datasetId, a)) revert NoActiveGrant(datasetId, researcher);
+        if (!a.download) revert NotADownloadGrant(requestId);
+        if (_datasets[datasetId].terms & DL == 0) revert DownloadNotPermitted(datasetId);
+        emit KeyReleased(requestId, datasetId, researcher, envelope);
     }
 
     // ------------------------------------------------------------------ payments
@@ -425,7 +464,8 @@ contract HealthLabRegistry {
     }
 
     /// @dev DUO hierarchy: GRU permits every purpose, HMB permits DS. Every attestable
-    ///      requirement of the terms must be attested by the codes.
+    ///      requirement of the terms must be attested by the codes. A download request
+    ///      needs terms that allow downloads.
     function _permits(uint32 codes, uint32 terms) internal pure returns (bool) {
         if (codes & ~KNOWN_CODES != 0 || codes & COL != 0) return false;
         uint32 purposes = codes & PURPOSES;
@@ -434,6 +474,7 @@ contract HealthLabRegistry {
         if (allowed & GRU != 0) allowed = PURPOSES;
         if (allowed & HMB != 0) allowed |= DS;
         if (purposes & ~allowed != 0) return false;
+        if (codes & DL != 0 && terms & DL == 0) return false;
         uint32 required = terms & ATTESTABLE;
         return codes & required == required;
     }

@@ -10,7 +10,7 @@ import secrets
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +38,11 @@ from healthlab.ledger import deployments
 from healthlab.ledger.artifacts import load_artifact
 from healthlab.ledger.codes import Codes, as_codes
 from healthlab.ledger.records import Access, Dataset, Request, Status
-from healthlab.ledger.signing import SignedQuery, query_typed_data
+from healthlab.ledger.signing import (
+    SignedQuery,
+    query_typed_data,
+    transaction_public_key,
+)
 
 __all__ = ["DEFAULT_GRANT_SECONDS", "DEFAULT_REQUEST_TIMEOUT", "Ledger", "sha256_of"]
 
@@ -373,9 +377,15 @@ class Ledger:
         codes: Codes | int | str | Iterable[str],
         *,
         fee_wei: int | None = None,
+        download: bool = False,
         sender: str | None = None,
     ) -> int:
         """Request access and pay the fee into escrow; return the request id.
+
+        ``download=True`` (or ``Codes.DL`` among the codes) asks for a download grant:
+        once approved, the owner releases the dataset's key to you
+        (:func:`healthlab.storage.download`). A compute-only dataset refuses it with
+        :class:`~healthlab.errors.DownloadNotPermitted` and nothing is paid.
 
         ``purpose`` stays off chain: only a salted hash is recorded, and the text and
         salt are kept by this client (:meth:`purpose_of`) to show the owner. ``fee_wei``
@@ -388,7 +398,7 @@ class Ledger:
         fn = self.contract.functions.requestAccess(
             dataset_id,
             _uint(agreed, "fee_wei"),
-            int(as_codes(codes)),
+            int(as_codes(codes) | (Codes.DL if download else Codes(0))),
             bytes.fromhex(commitment.commitment[2:]),
         )
         receipt = self._transact(fn, sender, value=agreed)
@@ -444,6 +454,48 @@ class Ledger:
         who = _address(researcher, "researcher")
         self._transact(self.contract.functions.revoke(dataset_id, who), sender)
 
+    # ------------------------------------------------------------- key release
+    def release_key(
+        self, request_id: int, envelope: bytes, *, sender: str | None = None
+    ) -> str:
+        """Publish a wrapped data key for a live download grant (owner only).
+
+        ``envelope`` is the data key encrypted to the researcher's public key (see
+        :func:`healthlab.storage.release_key`, which builds it); it is only logged,
+        as ``KeyReleased``. Returns the transaction hash. A revoked or expired grant
+        (:class:`~healthlab.errors.NoActiveGrant`), a compute grant
+        (:class:`~healthlab.errors.NotADownloadGrant`) or a dataset that no longer
+        allows downloads (:class:`~healthlab.errors.DownloadNotPermitted`) is refused.
+        """
+        req = self._request_event(request_id)
+        fn = self.contract.functions.releaseKey(
+            req["datasetId"], req["researcher"], request_id, bytes(envelope)
+        )
+        receipt = self._transact(fn, sender)
+        return str(receipt["transactionHash"].to_0x_hex())
+
+    def key_envelope(self, request_id: int) -> bytes | None:
+        """The latest key envelope released for ``request_id``, or ``None``."""
+        found = self._logs(event="KeyReleased", request_id=request_id)
+        return bytes(found[-1]["args"]["envelope"]) if found else None
+
+    def requester_public_key(self, request_id: int) -> bytes:
+        """The 64-byte public key of whoever sent ``request_id``'s transaction.
+
+        Recovered from the request transaction's signature and checked against its
+        sender, so an owner can encrypt to the researcher without asking for a key.
+        """
+        req = self.request(request_id)
+        with self._rpc():
+            tx = self.w3.eth.get_transaction(req.request_tx)  # type: ignore[arg-type]
+        return transaction_public_key(tx)
+
+    def _private_key(self, address: str) -> bytes | None:
+        """This client's key for ``address`` (environment or development key)."""
+        who = _address(address, "address")
+        signer = self._signers.get(who) or self._dev_signer(who)
+        return None if signer is None else bytes(signer.key)
+
     def has_access(self, dataset_id: int, researcher: str) -> bool:
         """Whether ``researcher`` holds an approved, unexpired, unrevoked grant now."""
         who = _address(researcher, "researcher")
@@ -453,7 +505,7 @@ class Ledger:
         """The current request or grant of ``researcher`` on ``dataset_id``."""
         who = _address(researcher, "researcher")
         raw = self._call(self.contract.functions.getAccess(dataset_id, who))
-        request_id, amount, created, expires, status = raw
+        request_id, amount, created, expires, status, download = raw
         state = Status(status)
         if state is Status.APPROVED and self._now() >= expires:
             state = Status.EXPIRED
@@ -465,6 +517,7 @@ class Ledger:
             int(created),
             int(expires),
             state,
+            bool(download),
         )
 
     def request(self, request_id: int) -> Request:
@@ -688,12 +741,16 @@ class Ledger:
         )
 
     def _dev_signer(self, address: str) -> LocalAccount | None:
+        """The published key of a development account: the embedded chain's, or one
+        of anvil's default accounts on chain 31337 (its well-known test mnemonic)."""
         tester = self._tester
-        if tester is None:
+        if tester is not None:
+            for key in tester.backend.account_keys:
+                if key.public_key.to_checksum_address() == address:
+                    return Account.from_key(key.to_bytes())  # type: ignore[no-any-return]
             return None
-        for key in tester.backend.account_keys:
-            if key.public_key.to_checksum_address() == address:
-                return Account.from_key(key.to_bytes())  # type: ignore[no-any-return]
+        if self.chain_id == ANVIL_CHAIN_ID:
+            return _anvil_dev_accounts().get(address)
         return None
 
     # ---------------------------------------------------------------- plumbing
@@ -824,7 +881,7 @@ class Ledger:
                 t
                 for t in topics[0]
                 if events[t]["name"]
-                in ("AccessRequested", *_DECISIONS, "ResultRecorded")
+                in ("AccessRequested", *_DECISIONS, "ResultRecorded", "KeyReleased")
             ]
             topics.append("0x" + int(request_id).to_bytes(32, "big").hex())
         params = {
@@ -948,6 +1005,21 @@ def _error_table(
             types = [i["type"] for i in item["inputs"]]
             table[selector] = (item["name"], types, [i["name"] for i in item["inputs"]])
     return table
+
+
+#: anvil's default chain id and the public test mnemonic its dev accounts come from.
+ANVIL_CHAIN_ID = 31337
+ANVIL_MNEMONIC = "test test test test test test test test test test test junk"
+
+
+@cache
+def _anvil_dev_accounts(count: int = 10) -> dict[str, LocalAccount]:
+    Account.enable_unaudited_hdwallet_features()
+    accounts = (
+        Account.from_mnemonic(ANVIL_MNEMONIC, account_path=f"m/44'/60'/0'/0/{i}")
+        for i in range(count)
+    )
+    return {a.address: a for a in accounts}
 
 
 def _signers_from_env() -> list[LocalAccount]:

@@ -24,6 +24,10 @@ class Codes(enum.IntFlag):
     met: ``NCU`` non-commercial use, ``IRB`` ethics approval, ``PUB`` publication.
     ``COL`` (collaboration required) is a term only: such datasets are always reviewed
     by their owner, never approved automatically.
+
+    ``DL`` (download): on terms, researchers may download the (encrypted) content and
+    receive its key once approved — without it a dataset is compute-only (studies run
+    at the sites); on a request, the researcher asks for a download grant.
     """
 
     GRU = 1 << 0
@@ -35,11 +39,12 @@ class Codes(enum.IntFlag):
     IRB = 1 << 9
     PUB = 1 << 10
     COL = 1 << 11
+    DL = 1 << 12
 
 
 PURPOSES = Codes.GRU | Codes.HMB | Codes.DS | Codes.POA | Codes.MDS
 ATTESTABLE = Codes.NCU | Codes.IRB | Codes.PUB
-KNOWN = PURPOSES | ATTESTABLE | Codes.COL
+KNOWN = PURPOSES | ATTESTABLE | Codes.COL | Codes.DL
 _PURPOSE_MASK = 0xFF
 
 DESCRIPTIONS = {
@@ -52,6 +57,7 @@ DESCRIPTIONS = {
     Codes.IRB: "ethics approval",
     Codes.PUB: "publication of results",
     Codes.COL: "collaboration with the data owner",
+    Codes.DL: "download of the encrypted content",
 }
 
 
@@ -93,7 +99,8 @@ def permits(codes: Codes | int, terms: Codes | int) -> bool:
     """Whether a request carrying ``codes`` satisfies a dataset's ``terms``.
 
     Mirrors the contract: GRU permits every purpose, HMB permits DS, every attestable
-    requirement of the terms must be attested, and a request must state a purpose.
+    requirement of the terms must be attested, a request must state a purpose, and a
+    download request needs terms that allow downloads.
     """
     codes, terms = int(codes), int(terms)
     if codes & ~int(KNOWN) or codes & Codes.COL:
@@ -107,6 +114,8 @@ def permits(codes: Codes | int, terms: Codes | int) -> bool:
     if allowed & Codes.HMB:
         allowed |= Codes.DS
     if purposes & ~allowed:
+        return False
+    if codes & Codes.DL and not terms & Codes.DL:
         return False
     required = terms & int(ATTESTABLE)
     return codes & required == required

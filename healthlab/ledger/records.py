@@ -36,6 +36,11 @@ class Dataset:
     auto_approve: bool
     active: bool
 
+    @property
+    def downloadable(self) -> bool:
+        """Whether the terms allow download grants (``Codes.DL``); else compute-only."""
+        return bool(self.terms & Codes.DL)
+
 
 @dataclass(frozen=True)
 class Access:
@@ -48,6 +53,7 @@ class Access:
     created_at: int
     expires_at: int
     status: Status
+    download: bool = False
 
 
 @dataclass(frozen=True)
@@ -68,3 +74,8 @@ class Request:
     expires_at: int | None
     request_tx: str
     decision_tx: str | None
+
+    @property
+    def download(self) -> bool:
+        """Whether this request asks for (or its grant allows) a download."""
+        return bool(self.codes & Codes.DL)

@@ -7,15 +7,27 @@ signature cannot be replayed on another chain or against another registry.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from eth_account import Account
+from eth_account._utils.legacy_transactions import (
+    serializable_unsigned_transaction_from_dict,
+)
 from eth_account.messages import encode_typed_data
+from eth_account.typed_transactions.typed_transaction import TypedTransaction
+from eth_keys.datatypes import Signature
 
 from healthlab.errors import SignatureInvalid
 
-__all__ = ["QUERY_TYPES", "SignedQuery", "query_typed_data", "recover_signer"]
+__all__ = [
+    "QUERY_TYPES",
+    "SignedQuery",
+    "query_typed_data",
+    "recover_signer",
+    "transaction_public_key",
+]
 
 QUERY_TYPES: dict[str, list[dict[str, str]]] = {
     "EIP712Domain": [
@@ -92,3 +104,60 @@ def recover_signer(signed: SignedQuery) -> str:
         )
     except Exception as exc:  # eth-keys and eth-utils raise many kinds
         raise SignatureInvalid("the query's signature is malformed") from exc
+
+
+def transaction_public_key(tx: Mapping[str, Any]) -> bytes:
+    """The 64-byte public key that signed a mined transaction, checked against ``from``.
+
+    Rebuilds the transaction's signing hash from its fields (legacy EIP-155, EIP-2930
+    and EIP-1559 transactions) and recovers the key from ``v, r, s`` — how an owner
+    learns a researcher's public key from the request they sent, without asking.
+    """
+    kind = int(tx.get("type", 0))
+    fields: dict[str, Any] = {
+        "nonce": tx["nonce"],
+        "gas": tx["gas"],
+        "to": tx["to"],
+        "value": tx["value"],
+        "data": bytes(tx["input"]),
+    }
+    if kind == 0:
+        chain_id = tx.get("chainId")
+        fields["gasPrice"] = tx["gasPrice"]
+        if chain_id is not None:
+            fields["chainId"] = int(chain_id)
+        unsigned = serializable_unsigned_transaction_from_dict(fields)
+        v = int(tx["v"])
+        parity = v - 35 - 2 * int(chain_id) if chain_id is not None else v - 27
+        digest = unsigned.hash()
+    elif kind in (1, 2):
+        fields |= {
+            "type": kind,
+            "chainId": int(tx["chainId"]),
+            "accessList": [dict(item) for item in tx.get("accessList", [])],
+        }
+        if kind == 1:
+            fields["gasPrice"] = tx["gasPrice"]
+        else:
+            fields["maxFeePerGas"] = tx["maxFeePerGas"]
+            fields["maxPriorityFeePerGas"] = tx["maxPriorityFeePerGas"]
+        digest = TypedTransaction.from_dict(fields).hash()
+        parity = int(tx.get("yParity", tx.get("y_parity", tx["v"])))
+    else:
+        raise SignatureInvalid(
+            f"cannot recover a key from a type-{kind} transaction; send the request "
+            "as a legacy, EIP-2930 or EIP-1559 transaction"
+        )
+    try:
+        signature = Signature(
+            vrs=(parity, int.from_bytes(tx["r"], "big"), int.from_bytes(tx["s"], "big"))
+        )
+        public = signature.recover_public_key_from_msg_hash(digest)
+    except Exception as exc:  # eth-keys raises several kinds for bad signatures
+        raise SignatureInvalid("the transaction's signature is malformed") from exc
+    if public.to_checksum_address() != tx["from"]:
+        raise SignatureInvalid(
+            f"the key recovered from transaction {bytes(tx['hash']).hex()} is not its "
+            "sender's; the node returned an inconsistent transaction"
+        )
+    return bytes(public.to_bytes())
