@@ -1,33 +1,72 @@
 # HealthLab — one command surface for people and CI.
-#   make demo   set up, then run the walkthrough on the embedded chain
-#   make test   set up, lint, check contract artifacts, run the tests
-#   make lab    set up, then open JupyterLab on notebooks/
+#   make demo       set up, then run the walkthrough and every notebook on the
+#                   embedded chain (deterministic, self-contained) into reports/
+#   make test       set up, lint, check contract artifacts, run the tests
+#   make lab        set up, start (or reuse) the shared local node, open JupyterLab
+#   make dashboard  set up, start (or reuse) the shared node, serve the owner's
+#                   approval notebook (02) with Voilà
 SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# The shared local node (anvil) of `make lab` and `make dashboard`: its chain is kept
+# in $(CHAIN_DIR)/anvil-state.json across runs; `make chain-down` stops it.
+CHAIN_PORT ?= 8545
+CHAIN_DIR ?= .healthlab
+LAB_PORT ?= 8888
+DASHBOARD_PORT ?= 8866
+ROOT_FLAG := $(shell [ "$$(id -u)" = 0 ] && echo --allow-root)
 export RAY_USAGE_STATS_ENABLED := 0
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup demo lab node test lint contracts contracts-check constraints bench clean help
+.PHONY: setup demo lab dashboard chain chain-status chain-down node test lint \
+	contracts contracts-check constraints bench clean help
 
 help:
-	@echo "make setup | demo | test | lab | node | lint | bench | contracts | clean"
+	@echo "make setup         install Debian packages, .venv, npm tools (idempotent)"
+	@echo "make demo          walkthrough + every notebook on the embedded chain -> reports/"
+	@echo "make lab           JupyterLab on notebooks/, on the shared local node"
+	@echo "make dashboard     the owner's approval page (02) with Voila, on the shared node"
+	@echo "make chain         start (or reuse) the shared node; chain-status, chain-down"
+	@echo "make node          a local anvil node in the foreground (Ctrl-C stops it)"
+	@echo "make test | lint | bench | contracts | report | constraints | clean"
+	@echo "Ports: CHAIN_PORT=$(CHAIN_PORT) LAB_PORT=$(LAB_PORT)" \
+	  "DASHBOARD_PORT=$(DASHBOARD_PORT); chain state in CHAIN_DIR=$(CHAIN_DIR)"
 
 setup:
 	@scripts/setup.sh
 
+# The embedded chain on purpose, so the results are the same everywhere: `healthlab
+# demo` ignores HEALTHLAB_RPC_URL, and prints one line per notebook and where the
+# reports are.
 demo: setup
 	$(BIN)/python -m healthlab.demo
-	@for nb in notebooks/*.ipynb; do \
-	  $(BIN)/healthlab report $$(basename $$nb .ipynb) --out reports || exit 1; \
-	done
+	$(BIN)/healthlab demo --out reports
+
+CHAIN_UP = $(BIN)/healthlab chain up --port $(CHAIN_PORT) --dir $(CHAIN_DIR)
 
 lab: setup
-	$(BIN)/jupyter lab --notebook-dir=notebooks $$([ "$$(id -u)" = 0 ] && echo --allow-root)
+	@url=$$($(CHAIN_UP)) && \
+	HEALTHLAB_RPC_URL=$$url $(BIN)/jupyter lab --notebook-dir=notebooks \
+	  --ServerApp.ip=127.0.0.1 --ServerApp.port=$(LAB_PORT) $(ROOT_FLAG)
+
+dashboard: setup
+	@url=$$($(CHAIN_UP)) && \
+	HEALTHLAB_RPC_URL=$$url $(BIN)/voila notebooks/02_approve_requests.ipynb \
+	  --Voila.ip=127.0.0.1 --port=$(DASHBOARD_PORT) --Voila.port_retries=0 \
+	  --no-browser --token
+
+chain: setup
+	@$(CHAIN_UP) >/dev/null
+
+chain-status:
+	@$(BIN)/healthlab chain status --port $(CHAIN_PORT) --dir $(CHAIN_DIR)
+
+chain-down:
+	@$(BIN)/healthlab chain down --dir $(CHAIN_DIR)
 
 node: setup
-	$(BIN)/healthlab node --port 8545 --state .healthlab/anvil-state.json
+	$(BIN)/healthlab node --port $(CHAIN_PORT) --state $(CHAIN_DIR)/anvil-state.json
 
 contracts: setup
 	$(BIN)/python contracts/compile.py
@@ -54,6 +93,7 @@ bench: setup
 	$(BIN)/python benchmarks/gas.py
 	$(BIN)/python benchmarks/encrypted_stats.py
 	$(BIN)/python benchmarks/federated.py
+	$(BIN)/python benchmarks/storage.py
 
 clean:
 	rm -rf $(VENV) .tools contracts/node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -4,7 +4,10 @@ Examples
 --------
 ::
 
-    healthlab node --port 8545 --state .healthlab/anvil-state.json   # a local dev chain
+    healthlab chain up                    # the shared local node (detached), its URL
+    healthlab chain status
+    healthlab chain down                  # stop it; its chain stays in .healthlab/
+    healthlab node --port 8545 --state .healthlab/anvil-state.json   # in the foreground
     healthlab deploy --rpc-url http://127.0.0.1:8545
     healthlab status --rpc-url http://127.0.0.1:8545
     healthlab datasets --rpc-url http://127.0.0.1:8545
@@ -35,8 +38,9 @@ import pandas as pd
 import typer
 
 from healthlab import __version__, errors
+from healthlab.ledger import deployments
 from healthlab.ledger.client import DEFAULT_REQUEST_TIMEOUT, Ledger
-from healthlab.ledger.node import AnvilNode
+from healthlab.ledger.node import AnvilNode, ChainProcess, LocalChain
 
 app = typer.Typer(
     help="HealthLab: consent registry and studies on health data.",
@@ -134,6 +138,102 @@ def node(
         pass
     finally:
         anvil.close()
+
+
+chain_app = typer.Typer(
+    help="The one local anvil node that notebooks, Voilà and reports share: "
+    "detached, reused while it runs, its chain kept across restarts.",
+    no_args_is_help=True,
+)
+app.add_typer(chain_app, name="chain")
+
+ChainDir = Annotated[
+    str,
+    typer.Option(
+        "--dir",
+        envvar="HEALTHLAB_CHAIN_DIR",
+        help="Folder of the node's state, pid and log files.",
+    ),
+]
+ChainPort = Annotated[
+    int,
+    typer.Option(envvar="HEALTHLAB_CHAIN_PORT", help="Port on 127.0.0.1."),
+]
+
+
+def _describe(node: ChainProcess, running: str = "already running") -> str:
+    if node.pid is None:
+        return (
+            f"a node already answers at {node.url}, not started by `healthlab chain "
+            "up` from this folder: using it as it is (`chain down` leaves it alone)"
+        )
+    how = "started" if node.started else running
+    return (
+        f"anvil {how} at {node.url} (pid {node.pid}); chain kept in {node.state_file}"
+    )
+
+
+@chain_app.command("up")
+def chain_up(
+    port: ChainPort = 8545,
+    directory: ChainDir = ".healthlab",
+    deploy: Annotated[
+        bool, typer.Option(help="Deploy the registry unless one is recorded.")
+    ] = True,
+) -> None:
+    """Start the shared node (or reuse it), deploy the registry once, print its URL.
+
+    Messages go to stderr and only the URL to stdout, so a script can run
+    ``export HEALTHLAB_RPC_URL=$(healthlab chain up)``.
+    """
+    node = LocalChain(directory, port).up()
+    typer.echo(_describe(node), err=True)
+    if deploy:
+        ledger = Ledger.connect(node.url)
+        typer.echo(
+            f"registry {ledger.address} on chain {ledger.chain_id} (recorded in "
+            f"{deployments.home() / 'deployments.json'})",
+            err=True,
+        )
+    typer.echo(
+        f"export HEALTHLAB_RPC_URL={node.url}   # stop it with: healthlab chain down",
+        err=True,
+    )
+    typer.echo(node.url)
+
+
+@chain_app.command("status")
+def chain_status(port: ChainPort = 8545, directory: ChainDir = ".healthlab") -> None:
+    """Show the shared node and its registry; exit code 1 when none runs."""
+    node = LocalChain(directory, port).status()
+    if node is None:
+        typer.echo(
+            f"no node runs from {directory} or at 127.0.0.1:{port}; start one with "
+            "`healthlab chain up`"
+        )
+        raise typer.Exit(1)
+    typer.echo(_describe(node, "running"))
+    try:
+        ledger = Ledger.connect(node.url, deploy=False)
+    except errors.ConfigurationError:
+        typer.echo("registry: none recorded yet (`healthlab chain up` deploys one)")
+        return
+    fns = ledger.contract.functions
+    typer.echo(
+        f"registry {ledger.address} on chain {ledger.chain_id}: block "
+        f"{ledger.w3.eth.block_number}, {fns.datasetCount().call()} datasets, "
+        f"{fns.requestCount().call()} requests"
+    )
+
+
+@chain_app.command("down")
+def chain_down(directory: ChainDir = ".healthlab") -> None:
+    """Stop the shared node by PID; anvil saves its chain to the state file."""
+    node = LocalChain(directory).down()
+    if node is None:
+        typer.echo(f"no node started from {directory} is running")
+        return
+    typer.echo(f"stopped anvil (pid {node.pid}); chain saved in {node.state_file}")
 
 
 @app.command()
@@ -372,6 +472,48 @@ def report(
     html = export_html(executed, no_input=not code)
     typer.echo(summary(executed))
     typer.echo(f"report: {html}\nexecuted notebook: {executed}")
+
+
+@app.command()
+def demo(
+    out: Annotated[
+        str, typer.Option(help="Folder for the executed notebooks and their HTML.")
+    ] = "reports",
+) -> None:
+    """Run every notebook headless on the embedded chain; one line per notebook.
+
+    ``HEALTHLAB_RPC_URL`` and ``HEALTHLAB_REGISTRY`` are ignored, so the results are
+    the same on every machine (``make demo``). Exit code 1 if any notebook failed.
+    """
+    import os
+    from pathlib import Path
+
+    from healthlab.notebooks import NOTEBOOKS_DIR, export_html, run_notebook, summary
+
+    for name in ("HEALTHLAB_RPC_URL", "HEALTHLAB_REGISTRY"):
+        os.environ.pop(name, None)
+    notebooks = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
+    if not notebooks:
+        raise errors.ConfigurationError(f"no notebooks in {NOTEBOOKS_DIR}")
+    lines, failed = [], 0
+    started = time.monotonic()
+    for path in notebooks:
+        typer.echo(f"running {path.stem} …", err=True)
+        try:
+            html = export_html(run_notebook(path.stem, {}, out))
+        except errors.HealthLabError as exc:
+            failed += 1
+            lines.append(f"  {path.stem}: FAILED — {exc}")
+            continue
+        lines.append(f"  {summary(html.with_suffix('.ipynb'))} -> {html.name}")
+    typer.echo(f"\nreports in {Path(out).resolve()} (open the .html files):")
+    typer.echo("\n".join(lines))
+    typer.echo(
+        f"{len(notebooks) - failed} of {len(notebooks)} notebooks ran in "
+        f"{time.monotonic() - started:.0f} s"
+    )
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

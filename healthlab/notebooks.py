@@ -15,6 +15,16 @@ live here, typed and tested:
   ``None`` when matplotlib is missing — the tables carry the same numbers).
 - :func:`run_notebook` executes a notebook with papermill and :func:`export_html`
   turns the result into a static HTML report (``healthlab report``, ``make report``).
+- Parties in separate kernels (``01`` the researcher, ``02`` the owner):
+  :func:`connect_chain` picks the shared node (``rpc_url``, else
+  ``$HEALTHLAB_RPC_URL``) or the embedded chain, :func:`node_account` picks an
+  account by index, :func:`ensure_catalogue` registers the sample datasets once
+  (idempotent), :func:`chain_table` and :func:`chain_events` show the chain.
+- The citizen health score (``05``): :func:`factor_table`,
+  :func:`plot_factor_curves`, :func:`score_sites` (scores computed at each site),
+  :func:`city_scores` (per-city aggregates over encrypted site totals) next to
+  :func:`pandas_city_scores`, and :func:`oracle_requests` / :func:`worker_actions`
+  for the city score oracle.
 
 Examples
 --------
@@ -33,34 +43,60 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
 
-from healthlab.errors import ConfigurationError, HealthLabError, InvalidInput
+from healthlab.errors import (
+    ConfigurationError,
+    DisclosureRefused,
+    DuplicateDataset,
+    HealthLabError,
+    InvalidInput,
+)
 from healthlab.sites import DisclosurePolicy, Site
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+    from healthlab.data import CityTables
+    from healthlab.encrypted import KeyHolder
     from healthlab.federated import FederatedResult, RoundReport
     from healthlab.ledger import Ledger
+    from healthlab.oracle import OracleClient, WorkerAction
     from healthlab.receipts import Receipt, Verification
 
 __all__ = [
+    "CITIZEN_TERMS",
+    "HOSPITAL_TERMS",
     "NOTEBOOKS_DIR",
     "TABLE_MIMETYPE",
+    "Connection",
+    "SampleDataset",
     "Study",
+    "chain_events",
+    "chain_table",
+    "citizen_days",
+    "city_scores",
     "compare",
+    "connect_chain",
+    "ensure_catalogue",
     "export_html",
+    "factor_table",
     "federated_vs_centralized",
+    "in_period",
+    "node_account",
     "notebook_path",
     "open_study",
+    "oracle_requests",
+    "pandas_city_scores",
     "pandas_histogram",
     "pandas_ols",
     "parse_parameters",
     "plot_coefficients",
+    "plot_factor_curves",
     "plot_histogram",
     "plot_metric",
     "progress_printer",
@@ -70,12 +106,15 @@ __all__ = [
     "revoke_after",
     "round_table",
     "run_notebook",
+    "sample_datasets",
+    "score_sites",
     "show",
     "site_summary",
     "summary",
     "table_one",
     "tables",
     "verification_table",
+    "worker_actions",
 ]
 
 #: The repository's notebooks (``NN_snake_case.ipynb``).
@@ -205,6 +244,280 @@ def open_study(
             Site(name, frame, dataset_id=ds, ledger=ledger, policy=policy)
         )
     return study
+
+
+# ------------------------------------------------------- parties and chains
+class Connection(NamedTuple):
+    """The chain a notebook uses, and whether other kernels share it."""
+
+    ledger: Ledger
+    #: True on a node (other notebooks, Voilà pages, people act on it too); False on
+    #: the embedded chain, which only this kernel sees.
+    shared: bool
+
+
+def connect_chain(rpc_url: str = "") -> Connection:
+    """The shared node when one is configured, else the embedded chain.
+
+    ``rpc_url`` (a notebook parameter) first, then ``$HEALTHLAB_RPC_URL`` (what
+    ``make lab`` and ``make dashboard`` export), then :meth:`Ledger.local`. On a node
+    the registry recorded for that chain in ``$HEALTHLAB_HOME/deployments.json`` is
+    used (deployed and recorded when there is none), so every kernel finds the same
+    one. Keys come from the environment or the node's unlocked accounts, never from
+    here.
+
+    Examples
+    --------
+    >>> ledger, shared = connect_chain("")  # no node configured: embedded
+    >>> shared
+    False
+    """
+    from healthlab.ledger import Ledger
+
+    if not isinstance(rpc_url, str):
+        raise InvalidInput("rpc_url is a node's URL as text, or '' for the default")
+    url = rpc_url.strip() or os.environ.get("HEALTHLAB_RPC_URL", "").strip()
+    if not url:
+        return Connection(Ledger.local(), False)
+    if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+        source = "rpc_url" if rpc_url.strip() else "HEALTHLAB_RPC_URL"
+        raise InvalidInput(
+            f"{source} must be a node's http(s) URL such as http://127.0.0.1:8545 "
+            "(start one with `make node`), or empty for the embedded chain"
+        )
+    return Connection(Ledger.connect(url), True)
+
+
+def _public_url(url: str | None) -> str:
+    """A node URL without credentials, path or query (they may hold a token)."""
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}"
+
+
+def chain_table(ledger: Ledger, shared: bool) -> pd.DataFrame:
+    """Which chain this notebook uses: kind, node, chain id, registry, block."""
+    unlocked = _unlocked(ledger)
+    rows = {
+        "chain": (
+            "shared node (other notebooks and pages see the same state)"
+            if shared
+            else "embedded chain (this kernel only; the notebook plays every party)"
+        ),
+        "node": _public_url(ledger.rpc_url) or "(in this kernel)",
+        "chain id": str(ledger.chain_id),
+        "registry": ledger.address,
+        "latest block": str(ledger.w3.eth.block_number),
+        "accounts": str(len(unlocked)),
+    }
+    return pd.Series(rows, name="value").rename_axis("").to_frame()
+
+
+def _unlocked(ledger: Ledger) -> list[str]:
+    found = [str(a) for a in ledger.w3.eth.accounts]
+    return found or list(ledger.accounts)
+
+
+def node_account(ledger: Ledger, index: int) -> str:
+    """The chain's account number ``index`` (0-based), an address — never a key.
+
+    The node's unlocked accounts (anvil's or the embedded chain's dev accounts), in
+    the node's order, so every kernel means the same party by the same number; on a
+    node without unlocked accounts, the accounts of the keys in the environment.
+    """
+    if isinstance(index, bool) or not isinstance(index, int):
+        raise InvalidInput(f"an account is chosen by its number, not {index!r}")
+    accounts = _unlocked(ledger)
+    if not 0 <= index < len(accounts):
+        raise InvalidInput(
+            f"account {index} does not exist: this chain has {len(accounts)} usable "
+            f"accounts (0-{len(accounts) - 1}); choose one of them"
+            if accounts
+            else "this chain has no usable account: set HEALTHLAB_PRIVATE_KEY or "
+            "HEALTHLAB_KEY_FILE, or use a dev node (`make node`)"
+        )
+    return accounts[index]
+
+
+@dataclass(frozen=True)
+class SampleDataset:
+    """A dataset of ``data_samples/`` as it is registered on chain."""
+
+    name: str
+    kind: str
+    pointer: str
+    content_hash: str
+    fee_wei: int
+    grant_days: int
+    terms: str
+
+
+#: Use terms, fee (wei) and grant (days) of each sample hospital's cohort: the
+#: university hospital for health research, the city hospital for any research, the
+#: community centre free with ethics approval, the rural hospital disease-specific.
+HOSPITAL_TERMS: dict[str, tuple[str, int, int]] = {
+    "site_a": ("HMB|NCU", 10**16, 30),
+    "site_b": ("GRU", 5 * 10**15, 30),
+    "site_c": ("HMB|NCU|IRB", 0, 90),
+    "site_d": ("DS|NCU", 2 * 10**16, 14),
+}
+#: Terms, fee (wei) and grant (days) every sample citizen sets on their record.
+CITIZEN_TERMS: tuple[str, int, int] = ("HMB|NCU", 10**15, 7)
+
+
+def sample_datasets(
+    citizens: int = 4, *, root: str | os.PathLike[str] | None = None
+) -> list[SampleDataset]:
+    """The sample catalogue: every hospital cohort, then the first ``citizens``
+    citizen records (``data_samples/city/patients.csv``: their pointers and hashes).
+
+    A cohort's content hash is its frame's (:attr:`healthlab.Site.content_hash`, what
+    a study's receipt checks); a record's is the sha256 of its bytes.
+    """
+    from healthlab.data import load_city_tables, load_cohort_sites
+
+    if isinstance(citizens, bool) or not isinstance(citizens, int) or citizens < 0:
+        raise InvalidInput(f"citizens is a number of records >= 0, not {citizens!r}")
+    specs = []
+    for name, frame in load_cohort_sites(root).items():
+        terms, fee, days = HOSPITAL_TERMS.get(name, HOSPITAL_TERMS["site_a"])
+        specs.append(
+            SampleDataset(
+                name,
+                "hospital cohort",
+                f"https://{name.replace('_', '-')}.hospital.example/cohort.csv",
+                Site(name, frame).content_hash,
+                fee,
+                days,
+                terms,
+            )
+        )
+    patients = load_city_tables(root).patients
+    if citizens > len(patients):
+        raise InvalidInput(
+            f"the samples hold {len(patients)} citizen records, not {citizens}"
+        )
+    terms, fee, days = CITIZEN_TERMS
+    for row in patients.head(citizens).itertuples(index=False):
+        specs.append(
+            SampleDataset(
+                str(row.user_id),
+                "citizen record",
+                str(row.record_pointer),
+                str(row.content_hash),
+                fee,
+                days,
+                terms,
+            )
+        )
+    return specs
+
+
+def ensure_catalogue(
+    ledger: Ledger,
+    owner: str,
+    *,
+    citizen: str | None = None,
+    citizens: int = 4,
+    root: str | os.PathLike[str] | None = None,
+) -> pd.DataFrame:
+    """Register the sample datasets the chain lacks; return all of them with ids.
+
+    Hospital cohorts are registered by ``owner``, citizen records by ``citizen``
+    (default: ``owner``). A dataset whose content hash is registered already — by
+    an earlier run, another notebook or anyone — is left as it is, so calling this
+    again changes nothing; ``registered now`` says which rows this call added.
+
+    Returns one row per sample dataset (by name): kind, dataset id, owner,
+    pointer, content hash, fee, terms, grant duration and ``registered now``.
+
+    Examples
+    --------
+    >>> ledger = Ledger.local()
+    >>> first = ensure_catalogue(ledger, ledger.accounts[1])
+    >>> again = ensure_catalogue(ledger, ledger.accounts[1])
+    >>> bool(again["registered now"].any())
+    False
+    """
+    who_cites = citizen or owner
+    known = _registered(ledger)
+    rows = []
+    for spec in sample_datasets(citizens, root=root):
+        key = spec.content_hash.lower()
+        added = False
+        if key not in known:
+            try:
+                ledger.register_dataset(
+                    spec.pointer,
+                    spec.content_hash,
+                    fee_wei=spec.fee_wei,
+                    grant_seconds=spec.grant_days * 86400,
+                    terms=spec.terms,
+                    sender=owner if spec.kind == "hospital cohort" else who_cites,
+                )
+                added = True
+            except DuplicateDataset:  # another kernel registered it just now
+                pass
+            known = _registered(ledger)
+        record = ledger.dataset(known[key])
+        rows.append(
+            {
+                "name": spec.name,
+                "kind": spec.kind,
+                "dataset": record.id,
+                "owner": record.owner,
+                "pointer": record.pointer,
+                "content hash": record.content_hash,
+                "fee (ETH)": _eth(record.fee_wei),
+                "terms": _code_names(record.terms),
+                "grant (days)": record.grant_seconds / 86400,
+                "registered now": added,
+            }
+        )
+    return pd.DataFrame(rows).set_index("name")
+
+
+def _code_names(codes: int) -> str:
+    from healthlab.ledger import Codes
+
+    return "|".join(c.name or "" for c in Codes if int(codes) & c)
+
+
+def _registered(ledger: Ledger) -> dict[str, int]:
+    """Registered content hashes (lower case) and their dataset ids."""
+    frame = ledger.datasets()
+    hashes = frame["content_hash"].tolist()
+    return {str(h).lower(): int(i) for i, h in zip(frame.index, hashes, strict=True)}
+
+
+def _eth(wei: int) -> str:
+    from healthlab.widgets import eth
+
+    return eth(wei)
+
+
+def chain_events(ledger: Ledger) -> pd.DataFrame:
+    """The registry's events for people: what happened, to which dataset and request,
+    who, how much (ETH and exact wei). Transaction hashes are left out."""
+    events = ledger.events()
+    amounts = events["amount_wei"]
+    table = pd.DataFrame(
+        {
+            "block": events["block"],
+            "time": events["time"].dt.strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "event": events["event"],
+            "dataset": events["dataset"],
+            "request": events["request"],
+            "account": events["account"],
+            "amount (ETH)": [None if a is None else _eth(int(a)) for a in amounts],
+            "amount (wei)": [None if a is None else str(int(a)) for a in amounts],
+            "details": events["details"],
+        }
+    )
+    return table.rename_axis("event #")
 
 
 def site_summary(frames: Mapping[str, pd.DataFrame], target: str) -> pd.DataFrame:
@@ -643,6 +956,254 @@ def plot_coefficients(table: pd.DataFrame, *, title: str = "") -> Figure | None:
     return fig  # type: ignore[no-any-return]
 
 
+# ------------------------------------------------------------ health score
+def factor_table(weights: Mapping[str, float] | None = None) -> pd.DataFrame:
+    """The score's formula, one row per factor: unit, curve, valid range, weight,
+    reference (:mod:`healthlab.score`)."""
+    from healthlab.score import FACTORS, validate_weights
+
+    chosen = validate_weights(weights)
+    rows = {
+        name: {
+            "unit": f.unit,
+            "curve (input→value)": ", ".join(f"{x:g}→{y:g}" for x, y in f.points),
+            "valid inputs": f"{f.valid[0]:g}–{f.valid[1]:g}",
+            "weight": chosen[name],
+            "reference": f.reference,
+        }
+        for name, f in FACTORS.items()
+    }
+    return pd.DataFrame.from_dict(rows, orient="index").rename_axis("factor")
+
+
+def plot_factor_curves(weights: Mapping[str, float] | None = None) -> Figure | None:
+    """Each factor's normalization curve (input → value in [0, 1]) with its weight."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    from healthlab.score import FACTORS, validate_weights
+
+    chosen = validate_weights(weights)
+    fig, axes = plt.subplots(2, 4, figsize=(11, 4.8))
+    flat = axes.ravel()
+    for ax, (name, factor) in zip(flat, FACTORS.items(), strict=False):
+        xs = [x for x, _ in factor.points]
+        pad = 0.15 * (xs[-1] - xs[0])
+        grid = np.linspace(xs[0] - pad, xs[-1] + pad, 200)
+        ax.plot(grid, factor.normalize(grid))
+        ax.set_title(f"{name} (weight {chosen[name]:g})", fontsize=9)
+        ax.set_xlabel(factor.unit, fontsize=8)
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    for ax in flat[len(FACTORS) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    plt.close(fig)
+    return fig  # type: ignore[no-any-return]
+
+
+def score_sites(
+    tables: CityTables | None = None,
+    *,
+    weights: Mapping[str, float] | None = None,
+    min_coverage: float = 0.5,
+) -> dict[str, pd.DataFrame]:
+    """Each hospital's citizens' user-days with their score, computed at the site.
+
+    The hospital holding a citizen's record (``patients.site``) holds that citizen's
+    wearable days joined with the city sensors (:func:`healthlab.data.city_days`) and
+    scores them there with :func:`healthlab.score.health_score`; nothing leaves it.
+    Returns ``{site: frame}`` with the city-day columns and ``score``.
+    """
+    from healthlab.data import city_days, load_city_tables
+    from healthlab.score import health_score
+
+    tables = tables if tables is not None else load_city_tables()
+    days = city_days(tables)
+    holder = days["user_id"].map(tables.patients.set_index("user_id")["site"])
+    return {
+        str(name): frame.reset_index(drop=True).assign(
+            score=lambda f: health_score(f, weights, min_coverage=min_coverage)
+        )
+        for name, frame in days.groupby(holder, sort=True)
+    }
+
+
+def citizen_days(
+    user: str, n_days: int, tables: CityTables | None = None
+) -> pd.DataFrame:
+    """The first ``n_days`` days of one citizen: the score's inputs, by ISO date.
+
+    What the citizen's own app shows them (their wearable's readings and their
+    city's sensors that day); the samples are synthetic.
+    """
+    from healthlab.data import city_days, load_city_tables
+    from healthlab.score import FACTORS
+
+    if isinstance(n_days, bool) or not isinstance(n_days, int) or n_days < 1:
+        raise InvalidInput(f"n_days is a number of days >= 1, not {n_days!r}")
+    days = city_days(tables if tables is not None else load_city_tables())
+    mine = days[days["user_id"] == user]
+    if mine.empty:
+        raise InvalidInput(
+            f"no citizen {user!r} in the samples; ids look like "
+            f"{', '.join(days['user_id'].drop_duplicates().head(3))}"
+        )
+    mine = mine.sort_values("date").head(n_days)
+    dates = pd.to_datetime(mine["date"]).dt.strftime("%Y-%m-%d")
+    return mine.set_index(pd.Index(dates, name="date"))[["city_id", *FACTORS]]
+
+
+def _period(first_day: str, last_day: str) -> tuple[pd.Timestamp, pd.Timestamp]:
+    try:
+        start, end = pd.Timestamp(first_day), pd.Timestamp(last_day)
+    except (ValueError, TypeError):
+        raise InvalidInput(
+            f"days are ISO dates (YYYY-MM-DD), not {first_day!r} / {last_day!r}"
+        ) from None
+    if end < start:
+        raise InvalidInput(
+            f"the period ends ({last_day}) before it starts ({first_day})"
+        )
+    return start, end
+
+
+def in_period(
+    sites: Mapping[str, pd.DataFrame], first_day: str, last_day: str
+) -> dict[str, pd.DataFrame]:
+    """Each site's user-days from ``first_day`` to ``last_day`` (ISO dates, both
+    included) — what the site selects before it computes its totals."""
+    start, end = _period(first_day, last_day)
+    out = {}
+    for name, frame in sites.items():
+        dates = pd.to_datetime(frame["date"])
+        out[name] = frame[(dates >= start) & (dates <= end)].reset_index(drop=True)
+    return out
+
+
+def city_scores(
+    sites: Mapping[str, pd.DataFrame],
+    first_day: str,
+    last_day: str,
+    *,
+    keys: KeyHolder | None = None,
+    min_sites: int = 2,
+) -> pd.DataFrame:
+    """Each city's mean score over a period, pooled over encrypted site totals.
+
+    For every city, the sites holding any of its user-days in the period (each
+    site's rows of that city, scored at the site) take part in one
+    :func:`healthlab.encrypted.describe` of ``score`` (rows without a score are
+    dropped at the sites). A city held by fewer than ``min_sites`` sites, or whose
+    sites' disclosure rules say no, gets no number: ``refused`` says why. One line
+    is printed per city as it is computed.
+
+    Returns one row per city: ``sites``, ``user-days``, ``mean``, ``std``, ``sem``
+    and ``refused``; ``.attrs["results"]`` maps each answered city to its
+    ``describe`` result (with its receipt).
+    """
+    from healthlab import encrypted
+
+    selected = in_period(sites, first_day, last_day)
+    cities = sorted({str(c) for f in selected.values() for c in f["city_id"]})
+    rows, results = [], {}
+    for city in cities:
+        holding = {
+            name: frame.loc[frame["city_id"] == city, ["score"]].reset_index(drop=True)
+            for name, frame in selected.items()
+            if (frame["city_id"] == city).any()
+        }
+        row: dict[str, Any] = {"city": city, "sites": ", ".join(holding)}
+        try:
+            table = encrypted.describe(
+                holding, ["score"], dropna=True, keys=keys, min_sites=min_sites
+            )
+        except DisclosureRefused as refusal:
+            row |= {"user-days": np.nan, "mean": np.nan, "std": np.nan}
+            row |= {"sem": np.nan, "refused": f"{type(refusal).__name__}: {refusal}"}
+            print(f"{city}: refused ({type(refusal).__name__})")
+        else:
+            results[city] = table
+            column = table["score"]
+            row |= {"user-days": float(column["count"]), "mean": float(column["mean"])}
+            row |= {"std": float(column["std"]), "sem": float(column["sem"])}
+            row["refused"] = ""
+            print(f"{city}: {len(holding)} sites, {column['count']:.0f} user-days")
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("city")
+    table.attrs["results"] = results
+    return table
+
+
+def pandas_city_scores(
+    sites: Mapping[str, pd.DataFrame], first_day: str, last_day: str
+) -> pd.DataFrame:
+    """The plaintext reference: pandas on every site's rows pooled, per city."""
+    selected = in_period(sites, first_day, last_day)
+    pooled = pd.concat(
+        [f.assign(_site=name) for name, f in selected.items()], ignore_index=True
+    )
+    scored = pooled.dropna(subset=["score"])
+    grouped = scored.groupby("city_id")
+    table = pd.DataFrame(
+        {
+            "sites": grouped["_site"].nunique(),
+            "user-days": grouped["score"].count().astype(float),
+            "mean": grouped["score"].mean(),
+            "std": grouped["score"].std(),
+            "sem": grouped["score"].sem(),
+        }
+    )
+    return table.rename_axis("city")
+
+
+def oracle_requests(oracle: OracleClient) -> pd.DataFrame:
+    """Every score request of an oracle contract: who asked, the city and period,
+    the fee, the status and the answer (an aggregate) or the refusal."""
+    rows = []
+    for r in oracle.requests():
+        first, last = r.period
+        rows.append(
+            {
+                "request": r.id,
+                "requester": r.requester,
+                "city": r.city,
+                "from": first.isoformat(),
+                "to": last.isoformat(),
+                "fee (ETH)": _eth(r.amount_wei),
+                "status": r.status.name,
+                "score": None if r.result is None else r.result.score,
+                "user-days": None if r.result is None else r.result.user_days,
+                "sites": None if r.result is None else r.result.sites,
+                "refusal": "" if r.refusal is None else r.refusal.name,
+            }
+        )
+    columns = ["request", "requester", "city", "from", "to", "fee (ETH)", "status"]
+    columns += ["score", "user-days", "sites", "refusal"]
+    return pd.DataFrame(rows, columns=columns).set_index("request")
+
+
+def worker_actions(actions: Sequence[WorkerAction]) -> pd.DataFrame:
+    """What an oracle worker's run did per request: answer or refusal, gas, why."""
+    rows = [
+        {
+            "request": a.request_id,
+            "action": a.action,
+            "score x100": None
+            if a.answer is None or a.answer.result is None
+            else a.answer.result.score_x100,
+            "refusal": ""
+            if a.answer is None or a.answer.refusal is None
+            else a.answer.refusal.name,
+            "gas used": a.gas_used,
+            "why": a.note,
+        }
+        for a in actions
+    ]
+    columns = ["request", "action", "score x100", "refusal", "gas used", "why"]
+    return pd.DataFrame(rows, columns=columns).set_index("request")
+
+
 # ------------------------------------------------------------ headless runs
 def notebook_path(name: str | os.PathLike[str]) -> Path:
     """A notebook by path, file name or number: ``"06"``, ``"06_study_report"``…"""
@@ -764,6 +1325,9 @@ def run_notebook(
                 cwd=str(source.parent),
                 progress_bar=progress,
                 execution_timeout=timeout,
+                # panels are live only with a kernel: keep no widget state, so the
+                # report shows each panel's static note and tables, not a CDN widget
+                store_widget_state=False,
                 # the kernel listens on loopback only; keep its start-up notice
                 # about unencrypted local TCP out of every run's output
                 extra_arguments=["--IPKernelApp.log_level=ERROR"],
@@ -784,8 +1348,9 @@ def export_html(
 ) -> Path:
     """Write an executed notebook as static HTML (without code cells by default).
 
-    Outputs are embedded (figures as images), no widget state is needed, so the
-    report opens offline. Returns the HTML file's path (default: next to it).
+    Outputs are embedded (figures as images) and widget state is left out (a
+    widget shows its static text instead), so the report opens offline without a
+    CDN. Returns the HTML file's path (default: next to it).
     """
     import nbformat
     from nbconvert import HTMLExporter
@@ -800,6 +1365,7 @@ def export_html(
         exclude_output_prompt=no_input,
     )
     notebook = nbformat.read(source, as_version=4)  # type: ignore[no-untyped-call]
+    notebook.metadata.pop("widgets", None)
     body, _ = exporter.from_notebook_node(notebook)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(body, encoding="utf-8")

@@ -240,3 +240,57 @@ def test_installed_command_reports_an_unreachable_node_without_traceback(
     assert (done.returncode, done.stdout) == (1, "")
     assert done.stderr.startswith(f"error: cannot reach an Ethereum node at {url} ")
     assert done.stderr.count("\n") == 1, f"one line expected, got:\n{done.stderr}"
+
+
+def write_notebook(path: Path, source: str) -> None:
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {
+        "name": "python3",
+        "display_name": "Python 3",
+        "language": "python",
+    }
+    nb.cells = [nbformat.v4.new_code_cell(source)]
+    nbformat.write(nb, path)
+
+
+def test_demo_runs_every_notebook_on_the_embedded_chain_one_line_each(
+    tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from healthlab import notebooks
+
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    # which chain the kernel would use: `make demo` must not follow a node that
+    # happens to be configured in the shell
+    write_notebook(
+        folder / "00_where.ipynb",
+        "import os\nimport pandas as pd\nfrom healthlab.notebooks import show\n"
+        "show(pd.DataFrame({'rpc': [os.environ.get('HEALTHLAB_RPC_URL', 'none')]}),"
+        " 'where')",
+    )
+    write_notebook(
+        folder / "01_broken.ipynb", "raise RuntimeError('broken on purpose')"
+    )
+    monkeypatch.setattr(notebooks, "NOTEBOOKS_DIR", folder)
+    monkeypatch.setenv("HEALTHLAB_RPC_URL", "http://127.0.0.1:1")
+    out = tmp_path / "reports"
+
+    result = CliRunner().invoke(cli.app, ["demo", "--out", str(out)])
+
+    assert result.exit_code == 1, result.output  # a failed notebook fails the demo
+    lines = result.stdout.splitlines()
+    assert lines[0:2] == ["", f"reports in {out} (open the .html files):"]
+    assert re.fullmatch(
+        r"  00_where: 1 tables, 0 figures, \d+\.\d s -> 00_where\.html", lines[2]
+    ), lines
+    assert lines[3].startswith(
+        "  01_broken: FAILED — 01_broken.ipynb failed in cell 1 with RuntimeError: "
+        "broken on purpose; the executed copy with the traceback is "
+    ), lines
+    assert re.fullmatch(r"1 of 2 notebooks ran in \d+ s", lines[4]), lines
+    assert len(lines) == 5
+    assert notebooks.tables(out / "00_where.ipynb")["where"]["rpc"].tolist() == ["none"]
+    assert (out / "00_where.html").is_file()
+    assert "running 00_where …" in result.stderr

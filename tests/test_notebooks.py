@@ -3,16 +3,23 @@ through ``healthlab report`` (papermill, then HTML), and what it produced checke
 against the library and pandas; executed notebooks scanned for keys and tokens;
 committed notebooks stripped, parameterized and shaped like a Pythia cookbook.
 
-The four notebooks run concurrently, once per session, in their own kernels
-(~65 s on 2 busy cores; each alone takes 8-25 s). Tables are read back exactly from
-the machine-readable copy ``show()`` displays next to the HTML, so a table's
-``result_hash`` can be checked against its receipt in this process.
+The seven notebooks run concurrently, once per session, in their own kernels, on
+the embedded chain (``HEALTHLAB_RPC_URL`` and ``HEALTHLAB_REGISTRY`` removed), so
+``01`` and ``02`` play every party; with anvil installed, ``01`` and ``02`` also run
+with their defaults on a shared node, where they must not act (~65 s for the file
+on 2 busy cores; each notebook alone takes 5-25 s). Tables are read back exactly
+from the machine-readable copy ``show()`` displays next to the HTML, so a table's
+``result_hash`` can be checked against its receipt in this process. The helpers the
+researcher's and owner's pages use to share a chain (``connect_chain``,
+``node_account``, ``ensure_catalogue``) are tested here too, on the embedded chain
+and on an anvil node.
 """
 
 from __future__ import annotations
 
 import ast
 import json
+import math
 import os
 import re
 import subprocess
@@ -28,32 +35,60 @@ import numpy as np
 import pandas as pd
 import papermill
 import pytest
+from eth_account import Account
 from typer.testing import CliRunner
+from web3 import EthereumTesterProvider
 
 from healthlab import Site, cli, encrypted
-from healthlab.data import load_cohort_sites
-from healthlab.errors import InvalidInput
+from healthlab.data import city_days, load_city_tables, load_cohort_sites
+from healthlab.errors import ChainUnreachable, DuplicateDataset, InvalidInput
 from healthlab.ledger import Ledger
+from healthlab.ledger.node import AnvilNode, find_tool, free_port
 from healthlab.notebooks import (
+    CITIZEN_TERMS,
+    HOSPITAL_TERMS,
     NOTEBOOKS_DIR,
     TABLE_MIMETYPE,
+    chain_table,
     compare,
+    connect_chain,
+    ensure_catalogue,
+    export_html,
+    node_account,
     notebook_path,
     open_study,
     parse_parameters,
     plot_metric,
     revoke_after,
     run_notebook,
+    sample_datasets,
     show,
     table_one,
     tables,
 )
 from healthlab.receipts import Receipt, result_hash, verify
+from healthlab.score import DEFAULT_WEIGHTS, health_score, score_breakdown
 
 SITES = ["site_a", "site_b", "site_c", "site_d"]
 #: Fast parameters per notebook; every parameter a test relies on is named here.
 FAST: dict[str, dict[str, Any]] = {
     "00_tour": {"rounds": 2, "columns": ["age", "sbp"]},
+    "01_request_access": {
+        "researcher_account": 2,
+        "owner_account": 1,
+        "citizen_account": 3,
+        "citizens": 2,
+        "use": "HMB",
+        "codes": ["HMB", "NCU"],
+        "purpose": "Cardiovascular risk (notebook test)",
+    },
+    "02_approve_requests": {
+        "owner_account": 1,
+        "citizen_account": 3,
+        "citizens": 1,
+        "researcher_account": 2,
+        "other_researcher_account": 4,
+    },
     "03_encrypted_statistics": {
         "columns": ["age", "bmi", "sbp"],
         "by": "sex",
@@ -75,6 +110,18 @@ FAST: dict[str, dict[str, Any]] = {
         "n_sites": 3,
         "alpha": 0.5,
     },
+    "05_health_score": {
+        "user": "U0002",
+        "n_days": 4,
+        "first_day": "2025-05-01",
+        "last_day": "2025-05-14",
+        "score_edges": [0, 60, 70, 80, 90, 100],
+        "oracle_cities": ["coastal", "northern"],
+        "oracle_fee_eth": 0.002,
+        "office_account": 5,
+        "worker_account": 6,
+        "citizen_account": 7,
+    },
     "06_study_report": {
         "rounds": 2,
         "sites": SITES,
@@ -88,6 +135,8 @@ FAST: dict[str, dict[str, Any]] = {
         "features": ["age", "sbp", "smoker"],
     },
 }
+#: The pages people act on: they print no receipt (they compute no result).
+PAGES = {"01_request_access", "02_approve_requests"}
 COMMITTED = sorted(NOTEBOOKS_DIR.glob("*.ipynb"))
 #: A key planted in the environment of every run: it must never reach an output.
 CANARY_KEY = "c0ffee" * 10 + "beef"
@@ -154,8 +203,9 @@ class Run:
         return found
 
 
-def _command(stem: str, out: Path) -> list[str]:
-    params = [f"{k}={json.dumps(v)}" for k, v in FAST[stem].items()]
+def _command(stem: str, out: Path, *, defaults: bool = False) -> list[str]:
+    given = {} if defaults else FAST[stem]
+    params = [f"{k}={json.dumps(v)}" for k, v in given.items()]
     flags = [x for p in params for x in ("-p", p)]
     return [
         sys.executable,
@@ -169,12 +219,51 @@ def _command(stem: str, out: Path) -> list[str]:
     ]
 
 
+@dataclass
+class SharedNode:
+    """An anvil node as ``make lab`` leaves it before the pages open: the sample
+    catalogue registered and one request waiting, made from another client."""
+
+    url: str
+    home: Path
+    request: int
+    events: int
+
+
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
-    """Every notebook run once, concurrently, through the ``report`` command."""
+def shared_node(
+    anvil: AnvilNode, tmp_path_factory: pytest.TempPathFactory
+) -> SharedNode:
+    home = tmp_path_factory.mktemp("node-home")  # a registry of its own
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HEALTHLAB_HOME", str(home))
+        mp.delenv("HEALTHLAB_PRIVATE_KEY", raising=False)
+        ledger, _ = connect_chain(anvil.url)
+        samples = ensure_catalogue(
+            ledger, node_account(ledger, 1), citizen=node_account(ledger, 3)
+        )
+        request = ledger.request_access(
+            int(samples.loc["site_a", "dataset"]),
+            "CVD risk (another client)",
+            "HMB|NCU",
+            sender=node_account(ledger, 2),
+        )
+        events = len(ledger.events())
+    return SharedNode(anvil.url, home, request, events)
+
+
+@pytest.fixture(scope="session")
+def runs(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> dict[str, Run]:
+    """Every notebook run once, concurrently, through the ``report`` command; with
+    anvil installed, the two pages also run with their defaults on a shared node
+    (``HEALTHLAB_RPC_URL``, as ``make lab`` sets it), as ``<stem>@node``."""
     out = tmp_path_factory.mktemp("reports")
+    chain_settings = ("HEALTHLAB_RPC_URL", "HEALTHLAB_REGISTRY")
+    inherited = {k: v for k, v in os.environ.items() if k not in chain_settings}
     env = dict(
-        os.environ,
+        inherited,
         HEALTHLAB_PRIVATE_KEY="0x" + CANARY_KEY,
         HEALTHLAB_HOME=str(out / "home"),
         FLWR_TELEMETRY_ENABLED="0",
@@ -190,16 +279,30 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
         )
         for stem in FAST
     }
+    folders = dict.fromkeys(FAST, out)
+    if find_tool("anvil") is not None:  # else the @node tests skip (fail under CI)
+        node: SharedNode = request.getfixturevalue("shared_node")
+        node_env = dict(env, HEALTHLAB_RPC_URL=node.url, HEALTHLAB_HOME=str(node.home))
+        for stem in sorted(PAGES):
+            folders[f"{stem}@node"] = out / "node"
+            procs[f"{stem}@node"] = subprocess.Popen(
+                _command(stem, out / "node", defaults=True),
+                env=node_env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
     results: dict[str, Run] = {}
     failures = []
-    for stem, proc in procs.items():
+    for key, proc in procs.items():
         stdout, stderr = proc.communicate(timeout=900)
         if proc.returncode != 0:
-            failures.append(f"{stem}: exit {proc.returncode}\n{stdout}\n{stderr}")
+            failures.append(f"{key}: exit {proc.returncode}\n{stdout}\n{stderr}")
             continue
-        path = out / f"{stem}.ipynb"
+        stem = key.split("@")[0]
+        path = folders[key] / f"{stem}.ipynb"
         nb = nbformat.read(path, as_version=4)
-        results[stem] = Run(nb, path, out / f"{stem}.html", stdout)
+        results[key] = Run(nb, path, folders[key] / f"{stem}.html", stdout)
     if failures:
         pytest.fail("healthlab report failed:\n" + "\n".join(failures))
     return results
@@ -335,16 +438,21 @@ def test_html_report_is_static_and_shows_no_code(
 def test_executed_notebook_holds_no_keys_or_tokens(
     runs: dict[str, Run], stem: str
 ) -> None:
-    run = runs[stem]
+    assert_no_secrets(runs[stem], stem)
+
+
+def assert_no_secrets(run: Run, stem: str) -> None:
+    """No known key anywhere; 64-hex values only where a receipt declares them."""
     everything = (run.path.read_text() + run.html.read_text()).lower()
     leaked = KNOWN_KEYS & set(HEX64.findall(everything))
     assert not leaked, f"private keys in the executed notebook or report: {leaked}"
 
     receipts = run.receipts()
-    assert receipts, "no receipt printed by a cell tagged 'receipt'"
-    public: set[str] = {
-        h[2:] for h in (s.content_hash for s in _sample_sites())
-    }  # registered on chain
+    if stem in PAGES:
+        assert receipts == {}, "a page printed a receipt"
+    else:
+        assert receipts, "no receipt printed by a cell tagged 'receipt'"
+    public = _registered_hashes()  # the sample catalogue's, public on chain
     for receipt in receipts.values():
         for field, value in _walk(receipt):
             tokens = set(HEX64.findall(str(value).lower()))
@@ -367,6 +475,13 @@ def test_executed_notebook_holds_no_keys_or_tokens(
 @cache
 def _sample_sites() -> tuple[Site, ...]:
     return tuple(Site(name, frame) for name, frame in frames().items())
+
+
+def _registered_hashes() -> set[str]:
+    """Content hashes the sample catalogue registers: cohorts and citizen records."""
+    cohorts = {s.content_hash[2:] for s in _sample_sites()}
+    records = load_city_tables().patients["content_hash"].str[2:]
+    return cohorts | set(records)
 
 
 def _walk(value: Any, key: str = "") -> Iterator[tuple[str, Any]]:
@@ -420,6 +535,295 @@ def test_tour_receipt_is_anchored_and_verifies(runs: dict[str, Run]) -> None:
     assert [s["name"] for s in receipt["sites"]] == SITES
     assert len(receipt["anchors"]) == len(SITES)
     assert receipt["gated"] is True
+
+
+# --------------------------------------------------- 01 request access
+def dev_account(index: int) -> str:
+    """The embedded chain's account ``index``: its key is ``index + 1``."""
+    return str(Account.from_key((index + 1).to_bytes(32, "big")).address)
+
+
+ETH_WEI = 10**18
+
+
+@pytest.fixture(scope="module")
+def page01(runs: dict[str, Run]) -> dict[str, pd.DataFrame]:
+    return runs["01_request_access"].tables
+
+
+def test_request_page_registers_the_sample_catalogue(
+    page01: dict[str, pd.DataFrame],
+) -> None:
+    p = FAST["01_request_access"]
+    samples = page01["samples"]
+    specs = sample_datasets(p["citizens"])
+    assert samples.index.tolist() == [*SITES, "U0001", "U0002"]
+    assert samples["dataset"].tolist() == list(range(1, len(specs) + 1))
+    assert samples["registered now"].all(), "the embedded chain starts empty"
+    for spec in specs:
+        row = samples.loc[spec.name]
+        assert (row["pointer"], row["content hash"]) == (
+            spec.pointer,
+            spec.content_hash,
+        )
+        assert row["terms"] == spec.terms and row["fee (ETH)"] == (
+            f"{spec.fee_wei / ETH_WEI:g}"
+        ), spec.name
+    owners = samples["owner"]
+    assert (owners[SITES] == dev_account(p["owner_account"])).all()
+    assert (owners[["U0001", "U0002"]] == dev_account(p["citizen_account"])).all()
+    catalogue = page01["catalogue"]
+    # use=HMB keeps the terms that permit health research: all but DS-only site_d
+    kept = samples.drop(index="site_d")["dataset"].tolist()
+    assert catalogue.index.tolist() == kept
+    assert (
+        catalogue["pointer"].tolist()
+        == samples.loc[samples["dataset"].isin(kept), "pointer"].tolist()
+    )
+
+
+def test_request_page_shows_the_fee_then_pays_exactly_it(
+    page01: dict[str, pd.DataFrame], runs: dict[str, Run]
+) -> None:
+    p = FAST["01_request_access"]
+    quote = page01["quote"]
+    terms, fee, days = HOSPITAL_TERMS["site_a"]
+    assert quote.index.tolist() == [1], "the catalogue's first dataset: site_a"
+    row = quote.loc[1]
+    assert (row["fee (wei)"], row["fee (ETH)"]) == (str(fee), "0.01")
+    assert (row["terms"], row["grant (days)"]) == (terms, days)
+    assert (row["your codes"], row["permitted"]) == ("|".join(p["codes"]), True)
+    requests = page01["my_requests"]
+    assert requests.index.tolist() == [1]
+    mine = requests.loc[1]
+    assert (mine["dataset"], mine["status"]) == (1, "PENDING")
+    assert mine["paid (ETH)"] == "0.01"
+    assert mine["codes"] == "HMB|NCU" and mine["expires"] == ""
+    # the chain's own log agrees with the panel: one request, the fee in escrow
+    events = page01["events"]
+    assert events["event"].tolist() == ["DatasetRegistered"] * 6 + ["AccessRequested"]
+    last = events.iloc[-1]
+    assert (last["dataset"], last["request"]) == (1, 1)
+    assert last["account"] == dev_account(p["researcher_account"])
+    assert last["amount (wei)"] == str(fee)
+    printed = runs["01_request_access"].printed()
+    assert f"you are the researcher {dev_account(p['researcher_account'])}" in printed
+    assert "request #1 on dataset #1: PENDING; paid 0.01 ETH into escrow" in printed
+
+
+def test_request_page_html_shows_panel_notes_not_widget_state(
+    runs: dict[str, Run],
+) -> None:
+    html = runs["01_request_access"].html.read_text(encoding="utf-8")
+    assert "Datasets: 8 on chain" not in html, "citizens=2: six datasets"
+    assert "Datasets: 6 on chain, 5 shown (an interactive panel" in html
+    assert "Request form of " in html
+    assert "unpkg.com" not in html and "widget-view+json" not in html
+
+
+# ------------------------------------------------- 02 approve requests
+@pytest.fixture(scope="module")
+def page02(runs: dict[str, Run]) -> dict[str, pd.DataFrame]:
+    return runs["02_approve_requests"].tables
+
+
+def test_owner_page_lists_requests_with_codes_purpose_fee_and_history(
+    page02: dict[str, pd.DataFrame],
+) -> None:
+    p = FAST["02_approve_requests"]
+    assert page02["pending_requests-when-opened"].empty
+    mine = page02["catalogue"]
+    assert mine.index.tolist() == [1, 2, 3, 4], "the owner's four hospital cohorts"
+    assert (mine["owner"] == dev_account(p["owner_account"])).all()
+    pending = page02["pending_requests-with-two-requests"]
+    assert pending.index.tolist() == [1, 2]
+    assert pending["researcher"].tolist() == [
+        dev_account(p["researcher_account"]),
+        dev_account(p["other_researcher_account"]),
+    ]
+    assert (pending["dataset"] == 1).all() and (pending["codes"] == "HMB|NCU").all()
+    assert (pending["fee (ETH)"] == "0.01").all()
+    assert pending["purpose"].tolist() == [
+        "Cardiovascular risk factors across hospitals",
+        "Blood pressure trends",
+    ]
+    assert (pending[["earlier requests", "earlier grants"]] == 0).all().all()
+    assert page02["earnings-with-two-requests"]["credit (wei)"].tolist() == ["0"]
+
+
+@pytest.mark.parametrize(
+    ("step", "pending", "grants", "credit_wei", "withdrawn"),
+    [
+        ("after-approving", [2], [1], 10**16, "0"),
+        ("after-declining", [], [1], 10**16, "0"),
+        ("after-withdrawing", [], [1], 0, "0.01"),
+        ("after-revoking", [], [], 0, "0.01"),
+    ],
+)
+def test_owner_page_shows_the_inbox_after_each_decision(
+    page02: dict[str, pd.DataFrame],
+    step: str,
+    pending: list[int],
+    grants: list[int],
+    credit_wei: int,
+    withdrawn: str,
+) -> None:
+    assert page02[f"pending_requests-{step}"].index.tolist() == pending
+    assert page02[f"live_grants-{step}"].index.tolist() == grants
+    earnings = page02[f"earnings-{step}"].iloc[0]
+    assert earnings["credit (wei)"] == str(credit_wei)
+    assert earnings["withdrawn (ETH)"] == withdrawn
+    assert (earnings["pending"], earnings["live grants"]) == (len(pending), len(grants))
+
+
+def test_owner_page_decisions_are_on_chain_with_their_amounts(
+    page02: dict[str, pd.DataFrame], runs: dict[str, Run]
+) -> None:
+    p = FAST["02_approve_requests"]
+    owner = dev_account(p["owner_account"])
+    approved = dev_account(p["researcher_account"])
+    declined = dev_account(p["other_researcher_account"])
+    events = page02["events"]
+    story = events.iloc[4 + p["citizens"] :]
+    assert story["event"].tolist() == [
+        "AccessRequested",
+        "AccessRequested",
+        "AccessGranted",
+        "AccessDeclined",
+        "Withdrawal",
+        "AccessRevoked",
+    ]
+    assert story["account"].tolist() == [
+        approved,
+        declined,
+        approved,
+        declined,
+        owner,
+        approved,
+    ]
+    assert story["amount (wei)"].tolist()[:2] == [str(10**16)] * 2
+    assert story["amount (wei)"].iloc[4] == str(10**16), "the owner withdrew the fee"
+    printed = runs["02_approve_requests"].printed()
+    assert f"approved request #1: {approved} may use dataset #1" in printed
+    assert (
+        f"declined request #2 on dataset #1; 0.01 ETH credited back to {declined}"
+        in printed
+    )
+    assert f"withdrew 0.01 ETH (10000000000000000 wei) to {owner}" in printed
+    assert f"revoked request #1: {approved} no longer has access" in printed
+    assert "error" not in printed
+
+
+# ------------------------------------------------------ 05 health score
+@cache
+def scored_days() -> pd.DataFrame:
+    """Every user-day with its score and holding site, computed here with pandas."""
+    city = load_city_tables()
+    days = city_days(city)
+    site = days["user_id"].map(city.patients.set_index("user_id")["site"])
+    return days.assign(score=health_score(days), site=site)
+
+
+def _period_rows() -> pd.DataFrame:
+    p = FAST["05_health_score"]
+    days = scored_days()
+    dates = pd.to_datetime(days["date"])
+    keep = (dates >= p["first_day"]) & (dates <= p["last_day"])
+    return days[keep & days["score"].notna()]
+
+
+@pytest.fixture(scope="module")
+def score05(runs: dict[str, Run]) -> dict[str, pd.DataFrame]:
+    return runs["05_health_score"].tables
+
+
+def test_score_formula_table_holds_the_library_weights(
+    score05: dict[str, pd.DataFrame],
+) -> None:
+    factors = score05["factors"]
+    assert factors["weight"].to_dict() == DEFAULT_WEIGHTS
+    assert factors.loc["steps", "curve (input→value)"] == (
+        "0→0, 5000→0.5, 7500→0.8, 10000→1"
+    )
+
+
+def test_score_breakdown_equals_the_library_on_the_citizens_days(
+    score05: dict[str, pd.DataFrame],
+) -> None:
+    p = FAST["05_health_score"]
+    days = scored_days()
+    rows = days[days["user_id"] == p["user"]].sort_values("date").head(p["n_days"])
+    expected = score_breakdown(rows).set_axis(
+        pd.to_datetime(rows["date"]).dt.strftime("%Y-%m-%d").tolist()
+    )
+    shown = score05["breakdown"]
+    close(shown, expected)
+    np.testing.assert_allclose(
+        shown["score"], health_score(rows).to_numpy(), rtol=1e-12
+    )
+    assert score05["inputs"]["steps"].tolist() == rows["steps"].tolist()
+
+
+def test_score_city_aggregates_equal_pandas_and_single_site_cities_are_refused(
+    score05: dict[str, pd.DataFrame],
+) -> None:
+    rows = _period_rows()
+    aggregates = score05["city-scores"]
+    assert aggregates.index.tolist() == ["coastal", "inland", "northern"]
+    coastal = rows[rows["city_id"] == "coastal"]["score"]
+    expected = pd.DataFrame(
+        {
+            "user-days": [float(len(coastal))],
+            "mean": [coastal.mean()],
+            "std": [coastal.std()],
+            "sem": [coastal.sem()],
+        },
+        index=pd.Index(["coastal"], name="city"),
+    )
+    close(aggregates.loc[["coastal"], ["user-days", "mean", "std", "sem"]], expected)
+    assert aggregates.loc["coastal", "sites"] == "site_a, site_b"
+    for city, site in (("inland", "site_c"), ("northern", "site_d")):
+        refused = aggregates.loc[city]
+        assert refused["sites"] == site and np.isnan(refused["mean"]), city
+        assert refused["refused"].startswith("TooFewSites: only 1 site(s)"), city
+    assert score05["city-scores-vs-pandas"]["rel diff"].max() < 1e-12
+
+
+def test_score_histogram_counts_equal_numpy_and_its_receipt_verifies(
+    score05: dict[str, pd.DataFrame], runs: dict[str, Run]
+) -> None:
+    p = FAST["05_health_score"]
+    counts, _ = np.histogram(_period_rows()["score"], bins=p["score_edges"])
+    shown = score05["histogram"]
+    assert shown["count"].tolist() == counts.tolist()
+    (receipt,) = runs["05_health_score"].receipts().values()
+    assert receipt["kind"] == "histogram"
+    assert [s["name"] for s in receipt["sites"]] == SITES
+    assert verify(receipt, shown).ok, "the shown histogram is not the receipt's"
+
+
+def test_score_oracle_answers_pandas_mean_or_refuses_on_chain(
+    score05: dict[str, pd.DataFrame],
+) -> None:
+    p = FAST["05_health_score"]
+    rows = _period_rows()
+    asked = score05["oracle-asked"]
+    assert asked["status"].tolist() == ["PENDING"] * len(p["oracle_cities"])
+    assert (asked["fee (ETH)"] == f"{p['oracle_fee_eth']:g}").all()
+    answered = score05["oracle"]
+    assert answered["city"].tolist() == p["oracle_cities"]
+    coastal = answered.loc[1]
+    scores = rows[rows["city_id"] == "coastal"]["score"]
+    assert coastal["status"] == "FULFILLED"
+    assert coastal["score"] == math.floor(scores.mean() * 100 + 0.5) / 100
+    assert (coastal["user-days"], coastal["sites"]) == (len(scores), 2)
+    assert coastal["requester"] == dev_account(p["citizen_account"])
+    northern = answered.loc[2]
+    assert (northern["status"], northern["refusal"]) == ("REFUSED", "TOO_FEW_SITES")
+    assert northern["score"] is None or np.isnan(northern["score"])
+    actions = score05["oracle-actions"]
+    assert actions["action"].tolist() == ["fulfilled", "refused"]
+    assert actions.loc[1, "score x100"] == round(coastal["score"] * 100)
 
 
 # ------------------------------------------------- 03 encrypted statistics
@@ -842,3 +1246,258 @@ def test_revoke_after_refuses_an_unknown_site_before_training(ledger: Ledger) ->
     study = open_study(ledger, parts, purpose="test")
     with pytest.raises(InvalidInput, match="no site 'site_z'"):
         revoke_after(study, "site_z", 1)
+
+
+# ------------------------------------------- parties and chains (fast, anvil)
+def test_connect_chain_without_a_node_is_the_embedded_chain(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("HEALTHLAB_RPC_URL", raising=False)
+    ledger, shared = connect_chain("  ")
+    assert shared is False
+    assert ledger.rpc_url is None
+    assert isinstance(ledger.w3.provider, EthereumTesterProvider)
+    other, _ = connect_chain()
+    ledger.register_dataset(
+        "https://a.example/x", "0x" + "11" * 32, sender=ledger.accounts[1]
+    )
+    assert len(ledger.datasets()) == 1
+    assert other.datasets().empty, "each kernel gets its own embedded chain"
+
+
+@pytest.mark.parametrize(
+    ("url", "source"),
+    [
+        ("ws://127.0.0.1:8545", "rpc_url"),
+        ("127.0.0.1:8545", "rpc_url"),
+        ("ftp://user:s3cr3tt0ken@node.example/", "rpc_url"),
+        ("", "HEALTHLAB_RPC_URL"),
+    ],
+)
+def test_connect_chain_refuses_what_is_not_an_http_node(
+    monkeypatch: pytest.MonkeyPatch, url: str, source: str
+) -> None:
+    monkeypatch.setenv("HEALTHLAB_RPC_URL", "file:///tmp/s3cr3tt0ken")
+    with pytest.raises(InvalidInput, match=f"^{source} must be a node's http") as err:
+        connect_chain(url)
+    assert "s3cr3tt0ken" not in str(err.value), "a URL may carry a token"
+
+
+def test_connect_chain_says_how_to_start_a_node_when_none_answers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HEALTHLAB_HOME", str(tmp_path))
+    monkeypatch.delenv("HEALTHLAB_RPC_URL", raising=False)
+    url = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ChainUnreachable, match="make node"):
+        connect_chain(url)
+    monkeypatch.setenv("HEALTHLAB_RPC_URL", url)
+    with pytest.raises(ChainUnreachable, match=re.escape(url)):
+        connect_chain("")
+
+
+def test_chain_table_never_shows_credentials_of_a_node_url(ledger: Ledger) -> None:
+    table = chain_table(ledger, False)["value"]
+    assert table["chain"].startswith("embedded chain")
+    assert table["registry"] == ledger.address
+    assert table["accounts"] == "10"
+    ledger.rpc_url = "https://user:s3cr3t@node.example:8545/v3/0123456789abcdef?k=1"
+    shown = chain_table(ledger, True)["value"]
+    assert shown["node"] == "https://node.example:8545"
+    assert shown["chain"].startswith("shared node")
+
+
+def test_node_account_picks_the_chains_accounts_by_number(ledger: Ledger) -> None:
+    assert [node_account(ledger, i) for i in range(10)] == [
+        dev_account(i) for i in range(10)
+    ]
+    for bad, message in ((10, "0-9"), (-1, "0-9"), (True, "by its number")):
+        with pytest.raises(InvalidInput, match=message):
+            node_account(ledger, bad)  # type: ignore[arg-type]
+
+
+def test_ensure_catalogue_registers_each_sample_dataset_once(ledger: Ledger) -> None:
+    owner, citizen = ledger.accounts[1], ledger.accounts[3]
+    first = ensure_catalogue(ledger, owner, citizen=citizen, citizens=1)
+    specs = sample_datasets(1)
+    assert first.index.tolist() == [s.name for s in specs]
+    assert first["registered now"].all()
+    for spec in specs:
+        record = ledger.dataset(int(first.loc[spec.name, "dataset"]))
+        assert (record.pointer, record.content_hash) == (
+            spec.pointer,
+            spec.content_hash,
+        )
+        assert (record.fee_wei, record.grant_seconds) == (
+            spec.fee_wei,
+            spec.grant_days * 86400,
+        )
+        expected_owner = owner if spec.kind == "hospital cohort" else citizen
+        assert record.owner == expected_owner, spec.name
+    terms, fee, days = CITIZEN_TERMS
+    assert (specs[-1].terms, specs[-1].fee_wei, specs[-1].grant_days) == (
+        terms,
+        fee,
+        days,
+    )
+    assert specs[0].content_hash == Site("site_a", frames()["site_a"]).content_hash
+    block = ledger.w3.eth.block_number
+    again = ensure_catalogue(ledger, owner, citizen=citizen, citizens=1)
+    assert ledger.w3.eth.block_number == block, "a second call sent transactions"
+    assert not again["registered now"].any()
+    pd.testing.assert_frame_equal(
+        again.drop(columns="registered now"), first.drop(columns="registered now")
+    )
+    more = ensure_catalogue(ledger, owner, citizen=citizen, citizens=2)
+    assert more["registered now"].tolist() == [False] * 5 + [True]
+    assert more.index[-1] == "U0002"
+    assert len(ledger.datasets()) == len(SITES) + 2
+
+
+def test_ensure_catalogue_keeps_datasets_someone_else_registered(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner, stranger = ledger.accounts[1], ledger.accounts[3]
+    specs = {s.name: s for s in sample_datasets(1)}
+    taken = specs["site_b"]
+    early = ledger.register_dataset(
+        taken.pointer, taken.content_hash, terms="GRU", sender=stranger
+    )
+    # another kernel registers site_c between our read and our transaction
+    racing = specs["site_c"]
+    original = ledger.register_dataset
+    raced: list[str] = []
+
+    def register(uri: str, content_hash: str, **kwargs: Any) -> int:
+        if content_hash == racing.content_hash and not raced:
+            raced.append(content_hash)
+            original(uri, content_hash, terms="GRU", sender=stranger)
+        return original(uri, content_hash, **kwargs)
+
+    monkeypatch.setattr(ledger, "register_dataset", register)
+    table = ensure_catalogue(ledger, owner, citizens=1)
+    assert raced, "the race was not staged"
+    assert table.loc["site_b", "dataset"] == early
+    for name in ("site_b", "site_c"):
+        assert table.loc[name, "owner"] == stranger, name
+        assert not table.loc[name, "registered now"], name
+        assert table.loc[name, "terms"] == "GRU", name
+    assert table.loc["site_a", "owner"] == owner
+    assert table["registered now"].sum() == 3
+    with pytest.raises(DuplicateDataset):
+        original(racing.pointer, racing.content_hash, sender=owner)
+
+
+@pytest.mark.parametrize("citizens", [-1, True, 241, 2.0])
+def test_sample_datasets_refuse_impossible_citizen_counts(citizens: Any) -> None:
+    with pytest.raises(InvalidInput, match="citizen"):
+        sample_datasets(citizens)
+
+
+def test_pages_on_anvil_share_one_registry_and_catalogue(
+    anvil: AnvilNode, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Two kernels on one node (the researcher's and the owner's) see one catalogue:
+    the registry recorded by the first is found by the second, the catalogue is
+    registered once, and a request made from one is pending in the other."""
+    monkeypatch.setenv("HEALTHLAB_HOME", str(tmp_path))  # a registry of our own
+    monkeypatch.delenv("HEALTHLAB_PRIVATE_KEY", raising=False)
+    monkeypatch.setenv("HEALTHLAB_RPC_URL", f"http://127.0.0.1:{free_port()}")
+    researcher_page, shared = connect_chain(anvil.url)  # the parameter wins
+    assert shared and researcher_page.rpc_url == anvil.url
+    monkeypatch.setenv("HEALTHLAB_RPC_URL", anvil.url)
+    owner_page, shared = connect_chain("")
+    assert shared and owner_page.address == researcher_page.address
+    owner = node_account(owner_page, 1)
+    assert owner == node_account(researcher_page, 1)
+    first = ensure_catalogue(researcher_page, node_account(researcher_page, 1))
+    second = ensure_catalogue(owner_page, owner)
+    assert first["registered now"].all() and not second["registered now"].any()
+    assert second["dataset"].tolist() == first["dataset"].tolist()
+    researcher = node_account(researcher_page, 2)
+    request = researcher_page.request_access(
+        int(first.loc["site_a", "dataset"]), "CVD risk", "HMB|NCU", sender=researcher
+    )
+    seen = owner_page.request(request)
+    assert (seen.researcher, seen.status.name) == (researcher, "PENDING")
+    assert seen.amount_wei == HOSPITAL_TERMS["site_a"][1]
+
+
+def test_export_html_leaves_widget_state_out(tmp_path: Path) -> None:
+    view = {"model_id": "abc123", "version_major": 2, "version_minor": 0}
+    output = nbformat.v4.new_output(
+        "display_data",
+        data={
+            "application/vnd.jupyter.widget-view+json": view,
+            "text/plain": "a panel",
+            "text/html": "<p><i>a static note for reports</i></p>",
+        },
+    )
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(outputs=[output])])
+    nb.metadata["widgets"] = {
+        "application/vnd.jupyter.widget-state+json": {
+            "state": {"abc123": {"model_name": "VBoxModel", "state": {}}},
+            "version_major": 2,
+            "version_minor": 0,
+        }
+    }
+    path = tmp_path / "panel.ipynb"
+    nbformat.write(nb, path)
+    html = export_html(path).read_text(encoding="utf-8")
+    assert "a static note for reports" in html
+    assert "widget-state" not in html and "unpkg.com" not in html
+    assert "widget-view+json" not in html
+
+
+# ------------------------------------------ the pages on a shared node (anvil)
+@pytest.fixture(scope="module")
+def node_pages(runs: dict[str, Run], shared_node: SharedNode) -> dict[str, Run]:
+    """01 and 02 run with their defaults on the shared node (needs anvil)."""
+    return {stem: runs[f"{stem}@node"] for stem in sorted(PAGES)}
+
+
+def test_pages_on_a_shared_node_never_act_by_themselves(
+    node_pages: dict[str, Run], shared_node: SharedNode
+) -> None:
+    researcher = node_pages["01_request_access"]
+    tables01 = researcher.tables
+    assert tables01["chain"].loc["chain", "value"].startswith("shared node")
+    assert not tables01["samples"]["registered now"].any(), "registered twice"
+    assert len(tables01["samples"]) == len(SITES) + 4
+    mine = tables01["my_requests"]
+    assert mine.index.tolist() == [shared_node.request]
+    assert mine.loc[shared_node.request, "status"] == "PENDING"
+    assert len(tables01["events"]) == shared_node.events, "the page sent something"
+    assert "shared node: press 'request access' above" in researcher.printed()
+    assert "paid" not in researcher.printed()
+
+    owner = node_pages["02_approve_requests"]
+    tables02 = owner.tables
+    pending = tables02["pending_requests-when-opened"]
+    assert pending.index.tolist() == [shared_node.request]
+    assert pending.loc[shared_node.request, "purpose"].startswith(
+        "(only its hash is on chain"
+    ), "the purpose text stays with the client that made the request"
+    assert not any(k.endswith("-with-two-requests") for k in tables02)
+    assert len(tables02["events"]) == shared_node.events
+    assert "requests come from researchers' pages" in owner.printed()
+
+    with pytest.MonkeyPatch.context() as mp:  # the chain itself, read afterwards
+        mp.setenv("HEALTHLAB_HOME", str(shared_node.home))
+        ledger, shared = connect_chain(shared_node.url)
+    assert shared and ledger.request(shared_node.request).status.name == "PENDING"
+    assert len(ledger.events()) == shared_node.events
+
+
+@pytest.mark.parametrize("stem", sorted(PAGES))
+def test_pages_on_a_shared_node_run_clean_and_hold_no_keys(
+    node_pages: dict[str, Run], stem: str
+) -> None:
+    run = node_pages[stem]
+    assert run.nb.metadata["papermill"]["parameters"] == {}, "defaults, as make lab"
+    for i, cell in enumerate(run.nb.cells):
+        for output in cell.get("outputs", []):
+            assert output["output_type"] != "error", f"cell {i}: {output}"
+            assert output.get("name") != "stderr", f"cell {i}: {output['text']}"
+    assert f"report: {run.html}" in run.stdout
+    assert_no_secrets(run, stem)

@@ -462,3 +462,212 @@ def test_panels_show_addresses_never_keys(
             seen += 1
             assert not key.search(value), f"{type(widget).__name__}: {value[:80]}"
     assert seen > 10, "the walk reached the panels' text widgets"
+
+
+# --------------------------------------------------- presets, quotes, display
+def test_request_form_fill_presets_the_form_without_sending(
+    ledger: Ledger, catalogue_chain: dict[str, int], researcher: str
+) -> None:
+    form = RequestForm(ledger, researcher)
+    block = ledger.w3.eth.block_number
+    done = form.fill(
+        dataset=catalogue_chain["diabetes"], codes=["ds", "IRB", "DS"], purpose="T2D"
+    )
+    assert done is form
+    assert form.dataset.value == catalogue_chain["diabetes"]
+    assert form.codes.value == ("DS", "IRB"), "names are upper-cased, kept once"
+    assert form.purpose.value == "T2D"
+    assert form.fee_wei == 3 * ETHER // 2, "the fee follows the preset dataset"
+    assert ledger.w3.eth.block_number == block, "fill sent a transaction"
+    assert ledger.requests() == []
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "text"),
+    [
+        ({"codes": ["HMB", "XYZ"]}, r"unknown purpose code\(s\) \['XYZ'\]"),
+        ({"dataset": 99}, "dataset #99 is not open for requests; open ones: #1, #2"),
+    ],
+)
+def test_request_form_fill_refuses_unknown_codes_and_closed_datasets(
+    ledger: Ledger,
+    catalogue_chain: dict[str, int],
+    researcher: str,
+    kwargs: dict[str, object],
+    text: str,
+) -> None:
+    form = RequestForm(ledger, researcher)
+    with pytest.raises(errors.InvalidInput, match=text):
+        form.fill(**kwargs)  # type: ignore[arg-type]
+    with pytest.raises(errors.InvalidInput, match="not open for requests"):
+        form.fill(dataset=catalogue_chain["ancestry"])
+
+
+@pytest.mark.parametrize(
+    ("name", "codes", "permitted"),
+    [
+        ("cohort", ("HMB", "NCU"), True),
+        ("cohort", ("HMB",), False),  # NCU not attested
+        ("cohort", ("POA", "NCU"), False),
+        ("registry", ("POA",), True),  # GRU permits every purpose
+        ("diabetes", ("DS", "IRB"), True),
+    ],
+)
+def test_request_form_quote_shows_fee_and_terms_before_paying(
+    ledger: Ledger,
+    catalogue_chain: dict[str, int],
+    researcher: str,
+    name: str,
+    codes: tuple[str, ...],
+    permitted: bool,
+) -> None:
+    ds = catalogue_chain[name]
+    form = RequestForm(ledger, researcher).fill(dataset=ds, codes=codes)
+    block = ledger.w3.eth.block_number
+    quote = form.quote()
+    record = ledger.dataset(ds)
+    assert quote.index.tolist() == [ds]
+    row = quote.loc[ds]
+    assert row["fee (wei)"] == str(record.fee_wei) == str(form.fee_wei)
+    assert row["fee (ETH)"] == eth(record.fee_wei)
+    assert (row["owner"], row["pointer"]) == (record.owner, record.pointer)
+    assert row["grant (days)"] == 30
+    assert row["your codes"] == "|".join(codes)
+    assert bool(row["permitted"]) is permitted
+    assert ledger.w3.eth.block_number == block
+
+
+def test_catalogue_filter_sets_the_controls_and_refuses_unknown_codes(
+    ledger: Ledger, stranger: str, catalogue_chain: dict[str, int]
+) -> None:
+    panel = Catalogue(ledger, active_only=False)
+    kept = panel.filter(contains=stranger, use="ds")
+    assert (panel.text.value, panel.use.value, panel.active_only.value) == (
+        stranger,
+        "DS",
+        True,
+    )
+    assert kept.index.tolist() == [
+        catalogue_chain["registry"],
+        catalogue_chain["diabetes"],
+    ]
+    with pytest.raises(errors.InvalidInput, match="unknown use code 'XYZ'"):
+        panel.filter(use="XYZ")
+    assert panel.use.value == "DS", "a refused filter changes nothing"
+
+
+def test_owner_inbox_select_picks_pending_requests_and_grants(
+    ledger: Ledger, owner: str, researcher: str, dataset: int
+) -> None:
+    granted = _request(ledger, dataset, researcher)
+    ledger.approve(granted, sender=owner)
+    pending = _request(ledger, dataset, ledger.accounts[4])
+    inbox = OwnerInbox(ledger, owner)
+    assert inbox.select(granted).grant_select.value == granted
+    assert inbox.select(pending).pending_select.value == pending
+    with pytest.raises(errors.InvalidInput, match=r"#99 is neither pending"):
+        inbox.select(99)
+
+
+def test_owner_inbox_earnings_follow_approvals_and_withdrawals(
+    ledger: Ledger, owner: str, researcher: str, dataset: int
+) -> None:
+    inbox = OwnerInbox(ledger, owner)
+    assert inbox.earnings().loc[owner].to_dict() == {
+        "credit (ETH)": "0",
+        "credit (wei)": "0",
+        "live grants": 0,
+        "pending": 0,
+        "withdrawn (ETH)": "0",
+    }
+    inbox.refresh()
+    ledger.approve(_request(ledger, dataset, researcher), sender=owner)
+    inbox.refresh()
+    assert inbox.earnings().loc[owner, "credit (wei)"] == str(ETHER // 100)
+    inbox.withdraw()
+    after = inbox.earnings().loc[owner]
+    assert (after["credit (wei)"], after["withdrawn (ETH)"]) == ("0", "0.01")
+    assert after["live grants"] == 1
+
+
+def test_inbox_and_form_show_each_step_under_its_own_key(
+    ledger: Ledger,
+    owner: str,
+    researcher: str,
+    dataset: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import IPython.display
+
+    from healthlab.notebooks import TABLE_MIMETYPE
+
+    shown: list[dict[str, object]] = []
+    monkeypatch.setattr(
+        IPython.display, "display", lambda obj, raw=False: shown.append(obj)
+    )
+    form = RequestForm(ledger, researcher)
+    form.fill(codes=["HMB", "NCU"], purpose="CVD").request()
+    form.show("after asking")
+    inbox = OwnerInbox(ledger, owner)
+    inbox.show("at start")
+    keys = [b[TABLE_MIMETYPE]["key"] for b in shown]  # type: ignore[index]
+    assert keys == [
+        "my_requests-after-asking",
+        "pending_requests-at-start",
+        "live_grants-at-start",
+        "earnings-at-start",
+    ]
+    assert "Pending requests (at start)" in str(shown[1]["text/plain"])
+
+
+def test_panels_display_live_with_a_static_note_for_reports(
+    ledger: Ledger, owner: str, researcher: str, dataset: int
+) -> None:
+    _request(ledger, dataset, researcher)
+    notes = {
+        Catalogue(ledger): "Datasets: 1 on chain, 1 shown",
+        RequestForm(ledger, researcher): f"Request form of {researcher}: 1 request",
+        OwnerInbox(ledger, owner): f"Inbox of {owner}: 1 pending request(s), 0 live",
+    }
+    for panel, note in notes.items():
+        bundle = panel._repr_mimebundle_()
+        view = bundle["application/vnd.jupyter.widget-view+json"]
+        assert view["model_id"] == panel.widget.model_id
+        assert bundle["text/plain"].startswith(note), bundle["text/plain"]
+        assert "interactive panel" in bundle["text/html"]
+        assert note.split(":")[0] in bundle["text/html"]
+
+
+def test_buttons_are_disabled_while_an_action_runs_and_restored_after(
+    ledger: Ledger,
+    dataset: int,
+    researcher: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    form = RequestForm(ledger, researcher).fill(codes=["HMB", "NCU"], purpose="CVD")
+    seen: list[tuple[bool, bool, str]] = []
+    original = ledger.request_access
+
+    def watched(*args: object, **kwargs: object) -> int:
+        seen.append(
+            (
+                form.request_button.disabled,
+                form.refresh_button.disabled,
+                form.status.value,
+            )
+        )
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ledger, "request_access", watched)
+    form.request_button.click()
+    assert seen == [(True, True, seen[0][2])] and "working" in seen[0][2]
+    assert not form.request_button.disabled and not form.refresh_button.disabled
+    assert "PENDING" in form.status.value, "the outcome replaced 'working'"
+    form.request_button.click()  # refused: a request is open already
+    assert isinstance(form.error, errors.RequestAlreadyOpen), form.message
+    assert not form.request_button.disabled, "an error left the button disabled"
+    assert "RequestAlreadyOpen" in form.status.value
+    status = form.status.value
+    form.refresh_button.click()
+    assert "working" not in form.status.value
+    assert form.status.value == status, "a quiet refresh keeps the last message"

@@ -14,7 +14,12 @@ line *and* prints the same line, so results also appear in headless runs; an err
 inside a callback is shown and printed the same way (and kept in ``.error``), never
 swallowed. Each action is a method too (``form.request()``, ``inbox.approve()``…),
 which is what a button calls, so notebooks and tests can drive the panels without a
-browser.
+browser; ``form.fill()``, ``catalogue.filter()`` and ``inbox.select()`` set what a
+user would type or click first, and ``form.quote()``/``inbox.earnings()`` read what
+the panel shows as tables. While an action runs its panel's buttons are disabled
+and the status says it is working. Displayed, a panel is its live widget; a static
+report (no widget state) shows a one-line note instead, next to the tables its
+``show()`` displays.
 
 Examples
 --------
@@ -28,7 +33,7 @@ from __future__ import annotations
 
 import html
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import ipywidgets as widgets
@@ -47,6 +52,9 @@ __all__ = ["Catalogue", "OwnerInbox", "RequestForm", "eth"]
 T = TypeVar("T")
 WEI_PER_ETH = 10**18
 _ANY = ""
+_WORKING = "<i>working… (waiting for the chain)</i>"
+#: Room for the controls' labels ("purpose codes" is cut short by default).
+_LABELS = {"description_width": "8em"}
 
 
 def eth(wei: int) -> str:
@@ -72,10 +80,21 @@ def _short(address: str) -> str:
     return f"{address[:6]}…{address[-4:]}"
 
 
+#: Plain rules for the panels' tables (an HTML widget gets no notebook table style).
+_TABLE_STYLE = (
+    "<style>.healthlab-table{border-collapse:collapse;margin:4px 0}"
+    ".healthlab-table th,.healthlab-table td{padding:2px 10px;text-align:left;"
+    "border-bottom:1px solid #ddd}</style>"
+)
+
+
 def _html_table(frame: pd.DataFrame, empty: str) -> str:
     if frame.empty:
         return f"<i>{html.escape(empty)}</i>"
-    return str(frame.to_html(escape=True))
+    table = frame.reset_index().to_html(
+        index=False, escape=True, border=0, classes="healthlab-table"
+    )
+    return _TABLE_STYLE + str(table)
 
 
 class _Panel:
@@ -89,9 +108,32 @@ class _Panel:
         self.message = ""
         #: The error of the last action, or None when it succeeded.
         self.error: BaseException | None = None
+        #: Buttons disabled while an action runs (no double requests from a
+        #: double click; the chain may take seconds to answer).
+        self._buttons: list[Any] = []
+        self._depth = 0
+
+    def _summary(self) -> str:
+        """One line about the panel for front ends that cannot show widgets."""
+        return type(self).__name__
 
     def _repr_mimebundle_(self, **kwargs: Any) -> Any:
-        return self.widget._repr_mimebundle_(**kwargs)
+        """The live widget, with a one-line note for static reports and HTML.
+
+        JupyterLab and Voilà render the widget; a headless run's HTML report (no
+        widget state is saved) shows the note instead of the widget's ``repr``.
+        """
+        bundle = self.widget._repr_mimebundle_(**kwargs)
+        data = bundle[0] if isinstance(bundle, tuple) else bundle
+        summary = self._summary()
+        note = (
+            f"{summary} (an interactive panel: it is live in JupyterLab or Voilà "
+            "with a running kernel; the tables below show its state)"
+        )
+        if data is not None:
+            data["text/plain"] = note
+            data["text/html"] = f"<p><i>{html.escape(note)}</i></p>"
+        return bundle
 
     def _say(self, message: str) -> None:
         self.message = message
@@ -109,7 +151,19 @@ class _Panel:
         print(f"error: {self.message}")
 
     def _run(self, action: Callable[[], T]) -> T | None:
-        """Run ``action``; show and print any error (unexpected ones propagate too)."""
+        """Run ``action``; show and print any error (unexpected ones propagate too).
+
+        While the outermost action runs, the panel's buttons are disabled and the
+        status says it is working (reading or writing the chain takes a while on a
+        node); both are restored afterwards, whatever happened.
+        """
+        outer = self._depth == 0
+        previous = self.status.value
+        if outer:
+            self.status.value = _WORKING
+            for button in self._buttons:
+                button.disabled = True
+        self._depth += 1
         try:
             return action()
         except HealthLabError as exc:  # a refusal the user can act on
@@ -119,6 +173,13 @@ class _Panel:
             self._fail(exc)
             traceback.print_exc()
             raise
+        finally:
+            self._depth -= 1
+            if outer:
+                for button in self._buttons:
+                    button.disabled = False
+                if self.status.value == _WORKING:
+                    self.status.value = previous
 
 
 # ------------------------------------------------------------------ catalogue
@@ -165,6 +226,7 @@ class Catalogue(_Panel):
         for control in (self.text, self.use, self.active_only):
             control.observe(lambda _change: self._run(self._apply), names="value")
         self.refresh_button.on_click(lambda _button: self.refresh())
+        self._buttons = [self.refresh_button]
         self.widget = widgets.VBox(
             [
                 widgets.HTML("<h3>Datasets</h3>"),
@@ -182,6 +244,27 @@ class Catalogue(_Panel):
         """The id of the selected dataset (None when the filters keep no row)."""
         value = self.select.value
         return None if value is None else int(value)
+
+    def _summary(self) -> str:
+        return f"Datasets: {len(self.all)} on chain, {len(self.table)} shown"
+
+    def filter(
+        self, *, contains: str = "", use: str = "", active_only: bool = True
+    ) -> pd.DataFrame:
+        """Set the filters (as a user would) and return the rows they keep.
+
+        ``use`` is a code name (``"HMB"``, ``"NCU"``…) or ``""`` for any use.
+        """
+        code = use.strip().upper()
+        if code and code not in Codes.__members__:
+            raise InvalidInput(
+                f"unknown use code {use!r}; use one of {', '.join(Codes.__members__)} "
+                "or '' for any use"
+            )
+        self.text.value = contains
+        self.use.value = code
+        self.active_only.value = bool(active_only)
+        return self.table
 
     def refresh(self) -> pd.DataFrame | None:
         """Read the datasets from the chain again and apply the filters."""
@@ -287,14 +370,16 @@ class RequestForm(_Panel):
         super().__init__()
         self.ledger = ledger
         self.researcher = researcher
-        self.dataset = widgets.Dropdown(description="dataset", options=[])
+        wide = {"layout": widgets.Layout(width="36em"), "style": _LABELS}
+        self.dataset = widgets.Dropdown(description="dataset", options=[], **wide)
         self.codes = widgets.SelectMultiple(
             description="purpose codes",
             options=[(f"{c.name} — {DESCRIPTIONS[c]}", c.name) for c in Codes],
             rows=len(Codes),
+            **wide,
         )
         self.purpose = widgets.Textarea(
-            description="purpose", placeholder="what is the study about?"
+            description="purpose", placeholder="what is the study about?", **wide
         )
         self.fee = widgets.HTML()
         self.terms = widgets.HTML()
@@ -310,6 +395,7 @@ class RequestForm(_Panel):
         self.dataset.observe(lambda _change: self._run(self._read_fee), names="value")
         self.request_button.on_click(lambda _button: self.request())
         self.refresh_button.on_click(lambda _button: self.refresh())
+        self._buttons = [self.request_button, self.refresh_button]
         if catalogue is not None:
             catalogue.select.observe(self._follow, names="value")
         self.widget = widgets.VBox(
@@ -328,6 +414,65 @@ class RequestForm(_Panel):
             ]
         )
         self.refresh()
+
+    def _summary(self) -> str:
+        return f"Request form of {self.researcher}: {len(self.table)} request(s) so far"
+
+    def fill(
+        self,
+        *,
+        dataset: int | None = None,
+        codes: Iterable[str] = (),
+        purpose: str = "",
+    ) -> RequestForm:
+        """Preset the form (as a user would type): dataset, purpose codes, purpose.
+
+        ``dataset=None`` keeps the selection; a dataset that is not open for
+        requests, or an unknown code, is refused with what to choose instead.
+        Nothing is sent: :meth:`request` (the button) sends.
+        """
+        if dataset is not None:
+            offered = [value for _label, value in self.dataset.options]
+            if int(dataset) not in offered:
+                raise InvalidInput(
+                    f"dataset #{dataset} is not open for requests; open ones: "
+                    f"{', '.join(f'#{i}' for i in offered) or 'none'}"
+                )
+            self.dataset.value = int(dataset)
+        names = [str(c).strip().upper() for c in codes]
+        unknown = [n for n in names if n not in Codes.__members__]
+        if unknown:
+            raise InvalidInput(
+                f"unknown purpose code(s) {unknown}; known: "
+                f"{', '.join(Codes.__members__)}"
+            )
+        self.codes.value = tuple(dict.fromkeys(names))
+        self.purpose.value = purpose
+        return self
+
+    def quote(self) -> pd.DataFrame:
+        """What pressing "request access" would ask for and pay, read from the chain.
+
+        One row: the dataset, its owner, pointer and use terms, the grant duration,
+        the fee in ETH and wei (paid into escrow), the codes chosen and whether the
+        terms permit them.
+        """
+        if self.dataset.value is None:
+            raise InvalidInput("no dataset is open for requests; press refresh")
+        record = self.ledger.dataset(int(self.dataset.value))
+        chosen = as_codes(list(self.codes.value))
+        row = {
+            "dataset": record.id,
+            "owner": record.owner,
+            "pointer": record.pointer,
+            "terms": _names(record.terms),
+            "grant (days)": record.grant_seconds / 86400,
+            "fee (ETH)": eth(record.fee_wei),
+            "fee (wei)": str(record.fee_wei),
+            "your codes": _names(chosen),
+            "permitted": codes_permit(chosen, record.terms),
+        }
+        return pd.DataFrame([row]).set_index("dataset")
 
     def _follow(self, change: dict[str, Any]) -> None:
         ids = [value for _label, value in self.dataset.options]
@@ -399,11 +544,17 @@ class RequestForm(_Panel):
 
         return self._run(send)
 
-    def show(self) -> None:
-        """Display the researcher's requests as a static table."""
+    def show(self, label: str = "") -> None:
+        """Display the researcher's requests as a static table.
+
+        ``label`` goes into the title and, dash-joined, into the key
+        (``my_requests-after-refresh``).
+        """
         from healthlab.notebooks import show
 
-        show(self.table, "my_requests", title="Your requests")
+        suffix = "-" + "-".join(label.lower().split()) if label else ""
+        note = f" ({label})" if label else ""
+        show(self.table, f"my_requests{suffix}", title=f"Your requests{note}")
 
 
 # ------------------------------------------------------------------- inbox
@@ -464,6 +615,13 @@ class OwnerInbox(_Panel):
         self.revoke_button.on_click(lambda _button: self.revoke())
         self.withdraw_button.on_click(lambda _button: self.withdraw())
         self.refresh_button.on_click(lambda _button: self.refresh())
+        self._buttons = [
+            self.approve_button,
+            self.decline_button,
+            self.revoke_button,
+            self.withdraw_button,
+            self.refresh_button,
+        ]
         self.widget = widgets.VBox(
             [
                 widgets.HTML(f"<h3>Requests for {html.escape(owner)}</h3>"),
@@ -481,6 +639,54 @@ class OwnerInbox(_Panel):
             ]
         )
         self.refresh()
+
+    def _summary(self) -> str:
+        return (
+            f"Inbox of {self.owner}: {len(self.pending)} pending request(s), "
+            f"{len(self.grants)} live grant(s), credit {eth(self.credit_wei)} ETH"
+        )
+
+    def select(self, request_id: int) -> OwnerInbox:
+        """Select a pending request or a live grant by its request id (as a click
+        in the lists would); refused with the ids there are when it is neither."""
+        pending = [value for _label, value in self.pending_select.options]
+        live = [value for _label, value in self.grant_select.options]
+        if request_id in pending:
+            self.pending_select.value = request_id
+        elif request_id in live:
+            self.grant_select.value = request_id
+        else:
+            raise InvalidInput(
+                f"request #{request_id} is neither pending nor a live grant on your "
+                f"datasets (pending: {pending or 'none'}, live: {live or 'none'}); "
+                "press refresh if it is new"
+            )
+        return self
+
+    def earnings(self) -> pd.DataFrame:
+        """The owner's credit (withdrawable now) and what the chain says was paid out.
+
+        One row: credit in ETH and wei, live grants and pending requests (as of
+        the last refresh), and the total the registry's events show withdrawn by
+        the owner.
+        """
+        events = self.ledger.events()
+        withdrawn = sum(
+            int(a)
+            for kind, who, a in zip(
+                events["event"], events["account"], events["amount_wei"], strict=True
+            )
+            if kind == "Withdrawal" and str(who).lower() == self.owner.lower()
+        )
+        row = {
+            "owner": self.owner,
+            "credit (ETH)": eth(self.credit_wei),
+            "credit (wei)": str(self.credit_wei),
+            "live grants": len(self.grants),
+            "pending": len(self.pending),
+            "withdrawn (ETH)": eth(withdrawn),
+        }
+        return pd.DataFrame([row]).set_index("owner")
 
     def _purpose(self, request_id: int) -> str:
         try:
@@ -639,12 +845,19 @@ class OwnerInbox(_Panel):
 
         return self._run(act)
 
-    def show(self) -> None:
-        """Display pending requests and live grants as static tables."""
+    def show(self, label: str = "") -> None:
+        """Display pending requests, live grants and earnings as static tables.
+
+        ``label`` (e.g. ``"after approval"``) goes into the titles and, as
+        ``-after-approval``, into the keys, so each step's tables stay apart.
+        """
         from healthlab.notebooks import show
 
-        show(self.pending, "pending_requests", title="Pending requests")
-        show(self.grants, "live_grants", title="Live grants")
+        suffix = "-" + "-".join(label.lower().split()) if label else ""
+        note = f" ({label})" if label else ""
+        show(self.pending, f"pending_requests{suffix}", title=f"Pending requests{note}")
+        show(self.grants, f"live_grants{suffix}", title=f"Live grants{note}")
+        show(self.earnings(), f"earnings{suffix}", title=f"Earnings{note}")
 
 
 def _choose(select: Any, options: list[tuple[str, int]]) -> None:
