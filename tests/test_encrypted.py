@@ -627,3 +627,26 @@ def test_square_bias_factor_removes_tenseal_square_bias() -> None:
     corrected = float((ratio * factor).mean() - 1.0)
     assert abs(corrected) < 1e-9, f"corrected bias {corrected:.3g}"
     assert float(np.abs(ratio * factor - 1.0).max()) < 1e-7
+
+
+def test_every_value_stream_keeps_order_through_a_small_window(
+    keys: KeyHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One bounded window of pool tasks serves every site and column: with one chunk
+    per task and one task in flight per worker, each ciphertext still comes back
+    tagged with the array it belongs to, in order."""
+    monkeypatch.setattr(every_value, "BATCH", 1)
+    monkeypatch.setattr(every_value, "IN_FLIGHT_PER_WORKER", 1)
+    public = keys.public_context()
+    sizes = [5000, 1, 9000, 4096]  # 2, 1, 3 and 1 ciphertexts
+    arrays = [np.full(n, (i + 1) / 8) for i, n in enumerate(sizes)]
+    with every_value.encryption_pool(public, 2) as pool:
+        stream = list(every_value._encrypt_many(arrays, public, pool, 2))
+    owners = [i for i, _ in stream]
+    assert owners == [0, 0, 1, 2, 2, 2, 3]
+    for (i, blob), slot_count in zip(
+        stream, [4096, 904, 1, 4096, 4096, 808, 4096], strict=True
+    ):
+        slots = keys.decrypt(blob, fingerprint=public.fingerprint)
+        assert np.allclose(slots[:slot_count], (i + 1) / 8, atol=1e-6)
+        assert np.allclose(slots[slot_count:], 0, atol=1e-6), "padding must be zero"

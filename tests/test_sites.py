@@ -668,3 +668,81 @@ def test_missing_values_are_refused_with_column_and_counts() -> None:
     sites = [Site("a", a), Site("b", frame_of(6))]
     with pytest.raises(DataRefused, match=r"site a .*\(x: 2, y: 1 rows\)"):
         encrypted.describe(sites, ["x", "y"])
+
+
+# ---------------------------------------- sites behind every pooled group
+def _cities() -> dict[str, pd.DataFrame]:
+    """coastal at three sites, inland only at site c (as in the city sample data)."""
+    rng = np.random.default_rng(3)
+
+    def frame(cities: list[str], n: int) -> pd.DataFrame:
+        return pd.DataFrame(
+            {"city": rng.choice(cities, n), "score": rng.normal(70, 8, n)}
+        )
+
+    return {
+        "a": frame(["coastal"], 40),
+        "b": frame(["coastal"], 30),
+        "c": frame(["coastal", "inland"], 50),
+    }
+
+
+def test_a_group_held_by_one_site_is_not_released_as_pooled(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    frames = _cities()
+    with caplog.at_level("WARNING"):
+        table = encrypted.describe(frames, ["score"], by="city")
+    assert table.attrs["suppressed_groups"] == ["inland"]
+    assert "inland" not in table.columns.get_level_values(0)
+    assert "inland" in caplog.text and "fewer sites" in caplog.text
+    pooled = pd.concat(frames.values())
+    coastal = pooled[pooled["city"] == "coastal"]["score"]
+    assert table.loc["count", ("coastal", "score")] == len(coastal)
+    assert table.loc["mean", ("coastal", "score")] == pytest.approx(
+        coastal.mean(), rel=1e-12
+    )
+    assert table.loc["std", ("coastal", "score")] == pytest.approx(
+        coastal.std(), rel=1e-12
+    )
+
+
+def test_an_owner_policy_of_three_sites_applies_to_every_group() -> None:
+    frames = _cities()
+    b = frames["b"]
+    frames["b"] = b.assign(city=np.where(np.arange(len(b)) % 2, "inland", "coastal"))
+    # coastal at a, b and c; inland at b and c
+    strict = DisclosurePolicy(min_sites=3)
+    sites = [Site(name, frame, policy=strict) for name, frame in frames.items()]
+    table = encrypted.describe(sites, ["score"], by="city")
+    assert table.attrs["suppressed_groups"] == ["inland"]
+    assert list(table.columns.get_level_values(0)) == ["coastal"]
+    table2 = encrypted.describe(frames, ["score"], by="city")  # default: 2 sites
+    assert "suppressed_groups" not in table2.attrs
+    assert set(table2.columns.get_level_values(0)) == {"coastal", "inland"}
+
+
+def test_no_group_held_by_enough_sites_refuses_the_query() -> None:
+    frames = {
+        "a": pd.DataFrame({"city": ["x"] * 5, "score": np.arange(5.0)}),
+        "b": pd.DataFrame({"city": ["y"] * 5, "score": np.arange(5.0)}),
+    }
+    with pytest.raises(TooFewSites, match="no group of 'city'"):
+        encrypted.describe(frames, ["score"], by="city")
+
+
+def test_a_pooled_result_with_rows_at_only_one_site_is_refused() -> None:
+    """Two sites take part, but with dropna only one has rows left: the 'pooled'
+    mean would be that site's own."""
+    frames = {
+        "a": pd.DataFrame({"x": np.arange(10.0)}),
+        "b": pd.DataFrame({"x": [np.nan] * 10}),
+    }
+    with pytest.raises(TooFewSites, match="only 1 site"):
+        encrypted.describe(frames, ["x"], dropna=True)
+    with pytest.raises(TooFewSites, match="only 1 site"):
+        encrypted.corr(
+            {n: f.assign(y=f["x"] * 2) for n, f in frames.items()},
+            ["x", "y"],
+            dropna=True,
+        )

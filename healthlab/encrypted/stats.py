@@ -15,6 +15,7 @@ pandas to ~1e-15 relative.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -23,7 +24,7 @@ import pandas as pd
 
 from healthlab.encrypted.keys import KeyHolder
 from healthlab.encrypted.protocol import Query, StudyRun, Totals, run_query
-from healthlab.errors import DataRefused, DisclosureRefused, InvalidInput
+from healthlab.errors import DataRefused, DisclosureRefused, InvalidInput, TooFewSites
 from healthlab.receipts import Receipt, build_receipt
 from healthlab.sites import Site, as_sites
 
@@ -31,6 +32,7 @@ __all__ = ["corr", "cov", "crosstab", "describe", "histogram", "levels", "ols"]
 
 SitesLike = Sequence[Site] | Mapping[str, pd.DataFrame]
 MAX_LEVELS = 50
+_log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- site side
@@ -60,7 +62,12 @@ def _full_masks(
 
 
 def _moments(site: Site, query: Query) -> Totals:
-    """n, Σ(x-c), Σ(x-c)² (or the upper triangle of Σ(x-c)(x-c)ᵀ) per group."""
+    """n, Σ(x-c), Σ(x-c)² (or the upper triangle of Σ(x-c)(x-c)ᵀ) per group.
+
+    Each group (and the whole query) also carries a 0/1 "this site has rows here";
+    pooled, it counts the sites behind every total, so a group only one site holds
+    is never released as if it were pooled.
+    """
     spec = query.spec
     columns: list[str] = list(spec["columns"])
     by = spec.get("by")
@@ -68,12 +75,13 @@ def _moments(site: Site, query: Query) -> Totals:
     kept, dropped = site.rows(asked, dropna=bool(spec.get("dropna")))
     values = kept[columns].to_numpy(dtype=np.float64) - np.asarray(spec["center"])
     masks = _group_masks(kept, by, spec.get("groups", ()))
-    totals: list[float] = [float(dropped)]
+    totals: list[float] = [float(dropped), float(len(kept) > 0)]
     p = len(columns)
     upper = np.triu_indices(p)
     for mask in masks:
         x = values[mask]
         totals.append(float(len(x)))
+        totals.append(float(len(x) > 0))
         totals.extend(x.sum(axis=0).tolist())
         if spec["order"] == 2:
             if spec["cross"]:
@@ -142,10 +150,13 @@ def _centers(
     groups: list[str],
     options: dict[str, Any],
     model_params: int | None = None,
-) -> tuple[StudyRun, np.ndarray]:
-    """Round 1: pooled n and Σx per column (over all groups) → the public centers.
+) -> tuple[StudyRun, np.ndarray, list[str]]:
+    """Round 1: pooled n and Σx per column (over all groups) → the public centers,
+    and the groups held by enough sites to be pooled.
 
     A model's size is checked here already, so a refused model answers nothing.
+    Fewer sites with rows than the pooling minimum (the query's or any site's
+    policy's) refuses the query; a group held by fewer is left out of round 2.
     """
     spec = {
         "columns": columns,
@@ -162,15 +173,31 @@ def _centers(
         sites,
         "moments",
         spec,
-        1 + n_groups * (1 + len(columns)),
+        2 + n_groups * (2 + len(columns)),
         _moments,
         **_opts(options),
     )
-    t = np.asarray(run.totals[1:]).reshape(n_groups, 1 + len(columns))
+    t = np.asarray(run.totals[2:]).reshape(n_groups, 2 + len(columns))
     n = t[:, 0].sum()
     if n == 0:
         raise DisclosureRefused("no rows to summarize")
-    return run, t[:, 1:].sum(axis=0) / n
+    need = max(
+        [options["min_sites"], *(s.policy.min_sites for s in run.sites)], default=2
+    )
+    holding = round(run.totals[1])
+    if holding < need:
+        raise TooFewSites(
+            f"only {holding} site(s) hold rows for {', '.join(columns)}, fewer than "
+            f"the {need} a pooled result needs"
+        )
+    held: list[float] = t[:, 1].tolist() if groups else []
+    pooled = [g for g, k in zip(groups, held, strict=True) if round(k) >= need]
+    if groups and not pooled:
+        raise TooFewSites(
+            f"no group of {by!r} is held by at least {need} sites; nothing can be "
+            "pooled"
+        )
+    return run, t[:, 2:].sum(axis=0) / n, pooled
 
 
 def _opts(options: dict[str, Any]) -> dict[str, Any]:
@@ -208,8 +235,12 @@ def _second_moments(
     options: dict[str, Any],
     model_params: int | None = None,
 ) -> tuple[list[StudyRun], np.ndarray, list[dict[str, Any]]]:
-    """Both rounds; return runs, centers and per-group {n, s1, s2 | m2, dropped}."""
-    first, center = _centers(sites, columns, by, groups, options, model_params)
+    """Both rounds; return runs, centers and per-group {n, s1, s2 | m2, dropped}.
+
+    Groups held by fewer sites than the pooling minimum are not asked for in round
+    2: their entry is ``{"group": g, "suppressed": True}``.
+    """
+    first, center, pooled = _centers(sites, columns, by, groups, options, model_params)
     participants = [s for s in sites if s.name in {x.name for x in first.sites}]
     p = len(columns)
     width = p * (p + 1) // 2 if cross else p
@@ -219,31 +250,36 @@ def _second_moments(
         "order": 2,
         "cross": cross,
         "by": by,
-        "groups": groups,
+        "groups": pooled,
         "dropna": options["dropna"],
         "model_params": model_params,
     }
-    n_groups = max(1, len(groups))
-    per_group = 1 + p + width
+    n_groups = max(1, len(pooled))
+    per_group = 2 + p + width
     second = _run(
         participants,
         "moments",
         spec,
-        1 + n_groups * per_group,
+        2 + n_groups * per_group,
         _moments,
         **_opts(options),
     )
-    t = np.asarray(second.totals[1:]).reshape(n_groups, per_group)
+    t = np.asarray(second.totals[2:]).reshape(n_groups, per_group)
+    rows = iter(t)
     out = []
-    for g in range(n_groups):
-        row = t[g]
-        entry: dict[str, Any] = {"n": row[0], "s1": row[1 : 1 + p]}
+    labels: list[str | None] = list(groups) if groups else [None]
+    for group in labels:
+        if group is not None and group not in pooled:
+            out.append({"group": group, "suppressed": True})
+            continue
+        row = next(rows)
+        entry: dict[str, Any] = {"group": group, "n": row[0], "s1": row[2 : 2 + p]}
         if cross:
             m = np.zeros((p, p))
-            m[np.triu_indices(p)] = row[1 + p :]
+            m[np.triu_indices(p)] = row[2 + p :]
             entry["m2"] = m + np.triu(m, 1).T
         else:
-            entry["s2"] = row[1 + p :]
+            entry["s2"] = row[2 + p :]
         out.append(entry)
     out[0]["dropped"] = second.totals[0]
     return [first, second], center, out
@@ -295,7 +331,9 @@ def describe(
     """``count``, ``mean``, ``std``, ``var``, ``sum`` and ``sem`` pooled across sites.
 
     Shaped like ``pandas.DataFrame.describe()`` (statistics as rows, columns as
-    columns); with ``by``, columns become ``(group, column)``. Minimum, maximum and
+    columns); with ``by``, columns become ``(group, column)``, and a group held by
+    fewer sites than a pooled result needs (``min_sites`` or any site's policy) is
+    left out and named in ``attrs["suppressed_groups"]``. Minimum, maximum and
     quantiles are single rows' values and are not released. With ``dropna=True``
     rows with a missing value are dropped at the sites and counted in ``missing``.
 
@@ -315,8 +353,11 @@ def describe(
         site_list, cols, by=by, groups=groups, cross=False, options=options
     )
     frames: dict[str | None, pd.DataFrame] = {}
-    labels: list[str | None] = list(groups) if groups else [None]
-    for label, entry in zip(labels, stats, strict=True):
+    suppressed = [e["group"] for e in stats if e.get("suppressed")]
+    for entry in stats:
+        if entry.get("suppressed"):
+            continue
+        label = entry["group"]
         n = entry["n"]
         mean = center + entry["s1"] / n if n else np.full(len(cols), np.nan)
         ss = (
@@ -344,6 +385,15 @@ def describe(
             result.loc["missing"] = dropped
         else:  # rows dropped (their group may be the missing value) are not per group
             result.attrs["missing"] = dropped
+    if suppressed:
+        result.attrs["suppressed_groups"] = suppressed
+        _log.warning(
+            "describe: %d group(s) of %r held by fewer sites than a pooled result "
+            "needs are not shown: %s",
+            len(suppressed),
+            by,
+            ", ".join(suppressed),
+        )
     return attach_receipt(
         result,
         runs,

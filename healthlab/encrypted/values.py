@@ -25,8 +25,9 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,17 @@ def _encrypt_chunk(chunk: np.ndarray) -> bytes:
     return bytes(ts.ckks_vector(_worker_context, chunk).serialize())
 
 
+def _encrypt_batch(chunks: list[np.ndarray]) -> list[bytes]:
+    return [_encrypt_chunk(c) for c in chunks]
+
+
+#: chunks per task sent to a pool worker, and tasks in flight per worker: enough
+#: queued work (~60 ciphertexts, ~20 MB) to keep the workers busy while the
+#: aggregator finishes a column, bounded so memory does not grow with the data
+BATCH = 4
+IN_FLIGHT_PER_WORKER = 8
+
+
 def _chunks(values: np.ndarray, slots: int) -> list[np.ndarray]:
     padded = np.zeros(-(-values.size // slots) * slots)  # zeros add nothing to sums
     padded[: values.size] = values
@@ -102,6 +114,47 @@ def _encrypt(
         context = public.load()
         return (bytes(ts.ckks_vector(context, c).serialize()) for c in chunks)
     return pool.map(_encrypt_chunk, chunks, chunksize=4)
+
+
+def _encrypt_many(
+    arrays: Sequence[np.ndarray],
+    public: PublicContext,
+    pool: ProcessPoolExecutor | None,
+    workers: int = 1,
+) -> Iterator[tuple[int, bytes]]:
+    """Encrypt several arrays as one stream: ``(array index, ciphertext)`` in order.
+
+    Every chunk of every array goes through one bounded window of pool tasks
+    (``workers`` × :data:`IN_FLIGHT_PER_WORKER`), so the workers never wait between
+    arrays (sites, columns) or while the consumer — the aggregator — finishes a
+    column; results come back in submission order.
+    """
+    slots = public.params.slots
+    chunks = [(i, c) for i, a in enumerate(arrays) for c in _chunks(a, slots)]
+    if pool is None or len(chunks) < 4:
+        context = public.load()
+        for i, chunk in chunks:
+            yield i, bytes(ts.ckks_vector(context, chunk).serialize())
+        return
+    batches = deque(chunks[k : k + BATCH] for k in range(0, len(chunks), BATCH))
+    pending: deque[tuple[list[int], Future[list[bytes]]]] = deque()
+
+    def submit() -> None:
+        batch = batches.popleft()
+        owners = [i for i, _ in batch]
+        pending.append((owners, pool.submit(_encrypt_batch, [c for _, c in batch])))
+
+    try:
+        while batches and len(pending) < IN_FLIGHT_PER_WORKER * max(1, workers):
+            submit()
+        while pending:
+            owners, future = pending.popleft()
+            if batches:
+                submit()
+            yield from zip(owners, future.result(), strict=True)
+    finally:
+        for _, future in pending:  # an abandoned stream cancels what has not started
+            future.cancel()
 
 
 def encrypt_values(
@@ -161,9 +214,9 @@ class ValueAggregator:
         """Add one site ciphertext of values (and its square)."""
         if fingerprint != self.accepted:
             raise IntegrityError(f"site {site} encrypted under another key")
-        vector = ts.ckks_vector_from(self.context, blob)
-        value, square = vector.ciphertext()[0], vector.ciphertext()[0]  # copies
-        self.evaluator.square_inplace(square)
+        value = ts.ckks_vector_from(self.context, blob).ciphertext()[0]  # a copy
+        square = sealapi.Ciphertext()
+        self.evaluator.square(value, square)
         if self.linear is None:
             self.linear, self.squares = value, square
         else:
@@ -276,14 +329,22 @@ def describe_values(
     public = keys.public_context()  # sites encrypt with the public key only
     aggregator = ValueAggregator(evaluation, accepted=public.fingerprint)
     count = workers if workers is not None else (os.cpu_count() or 1)
+    # at the sites: every column scaled and checked against its bound before
+    # anything is encrypted, so a refusal leaves no partial upload
+    work = [(c, s) for c in cols for s in participants]
+    scaled = [_site_column(s, c, bounds[c], dropna) for c, s in work]
     with encryption_pool(public, count) if count > 1 else _no_pool() as pool:
+        # one stream for every site and column: the pool encrypts the next column
+        # while the aggregator finishes this one
+        stream = _encrypt_many(scaled, public, pool, count)
+        next_item = next(stream, None)
         for column in cols:
             aggregator.start()
-            for site in participants:
-                x = _site_column(site, column, bounds[column], dropna)
-                for blob in _encrypt(x, public, pool):  # added as they arrive
-                    uploads[site.name] += len(blob)
-                    aggregator.add(site.name, public.fingerprint, blob)
+            while next_item is not None and work[next_item[0]][0] == column:
+                site = work[next_item[0]][1]
+                uploads[site.name] += len(next_item[1])
+                aggregator.add(site.name, public.fingerprint, next_item[1])
+                next_item = next(stream, None)
             s1_blob, s2_blob = aggregator.finish()
             s1 = keys.decrypt_folded(s1_blob, fingerprint=evaluation.fingerprint)
             s2 = keys.decrypt_folded(s2_blob, fingerprint=evaluation.fingerprint)
