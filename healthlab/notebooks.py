@@ -283,7 +283,8 @@ def connect_chain(rpc_url: str = "") -> Connection:
         source = "rpc_url" if rpc_url.strip() else "HEALTHLAB_RPC_URL"
         raise InvalidInput(
             f"{source} must be a node's http(s) URL such as http://127.0.0.1:8545 "
-            "(start one with `make node`), or empty for the embedded chain"
+            "(`make lab` or `healthlab chain up` starts one), or empty for the "
+            "embedded chain"
         )
     return Connection(Ledger.connect(url), True)
 
@@ -1244,10 +1245,15 @@ def summary(executed: str | os.PathLike[str]) -> str:
     outputs = [o for c in nb.cells for o in c.get("outputs", [])]
     figures = sum("image/png" in o.get("data", {}) for o in outputs)
     seconds = nb.metadata.get("papermill", {}).get("duration") or 0.0
+    n_tables = len(tables(nb))
     return (
-        f"{Path(executed).stem}: {len(tables(nb))} tables, {figures} figures, "
-        f"{seconds:.1f} s"
+        f"{Path(executed).stem}: {_plural(n_tables, 'table')}, "
+        f"{_plural(figures, 'figure')}, {seconds:.1f} s"
     )
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def _check_parameters(path: Path, parameters: Mapping[str, Any]) -> None:

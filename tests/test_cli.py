@@ -283,7 +283,7 @@ def test_demo_runs_every_notebook_on_the_embedded_chain_one_line_each(
     lines = result.stdout.splitlines()
     assert lines[0:2] == ["", f"reports in {out} (open the .html files):"]
     assert re.fullmatch(
-        r"  00_where: 1 tables, 0 figures, \d+\.\d s -> 00_where\.html", lines[2]
+        r"  00_where: 1 table, 0 figures, \d+\.\d s -> 00_where\.html", lines[2]
     ), lines
     assert lines[3].startswith(
         "  01_broken: FAILED — 01_broken.ipynb failed in cell 1 with RuntimeError: "

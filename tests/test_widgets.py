@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pandas as pd
 import pytest
 
 from healthlab import errors
@@ -671,3 +672,113 @@ def test_buttons_are_disabled_while_an_action_runs_and_restored_after(
     form.refresh_button.click()
     assert "working" not in form.status.value
     assert form.status.value == status, "a quiet refresh keeps the last message"
+
+
+# ------------------------------------------------------------ downloads (issue 7)
+@pytest.fixture
+def stored_cohort(
+    tmp_path: object, monkeypatch: pytest.MonkeyPatch
+) -> tuple[object, object, pd.DataFrame]:
+    """An encrypted cohort in a LocalStore under $HEALTHLAB_HOME, its key in the
+    owner's keyring (the default locations the panels use)."""
+    from pathlib import Path
+
+    from healthlab import storage
+
+    home = Path(str(tmp_path))
+    monkeypatch.setenv("HEALTHLAB_HOME", str(home))
+    frame = pd.DataFrame({"age": [54, 61, 47, 70], "sbp": [132.0, 141.5, 120.0, 150.5]})
+    keyring = storage.Keyring()
+    stored = storage.put(frame, storage.default_store(), keyring=keyring)
+    return stored, keyring, frame
+
+
+def test_catalogue_says_which_datasets_can_be_downloaded(
+    ledger: Ledger, owner: str, stored_cohort: tuple[object, object, pd.DataFrame]
+) -> None:
+    stored, _, _ = stored_cohort
+    compute = register(ledger, owner, "https://hospital.example/cohort.csv")
+    download = ledger.register_dataset(
+        stored.uri,  # type: ignore[attr-defined]
+        stored.content_hash_hex,  # type: ignore[attr-defined]
+        terms="HMB|DL",
+        sender=owner,
+    )
+    table = Catalogue(ledger).table
+    assert table.at[compute, "download"] == "compute only"
+    assert table.at[download, "download"] == "yes"
+
+
+def test_download_button_opens_once_the_owner_releases_the_key(
+    ledger: Ledger,
+    owner: str,
+    researcher: str,
+    stored_cohort: tuple[object, object, pd.DataFrame],
+) -> None:
+    stored, keyring, frame = stored_cohort
+    ds = ledger.register_dataset(
+        stored.uri,  # type: ignore[attr-defined]
+        stored.content_hash_hex,  # type: ignore[attr-defined]
+        fee_wei=ETHER // 100,
+        terms="HMB|DL",
+        sender=owner,
+    )
+    form = RequestForm(ledger, researcher).fill(
+        dataset=ds, codes=["HMB", "DL"], purpose="re-analysis"
+    )
+    assert "downloadable" in form.terms.value
+    assert form.download_button.disabled
+    req = form.request()
+    assert req is not None and ledger.request(req).download
+    assert form.download_button.disabled, "pending: nothing to download yet"
+
+    inbox = OwnerInbox(ledger, owner, keyring=keyring)  # type: ignore[arg-type]
+    inbox.pending_select.value = req
+    inbox.approve_button.click()
+    assert "data key was released" in inbox.status.value
+    assert ledger.key_envelope(req) is not None
+
+    form.refresh_button.click()
+    assert not form.download_button.disabled
+    assert "key is released" in form.download_note.value
+    form.download_button.click()
+    assert isinstance(form.downloaded, pd.DataFrame)
+    pd.testing.assert_frame_equal(form.downloaded, frame)
+    assert "CID and content hash verified" in form.status.value
+
+    ledger.revoke(ds, researcher, sender=owner)
+    form.refresh_button.click()
+    assert form.download_button.disabled, "a revoked grant cannot download"
+    assert form.download() is None
+    assert "no live grant" in form.status.value
+
+
+def test_approving_a_download_without_the_key_says_what_to_do(
+    ledger: Ledger,
+    owner: str,
+    researcher: str,
+    stored_cohort: tuple[object, object, pd.DataFrame],
+    tmp_path: object,
+) -> None:
+    from pathlib import Path
+
+    from healthlab import storage
+
+    stored, _, _ = stored_cohort
+    ds = ledger.register_dataset(
+        stored.uri,  # type: ignore[attr-defined]
+        stored.content_hash_hex,  # type: ignore[attr-defined]
+        terms="HMB|DL",
+        sender=owner,
+    )
+    req = ledger.request_access(ds, "p", "HMB", download=True, sender=researcher)
+    empty = storage.Keyring(Path(str(tmp_path)) / "other-keyring.json")
+    inbox = OwnerInbox(ledger, owner, keyring=empty)
+    inbox.pending_select.value = req
+    inbox.approve_button.click()
+    assert ledger.request(req).status is Status.APPROVED
+    assert "not in your keyring" in inbox.status.value
+    assert ledger.key_envelope(req) is None
+    form = RequestForm(ledger, researcher).fill(dataset=ds)
+    assert form.download_button.disabled
+    assert "waiting for the owner" in form.download_note.value

@@ -105,7 +105,9 @@ def release_key(
     dataset = ledger.dataset(request.dataset_id)
     _check_releasable(dataset, request)
     if data_key is None:
-        data_key = (keyring or Keyring()).key(_cid(dataset.pointer))
+        data_key = (keyring if keyring is not None else Keyring()).key(
+            _cid(dataset.pointer)
+        )
     public_key = ledger.requester_public_key(request_id)
     envelope = seal_key(
         data_key,

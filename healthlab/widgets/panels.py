@@ -32,6 +32,7 @@ Examples
 from __future__ import annotations
 
 import html
+import io
 import traceback
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -46,6 +47,7 @@ from healthlab.ledger.records import Request, Status
 
 if TYPE_CHECKING:
     from healthlab.ledger import Ledger
+    from healthlab.storage import Keyring
 
 __all__ = ["Catalogue", "OwnerInbox", "RequestForm", "eth"]
 
@@ -200,6 +202,7 @@ class Catalogue(_Panel):
         "terms",
         "auto-approve",
         "active",
+        "download",
     )
 
     def __init__(self, ledger: Ledger, *, active_only: bool = True) -> None:
@@ -280,6 +283,10 @@ class Catalogue(_Panel):
                     "terms": raw["terms"],
                     "auto-approve": raw["auto_approve"].astype(bool),
                     "active": raw["active"].astype(bool),
+                    "download": [
+                        "yes" if as_codes(t) & Codes.DL else "compute only"
+                        for t in raw["terms"]
+                    ],
                 },
                 index=raw.index,
                 columns=list(self.COLUMNS),
@@ -318,6 +325,15 @@ class Catalogue(_Panel):
         from healthlab.notebooks import show
 
         show(self.table, "catalogue", title="Datasets")
+
+
+def _write_private(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable by its owner only."""
+    import os
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
 
 
 def _offers(terms: Codes, name: str) -> bool:
@@ -389,12 +405,23 @@ class RequestForm(_Panel):
             description="request access", button_style="primary", icon="paper-plane"
         )
         self.refresh_button = widgets.Button(description="refresh", icon="refresh")
+        self.download_button = widgets.Button(
+            description="download",
+            icon="download",
+            disabled=True,
+            tooltip="enabled once the owner has released the key of your download "
+            "grant",
+        )
+        self.download_note = widgets.HTML()
         self.table_html = widgets.HTML()
         #: The researcher's requests (last refresh).
         self.table = _request_rows([])
+        #: What the last download returned (a DataFrame for Parquet, else bytes).
+        self.downloaded: pd.DataFrame | bytes | None = None
         self.dataset.observe(lambda _change: self._run(self._read_fee), names="value")
         self.request_button.on_click(lambda _button: self.request())
         self.refresh_button.on_click(lambda _button: self.refresh())
+        self.download_button.on_click(lambda _button: self.download())
         self._buttons = [self.request_button, self.refresh_button]
         if catalogue is not None:
             catalogue.select.observe(self._follow, names="value")
@@ -407,6 +434,7 @@ class RequestForm(_Panel):
                 self.codes,
                 self.purpose,
                 self.request_button,
+                widgets.HBox([self.download_button, self.download_note]),
                 self.status,
                 widgets.HTML("<h4>Your requests</h4>"),
                 self.refresh_button,
@@ -493,8 +521,64 @@ class RequestForm(_Panel):
         )
         self.terms.value = (
             f"use terms: {html.escape(_names(record.terms) or 'none')}; grants last "
-            f"{record.grant_seconds / 86400:g} days"
+            f"{record.grant_seconds / 86400:g} days; "
+            + (
+                "downloadable (add DL to your codes to ask for a download grant)"
+                if record.downloadable
+                else "compute only (studies run at the sites)"
+            )
         )
+        self._download_state()
+
+    def _download_state(self) -> None:
+        """Enable "download" only for a live download grant whose key was released."""
+        ready, note = False, ""
+        if self.dataset.value is not None:
+            ds = int(self.dataset.value)
+            access = self.ledger.access(ds, self.researcher)
+            if access.download and self.ledger.has_access(ds, self.researcher):
+                if self.ledger.key_envelope(access.request_id) is None:
+                    note = "download grant: waiting for the owner to release the key"
+                else:
+                    ready, note = True, "download grant: the key is released to you"
+        self.download_button.disabled = not ready
+        self.download_note.value = html.escape(note)
+
+    def download(self, path: str | None = None) -> pd.DataFrame | bytes | None:
+        """Download the selected dataset under your download grant.
+
+        Opens the key envelope the owner released to you, fetches the blob, checks
+        its CID and the content hash registered on chain, and decrypts. Returns a
+        DataFrame for Parquet data, else the bytes; with ``path`` also writes them
+        there (mode 600).
+        """
+
+        def fetch() -> pd.DataFrame | bytes:
+            from healthlab import storage
+
+            if self.dataset.value is None:
+                raise InvalidInput("choose a dataset first")
+            ds = int(self.dataset.value)
+            data = storage.download(self.ledger, ds, researcher=self.researcher)
+            if path is not None:
+                _write_private(path, data)
+            result: pd.DataFrame | bytes = data
+            if data[:4] == b"PAR1":
+                result = pd.read_parquet(io.BytesIO(data))
+            self.downloaded = result
+            shape = (
+                f"{result.shape[0]} rows × {result.shape[1]} columns"
+                if isinstance(result, pd.DataFrame)
+                else f"{len(data):,} bytes"
+            )
+            where = f", saved to {path}" if path else ""
+            self._say(
+                f"downloaded dataset #{ds}: {shape}; CID and content hash verified"
+                f"{where}"
+            )
+            return result
+
+        return self._run(fetch)
 
     def refresh(self) -> pd.DataFrame | None:
         """Reload the open datasets, the fee shown and the researcher's requests."""
@@ -580,10 +664,15 @@ class OwnerInbox(_Panel):
     )
     GRANT_COLUMNS = ("request", "dataset", "researcher", "codes", "expires")
 
-    def __init__(self, ledger: Ledger, owner: str) -> None:
+    def __init__(
+        self, ledger: Ledger, owner: str, *, keyring: Keyring | None = None
+    ) -> None:
         super().__init__()
         self.ledger = ledger
         self.owner = owner
+        #: The owner's data keys (healthlab.storage.Keyring): approving a download
+        #: request releases the dataset's key to the researcher from it.
+        self.keyring = keyring
         self.pending_select = widgets.Select(description="request", options=[], rows=5)
         self.approve_button = widgets.Button(
             description="approve", button_style="success", icon="check"
@@ -791,15 +880,35 @@ class OwnerInbox(_Panel):
                 self._selected(self.pending_select, "pending request"),
                 sender=self.owner,
             )
+            released = self._release(done)
             self.refresh()
             self._say(
                 f"approved request #{done.id}: {done.researcher} may use dataset "
                 f"#{done.dataset_id} until {_utc(done.expires_at)}; "
-                f"{eth(done.amount_wei)} ETH credited to you"
+                f"{eth(done.amount_wei)} ETH credited to you{released}"
             )
             return done
 
         return self._run(act)
+
+    def _release(self, done: Request) -> str:
+        """For a download grant: seal the data key to the researcher and publish it."""
+        if not done.download:
+            return ""
+        from healthlab import storage
+        from healthlab.storage.errors import KeyNotInKeyring
+
+        keyring = self.keyring if self.keyring is not None else storage.Keyring()
+        try:
+            storage.release_key(
+                self.ledger, done.id, keyring=keyring, sender=self.owner
+            )
+        except KeyNotInKeyring:
+            return (
+                "; the data key of this dataset is not in your keyring, so no key "
+                "was released: release it with healthlab.storage.release_key"
+            )
+        return "; its data key was released to the researcher (download grant)"
 
     def decline(self) -> Request | None:
         """Decline the selected pending request; the researcher is refunded."""
