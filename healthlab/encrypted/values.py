@@ -22,8 +22,10 @@ The pooled count travels through the exact masked sum of site totals.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import shutil
 import tempfile
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -79,8 +81,34 @@ def _encrypt_chunk(chunk: np.ndarray) -> bytes:
     return bytes(ts.ckks_vector(_worker_context, chunk).serialize())
 
 
-def _encrypt_batch(chunks: list[np.ndarray]) -> list[bytes]:
-    return [_encrypt_chunk(c) for c in chunks]
+def _encrypt_batch(chunks: list[np.ndarray], spool: str) -> list[str]:
+    """Encrypt ``chunks``; write each ciphertext to a file in ``spool``, return paths.
+
+    Ciphertexts travel through files (in memory where /dev/shm exists), not back
+    through the pool's pipe: the consumer's TenSEAL calls hold the GIL for a
+    millisecond at a time, which starves the thread that drains the pipe and would
+    leave the workers blocked on writes instead of encrypting.
+    """
+    paths = []
+    for chunk in chunks:
+        fd, path = tempfile.mkstemp(dir=spool, suffix=".ct")
+        with os.fdopen(fd, "wb") as out:
+            out.write(_encrypt_chunk(chunk))
+        paths.append(path)
+    return paths
+
+
+def _spool_parent() -> str | None:
+    shm = Path("/dev/shm")  # noqa: S108 - a private mkdtemp inside it, mode 700
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+
+
+def _take(path: str) -> bytes:
+    """Read a spooled ciphertext and remove its file."""
+    try:
+        return Path(path).read_bytes()
+    finally:
+        os.unlink(path)
 
 
 #: chunks per task sent to a pool worker, and tasks in flight per worker: enough
@@ -137,12 +165,14 @@ def _encrypt_many(
             yield i, bytes(ts.ckks_vector(context, chunk).serialize())
         return
     batches = deque(chunks[k : k + BATCH] for k in range(0, len(chunks), BATCH))
-    pending: deque[tuple[list[int], Future[list[bytes]]]] = deque()
+    pending: deque[tuple[list[int], Future[list[str]]]] = deque()
+    spool = tempfile.mkdtemp(prefix="healthlab-ct-", dir=_spool_parent())
 
     def submit() -> None:
         batch = batches.popleft()
         owners = [i for i, _ in batch]
-        pending.append((owners, pool.submit(_encrypt_batch, [c for _, c in batch])))
+        work = pool.submit(_encrypt_batch, [c for _, c in batch], spool)
+        pending.append((owners, work))
 
     try:
         while batches and len(pending) < IN_FLIGHT_PER_WORKER * max(1, workers):
@@ -151,10 +181,15 @@ def _encrypt_many(
             owners, future = pending.popleft()
             if batches:
                 submit()
-            yield from zip(owners, future.result(), strict=True)
+            for owner, path in zip(owners, future.result(), strict=True):
+                yield owner, _take(path)
     finally:
         for _, future in pending:  # an abandoned stream cancels what has not started
             future.cancel()
+        for _, future in pending:  # and waits for what has, before removing files
+            with contextlib.suppress(Exception):
+                future.result()
+        shutil.rmtree(spool, ignore_errors=True)
 
 
 def encrypt_values(
