@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -45,6 +46,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -588,7 +590,7 @@ VALUES_PHASES = [
     (f"{_V}.encryption_pool", "create the pool (its processes start on first use)"),
     (f"{_V}._encrypt_many", _SUBMIT),
     (f"{_V}.ValueAggregator.__init__", "aggregator: set up (evaluation context)"),
-    (f"{_V}.ValueAggregator.add", _ADD),
+    (f"{_V}.ValueAggregator.add_file", _ADD),
     (f"{_V}.ValueAggregator.finish", "aggregator: relinearize Σx² (once a column)"),
     (f"{_V}._fold", "aggregator: fold every slot (rotations)"),
     ("healthlab.encrypted.keys.PublicContext.load", _LOAD),
@@ -605,7 +607,7 @@ VALUES_PHASES = [
 #: what the timed describe_values run keeps: (site, bytes) per value ciphertext
 #: added, and the count query's Contribution objects
 VALUES_CAPTURE: dict[str, Capture] = {
-    _ADD: lambda arguments, _: (arguments["site"], len(arguments["blob"])),
+    _ADD: lambda arguments, _: (arguments["site"], os.path.getsize(arguments["path"])),
     _COUNT_CONTRIBUTION: _result,
 }
 #: the sites' internals the baseline mirrors (it falls back to ``encrypt_values``)
@@ -639,7 +641,8 @@ def encrypt_all(
     arrays = [scaled(f, c) for c in COLUMNS for f in frames.values()]
     count = 0
     with make_pool(public, workers) if workers > 1 else nullcontext() as pool:
-        for _ in encrypt(arrays, public, pool, workers):
+        for _, path in encrypt(arrays, public, pool, workers):
+            os.unlink(path)  # what a site uploads, handed over and taken
             count += 1
     return count
 
@@ -891,24 +894,38 @@ def cost_model(
         return best / count
 
     site_ctx, agg_ctx = public.load(), evaluation.load()
+    seal = agg_ctx.seal_context().data
     vectors = [ts.ckks_vector(site_ctx, c) for c in chunks]
-    blobs = [v.serialize() for v in vectors]
+    spool = Path(tempfile.mkdtemp(prefix="healthlab-bench-"))
+    files = [str(spool / f"{i}.ct") for i in range(sample)]
+
+    def save_all() -> None:
+        for vector, path in zip(vectors, files, strict=True):
+            vector.ciphertext()[0].save(path)
+
+    save_all()
+    blobs = [Path(f).read_bytes() for f in files]
+
+    def load(path: str) -> Any:
+        ciphertext = sealapi.Ciphertext()
+        ciphertext.load(seal, path)
+        return ciphertext
+
     site_steps = [
         (
             "site: encrypt (public context)",
             per(lambda: [ts.ckks_vector(site_ctx, c) for c in chunks]),
         ),
-        ("site: serialize (compressed)", per(lambda: [v.serialize() for v in vectors])),
+        ("site: save (SEAL, compressed, to a file)", per(save_all)),
     ]
-    loaded = [ts.ckks_vector_from(agg_ctx, b) for b in blobs]
-    evaluator = sealapi.Evaluator(agg_ctx.seal_context().data)
+    evaluator = sealapi.Evaluator(seal)
 
     def square(ciphertext: Any) -> Any:
         out = sealapi.Ciphertext()
         evaluator.square(ciphertext, out)
         return out
 
-    linear = [v.ciphertext()[0] for v in loaded]
+    linear = [load(f) for f in files]
     squared = [square(c) for c in linear]
 
     def add_all() -> None:
@@ -918,14 +935,7 @@ def cost_model(
             evaluator.add_inplace(acc_s, b)
 
     agg_steps = [
-        (
-            "aggregator: load (ckks_vector_from)",
-            per(lambda: [ts.ckks_vector_from(agg_ctx, b) for b in blobs]),
-        ),
-        (
-            "aggregator: extract a SEAL copy",
-            per(lambda: [v.ciphertext()[0] for v in loaded]),
-        ),
+        ("aggregator: load (SEAL, from the file)", per(lambda: map_all(load, files))),
         (
             "aggregator: square (no relinearization)",
             per(lambda: map_all(square, linear)),
@@ -941,8 +951,8 @@ def cost_model(
 
         def add_sample() -> None:
             aggregator.start()
-            for blob in blobs:
-                aggregator.add("x", public.fingerprint, blob)
+            for path in files:
+                aggregator.add_file("x", public.fingerprint, path)
 
         agg_cost = per(add_sample)
         finishes, totals = [], None
@@ -964,18 +974,20 @@ def cost_model(
     load_public = per(lambda: ts.context_from(public.data), 1)
     load_evaluation = per(lambda: ts.context_from(evaluation.data), 1)
     pool_wall = math.nan
-    encrypt = getattr(values, "_encrypt", None)
+    encrypt = getattr(values, "_encrypt_many", None)
     make_pool = getattr(values, "encryption_pool", None)
     if encrypt is not None and make_pool is not None and workers > 1:
         smallest = np.zeros(4 * keys.params.slots)  # the fewest chunks for the pool
 
         def pool_call() -> None:
             with make_pool(public, workers) as pool:
-                list(encrypt(smallest, public, pool))
+                for _, path in encrypt([smallest], public, pool, workers):
+                    os.unlink(path)
 
         pool_wall = best_of(runs, pool_call)[0].wall
 
-    fold_variants = fold_costs(evaluation, blobs[0], runs)
+    fold_variants = fold_costs(evaluation, vectors[0].serialize(), runs)
+    shutil.rmtree(spool, ignore_errors=True)
     print(
         f"\n-- Cost model: {total_cts:,} ciphertexts; CPU per ciphertext, in process "
         f"(least of {runs}) --"

@@ -633,20 +633,38 @@ def test_every_value_stream_keeps_order_through_a_small_window(
     keys: KeyHolder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """One bounded window of pool tasks serves every site and column: with one chunk
-    per task and one task in flight per worker, each ciphertext still comes back
-    tagged with the array it belongs to, in order."""
+    per task and one task in flight per worker, each ciphertext file still comes
+    back tagged with the array it belongs to, in order, and holds that array's
+    values (checked through the aggregator: each file's folded sum)."""
     monkeypatch.setattr(every_value, "BATCH", 1)
     monkeypatch.setattr(every_value, "IN_FLIGHT_PER_WORKER", 1)
-    public = keys.public_context()
+    public, evaluation = keys.public_context(), keys.evaluation_context()
     sizes = [5000, 1, 9000, 4096]  # 2, 1, 3 and 1 ciphertexts
     arrays = [np.full(n, (i + 1) / 8) for i, n in enumerate(sizes)]
+    aggregator = every_value.ValueAggregator(evaluation, accepted=public.fingerprint)
+    owners, sums = [], []
     with every_value.encryption_pool(public, 2) as pool:
-        stream = list(every_value._encrypt_many(arrays, public, pool, 2))
-    owners = [i for i, _ in stream]
+        for i, path in every_value._encrypt_many(arrays, public, pool, 2):
+            owners.append(i)
+            aggregator.start()
+            aggregator.add_file("s", public.fingerprint, path)
+            total, _ = aggregator.finish()
+            sums.append(keys.decrypt_folded(total, fingerprint=evaluation.fingerprint))
     assert owners == [0, 0, 1, 2, 2, 2, 3]
-    for (i, blob), slot_count in zip(
-        stream, [4096, 904, 1, 4096, 4096, 808, 4096], strict=True
-    ):
-        slots = keys.decrypt(blob, fingerprint=public.fingerprint)
-        assert np.allclose(slots[:slot_count], (i + 1) / 8, atol=1e-6)
-        assert np.allclose(slots[slot_count:], 0, atol=1e-6), "padding must be zero"
+    counts = [4096, 904, 1, 4096, 4096, 808, 4096]  # values in each ciphertext
+    for i, got, count in zip(owners, sums, counts, strict=True):
+        assert got == pytest.approx((i + 1) / 8 * count, abs=1e-4), (i, count)
+
+
+def test_every_value_ciphertexts_under_other_parameters_are_refused(
+    keys: KeyHolder,
+) -> None:
+    """The upload is SEAL's serialization; SEAL refuses one made for another
+    parameter set when the aggregator loads it."""
+    other = KeyHolder(CKKSParams(coeff_mod_bit_sizes=(60, 40, 60)))
+    blob = every_value.encrypt_values(np.ones(10), other.public_context(), workers=1)[0]
+    aggregator = every_value.ValueAggregator(
+        keys.evaluation_context(), accepted=keys.public_context().fingerprint
+    )
+    with pytest.raises(IntegrityError, match="parameters"):
+        aggregator.add("s", keys.public_context().fingerprint, blob)

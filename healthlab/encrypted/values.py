@@ -18,6 +18,12 @@ biases every squared value by the factor ``2^40 / q`` (~1e-7 relative here). We 
 not rescale — the product keeps its exact scale 2^80, which SEAL tracks — so there is
 no bias; :func:`square_bias_factor` gives the correction for code that does.
 The pooled count travels through the exact masked sum of site totals.
+
+Transport: a value ciphertext travels as SEAL saves it (compressed, with SEAL's
+header), as a file in a private spool directory (in memory under ``/dev/shm``). The
+aggregator loads it straight into SEAL: no TenSEAL envelope to parse and copy, and
+no pipe for the pool's workers to block on while the aggregator computes. SEAL
+refuses a ciphertext made under other parameters when loading it.
 """
 
 from __future__ import annotations
@@ -76,26 +82,24 @@ def _init_worker(public: bytes) -> None:
     _worker_context = ts.context_from(public)
 
 
-def _encrypt_chunk(chunk: np.ndarray) -> bytes:
-    assert _worker_context is not None
-    return bytes(ts.ckks_vector(_worker_context, chunk).serialize())
+def _encrypt_to(context: ts.Context, chunk: np.ndarray, spool: str) -> str:
+    """Encrypt ``chunk`` and save the SEAL ciphertext as a new file in ``spool``."""
+    fd, path = tempfile.mkstemp(dir=spool, suffix=".ct")
+    os.close(fd)
+    ts.ckks_vector(context, chunk).ciphertext()[0].save(path)
+    return path
 
 
 def _encrypt_batch(chunks: list[np.ndarray], spool: str) -> list[str]:
-    """Encrypt ``chunks``; write each ciphertext to a file in ``spool``, return paths.
+    """In a pool worker: encrypt ``chunks`` into files in ``spool``; return paths.
 
-    Ciphertexts travel through files (in memory where /dev/shm exists), not back
-    through the pool's pipe: the consumer's TenSEAL calls hold the GIL for a
-    millisecond at a time, which starves the thread that drains the pipe and would
-    leave the workers blocked on writes instead of encrypting.
+    Ciphertexts travel through files, not back through the pool's pipe: the
+    aggregator's TenSEAL calls hold the GIL for a millisecond at a time, which
+    starves the thread that drains the pipe and would leave the workers blocked on
+    writes instead of encrypting.
     """
-    paths = []
-    for chunk in chunks:
-        fd, path = tempfile.mkstemp(dir=spool, suffix=".ct")
-        with os.fdopen(fd, "wb") as out:
-            out.write(_encrypt_chunk(chunk))
-        paths.append(path)
-    return paths
+    assert _worker_context is not None
+    return [_encrypt_to(_worker_context, chunk, spool) for chunk in chunks]
 
 
 def _spool_parent() -> str | None:
@@ -104,7 +108,7 @@ def _spool_parent() -> str | None:
 
 
 def _take(path: str) -> bytes:
-    """Read a spooled ciphertext and remove its file."""
+    """Read a spooled ciphertext (SEAL's serialization) and remove its file."""
     try:
         return Path(path).read_bytes()
     finally:
@@ -134,39 +138,34 @@ def encryption_pool(
     )
 
 
-def _encrypt(
-    values: np.ndarray, public: PublicContext, pool: ProcessPoolExecutor | None
-) -> Iterator[bytes]:
-    chunks = _chunks(values, public.params.slots)
-    if pool is None or len(chunks) < 4:
-        context = public.load()
-        return (bytes(ts.ckks_vector(context, c).serialize()) for c in chunks)
-    return pool.map(_encrypt_chunk, chunks, chunksize=4)
-
-
 def _encrypt_many(
     arrays: Sequence[np.ndarray],
     public: PublicContext,
     pool: ProcessPoolExecutor | None,
     workers: int = 1,
-) -> Iterator[tuple[int, bytes]]:
-    """Encrypt several arrays as one stream: ``(array index, ciphertext)`` in order.
+) -> Iterator[tuple[int, str]]:
+    """Encrypt several arrays as one stream: ``(array index, ciphertext file)``.
 
-    Every chunk of every array goes through one bounded window of pool tasks
-    (``workers`` × :data:`IN_FLIGHT_PER_WORKER`), so the workers never wait between
-    arrays (sites, columns) or while the consumer — the aggregator — finishes a
+    The consumer takes each file (loads or reads it, then may unlink it); whatever
+    is left is removed when the stream ends. Every chunk of every array goes
+    through one bounded window of pool tasks (``workers`` ×
+    :data:`IN_FLIGHT_PER_WORKER`), so the workers never wait between arrays (sites,
+    columns) or while the consumer — the aggregator — finishes a
     column; results come back in submission order.
     """
     slots = public.params.slots
     chunks = [(i, c) for i, a in enumerate(arrays) for c in _chunks(a, slots)]
+    spool = tempfile.mkdtemp(prefix="healthlab-ct-", dir=_spool_parent())
     if pool is None or len(chunks) < 4:
         context = public.load()
-        for i, chunk in chunks:
-            yield i, bytes(ts.ckks_vector(context, chunk).serialize())
+        try:
+            for i, chunk in chunks:
+                yield i, _encrypt_to(context, chunk, spool)
+        finally:
+            shutil.rmtree(spool, ignore_errors=True)
         return
     batches = deque(chunks[k : k + BATCH] for k in range(0, len(chunks), BATCH))
     pending: deque[tuple[list[int], Future[list[str]]]] = deque()
-    spool = tempfile.mkdtemp(prefix="healthlab-ct-", dir=_spool_parent())
 
     def submit() -> None:
         batch = batches.popleft()
@@ -181,8 +180,7 @@ def _encrypt_many(
             owners, future = pending.popleft()
             if batches:
                 submit()
-            for owner, path in zip(owners, future.result(), strict=True):
-                yield owner, _take(path)
+            yield from zip(owners, future.result(), strict=True)
     finally:
         for _, future in pending:  # an abandoned stream cancels what has not started
             future.cancel()
@@ -195,12 +193,16 @@ def _encrypt_many(
 def encrypt_values(
     values: np.ndarray, public: PublicContext, *, workers: int | None = None
 ) -> list[bytes]:
-    """Encrypt ``values`` 4096 at a time; ``workers`` processes (default: all cores)."""
+    """Encrypt ``values`` 4096 at a time; ``workers`` processes (default: all cores).
+
+    Each ciphertext is SEAL's serialization, as the sites upload it
+    (:meth:`ValueAggregator.add` takes it).
+    """
     count = workers if workers is not None else (os.cpu_count() or 1)
     if count <= 1 or len(_chunks(values, public.params.slots)) < 4:
-        return list(_encrypt(values, public, None))
+        return [_take(p) for _, p in _encrypt_many([values], public, None)]
     with encryption_pool(public, count) as pool:
-        return list(_encrypt(values, public, pool))
+        return [_take(p) for _, p in _encrypt_many([values], public, pool, count)]
 
 
 @dataclass
@@ -246,10 +248,24 @@ class ValueAggregator:
         self.count = 0
 
     def add(self, site: str, fingerprint: str, blob: bytes) -> None:
-        """Add one site ciphertext of values (and its square)."""
+        """Add one site ciphertext of values (SEAL's serialization) and its square."""
+        with tempfile.NamedTemporaryFile(dir=_spool_parent(), suffix=".ct") as tmp:
+            tmp.write(blob)
+            tmp.flush()
+            self.add_file(site, fingerprint, tmp.name)
+
+    def add_file(self, site: str, fingerprint: str, path: str) -> None:
+        """Add one site ciphertext of values (a SEAL ciphertext file) and its square."""
         if fingerprint != self.accepted:
             raise IntegrityError(f"site {site} encrypted under another key")
-        value = ts.ckks_vector_from(self.context, blob).ciphertext()[0]  # a copy
+        value = sealapi.Ciphertext()
+        try:
+            value.load(self.seal, path)
+        except (RuntimeError, ValueError) as exc:  # SEAL: invalid for these parms
+            raise IntegrityError(
+                f"site {site} sent a ciphertext that does not load under this "
+                f"study's parameters ({exc})"
+            ) from None
         square = sealapi.Ciphertext()
         self.evaluator.square(value, square)
         if self.linear is None:
@@ -377,8 +393,10 @@ def describe_values(
             aggregator.start()
             while next_item is not None and work[next_item[0]][0] == column:
                 site = work[next_item[0]][1]
-                uploads[site.name] += len(next_item[1])
-                aggregator.add(site.name, public.fingerprint, next_item[1])
+                path = next_item[1]
+                uploads[site.name] += os.path.getsize(path)
+                aggregator.add_file(site.name, public.fingerprint, path)
+                os.unlink(path)
                 next_item = next(stream, None)
             s1_blob, s2_blob = aggregator.finish()
             s1 = keys.decrypt_folded(s1_blob, fingerprint=evaluation.fingerprint)
