@@ -11,6 +11,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -123,3 +124,23 @@ def anvil() -> Iterator[AnvilNode]:
         else:
             os.environ["HEALTHLAB_HOME"] = old
         home.cleanup()
+
+
+#: Settings a test must not inherit from the developer's shell.
+HEALTHLAB_SETTINGS = (
+    "HEALTHLAB_RPC_URL",
+    "HEALTHLAB_REGISTRY",
+    "HEALTHLAB_PRIVATE_KEY",
+    "HEALTHLAB_KEY_FILE",
+    "HEALTHLAB_CHAIN_DIR",
+    "HEALTHLAB_CHAIN_PORT",
+)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty HEALTHLAB_HOME and no HEALTHLAB_* settings from the environment."""
+    monkeypatch.setenv("HEALTHLAB_HOME", str(tmp_path / "home"))
+    for name in HEALTHLAB_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path / "home"

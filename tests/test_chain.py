@@ -32,22 +32,6 @@ pytestmark = pytest.mark.anvil
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty HEALTHLAB_HOME and no HEALTHLAB_* settings from the environment."""
-    monkeypatch.setenv("HEALTHLAB_HOME", str(tmp_path / "home"))
-    for name in (
-        "HEALTHLAB_RPC_URL",
-        "HEALTHLAB_REGISTRY",
-        "HEALTHLAB_PRIVATE_KEY",
-        "HEALTHLAB_KEY_FILE",
-        "HEALTHLAB_CHAIN_DIR",
-        "HEALTHLAB_CHAIN_PORT",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path / "home"
-
-
-@pytest.fixture
 def chain_dir(tmp_path: Path, home: Path) -> Iterator[Path]:
     """A folder for the node's files; whatever node it records is stopped at the end."""
     require("anvil")

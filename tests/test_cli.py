@@ -25,20 +25,6 @@ IPFS_POINTER = (
 COMMANDS = ["status", "datasets", "events", "deploy"]
 
 
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty HEALTHLAB_HOME and no HEALTHLAB_* settings from the environment."""
-    monkeypatch.setenv("HEALTHLAB_HOME", str(tmp_path / "home"))
-    for name in (
-        "HEALTHLAB_RPC_URL",
-        "HEALTHLAB_REGISTRY",
-        "HEALTHLAB_PRIVATE_KEY",
-        "HEALTHLAB_KEY_FILE",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    return tmp_path / "home"
-
-
 def invoke(*args: str) -> Result:
     result = CliRunner().invoke(cli.app, list(args))
     assert result.exit_code == 0, f"healthlab {' '.join(args)}: {result.output}"
