@@ -986,7 +986,6 @@ def cost_model(
 
         pool_wall = best_of(runs, pool_call)[0].wall
 
-    fold_variants = fold_costs(evaluation, vectors[0].serialize(), runs)
     shutil.rmtree(spool, ignore_errors=True)
     print(
         f"\n-- Cost model: {total_cts:,} ciphertexts; CPU per ciphertext, in process "
@@ -1095,55 +1094,6 @@ def cost_model(
             else "within)"
         )
     )
-    if fold_variants:
-        print(
-            "fold variants, CPU per fold: "
-            + "; ".join(f"{label} {s * 1e3:.1f} ms" for label, s in fold_variants)
-        )
-
-
-def fold_costs(
-    evaluation: PublicContext, blob: bytes, runs: int
-) -> list[tuple[str, float]]:
-    """CPU of one fold as ``values._fold`` does it, next to a plain loop rotating
-    into a new ciphertext (the two should agree)."""
-    fold = getattr(values, "_fold", None)
-    context = evaluation.load()
-    seal = context.seal_context().data
-    evaluator = sealapi.Evaluator(seal)
-    galois = context.galois_keys().data
-    slots = evaluation.params.slots
-
-    def fresh() -> Any:
-        return ts.ckks_vector_from(context, blob).ciphertext()[0]
-
-    def least(action: Callable[[Any], object]) -> float:
-        best = math.inf
-        for _ in range(runs):
-            ciphertext = fresh()
-            start = time.process_time()
-            action(ciphertext)
-            best = min(best, time.process_time() - start)
-        return best
-
-    def rotate_into(ciphertext: Any) -> None:
-        step = 1
-        while step < slots:
-            rotated = sealapi.Ciphertext()
-            evaluator.rotate_vector(ciphertext, step, galois, rotated)
-            evaluator.add_inplace(ciphertext, rotated)
-            step *= 2
-
-    variants = []
-    if fold is not None:
-        with tempfile.TemporaryDirectory(prefix="bench-fold-"):
-            try:
-                seconds = least(lambda c: fold(c, evaluator, context, slots))
-            except TypeError:  # its signature changed: leave it out
-                seconds = math.nan
-            variants.append(("values._fold", seconds))
-    variants.append(("rotating into a new ciphertext", least(rotate_into)))
-    return variants
 
 
 def map_all(function: Callable[[Any], T], items: Sequence[Any]) -> list[T]:

@@ -62,7 +62,6 @@ from healthlab import errors
 from healthlab.encrypted import KeyHolder, describe
 from healthlab.ledger.artifacts import load_artifact
 from healthlab.ledger.client import (
-    _REVERTS,
     Ledger,
     _error_table,
     _revert_data,
@@ -419,11 +418,11 @@ class OracleClient:
         factory = ledger.w3.eth.contract(
             abi=artifact["abi"], bytecode=artifact["bytecode"]
         )
-        receipt = _send(
-            ledger,
-            _error_table(artifact["abi"]),
+        table = _error_table(artifact["abi"])
+        receipt = ledger.transact(
             factory.constructor(int(request_timeout)),
             sender,
+            decode=lambda exc: _decode(table, exc),
         )
         client = cls(
             ledger,
@@ -661,16 +660,15 @@ class OracleClient:
         return self._transact(fn, sender, value=value)
 
     def _transact(self, fn: Any, sender: str | None, *, value: int = 0) -> Any:
-        receipt = _send(self.ledger, self._errors, fn, sender, value=value)
+        receipt = self.ledger.transact(fn, sender, value=value, decode=self._decode)
         self.last_receipt = receipt
         return receipt
 
     def _call(self, fn: Any) -> Any:
-        with _rpc_errors(self.ledger.rpc_url):
-            try:
-                return fn.call()
-            except _REVERTS as exc:
-                raise _decode(self._errors, exc) from None
+        return self.ledger._call(fn, self._decode)
+
+    def _decode(self, exc: Exception) -> errors.ContractError:
+        return _decode(self._errors, exc)
 
     def _event(self, receipt: Any, name: str) -> Any:
         logs = getattr(self.contract.events, name)().process_receipt(
@@ -682,41 +680,6 @@ class OracleClient:
 
 
 ErrorTable = dict[str, tuple[str, list[str], list[str]]]
-
-
-def _send(
-    ledger: Ledger, table: ErrorTable, fn: Any, sender: str | None, *, value: int = 0
-) -> Any:
-    """Send a prepared call through ``ledger``; decode reverts with ``table``.
-
-    The ledger decodes reverts with the registry's errors, so the call is first
-    simulated here on the pending block (``eth_call``; a constructor is estimated).
-    """
-    who = sender or ledger.default_sender
-    if who is None:
-        raise errors.InvalidInput(
-            "say who sends this transaction: pass sender=<address>"
-        )
-    tx = {"from": _address(who, "sender"), "value": int(value)}
-    with _rpc_errors(ledger.rpc_url):
-        try:
-            if hasattr(fn, "call"):
-                fn.call(tx, block_identifier="pending")
-            else:
-                fn.estimate_gas(tx)
-        except _REVERTS as exc:
-            raise _decode(table, exc) from None
-    try:
-        return ledger.transact(fn, who, value=value)
-    except errors.ContractError:
-        # the state changed between the estimate and the transaction: replay it
-        if hasattr(fn, "call"):
-            with _rpc_errors(ledger.rpc_url):
-                try:
-                    fn.call(tx)
-                except _REVERTS as exc:
-                    raise _decode(table, exc) from None
-        raise
 
 
 def _decode(table: ErrorTable, exc: Exception) -> errors.ContractError:

@@ -301,7 +301,9 @@ def test_round_trip_on_anvil_with_the_nodes_accounts(
     assert other.key_envelope(req) == ledger.key_envelope(req)
 
 
-def test_seal_key_binds_the_public_key_it_was_given(ledger: Ledger) -> None:
+def test_an_envelope_to_a_dev_account_opens_and_fits_the_contracts_limit(
+    ledger: Ledger,
+) -> None:
     researcher = ledger.accounts[2]
     private = ledger._private_key(researcher)
     assert private is not None

@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import cache, cached_property
@@ -775,18 +775,37 @@ class Ledger:
             )
         return _address(chosen, "sender")
 
-    def transact(self, fn: Any, sender: str | None = None, *, value: int = 0) -> Any:
-        """Send a prepared contract call; return its receipt (low level, for tools)."""
-        return self._transact(fn, sender, value=value)
+    def transact(
+        self,
+        fn: Any,
+        sender: str | None = None,
+        *,
+        value: int = 0,
+        decode: Callable[[Exception], Exception] | None = None,
+    ) -> Any:
+        """Send a prepared contract call (or constructor); return its receipt.
 
-    def _transact(self, fn: Any, sender: str | None, *, value: int = 0) -> Any:
+        Low level, for tools and other contracts' clients: ``decode`` turns a revert
+        into an exception (default: the registry's named errors).
+        """
+        return self._transact(fn, sender, value=value, decode=decode)
+
+    def _transact(
+        self,
+        fn: Any,
+        sender: str | None,
+        *,
+        value: int = 0,
+        decode: Callable[[Exception], Exception] | None = None,
+    ) -> Any:
+        decode = decode or self._decode
         sender = self._sender(sender)
         tx: dict[str, Any] = {"from": sender, "value": int(value)}
         with self._rpc():
             try:
                 gas = fn.estimate_gas(tx)
             except _REVERTS as exc:
-                raise self._decode(exc) from None
+                raise decode(exc) from None
             tx["gas"] = int(gas * 1.25) + 10_000
             signer = self._signers.get(sender)
             if signer is not None:
@@ -813,22 +832,26 @@ class Ledger:
             # changes nothing, so earlier transactions of the block are included),
             # then before it.
             for block in (receipt["blockNumber"], receipt["blockNumber"] - 1):
+                if not hasattr(fn, "call"):  # a constructor: nothing to replay
+                    break
                 try:
                     fn.call(tx, block_identifier=block)
                 except _REVERTS as exc:
-                    raise self._decode(exc) from None
+                    raise decode(exc) from None
             raise errors.TransactionFailed(
                 f"transaction {tx_hash.to_0x_hex()} failed (out of gas or reverted by "
                 "state that changed in the same block); try again"
             )
         return receipt
 
-    def _call(self, fn: Any) -> Any:
+    def _call(
+        self, fn: Any, decode: Callable[[Exception], Exception] | None = None
+    ) -> Any:
         with self._rpc():
             try:
                 return fn.call()
             except _REVERTS as exc:
-                raise self._decode(exc) from None
+                raise (decode or self._decode)(exc) from None
 
     def _rpc(self) -> AbstractContextManager[None]:
         return _rpc_errors(self.rpc_url)

@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from eth_keys.constants import SECPK1_N
 from eth_utils.address import to_checksum_address
 from eth_utils.crypto import keccak
 
@@ -41,7 +42,7 @@ __all__ = ["ENVELOPE_SIZE", "address_of", "open_key", "public_key_of", "seal_key
 
 VERSION = 1
 _CURVE = ec.SECP256K1()
-_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+_ORDER = SECPK1_N  # the order of secp256k1
 _INFO = b"healthlab key envelope v1"
 _ADDRESS, _EPHEMERAL = 20, 33
 _PREFIX = 1 + _ADDRESS + _EPHEMERAL

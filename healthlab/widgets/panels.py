@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import html
 import io
+import os
 import traceback
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -329,8 +330,6 @@ class Catalogue(_Panel):
 
 def _write_private(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` readable by its owner only."""
-    import os
-
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(data)
