@@ -607,6 +607,29 @@ def test_every_value_mode_refuses_values_beyond_the_bound(keys: KeyHolder) -> No
         every_value.describe_values(split(frame, 10, 20), ["x"], bound=200, keys=keys)
 
 
+def test_every_value_mode_drops_incomplete_rows_from_every_column(
+    keys: KeyHolder,
+) -> None:
+    """With dropna, a row missing any asked column is dropped from all of them (as in
+    describe()): every column's sums cover the n rows counted, not the rows where
+    that column alone is present."""
+    rng = np.random.default_rng(4)
+    n = 6000
+    frame = pd.DataFrame({"x": rng.uniform(0, 100, n), "y": rng.uniform(0, 100, n)})
+    frame.loc[[2, 3100, 5000], "x"] = np.nan
+    frame.loc[[7, 4000], "y"] = np.inf
+    complete = frame.replace([np.inf, -np.inf], np.nan).dropna()
+    sites = split(frame, 2000, 4000)
+    table = every_value.describe_values(
+        sites, ["x", "y"], bound=BOUND, keys=keys, dropna=True
+    )
+    assert table.loc["missing"].tolist() == [5.0, 5.0]
+    assert table.loc["count"].tolist() == [float(len(complete))] * 2
+    for stat in ("mean", "std"):
+        error = relative_error(table.loc[stat], complete.agg(stat))
+        assert error < 1e-6, f"{stat}: relative error {error:.3g}"
+
+
 def test_square_bias_factor_removes_tenseal_square_bias() -> None:
     params = CKKSParams()
     context = ts.context(

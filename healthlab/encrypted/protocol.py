@@ -53,9 +53,11 @@ __all__ = [
     "Aggregate",
     "Aggregator",
     "Contribution",
+    "PreparedQuery",
     "Query",
     "SiteWork",
     "StudyRun",
+    "prepare_query",
     "run_query",
 ]
 
@@ -284,6 +286,27 @@ def run_query(
     ``on_refusal="raise"`` (default) stops when any site refuses, naming every
     reason; ``"skip"`` goes on without the refusing sites as long as enough remain.
     """
+    return prepare_query(
+        sites, query, compute, keys=keys, researcher=researcher, on_refusal=on_refusal
+    ).finish(keys)
+
+
+def prepare_query(
+    sites: Sequence[Site],
+    query: Query,
+    compute: SiteComputation,
+    *,
+    keys: KeyHolder,
+    researcher: str | None = None,
+    on_refusal: str = "raise",
+) -> PreparedQuery:
+    """Steps 1–2 of :func:`run_query`: sign, and let every site authorize and check.
+
+    Every refusal (grant, signature, disclosure policy, too few sites) is raised
+    here, before any site has encrypted or sent anything; :meth:`PreparedQuery.finish`
+    does the cryptography. A caller may do other work between the two (every-value
+    mode starts the sites' encryption once the checks have passed).
+    """
     if on_refusal not in ("raise", "skip"):
         raise InvalidInput('on_refusal must be "raise" or "skip"')
     signed = _sign(sites, query, researcher)
@@ -298,8 +321,6 @@ def run_query(
             errors.append(exc)
     if refused and on_refusal == "raise":
         raise _refusal(refused, errors)
-    public = keys.public_context()
-    peers = {w.site.name: w.site.mask_public_key for w in work}
     minimum = max(
         [query.min_sites, *(w.site.policy.min_sites for w in work)], default=2
     )
@@ -308,21 +329,42 @@ def run_query(
             f"only {len(work)} site(s) can take part, fewer than the {minimum} "
             f"required; refusals: {refused or 'none'}"
         )
-    contributions = [w.contribute(peers, public) for w in work]
-    aggregate = Aggregator(public).add(contributions)
-    totals = decrypt_totals(keys, aggregate)
-    return StudyRun(
-        query=query,
-        totals=totals,
-        sites=[w.site for w in work],
-        refused=refused,
-        signed=signed,
-        upload_bytes={c.site: c.nbytes for c in contributions},
-        public_params={
-            **public.params.as_dict(),
-            "public_key_fingerprint": public.fingerprint,
-        },
-    )
+    return PreparedQuery(query, signed, work, refused)
+
+
+@dataclass
+class PreparedQuery:
+    """A query every participating site has authorized and checked."""
+
+    query: Query
+    signed: SignedQuery | None
+    work: list[SiteWork]
+    refused: dict[str, str]
+
+    @property
+    def sites(self) -> list[Site]:
+        """The participating sites."""
+        return [w.site for w in self.work]
+
+    def finish(self, keys: KeyHolder) -> StudyRun:
+        """Steps 3–5: contribute, aggregate, decrypt the pooled totals."""
+        public = keys.public_context()
+        peers = {w.site.name: w.site.mask_public_key for w in self.work}
+        contributions = [w.contribute(peers, public) for w in self.work]
+        aggregate = Aggregator(public).add(contributions)
+        totals = decrypt_totals(keys, aggregate)
+        return StudyRun(
+            query=self.query,
+            totals=totals,
+            sites=self.sites,
+            refused=self.refused,
+            signed=self.signed,
+            upload_bytes={c.site: c.nbytes for c in contributions},
+            public_params={
+                **public.params.as_dict(),
+                "public_key_fingerprint": public.fingerprint,
+            },
+        )
 
 
 def _sign(

@@ -29,12 +29,13 @@ refuses a ciphertext made under other parameters when loading it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import shutil
 import tempfile
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,7 +48,7 @@ import tenseal as ts
 import tenseal.sealapi as sealapi
 
 from healthlab.encrypted.keys import IntegrityError, KeyHolder, PublicContext
-from healthlab.encrypted.protocol import Query, Totals, _sign, run_query
+from healthlab.encrypted.protocol import Query, Totals, _sign, prepare_query
 from healthlab.encrypted.stats import attach_receipt
 from healthlab.errors import DataRefused, InvalidInput
 from healthlab.sites import Site, as_sites
@@ -138,56 +139,114 @@ def encryption_pool(
     )
 
 
+class _EncryptionStream:
+    """Encrypt several arrays as one stream of ``(array index, ciphertext file)``.
+
+    ``array(i)`` gives array ``i`` of ``count`` when the stream first needs its
+    chunks, so a caller can start the pool on the first array and prepare the rest
+    while it works. Every chunk of every array goes through one bounded window of
+    pool tasks (``workers`` × :data:`IN_FLIGHT_PER_WORKER`), so the workers never
+    wait between arrays (sites, columns) or while the consumer — the aggregator —
+    finishes a column; results come back in submission order. The consumer takes
+    each file (loads or reads it, then may unlink it); whatever is left is removed
+    when the stream is closed. Without a pool, chunks are encrypted in process.
+    """
+
+    def __init__(
+        self,
+        count: int,
+        array: Callable[[int], np.ndarray],
+        public: PublicContext,
+        pool: ProcessPoolExecutor | None,
+        workers: int = 1,
+    ) -> None:
+        self._array = array
+        self._count = count
+        self._public = public
+        self._pool = pool
+        self._window = IN_FLIGHT_PER_WORKER * max(1, workers)
+        self._chunks = self._all_chunks()
+        self._pending: deque[tuple[list[int], Future[list[str]]]] = deque()
+        self.spool = tempfile.mkdtemp(prefix="healthlab-ct-", dir=_spool_parent())
+
+    def _all_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
+        slots = self._public.params.slots
+        for i in range(self._count):
+            for chunk in _chunks(self._array(i), slots):
+                yield i, chunk
+
+    def _submit(self) -> None:
+        assert self._pool is not None
+        batch = list(itertools.islice(self._chunks, BATCH))
+        if batch:
+            chunks = [c for _, c in batch]
+            work = self._pool.submit(_encrypt_batch, chunks, self.spool)
+            self._pending.append(([i for i, _ in batch], work))
+
+    def start(self) -> None:
+        """Fill the window: the pool's workers start encrypting."""
+        if self._pool is not None:
+            while len(self._pending) < self._window:
+                before = len(self._pending)
+                self._submit()
+                if len(self._pending) == before:
+                    return
+
+    def results(self) -> Iterator[tuple[int, str]]:
+        """``(array index, ciphertext file)`` in order, as the pool finishes them."""
+        if self._pool is None:
+            context = self._public.load()
+            for i, chunk in self._chunks:
+                yield i, _encrypt_to(context, chunk, self.spool)
+            return
+        self.start()
+        while self._pending:
+            owners, future = self._pending.popleft()
+            self._submit()
+            yield from zip(owners, future.result(), strict=True)
+
+    def close(self) -> None:
+        """Cancel what has not started, wait for what has, remove every file."""
+        for _, future in self._pending:
+            future.cancel()
+        for _, future in self._pending:
+            with contextlib.suppress(Exception):
+                future.result()
+        self._pending.clear()
+        shutil.rmtree(self.spool, ignore_errors=True)
+
+    def __enter__(self) -> _EncryptionStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
 def _encrypt_many(
     arrays: Sequence[np.ndarray],
     public: PublicContext,
     pool: ProcessPoolExecutor | None,
     workers: int = 1,
 ) -> Iterator[tuple[int, str]]:
-    """Encrypt several arrays as one stream: ``(array index, ciphertext file)``.
+    """Encrypt ``arrays`` as one stream: ``(array index, ciphertext file)``.
 
-    The consumer takes each file (loads or reads it, then may unlink it); whatever
-    is left is removed when the stream ends. Every chunk of every array goes
-    through one bounded window of pool tasks (``workers`` ×
-    :data:`IN_FLIGHT_PER_WORKER`), so the workers never wait between arrays (sites,
-    columns) or while the consumer — the aggregator — finishes a
-    column; results come back in submission order.
+    The consumer takes each file; what is left is removed when the stream ends.
     """
-    slots = public.params.slots
-    chunks = [(i, c) for i, a in enumerate(arrays) for c in _chunks(a, slots)]
-    spool = tempfile.mkdtemp(prefix="healthlab-ct-", dir=_spool_parent())
-    if pool is None or len(chunks) < 4:
-        context = public.load()
-        try:
-            for i, chunk in chunks:
-                yield i, _encrypt_to(context, chunk, spool)
-        finally:
-            shutil.rmtree(spool, ignore_errors=True)
-        return
-    batches = deque(chunks[k : k + BATCH] for k in range(0, len(chunks), BATCH))
-    pending: deque[tuple[list[int], Future[list[str]]]] = deque()
+    with _EncryptionStream(
+        len(arrays), arrays.__getitem__, public, pool, workers
+    ) as stream:
+        yield from stream.results()
 
-    def submit() -> None:
-        batch = batches.popleft()
-        owners = [i for i, _ in batch]
-        work = pool.submit(_encrypt_batch, [c for _, c in batch], spool)
-        pending.append((owners, work))
 
-    try:
-        while batches and len(pending) < IN_FLIGHT_PER_WORKER * max(1, workers):
-            submit()
-        while pending:
-            owners, future = pending.popleft()
-            if batches:
-                submit()
-            yield from zip(owners, future.result(), strict=True)
-    finally:
-        for _, future in pending:  # an abandoned stream cancels what has not started
-            future.cancel()
-        for _, future in pending:  # and waits for what has, before removing files
-            with contextlib.suppress(Exception):
-                future.result()
-        shutil.rmtree(spool, ignore_errors=True)
+def _ready() -> None:
+    """A no-op task: submitting one per worker starts the pool's processes."""
+
+
+def _warm(pool: ProcessPoolExecutor, workers: int) -> None:
+    """Start ``pool``'s workers now (each loads the public context) instead of on
+    the first real task."""
+    for _ in range(workers):
+        pool.submit(_ready)
 
 
 def encrypt_values(
@@ -276,16 +335,43 @@ class ValueAggregator:
         self.count += 1
 
     def finish(self) -> tuple[bytes, bytes]:
-        """The folded Σx and Σx² (serialized SEAL ciphertexts)."""
+        """The folded Σx and Σx² (serialized SEAL ciphertexts).
+
+        Before folding, each sum drops the primes its value does not need (modulus
+        switching, exact in CKKS): the rotations cost less on fewer primes. Σx² keeps
+        its scale 2^2s; it is not rescaled, as the noise of relinearizing and
+        rotating stays negligible at that scale.
+        """
         if self.linear is None:
             raise DataRefused("no values to aggregate")
+        # every |value| <= 1 (scaled by the public bound): a folded sum of ``count``
+        # ciphertexts cannot exceed count × slots in magnitude
+        bound = float(self.count * self.slots)
         self.evaluator.relinearize_inplace(self.squares, self.context.relin_keys().data)
         with tempfile.TemporaryDirectory(prefix="healthlab-agg-") as tmp:
             folded = []
             for ciphertext in (self.linear, self.squares):
+                _lower(ciphertext, self.evaluator, self.seal, bound)
                 _fold(ciphertext, self.evaluator, self.context, self.slots)
                 folded.append(_save(ciphertext, Path(tmp)))
         return folded[0], folded[1]
+
+
+#: bits kept free above the largest value a folded sum can carry (|m| < Q/2, and
+#: the noise of rotating stays far below the scale)
+HEADROOM_BITS = 4
+
+
+def _lower(ciphertext: Any, evaluator: Any, seal: Any, bound: float) -> None:
+    """Drop primes from ``ciphertext`` while ``bound`` × its scale still fits.
+
+    CKKS modulus switching in NTT form drops a prime and keeps the scale: exact.
+    """
+    need = math.log2(bound) + math.log2(ciphertext.scale) + HEADROOM_BITS
+    below = seal.get_context_data(ciphertext.parms_id()).next_context_data()
+    while below is not None and need <= below.total_coeff_modulus_bit_count() - 1:
+        evaluator.mod_switch_to_next_inplace(ciphertext)
+        below = below.next_context_data()
 
 
 def _fold(ciphertext: Any, evaluator: Any, context: ts.Context, slots: int) -> None:
@@ -359,36 +445,72 @@ def describe_values(
     if any(not np.isfinite(b) or b <= 0 for b in bounds.values()):
         raise InvalidInput("bounds must be positive and finite")
     keys = keys or KeyHolder()
+    public = keys.public_context()  # sites encrypt with the public key only
+    count = workers if workers is not None else (os.cpu_count() or 1)
+    with encryption_pool(public, count) if count > 1 else _no_pool() as pool:
+        if pool is not None:  # the workers start while the sites check the queries
+            _warm(pool, count)
+        return _describe_values(
+            site_list,
+            cols,
+            bounds,
+            keys,
+            public,
+            pool,
+            count,
+            researcher,
+            dropna,
+            min_sites,
+        )
+
+
+def _describe_values(
+    site_list: list[Site],
+    cols: list[str],
+    bounds: dict[str, float],
+    keys: KeyHolder,
+    public: PublicContext,
+    pool: ProcessPoolExecutor | None,
+    workers: int,
+    researcher: str | None,
+    dropna: bool,
+    min_sites: int,
+) -> pd.DataFrame:
     query = Query("values", {"columns": cols, "dropna": dropna}, 2, min_sites=min_sites)
-    counted = run_query(
+    # every site authorizes the count query and checks it against its policy
+    prepared = prepare_query(
         site_list, query, _count_totals, keys=keys, researcher=researcher
     )
-    n = counted.totals[1]
-    participants = counted.sites
-    evaluation = keys.evaluation_context()
+    participants = prepared.sites
     upload = Query(
         "values-upload", {"columns": cols, "bounds": bounds, "dropna": dropna}, 0
     )
     signed = _sign(participants, upload, researcher)
     for site in participants:  # every site checks the second query too
         site.authorize(signed, query_hash=upload.hash)
-    results = {}
-    # the count's masked-sum round counts too
-    uploads: dict[str, int] = {
-        s.name: counted.upload_bytes.get(s.name, 0) for s in participants
-    }
-    public = keys.public_context()  # sites encrypt with the public key only
-    aggregator = ValueAggregator(evaluation, accepted=public.fingerprint)
-    count = workers if workers is not None else (os.cpu_count() or 1)
-    # at the sites: every column scaled and checked against its bound before
-    # anything is encrypted, so a refusal leaves no partial upload
     work = [(c, s) for c in cols for s in participants]
-    scaled = [_site_column(s, c, bounds[c], dropna) for c, s in work]
-    with encryption_pool(public, count) if count > 1 else _no_pool() as pool:
-        # one stream for every site and column: the pool encrypts the next column
-        # while the aggregator finishes this one
-        stream = _encrypt_many(scaled, public, pool, count)
-        next_item = next(stream, None)
+    scaled = _SiteColumns(work, cols, bounds, dropna)
+    # one stream for every site and column: the pool encrypts the next column while
+    # the aggregator finishes this one
+    with _EncryptionStream(len(work), scaled, public, pool, workers) as stream:
+        stream.start()  # the pool encrypts the first column while ...
+        # ... every site scales and checks every column against its bound before
+        # the aggregator takes anything, so a refusal leaves no partial upload
+        for i in range(len(work)):
+            scaled(i)
+        counted = prepared.finish(keys)  # the count's secure sum
+        for site in participants:
+            _ = site.content_hash  # for the receipt, while the pool works
+        evaluation = keys.evaluation_context()
+        aggregator = ValueAggregator(evaluation, accepted=public.fingerprint)
+        n = counted.totals[1]
+        # the count's masked-sum round counts too
+        uploads: dict[str, int] = {
+            s.name: counted.upload_bytes.get(s.name, 0) for s in participants
+        }
+        results = {}
+        items = stream.results()
+        next_item = next(items, None)
         for column in cols:
             aggregator.start()
             while next_item is not None and work[next_item[0]][0] == column:
@@ -397,7 +519,7 @@ def describe_values(
                 uploads[site.name] += os.path.getsize(path)
                 aggregator.add_file(site.name, public.fingerprint, path)
                 os.unlink(path)
-                next_item = next(stream, None)
+                next_item = next(items, None)
             s1_blob, s2_blob = aggregator.finish()
             s1 = keys.decrypt_folded(s1_blob, fingerprint=evaluation.fingerprint)
             s2 = keys.decrypt_folded(s2_blob, fingerprint=evaluation.fingerprint)
@@ -415,6 +537,8 @@ def describe_values(
                 "sum": total,
             }
     table = pd.DataFrame(results)
+    if dropna:  # as in describe(): rows dropped for a missing value in any column
+        table.loc["missing"] = counted.totals[0]
     return attach_receipt(
         table,
         [counted],
@@ -433,10 +557,41 @@ def _no_pool() -> Iterator[None]:
     yield None
 
 
-def _site_column(site: Site, column: str, bound: float, dropna: bool) -> np.ndarray:
-    """At the site: one column scaled by its public bound (refused beyond it)."""
-    kept, _ = site.rows([column], dropna=dropna)
-    x = kept[column].to_numpy(dtype=np.float64)
+class _SiteColumns:
+    """At the sites: column ``i`` of ``work`` scaled by its public bound, computed
+    once (refused beyond the bound).
+
+    Rows are those the count query kept: with ``dropna``, a row missing any of the
+    columns is dropped from all of them, so every column's sums cover the ``n``
+    rows counted.
+    """
+
+    def __init__(
+        self,
+        work: Sequence[tuple[str, Site]],
+        columns: Sequence[str],
+        bounds: Mapping[str, float],
+        dropna: bool,
+    ) -> None:
+        self._work = work
+        self._columns = list(columns)
+        self._bounds = bounds
+        self._dropna = dropna
+        self._kept: dict[str, pd.DataFrame] = {}
+        self._done: dict[int, np.ndarray] = {}
+
+    def __call__(self, i: int) -> np.ndarray:
+        if i not in self._done:
+            column, site = self._work[i]
+            if site.name not in self._kept:
+                self._kept[site.name], _ = site.rows(self._columns, dropna=self._dropna)
+            x = self._kept[site.name][column].to_numpy(dtype=np.float64)
+            self._done[i] = _scale(site, column, x, self._bounds[column])
+        return self._done[i]
+
+
+def _scale(site: Site, column: str, x: np.ndarray, bound: float) -> np.ndarray:
+    """At the site: ``x`` divided by its public bound (refused beyond it)."""
     if x.size and np.abs(x).max() > bound:
         raise DataRefused(
             f"site {site.name}: {column!r} exceeds the public bound {bound:g}; "
