@@ -13,7 +13,8 @@ import dataclasses
 import itertools
 import math
 import pickle
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future
 from functools import cache
 
 import numpy as np
@@ -671,12 +672,92 @@ def test_every_value_stream_keeps_order_through_a_small_window(
             owners.append(i)
             aggregator.start()
             aggregator.add_file("s", public.fingerprint, path)
-            total, _ = aggregator.finish()
-            sums.append(keys.decrypt_folded(total, fingerprint=evaluation.fingerprint))
+            folded = aggregator.finish()
+            _, total = keys.decrypt_folded_pair(
+                folded, fingerprint=evaluation.fingerprint
+            )
+            sums.append(total)
     assert owners == [0, 0, 1, 2, 2, 2, 3]
     counts = [4096, 904, 1, 4096, 4096, 808, 4096]  # values in each ciphertext
     for i, got, count in zip(owners, sums, counts, strict=True):
         assert got == pytest.approx((i + 1) / 8 * count, abs=1e-4), (i, count)
+
+
+def folded_sums(
+    keys: KeyHolder, items: Iterable[tuple[int, str]]
+) -> tuple[list[int], list[float]]:
+    """Each stream item's owner, and the sum of the values in its ciphertext file."""
+    public, evaluation = keys.public_context(), keys.evaluation_context()
+    aggregator = every_value.ValueAggregator(evaluation, accepted=public.fingerprint)
+    owners, sums = [], []
+    for i, path in items:
+        owners.append(i)
+        aggregator.start()
+        aggregator.add_file("s", public.fingerprint, path)
+        _, total = keys.decrypt_folded_pair(
+            aggregator.finish(), fingerprint=evaluation.fingerprint
+        )
+        sums.append(total)
+    return owners, sums
+
+
+def test_every_value_stream_with_a_local_lane_encrypts_every_chunk_once(
+    keys: KeyHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``local``, this process encrypts whenever the pool's next result is not
+    ready: results come in completion order, but every chunk comes exactly once,
+    tagged with its array, holding that array's values."""
+    monkeypatch.setattr(every_value, "BATCH", 1)
+    monkeypatch.setattr(every_value, "LOCAL_IN_FLIGHT_PER_WORKER", 1)
+    public = keys.public_context()
+    sizes = [5000, 1, 9000, 4096, 12288]  # 2, 1, 3, 1 and 3 ciphertexts
+    arrays = [np.full(n, (i + 1) / 8) for i, n in enumerate(sizes)]
+    with every_value.encryption_pool(public, 1) as pool:
+        stream = every_value._encrypt_many(arrays, public, pool, 1, local=True)
+        owners, sums = folded_sums(keys, stream)
+    counts = sorted(
+        (i, round(total / ((i + 1) / 8))) for i, total in zip(owners, sums, strict=True)
+    )
+    assert counts == [
+        (0, 904), (0, 4096), (1, 1), (2, 808), (2, 4096), (2, 4096),
+        (3, 4096), (4, 4096), (4, 4096), (4, 4096),
+    ]  # fmt: skip
+    for i, total in zip(owners, sums, strict=True):
+        count = round(total / ((i + 1) / 8))
+        assert total == pytest.approx((i + 1) / 8 * count, abs=1e-4), (i, count)
+
+
+class _IdlePool:
+    """A stand-in pool whose tasks never start: every submitted task stays pending."""
+
+    def __init__(self) -> None:
+        self.submitted: list[Future[list[str]]] = []
+
+    def submit(self, *_: object) -> Future[list[str]]:
+        future: Future[list[str]] = Future()
+        self.submitted.append(future)
+        return future
+
+
+def test_every_value_local_lane_takes_back_tasks_the_pool_has_not_started(
+    keys: KeyHolder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When every chunk has been handed out, this process cancels the pool's tasks
+    that have not started and encrypts their chunks itself: nothing waits on a busy
+    or stalled pool, and nothing is lost or done twice."""
+    monkeypatch.setattr(every_value, "BATCH", 2)
+    public = keys.public_context()
+    sizes = [9000, 4096, 100]  # 3, 1 and 1 ciphertexts; the window takes them all
+    arrays = [np.full(n, (i + 1) / 4) for i, n in enumerate(sizes)]
+    pool = _IdlePool()
+    stream = every_value._encrypt_many(arrays, public, pool, 1, local=True)
+    owners, sums = folded_sums(keys, stream)
+    assert pool.submitted, "the window was filled"
+    assert all(f.cancelled() for f in pool.submitted)
+    assert owners == [0, 0, 0, 1, 2]  # submission order: all taken back
+    counts = [4096, 4096, 808, 4096, 100]
+    for i, got, count in zip(owners, sums, counts, strict=True):
+        assert got == pytest.approx((i + 1) / 4 * count, abs=1e-4), (i, count)
 
 
 def test_every_value_ciphertexts_under_other_parameters_are_refused(

@@ -223,6 +223,14 @@ class KeyHolder:
 
     def decrypt_folded(self, ciphertext: bytes, *, fingerprint: str) -> float:
         """Slot 0 of a folded SEAL ciphertext (every slot holds the same total)."""
+        total, _ = self.decrypt_folded_pair(ciphertext, fingerprint=fingerprint)
+        return total
+
+    def decrypt_folded_pair(
+        self, ciphertext: bytes, *, fingerprint: str
+    ) -> tuple[float, float]:
+        """The real and imaginary parts of slot 0 of a folded SEAL ciphertext (every
+        slot holds the same complex total: two sums folded at once)."""
         if fingerprint not in (self.fingerprint, self._evaluation_fingerprint):
             raise IntegrityError("this total was made under another public key")
         seal = self.__context.seal_context().data
@@ -233,11 +241,13 @@ class KeyHolder:
             loaded.load(seal, str(path))
         plain = sealapi.Plaintext()
         sealapi.Decryptor(seal, self.__context.secret_key().data).decrypt(loaded, plain)
-        slots = sealapi.CKKSEncoder(seal).decode_double(plain)
-        spread = float(np.ptp(slots))
-        if spread > 1e-3 * max(1.0, abs(slots[0])):
-            raise IntegrityError("the folded total differs across slots: tampering?")
-        return float(slots[0])
+        slots = np.asarray(sealapi.CKKSEncoder(seal).decode_complex(plain))
+        for part in (slots.real, slots.imag):
+            if float(np.ptp(part)) > 1e-3 * max(1.0, abs(float(part[0]))):
+                raise IntegrityError(
+                    "the folded total differs across slots: tampering?"
+                )
+        return float(slots[0].real), float(slots[0].imag)
 
     @property
     def _evaluation_fingerprint(self) -> str | None:

@@ -121,6 +121,10 @@ def _take(path: str) -> bytes:
 #: aggregator finishes a column, bounded so memory does not grow with the data
 BATCH = 4
 IN_FLIGHT_PER_WORKER = 8
+#: tasks in flight per worker when the consumer's process encrypts too: enough for
+#: the workers to go on while it finishes a column (~50 ms), few enough that little
+#: is left queued at the end, when it takes back what the pool has not started
+LOCAL_IN_FLIGHT_PER_WORKER = 3
 
 
 def _chunks(values: np.ndarray, slots: int) -> list[np.ndarray]:
@@ -144,12 +148,18 @@ class _EncryptionStream:
 
     ``array(i)`` gives array ``i`` of ``count`` when the stream first needs its
     chunks, so a caller can start the pool on the first array and prepare the rest
-    while it works. Every chunk of every array goes through one bounded window of
-    pool tasks (``workers`` × :data:`IN_FLIGHT_PER_WORKER`), so the workers never
-    wait between arrays (sites, columns) or while the consumer — the aggregator —
-    finishes a column; results come back in submission order. The consumer takes
-    each file (loads or reads it, then may unlink it); whatever is left is removed
-    when the stream is closed. Without a pool, chunks are encrypted in process.
+    while it works. Chunks go to the pool through one bounded window of tasks, so
+    the workers never wait between arrays (sites, columns) or while the consumer —
+    the aggregator — finishes a column. The consumer takes each file (loads or reads
+    it, then may unlink it); whatever is left is removed when the stream is closed.
+
+    ``local``: the consumer's own process is one more lane. Whenever the pool's
+    next result is not ready, it encrypts the next chunk itself instead of waiting
+    (at the end it takes back tasks the pool has not started), so a consumer that
+    also aggregates shares the cores with ``workers`` processes instead of
+    competing with one per core. Results then come in completion order; without
+    ``local`` they come in submission order. Without a pool, every chunk is
+    encrypted in process.
     """
 
     def __init__(
@@ -159,14 +169,20 @@ class _EncryptionStream:
         public: PublicContext,
         pool: ProcessPoolExecutor | None,
         workers: int = 1,
+        *,
+        local: bool = False,
     ) -> None:
         self._array = array
         self._count = count
         self._public = public
         self._pool = pool
-        self._window = IN_FLIGHT_PER_WORKER * max(1, workers)
+        self._local = local
+        per_worker = LOCAL_IN_FLIGHT_PER_WORKER if local else IN_FLIGHT_PER_WORKER
+        self._window = per_worker * max(1, workers)
+        self._first_window = IN_FLIGHT_PER_WORKER * max(1, workers)
         self._chunks = self._all_chunks()
-        self._pending: deque[tuple[list[int], Future[list[str]]]] = deque()
+        self._reclaimed: deque[tuple[int, np.ndarray]] = deque()
+        self._pending: deque[_Task] = deque()
         self.spool = tempfile.mkdtemp(prefix="healthlab-ct-", dir=_spool_parent())
 
     def _all_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
@@ -181,37 +197,73 @@ class _EncryptionStream:
         if batch:
             chunks = [c for _, c in batch]
             work = self._pool.submit(_encrypt_batch, chunks, self.spool)
-            self._pending.append(([i for i, _ in batch], work))
+            self._pending.append(_Task(batch, work))
 
     def start(self) -> None:
-        """Fill the window: the pool's workers start encrypting."""
+        """Fill the window: the pool's workers start encrypting.
+
+        The first window is the deep one even with ``local``: it keeps the workers
+        busy while the consumer prepares (e.g. runs the count query) before it
+        takes any result.
+        """
         if self._pool is not None:
-            while len(self._pending) < self._window:
+            while len(self._pending) < self._first_window:
                 before = len(self._pending)
                 self._submit()
                 if len(self._pending) == before:
                     return
 
+    def _front(self) -> Iterator[tuple[int, str]]:
+        """The oldest task's files (waiting for it); a new task takes its place
+        (none while more than the window is in flight)."""
+        task = self._pending.popleft()
+        if len(self._pending) < self._window:
+            self._submit()
+        owners = [i for i, _ in task.batch]
+        yield from zip(owners, task.future.result(), strict=True)
+
+    def _next_local(self) -> tuple[int, np.ndarray] | None:
+        """The next chunk for this process: a new one, else one the pool has not
+        started (its task cancelled)."""
+        if not self._reclaimed:
+            item = next(self._chunks, None)
+            if item is not None:
+                return item
+            for task in reversed(self._pending):
+                if task.future.cancel():
+                    self._reclaimed.extendleft(reversed(task.batch))
+            self._pending = deque(t for t in self._pending if not t.future.cancelled())
+        return self._reclaimed.popleft() if self._reclaimed else None
+
     def results(self) -> Iterator[tuple[int, str]]:
-        """``(array index, ciphertext file)`` in order, as the pool finishes them."""
+        """``(array index, ciphertext file)`` for every chunk of every array."""
         if self._pool is None:
             context = self._public.load()
             for i, chunk in self._chunks:
                 yield i, _encrypt_to(context, chunk, self.spool)
             return
         self.start()
-        while self._pending:
-            owners, future = self._pending.popleft()
-            self._submit()
-            yield from zip(owners, future.result(), strict=True)
+        context = self._public.load() if self._local else None
+        while True:
+            if self._pending and (context is None or self._pending[0].future.done()):
+                yield from self._front()
+                continue
+            item = self._next_local() if context is not None else None
+            if item is not None:
+                assert context is not None
+                yield item[0], _encrypt_to(context, item[1], self.spool)
+            elif self._pending:
+                yield from self._front()
+            else:
+                return
 
     def close(self) -> None:
         """Cancel what has not started, wait for what has, remove every file."""
-        for _, future in self._pending:
-            future.cancel()
-        for _, future in self._pending:
+        for task in self._pending:
+            task.future.cancel()
+        for task in self._pending:
             with contextlib.suppress(Exception):
-                future.result()
+                task.future.result()
         self._pending.clear()
         shutil.rmtree(self.spool, ignore_errors=True)
 
@@ -222,18 +274,29 @@ class _EncryptionStream:
         self.close()
 
 
+@dataclass
+class _Task:
+    """Chunks sent to the pool in one task, and its future list of files."""
+
+    batch: list[tuple[int, np.ndarray]]
+    future: Future[list[str]]
+
+
 def _encrypt_many(
     arrays: Sequence[np.ndarray],
     public: PublicContext,
     pool: ProcessPoolExecutor | None,
     workers: int = 1,
+    *,
+    local: bool = False,
 ) -> Iterator[tuple[int, str]]:
     """Encrypt ``arrays`` as one stream: ``(array index, ciphertext file)``.
 
     The consumer takes each file; what is left is removed when the stream ends.
+    ``local``: this process encrypts too (see :class:`_EncryptionStream`).
     """
     with _EncryptionStream(
-        len(arrays), arrays.__getitem__, public, pool, workers
+        len(arrays), arrays.__getitem__, public, pool, workers, local=local
     ) as stream:
         yield from stream.results()
 
@@ -325,53 +388,37 @@ class ValueAggregator:
                 f"site {site} sent a ciphertext that does not load under this "
                 f"study's parameters ({exc})"
             ) from None
-        square = sealapi.Ciphertext()
-        self.evaluator.square(value, square)
         if self.linear is None:
-            self.linear, self.squares = value, square
-        else:
+            self.linear, self.squares = value, sealapi.Ciphertext()
+            self.evaluator.square(value, self.squares)
+        else:  # add, then square in place: no new ciphertext to allocate
             self.evaluator.add_inplace(self.linear, value)
-            self.evaluator.add_inplace(self.squares, square)
+            self.evaluator.square_inplace(value)
+            self.evaluator.add_inplace(self.squares, value)
         self.count += 1
 
-    def finish(self) -> tuple[bytes, bytes]:
-        """The folded Σx and Σx² (serialized SEAL ciphertexts).
+    def finish(self) -> bytes:
+        """Σx and Σx², folded together: one serialized SEAL ciphertext whose every
+        slot holds the complex number Σx² + i·Σx
+        (:meth:`KeyHolder.decrypt_folded_pair` reads both).
 
-        Before folding, each sum drops the primes its value does not need (modulus
-        switching, exact in CKKS): the rotations cost less on fewer primes. Σx² keeps
-        its scale 2^2s; it is not rescaled, as the noise of relinearizing and
-        rotating stays negligible at that scale.
+        Σx is multiplied by i at scale 2^s — a plaintext that is exactly 2^s·X^(N/2),
+        since X^(N/2) is i at every slot — which brings it to Σx²'s scale 2^2s and
+        into the imaginary part, so one fold of rotations serves both sums, and Σx
+        is rotated at scale 2^2s, where the rotations' noise is negligible.
         """
         if self.linear is None:
             raise DataRefused("no values to aggregate")
-        # every |value| <= 1 (scaled by the public bound): a folded sum of ``count``
-        # ciphertexts cannot exceed count × slots in magnitude
-        bound = float(self.count * self.slots)
         self.evaluator.relinearize_inplace(self.squares, self.context.relin_keys().data)
+        times_i = sealapi.Plaintext()
+        sealapi.CKKSEncoder(self.seal).encode(
+            1j, self.linear.parms_id(), self.linear.scale, times_i
+        )
+        self.evaluator.multiply_plain_inplace(self.linear, times_i)
+        self.evaluator.add_inplace(self.squares, self.linear)
+        _fold(self.squares, self.evaluator, self.context, self.slots)
         with tempfile.TemporaryDirectory(prefix="healthlab-agg-") as tmp:
-            folded = []
-            for ciphertext in (self.linear, self.squares):
-                _lower(ciphertext, self.evaluator, self.seal, bound)
-                _fold(ciphertext, self.evaluator, self.context, self.slots)
-                folded.append(_save(ciphertext, Path(tmp)))
-        return folded[0], folded[1]
-
-
-#: bits kept free above the largest value a folded sum can carry (|m| < Q/2, and
-#: the noise of rotating stays far below the scale)
-HEADROOM_BITS = 4
-
-
-def _lower(ciphertext: Any, evaluator: Any, seal: Any, bound: float) -> None:
-    """Drop primes from ``ciphertext`` while ``bound`` × its scale still fits.
-
-    CKKS modulus switching in NTT form drops a prime and keeps the scale: exact.
-    """
-    need = math.log2(bound) + math.log2(ciphertext.scale) + HEADROOM_BITS
-    below = seal.get_context_data(ciphertext.parms_id()).next_context_data()
-    while below is not None and need <= below.total_coeff_modulus_bit_count() - 1:
-        evaluator.mod_switch_to_next_inplace(ciphertext)
-        below = below.next_context_data()
+            return _save(self.squares, Path(tmp))
 
 
 def _fold(ciphertext: Any, evaluator: Any, context: ts.Context, slots: int) -> None:
@@ -404,14 +451,6 @@ def square_bias_factor(public: PublicContext) -> float:
     )
     dropped = moduli[len(moduli) - 2].value()
     return float(dropped / 2.0**public.params.scale_bits)
-
-
-def _count_totals(site: Site, query: Query) -> Totals:
-    columns = list(query.spec["columns"])
-    kept, dropped = site.rows(columns, dropna=bool(query.spec.get("dropna")))
-    mask = np.zeros(site.n_rows, dtype=bool)
-    mask[kept.index.to_numpy()] = True
-    return [float(dropped), float(len(kept))], {c: [mask] for c in columns}
 
 
 def describe_values(
@@ -447,9 +486,11 @@ def describe_values(
     keys = keys or KeyHolder()
     public = keys.public_context()  # sites encrypt with the public key only
     count = workers if workers is not None else (os.cpu_count() or 1)
-    with encryption_pool(public, count) if count > 1 else _no_pool() as pool:
+    # ``count`` processes encrypt: this one (which also aggregates) and a pool of
+    # ``count - 1`` workers
+    with encryption_pool(public, count - 1) if count > 1 else _no_pool() as pool:
         if pool is not None:  # the workers start while the sites check the queries
-            _warm(pool, count)
+            _warm(pool, count - 1)
         return _describe_values(
             site_list,
             cols,
@@ -478,8 +519,9 @@ def _describe_values(
 ) -> pd.DataFrame:
     query = Query("values", {"columns": cols, "dropna": dropna}, 2, min_sites=min_sites)
     # every site authorizes the count query and checks it against its policy
+    rows = _SiteRows(cols, bounds, dropna)
     prepared = prepare_query(
-        site_list, query, _count_totals, keys=keys, researcher=researcher
+        site_list, query, rows.count_totals, keys=keys, researcher=researcher
     )
     participants = prepared.sites
     upload = Query(
@@ -489,42 +531,53 @@ def _describe_values(
     for site in participants:  # every site checks the second query too
         site.authorize(signed, query_hash=upload.hash)
     work = [(c, s) for c in cols for s in participants]
-    scaled = _SiteColumns(work, cols, bounds, dropna)
+
+    def scaled(i: int) -> np.ndarray:
+        return rows.scaled(*work[i])
+
+    slots = public.params.slots
     # one stream for every site and column: the pool encrypts the next column while
-    # the aggregator finishes this one
-    with _EncryptionStream(len(work), scaled, public, pool, workers) as stream:
+    # the aggregator finishes this one; this process encrypts too when it would
+    # otherwise wait
+    local = pool is not None
+    with _EncryptionStream(
+        len(work), scaled, public, pool, max(1, workers - 1), local=local
+    ) as stream:
         stream.start()  # the pool encrypts the first column while ...
         # ... every site scales and checks every column against its bound before
         # the aggregator takes anything, so a refusal leaves no partial upload
-        for i in range(len(work)):
-            scaled(i)
+        expected = dict.fromkeys(cols, 0)
+        for i, (column, _) in enumerate(work):
+            expected[column] += -(-scaled(i).size // slots)
         counted = prepared.finish(keys)  # the count's secure sum
         for site in participants:
             _ = site.content_hash  # for the receipt, while the pool works
         evaluation = keys.evaluation_context()
-        aggregator = ValueAggregator(evaluation, accepted=public.fingerprint)
         n = counted.totals[1]
         # the count's masked-sum round counts too
         uploads: dict[str, int] = {
             s.name: counted.upload_bytes.get(s.name, 0) for s in participants
         }
         results = {}
-        items = stream.results()
-        next_item = next(items, None)
-        for column in cols:
-            aggregator.start()
-            while next_item is not None and work[next_item[0]][0] == column:
-                site = work[next_item[0]][1]
-                path = next_item[1]
-                uploads[site.name] += os.path.getsize(path)
-                aggregator.add_file(site.name, public.fingerprint, path)
-                os.unlink(path)
-                next_item = next(items, None)
-            s1_blob, s2_blob = aggregator.finish()
-            s1 = keys.decrypt_folded(s1_blob, fingerprint=evaluation.fingerprint)
-            s2 = keys.decrypt_folded(s2_blob, fingerprint=evaluation.fingerprint)
+        aggregators: dict[str, ValueAggregator] = {}
+        for i, path in stream.results():
+            column, site = work[i]
+            if column not in aggregators:
+                aggregators[column] = ValueAggregator(
+                    evaluation, accepted=public.fingerprint
+                )
+            aggregator = aggregators[column]
+            uploads[site.name] += os.path.getsize(path)
+            aggregator.add_file(site.name, public.fingerprint, path)
+            os.unlink(path)
+            if aggregator.count < expected[column]:
+                continue
+            del aggregators[column]  # every ciphertext of this column is in
+            s2, s1 = keys.decrypt_folded_pair(
+                aggregator.finish(), fingerprint=evaluation.fingerprint
+            )
             b = bounds[column]
-            quantum = rounding_quantum(aggregator.count, evaluation.params.slots)
+            quantum = rounding_quantum(aggregator.count, slots)
             total = round(s1 / quantum) * quantum * b
             squares = round(s2 / quantum) * quantum * b * b
             mean = total / n
@@ -536,6 +589,10 @@ def _describe_values(
                 "var": var,
                 "sum": total,
             }
+    missing = [c for c in cols if c not in results]
+    if missing:  # cannot happen: the count query refuses columns without rows
+        raise DataRefused(f"no values were aggregated for {missing}")
+    results = {c: results[c] for c in cols}
     table = pd.DataFrame(results)
     if dropna:  # as in describe(): rows dropped for a missing value in any column
         table.loc["missing"] = counted.totals[0]
@@ -557,37 +614,43 @@ def _no_pool() -> Iterator[None]:
     yield None
 
 
-class _SiteColumns:
-    """At the sites: column ``i`` of ``work`` scaled by its public bound, computed
-    once (refused beyond the bound).
+class _SiteRows:
+    """At the sites: each site's rows of the asked columns, selected once for the
+    count query and for the values it encrypts.
 
-    Rows are those the count query kept: with ``dropna``, a row missing any of the
-    columns is dropped from all of them, so every column's sums cover the ``n``
-    rows counted.
+    With ``dropna``, a row missing any of the columns is dropped from all of them,
+    so every column's sums cover the ``n`` rows the count query counted.
     """
 
     def __init__(
-        self,
-        work: Sequence[tuple[str, Site]],
-        columns: Sequence[str],
-        bounds: Mapping[str, float],
-        dropna: bool,
+        self, columns: Sequence[str], bounds: Mapping[str, float], dropna: bool
     ) -> None:
-        self._work = work
         self._columns = list(columns)
         self._bounds = bounds
         self._dropna = dropna
-        self._kept: dict[str, pd.DataFrame] = {}
-        self._done: dict[int, np.ndarray] = {}
+        self._rows: dict[str, tuple[pd.DataFrame, int]] = {}
+        self._scaled: dict[tuple[str, str], np.ndarray] = {}
 
-    def __call__(self, i: int) -> np.ndarray:
-        if i not in self._done:
-            column, site = self._work[i]
-            if site.name not in self._kept:
-                self._kept[site.name], _ = site.rows(self._columns, dropna=self._dropna)
-            x = self._kept[site.name][column].to_numpy(dtype=np.float64)
-            self._done[i] = _scale(site, column, x, self._bounds[column])
-        return self._done[i]
+    def _kept(self, site: Site) -> tuple[pd.DataFrame, int]:
+        if site.name not in self._rows:
+            self._rows[site.name] = site.rows(self._columns, dropna=self._dropna)
+        return self._rows[site.name]
+
+    def count_totals(self, site: Site, query: Query) -> Totals:
+        """The count query's site computation: rows dropped, rows kept."""
+        kept, dropped = self._kept(site)
+        mask = np.zeros(site.n_rows, dtype=bool)
+        mask[kept.index.to_numpy()] = True
+        return [float(dropped), float(len(kept))], {c: [mask] for c in self._columns}
+
+    def scaled(self, column: str, site: Site) -> np.ndarray:
+        """``column`` at ``site`` divided by its public bound (refused beyond it)."""
+        key = (column, site.name)
+        if key not in self._scaled:
+            kept, _ = self._kept(site)
+            x = kept[column].to_numpy(dtype=np.float64)
+            self._scaled[key] = _scale(site, column, x, self._bounds[column])
+        return self._scaled[key]
 
 
 def _scale(site: Site, column: str, x: np.ndarray, bound: float) -> np.ndarray:
