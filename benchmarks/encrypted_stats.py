@@ -16,11 +16,13 @@ sites (seeded ``numpy.random.default_rng``):
   site uploads per query, counted on the protocol's ``Contribution`` objects; where
   the time goes; the relative error against pandas;
 * every-value mode (``encrypted.values.describe_values`` with public bounds) against
-  the baseline of its target: encrypting the same values alone the way its sites do
-  (the public context, one process pool of the default size for every site and
-  column); the upload (the ciphertexts ``ValueAggregator.add`` receives), the error,
-  where the time goes, and whether that pool keeps both cores busy (against 1 worker
-  in process; CPU seconds of this process and its joined workers from ``os.times``);
+  the baseline of its target: encrypting the same values alone, every site and column
+  as one stream on the default number of processes — the faster of a pool of that
+  many workers and (as describe_values does) a pool of one fewer plus this process;
+  the upload (the ciphertexts ``ValueAggregator.add`` receives), the error, where the
+  time goes, and whether the sites' encryption keeps both cores busy (against 1
+  worker in process; CPU seconds of this process and its joined workers from
+  ``os.times``);
   a cost model (per-ciphertext and fixed costs) that explains the ratio;
 * the key holder's setup: key generation, and the relinearization and Galois keys of
   the every-value mode, with their sizes.
@@ -730,18 +732,18 @@ def values_mode(
         f"column); {workers} processes encrypt by default"
     )
     print(
-        f"{'':<56}{'seconds':>9}{'CPU s':>8}{'cores busy':>12}"
+        f"{'':<76}{'seconds':>9}{'CPU s':>8}{'cores busy':>12}"
         f"{'describe_values / this':>24}"
     )
     for name, m in ways.items():
         mark = "baseline: " if name == fastest else "          "
         print(
-            f"{mark + 'encrypt alone, ' + name:<56}"
+            f"{mark + 'encrypt alone, ' + name:<76}"
             f"{m.wall:>9.3f}{m.own_cpu:>8.2f}{m.cores_busy:>12.2f}"
             f"{full.wall / m.wall:>23.2f}x"
         )
     print(
-        f"{'describe_values: count, mean, variance, end to end':<56}{full.wall:>9.3f}"
+        f"{'describe_values: count, mean, variance, end to end':<76}{full.wall:>9.3f}"
         f"{full.own_cpu:>8.2f}{full.cores_busy:>12.2f}"
     )
     print(f"baseline = {BASELINE}")

@@ -5,12 +5,18 @@ the variance), and the mode that teaches what encrypting site totals saves: the 
 grows from one ciphertext per site to one per 4096 values.
 
 Each site divides its values by a public bound ``B`` (so squares stay far inside what
-CKKS carries) and encrypts them 4096 at a time, spread over a process pool so both
-cores work. The aggregator, holding an evaluation context (public, relinearization
-and Galois keys — never the secret key), adds the ciphertexts, squares each one
-*without* relinearizing or rescaling (cheap: the size-3 products are added and
-relinearized once), and folds every slot into one with rotations, so the key holder
-decrypts only the totals Σx and Σx² — never a slot that holds a few rows.
+CKKS carries) and encrypts them 4096 at a time. The aggregator, holding an evaluation
+context (public, relinearization and Galois keys — never the secret key), adds the
+ciphertexts, squares each one *without* relinearizing or rescaling (cheap: the size-3
+products are added and relinearized once), packs Σx into the imaginary part of the
+complex slots (Σx² + iΣx: one multiplication by a plaintext that is exactly i) and
+folds every slot into one with rotations, so the key holder decrypts only the totals
+Σx and Σx² — never a slot that holds a few rows.
+
+On one machine (teaching, tests) every party shares the cores: the sites' encryption
+runs in a process pool of ``cores - 1`` workers plus this process, which encrypts the
+next chunk itself whenever the pool's next ciphertext is not ready, and aggregates as
+ciphertexts arrive; the count query's secure sum runs while the pool encrypts.
 
 The squaring bias: rescaling after a multiplication divides by the dropped prime
 ``q`` (≈ 2^40 but not equal) while TenSEAL labels the result with scale 2^40, which
@@ -471,6 +477,11 @@ def describe_values(
     a power of two above their noise (:func:`rounding_quantum`, ~1e-5 of the bound
     for a few thousand values), so means and standard deviations come within about
     1e-6 relative; :func:`healthlab.encrypted.describe` is exact and far cheaper.
+
+    ``workers``: processes that encrypt (default: one per core) — this one, which also
+    aggregates, and a pool of ``workers - 1``; 1 encrypts in this process only.
+    ``dropna``: a row missing any of ``columns`` is dropped from all of them and
+    counted in a ``missing`` row, as in :func:`healthlab.encrypted.describe`.
 
     Examples
     --------
