@@ -631,6 +631,28 @@ def test_every_value_mode_drops_incomplete_rows_from_every_column(
         assert error < 1e-6, f"{stat}: relative error {error:.3g}"
 
 
+def test_every_value_mode_refuses_more_rows_than_the_parameters_carry() -> None:
+    """With two data primes (100 bits) the folded Σx² at scale 2^80 has room for
+    ~46k rows: more are refused with a clear error, never decrypted as garbage."""
+    params = CKKSParams(coeff_mod_bit_sizes=(60, 40, 60))
+    limit = every_value.max_rows(params)
+    assert 40_000 < limit < 50_000
+    assert every_value.max_rows(CKKSParams()) > 10**15
+    frame = pd.DataFrame({"x": np.linspace(0, 1, limit + 10)})
+    keys = KeyHolder(params)
+    with pytest.raises(InvalidInput, match="more than these CKKS parameters can sum"):
+        every_value.describe_values(
+            split(frame, limit // 2), ["x"], bound=1.0, keys=keys, workers=1
+        )
+    # at the limit it sums, exactly enough to round to the truth
+    table = every_value.describe_values(
+        split(frame.iloc[:limit], limit // 2), ["x"], bound=1.0, keys=keys, workers=1
+    )
+    assert table.loc["count", "x"] == limit
+    expected = frame["x"].iloc[:limit].mean()
+    assert table.loc["mean", "x"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_square_bias_factor_removes_tenseal_square_bias() -> None:
     params = CKKSParams()
     context = ts.context(

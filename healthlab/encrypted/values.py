@@ -53,7 +53,12 @@ import pandas as pd
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
-from healthlab.encrypted.keys import IntegrityError, KeyHolder, PublicContext
+from healthlab.encrypted.keys import (
+    CKKSParams,
+    IntegrityError,
+    KeyHolder,
+    PublicContext,
+)
 from healthlab.encrypted.protocol import Query, Totals, _sign, prepare_query
 from healthlab.encrypted.stats import attach_receipt
 from healthlab.errors import DataRefused, InvalidInput
@@ -63,22 +68,41 @@ __all__ = [
     "EncryptedValues",
     "describe_values",
     "encrypt_values",
+    "max_rows",
     "square_bias_factor",
 ]
 
-#: Noise of one folded slot sum per ciphertext added, in units of the public bound
-#: (measured: ~6e-5 on the folded sum of 49 ciphertexts of 4096 values).
+#: Noise of one folded slot sum per ciphertext added, in units of the public bound,
+#: at scale 2^40 (measured: ~6e-5 on the folded sum of 49 ciphertexts of 4096 values
+#: when Σx was rotated at scale 2^40; packed with Σx² it is now rotated at 2^80 and
+#: measures ~10× less, so this stays an upper estimate).
 NOISE_PER_SLOT = 1.5e-7
 
+#: bits kept free above the largest folded total a ciphertext must carry
+HEADROOM_BITS = 3
 
-def rounding_quantum(n_ciphertexts: int, slots: int) -> float:
+
+def rounding_quantum(n_ciphertexts: int, slots: int, scale_bits: int = 40) -> float:
     """Power of two at least 4× the expected noise of a folded every-value total.
 
     The key holder rounds decrypted totals to this quantum, so raw decryptions —
-    which could leak the secret key (Li–Micciancio 2021) — never leave it.
+    which could leak the secret key (Li–Micciancio 2021) — never leave it. The noise
+    is relative to the scale: a scale below 2^40 coarsens the quantum as much.
     """
     noise = NOISE_PER_SLOT * math.sqrt(max(1, n_ciphertexts) * slots)
+    noise *= 2.0 ** max(0, 40 - scale_bits)
     return float(2.0 ** math.ceil(math.log2(4 * noise)))
+
+
+def max_rows(params: CKKSParams) -> int:
+    """The most rows per column ``describe_values`` can sum under ``params``.
+
+    The folded Σx² + iΣx (values scaled into [-1, 1], at scale 2^2s) must stay below
+    half the data modulus, with :data:`HEADROOM_BITS` to spare.
+    """
+    data_bits = sum(params.coeff_mod_bit_sizes[:-1])
+    spare = data_bits - 1 - 2 * params.scale_bits - HEADROOM_BITS - 0.5  # |·| ≤ √2 n
+    return int(2.0**spare) if spare > 0 else 0
 
 
 _worker_context: ts.Context | None = None
@@ -565,6 +589,12 @@ def _describe_values(
             _ = site.content_hash  # for the receipt, while the pool works
         evaluation = keys.evaluation_context()
         n = counted.totals[1]
+        if n > max_rows(public.params):  # before the aggregator takes anything
+            raise InvalidInput(
+                f"{n:,.0f} rows are more than these CKKS parameters can sum in "
+                f"every-value mode (at most {max_rows(public.params):,}); use more or "
+                "larger coefficient moduli (the default parameters), or describe()"
+            )
         # the count's masked-sum round counts too
         uploads: dict[str, int] = {
             s.name: counted.upload_bytes.get(s.name, 0) for s in participants
@@ -588,7 +618,9 @@ def _describe_values(
                 aggregator.finish(), fingerprint=evaluation.fingerprint
             )
             b = bounds[column]
-            quantum = rounding_quantum(aggregator.count, slots)
+            quantum = rounding_quantum(
+                aggregator.count, slots, public.params.scale_bits
+            )
             total = round(s1 / quantum) * quantum * b
             squares = round(s2 / quantum) * quantum * b * b
             mean = total / n
