@@ -40,6 +40,7 @@ import json
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
+from traitlets.config import Config
 
 from healthlab.errors import (
     ConfigurationError,
@@ -1291,6 +1293,21 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _kernel_transport(folder: Path) -> Config:
+    """Kernel sockets: Unix sockets in ``folder`` (private, made for this run) where
+    the platform has them, else loopback TCP.
+
+    With TCP, jupyter_client picks free ports and releases them before the kernel
+    binds them, so reports run side by side (``healthlab demo``, the tests) can
+    race for the same port and a kernel dies with "Address already in use". Unix
+    sockets in a private folder cannot collide, and no other local user can reach
+    them.
+    """
+    if os.name == "nt":
+        return Config()
+    return Config({"KernelManager": {"transport": "ipc", "ip": str(folder / "kernel")}})
+
+
 def run_notebook(
     name: str | os.PathLike[str],
     parameters: Mapping[str, Any] | None = None,
@@ -1321,7 +1338,10 @@ def run_notebook(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     target = out / source.name
-    with _environment(RUN_ENVIRONMENT):
+    with (
+        _environment(RUN_ENVIRONMENT),
+        tempfile.TemporaryDirectory(prefix="healthlab-kernel-") as sockets,
+    ):
         try:
             papermill.execute_notebook(
                 str(source),
@@ -1334,9 +1354,9 @@ def run_notebook(
                 # panels are live only with a kernel: keep no widget state, so the
                 # report shows each panel's static note and tables, not a CDN widget
                 store_widget_state=False,
-                # the kernel listens on loopback only; keep its start-up notice
-                # about unencrypted local TCP out of every run's output
+                # keep the kernel's start-up notices out of every run's output
                 extra_arguments=["--IPKernelApp.log_level=ERROR"],
+                config=_kernel_transport(Path(sockets)),
             )
         except papermill.PapermillExecutionError as exc:
             raise HealthLabError(
