@@ -241,12 +241,45 @@ def superlink(
     port: Annotated[
         int, typer.Option(help="Port on 127.0.0.1 (all Flower APIs).")
     ] = 9093,
+    tls_dir: Annotated[
+        str,
+        typer.Option(
+            help="The study's CA and the SuperLink's certificate (made if missing); "
+            "give its ca.crt to every site."
+        ),
+    ] = "~/.healthlab/superlink/tls",
+    host_name: Annotated[
+        list[str] | None,
+        typer.Option(help="Names/addresses sites dial (certificate SAN), repeatable."),
+    ] = None,
+    register: Annotated[
+        list[str] | None,
+        typer.Option(help="A site's node public key file to admit, repeatable."),
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(help="DEVELOPMENT ONLY: no TLS and no node authentication."),
+    ] = False,
 ) -> None:
-    """Run a Flower SuperLink for federated studies until Ctrl-C."""
-    from healthlab.federated.deploy import SuperLink
+    """Run a Flower SuperLink (TLS, node authentication) until Ctrl-C."""
+    from pathlib import Path
 
-    link = SuperLink(port)
+    from healthlab.federated.deploy import SuperLink, make_study_pki
+
+    tls = (
+        None
+        if insecure
+        else make_study_pki(
+            Path(tls_dir).expanduser(), tuple(host_name or ("localhost", "127.0.0.1"))
+        )
+    )
+    link = SuperLink(port, tls=tls, insecure=insecure)
     link.start()
+    for key in register or []:
+        link.register_node(key)
+        typer.echo(f"registered node key {key}")
+    if tls is not None:
+        typer.echo(f"sites trust the study CA: --root-certificates {tls.ca_cert}")
     typer.echo(f"SuperLink on {link.address} (pid {link.pid}); Ctrl-C stops it")
     _follow(link)
 
@@ -284,6 +317,21 @@ def site_node(
         str | None,
         typer.Option(help="The site's state (default ~/.healthlab/sites/<site>)."),
     ] = None,
+    root_certificates: Annotated[
+        str | None,
+        typer.Option(help="The study CA's certificate (ca.crt from the SuperLink)."),
+    ] = None,
+    node_key: Annotated[
+        str | None,
+        typer.Option(
+            help="The SuperNode's key (OpenSSH P-384; created if missing). "
+            "Default: <state-dir>/node-key; register its .pub at the SuperLink."
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(help="DEVELOPMENT ONLY: no TLS and no node key."),
+    ] = False,
     port: Annotated[
         int | None, typer.Option(help="Port of the node's own API (default: free).")
     ] = None,
@@ -329,7 +377,16 @@ def site_node(
         f"site {site}: {loaded.n_rows} rows, dataset {dataset_id} on chain "
         f"{ledger.chain_id} (registry {ledger.address})"
     )
-    node = SiteNode(superlink, config, port=port)
+    node = SiteNode(
+        superlink,
+        config,
+        root_certificates=root_certificates,
+        node_key=node_key,
+        insecure=insecure,
+        port=port,
+    )
+    if node.public_key_file is not None:
+        typer.echo(f"site {site}: node public key {node.public_key_file}")
     node.start(timeout=connect_timeout)
     typer.echo(
         f"site {site}: SuperNode {node.node_id} connected to {superlink} "
@@ -385,6 +442,13 @@ def study(
         str | None,
         typer.Option(help="Write the result JSON here (a path on the SuperLink host)."),
     ] = None,
+    root_certificates: Annotated[
+        str | None,
+        typer.Option(help="The study CA's certificate (the SuperLink's ca.crt)."),
+    ] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="DEVELOPMENT ONLY: reach the SuperLink without TLS.")
+    ] = False,
     rpc_url: RpcUrl = None,
     registry: Registry = None,
 ) -> None:
@@ -414,7 +478,14 @@ def study(
         result_path=str(Path(result).expanduser().resolve()) if result else "",
     ).sign(ledger, researcher)
     typer.echo(f"study {config.hash} signed by {config.researcher}")
-    run = launch_study(superlink, config, ledger=ledger, echo=typer.echo)
+    run = launch_study(
+        superlink,
+        config,
+        ledger=ledger,
+        root_certificates=root_certificates,
+        insecure=insecure,
+        echo=typer.echo,
+    )
     history = run.history.drop(columns=["per_site", "rejected"], errors="ignore")
     _show(history)
     typer.echo(f"{len(history)} round(s) in {run.seconds:.1f} s")
@@ -425,13 +496,13 @@ def study(
 def _follow(process: Any) -> None:
     """Echo a Flower process's output until it exits or Ctrl-C/SIGTERM; stop it."""
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    shown = 0
+    shown: dict[int, int] = {}
     try:
         while process.running:
-            text = process.log()
-            if len(text) > shown:
-                typer.echo(text[shown:], nl=False)
-                shown = len(text)
+            for i, text in enumerate(process.logs()):
+                if len(text) > shown.get(i, 0):
+                    typer.echo(text[shown.get(i, 0) :], nl=False)
+                    shown[i] = len(text)
             time.sleep(0.5)
     except KeyboardInterrupt:
         pass

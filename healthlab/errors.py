@@ -14,6 +14,7 @@ from typing import Any
 __all__ = [
     "AccessAlreadyGranted",
     "AccessDenied",
+    "AppBundleRefused",
     "ChainUnreachable",
     "ConfigurationError",
     "ContractError",
@@ -93,6 +94,10 @@ class SignatureInvalid(AccessDenied):
 
 class KeyNotReleased(AccessDenied):
     """A download grant is live but its owner has not published the data key yet."""
+
+
+class AppBundleRefused(AccessDenied):
+    """A site was sent an app bundle other than the HealthLab app it runs."""
 
 
 class DisclosureRefused(HealthLabError):

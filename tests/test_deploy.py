@@ -53,7 +53,9 @@ from healthlab.federated.deploy import (
     find_flower,
     launch_study,
     load_result,
+    make_node_key,
     write_app,
+    write_run_config,
 )
 from healthlab.federated.deployed_client import app as client_app
 from healthlab.federated.deployed_client import preprocessing_record
@@ -165,10 +167,15 @@ def test_study_hash_ignores_operation_and_resolved_defaults(
 
 
 def test_written_app_gives_flower_the_study_back(tmp_path: Path) -> None:
-    from flwr.common.config import get_fused_config_from_dir, validate_config
+    from flwr.common.config import (
+        get_fused_config_from_dir,
+        parse_config_args,
+        validate_config,
+    )
 
     study = replace(BASE, rounds=7, lr=0.05, dropna=True, result_path="/r.json")
-    app = write_app(tmp_path / "app", study)
+    app = write_app(tmp_path / "app")
+    overrides = write_run_config(tmp_path / "run-config.toml", study)
     config = tomllib.loads((app / "pyproject.toml").read_text())
     valid, errors, _ = validate_config(config, check_module=True, project_dir=app)
     assert valid, errors  # what `flwr run` checks before building the FAB
@@ -176,8 +183,14 @@ def test_written_app_gives_flower_the_study_back(tmp_path: Path) -> None:
         "serverapp": "healthlab.federated.deployed_server:app",
         "clientapp": "healthlab.federated.deployed_client:app",
     }
-    run_config = get_fused_config_from_dir(app, {})
+    # `flwr run --run-config FILE` parses the file this way, then fuses it
+    run_config = get_fused_config_from_dir(app, parse_config_args([str(overrides)]))
     assert StudyConfig.from_run_config(run_config) == study
+    # every study ships the same bundle: the one the sites pin
+    other = write_app(tmp_path / "other")
+    assert (other / "pyproject.toml").read_bytes() == (
+        app / "pyproject.toml"
+    ).read_bytes()
 
 
 def test_node_config_survives_flowers_parser(tmp_path: Path) -> None:
@@ -316,7 +329,7 @@ def deployment(
         )
         for name in SITES[:2]
     }
-    link = SuperLink()
+    link = SuperLink()  # TLS with a fresh study CA, node authentication on
     nodes: list[SiteNode] = []
     cli_node: _CliNode | None = None
     cli_supernode_pid: int | None = None
@@ -324,8 +337,15 @@ def deployment(
     stopped: dict[str, dict[str, Any]] = {}
     try:
         link.start(timeout=60)
-        for name in SITES[:2]:  # launched together, then waited for
-            nodes.append(SiteNode(link.address, configs[name]).launch())
+        ca = link.root_certificates
+        for name in SITES[:2]:
+            nodes.append(SiteNode(link.address, configs[name], root_certificates=ca))
+            link.register_node(nodes[-1].public_key_file)
+        # the CLI site's key is made (and registered) before its node starts
+        cli_key = make_node_key(work / "state_site_2" / "node-key")
+        link.register_node(cli_key.with_name("node-key.pub"))
+        for node in nodes:  # launched together, then waited for
+            node.launch()
         cli_node = _CliNode(
             [
                 "site-node",
@@ -345,6 +365,8 @@ def deployment(
                 ledger.address,
                 "--state-dir",
                 str(work / "state_site_2"),
+                "--root-certificates",
+                str(ca),
                 "--verify-content",
             ]
         )
@@ -384,6 +406,8 @@ def deployment(
                 "90",
                 "--result",
                 str(result_path),
+                "--root-certificates",
+                str(ca),
             ],
         )
         seconds["study"] = time.monotonic() - study_started
@@ -407,6 +431,7 @@ def deployment(
                     node_timeout=3.0,
                 ),
                 workdir=work / "too-few",
+                root_certificates=ca,
                 timeout=120,
             )
         seconds["too few sites"] = time.monotonic() - too_few_started

@@ -4,9 +4,10 @@ The site reads who it is from its SuperNode's node config (see
 :class:`~healthlab.federated.deploy.SiteConfig`: ``site-name``, ``data-path`` or
 ``sql-url`` + ``table``, ``dataset-id``, ``rpc-url``, ``registry``, ``key-path``,
 ``state-dir``) and the study from the run config
-(:class:`~healthlab.federated.deploy.StudyConfig`). Flower starts a fresh ClientApp
-process for every message, so the site reloads its data each time and keeps what
-must last across the messages of a run in the run's ``context.state``.
+(:class:`~healthlab.federated.deploy.StudyConfig`). It runs inside the site runtime
+(:mod:`healthlab.federated.deploy.runtime`), which answers every message of the
+site's SuperNode with this app and refuses any other app bundle; what must last
+across the messages of a run lives in the run's ``context.state``.
 
 Messages:
 
@@ -98,7 +99,7 @@ def _preprocessing(msg: Message, study: StudyConfig) -> Preprocessing:
 def load_site(config: SiteConfig) -> Site:
     """The site's data, dataset, chain and key material, from its node config.
 
-    Loaded afresh for every message (Flower runs each in a new process): replay
+    Loaded afresh for every message (the data may change between messages): replay
     protection across messages and runs lives in ``state-dir``, not in memory.
     """
     from healthlab.ledger import Ledger
@@ -111,7 +112,7 @@ def load_site(config: SiteConfig) -> Site:
         from healthlab.data.stores import SQLStore
 
         assert config.table is not None
-        store = SQLStore(config.sql_url)
+        store = SQLStore(config.database_url())
         try:
             data = store.read_table(config.table)
         finally:

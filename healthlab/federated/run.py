@@ -10,15 +10,16 @@ in the kernel's own threads: it starts in milliseconds, so every ``train()`` in 
 kernel reuses the same engine at no cost, and the grant gate reads the same chain
 the notebook uses. Real isolation between hospitals is what the deployment runtime
 (a SuperLink and one SuperNode per site, see :mod:`healthlab.federated.deploy`) is for.
+
+``train()`` installs this backend and Flower's shorter in-memory polls through
+:mod:`healthlab.federated.flower_compat` (the one module that touches Flower's
+internals, checked against the installed flwr version).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import sys
 import threading
-import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ import pandas as pd
 from healthlab.encrypted import KeyHolder, cov, describe
 from healthlab.errors import HealthLabError, InvalidInput
 from healthlab.federated.client_app import make_client_app
+from healthlab.federated.flower_compat import install_engine
 from healthlab.federated.server_app import (
     STRATEGIES,
     Outcome,
@@ -43,83 +45,7 @@ from healthlab.sites import Site, as_sites
 
 __all__ = ["FederatedResult", "train"]
 
-_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
 _engine_lock = threading.Lock()
-
-
-class InProcessBackend:
-    """A Flower simulation backend running ClientApps in this process's threads."""
-
-    def __init__(self, backend_config: Mapping[str, Any]) -> None:
-        self.app_fn: Callable[[], Any] | None = None
-        workers = backend_config.get("init_args", {}).get("num_cpus", 2)
-        self.workers = max(1, int(workers))
-
-    def build(self, app_fn: Callable[[], Any]) -> None:
-        """Remember how to load the ClientApp."""
-        self.app_fn = app_fn
-
-    @property
-    def num_workers(self) -> int:
-        """Messages processed concurrently."""
-        return self.workers
-
-    def is_worker_idle(self) -> bool:
-        """Workers are threads of Flower's own pool; one is always free to start."""
-        return True
-
-    def terminate(self) -> None:
-        """Nothing to stop: the engine stays ready for the next run."""
-
-    def process_message(self, message: Any, context: Any) -> tuple[Any, Any]:
-        """Run the ClientApp on one message."""
-        assert self.app_fn is not None
-        return self.app_fn()(message=message, context=context), context
-
-
-def _install_engine() -> None:
-    """Point Flower's simulation runtime at :class:`InProcessBackend` (once)."""
-    from flwr.server.superlink.fleet.vce.backend import Backend
-
-    if _BACKEND_MODULE in sys.modules and getattr(
-        sys.modules[_BACKEND_MODULE], "HEALTHLAB", False
-    ):
-        return
-    backend = type("InProcessBackend", (InProcessBackend, Backend), {})
-    module = types.ModuleType(_BACKEND_MODULE)
-    module.RayBackend = backend  # type: ignore[attr-defined]
-    module.HEALTHLAB = True  # type: ignore[attr-defined]
-    sys.modules[_BACKEND_MODULE] = module
-    _tighten_polling()
-
-
-class _PromptQueue(queue.Queue[Any]):
-    """A queue whose blocking ``get`` wakes at least every 20 ms."""
-
-    def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        return super().get(block, None if timeout is None else min(timeout, 0.02))
-
-
-def _tighten_polling() -> None:
-    """Flower's in-memory runtime polls at 0.1 s and its workers wait 1 s to stop.
-
-    Built for Ray's seconds-long jobs, those intervals dominate rounds that take
-    milliseconds here (measured: ~0.2 s of a 0.21 s round, ~0.95 s per run to stop).
-    We poll every few ms instead. Pinned to flwr 1.41 (see pyproject).
-    """
-    from flwr.server.superlink.fleet.vce import vce_api
-
-    def add_messages_to_queue(
-        state: Any, queue_: Any, nodes_mapping: Any, f_stop: threading.Event
-    ) -> None:
-        while not f_stop.is_set():
-            for node_id in nodes_mapping:
-                for msg in state.get_message_ins(node_id=node_id, limit=1):
-                    queue_.put(msg)
-            f_stop.wait(0.005)
-
-    vce_api.Queue = _PromptQueue  # type: ignore[attr-defined]
-    vce_api.add_messages_to_queue = add_messages_to_queue  # type: ignore[assignment]
 
 
 @dataclass
@@ -474,7 +400,7 @@ def _simulate(server: Any, client: Any, n_sites: int) -> None:
     """One run on Flower's simulation runtime with the in-process backend."""
     from flwr.simulation import run_simulation
 
-    _install_engine()
+    install_engine()
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     with _engine_lock:

@@ -39,6 +39,7 @@ from healthlab.encrypted.encoding import decode_sum
 from healthlab.encrypted.keys import KeyHolder, PublicContext
 from healthlab.encrypted.protocol import Aggregate, Aggregator, Contribution
 from healthlab.errors import HealthLabError, InvalidInput, TooFewSites
+from healthlab.federated.flower_compat import quick_grid
 from healthlab.federated.study import Study
 from healthlab.federated.task import summarize
 
@@ -173,8 +174,7 @@ def run_rounds(
     on_round: Callable[[RoundReport], None] | None,
     keys: KeyHolder | None,
 ) -> None:
-    if hasattr(grid, "pull_interval"):  # the in-memory grid polls every 0.1 s
-        grid.pull_interval = 0.005
+    quick_grid(grid)  # the simulation's in-memory grid polls every 0.1 s
     nodes = _wait_for_nodes(grid, len(study.sites), settings.round_timeout)
     strategy = make_strategy(settings, len(study.sites))
     params = [np.asarray(p, dtype=np.float64) for p in initial]
