@@ -132,13 +132,14 @@ def timing_targets() -> list[tuple[Any, str, str]]:
 
     from healthlab.encrypted import keys, protocol
     from healthlab.federated import client_app, run, server_app, study, task
+    from healthlab.federated.flower_compat import InProcessBackend
     from healthlab.sites import Site
 
     return [
         (run, "_preprocessing", "pooled statistics"),
         (keys.KeyHolder, "__init__", "CKKS key generation"),
         (InMemoryGrid, "send_and_receive", "exchange with the sites"),
-        (run.InProcessBackend, "process_message", "site: other handler work"),
+        (InProcessBackend, "process_message", "site: other handler work"),
         (study.Study, "gate", "site: grant gate"),
         (study.Study, "data", "site: prepare data"),
         (task.Model, "fit", "site: local training"),

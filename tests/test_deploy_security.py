@@ -350,9 +350,9 @@ def test_an_unregistered_node_is_refused(scene: Scene) -> None:
     try:
         with pytest.raises(ConfigurationError) as refused:
             rogue.start(timeout=90)
-        assert "Failed to activate SuperNode" in str(refused.value) or "2004" in str(
-            refused.value
-        ), str(refused.value)[-1500:]
+        message = str(refused.value)
+        assert "not registered at the SuperLink" in message, message[-1500:]
+        assert "Failed to activate SuperNode" in message or "2004" in message
         assert rogue.node_id is None
     finally:
         rogue.close()

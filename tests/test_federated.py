@@ -403,6 +403,20 @@ def test_ckks_secure_aggregation_gives_the_plain_fedavg_model() -> None:
     assert secure.receipt["parameters"]["secure"] == "ckks"
 
 
+def test_no_hook_sees_a_sites_plaintext_update_under_secure_aggregation() -> None:
+    seen: list[str] = []
+
+    def peek(
+        site: str, params: list[np.ndarray], n: int
+    ) -> tuple[list[np.ndarray], int]:
+        seen.append(site)
+        return params, n
+
+    with pytest.raises(InvalidInput, match="refused with secure aggregation"):
+        run(secure="ckks", update_hook=peek)
+    assert seen == [], f"the hook saw the updates of {seen}"
+
+
 @pytest.mark.parametrize("strategy", ["trimmed", "median"])
 def test_robust_strategy_cannot_be_combined_with_secure_aggregation(
     strategy: str,

@@ -218,7 +218,8 @@ def train(
     progress:
         Called after every round with its :class:`RoundReport` (default: tqdm).
     update_hook:
-        Replace what a site sends (a compromised site, for tests and teaching).
+        Replace what a site sends (a compromised site, for tests and teaching). It
+        sees every site's plaintext update, so it is refused with ``secure="ckks"``.
 
     Examples
     --------
@@ -232,6 +233,12 @@ def train(
         raise InvalidInput(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
     if secure not in ("none", "ckks"):
         raise InvalidInput('secure must be "none" or "ckks"')
+    if secure != "none" and update_hook is not None:
+        raise InvalidInput(
+            "update_hook sees each site's plaintext update before it is masked; it is "
+            'refused with secure aggregation (use secure="none" to simulate a '
+            "compromised site)"
+        )
     if secure == "ckks" and strategy not in ("fedavg", "fedprox"):
         raise InvalidInput("secure aggregation sums updates: use fedavg or fedprox")
     if rounds < 1:

@@ -59,33 +59,45 @@ the table as read) and the researcher obtains grants; e.g. from Python::
 
 Then::
 
-    # 1. the researcher's SuperLink (one port: Fleet, Control and Runtime APIs)
-    healthlab superlink --port 9093
+    # 1. the researcher's SuperLink (one port: Fleet, Control and Runtime APIs), with
+    #    TLS (a study CA made in --tls-dir; sites get its ca.crt) and node
+    #    authentication: each site's node-key.pub is registered
+    healthlab superlink --port 9093 --tls-dir ~/.healthlab/superlink/tls \\
+        --register ~/.healthlab/sites/site_a/node-key.pub \\
+        --register ~/.healthlab/sites/site_b/node-key.pub
 
     # 2. one SuperNode per site, each with its own data, port and key material
     healthlab site-node --superlink 127.0.0.1:9093 --site site_a \\
+        --root-certificates ~/.healthlab/superlink/tls/ca.crt \\
         --data data_samples/cohort/site_a.csv --dataset-id 1 \\
         --registry 0xREGISTRY --state-dir ~/.healthlab/sites/site_a \\
         --port 9101 --verify-content
     healthlab site-node --superlink 127.0.0.1:9093 --site site_b \\
+        --root-certificates ~/.healthlab/superlink/tls/ca.crt \\
         --sql-url sqlite:///site_b.db --table cohort --dataset-id 2 \\
         --registry 0xREGISTRY --state-dir ~/.healthlab/sites/site_b \\
         --port 9102 --verify-content
-    #    (a URL with a password: set HEALTHLAB_DATABASE_URL for the node instead
-    #    of --sql-url, so that it does not show in the process list)
+    #    (the node writes a database URL to <state-dir>/database-url, mode 600: it
+    #    never shows in a process list or environment; HEALTHLAB_DATABASE_URL of the
+    #    starting shell works too)
 
     # 3. the study: signed by the researcher (HEALTHLAB_PRIVATE_KEY, or the node's
     #    unlocked account on a dev chain), written into a Flower App and run with
     #    `flwr run <app> healthlab --stream` (connection in $FLWR_HOME/config.toml)
     healthlab study --superlink 127.0.0.1:9093 --registry 0xREGISTRY \\
+        --root-certificates ~/.healthlab/superlink/tls/ca.crt \\
         --researcher 0xRESEARCHER --datasets 1,2 --sites 2 \\
         --target cvd_event_10y --features age,sbp,smoker,diabetes \\
         --rounds 10 --result study.json
 
-Each site's key (``<state-dir>/mask-key.pem``, mode 600) is created on first start;
-``--key PATH`` uses an existing one. The SuperNode of a site that is not part of the
-signed study, whose researcher has no live grant, or whose data differs from what was
-registered (``--verify-content``) refuses, and the history shows it.
+Each site's keys (``<state-dir>/mask-key.pem`` for the masks, ``<state-dir>/node-key``
+and ``node-key.pub`` for node authentication; mode 600) are created on first start
+(start the node once, or call :func:`make_node_key`, to get the public key to
+register); ``--key PATH`` uses an existing mask key. The site runs only the
+HealthLab ClientApp installed beside it (:mod:`~healthlab.federated.deploy.runtime`).
+The SuperNode of a site that is not part of the signed study, whose researcher has
+no live grant, or whose data differs from what was registered (``--verify-content``)
+refuses, and the history shows it.
 
 ``healthlab study`` prints the history (round, sites, refusals, pooled held-out
 loss/accuracy/AUC) and writes the result JSON; :func:`load_result` turns it into a

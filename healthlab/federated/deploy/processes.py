@@ -177,6 +177,10 @@ class _FlowerProcess:
     def _ready(self) -> bool:
         raise NotImplementedError
 
+    def _hint(self) -> str:
+        """What to do about an early exit, read from the log ("" if nothing)."""
+        return ""
+
     def logs(self) -> list[str]:
         """Every output of this process and its companions."""
         return [self.log()]
@@ -227,7 +231,8 @@ class _FlowerProcess:
                 code = self.process.returncode
                 self.stop()
                 raise ConfigurationError(
-                    f"the {self.kind} exited with code {code}:\n{self.log()[-1500:]}"
+                    f"the {self.kind} exited with code {code}{self._hint()}:\n"
+                    f"{self.log()[-1500:]}"
                 )
             try:
                 ready = self._ready()
@@ -567,6 +572,15 @@ class SiteNode(_FlowerProcess):
                 env=flower_env(self.home, **self.extra_env),
                 start_new_session=True,
             )
+
+    def _hint(self) -> str:
+        if "Failed to activate SuperNode" in self.log() or "2004" in self.log():
+            return (
+                f" (its node key is not registered at the SuperLink: register "
+                f"{self.public_key_file} there, e.g. `healthlab superlink --register "
+                "FILE`, then start the node again)"
+            )
+        return ""
 
     def runtime_output(self) -> str:
         """What the site runtime printed so far (its refusals among it)."""
