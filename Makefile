@@ -94,6 +94,7 @@ bench: setup
 	$(BIN)/python benchmarks/encrypted_stats.py
 	$(BIN)/python benchmarks/federated.py
 	$(BIN)/python benchmarks/storage.py
+	$(BIN)/python benchmarks/deploy.py
 
 clean:
 	rm -rf $(VENV) .tools contracts/node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,0 +1,130 @@
+"""A deployed federated study on loopback: 4 SuperNodes under TLS, time per round.
+
+Run as ``.venv/bin/python benchmarks/deploy.py`` (``--sites``, ``--rounds``). It is a
+measurement, not a test: it always exits 0 and prints what it measured. It starts an
+anvil node with the registry (grants on chain), a SuperLink with TLS and SuperNode
+authentication, one site per SuperNode (its SuperNode with ``--isolation process``
+and the site runtime beside it), registers the node keys, signs a logistic study and
+runs it with ``flwr run``. Printed: the time to bring the processes up, the whole
+study, and each round as the ServerApp measured it (train + evaluate messages
+through the SuperLink to every site and back), with the target of issue 12
+(≤ 2 s a round).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from machine import cpu_model  # benchmarks/machine.py (run as a script)
+from sklearn.datasets import load_breast_cancer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    from web3 import Web3
+
+    from healthlab.federated.deploy import (
+        SiteConfig,
+        SiteNode,
+        StudyConfig,
+        SuperLink,
+        launch_study,
+    )
+    from healthlab.ledger import Ledger, sha256_of
+    from healthlab.ledger.client import deploy_registry
+    from healthlab.ledger.node import AnvilNode
+
+    frame = load_breast_cancer(as_frame=True).frame
+    features = [str(c) for c in frame.columns[:8]]
+    frame = frame[[*features, "target"]].sample(frac=1.0, random_state=3)
+    parts = np.array_split(frame.reset_index(drop=True), args.sites)
+    work = Path(tempfile.mkdtemp(prefix="hl-bench-deploy-"))
+    started = time.monotonic()
+    with AnvilNode() as anvil:
+        w3 = Web3(Web3.HTTPProvider(anvil.url))
+        address, _ = deploy_registry(w3, w3.eth.accounts[0])
+        ledger = Ledger.connect(anvil.url, address, deploy=False)
+        owner, researcher = ledger.accounts[1], ledger.accounts[2]
+        configs = []
+        for i, part in enumerate(parts):
+            path = work / f"site_{i}.csv"
+            pd.DataFrame(part).to_csv(path, index=False)
+            ds = ledger.register_dataset(
+                f"https://site{i}.example/data.csv",
+                sha256_of(path),
+                terms="HMB",
+                auto_approve=True,
+                sender=owner,
+            )
+            ledger.request_access(ds, "benchmark", "HMB", sender=researcher)
+            configs.append(
+                SiteConfig(
+                    name=f"site_{i}",
+                    dataset_id=ds,
+                    rpc_url=anvil.url,
+                    registry=address,
+                    data=str(path),
+                    state_dir=str(work / f"state_{i}"),
+                )
+            )
+        link = SuperLink()
+        nodes: list[SiteNode] = []
+        try:
+            link.start(timeout=90)
+            for config in configs:
+                node = SiteNode(
+                    link.address, config, root_certificates=link.root_certificates
+                )
+                link.register_node(node.public_key_file)  # type: ignore[arg-type]
+                nodes.append(node.launch())
+            for node in nodes:
+                node.wait_ready(120)
+            up = time.monotonic() - started
+            study = StudyConfig(
+                target="target",
+                features=tuple(features),
+                rounds=args.rounds,
+                datasets=tuple(c.dataset_id for c in configs),
+                min_sites=args.sites,
+                expected_sites=args.sites,
+            ).sign(ledger, researcher)
+            run = launch_study(
+                link.address,
+                study,
+                ledger=ledger,
+                workdir=work / "study",
+                root_certificates=link.root_certificates,
+            )
+        finally:
+            for node in nodes:
+                node.close()
+            link.close()
+    rounds = [float(r) for r in run.history["seconds"]]
+    print(f"machine: {cpu_model()}, {platform.python_version()}, {sys.platform}")
+    print(f"{args.sites} SuperNodes under TLS + node authentication, loopback")
+    print(f"processes up (anvil, registry, SuperLink, SuperNodes): {up:.1f} s")
+    print(f"study: {args.rounds} rounds in {run.seconds:.1f} s (flwr run, end to end)")
+    print("per round (ServerApp's clock: train + evaluate at every site):")
+    for i, seconds in enumerate(rounds, 1):
+        print(f"  round {i}: {seconds:.2f} s")
+    print(
+        f"median round {statistics.median(rounds):.2f} s "
+        f"(target of issue 12: <= 2 s); the rest of the study is the ServerApp's "
+        f"start, the sites' hello and pooled moments, and flwr run's own start"
+    )
+
+
+if __name__ == "__main__":
+    main()
