@@ -49,7 +49,9 @@ def main() -> None:
     frame = load_breast_cancer(as_frame=True).frame
     features = [str(c) for c in frame.columns[:8]]
     frame = frame[[*features, "target"]].sample(frac=1.0, random_state=3)
-    parts = np.array_split(frame.reset_index(drop=True), args.sites)
+    frame = frame.reset_index(drop=True)
+    bounds = np.linspace(0, len(frame), args.sites + 1).astype(int)
+    parts = [frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     work = Path(tempfile.mkdtemp(prefix="hl-bench-deploy-"))
     started = time.monotonic()
     with AnvilNode() as anvil:
@@ -60,7 +62,7 @@ def main() -> None:
         configs = []
         for i, part in enumerate(parts):
             path = work / f"site_{i}.csv"
-            pd.DataFrame(part).to_csv(path, index=False)
+            part.to_csv(path, index=False)
             ds = ledger.register_dataset(
                 f"https://site{i}.example/data.csv",
                 sha256_of(path),
