@@ -14,6 +14,7 @@ through the SuperLink to every site and back), with the target of issue 12
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
 import sys
@@ -22,7 +23,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 from machine import cpu_model  # benchmarks/machine.py (run as a script)
 from sklearn.datasets import load_breast_cancer
 
@@ -51,7 +51,7 @@ def main() -> None:
     frame = frame[[*features, "target"]].sample(frac=1.0, random_state=3)
     frame = frame.reset_index(drop=True)
     bounds = np.linspace(0, len(frame), args.sites + 1).astype(int)
-    parts = [frame.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    parts = [frame.iloc[a:b] for a, b in itertools.pairwise(bounds)]
     work = Path(tempfile.mkdtemp(prefix="hl-bench-deploy-"))
     started = time.monotonic()
     with AnvilNode() as anvil:
