@@ -73,7 +73,7 @@ def serve(
     address: str,
     secret: bytes,
     *,
-    poll: float = 0.02,
+    poll: float = 0.1,
     stop: threading.Event | None = None,
     parent_pid: int | None = None,
 ) -> None:
@@ -90,7 +90,14 @@ def serve(
         except AppBundleRefused as exc:
             _logger.error("app bundle refused for run %s: %s", task.run_id, exc)
             raise
-        return app(message=task.message, context=task.context)
+        began = time.monotonic()
+        reply = app(message=task.message, context=task.context)
+        _logger.info(
+            "%s handled in %.3f s",
+            task.message.metadata.message_type,
+            time.monotonic() - began,
+        )
+        return reply
 
     print(
         f"site runtime ready (HealthLab {healthlab.__version__}, app sha256 "
@@ -105,7 +112,9 @@ def serve(
             if token is None:
                 halt.wait(poll)
                 continue
+            began = time.monotonic()
             tasks.run_task(token, answer)
+            _logger.info("task answered in %.3f s", time.monotonic() - began)
     finally:
         tasks.close()
 
@@ -138,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per poll otherwise
     deadline = time.monotonic() + 60
     while True:  # the SuperNode's Runtime API may still be starting
         try:
