@@ -33,6 +33,9 @@ from functools import partial
 from importlib import metadata
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ec import SECP384R1, derive_private_key
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from machine import cpu_model  # benchmarks/machine.py (run as a script)
 
 from healthlab.ledger import Ledger, Purpose
@@ -104,6 +107,15 @@ def register(
     )
 
 
+def site_keys(seed: int) -> tuple[bytes, bytes]:
+    """A site's X25519 mask key and P-384 node key, the same on every chain."""
+    mask = X25519PrivateKey.from_private_bytes(bytes([seed]) * 32).public_key()
+    node = derive_private_key(seed, SECP384R1()).public_key()
+    return mask.public_bytes_raw(), node.public_bytes(
+        Encoding.X962, PublicFormat.UncompressedPoint
+    )
+
+
 def request(ledger: Ledger, dataset_id: int, researcher: str) -> int:
     return ledger.request_access(
         dataset_id, "cardiovascular risk model", TERMS, sender=researcher
@@ -156,6 +168,18 @@ def operation_gas(ledger: Ledger) -> tuple[list[Row], dict[str, int]]:
         "setActive",
         "reopen",
         lambda: ledger.set_active(manual, True, sender=owner),
+    )
+    add(
+        "bindSiteKeys",
+        "first binding: 3 new slots, 97-byte node key logged",
+        lambda: ledger.bind_site_keys(manual, *site_keys(1), sender=owner),
+    )
+    # a rotation comes later: a new boundAt (anvil may mine two blocks in one second)
+    ledger.advance_time(60)
+    add(
+        "bindSiteKeys",
+        "re-binding to new keys (rotation): 3 slots overwritten",
+        lambda: ledger.bind_site_keys(manual, *site_keys(2), sender=owner),
     )
     automatic = register(ledger, owner, hashes, auto=True)
     add(

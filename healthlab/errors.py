@@ -32,6 +32,7 @@ __all__ = [
     "InvalidInput",
     "InvalidPointer",
     "InvalidRequest",
+    "InvalidSiteKeys",
     "KeyNotReleased",
     "NoActiveGrant",
     "NoPurpose",
@@ -48,6 +49,7 @@ __all__ = [
     "RequestAlreadyOpen",
     "ResultAlreadyRecorded",
     "SignatureInvalid",
+    "SiteKeysUnverified",
     "StateConflict",
     "TooEarlyToCancel",
     "TooFewSites",
@@ -82,6 +84,15 @@ class InvalidInput(HealthLabError, ValueError):
 
 class TransactionFailed(HealthLabError):
     """A transaction was mined but failed for a reason the node did not report."""
+
+
+class SiteKeysUnverified(HealthLabError):
+    """A site's node key read from the chain's logs does not match the stored hash.
+
+    The node's logs are incomplete or altered (or the client reads logs from after the
+    binding): no key is returned, since an unverified key is what a substitution
+    attack would serve.
+    """
 
 
 class AccessDenied(HealthLabError, PermissionError):
@@ -239,6 +250,14 @@ class NotADownloadGrant(StateConflict):
 
 class InvalidEnvelope(InvalidRequest):
     hint = "a key envelope is 1 to 512 bytes: wrap the key with healthlab.storage"
+
+
+class InvalidSiteKeys(InvalidRequest):
+    hint = (
+        "bind the site's X25519 public key (32 bytes, not zero) and its SuperNode's"
+        " P-384 public key as the 97-byte uncompressed point 0x04 || X || Y"
+        " (see `Ledger.bind_site_keys`)"
+    )
 
 
 class DatasetInactive(StateConflict):

@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ec import SECP384R1, derive_private_key
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from healthlab.ledger import Ledger
 from healthlab.ledger.client import deploy_registry
@@ -92,6 +95,20 @@ _hashes = iter(range(1, 1 << 30))
 def content_hash() -> str:
     """A fresh, non-zero 32-byte content hash."""
     return "0x" + next(_hashes).to_bytes(32, "big").hex()
+
+
+def mask_key(seed: int) -> bytes:
+    """A site's X25519 public key (32 raw bytes); the same seed gives the same key."""
+    private = X25519PrivateKey.from_private_bytes(bytes([seed % 256]) * 32)
+    return private.public_key().public_bytes_raw()
+
+
+def node_key(seed: int) -> bytes:
+    """A SuperNode's P-384 public key, the 97-byte uncompressed point 0x04 || X || Y."""
+    private = derive_private_key(seed + 1, SECP384R1())
+    return private.public_key().public_bytes(
+        Encoding.X962, PublicFormat.UncompressedPoint
+    )
 
 
 @pytest.fixture

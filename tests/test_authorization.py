@@ -6,8 +6,9 @@ credits, access records, dataset records, balances, counters and the block heigh
 read before and after. One positive control per function shows that the permitted
 party succeeds from the very same state, so the matrix cannot pass vacuously.
 
-The scene (two datasets, a pending request, a live grant, an owner's credit, the
-request timeout elapsed) is built once per module and restored by snapshot.
+The scene (two datasets, site keys bound to the first, a pending request, a live
+grant, an owner's credit, the request timeout elapsed) is built once per module and
+restored by snapshot.
 """
 
 from __future__ import annotations
@@ -17,15 +18,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from eth_utils import keccak
 
 from healthlab import errors
-from healthlab.ledger import Ledger, Status
-from tests.conftest import ETHER, Chain, content_hash
+from healthlab.ledger import Ledger, SiteKeys, Status
+from tests.conftest import ETHER, Chain, content_hash, mask_key, node_key
 
 FEE = ETHER // 100
 GRANT_SECONDS = 30 * 24 * 3600
 RESULT_HASH = "0x" + "ab" * 32
 ENVELOPE = b"\x04" + bytes(range(128))  # a stand-in: the contract only logs it
+SITE_KEYS = (mask_key(1), node_key(1))  # bound to `dataset` in the scene
+NEW_SITE_KEYS = (mask_key(2), node_key(2))  # what bindSiteKeys tries to bind
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class Scene:
     """Parties and records every case starts from."""
 
     ledger: Ledger
-    owner: str  # owns `dataset`; credited FEE for the holder's grant
+    owner: str  # owns `dataset` and bound its SITE_KEYS; credited FEE for the grant
     researcher: str  # has a pending request on `dataset`, older than the timeout
     holder: str  # holds a live download grant on `dataset`
     stranger: str  # nothing to do with either dataset
@@ -79,6 +83,7 @@ def scene_snapshot(chain: Chain) -> Iterator[tuple[Any, dict[str, Any]]]:
         dataset, "CVD risk", "HMB|NCU", download=True, sender=holder
     )
     ledger.approve(grant_request, sender=owner)
+    ledger.bind_site_keys(dataset, *SITE_KEYS, sender=owner)
     pending_request = ledger.request_access(
         dataset, "diabetes incidence", "DS|NCU", sender=researcher
     )
@@ -125,6 +130,7 @@ def fingerprint(scene: Scene) -> dict[str, Any]:
     }
     for ds in (scene.dataset, scene.other_dataset):
         state[f"dataset {ds}"] = fns.getDataset(ds).call()
+        state[f"site keys of {ds}"] = fns.siteKeys(ds).call()
     for role, address in scene.parties.items():
         state[f"credit of {role}"] = fns.credits(address).call()
         state[f"ether of {role}"] = ledger.balance(address)
@@ -162,6 +168,7 @@ def _nothing(scene: Scene, caller: str) -> dict[str, Any]:
 
 
 OWNER_REFUSED = ("researcher", "stranger", "other_owner")
+NOT_THE_OWNER = ("researcher", "holder", "stranger", "other_owner", "payee")
 GUARDED = [
     Guarded(
         "updateDataset",
@@ -216,6 +223,14 @@ GUARDED = [
         ),
         "owner",
         OWNER_REFUSED,
+        errors.NotDatasetOwner,
+        _not_owner,
+    ),
+    Guarded(
+        "bindSiteKeys",
+        lambda s: s.ledger.contract.functions.bindSiteKeys(s.dataset, *NEW_SITE_KEYS),
+        "owner",
+        NOT_THE_OWNER,
         errors.NotDatasetOwner,
         _not_owner,
     ),
@@ -325,6 +340,22 @@ def _effect_release(scene: Scene, before: dict[str, Any]) -> None:
     assert after | same == before | same, "releasing a key must only log the envelope"
 
 
+def _effect_bind(scene: Scene, before: dict[str, Any]) -> None:
+    now = scene.ledger.now()
+    mask, node = NEW_SITE_KEYS
+    assert scene.ledger.site_keys(scene.dataset) == SiteKeys(
+        scene.dataset, mask, node, now
+    )
+    assert scene.ledger.site_keys(scene.other_dataset) is None
+    receipt = scene.ledger.last_receipt
+    gas = receipt["gasUsed"] * receipt["effectiveGasPrice"]
+    after = fingerprint(scene)
+    assert after[f"site keys of {scene.dataset}"] == [mask, keccak(node), now]
+    assert after["ether of owner"] == before["ether of owner"] - gas
+    same = {"block number": 0, "ether of owner": 0, f"site keys of {scene.dataset}": 0}
+    assert after | same == before | same, "binding keys must change only the keys"
+
+
 def _effect_cancel(scene: Scene, before: dict[str, Any]) -> None:
     access = scene.ledger.access(scene.dataset, scene.researcher)
     assert access.status is Status.CANCELLED
@@ -354,6 +385,7 @@ EFFECTS: dict[str, Callable[[Scene, dict[str, Any]], None]] = {
     "decline": _effect_decline,
     "revoke": _effect_revoke,
     "releaseKey": _effect_release,
+    "bindSiteKeys": _effect_bind,
     "cancel": _effect_cancel,
     "recordResult": _effect_record,
     "withdraw": _effect_withdraw,

@@ -4,14 +4,18 @@ Six actors (accounts 1..6, each both owner and researcher) register datasets (fe
 including 0, grants of 10..5000 s, random terms, auto-approval on or off), update
 them, open and close them, request access (codes that fit the terms, random codes,
 stale agreed fees, wrong payments), approve, decline, cancel, revoke, record results,
-withdraw (to themselves, each other, an outside payee or the zero address), and move
-the clock (random jumps and jumps onto grant expiries and cancellation times).
+bind site keys (any sender, valid and invalid keys, rotations), withdraw (to
+themselves, each other, an outside payee or the zero address), and move the clock
+(random jumps and jumps onto grant expiries and cancellation times).
 
 Every step's outcome is predicted by the model: a refused step must revert with the
 error class *and arguments* the model names. After every step the whole chain state is
 compared with the model: every dataset record, every (dataset, actor) access record,
-``hasAccess`` for every pair, every credit, both counters, the clock and the contract's
-balance, and the money invariants hold:
+``hasAccess`` for every pair, the site keys of every dataset (and of one that does not
+exist), every credit, both counters, the clock and the contract's balance, and these
+invariants hold:
+
+* the keys stored for a dataset are only ever those its owner last bound;
 
 * contract balance == escrowed + credited (nothing else can send ether to it);
 * total paid in == total paid out + balance held;
@@ -43,6 +47,7 @@ from eth_utils import (
     function_abi_to_4byte_selector,
     get_abi_input_types,
     get_abi_output_types,
+    keccak,
 )
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -56,8 +61,8 @@ from hypothesis.stateful import (
 )
 
 from healthlab import errors
-from healthlab.ledger import Codes, Ledger, Status, permits
-from tests.conftest import Chain
+from healthlab.ledger import Codes, Ledger, SiteKeys, Status, permits
+from tests.conftest import Chain, mask_key, node_key
 
 T = TypeVar("T")
 
@@ -94,6 +99,10 @@ TERMS = st.builds(
 )
 #: Configuration faults the contract must refuse (None: a valid configuration).
 FAULTS = st.sampled_from([None] * 6 + ["fee", "grant", "purpose"])
+#: Site keys the actors bind (a few, so that rotations repeat keys).
+MASK_KEYS = [mask_key(i) for i in range(3)]
+NODE_KEYS = [node_key(i) for i in range(3)]
+ZERO32 = bytes(32)
 
 
 # ------------------------------------------------------------------------ model
@@ -203,6 +212,8 @@ class Model:
     payments: dict[int, Payment] = field(default_factory=dict)
     withdrawn: dict[str, int] = field(default_factory=dict)
     results: dict[bytes, int] = field(default_factory=dict)
+    #: dataset -> (mask key, node key, bound at) of its owner's latest binding
+    site_keys: dict[int, tuple[bytes, bytes, int]] = field(default_factory=dict)
     paid_in: int = 0
     paid_out: int = 0
 
@@ -356,6 +367,23 @@ class Model:
         if not self.datasets[ds].terms & Codes.DL:
             return _refuse(errors.DownloadNotPermitted, datasetId=ds)
         return None
+
+    def refuse_bind(
+        self, ds: int, caller: str, mask: bytes, node: bytes
+    ) -> Refusal | None:
+        refusal = self.owner_check(ds, caller)
+        if refusal is None and (
+            mask == ZERO32 or len(node) != 97 or node[:1] != b"\x04"
+        ):
+            refusal = _refuse(errors.InvalidSiteKeys)
+        return refusal
+
+    def stored_keys(self, ds: int) -> tuple[bytes, bytes, int]:
+        """The tuple ``siteKeys`` returns: the owner's latest binding, or zeros."""
+        if ds not in self.site_keys:
+            return (ZERO32, ZERO32, 0)
+        mask, node, at = self.site_keys[ds]
+        return (mask, keccak(node), at)
 
     def refuse_result(
         self, ds: int, request_id: int, digest: bytes, caller: str
@@ -822,6 +850,51 @@ class RegistryMachine(RuleBasedStateMachine):
             self.model.results[digest] = request_id
             assert self.ledger.result_request(digest) == request_id
 
+    @rule(
+        data=st.data(),
+        mask=st.integers(0, len(MASK_KEYS) - 1),
+        node=st.integers(0, len(NODE_KEYS) - 1),
+        fault=st.sampled_from(
+            [None] * 4 + ["zero mask", "short node key", "compressed", "no dataset"]
+        ),
+    )
+    def bind_site_keys(
+        self, data: st.DataObject, mask: int, node: int, fault: str | None
+    ) -> None:
+        """Bind a site's keys from the owner or anyone else; only the owner's valid
+        binding is stored, and it replaces the one before."""
+        ds = self.draw_dataset(data)
+        d = self.model.datasets[ds]
+        caller = data.draw(st.one_of(st.just(d.owner), st.sampled_from(self.actors)))
+        mask_key, node_key = MASK_KEYS[mask], NODE_KEYS[node]
+        if fault == "zero mask":
+            mask_key = ZERO32
+        elif fault == "short node key":
+            node_key = node_key[:96]
+        elif fault == "compressed":
+            node_key = b"\x02" + node_key[1:]
+        elif fault == "no dataset":
+            ds = len(self.model.datasets) + 1
+        if fault is None:
+
+            def send() -> Any:
+                return self.ledger.bind_site_keys(ds, mask_key, node_key, sender=caller)
+
+        else:  # the client refuses bad keys before sending: go around it
+            fn = self.ledger.contract.functions.bindSiteKeys(ds, mask_key, node_key)
+
+            def send() -> Any:
+                return self.ledger.transact(fn, caller)
+
+        done = self.attempt(
+            self.model.refuse_bind(ds, caller, mask_key, node_key), send
+        )
+        if done is None:
+            return
+        self.model.site_keys[ds] = (mask_key, node_key, self.model.now)
+        expected = SiteKeys(ds, mask_key, node_key, self.model.now)
+        assert self.ledger.site_keys(ds) == expected
+
     @rule(data=st.data(), payee=st.integers(0, 5))
     def withdraw(self, data: st.DataObject, payee: int) -> None:
         credited = sorted(a for a, c in self.model.credits.items() if c)
@@ -889,6 +962,10 @@ class RegistryMachine(RuleBasedStateMachine):
         assert view("requestCount") == m.request_count
         for ds, d in m.datasets.items():
             assert view("getDataset", ds) == d.as_chain(), f"dataset {ds} differs"
+        for ds in [*m.datasets, len(m.datasets) + 1]:
+            assert view("siteKeys", ds) == m.stored_keys(ds), (
+                f"the keys stored for dataset {ds} are not those its owner last bound"
+            )
         escrowed = 0
         for ds in m.datasets:
             for who in self.actors:

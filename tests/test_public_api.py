@@ -29,6 +29,8 @@ LEDGER_METHODS = [
     "request",
     "requests",
     "credit",
+    "bind_site_keys",
+    "site_keys",
 ]
 
 
@@ -54,7 +56,15 @@ def test_ledger_methods_are_documented(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["register_dataset", "request_access", "approve", "revoke", "withdraw"]
+    "name",
+    [
+        "register_dataset",
+        "request_access",
+        "approve",
+        "revoke",
+        "withdraw",
+        "bind_site_keys",
+    ],
 )
 def test_state_changes_take_sender_as_keyword(name: str) -> None:
     parameter = inspect.signature(getattr(Ledger, name)).parameters["sender"]

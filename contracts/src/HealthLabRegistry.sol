@@ -82,9 +82,23 @@ contract HealthLabRegistry {
         bool download;
     }
 
+    /// @notice The public keys of the site that holds a dataset (three slots: two 32-byte
+    ///         keys cannot share one). All zero until the owner binds them.
+    /// @dev `maskKey`: the site's X25519 public key for the pairwise masks of secure sums.
+    ///      `nodeKeyHash`: keccak256 of its Flower SuperNode's ECDSA P-384 public key, whose
+    ///      97 bytes are only logged (`SiteKeysBound`). `boundAt`: when they were bound.
+    struct SiteKeys {
+        bytes32 maskKey;
+        bytes32 nodeKeyHash;
+        uint40 boundAt;
+    }
+
     // ------------------------------------------------------------------- storage
     /// @notice Largest key envelope accepted by `releaseKey`, in bytes.
     uint256 public constant MAX_ENVELOPE = 512;
+
+    /// @dev Length of an uncompressed SEC1 P-384 point: 0x04 || X (48 bytes) || Y (48 bytes).
+    uint256 internal constant NODE_KEY_LENGTH = 97;
 
     /// @notice Seconds after which a researcher may cancel an unanswered request.
     uint256 public immutable requestTimeout;
@@ -99,6 +113,8 @@ contract HealthLabRegistry {
     mapping(address payee => uint256) public credits;
     /// @notice The request each anchored result hash was recorded against (0: none).
     mapping(bytes32 resultHash => uint256 requestId) public resultRequest;
+    /// @dev The site keys each dataset's owner bound last (see `siteKeys`).
+    mapping(uint256 datasetId => SiteKeys) internal _siteKeys;
 
     bool private transient _entered;
 
@@ -139,6 +155,9 @@ contract HealthLabRegistry {
     event KeyReleased(
         uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher, bytes envelope
     );
+    /// @notice The dataset's owner bound (or re-bound) its site's public keys. The full node
+    ///         key is kept only in this log; check it against the stored `nodeKeyHash`.
+    event SiteKeysBound(uint256 indexed datasetId, bytes32 maskKey, bytes32 nodeKeyHash, bytes nodeKey);
 
     // -------------------------------------------------------------------- errors
     error UnknownDataset(uint256 datasetId);
@@ -172,6 +191,9 @@ contract HealthLabRegistry {
     error DownloadNotPermitted(uint256 datasetId);
     error NotADownloadGrant(uint256 requestId);
     error InvalidEnvelope(uint256 length);
+    /// @notice A zero mask key, or a node key that is not a 97-byte uncompressed point
+    ///         (0x04 || X || Y).
+    error InvalidSiteKeys();
 
     // ----------------------------------------------------------------- modifiers
     modifier nonReentrant() {
@@ -250,6 +272,28 @@ contract HealthLabRegistry {
         Dataset storage d = _datasets[datasetId];
         d.active = active;
         emit DatasetUpdated(datasetId, d.fee, d.grantSeconds, d.terms, d.autoApprove, active);
+    }
+
+    // ----------------------------------------------------------------- site keys
+    /// @notice Bind the public keys of the site that holds your dataset: its X25519 mask key
+    ///         (pairwise masks of secure sums) and its Flower SuperNode's ECDSA P-384 key
+    ///         (node authentication). Peers can check a site's keys against this binding, so a
+    ///         server that substitutes them is caught. Binding again replaces both (rotation).
+    /// @dev Stores the mask key, keccak256 of the node key and the time; the node key itself
+    ///      is only logged (`SiteKeysBound`). Only public keys: private keys stay at the site.
+    /// @param datasetId the dataset, which you must own.
+    /// @param maskKey the raw 32-byte X25519 public key; not zero.
+    /// @param nodeKey the node's public key as the 97-byte uncompressed SEC1 point 0x04 || X || Y.
+    function bindSiteKeys(uint256 datasetId, bytes32 maskKey, bytes calldata nodeKey)
+        external
+        onlyOwner(datasetId)
+    {
+        if (maskKey == bytes32(0) || nodeKey.length != NODE_KEY_LENGTH || nodeKey[0] != bytes1(0x04)) {
+            revert InvalidSiteKeys();
+        }
+        bytes32 nodeKeyHash = keccak256(nodeKey);
+        _siteKeys[datasetId] = SiteKeys(maskKey, nodeKeyHash, uint40(block.timestamp));
+        emit SiteKeysBound(datasetId, maskKey, nodeKeyHash, nodeKey);
     }
 
     // ------------------------------------------------------------------ requests
@@ -410,6 +454,19 @@ contract HealthLabRegistry {
     /// @notice The current request or grant of `researcher` on `datasetId` (zeroes if none).
     function getAccess(uint256 datasetId, address researcher) external view returns (Access memory) {
         return _access[datasetId][researcher];
+    }
+
+    /// @notice The public keys the owner of `datasetId` bound last (all zero if never bound).
+    /// @return maskKey the site's X25519 public key.
+    /// @return nodeKeyHash keccak256 of its SuperNode's P-384 key (the key is in `SiteKeysBound`).
+    /// @return boundAt when they were bound.
+    function siteKeys(uint256 datasetId)
+        external
+        view
+        returns (bytes32 maskKey, bytes32 nodeKeyHash, uint40 boundAt)
+    {
+        SiteKeys storage k = _siteKeys[datasetId];
+        return (k.maskKey, k.nodeKeyHash, k.boundAt);
     }
 
     /// @notice Whether a request carrying `codes` satisfies `terms`.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from healthlab.ledger.client import Ledger, Purpose, deploy_registry, sha256_of
 from healthlab.ledger.codes import Codes, as_codes, permits
-from healthlab.ledger.records import Access, Dataset, Request, Status
+from healthlab.ledger.records import Access, Dataset, Request, SiteKeys, Status
 
 __all__ = [
     "Access",
@@ -13,6 +13,7 @@ __all__ = [
     "Ledger",
     "Purpose",
     "Request",
+    "SiteKeys",
     "Status",
     "as_codes",
     "deploy_registry",

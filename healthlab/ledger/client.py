@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 import requests
+from cryptography.hazmat.primitives.asymmetric import ec
 from eth_abi.abi import decode as abi_decode
 from eth_account import Account
 from eth_account.messages import encode_typed_data
@@ -37,7 +38,7 @@ from healthlab import errors
 from healthlab.ledger import deployments
 from healthlab.ledger.artifacts import load_artifact
 from healthlab.ledger.codes import Codes, as_codes
-from healthlab.ledger.records import Access, Dataset, Request, Status
+from healthlab.ledger.records import Access, Dataset, Request, SiteKeys, Status
 from healthlab.ledger.signing import (
     SignedQuery,
     query_typed_data,
@@ -368,6 +369,86 @@ class Ledger:
         frame = pd.DataFrame(rows, columns=list(Dataset.__dataclass_fields__))
         frame["terms"] = frame["terms"].map(lambda c: _flag_names(c))
         return frame.set_index("id")
+
+    # --------------------------------------------------------------- site keys
+    def bind_site_keys(
+        self,
+        dataset_id: int,
+        mask_key: bytes,
+        node_key: bytes,
+        *,
+        sender: str | None = None,
+    ) -> SiteKeys:
+        """Bind the public keys of the site that holds a dataset (owner only).
+
+        Peers can then check a site's keys against the chain, so a server that
+        substitutes one (to unmask that site's totals in a secure sum) is caught.
+        Binding again replaces both keys (rotation): :meth:`site_keys` reads the latest
+        binding. Only public keys go on chain.
+
+        Parameters
+        ----------
+        dataset_id:
+            The dataset; anyone but its owner is refused with
+            :class:`~healthlab.errors.NotDatasetOwner`.
+        mask_key:
+            The site's X25519 public key, 32 raw bytes (``Site.mask_public_key``).
+        node_key:
+            Its Flower SuperNode's ECDSA P-384 public key as the 97-byte uncompressed
+            point ``0x04 || X || Y``, i.e.
+            ``key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint)``.
+
+        Returns
+        -------
+        SiteKeys
+            What this transaction bound, with its block time.
+
+        Examples
+        --------
+        >>> keys = ledger.bind_site_keys(ds, site.mask_public_key, node, sender=owner)
+        >>> ledger.site_keys(ds) == keys
+        True
+        """
+        fn = self.contract.functions.bindSiteKeys(
+            dataset_id, _mask_key(mask_key), _node_key(node_key)
+        )
+        receipt = self._transact(fn, sender)
+        bound = self._event(receipt, "SiteKeysBound")
+        return SiteKeys(
+            dataset_id=int(dataset_id),
+            mask_key=bytes(bound["maskKey"]),
+            node_key=bytes(bound["nodeKey"]),
+            bound_at=self._block_time(receipt["blockNumber"]),
+        )
+
+    def site_keys(self, dataset_id: int) -> SiteKeys | None:
+        """The site keys the owner of ``dataset_id`` bound last, verified.
+
+        The mask key and the node key's keccak256 are read from the registry's storage;
+        the node key itself from the latest ``SiteKeysBound`` log whose key hashes to
+        the stored hash. ``None`` when no keys were bound (or there is no such dataset).
+        When no log matches, :class:`~healthlab.errors.SiteKeysUnverified` is raised:
+        an unverified key is never returned.
+        """
+        fn = self.contract.functions.siteKeys(dataset_id)
+        mask_key, node_key_hash, bound_at = self._call(fn)
+        if bytes(mask_key) == bytes(32):  # the contract never binds a zero mask key
+            return None
+        stored = bytes(node_key_hash)
+        # Only the hash is trusted: the node that serves the logs could alter them.
+        for entry in reversed(self._logs(event="SiteKeysBound", dataset_id=dataset_id)):
+            node_key = bytes(entry["args"]["nodeKey"])
+            if keccak(node_key) == stored:
+                return SiteKeys(
+                    int(dataset_id), bytes(mask_key), node_key, int(bound_at)
+                )
+        raise errors.SiteKeysUnverified(
+            f"no SiteKeysBound log from block {self.from_block} on holds the node key "
+            f"bound to dataset {dataset_id} (keccak256 0x{stored.hex()}): the node's "
+            "logs are incomplete or altered, or this client reads logs from after the "
+            "binding. No keys were returned: use a node you trust, from the registry's "
+            "deployment block"
+        )
 
     # ---------------------------------------------------------------- requests
     def request_access(
@@ -889,8 +970,11 @@ class Ledger:
         *,
         event: str | None = None,
         request_id: int | None = None,
+        dataset_id: int | None = None,
         from_block: int | None = None,
     ) -> list[Any]:
+        if request_id is not None and dataset_id is not None:
+            raise ValueError("filter logs by a request or by a dataset, not both")
         events = self._event_abis
         topics: list[Any] = [
             [
@@ -907,6 +991,14 @@ class Ledger:
                 in ("AccessRequested", *_DECISIONS, "ResultRecorded", "KeyReleased")
             ]
             topics.append("0x" + int(request_id).to_bytes(32, "big").hex())
+        if dataset_id is not None:  # events whose first indexed argument is datasetId
+            topics[0] = [
+                t
+                for t in topics[0]
+                if next((i["name"] for i in events[t]["inputs"] if i["indexed"]), None)
+                == "datasetId"
+            ]
+            topics.append("0x" + int(dataset_id).to_bytes(32, "big").hex())
         params = {
             "address": self.address,
             "fromBlock": self.from_block if from_block is None else from_block,
@@ -1098,6 +1190,56 @@ def _bytes32(value: str | bytes, name: str) -> bytes:
     if not isinstance(value, bytes) or len(value) != 32:
         raise errors.InvalidInput(f"{name} must be 32 bytes (e.g. a sha256 digest)")
     return value
+
+
+_NODE_KEY_FORM = (
+    "the SuperNode's ECDSA P-384 public key as the 97-byte uncompressed point "
+    "0x04 || X || Y (key.public_bytes(Encoding.X962, PublicFormat.UncompressedPoint))"
+)
+
+
+def _mask_key(value: bytes) -> bytes:
+    """A site's X25519 public key, checked: 32 raw bytes, not zero."""
+    form = "the site's X25519 public key as 32 raw bytes (Site.mask_public_key)"
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise errors.InvalidInput(
+            f"mask_key must be {form}, not {type(value).__name__}"
+        )
+    key = bytes(value)
+    if len(key) != 32:
+        raise errors.InvalidInput(f"mask_key must be {form}, not {len(key)} bytes")
+    if key == bytes(32):
+        raise errors.InvalidInput(f"mask_key is all zeros: pass {form}")
+    return key
+
+
+def _node_key(value: bytes) -> bytes:
+    """A SuperNode's P-384 public key, checked: an uncompressed point on the curve."""
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise errors.InvalidInput(
+            f"node_key must be {_NODE_KEY_FORM}, not {type(value).__name__}"
+        )
+    key = bytes(value)
+    if key.startswith(b"ecdsa-sha2-nistp384"):
+        raise errors.InvalidInput(
+            f"node_key is an OpenSSH key line: load it with cryptography's "
+            f"load_ssh_public_key and pass {_NODE_KEY_FORM}"
+        )
+    if len(key) != 97:
+        raise errors.InvalidInput(
+            f"node_key must be {_NODE_KEY_FORM}, not {len(key)} bytes"
+        )
+    if key[0] != 0x04:
+        raise errors.InvalidInput(
+            f"node_key starts with 0x{key[0]:02x}, not 0x04: pass {_NODE_KEY_FORM}"
+        )
+    try:
+        ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP384R1(), key)
+    except ValueError:
+        raise errors.InvalidInput(
+            f"node_key is not a point on the P-384 curve: pass {_NODE_KEY_FORM}"
+        ) from None
+    return key
 
 
 def _uint(value: int, name: str, bits: int = 256) -> int:

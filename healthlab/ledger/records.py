@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from healthlab.ledger.codes import Codes
 
-__all__ = ["Access", "Dataset", "Request", "Status"]
+__all__ = ["Access", "Dataset", "Request", "SiteKeys", "Status"]
 
 
 class Status(enum.IntEnum):
@@ -79,3 +79,19 @@ class Request:
     def download(self) -> bool:
         """Whether this request asks for (or its grant allows) a download."""
         return bool(self.codes & Codes.DL)
+
+
+@dataclass(frozen=True)
+class SiteKeys:
+    """The public keys a dataset's owner bound to it on chain, verified.
+
+    ``mask_key`` is the site's X25519 public key (32 raw bytes) for the pairwise masks
+    of secure sums; ``node_key`` its Flower SuperNode's ECDSA P-384 public key as the
+    97-byte uncompressed point ``0x04 || X || Y``; ``bound_at`` the binding's block
+    time.
+    """
+
+    dataset_id: int
+    mask_key: bytes
+    node_key: bytes
+    bound_at: int
