@@ -256,10 +256,19 @@ def superlink(
         list[str] | None,
         typer.Option(help="A site's node public key file to admit, repeatable."),
     ] = None,
+    dataset: Annotated[
+        list[int] | None,
+        typer.Option(
+            help="Admit the node bound on chain to this dataset, repeatable "
+            "(needs --rpc-url and --registry)."
+        ),
+    ] = None,
     insecure: Annotated[
         bool,
         typer.Option(help="DEVELOPMENT ONLY: no TLS and no node authentication."),
     ] = False,
+    rpc_url: RpcUrl = None,
+    registry: Registry = None,
 ) -> None:
     """Run a Flower SuperLink (TLS, node authentication) until Ctrl-C."""
     from pathlib import Path
@@ -278,6 +287,9 @@ def superlink(
     for key in register or []:
         link.register_node(key)
         typer.echo(f"registered node key {key}")
+    if dataset:
+        for ds in link.register_datasets(_ledger(rpc_url, registry), dataset):
+            typer.echo(f"registered the node bound to dataset {ds} on chain")
     if tls is not None:
         typer.echo(f"sites trust the study CA: --root-certificates {tls.ca_cert}")
     typer.echo(f"SuperLink on {link.address} (pid {link.pid}); Ctrl-C stops it")
@@ -393,6 +405,66 @@ def site_node(
         f"(pid {node.pid}); Ctrl-C stops it"
     )
     _follow(node)
+
+
+@app.command("site-keys")
+def site_keys(
+    dataset_id: Annotated[
+        int, typer.Option(help="The dataset this site's data is registered under.")
+    ],
+    state_dir: Annotated[
+        str, typer.Option(help="The site's state (where its keys live).")
+    ],
+    bind: Annotated[
+        bool,
+        typer.Option(help="Bind the keys to the dataset on chain (as its owner)."),
+    ] = False,
+    owner: Annotated[
+        str | None,
+        typer.Option(
+            envvar="HEALTHLAB_OWNER",
+            help="The dataset owner's address (its key from HEALTHLAB_PRIVATE_KEY or "
+            "HEALTHLAB_KEY_FILE, or the node's unlocked account).",
+        ),
+    ] = None,
+    rpc_url: RpcUrl = None,
+    registry: Registry = None,
+) -> None:
+    """Make a site's mask and node keys (once) and bind them to its dataset."""
+    from pathlib import Path
+
+    from healthlab.federated.deploy import (
+        SiteConfig,
+        bind_site_keys,
+        ensure_state_dir,
+        load_site_key,
+        make_node_key,
+    )
+
+    ledger = _ledger(rpc_url, registry)
+    state = ensure_state_dir(Path(state_dir)).resolve()
+    load_site_key(state / "mask-key.pem")
+    make_node_key(state / "node-key")
+    config = SiteConfig(
+        name="site",
+        dataset_id=dataset_id,
+        rpc_url=str(ledger.rpc_url),
+        registry=ledger.address,
+        data="unused",
+        state_dir=str(state),
+    )
+    if bind:
+        bound = bind_site_keys(ledger, config, sender=owner)
+        typer.echo(
+            f"dataset {dataset_id}: mask key {bound.mask_key.hex()[:16]}… and node "
+            f"key {state / 'node-key.pub'} bound on chain"
+        )
+    current = ledger.site_keys(dataset_id)
+    typer.echo(
+        f"dataset {dataset_id}: "
+        + ("no keys bound on chain" if current is None else "keys bound on chain")
+        + f"; node public key for the SuperLink: {state / 'node-key.pub'}"
+    )
 
 
 @app.command()

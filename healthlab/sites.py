@@ -399,26 +399,29 @@ class Site:
 
     # ----------------------------------------------------------------- masks
     def pairwise_seeds(
-        self, peers: Mapping[str, bytes], context: bytes
+        self, peers: Mapping[str, bytes], context: bytes, *, me: str | None = None
     ) -> list[tuple[bytes, int]]:
         """Seeds shared with every other site (X25519 + HKDF), with this site's sign.
 
-        The lower-named site of a pair adds the pair's stream, the other subtracts
-        it, so the masks cancel in the sum across sites.
+        ``peers`` maps each member's identifier to its X25519 public key; ``me`` is
+        this site's identifier among them (default: its name). The lower-named
+        member of a pair adds the pair's stream, the other subtracts it, so the masks
+        cancel in the sum across the members.
         """
+        me = self.name if me is None else me
         seeds = []
         for peer, public in sorted(peers.items()):
-            if peer == self.name:
+            if peer == me:
                 continue
             shared = self._mask_key.exchange(X25519PublicKey.from_public_bytes(public))
-            pair = "|".join(sorted((self.name, peer))).encode()
+            pair = "|".join(sorted((me, peer))).encode()
             seed = HKDF(
                 algorithm=hashes.SHA256(),
                 length=32,
                 salt=None,
                 info=b"healthlab-mask|" + pair + b"|" + context,
             ).derive(shared)
-            seeds.append((seed, 1 if self.name < peer else -1))
+            seeds.append((seed, 1 if me < peer else -1))
         return seeds
 
 

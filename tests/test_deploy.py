@@ -42,7 +42,12 @@ from typer.testing import CliRunner
 
 from healthlab import cli
 from healthlab.data.stores import SQLStore
-from healthlab.encrypted.encoding import DIGITS, decode_sum, encode_totals
+from healthlab.encrypted.encoding import (
+    DIGITS,
+    decode_sum,
+    encode_totals,
+    mask_vector,
+)
 from healthlab.errors import HealthLabError
 from healthlab.federated import FederatedResult, train
 from healthlab.federated.deploy import (
@@ -50,10 +55,11 @@ from healthlab.federated.deploy import (
     SiteNode,
     StudyConfig,
     SuperLink,
+    bind_site_keys,
     find_flower,
     launch_study,
     load_result,
-    make_node_key,
+    load_site_key,
     write_app,
     write_run_config,
 )
@@ -329,6 +335,19 @@ def deployment(
         )
         for name in SITES[:2]
     }
+    # each owner binds its site's mask and node keys to the dataset on chain
+    for name in SITES[:2]:
+        bind_site_keys(ledger, configs[name], sender=owner)
+    cli_site = replace(
+        configs["site_0"],
+        name="site_2",
+        dataset_id=datasets["site_2"],
+        data=None,
+        table="cohort",
+        sql_url=db_url,
+        state_dir=str(work / "state_site_2"),
+    )
+    bind_site_keys(ledger, cli_site, sender=owner)
     link = SuperLink()  # TLS with a fresh study CA, node authentication on
     nodes: list[SiteNode] = []
     cli_node: _CliNode | None = None
@@ -338,12 +357,10 @@ def deployment(
     try:
         link.start(timeout=60)
         ca = link.root_certificates
+        # the researcher admits exactly the nodes bound to the study's datasets
+        link.register_datasets(ledger, [datasets[n] for n in SITES])
         for name in SITES[:2]:
             nodes.append(SiteNode(link.address, configs[name], root_certificates=ca))
-            link.register_node(nodes[-1].public_key_file)
-        # the CLI site's key is made (and registered) before its node starts
-        cli_key = make_node_key(work / "state_site_2" / "node-key")
-        link.register_node(cli_key.with_name("node-key.pub"))
         for node in nodes:  # launched together, then waited for
             node.launch()
         cli_node = _CliNode(
@@ -634,8 +651,14 @@ def make_site(chain: Ledger, folder: Path, name: str, frame: pd.DataFrame) -> Ga
         state_dir=str(folder / f"state_{name}"),
         verify_content=True,
     )
+    bind_site_keys(chain, config, sender=owner)
+    # one dataset: no masked sum to standardize with (that needs >= 2 sites)
     signed = StudyConfig(
-        target=TARGET, features=tuple(FEATURES), rounds=2, datasets=(ds,)
+        target=TARGET,
+        features=tuple(FEATURES),
+        rounds=2,
+        datasets=(ds,),
+        standardize=False,
     ).sign(chain, researcher)
     return GatedSite(config, signed, chain, owner, researcher, frame)
 
@@ -827,17 +850,13 @@ def test_masked_moments_reveal_only_the_pooled_totals(
                 key_path=str(tmp_path / f"{name}.pem"),
             )
         )
+    for config in configs:
+        bind_site_keys(chain, config, sender=owner)
     study = StudyConfig(
         target=TARGET, features=tuple(FEATURES), datasets=tuple(datasets)
     ).sign(chain, researcher)
-    keys = [bytes(ask(c, study, "query.hello")["status"]["mask-key"]) for c in configs]
-    peers = ConfigRecord({"peers": list(SITES), "peer-keys": keys})
     masked = [
-        np.asarray(
-            ask(c, study, "query.moments", content=RecordDict({"config": peers}))[
-                "arrays"
-            ].to_numpy_ndarrays()[0]
-        )
+        np.asarray(ask(c, study, "query.moments")["arrays"].to_numpy_ndarrays()[0])
         for c in configs
     ]
     p = len(FEATURES)
@@ -855,3 +874,193 @@ def test_masked_moments_reveal_only_the_pooled_totals(
     expected = sum(totals(frames[name]) for name in SITES)
     np.testing.assert_allclose(decoded, expected, rtol=1e-14)
     assert decoded[0] == sum(SIZES)
+
+
+def _moments_sites(
+    chain: Ledger, folder: Path, tag: str
+) -> tuple[list[SiteConfig], list[int], str, dict[str, pd.DataFrame]]:
+    """Three gated sites with rows of their own and keys bound on chain."""
+    owner, researcher = chain.accounts[8], chain.accounts[9]
+    frames = {
+        name: frame.sample(frac=1.0, random_state=next(_seeds)).reset_index(drop=True)
+        for name, frame in site_frames().items()
+    }
+    configs, datasets = [], []
+    for i, name in enumerate(SITES):
+        path = folder / f"{name}.csv"
+        frames[name].to_csv(path, index=False)
+        tag_i = f"{tag}-{i}-{folder.name}"
+        ds = grant(chain, sha256_of(path), owner, researcher, tag_i)
+        datasets.append(ds)
+        configs.append(
+            SiteConfig(
+                name=name,
+                dataset_id=ds,
+                rpc_url=str(chain.rpc_url),
+                registry=chain.address,
+                data=str(path),
+                key_path=str(folder / f"{name}.pem"),
+            )
+        )
+        bind_site_keys(chain, configs[-1], sender=owner)
+    return configs, datasets, researcher, frames
+
+
+def _digits(reply: Any) -> np.ndarray:
+    return np.asarray(reply["arrays"].to_numpy_ndarrays()[0])
+
+
+def _moment_totals(frame: pd.DataFrame) -> np.ndarray:
+    x = frame[FEATURES].to_numpy(dtype=np.float64)
+    upper = np.triu_indices(len(FEATURES))
+    return np.concatenate([[len(x)], x.sum(axis=0), (x.T @ x)[upper]])
+
+
+def test_a_server_cannot_choose_the_peers_or_their_keys(
+    chain: Ledger, tmp_path: Path
+) -> None:
+    """The server names a peer whose key it holds (or drops the others): the site
+    masks over exactly the signed datasets with their chain-bound keys anyway, so
+    removing the mask the server can compute leaves noise, not the site's totals."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from healthlab.encrypted.encoding import mask_digits
+
+    configs, datasets, researcher, frames = _moments_sites(chain, tmp_path, "peers")
+    study = StudyConfig(
+        target=TARGET, features=tuple(FEATURES), datasets=tuple(datasets)
+    ).sign(chain, researcher)
+    context = f"{study.hash}|moments|1".encode()
+    plain = encode_totals(_moment_totals(frames["site_0"]))
+    victim = Site(
+        "site_0", frames["site_0"], mask_key=load_site_key(str(configs[0].key_path))
+    )
+    me = f"dataset-{datasets[0]}"
+    evil = X25519PrivateKey.generate()
+    evil_public = evil.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    attacker = Site("evil", pd.DataFrame({"a": [0]}), mask_key=evil)
+    evil_mask = mask_vector(
+        attacker.pairwise_seeds(
+            {"evil": evil_public, me: victim.mask_public_key}, context, me="evil"
+        ),
+        plain.size,
+    )
+
+    def unmask(digits: np.ndarray) -> np.ndarray:
+        return np.asarray(np.mod(digits + evil_mask, 1 << 16))
+
+    # the attack works on a site that takes its peers from the server (control)
+    trusting = mask_digits(
+        plain,
+        mask_vector(
+            victim.pairwise_seeds(
+                {me: victim.mask_public_key, "evil": evil_public}, context, me=me
+            ),
+            plain.size,
+        ),
+    )
+    assert np.array_equal(unmask(trusting), plain)
+    honest = _digits(ask(configs[0], study, "query.moments"))
+    crafted = [
+        {"peers": [me, "evil"], "peer-keys": [victim.mask_public_key, evil_public]},
+        {
+            "peers": ["site_0", "site_1"],
+            "peer-keys": [victim.mask_public_key, evil_public],
+        },
+        {"peers": [me], "peer-keys": [victim.mask_public_key]},
+    ]
+    for config in crafted:
+        got = _digits(
+            ask(
+                configs[0],
+                study,
+                "query.moments",
+                content=RecordDict({"config": ConfigRecord(config)}),
+            )
+        )
+        assert np.array_equal(got, honest), f"the server's {config['peers']} mattered"
+        share = np.mean(unmask(got) == plain)
+        assert share < 0.02, f"the server recovered {share:.0%} of site_0's digits"
+
+
+def test_a_masked_sum_is_refused_without_every_peers_key_bound(
+    chain: Ledger, tmp_path: Path
+) -> None:
+    configs, datasets, researcher, _ = _moments_sites(chain, tmp_path, "unbound")
+    stranger = chain.accounts[5]
+    # a dataset of the study whose owner never bound keys
+    unbound = grant(
+        chain, "0x" + "77" * 32, stranger, researcher, f"unbound-{tmp_path.name}"
+    )
+    study = StudyConfig(
+        target=TARGET, features=tuple(FEATURES), datasets=(*datasets, unbound)
+    ).sign(chain, researcher)
+    for action in ("query.hello", "query.moments"):
+        reason = refused(ask(configs[0], study, action))
+        assert f"dataset {unbound} of the study has no site keys bound" in reason
+
+
+def test_a_site_refuses_when_its_key_is_not_the_bound_one_or_is_reused(
+    chain: Ledger, tmp_path: Path
+) -> None:
+    from healthlab.federated.deploy import make_node_key, node_public_point
+
+    configs, datasets, researcher, _ = _moments_sites(chain, tmp_path, "rebound")
+    owner = chain.accounts[8]
+    study = StudyConfig(
+        target=TARGET, features=tuple(FEATURES), datasets=tuple(datasets)
+    ).sign(chain, researcher)
+    # the owner rotated site_1's keys; its node still holds the old one
+    bind_site_keys(
+        chain, replace(configs[1], key_path=str(tmp_path / "new.pem")), sender=owner
+    )
+    reason = refused(ask(configs[1], study, "query.moments"))
+    assert "its mask key is not the one bound" in reason
+    # a researcher's own dataset, bound to site_0's public mask key, in the study
+    mine = chain.accounts[5]
+    copycat = grant(chain, "0x" + "78" * 32, mine, researcher, f"copy-{tmp_path.name}")
+    victim = chain.site_keys(datasets[0])
+    assert victim is not None
+    node = node_public_point(make_node_key(tmp_path / "copy-node"))
+    chain.bind_site_keys(copycat, victim.mask_key, node, sender=mine)
+    study = StudyConfig(
+        target=TARGET, features=tuple(FEATURES), datasets=(datasets[0], copycat)
+    ).sign(chain, researcher)
+    reason = refused(ask(configs[0], study, "query.moments"))
+    assert "bound to the same mask key" in reason
+
+
+def test_site_keys_command_binds_the_nodes_keys_as_the_owner(
+    chain: Ledger, tmp_path: Path
+) -> None:
+    from healthlab.federated.deploy import node_public_point
+
+    owner, researcher = chain.accounts[8], chain.accounts[9]
+    ds = grant(chain, "0x" + "79" * 32, owner, researcher, f"cli-{tmp_path.name}")
+    state = tmp_path / "state"
+    args = [
+        "site-keys",
+        "--dataset-id",
+        str(ds),
+        "--state-dir",
+        str(state),
+        "--rpc-url",
+        str(chain.rpc_url),
+        "--registry",
+        chain.address,
+    ]
+    shown = CliRunner().invoke(cli.app, args)
+    assert shown.exit_code == 0, shown.output
+    assert "no keys bound on chain" in shown.output
+    stranger = CliRunner().invoke(cli.app, [*args, "--bind", "--owner", researcher])
+    assert stranger.exit_code != 0 and chain.site_keys(ds) is None
+    bound = CliRunner().invoke(cli.app, [*args, "--bind", "--owner", owner])
+    assert bound.exit_code == 0, bound.output
+    keys = chain.site_keys(ds)
+    assert keys is not None
+    assert keys.node_key == node_public_point(state / "node-key")
+    site = Site(
+        "s", pd.DataFrame({"a": [1]}), mask_key=load_site_key(state / "mask-key.pem")
+    )
+    assert keys.mask_key == site.mask_public_key

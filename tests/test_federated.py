@@ -555,3 +555,112 @@ def test_norm_clip_bounds_every_round_move() -> None:
     free = train(sites, "target", rounds=1, progress=lambda r: None)
     free_flat = np.concatenate([np.ravel(p) for p in free.params])
     assert np.linalg.norm(free_flat) > 10 * clip
+
+
+def _train_message(study: Any, config: dict[str, Any]) -> Any:
+    """A train message as the server would send it to partition 0."""
+    from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
+
+    params = study.model.init(len(study.features), 0)
+    metadata = Metadata(
+        run_id=1,
+        message_id="m1",
+        src_node_id=0,
+        dst_node_id=1,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=600.0,
+        message_type="train",
+    )
+    content = RecordDict(
+        {"arrays": ArrayRecord(params), "config": ConfigRecord(config)}
+    )
+    return Message(content, metadata=metadata)
+
+
+def test_a_secure_round_takes_no_peer_or_key_from_the_server() -> None:
+    """The server (the researcher, who holds the CKKS key) names a member whose mask
+    key it holds, or swaps a site's key for its own: the site refuses the stranger,
+    masks with the study's own keys, and the server's unmasking gives noise."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+    from flwr.app import Context, RecordDict
+
+    from healthlab.encrypted import KeyHolder
+    from healthlab.encrypted.encoding import mask_digits, mask_vector
+    from healthlab.federated.client_app import make_client_app
+    from healthlab.federated.study import Preprocessing, Study
+    from healthlab.federated.task import TrainConfig, get_model
+
+    frames = skewed()
+    sites = [Site(name, frame) for name, frame in frames.items()]
+    features = [c for c in sites[0].columns if c != "target"]
+    keys = KeyHolder()
+    study = Study(
+        sites,
+        features,
+        "target",
+        get_model("logistic"),
+        TrainConfig(epochs=1, lr=0.5),
+        Preprocessing.identity(len(features)),
+        secure="ckks",
+    )
+    app = make_client_app(study, keys.public_context())
+    victim, other = sites[0], sites[1]
+
+    def send(config: dict[str, Any]) -> Any:
+        context = Context(
+            run_id=1,
+            node_id=1,
+            node_config={"partition-id": 0},
+            state=RecordDict(),
+            run_config={},
+        )
+        return app(_train_message(study, config), context).content["status"]
+
+    evil = X25519PrivateKey.generate()
+    evil_public = evil.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    stranger = send({"round": 1, "peers": [victim.name, "evil"]})
+    assert "not sites of this study" in str(stranger["refused"])
+    alone = send({"round": 1, "peers": [victim.name]})
+    assert "at least" in str(alone["refused"])
+    swapped = send(
+        {
+            "round": 1,
+            "peers": [victim.name, other.name],
+            "peer_keys": [victim.mask_public_key, evil_public],  # ignored
+        }
+    )
+    assert "refused" not in swapped
+    slots = np.concatenate(
+        [
+            keys.decrypt(bytes(c), fingerprint=str(swapped["fingerprint"]))
+            for c in swapped["ciphertexts"]
+        ]
+    )
+    got = np.rint(slots).astype(np.int64)
+    # what the victim would have sent had it used the server's key for `other`
+    attacker = Site(other.name, frames[other.name], mask_key=evil)
+    context = f"{study.hash}|1".encode()
+    evil_mask = mask_vector(
+        attacker.pairwise_seeds(
+            {victim.name: victim.mask_public_key, other.name: evil_public}, context
+        ),
+        got.size,
+    )
+    trusting = mask_digits(
+        np.zeros(got.size, dtype=np.int64),
+        mask_vector(
+            victim.pairwise_seeds(
+                {victim.name: victim.mask_public_key, other.name: evil_public}, context
+            ),
+            got.size,
+        ),
+    )
+    assert not np.mod(trusting + evil_mask, 1 << 16).any()  # the attack's control
+    # true digits are 12-bit; a wrong mask leaves values uniform below 2^16
+    used = (sum(p.size for p in study.model.init(len(features), 0)) + 1) * 13
+    unmasked = np.mod(got[:used] + evil_mask[:used], 1 << 16)
+    share = float(np.mean(unmasked < (1 << 12)))
+    assert share < 0.2, f"the server unmasked the update ({share:.0%} look like digits)"

@@ -26,6 +26,7 @@ from healthlab.encrypted.keys import PublicContext
 from healthlab.errors import AccessDenied, DataRefused, DisclosureRefused
 from healthlab.federated.study import Study
 from healthlab.federated.task import TrainConfig, metrics
+from healthlab.sites import Site
 
 __all__ = ["make_client_app", "refusal"]
 
@@ -39,6 +40,24 @@ def refusal(msg: Message, site: str, reason: str) -> Message:
     """A reply that says the site refused, and carries nothing else."""
     content = RecordDict({"status": ConfigRecord({"site": site, "refused": reason})})
     return Message(content, reply_to=msg)
+
+
+def _secure_peers(study: Study, site: Site, names: list[str]) -> dict[str, bytes]:
+    """The members of a secure round with their mask keys. The server picks which
+    of the study's sites take part (those that did not refuse); the keys are the
+    study's own, never the server's, so it cannot add a member or swap a key."""
+    keys = {s.name: s.mask_public_key for s in study.sites}
+    unknown = sorted(set(names) - set(keys))
+    if unknown:
+        raise DisclosureRefused(f"{unknown} are not sites of this study")
+    if site.name not in names:
+        raise DisclosureRefused(f"site {site.name} is not among the round's members")
+    if len(set(names)) < site.policy.min_sites:
+        raise DisclosureRefused(
+            f"site {site.name}: a secure round needs at least {site.policy.min_sites} "
+            f"sites; {len(set(names))} take part"
+        )
+    return {name: keys[name] for name in names}
 
 
 def make_client_app(study: Study, public: PublicContext | None = None) -> ClientApp:
@@ -67,12 +86,14 @@ def make_client_app(study: Study, public: PublicContext | None = None) -> Client
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         site = study.site(int(context.node_config["partition-id"]))
+        config = _c(msg)["config"]
         try:
             study.gate(site)
             data = study.data(site)
+            if study.secure == "ckks":
+                peers = _secure_peers(study, site, [str(p) for p in config["peers"]])
         except (AccessDenied, DataRefused, DisclosureRefused) as exc:
             return refusal(msg, site.name, str(exc))
-        config = _c(msg)["config"]
         params = _c(msg)["arrays"].to_numpy_ndarrays()
         local = TrainConfig(
             **{
@@ -91,7 +112,6 @@ def make_client_app(study: Study, public: PublicContext | None = None) -> Client
         status = ConfigRecord({"site": site.name})
         if study.secure == "ckks":
             assert public is not None
-            peers = dict(zip(config["peers"], config["peer_keys"], strict=True))
             flat = np.concatenate([np.ravel(p) for p in new])
             digits = encode_totals(np.concatenate([flat * n, [float(n)]]))
             seeds = site.pairwise_seeds(

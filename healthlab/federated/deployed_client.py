@@ -18,7 +18,10 @@ Messages:
   key; or refuses.
 * ``query.moments`` — its ``n``, ``Σx`` and ``Σxxᵀ`` over the feature columns as
   exact fixed-point digits plus pairwise masks shared with the other sites
-  (:mod:`healthlab.encrypted.encoding`): only the sum across sites is readable.
+  (:mod:`healthlab.encrypted.encoding`): only the sum across sites is readable. The
+  members of the sum are exactly the signed study's datasets, with the mask keys
+  their owners bound on chain (:func:`study_peers`); nothing of it comes from the
+  server.
 * ``train`` / ``evaluate`` — :func:`healthlab.federated.client_app.make_client_app`'s
   handlers, unchanged: the grant is checked again (``Study.gate``) before local
   training or held-out metrics, on features transformed with the public pooled
@@ -55,7 +58,14 @@ from healthlab.federated.deploy import (
 from healthlab.federated.study import Preprocessing, Study
 from healthlab.sites import Site
 
-__all__ = ["PREPROCESSING", "app", "load_site", "preprocessing_record"]
+__all__ = [
+    "PREPROCESSING",
+    "app",
+    "load_site",
+    "peer_id",
+    "preprocessing_record",
+    "study_peers",
+]
 
 #: Content key of the public pooled preprocessing the server attaches to messages.
 PREPROCESSING = "preprocessing"
@@ -221,6 +231,58 @@ def _check_grant(site: Site, study: StudyConfig) -> None:
         )
 
 
+def peer_id(dataset_id: int) -> str:
+    """A member of a masked sum: named by its dataset (the study signs those)."""
+    return f"dataset-{dataset_id}"
+
+
+def study_peers(site: Site, study: StudyConfig) -> dict[str, bytes]:
+    """The members of a masked sum and their X25519 keys: exactly the datasets of
+    the signed study, with the keys their owners bound on chain.
+
+    Nothing comes from the server: a server cannot add a member whose key it holds,
+    drop one, or substitute a key, so one site's masked totals stay closed to it.
+    """
+    assert site.ledger is not None
+    if not study.datasets:
+        raise DisclosureRefused(
+            f"site {site.name}: a masked sum needs the study's datasets, signed by "
+            "the researcher (StudyConfig datasets=...)"
+        )
+    if site.dataset_id not in study.datasets:
+        raise AccessDenied(
+            f"site {site.name}: dataset {site.dataset_id} is not part of the signed "
+            "study"
+        )
+    if len(study.datasets) < site.policy.min_sites:
+        raise DisclosureRefused(
+            f"site {site.name}: a pooled result needs at least "
+            f"{site.policy.min_sites} sites; the study names {len(study.datasets)}"
+        )
+    peers: dict[str, bytes] = {}
+    for dataset in study.datasets:
+        bound = site.ledger.site_keys(dataset)
+        if bound is None:
+            raise DisclosureRefused(
+                f"site {site.name}: dataset {dataset} of the study has no site keys "
+                "bound on chain; its owner binds them (Ledger.bind_site_keys) before "
+                "a masked sum"
+            )
+        peers[peer_id(dataset)] = bound.mask_key
+    if peers[peer_id(int(site.dataset_id or 0))] != site.mask_public_key:
+        raise DisclosureRefused(
+            f"site {site.name}: its mask key is not the one bound to dataset "
+            f"{site.dataset_id} on chain; bind this node's key (Ledger.bind_site_keys) "
+            "or start the node with the bound key"
+        )
+    if len(set(peers.values())) != len(peers):
+        raise DisclosureRefused(
+            f"site {site.name}: two datasets of the study are bound to the same mask "
+            "key; each site needs its own"
+        )
+    return peers
+
+
 def _site_name(context: Context) -> str:
     return str(context.node_config.get("site-name", f"node {context.node_id}"))
 
@@ -235,6 +297,8 @@ def hello(msg: Message, context: Context) -> Message:
         site_config, site, study = _site_and_study(context)
         if not _authorize(site, site_config, study, context):
             _check_grant(site, study)
+        if study.standardize:
+            study_peers(site, study)  # refuse now, not after every site has joined
     except _REFUSED as exc:
         return refusal(msg, _site_name(context), str(exc))
     has_key = site_config.key_path is not None or site_config.state_dir is not None
@@ -262,21 +326,7 @@ def moments(msg: Message, context: Context) -> Message:
                 f"site {site.name} has no key material for masked sums: start its "
                 "node with key-path or state-dir"
             )
-        config: Any = msg.content["config"]
-        peers = dict(
-            zip(
-                [str(p) for p in config["peers"]],
-                [bytes(k) for k in config["peer-keys"]],
-                strict=True,
-            )
-        )
-        if site.name not in peers:
-            raise DataRefused(f"site {site.name} is not among the peers of this sum")
-        if len(peers) < site.policy.min_sites:
-            raise DisclosureRefused(
-                f"site {site.name}: a pooled result needs at least "
-                f"{site.policy.min_sites} sites; {len(peers)} take part"
-            )
+        peers = study_peers(site, study)
         kept, _ = site.rows(list(study.features), dropna=study.dropna)
         n = len(kept)
         if n < site.policy.min_rows:
@@ -288,7 +338,9 @@ def moments(msg: Message, context: Context) -> Message:
         totals = np.concatenate([[float(n)], x.sum(axis=0), (x.T @ x)[upper]])
         digits = encode_totals(totals)
         seeds = site.pairwise_seeds(
-            peers, f"{study.hash}|moments|{context.run_id}".encode()
+            peers,
+            f"{study.hash}|moments|{context.run_id}".encode(),
+            me=peer_id(int(site.dataset_id or 0)),
         )
         masked = mask_digits(digits, mask_vector(seeds, digits.size))
     except _REFUSED as exc:

@@ -332,18 +332,22 @@ def pooled_preprocessing(
 ) -> Preprocessing:
     """The public transform from the sites' masked ``n, Σx, Σxxᵀ`` (only the sum is
     readable): ``(x - mean) / std`` per column, or whitening ``(x - mean) @ C^-½`` for
-    linear models. Every site that joined must answer, or the masks do not cancel."""
-    if len(joined) > MAX_SITES:
+    linear models. The sites mask over exactly the signed study's datasets (keys from
+    the chain), so every one of them must answer, or the masks do not cancel."""
+    members = len(study.datasets)
+    if members > MAX_SITES:
         raise InvalidInput(f"masked sums are exact for at most {MAX_SITES} sites")
-    keys = {str(s["site"]): bytes(s["mask-key"]) for s in joined.values()}
-    missing = sorted(name for name, key in keys.items() if not key)
-    if missing:
-        raise HealthLabError(
-            f"site(s) {missing} have no key material for masked sums; start their "
-            "nodes with key-path or state-dir, or run the study with standardize=false"
+    taking_part = {int(s["dataset-id"]) for s in joined.values()}
+    missing = sorted(set(study.datasets) - taking_part)
+    if not study.datasets or missing:
+        raise TooFewSites(
+            "the pooled standardization is a masked sum over every dataset of the "
+            f"signed study; dataset(s) {missing or '(none signed)'} did not join. "
+            "Start their nodes, or sign the study without them"
         )
-    config = ConfigRecord({"peers": list(keys), "peer-keys": list(keys.values())})
-    replies = _query(grid, list(joined), "moments", config, study.round_timeout)
+    replies = _query(
+        grid, list(joined), "moments", ConfigRecord({}), study.round_timeout
+    )
     p = len(study.features)
     n_totals = 1 + p + p * (p + 1) // 2
     total: np.ndarray | None = None
@@ -364,7 +368,7 @@ def pooled_preprocessing(
             raise HealthLabError(f"site {name} sent totals of the wrong size")
         total = digits if total is None else total + digits
     assert total is not None
-    sums = np.asarray(decode_sum(total.astype(np.float64), n_totals, len(joined)))
+    sums = np.asarray(decode_sum(total.astype(np.float64), n_totals, members))
     n = sums[0]
     if n < 2:
         raise TooFewSites("fewer than 2 complete rows across the sites")

@@ -358,8 +358,7 @@ def _secure_round(
     if len(ready) < settings.min_sites:
         raise TooFewSites(_too_few(rnd, len(ready), settings.min_sites, refused, {}))
     names = [name for name, _ in ready.values()]
-    keys_ = [key for _, key in ready.values()]
-    train_config = ConfigRecord({**dict(config), "peers": names, "peer_keys": keys_})
+    train_config = ConfigRecord({**dict(config), "peers": names})
     messages = [
         Message(
             RecordDict({"arrays": ArrayRecord(params), "config": train_config}),

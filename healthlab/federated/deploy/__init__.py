@@ -134,7 +134,12 @@ from healthlab.federated.deploy.processes import (
     require_flower,
 )
 from healthlab.federated.deploy.results import load_result
-from healthlab.federated.deploy.site import SiteConfig, ensure_state_dir, load_site_key
+from healthlab.federated.deploy.site import (
+    SiteConfig,
+    bind_site_keys,
+    ensure_state_dir,
+    load_site_key,
+)
 from healthlab.federated.deploy.spec import MODEL_DEFAULTS, StudyConfig
 
 __all__ = [
@@ -147,6 +152,7 @@ __all__ = [
     "StudyConfig",
     "SuperLink",
     "TLSFiles",
+    "bind_site_keys",
     "build_app",
     "ensure_state_dir",
     "find_flower",

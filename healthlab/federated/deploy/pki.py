@@ -34,10 +34,10 @@ from healthlab.errors import ConfigurationError, InvalidInput
 __all__ = [
     "NODE_KEY_BYTES",
     "TLSFiles",
-    "load_node_public_point",
     "make_node_key",
     "make_study_pki",
     "node_public_point",
+    "openssh_public_key",
 ]
 
 #: Size of a P-384 public key as an uncompressed SEC1 point (0x04 || X || Y).
@@ -237,7 +237,7 @@ def node_public_point(path: str | os.PathLike[str]) -> bytes:
     )
 
 
-def load_node_public_point(point: bytes) -> bytes:
+def openssh_public_key(point: bytes) -> bytes:
     """An OpenSSH public key line for a 97-byte P-384 point (as read from chain)."""
     if len(point) != NODE_KEY_BYTES or point[:1] != b"\x04":
         raise InvalidInput(

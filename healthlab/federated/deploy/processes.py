@@ -31,11 +31,11 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 from healthlab._process import stop_process
 from healthlab.errors import ConfigurationError
@@ -50,6 +50,9 @@ __all__ = [
     "flower_env",
     "require_flower",
 ]
+
+if TYPE_CHECKING:
+    from healthlab.ledger import Ledger
 
 _logger = logging.getLogger("healthlab.federated.deploy")
 
@@ -436,6 +439,27 @@ class SuperLink(_FlowerProcess):
                 f"{(done.stdout + done.stderr).strip()[-800:]}"
             )
         return done.stdout.strip()
+
+    def register_datasets(self, ledger: Ledger, datasets: Iterable[int]) -> list[int]:
+        """Admit the node bound on chain to each of ``datasets`` (and no other);
+        returns the datasets registered. A dataset without bound keys is refused."""
+        from healthlab.federated.deploy.pki import openssh_public_key
+
+        done = []
+        folder = Path(self._tmp.name) / "bound-keys"
+        folder.mkdir(exist_ok=True)
+        for dataset in datasets:
+            bound = ledger.site_keys(dataset)
+            if bound is None:
+                raise ConfigurationError(
+                    f"dataset {dataset} has no site keys bound on chain; its owner "
+                    "binds them (healthlab.federated.deploy.bind_site_keys) first"
+                )
+            path = folder / f"dataset-{dataset}.pub"
+            path.write_bytes(openssh_public_key(bound.node_key) + b"\n")
+            self.register_node(path)
+            done.append(dataset)
+        return done
 
 
 class SiteNode(_FlowerProcess):

@@ -16,7 +16,9 @@ from healthlab.federated.deploy.spec import toml_value
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-__all__ = ["SiteConfig", "ensure_state_dir", "load_site_key"]
+    from healthlab.ledger import Ledger, SiteKeys
+
+__all__ = ["SiteConfig", "bind_site_keys", "ensure_state_dir", "load_site_key"]
 
 
 @dataclass(frozen=True)
@@ -214,3 +216,39 @@ def ensure_state_dir(path: str | os.PathLike[str]) -> Path:
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         directory.chmod(0o700)
     return directory
+
+
+def bind_site_keys(
+    ledger: Ledger,
+    site: SiteConfig,
+    *,
+    node_key: str | os.PathLike[str] | None = None,
+    sender: str | None = None,
+) -> SiteKeys:
+    """Bind the site's mask key and node key to its dataset on chain (the dataset's
+    owner sends it); both keys are made in the site's state dir when missing.
+
+    Peers then mask with exactly these keys and a SuperLink admits exactly this node
+    (:meth:`~healthlab.federated.deploy.SuperLink.register_datasets`).
+    """
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from healthlab.federated.deploy.pki import make_node_key, node_public_point
+
+    if site.key_path is None and site.state_dir is None:
+        raise InvalidInput(f"site {site.name}: give key_path or state_dir")
+    state = Path(site.state_dir) if site.state_dir else None
+    key_path = (
+        Path(site.key_path) if site.key_path else Path(str(state)) / "mask-key.pem"
+    )
+    if state is not None:
+        ensure_state_dir(state)
+    mask = (
+        load_site_key(key_path)
+        .public_key()
+        .public_bytes(Encoding.Raw, PublicFormat.Raw)
+    )
+    node = make_node_key(node_key or Path(str(state or key_path.parent)) / "node-key")
+    return ledger.bind_site_keys(
+        site.dataset_id, mask, node_public_point(node), sender=sender
+    )
