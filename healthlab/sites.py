@@ -409,20 +409,33 @@ class Site:
         cancel in the sum across the members.
         """
         me = self.name if me is None else me
-        seeds = []
+        keys = self.pairwise_keys(peers, b"healthlab-mask", context, me=me)
+        return [(key, 1 if me < peer else -1) for peer, key in sorted(keys.items())]
+
+    def pairwise_keys(
+        self,
+        peers: Mapping[str, bytes],
+        purpose: bytes,
+        context: bytes,
+        *,
+        me: str | None = None,
+    ) -> dict[str, bytes]:
+        """A 32-byte secret shared with every other member (X25519 + HKDF-SHA256),
+        separate per ``purpose`` (masks, message tags) and ``context``."""
+        me = self.name if me is None else me
+        out = {}
         for peer, public in sorted(peers.items()):
             if peer == me:
                 continue
             shared = self._mask_key.exchange(X25519PublicKey.from_public_bytes(public))
             pair = "|".join(sorted((me, peer))).encode()
-            seed = HKDF(
+            out[peer] = HKDF(
                 algorithm=hashes.SHA256(),
                 length=32,
                 salt=None,
-                info=b"healthlab-mask|" + pair + b"|" + context,
+                info=purpose + b"|" + pair + b"|" + context,
             ).derive(shared)
-            seeds.append((seed, 1 if me < peer else -1))
-        return seeds
+        return out
 
 
 def _popcount_xor(a: bytes, b: bytes) -> int:

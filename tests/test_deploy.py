@@ -48,7 +48,7 @@ from healthlab.encrypted.encoding import (
     encode_totals,
     mask_vector,
 )
-from healthlab.errors import HealthLabError
+from healthlab.errors import HealthLabError, InvalidInput
 from healthlab.federated import FederatedResult, train
 from healthlab.federated.deploy import (
     SiteConfig,
@@ -63,8 +63,9 @@ from healthlab.federated.deploy import (
     write_app,
     write_run_config,
 )
+from healthlab.federated.deployed_client import RELAYED, preprocessing_record
 from healthlab.federated.deployed_client import app as client_app
-from healthlab.federated.deployed_client import preprocessing_record
+from healthlab.federated.masked import Contribution, server_sum, to_record
 from healthlab.federated.study import Preprocessing
 from healthlab.ledger import Ledger, sha256_of
 from healthlab.ledger.client import deploy_registry
@@ -141,14 +142,15 @@ BASE = StudyConfig(target=TARGET, features=tuple(FEATURES), datasets=(4, 5, 6))
         {"features": tuple(reversed(FEATURES))},
         {"model": "mlp"},
         {"rounds": 4},
-        {"strategy": "median"},
+        {"strategy": "median", "secure": "none"},
+        {"secure": "none"},
         {"epochs": 11},
         {"lr": 0.25},
         {"seed": 1},
         {"test_fraction": 0.3},
         {"standardize": False},
         {"min_sites": 3},
-        {"dp_noise_multiplier": 1.0, "dp_clipping_norm": 1.0},
+        {"dp_noise_multiplier": 1.0, "dp_clipping_norm": 1.0, "secure": "none"},
         {"datasets": (4, 5)},
     ],
 )
@@ -156,6 +158,22 @@ def test_study_hash_covers_every_setting_the_sites_compute_with(
     change: dict[str, Any],
 ) -> None:
     assert replace(BASE, **change).hash != BASE.hash
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"strategy": "median"}, "needs each site's update"),
+        ({"strategy": "trimmed"}, "needs each site's update"),
+        ({"dp_noise_multiplier": 1.0, "dp_clipping_norm": 1.0}, "server-side DP"),
+        ({"secure": "ckks"}, "secure must be"),
+    ],
+)
+def test_a_masked_study_refuses_what_needs_each_sites_update(
+    change: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(InvalidInput, match=match):
+        replace(BASE, **change)
 
 
 @pytest.mark.parametrize(
@@ -523,7 +541,7 @@ def test_two_rounds_complete_with_all_three_sites(deployment: Deployment) -> Non
         assert row["rejected"] == {}, (
             f"round {row['round']} rejected: {row['rejected']}"
         )
-        assert set(row["per_site"]) == set(SITES)
+        assert row["per_site"] == {}, "a site's own metrics reached the server"
     weights = np.concatenate([p.ravel() for p in deployment.result.params])
     assert weights.shape == (len(FEATURES) + 1,)
     assert np.isfinite(weights).all()
@@ -562,13 +580,70 @@ def test_deployed_model_equals_the_in_process_simulation(
     )
     for deployed, local in zip(deployment.result.params, simulated.params, strict=True):
         np.testing.assert_allclose(deployed, local, rtol=1e-9, atol=1e-12)
-    columns = ["loss", "accuracy", "auc"]
+    columns = ["loss", "accuracy"]
     np.testing.assert_allclose(
         deployment.result.history[columns].to_numpy(),
         simulated.history[columns].to_numpy(),
         rtol=1e-9,
     )
     assert deployment.result.history["accuracy"].iloc[-1] >= 0.85
+    # nothing per site reached the server: the history has pooled values only
+    assert all(row == {} for row in deployment.result.history["per_site"])
+    # the AUC is pooled from 10 coarse score bins: equal to that AUC on the pooled
+    # held-out rows, and near the exact one
+    from sklearn.metrics import roc_auc_score
+
+    from healthlab.federated.deployed_client import (
+        HIST_LEVELS,
+        eval_totals,
+        score_histogram,
+    )
+    from healthlab.federated.deployed_server import pooled_metrics
+    from healthlab.federated.study import split_test
+
+    result = deployment.result
+    rows = {
+        name: frame[split_test(len(frame), 0.2, 0, name)]
+        for name, frame in deployment.frames.items()
+    }
+    held_out = pd.concat(rows.values())
+
+    def xy(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        x = result.preprocessing.apply(frame[FEATURES].to_numpy(dtype=np.float64))
+        return x, frame[TARGET].to_numpy(dtype=np.float64)
+
+    # the finest level at which no site has a non-empty cell below its 3 rows
+    def small(counts: np.ndarray) -> bool:
+        return bool(np.any((counts > 0) & (counts < 3)))
+
+    level = next(
+        (
+            bins
+            for bins in HIST_LEVELS
+            if not any(
+                small(score_histogram(result.model, result.params, *xy(f), bins))
+                for f in rows.values()
+            )
+        ),
+        None,
+    )
+    last = result.history.iloc[-1]
+    if level is None:  # some site would show a cell below 3 rows at every level
+        assert "auc" not in result.history or np.isnan(last["auc"]), last
+        return
+    x, y = xy(held_out)
+    binned = pooled_metrics(
+        result.model,
+        list(eval_totals(result.model, result.params, x, y, 3)),
+        list(score_histogram(result.model, result.params, x, y, level)),
+    )
+    assert last["auc"] == pytest.approx(binned["auc"], rel=1e-12)
+    # binning only splits the pairs tied in a bin in half: bounded by their share
+    exact = roc_auc_score(y, result.predict_proba(held_out))
+    counts = score_histogram(result.model, result.params, x, y, level)
+    neg, pos = counts[:level], counts[level:]
+    tied = float((neg * pos).sum() / (neg.sum() * pos.sum()))
+    assert abs(last["auc"] - exact) <= 0.5 * tied + 1e-12, (last["auc"], exact, tied)
 
 
 def test_pooled_standardization_equals_pandas_on_the_pooled_rows(
@@ -642,6 +717,8 @@ def make_site(chain: Ledger, folder: Path, name: str, frame: pd.DataFrame) -> Ga
     path = folder / f"{name}.csv"
     frame.to_csv(path, index=False)
     ds = grant(chain, sha256_of(path), owner, researcher, f"{name}-{folder.name}")
+    # one dataset alone cannot take part in a masked sum (that needs >= 2 sites):
+    # these tests show the gates on the in-clear path its operator allowed
     config = SiteConfig(
         name=name,
         dataset_id=ds,
@@ -650,15 +727,16 @@ def make_site(chain: Ledger, folder: Path, name: str, frame: pd.DataFrame) -> Ga
         data=str(path),
         state_dir=str(folder / f"state_{name}"),
         verify_content=True,
+        require_secure=False,
     )
     bind_site_keys(chain, config, sender=owner)
-    # one dataset: no masked sum to standardize with (that needs >= 2 sites)
     signed = StudyConfig(
         target=TARGET,
         features=tuple(FEATURES),
         rounds=2,
         datasets=(ds,),
         standardize=False,
+        secure="none",
     ).sign(chain, researcher)
     return GatedSite(config, signed, chain, owner, researcher, frame)
 
@@ -877,11 +955,14 @@ def test_masked_moments_reveal_only_the_pooled_totals(
 
 
 def _moments_sites(
-    chain: Ledger, folder: Path, tag: str
+    chain: Ledger,
+    folder: Path,
+    tag: str,
+    frames: dict[str, pd.DataFrame] | None = None,
 ) -> tuple[list[SiteConfig], list[int], str, dict[str, pd.DataFrame]]:
     """Three gated sites with rows of their own and keys bound on chain."""
     owner, researcher = chain.accounts[8], chain.accounts[9]
-    frames = {
+    frames = frames or {
         name: frame.sample(frac=1.0, random_state=next(_seeds)).reset_index(drop=True)
         for name, frame in site_frames().items()
     }
@@ -1064,3 +1145,241 @@ def test_site_keys_command_binds_the_nodes_keys_as_the_owner(
         "s", pd.DataFrame({"a": [1]}), mask_key=load_site_key(state / "mask-key.pem")
     )
     assert keys.mask_key == site.mask_public_key
+
+
+# ------------------------------------------- masked rounds, in-process
+class _Server:
+    """The server side of the masked protocol, driven by hand (it relays only)."""
+
+    def __init__(self, configs: list[SiteConfig], study: StudyConfig) -> None:
+        self.configs, self.study = configs, study
+        self.states = [RecordDict() for _ in configs]
+
+    def step(
+        self, action: str, rnd: int | None, relayed: ConfigRecord | None, **extra: Any
+    ) -> list[Any]:
+        replies = []
+        for config, state in zip(self.configs, self.states, strict=True):
+            records: dict[str, Any] = {
+                "config": ConfigRecord({} if rnd is None else {"round": rnd})
+            }
+            if relayed is not None:
+                records[RELAYED] = ConfigRecord(dict(relayed))
+            records.update(extra)
+            replies.append(
+                ask(
+                    config, self.study, action, state=state, content=RecordDict(records)
+                )
+            )
+        return replies
+
+
+def _contributions(replies: list[Any]) -> list[Contribution]:
+    out = []
+    for reply in replies:
+        status = reply["status"]
+        assert "refused" not in status, status.get("refused")
+        out.append(
+            Contribution(str(status["member"]), _digits(reply), bytes(status["tags"]))
+        )
+    return out
+
+
+def test_masked_rounds_equal_fedavg_and_show_the_server_nothing_per_site(
+    chain: Ledger, tmp_path: Path
+) -> None:
+    configs, datasets, researcher, frames = _moments_sites(chain, tmp_path, "masked")
+    study = StudyConfig(
+        target=TARGET, features=tuple(FEATURES), rounds=2, datasets=tuple(datasets)
+    ).sign(chain, researcher)
+    server = _Server(configs, study)
+    moments = _contributions(server.step("query.moments", None, None))
+    relayed = to_record("moments", moments)
+    p = len(FEATURES)
+    size = p + 1  # logistic: weights and intercept
+    models = []
+    for rnd in (1, 2):
+        replies = server.step("train", rnd, relayed)
+        sent = _contributions(replies)
+        # each site's upload looks uniform; only the sum is the weighted update
+        for contribution, config in zip(sent, configs, strict=True):
+            values = np.asarray(contribution.digits)
+            assert np.mean(values < (1 << 12)) < 0.2, f"{config.name} is not masked"
+        sums = server_sum(sent, size + 1)
+        models.append(np.asarray(sums[:-1]) / sums[-1])
+        relayed = to_record(f"train-{rnd}", sent)
+        evaluated = _contributions(server.step("evaluate", rnd, relayed))
+        assert all(np.mean(c.digits < (1 << 12)) < 0.2 for c in evaluated)
+    simulated = train(
+        frames, TARGET, FEATURES, rounds=2, min_sites=3, progress=lambda r: None
+    )
+    flat = np.concatenate([np.ravel(a) for a in simulated.params])
+    np.testing.assert_allclose(models[-1], flat, rtol=1e-9, atol=1e-12)
+
+
+def _first_round(
+    chain: Ledger,
+    tmp_path: Path,
+    tag: str,
+    frames: dict[str, pd.DataFrame] | None = None,
+) -> tuple[_Server, list[Contribution], list[SiteConfig]]:
+    configs, datasets, researcher, _ = _moments_sites(chain, tmp_path, tag, frames)
+    study = StudyConfig(
+        target=TARGET, features=tuple(FEATURES), rounds=2, datasets=tuple(datasets)
+    ).sign(chain, researcher)
+    server = _Server(configs, study)
+    moments = _contributions(server.step("query.moments", None, None))
+    sent = _contributions(server.step("train", 1, to_record("moments", moments)))
+    return server, sent, configs
+
+
+def test_a_site_refuses_relayed_contributions_the_server_altered(
+    chain: Ledger, tmp_path: Path
+) -> None:
+    server, sent, _ = _first_round(chain, tmp_path, "altered")
+    flipped = sent[1].digits.copy()
+    flipped[0] ^= 1
+    forged = [
+        (
+            [sent[0], Contribution(sent[1].member, flipped, sent[1].tags), sent[2]],
+            "does not carry its tag",
+        ),
+        (sent[:2], "not exactly the study's members"),
+        ([sent[0], sent[1], sent[1]], "not exactly the study's members"),
+        (
+            [sent[0], sent[1], Contribution("dataset-999999", sent[2].digits, b"")],
+            "not exactly the study's members",
+        ),
+    ]
+    for contributions, reason in forged:
+        replies = server.step("evaluate", 1, to_record("train-1", contributions))
+        assert reason in refused(replies[0]), reason
+    # its own upload swapped for another's: the site notices
+    swapped = [Contribution(sent[0].member, sent[1].digits, sent[0].tags), *sent[1:]]
+    replies = server.step("evaluate", 1, to_record("train-1", swapped))
+    assert "copy of this site's contribution differs" in refused(replies[0])
+    # a step of another round, replayed
+    replies = server.step("evaluate", 1, to_record("train-2", sent))
+    assert "expects 'train-1'" in refused(replies[0])
+    # no contributions at all: the site will not evaluate a model it did not derive
+    assert "carries no relayed contributions" in refused(
+        server.step("evaluate", 1, None)[0]
+    )
+
+
+def test_a_site_ignores_the_model_and_transform_the_server_sends(
+    chain: Ledger, tmp_path: Path
+) -> None:
+    """A crafted model and a crafted transform change nothing: the site trains and
+    evaluates only what the sites' own sums give."""
+    server, sent, _ = _first_round(chain, tmp_path, "crafted")
+    relayed = to_record("train-1", sent)
+    honest = [_digits(r) for r in server.step("evaluate", 1, relayed)]
+    crafted_model = ArrayRecord([np.full(len(FEATURES), 1e3), np.full(1, -50.0)])
+    crafted_prep = preprocessing_record(
+        Preprocessing(tuple([0.0] * len(FEATURES)), tuple(np.eye(len(FEATURES)) * 1e6))
+    )
+    again = server.step(
+        "evaluate",
+        1,
+        relayed,
+        arrays=crafted_model,
+        **{"preprocessing": crafted_prep},
+    )
+    for before, after in zip(honest, again, strict=True):
+        assert np.array_equal(before, _digits(after))
+
+
+def test_a_site_flags_every_histogram_level_with_a_cell_below_its_minimum() -> None:
+    from healthlab.federated.deployed_client import (
+        HIST_LEVELS,
+        eval_totals,
+        histogram_level,
+    )
+    from healthlab.federated.task import get_model
+
+    model = get_model("logistic")
+    params = [np.array([4.0]), np.array([0.0])]
+    x = np.linspace(-2, 2, 40).reshape(-1, 1)
+    y = (x[:, 0] > 0).astype(float)
+    fine = eval_totals(model, params, x, y, min_cell=1)
+    assert list(fine[3:]) == [0.0] * len(HIST_LEVELS)
+    assert histogram_level(list(fine)) == HIST_LEVELS[0]
+    # one patient alone at the far end of the score range: every level that would
+    # show its cell is flagged
+    x_lone = np.vstack([x, [[9.0]]])
+    y_lone = np.append(y, 0.0)
+    lone = eval_totals(model, params, x_lone, y_lone, min_cell=3)
+    assert lone[3] == 1, "the finest histogram was not flagged"
+    assert lone[0] == 41  # n and the other sums are still sent
+    pooled = list(fine + lone)
+    assert histogram_level(pooled) != HIST_LEVELS[0]
+
+
+def _separable(seed: int) -> dict[str, pd.DataFrame]:
+    """Sites whose classes a linear model separates: no misclassified patient, so
+    coarse histograms have no small cells."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, size in zip(SITES, (120, 100, 80), strict=True):
+        y = np.arange(size) % 2
+        x = rng.normal(size=(size, len(FEATURES))) * 0.3
+        x[:, 0] += np.where(y == 1, 4.0, -4.0)
+        frame = pd.DataFrame(x, columns=FEATURES)
+        frame[TARGET] = y
+        out[name] = frame
+    return out
+
+
+@pytest.mark.parametrize("separable", [True, False], ids=["histogram", "objection"])
+def test_histograms_come_only_at_a_level_no_site_objects_to(
+    chain: Ledger, tmp_path: Path, separable: bool
+) -> None:
+    from healthlab.federated.deployed_client import eval_size, histogram_level
+
+    frames = _separable(next(_seeds)) if separable else None
+    server, sent, _ = _first_round(chain, tmp_path, "histogram", frames)
+    relayed = to_record("train-1", sent)
+    evaluated = _contributions(server.step("evaluate", 1, relayed))
+    sums = server_sum(evaluated, eval_size("binary"))
+    level = histogram_level(sums)
+    replies = server.step("query.histogram", 1, to_record("eval-1", evaluated))
+    if separable:
+        assert level is not None, "a separable study gives a histogram"
+        counts = server_sum(_contributions(replies), 2 * level)
+        assert all(c == 0 or c >= 3 for c in counts), counts
+        assert sum(counts) == sums[0]
+    elif level is None:
+        assert all("below some site's minimum" in refused(r) for r in replies)
+    # a server claiming nobody objected, with an altered evaluation: refused
+    forged = evaluated[1].digits.copy()
+    forged[3 * 13] ^= 1
+    altered = [
+        evaluated[0],
+        Contribution(evaluated[1].member, forged, evaluated[1].tags),
+        evaluated[2],
+    ]
+    replies = server.step("query.histogram", 1, to_record("eval-1", altered))
+    assert "does not carry its tag" in refused(replies[0])
+
+
+def test_a_site_that_requires_secure_aggregation_refuses_an_in_clear_study(
+    chain: Ledger, tmp_path: Path
+) -> None:
+    configs, datasets, researcher, _ = _moments_sites(chain, tmp_path, "clear")
+    study = StudyConfig(
+        target=TARGET,
+        features=tuple(FEATURES),
+        datasets=tuple(datasets),
+        secure="none",
+    ).sign(chain, researcher)
+    for action in ("query.hello", "train", "evaluate"):
+        reason = refused(ask(configs[0], study, action, content=train_message_for()))
+        assert "takes part only in studies with secure" in reason, action
+
+
+def train_message_for() -> RecordDict:
+    params = [np.zeros(len(FEATURES)), np.zeros(1)]
+    return RecordDict(
+        {"arrays": ArrayRecord(params), "config": ConfigRecord({"round": 1})}
+    )

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,6 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from healthlab.encrypted.encoding import encode_totals, mask_digits, mask_vector
 from healthlab.errors import (
     AccessDenied,
     DataRefused,
@@ -55,20 +55,30 @@ from healthlab.federated.deploy import (
     ensure_state_dir,
     load_site_key,
 )
+from healthlab.federated.masked import Contribution, contribute, from_record, open_sum
 from healthlab.federated.study import Preprocessing, Study
 from healthlab.sites import Site
 
 __all__ = [
+    "HIST_LEVELS",
     "PREPROCESSING",
+    "RELAYED",
     "app",
+    "eval_size",
+    "eval_totals",
+    "histogram_level",
     "load_site",
     "peer_id",
     "preprocessing_record",
+    "score_histogram",
     "study_peers",
+    "transform_from_moments",
 ]
 
 #: Content key of the public pooled preprocessing the server attaches to messages.
 PREPROCESSING = "preprocessing"
+#: Content key of the members' contributions of the last step, relayed by the server.
+RELAYED = "relayed"
 _STATE = "healthlab"
 _logger = logging.getLogger("healthlab.federated.site")
 
@@ -295,9 +305,10 @@ def hello(msg: Message, context: Context) -> Message:
     """Signature and grant check; the site's name, row count, dataset and public key."""
     try:
         site_config, site, study = _site_and_study(context)
+        _check_secure(site_config, study)
         if not _authorize(site, site_config, study, context):
             _check_grant(site, study)
-        if study.standardize:
+        if study.standardize or study.secure != "none":
             study_peers(site, study)  # refuse now, not after every site has joined
     except _REFUSED as exc:
         return refusal(msg, _site_name(context), str(exc))
@@ -314,9 +325,23 @@ def hello(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"status": status}), reply_to=msg)
 
 
+def _label(study: StudyConfig, step: str, run_id: int) -> str:
+    return f"{study.hash}|{step}|{run_id}"
+
+
+def _n_moments(p: int) -> int:
+    return 1 + p + p * (p + 1) // 2
+
+
+def _state(context: Context) -> Any:
+    state: Any = context.state
+    return state[_STATE]
+
+
 @app.query("moments")
 def moments(msg: Message, context: Context) -> Message:
-    """Masked ``n, Σx, Σxxᵀ`` (upper triangle) over the study's feature columns."""
+    """Masked ``n, Σx, Σxxᵀ`` (upper triangle) over the study's feature columns,
+    tagged for every other member (:mod:`healthlab.federated.masked`)."""
     try:
         site_config, site, study = _site_and_study(context)
         if not _authorize(site, site_config, study, context):
@@ -336,28 +361,342 @@ def moments(msg: Message, context: Context) -> Message:
         x = kept.to_numpy(dtype=np.float64)
         upper = np.triu_indices(x.shape[1])
         totals = np.concatenate([[float(n)], x.sum(axis=0), (x.T @ x)[upper]])
-        digits = encode_totals(totals)
-        seeds = site.pairwise_seeds(
-            peers,
-            f"{study.hash}|moments|{context.run_id}".encode(),
-            me=peer_id(int(site.dataset_id or 0)),
+        me = peer_id(int(site.dataset_id or 0))
+        sent = contribute(
+            site, peers, me, totals, _label(study, "moments", context.run_id)
         )
-        masked = mask_digits(digits, mask_vector(seeds, digits.size))
+        _state(context)["sent-moments"] = sent.digest
     except _REFUSED as exc:
         return refusal(msg, _site_name(context), str(exc))
+    return _contribution_reply(msg, site.name, sent)
+
+
+def _contribution_reply(msg: Message, name: str, sent: Contribution) -> Message:
     content = RecordDict(
         {
-            "arrays": ArrayRecord([masked]),
-            "status": ConfigRecord({"site": site.name}),
+            "arrays": ArrayRecord([sent.digits]),
+            "status": ConfigRecord(
+                {"site": name, "member": sent.member, "tags": sent.tags}
+            ),
         }
     )
     return Message(content, reply_to=msg)
 
 
-def _delegate(msg: Message, context: Context) -> Message:
-    """Run the simulation's ClientApp handler on this site's data."""
+def transform_from_moments(sums: list[float], p: int, *, linear: bool) -> Preprocessing:
+    """The public transform from pooled ``n, Σx, Σxxᵀ``: ``(x - mean) / std`` per
+    column, or whitening ``(x - mean) @ C^-½`` for linear models (as the
+    simulation's :func:`healthlab.federated.train` does)."""
+    n = sums[0]
+    if n < 2:
+        raise DataRefused("fewer than 2 complete rows across the sites")
+    mean = np.asarray(sums[1 : 1 + p]) / n
+    cross = np.zeros((p, p))
+    cross[np.triu_indices(p)] = sums[1 + p :]
+    cross = cross + np.triu(cross, 1).T
+    cov = (cross - n * np.outer(mean, mean)) / (n - 1)
+    if linear:
+        values, vectors = np.linalg.eigh(cov)
+        if values.min() <= 1e-12 * values.max():
+            raise DataRefused("the features are collinear; drop one to whiten")
+        transform = vectors @ np.diag(values**-0.5) @ vectors.T
+    else:
+        std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+        std[~np.isfinite(std) | (std == 0)] = 1.0
+        transform = np.diag(1.0 / std)
+    return Preprocessing(
+        tuple(float(c) for c in mean),
+        tuple(tuple(float(v) for v in row) for row in transform.tolist()),
+    )
+
+
+def _flat(params: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.ravel(p) for p in params])
+
+
+def _unflat(flat: np.ndarray, like: list[np.ndarray]) -> list[np.ndarray]:
+    out, start = [], 0
+    for p in like:
+        out.append(np.asarray(flat[start : start + p.size]).reshape(p.shape))
+        start += p.size
+    return out
+
+
+def _apply_relayed(
+    msg: Message, context: Context, site: Site, study: StudyConfig, want: str
+) -> None:
+    """Fold the contributions the server relays for step ``want`` into the site's
+    state (once), after checking them (:func:`healthlab.federated.masked.open_sum`):
+    ``moments`` gives the transform, ``train-r`` the model of round r."""
+    state = _state(context)
+    if f"done-{want}" in state:
+        return
+    content: Any = msg.content
+    if RELAYED not in content:
+        raise DataRefused(
+            f"the message carries no relayed contributions of step {want!r}: this "
+            "site trains and evaluates only the model the sites' own sums produce"
+        )
+    step, contributions = from_record(content[RELAYED])
+    if step != want:
+        raise DataRefused(f"the relayed step is {step!r}, this site expects {want!r}")
+    p = len(study.features)
+    family = study.model_family()
+    init = family.init(p, study.seed)
+    n_totals = _n_moments(p) if step == "moments" else _flat(init).size + 1
+    sums = open_sum(
+        site,
+        study_peers(site, study),
+        peer_id(int(site.dataset_id or 0)),
+        contributions,
+        _label(study, step, context.run_id),
+        own_digest=str(state.get(f"sent-{step}", "")),
+        n_totals=n_totals,
+    )
+    if step == "moments":
+        prep = transform_from_moments(sums, p, linear=study.model == "linear")
+        state["prep"] = [*prep.center, *np.ravel(prep.matrix).tolist()]
+    else:
+        n = sums[-1]
+        if n < 1:
+            raise DataRefused(f"step {step}: no training rows across the sites")
+        state["model"] = (np.asarray(sums[:-1]) / n).tolist()
+        state["model-round"] = int(step.split("-")[1])
+    state[f"done-{step}"] = True
+
+
+def _site_prep(context: Context, study: StudyConfig) -> Preprocessing:
+    p = len(study.features)
+    if not study.standardize:
+        return Preprocessing.identity(p)
+    values = [float(v) for v in _state(context)["prep"]]
+    matrix = np.asarray(values[p:]).reshape(p, p)
+    return Preprocessing(tuple(values[:p]), tuple(tuple(r) for r in matrix.tolist()))
+
+
+def _site_model(context: Context, study: StudyConfig, rnd: int) -> list[np.ndarray]:
+    """The model of round ``rnd`` (0: the study's initial model), as derived here."""
+    init = study.model_family().init(len(study.features), study.seed)
+    if rnd == 0:
+        return [np.asarray(p, dtype=np.float64) for p in init]
+    state = _state(context)
+    if int(state.get("model-round", 0)) != rnd:
+        raise DataRefused(f"this site has not derived the model of round {rnd}")
+    return _unflat(np.asarray(state["model"], dtype=np.float64), init)
+
+
+def _local_study(site: Site, study: StudyConfig, prep: Preprocessing) -> Study:
+    local = Study(
+        [site],
+        list(study.features),
+        study.target,
+        study.model_family(),
+        study.train_config(),
+        prep,
+        study.researcher,
+        test_fraction=study.test_fraction,
+        seed=study.seed,
+        dropna=study.dropna,
+    )
+    local.mark_authorized(site)  # the signature was checked against the study hash
+    return local
+
+
+def _masked_train(msg: Message, context: Context) -> Message:
+    """Round r: the model of round r-1 as the sites' own sums give it, trained on
+    this site's rows; n·w and n sent masked and tagged."""
     try:
         site_config, site, study = _site_and_study(context)
+        if not _authorize(site, site_config, study, context):
+            _check_grant(site, study)
+        config: Any = msg.content["config"]
+        rnd = int(config["round"])
+        if rnd > 1:
+            _apply_relayed(msg, context, site, study, f"train-{rnd - 1}")
+        elif study.standardize:
+            _apply_relayed(msg, context, site, study, "moments")
+        params = _site_model(context, study, rnd - 1)
+        local = _local_study(site, study, _site_prep(context, study))
+        data = local.data(site)
+        base = study.train_config()
+        fit = replace(base, seed=base.seed + rnd, proximal_mu=_mu(study))
+        new = study.model_family().fit(params, data.x_train, data.y_train, fit)
+        flat = _flat(new)
+        if not np.isfinite(flat).all():
+            raise DataRefused(f"site {site.name}: the local update is not finite")
+        if study.clip_norm > 0:  # clipped here: the server sees no single update
+            update = flat - _flat(params)
+            norm = float(np.linalg.norm(update))
+            if norm > study.clip_norm:
+                flat = _flat(params) + update * (study.clip_norm / norm)
+        n = len(data.y_train)
+        sent = contribute(
+            site,
+            study_peers(site, study),
+            peer_id(int(site.dataset_id or 0)),
+            np.concatenate([flat * n, [float(n)]]),
+            _label(study, f"train-{rnd}", context.run_id),
+        )
+        _state(context)[f"sent-train-{rnd}"] = sent.digest
+    except _REFUSED as exc:
+        return refusal(msg, _site_name(context), str(exc))
+    return _contribution_reply(msg, site.name, sent)
+
+
+def _mu(study: StudyConfig) -> float:
+    return study.proximal_mu if study.strategy == "fedprox" else 0.0
+
+
+#: Score-bin counts of the pooled AUC in a deployment, finest first. Each site says
+#: (masked) for which of them its histogram would have a non-empty cell below its
+#: minimum of rows; the finest level no site objects to is used, in a second masked
+#: sum, or none: no pooled cell is ever below a site's minimum.
+HIST_LEVELS = (10, 5, 2)
+
+
+def score_histogram(
+    model: Any, params: list[np.ndarray], x: np.ndarray, y: np.ndarray, bins: int
+) -> np.ndarray:
+    prediction = model.predict(params, x)
+    index = np.minimum((prediction * bins).astype(int), bins - 1)
+    return np.concatenate(
+        [np.bincount(index[y == label], minlength=bins) for label in (0, 1)]
+    ).astype(np.float64)
+
+
+def eval_totals(
+    model: Any, params: list[np.ndarray], x: np.ndarray, y: np.ndarray, min_cell: int
+) -> np.ndarray:
+    """A site's held-out sums in a fixed order: ``n, loss_sum``, then ``correct``
+    and one flag per :data:`HIST_LEVELS` (1: a non-empty cell of that histogram is
+    below ``min_cell``) for binary models, or ``sse, sy, syy`` for regression."""
+    prediction = model.predict(params, x)
+    head = [float(len(y)), float(model.loss(params, x, y) * len(y))]
+    if model.task != "binary":
+        sse = float(np.sum(np.square(prediction - y)))
+        return np.asarray([*head, sse, float(np.sum(y)), float(np.sum(y * y))])
+    correct = float(np.sum((prediction >= 0.5) == (y == 1)))
+    flags = []
+    for bins in HIST_LEVELS:
+        counts = score_histogram(model, params, x, y, bins)
+        flags.append(float(np.any((counts > 0) & (counts < min_cell))))
+    return np.asarray([*head, correct, *flags])
+
+
+def eval_size(task: str) -> int:
+    """Length of :func:`eval_totals` for a model task."""
+    return 2 + (1 + len(HIST_LEVELS) if task == "binary" else 3)
+
+
+def histogram_level(sums: list[float]) -> int | None:
+    """The finest histogram no site objects to, from pooled :func:`eval_totals`."""
+    for i, bins in enumerate(HIST_LEVELS):
+        if round(sums[3 + i]) == 0:
+            return bins
+    return None
+
+
+def _masked_evaluate(msg: Message, context: Context) -> Message:
+    """Held-out sums of the model of round r (derived here), masked."""
+    try:
+        site_config, site, study = _site_and_study(context)
+        if not _authorize(site, site_config, study, context):
+            _check_grant(site, study)
+        content: Any = msg.content
+        rnd = int(content["config"]["round"])
+        _apply_relayed(msg, context, site, study, f"train-{rnd}")
+        params = _site_model(context, study, rnd)
+        local = _local_study(site, study, _site_prep(context, study))
+        data = local.data(site)
+        if len(data.y_test) < site.policy.min_rows:
+            raise DisclosureRefused(
+                f"site {site.name}: too few held-out rows to report metrics"
+            )
+        totals = eval_totals(
+            study.model_family(), params, data.x_test, data.y_test, site.policy.min_rows
+        )
+        sent = contribute(
+            site,
+            study_peers(site, study),
+            peer_id(int(site.dataset_id or 0)),
+            totals,
+            _label(study, f"eval-{rnd}", context.run_id),
+        )
+        _state(context)[f"sent-eval-{rnd}"] = sent.digest
+    except _REFUSED as exc:
+        return refusal(msg, _site_name(context), str(exc))
+    return _contribution_reply(msg, site.name, sent)
+
+
+@app.query("histogram")
+def histogram(msg: Message, context: Context) -> Message:
+    """The held-out score histogram of round r, masked, at the finest level the
+    pooled flags of the relayed (checked) evaluation allow."""
+    try:
+        site_config, site, study = _site_and_study(context)
+        if not _authorize(site, site_config, study, context):
+            _check_grant(site, study)
+        content: Any = msg.content
+        rnd = int(content["config"]["round"])
+        family = study.model_family()
+        if family.task != "binary":
+            raise DataRefused("a score histogram is for binary models")
+        if RELAYED not in content:
+            raise DataRefused(
+                f"the histogram of round {rnd} needs its evaluation relayed"
+            )
+        step, contributions = from_record(content[RELAYED])
+        if step != f"eval-{rnd}":
+            raise DataRefused(
+                f"the histogram of round {rnd} needs its evaluation relayed"
+            )
+        sums = open_sum(
+            site,
+            study_peers(site, study),
+            peer_id(int(site.dataset_id or 0)),
+            contributions,
+            _label(study, step, context.run_id),
+            own_digest=str(_state(context).get(f"sent-{step}", "")),
+            n_totals=eval_size(family.task),
+        )
+        bins = histogram_level(sums)
+        if bins is None:
+            raise DisclosureRefused(
+                "every histogram level has a cell below some site's minimum of rows"
+            )
+        local = _local_study(site, study, _site_prep(context, study))
+        data = local.data(site)
+        counts = score_histogram(
+            family, _site_model(context, study, rnd), data.x_test, data.y_test, bins
+        )
+        if np.any((counts > 0) & (counts < site.policy.min_rows)):
+            raise DisclosureRefused("the pooled flags do not match this site's data")
+        sent = contribute(
+            site,
+            study_peers(site, study),
+            peer_id(int(site.dataset_id or 0)),
+            counts,
+            _label(study, f"hist-{rnd}", context.run_id),
+        )
+    except _REFUSED as exc:
+        return refusal(msg, _site_name(context), str(exc))
+    return _contribution_reply(msg, site.name, sent)
+
+
+def _check_secure(site_config: SiteConfig, study: StudyConfig) -> None:
+    if study.secure == "none" and site_config.require_secure:
+        raise DisclosureRefused(
+            f"site {site_config.name} sends nothing per site in clear: it takes part "
+            'only in studies with secure="masked" (its operator may allow '
+            "secure=none with require-secure=false)"
+        )
+
+
+def _delegate(msg: Message, context: Context) -> Message:
+    """secure="none": the simulation's ClientApp handler on this site's data."""
+    try:
+        site_config, site, study = _site_and_study(context)
+        _check_secure(site_config, study)
         _authorize(site, site_config, study, context)
         prep = _preprocessing(msg, study)
     except _REFUSED as exc:
@@ -388,13 +727,21 @@ def _delegate(msg: Message, context: Context) -> Message:
     return inner(msg, scoped)
 
 
+def _secure(context: Context) -> bool:
+    return str(context.run_config.get("secure", "masked")) != "none"
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local training from the global model (``client_app``'s handler)."""
+    """Local training: masked and checked (``secure="masked"``) or in clear."""
+    if _secure(context):
+        return _masked_train(msg, context)
     return _delegate(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Held-out metric sums (``client_app``'s handler)."""
+    """Held-out metric sums: masked (``secure="masked"``) or in clear."""
+    if _secure(context):
+        return _masked_evaluate(msg, context)
     return _delegate(msg, context)

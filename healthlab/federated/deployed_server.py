@@ -6,11 +6,17 @@ It reads the study from the run config
 1. waits until ``expected-sites`` SuperNodes are connected (``node-timeout``);
 2. ``query.hello``: every site checks the researcher's signature and grant and
    answers with its name, row count and X25519 public key (or refuses);
-3. ``query.moments`` (when ``standardize``): the sites send masked ``n, Σx, Σxxᵀ``;
-   the masks cancel in the sum, so only the pooled mean and covariance are known;
+3. ``query.moments`` (when ``standardize``): the sites send masked ``n, Σx, Σxxᵀ``
+   over exactly the signed study's datasets (keys from the chain); the masks cancel
+   in the sum, so only the pooled mean and covariance are known;
    they give the public transform (standardization; whitening for ``linear``, as
    :func:`healthlab.federated.train` does);
-4. runs the rounds with :mod:`healthlab.federated.server_app`'s loop — screening of
+4. ``secure="masked"`` (the default): rounds in which the server only relays — it
+   sends each step's masked, tagged contributions with the next message (train:
+   the previous round's, or the moments; evaluate: this round's), sums them for its
+   own record, and asks for the score histogram at the finest level the pooled
+   flags allow (:func:`_masked_rounds`); every site derives the model itself;
+   ``secure="none"``: :mod:`healthlab.federated.server_app`'s loop — screening of
    NaN/inf, shapes and norms, example counts capped at the rows each site declared
    in step 2, the minimum of sites, the round deadline, DP — on a grid that attaches
    the transform to every message;
@@ -33,20 +39,29 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from healthlab.encrypted.encoding import MAX_SITES, decode_sum
-from healthlab.errors import HealthLabError, InvalidInput, TooFewSites
+from healthlab.encrypted.encoding import MAX_SITES
+from healthlab.errors import InvalidInput, TooFewSites
 from healthlab.federated.deploy import StudyConfig
-from healthlab.federated.deployed_client import PREPROCESSING, preprocessing_record
+from healthlab.federated.deployed_client import (
+    PREPROCESSING,
+    RELAYED,
+    eval_size,
+    histogram_level,
+    preprocessing_record,
+    transform_from_moments,
+)
 from healthlab.federated.flower_compat import quick_object_pulls
+from healthlab.federated.masked import Contribution, server_sum, to_record
 from healthlab.federated.server_app import (
     Outcome,
     RoundReport,
     run_rounds,
 )
 from healthlab.federated.study import Preprocessing, Study
+from healthlab.federated.task import Model, summarize
 from healthlab.sites import Site
 
 __all__ = ["StudyGrid", "app", "pooled_preprocessing"]
@@ -278,14 +293,18 @@ def _run_study(grid: StudyGrid, study: StudyConfig, result: _Result) -> None:
             f"{study.min_sites} required (refused: {refused or 'none'})"
         )
     p = len(study.features)
+    relayed: ConfigRecord | None = None
     if study.standardize:
-        prep = pooled_preprocessing(grid, joined, study, linear=study.model == "linear")
+        prep, relayed = pooled_preprocessing(grid, joined, study)
     else:
         prep = Preprocessing.identity(p)
     result.data["preprocessing"] = {
         "center": list(prep.center),
         "matrix": [list(r) for r in prep.matrix],
     }
+    if study.secure != "none":
+        _masked_rounds(grid, joined, study, result, relayed, refused)
+        return
     grid.preprocessing = preprocessing_record(prep)
     declared = [_DeclaredSite(str(s["site"]), int(s["rows"])) for s in joined.values()]
     declared += [_DeclaredSite(name, 0) for name in refused]
@@ -323,71 +342,178 @@ def _run_study(grid: StudyGrid, study: StudyConfig, result: _Result) -> None:
         raise outcome.error
 
 
-def pooled_preprocessing(
-    grid: Grid,
-    joined: dict[int, Any],
-    study: StudyConfig,
-    *,
-    linear: bool,
-) -> Preprocessing:
-    """The public transform from the sites' masked ``n, Σx, Σxxᵀ`` (only the sum is
-    readable): ``(x - mean) / std`` per column, or whitening ``(x - mean) @ C^-½`` for
-    linear models. The sites mask over exactly the signed study's datasets (keys from
-    the chain), so every one of them must answer, or the masks do not cancel."""
-    members = len(study.datasets)
-    if members > MAX_SITES:
+def _members(joined: dict[int, Any], study: StudyConfig) -> None:
+    """Every dataset of the signed study must have joined: the sites mask over
+    exactly those (keys from the chain), so the masks cancel only with all of them."""
+    if len(study.datasets) > MAX_SITES:
         raise InvalidInput(f"masked sums are exact for at most {MAX_SITES} sites")
     taking_part = {int(s["dataset-id"]) for s in joined.values()}
     missing = sorted(set(study.datasets) - taking_part)
     if not study.datasets or missing:
         raise TooFewSites(
-            "the pooled standardization is a masked sum over every dataset of the "
-            f"signed study; dataset(s) {missing or '(none signed)'} did not join. "
-            "Start their nodes, or sign the study without them"
+            "a masked sum runs over every dataset of the signed study; dataset(s) "
+            f"{missing or '(none signed)'} did not join. Start their nodes, or sign "
+            "the study without them"
         )
-    replies = _query(
-        grid, list(joined), "moments", ConfigRecord({}), study.round_timeout
-    )
-    p = len(study.features)
-    n_totals = 1 + p + p * (p + 1) // 2
-    total: np.ndarray | None = None
-    for node, status_ in joined.items():
+
+
+def _collect(
+    grid: Grid,
+    joined: dict[int, Any],
+    study: StudyConfig,
+    messages: list[Message],
+    what: str,
+) -> list[Contribution]:
+    """Every member's masked contribution to one step, or a named error."""
+    replies = {
+        r.metadata.src_node_id: r
+        for r in grid.send_and_receive(messages, timeout=study.round_timeout)
+    }
+    contributions = []
+    for node, joined_status in joined.items():
         reply = replies.get(node)
         status = None if reply is None else _status(reply)
-        name = str(status_["site"])
+        name = str(joined_status["site"])
         if status is None or "refused" in status:
-            reason = "no reply" if status is None else str(status["refused"])
+            if status is not None:
+                reason = str(status["refused"])
+            elif reply is not None and reply.has_error():
+                reason = f"error: {reply.error.reason}"
+            else:
+                reason = "no reply before the deadline"
             raise TooFewSites(
-                f"site {name} did not send its masked totals ({reason}); the pooled "
-                "statistics need every site that joined (their masks cancel only "
-                "together)"
+                f"site {name} did not send its masked {what} ({reason}); a masked sum "
+                "needs every member (their masks cancel only together)"
             )
         content: Any = cast(Message, reply).content
         digits = np.asarray(content["arrays"].to_numpy_ndarrays()[0], dtype=np.int64)
-        if digits.shape != (n_totals * 13,):
-            raise HealthLabError(f"site {name} sent totals of the wrong size")
-        total = digits if total is None else total + digits
-    assert total is not None
-    sums = np.asarray(decode_sum(total.astype(np.float64), n_totals, members))
-    n = sums[0]
-    if n < 2:
-        raise TooFewSites("fewer than 2 complete rows across the sites")
-    mean = sums[1 : 1 + p] / n
-    cross = np.zeros((p, p))
-    cross[np.triu_indices(p)] = sums[1 + p :]
-    cross = cross + np.triu(cross, 1).T
-    cov = (cross - n * np.outer(mean, mean)) / (n - 1)
-    if linear:
-        values, vectors = np.linalg.eigh(cov)
-        if values.min() <= 1e-12 * values.max():
-            raise InvalidInput("the features are collinear; drop one to whiten")
-        transform = vectors @ np.diag(values**-0.5) @ vectors.T
-    else:
-        std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
-        std[~np.isfinite(std) | (std == 0)] = 1.0
-        transform = np.diag(1.0 / std)
-    _logger.info("pooled statistics over %d rows from %d sites", int(n), len(joined))
-    return Preprocessing(
-        tuple(float(c) for c in mean),
-        tuple(tuple(float(v) for v in row) for row in transform.tolist()),
+        contributions.append(
+            Contribution(str(status["member"]), digits, bytes(status["tags"]))
+        )
+    return contributions
+
+
+def _ask(
+    grid: Grid,
+    nodes: list[int],
+    message_type: str,
+    rnd: int,
+    relayed: ConfigRecord | None,
+) -> list[Message]:
+    out = []
+    for node in nodes:
+        records: dict[str, Any] = {"config": ConfigRecord({"round": rnd})}
+        if relayed is not None:
+            records[RELAYED] = ConfigRecord(dict(relayed))
+        out.append(
+            Message(RecordDict(records), dst_node_id=node, message_type=message_type)
+        )
+    return out
+
+
+def pooled_preprocessing(
+    grid: Grid, joined: dict[int, Any], study: StudyConfig
+) -> tuple[Preprocessing, ConfigRecord]:
+    """The public transform from the sites' masked ``n, Σx, Σxxᵀ`` (only the sum is
+    readable), and the contributions to relay: each site derives the same transform
+    from them itself (``deployed_client.transform_from_moments``)."""
+    _members(joined, study)
+    nodes = list(joined)
+    messages = [
+        Message(
+            RecordDict({"config": ConfigRecord({})}),
+            dst_node_id=node,
+            message_type="query.moments",
+        )
+        for node in nodes
+    ]
+    contributions = _collect(grid, joined, study, messages, "moments")
+    p = len(study.features)
+    sums = server_sum(contributions, 1 + p + p * (p + 1) // 2)
+    prep = transform_from_moments(sums, p, linear=study.model == "linear")
+    _logger.info(
+        "pooled statistics over %d rows from %d sites", int(sums[0]), len(joined)
     )
+    return prep, to_record("moments", contributions)
+
+
+def _masked_rounds(
+    grid: StudyGrid,
+    joined: dict[int, Any],
+    study: StudyConfig,
+    result: _Result,
+    relayed: ConfigRecord | None,
+    refused_at_start: dict[str, str],
+) -> None:
+    """Rounds in which nothing per site reaches the server: masked n·w and n, masked
+    held-out sums; the server relays each step's contributions and every site
+    derives the next model from them itself (the server's model is never used)."""
+    _members(joined, study)
+    model = study.model_family()
+    init = model.init(len(study.features), study.seed)
+    size = sum(int(np.asarray(a).size) for a in init)
+    names = sorted(str(s["site"]) for s in joined.values())
+    nodes = list(joined)
+    params = [np.asarray(a, dtype=np.float64) for a in init]
+    for rnd in range(1, study.rounds + 1):
+        started = time.monotonic()
+        sent = _ask(grid, nodes, MessageType.TRAIN, rnd, relayed)
+        contributions = _collect(grid, joined, study, sent, f"update of round {rnd}")
+        sums = server_sum(contributions, size + 1)
+        flat = np.asarray(sums[:-1]) / sums[-1]
+        params, start = [], 0
+        for a in init:
+            shape = np.asarray(a).shape
+            count = int(np.prod(shape)) if shape else 1
+            params.append(flat[start : start + count].reshape(shape))
+            start += count
+        relayed = to_record(f"train-{rnd}", contributions)
+        asked = _ask(grid, nodes, MessageType.EVALUATE, rnd, relayed)
+        evaluated = _collect(grid, joined, study, asked, f"metrics of round {rnd}")
+        sums = server_sum(evaluated, eval_size(model.task))
+        counts = None
+        bins = histogram_level(sums) if model.task == "binary" else None
+        if bins is not None:
+            ask = _ask(
+                grid, nodes, "query.histogram", rnd, to_record(f"eval-{rnd}", evaluated)
+            )
+            got = _collect(grid, joined, study, ask, f"histogram of round {rnd}")
+            counts = server_sum(got, 2 * bins)
+        pooled = pooled_metrics(model, sums, counts)
+        report = RoundReport(
+            rnd,
+            names,
+            dict(refused_at_start) if rnd == 1 else {},
+            {},
+            pooled,
+            {},
+            time.monotonic() - started,
+        )
+        result.round(report, params)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in pooled.items())
+        _logger.info(
+            "round %d/%d (masked): %d site(s); %s",
+            rnd,
+            study.rounds,
+            len(names),
+            shown or "no held-out metrics",
+        )
+
+
+def pooled_metrics(
+    model: Model, sums: list[float], counts: list[float] | None = None
+) -> dict[str, float]:
+    """Loss, accuracy and a binned AUC (binary; ``counts``: the pooled negative then
+    positive counts per score bin, or none) or R² from pooled held-out sums
+    (:func:`~healthlab.federated.deployed_client.eval_totals`)."""
+    values = {"n": sums[0], "loss_sum": sums[1]}
+    if model.task == "binary":
+        values["correct"] = sums[2]
+        if counts is not None:
+            bins = len(counts) // 2
+            for label in (0, 1):
+                for i in range(bins):
+                    values[f"bin{label}_{i}"] = counts[label * bins + i]
+    else:
+        values.update({"sse": sums[2], "sy": sums[3], "syy": sums[4]})
+    return summarize(model, values)

@@ -46,6 +46,9 @@ class SiteConfig:
         signed study in another run are refused).
     verify_content:
         Refuse to compute when the data's hash differs from the registered one.
+    require_secure:
+        Take part only in studies that send nothing per site in clear
+        (``secure="masked"``, the default); ``False`` also allows ``secure="none"``.
     """
 
     name: str
@@ -59,6 +62,7 @@ class SiteConfig:
     key_path: str | None = None
     state_dir: str | None = None
     verify_content: bool = False
+    require_secure: bool = True
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", self.name or ""):
@@ -173,6 +177,7 @@ class SiteConfig:
             key_path=opt("key-path"),
             state_dir=opt("state-dir"),
             verify_content=bool(config.get("verify-content", False)),
+            require_secure=bool(config.get("require-secure", True)),
         )
 
 

@@ -62,6 +62,7 @@ class StudyConfig:
     dp_noise_multiplier: float = 0.0
     dp_clipping_norm: float = 0.0
     datasets: tuple[int, ...] = ()
+    secure: str = "masked"
     # the signature
     researcher: str = ""
     study_hash: str = ""
@@ -123,6 +124,19 @@ class StudyConfig:
             raise InvalidInput("test_fraction must be in [0, 1)")
         if self.dp_noise_multiplier > 0 and self.dp_clipping_norm <= 0:
             raise InvalidInput("differential privacy needs dp_clipping_norm > 0")
+        if self.secure not in ("masked", "none"):
+            raise InvalidInput('secure must be "masked" (the default) or "none"')
+        if self.secure == "masked":
+            if self.strategy not in ("fedavg", "fedprox"):
+                raise InvalidInput(
+                    f"strategy {self.strategy!r} needs each site's update; masked "
+                    'studies sum them: use fedavg or fedprox (or secure="none")'
+                )
+            if self.dp_noise_multiplier > 0:
+                raise InvalidInput(
+                    "server-side DP noise needs each site's update in clear; it is "
+                    'not available with secure="masked" yet (use secure="none")'
+                )
         if self.node_timeout <= 0 or self.round_timeout <= 0:
             raise InvalidInput("node_timeout and round_timeout must be positive")
 

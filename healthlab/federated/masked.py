@@ -1,0 +1,177 @@
+"""Masked sums between the sites of a deployed study, that the sites can check.
+
+Every value a site sends in a deployment — its standardization moments, its
+weighted model update, its held-out metric sums — is a vector of exact fixed-point
+digits (:func:`healthlab.encrypted.encoding.encode_totals`) plus pairwise masks
+shared with every other member of the study (X25519 keys bound on chain), so that a
+single site's vector is uniform noise and only the sum over all members is
+readable.
+
+A site also **tags** its vector for every other member with a key only the two of
+them share (HMAC-SHA256 under an X25519-derived key). The server relays the
+members' vectors with the next message; each site checks every tag meant for it
+and its own vector, sums them itself and so knows the aggregate without trusting
+the server: the next model is the one the sites' own updates produce, not one the
+server chooses. A server that drops, alters, replays or invents a vector fails the
+check at every site, which refuses and sends nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord
+
+from healthlab.encrypted.encoding import (
+    DIGITS,
+    decode_sum,
+    encode_totals,
+    mask_digits,
+    mask_vector,
+)
+from healthlab.errors import DataRefused
+from healthlab.sites import Site
+
+__all__ = [
+    "Contribution",
+    "contribute",
+    "from_record",
+    "open_sum",
+    "server_sum",
+    "to_record",
+]
+
+_TAG = 32
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One member's masked digits for one step, tagged for every other member."""
+
+    member: str
+    digits: np.ndarray
+    tags: bytes
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the digits (what a site remembers of what it sent)."""
+        return hashlib.sha256(_bytes(self.digits)).hexdigest()
+
+
+def _bytes(digits: np.ndarray) -> bytes:
+    return np.asarray(digits, dtype="<u2").tobytes()
+
+
+def _message(label: str, member: str, digits: np.ndarray) -> bytes:
+    return label.encode() + b"|" + member.encode() + b"|" + _bytes(digits)
+
+
+def contribute(
+    site: Site,
+    peers: Mapping[str, bytes],
+    me: str,
+    totals: Sequence[float] | np.ndarray,
+    label: str,
+) -> Contribution:
+    """``totals`` as masked digits, tagged for every other member of ``peers``."""
+    digits = encode_totals(totals)
+    seeds = site.pairwise_seeds(peers, label.encode(), me=me)
+    masked = mask_digits(digits, mask_vector(seeds, digits.size))
+    keys = site.pairwise_keys(peers, b"healthlab-tag", label.encode(), me=me)
+    message = _message(label, me, masked)
+    tags = b"".join(
+        hmac.new(keys[peer], message, hashlib.sha256).digest() for peer in sorted(keys)
+    )
+    return Contribution(me, masked, tags)
+
+
+def to_record(step: str, contributions: Sequence[Contribution]) -> ConfigRecord:
+    """The members' contributions as a message record (relayed by the server)."""
+    ordered = sorted(contributions, key=lambda c: c.member)
+    return ConfigRecord(
+        {
+            "step": step,
+            "members": [c.member for c in ordered],
+            "digits": [_bytes(c.digits) for c in ordered],
+            "tags": [c.tags for c in ordered],
+        }
+    )
+
+
+def from_record(record: ConfigRecord) -> tuple[str, list[Contribution]]:
+    """``(step, contributions)`` from :func:`to_record`'s record."""
+    values: Any = dict(record)
+    try:
+        members = [str(m) for m in values["members"]]
+        digits = [bytes(d) for d in values["digits"]]
+        tags = [bytes(t) for t in values["tags"]]
+        step = str(values["step"])
+    except (KeyError, TypeError) as exc:
+        raise DataRefused(f"the relayed contributions are malformed ({exc})") from None
+    if not len(members) == len(digits) == len(tags):
+        raise DataRefused("the relayed contributions are malformed")
+    return step, [
+        Contribution(m, np.frombuffer(d, dtype="<u2").astype(np.int64), t)
+        for m, d, t in zip(members, digits, tags, strict=True)
+    ]
+
+
+def open_sum(
+    site: Site,
+    peers: Mapping[str, bytes],
+    me: str,
+    contributions: Sequence[Contribution],
+    label: str,
+    *,
+    own_digest: str,
+    n_totals: int,
+) -> list[float]:
+    """The exact sum of the members' totals, after checking every tag for ``me``.
+
+    Refuses (:class:`~healthlab.errors.DataRefused`) unless the contributions are
+    exactly one per member of ``peers``, this site's is the one it sent
+    (``own_digest``) and every other's carries a valid tag for this site.
+    """
+    by_member = {c.member: c for c in contributions}
+    if sorted(by_member) != sorted(peers) or len(by_member) != len(contributions):
+        raise DataRefused(
+            f"the relayed contributions are from {sorted(by_member)}, not exactly the "
+            f"study's members {sorted(peers)}"
+        )
+    keys = site.pairwise_keys(peers, b"healthlab-tag", label.encode(), me=me)
+    size = n_totals * DIGITS
+    for member, contribution in sorted(by_member.items()):
+        if contribution.digits.size != size:
+            raise DataRefused(f"{member}'s contribution has the wrong size")
+        if member == me:
+            if contribution.digest != own_digest:
+                raise DataRefused(
+                    "the relayed copy of this site's contribution differs"
+                )
+            continue
+        others = sorted(p for p in peers if p != member)
+        start = others.index(me) * _TAG
+        got = contribution.tags[start : start + _TAG]
+        want = hmac.new(
+            keys[member], _message(label, member, contribution.digits), hashlib.sha256
+        ).digest()
+        if len(contribution.tags) != len(others) * _TAG or not hmac.compare_digest(
+            got, want
+        ):
+            raise DataRefused(
+                f"{member}'s relayed contribution does not carry its tag for this "
+                "site: altered, replayed or not from that member"
+            )
+    total = np.sum([c.digits for c in contributions], axis=0)
+    return decode_sum(total.astype(np.float64), n_totals, len(contributions))
+
+
+def server_sum(contributions: Sequence[Contribution], n_totals: int) -> list[float]:
+    """The server's view: the sum of every member's masked digits (masks cancel)."""
+    total = np.sum([c.digits for c in contributions], axis=0)
+    return decode_sum(total.astype(np.float64), n_totals, len(contributions))
