@@ -4,9 +4,10 @@ Run as ``.venv/bin/python benchmarks/deploy.py`` (``--sites``, ``--rounds``). It
 measurement, not a test: it always exits 0 and prints what it measured. It starts an
 anvil node with the registry (grants on chain), a SuperLink with TLS and SuperNode
 authentication, one site per SuperNode (its SuperNode with ``--isolation process``
-and the site runtime beside it), registers the node keys, signs a logistic study and
-runs it with ``flwr run``. Printed: the time to bring the processes up, the whole
-study, and each round as the ServerApp measured it (train + evaluate messages
+and the site runtime beside it), binds each site's keys on chain and registers the
+nodes from there, signs a masked logistic study (the default: nothing per site in
+clear) and runs it with ``flwr run``. Printed: the time to bring the processes up,
+the whole study, and each round as the ServerApp measured it (train + evaluate messages
 through the SuperLink to every site and back), with the target of issue 12
 (≤ 2 s a round).
 """
@@ -40,6 +41,7 @@ def main() -> None:
         SiteNode,
         StudyConfig,
         SuperLink,
+        bind_site_keys,
         launch_study,
     )
     from healthlab.ledger import Ledger, sha256_of
@@ -81,15 +83,17 @@ def main() -> None:
                     state_dir=str(work / f"state_{i}"),
                 )
             )
+        for config in configs:  # each owner binds its site's keys on chain
+            bind_site_keys(ledger, config, sender=owner)
         link = SuperLink()
         nodes: list[SiteNode] = []
         try:
             link.start(timeout=90)
+            link.register_datasets(ledger, [c.dataset_id for c in configs])
             for config in configs:
                 node = SiteNode(
                     link.address, config, root_certificates=link.root_certificates
                 )
-                link.register_node(node.public_key_file)  # type: ignore[arg-type]
                 nodes.append(node.launch())
             for node in nodes:
                 node.wait_ready(120)
@@ -118,7 +122,7 @@ def main() -> None:
     print(f"{args.sites} SuperNodes under TLS + node authentication, loopback")
     print(f"processes up (anvil, registry, SuperLink, SuperNodes): {up:.1f} s")
     print(f"study: {args.rounds} rounds in {run.seconds:.1f} s (flwr run, end to end)")
-    print("per round (ServerApp's clock: train + evaluate at every site):")
+    print("per round (ServerApp's clock: masked train, evaluate and histogram steps):")
     for i, seconds in enumerate(rounds, 1):
         print(f"  round {i}: {seconds:.2f} s")
     print(

@@ -73,7 +73,7 @@ def serve(
     address: str,
     secret: bytes,
     *,
-    poll: float = 0.1,
+    poll: float = 0.2,
     stop: threading.Event | None = None,
     parent_pid: int | None = None,
 ) -> None:
