@@ -701,22 +701,9 @@ def _delegate(msg: Message, context: Context) -> Message:
         prep = _preprocessing(msg, study)
     except _REFUSED as exc:
         return refusal(msg, _site_name(context), str(exc))
-    local = Study(
-        [site],
-        list(study.features),
-        study.target,
-        study.model_family(),
-        study.train_config(),
-        prep,
-        study.researcher,
-        test_fraction=study.test_fraction,
-        seed=study.seed,
-        dropna=study.dropna,
-    )
     # The signature was checked above against the deployment's study hash; Study.gate
     # checks the grant again before the round, as in the simulation.
-    local.mark_authorized(site)
-    inner = make_client_app(local)
+    inner = make_client_app(_local_study(site, study, prep))
     scoped = Context(
         run_id=context.run_id,
         node_id=context.node_id,

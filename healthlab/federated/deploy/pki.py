@@ -38,6 +38,7 @@ __all__ = [
     "make_study_pki",
     "node_public_point",
     "openssh_public_key",
+    "write_private",
 ]
 
 #: Size of a P-384 public key as an uncompressed SEC1 point (0x04 || X || Y).
@@ -72,7 +73,8 @@ def _private_dir(directory: Path) -> Path:
     return directory
 
 
-def _write_private(path: Path, data: bytes) -> None:
+def write_private(path: Path, data: bytes) -> None:
+    """Write a new file readable by its owner only (mode 600, never overwritten)."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(data)
@@ -184,8 +186,8 @@ def make_study_pki(
     pem = serialization.Encoding.PEM
     no_password = serialization.NoEncryption()
     pkcs8 = serialization.PrivateFormat.PKCS8
-    _write_private(base / "ca.key", ca_key.private_bytes(pem, pkcs8, no_password))
-    _write_private(files.server_key, server_key.private_bytes(pem, pkcs8, no_password))
+    write_private(base / "ca.key", ca_key.private_bytes(pem, pkcs8, no_password))
+    write_private(files.server_key, server_key.private_bytes(pem, pkcs8, no_password))
     files.server_cert.write_bytes(server_cert.public_bytes(pem))
     files.ca_cert.write_bytes(ca_cert.public_bytes(pem))  # last: marks the set complete
     return files
@@ -204,7 +206,7 @@ def make_node_key(path: str | os.PathLike[str]) -> Path:
     else:
         _private_dir(file.parent)
         key = ec.generate_private_key(ec.SECP384R1())
-        _write_private(
+        write_private(
             file,
             key.private_bytes(
                 serialization.Encoding.PEM,

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Self
 
 from healthlab._process import stop_process
 from healthlab.errors import ConfigurationError
-from healthlab.federated.deploy.pki import TLSFiles, make_node_key
+from healthlab.federated.deploy.pki import TLSFiles, make_node_key, write_private
 from healthlab.federated.deploy.site import SiteConfig, ensure_state_dir
 from healthlab.ledger.node import free_port
 
@@ -538,9 +538,7 @@ class SiteNode(_FlowerProcess):
     def _secret_file(self) -> Path:
         path = self.state_dir / "superexec-secret"
         if not path.exists():
-            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(descriptor, "wb") as handle:
-                handle.write(secrets.token_bytes(32))
+            write_private(path, secrets.token_bytes(32))
         return path
 
     def _args(self) -> list[str]:
@@ -653,7 +651,5 @@ def _with_private_database(site: SiteConfig, state: Path) -> SiteConfig:
         )
     path = state / "database-url"
     path.unlink(missing_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "w") as handle:
-        handle.write(url)
+    write_private(path, url.encode())
     return replace(site, sql_url=None, sql_url_file=str(path))
