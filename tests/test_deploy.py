@@ -1,7 +1,7 @@
 """Federated studies on Flower's deployment runtime, on loopback.
 
-One SuperLink and three SuperNodes, one per site, each started on its own port with
-its own FLWR_HOME, data (two CSV files and a SQLite table), key material and state;
+One SuperLink and four SuperNodes, one per site, each started on its own port with
+its own FLWR_HOME, data (three CSV files and a SQLite table), key material and state;
 the researcher holds grants on anvil; ``healthlab study`` signs a 2-round study and
 runs it with ``flwr run --stream``; the processes are stopped by PID, SuperNodes
 before the SuperLink. The deployed model is the in-process simulation's model.
@@ -76,11 +76,13 @@ pytestmark = pytest.mark.anvil
 
 TARGET = "target"
 FEATURES = [str(c) for c in load_breast_cancer(as_frame=True).frame.columns[:8]]
-SITES = ["site_0", "site_1", "site_2"]
+SITES = ["site_0", "site_1", "site_2", "site_3"]
 ROUNDS = 2
 #: Rows per site: unequal, so FedAvg's weighting matters.
-SIZES = (250, 200, 119)
+SIZES = (180, 150, 120, 119)
 GRANT_SECONDS = 7 * 24 * 3600
+#: Sites started as SiteNode objects; site_2 runs through `healthlab site-node`.
+NODE_SITES = [name for name in SITES if name != "site_2"]
 
 
 def require_flower() -> None:
@@ -333,11 +335,8 @@ def deployment(
         sql_frame = store.read_table("cohort")
     finally:
         store.close()
-    hashes = {
-        "site_0": sha256_of(paths["site_0"]),
-        "site_1": sha256_of(paths["site_1"]),
-        "site_2": Site("site_2", sql_frame).content_hash,
-    }
+    hashes = {name: sha256_of(paths[name]) for name in NODE_SITES}
+    hashes["site_2"] = Site("site_2", sql_frame).content_hash
     datasets = {
         name: grant(ledger, hashes[name], owner, researcher, name) for name in SITES
     }
@@ -351,10 +350,10 @@ def deployment(
             state_dir=str(work / f"state_{name}"),
             verify_content=True,
         )
-        for name in SITES[:2]
+        for name in NODE_SITES
     }
     # each owner binds its site's mask and node keys to the dataset on chain
-    for name in SITES[:2]:
+    for name in NODE_SITES:
         bind_site_keys(ledger, configs[name], sender=owner)
     cli_site = replace(
         configs["site_0"],
@@ -377,7 +376,7 @@ def deployment(
         ca = link.root_certificates
         # the researcher admits exactly the nodes bound to the study's datasets
         link.register_datasets(ledger, [datasets[n] for n in SITES])
-        for name in SITES[:2]:
+        for name in NODE_SITES:
             nodes.append(SiteNode(link.address, configs[name], root_certificates=ca))
         for node in nodes:  # launched together, then waited for
             node.launch()
@@ -432,9 +431,9 @@ def deployment(
                 "--rounds",
                 str(ROUNDS),
                 "--sites",
-                "3",
+                str(len(SITES)),
                 "--min-sites",
-                "3",
+                str(len(SITES)),
                 "--node-timeout",
                 "60",
                 "--round-timeout",
@@ -461,8 +460,8 @@ def deployment(
                     target=TARGET,
                     features=tuple(FEATURES),
                     rounds=1,
-                    min_sites=4,
-                    expected_sites=4,
+                    min_sites=len(SITES) + 1,
+                    expected_sites=len(SITES) + 1,
                     node_timeout=3.0,
                 ),
                 workdir=work / "too-few",
@@ -530,13 +529,13 @@ def deployment(
     )
 
 
-def test_two_rounds_complete_with_all_three_sites(deployment: Deployment) -> None:
+def test_two_rounds_complete_with_every_site(deployment: Deployment) -> None:
     history = deployment.result.history
     assert deployment.raw["status"] == "finished", deployment.raw.get("error")
     assert history["round"].tolist() == [1, 2]
     for _, row in history.iterrows():
         assert sorted(row["sites"]) == SITES, f"round {row['round']}: {row['sites']}"
-        assert row["n_sites"] == 3
+        assert row["n_sites"] == len(SITES)
         assert row["refused"] == {}, f"round {row['round']} refusals: {row['refused']}"
         assert row["rejected"] == {}, (
             f"round {row['round']} rejected: {row['rejected']}"
@@ -555,15 +554,15 @@ def test_a_study_needing_more_sites_than_connected_fails_clearly(
 ) -> None:
     message = deployment.too_few_sites
     assert "the study failed on the SuperLink" in message, message
-    assert "only 3 site node(s) connected" in message, message
-    assert "the study needs 4" in message, message
+    assert f"only {len(SITES)} site node(s) connected" in message, message
+    assert f"the study needs {len(SITES) + 1}" in message, message
     assert deployment.seconds["too few sites"] < 60, deployment.seconds
 
 
 def test_sites_run_on_their_own_ports_and_nodes(deployment: Deployment) -> None:
     ports = list(deployment.ports.values())
-    assert len(set(ports)) == len(ports) == 3, deployment.ports
-    assert len(set(deployment.node_ids.values())) == 3, deployment.node_ids
+    assert len(set(ports)) == len(ports) == len(SITES), deployment.ports
+    assert len(set(deployment.node_ids.values())) == len(SITES), deployment.node_ids
     assert all(v > 0 for v in deployment.node_ids.values()), deployment.node_ids
 
 
@@ -575,7 +574,7 @@ def test_deployed_model_equals_the_in_process_simulation(
         TARGET,
         FEATURES,
         rounds=ROUNDS,
-        min_sites=3,
+        min_sites=len(SITES),
         progress=lambda report: None,
     )
     for deployed, local in zip(deployment.result.params, simulated.params, strict=True):
@@ -948,7 +947,9 @@ def test_masked_moments_reveal_only_the_pooled_totals(
     assert masked[0].shape == (n_totals * DIGITS,)
     plain = encode_totals(totals(frames["site_0"]))
     assert np.mean(masked[0] == plain) < 0.01, "site_0's digits are not masked"
-    decoded = decode_sum(np.sum(masked, axis=0).astype(np.float64), n_totals, 3)
+    decoded = decode_sum(
+        np.sum(masked, axis=0).astype(np.float64), n_totals, len(SITES)
+    )
     expected = sum(totals(frames[name]) for name in SITES)
     np.testing.assert_allclose(decoded, expected, rtol=1e-14)
     assert decoded[0] == sum(SIZES)
@@ -1211,7 +1212,12 @@ def test_masked_rounds_equal_fedavg_and_show_the_server_nothing_per_site(
         evaluated = _contributions(server.step("evaluate", rnd, relayed))
         assert all(np.mean(c.digits < (1 << 12)) < 0.2 for c in evaluated)
     simulated = train(
-        frames, TARGET, FEATURES, rounds=2, min_sites=3, progress=lambda r: None
+        frames,
+        TARGET,
+        FEATURES,
+        rounds=2,
+        min_sites=len(SITES),
+        progress=lambda r: None,
     )
     flat = np.concatenate([np.ravel(a) for a in simulated.params])
     np.testing.assert_allclose(models[-1], flat, rtol=1e-9, atol=1e-12)
@@ -1241,13 +1247,13 @@ def test_a_site_refuses_relayed_contributions_the_server_altered(
     flipped[0] ^= 1
     forged = [
         (
-            [sent[0], Contribution(sent[1].member, flipped, sent[1].tags), sent[2]],
+            [sent[0], Contribution(sent[1].member, flipped, sent[1].tags), *sent[2:]],
             "does not carry its tag",
         ),
-        (sent[:2], "not exactly the study's members"),
-        ([sent[0], sent[1], sent[1]], "not exactly the study's members"),
+        (sent[:-1], "not exactly the study's members"),
+        ([*sent[:-1], sent[1]], "not exactly the study's members"),
         (
-            [sent[0], sent[1], Contribution("dataset-999999", sent[2].digits, b"")],
+            [*sent[:-1], Contribution("dataset-999999", sent[-1].digits, b"")],
             "not exactly the study's members",
         ),
     ]
@@ -1321,7 +1327,7 @@ def _separable(seed: int) -> dict[str, pd.DataFrame]:
     coarse histograms have no small cells."""
     rng = np.random.default_rng(seed)
     out = {}
-    for name, size in zip(SITES, (120, 100, 80), strict=True):
+    for name, size in zip(SITES, (120, 100, 80, 80), strict=True):
         y = np.arange(size) % 2
         x = rng.normal(size=(size, len(FEATURES))) * 0.3
         x[:, 0] += np.where(y == 1, 4.0, -4.0)
@@ -1357,7 +1363,7 @@ def test_histograms_come_only_at_a_level_no_site_objects_to(
     altered = [
         evaluated[0],
         Contribution(evaluated[1].member, forged, evaluated[1].tags),
-        evaluated[2],
+        *evaluated[2:],
     ]
     replies = server.step("query.histogram", 1, to_record("eval-1", altered))
     assert "does not carry its tag" in refused(replies[0])
