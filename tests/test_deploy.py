@@ -907,28 +907,7 @@ def test_site_refuses_data_that_differs_from_the_registered_hash(
 def test_masked_moments_reveal_only_the_pooled_totals(
     chain: Ledger, tmp_path: Path
 ) -> None:
-    frames = site_frames()
-    owner, researcher = chain.accounts[8], chain.accounts[9]
-    configs, datasets = [], []
-    for i, name in enumerate(SITES):
-        path = tmp_path / f"{name}.csv"
-        frames[name].to_csv(path, index=False)
-        ds = grant(
-            chain, sha256_of(path), owner, researcher, f"moments-{i}-{tmp_path.name}"
-        )
-        datasets.append(ds)
-        configs.append(
-            SiteConfig(
-                name=name,
-                dataset_id=ds,
-                rpc_url=str(chain.rpc_url),
-                registry=chain.address,
-                data=str(path),
-                key_path=str(tmp_path / f"{name}.pem"),
-            )
-        )
-    for config in configs:
-        bind_site_keys(chain, config, sender=owner)
+    configs, datasets, researcher, frames = _moments_sites(chain, tmp_path, "moments")
     study = StudyConfig(
         target=TARGET, features=tuple(FEATURES), datasets=tuple(datasets)
     ).sign(chain, researcher)
@@ -937,20 +916,14 @@ def test_masked_moments_reveal_only_the_pooled_totals(
         for c in configs
     ]
     p = len(FEATURES)
-    upper = np.triu_indices(p)
-
-    def totals(frame: pd.DataFrame) -> np.ndarray:
-        x = frame[FEATURES].to_numpy(dtype=np.float64)
-        return np.concatenate([[len(x)], x.sum(axis=0), (x.T @ x)[upper]])
-
     n_totals = 1 + p + p * (p + 1) // 2
     assert masked[0].shape == (n_totals * DIGITS,)
-    plain = encode_totals(totals(frames["site_0"]))
+    plain = encode_totals(_moment_totals(frames["site_0"]))
     assert np.mean(masked[0] == plain) < 0.01, "site_0's digits are not masked"
     decoded = decode_sum(
         np.sum(masked, axis=0).astype(np.float64), n_totals, len(SITES)
     )
-    expected = sum(totals(frames[name]) for name in SITES)
+    expected = sum(_moment_totals(frames[name]) for name in SITES)
     np.testing.assert_allclose(decoded, expected, rtol=1e-14)
     assert decoded[0] == sum(SIZES)
 

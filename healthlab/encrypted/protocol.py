@@ -59,6 +59,7 @@ __all__ = [
     "StudyRun",
     "prepare_query",
     "run_query",
+    "sign_query",
 ]
 
 #: What a site computes from (its rows, the query): totals, and its subsets by column.
@@ -309,7 +310,7 @@ def prepare_query(
     """
     if on_refusal not in ("raise", "skip"):
         raise InvalidInput('on_refusal must be "raise" or "skip"')
-    signed = _sign(sites, query, researcher)
+    signed = sign_query(sites, query, researcher)
     work: list[SiteWork] = []
     refused: dict[str, str] = {}
     errors: list[HealthLabError] = []
@@ -367,9 +368,10 @@ class PreparedQuery:
         )
 
 
-def _sign(
+def sign_query(
     sites: Sequence[Site], query: Query, researcher: str | None
 ) -> SignedQuery | None:
+    """The researcher's signature of ``query`` when a site checks grants (else None)."""
     gated = [s for s in sites if s.gated]
     if not gated:
         return None

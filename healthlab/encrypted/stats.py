@@ -299,9 +299,9 @@ def levels(
     """
     site_list = as_sites(sites)
     query = Query("levels", {"column": column}, 0)
-    from healthlab.encrypted.protocol import _sign
+    from healthlab.encrypted.protocol import sign_query
 
-    signed = _sign(site_list, query, researcher)
+    signed = sign_query(site_list, query, researcher)
     found: set[str] = set()
     for site in site_list:
         site.authorize(signed, query_hash=query.hash)

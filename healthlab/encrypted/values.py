@@ -59,7 +59,7 @@ from healthlab.encrypted.keys import (
     KeyHolder,
     PublicContext,
 )
-from healthlab.encrypted.protocol import Query, Totals, _sign, prepare_query
+from healthlab.encrypted.protocol import Query, Totals, prepare_query, sign_query
 from healthlab.encrypted.stats import attach_receipt
 from healthlab.errors import DataRefused, InvalidInput
 from healthlab.sites import Site, as_sites
@@ -562,7 +562,7 @@ def _describe_values(
     upload = Query(
         "values-upload", {"columns": cols, "bounds": bounds, "dropna": dropna}, 0
     )
-    signed = _sign(participants, upload, researcher)
+    signed = sign_query(participants, upload, researcher)
     for site in participants:  # every site checks the second query too
         site.authorize(signed, query_hash=upload.hash)
     work = [(c, s) for c in cols for s in participants]

@@ -293,6 +293,14 @@ def study_peers(site: Site, study: StudyConfig) -> dict[str, bytes]:
     return peers
 
 
+def _gated(context: Context) -> tuple[SiteConfig, Site, StudyConfig]:
+    """The site and the study, after the signature (once a run) and the grant."""
+    site_config, site, study = _site_and_study(context)
+    if not _authorize(site, site_config, study, context):
+        _check_grant(site, study)
+    return site_config, site, study
+
+
 def _site_name(context: Context) -> str:
     return str(context.node_config.get("site-name", f"node {context.node_id}"))
 
@@ -343,15 +351,12 @@ def moments(msg: Message, context: Context) -> Message:
     """Masked ``n, Σx, Σxxᵀ`` (upper triangle) over the study's feature columns,
     tagged for every other member (:mod:`healthlab.federated.masked`)."""
     try:
-        site_config, site, study = _site_and_study(context)
-        if not _authorize(site, site_config, study, context):
-            _check_grant(site, study)
+        site_config, site, study = _gated(context)
         if site_config.key_path is None and site_config.state_dir is None:
             raise DisclosureRefused(
                 f"site {site.name} has no key material for masked sums: start its "
                 "node with key-path or state-dir"
             )
-        peers = study_peers(site, study)
         kept, _ = site.rows(list(study.features), dropna=study.dropna)
         n = len(kept)
         if n < site.policy.min_rows:
@@ -361,14 +366,26 @@ def moments(msg: Message, context: Context) -> Message:
         x = kept.to_numpy(dtype=np.float64)
         upper = np.triu_indices(x.shape[1])
         totals = np.concatenate([[float(n)], x.sum(axis=0), (x.T @ x)[upper]])
-        me = peer_id(int(site.dataset_id or 0))
-        sent = contribute(
-            site, peers, me, totals, _label(study, "moments", context.run_id)
-        )
-        _state(context)["sent-moments"] = sent.digest
+        sent = _send(site, study, context, "moments", totals)
     except _REFUSED as exc:
         return refusal(msg, _site_name(context), str(exc))
     return _contribution_reply(msg, site.name, sent)
+
+
+def _send(
+    site: Site, study: StudyConfig, context: Context, step: str, totals: Any
+) -> Contribution:
+    """This site's masked, tagged contribution to ``step``; its digest is kept so
+    that the site recognises its own vector when the server relays it."""
+    sent = contribute(
+        site,
+        study_peers(site, study),
+        peer_id(int(site.dataset_id or 0)),
+        totals,
+        _label(study, step, context.run_id),
+    )
+    _state(context)[f"sent-{step}"] = sent.digest
+    return sent
 
 
 def _contribution_reply(msg: Message, name: str, sent: Contribution) -> Message:
@@ -506,9 +523,7 @@ def _masked_train(msg: Message, context: Context) -> Message:
     """Round r: the model of round r-1 as the sites' own sums give it, trained on
     this site's rows; n·w and n sent masked and tagged."""
     try:
-        site_config, site, study = _site_and_study(context)
-        if not _authorize(site, site_config, study, context):
-            _check_grant(site, study)
+        _, site, study = _gated(context)
         config: Any = msg.content["config"]
         rnd = int(config["round"])
         if rnd > 1:
@@ -530,14 +545,9 @@ def _masked_train(msg: Message, context: Context) -> Message:
             if norm > study.clip_norm:
                 flat = _flat(params) + update * (study.clip_norm / norm)
         n = len(data.y_train)
-        sent = contribute(
-            site,
-            study_peers(site, study),
-            peer_id(int(site.dataset_id or 0)),
-            np.concatenate([flat * n, [float(n)]]),
-            _label(study, f"train-{rnd}", context.run_id),
+        sent = _send(
+            site, study, context, f"train-{rnd}", np.concatenate([flat * n, [float(n)]])
         )
-        _state(context)[f"sent-train-{rnd}"] = sent.digest
     except _REFUSED as exc:
         return refusal(msg, _site_name(context), str(exc))
     return _contribution_reply(msg, site.name, sent)
@@ -599,9 +609,7 @@ def histogram_level(sums: list[float]) -> int | None:
 def _masked_evaluate(msg: Message, context: Context) -> Message:
     """Held-out sums of the model of round r (derived here), masked."""
     try:
-        site_config, site, study = _site_and_study(context)
-        if not _authorize(site, site_config, study, context):
-            _check_grant(site, study)
+        _, site, study = _gated(context)
         content: Any = msg.content
         rnd = int(content["config"]["round"])
         _apply_relayed(msg, context, site, study, f"train-{rnd}")
@@ -615,14 +623,7 @@ def _masked_evaluate(msg: Message, context: Context) -> Message:
         totals = eval_totals(
             study.model_family(), params, data.x_test, data.y_test, site.policy.min_rows
         )
-        sent = contribute(
-            site,
-            study_peers(site, study),
-            peer_id(int(site.dataset_id or 0)),
-            totals,
-            _label(study, f"eval-{rnd}", context.run_id),
-        )
-        _state(context)[f"sent-eval-{rnd}"] = sent.digest
+        sent = _send(site, study, context, f"eval-{rnd}", totals)
     except _REFUSED as exc:
         return refusal(msg, _site_name(context), str(exc))
     return _contribution_reply(msg, site.name, sent)
@@ -633,9 +634,7 @@ def histogram(msg: Message, context: Context) -> Message:
     """The held-out score histogram of round r, masked, at the finest level the
     pooled flags of the relayed (checked) evaluation allow."""
     try:
-        site_config, site, study = _site_and_study(context)
-        if not _authorize(site, site_config, study, context):
-            _check_grant(site, study)
+        _, site, study = _gated(context)
         content: Any = msg.content
         rnd = int(content["config"]["round"])
         family = study.model_family()
@@ -671,13 +670,7 @@ def histogram(msg: Message, context: Context) -> Message:
         )
         if np.any((counts > 0) & (counts < site.policy.min_rows)):
             raise DisclosureRefused("the pooled flags do not match this site's data")
-        sent = contribute(
-            site,
-            study_peers(site, study),
-            peer_id(int(site.dataset_id or 0)),
-            counts,
-            _label(study, f"hist-{rnd}", context.run_id),
-        )
+        sent = _send(site, study, context, f"hist-{rnd}", counts)
     except _REFUSED as exc:
         return refusal(msg, _site_name(context), str(exc))
     return _contribution_reply(msg, site.name, sent)
