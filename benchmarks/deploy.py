@@ -39,7 +39,7 @@ def main() -> None:
     from healthlab.federated.deploy import (
         SiteConfig,
         SiteNode,
-        StudyConfig,
+        StudySpec,
         SuperLink,
         bind_site_keys,
         launch_study,
@@ -98,7 +98,7 @@ def main() -> None:
             for node in nodes:
                 node.wait_ready(120)
             up = time.monotonic() - started
-            study = StudyConfig(
+            study = StudySpec(
                 target="target",
                 features=tuple(features),
                 rounds=args.rounds,

@@ -32,15 +32,20 @@ from __future__ import annotations
 import signal
 import sys
 import time
+from dataclasses import fields
 from typing import Annotated, Any
 
 import pandas as pd
 import typer
 
 from healthlab import __version__, errors
+from healthlab.federated.spec import StudySpec
 from healthlab.ledger import deployments
 from healthlab.ledger.client import DEFAULT_REQUEST_TIMEOUT, Ledger
 from healthlab.ledger.node import AnvilNode, ChainProcess, LocalChain
+
+#: A study's defaults, from the one place that holds them.
+_STUDY: dict[str, Any] = {f.name: f.default for f in fields(StudySpec)}
 
 app = typer.Typer(
     help="HealthLab: consent registry and studies on health data.",
@@ -480,36 +485,48 @@ def study(
             envvar="HEALTHLAB_RESEARCHER", help="The researcher who signs the study."
         ),
     ],
-    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = 10,
-    model: Annotated[str, typer.Option(help="logistic | linear | mlp.")] = "logistic",
+    rounds: Annotated[int, typer.Option(help="Federated rounds.")] = _STUDY["rounds"],
+    model: Annotated[str, typer.Option(help="logistic | linear | mlp.")] = _STUDY[
+        "model"
+    ],
     strategy: Annotated[
         str, typer.Option(help="fedavg | fedprox | fedadam | trimmed | median.")
-    ] = "fedavg",
+    ] = _STUDY["strategy"],
     datasets: Annotated[
         str, typer.Option(help="Comma-separated dataset ids taking part.")
     ] = "",
     sites: Annotated[
         int, typer.Option(help="Site nodes to wait for (default: --min-sites).")
     ] = 0,
-    min_sites: Annotated[int, typer.Option(help="Fewest sites per round.")] = 2,
+    min_sites: Annotated[int, typer.Option(help="Fewest sites per round.")] = _STUDY[
+        "min_sites"
+    ],
     epochs: Annotated[
-        int, typer.Option(help="Local epochs per round (0: model default).")
-    ] = 0,
+        int | None,
+        typer.Option(help="Local epochs per round.  [default: the model's]"),
+    ] = None,
     lr: Annotated[
-        float, typer.Option(help="Local learning rate (0: model default).")
-    ] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed (held-out split, init).")] = 0,
-    test_fraction: Annotated[float, typer.Option(help="Held-out share.")] = 0.2,
+        float | None,
+        typer.Option(help="Local learning rate.  [default: the model's]"),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed (held-out split, init).")] = _STUDY[
+        "seed"
+    ],
+    test_fraction: Annotated[float, typer.Option(help="Held-out share.")] = _STUDY[
+        "test_fraction"
+    ],
     standardize: Annotated[
         bool, typer.Option(help="Pooled standardization from masked sums.")
-    ] = True,
+    ] = _STUDY["standardize"],
     dropna: Annotated[
         bool, typer.Option(help="Drop rows with missing values at the sites.")
-    ] = False,
+    ] = _STUDY["dropna"],
     node_timeout: Annotated[
         float, typer.Option(help="Seconds to wait for the site nodes.")
-    ] = 120.0,
-    round_timeout: Annotated[float, typer.Option(help="Round deadline (s).")] = 120.0,
+    ] = _STUDY["node_timeout"],
+    round_timeout: Annotated[float, typer.Option(help="Round deadline (s).")] = _STUDY[
+        "round_timeout"
+    ],
     result: Annotated[
         str | None,
         typer.Option(help="Write the result JSON here (a path on the SuperLink host)."),
@@ -527,10 +544,10 @@ def study(
     """Sign a federated study and run it against a SuperLink (flwr run --stream)."""
     from pathlib import Path
 
-    from healthlab.federated.deploy import StudyConfig, launch_study
+    from healthlab.federated.deploy import launch_study
 
     ledger = _ledger(rpc_url, registry)
-    config = StudyConfig(
+    config = StudySpec(
         target=target,
         features=tuple(c.strip() for c in features.split(",") if c.strip()),
         model=model,

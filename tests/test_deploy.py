@@ -13,6 +13,7 @@ outside the study, revoked grants, data that differs from what was registered.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import os
@@ -53,7 +54,7 @@ from healthlab.federated import FederatedResult, train
 from healthlab.federated.deploy import (
     SiteConfig,
     SiteNode,
-    StudyConfig,
+    StudySpec,
     SuperLink,
     bind_site_keys,
     find_flower,
@@ -63,8 +64,9 @@ from healthlab.federated.deploy import (
     write_app,
     write_run_config,
 )
-from healthlab.federated.deployed_client import RELAYED, preprocessing_record
+from healthlab.federated.deployed_client import preprocessing_record
 from healthlab.federated.deployed_client import app as client_app
+from healthlab.federated.masked_site import RELAYED
 from healthlab.federated.masked import Contribution, server_sum, to_record
 from healthlab.federated.study import Preprocessing
 from healthlab.ledger import Ledger, sha256_of
@@ -134,7 +136,7 @@ def grant(ledger: Ledger, content: str, owner: str, researcher: str, tag: str) -
 
 
 # ------------------------------------------------------------ the study config
-BASE = StudyConfig(target=TARGET, features=tuple(FEATURES), datasets=(4, 5, 6))
+BASE = StudySpec(target=TARGET, features=tuple(FEATURES), datasets=(4, 5, 6))
 
 
 @pytest.mark.parametrize(
@@ -211,7 +213,7 @@ def test_written_app_gives_flower_the_study_back(tmp_path: Path) -> None:
     }
     # `flwr run --run-config FILE` parses the file this way, then fuses it
     run_config = get_fused_config_from_dir(app, parse_config_args([str(overrides)]))
-    assert StudyConfig.from_run_config(run_config) == study
+    assert StudySpec.from_run_config(run_config) == study
     # every study ships the same bundle: the one the sites pin
     other = write_app(tmp_path / "other")
     assert (other / "pyproject.toml").read_bytes() == (
@@ -456,7 +458,7 @@ def deployment(
         with pytest.raises(HealthLabError) as too_few:
             launch_study(
                 link.address,
-                StudyConfig(
+                StudySpec(
                     target=TARGET,
                     features=tuple(FEATURES),
                     rounds=1,
@@ -592,12 +594,12 @@ def test_deployed_model_equals_the_in_process_simulation(
     # held-out rows, and near the exact one
     from sklearn.metrics import roc_auc_score
 
-    from healthlab.federated.deployed_client import (
+    from healthlab.federated.masked_site import (
         HIST_LEVELS,
         eval_totals,
         score_histogram,
     )
-    from healthlab.federated.deployed_server import pooled_metrics
+    from healthlab.federated.masked_study import pooled_metrics
     from healthlab.federated.study import split_test
 
     result = deployment.result
@@ -699,7 +701,7 @@ class GatedSite:
     """One site's config, its signed study and the chain behind them."""
 
     config: SiteConfig
-    study: StudyConfig
+    study: StudySpec
     ledger: Ledger
     owner: str
     researcher: str
@@ -729,7 +731,7 @@ def make_site(chain: Ledger, folder: Path, name: str, frame: pd.DataFrame) -> Ga
         require_secure=False,
     )
     bind_site_keys(chain, config, sender=owner)
-    signed = StudyConfig(
+    signed = StudySpec(
         target=TARGET,
         features=tuple(FEATURES),
         rounds=2,
@@ -752,7 +754,7 @@ def site(chain: Ledger, tmp_path: Path) -> GatedSite:
 
 def ask(
     site: SiteConfig,
-    study: StudyConfig,
+    study: StudySpec,
     action: str,
     *,
     run_id: int = 1,
@@ -817,7 +819,8 @@ def test_site_joins_a_signed_study_while_the_grant_is_live(site: GatedSite) -> N
     assert status["rows"] == len(site.frame)
     assert status["dataset-id"] == site.config.dataset_id
     assert status["content-hash"] == sha256_of(site.config.data or "")
-    assert len(status["mask-key"]) == 32
+    assert status["member"] == f"dataset-{site.config.dataset_id}"
+    assert "mask-key" not in status  # the keys come from the chain, not the server
     key = Path(site.config.state_dir or "") / "mask-key.pem"
     assert key.stat().st_mode & 0o777 == 0o600
 
@@ -858,7 +861,7 @@ def test_site_refuses_a_signature_replayed_in_another_run(site: GatedSite) -> No
 def test_site_refuses_a_study_that_does_not_include_its_dataset(
     site: GatedSite,
 ) -> None:
-    other = StudyConfig(
+    other = StudySpec(
         target=TARGET,
         features=tuple(FEATURES),
         datasets=(site.config.dataset_id + 1000,),
@@ -908,7 +911,7 @@ def test_masked_moments_reveal_only_the_pooled_totals(
     chain: Ledger, tmp_path: Path
 ) -> None:
     configs, datasets, researcher, frames = _moments_sites(chain, tmp_path, "moments")
-    study = StudyConfig(
+    study = StudySpec(
         target=TARGET, features=tuple(FEATURES), datasets=tuple(datasets)
     ).sign(chain, researcher)
     masked = [
@@ -983,10 +986,11 @@ def test_a_server_cannot_choose_the_peers_or_their_keys(
     from healthlab.encrypted.encoding import mask_digits
 
     configs, datasets, researcher, frames = _moments_sites(chain, tmp_path, "peers")
-    study = StudyConfig(
+    study = StudySpec(
         target=TARGET, features=tuple(FEATURES), datasets=tuple(datasets)
     ).sign(chain, researcher)
-    context = f"{study.hash}|moments|1".encode()
+    members = ",".join(sorted(f"dataset-{d}" for d in datasets))
+    context = f"{study.hash}|moments|1|{members}".encode()
     plain = encode_totals(_moment_totals(frames["site_0"]))
     victim = Site(
         "site_0", frames["site_0"], mask_key=load_site_key(str(configs[0].key_path))
@@ -1037,6 +1041,12 @@ def test_a_server_cannot_choose_the_peers_or_their_keys(
         assert np.array_equal(got, honest), f"the server's {config['peers']} mattered"
         share = np.mean(unmask(got) == plain)
         assert share < 0.02, f"the server recovered {share:.0%} of site_0's digits"
+    # a member list of the server's own: refused, nothing sent
+    others = [f"dataset-{d}" for d in datasets[1:]]
+    for proposed in ([me, "evil"], [me, *others[:1]], [me, *others, "evil"]):
+        content = RecordDict({"config": ConfigRecord({"members": proposed})})
+        reason = refused(ask(configs[0], study, "query.moments", content=content))
+        assert "are not the signed study's datasets" in reason
 
 
 def test_a_masked_sum_is_refused_without_every_peers_key_bound(
@@ -1048,7 +1058,7 @@ def test_a_masked_sum_is_refused_without_every_peers_key_bound(
     unbound = grant(
         chain, "0x" + "77" * 32, stranger, researcher, f"unbound-{tmp_path.name}"
     )
-    study = StudyConfig(
+    study = StudySpec(
         target=TARGET, features=tuple(FEATURES), datasets=(*datasets, unbound)
     ).sign(chain, researcher)
     for action in ("query.hello", "query.moments"):
@@ -1063,7 +1073,7 @@ def test_a_site_refuses_when_its_key_is_not_the_bound_one_or_is_reused(
 
     configs, datasets, researcher, _ = _moments_sites(chain, tmp_path, "rebound")
     owner = chain.accounts[8]
-    study = StudyConfig(
+    study = StudySpec(
         target=TARGET, features=tuple(FEATURES), datasets=tuple(datasets)
     ).sign(chain, researcher)
     # the owner rotated site_1's keys; its node still holds the old one
@@ -1079,7 +1089,7 @@ def test_a_site_refuses_when_its_key_is_not_the_bound_one_or_is_reused(
     assert victim is not None
     node = node_public_point(make_node_key(tmp_path / "copy-node"))
     chain.bind_site_keys(copycat, victim.mask_key, node, sender=mine)
-    study = StudyConfig(
+    study = StudySpec(
         target=TARGET, features=tuple(FEATURES), datasets=(datasets[0], copycat)
     ).sign(chain, researcher)
     reason = refused(ask(configs[0], study, "query.moments"))
@@ -1125,7 +1135,7 @@ def test_site_keys_command_binds_the_nodes_keys_as_the_owner(
 class _Server:
     """The server side of the masked protocol, driven by hand (it relays only)."""
 
-    def __init__(self, configs: list[SiteConfig], study: StudyConfig) -> None:
+    def __init__(self, configs: list[SiteConfig], study: StudySpec) -> None:
         self.configs, self.study = configs, study
         self.states = [RecordDict() for _ in configs]
 
@@ -1163,7 +1173,7 @@ def test_masked_rounds_equal_fedavg_and_show_the_server_nothing_per_site(
     chain: Ledger, tmp_path: Path
 ) -> None:
     configs, datasets, researcher, frames = _moments_sites(chain, tmp_path, "masked")
-    study = StudyConfig(
+    study = StudySpec(
         target=TARGET, features=tuple(FEATURES), rounds=2, datasets=tuple(datasets)
     ).sign(chain, researcher)
     server = _Server(configs, study)
@@ -1203,7 +1213,7 @@ def _first_round(
     frames: dict[str, pd.DataFrame] | None = None,
 ) -> tuple[_Server, list[Contribution], list[SiteConfig]]:
     configs, datasets, researcher, _ = _moments_sites(chain, tmp_path, tag, frames)
-    study = StudyConfig(
+    study = StudySpec(
         target=TARGET, features=tuple(FEATURES), rounds=2, datasets=tuple(datasets)
     ).sign(chain, researcher)
     server = _Server(configs, study)
@@ -1253,7 +1263,9 @@ def test_a_site_ignores_the_model_and_transform_the_server_sends(
     evaluates only what the sites' own sums give."""
     server, sent, _ = _first_round(chain, tmp_path, "crafted")
     relayed = to_record("train-1", sent)
+    fork = copy.deepcopy(server.states)
     honest = [_digits(r) for r in server.step("evaluate", 1, relayed)]
+    server.states = fork  # a site contributes to a step once: ask a copy again
     crafted_model = ArrayRecord([np.full(len(FEATURES), 1e3), np.full(1, -50.0)])
     crafted_prep = preprocessing_record(
         Preprocessing(tuple([0.0] * len(FEATURES)), tuple(np.eye(len(FEATURES)) * 1e6))
@@ -1270,7 +1282,7 @@ def test_a_site_ignores_the_model_and_transform_the_server_sends(
 
 
 def test_a_site_flags_every_histogram_level_with_a_cell_below_its_minimum() -> None:
-    from healthlab.federated.deployed_client import (
+    from healthlab.federated.masked_site import (
         HIST_LEVELS,
         eval_totals,
         histogram_level,
@@ -1314,7 +1326,7 @@ def _separable(seed: int) -> dict[str, pd.DataFrame]:
 def test_histograms_come_only_at_a_level_no_site_objects_to(
     chain: Ledger, tmp_path: Path, separable: bool
 ) -> None:
-    from healthlab.federated.deployed_client import eval_size, histogram_level
+    from healthlab.federated.masked_site import eval_size, histogram_level
 
     frames = _separable(next(_seeds)) if separable else None
     server, sent, _ = _first_round(chain, tmp_path, "histogram", frames)
@@ -1346,7 +1358,7 @@ def test_a_site_that_requires_secure_aggregation_refuses_an_in_clear_study(
     chain: Ledger, tmp_path: Path
 ) -> None:
     configs, datasets, researcher, _ = _moments_sites(chain, tmp_path, "clear")
-    study = StudyConfig(
+    study = StudySpec(
         target=TARGET,
         features=tuple(FEATURES),
         datasets=tuple(datasets),

@@ -82,8 +82,14 @@ def run(
 
 @cache
 def fedavg_run() -> FederatedResult:
-    """The honest reference: FedAvg, 3 rounds, on the skewed split."""
+    """The honest reference: FedAvg, 3 rounds, on the skewed split (masked)."""
     return run()
+
+
+@cache
+def clear_run() -> FederatedResult:
+    """The same study with every update in clear (``secure="none"``)."""
+    return run(secure="none")
 
 
 def flat(result: FederatedResult) -> np.ndarray:
@@ -213,7 +219,11 @@ def test_mlp_learns_breast_cancer() -> None:
     "strategy", ["fedavg", "fedprox", "fedadam", "trimmed", "median"]
 )
 def test_every_strategy_trains_a_finite_accurate_model(strategy: str) -> None:
-    result = fedavg_run() if strategy == "fedavg" else run(strategy=strategy)
+    # the robust strategies need each site's update: in clear only
+    secure = "masked" if strategy in ("fedavg", "fedprox") else "none"
+    result = (
+        fedavg_run() if strategy == "fedavg" else run(strategy=strategy, secure=secure)
+    )
     assert np.isfinite(flat(result)).all(), f"{strategy}: non-finite parameters"
     assert result.history["n_sites"].tolist() == [4, 4, 4]
     assert final_accuracy(result) >= 0.9, (
@@ -253,11 +263,10 @@ def test_site_without_a_grant_refuses_every_round_and_the_others_train(
     assert list(result.receipt["refused"]) == ["site_2"]
 
 
-def test_revoked_grant_stops_the_site_from_the_next_round(ledger: Ledger) -> None:
-    study = open_study(ledger, granted={"site_0", "site_1", "site_2"})
-    seen: list[int] = []
-
-    def revoke_after_round_2(report: RoundReport) -> None:
+def _revoke_after_round_2(
+    ledger: Ledger, study: GatedStudy, seen: list[int]
+) -> Callable[[RoundReport], None]:
+    def progress(report: RoundReport) -> None:
         seen.append(report.round)
         if report.round == 2:
             ledger.revoke(
@@ -266,11 +275,40 @@ def test_revoked_grant_stops_the_site_from_the_next_round(ledger: Ledger) -> Non
                 sender=study.owners["site_2"],
             )
 
+    return progress
+
+
+def test_revoked_grant_stops_a_masked_study_with_a_named_error(
+    ledger: Ledger,
+) -> None:
+    """Masked: the masks cancel only over every member, so a site that refuses
+    mid-study stops it, naming the site and why; nothing of that round is released."""
+    study = open_study(ledger, granted={"site_0", "site_1", "site_2"})
+    seen: list[int] = []
+    with pytest.raises(TooFewSites) as caught:
+        run(
+            study.sites,
+            rounds=4,
+            researcher=study.researcher,
+            progress=_revoke_after_round_2(ledger, study, seen),
+        )
+    assert seen == [1, 2], "a round after the revocation was released"
+    message = str(caught.value)
+    assert "site_2" in message and "no longer live" in message, message
+    assert "round 3" in message, message
+
+
+def test_revoked_grant_stops_the_site_from_the_next_round_in_clear(
+    ledger: Ledger,
+) -> None:
+    study = open_study(ledger, granted={"site_0", "site_1", "site_2"})
+    seen: list[int] = []
     result = run(
         study.sites,
         rounds=4,
         researcher=study.researcher,
-        progress=revoke_after_round_2,
+        progress=_revoke_after_round_2(ledger, study, seen),
+        secure="none",
     )
     assert seen == [1, 2, 3, 4]
     assert not ledger.has_access(study.datasets["site_2"], study.researcher)
@@ -337,8 +375,8 @@ REJECTED_ATTACKS: dict[str, tuple[Replace, str]] = {
 @pytest.mark.parametrize("name", list(REJECTED_ATTACKS))
 def test_corrupt_updates_are_rejected_and_the_model_stays_honest(name: str) -> None:
     replace, reason = REJECTED_ATTACKS[name]
-    honest = fedavg_run()
-    result = run(update_hook=attack(replace))
+    honest = clear_run()
+    result = run(update_hook=attack(replace), secure="none")
     assert np.isfinite(flat(result)).all(), f"{name}: the global model is not finite"
     for rnd, row in rows(result).items():
         assert ATTACKER not in row["sites"], f"{name}: round {rnd}"
@@ -354,8 +392,8 @@ def test_corrupt_updates_are_rejected_and_the_model_stays_honest(name: str) -> N
 
 
 def test_inflated_example_count_is_capped_at_the_site_size() -> None:
-    honest = fedavg_run()
-    result = run(update_hook=attack(lambda p, n: (p, 10**9)))
+    honest = clear_run()
+    result = run(update_hook=attack(lambda p, n: (p, 10**9)), secure="none")
     assert np.isfinite(flat(result)).all()
     assert result.history["n_sites"].tolist() == [4, 4, 4]
     assert all(r == {} for r in result.history["rejected"])
@@ -381,7 +419,7 @@ def test_site_that_fails_mid_round_is_dropped_and_training_continues() -> None:
                 raise ConnectionError(f"{site} lost its network")
         return params, n
 
-    result = run(update_hook=lose_network_in_round_2)
+    result = run(update_hook=lose_network_in_round_2, secure="none")
     history = rows(result)
     assert [row["n_sites"] for row in history.values()] == [4, 3, 4]
     assert ATTACKER not in history[2]["sites"]
@@ -393,14 +431,24 @@ def test_site_that_fails_mid_round_is_dropped_and_training_continues() -> None:
 
 
 # ---------------------------------------------------------- secure and private
-def test_ckks_secure_aggregation_gives_the_plain_fedavg_model() -> None:
-    plain = fedavg_run()
-    secure = run(secure="ckks")
-    # The masked fixed-point sums are exact to ~1e-18; measured 1.7e-16 (params ~0.5).
-    difference = np.abs(flat(secure) - flat(plain)).max()
-    assert difference < 1e-12, f"secure vs plain parameters differ by {difference:.3g}"
-    assert [sorted(s) for s in secure.history["sites"]] == [sorted(skewed())] * 3
-    assert secure.receipt["parameters"]["secure"] == "ckks"
+def test_masked_study_gives_the_in_clear_fedavg_model() -> None:
+    masked, plain = fedavg_run(), clear_run()
+    # The masked fixed-point sums are exact to ~1e-18; measured 2e-16 (params ~0.5).
+    difference = np.abs(flat(masked) - flat(plain)).max()
+    assert difference < 1e-12, f"masked vs plain parameters differ by {difference:.3g}"
+    assert [sorted(s) for s in masked.history["sites"]] == [sorted(skewed())] * 3
+    assert masked.receipt["parameters"]["secure"] == "masked"
+    # pooled held-out metrics equal the in-clear pooled ones; nothing per site
+    np.testing.assert_allclose(
+        masked.history["accuracy"], plain.history["accuracy"], rtol=1e-12
+    )
+    assert all(row == {} for row in masked.history["per_site"])
+    assert all(row != {} for row in plain.history["per_site"])
+
+
+def test_the_old_ckks_mode_is_a_named_refusal() -> None:
+    with pytest.raises(InvalidInput, match='secure="masked"'):
+        run(secure="ckks")
 
 
 def test_no_hook_sees_a_sites_plaintext_update_under_secure_aggregation() -> None:
@@ -413,21 +461,29 @@ def test_no_hook_sees_a_sites_plaintext_update_under_secure_aggregation() -> Non
         return params, n
 
     with pytest.raises(InvalidInput, match="refused with secure aggregation"):
-        run(secure="ckks", update_hook=peek)
+        run(update_hook=peek)  # secure="masked" is the default
     assert seen == [], f"the hook saw the updates of {seen}"
 
 
-@pytest.mark.parametrize("strategy", ["trimmed", "median"])
+@pytest.mark.parametrize("strategy", ["fedadam", "trimmed", "median"])
 def test_robust_strategy_cannot_be_combined_with_secure_aggregation(
     strategy: str,
 ) -> None:
-    with pytest.raises(InvalidInput, match="secure aggregation"):
-        run(strategy=strategy, secure="ckks")
+    with pytest.raises(InvalidInput, match="masked studies sum them"):
+        run(strategy=strategy)
+
+
+def test_server_side_dp_needs_updates_in_clear() -> None:
+    with pytest.raises(InvalidInput, match="needs each site's update in clear"):
+        run(dp_noise_multiplier=0.1, dp_clipping_norm=1.0)
 
 
 def test_differential_privacy_noises_the_model_and_is_recorded() -> None:
-    plain = fedavg_run()
-    noised = [run(dp_noise_multiplier=0.1, dp_clipping_norm=1.0) for _ in range(2)]
+    plain = clear_run()
+    noised = [
+        run(dp_noise_multiplier=0.1, dp_clipping_norm=1.0, secure="none")
+        for _ in range(2)
+    ]
     for result in noised:
         assert np.isfinite(flat(result)).all()
         distance = float(np.linalg.norm(flat(result) - flat(plain)))
@@ -557,11 +613,10 @@ def test_norm_clip_bounds_every_round_move() -> None:
     assert np.linalg.norm(free_flat) > 10 * clip
 
 
-def _train_message(study: Any, config: dict[str, Any]) -> Any:
-    """A train message as the server would send it to partition 0."""
-    from flwr.app import ArrayRecord, ConfigRecord, Message, Metadata, RecordDict
+def _moments_message(config: dict[str, Any]) -> Any:
+    """A ``query.moments`` message as the server would send it."""
+    from flwr.app import ConfigRecord, Message, Metadata, RecordDict
 
-    params = study.model.init(len(study.features), 0)
     metadata = Metadata(
         run_id=1,
         message_id="m1",
@@ -571,96 +626,76 @@ def _train_message(study: Any, config: dict[str, Any]) -> Any:
         group_id="1",
         created_at=time.time(),
         ttl=600.0,
-        message_type="train",
+        message_type="query.moments",
     )
-    content = RecordDict(
-        {"arrays": ArrayRecord(params), "config": ConfigRecord(config)}
-    )
-    return Message(content, metadata=metadata)
+    return Message(RecordDict({"config": ConfigRecord(config)}), metadata=metadata)
 
 
-def test_a_secure_round_takes_no_peer_or_key_from_the_server() -> None:
-    """The server (the researcher, who holds the CKKS key) names a member whose mask
-    key it holds, or swaps a site's key for its own: the site refuses the stranger,
-    masks with the study's own keys, and the server's unmasking gives noise."""
+def test_a_masked_step_takes_no_member_or_key_from_the_server() -> None:
+    """The server names a member whose mask key it holds, drops the others, or
+    swaps a site's key for its own: the site refuses the stranger and the lone sum,
+    masks with the study's own keys, and the server's unmasking gives noise; a
+    second contribution to the same step, with other members, is refused."""
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
     from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
     from flwr.app import Context, RecordDict
 
-    from healthlab.encrypted import KeyHolder
-    from healthlab.encrypted.encoding import mask_digits, mask_vector
-    from healthlab.federated.client_app import make_client_app
-    from healthlab.federated.study import Preprocessing, Study
-    from healthlab.federated.task import TrainConfig, get_model
+    from healthlab.encrypted.encoding import encode_totals, mask_vector
+    from healthlab.federated.masked_site import make_site_app
+    from healthlab.federated.run import SimulatedSide
+    from healthlab.federated.spec import StudySpec
 
     frames = skewed()
     sites = [Site(name, frame) for name, frame in frames.items()]
-    features = [c for c in sites[0].columns if c != "target"]
-    keys = KeyHolder()
-    study = Study(
-        sites,
-        features,
-        "target",
-        get_model("logistic"),
-        TrainConfig(epochs=1, lr=0.5),
-        Preprocessing.identity(len(features)),
-        secure="ckks",
-    )
-    app = make_client_app(study, keys.public_context())
+    features = [c for c in sites[0].columns if c != "target"][:4]
+    spec = StudySpec(target="target", features=tuple(features))
+    app = make_site_app(SimulatedSide(sites, spec))
     victim, other = sites[0], sites[1]
 
-    def send(config: dict[str, Any]) -> Any:
+    def send(config: dict[str, Any], state: RecordDict | None = None) -> Any:
         context = Context(
             run_id=1,
             node_id=1,
             node_config={"partition-id": 0},
-            state=RecordDict(),
+            state=state if state is not None else RecordDict(),
             run_config={},
         )
-        return app(_train_message(study, config), context).content["status"]
+        return app(_moments_message(config), context).content
 
+    stranger = send({"members": [victim.name, "evil"]})["status"]
+    assert "not sites of this study" in str(stranger["refused"])
+    alone = send({"members": [victim.name]})["status"]
+    assert "at least" in str(alone["refused"])
+    state = RecordDict()
+    pair = [victim.name, other.name]
+    swapped = send({"members": pair, "member-keys": [b"x" * 32] * 2}, state)
+    assert "refused" not in swapped["status"]
+    got = np.asarray(swapped["arrays"].to_numpy_ndarrays()[0], dtype=np.int64)
+    x = frames[victim.name][features].to_numpy(dtype=np.float64)
+    upper = np.triu_indices(len(features))
+    plain = encode_totals(
+        np.concatenate([[float(len(x))], x.sum(axis=0), (x.T @ x)[upper]])
+    )
+    # the mask the server could remove, had the site used its key for `other`
     evil = X25519PrivateKey.generate()
     evil_public = evil.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
-    stranger = send({"round": 1, "peers": [victim.name, "evil"]})
-    assert "not sites of this study" in str(stranger["refused"])
-    alone = send({"round": 1, "peers": [victim.name]})
-    assert "at least" in str(alone["refused"])
-    swapped = send(
-        {
-            "round": 1,
-            "peers": [victim.name, other.name],
-            "peer_keys": [victim.mask_public_key, evil_public],  # ignored
-        }
-    )
-    assert "refused" not in swapped
-    slots = np.concatenate(
-        [
-            keys.decrypt(bytes(c), fingerprint=str(swapped["fingerprint"]))
-            for c in swapped["ciphertexts"]
-        ]
-    )
-    got = np.rint(slots).astype(np.int64)
-    # what the victim would have sent had it used the server's key for `other`
     attacker = Site(other.name, frames[other.name], mask_key=evil)
-    context = f"{study.hash}|1".encode()
+    label = f"{spec.hash}|moments|1|{','.join(sorted(pair))}".encode()
     evil_mask = mask_vector(
         attacker.pairwise_seeds(
-            {victim.name: victim.mask_public_key, other.name: evil_public}, context
+            {victim.name: victim.mask_public_key, other.name: evil_public},
+            label,
+            me=other.name,
         ),
         got.size,
     )
-    trusting = mask_digits(
-        np.zeros(got.size, dtype=np.int64),
-        mask_vector(
-            victim.pairwise_seeds(
-                {victim.name: victim.mask_public_key, other.name: evil_public}, context
-            ),
-            got.size,
-        ),
+    unmasked = np.mod(got + evil_mask, 1 << 16)
+    share = float(np.mean(unmasked == plain))
+    assert share < 0.02, f"the server unmasked {share:.0%} of the site's digits"
+    # the same step again with other members: refused (no two sums to difference)
+    again = send({"members": [*pair, sites[2].name]}, state)["status"]
+    assert "changed" in str(again["refused"]) or "already contributed" in str(
+        again["refused"]
     )
-    assert not np.mod(trusting + evil_mask, 1 << 16).any()  # the attack's control
-    # true digits are 12-bit; a wrong mask leaves values uniform below 2^16
-    used = (sum(p.size for p in study.model.init(len(features), 0)) + 1) * 13
-    unmasked = np.mod(got[:used] + evil_mask[:used], 1 << 16)
-    share = float(np.mean(unmasked < (1 << 12)))
-    assert share < 0.2, f"the server unmasked the update ({share:.0%} look like digits)"
+    twice = send({"members": pair}, state)["status"]
+    assert "already contributed" in str(twice["refused"])

@@ -21,31 +21,35 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from flwr.app import Context
 
 from healthlab.encrypted import KeyHolder, cov, describe
-from healthlab.errors import HealthLabError, InvalidInput
-from healthlab.federated.client_app import make_client_app
-from healthlab.federated.flower_compat import install_engine
-from healthlab.federated.server_app import (
-    STRATEGIES,
-    Outcome,
-    RoundReport,
-    ServerSettings,
-    make_server_app,
+from healthlab.errors import (
+    AccessDenied,
+    DisclosureRefused,
+    HealthLabError,
+    InvalidInput,
 )
+from healthlab.federated.client_app import make_client_app
+from healthlab.federated.flower_compat import install_engine, quick_grid
+from healthlab.federated.masked_site import local_study, state
+from healthlab.federated.server_app import Outcome, RoundReport, make_server_app
+from healthlab.federated.spec import StudySpec
 from healthlab.federated.study import Preprocessing, Study, UpdateHook
-from healthlab.federated.task import Model, TrainConfig, get_model
+from healthlab.federated.task import Model
 from healthlab.receipts import Receipt, build_receipt
 from healthlab.sites import Site, as_sites
 
-__all__ = ["FederatedResult", "train"]
+__all__ = ["FederatedResult", "SimulatedSide", "train"]
 
 _engine_lock = threading.Lock()
+#: The defaults of every study setting, from :class:`StudySpec`.
+_DEFAULT: dict[str, Any] = {f.name: f.default for f in fields(StudySpec)}
 
 
 @dataclass
@@ -171,32 +175,35 @@ def train(
     sites: Sequence[Site] | Mapping[str, pd.DataFrame],
     target: str,
     features: Sequence[str] | None = None,
-    model: str = "logistic",
-    rounds: int = 10,
+    model: str = _DEFAULT["model"],
+    rounds: int = _DEFAULT["rounds"],
     *,
-    strategy: str = "fedavg",
+    strategy: str = _DEFAULT["strategy"],
     researcher: str | None = None,
-    epochs: int | None = None,
-    lr: float | None = None,
-    l2: float = 0.0,
-    batch_size: int = 0,
-    proximal_mu: float = 0.1,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    dropna: bool = False,
-    standardize: bool = True,
-    min_sites: int = 2,
-    round_timeout: float = 60.0,
-    max_update_norm: float = 1e4,
-    clip_norm: float | None = None,
-    dp_noise_multiplier: float | None = None,
-    dp_clipping_norm: float | None = None,
-    secure: str = "none",
+    epochs: int | None = _DEFAULT["epochs"],
+    lr: float | None = _DEFAULT["lr"],
+    l2: float = _DEFAULT["l2"],
+    batch_size: int = _DEFAULT["batch_size"],
+    proximal_mu: float = _DEFAULT["proximal_mu"],
+    test_fraction: float = _DEFAULT["test_fraction"],
+    seed: int = _DEFAULT["seed"],
+    dropna: bool = _DEFAULT["dropna"],
+    standardize: bool = _DEFAULT["standardize"],
+    min_sites: int = _DEFAULT["min_sites"],
+    round_timeout: float = _DEFAULT["round_timeout"],
+    max_update_norm: float = _DEFAULT["max_update_norm"],
+    clip_norm: float | None = _DEFAULT["clip_norm"],
+    dp_noise_multiplier: float | None = _DEFAULT["dp_noise_multiplier"],
+    dp_clipping_norm: float | None = _DEFAULT["dp_clipping_norm"],
+    secure: str = _DEFAULT["secure"],
     keys: KeyHolder | None = None,
     progress: Callable[[RoundReport], None] | None = None,
     update_hook: UpdateHook | None = None,
 ) -> FederatedResult:
     """Train a model across sites; the data never leaves them.
+
+    Every setting, with its default and validation, is a field of
+    :class:`~healthlab.federated.spec.StudySpec` (the same for a deployment).
 
     Parameters
     ----------
@@ -209,17 +216,28 @@ def train(
         ``"logistic"``, ``"linear"`` or ``"mlp"``.
     strategy:
         ``"fedavg"``, ``"fedprox"``, ``"fedadam"``, ``"trimmed"`` (trimmed mean) or
-        ``"median"``.
+        ``"median"`` (the last three need ``secure="none"``).
     secure:
-        ``"ckks"`` to send every update as masked, CKKS-encrypted totals that only
-        the researcher decrypts, summed (robust strategies do not apply then).
+        ``"masked"`` (the default): the protocol of a deployment
+        (:mod:`healthlab.federated.masked_study`). Every value a site sends — its
+        standardization moments, its update, its held-out sums and score histogram —
+        is masked so that only the sum over the sites is readable; every site derives
+        the next model itself from the others' checked contributions; the history has
+        pooled metrics only. A site that refuses or fails mid-study stops it with
+        :class:`~healthlab.errors.TooFewSites`. ``"none"``: each site's update and
+        metrics reach the server in clear (robust strategies, server-side DP, the
+        ``update_hook`` of a compromised site, per-site metrics).
     dp_noise_multiplier, dp_clipping_norm:
-        Flower's server-side fixed-clipping Gaussian mechanism; recorded in the receipt.
+        Flower's server-side fixed-clipping Gaussian mechanism (``secure="none"``);
+        recorded in the receipt.
     progress:
         Called after every round with its :class:`RoundReport` (default: tqdm).
     update_hook:
         Replace what a site sends (a compromised site, for tests and teaching). It
-        sees every site's plaintext update, so it is refused with ``secure="ckks"``.
+        sees every site's plaintext update, so it needs ``secure="none"``.
+
+    Flower internals this installs (the in-process backend, the in-memory grid's
+    shorter poll) are listed in :mod:`healthlab.federated.flower_compat`.
 
     Examples
     --------
@@ -229,25 +247,200 @@ def train(
     >>> result.history[["round", "accuracy"]]  # doctest: +SKIP
     """
     site_list = as_sites(sites)
-    if strategy not in STRATEGIES:
-        raise InvalidInput(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
-    if secure not in ("none", "ckks"):
-        raise InvalidInput('secure must be "none" or "ckks"')
+    if secure == "ckks":
+        raise InvalidInput(
+            'secure="ckks" was replaced by secure="masked" (the default): the '
+            "protocol of a deployment, in which nothing per site reaches the server"
+        )
     if secure != "none" and update_hook is not None:
         raise InvalidInput(
             "update_hook sees each site's plaintext update before it is masked; it is "
             'refused with secure aggregation (use secure="none" to simulate a '
             "compromised site)"
         )
-    if secure == "ckks" and strategy not in ("fedavg", "fedprox"):
-        raise InvalidInput("secure aggregation sums updates: use fedavg or fedprox")
-    if rounds < 1:
-        raise InvalidInput("rounds must be at least 1")
-    family = get_model(model)
     cols = list(features) if features is not None else _other_columns(site_list, target)
-    if target in cols:
-        raise InvalidInput(f"{target!r} is both the target and a feature")
-    keys = keys or KeyHolder()
+    spec = StudySpec(
+        target=target,
+        features=tuple(cols),
+        model=model,
+        rounds=rounds,
+        strategy=strategy,
+        epochs=epochs,
+        lr=lr,
+        l2=l2,
+        batch_size=batch_size,
+        proximal_mu=proximal_mu,
+        seed=seed,
+        test_fraction=test_fraction,
+        dropna=dropna,
+        standardize=standardize,
+        min_sites=min_sites,
+        max_update_norm=max_update_norm,
+        clip_norm=clip_norm,
+        dp_noise_multiplier=dp_noise_multiplier,
+        dp_clipping_norm=dp_clipping_norm,
+        secure=secure,
+        expected_sites=len(site_list),
+        round_timeout=round_timeout,
+    )
+    gated = [s for s in site_list if s.gated]
+    if gated and researcher is None:
+        raise InvalidInput("these sites check grants on chain: pass researcher=")
+    callback = progress or _tqdm_progress(rounds)
+    if secure == "none":
+        return _train_in_clear(
+            site_list, spec, researcher, keys or KeyHolder(), callback, update_hook
+        )
+    if gated:
+        ledger = gated[0].ledger
+        assert ledger is not None
+        assert researcher is not None
+        spec = spec.sign(ledger, researcher)
+    return _train_masked(site_list, spec, callback)
+
+
+def _train_masked(
+    site_list: list[Site], spec: StudySpec, callback: Callable[[RoundReport], None]
+) -> FederatedResult:
+    """The masked protocol of a deployment, on the simulation runtime."""
+    from flwr.serverapp import Grid, ServerApp
+
+    from healthlab.federated.masked_site import make_site_app
+    from healthlab.federated.masked_study import (
+        StudyLog,
+        run_masked_study,
+        wait_for_nodes,
+    )
+
+    log = StudyLog(spec, on_round=callback)
+    outcome = Outcome()
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Any) -> None:
+        try:
+            quick_grid(grid)
+            nodes = wait_for_nodes(grid, spec, poll=0.005)
+            run_masked_study(grid, nodes, spec, log)
+        except BaseException as exc:  # surfaced below, in the caller's thread
+            outcome.error = exc
+
+    _simulate(server, make_site_app(SimulatedSide(site_list, spec)), len(site_list))
+    if outcome.error is not None:
+        raise outcome.error
+    if len(log.reports) != spec.rounds:
+        raise HealthLabError(
+            f"the study stopped after {len(log.reports)} of {spec.rounds} rounds"
+        )
+    stored = log.data["preprocessing"]
+    prep = Preprocessing(
+        tuple(float(c) for c in stored["center"]),
+        tuple(tuple(float(v) for v in row) for row in stored["matrix"]),
+    )
+    taken = {str(s["name"]) for s in log.data["sites"]}
+    members = [s for s in site_list if s.name in taken]
+    identity = Preprocessing.identity(len(spec.features))
+    test_index = {
+        s.name: local_study(s, spec, identity).data(s).test_index for s in members
+    }
+    receipt = _receipt(
+        spec,
+        log.params(),
+        log.reports,
+        members,
+        spec.researcher or None,
+        dict(log.data["refused_at_start"]),
+        spec.hash,
+        whiten=spec.model == "linear" and spec.standardize,
+    )
+    return FederatedResult(
+        spec.model_family(),
+        log.params(),
+        list(spec.features),
+        spec.target,
+        prep,
+        log.reports,
+        receipt,
+        test_index,
+    )
+
+
+class SimulatedSide:
+    """The sites of a simulated masked study: the ``Site`` objects themselves.
+
+    The members of a sum are the study's own sites that the server names (those
+    that joined), with their own mask keys: the server cannot add a member or
+    substitute a key, and each site checks it is one of them and that they are at
+    least its ``min_sites``.
+    """
+
+    def __init__(self, sites: list[Site], study: StudySpec) -> None:
+        self.sites = sites
+        self.study = study
+        self.keys = {s.name: s.mask_public_key for s in sites}
+
+    def _site(self, context: Context) -> Site:
+        return self.sites[int(context.node_config["partition-id"])]
+
+    def name(self, context: Context) -> str:
+        return self._site(context).name
+
+    def open(self, context: Context) -> tuple[Site, StudySpec]:
+        return self._site(context), self.study
+
+    def join(self, site: Site, study: StudySpec, context: Context) -> None:
+        return None
+
+    def authorize(self, site: Site, study: StudySpec, context: Context) -> bool:
+        record = state(context)
+        if record.get("study-hash") == study.hash:
+            return False
+        site.authorize(study.signed_query(), query_hash=study.hash)
+        record["study-hash"] = study.hash
+        return True
+
+    def check_grant(self, site: Site, study: StudySpec) -> None:
+        if not site.gated:
+            return
+        assert site.ledger is not None
+        assert site.dataset_id is not None
+        if not site.ledger.has_access(site.dataset_id, study.researcher):
+            raise AccessDenied(
+                f"site {site.name}: the grant on dataset {site.dataset_id} is no "
+                "longer live (revoked or expired); this site stops contributing"
+            )
+
+    def member(self, site: Site) -> str:
+        return site.name
+
+    def peers(
+        self, site: Site, study: StudySpec, proposed: Sequence[str] | None
+    ) -> dict[str, bytes]:
+        names = list(self.keys) if proposed is None else list(proposed)
+        unknown = sorted(set(names) - set(self.keys))
+        if unknown:
+            raise DisclosureRefused(f"{unknown} are not sites of this study")
+        if site.name not in names:
+            raise DisclosureRefused(f"site {site.name} is not among the members")
+        if len(set(names)) < site.policy.min_sites:
+            raise DisclosureRefused(
+                f"site {site.name}: a masked sum needs at least "
+                f"{site.policy.min_sites} sites; {len(set(names))} take part"
+            )
+        return {name: self.keys[name] for name in names}
+
+
+def _train_in_clear(
+    site_list: list[Site],
+    spec: StudySpec,
+    researcher: str | None,
+    keys: KeyHolder,
+    callback: Callable[[RoundReport], None],
+    update_hook: UpdateHook | None,
+) -> FederatedResult:
+    """``secure="none"``: Flower's strategies on updates and metrics in clear."""
+    family = spec.model_family()
+    cols = list(spec.features)
     whiten = family.name == "linear"
     prep = (
         _preprocessing(
@@ -256,121 +449,123 @@ def train(
             family,
             researcher=researcher,
             keys=keys,
-            dropna=dropna,
+            dropna=spec.dropna,
             whiten=whiten,
-            min_sites=min_sites,
+            min_sites=spec.min_sites,
         )
-        if standardize
+        if spec.standardize
         else Preprocessing.identity(len(cols))
-    )
-    defaults = {"linear": (1, 1.0), "logistic": (10, 0.5), "mlp": (5, 0.1)}
-    local_epochs, local_lr = defaults[family.name]
-    config = TrainConfig(
-        epochs=epochs if epochs is not None else local_epochs,
-        lr=lr if lr is not None else local_lr,
-        l2=l2,
-        batch_size=batch_size,
-        seed=seed,
     )
     study = Study(
         site_list,
         cols,
-        target,
+        spec.target,
         family,
-        config,
+        spec.train_config(),
         prep,
         researcher,
-        test_fraction=test_fraction,
-        seed=seed,
-        dropna=dropna,
-        secure=secure,
+        test_fraction=spec.test_fraction,
+        seed=spec.seed,
+        dropna=spec.dropna,
+        secure="none",
         update_hook=update_hook,
     )
     if any(s.gated for s in site_list):
-        if researcher is None:
-            raise InvalidInput("these sites check grants on chain: pass researcher=")
+        assert researcher is not None
         ledger = next(s.ledger for s in site_list if s.ledger is not None)
         study.signed = ledger.sign_query(
-            researcher, study.hash, nonce=seed + (1 << 40) + _nonce()
+            researcher, study.hash, nonce=spec.seed + (1 << 40) + _nonce()
         )
-    settings = ServerSettings(
-        rounds=rounds,
-        strategy=strategy,
-        min_sites=min_sites,
-        round_timeout=round_timeout,
-        max_update_norm=max_update_norm,
-        clip_norm=clip_norm,
-        dp_noise_multiplier=dp_noise_multiplier,
-        dp_clipping_norm=dp_clipping_norm,
-        proximal_mu=proximal_mu,
-    )
-    initial = family.init(len(cols), seed)
+    initial = family.init(len(cols), spec.seed)
     outcome = Outcome()
-    callback = progress or _tqdm_progress(rounds)
-    public = keys.public_context() if secure == "ckks" else None
-    client = make_client_app(study, public)
+    client = make_client_app(study, None)
     server = make_server_app(
-        study, settings, initial, outcome, on_round=callback, keys=keys
+        study, spec.server_settings(), initial, outcome, on_round=callback, keys=keys
     )
     _simulate(server, client, len(site_list))
     if outcome.error is not None:
         raise outcome.error
-    if len(outcome.rounds) != rounds:
+    if len(outcome.rounds) != spec.rounds:
         raise HealthLabError(
-            f"the study stopped after {len(outcome.rounds)} of {rounds} rounds"
+            f"the study stopped after {len(outcome.rounds)} of {spec.rounds} rounds"
         )
     test_index = {
         s.name: study.data(s).test_index for s in site_list if s.name in study._data
     }
-    parameters = {
-        "model": family.name,
-        "features": cols,
-        "target": target,
-        "rounds": rounds,
-        "strategy": strategy,
-        "local": config.__dict__,
-        "secure": secure,
-        "test_fraction": test_fraction,
-        "seed": seed,
-        "standardize": standardize,
-        "whiten": whiten and standardize,
-        "min_sites": min_sites,
-        "max_update_norm": max_update_norm,
-        "clip_norm": clip_norm,
-        "differential_privacy": None
-        if dp_noise_multiplier is None
-        else {
-            "mechanism": "Gaussian, server-side fixed clipping (Flower)",
-            "noise_multiplier": dp_noise_multiplier,
-            "clipping_norm": dp_clipping_norm,
-            "rounds": rounds,
-            "sampled_sites_per_round": len(site_list),
-        },
-    }
-    final = {f"param{i}": p.tolist() for i, p in enumerate(outcome.params)}
     taken = sorted({s for r in outcome.rounds for s in r.sites})
     refused = {k: v for r in outcome.rounds for k, v in r.refused.items()}
-    receipt = build_receipt(
+    receipt = _receipt(
+        spec,
+        outcome.params,
+        outcome.rounds,
+        [s for s in site_list if s.name in taken],
+        researcher,
+        refused,
+        study.hash,
+        whiten=whiten and spec.standardize,
+    )
+    return FederatedResult(
+        family,
+        outcome.params,
+        cols,
+        spec.target,
+        prep,
+        outcome.rounds,
+        receipt,
+        test_index,
+    )
+
+
+def _receipt(
+    spec: StudySpec,
+    params: list[np.ndarray],
+    rounds: list[RoundReport],
+    sites: list[Site],
+    researcher: str | None,
+    refused: dict[str, str],
+    study_hash: str,
+    *,
+    whiten: bool,
+) -> Receipt:
+    parameters = {
+        "model": spec.model,
+        "features": list(spec.features),
+        "target": spec.target,
+        "rounds": spec.rounds,
+        "strategy": spec.strategy,
+        "local": spec.train_config().__dict__,
+        "secure": spec.secure,
+        "test_fraction": spec.test_fraction,
+        "seed": spec.seed,
+        "standardize": spec.standardize,
+        "whiten": whiten,
+        "min_sites": spec.min_sites,
+        "max_update_norm": spec.max_update_norm,
+        "clip_norm": spec.clip_norm,
+        "differential_privacy": None
+        if spec.dp_noise_multiplier is None
+        else {
+            "mechanism": "Gaussian, server-side fixed clipping (Flower)",
+            "noise_multiplier": spec.dp_noise_multiplier,
+            "clipping_norm": spec.dp_clipping_norm,
+            "rounds": spec.rounds,
+            "sampled_sites_per_round": spec.expected_sites,
+        },
+    }
+    final = {f"param{i}": p.tolist() for i, p in enumerate(params)}
+    return build_receipt(
         kind="federated",
         result=final,
-        queries=[{"kind": "federated", "study_hash": study.hash}],
+        queries=[{"kind": "federated", "study_hash": study_hash}],
         parameters=parameters,
-        sites=[s for s in site_list if s.name in taken],
+        sites=sites,
         researcher=researcher,
         refused=refused,
         extra={
             "history": [
-                {
-                    "round": r.round,
-                    "sites": r.sites,
-                    **{k: v for k, v in r.pooled.items()},
-                }
-                for r in outcome.rounds
+                {"round": r.round, "sites": r.sites, **dict(r.pooled)} for r in rounds
             ]
         },
-    )
-    return FederatedResult(
-        family, outcome.params, cols, target, prep, outcome.rounds, receipt, test_index
     )
 
 

@@ -17,7 +17,7 @@ What each side holds
   pooled statistics. Nothing else leaves it: no rows, no per-site totals.
 * **The study** (the app's run config): target, features, model, rounds, strategy,
   local training settings, the dataset ids taking part, and the researcher's EIP-712
-  signature of the study's hash (:attr:`StudyConfig.hash`). Every site checks the
+  signature of the study's hash (:attr:`StudySpec.hash`). Every site checks the
   signature, the chain and registry it was made for, its freshness and the
   researcher's live grant on its dataset at its first message of a run, and the
   grant again before every round; it refuses (and sends nothing) otherwise.
@@ -103,7 +103,7 @@ refuses, and the history shows it.
 loss/accuracy/AUC) and writes the result JSON; :func:`load_result` turns it into a
 :class:`~healthlab.federated.FederatedResult` (``predict_proba``, ``history``,
 ``coefficients``, ``receipt``). From Python the same steps are :class:`SuperLink`,
-:class:`SiteNode`, :meth:`StudyConfig.sign` and :func:`launch_study`.
+:class:`SiteNode`, :meth:`StudySpec.sign` and :func:`launch_study`.
 
 The processes run on loopback with their own ports, ``FLWR_HOME`` and temp dirs, and
 are stopped by PID (SIGTERM, then their process group: Flower's SuperExec and app
@@ -140,7 +140,7 @@ from healthlab.federated.deploy.site import (
     ensure_state_dir,
     load_site_key,
 )
-from healthlab.federated.deploy.spec import MODEL_DEFAULTS, StudyConfig
+from healthlab.federated.spec import MODEL_DEFAULTS, StudySpec
 
 __all__ = [
     "APP_DIR",
@@ -149,7 +149,7 @@ __all__ = [
     "DeployedStudy",
     "SiteConfig",
     "SiteNode",
-    "StudyConfig",
+    "StudySpec",
     "SuperLink",
     "TLSFiles",
     "bind_site_keys",

@@ -26,7 +26,7 @@ import healthlab
 from healthlab.errors import ConfigurationError, HealthLabError
 from healthlab.federated.deploy.processes import flower_env, require_flower
 from healthlab.federated.deploy.results import load_result
-from healthlab.federated.deploy.spec import StudyConfig, toml_value
+from healthlab.federated.spec import StudySpec, toml_value
 
 if TYPE_CHECKING:
     from healthlab.federated.run import FederatedResult
@@ -89,13 +89,13 @@ def build_app() -> bytes:
         return build_fab(write_app(Path(tmp) / "app"))
 
 
-def write_run_config(path: str | os.PathLike[str], study: StudyConfig) -> Path:
+def write_run_config(path: str | os.PathLike[str], study: StudySpec) -> Path:
     """The study's settings as a TOML file for ``flwr run --run-config``."""
     known = tomllib.loads(_app_text())["tool"]["flwr"]["app"]["config"]
     values = study.to_run_config()
     if set(values) != set(known):
         raise ConfigurationError(
-            "the packaged app's run config and StudyConfig differ: "
+            "the packaged app's run config and StudySpec differ: "
             f"{sorted(set(values) ^ set(known))}"
         )
     text = "\n".join(f"{key} = {toml_value(value)}" for key, value in values.items())
@@ -155,7 +155,7 @@ class DeployedStudy:
 
 def launch_study(
     superlink: str,
-    study: StudyConfig,
+    study: StudySpec,
     *,
     ledger: Ledger | None = None,
     workdir: str | os.PathLike[str] | None = None,
@@ -170,7 +170,7 @@ def launch_study(
     Parameters
     ----------
     study:
-        Signed with :meth:`StudyConfig.sign` when the sites check grants.
+        Signed with :meth:`StudySpec.sign` when the sites check grants.
     ledger:
         The researcher's ledger: with it the result carries a receipt naming each
         site's grant.

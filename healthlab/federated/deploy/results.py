@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from healthlab.errors import HealthLabError
-from healthlab.federated.deploy.spec import StudyConfig
+from healthlab.federated.spec import StudySpec
 
 if TYPE_CHECKING:
     from healthlab.federated.run import FederatedResult
@@ -84,7 +84,7 @@ def load_result(
         result={f"param{i}": p.tolist() for i, p in enumerate(params)},
         queries=[{"kind": "federated-deployment", "study_hash": raw["study_hash"]}],
         parameters={
-            **{k: v for k, v in study.items() if k not in StudyConfig.SIGNATURE_FIELDS},
+            **{k: v for k, v in study.items() if k not in StudySpec.SIGNATURE_FIELDS},
             "runtime": "flower-deployment",
         },
         sites=cast("list[Site]", sites),  # stand-ins: name, dataset, hash, ledger

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from healthlab.errors import ConfigurationError, InvalidInput
-from healthlab.federated.deploy.spec import toml_value
+from healthlab.federated.spec import toml_value
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey

@@ -1,4 +1,10 @@
-"""A deployed study's settings: what the researcher signs and the Flower run config."""
+"""A federated study's settings, one place for every runtime.
+
+:class:`StudySpec` holds every setting of a study with its default, its validation and
+its hash. :func:`healthlab.federated.train` (simulation), :func:`~healthlab.federated.
+deploy.launch_study` and ``healthlab study`` (deployment) all build one; the
+deployment carries it to the sites as Flower's run config, signed by the researcher.
+"""
 
 from __future__ import annotations
 
@@ -17,16 +23,19 @@ if TYPE_CHECKING:
     from healthlab.federated.task import Model, TrainConfig
     from healthlab.ledger import Ledger
 
-__all__ = ["MODEL_DEFAULTS", "StudyConfig", "toml_value"]
+__all__ = ["MODEL_DEFAULTS", "OPTIONAL", "StudySpec", "toml_value"]
 
-#: Local epochs and learning rate per model when the study leaves them at 0 (as in
-#: :func:`healthlab.federated.train`).
+#: Local epochs and learning rate per model when the study leaves them unset.
 MODEL_DEFAULTS = {"linear": (1, 1.0), "logistic": (10, 0.5), "mlp": (5, 0.1)}
+#: Settings whose ``None`` means "not set"; Flower's run config holds only scalars, so
+#: there ``0`` stands for ``None``.
+OPTIONAL = ("epochs", "lr", "clip_norm", "dp_noise_multiplier", "dp_clipping_norm")
 
 
 @dataclass(frozen=True)
-class StudyConfig:
-    """A study's settings: the run config of the Flower App (kebab-case keys).
+class StudySpec:
+    """A study's settings; in a deployment, the run config of the Flower App
+    (kebab-case keys).
 
     The fields above ``researcher`` are *signed*: :attr:`hash` covers them and the
     researcher signs that hash; a site refuses a run whose settings do not match the
@@ -35,20 +44,20 @@ class StudyConfig:
 
     Examples
     --------
-    >>> study = StudyConfig(target="y", features=("a", "b"), rounds=5, datasets=(1, 2))
+    >>> study = StudySpec(target="y", features=("a", "b"), rounds=5, datasets=(1, 2))
     >>> study.hash.startswith("0x") and len(study.hash) == 66
     True
-    >>> StudyConfig.from_run_config(study.to_run_config()) == study
+    >>> StudySpec.from_run_config(study.to_run_config()) == study
     True
     """
 
     target: str
     features: tuple[str, ...]
     model: str = "logistic"
-    rounds: int = 3
+    rounds: int = 10
     strategy: str = "fedavg"
-    epochs: int = 0
-    lr: float = 0.0
+    epochs: int | None = None
+    lr: float | None = None
     l2: float = 0.0
     batch_size: int = 0
     proximal_mu: float = 0.1
@@ -58,9 +67,9 @@ class StudyConfig:
     standardize: bool = True
     min_sites: int = 2
     max_update_norm: float = 1e4
-    clip_norm: float = 0.0
-    dp_noise_multiplier: float = 0.0
-    dp_clipping_norm: float = 0.0
+    clip_norm: float | None = None
+    dp_noise_multiplier: float | None = None
+    dp_clipping_norm: float | None = None
     datasets: tuple[int, ...] = ()
     secure: str = "masked"
     # the signature
@@ -122,8 +131,14 @@ class StudyConfig:
             raise InvalidInput("min_sites must be at least 1")
         if not 0 <= self.test_fraction < 1:
             raise InvalidInput("test_fraction must be in [0, 1)")
-        if self.dp_noise_multiplier > 0 and self.dp_clipping_norm <= 0:
-            raise InvalidInput("differential privacy needs dp_clipping_norm > 0")
+        for name in OPTIONAL:
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise InvalidInput(f"{name} must be positive, or left unset")
+        if self.dp_noise_multiplier is not None and self.dp_clipping_norm is None:
+            raise InvalidInput("differential privacy needs dp_clipping_norm")
+        if self.max_update_norm <= 0:
+            raise InvalidInput("max_update_norm must be positive")
         if self.secure not in ("masked", "none"):
             raise InvalidInput('secure must be "masked" (the default) or "none"')
         if self.secure == "masked":
@@ -132,7 +147,7 @@ class StudyConfig:
                     f"strategy {self.strategy!r} needs each site's update; masked "
                     'studies sum them: use fedavg or fedprox (or secure="none")'
                 )
-            if self.dp_noise_multiplier > 0:
+            if self.dp_noise_multiplier is not None:
                 raise InvalidInput(
                     "server-side DP noise needs each site's update in clear; it is "
                     'not available with secure="masked" yet (use secure="none")'
@@ -205,13 +220,13 @@ class StudyConfig:
 
     # ------------------------------------------------------- what it builds
     def train_config(self) -> TrainConfig:
-        """Local training settings (the model's defaults where left at 0)."""
+        """Local training settings (the model's defaults where unset)."""
         from healthlab.federated.task import TrainConfig
 
         epochs, lr = MODEL_DEFAULTS[self.model]
         return TrainConfig(
-            epochs=self.epochs or epochs,
-            lr=self.lr or lr,
+            epochs=self.epochs if self.epochs is not None else epochs,
+            lr=self.lr if self.lr is not None else lr,
             l2=self.l2,
             batch_size=self.batch_size,
             seed=self.seed,
@@ -233,25 +248,28 @@ class StudyConfig:
             min_sites=self.min_sites,
             round_timeout=self.round_timeout,
             max_update_norm=self.max_update_norm,
-            clip_norm=self.clip_norm or None,
-            dp_noise_multiplier=self.dp_noise_multiplier or None,
-            dp_clipping_norm=self.dp_clipping_norm or None,
+            clip_norm=self.clip_norm,
+            dp_noise_multiplier=self.dp_noise_multiplier,
+            dp_clipping_norm=self.dp_clipping_norm,
             proximal_mu=self.proximal_mu,
         )
 
     # -------------------------------------------------------- run config
     def to_run_config(self) -> dict[str, str | int | float | bool]:
-        """The Flower run config (``[tool.flwr.app.config]``): kebab-case scalars."""
+        """The Flower run config (``[tool.flwr.app.config]``): kebab-case scalars
+        (an unset optional setting as 0)."""
         out: dict[str, str | int | float | bool] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if isinstance(value, tuple):
+            if value is None:
+                value = 0 if f.name == "epochs" else 0.0
+            elif isinstance(value, tuple):
                 value = ",".join(str(v) for v in value)
             out[f.name.replace("_", "-")] = value
         return out
 
     @classmethod
-    def from_run_config(cls, config: Mapping[str, Any]) -> StudyConfig:
+    def from_run_config(cls, config: Mapping[str, Any]) -> StudySpec:
         """Parse a Flower run config; unknown keys are ignored, missing ones default."""
         values: dict[str, Any] = {}
         for f in fields(cls):
@@ -263,9 +281,9 @@ class StudyConfig:
                 values[f.name] = tuple(c.strip() for c in str(raw).split(",") if c)
             elif f.name == "datasets":
                 values[f.name] = _int_list(str(raw), key)
-            elif f.type in ("int", int):
+            elif f.type in ("int", "int | None"):
                 values[f.name] = _typed(raw, int, key)
-            elif f.type in ("float", float):
+            elif f.type in ("float", "float | None"):
                 values[f.name] = float(_typed(raw, (int, float), key))
             elif f.type in ("bool", bool):
                 values[f.name] = _typed(raw, bool, key)
@@ -273,6 +291,9 @@ class StudyConfig:
                 values[f.name] = str(raw)
         if "target" not in values or "features" not in values:
             raise InvalidInput("the run config lacks 'target' or 'features'")
+        for name in OPTIONAL:
+            if values.get(name) == 0:
+                values[name] = None
         return cls(**values)
 
 
