@@ -64,10 +64,10 @@ from healthlab.federated.deploy import (
     write_app,
     write_run_config,
 )
-from healthlab.federated.deployed_client import preprocessing_record
 from healthlab.federated.deployed_client import app as client_app
-from healthlab.federated.masked_site import RELAYED
+from healthlab.federated.deployed_client import preprocessing_record
 from healthlab.federated.masked import Contribution, server_sum, to_record
+from healthlab.federated.masked_site import RELAYED
 from healthlab.federated.study import Preprocessing
 from healthlab.ledger import Ledger, sha256_of
 from healthlab.ledger.client import deploy_registry
