@@ -131,7 +131,7 @@ def timing_targets() -> list[tuple[Any, str, str]]:
     from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
     from healthlab.encrypted import keys, protocol
-    from healthlab.federated import client_app, run, server_app, study, task
+    from healthlab.federated import client_app, run, screening, server_app, study, task
     from healthlab.federated.flower_compat import InProcessBackend
     from healthlab.sites import Site
 
@@ -150,7 +150,7 @@ def timing_targets() -> list[tuple[Any, str, str]]:
         (client_app, "mask_vector", "site: encode + mask"),
         (client_app, "mask_digits", "site: encode + mask"),
         (tenseal, "ckks_vector", "site: CKKS encrypt"),
-        (server_app, "_screen", "server: screening"),
+        (screening.Screening, "_screen", "server: screening"),
         (FedAvg, "aggregate_train", "server: aggregation (FedAvg)"),
         (protocol.Aggregator, "add", "server: CKKS sum"),
         (keys.KeyHolder, "decrypt", "server: CKKS decrypt"),

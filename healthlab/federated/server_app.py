@@ -5,13 +5,14 @@ key) → send the global model to the sites → drop refusals, errors and late r
 reject updates with NaN/inf, a wrong shape or an absurd norm, cap example counts at
 what each site registered → aggregate with the chosen Flower strategy (or sum
 encrypted, masked updates) → evaluate on every site's held-out rows → record a
-history row and call the progress callback.
+history row and call the progress callback. In the clear, the screening is the
+:class:`~healthlab.federated.screening.Screening` wrapper around the strategy.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -40,6 +41,9 @@ from healthlab.encrypted.keys import KeyHolder, PublicContext
 from healthlab.encrypted.protocol import Aggregate, Aggregator, Contribution
 from healthlab.errors import HealthLabError, InvalidInput, TooFewSites
 from healthlab.federated.flower_compat import quick_grid
+from healthlab.federated.screening import Screening
+from healthlab.federated.screening import site_status as _status
+from healthlab.federated.screening import too_few as _too_few
 from healthlab.federated.study import Study
 from healthlab.federated.task import summarize
 
@@ -176,13 +180,19 @@ def run_rounds(
 ) -> None:
     quick_grid(grid)  # the simulation's in-memory grid polls every 0.1 s
     nodes = _wait_for_nodes(grid, len(study.sites), settings.round_timeout)
-    strategy = make_strategy(settings, len(study.sites))
+    # the screen wraps outside DP and the aggregation: see healthlab.federated.screening
+    strategy = Screening(
+        make_strategy(settings, len(study.sites)),
+        # the most training rows a site can hold: its registered rows minus held-out
+        registered={
+            s.name: s.n_rows - round(study.test_fraction * s.n_rows)
+            for s in study.sites
+        },
+        max_update_norm=settings.max_update_norm,
+        clip_norm=settings.clip_norm,
+        min_sites=settings.min_sites,
+    )
     params = [np.asarray(p, dtype=np.float64) for p in initial]
-    # the most training rows a site can hold: its registered rows minus the held-out
-    registered = {
-        s.name: s.n_rows - round(study.test_fraction * s.n_rows) for s in study.sites
-    }
-    names: dict[int, str] = {}
     for rnd in range(1, settings.rounds + 1):
         started = time.monotonic()
         refused: dict[str, str] = {}
@@ -194,25 +204,13 @@ def run_rounds(
                 grid, nodes, study, settings, params, config, keys, refused
             )
         else:
-            messages = list(
-                strategy.configure_train(rnd, ArrayRecord(params), config, grid)
-            )
+            messages = strategy.configure_train(rnd, ArrayRecord(params), config, grid)
             replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
-            good, taken = _screen(
-                replies,
-                params,
-                settings,
-                registered,
-                refused,
-                rejected,
-                len(messages),
-                names,
-            )
-            if len(good) < settings.min_sites:
-                raise TooFewSites(
-                    _too_few(rnd, len(good), settings.min_sites, refused, rejected)
-                )
-            aggregated, _ = strategy.aggregate_train(rnd, good)
+            aggregated, _ = strategy.aggregate_train(rnd, replies)
+            screened = strategy.screened[rnd]
+            taken = screened.sites
+            refused.update(screened.refused)
+            rejected.update(screened.rejected)
             if aggregated is None:
                 raise HealthLabError(f"round {rnd}: the strategy produced no model")
             params = [
@@ -226,101 +224,6 @@ def run_rounds(
         outcome.params = params
         if on_round is not None:
             on_round(report)
-
-
-def _status(reply: Message) -> Any:
-    if reply.has_error() or "status" not in _c(reply):
-        return None
-    return _c(reply)["status"]
-
-
-def _screen(
-    replies: Iterable[Message],
-    params: list[np.ndarray],
-    settings: ServerSettings,
-    registered: dict[str, int],
-    refused: dict[str, str],
-    rejected: dict[str, str],
-    sent: int,
-    names: dict[int, str],
-) -> tuple[list[Message], list[str]]:
-    """Keep well-formed updates; record refusals and rejections by site."""
-    shapes = [p.shape for p in params]
-    flat_global = np.concatenate([p.ravel() for p in params])
-    candidates: list[tuple[Message, str, np.ndarray]] = []
-    received = 0
-    for reply in replies:
-        received += 1
-        status = _status(reply)
-        node = reply.metadata.src_node_id
-        if status is None:
-            error = reply.error.reason if reply.has_error() else "malformed reply"
-            rejected[names.get(node, f"node {node}")] = f"error: {error}"
-            continue
-        site = str(status["site"])
-        names[node] = site
-        if "refused" in status:
-            refused[site] = str(status["refused"])
-            continue
-        arrays = _c(reply)["arrays"].to_numpy_ndarrays()
-        if [a.shape for a in arrays] != shapes:
-            rejected[site] = "wrong shape"
-            continue
-        flat = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in arrays])
-        if not np.isfinite(flat).all():
-            rejected[site] = "NaN or infinite values"
-            continue
-        update = flat - flat_global
-        norm = float(np.linalg.norm(update))
-        if norm > settings.max_update_norm:
-            rejected[site] = (
-                f"update norm {norm:.3g} exceeds {settings.max_update_norm:g}"
-            )
-            continue
-        if settings.clip_norm is not None and norm > settings.clip_norm:
-            clipped = flat_global + update * (settings.clip_norm / norm)
-            _replace_arrays(reply, clipped, shapes)
-        metrics = _c(reply)["metrics"]
-        claimed = int(metrics["num-examples"])
-        if claimed > registered.get(site, 0) or claimed < 1:
-            metrics["num-examples"] = max(1, min(claimed, registered.get(site, 1)))
-        candidates.append((reply, site, update))
-    for missing in range(sent - received):
-        rejected[f"late {missing + 1}"] = "no reply before the round deadline"
-    if len(candidates) >= 3:  # relative screen: far above the round's median norm
-        norms = np.array([np.linalg.norm(u) for _, _, u in candidates])
-        limit = 10.0 * float(np.median(norms)) + 1e-12
-        kept = []
-        for (reply, site, _), norm in zip(candidates, norms, strict=True):
-            if norm > limit and norm > 1.0:
-                rejected[site] = f"update norm {norm:.3g} is over 10x the round median"
-            else:
-                kept.append((reply, site))
-        return [r for r, _ in kept], [s for _, s in kept]
-    return [r for r, _, _ in candidates], [s for _, s, _ in candidates]
-
-
-def _replace_arrays(
-    reply: Message, flat: np.ndarray, shapes: list[tuple[int, ...]]
-) -> None:
-    arrays, start = [], 0
-    for shape in shapes:
-        size = int(np.prod(shape)) if shape else 1
-        arrays.append(flat[start : start + size].reshape(shape))
-        start += size
-    _c(reply)["arrays"] = ArrayRecord(arrays)
-
-
-def _too_few(
-    rnd: int, got: int, need: int, refused: dict[str, str], rejected: dict[str, str]
-) -> str:
-    reasons = (
-        "; ".join(f"{k}: {v}" for k, v in {**refused, **rejected}.items()) or "none"
-    )
-    return (
-        f"round {rnd}: only {got} site(s) contributed, fewer than the {need} required "
-        f"(refused or rejected: {reasons})"
-    )
 
 
 def _secure_round(
