@@ -187,4 +187,4 @@ def _run_study(grid: StudyGrid, study: StudySpec, log: StudyLog) -> None:
         )
 
     initial = model.init(p, study.seed)
-    run_rounds(grid, local, study.server_settings(), initial, outcome, on_round, None)
+    run_rounds(grid, local, study.server_settings(), initial, outcome, on_round)

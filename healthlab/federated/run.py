@@ -467,7 +467,6 @@ def _train_in_clear(
         test_fraction=spec.test_fraction,
         seed=spec.seed,
         dropna=spec.dropna,
-        secure="none",
         update_hook=update_hook,
     )
     if any(s.gated for s in site_list):
@@ -478,9 +477,9 @@ def _train_in_clear(
         )
     initial = family.init(len(cols), spec.seed)
     outcome = Outcome()
-    client = make_client_app(study, None)
+    client = make_client_app(study)
     server = make_server_app(
-        study, spec.server_settings(), initial, outcome, on_round=callback, keys=keys
+        study, spec.server_settings(), initial, outcome, on_round=callback
     )
     _simulate(server, client, len(site_list))
     if outcome.error is not None:

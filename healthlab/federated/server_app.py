@@ -1,12 +1,14 @@
-"""The ServerApp: the rounds, with defences, a minimum of replies and a deadline.
+"""The in-clear ServerApp (``secure="none"``): the rounds, with defences, a minimum
+of replies and a deadline.
 
-Each round: (secure mode: ask every site whether it still takes part and for its mask
-key) → send the global model to the sites → drop refusals, errors and late replies →
-reject updates with NaN/inf, a wrong shape or an absurd norm, cap example counts at
-what each site registered → aggregate with the chosen Flower strategy (or sum
-encrypted, masked updates) → evaluate on every site's held-out rows → record a
-history row and call the progress callback. In the clear, the screening is the
-:class:`~healthlab.federated.screening.Screening` wrapper around the strategy.
+Each round: send the global model to the sites → drop refusals, errors and late
+replies → reject updates with NaN/inf, a wrong shape or an absurd norm, cap example
+counts at what each site registered (the
+:class:`~healthlab.federated.screening.Screening` wrapper around the strategy) →
+aggregate with the chosen Flower strategy (optionally with Flower's server-side DP)
+→ evaluate on every site's held-out rows → record a history row and call the
+progress callback. The masked protocol, the default, is
+:mod:`healthlab.federated.masked_study`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 from flwr.app import (
@@ -36,14 +38,10 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
-from healthlab.encrypted.encoding import decode_sum
-from healthlab.encrypted.keys import KeyHolder, PublicContext
-from healthlab.encrypted.protocol import Aggregate, Aggregator, Contribution
-from healthlab.errors import HealthLabError, InvalidInput, TooFewSites
+from healthlab.errors import HealthLabError, InvalidInput
 from healthlab.federated.flower_compat import quick_grid
 from healthlab.federated.screening import Screening
 from healthlab.federated.screening import site_status as _status
-from healthlab.federated.screening import too_few as _too_few
 from healthlab.federated.study import Study
 from healthlab.federated.task import summarize
 
@@ -145,7 +143,6 @@ def make_server_app(
     outcome: Outcome,
     *,
     on_round: Callable[[RoundReport], None] | None = None,
-    keys: KeyHolder | None = None,
 ) -> ServerApp:
     """The study's ServerApp; results land in ``outcome``."""
     app = ServerApp()
@@ -153,7 +150,7 @@ def make_server_app(
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            run_rounds(grid, study, settings, initial, outcome, on_round, keys)
+            run_rounds(grid, study, settings, initial, outcome, on_round)
         except BaseException as exc:  # surfaced by train() in the caller's thread
             outcome.error = exc
 
@@ -176,7 +173,6 @@ def run_rounds(
     initial: list[np.ndarray],
     outcome: Outcome,
     on_round: Callable[[RoundReport], None] | None,
-    keys: KeyHolder | None,
 ) -> None:
     quick_grid(grid)  # the simulation's in-memory grid polls every 0.1 s
     nodes = _wait_for_nodes(grid, len(study.sites), settings.round_timeout)
@@ -198,24 +194,18 @@ def run_rounds(
         refused: dict[str, str] = {}
         rejected: dict[str, str] = {}
         config = ConfigRecord({"round": rnd})
-        if study.secure == "ckks":
-            assert keys is not None
-            params, taken = _secure_round(
-                grid, nodes, study, settings, params, config, keys, refused
-            )
-        else:
-            messages = strategy.configure_train(rnd, ArrayRecord(params), config, grid)
-            replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
-            aggregated, _ = strategy.aggregate_train(rnd, replies)
-            screened = strategy.screened[rnd]
-            taken = screened.sites
-            refused.update(screened.refused)
-            rejected.update(screened.rejected)
-            if aggregated is None:
-                raise HealthLabError(f"round {rnd}: the strategy produced no model")
-            params = [
-                np.asarray(a, dtype=np.float64) for a in aggregated.to_numpy_ndarrays()
-            ]
+        messages = strategy.configure_train(rnd, ArrayRecord(params), config, grid)
+        replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
+        aggregated, _ = strategy.aggregate_train(rnd, replies)
+        screened = strategy.screened[rnd]
+        taken = screened.sites
+        refused.update(screened.refused)
+        rejected.update(screened.rejected)
+        if aggregated is None:
+            raise HealthLabError(f"round {rnd}: the strategy produced no model")
+        params = [
+            np.asarray(a, dtype=np.float64) for a in aggregated.to_numpy_ndarrays()
+        ]
         pooled, per_site = _evaluate(grid, nodes, params, study, settings, refused)
         report = RoundReport(
             rnd, taken, refused, rejected, pooled, per_site, time.monotonic() - started
@@ -224,85 +214,6 @@ def run_rounds(
         outcome.params = params
         if on_round is not None:
             on_round(report)
-
-
-def _secure_round(
-    grid: Grid,
-    nodes: list[int],
-    study: Study,
-    settings: ServerSettings,
-    params: list[np.ndarray],
-    config: ConfigRecord,
-    keys: KeyHolder,
-    refused: dict[str, str],
-) -> tuple[list[np.ndarray], list[str]]:
-    """Sites send masked, CKKS-encrypted n·w and n; only the sum is decrypted."""
-    rnd = int(cast(Any, config)["round"])
-    asks = [
-        Message(
-            RecordDict({"config": config}),
-            dst_node_id=n,
-            message_type=MessageType.QUERY,
-        )
-        for n in nodes
-    ]
-    ready: dict[int, tuple[str, bytes]] = {}
-    for reply in grid.send_and_receive(asks, timeout=settings.round_timeout):
-        status = _status(reply)
-        if status is None:
-            continue
-        if "refused" in status:
-            refused[str(status["site"])] = str(status["refused"])
-        else:
-            ready[reply.metadata.src_node_id] = (
-                str(status["site"]),
-                bytes(status["mask_key"]),
-            )
-    if len(ready) < settings.min_sites:
-        raise TooFewSites(_too_few(rnd, len(ready), settings.min_sites, refused, {}))
-    names = [name for name, _ in ready.values()]
-    train_config = ConfigRecord({**dict(config), "peers": names})
-    messages = [
-        Message(
-            RecordDict({"arrays": ArrayRecord(params), "config": train_config}),
-            dst_node_id=node,
-            message_type=MessageType.TRAIN,
-        )
-        for node in ready
-    ]
-    public: PublicContext = keys.public_context()
-    contributions = []
-    n_totals = sum(p.size for p in params) + 1
-    for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
-        status = _status(reply)
-        if status is None or "refused" in status:
-            raise TooFewSites(f"round {rnd}: a site left a secure round after agreeing")
-        contributions.append(
-            Contribution(
-                str(status["site"]),
-                study.hash,
-                str(status["fingerprint"]),
-                n_totals,
-                tuple(bytes(b) for b in status["ciphertexts"]),
-            )
-        )
-    if len(contributions) != len(ready):
-        raise TooFewSites(f"round {rnd}: a site missed the deadline of a secure round")
-    aggregate: Aggregate = Aggregator(public).add(contributions)
-    slots = [
-        keys.decrypt(c, fingerprint=aggregate.fingerprint)
-        for c in aggregate.ciphertexts
-    ]
-    totals = decode_sum(np.concatenate(slots), n_totals, len(aggregate.sites))
-    n = totals[-1]
-    flat = np.asarray(totals[:-1]) / n
-    shapes = [p.shape for p in params]
-    out, start = [], 0
-    for shape in shapes:
-        size = int(np.prod(shape)) if shape else 1
-        out.append(flat[start : start + size].reshape(shape))
-        start += size
-    return out, names
 
 
 def _evaluate(

@@ -66,7 +66,6 @@ class Study:
     test_fraction: float = 0.2
     seed: int = 0
     dropna: bool = False
-    secure: str = "none"
     update_hook: UpdateHook | None = None
     _data: dict[str, SiteData] = field(default_factory=dict, repr=False)
     _authorized: set[str] = field(default_factory=set, repr=False)
@@ -85,7 +84,6 @@ class Study:
             "sites": [s.name for s in self.sites],
             "test_fraction": self.test_fraction,
             "seed": self.seed,
-            "secure": self.secure,
         }
         text = json.dumps(public, sort_keys=True, separators=(",", ":"))
         return "0x" + hashlib.sha256(text.encode()).hexdigest()
