@@ -39,8 +39,8 @@ import pandas as pd
 import typer
 
 from healthlab import __version__, errors
+from healthlab._paths import home
 from healthlab.federated.spec import StudySpec
-from healthlab.ledger import deployments
 from healthlab.ledger.client import DEFAULT_REQUEST_TIMEOUT, Ledger
 from healthlab.ledger.node import AnvilNode, ChainProcess, LocalChain
 
@@ -197,7 +197,7 @@ def chain_up(
         ledger = Ledger.connect(node.url)
         typer.echo(
             f"registry {ledger.address} on chain {ledger.chain_id} (recorded in "
-            f"{deployments.home() / 'deployments.json'})",
+            f"{home() / 'deployments.json'})",
             err=True,
         )
     typer.echo(

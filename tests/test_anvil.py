@@ -18,7 +18,8 @@ from web3 import Web3
 
 from healthlab import errors
 from healthlab.ledger import Ledger, Status, deployments
-from healthlab.ledger.node import AnvilNode, free_port
+from healthlab.ledger.node import AnvilNode
+from healthlab.services import free_port
 from tests.conftest import ETHER, content_hash, require
 
 FEE = ETHER // 100

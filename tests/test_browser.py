@@ -33,9 +33,10 @@ import pytest
 import requests
 
 from healthlab.ledger import Ledger
-from healthlab.ledger.node import AnvilNode, free_port
+from healthlab.ledger.node import AnvilNode
 from healthlab.ledger.records import Status
 from healthlab.notebooks import ensure_catalogue, node_account
+from healthlab.services import free_port
 from tests.conftest import require
 
 pytestmark = [pytest.mark.browser, pytest.mark.anvil]

@@ -24,8 +24,9 @@ from typer.testing import CliRunner, Result
 from healthlab import cli
 from healthlab.errors import ChainUnreachable
 from healthlab.ledger import Ledger
-from healthlab.ledger.node import AnvilNode, LocalChain, free_port
+from healthlab.ledger.node import AnvilNode, LocalChain
 from healthlab.ledger.records import Status
+from healthlab.services import free_port
 from tests.conftest import ETHER, content_hash, require
 
 pytestmark = pytest.mark.anvil

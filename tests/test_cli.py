@@ -13,7 +13,8 @@ from typer.testing import CliRunner, Result
 from healthlab import cli
 from healthlab.ledger import Ledger, deploy_registry
 from healthlab.ledger.client import DEFAULT_REQUEST_TIMEOUT
-from healthlab.ledger.node import AnvilNode, free_port
+from healthlab.ledger.node import AnvilNode
+from healthlab.services import free_port
 from tests.conftest import ETHER, content_hash
 
 FEE = ETHER // 100

@@ -385,7 +385,7 @@ def _raw_supernode(scene: Scene, *extra: str) -> subprocess.CompletedProcess[str
 
 
 def _free_port() -> int:
-    from healthlab.ledger.node import free_port
+    from healthlab.services import free_port
 
     return free_port()
 

@@ -43,7 +43,7 @@ from healthlab import Site, cli, encrypted
 from healthlab.data import city_days, load_city_tables, load_cohort_sites
 from healthlab.errors import ChainUnreachable, DuplicateDataset, InvalidInput
 from healthlab.ledger import Ledger
-from healthlab.ledger.node import AnvilNode, find_tool, free_port
+from healthlab.ledger.node import AnvilNode, find_tool
 from healthlab.notebooks import (
     CITIZEN_TERMS,
     HOSPITAL_TERMS,
@@ -68,6 +68,7 @@ from healthlab.notebooks import (
 )
 from healthlab.receipts import Receipt, result_hash, verify
 from healthlab.score import DEFAULT_WEIGHTS, health_score, score_breakdown
+from healthlab.services import free_port
 
 SITES = ["site_a", "site_b", "site_c", "site_d"]
 #: Fast parameters per notebook; every parameter a test relies on is named here.

@@ -3,8 +3,8 @@
 The server is Debian's (package ``postgresql``; binaries in
 ``/usr/lib/postgresql/<version>/bin``): :class:`PostgresServer` runs ``initdb`` in
 a temp dir, starts ``postgres`` on its own loopback port with its socket in that
-dir, and stops it by signalling the postmaster's PID — like
-:class:`healthlab.ledger.node.AnvilNode` does for anvil.
+dir, and stops it by signalling the postmaster's PID (a
+:class:`healthlab.services.ManagedProcess`, like anvil's and Flower's).
 
 PostgreSQL refuses to run as root. When this process is root, the server runs as
 the ``postgres`` system user that the Debian package creates (or ``nobody``; or
@@ -24,15 +24,10 @@ import secrets
 import shutil
 import signal
 import subprocess
-import tempfile
-import time
 from pathlib import Path
-from types import TracebackType
-from typing import IO
 
-from healthlab._process import stop_process, wait_until_ready
 from healthlab.errors import ConfigurationError
-from healthlab.ledger.node import free_port
+from healthlab.services import ManagedProcess
 
 __all__ = ["PostgresServer", "find_pg_bin"]
 
@@ -80,8 +75,10 @@ def _server_user() -> pwd.struct_passwd | None:
     )
 
 
-class PostgresServer:
+class PostgresServer(ManagedProcess):
     """A PostgreSQL server on 127.0.0.1 with its own port, data dir and password.
+
+    Stopping sends SIGINT (PostgreSQL's fast shutdown).
 
     Examples
     --------
@@ -89,22 +86,25 @@ class PostgresServer:
     ...     store = SQLStore(server.url)
     """
 
+    kind = "postgres"
+    log_name = "postgres.log"
+    stop_timeout = 30.0
+    stop_signal = signal.SIGINT
+    tail_chars = 800
+
     def __init__(self, port: int | None = None, *, user: str = "healthlab") -> None:
         folder = find_pg_bin()
         if folder is None or not (folder / "initdb").is_file():
             raise ConfigurationError(f"PostgreSQL's initdb was not found: {_INSTALL}")
+        account = _server_user()
+        super().__init__(port)
         self.bin = folder
-        self.port = port or free_port()
         self.user = user
         self._password = secrets.token_urlsafe(18)
-        self._account = _server_user()
-        self._tmp = tempfile.TemporaryDirectory(prefix="healthlab-pg-")
-        self.root = Path(self._tmp.name)
         self.data_dir = self.root / "data"
-        self.log_path = self.root / "postgres.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        if self._account is not None:
-            os.chown(self.root, self._account.pw_uid, self._account.pw_gid)
+        if account is not None:
+            self.run_as = (account.pw_uid, account.pw_gid)
+            os.chown(self.root, *self.run_as)
 
     def url_for(self, database: str = "postgres") -> str:
         """SQLAlchemy URL (psycopg 3 driver) of ``database``, password included."""
@@ -121,93 +121,65 @@ class PostgresServer:
     def __repr__(self) -> str:
         return f"PostgresServer(port={self.port}, data_dir={str(self.data_dir)!r})"
 
-    def _run(self, args: list[str], log: IO[bytes]) -> subprocess.Popen[bytes]:
-        """Start a PostgreSQL binary as the server's account, in the temp dir."""
-        account = self._account
+    def _env(self) -> dict[str, str]:
         env = {"PATH": os.environ.get("PATH", ""), "LC_ALL": "C", "TZ": "UTC"}
-        if account is not None:
+        if self.run_as is not None:
             env["HOME"] = str(self.root)
-        return subprocess.Popen(  # noqa: S603 - PostgreSQL's own binaries, fixed args
-            [str(self.bin / args[0]), *args[1:]],
-            cwd=self.root,
-            env=env,
-            user=account.pw_uid if account else None,
-            group=account.pw_gid if account else None,
-            extra_groups=[] if account else None,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        return env
 
-    def _initdb(self, timeout: float) -> None:
+    def _prepare(self, timeout: float) -> None:
+        """Create the cluster (``initdb``)."""
         pwfile = self.root / "pwfile"
         pwfile.write_text(self._password + "\n")
         pwfile.chmod(0o600)
-        if self._account is not None:
-            os.chown(pwfile, self._account.pw_uid, self._account.pw_gid)
-        with self.log_path.open("ab") as log:
-            init = self._run(
-                [
-                    "initdb",
-                    "-D",
-                    str(self.data_dir),
-                    "-U",
-                    self.user,
-                    f"--pwfile={pwfile}",
-                    "--auth=scram-sha-256",
-                    "--encoding=UTF8",
-                    "--locale=C",
-                    "--no-sync",
-                    "--no-instructions",
-                ],
-                log,
-            )
-            try:
-                code = init.wait(timeout)
-            except subprocess.TimeoutExpired:
-                init.kill()
-                init.wait()
-                code = -1
+        if self.run_as is not None:
+            os.chown(pwfile, *self.run_as)
+        init = self._spawn(
+            [
+                str(self.bin / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                self.user,
+                f"--pwfile={pwfile}",
+                "--auth=scram-sha-256",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+                "--no-instructions",
+            ],
+            self.log_path,
+        )
+        try:
+            code = init.wait(timeout)
+        except subprocess.TimeoutExpired:
+            init.kill()
+            init.wait()
+            code = -1
         pwfile.unlink()
         if code != 0:
             raise ConfigurationError(
                 f"initdb failed (exit {code}): {self.log_path.read_text()[-800:]}"
             )
 
-    def start(self, timeout: float = 60.0) -> PostgresServer:
-        """Create the cluster and start the server; wait until it accepts logins."""
-        deadline = time.monotonic() + timeout
-        self._initdb(timeout)
-        log = self.log_path.open("ab")
-        self.process = self._run(
-            [
-                "postgres",
-                "-D",
-                str(self.data_dir),
-                "-p",
-                str(self.port),
-                "-k",
-                str(self.root),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-            ],
-            log,
-        )
-        log.close()
-        wait_until_ready(
-            self.process,
-            self._ready,
-            name="postgres",
-            timeout=max(0.0, deadline - time.monotonic()),
-            log_tail=lambda: self.log_path.read_text()[-800:],
-            stop=self.stop,
-        )
-        return self
+    def _args(self) -> list[str]:
+        return [
+            str(self.bin / "postgres"),
+            "-D",
+            str(self.data_dir),
+            "-p",
+            str(self.port),
+            "-k",
+            str(self.root),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "fsync=off",
+            "-c",
+            "synchronous_commit=off",
+            "-c",
+            "full_page_writes=off",
+        ]
 
     def _ready(self) -> bool:
         """True once the postmaster says ``ready`` in its PID file (PostgreSQL ≥ 10)."""
@@ -216,28 +188,3 @@ class PostgresServer:
         except (FileNotFoundError, PermissionError):
             return False
         return len(lines) >= 8 and lines[7].strip() == "ready"
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Stop the server by PID (SIGINT: fast shutdown), killing it if it hangs."""
-        stop_process(self.process, sig=signal.SIGINT, timeout=timeout)
-        self.process = None
-
-    def close(self) -> None:
-        """Stop and remove the data dir."""
-        self.stop()
-        self._tmp.cleanup()
-
-    def __enter__(self) -> PostgresServer:
-        try:
-            return self.start()
-        except BaseException:
-            self.close()
-            raise
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

@@ -24,9 +24,9 @@ from typing import Any, Literal
 import pandas as pd
 import sqlalchemy as sa
 
+from healthlab._paths import home
 from healthlab.data.schemas import validate
 from healthlab.errors import ConfigurationError, InvalidInput
-from healthlab.ledger.deployments import home
 
 __all__ = ["CATALOGUE", "ROW", "SQLStore", "UnknownTable", "default_url"]
 

@@ -12,12 +12,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["chain_key", "home", "lookup", "record"]
+from healthlab._paths import home
 
-
-def home() -> Path:
-    """HealthLab's state folder (``$HEALTHLAB_HOME`` or ``~/.healthlab``)."""
-    return Path(os.environ.get("HEALTHLAB_HOME", Path.home() / ".healthlab"))
+__all__ = ["chain_key", "lookup", "record"]
 
 
 def chain_key(chain_id: int, genesis_hash: bytes) -> str:

@@ -14,21 +14,17 @@ import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 import requests
 
-from healthlab._process import stop_process, wait_until_ready
 from healthlab.errors import ConfigurationError
+from healthlab.services import ManagedProcess
 
-__all__ = ["AnvilNode", "ChainProcess", "LocalChain", "find_tool", "free_port"]
+__all__ = ["AnvilNode", "ChainProcess", "LocalChain", "find_tool"]
 
 #: Seconds between anvil's dumps of its state file (it also dumps on SIGTERM).
 STATE_INTERVAL = 5
@@ -100,14 +96,7 @@ def _answers(url: str) -> bool:
         return False
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class AnvilNode:
+class AnvilNode(ManagedProcess):
     """An anvil process on loopback with its own port and temp dir, stopped by PID.
 
     Parameters
@@ -115,8 +104,14 @@ class AnvilNode:
     port:
         TCP port; a free one by default.
     state_file:
-        Keep the chain in this file across restarts (anvil ``--state``).
+        Keep the chain in this file across restarts (anvil ``--state``); stopping
+        sends SIGTERM, on which anvil writes it.
     """
+
+    kind = "anvil"
+    log_name = "anvil.log"
+    start_timeout = 30.0
+    tail_chars = 500
 
     def __init__(
         self,
@@ -127,71 +122,34 @@ class AnvilNode:
         accounts: int = 10,
     ) -> None:
         self.binary = _require_anvil()
-        self.port = port or free_port()
+        super().__init__(port)
         self.state_file = Path(state_file) if state_file else None
         self.chain_id = chain_id
         self.accounts = accounts
-        self.process: subprocess.Popen[bytes] | None = None
-        self._tmp = tempfile.TemporaryDirectory(prefix="healthlab-anvil-")
-        self.log_path = Path(self._tmp.name) / "anvil.log"
 
     @property
     def url(self) -> str:
         """The node's JSON-RPC URL."""
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> AnvilNode:
-        """Start anvil and wait until it answers JSON-RPC."""
-        args = _anvil_args(
+    def _args(self) -> list[str]:
+        return _anvil_args(
             self.binary,
             self.port,
             chain_id=self.chain_id,
             accounts=self.accounts,
             state_file=self.state_file,
         )
+
+    def _prepare(self, timeout: float) -> None:
         if self.state_file is not None:
             self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        if self._answers():
-            raise ConfigurationError(
-                f"something already answers on {self.url}; pick another port"
-            )
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(  # noqa: S603 - our binary, fixed args
-                args, stdout=log, stderr=subprocess.STDOUT, cwd=self._tmp.name
-            )
-        wait_until_ready(
-            self.process,
-            self._answers,
-            name="anvil",
-            timeout=timeout,
-            log_tail=lambda: self.log_path.read_text()[-500:],
-            stop=self.stop,
-        )
-        return self
+
+    def _ready(self) -> bool:
+        return self._answers()
 
     def _answers(self) -> bool:
         return _answers(self.url)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop anvil by PID (SIGTERM, so a state file is written), then clean up."""
-        stop_process(self.process, timeout=timeout)
-        self.process = None
-
-    def close(self) -> None:
-        """Stop and remove the temp dir."""
-        self.stop()
-        self._tmp.cleanup()
-
-    def __enter__(self) -> AnvilNode:
-        return self.start()
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # ------------------------------------------------------------- the shared node

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from healthlab.ledger.deployments import home
+from healthlab._paths import home
 from healthlab.storage.cid import parse_cid
 from healthlab.storage.encryption import check_key
 from healthlab.storage.errors import KeyNotInKeyring, KeyringError

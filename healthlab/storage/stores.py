@@ -27,8 +27,8 @@ from typing import Any, ClassVar
 
 import requests
 
+from healthlab._paths import home
 from healthlab.errors import InvalidInput
-from healthlab.ledger.deployments import home
 from healthlab.storage.cid import CHUNK_SIZE, parse_cid
 from healthlab.storage.errors import (
     BlobNotFound,

@@ -26,22 +26,18 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING
 
-from healthlab._process import stop_process
 from healthlab.errors import ConfigurationError
 from healthlab.federated.deploy.pki import TLSFiles, make_node_key, write_private
 from healthlab.federated.deploy.site import SiteConfig, ensure_state_dir
-from healthlab.ledger.node import free_port
+from healthlab.services import ManagedProcess, port_open, stop_process
 
 __all__ = [
     "SiteNode",
@@ -136,7 +132,7 @@ def flower_env(home: str | os.PathLike[str], **extra: str) -> dict[str, str]:
     return env
 
 
-class _FlowerProcess:
+class _FlowerProcess(ManagedProcess):
     """A Flower process on loopback with its own port, FLWR_HOME and temp dir.
 
     It runs in its own process group (``start_new_session``), so the SuperExec and
@@ -144,6 +140,10 @@ class _FlowerProcess:
     """
 
     kind = "flower process"
+    start_timeout = 60.0
+    stop_timeout = 15.0
+    poll = 0.1
+    new_session = True
 
     def __init__(
         self,
@@ -151,104 +151,22 @@ class _FlowerProcess:
         home: str | os.PathLike[str] | None,
         env: Mapping[str, str] | None,
     ) -> None:
-        self.port = port or free_port()
-        self._tmp = tempfile.TemporaryDirectory(prefix=f"healthlab-{self.kind[:9]}-")
-        self.home = Path(home) if home else Path(self._tmp.name) / "flwr-home"
+        super().__init__(port)
+        self.home = Path(home) if home else self.root / "flwr-home"
         self.home.mkdir(parents=True, exist_ok=True)
-        self.log_path = Path(self._tmp.name) / "output.log"
         self.extra_env = dict(env or {})
-        self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def address(self) -> str:
         """``127.0.0.1:<port>``."""
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def pid(self) -> int | None:
-        """The process id while started."""
-        return self.process.pid if self.process is not None else None
-
-    @property
-    def running(self) -> bool:
-        """Whether the main process is alive."""
-        return self.process is not None and self.process.poll() is None
-
-    def _args(self) -> list[str]:
-        raise NotImplementedError
-
-    def _ready(self) -> bool:
-        raise NotImplementedError
-
-    def _hint(self) -> str:
-        """What to do about an early exit, read from the log ("" if nothing)."""
-        return ""
+    def _env(self) -> dict[str, str]:
+        return flower_env(self.home, **self.extra_env)
 
     def logs(self) -> list[str]:
         """Every output of this process and its companions."""
         return [self.log()]
-
-    def log(self) -> str:
-        """Everything the process printed so far."""
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def start(self, timeout: float = 60.0) -> Self:
-        """Start the process and wait until it is ready (clear error on timeout)."""
-        return self.launch().wait_ready(timeout)
-
-    def launch(self) -> Self:
-        """Start the process without waiting (see :meth:`wait_ready`)."""
-        if self.running:
-            return self
-        if _port_open(self.port):
-            raise ConfigurationError(
-                f"port {self.port} on 127.0.0.1 is taken; pick another for the "
-                f"{self.kind}"
-            )
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(  # noqa: S603 - Flower's own commands
-                self._args(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self._tmp.name,
-                env=flower_env(self.home, **self.extra_env),
-                start_new_session=True,
-            )
-        self._started()
-        return self
-
-    def _started(self) -> None:
-        """Called once the main process is launched (start its companions here)."""
-
-    def wait_ready(self, timeout: float = 60.0) -> Self:
-        """Wait until the launched process is ready; stop it and raise otherwise."""
-        if self.process is None:
-            raise ConfigurationError(f"the {self.kind} was not launched")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                code = self.process.returncode
-                self.stop()
-                raise ConfigurationError(
-                    f"the {self.kind} exited with code {code}{self._hint()}:\n"
-                    f"{self.log()[-1500:]}"
-                )
-            try:
-                ready = self._ready()
-            except ConfigurationError:
-                self.stop()
-                raise
-            if ready:
-                return self
-            time.sleep(0.1)
-        self.stop()
-        raise ConfigurationError(
-            f"the {self.kind} was not ready within {timeout:g} s:\n{self.log()[-1500:]}"
-        )
 
     def group(self) -> list[int]:
         """Live processes of this process's group (itself, SuperExec, apps)."""
@@ -256,16 +174,17 @@ class _FlowerProcess:
             return []
         return _group_members(self.process.pid)
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """Stop by PID: SIGTERM (then SIGKILL), then what is left of its group."""
         process = self.process
         if process is None:
             return
-        stop_process(process, timeout=timeout)
+        limit = self.stop_timeout if timeout is None else timeout
+        super().stop(limit)
         # Flower's SuperExec notices its parent is gone within ~0.2 s; then finish
         # off anything of the group still alive.
         pgid = process.pid
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + limit
         while _group_members(pgid) and time.monotonic() < deadline:
             time.sleep(0.1)
         for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -276,29 +195,6 @@ class _FlowerProcess:
             end = time.monotonic() + 5.0
             while _group_members(pgid) and time.monotonic() < end:
                 time.sleep(0.1)
-
-    def close(self) -> None:
-        """Stop and remove the temp dir."""
-        self.stop()
-        self.process = None
-        self._tmp.cleanup()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
-def _port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -370,9 +266,9 @@ class SuperLink(_FlowerProcess):
         if tls is None and not insecure:
             from healthlab.federated.deploy.pki import make_study_pki
 
-            tls = make_study_pki(Path(self._tmp.name) / "tls")
+            tls = make_study_pki(self.root / "tls")
         self.tls = None if insecure else tls
-        self.database = Path(self._tmp.name) / "state.db"
+        self.database = self.root / "state.db"
 
     @property
     def root_certificates(self) -> str | None:
@@ -406,7 +302,7 @@ class SuperLink(_FlowerProcess):
         ]
 
     def _ready(self) -> bool:
-        return _port_open(self.port) and "startup complete" in self.log()
+        return port_open(self.port) and "startup complete" in self.log()
 
     def register_node(self, public_key: str | os.PathLike[str]) -> str:
         """Admit a SuperNode by its public key file (``flwr supernode register``)."""
@@ -417,7 +313,7 @@ class SuperLink(_FlowerProcess):
             )
         from healthlab.federated.deploy.launch import CONNECTION, write_connection
 
-        home = Path(self._tmp.name) / "control-home"
+        home = self.root / "control-home"
         write_connection(home, self.address, root_certificates=self.root_certificates)
         done = subprocess.run(  # noqa: S603 - Flower's own command
             [
@@ -446,7 +342,7 @@ class SuperLink(_FlowerProcess):
         from healthlab.federated.deploy.pki import openssh_public_key
 
         done = []
-        folder = Path(self._tmp.name) / "bound-keys"
+        folder = self.root / "bound-keys"
         folder.mkdir(exist_ok=True)
         for dataset in datasets:
             bound = ledger.site_keys(dataset)
@@ -514,7 +410,7 @@ class SiteNode(_FlowerProcess):
         self.root_certificates = (
             None if insecure else str(Path(str(root_certificates)).expanduser())
         )
-        state = Path(site.state_dir or Path(self._tmp.name) / "site-state")
+        state = Path(site.state_dir or self.root / "site-state")
         self.state_dir = ensure_state_dir(state).resolve()
         self.site = _with_private_database(site.resolved(), self.state_dir)
         if self.site.state_dir is None:
@@ -526,7 +422,7 @@ class SiteNode(_FlowerProcess):
             self.node_key = make_node_key(node_key or default)
         self.node_id: int | None = None
         self.runtime: subprocess.Popen[bytes] | None = None
-        self.runtime_log = Path(self._tmp.name) / "runtime.log"
+        self.runtime_log = self.root / "runtime.log"
 
     @property
     def public_key_file(self) -> Path | None:
@@ -573,27 +469,21 @@ class SiteNode(_FlowerProcess):
 
     def _started(self) -> None:
         assert self.process is not None
-        with self.runtime_log.open("ab") as log:
-            self.runtime = subprocess.Popen(  # noqa: S603 - our own module
-                [
-                    sys.executable,
-                    "-m",
-                    "healthlab.federated.deploy.runtime",
-                    "serve",
-                    "--runtime-api",
-                    self.address,
-                    "--secret-file",
-                    str(self._secret_file()),
-                    "--parent-pid",
-                    str(self.process.pid),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self._tmp.name,
-                env=flower_env(self.home, **self.extra_env),
-                start_new_session=True,
-            )
+        self.runtime = self._spawn(
+            [
+                sys.executable,
+                "-m",
+                "healthlab.federated.deploy.runtime",
+                "serve",
+                "--runtime-api",
+                self.address,
+                "--secret-file",
+                str(self._secret_file()),
+                "--parent-pid",
+                str(self.process.pid),
+            ],
+            self.runtime_log,
+        )
 
     def _hint(self) -> str:
         if "Failed to activate SuperNode" in self.log() or "2004" in self.log():
@@ -631,10 +521,11 @@ class SiteNode(_FlowerProcess):
         runtime = _group_members(self.runtime.pid) if self.runtime else []
         return sorted({*super().group(), *runtime})
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """Stop the SuperNode, then the site runtime, by PID."""
-        super().stop(timeout)
-        stop_process(self.runtime, timeout=timeout)
+        limit = self.stop_timeout if timeout is None else timeout
+        super().stop(limit)
+        stop_process(self.runtime, timeout=limit)
 
 
 def _with_private_database(site: SiteConfig, state: Path) -> SiteConfig:
