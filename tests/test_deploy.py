@@ -1281,6 +1281,42 @@ def test_a_site_ignores_the_model_and_transform_the_server_sends(
         assert np.array_equal(before, _digits(after))
 
 
+def test_one_steps_message_gives_what_the_separate_steps_give(
+    chain: Ledger, tmp_path: Path
+) -> None:
+    """The pipelined round (``query.steps``: the held-out sums of round 1 and the
+    update of round 2 from the relayed updates of round 1) sends exactly what the
+    separate ``evaluate`` and ``train`` messages send, and a step is given once."""
+    from healthlab.federated.masked_site import MEMBERS
+
+    server, sent, _ = _first_round(chain, tmp_path, "steps")
+    relayed = to_record("train-1", sent)
+    fork = copy.deepcopy(server.states)
+    evaluated = [_digits(r) for r in server.step("evaluate", 1, relayed)]
+    trained = [_digits(r) for r in server.step("train", 2, relayed)]
+    server.states = fork
+    members = sorted(c.member for c in sent)
+    config = ConfigRecord(
+        {MEMBERS: members, "eval-round": 1, "train-round": 2, "hist-round": 0}
+    )
+    replies = server.step("query.steps", None, relayed, config=config)
+    for reply, want_eval, want_train in zip(replies, evaluated, trained, strict=True):
+        status = reply["status"]
+        assert "refused" not in status, status.get("refused")
+        assert list(status["steps"]) == ["eval-1", "train-2"]
+        got_eval, got_train = reply["arrays"].to_numpy_ndarrays()
+        assert np.array_equal(got_eval, want_eval)
+        assert np.array_equal(got_train, want_train)
+    # the same steps again (a server wanting a second sum of them): refused
+    again = server.step("query.steps", None, relayed, config=config)
+    assert "already contributed" in refused(again[0])
+    # a histogram without the relayed evaluation it needs: refused
+    config = ConfigRecord({MEMBERS: members, "hist-round": 1})
+    assert "no relayed contributions" in refused(
+        server.step("query.steps", None, relayed, config=config)[0]
+    )
+
+
 def test_a_site_flags_every_histogram_level_with_a_cell_below_its_minimum() -> None:
     from healthlab.federated.masked_site import (
         HIST_LEVELS,

@@ -111,15 +111,26 @@ def _preprocessing(msg: Message, study: StudySpec) -> Preprocessing:
 def load_site(config: SiteConfig) -> Site:
     """The site's data, dataset, chain and key material, from its node config.
 
-    Loaded afresh for every message (the data may change between messages): replay
-    protection across messages and runs lives in ``state-dir``, not in memory.
+    A file is read again whenever it changes (size or modification time), a SQL
+    table for every message; replay protection across messages and runs lives in
+    ``state-dir``, not in memory.
     """
-    from healthlab.ledger import Ledger
-
-    ledger = Ledger.connect(config.rpc_url, config.registry, deploy=False)
+    ledger = _ledger(config.rpc_url, config.registry)
     data: Any
+    key_path = config.key_path or (
+        str(Path(config.state_dir) / "mask-key.pem") if config.state_dir else None
+    )
     if config.data is not None:
         data = Path(config.data).expanduser()
+        stat = data.stat()
+        key = (str(data), stat.st_size, stat.st_mtime_ns, config.name, key_path)
+        site = _SITES.get(key)
+        if site is None:
+            site = _site(config, data, ledger, key_path)
+            _SITES.clear()  # one site a runtime: keep only the current file
+            _SITES[key] = site
+        _verify_content(config, site)
+        return site
     else:
         from healthlab.data.stores import SQLStore
 
@@ -129,26 +140,48 @@ def load_site(config: SiteConfig) -> Site:
             data = store.read_table(config.table)
         finally:
             store.close()
-    key_path = config.key_path or (
-        str(Path(config.state_dir) / "mask-key.pem") if config.state_dir else None
-    )
-    # a deployed site keeps one key for the whole run (Flower starts a process per
-    # message), so it loads its own
-    site = Site(
+    site = _site(config, data, ledger, key_path)
+    _verify_content(config, site)
+    return site
+
+
+#: The site loaded from a file, kept while the file is unchanged (by size and
+#: modification time): the site runtime is one process for every message.
+_SITES: dict[tuple[str, int, int, str, str | None], Site] = {}
+#: One chain connection per (node, registry) in the site runtime's process.
+_LEDGERS: dict[tuple[str | None, str | None], Any] = {}
+
+
+def _ledger(rpc_url: str | None, registry: str | None) -> Any:
+    from healthlab.ledger import Ledger
+
+    key = (rpc_url, registry)
+    if key not in _LEDGERS:
+        _LEDGERS[key] = Ledger.connect(rpc_url, registry, deploy=False)
+    return _LEDGERS[key]
+
+
+def _site(config: SiteConfig, data: Any, ledger: Any, key_path: str | None) -> Site:
+    # the site keeps one mask key (its own, bound on chain) across messages and runs
+    return Site(
         config.name,
         data,
         dataset_id=config.dataset_id,
         ledger=ledger,
         mask_key=load_site_key(key_path) if key_path is not None else None,
     )
-    if config.verify_content:
-        registered = ledger.dataset(config.dataset_id).content_hash
-        if registered.lower() != site.content_hash.lower():
-            raise DataRefused(
-                f"site {config.name}: the data loaded does not match the content hash "
-                f"registered for dataset {config.dataset_id}"
-            )
-    return site
+
+
+def _verify_content(config: SiteConfig, site: Site) -> None:
+    if not config.verify_content:
+        return
+    assert site.ledger is not None
+    registered = site.ledger.dataset(config.dataset_id).content_hash
+    if registered.lower() != site.content_hash.lower():
+        raise DataRefused(
+            f"site {config.name}: the data loaded does not match the content hash "
+            f"registered for dataset {config.dataset_id}"
+        )
 
 
 def _site_and_study(context: Context) -> tuple[SiteConfig, Site, StudySpec]:

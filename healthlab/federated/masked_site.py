@@ -52,6 +52,7 @@ __all__ = [
     "HIST_LEVELS",
     "MEMBERS",
     "RELAYED",
+    "RELAYED_EVAL",
     "Handler",
     "SiteSide",
     "eval_size",
@@ -67,6 +68,8 @@ __all__ = [
 
 #: Content key of the members' contributions of the last step, relayed by the server.
 RELAYED = "relayed"
+#: Content key of the relayed evaluation a histogram step needs (``query.steps``).
+RELAYED_EVAL = "relayed-eval"
 #: Config key of the members of the study's masked sums, as the server proposes them.
 MEMBERS = "members"
 #: Where a site keeps what lasts across the messages of a run (``context.state``).
@@ -158,18 +161,25 @@ def _members(msg: Message) -> list[str] | None:
 def _peers(
     side: SiteSide, site: Site, study: StudySpec, msg: Message, context: Context
 ) -> dict[str, bytes]:
-    """The members of this run's masked sums: the side's, and the same for the whole
-    run (a server that changes them between steps is refused)."""
-    peers = side.peers(site, study, _members(msg))
+    """The members of this run's masked sums with their keys: the side's, checked
+    once a run and then kept; the same for the whole run (a server that changes
+    them between steps is refused)."""
     record = state(context)
+    proposed = _members(msg)
+    if "members" in record:
+        names = [str(m) for m in record["members"]]
+        if proposed is not None and sorted(proposed) != names:
+            raise DisclosureRefused(
+                f"site {site.name}: the members of this run's masked sums changed "
+                f"({names} -> {sorted(proposed)}); a site sums with one set of "
+                "members per run"
+            )
+        keys = [bytes(k) for k in record["member-keys"]]
+        return dict(zip(names, keys, strict=True))
+    peers = side.peers(site, study, proposed)
     names = sorted(peers)
-    if "members" in record and [str(m) for m in record["members"]] != names:
-        raise DisclosureRefused(
-            f"site {site.name}: the members of this run's masked sums changed "
-            f"({list(record['members'])} -> {names}); a site sums with one set of "
-            "members per run"
-        )
     record["members"] = names
+    record["member-keys"] = [peers[n] for n in names]
     return peers
 
 
@@ -266,16 +276,17 @@ def _open_relayed(
     context: Context,
     want: str,
     n_totals: int,
+    key: str = RELAYED,
 ) -> list[float]:
-    """The exact sum of the relayed contributions to step ``want``, after checking
-    them (:func:`healthlab.federated.masked.open_sum`)."""
+    """The exact sum of the relayed contributions to step ``want`` (content record
+    ``key``), after checking them (:func:`healthlab.federated.masked.open_sum`)."""
     content: Any = msg.content
-    if RELAYED not in content:
+    if key not in content:
         raise DataRefused(
             f"the message carries no relayed contributions of step {want!r}: this "
             "site trains and evaluates only the model the sites' own sums produce"
         )
-    step, contributions = from_record(content[RELAYED])
+    step, contributions = from_record(content[key])
     if step != want:
         raise DataRefused(f"the relayed step is {step!r}, this site expects {want!r}")
     peers = _peers(side, site, study, msg, context)
@@ -297,6 +308,7 @@ def _apply_relayed(
     msg: Message,
     context: Context,
     want: str,
+    key: str = RELAYED,
 ) -> None:
     """Fold the checked sum of step ``want`` into the site's state (once):
     ``moments`` gives the transform, ``train-r`` the model of round r."""
@@ -306,7 +318,7 @@ def _apply_relayed(
     p = len(study.features)
     init = study.model_family().init(p, study.seed)
     n_totals = _n_moments(p) if want == "moments" else _flat(init).size + 1
-    sums = _open_relayed(side, site, study, msg, context, want, n_totals)
+    sums = _open_relayed(side, site, study, msg, context, want, n_totals, key)
     if want == "moments":
         prep = transform_from_moments(sums, p, linear=study.model == "linear")
         record["prep"] = [*prep.center, *np.ravel(prep.matrix).tolist()]
@@ -314,8 +326,11 @@ def _apply_relayed(
         n = sums[-1]
         if n < 1:
             raise DataRefused(f"step {want}: no training rows across the sites")
-        record["model"] = (np.asarray(sums[:-1]) / n).tolist()
-        record["model-round"] = int(want.split("-")[1])
+        rnd = int(want.split("-")[1])
+        record[f"model-{rnd}"] = (np.asarray(sums[:-1]) / n).tolist()
+        stale = f"model-{rnd - 3}"  # a histogram needs the model two rounds back
+        if stale in record:
+            del record[stale]
     record[f"done-{want}"] = True
 
 
@@ -337,9 +352,9 @@ def _site_model(context: Context, study: StudySpec, rnd: int) -> list[np.ndarray
     if rnd == 0:
         return [np.asarray(p, dtype=np.float64) for p in init]
     record = state(context)
-    if int(record.get("model-round", 0)) != rnd:
+    if f"model-{rnd}" not in record:
         raise DataRefused(f"this site has not derived the model of round {rnd}")
-    return unflat(np.asarray(record["model"], dtype=np.float64), init)
+    return unflat(np.asarray(record[f"model-{rnd}"], dtype=np.float64), init)
 
 
 def local_study(site: Site, study: StudySpec, prep: Preprocessing) -> Study:
@@ -474,10 +489,95 @@ def make_site_app(side: SiteSide, in_clear: Handler | None = None) -> ClientApp:
             prepared[key] = local_study(site, study, prep).data(site)
         return prepared[key]
 
+    def train_totals(
+        site: Site,
+        study: StudySpec,
+        msg: Message,
+        context: Context,
+        rnd: int,
+        key: str = RELAYED,
+    ) -> np.ndarray:
+        """Round r: the model of round r-1 as the sites' own sums give it (relayed
+        with the message), trained on this site's rows: n·w and n."""
+        if rnd > 1:
+            _apply_relayed(side, site, study, msg, context, f"train-{rnd - 1}", key)
+        elif study.standardize:
+            _apply_relayed(side, site, study, msg, context, "moments", key)
+        params = _site_model(context, study, rnd - 1)
+        rows = data(site, study, context)
+        if len(rows.y_train) < site.policy.min_rows:
+            raise DisclosureRefused(
+                f"site {site.name}: fewer than {site.policy.min_rows} training rows"
+            )
+        base = study.train_config()
+        mu = study.proximal_mu if study.strategy == "fedprox" else 0.0
+        fit = replace(base, seed=base.seed + rnd, proximal_mu=mu)
+        new = study.model_family().fit(params, rows.x_train, rows.y_train, fit)
+        flat = _flat(new)
+        if not np.isfinite(flat).all():
+            raise DataRefused(f"site {site.name}: the local update is not finite")
+        if study.clip_norm is not None:  # clipped here: no single update leaves
+            update = flat - _flat(params)
+            norm = float(np.linalg.norm(update))
+            if norm > study.clip_norm:
+                flat = _flat(params) + update * (study.clip_norm / norm)
+        n = len(rows.y_train)
+        return np.concatenate([flat * n, [float(n)]])
+
+    def evaluation_totals(
+        site: Site,
+        study: StudySpec,
+        msg: Message,
+        context: Context,
+        rnd: int,
+        key: str = RELAYED,
+    ) -> np.ndarray:
+        """Held-out sums of the model of round r (derived here from the relayed
+        updates of round r)."""
+        _apply_relayed(side, site, study, msg, context, f"train-{rnd}", key)
+        params = _site_model(context, study, rnd)
+        rows = data(site, study, context)
+        if len(rows.y_test) < site.policy.min_rows:
+            raise DisclosureRefused(
+                f"site {site.name}: fewer than {site.policy.min_rows} held-out "
+                "rows to report metrics (raise test_fraction, or set it to 0 for "
+                "a study without held-out metrics)"
+            )
+        return eval_totals(
+            study.model_family(), params, rows.x_test, rows.y_test, site.policy.min_rows
+        )
+
+    def histogram_totals(
+        site: Site,
+        study: StudySpec,
+        msg: Message,
+        context: Context,
+        rnd: int,
+        key: str = RELAYED,
+    ) -> np.ndarray:
+        """The held-out score histogram of round r at the finest level the pooled
+        flags of the relayed (checked) evaluation of round r allow."""
+        family = study.model_family()
+        if family.task != "binary":
+            raise DataRefused("a score histogram is for binary models")
+        sums = _open_relayed(
+            side, site, study, msg, context, f"eval-{rnd}", eval_size(family.task), key
+        )
+        bins = histogram_level(sums)
+        if bins is None:
+            raise DisclosureRefused(
+                "every histogram level has a cell below some site's minimum of rows"
+            )
+        rows = data(site, study, context)
+        model = _site_model(context, study, rnd)
+        counts = score_histogram(family, model, rows.x_test, rows.y_test, bins)
+        if np.any((counts > 0) & (counts < site.policy.min_rows)):
+            raise DisclosureRefused("the pooled flags do not match this site's data")
+        return counts
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        """Round r: the model of round r-1 as the sites' own sums give it, trained
-        on this site's rows; n·w and n sent masked and tagged."""
+        """Round r's update, masked and tagged (:func:`train_totals`)."""
         try:
             site, study = side.open(context)
             if study.secure == "none" and in_clear is not None:
@@ -485,30 +585,7 @@ def make_site_app(side: SiteSide, in_clear: Handler | None = None) -> ClientApp:
             _admit(side, site, study, context)
             _check_masked(study)
             rnd = _round(msg)
-            if rnd > 1:
-                _apply_relayed(side, site, study, msg, context, f"train-{rnd - 1}")
-            elif study.standardize:
-                _apply_relayed(side, site, study, msg, context, "moments")
-            params = _site_model(context, study, rnd - 1)
-            rows = data(site, study, context)
-            if len(rows.y_train) < site.policy.min_rows:
-                raise DisclosureRefused(
-                    f"site {site.name}: fewer than {site.policy.min_rows} training rows"
-                )
-            base = study.train_config()
-            mu = study.proximal_mu if study.strategy == "fedprox" else 0.0
-            fit = replace(base, seed=base.seed + rnd, proximal_mu=mu)
-            new = study.model_family().fit(params, rows.x_train, rows.y_train, fit)
-            flat = _flat(new)
-            if not np.isfinite(flat).all():
-                raise DataRefused(f"site {site.name}: the local update is not finite")
-            if study.clip_norm is not None:  # clipped here: no single update leaves
-                update = flat - _flat(params)
-                norm = float(np.linalg.norm(update))
-                if norm > study.clip_norm:
-                    flat = _flat(params) + update * (study.clip_norm / norm)
-            n = len(rows.y_train)
-            totals = np.concatenate([flat * n, [float(n)]])
+            totals = train_totals(site, study, msg, context, rnd)
             sent = _send(side, site, study, msg, context, f"train-{rnd}", totals)
         except _REFUSED as exc:
             return refusal(msg, side.name(context), str(exc))
@@ -516,7 +593,7 @@ def make_site_app(side: SiteSide, in_clear: Handler | None = None) -> ClientApp:
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        """Held-out sums of the model of round r (derived here), masked."""
+        """Round r's held-out sums, masked (:func:`evaluation_totals`)."""
         try:
             site, study = side.open(context)
             if study.secure == "none" and in_clear is not None:
@@ -524,22 +601,7 @@ def make_site_app(side: SiteSide, in_clear: Handler | None = None) -> ClientApp:
             _admit(side, site, study, context)
             _check_masked(study)
             rnd = _round(msg)
-            _apply_relayed(side, site, study, msg, context, f"train-{rnd}")
-            params = _site_model(context, study, rnd)
-            rows = data(site, study, context)
-            if len(rows.y_test) < site.policy.min_rows:
-                raise DisclosureRefused(
-                    f"site {site.name}: fewer than {site.policy.min_rows} held-out "
-                    "rows to report metrics (raise test_fraction, or set it to 0 for "
-                    "a study without held-out metrics)"
-                )
-            totals = eval_totals(
-                study.model_family(),
-                params,
-                rows.x_test,
-                rows.y_test,
-                site.policy.min_rows,
-            )
+            totals = evaluation_totals(site, study, msg, context, rnd)
             sent = _send(side, site, study, msg, context, f"eval-{rnd}", totals)
         except _REFUSED as exc:
             return refusal(msg, side.name(context), str(exc))
@@ -547,33 +609,59 @@ def make_site_app(side: SiteSide, in_clear: Handler | None = None) -> ClientApp:
 
     @app.query("histogram")
     def histogram(msg: Message, context: Context) -> Message:
-        """The held-out score histogram of round r, masked, at the finest level the
-        pooled flags of the relayed (checked) evaluation allow."""
+        """Round r's score histogram, masked (:func:`histogram_totals`)."""
         try:
             site, study = _gated(side, context)
             rnd = _round(msg)
-            family = study.model_family()
-            if family.task != "binary":
-                raise DataRefused("a score histogram is for binary models")
-            sums = _open_relayed(
-                side, site, study, msg, context, f"eval-{rnd}", eval_size(family.task)
-            )
-            bins = histogram_level(sums)
-            if bins is None:
-                raise DisclosureRefused(
-                    "every histogram level has a cell below some site's minimum of rows"
-                )
-            rows = data(site, study, context)
-            model = _site_model(context, study, rnd)
-            counts = score_histogram(family, model, rows.x_test, rows.y_test, bins)
-            if np.any((counts > 0) & (counts < site.policy.min_rows)):
-                raise DisclosureRefused(
-                    "the pooled flags do not match this site's data"
-                )
-            sent = _send(side, site, study, msg, context, f"hist-{rnd}", counts)
+            totals = histogram_totals(site, study, msg, context, rnd)
+            sent = _send(side, site, study, msg, context, f"hist-{rnd}", totals)
         except _REFUSED as exc:
             return refusal(msg, side.name(context), str(exc))
         return _contribution_reply(msg, site.name, sent)
+
+    @app.query("steps")
+    def steps(msg: Message, context: Context) -> Message:
+        """Several steps in one message (one round trip a round): the held-out sums
+        of round ``eval-round`` and the update of round ``train-round`` (both from
+        the updates relayed with it), the histogram of round ``hist-round`` (from
+        the evaluation relayed as ``relayed-eval``). 0: that step is not asked."""
+        try:
+            site, study = _gated(side, context)
+            _check_masked(study)
+            config: Any = msg.content["config"]
+            asked = {
+                k: int(config.get(f"{k}-round", 0)) for k in ("eval", "train", "hist")
+            }
+            if not any(asked.values()):
+                raise DataRefused("the message asks for no step")
+            sent: dict[str, Contribution] = {}
+            computed = (
+                ("eval", evaluation_totals, RELAYED),
+                ("train", train_totals, RELAYED),
+                ("hist", histogram_totals, RELAYED_EVAL),
+            )
+            for kind, compute, key in computed:
+                rnd = asked[kind]
+                if rnd:
+                    totals = compute(site, study, msg, context, rnd, key)
+                    step = f"{kind}-{rnd}"
+                    sent[step] = _send(side, site, study, msg, context, step, totals)
+        except _REFUSED as exc:
+            return refusal(msg, side.name(context), str(exc))
+        content = RecordDict(
+            {
+                "arrays": ArrayRecord([c.digits for c in sent.values()]),
+                "status": ConfigRecord(
+                    {
+                        "site": site.name,
+                        "member": side.member(site),
+                        "steps": list(sent),
+                        "tags": [c.tags for c in sent.values()],
+                    }
+                ),
+            }
+        )
+        return Message(content, reply_to=msg)
 
     return app
 

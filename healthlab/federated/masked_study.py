@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from healthlab.encrypted.encoding import MAX_SITES
@@ -40,6 +40,7 @@ from healthlab.federated.masked import Contribution, server_sum, to_record
 from healthlab.federated.masked_site import (
     MEMBERS,
     RELAYED,
+    RELAYED_EVAL,
     eval_size,
     histogram_level,
     peer_id,
@@ -260,15 +261,9 @@ def _collect(
         got = None if reply is None else status(reply)
         name = str(joined_status["site"])
         if got is None or "refused" in got:
-            if got is not None:
-                reason = str(got["refused"])
-            elif reply is not None and reply.has_error():
-                reason = f"error: {reply.error.reason}"
-            else:
-                reason = "no reply before the deadline"
             raise TooFewSites(
-                f"site {name} did not send its masked {what} ({reason}); a masked sum "
-                "needs every member (their masks cancel only together)"
+                f"site {name} did not send its masked {what} ({_reason(reply, got)}); "
+                "a masked sum needs every member (their masks cancel only together)"
             )
         content: Any = cast(Message, reply).content
         digits = np.asarray(content["arrays"].to_numpy_ndarrays()[0], dtype=np.int64)
@@ -306,34 +301,38 @@ def masked_rounds(
     refused_at_start: dict[str, str],
 ) -> None:
     """Rounds in which nothing per site reaches the server: masked n·w and n, masked
-    held-out sums; the server relays each step's contributions and every site
-    derives the next model from them itself (the server's model is never used)."""
+    held-out sums and histograms; the server relays each step's contributions and
+    every site derives the next model from them itself (the server's model is never
+    used).
+
+    Pipelined, one round trip a round: message k relays the updates of round k-1
+    and asks for the held-out sums of round k-1 (on the model they give) and the
+    update of round k, and, with the evaluation of round k-2 relayed, the histogram
+    of round k-2. ``rounds`` rounds take ``rounds + 2`` messages; a round is
+    reported once its metrics are complete.
+    """
     names = members(joined, study)
     model = study.model_family()
     init = model.init(len(study.features), study.seed)
     size = sum(int(np.asarray(a).size) for a in init)
     sites = sorted(str(s["site"]) for s in joined.values())
     nodes = list(joined)
-    for rnd in range(1, study.rounds + 1):
-        started = time.monotonic()
-        sent = _ask(nodes, MessageType.TRAIN, rnd, names, relayed)
-        contributions = _collect(grid, joined, study, sent, f"update of round {rnd}")
-        sums = server_sum(contributions, size + 1)
-        params = unflat(np.asarray(sums[:-1]) / sums[-1], init)
-        relayed = to_record(f"train-{rnd}", contributions)
-        pooled: dict[str, float] = {}
-        if study.test_fraction > 0:  # else no held-out rows, no metrics
-            pooled = _evaluate(grid, joined, study, model, rnd, names, relayed)
-        report = RoundReport(
-            rnd,
-            sites,
-            dict(refused_at_start),
-            {},
-            pooled,
-            {},
-            time.monotonic() - started,
+    evaluating = study.test_fraction > 0
+    params: dict[int, list[np.ndarray]] = {}
+    waiting: dict[int, list[float]] = {}  # pooled eval sums awaiting their histogram
+    hist: tuple[int, ConfigRecord] | None = None  # (round, its relayed evaluation)
+    started = time.monotonic()
+
+    def report(rnd: int, pooled: dict[str, float]) -> None:
+        nonlocal started
+        now = time.monotonic()
+        log.round(
+            RoundReport(
+                rnd, sites, dict(refused_at_start), {}, pooled, {}, now - started
+            ),
+            params[rnd],
         )
-        log.round(report, params)
+        started = now
         shown = ", ".join(f"{k} {v:.4f}" for k, v in pooled.items())
         _logger.info(
             "round %d/%d (masked): %d site(s); %s",
@@ -343,31 +342,107 @@ def masked_rounds(
             shown or "no held-out metrics",
         )
 
+    k = 1
+    while True:
+        asked = {
+            "train": k if k <= study.rounds else 0,
+            "eval": k - 1 if evaluating and 1 <= k - 1 <= study.rounds else 0,
+            "hist": hist[0] if hist is not None else 0,
+        }
+        if not any(asked.values()):
+            return
+        got = _collect_steps(grid, joined, study, nodes, names, asked, relayed, hist)
+        hist = None
+        if asked["hist"]:
+            rnd = asked["hist"]
+            sums = waiting.pop(rnd)
+            bins = histogram_level(sums) or 0
+            counts = server_sum(got[f"hist-{rnd}"], 2 * bins)
+            report(rnd, pooled_metrics(model, sums, counts))
+        if asked["eval"]:
+            rnd = asked["eval"]
+            evaluated = got[f"eval-{rnd}"]
+            sums = server_sum(evaluated, eval_size(model.task))
+            if model.task == "binary" and histogram_level(sums) is not None:
+                waiting[rnd] = sums
+                hist = (rnd, to_record(f"eval-{rnd}", evaluated))
+            else:
+                report(rnd, pooled_metrics(model, sums, None))
+        if asked["train"]:
+            rnd = asked["train"]
+            contributions = got[f"train-{rnd}"]
+            sums = server_sum(contributions, size + 1)
+            params[rnd] = unflat(np.asarray(sums[:-1]) / sums[-1], init)
+            relayed = to_record(f"train-{rnd}", contributions)
+            if not evaluating:
+                report(rnd, {})
+        k += 1
 
-def _evaluate(
+
+def _collect_steps(
     grid: Grid,
     joined: Joined,
     study: StudySpec,
-    model: Model,
-    rnd: int,
+    nodes: list[int],
     names: list[str],
-    relayed: ConfigRecord,
-) -> dict[str, float]:
-    """Pooled held-out metrics of round ``rnd``: masked sums, then the score
-    histogram at the finest level no site objects to (binary models)."""
-    nodes = list(joined)
-    asked = _ask(nodes, MessageType.EVALUATE, rnd, names, relayed)
-    evaluated = _collect(grid, joined, study, asked, f"metrics of round {rnd}")
-    sums = server_sum(evaluated, eval_size(model.task))
-    counts = None
-    bins = histogram_level(sums) if model.task == "binary" else None
-    if bins is not None:
-        ask = _ask(
-            nodes, "query.histogram", rnd, names, to_record(f"eval-{rnd}", evaluated)
+    asked: dict[str, int],
+    relayed: ConfigRecord | None,
+    hist: tuple[int, ConfigRecord] | None,
+) -> dict[str, list[Contribution]]:
+    """One ``query.steps`` message to every member; each step's contributions."""
+    config: dict[str, Any] = {MEMBERS: list(names)}
+    config.update({f"{kind}-round": rnd for kind, rnd in asked.items()})
+    messages = []
+    for node in nodes:
+        records: dict[str, Any] = {"config": ConfigRecord(dict(config))}
+        if relayed is not None:
+            records[RELAYED] = ConfigRecord(dict(relayed))
+        if hist is not None:
+            records[RELAYED_EVAL] = ConfigRecord(dict(hist[1]))
+        messages.append(
+            Message(RecordDict(records), dst_node_id=node, message_type="query.steps")
         )
-        got = _collect(grid, joined, study, ask, f"histogram of round {rnd}")
-        counts = server_sum(got, 2 * bins)
-    return pooled_metrics(model, sums, counts)
+    what = ", ".join(
+        f"{_STEP_NAMES[kind]} of round {rnd}" for kind, rnd in asked.items() if rnd
+    )
+    replies = send(grid, messages, study.round_timeout)
+    out: dict[str, list[Contribution]] = {}
+    for node, joined_status in joined.items():
+        reply = replies.get(node)
+        got = None if reply is None else status(reply)
+        name = str(joined_status["site"])
+        if got is None or "refused" in got:
+            raise TooFewSites(
+                f"site {name} did not send its masked {what} ({_reason(reply, got)}); "
+                "a masked sum needs every member (their masks cancel only together)"
+            )
+        content: Any = cast(Message, reply).content
+        arrays = content["arrays"].to_numpy_ndarrays()
+        steps = [str(step) for step in got["steps"]]
+        tags = [bytes(t) for t in got["tags"]]
+        if not len(arrays) == len(steps) == len(tags):
+            raise TooFewSites(f"site {name} sent a malformed reply ({what})")
+        for step, digits, tag in zip(steps, arrays, tags, strict=True):
+            out.setdefault(step, []).append(
+                Contribution(
+                    str(got["member"]), np.asarray(digits, dtype=np.int64), tag
+                )
+            )
+    wanted = {f"{kind}-{rnd}" for kind, rnd in asked.items() if rnd}
+    if set(out) != wanted or any(len(v) != len(joined) for v in out.values()):
+        raise TooFewSites(f"the sites' replies do not hold every step of: {what}")
+    return out
+
+
+_STEP_NAMES = {"train": "update", "eval": "metrics", "hist": "histogram"}
+
+
+def _reason(reply: Message | None, got: Any) -> str:
+    if got is not None:
+        return str(got["refused"])
+    if reply is not None and reply.has_error():
+        return f"error: {reply.error.reason}"
+    return "no reply before the deadline"
 
 
 def wait_for_nodes(grid: Grid, study: StudySpec, poll: float = 0.2) -> list[int]:
@@ -413,8 +488,9 @@ def run_masked_study(
 def pooled_metrics(
     model: Model, sums: list[float], counts: list[float] | None = None
 ) -> dict[str, float]:
-    """Loss, accuracy and a binned AUC (binary; ``counts``: the pooled negative then
-    positive counts per score bin, or none) or R² from pooled held-out sums
+    """Loss, accuracy and a binned AUC with the number of score bins it used
+    (binary; ``counts``: the pooled negative then positive counts per score bin, or
+    none: ``auc`` NaN, ``auc_bins`` 0) or R² from pooled held-out sums
     (:func:`~healthlab.federated.masked_site.eval_totals`)."""
     values = {"n": sums[0], "loss_sum": sums[1]}
     if model.task == "binary":
@@ -426,4 +502,9 @@ def pooled_metrics(
                     values[f"bin{label}_{i}"] = counts[label * bins + i]
     else:
         values.update({"sse": sums[2], "sy": sums[3], "syy": sums[4]})
-    return summarize(model, values)
+    pooled = summarize(model, values)
+    if model.task == "binary" and pooled:
+        # withheld (NaN) when every histogram level had a cell below a site's minimum
+        pooled.setdefault("auc", float("nan"))
+        pooled["auc_bins"] = float(len(counts) // 2 if counts is not None else 0)
+    return pooled

@@ -341,7 +341,7 @@ def _train_masked(
     members = [s for s in site_list if s.name in taken]
     identity = Preprocessing.identity(len(spec.features))
     test_index = {
-        s.name: local_study(s, spec, identity).data(s).test_index for s in members
+        s.name: local_study(s, spec, identity).held_out_index(s) for s in members
     }
     receipt = _receipt(
         spec,

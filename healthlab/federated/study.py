@@ -125,6 +125,12 @@ class Study:
                 self._data[site.name] = self._prepare(site)
             return self._data[site.name]
 
+    def held_out_index(self, site: Site) -> list[Any]:
+        """The site's held-out rows (their positions), without preparing the rest."""
+        kept, _ = site.rows([*self.features, self.target], dropna=self.dropna)
+        test = split_test(len(kept), self.test_fraction, self.seed, site.name)
+        return list(kept.index[test])
+
     def _prepare(self, site: Site) -> SiteData:
         kept, _ = site.rows([*self.features, self.target], dropna=self.dropna)
         x = self.preprocessing.apply(kept[self.features].to_numpy(dtype=np.float64))
