@@ -180,7 +180,6 @@ def timing_targets() -> list[tuple[Any, str, str]]:
         (masked_study, "to_record", "server: build + relay messages"),
         (masked_study, "server_sum", "server: sum"),
         (masked_study, "pooled_metrics", "server: pooled metrics"),
-        (masked_study, "_evaluate", "server: evaluation steps"),
         # secure="masked": the sites' half
         (run.SimulatedSide, "authorize", "site: grant gate"),
         (run.SimulatedSide, "check_grant", "site: grant gate"),
@@ -562,7 +561,6 @@ BREAKDOWN = [
     ("server: build + relay messages", "server: build messages, relay records"),
     ("server: sum", "server: sum of masked digits (server_sum)"),
     ("server: pooled metrics", "server: pooled metrics"),
-    ("server: evaluation steps", "server: evaluation steps (masked _evaluate)"),
     ("server: screening", "server: screening (NaN, shape, norm)"),
     ("server: aggregation (FedAvg)", "server: aggregation (FedAvg)"),
     ("server: summarize metrics", "server: summarize metrics"),

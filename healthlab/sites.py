@@ -39,7 +39,7 @@ from healthlab.ledger.signing import SignedQuery, recover_signer
 if TYPE_CHECKING:
     from healthlab.ledger import Ledger
 
-__all__ = ["DisclosurePolicy", "QueryLogEntry", "Site", "as_sites"]
+__all__ = ["DisclosurePolicy", "QueryLogEntry", "Site", "as_sites", "read_table"]
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ class Site:
             )
         else:
             self._path = Path(data)
-            self._frame = _read_table(self._path)
+            self._frame = read_table(self._path)
         self._content_hash = content_hash
         # a deployed site keeps one key across processes; a simulated one makes its own
         self._mask_key = mask_key or X25519PrivateKey.generate()
@@ -443,7 +443,8 @@ def _popcount_xor(a: bytes, b: bytes) -> int:
     return int(np.unpackbits(x).sum())
 
 
-def _read_table(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> pd.DataFrame:
+    """A site's data file (CSV, or Parquet by its suffix) as a frame."""
     if not path.is_file():
         raise InvalidInput(f"no data file at {path}")
     if path.suffix in (".parquet", ".pq"):

@@ -60,7 +60,8 @@ from healthlab.federated.masked_site import (
 )
 from healthlab.federated.spec import StudySpec
 from healthlab.federated.study import Preprocessing
-from healthlab.sites import Site
+from healthlab.ledger.client import sha256_of
+from healthlab.sites import Site, read_table
 
 __all__ = [
     "PREPROCESSING",
@@ -121,14 +122,24 @@ def load_site(config: SiteConfig) -> Site:
         str(Path(config.state_dir) / "mask-key.pem") if config.state_dir else None
     )
     if config.data is not None:
-        data = Path(config.data).expanduser()
-        stat = data.stat()
-        key = (str(data), stat.st_size, stat.st_mtime_ns, config.name, key_path)
-        site = _SITES.get(key)
-        if site is None:
-            site = _site(config, data, ledger, key_path)
-            _SITES.clear()  # one site a runtime: keep only the current file
-            _SITES[key] = site
+        path = Path(config.data).expanduser()
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns, key_path)
+        if key not in _FILES:
+            mask_key = load_site_key(key_path) if key_path is not None else None
+            _FILES.clear()  # one site a runtime: keep only the current file
+            _FILES[key] = (read_table(path), sha256_of(path), mask_key)
+        frame, content_hash, mask_key = _FILES[key]
+        # a new Site for every message (no state of one message leaks into the
+        # next), on the file read once while it is unchanged
+        site = Site(
+            config.name,
+            frame,
+            dataset_id=config.dataset_id,
+            ledger=ledger,
+            content_hash=content_hash,
+            mask_key=mask_key,
+        )
         _verify_content(config, site)
         return site
     else:
@@ -145,9 +156,9 @@ def load_site(config: SiteConfig) -> Site:
     return site
 
 
-#: The site loaded from a file, kept while the file is unchanged (by size and
-#: modification time): the site runtime is one process for every message.
-_SITES: dict[tuple[str, int, int, str, str | None], Site] = {}
+#: A site's file as read (frame, content hash, mask key), kept while the file is
+#: unchanged (size and modification time): the site runtime is one process.
+_FILES: dict[tuple[str, int, int, str | None], tuple[Any, str, Any]] = {}
 #: One chain connection per (node, registry) in the site runtime's process.
 _LEDGERS: dict[tuple[str | None, str | None], Any] = {}
 
