@@ -858,7 +858,9 @@ class OracleWorker:
                 continue
             masks[name] = mask
             try:
-                self._memory[name].check_subsets({"score": [mask]})
+                self._memory[name].check_subsets(
+                    {"score": [mask]}, researcher=requester
+                )
                 users = int(table.loc[mask, "user_id"].nunique())
                 if users < self.min_users:
                     raise errors.DisclosureRefused(

@@ -12,7 +12,7 @@ import hashlib
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from healthlab.audit import Auditor
 from healthlab.errors import (
     AccessDenied,
     DataRefused,
@@ -89,12 +90,6 @@ class QueryLogEntry:
     rows: int
 
 
-@dataclass
-class _Subset:
-    packed: bytes = field(repr=False)
-    size: int
-
-
 class Site:
     """One data holder.
 
@@ -131,6 +126,7 @@ class Site:
         policy: DisclosurePolicy | None = None,
         content_hash: str | None = None,
         mask_key: X25519PrivateKey | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not name or not isinstance(name, str):
             raise InvalidInput("a site needs a short, non-empty name")
@@ -158,7 +154,7 @@ class Site:
         # a deployed site keeps one key across processes; a simulated one makes its own
         self._mask_key = mask_key or X25519PrivateKey.generate()
         self._nonces: set[tuple[str, int]] = set()
-        self._answered: dict[str, list[_Subset]] = {}
+        self._state_dir = state_dir
         self.log: list[QueryLogEntry] = []
 
     @classmethod
@@ -322,47 +318,26 @@ class Site:
 
     # ---------------------------------------------------------- disclosure
     def check_subsets(
-        self, subsets: Mapping[str, Iterable[np.ndarray]], *, min_rows: int = 0
+        self,
+        subsets: Mapping[str, Iterable[np.ndarray]],
+        *,
+        min_rows: int = 0,
+        researcher: str | None = None,
     ) -> None:
-        """Refuse small subsets and differencing pairs before anything is computed.
+        """Refuse a query before anything is computed unless every combination of
+        its answers with what this site answered ``researcher`` before summarizes
+        at least the site's minimum of rows (:mod:`healthlab.audit`).
 
         ``subsets`` maps a column name to boolean masks over the site's rows (one per
         group, cell or bin). A non-empty mask must select at least ``min_rows`` rows
-        (the policy's, or more if the study asks); and it must equal, or differ by at
-        least ``min_difference`` rows from, every subset of that column answered
-        before. Messages carry counts of offending subsets, never values.
+        (the policy's, or more if the study asks); no linear combination of it and
+        the subsets answered before may isolate fewer than that (or the policy's
+        ``min_difference``). A refused query is remembered too. Messages name the
+        rule, never counts of rows or values.
         """
-        threshold = max(min_rows, self._policy.min_rows)
-        small = 0
-        close = 0
-        seen: set[bytes] = set()  # a cell shared by several columns counts once
-        for column, masks in subsets.items():
-            earlier = self._answered.get(column, [])
-            for mask in masks:
-                size = int(mask.sum())
-                if size == 0:
-                    continue
-                packed = np.packbits(mask).tobytes()
-                if size < threshold:
-                    small += packed not in seen
-                    seen.add(packed)
-                    continue
-                for old in earlier:
-                    diff = _popcount_xor(packed, old.packed)
-                    if 0 < diff < self._policy.min_difference:
-                        close += 1
-                        break
-        if small:
-            raise DisclosureRefused(
-                f"site {self.name}: {small} subset(s) or cell(s) would summarize fewer "
-                f"than {threshold} rows; use wider bins, fewer groups or more data"
-            )
-        if close:
-            raise DisclosureRefused(
-                f"site {self.name}: {close} subset(s) differ from a subset answered "
-                f"before by fewer than {self._policy.min_difference} rows "
-                "(differencing); ask for the same subset or a clearly different one"
-            )
+        threshold = max(min_rows, self._policy.min_rows, self._policy.min_difference)
+        masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
+        self.auditor.check(self.name, researcher, masks, threshold)
 
     def check_model(self, n_params: int, n_rows: int) -> None:
         """Refuse a model with more parameters than ``max_param_ratio`` × rows."""
@@ -380,22 +355,28 @@ class Site:
         kind: str,
         researcher: str | None,
     ) -> None:
-        """Record an answered query's subsets (for differencing) and a log line."""
-        count = rows = 0
-        for column, masks in subsets.items():
-            known = self._answered.setdefault(column, [])
-            for mask in masks:
-                size = int(mask.sum())
-                if size == 0:
-                    continue
-                packed = np.packbits(mask).tobytes()
-                if not any(old.packed == packed for old in known):
-                    known.append(_Subset(packed, size))
-                count += 1
-                rows = max(rows, size)
+        """Record an answered query's subsets (for the auditor) and a log line."""
+        masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
+        self.auditor.record(researcher, masks)
+        sizes = [int(m.sum()) for m in masks if m.any()]
         self.log.append(
-            QueryLogEntry(time.time(), researcher, query_hash, kind, count, rows)
+            QueryLogEntry(
+                time.time(),
+                researcher,
+                query_hash,
+                kind,
+                len(sizes),
+                max(sizes, default=0),
+            )
         )
+
+    @cached_property
+    def auditor(self) -> Auditor:
+        """What this site answered (per researcher); persistent with ``state_dir``."""
+        path = None
+        if self._state_dir is not None:
+            path = Path(self._state_dir) / f"audit-{self.name}.json"
+        return Auditor(self.n_rows, self.content_hash, path)
 
     # ----------------------------------------------------------------- masks
     def pairwise_seeds(
@@ -438,11 +419,6 @@ class Site:
         return out
 
 
-def _popcount_xor(a: bytes, b: bytes) -> int:
-    x = np.frombuffer(a, dtype=np.uint8) ^ np.frombuffer(b, dtype=np.uint8)
-    return int(np.unpackbits(x).sum())
-
-
 def read_table(path: Path) -> pd.DataFrame:
     """A site's data file (CSV, or Parquet by its suffix) as a frame."""
     if not path.is_file():
@@ -452,10 +428,32 @@ def read_table(path: Path) -> pd.DataFrame:
     return pd.read_csv(path)
 
 
+#: The ``{name: DataFrame}`` form's sites, kept between calls (by name and content)
+#: so that their auditors remember what they answered.
+_TEACHING: dict[tuple[str, str], Site] = {}
+
+
+def _teaching_site(name: str, frame: pd.DataFrame) -> Site:
+    """The ungated site for ``name`` and this frame's content, made once a process.
+
+    This form is for teaching: whoever passes the frames holds every row, so it
+    protects nothing against its own caller; the sites still refuse as gated ones.
+    """
+    if not isinstance(frame, pd.DataFrame):
+        return Site(name, frame)  # Site names the wrong type
+    fresh = Site(name, frame)
+    return _TEACHING.setdefault((name, fresh.content_hash), fresh)
+
+
 def as_sites(sites: Sequence[Site] | Mapping[str, pd.DataFrame]) -> list[Site]:
-    """Normalize ``sites``: a list of :class:`Site`, or ``{name: DataFrame}``."""
+    """Normalize ``sites``: a list of :class:`Site`, or ``{name: DataFrame}``.
+
+    The ``{name: DataFrame}`` form is for teaching and tests: its sites are kept
+    between calls (so their auditors remember), but whoever holds the frames holds
+    every row, so it protects nothing against its own caller.
+    """
     if isinstance(sites, Mapping):
-        return [Site(str(name), frame) for name, frame in sites.items()]
+        return [_teaching_site(str(name), frame) for name, frame in sites.items()]
     listed = list(sites)
     if not listed or not all(isinstance(s, Site) for s in listed):
         raise InvalidInput(

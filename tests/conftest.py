@@ -161,3 +161,14 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in HEALTHLAB_SETTINGS:
         monkeypatch.delenv(name, raising=False)
     return tmp_path / "home"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_teaching_sites() -> Iterator[None]:
+    """Each test starts with no ``{name: DataFrame}`` site remembered: their
+    auditors remember across calls within a test, not across tests."""
+    from healthlab import sites
+
+    sites._TEACHING.clear()
+    yield
+    sites._TEACHING.clear()

@@ -288,7 +288,8 @@ def test_a_worker_that_is_not_the_registered_oracle_computes_nothing(
             "2025-05-17",
             "2025-05-17",
             Refusal.DISCLOSURE_REFUSED,
-            "site clinic: 1 subset(s) or cell(s) would summarize fewer than 3 rows",
+            "site clinic: a subset, group, cell or bin of this query would summarize "
+            "fewer than 3 rows",
             True,
             id="2-user-days-at-a-site",
         ),
@@ -440,7 +441,7 @@ def test_a_period_differing_by_one_user_day_from_an_answered_one_is_refused(
     refused = actions[1].answer
     assert refused is not None
     assert refused.refusal is Refusal.DISCLOSURE_REFUSED
-    assert "differ from a subset answered before by fewer than 3 rows" in (
+    assert "would let a combination of answers summarize fewer than 3" in (
         refused.reason
     )
     expected = ScoreResult(*pandas_answer(frames, "t", "2025-04-01", "2025-04-02"))

@@ -419,7 +419,7 @@ def test_subset_below_three_rows_is_refused(n: int, allowed: bool) -> None:
         table = encrypted.describe(sites, ["x"])
         assert table.loc["count", "x"] == n + 8
     else:
-        with pytest.raises(DisclosureRefused, match=r"site a: 1 subset.*fewer than 3"):
+        with pytest.raises(DisclosureRefused, match=r"site a: a subset.*fewer than 3"):
             encrypted.describe(sites, ["x"])
         assert [len(s.log) for s in sites] == [0, 0]
 
@@ -432,7 +432,7 @@ def test_group_below_three_rows_is_refused(n: int, small: int) -> None:
         table = encrypted.describe(sites, ["x"], by="g")
         assert table.loc["count"].tolist() == [3.0 + 4.0, 3.0 + 4.0]
     else:
-        with pytest.raises(DisclosureRefused, match=f"^site a: {small} subset"):
+        with pytest.raises(DisclosureRefused, match=r"^site a: a subset"):
             encrypted.describe(sites, ["x"], by="g")
 
 
@@ -452,7 +452,7 @@ def test_histogram_bins_with_one_or_two_rows_are_refused(
         result = encrypted.histogram(sites, "x", [0, 10, 20, 30])
         assert result["count"].tolist() == [7, 3 + count, 6]
     else:
-        with pytest.raises(DisclosureRefused, match=r"site a: 1 subset.*cell"):
+        with pytest.raises(DisclosureRefused, match=r"site a: a subset.*cell"):
             encrypted.histogram(sites, "x", [0, 10, 20, 30])
 
 
@@ -467,7 +467,7 @@ def test_crosstab_cells_with_one_or_two_rows_are_refused(
         result = encrypted.crosstab(sites, "r", "c")
         assert result.to_numpy().tolist() == [[5 + 3, 3], [count + 3, 3]]
     else:
-        with pytest.raises(DisclosureRefused, match=r"^site a: \d+ subset"):
+        with pytest.raises(DisclosureRefused, match=r"^site a: a subset"):
             encrypted.crosstab(sites, "r", "c")
 
 
@@ -515,7 +515,9 @@ def test_subset_differing_by_fewer_than_three_rows_is_refused(
         assert table.loc["count", "x"] == 24 - missing
         assert table.loc["missing", "x"] == missing
     else:
-        with pytest.raises(DisclosureRefused, match=r"site a: 1 subset.*differencing"):
+        with pytest.raises(
+            DisclosureRefused, match=r"site a: together with.*differencing"
+        ):
             encrypted.describe(sites, ["x", "y"], dropna=True)
     assert len(sites[0].log) == (4 if allowed else 2)
 
@@ -526,7 +528,7 @@ def test_moving_one_row_between_groups_is_refused() -> None:
     sites = [Site("a", a), Site("b", b)]
     first = encrypted.describe(sites, ["x"], by="h")
     assert first.loc["count"].tolist() == [12.0, 12.0]
-    with pytest.raises(DisclosureRefused, match=r"site a: 2 subset.*differencing"):
+    with pytest.raises(DisclosureRefused, match=r"site a: together with.*differencing"):
         encrypted.describe(sites, ["x"], by="k")
 
 
@@ -563,7 +565,7 @@ def test_owner_minimum_rows_binds_a_study_asking_for_fewer() -> None:
         Site("a", frame_of(4), policy=DisclosurePolicy(min_rows=5)),
         Site("b", frame_of(4)),
     ]
-    with pytest.raises(DisclosureRefused, match=r"site a: 1 subset.*fewer than 5"):
+    with pytest.raises(DisclosureRefused, match=r"site a: a subset.*fewer than 5"):
         encrypted.describe(sites, ["x"], min_rows=2)
 
 

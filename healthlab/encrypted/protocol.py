@@ -144,7 +144,7 @@ class SiteWork:
                 f"site {site.name} computed {len(totals)} totals, expected "
                 f"{query.n_totals}"
             )
-        site.check_subsets(subsets, min_rows=query.min_rows)
+        site.check_subsets(subsets, min_rows=query.min_rows, researcher=self.researcher)
         try:
             self.__digits = encode_totals(totals)
         except InvalidInput as exc:

@@ -1,0 +1,226 @@
+"""A site's disclosure auditor: no combination of answers isolates fewer than k rows.
+
+Every statistic a site answers is a sum over a subset of its rows (a group, a cell,
+a bin, the complete cases of some columns). A researcher who combines answers —
+differencing two subsets, inclusion–exclusion over four, site sets, groups and bins
+— learns ``Σ v_i f(row_i)`` for every vector ``v`` in the span of the answered
+subsets' indicator vectors. The auditor refuses a query when, together with what
+the site answered before, that span would contain a vector whose support is
+non-empty and smaller than ``k`` rows: then some linear combination of answers is a
+statistic of fewer than ``k`` of the site's rows.
+
+How (sound for every combination, not a list of shapes):
+
+1. **Atoms.** The rows are grouped by which answered (or asked) subsets include
+   them. Every vector in the span is constant on atoms, so its support is a union
+   of atoms; only atoms smaller than ``k`` can take part in a support smaller than
+   ``k``.
+2. **Rank test.** With ``U`` an orthonormal basis of the span (in atom
+   coordinates), a set ``T`` of atoms is the support of a vector in the span iff
+   ``U_T U_Tᵀ`` has eigenvalue 1 (deleting the rows of ``T`` lowers the rank). The
+   auditor tests every set of small atoms whose rows total fewer than ``k`` (for
+   ``k = 3``: single atoms of 1 or 2 rows, pairs of 1-row atoms). If there are too
+   many such sets to test, it refuses: a refusal is always safe.
+
+Subsets of different columns are audited together (one span over all answers):
+stricter than needed when the columns differ, never weaker. A refused query's
+subsets are kept too: a later query must not make a subset isolable that the
+refused one would have made isolable (so refusals cannot be probed around), while
+the soundness test itself runs against the answers actually released.
+
+Cost: ``O(rows × subsets)`` to form atoms, an SVD of ``atoms × subsets`` and the
+small-set tests; measured in ``benchmarks/encrypted_stats.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from healthlab.errors import DisclosureRefused
+
+__all__ = ["Auditor", "isolable", "isolated"]
+
+#: Above this many candidate small sets, the auditor refuses rather than test them.
+MAX_CANDIDATES = 200_000
+_TOL = 1e-8
+
+
+def _pack(mask: np.ndarray) -> bytes:
+    return np.packbits(np.asarray(mask, dtype=bool)).tobytes()
+
+
+def _unpack(packed: bytes, n: int) -> np.ndarray:
+    return np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=n).astype(bool)
+
+
+def isolated(masks: Sequence[np.ndarray], k: int) -> set[frozenset[int]] | None:
+    """The row sets of fewer than ``k`` rows that are the support of a vector in the
+    span of ``masks`` (boolean, over the same rows): what combinations of answers
+    over ``masks`` would isolate. ``None`` when there are too many candidate sets to
+    test (treat as unsafe)."""
+    found: set[frozenset[int]] = set()
+    if not masks or k <= 1:
+        return found
+    matrix = np.stack([np.asarray(m, dtype=bool) for m in masks], axis=1)
+    used = np.flatnonzero(matrix.any(axis=1))
+    if used.size == 0:
+        return found
+    signatures, inverse, sizes = np.unique(
+        matrix[used], axis=0, return_inverse=True, return_counts=True
+    )
+    inverse = np.ravel(inverse)
+    small = np.flatnonzero(sizes < k)
+    if small.size == 0:
+        return found
+    u, s, _ = np.linalg.svd(signatures.astype(np.float64), full_matrices=False)
+    rank = int(np.sum(s > _TOL * max(1.0, float(s[0]))))
+    basis = u[:, :rank]
+    leverage = np.einsum("ij,ij->i", basis, basis)
+    # an atom with (numerically) zero leverage is in no support of the span
+    live = [int(a) for a in small if leverage[a] > _TOL]
+    count = 0
+    for size in range(1, k):
+        for combo in itertools.combinations(live, size):
+            if int(sizes[list(combo)].sum()) >= k:
+                continue
+            count += 1
+            if count > MAX_CANDIDATES:
+                return None
+            rows = basis[list(combo)]
+            if np.linalg.eigvalsh(rows @ rows.T)[-1] > 1.0 - 1e-9:
+                members = np.isin(inverse, combo)
+                found.add(frozenset(int(r) for r in used[members]))
+    return found
+
+
+def isolable(masks: Sequence[np.ndarray], k: int) -> bool:
+    """Whether some combination of answers over ``masks`` isolates fewer than
+    ``k`` rows (or the audit cannot tell, which counts as yes)."""
+    sets = isolated(masks, k)
+    return sets is None or bool(sets)
+
+
+class Auditor:
+    """What one site answered one researcher (subsets of its rows), kept in memory
+    and, with ``path``, in a JSON file (across calls, processes and restarts).
+
+    The memory is bound to the site's data: ``content_hash`` changes when the data
+    does, and then the file's old subsets (over other rows) no longer apply.
+    """
+
+    def __init__(
+        self, n_rows: int, content_hash: str, path: str | os.PathLike[str] | None = None
+    ) -> None:
+        self.n_rows = n_rows
+        self.content_hash = content_hash
+        self.path = Path(path) if path is not None else None
+        self.answered: dict[str, list[bytes]] = {}
+        self.refused: dict[str, list[bytes]] = {}
+        self._load()
+
+    # ----------------------------------------------------------- persistence
+    def _load(self) -> None:
+        if self.path is None or not self.path.exists():
+            return
+        stored = json.loads(self.path.read_text())
+        if stored.get("content_hash") != self.content_hash:
+            return  # other data: those subsets are over other rows
+        for field in ("answered", "refused"):
+            target = getattr(self, field)
+            for who, packed in stored.get(field, {}).items():
+                target[who] = [base64.b64decode(p) for p in packed]
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = {
+            "content_hash": self.content_hash,
+            "n_rows": self.n_rows,
+            **{
+                field: {
+                    who: [base64.b64encode(p).decode() for p in packed]
+                    for who, packed in getattr(self, field).items()
+                }
+                for field in ("answered", "refused")
+            },
+        }
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle)
+        os.replace(tmp, self.path)
+
+    # --------------------------------------------------------------- checks
+    def _masks(self, field: str, researcher: str) -> list[np.ndarray]:
+        stored = getattr(self, field).get(researcher, [])
+        return [_unpack(p, self.n_rows) for p in stored]
+
+    def check(
+        self, site: str, researcher: str | None, masks: Iterable[np.ndarray], k: int
+    ) -> None:
+        """Refuse (and remember the refusal) unless answering ``masks`` keeps every
+        combination of this researcher's answers at ``k`` rows or more."""
+        who = (researcher or "").lower()
+        new = [np.asarray(m, dtype=bool) for m in masks]
+        new = [m for m in new if m.any()]
+        if any(int(m.sum()) < k for m in new):
+            self._refuse(who, new)
+            raise DisclosureRefused(
+                f"site {site}: a subset, group, cell or bin of this query would "
+                f"summarize fewer than {k} rows (the site's minimum); use wider bins, "
+                "fewer groups or more data"
+            )
+        released = self._masks("answered", who)
+        unsafe = isolable(_unique([*released, *new]), k)
+        probed = self._masks("refused", who)
+        if not unsafe and probed:
+            # refused queries count as answered: nothing may become isolable that
+            # was not already isolable with them
+            before = isolated(_unique([*released, *probed]), k)
+            after = isolated(_unique([*released, *probed, *new]), k)
+            unsafe = before is None or after is None or not after <= before
+        if unsafe:
+            self._refuse(who, new)
+            raise DisclosureRefused(
+                f"site {site}: together with what this site answered before, this "
+                f"query would let a combination of answers summarize fewer than {k} "
+                "of its rows (differencing); declare the study's analysis population "
+                "up front, or ask for the same subsets as before"
+            )
+
+    def record(self, researcher: str | None, masks: Iterable[np.ndarray]) -> None:
+        """Remember an answered query's subsets."""
+        who = (researcher or "").lower()
+        known = self.answered.setdefault(who, [])
+        for mask in masks:
+            packed = _pack(mask)
+            if np.asarray(mask).any() and packed not in known:
+                known.append(packed)
+        self._save()
+
+    def _refuse(self, who: str, masks: list[np.ndarray]) -> None:
+        known = self.refused.setdefault(who, [])
+        for mask in masks:
+            packed = _pack(mask)
+            if packed not in known:
+                known.append(packed)
+        self._save()
+
+
+def _unique(masks: list[np.ndarray]) -> list[np.ndarray]:
+    seen: set[bytes] = set()
+    out = []
+    for mask in masks:
+        packed = _pack(mask)
+        if packed not in seen:
+            seen.add(packed)
+            out.append(mask)
+    return out

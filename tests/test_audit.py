@@ -1,0 +1,230 @@
+"""The site auditor against a researcher who combines answers (issue 13, point 1).
+
+Attacks: inclusion–exclusion over four subsets (the one found), its variants with
+other columns, groups, bins and 3–6 queries, random query sequences checked by an
+independent brute-force verifier, probing around a refusal, and memory across
+restarts. Next to them: the ordinary work that must still be answered.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from healthlab import Site, encrypted
+from healthlab.audit import isolable, isolated
+from healthlab.errors import DisclosureRefused
+
+K = 3
+
+
+def cohort(seed: int, n: int = 60) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "age": rng.normal(55, 10, n).round(1),
+            "sbp": rng.normal(130, 15, n).round(1),
+            "bmi": rng.normal(27, 4, n).round(1),
+            "glucose": rng.normal(5.5, 1.0, n).round(2),
+            "sex": rng.integers(0, 2, n),
+        }
+    )
+
+
+def lone_patient_sites(seed: int = 0) -> list[Site]:
+    """Two sites; at ``a`` bmi is missing in rows 0–19 and glucose in rows 19–39, so
+    exactly one patient (row 19) lacks both, and every pair of the four subsets of
+    the attack differs by 20 rows or more."""
+    a = cohort(seed)
+    a.loc[0:19, "bmi"] = np.nan
+    a.loc[19:39, "glucose"] = np.nan
+    b = cohort(seed + 1)
+    return [Site("a", a), Site("b", b)]
+
+
+def test_the_four_describe_inclusion_exclusion_attack_is_refused() -> None:
+    sites = lone_patient_sites()
+    answered = [
+        encrypted.describe(sites, ["age", "sbp"]),
+        encrypted.describe(sites, ["age", "sbp", "bmi"], dropna=True),
+        encrypted.describe(sites, ["age", "sbp", "glucose"], dropna=True),
+    ]
+    assert all(t.loc["count", "age"] > 0 for t in answered)
+    with pytest.raises(DisclosureRefused, match="site a: together with") as caught:
+        encrypted.describe(sites, ["age", "sbp", "bmi", "glucose"], dropna=True)
+    assert "site b" not in str(caught.value), "site b's answers isolate nobody"
+    # the refusal names the rule, no count of rows
+    assert not any(ch.isdigit() for ch in str(caught.value).replace("3", ""))
+
+
+@pytest.mark.parametrize("order", list(itertools.permutations(range(4))))
+def test_the_attack_is_refused_in_any_order(order: tuple[int, ...]) -> None:
+    sites = lone_patient_sites()
+    queries = [
+        (["age"], False),
+        (["age", "bmi"], True),
+        (["age", "glucose"], True),
+        (["age", "bmi", "glucose"], True),
+    ]
+    outcomes = []
+    for i in order:
+        columns, dropna = queries[i]
+        try:
+            encrypted.describe(sites, columns, dropna=dropna)
+            outcomes.append(True)
+        except DisclosureRefused:
+            outcomes.append(False)
+    assert outcomes[:3] == [True, True, True] and outcomes[3] is False, outcomes
+
+
+def test_the_attack_through_groups_is_refused() -> None:
+    """The same inclusion–exclusion inside the groups of ``by=``."""
+    sites = lone_patient_sites(3)
+    encrypted.describe(sites, ["age"], by="sex")
+    encrypted.describe(sites, ["age", "bmi"], by="sex", dropna=True)
+    encrypted.describe(sites, ["age", "glucose"], by="sex", dropna=True)
+    with pytest.raises(DisclosureRefused, match="site a: together with"):
+        encrypted.describe(sites, ["age", "bmi", "glucose"], by="sex", dropna=True)
+
+
+def test_histogram_bins_that_move_one_patient_are_refused() -> None:
+    frame = cohort(5)
+    frame["age"] = np.arange(len(frame), dtype=float) + 20.0  # one patient a year
+    sites = [Site("a", frame), Site("b", cohort(6))]
+    encrypted.histogram(sites, "age", [0, 40, 200])
+    with pytest.raises(DisclosureRefused, match="together with"):
+        encrypted.histogram(sites, "age", [0, 41, 200])  # one patient moved
+
+
+def test_a_small_cell_cannot_be_subtracted_from_its_margins() -> None:
+    frame = cohort(7)
+    frame["sex"] = [0] * 30 + [1] * 30
+    frame["smoker"] = [1] * 2 + [0] * 28 + [1] * 10 + [0] * 20  # 2 smoking women
+    frame["smoking_man"] = (frame.sex == 1) & (frame.smoker == 1)
+    other = cohort(8).assign(smoker=lambda d: d.index % 2)
+    other["smoking_man"] = (other.sex == 1) & (other.smoker == 1)
+    sites = [Site("a", frame), Site("b", other)]
+    encrypted.describe(sites, ["age"], by="sex")  # margins of sex: 30 / 30
+    # the smoker margins too: the 2-patient cell is not isolable from two margins
+    encrypted.describe(sites, ["age"], by="smoker")
+    # smokers minus smoking men would be the 2 smoking women
+    with pytest.raises(DisclosureRefused, match="together with"):
+        encrypted.describe(sites, ["age"], by="smoking_man")
+
+
+def test_two_marginal_tables_are_answered() -> None:
+    """Ordinary work: groups by sex, then by age band, with sex x band cells of one
+    or two patients that no combination of the two margins isolates."""
+    frame = cohort(9)
+    sites = [Site("a", frame), Site("b", cohort(10))]
+    by_sex = encrypted.describe(sites, ["sbp"], by="sex")
+    bands = encrypted.histogram(sites, "age", [0, 45, 50, 55, 60, 65, 200])
+    again = encrypted.describe(sites, ["sbp"], by="sex")
+    pd.testing.assert_frame_equal(by_sex, again, check_exact=True)
+    assert int(bands["count"].sum()) == 120
+
+
+# ---------------------------------------------- against a brute-force verifier
+def brute_isolates(masks: list[np.ndarray], k: int) -> bool:
+    """Independent check: some vector supported on fewer than k rows lies in the
+    span of the masks (least squares on every row set of 1 to k-1 rows)."""
+    matrix = np.stack(masks, axis=1).astype(float)
+    n = matrix.shape[0]
+    for size in range(1, k):
+        for rows in itertools.combinations(range(n), size):
+            others = np.setdiff1d(np.arange(n), rows)
+            # a combination c with matrix[others] @ c = 0 but matrix[rows] @ c != 0
+            null = _null_space(matrix[others])
+            if null.size and np.abs(matrix[list(rows)] @ null).max() > 1e-9:
+                return True
+    return False
+
+
+def _null_space(a: np.ndarray) -> np.ndarray:
+    if a.shape[0] == 0:
+        return np.eye(a.shape[1])
+    _, s, vt = np.linalg.svd(a)
+    rank = int(np.sum(s > 1e-9))
+    return np.asarray(vt[rank:].T)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_auditor_agrees_with_brute_force_on_random_queries(seed: int) -> None:
+    """3–6 random subsets of 14 rows (random missingness patterns): the atom and rank
+    test says isolable exactly when the brute-force search finds a small vector."""
+    rng = np.random.default_rng(seed)
+    n = 14
+    count = int(rng.integers(3, 7))
+    masks = [rng.random(n) < rng.uniform(0.3, 0.95) for _ in range(count)]
+    masks = [m for m in masks if m.any()]
+    assert isolable(masks, K) == brute_isolates(masks, K)
+
+
+def test_isolated_sets_are_the_row_sets_an_attacker_gets() -> None:
+    n = 10
+    everyone = np.ones(n, dtype=bool)
+    without_two = everyone.copy()
+    without_two[[4, 7]] = False
+    assert isolated([everyone, without_two], K) == {frozenset({4, 7})}
+    assert isolated([everyone, without_two], 2) == set()
+
+
+# ------------------------------------------------------- refusals and restarts
+def test_a_refused_subset_cannot_be_reached_around_the_refusal() -> None:
+    """q1 (2 rows) is refused; q2 over 10 rows containing them is answered; q3 over
+    q2 minus those 2 rows would give them by difference: refused."""
+    frame = cohort(11)
+    frame["age"] = np.arange(len(frame), dtype=float)
+    other = cohort(12)
+    # a teaching site per content: build once, reuse for every query
+    a_frame = frame.assign(old=frame.age >= 58, older=frame.age >= 50)
+    a_frame["band"] = (a_frame.age >= 50) & (a_frame.age < 58)
+    b_frame = other.assign(old=other.index % 2 == 0, older=other.index % 3 == 0)
+    b_frame["band"] = other.index % 5 == 0
+    study = {"a": a_frame, "b": b_frame}
+    with pytest.raises(DisclosureRefused, match="fewer than 3 rows"):
+        encrypted.describe(study, ["sbp"], by="old")  # 2 rows aged 58+ at a
+    encrypted.describe(study, ["sbp"], by="older")  # 10 rows aged 50+
+    with pytest.raises(DisclosureRefused, match="together with"):
+        encrypted.describe(study, ["sbp"], by="band")  # 50-57: older minus old
+
+
+def test_the_auditor_remembers_across_restarts(tmp_path: Path) -> None:
+    def fresh() -> list[Site]:
+        base = lone_patient_sites()
+        return [
+            Site(s.name, frame, state_dir=tmp_path / s.name)
+            for s, frame in zip(base, _frames(base), strict=True)
+        ]
+
+    first = fresh()
+    encrypted.describe(first, ["age"])
+    encrypted.describe(first, ["age", "bmi"], dropna=True)
+    encrypted.describe(first, ["age", "glucose"], dropna=True)
+    restarted = fresh()  # new Site objects, new process state: the file remains
+    with pytest.raises(DisclosureRefused, match="site a: together with"):
+        encrypted.describe(restarted, ["age", "bmi", "glucose"], dropna=True)
+    stored = tmp_path / "a" / "audit-a.json"
+    assert stored.stat().st_mode & 0o777 == 0o600
+
+
+def _frames(sites: list[Site]) -> list[pd.DataFrame]:
+    a = cohort(0)
+    a.loc[0:19, "bmi"] = np.nan
+    a.loc[19:39, "glucose"] = np.nan
+    return [a, cohort(1)]
+
+
+def test_the_frame_form_remembers_between_calls() -> None:
+    """``{name: DataFrame}`` keeps its sites: 1-row differencing across two calls
+    with fresh dicts is refused."""
+    a = cohort(13)
+    a.loc[0, "bmi"] = np.nan
+    b = cohort(14)
+    encrypted.describe({"a": a, "b": b}, ["age"])
+    with pytest.raises(DisclosureRefused, match="site a: together with"):
+        encrypted.describe({"a": a.copy(), "b": b.copy()}, ["age", "bmi"], dropna=True)
