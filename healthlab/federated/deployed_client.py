@@ -60,6 +60,7 @@ from healthlab.federated.masked_site import (
 )
 from healthlab.federated.spec import StudySpec
 from healthlab.federated.study import Preprocessing
+from healthlab.site_data import at_site
 from healthlab.sites import Site
 
 __all__ = [
@@ -137,7 +138,13 @@ def load_site(config: SiteConfig) -> Site:
         assert config.table is not None
         store = SQLStore(config.database_url())
         try:
-            data = store.read_table(config.table)
+            data = at_site(
+                config.name,
+                f"reading table {config.table!r}",
+                (),
+                store.read_table,
+                config.table,
+            )
         finally:
             store.close()
     site = _site(config, data, ledger, key_path)
