@@ -36,6 +36,7 @@ from healthlab.errors import (
     SignatureInvalid,
 )
 from healthlab.ledger.signing import SignedQuery, recover_signer
+from healthlab.site_data import at_site
 
 if TYPE_CHECKING:
     from healthlab.ledger import Ledger
@@ -149,7 +150,9 @@ class Site:
             )
         else:
             self._path = Path(data)
-            self._frame = read_table(self._path)
+            self._frame = at_site(
+                name, "reading its data file", (), read_table, self._path
+            )
         self._content_hash = content_hash
         # a deployed site keeps one key across processes; a simulated one makes its own
         self._mask_key = mask_key or X25519PrivateKey.generate()
@@ -183,7 +186,14 @@ class Site:
         from healthlab.data.stores import SQLStore
 
         with SQLStore(url) as store:
-            frame = store.read_table(table, columns=list(columns) if columns else None)
+            frame = at_site(
+                name,
+                f"reading table {table!r}",
+                list(columns or ()),
+                store.read_table,
+                table,
+                columns=list(columns) if columns else None,
+            )
         return cls(name, frame, dataset_id=dataset_id, ledger=ledger, policy=policy)
 
     # ------------------------------------------------------------------ facts
@@ -304,15 +314,18 @@ class Site:
         bad = frame.isna()
         numeric = frame.select_dtypes("number")
         if not numeric.empty:
-            bad.loc[:, numeric.columns] |= ~np.isfinite(numeric.to_numpy(dtype=float))
+            bad.loc[:, numeric.columns] |= ~np.isfinite(
+                numeric.to_numpy(dtype=float, na_value=np.nan)
+            )
         rows_bad = bad.any(axis=1).to_numpy()
         dropped = int(rows_bad.sum())
         if dropped and not dropna:
-            counts = bad.sum()
-            detail = ", ".join(f"{c}: {int(n)}" for c, n in counts.items() if n)
+            # the columns, never how many rows: a count below the threshold would
+            # single patients out (the site's operator may log counts, not send them)
+            named = ", ".join(repr(str(c)) for c, n in bad.sum().items() if n)
             raise DataRefused(
-                f"site {self.name} has missing or infinite values ({detail} rows); "
-                "pass dropna=True to drop those rows (the count dropped is reported)"
+                f"site {self.name} has missing or infinite values in {named}; pass "
+                "dropna=True to drop those rows (the pooled count dropped is reported)"
             )
         return frame.loc[~rows_bad], dropped
 
@@ -342,9 +355,11 @@ class Site:
     def check_model(self, n_params: int, n_rows: int) -> None:
         """Refuse a model with more parameters than ``max_param_ratio`` × rows."""
         if n_params > self._policy.max_param_ratio * n_rows:
+            # the site's row count is its own total: it is not named
             raise DisclosureRefused(
-                f"site {self.name}: {n_params} parameters on {n_rows} rows exceeds "
-                f"{self._policy.max_param_ratio} per row; use fewer covariates"
+                f"site {self.name}: {n_params} parameters exceed "
+                f"{self._policy.max_param_ratio} per row of the site's rows; use fewer "
+                "covariates"
             )
 
     def remember(

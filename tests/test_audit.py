@@ -186,7 +186,7 @@ def test_a_refused_subset_cannot_be_reached_around_the_refusal() -> None:
     b_frame = other.assign(old=other.index % 2 == 0, older=other.index % 3 == 0)
     b_frame["band"] = other.index % 5 == 0
     study = {"a": a_frame, "b": b_frame}
-    with pytest.raises(DisclosureRefused, match="fewer than 3 rows"):
+    with pytest.raises(DisclosureRefused, match="fewer than"):
         encrypted.describe(study, ["sbp"], by="old")  # 2 rows aged 58+ at a
     encrypted.describe(study, ["sbp"], by="older")  # 10 rows aged 50+
     with pytest.raises(DisclosureRefused, match="together with"):

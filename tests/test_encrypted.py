@@ -37,7 +37,12 @@ from healthlab.encrypted import values as every_value
 from healthlab.encrypted.encoding import DIGITS, MAX_ABS, MODULUS, encode_totals
 from healthlab.encrypted.keys import WeakParameters
 from healthlab.encrypted.protocol import SiteWork, decrypt_totals
-from healthlab.errors import DataRefused, InvalidInput, TooFewSites
+from healthlab.errors import (
+    DataRefused,
+    DisclosureRefused,
+    InvalidInput,
+    TooFewSites,
+)
 
 RTOL = 1e-9  # the bound for means, variances, correlations, coefficients
 
@@ -244,8 +249,10 @@ def test_nan_and_infinity_are_refused_at_the_site(keys: KeyHolder, bad: float) -
         encrypted.describe({"a": a, "b": b, "c": c}, ["v", "w"], keys=keys)
     message = str(caught.value)
     assert message.startswith("2 sites refused the query")
-    assert "site a has missing or infinite values (v: 1, w: 2 rows)" in message
-    assert "site b has missing or infinite values (v: 1 rows)" in message
+    # the columns, never how many rows: counts below the threshold stay at the site
+    assert "site a has missing or infinite values in 'v', 'w';" in message
+    assert "site b has missing or infinite values in 'v';" in message
+    assert " rows)" not in message and ": 1" not in message and ": 2" not in message
     assert "site c" not in message
     for value in ("1.5", "2.5", "7.25", "9.25", "nan"):
         assert value not in message, f"{value!r} in {message!r}"
@@ -265,6 +272,17 @@ def test_dropna_drops_and_counts_missing_rows(keys: KeyHolder) -> None:
     for stat in ("mean", "std"):
         error = relative_error(table.loc[stat], complete.agg(stat))
         assert error <= RTOL, f"{stat}: relative error {error:.3g}"
+    # the bmi histogram over these same sites would differ from the complete cases
+    # by the one patient whose bp alone is infinite: the auditor refuses it
+    with pytest.raises(DisclosureRefused, match="together with"):
+        encrypted.histogram(sites, "bmi", [15, 25, 35, 45], dropna=True, keys=keys)
+
+
+def test_a_histogram_drops_only_its_own_columns_missing_rows(keys: KeyHolder) -> None:
+    frame = diabetes()[["age", "bmi", "bp"]].copy()
+    frame.loc[[3, 160, 161, 400], "bmi"] = np.nan
+    frame.loc[[3, 170, 420], "bp"] = np.inf
+    sites = split(frame, 150, 300)
     # a histogram asks for one column: only that column's missing rows are dropped
     hist = encrypted.histogram(sites, "bmi", [15, 25, 35, 45], dropna=True, keys=keys)
     assert hist.attrs["missing"] == 4

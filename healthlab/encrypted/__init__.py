@@ -1,9 +1,9 @@
 """Statistics across sites over homomorphically encrypted site totals (CKKS, TenSEAL).
 
 The public API: :func:`describe`, :func:`histogram`, :func:`crosstab`, :func:`corr`,
-:func:`cov`, :func:`ols` (and :func:`levels`), :func:`describe_values` (every value
-encrypted); :class:`KeyHolder` for the researcher's
-keys and :class:`Aggregator` for the server side.
+:func:`cov`, :func:`ols` (and :func:`levels`, which withholds rare levels and refuses
+identifiers), :func:`describe_values` (every value encrypted); :class:`KeyHolder` for
+the researcher's keys and :class:`Aggregator` for the server side.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from healthlab.encrypted.keys import (
 )
 from healthlab.encrypted.protocol import Aggregator, Contribution, Query
 from healthlab.encrypted.stats import (
+    Levels,
     corr,
     cov,
     crosstab,
@@ -32,6 +33,7 @@ __all__ = [
     "Contribution",
     "IntegrityError",
     "KeyHolder",
+    "Levels",
     "PublicContext",
     "Query",
     "corr",

@@ -44,6 +44,7 @@ from healthlab.errors import (
     InvalidInput,
     TooFewSites,
 )
+from healthlab.site_data import at_site
 from healthlab.sites import Site
 
 if TYPE_CHECKING:
@@ -138,17 +139,26 @@ class SiteWork:
         self.site = site
         self.query = query
         self.researcher = site.authorize(signed, query_hash=query.hash)
-        totals, subsets = compute(site, query)
+        # every step on the site's rows is wrapped: an error that leaves the site
+        # names the site, the rule and the columns, never a value (site_data.at_site)
+        columns = query_columns(query)
+        what = f"the {query.kind} query"
+        totals, subsets = at_site(site.name, what, columns, compute, site, query)
         if len(totals) != query.n_totals:
             raise HealthLabError(
                 f"site {site.name} computed {len(totals)} totals, expected "
                 f"{query.n_totals}"
             )
-        site.check_subsets(subsets, min_rows=query.min_rows, researcher=self.researcher)
-        try:
-            self.__digits = encode_totals(totals)
-        except InvalidInput as exc:
-            raise DataRefused(f"site {site.name}: {exc}") from None
+        at_site(
+            site.name,
+            what,
+            columns,
+            site.check_subsets,
+            subsets,
+            min_rows=query.min_rows,
+            researcher=self.researcher,
+        )
+        self.__digits = _encode(site.name, totals)
         self._subsets = subsets
 
     def contribute(
@@ -184,6 +194,27 @@ class SiteWork:
             self.query.n_totals,
             ciphertexts,
         )
+
+
+def query_columns(query: Query) -> list[str]:
+    """The columns a query reads (for error messages)."""
+    spec = query.spec
+    named = list(spec.get("columns") or ())
+    if spec.get("column") is not None:
+        named.append(spec["column"])
+    if spec.get("by"):
+        named.append(spec["by"])
+    return [str(c) for c in named]
+
+
+def _encode(site: str, totals: list[float]) -> np.ndarray:
+    """The site's totals as digits; a total the encoding cannot carry is refused."""
+    reason = ""
+    try:
+        return encode_totals(totals)
+    except InvalidInput as exc:  # a message of encode_totals: no value in it
+        reason = str(exc)
+    raise DataRefused(f"site {site}: {reason}") from None
 
 
 class Aggregator:
@@ -321,7 +352,7 @@ def prepare_query(
             refused[site.name] = str(exc)
             errors.append(exc)
     if refused and on_refusal == "raise":
-        raise _refusal(refused, errors)
+        raise _refusal(refused, errors) from None
     minimum = max(
         [query.min_sites, *(w.site.policy.min_sites for w in work)], default=2
     )

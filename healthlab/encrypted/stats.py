@@ -26,11 +26,22 @@ from healthlab.encrypted.keys import KeyHolder
 from healthlab.encrypted.protocol import Query, StudyRun, Totals, run_query
 from healthlab.errors import DataRefused, DisclosureRefused, InvalidInput, TooFewSites
 from healthlab.receipts import Receipt, build_receipt
+from healthlab.site_data import at_site, numeric, numeric_column
 from healthlab.sites import Site, as_sites
 
-__all__ = ["corr", "cov", "crosstab", "describe", "histogram", "levels", "ols"]
+__all__ = [
+    "Levels",
+    "corr",
+    "cov",
+    "crosstab",
+    "describe",
+    "histogram",
+    "levels",
+    "ols",
+]
 
 SitesLike = Sequence[Site] | Mapping[str, pd.DataFrame]
+#: A column with more distinct values than this at a site is not a category.
 MAX_LEVELS = 50
 _log = logging.getLogger(__name__)
 
@@ -73,7 +84,7 @@ def _moments(site: Site, query: Query) -> Totals:
     by = spec.get("by")
     asked = columns + ([by] if by else [])
     kept, dropped = site.rows(asked, dropna=bool(spec.get("dropna")))
-    values = kept[columns].to_numpy(dtype=np.float64) - np.asarray(spec["center"])
+    values = numeric(site.name, kept, columns) - np.asarray(spec["center"])
     masks = _group_masks(kept, by, spec.get("groups", ()))
     totals: list[float] = [float(dropped), float(len(kept) > 0)]
     p = len(columns)
@@ -104,7 +115,7 @@ def _counts(site: Site, query: Query) -> Totals:
     kept, dropped = site.rows(columns, dropna=bool(spec.get("dropna")))
     if "edges" in spec:
         edges = np.asarray(spec["edges"], dtype=np.float64)
-        x = kept[columns[0]].to_numpy(dtype=np.float64)
+        x = numeric_column(site.name, kept[columns[0]], columns[0])
         index = np.searchsorted(edges, x, side="right") - 1
         index[x == edges[-1]] = len(edges) - 2  # numpy: the last bin is closed
         inside = (x >= edges[0]) & (x <= edges[-1])
@@ -285,35 +296,144 @@ def _second_moments(
     return [first, second], center, out
 
 
+class Levels(list[str]):
+    """The released levels of a column: a sorted list of text, and ``withheld``.
+
+    ``withheld`` is one pooled flag: whether any site holds a level that was not
+    released because fewer than its minimum rows hold it. It says neither how many
+    levels were withheld, nor which, nor where: a count per site (or in all) would
+    tell how many patients at some site have a rare value.
+    """
+
+    withheld: bool
+
+    def __init__(self, values: Sequence[str] = (), *, withheld: bool = False) -> None:
+        super().__init__(values)
+        self.withheld = withheld
+
+    def __repr__(self) -> str:
+        note = ", withheld=True" if self.withheld else ""
+        return f"Levels({list(self)!r}{note})"
+
+
+class _SiteLevels:
+    """At one site: its levels of a column, split at its minimum rows ``k``.
+
+    Only ``common`` (levels at least ``k`` of the site's rows hold) and the answer
+    of :meth:`vetoes` leave the site; the rare levels stay in this object.
+    """
+
+    def __init__(self, site: Site, column: str, k: int) -> None:
+        kept, _ = at_site(
+            site.name, "reading levels", [column], site.rows, [column], dropna=True
+        )
+        counts = at_site(
+            site.name, "counting levels", [column], _level_counts, kept[column]
+        )
+        distinct = len(counts)
+        if distinct >= k and 2 * distinct > len(kept):
+            raise DataRefused(
+                f"site {site.name}: {column!r} looks like an identifier or a "
+                "measurement, not a category (more than half of the site's rows with "
+                "a value hold a value of their own); its levels are not released. "
+                "Bin a measurement with histogram(); an identifier has no levels to "
+                "share"
+            )
+        if distinct > MAX_LEVELS:
+            raise DataRefused(
+                f"site {site.name}: {column!r} has more than {MAX_LEVELS} levels; it "
+                "is not categorical (bin it with histogram)"
+            )
+        self.common = frozenset(counts.index[counts >= k])
+        self._rare = frozenset(counts.index[counts < k])
+
+    @property
+    def withholds(self) -> bool:
+        """Whether this site holds a level it does not release."""
+        return bool(self._rare)
+
+    def vetoes(self, candidates: frozenset[str]) -> frozenset[str]:
+        """Levels among ``candidates`` (released by other sites) that this site holds
+        in fewer than ``k`` rows: they are withheld from everyone."""
+        return candidates & self._rare
+
+
+def _level_counts(values: pd.Series) -> pd.Series:
+    return values.astype(str).value_counts(sort=False)
+
+
 def levels(
     sites: SitesLike,
     column: str,
     *,
     researcher: str | None = None,
     keys: KeyHolder | None = None,
-) -> list[str]:
-    """The union of a categorical column's levels across sites (schema, not counts).
+    min_rows: int = 0,
+) -> Levels:
+    """The union of a categorical column's levels across sites (compared as text).
 
-    Each site authorizes the (signed) request first; a column with more than 50
-    distinct values is refused as not categorical.
+    Each site authorizes the (signed) request first. Then:
+
+    - **Rare levels are withheld.** A level is released only if at least ``k`` rows
+      hold it at *every* site that holds it (``k``: the site's ``policy.min_rows``,
+      default 3, or the stricter ``min_rows`` asked). Sites first offer their common
+      levels; a level one site offers and another holds in 1 to ``k - 1`` rows is
+      vetoed by the latter, so it is released by nobody. The result says only that
+      something was withheld (``Levels.withheld``), never how many, which, or at
+      which site.
+    - **Identifiers are refused.** A site refuses a column with at least ``k``
+      distinct values where more than half of its rows with a value hold distinct
+      values (patient ids, dates, measurements: as many levels as rows, or nearly),
+      and a column with more than 50 distinct values.
+
+    When no level can be released at all (every level rare, or no values),
+    :class:`~healthlab.errors.DisclosureRefused` is raised.
+
+    Examples
+    --------
+    >>> levels({"a": frame_a, "b": frame_b}, "sex")  # doctest: +SKIP
+    Levels(['F', 'M'])
     """
     site_list = as_sites(sites)
-    query = Query("levels", {"column": column}, 0)
+    query = Query("levels", {"column": column}, 0, min_rows=min_rows)
     from healthlab.encrypted.protocol import sign_query
 
     signed = sign_query(site_list, query, researcher)
-    found: set[str] = set()
+    held: list[_SiteLevels] = []
     for site in site_list:
         site.authorize(signed, query_hash=query.hash)
-        kept, _ = site.rows([column], dropna=True)
-        values = set(kept[column].astype(str).unique().tolist())
-        if len(values) > MAX_LEVELS:
-            raise DataRefused(
-                f"site {site.name}: {column!r} has more than {MAX_LEVELS} levels; it "
-                "is not categorical (bin it with histogram)"
-            )
-        found |= values
-    return sorted(found)
+        k = max(site.policy.min_rows, min_rows)
+        held.append(_SiteLevels(site, column, k))
+    offered = frozenset().union(*(h.common for h in held))
+    vetoed = frozenset().union(*(h.vetoes(offered) for h in held))
+    released = sorted(offered - vetoed)
+    withheld = any(h.withholds for h in held)
+    if not released:
+        raise DisclosureRefused(
+            f"no level of {column!r} can be released: none is held by at least the "
+            "minimum rows at every site that holds it (or the column holds no "
+            "values); merge rare levels into wider ones at the sites"
+        )
+    return Levels(released, withheld=withheld)
+
+
+def _grouping_levels(
+    sites: list[Site], column: str, researcher: str | None, min_rows: int
+) -> Levels:
+    """Levels of a column that groups (``by=``) or tabulates (``crosstab``) rows.
+
+    A withheld level refuses the query: its rows would be in no group or cell, and
+    all rows minus the released groups would summarize them.
+    """
+    found = levels(sites, column, researcher=researcher, min_rows=min_rows)
+    if found.withheld:
+        raise DisclosureRefused(
+            f"{column!r} has a level held by fewer than the minimum rows at a site "
+            "that holds it; it is withheld, so the column cannot group or tabulate "
+            "rows (the rows of that level could be found by difference). Merge rare "
+            "levels into wider ones at the sites"
+        )
+    return found
 
 
 def describe(
@@ -333,7 +453,10 @@ def describe(
     Shaped like ``pandas.DataFrame.describe()`` (statistics as rows, columns as
     columns); with ``by``, columns become ``(group, column)``, and a group held by
     fewer sites than a pooled result needs (``min_sites`` or any site's policy) is
-    left out and named in ``attrs["suppressed_groups"]``. Minimum, maximum and
+    left out and named in ``attrs["suppressed_groups"]``. The groups are the levels
+    :func:`levels` releases; a level of ``by`` held by fewer than a site's minimum
+    rows there is withheld, and then the query is refused (its rows would be
+    summarized by difference), without naming the site. Minimum, maximum and
     quantiles are single rows' values and are not released. With ``dropna=True``
     rows with a missing value are dropped at the sites and counted in ``missing``.
 
@@ -348,7 +471,7 @@ def describe(
     site_list = as_sites(sites)
     cols = _columns(columns)
     options = _options(keys, researcher, min_sites, min_rows, dropna, on_refusal)
-    groups = levels(site_list, by, researcher=researcher) if by else []
+    groups = list(_grouping_levels(site_list, by, researcher, min_rows)) if by else []
     runs, center, stats = _second_moments(
         site_list, cols, by=by, groups=groups, cross=False, options=options
     )
@@ -471,8 +594,10 @@ def crosstab(
 ) -> pd.DataFrame:
     """Exact pooled counts of ``row`` × ``col`` levels, like ``pandas.crosstab``.
 
-    Levels are compared as text. A site refuses when any non-empty cell of its own
-    table holds fewer than ``min_rows`` rows.
+    Levels are compared as text, and are those :func:`levels` releases: a column
+    with a withheld (rare) level, or one that looks like an identifier, is refused.
+    A site refuses when any non-empty cell of its own table holds fewer than
+    ``min_rows`` rows.
 
     Examples
     --------
@@ -483,8 +608,8 @@ def crosstab(
     M       1488  919
     """
     site_list = as_sites(sites)
-    row_levels = levels(site_list, row, researcher=researcher)
-    col_levels = levels(site_list, col, researcher=researcher)
+    row_levels = list(_grouping_levels(site_list, row, researcher, min_rows))
+    col_levels = list(_grouping_levels(site_list, col, researcher, min_rows))
     options = _options(keys, researcher, min_sites, min_rows, dropna, on_refusal)
     spec = {"columns": [row, col], "levels": [row_levels, col_levels], "dropna": dropna}
     n = len(row_levels) * len(col_levels)

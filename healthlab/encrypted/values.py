@@ -62,6 +62,7 @@ from healthlab.encrypted.keys import (
 from healthlab.encrypted.protocol import Query, Totals, prepare_query, sign_query
 from healthlab.encrypted.stats import attach_receipt
 from healthlab.errors import DataRefused, InvalidInput
+from healthlab.site_data import numeric_column
 from healthlab.sites import Site, as_sites
 
 __all__ = [
@@ -682,6 +683,9 @@ class _SiteRows:
     def count_totals(self, site: Site, query: Query) -> Totals:
         """The count query's site computation: rows dropped, rows kept."""
         kept, dropped = self._kept(site)
+        for column in self._columns:  # numbers only: refused here, before any upload
+            if not _plainly_numeric(kept[column]):
+                self.scaled(column, site)
         mask = np.zeros(site.n_rows, dtype=bool)
         mask[kept.index.to_numpy()] = True
         return [float(dropped), float(len(kept))], {c: [mask] for c in self._columns}
@@ -691,9 +695,19 @@ class _SiteRows:
         key = (column, site.name)
         if key not in self._scaled:
             kept, _ = self._kept(site)
-            x = kept[column].to_numpy(dtype=np.float64)
+            x = numeric_column(site.name, kept[column], column)
             self._scaled[key] = _scale(site, column, x, self._bounds[column])
         return self._scaled[key]
+
+
+def _plainly_numeric(values: pd.Series) -> bool:
+    """A column of numbers or booleans (converted later, when its values are
+    encrypted); anything else is converted and checked in the count query."""
+    dtype = values.dtype
+    return bool(
+        (pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype))
+        and not pd.api.types.is_complex_dtype(dtype)
+    )
 
 
 def _scale(site: Site, column: str, x: np.ndarray, bound: float) -> np.ndarray:

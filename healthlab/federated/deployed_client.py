@@ -61,6 +61,7 @@ from healthlab.federated.masked_site import (
 from healthlab.federated.spec import StudySpec
 from healthlab.federated.study import Preprocessing
 from healthlab.ledger.client import sha256_of
+from healthlab.site_data import at_site
 from healthlab.sites import Site, read_table
 
 __all__ = [
@@ -148,7 +149,13 @@ def load_site(config: SiteConfig) -> Site:
         assert config.table is not None
         store = SQLStore(config.database_url())
         try:
-            data = store.read_table(config.table)
+            data = at_site(
+                config.name,
+                f"reading table {config.table!r}",
+                (),
+                store.read_table,
+                config.table,
+            )
         finally:
             store.close()
     site = _site(config, data, ledger, key_path)

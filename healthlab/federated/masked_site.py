@@ -46,6 +46,7 @@ from healthlab.federated.masked import Contribution, contribute, from_record, op
 from healthlab.federated.spec import StudySpec
 from healthlab.federated.study import Preprocessing, Study
 from healthlab.federated.task import Model
+from healthlab.site_data import numeric
 from healthlab.sites import Site
 
 __all__ = [
@@ -468,7 +469,7 @@ def make_site_app(side: SiteSide, in_clear: Handler | None = None) -> ClientApp:
                 raise DisclosureRefused(
                     f"site {site.name}: fewer than {site.policy.min_rows} complete rows"
                 )
-            x = kept.to_numpy(dtype=np.float64)
+            x = numeric(site.name, kept, list(study.features))
             upper = np.triu_indices(x.shape[1])
             totals = np.concatenate([[float(n)], x.sum(axis=0), (x.T @ x)[upper]])
             sent = _send(side, site, study, msg, context, "moments", totals)

@@ -14,6 +14,7 @@ import numpy as np
 from healthlab.errors import AccessDenied, DataRefused, InvalidInput
 from healthlab.federated.task import Model, TrainConfig
 from healthlab.ledger.signing import SignedQuery
+from healthlab.site_data import numeric, numeric_column
 from healthlab.sites import Site
 
 __all__ = ["Preprocessing", "SiteData", "Study", "UpdateHook"]
@@ -133,8 +134,8 @@ class Study:
 
     def _prepare(self, site: Site) -> SiteData:
         kept, _ = site.rows([*self.features, self.target], dropna=self.dropna)
-        x = self.preprocessing.apply(kept[self.features].to_numpy(dtype=np.float64))
-        y = kept[self.target].to_numpy(dtype=np.float64)
+        x = self.preprocessing.apply(numeric(site.name, kept, list(self.features)))
+        y = numeric_column(site.name, kept[self.target], self.target)
         if self.model.task == "binary" and not np.isin(y, (0.0, 1.0)).all():
             raise DataRefused(
                 f"site {site.name}: target {self.target!r} must be 0/1 for a "
