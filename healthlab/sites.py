@@ -58,8 +58,9 @@ class DisclosurePolicy:
     min_sites:
         Fewest sites a pooled result may combine; a study can ask for more, never less.
     min_difference:
-        Two subsets of the same column answered at this site must be identical or
-        differ by at least this many rows (differencing attacks).
+        No combination of the subsets answered at this site (differencing,
+        inclusion–exclusion) may isolate fewer than this many rows
+        (:mod:`healthlab.audit`); the auditor uses the larger of it and ``min_rows``.
     max_query_age:
         Seconds a signed query stays valid.
     """
