@@ -897,7 +897,7 @@ def test_statistics_shows_and_explains_a_disclosure_refusal(
 ) -> None:
     p = FAST["03_encrypted_statistics"]
     printed = runs["03_encrypted_statistics"].printed()
-    assert "DisclosureRefused: site site_c: 1 subset(s)" in printed
+    assert "DisclosureRefused: site site_c: a subset, group, cell or bin" in printed
     assert "fewer than 3 rows" in printed
     others = pd.concat([f for n, f in frames().items() if n != "site_c"])
     counts, _ = np.histogram(others[p["histogram_column"]], bins=p["narrow_edges"])

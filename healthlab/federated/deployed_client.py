@@ -59,7 +59,7 @@ from healthlab.federated.masked_site import (
     state,
 )
 from healthlab.federated.spec import StudySpec
-from healthlab.federated.study import Preprocessing
+from healthlab.federated.study import Preprocessing, check_live_grant
 from healthlab.ledger.client import sha256_of
 from healthlab.site_data import at_site
 from healthlab.sites import Site, read_table
@@ -274,13 +274,7 @@ def _record_nonce(
 
 
 def _check_grant(site: Site, study: StudySpec) -> None:
-    assert site.ledger is not None
-    assert site.dataset_id is not None
-    if not site.ledger.has_access(site.dataset_id, study.researcher):
-        raise AccessDenied(
-            f"site {site.name}: the grant on dataset {site.dataset_id} is no longer "
-            "live (revoked or expired); this site stops contributing"
-        )
+    check_live_grant(site, study.researcher)
 
 
 def study_peers(site: Site, study: StudySpec) -> dict[str, bytes]:

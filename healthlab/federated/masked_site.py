@@ -576,37 +576,28 @@ def make_site_app(side: SiteSide, in_clear: Handler | None = None) -> ClientApp:
             raise DisclosureRefused("the pooled flags do not match this site's data")
         return counts
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        """Round r's update, masked and tagged (:func:`train_totals`)."""
-        try:
-            site, study = side.open(context)
-            if study.secure == "none" and in_clear is not None:
-                return in_clear(msg, context)
-            _admit(side, site, study, context)
-            _check_masked(study)
-            rnd = _round(msg)
-            totals = train_totals(site, study, msg, context, rnd)
-            sent = _send(side, site, study, msg, context, f"train-{rnd}", totals)
-        except _REFUSED as exc:
-            return refusal(msg, side.name(context), str(exc))
-        return _contribution_reply(msg, site.name, sent)
+    def round_step(kind: str, compute: Callable[..., np.ndarray]) -> Handler:
+        """A ``train`` or ``evaluate`` handler: round r's totals, masked and tagged
+        (in clear to ``in_clear`` for a study with ``secure="none"``)."""
 
-    @app.evaluate()
-    def evaluate(msg: Message, context: Context) -> Message:
-        """Round r's held-out sums, masked (:func:`evaluation_totals`)."""
-        try:
-            site, study = side.open(context)
-            if study.secure == "none" and in_clear is not None:
-                return in_clear(msg, context)
-            _admit(side, site, study, context)
-            _check_masked(study)
-            rnd = _round(msg)
-            totals = evaluation_totals(site, study, msg, context, rnd)
-            sent = _send(side, site, study, msg, context, f"eval-{rnd}", totals)
-        except _REFUSED as exc:
-            return refusal(msg, side.name(context), str(exc))
-        return _contribution_reply(msg, site.name, sent)
+        def handler(msg: Message, context: Context) -> Message:
+            try:
+                site, study = side.open(context)
+                if study.secure == "none" and in_clear is not None:
+                    return in_clear(msg, context)
+                _admit(side, site, study, context)
+                _check_masked(study)
+                rnd = _round(msg)
+                totals = compute(site, study, msg, context, rnd)
+                sent = _send(side, site, study, msg, context, f"{kind}-{rnd}", totals)
+            except _REFUSED as exc:
+                return refusal(msg, side.name(context), str(exc))
+            return _contribution_reply(msg, site.name, sent)
+
+        return handler
+
+    app.train()(round_step("train", train_totals))
+    app.evaluate()(round_step("eval", evaluation_totals))
 
     @app.query("histogram")
     def histogram(msg: Message, context: Context) -> Message:

@@ -254,21 +254,11 @@ def _collect(
     what: str,
 ) -> list[Contribution]:
     """Every member's masked contribution to one step, or a named error."""
-    replies = send(grid, messages, study.round_timeout)
     contributions = []
-    for node, joined_status in joined.items():
-        reply = replies.get(node)
-        got = None if reply is None else status(reply)
-        name = str(joined_status["site"])
-        if got is None or "refused" in got:
-            raise TooFewSites(
-                f"site {name} did not send its masked {what} ({_reason(reply, got)}); "
-                "a masked sum needs every member (their masks cancel only together)"
-            )
-        content: Any = cast(Message, reply).content
+    for member, content in _member_replies(grid, joined, study, messages, what):
         digits = np.asarray(content["arrays"].to_numpy_ndarrays()[0], dtype=np.int64)
         contributions.append(
-            Contribution(str(got["member"]), digits, bytes(got["tags"]))
+            Contribution(member, digits, bytes(content["status"]["tags"]))
         )
     return contributions
 
@@ -405,32 +395,45 @@ def _collect_steps(
     what = ", ".join(
         f"{_STEP_NAMES[kind]} of round {rnd}" for kind, rnd in asked.items() if rnd
     )
-    replies = send(grid, messages, study.round_timeout)
     out: dict[str, list[Contribution]] = {}
-    for node, joined_status in joined.items():
-        reply = replies.get(node)
-        got = None if reply is None else status(reply)
-        name = str(joined_status["site"])
-        if got is None or "refused" in got:
-            raise TooFewSites(
-                f"site {name} did not send its masked {what} ({_reason(reply, got)}); "
-                "a masked sum needs every member (their masks cancel only together)"
-            )
-        content: Any = cast(Message, reply).content
+    for member, content in _member_replies(grid, joined, study, messages, what):
+        got = content["status"]
         arrays = content["arrays"].to_numpy_ndarrays()
         steps = [str(step) for step in got["steps"]]
         tags = [bytes(t) for t in got["tags"]]
         if not len(arrays) == len(steps) == len(tags):
-            raise TooFewSites(f"site {name} sent a malformed reply ({what})")
+            raise TooFewSites(f"site {got['site']} sent a malformed reply ({what})")
         for step, digits, tag in zip(steps, arrays, tags, strict=True):
             out.setdefault(step, []).append(
-                Contribution(
-                    str(got["member"]), np.asarray(digits, dtype=np.int64), tag
-                )
+                Contribution(member, np.asarray(digits, dtype=np.int64), tag)
             )
     wanted = {f"{kind}-{rnd}" for kind, rnd in asked.items() if rnd}
     if set(out) != wanted or any(len(v) != len(joined) for v in out.values()):
         raise TooFewSites(f"the sites' replies do not hold every step of: {what}")
+    return out
+
+
+def _member_replies(
+    grid: Grid,
+    joined: Joined,
+    study: StudySpec,
+    messages: list[Message],
+    what: str,
+) -> list[tuple[str, Any]]:
+    """Send one step's messages; every member's ``(member id, reply content)``, or
+    :class:`TooFewSites` naming the first member that refused or did not answer."""
+    replies = send(grid, messages, study.round_timeout)
+    out = []
+    for node, joined_status in joined.items():
+        reply = replies.get(node)
+        got = None if reply is None else status(reply)
+        if got is None or "refused" in got:
+            raise TooFewSites(
+                f"site {joined_status['site']} did not send its masked {what} "
+                f"({_reason(reply, got)}); a masked sum needs every member (their "
+                "masks cancel only together)"
+            )
+        out.append((str(got["member"]), cast(Message, reply).content))
     return out
 
 

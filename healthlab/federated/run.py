@@ -30,7 +30,6 @@ from flwr.app import Context
 
 from healthlab.encrypted import KeyHolder, cov, describe
 from healthlab.errors import (
-    AccessDenied,
     DisclosureRefused,
     HealthLabError,
     InvalidInput,
@@ -40,7 +39,12 @@ from healthlab.federated.flower_compat import install_engine, quick_grid
 from healthlab.federated.masked_site import local_study, state
 from healthlab.federated.server_app import Outcome, RoundReport, make_server_app
 from healthlab.federated.spec import StudySpec
-from healthlab.federated.study import Preprocessing, Study, UpdateHook
+from healthlab.federated.study import (
+    Preprocessing,
+    Study,
+    UpdateHook,
+    check_live_grant,
+)
 from healthlab.federated.task import Model
 from healthlab.receipts import Receipt, build_receipt
 from healthlab.sites import Site, as_sites
@@ -400,15 +404,7 @@ class SimulatedSide:
         return True
 
     def check_grant(self, site: Site, study: StudySpec) -> None:
-        if not site.gated:
-            return
-        assert site.ledger is not None
-        assert site.dataset_id is not None
-        if not site.ledger.has_access(site.dataset_id, study.researcher):
-            raise AccessDenied(
-                f"site {site.name}: the grant on dataset {site.dataset_id} is no "
-                "longer live (revoked or expired); this site stops contributing"
-            )
+        check_live_grant(site, study.researcher)
 
     def member(self, site: Site) -> str:
         return site.name

@@ -17,7 +17,7 @@ from healthlab.ledger.signing import SignedQuery
 from healthlab.site_data import numeric, numeric_column
 from healthlab.sites import Site
 
-__all__ = ["Preprocessing", "SiteData", "Study", "UpdateHook"]
+__all__ = ["Preprocessing", "SiteData", "Study", "UpdateHook", "check_live_grant"]
 
 #: ``hook(site, params, n_examples) -> (params, n_examples)``: replaces what a site
 #: sends — to simulate a compromised site when testing the server's defences.
@@ -103,14 +103,8 @@ class Study:
                 site.authorize(self.signed, query_hash=self.hash)
                 self._authorized.add(site.name)
         if not first:
-            assert site.ledger is not None
-            assert site.dataset_id is not None
             assert self.researcher is not None
-            if not site.ledger.has_access(site.dataset_id, self.researcher):
-                raise AccessDenied(
-                    f"site {site.name}: the grant on dataset {site.dataset_id} is no "
-                    "longer live (revoked or expired); this site stops contributing"
-                )
+            check_live_grant(site, self.researcher)
 
     def mark_authorized(self, site: Site) -> None:
         """Record that ``site`` verified the researcher's signature another way (the
@@ -143,6 +137,19 @@ class Study:
             )
         test = split_test(len(y), self.test_fraction, self.seed, site.name)
         return SiteData(x[~test], y[~test], x[test], y[test], list(kept.index[test]))
+
+
+def check_live_grant(site: Site, researcher: str) -> None:
+    """A gated site's grant check before every contribution after the first."""
+    if not site.gated:
+        return
+    assert site.ledger is not None
+    assert site.dataset_id is not None
+    if not site.ledger.has_access(site.dataset_id, researcher):
+        raise AccessDenied(
+            f"site {site.name}: the grant on dataset {site.dataset_id} is no longer "
+            "live (revoked or expired); this site stops contributing"
+        )
 
 
 def split_test(n: int, fraction: float, seed: int, name: str) -> np.ndarray:
