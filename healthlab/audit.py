@@ -72,10 +72,15 @@ def isolated(masks: Sequence[np.ndarray], k: int) -> set[frozenset[int]] | None:
     used = np.flatnonzero(matrix.any(axis=1))
     if used.size == 0:
         return found
-    signatures, inverse, sizes = np.unique(
-        matrix[used], axis=0, return_inverse=True, return_counts=True
+    # atoms: rows with the same membership, found on the rows packed to bytes (a
+    # 1-D unique is ~100x faster than np.unique(axis=0) on 1M rows)
+    packed = np.ascontiguousarray(np.packbits(matrix[used], axis=1))
+    keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+    _, first, inverse, sizes = np.unique(
+        keys, return_index=True, return_inverse=True, return_counts=True
     )
     inverse = np.ravel(inverse)
+    signatures = matrix[used][first]
     small = np.flatnonzero(sizes < k)
     if small.size == 0:
         return found
