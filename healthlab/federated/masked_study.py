@@ -47,6 +47,7 @@ from healthlab.federated.masked_site import (
     transform_from_moments,
     unflat,
 )
+from healthlab.federated.screening import site_status
 from healthlab.federated.server_app import RoundReport
 from healthlab.federated.spec import StudySpec
 from healthlab.federated.study import Preprocessing
@@ -132,14 +133,6 @@ def _plain(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def status(reply: Message) -> Any:
-    """A reply's ``status`` record, or ``None`` for an error reply."""
-    content: Any = reply.content
-    if reply.has_error() or "status" not in content:
-        return None
-    return content["status"]
-
-
 def send(grid: Grid, messages: Iterable[Message], timeout: float) -> dict[int, Message]:
     """Send and wait (at most ``timeout`` s); the replies by node."""
     replies = grid.send_and_receive(messages, timeout=timeout)
@@ -164,7 +157,7 @@ def join_sites(
     refused: dict[str, str] = {}
     for node in nodes:
         reply = replies.get(node)
-        got = None if reply is None else status(reply)
+        got = None if reply is None else site_status(reply)
         if got is None:
             reason = (
                 reply.error.reason
@@ -426,7 +419,7 @@ def _member_replies(
     out = []
     for node, joined_status in joined.items():
         reply = replies.get(node)
-        got = None if reply is None else status(reply)
+        got = None if reply is None else site_status(reply)
         if got is None or "refused" in got:
             raise TooFewSites(
                 f"site {joined_status['site']} did not send its masked {what} "

@@ -40,8 +40,7 @@ from flwr.serverapp.strategy import (
 
 from healthlab.errors import HealthLabError, InvalidInput
 from healthlab.federated.flower_compat import quick_grid
-from healthlab.federated.screening import Screening
-from healthlab.federated.screening import site_status as _status
+from healthlab.federated.screening import Screening, site_status
 from healthlab.federated.study import Study
 from healthlab.federated.task import summarize
 
@@ -235,7 +234,7 @@ def _evaluate(
     totals: dict[str, float] = {}
     per_site: dict[str, dict[str, float]] = {}
     for reply in grid.send_and_receive(messages, timeout=settings.round_timeout):
-        status = _status(reply)
+        status = site_status(reply)
         if status is None or "refused" in status:
             continue
         sums = {k: float(v) for k, v in _c(reply)["metrics"].items()}
