@@ -22,6 +22,13 @@ How (sound for every combination, not a list of shapes):
    ``k = 3``: single atoms of 1 or 2 rows, pairs of 1-row atoms). If there are too
    many such sets to test, it refuses: a refusal is always safe.
 
+3. **Protected sets.** A group a query pooled over too few sites (a ``by=`` group
+   one site holds) is sent as zeros, and the site's rows in it are *protected*: a
+   later query is refused when the span of the answered subsets would contain the
+   protected set's indicator (e.g. all rows minus the released groups), since the
+   pooled difference would be that one site's statistic. The test is a rank test
+   on the atoms of the answered subsets and the protected set.
+
 Subsets of different columns are audited together (one span over all answers):
 stricter than needed when the columns differ, never weaker. A refused query's
 subsets are kept too: a later query must not make a subset isolable that the
@@ -45,8 +52,10 @@ import numpy as np
 
 from healthlab.errors import DisclosureRefused
 
-__all__ = ["Auditor", "isolable", "isolated"]
+__all__ = ["Auditor", "in_span", "isolable", "isolated"]
 
+#: What the auditor keeps per researcher: subsets answered, refused, protected.
+_FIELDS = ("answered", "refused", "protected")
 #: Above this many candidate small sets, the auditor refuses rather than test them.
 MAX_CANDIDATES = 200_000
 _TOL = 1e-8
@@ -60,6 +69,44 @@ def _unpack(packed: bytes, n: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(packed, dtype=np.uint8), count=n).astype(bool)
 
 
+def _atoms(
+    matrix: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Rows used by any column of ``matrix`` (rows × subsets, boolean), and their
+    atoms: (used rows, each used row's atom, atom signatures, atom sizes).
+
+    Found on the rows packed to bytes: a 1-D unique is ~100x faster than
+    ``np.unique(axis=0)`` on 1M rows."""
+    used = np.flatnonzero(matrix.any(axis=1))
+    packed = np.ascontiguousarray(np.packbits(matrix[used], axis=1))
+    keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
+    _, first, inverse, sizes = np.unique(
+        keys, return_index=True, return_inverse=True, return_counts=True
+    )
+    return used, np.ravel(inverse), matrix[used][first], sizes
+
+
+def _rank(matrix: np.ndarray) -> int:
+    if matrix.size == 0:
+        return 0
+    s = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
+    return int(np.sum(s > _TOL * max(1.0, float(s[0]))))
+
+
+def in_span(masks: Sequence[np.ndarray], target: np.ndarray) -> bool:
+    """Whether the indicator of ``target`` is a linear combination of the
+    indicators of ``masks`` (all boolean over the same rows): then answers over
+    ``masks`` determine the same statistic over ``target``'s rows."""
+    target = np.asarray(target, dtype=bool)
+    if not target.any():
+        return False
+    if not masks:
+        return False
+    matrix = np.stack([*(np.asarray(m, dtype=bool) for m in masks), target], axis=1)
+    _, _, signatures, _ = _atoms(matrix)
+    return _rank(signatures[:, :-1]) == _rank(signatures)
+
+
 def isolated(masks: Sequence[np.ndarray], k: int) -> set[frozenset[int]] | None:
     """The row sets of fewer than ``k`` rows that are the support of a vector in the
     span of ``masks`` (boolean, over the same rows): what combinations of answers
@@ -69,18 +116,10 @@ def isolated(masks: Sequence[np.ndarray], k: int) -> set[frozenset[int]] | None:
     if not masks or k <= 1:
         return found
     matrix = np.stack([np.asarray(m, dtype=bool) for m in masks], axis=1)
-    used = np.flatnonzero(matrix.any(axis=1))
-    if used.size == 0:
+    if not matrix.any():
         return found
-    # atoms: rows with the same membership, found on the rows packed to bytes (a
-    # 1-D unique is ~100x faster than np.unique(axis=0) on 1M rows)
-    packed = np.ascontiguousarray(np.packbits(matrix[used], axis=1))
-    keys = packed.view(np.dtype((np.void, packed.shape[1]))).ravel()
-    _, first, inverse, sizes = np.unique(
-        keys, return_index=True, return_inverse=True, return_counts=True
-    )
-    inverse = np.ravel(inverse)
-    signatures = matrix[used][first]
+    # atoms: rows with the same membership
+    used, inverse, signatures, sizes = _atoms(matrix)
     small = np.flatnonzero(sizes < k)
     if small.size == 0:
         return found
@@ -128,6 +167,7 @@ class Auditor:
         self.path = Path(path) if path is not None else None
         self.answered: dict[str, list[bytes]] = {}
         self.refused: dict[str, list[bytes]] = {}
+        self.protected: dict[str, list[bytes]] = {}
         self._load()
 
     # ----------------------------------------------------------- persistence
@@ -137,7 +177,7 @@ class Auditor:
         stored = json.loads(self.path.read_text())
         if stored.get("content_hash") != self.content_hash:
             return  # other data: those subsets are over other rows
-        for field in ("answered", "refused"):
+        for field in _FIELDS:
             target = getattr(self, field)
             for who, packed in stored.get(field, {}).items():
                 target[who] = [base64.b64decode(p) for p in packed]
@@ -154,7 +194,7 @@ class Auditor:
                     who: [base64.b64encode(p).decode() for p in packed]
                     for who, packed in getattr(self, field).items()
                 }
-                for field in ("answered", "refused")
+                for field in _FIELDS
             },
         }
         tmp = self.path.with_name(self.path.name + ".tmp")
@@ -201,23 +241,65 @@ class Auditor:
                 "up front, or ask for the same subsets as before"
             )
 
-    def record(self, researcher: str | None, masks: Iterable[np.ndarray]) -> None:
-        """Remember an answered query's subsets."""
+    def check_protected(
+        self,
+        site: str,
+        researcher: str | None,
+        masks: Iterable[np.ndarray],
+        protected: Iterable[np.ndarray] = (),
+    ) -> None:
+        """Refuse (and remember the refusal) when answering ``masks`` would put a
+        protected set — kept from before, or ``protected`` now — in the span of this
+        researcher's answers: a combination of answers would then be that set's
+        statistic, which was pooled over too few sites to be released."""
         who = (researcher or "").lower()
-        known = self.answered.setdefault(who, [])
+        new = [m for m in (np.asarray(m, dtype=bool) for m in masks) if m.any()]
+        guarded = _unique(
+            [
+                *self._masks("protected", who),
+                *(m for m in (np.asarray(p, dtype=bool) for p in protected) if m.any()),
+            ]
+        )
+        if not guarded:
+            return
+        released = _unique([*self._masks("answered", who), *new])
+        unsafe = any(in_span(released, p) for p in guarded)
+        probed = self._masks("refused", who)
+        if not unsafe and probed:
+            before = _unique([*self._masks("answered", who), *probed])
+            after = _unique([*before, *new])
+            unsafe = any(in_span(after, p) and not in_span(before, p) for p in guarded)
+        if unsafe:
+            self._refuse(who, new)
+            raise DisclosureRefused(
+                f"site {site}: a group held by too few sites to be pooled could be "
+                "found by difference between this query's answers and earlier ones "
+                "(e.g. all rows minus the released groups); ask for the same groups "
+                "as before, or group rows more coarsely"
+            )
+
+    def record(
+        self,
+        researcher: str | None,
+        masks: Iterable[np.ndarray],
+        protected: Iterable[np.ndarray] = (),
+    ) -> None:
+        """Remember an answered query's subsets, and the sets it protects."""
+        who = (researcher or "").lower()
+        self._add("answered", who, masks)
+        self._add("protected", who, protected)
+        self._save()
+
+    def _refuse(self, who: str, masks: list[np.ndarray]) -> None:
+        self._add("refused", who, masks)
+        self._save()
+
+    def _add(self, field: str, who: str, masks: Iterable[np.ndarray]) -> None:
+        known = getattr(self, field).setdefault(who, [])
         for mask in masks:
             packed = _pack(mask)
             if np.asarray(mask).any() and packed not in known:
                 known.append(packed)
-        self._save()
-
-    def _refuse(self, who: str, masks: list[np.ndarray]) -> None:
-        known = self.refused.setdefault(who, [])
-        for mask in masks:
-            packed = _pack(mask)
-            if packed not in known:
-                known.append(packed)
-        self._save()
 
 
 def _unique(masks: list[np.ndarray]) -> list[np.ndarray]:

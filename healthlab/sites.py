@@ -353,6 +353,20 @@ class Site:
         masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
         self.auditor.check(self.name, researcher, masks, threshold)
 
+    def check_protected(
+        self,
+        subsets: Mapping[str, Iterable[np.ndarray]],
+        protected: Iterable[np.ndarray] = (),
+        *,
+        researcher: str | None = None,
+    ) -> None:
+        """Refuse answering ``subsets`` when a combination of them and what this
+        site answered before would give a protected set's statistic: the site's rows
+        of a group that too few sites held to be pooled (kept from before, or
+        ``protected`` by this query)."""
+        masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
+        self.auditor.check_protected(self.name, researcher, masks, protected)
+
     def check_model(self, n_params: int, n_rows: int) -> None:
         """Refuse a model with more parameters than ``max_param_ratio`` × rows."""
         if n_params > self._policy.max_param_ratio * n_rows:
@@ -370,10 +384,12 @@ class Site:
         query_hash: str,
         kind: str,
         researcher: str | None,
+        protected: Iterable[np.ndarray] = (),
     ) -> None:
-        """Record an answered query's subsets (for the auditor) and a log line."""
+        """Record an answered query's subsets and the sets it protects (for the
+        auditor), and a log line."""
         masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
-        self.auditor.record(researcher, masks)
+        self.auditor.record(researcher, masks, protected)
         sizes = [int(m.sum()) for m in masks if m.any()]
         self.log.append(
             QueryLogEntry(

@@ -392,10 +392,40 @@ def open_notebook(ui: UI, stack: Stack, name: str, *, workspace: str) -> None:
     ).first.wait_for(timeout=START_TIMEOUT * 1000)
 
 
-def run_all_cells(ui: UI) -> None:
-    """Run → Run All Cells, from the menu bar as a user would."""
-    ui.page.locator(".lm-MenuBar-item", has_text="Run").first.click()
-    ui.page.locator(".lm-Menu-item").get_by_text("Run All Cells", exact=True).click()
+def run_all_cells(ui: UI, timeout: float = START_TIMEOUT) -> None:
+    """Run → Run All Cells, from the menu bar as a user would, until the notebook
+    shows that it took: a cell queued or run (``[*]`` or ``[n]``).
+
+    On a loaded machine the first click can land before the notebook is the
+    current widget (the menu item is disabled then, and a click on it does
+    nothing). While no cell has been queued the click is safe to repeat: the
+    notebook is focused and the menu opened again, and the item is clicked once
+    it is enabled."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    prompts = current(ui).locator(".jp-CodeCell .jp-InputArea-prompt")
+    item = ui.page.locator(".lm-Menu-item:not(.lm-mod-disabled)").filter(
+        has=ui.page.get_by_text("Run All Cells", exact=True)
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ui.page.locator(
+            ".jp-main-dock-panel .lm-TabBar-tab.lm-mod-current"
+        ).first.click()
+        ui.page.locator(".lm-MenuBar-item", has_text="Run").first.click()
+        try:
+            item.first.wait_for(timeout=10_000)
+            item.first.click()
+        except PlaywrightTimeout:
+            ui.page.keyboard.press("Escape")  # close the menu; focus and try again
+            continue
+        started = time.monotonic() + 10.0
+        while time.monotonic() < started:
+            texts = [t.strip() for t in prompts.all_inner_texts()]
+            if any(re.fullmatch(r"\[(\*|\d+)\]:", t) for t in texts):
+                return
+            time.sleep(0.25)
+    raise AssertionError(f"Run All Cells did not start within {timeout:.0f} s")
 
 
 # ------------------------------------------------------------------ widgets

@@ -5,18 +5,27 @@
    live grant on chain), selects its rows, checks every subset against its disclosure
    policy and computes its totals — all at the site. It answers only "ready" and the
    public key of its pairwise masks.
-3. *Contribute*: once the participants are known, every site encodes its totals as
+3. *Holders*: the sites count, among themselves, how many of them hold rows for the
+   query and for each of its blocks (a ``by=`` group): each announces 0/1 flags under
+   pairwise masks, tagged for every peer, and each sums every announcement itself
+   (:class:`HolderFlags`) — so no server or researcher can make a site believe that
+   others hold rows. A site refuses a query fewer than the pooling minimum of sites
+   hold rows for (one site's totals next to an empty partner), and sends zeros for a
+   block fewer hold; its rows there become *protected* by its auditor, so no
+   combination of later answers ("all rows minus the released groups") gives them.
+4. *Contribute*: once the participants are known, every site encodes its totals as
    exact fixed-point digits, adds masks that cancel across sites, encrypts them under
    the researcher's public context and tags the ciphertext with its fingerprint.
-4. The :class:`Aggregator` holds only the public context; it rejects contributions
+5. The :class:`Aggregator` holds only the public context; it rejects contributions
    made under another key or for another query, and adds the rest.
-5. The key holder decrypts the aggregate — never a single site's ciphertext — and
+6. The key holder decrypts the aggregate — never a single site's ciphertext — and
    rebuilds the exact sums.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -30,6 +39,7 @@ import tenseal as ts
 from healthlab.encrypted.encoding import (
     DIGITS,
     MAX_SITES,
+    MODULUS,
     decode_sum,
     encode_totals,
     mask_digits,
@@ -53,18 +63,37 @@ if TYPE_CHECKING:
 __all__ = [
     "Aggregate",
     "Aggregator",
+    "Block",
     "Contribution",
+    "HolderFlags",
     "PreparedQuery",
     "Query",
     "SiteWork",
     "StudyRun",
+    "count_holders",
     "prepare_query",
     "run_query",
     "sign_query",
 ]
 
-#: What a site computes from (its rows, the query): totals, and its subsets by column.
-Totals = tuple[list[float], dict[str, list[np.ndarray]]]
+
+@dataclass(frozen=True)
+class Block:
+    """Totals ``[start, stop)`` of a site's answer that summarize one group of its
+    rows (``mask``, over all the site's rows): released only when at least the
+    pooling minimum of sites hold rows in the group, else sent as zeros by all."""
+
+    start: int
+    stop: int
+    mask: np.ndarray = field(repr=False)
+
+
+#: What a site computes from (its rows, the query): totals, its subsets by column,
+#: and optionally the answer's blocks (a ``by=`` query's groups).
+Totals = (
+    tuple[list[float], dict[str, list[np.ndarray]]]
+    | tuple[list[float], dict[str, list[np.ndarray]], list[Block]]
+)
 SiteComputation = Callable[[Site, "Query"], Totals]
 
 
@@ -143,7 +172,7 @@ class SiteWork:
         # names the site, the rule and the columns, never a value (site_data.at_site)
         columns = query_columns(query)
         what = f"the {query.kind} query"
-        totals, subsets = at_site(site.name, what, columns, compute, site, query)
+        totals, subsets, *rest = at_site(site.name, what, columns, compute, site, query)
         if len(totals) != query.n_totals:
             raise HealthLabError(
                 f"site {site.name} computed {len(totals)} totals, expected "
@@ -158,20 +187,141 @@ class SiteWork:
             min_rows=query.min_rows,
             researcher=self.researcher,
         )
-        self.__digits = _encode(site.name, totals)
+        _encode(site.name, totals)  # a total the encoding cannot carry: refused now
+        self.__totals = [float(t) for t in totals]
         self._subsets = subsets
+        self._blocks: list[Block] = list(rest[0]) if rest else []
+        masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
+        self.__flags = [int(any(m.any() for m in masks))] + [
+            int(np.asarray(b.mask).any()) for b in self._blocks
+        ]
+        self._peers: dict[str, bytes] | None = None
+        self.holders: list[int] | None = None
+        self.suppressed: list[int] = []
+
+    @property
+    def need(self) -> int:
+        """Fewest sites a result of this query may pool (the query's or the site's)."""
+        return max(self.site.policy.min_sites, self.query.min_sites)
+
+    def _context(self, purpose: bytes) -> bytes:
+        return bytes.fromhex(self.query.hash[2:]) + b"|" + purpose
+
+    def announce(self, peers: Mapping[str, bytes]) -> HolderFlags:
+        """This site's masked 0/1 flags — holds rows for the query, for each block —
+        tagged for every peer (its pairwise tag key), for the holder count."""
+        self._check_peers(peers)
+        flags = np.asarray(self.__flags, dtype=np.int64)
+        seeds = self.site.pairwise_seeds(peers, self._context(b"holders"))
+        masked = tuple(
+            int(v) for v in mask_digits(flags, mask_vector(seeds, flags.size))
+        )
+        keys = self.site.pairwise_keys(
+            peers, b"healthlab-holders-tag", self._context(b"holders")
+        )
+        body = _holder_body(self.site.name, self.query.hash, masked)
+        tags = {p: hmac.new(k, body, "sha256").hexdigest() for p, k in keys.items()}
+        return HolderFlags(self.site.name, self.query.hash, masked, tags)
+
+    def count_holders(
+        self, peers: Mapping[str, bytes], announced: Sequence[HolderFlags]
+    ) -> list[int]:
+        """Sum every peer's announcement (each checked against its tag for this
+        site) into how many sites hold rows for the query and for each block; refuse
+        the query, or suppress a block, that fewer than the pooling minimum hold.
+
+        Every honest site computes the same counts from the same announcements; a
+        server that drops, changes or invents one is caught here (a tag does not
+        verify, a peer is missing, or the masks do not cancel).
+        """
+        self._check_peers(peers)
+        me = self.site.name
+        by_site = {a.site: a for a in announced}
+        if set(by_site) != set(peers) or len(announced) != len(peers):
+            raise IntegrityError(
+                f"site {me}: the holder count needs one announcement from every site "
+                "taking part, and only from them"
+            )
+        keys = self.site.pairwise_keys(
+            peers, b"healthlab-holders-tag", self._context(b"holders")
+        )
+        total = np.zeros(len(self.__flags), dtype=np.int64)
+        for name, flags in by_site.items():
+            if flags.query_hash != self.query.hash or len(flags.masked) != total.size:
+                raise IntegrityError(f"site {me}: {name} announced for another query")
+            if name != me:
+                body = _holder_body(name, self.query.hash, flags.masked)
+                expected = hmac.new(keys[name], body, "sha256").hexdigest()
+                if not hmac.compare_digest(expected, flags.tags.get(me, "")):
+                    raise IntegrityError(
+                        f"site {me}: the holder flags from {name} do not carry its tag"
+                    )
+            total += np.asarray(flags.masked, dtype=np.int64)
+        counts = [int(c) for c in np.mod(total, MODULUS)]
+        if any(c > len(peers) for c in counts):
+            raise IntegrityError(
+                f"site {me}: the holder flags do not cancel to counts (tampering?)"
+            )
+        if counts[0] < self.need:
+            raise TooFewSites(
+                f"site {me}: only {counts[0]} site(s) of those taking part hold rows "
+                f"for this query, fewer than the {self.need} a pooled result needs; "
+                "add sites that hold these columns"
+            )
+        self.suppressed = [i for i, c in enumerate(counts[1:]) if c < self.need]
+        released = self._released()
+        protected = [
+            np.asarray(self._blocks[i].mask, dtype=bool) for i in self.suppressed
+        ]
+        at_site(
+            me,
+            f"the {self.query.kind} query",
+            query_columns(self.query),
+            self.site.check_protected,
+            released,
+            protected,
+            researcher=self.researcher,
+        )
+        self._peers = dict(peers)
+        self.holders = counts
+        return counts
+
+    def _released(self) -> dict[str, list[np.ndarray]]:
+        """The subsets this site's answer releases: all but the suppressed blocks'."""
+        if not self.suppressed:
+            return self._subsets
+        hidden = {np.packbits(self._blocks[i].mask).tobytes() for i in self.suppressed}
+        return {
+            column: [m for m in masks if np.packbits(m).tobytes() not in hidden]
+            for column, masks in self._subsets.items()
+        }
+
+    def _check_peers(self, peers: Mapping[str, bytes]) -> None:
+        if self.site.name not in peers:
+            raise IntegrityError(
+                f"site {self.site.name} is not among the sites of this query"
+            )
+        if len(peers) < self.need:
+            raise TooFewSites(
+                f"site {self.site.name} contributes only to results pooled over at "
+                f"least {self.need} sites ({len(peers)} taking part)"
+            )
 
     def contribute(
         self, peers: Mapping[str, bytes], public: PublicContext
     ) -> Contribution:
-        """Mask, encrypt and tag this site's totals for the sites in ``peers``."""
-        need = max(self.site.policy.min_sites, self.query.min_sites)
-        if len(peers) < need:
-            raise TooFewSites(
-                f"site {self.site.name} contributes only to results pooled over at "
-                f"least {need} sites ({len(peers)} taking part)"
+        """Mask, encrypt and tag this site's totals for the sites in ``peers``
+        (after :meth:`count_holders` with the same ``peers``)."""
+        self._check_peers(peers)
+        if self.holders is None or self._peers != dict(peers):
+            raise IntegrityError(
+                f"site {self.site.name}: count the holders among these sites first"
             )
-        digits = self.__digits
+        totals = list(self.__totals)
+        for i in self.suppressed:  # a block too few sites hold: zeros from everyone
+            block = self._blocks[i]
+            totals[block.start : block.stop] = [0.0] * (block.stop - block.start)
+        digits = _encode(self.site.name, totals)
         seeds = self.site.pairwise_seeds(peers, bytes.fromhex(self.query.hash[2:]))
         masked = mask_digits(digits, mask_vector(seeds, digits.size))
         context = public.load()
@@ -182,10 +332,11 @@ class SiteWork:
             for chunk in chunks
         )
         self.site.remember(
-            self._subsets,
+            self._released(),
             query_hash=self.query.hash,
             kind=self.query.kind,
             researcher=self.researcher,
+            protected=[self._blocks[i].mask for i in self.suppressed],
         )
         return Contribution(
             self.site.name,
@@ -194,6 +345,30 @@ class SiteWork:
             self.query.n_totals,
             ciphertexts,
         )
+
+
+@dataclass(frozen=True)
+class HolderFlags:
+    """One site's announcement for the holder count: its 0/1 flags (holds rows for
+    the query, for each block) under pairwise masks — uniform noise alone — and an
+    HMAC-SHA256 tag for every peer under the pair's tag key."""
+
+    site: str
+    query_hash: str
+    masked: tuple[int, ...]
+    tags: Mapping[str, str] = field(repr=False)
+
+
+def _holder_body(site: str, query_hash: str, masked: Sequence[int]) -> bytes:
+    return json.dumps([site, query_hash, list(masked)]).encode()
+
+
+def count_holders(work: Sequence[SiteWork], peers: Mapping[str, bytes]) -> list[int]:
+    """The holder count among ``work``'s sites (each site counts for itself); the
+    counts every site arrived at (the same for honest sites)."""
+    announced = [w.announce(peers) for w in work]
+    counts = [w.count_holders(peers, announced) for w in work]
+    return counts[0]
 
 
 def query_columns(query: Query) -> list[str]:
@@ -302,6 +477,10 @@ class StudyRun:
     signed: SignedQuery | None
     upload_bytes: dict[str, int]
     public_params: dict[str, Any] = field(default_factory=dict)
+    #: How many sites hold rows for the query, then for each block (public counts).
+    holders: list[int] = field(default_factory=list)
+    #: The blocks too few sites hold: sent as zeros by every site.
+    suppressed: list[int] = field(default_factory=list)
 
 
 def run_query(
@@ -382,6 +561,7 @@ class PreparedQuery:
         """Steps 3–5: contribute, aggregate, decrypt the pooled totals."""
         public = keys.public_context()
         peers = {w.site.name: w.site.mask_public_key for w in self.work}
+        holders = count_holders(self.work, peers)
         contributions = [w.contribute(peers, public) for w in self.work]
         aggregate = Aggregator(public).add(contributions)
         totals = decrypt_totals(keys, aggregate)
@@ -392,6 +572,8 @@ class PreparedQuery:
             refused=self.refused,
             signed=self.signed,
             upload_bytes={c.site: c.nbytes for c in contributions},
+            holders=holders,
+            suppressed=list(self.work[0].suppressed),
             public_params={
                 **public.params.as_dict(),
                 "public_key_fingerprint": public.fingerprint,

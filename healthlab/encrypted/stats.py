@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from healthlab.encrypted.keys import KeyHolder
-from healthlab.encrypted.protocol import Query, StudyRun, Totals, run_query
+from healthlab.encrypted.protocol import Block, Query, StudyRun, Totals, run_query
 from healthlab.errors import DataRefused, DisclosureRefused, InvalidInput, TooFewSites
 from healthlab.receipts import Receipt, build_receipt
 from healthlab.site_data import at_site, numeric, numeric_column
@@ -75,9 +75,9 @@ def _full_masks(
 def _moments(site: Site, query: Query) -> Totals:
     """n, Σ(x-c), Σ(x-c)² (or the upper triangle of Σ(x-c)(x-c)ᵀ) per group.
 
-    Each group (and the whole query) also carries a 0/1 "this site has rows here";
-    pooled, it counts the sites behind every total, so a group only one site holds
-    is never released as if it were pooled.
+    Each group is a :class:`~healthlab.encrypted.protocol.Block`: the sites count
+    among themselves how many hold rows in it, and a group fewer than the pooling
+    minimum hold is sent as zeros by every site (and protected by its auditor).
     """
     spec = query.spec
     columns: list[str] = list(spec["columns"])
@@ -86,13 +86,14 @@ def _moments(site: Site, query: Query) -> Totals:
     kept, dropped = site.rows(asked, dropna=bool(spec.get("dropna")))
     values = numeric(site.name, kept, columns) - np.asarray(spec["center"])
     masks = _group_masks(kept, by, spec.get("groups", ()))
-    totals: list[float] = [float(dropped), float(len(kept) > 0)]
+    totals: list[float] = [float(dropped)]
     p = len(columns)
     upper = np.triu_indices(p)
+    starts = []
     for mask in masks:
         x = values[mask]
+        starts.append(len(totals))
         totals.append(float(len(x)))
-        totals.append(float(len(x) > 0))
         totals.extend(x.sum(axis=0).tolist())
         if spec["order"] == 2:
             if spec["cross"]:
@@ -105,7 +106,11 @@ def _moments(site: Site, query: Query) -> Totals:
         for mask in full:
             if mask.any():
                 site.check_model(int(model), int(mask.sum()))
-    return totals, {c: full for c in columns}
+    if by is None:
+        return totals, {c: full for c in columns}
+    ends = [*starts[1:], len(totals)]
+    blocks = [Block(a, b, m) for a, b, m in zip(starts, ends, full, strict=True)]
+    return totals, {c: full for c in columns}, blocks
 
 
 def _counts(site: Site, query: Query) -> Totals:
@@ -166,8 +171,9 @@ def _centers(
     and the groups held by enough sites to be pooled.
 
     A model's size is checked here already, so a refused model answers nothing.
-    Fewer sites with rows than the pooling minimum (the query's or any site's
-    policy's) refuses the query; a group held by fewer is left out of round 2.
+    The sites refuse a query fewer than the pooling minimum of them hold rows for,
+    and send zeros for a group fewer hold (the run's ``suppressed`` blocks): the
+    centers come from the pooled groups only, and round 2 leaves the others out.
     """
     spec = {
         "columns": columns,
@@ -184,31 +190,21 @@ def _centers(
         sites,
         "moments",
         spec,
-        2 + n_groups * (2 + len(columns)),
+        1 + n_groups * (1 + len(columns)),
         _moments,
         **_opts(options),
     )
-    t = np.asarray(run.totals[2:]).reshape(n_groups, 2 + len(columns))
+    t = np.asarray(run.totals[1:]).reshape(n_groups, 1 + len(columns))
+    pooled = [g for i, g in enumerate(groups) if i not in run.suppressed]
+    if groups and not pooled:
+        raise TooFewSites(
+            f"no group of {by!r} is held by enough sites to be pooled; group rows "
+            "more coarsely or add sites"
+        )
     n = t[:, 0].sum()
     if n == 0:
         raise DisclosureRefused("no rows to summarize")
-    need = max(
-        [options["min_sites"], *(s.policy.min_sites for s in run.sites)], default=2
-    )
-    holding = round(run.totals[1])
-    if holding < need:
-        raise TooFewSites(
-            f"only {holding} site(s) hold rows for {', '.join(columns)}, fewer than "
-            f"the {need} a pooled result needs"
-        )
-    held: list[float] = t[:, 1].tolist() if groups else []
-    pooled = [g for g, k in zip(groups, held, strict=True) if round(k) >= need]
-    if groups and not pooled:
-        raise TooFewSites(
-            f"no group of {by!r} is held by at least {need} sites; nothing can be "
-            "pooled"
-        )
-    return run, t[:, 2:].sum(axis=0) / n, pooled
+    return run, t[:, 1:].sum(axis=0) / n, pooled
 
 
 def _opts(options: dict[str, Any]) -> dict[str, Any]:
@@ -266,31 +262,42 @@ def _second_moments(
         "model_params": model_params,
     }
     n_groups = max(1, len(pooled))
-    per_group = 2 + p + width
+    per_group = 1 + p + width
     second = _run(
         participants,
         "moments",
         spec,
-        2 + n_groups * per_group,
+        1 + n_groups * per_group,
         _moments,
         **_opts(options),
     )
-    t = np.asarray(second.totals[2:]).reshape(n_groups, per_group)
+    t = np.asarray(second.totals[1:]).reshape(n_groups, per_group)
+    # a group the sites of round 2 suppressed (fewer of them took part) is out too
+    kept = {
+        g: row
+        for i, (g, row) in enumerate(zip(pooled, t, strict=bool(groups)))
+        if i not in second.suppressed
+    }
+    if groups and not kept:
+        raise TooFewSites(
+            f"no group of {by!r} is held by enough sites to be pooled; group rows "
+            "more coarsely or add sites"
+        )
     rows = iter(t)
     out = []
     labels: list[str | None] = list(groups) if groups else [None]
     for group in labels:
-        if group is not None and group not in pooled:
+        if group is not None and group not in kept:
             out.append({"group": group, "suppressed": True})
             continue
-        row = next(rows)
-        entry: dict[str, Any] = {"group": group, "n": row[0], "s1": row[2 : 2 + p]}
+        row = kept[group] if group is not None else next(rows)
+        entry: dict[str, Any] = {"group": group, "n": row[0], "s1": row[1 : 1 + p]}
         if cross:
             m = np.zeros((p, p))
-            m[np.triu_indices(p)] = row[2 + p :]
+            m[np.triu_indices(p)] = row[1 + p :]
             entry["m2"] = m + np.triu(m, 1).T
         else:
-            entry["s2"] = row[2 + p :]
+            entry["s2"] = row[1 + p :]
         out.append(entry)
     out[0]["dropped"] = second.totals[0]
     return [first, second], center, out
