@@ -52,10 +52,11 @@ import numpy as np
 
 from healthlab.errors import DisclosureRefused
 
-__all__ = ["Auditor", "in_span", "isolable", "isolated"]
+__all__ = ["Auditor", "in_span", "isolable", "isolated", "isolated_sites"]
 
 #: What the auditor keeps per researcher: subsets answered, refused, protected.
 _FIELDS = ("answered", "refused", "protected")
+_SET_FIELDS = ("site_sets", "site_sets_refused")
 #: Above this many candidate small sets, the auditor refuses rather than test them.
 MAX_CANDIDATES = 200_000
 _TOL = 1e-8
@@ -144,6 +145,33 @@ def isolated(masks: Sequence[np.ndarray], k: int) -> set[frozenset[int]] | None:
     return found
 
 
+def isolated_sites(
+    sets: Sequence[Iterable[str]], need: int
+) -> set[frozenset[str]] | None:
+    """The sets of fewer than ``need`` sites that some combination of results pooled
+    over ``sets`` (participant sets) would single out: ``T`` is singled out when the
+    span of the sets' indicator vectors holds a non-zero vector supported on ``T``,
+    i.e. ``rank(V) > rank(V without T's columns)``. ``None`` when there are too many
+    candidate sets to test (treat as unsafe)."""
+    found: set[frozenset[str]] = set()
+    listed = [frozenset(s) for s in sets]
+    if need <= 1 or not listed:
+        return found
+    universe = sorted(frozenset().union(*listed))
+    matrix = np.array([[name in s for name in universe] for s in listed], dtype=float)
+    rank = _rank(matrix)
+    count = 0
+    for size in range(1, min(need, len(universe) + 1)):
+        for combo in itertools.combinations(range(len(universe)), size):
+            count += 1
+            if count > MAX_CANDIDATES:
+                return None
+            rest = [i for i in range(len(universe)) if i not in combo]
+            if rank > _rank(matrix[:, rest]):
+                found.add(frozenset(universe[i] for i in combo))
+    return found
+
+
 def isolable(masks: Sequence[np.ndarray], k: int) -> bool:
     """Whether some combination of answers over ``masks`` isolates fewer than
     ``k`` rows (or the audit cannot tell, which counts as yes)."""
@@ -168,6 +196,9 @@ class Auditor:
         self.answered: dict[str, list[bytes]] = {}
         self.refused: dict[str, list[bytes]] = {}
         self.protected: dict[str, list[bytes]] = {}
+        #: participant sets of the queries this site answered / refused, per researcher
+        self.site_sets: dict[str, list[list[str]]] = {}
+        self.site_sets_refused: dict[str, list[list[str]]] = {}
         self._load()
 
     # ----------------------------------------------------------- persistence
@@ -181,6 +212,8 @@ class Auditor:
             target = getattr(self, field)
             for who, packed in stored.get(field, {}).items():
                 target[who] = [base64.b64decode(p) for p in packed]
+        for field in _SET_FIELDS:
+            getattr(self, field).update(stored.get(field, {}))
 
     def _save(self) -> None:
         if self.path is None:
@@ -196,6 +229,7 @@ class Auditor:
                 }
                 for field in _FIELDS
             },
+            **{field: getattr(self, field) for field in _SET_FIELDS},
         }
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -278,6 +312,49 @@ class Auditor:
                 "as before, or group rows more coarsely"
             )
 
+    def check_sites(
+        self,
+        site: str,
+        researcher: str | None,
+        participants: Iterable[str],
+        others: Iterable[Iterable[str]],
+        need: int,
+    ) -> None:
+        """Refuse (and remember the refusal) unless pooling over ``participants``,
+        with the participant sets this site answered this researcher before and
+        ``others`` (the researcher's logged queries this site took no part in),
+        keeps every combination of results over at least ``need`` sites."""
+        who = (researcher or "").lower()
+        new = sorted(set(participants))
+        answered = [*self.site_sets.get(who, []), *(sorted(set(o)) for o in others)]
+        unsafe = _unsafe_sites([*answered, new], need)
+        probed = self.site_sets_refused.get(who, [])
+        if not unsafe and probed:
+            before = isolated_sites([*answered, *probed], need)
+            after = isolated_sites([*answered, *probed, new], need)
+            unsafe = before is None or after is None or not after <= before
+        if unsafe:
+            known = self.site_sets_refused.setdefault(who, [])
+            if new not in known:
+                known.append(new)
+            self._save()
+            raise DisclosureRefused(
+                f"site {site}: together with this researcher's other queries (the "
+                "shared query log), this query's set of sites would let a "
+                f"combination of results single out fewer than {need} sites "
+                "(site-set differencing); ask every query of a study of the same "
+                "sites"
+            )
+
+    def record_sites(self, researcher: str | None, participants: Iterable[str]) -> None:
+        """Remember the participant set of an answered query."""
+        who = (researcher or "").lower()
+        known = self.site_sets.setdefault(who, [])
+        new = sorted(set(participants))
+        if new not in known:
+            known.append(new)
+        self._save()
+
     def record(
         self,
         researcher: str | None,
@@ -310,4 +387,17 @@ def _unique(masks: list[np.ndarray]) -> list[np.ndarray]:
         if packed not in seen:
             seen.add(packed)
             out.append(mask)
+    return out
+
+
+def _unsafe_sites(sets: list[list[str]], need: int) -> bool:
+    found = isolated_sites(_unique_sets(sets), need)
+    return found is None or bool(found)
+
+
+def _unique_sets(sets: list[list[str]]) -> list[list[str]]:
+    out: list[list[str]] = []
+    for s in sets:
+        if s not in out:
+            out.append(s)
     return out

@@ -324,6 +324,26 @@ class ResultAlreadyRecorded(StateConflict):
     hint = "this result hash is anchored already; verify it instead of recording it"
 
 
+class EmptyQuery(InvalidRequest):
+    hint = "log a query by its (non-zero) hash and the datasets it pools"
+
+
+class TooManyDatasets(InvalidRequest):
+    hint = "a logged query pools at most 1,000 datasets"
+
+
+class UnknownCollaboration(NotFound):
+    hint = "create the collaboration first (`Ledger.create_collaboration`)"
+
+
+class NotCurator(NotAuthorized):
+    hint = "only the collaboration's curator adds or removes its members"
+
+
+class EmptyName(InvalidRequest):
+    hint = "give the collaboration a public name of 1 to 200 bytes"
+
+
 _BY_NAME: dict[str, type[ContractError]] = {
     cls.__name__: cls
     for cls in list(globals().values())

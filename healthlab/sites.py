@@ -34,6 +34,7 @@ from healthlab.errors import (
     DisclosureRefused,
     InvalidInput,
     SignatureInvalid,
+    TooFewSites,
 )
 from healthlab.ledger.signing import SignedQuery, recover_signer
 from healthlab.site_data import at_site
@@ -41,7 +42,15 @@ from healthlab.site_data import at_site
 if TYPE_CHECKING:
     from healthlab.ledger import Ledger
 
-__all__ = ["DisclosurePolicy", "QueryLogEntry", "Site", "as_sites", "read_table"]
+__all__ = [
+    "DisclosurePolicy",
+    "QueryLogEntry",
+    "Site",
+    "as_sites",
+    "log_query",
+    "logged_queries",
+    "read_table",
+]
 
 
 @dataclass(frozen=True)
@@ -63,6 +72,9 @@ class DisclosurePolicy:
         (:mod:`healthlab.audit`); the auditor uses the larger of it and ``min_rows``.
     max_query_age:
         Seconds a signed query stays valid.
+    collaboration:
+        The id of an on-chain collaboration (:meth:`Ledger.create_collaboration`):
+        a gated site then pools only with datasets whose owners are its members.
     """
 
     min_rows: int = 3
@@ -70,10 +82,15 @@ class DisclosurePolicy:
     min_sites: int = 2
     min_difference: int = 3
     max_query_age: int = 900
+    collaboration: int | None = None
 
     def __post_init__(self) -> None:
         if self.min_rows < 1 or self.min_sites < 1 or self.min_difference < 1:
             raise InvalidInput("min_rows, min_sites and min_difference must be >= 1")
+        if self.collaboration is not None and self.collaboration < 1:
+            raise InvalidInput(
+                "collaboration must be the id of an on-chain collaboration"
+            )
         if not 0 < self.max_param_ratio <= 1:
             raise InvalidInput("max_param_ratio must be in (0, 1]")
         if self.max_query_age < 1:
@@ -240,6 +257,15 @@ class Site:
         """This site's X25519 public key, for the pairwise masks of secure sums."""
         return self._mask_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
+    @property
+    def participant(self) -> str:
+        """How this site is named in a query's participant set and the shared query
+        log: its dataset id when gated; else its name and a prefix of its content
+        hash (so two teaching sites of one name but other data are not confused)."""
+        if self.gated:
+            return str(self.dataset_id)
+        return f"{self.name}@{self.content_hash[2:14]}"
+
     def __repr__(self) -> str:
         kind = f"dataset {self.dataset_id}" if self.gated else "ungated"
         return f"Site({self.name!r}, {kind})"
@@ -294,6 +320,73 @@ class Site:
             )
         self._nonces.add(key)
         return signed.researcher
+
+    def check_participants(
+        self,
+        query_hash: str,
+        participants: Sequence[str],
+        *,
+        researcher: str | None,
+        need: int,
+    ) -> None:
+        """Before computing: the query must be in the shared query log with exactly
+        these participants; a gated site counts only datasets of distinct owners
+        other than the researcher (Sybils), keeps to its collaboration, and no
+        combination of the researcher's logged site sets may single out fewer than
+        ``need`` sites (:meth:`Auditor.check_sites`)."""
+        members = sorted(set(participants))
+        if self.participant not in members or len(members) != len(participants):
+            raise AccessDenied(
+                f"site {self.name} is not among this query's sites, or a site is "
+                "named twice; ask through healthlab.encrypted"
+            )
+        if len(members) < need:
+            raise TooFewSites(
+                f"site {self.name}: this query pools {len(members)} site(s), fewer "
+                f"than the {need} required"
+            )
+        entries = logged_queries(self, researcher)
+        if (query_hash, tuple(members)) not in entries:
+            raise AccessDenied(
+                f"site {self.name}: this query is not in the shared query log with "
+                "these sites; the statistics functions log every query before "
+                "asking (Ledger.log_query)"
+            )
+        if self.gated:
+            self._check_owners(members, researcher, need)
+        others = [
+            list(p) for h, p in entries if h != query_hash and self.participant not in p
+        ]
+        self.auditor.check_sites(self.name, researcher, members, others, need)
+
+    def _check_owners(
+        self, members: Sequence[str], researcher: str | None, need: int
+    ) -> None:
+        assert self.ledger is not None
+        try:
+            ids = [int(m) for m in members]
+        except ValueError:
+            raise AccessDenied(
+                f"site {self.name} pools only with registered datasets"
+            ) from None
+        owners = {self.ledger.dataset(i).owner.lower() for i in ids}
+        others = owners - {(researcher or "").lower()}
+        if len(others) < need:
+            raise TooFewSites(
+                f"site {self.name}: the query pools datasets of {len(others)} "
+                f"owner(s) other than the researcher, fewer than the {need} a pooled "
+                "result needs (a researcher's own datasets count not at all, several "
+                "of one owner once); add sites of other owners"
+            )
+        collaboration = self._policy.collaboration
+        if collaboration is not None and not all(
+            self.ledger.is_member(collaboration, owner) for owner in owners
+        ):
+            raise DisclosureRefused(
+                f"site {self.name} pools only with datasets whose owners are members "
+                f"of collaboration #{collaboration}; leave the other sites out, or "
+                "ask the collaboration's curator to admit their owners"
+            )
 
     # ------------------------------------------------------------------- rows
     def rows(
@@ -385,11 +478,14 @@ class Site:
         kind: str,
         researcher: str | None,
         protected: Iterable[np.ndarray] = (),
+        participants: Sequence[str] = (),
     ) -> None:
-        """Record an answered query's subsets and the sets it protects (for the
-        auditor), and a log line."""
+        """Record an answered query's subsets, the sets it protects and its
+        participant set (for the auditor), and a log line."""
         masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
         self.auditor.record(researcher, masks, protected)
+        if participants:
+            self.auditor.record_sites(researcher, participants)
         sizes = [int(m.sum()) for m in masks if m.any()]
         self.log.append(
             QueryLogEntry(
@@ -449,6 +545,54 @@ class Site:
                 info=purpose + b"|" + pair + b"|" + context,
             ).derive(shared)
         return out
+
+
+#: The shared query log of ungated (teaching) sites, in this process: (researcher,
+#: query hash, participants). Gated sites read the chain's ``QueryLogged`` events.
+_LOCAL_LOG: list[tuple[str, str, tuple[str, ...]]] = []
+
+
+def log_query(
+    sites: Sequence[Site], query_hash: str, researcher: str | None
+) -> tuple[str, ...]:
+    """Log a query in the shared log of ``sites`` before asking them; return its
+    participant set (sorted ``Site.participant``). Gated sites: one ``QueryLogged``
+    event on their chain, sent by the researcher. Ungated sites: this process's
+    log."""
+    members = tuple(sorted(s.participant for s in sites))
+    gated = [s for s in sites if s.gated]
+    if gated and len(gated) != len(sites):
+        raise InvalidInput(
+            "a query pools either sites that check grants on chain or ungated "
+            "teaching sites, not both"
+        )
+    if gated:
+        ledger = gated[0].ledger
+        assert ledger is not None
+        if researcher is None:
+            raise InvalidInput(
+                "these sites check grants on chain: pass researcher=<your address>"
+            )
+        ledger.log_query(query_hash, [int(m) for m in members], sender=researcher)
+    else:
+        _LOCAL_LOG.append(((researcher or "").lower(), query_hash, members))
+    return members
+
+
+def logged_queries(
+    site: Site, researcher: str | None
+) -> list[tuple[str, tuple[str, ...]]]:
+    """Every query of ``researcher`` in ``site``'s shared log: (hash, participants)."""
+    if site.gated:
+        assert site.ledger is not None
+        if researcher is None:
+            return []
+        return [
+            (q.query_hash, tuple(sorted(str(i) for i in set(q.dataset_ids))))
+            for q in site.ledger.logged_queries(researcher)
+        ]
+    who = (researcher or "").lower()
+    return [(h, members) for r, h, members in _LOCAL_LOG if r == who]
 
 
 def read_table(path: Path) -> pd.DataFrame:

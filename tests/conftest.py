@@ -165,10 +165,13 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture(autouse=True)
 def _fresh_teaching_sites() -> Iterator[None]:
-    """Each test starts with no ``{name: DataFrame}`` site remembered: their
-    auditors remember across calls within a test, not across tests."""
+    """Each test starts with no ``{name: DataFrame}`` site remembered and an empty
+    in-process query log: auditors and the log remember across calls within a
+    test, not across tests."""
     from healthlab import sites
 
     sites._TEACHING.clear()
+    sites._LOCAL_LOG.clear()
     yield
     sites._TEACHING.clear()
+    sites._LOCAL_LOG.clear()

@@ -409,9 +409,9 @@ def run_all_cells(ui: UI, timeout: float = START_TIMEOUT) -> None:
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        ui.page.locator(
-            ".jp-main-dock-panel .lm-TabBar-tab.lm-mod-current"
-        ).first.click()
+        tab = ui.page.locator("#jp-main-dock-panel .lm-TabBar-tab.lm-mod-current")
+        if tab.count():  # the notebook's tab: makes it the current widget
+            tab.first.click()
         ui.page.locator(".lm-MenuBar-item", has_text="Run").first.click()
         try:
             item.first.wait_for(timeout=10_000)

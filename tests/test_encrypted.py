@@ -15,6 +15,7 @@ import math
 import pickle
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 from functools import cache
 
 import numpy as np
@@ -43,6 +44,7 @@ from healthlab.errors import (
     InvalidInput,
     TooFewSites,
 )
+from healthlab.sites import log_query
 
 RTOL = 1e-9  # the bound for means, variances, correlations, coefficients
 
@@ -350,6 +352,8 @@ def contribute(
     ) -> tuple[list[float], dict[str, list[np.ndarray]]]:
         return totals[site.name], {"x": [np.ones(3, dtype=bool)]}
 
+    query = replace(query, participants=tuple(sorted(s.participant for s in sites)))
+    log_query(sites, query.hash, None)  # what prepare_query does before asking
     work = [SiteWork(site, query, None, compute) for site in sites]
     peers = {site.name: site.mask_public_key for site in sites}
     count_holders(work, peers)

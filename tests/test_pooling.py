@@ -30,7 +30,8 @@ from healthlab.encrypted.protocol import (
     prepare_query,
 )
 from healthlab.encrypted.stats import _moments
-from healthlab.errors import DisclosureRefused, TooFewSites
+from healthlab.errors import DataRefused, DisclosureRefused, TooFewSites
+from healthlab.sites import log_query
 
 
 def cohort(seed: int, n: int = 40, *, region: str | None = None) -> pd.DataFrame:
@@ -57,17 +58,23 @@ def empty_of(columns: list[str], n: int = 30) -> pd.DataFrame:
 
 
 # the statistics, each asked over (site_d, an empty partner) with dropna
-STATISTICS: dict[str, Callable[[list[Site]], Any]] = {
-    "describe": lambda s: encrypted.describe(s, ["age"], dropna=True),
-    "describe by": lambda s: encrypted.describe(s, ["age"], by="sex", dropna=True),
-    "histogram": lambda s: encrypted.histogram(s, "age", [0, 50, 60, 200], dropna=True),
-    "crosstab": lambda s: encrypted.crosstab(s, "sex", "region", dropna=True),
-    "describe_values": lambda s: encrypted.describe_values(
-        s, ["age"], bound=200, dropna=True, workers=1
+STATISTICS: dict[str, Callable[..., Any]] = {
+    "describe": lambda s, **kw: encrypted.describe(s, ["age"], dropna=True, **kw),
+    "describe by": lambda s, **kw: encrypted.describe(
+        s, ["age"], by="sex", dropna=True, **kw
     ),
-    "corr": lambda s: encrypted.corr(s, ["age", "sbp"], dropna=True),
-    "cov": lambda s: encrypted.cov(s, ["age", "sbp"], dropna=True),
-    "ols": lambda s: encrypted.ols(s, "sbp", ["age"], dropna=True),
+    "histogram": lambda s, **kw: encrypted.histogram(
+        s, "age", [0, 50, 60, 200], dropna=True, **kw
+    ),
+    "crosstab": lambda s, **kw: encrypted.crosstab(
+        s, "sex", "region", dropna=True, **kw
+    ),
+    "describe_values": lambda s, **kw: encrypted.describe_values(
+        s, ["age"], bound=200, dropna=True, workers=1, **kw
+    ),
+    "corr": lambda s, **kw: encrypted.corr(s, ["age", "sbp"], dropna=True, **kw),
+    "cov": lambda s, **kw: encrypted.cov(s, ["age", "sbp"], dropna=True, **kw),
+    "ols": lambda s, **kw: encrypted.ols(s, "sbp", ["age"], dropna=True, **kw),
 }
 #: The columns each statistic reads, emptied at the partner.
 READS = {
@@ -88,8 +95,12 @@ def test_an_empty_partner_releases_nothing(statistic: str, partners: int) -> Non
     hospital = Site("site_d", cohort(1))
     empty = [Site(f"empty_{i}", empty_of(READS[statistic])) for i in range(partners)]
     sites = [hospital, *empty]
-    with pytest.raises(TooFewSites, match="only 1 site"):
+    # the empty partners refuse to take part (a zero reveals nobody) ...
+    with pytest.raises(DataRefused, match="holds no rows for this query"):
         STATISTICS[statistic](sites)
+    # ... and without them too few sites are left
+    with pytest.raises(TooFewSites):
+        STATISTICS[statistic](sites, on_refusal="skip")
     # the refusal came before any site contributed: nothing was answered
     assert hospital.auditor.answered.get("", []) == []
     assert hospital.log == []
@@ -102,8 +113,9 @@ def test_every_statistic_is_answered_when_two_sites_hold_rows(statistic: str) ->
         Site("site_e", cohort(2)),
         Site("empty", empty_of(READS[statistic])),
     ]
-    result = STATISTICS[statistic](sites)
+    result = STATISTICS[statistic](sites, on_refusal="skip")
     assert isinstance(result, pd.DataFrame) and not result.empty
+    assert [s["name"] for s in result.attrs["receipt"]["sites"]] == ["site_d", "site_e"]
 
 
 def rare_region_sites() -> tuple[list[Site], pd.DataFrame]:
@@ -244,6 +256,8 @@ def _work(sites: list[Site]) -> tuple[list[SiteWork], dict[str, bytes]]:
         },
         1 + 2 * 2,
     )
+    query = replace(query, participants=tuple(sorted(s.participant for s in sites)))
+    log_query(sites, query.hash, None)
     work = [SiteWork(s, query, None, _moments) for s in sites]
     return work, {s.name: s.mask_public_key for s in sites}
 

@@ -752,11 +752,14 @@ def test_a_pooled_result_with_rows_at_only_one_site_is_refused() -> None:
         "a": pd.DataFrame({"x": np.arange(10.0)}),
         "b": pd.DataFrame({"x": [np.nan] * 10}),
     }
-    with pytest.raises(TooFewSites, match="only 1 site"):
+    with pytest.raises(DataRefused, match="site b holds no rows for this query"):
         encrypted.describe(frames, ["x"], dropna=True)
+    with pytest.raises(TooFewSites, match="only 1 site"):
+        encrypted.describe(frames, ["x"], dropna=True, on_refusal="skip")
     with pytest.raises(TooFewSites, match="only 1 site"):
         encrypted.corr(
             {n: f.assign(y=f["x"] * 2) for n, f in frames.items()},
             ["x", "y"],
             dropna=True,
+            on_refusal="skip",
         )

@@ -116,6 +116,11 @@ contract HealthLabRegistry {
     /// @dev The site keys each dataset's owner bound last (see `siteKeys`).
     mapping(uint256 datasetId => SiteKeys) internal _siteKeys;
 
+    /// @dev Collaborations: lists of member owners, each kept by its curator.
+    uint256 public collaborationCount;
+    mapping(uint256 collaborationId => address) public collaborationCurator;
+    mapping(uint256 collaborationId => mapping(address owner => bool)) public isMember;
+
     bool private transient _entered;
 
     // -------------------------------------------------------------------- events
@@ -157,6 +162,12 @@ contract HealthLabRegistry {
     );
     /// @notice The dataset's owner bound (or re-bound) its site's public keys. The full node
     ///         key is kept only in this log; check it against the stored `nodeKeyHash`.
+    /// @notice A statistics query a researcher is about to ask: its hash and the datasets
+    ///         it pools. Sites answer only logged queries, and audit every logged query
+    ///         of the researcher, the ones they take no part in too.
+    event QueryLogged(address indexed researcher, bytes32 indexed queryHash, uint256[] datasetIds);
+    event CollaborationCreated(uint256 indexed collaborationId, address indexed curator, string name);
+    event MemberSet(uint256 indexed collaborationId, address indexed member, bool isMember);
     event SiteKeysBound(uint256 indexed datasetId, bytes32 maskKey, bytes32 nodeKeyHash, bytes nodeKey);
 
     // -------------------------------------------------------------------- errors
@@ -194,6 +205,11 @@ contract HealthLabRegistry {
     /// @notice A zero mask key, or a node key that is not a 97-byte uncompressed point
     ///         (0x04 || X || Y).
     error InvalidSiteKeys();
+    error EmptyQuery();
+    error TooManyDatasets(uint256 count);
+    error UnknownCollaboration(uint256 collaborationId);
+    error NotCurator(uint256 collaborationId, address caller);
+    error EmptyName();
 
     // ----------------------------------------------------------------- modifiers
     modifier nonReentrant() {
@@ -435,6 +451,40 @@ contract HealthLabRegistry {
         if (existing != 0) revert ResultAlreadyRecorded(resultHash, existing);
         resultRequest[resultHash] = requestId;
         emit ResultRecorded(requestId, datasetId, msg.sender, resultHash);
+    }
+
+    // --------------------------------------------------------- the shared query log
+    /// @notice Log a statistics query before the sites answer it (one event per query).
+    /// @param queryHash the hash of the query the researcher signs for the sites.
+    /// @param datasetIds the datasets the query pools (at most 1,000, each registered).
+    function logQuery(bytes32 queryHash, uint256[] calldata datasetIds) external {
+        if (queryHash == bytes32(0) || datasetIds.length == 0) revert EmptyQuery();
+        if (datasetIds.length > 1000) revert TooManyDatasets(datasetIds.length);
+        for (uint256 i; i < datasetIds.length; ++i) {
+            if (_datasets[datasetIds[i]].owner == address(0)) revert UnknownDataset(datasetIds[i]);
+        }
+        emit QueryLogged(msg.sender, queryHash, datasetIds);
+    }
+
+    // ------------------------------------------------------------ collaborations
+    /// @notice Start a collaboration you curate: a list of member owners a site can
+    ///         restrict its pooling to.
+    /// @param name the collaboration's public name (e.g. a consortium's).
+    function createCollaboration(string calldata name) external returns (uint256 collaborationId) {
+        if (bytes(name).length == 0 || bytes(name).length > 200) revert EmptyName();
+        collaborationId = ++collaborationCount;
+        collaborationCurator[collaborationId] = msg.sender;
+        emit CollaborationCreated(collaborationId, msg.sender, name);
+    }
+
+    /// @notice Add (`member_` true) or remove an owner from a collaboration (curator only).
+    function setMember(uint256 collaborationId, address member, bool member_) external {
+        address curator = collaborationCurator[collaborationId];
+        if (curator == address(0)) revert UnknownCollaboration(collaborationId);
+        if (curator != msg.sender) revert NotCurator(collaborationId, msg.sender);
+        if (member == address(0)) revert ZeroAddress();
+        isMember[collaborationId][member] = member_;
+        emit MemberSet(collaborationId, member, member_);
     }
 
     // --------------------------------------------------------------------- views

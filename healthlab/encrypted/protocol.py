@@ -29,7 +29,7 @@ import hmac
 import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,7 +55,7 @@ from healthlab.errors import (
     TooFewSites,
 )
 from healthlab.site_data import at_site
-from healthlab.sites import Site
+from healthlab.sites import Site, log_query
 
 if TYPE_CHECKING:
     from healthlab.ledger.signing import SignedQuery
@@ -112,6 +112,9 @@ class Query:
     min_rows: int = 0
     min_sites: int = 2
     nonce: int = field(default_factory=lambda: secrets.randbits(63))
+    #: The sites the query pools (``Site.participant``), sorted; set by
+    #: :func:`prepare_query`, signed with the rest and logged in the shared log.
+    participants: tuple[str, ...] = ()
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form (for hashing and receipts)."""
@@ -168,6 +171,12 @@ class SiteWork:
         self.site = site
         self.query = query
         self.researcher = site.authorize(signed, query_hash=query.hash)
+        site.check_participants(
+            query.hash,
+            query.participants,
+            researcher=self.researcher,
+            need=self.need,
+        )
         # every step on the site's rows is wrapped: an error that leaves the site
         # names the site, the rule and the columns, never a value (site_data.at_site)
         columns = query_columns(query)
@@ -192,6 +201,13 @@ class SiteWork:
         self._subsets = subsets
         self._blocks: list[Block] = list(rest[0]) if rest else []
         masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
+        if not any(m.any() for m in masks):
+            # a partner with no rows would make another site's totals "pooled"
+            raise DataRefused(
+                f"site {site.name} holds no rows for this query (after leaving out "
+                "rows with missing values); leave it out of the query, or pass "
+                'on_refusal="skip"'
+            )
         self.__flags = [int(any(m.any() for m in masks))] + [
             int(np.asarray(b.mask).any()) for b in self._blocks
         ]
@@ -297,9 +313,10 @@ class SiteWork:
         }
 
     def _check_peers(self, peers: Mapping[str, bytes]) -> None:
-        if self.site.name not in peers:
+        if self.site.name not in peers or len(peers) != len(self.query.participants):
             raise IntegrityError(
-                f"site {self.site.name} is not among the sites of this query"
+                f"site {self.site.name}: the sites taking part are not the sites "
+                "this query was logged and signed for"
             )
         if len(peers) < self.need:
             raise TooFewSites(
@@ -337,6 +354,7 @@ class SiteWork:
             kind=self.query.kind,
             researcher=self.researcher,
             protected=[self._blocks[i].mask for i in self.suppressed],
+            participants=self.query.participants,
         )
         return Contribution(
             self.site.name,
@@ -520,27 +538,38 @@ def prepare_query(
     """
     if on_refusal not in ("raise", "skip"):
         raise InvalidInput('on_refusal must be "raise" or "skip"')
-    signed = sign_query(sites, query, researcher)
-    work: list[SiteWork] = []
+    asked = list(sites)
     refused: dict[str, str] = {}
-    errors: list[HealthLabError] = []
-    for site in sites:
-        try:
-            work.append(SiteWork(site, query, signed, compute))
-        except (AccessDenied, DisclosureRefused, DataRefused) as exc:
-            refused[site.name] = str(exc)
-            errors.append(exc)
-    if refused and on_refusal == "raise":
-        raise _refusal(refused, errors) from None
-    minimum = max(
-        [query.min_sites, *(w.site.policy.min_sites for w in work)], default=2
-    )
-    if len(work) < minimum:
-        raise TooFewSites(
-            f"only {len(work)} site(s) can take part, fewer than the {minimum} "
-            f"required; refusals: {refused or 'none'}"
+    while True:
+        # the participant set is part of the signed, logged query: with "skip", a
+        # query some sites refused is asked again, anew, of the others
+        members = tuple(sorted(s.participant for s in asked))
+        query = replace(query, participants=members, nonce=secrets.randbits(63))
+        log_query(asked, query.hash, researcher)
+        signed = sign_query(asked, query, researcher)
+        work: list[SiteWork] = []
+        errors: list[HealthLabError] = []
+        now: dict[str, str] = {}
+        for site in asked:
+            try:
+                work.append(SiteWork(site, query, signed, compute))
+            except (AccessDenied, DisclosureRefused, DataRefused) as exc:
+                now[site.name] = str(exc)
+                errors.append(exc)
+        refused.update(now)
+        if now and on_refusal == "raise":
+            raise _refusal(now, errors) from None
+        minimum = max(
+            [query.min_sites, *(w.site.policy.min_sites for w in work)], default=2
         )
-    return PreparedQuery(query, signed, work, refused)
+        if len(work) < minimum:
+            raise TooFewSites(
+                f"only {len(work)} site(s) can take part, fewer than the {minimum} "
+                f"required; refusals: {refused or 'none'}"
+            )
+        if not now:
+            return PreparedQuery(query, signed, work, refused)
+        asked = [w.site for w in work]
 
 
 @dataclass

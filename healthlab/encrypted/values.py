@@ -494,6 +494,7 @@ def describe_values(
     dropna: bool = False,
     workers: int | None = None,
     min_sites: int = 2,
+    on_refusal: str = "raise",
 ) -> pd.DataFrame:
     """``count``, ``mean``, ``std``, ``var``, ``sum`` with every value encrypted.
 
@@ -507,6 +508,8 @@ def describe_values(
     aggregates, and a pool of ``workers - 1``; 1 encrypts in this process only.
     ``dropna``: a row missing any of ``columns`` is dropped from all of them and
     counted in a ``missing`` row, as in :func:`healthlab.encrypted.describe`.
+    ``on_refusal``: ``"raise"`` (default) stops when a site refuses; ``"skip"`` asks
+    the others again, as long as enough remain.
 
     Examples
     --------
@@ -538,6 +541,7 @@ def describe_values(
             researcher,
             dropna,
             min_sites,
+            on_refusal,
         )
 
 
@@ -552,12 +556,18 @@ def _describe_values(
     researcher: str | None,
     dropna: bool,
     min_sites: int,
+    on_refusal: str,
 ) -> pd.DataFrame:
     query = Query("values", {"columns": cols, "dropna": dropna}, 2, min_sites=min_sites)
     # every site authorizes the count query and checks it against its policy
     rows = _SiteRows(cols, bounds, dropna)
     prepared = prepare_query(
-        site_list, query, rows.count_totals, keys=keys, researcher=researcher
+        site_list,
+        query,
+        rows.count_totals,
+        keys=keys,
+        researcher=researcher,
+        on_refusal=on_refusal,
     )
     participants = prepared.sites
     upload = Query(

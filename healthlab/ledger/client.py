@@ -38,7 +38,14 @@ from healthlab import errors
 from healthlab.ledger import deployments
 from healthlab.ledger.artifacts import load_artifact
 from healthlab.ledger.codes import Codes, as_codes
-from healthlab.ledger.records import Access, Dataset, Request, SiteKeys, Status
+from healthlab.ledger.records import (
+    Access,
+    Dataset,
+    LoggedQuery,
+    Request,
+    SiteKeys,
+    Status,
+)
 from healthlab.ledger.signing import (
     SignedQuery,
     query_typed_data,
@@ -687,6 +694,72 @@ class Ledger:
         )
         return found or None
 
+    # ------------------------------------------------------- the shared query log
+    def log_query(
+        self, query_hash: str | bytes, dataset_ids: Sequence[int], *, sender: str
+    ) -> str:
+        """Log a statistics query before the sites answer it; return the tx hash.
+
+        One ``QueryLogged`` event: the researcher (``sender``), the query's hash and
+        the datasets it pools. Sites answer only logged queries and audit every
+        logged query of the researcher, those they take no part in too.
+        """
+        ids = [int(i) for i in dataset_ids]
+        fn = self.contract.functions.logQuery(_bytes32(query_hash, "query_hash"), ids)
+        receipt = self._transact(fn, sender)
+        return str(receipt["transactionHash"].to_0x_hex())
+
+    def logged_queries(self, researcher: str) -> list[LoggedQuery]:
+        """Every query ``researcher`` logged, oldest first (read from the chain)."""
+        who = _address(researcher, "researcher")
+        topic = "0x" + bytes(12).hex() + who[2:].lower()
+        found = self._logs(event="QueryLogged", extra_topics=[topic])
+        return [
+            LoggedQuery(
+                researcher=str(e["args"]["researcher"]),
+                query_hash="0x" + bytes(e["args"]["queryHash"]).hex(),
+                dataset_ids=tuple(int(i) for i in e["args"]["datasetIds"]),
+                block=int(e["blockNumber"]),
+            )
+            for e in found
+        ]
+
+    # ------------------------------------------------------------ collaborations
+    def create_collaboration(self, name: str, *, sender: str | None = None) -> int:
+        """Start a collaboration curated by ``sender``: a list of member owners that
+        a site can restrict its pooling to; return its id."""
+        receipt = self._transact(
+            self.contract.functions.createCollaboration(name), sender
+        )
+        return int(self._event(receipt, "CollaborationCreated")["collaborationId"])
+
+    def set_member(
+        self,
+        collaboration_id: int,
+        owner: str,
+        member: bool = True,
+        *,
+        sender: str | None = None,
+    ) -> None:
+        """Add (or, with ``member=False``, remove) an owner (curator only)."""
+        fn = self.contract.functions.setMember(
+            int(collaboration_id), _address(owner, "owner"), bool(member)
+        )
+        self._transact(fn, sender)
+
+    def is_member(self, collaboration_id: int, owner: str) -> bool:
+        """Whether ``owner`` is a member of the collaboration now."""
+        fn = self.contract.functions.isMember(
+            int(collaboration_id), _address(owner, "owner")
+        )
+        return bool(self._call(fn))
+
+    def collaboration_curator(self, collaboration_id: int) -> str | None:
+        """The collaboration's curator, or ``None`` if there is no such one."""
+        fn = self.contract.functions.collaborationCurator(int(collaboration_id))
+        found = str(self._call(fn))
+        return None if int(found, 16) == 0 else found
+
     # ------------------------------------------------------------------ events
     def events(self, *, from_block: int | None = None) -> pd.DataFrame:
         """Every registry event as a table, one row per event, oldest first.
@@ -972,7 +1045,9 @@ class Ledger:
         request_id: int | None = None,
         dataset_id: int | None = None,
         from_block: int | None = None,
+        extra_topics: Sequence[Any] = (),
     ) -> list[Any]:
+        extra = list(extra_topics)
         if request_id is not None and dataset_id is not None:
             raise ValueError("filter logs by a request or by a dataset, not both")
         events = self._event_abis
@@ -1003,7 +1078,7 @@ class Ledger:
             "address": self.address,
             "fromBlock": self.from_block if from_block is None else from_block,
             "toBlock": "latest",
-            "topics": topics,
+            "topics": topics + extra,
         }
         with self._rpc():
             raw = self.w3.eth.get_logs(params)  # type: ignore[arg-type]

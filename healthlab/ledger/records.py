@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from healthlab.ledger.codes import Codes
 
-__all__ = ["Access", "Dataset", "Request", "SiteKeys", "Status"]
+__all__ = ["Access", "Dataset", "LoggedQuery", "Request", "SiteKeys", "Status"]
 
 
 class Status(enum.IntEnum):
@@ -95,3 +95,14 @@ class SiteKeys:
     mask_key: bytes
     node_key: bytes
     bound_at: int
+
+
+@dataclass(frozen=True)
+class LoggedQuery:
+    """One ``QueryLogged`` event: a researcher's statistics query and the datasets it
+    pools, as logged on chain before the sites answered it."""
+
+    researcher: str
+    query_hash: str
+    dataset_ids: tuple[int, ...]
+    block: int
