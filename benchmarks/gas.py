@@ -239,6 +239,37 @@ def operation_gas(ledger: Ledger) -> tuple[list[Row], dict[str, int]]:
         lambda: ledger.release_key(eve_request, envelope, sender=owner),
     )
 
+    # the shared query log: one event per statistics query (issue 13)
+    pooled = [manual, automatic, register(ledger, new_owner, hashes)]
+    for count in (2, 3):
+        add(
+            "logQuery",
+            f"query over {count} datasets (event only, datasets checked)",
+            lambda count=count: ledger.log_query(
+                hashes(), pooled[:count], sender=alice
+            ),
+        )
+    many = [register(ledger, owner, hashes) for _ in range(7)]
+    add(
+        "logQuery",
+        "query over 10 datasets",
+        lambda: ledger.log_query(hashes(), [*pooled, *many], sender=alice),
+    )
+    curator = ledger.accounts[9]
+    collaboration: list[int] = []
+    add(
+        "createCollaboration",
+        "14-byte name (logged)",
+        lambda: collaboration.append(
+            ledger.create_collaboration("CVD consortium", sender=curator)
+        ),
+    )
+    add(
+        "setMember",
+        "admit an owner",
+        lambda: ledger.set_member(collaboration[0], owner, sender=curator),
+    )
+
     fresh = register(ledger, new_owner, hashes)
     flow: dict[str, int] = {}
     flow_req: list[int] = []

@@ -354,8 +354,12 @@ class Site:
             )
         if self.gated:
             self._check_owners(members, researcher, need)
+        # a logged query of one site was answered by no site (every site's minimum
+        # is 2 or more): it pools nothing
         others = [
-            list(p) for h, p in entries if h != query_hash and self.participant not in p
+            list(p)
+            for h, p in entries
+            if h != query_hash and self.participant not in p and len(p) >= 2
         ]
         self.auditor.check_sites(self.name, researcher, members, others, need)
 
@@ -390,38 +394,50 @@ class Site:
 
     # ------------------------------------------------------------------- rows
     def rows(
-        self, columns: Sequence[str], *, dropna: bool = False
+        self,
+        columns: Sequence[str],
+        *,
+        dropna: bool = False,
+        population: Sequence[str] = (),
     ) -> tuple[pd.DataFrame, int]:
         """The site's rows of ``columns`` for computation *at the site*; and how many
         rows were dropped for missing values.
 
-        NaN or infinity in a numeric column is refused unless ``dropna``; then rows
-        with any missing value among ``columns`` are dropped and counted.
+        ``population``: the study's declared analysis population, the complete cases
+        of these columns; rows outside it are always dropped (and counted). NaN or
+        infinity in a numeric column of ``columns`` among the remaining rows is
+        refused unless ``dropna``; then those rows are dropped and counted too.
         """
-        missing = [c for c in columns if c not in self._frame.columns]
+        wanted = list(dict.fromkeys([*columns, *population]))
+        missing = [c for c in wanted if c not in self._frame.columns]
         if missing:
             raise DataRefused(
                 f"site {self.name} has no column(s) {missing}; it has {self.columns}"
             )
         # index = row positions, so study code can map subsets back to all rows
-        frame = self._frame.loc[:, list(columns)].reset_index(drop=True)
+        frame = self._frame.loc[:, wanted].reset_index(drop=True)
         bad = frame.isna()
         numeric = frame.select_dtypes("number")
         if not numeric.empty:
             bad.loc[:, numeric.columns] |= ~np.isfinite(
                 numeric.to_numpy(dtype=float, na_value=np.nan)
             )
-        rows_bad = bad.any(axis=1).to_numpy()
-        dropped = int(rows_bad.sum())
-        if dropped and not dropna:
+        outside = bad.loc[:, list(population)].any(axis=1).to_numpy()
+        asked = bad.loc[:, list(columns)]
+        rows_bad = asked.any(axis=1).to_numpy() & ~outside
+        if rows_bad.any() and not dropna:
             # the columns, never how many rows: a count below the threshold would
             # single patients out (the site's operator may log counts, not send them)
-            named = ", ".join(repr(str(c)) for c, n in bad.sum().items() if n)
+            named = ", ".join(
+                repr(str(c)) for c, n in asked.loc[~outside].sum().items() if n
+            )
             raise DataRefused(
                 f"site {self.name} has missing or infinite values in {named}; pass "
-                "dropna=True to drop those rows (the pooled count dropped is reported)"
+                "dropna=True to drop those rows (the pooled count dropped is "
+                "reported), or declare them in the study's population="
             )
-        return frame.loc[~rows_bad], dropped
+        dropped_rows = outside | rows_bad
+        return frame.loc[~dropped_rows, list(columns)], int(dropped_rows.sum())
 
     # ---------------------------------------------------------- disclosure
     def check_subsets(

@@ -47,6 +47,7 @@ class Scene:
     other_dataset: int
     pending_request: int
     grant_request: int
+    collaboration: int  # curated by `owner`; nobody is a member yet
 
     def party(self, role: str) -> str:
         return str(getattr(self, role))
@@ -87,6 +88,7 @@ def scene_snapshot(chain: Chain) -> Iterator[tuple[Any, dict[str, Any]]]:
     pending_request = ledger.request_access(
         dataset, "diabetes incidence", "DS|NCU", sender=researcher
     )
+    collaboration = ledger.create_collaboration("CVD consortium", sender=owner)
     timeout = int(ledger.contract.functions.requestTimeout().call())
     ledger.advance_time(timeout + 1)  # the researcher may now cancel
     ids = {
@@ -100,6 +102,7 @@ def scene_snapshot(chain: Chain) -> Iterator[tuple[Any, dict[str, Any]]]:
         "other_dataset": other_dataset,
         "pending_request": pending_request,
         "grant_request": grant_request,
+        "collaboration": collaboration,
     }
     try:
         yield tester.take_snapshot(), ids
@@ -127,6 +130,8 @@ def fingerprint(scene: Scene) -> dict[str, Any]:
         "dataset counter": fns.datasetCount().call(),
         "request counter": fns.requestCount().call(),
         "result anchor": fns.resultRequest(bytes.fromhex(RESULT_HASH[2:])).call(),
+        "collaboration counter": fns.collaborationCount().call(),
+        "curator": fns.collaborationCurator(scene.collaboration).call(),
     }
     for ds in (scene.dataset, scene.other_dataset):
         state[f"dataset {ds}"] = fns.getDataset(ds).call()
@@ -134,6 +139,9 @@ def fingerprint(scene: Scene) -> dict[str, Any]:
     for role, address in scene.parties.items():
         state[f"credit of {role}"] = fns.credits(address).call()
         state[f"ether of {role}"] = ledger.balance(address)
+        state[f"membership of {role}"] = fns.isMember(
+            scene.collaboration, address
+        ).call()
         for ds in (scene.dataset, scene.other_dataset):
             state[f"access of {role} on {ds}"] = fns.getAccess(ds, address).call()
     return state
@@ -165,6 +173,10 @@ def _not_requester(request: str) -> Callable[[Scene, str], dict[str, Any]]:
 
 def _nothing(scene: Scene, caller: str) -> dict[str, Any]:
     return {"payee": caller}
+
+
+def _not_curator(scene: Scene, caller: str) -> dict[str, Any]:
+    return {"collaborationId": scene.collaboration, "caller": caller}
 
 
 OWNER_REFUSED = ("researcher", "stranger", "other_owner")
@@ -267,6 +279,16 @@ GUARDED = [
         ("stranger", "researcher"),
         errors.NothingToWithdraw,
         _nothing,
+    ),
+    Guarded(
+        "setMember",
+        lambda s: s.ledger.contract.functions.setMember(
+            s.collaboration, s.stranger, True
+        ),
+        "owner",  # the collaboration's curator
+        NOT_THE_OWNER,
+        errors.NotCurator,
+        _not_curator,
     ),
 ]
 REFUSALS = [(g, role) for g in GUARDED for role in g.refused]
@@ -378,6 +400,13 @@ def _effect_withdraw_to(scene: Scene, before: dict[str, Any]) -> None:
     assert scene.ledger.balance(scene.payee) == before["ether of payee"] + FEE
 
 
+def _effect_set_member(scene: Scene, before: dict[str, Any]) -> None:
+    assert scene.ledger.is_member(scene.collaboration, scene.stranger)
+    after = fingerprint(scene)
+    same = {"block number": 0, "ether of owner": 0, "membership of stranger": 0}
+    assert after | same == before | same, "admitting a member changes only that"
+
+
 EFFECTS: dict[str, Callable[[Scene, dict[str, Any]], None]] = {
     "updateDataset": _effect_update,
     "setActive": _effect_set_active,
@@ -390,6 +419,7 @@ EFFECTS: dict[str, Callable[[Scene, dict[str, Any]], None]] = {
     "recordResult": _effect_record,
     "withdraw": _effect_withdraw,
     "withdrawTo": _effect_withdraw_to,
+    "setMember": _effect_set_member,
 }
 
 
@@ -412,5 +442,8 @@ def test_every_state_changing_function_is_in_the_matrix(scene: Scene) -> None:
         if item["type"] == "function"
         and item["stateMutability"] in ("nonpayable", "payable")
     }
-    # registerDataset and requestAccess are open to everyone by design
-    assert mutating - {"registerDataset", "requestAccess"} == {g.name for g in GUARDED}
+    # open to everyone by design: registering and requesting; logging one's own
+    # query (the sender is the researcher logged); starting a collaboration one
+    # curates
+    open_ = {"registerDataset", "requestAccess", "logQuery", "createCollaboration"}
+    assert mutating - open_ == {g.name for g in GUARDED}

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from healthlab import Site, encrypted
+from healthlab import Site, encrypted, errors
 from healthlab.audit import isolated_sites
 from healthlab.encrypted.protocol import Query, SiteWork
 from healthlab.encrypted.stats import _moments
@@ -365,3 +365,21 @@ def test_a_collaboration_site_refuses_non_members(
     )  # type: ignore[arg-type]
     with pytest.raises(DisclosureRefused, match="members of collaboration"):
         encrypted.describe([strict, sites["h2"]], ["age"], researcher=researcher)
+
+
+def test_the_log_refuses_bad_entries_and_names_the_sender(ledger: Ledger) -> None:
+    owner, researcher, stranger = ledger.accounts[1:4]
+    ds = register(ledger, "h1", owner, researcher)
+    with pytest.raises(errors.EmptyQuery):
+        ledger.log_query("0x" + "11" * 32, [], sender=researcher)
+    with pytest.raises(errors.EmptyQuery):
+        ledger.log_query("0x" + "00" * 32, [ds], sender=researcher)
+    with pytest.raises(errors.UnknownDataset):
+        ledger.log_query("0x" + "11" * 32, [ds, 999], sender=researcher)
+    assert ledger.logged_queries(researcher) == []
+    # anyone may log, but only as themselves: a stranger's entry is not the
+    # researcher's, so it cannot make a site answer (or refuse) the researcher
+    ledger.log_query("0x" + "22" * 32, [ds], sender=stranger)
+    assert ledger.logged_queries(researcher) == []
+    [entry] = ledger.logged_queries(stranger)
+    assert (entry.query_hash, entry.dataset_ids) == ("0x" + "22" * 32, (ds,))

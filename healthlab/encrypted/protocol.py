@@ -541,6 +541,12 @@ def prepare_query(
     asked = list(sites)
     refused: dict[str, str] = {}
     while True:
+        minimum = max([query.min_sites, *(s.policy.min_sites for s in asked)])
+        if len(asked) < minimum:  # before logging: a query nobody could answer
+            raise TooFewSites(
+                f"only {len(asked)} site(s) can take part, fewer than the {minimum} "
+                f"required; refusals: {refused or 'none'}"
+            )
         # the participant set is part of the signed, logged query: with "skip", a
         # query some sites refused is asked again, anew, of the others
         members = tuple(sorted(s.participant for s in asked))

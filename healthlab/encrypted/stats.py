@@ -83,7 +83,9 @@ def _moments(site: Site, query: Query) -> Totals:
     columns: list[str] = list(spec["columns"])
     by = spec.get("by")
     asked = columns + ([by] if by else [])
-    kept, dropped = site.rows(asked, dropna=bool(spec.get("dropna")))
+    kept, dropped = site.rows(
+        asked, dropna=bool(spec.get("dropna")), population=spec.get("population", ())
+    )
     values = numeric(site.name, kept, columns) - np.asarray(spec["center"])
     masks = _group_masks(kept, by, spec.get("groups", ()))
     totals: list[float] = [float(dropped)]
@@ -117,7 +119,9 @@ def _counts(site: Site, query: Query) -> Totals:
     """Cell counts of a histogram (one numeric column) or a cross-tabulation."""
     spec = query.spec
     columns: list[str] = list(spec["columns"])
-    kept, dropped = site.rows(columns, dropna=bool(spec.get("dropna")))
+    kept, dropped = site.rows(
+        columns, dropna=bool(spec.get("dropna")), population=spec.get("population", ())
+    )
     if "edges" in spec:
         edges = np.asarray(spec["edges"], dtype=np.float64)
         x = numeric_column(site.name, kept[columns[0]], columns[0])
@@ -183,6 +187,7 @@ def _centers(
         "by": by,
         "groups": groups,
         "dropna": options["dropna"],
+        "population": options["population"],
         "model_params": model_params,
     }
     n_groups = max(1, len(groups))
@@ -221,6 +226,7 @@ def _options(
     min_rows: int,
     dropna: bool,
     on_refusal: str,
+    population: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     return {
         "keys": keys or KeyHolder(),
@@ -229,7 +235,23 @@ def _options(
         "min_rows": min_rows,
         "dropna": dropna,
         "on_refusal": on_refusal,
+        "population": _population(population),
     }
+
+
+def _population(columns: Sequence[str] | None) -> list[str]:
+    """The declared analysis population: sorted, distinct column names."""
+    if columns is None:
+        return []
+    if isinstance(columns, str):
+        columns = [columns]
+    named = sorted({str(c) for c in columns})
+    if not named:
+        raise InvalidInput(
+            "population= names the columns whose complete cases are the study's "
+            "analysis population; give at least one, or leave it out"
+        )
+    return named
 
 
 def _second_moments(
@@ -259,6 +281,7 @@ def _second_moments(
         "by": by,
         "groups": pooled,
         "dropna": options["dropna"],
+        "population": options["population"],
         "model_params": model_params,
     }
     n_groups = max(1, len(pooled))
@@ -454,6 +477,7 @@ def describe(
     min_sites: int = 2,
     min_rows: int = 0,
     on_refusal: str = "raise",
+    population: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """``count``, ``mean``, ``std``, ``var``, ``sum`` and ``sem`` pooled across sites.
 
@@ -467,6 +491,13 @@ def describe(
     quantiles are single rows' values and are not released. With ``dropna=True``
     rows with a missing value are dropped at the sites and counted in ``missing``.
 
+    ``population`` declares the study's analysis population: the complete cases of
+    these columns at every site (every statistic takes it). Queries over the same
+    population summarize the same rows — and groups, bins and cells of them — so a
+    whole Table 1, its regression and its figures are answered without the
+    auditor's differencing refusals that "age over all rows, then age on the
+    complete cases of bmi" meets. Rows outside it are counted in ``missing``.
+
     Examples
     --------
     >>> table = describe({"a": frame_a, "b": frame_b}, ["age", "bmi"])
@@ -477,7 +508,9 @@ def describe(
     """
     site_list = as_sites(sites)
     cols = _columns(columns)
-    options = _options(keys, researcher, min_sites, min_rows, dropna, on_refusal)
+    options = _options(
+        keys, researcher, min_sites, min_rows, dropna, on_refusal, population
+    )
     groups = list(_grouping_levels(site_list, by, researcher, min_rows)) if by else []
     runs, center, stats = _second_moments(
         site_list, cols, by=by, groups=groups, cross=False, options=options
@@ -509,7 +542,7 @@ def describe(
         ).T
         frames[label] = table
     result = frames[None] if by is None else pd.concat(frames, axis=1)
-    if dropna:
+    if dropna or options["population"]:
         dropped = stats[0]["dropped"]
         if by is None:
             result.loc["missing"] = dropped
@@ -528,7 +561,12 @@ def describe(
         result,
         runs,
         kind="describe",
-        parameters={"columns": cols, "by": by, "dropna": dropna},
+        parameters={
+            "columns": cols,
+            "by": by,
+            "dropna": dropna,
+            "population": options["population"],
+        },
     )
 
 
@@ -544,6 +582,7 @@ def histogram(
     min_sites: int = 2,
     min_rows: int = 0,
     on_refusal: str = "raise",
+    population: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Exact pooled counts per bin, like ``numpy.histogram`` (last bin closed).
 
@@ -572,18 +611,29 @@ def histogram(
         edges = np.asarray(bins, dtype=np.float64)
     if edges.size < 2 or not np.all(np.diff(edges) > 0) or not np.isfinite(edges).all():
         raise InvalidInput("bin edges must be finite and strictly increasing")
-    options = _options(keys, researcher, min_sites, min_rows, dropna, on_refusal)
-    spec = {"columns": [column], "edges": edges.tolist(), "dropna": dropna}
+    options = _options(
+        keys, researcher, min_sites, min_rows, dropna, on_refusal, population
+    )
+    spec = {
+        "columns": [column],
+        "edges": edges.tolist(),
+        "dropna": dropna,
+        "population": options["population"],
+    }
     run = _run(site_list, "counts", spec, edges.size, _counts, **_opts(options))
     counts = np.rint(run.totals[1:]).astype(np.int64)
     result = pd.DataFrame({"left": edges[:-1], "right": edges[1:], "count": counts})
-    if dropna:
+    if dropna or options["population"]:
         result.attrs["missing"] = int(run.totals[0])
     return attach_receipt(
         result,
         [run],
         kind="histogram",
-        parameters={"column": column, "edges": edges.tolist()},
+        parameters={
+            "column": column,
+            "edges": edges.tolist(),
+            "population": options["population"],
+        },
     )
 
 
@@ -598,6 +648,7 @@ def crosstab(
     min_sites: int = 2,
     min_rows: int = 0,
     on_refusal: str = "raise",
+    population: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Exact pooled counts of ``row`` × ``col`` levels, like ``pandas.crosstab``.
 
@@ -617,8 +668,15 @@ def crosstab(
     site_list = as_sites(sites)
     row_levels = list(_grouping_levels(site_list, row, researcher, min_rows))
     col_levels = list(_grouping_levels(site_list, col, researcher, min_rows))
-    options = _options(keys, researcher, min_sites, min_rows, dropna, on_refusal)
-    spec = {"columns": [row, col], "levels": [row_levels, col_levels], "dropna": dropna}
+    options = _options(
+        keys, researcher, min_sites, min_rows, dropna, on_refusal, population
+    )
+    spec = {
+        "columns": [row, col],
+        "levels": [row_levels, col_levels],
+        "dropna": dropna,
+        "population": options["population"],
+    }
     n = len(row_levels) * len(col_levels)
     run = _run(site_list, "counts", spec, 1 + n, _counts, **_opts(options))
     counts = (
@@ -632,7 +690,10 @@ def crosstab(
         columns=pd.Index(col_levels, name=col),
     )
     return attach_receipt(
-        result, [run], kind="crosstab", parameters={"row": row, "col": col}
+        result,
+        [run],
+        kind="crosstab",
+        parameters={"row": row, "col": col, "population": options["population"]},
     )
 
 
@@ -646,6 +707,7 @@ def cov(
     min_sites: int = 2,
     min_rows: int = 0,
     on_refusal: str = "raise",
+    population: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Pooled sample covariance matrix (complete cases), like ``DataFrame.cov()``.
 
@@ -655,7 +717,16 @@ def cov(
     61.3
     """
     return _matrix(
-        sites, columns, "cov", researcher, keys, dropna, min_sites, min_rows, on_refusal
+        sites,
+        columns,
+        "cov",
+        researcher,
+        keys,
+        dropna,
+        min_sites,
+        min_rows,
+        on_refusal,
+        population,
     )
 
 
@@ -669,6 +740,7 @@ def corr(
     min_sites: int = 2,
     min_rows: int = 0,
     on_refusal: str = "raise",
+    population: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Pooled Pearson correlation matrix (complete cases), like ``DataFrame.corr()``.
 
@@ -690,6 +762,7 @@ def corr(
         min_sites,
         min_rows,
         on_refusal,
+        population,
     )
 
 
@@ -703,10 +776,13 @@ def _matrix(
     min_sites: int,
     min_rows: int,
     on_refusal: str,
+    population: Sequence[str] | None,
 ) -> pd.DataFrame:
     site_list = as_sites(sites)
     cols = _columns(columns)
-    options = _options(keys, researcher, min_sites, min_rows, dropna, on_refusal)
+    options = _options(
+        keys, researcher, min_sites, min_rows, dropna, on_refusal, population
+    )
     runs, _, stats = _second_moments(
         site_list, cols, by=None, groups=[], cross=True, options=options
     )
@@ -721,7 +797,14 @@ def _matrix(
         np.fill_diagonal(matrix, np.where(scale > 0, 1.0, np.nan))
     result = pd.DataFrame(matrix, index=cols, columns=cols)
     return attach_receipt(
-        result, runs, kind=kind, parameters={"columns": cols, "dropna": dropna}
+        result,
+        runs,
+        kind=kind,
+        parameters={
+            "columns": cols,
+            "dropna": dropna,
+            "population": options["population"],
+        },
     )
 
 
@@ -736,6 +819,7 @@ def ols(
     min_sites: int = 2,
     min_rows: int = 0,
     on_refusal: str = "raise",
+    population: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Ordinary least squares of ``y`` on ``X`` with an intercept, pooled across sites.
 
@@ -753,7 +837,9 @@ def ols(
     if y in xs:
         raise InvalidInput(f"{y!r} is both the response and a covariate")
     cols = [*xs, y]
-    options = _options(keys, researcher, min_sites, min_rows, dropna, on_refusal)
+    options = _options(
+        keys, researcher, min_sites, min_rows, dropna, on_refusal, population
+    )
     runs, center, stats = _second_moments(
         site_list,
         cols,
@@ -789,7 +875,15 @@ def ols(
         {"n": round(n), "r2": 1.0 - rss / float(syy), "rss": rss, "dof": dof}
     )
     return attach_receipt(
-        result, runs, kind="ols", parameters={"y": y, "X": xs, "dropna": dropna}
+        result,
+        runs,
+        kind="ols",
+        parameters={
+            "y": y,
+            "X": xs,
+            "dropna": dropna,
+            "population": options["population"],
+        },
     )
 
 

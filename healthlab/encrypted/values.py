@@ -60,7 +60,7 @@ from healthlab.encrypted.keys import (
     PublicContext,
 )
 from healthlab.encrypted.protocol import Query, Totals, prepare_query, sign_query
-from healthlab.encrypted.stats import attach_receipt
+from healthlab.encrypted.stats import _population, attach_receipt
 from healthlab.errors import DataRefused, InvalidInput
 from healthlab.site_data import numeric_column
 from healthlab.sites import Site, as_sites
@@ -495,6 +495,7 @@ def describe_values(
     workers: int | None = None,
     min_sites: int = 2,
     on_refusal: str = "raise",
+    population: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """``count``, ``mean``, ``std``, ``var``, ``sum`` with every value encrypted.
 
@@ -509,7 +510,8 @@ def describe_values(
     ``dropna``: a row missing any of ``columns`` is dropped from all of them and
     counted in a ``missing`` row, as in :func:`healthlab.encrypted.describe`.
     ``on_refusal``: ``"raise"`` (default) stops when a site refuses; ``"skip"`` asks
-    the others again, as long as enough remain.
+    the others again, as long as enough remain. ``population``: the study's declared
+    analysis population, as in :func:`healthlab.encrypted.describe`.
 
     Examples
     --------
@@ -542,6 +544,7 @@ def describe_values(
             dropna,
             min_sites,
             on_refusal,
+            _population(population),
         )
 
 
@@ -557,10 +560,16 @@ def _describe_values(
     dropna: bool,
     min_sites: int,
     on_refusal: str,
+    population: list[str],
 ) -> pd.DataFrame:
-    query = Query("values", {"columns": cols, "dropna": dropna}, 2, min_sites=min_sites)
+    query = Query(
+        "values",
+        {"columns": cols, "dropna": dropna, "population": population},
+        2,
+        min_sites=min_sites,
+    )
     # every site authorizes the count query and checks it against its policy
-    rows = _SiteRows(cols, bounds, dropna)
+    rows = _SiteRows(cols, bounds, dropna, population)
     prepared = prepare_query(
         site_list,
         query,
@@ -571,7 +580,14 @@ def _describe_values(
     )
     participants = prepared.sites
     upload = Query(
-        "values-upload", {"columns": cols, "bounds": bounds, "dropna": dropna}, 0
+        "values-upload",
+        {
+            "columns": cols,
+            "bounds": bounds,
+            "dropna": dropna,
+            "population": population,
+        },
+        0,
     )
     signed = sign_query(participants, upload, researcher)
     for site in participants:  # every site checks the second query too
@@ -648,13 +664,18 @@ def _describe_values(
         raise DataRefused(f"no values were aggregated for {missing}")
     results = {c: results[c] for c in cols}
     table = pd.DataFrame(results)
-    if dropna:  # as in describe(): rows dropped for a missing value in any column
+    if dropna or population:  # as in describe(): rows dropped, outside or missing
         table.loc["missing"] = counted.totals[0]
     return attach_receipt(
         table,
         [counted],
         kind="describe",
-        parameters={"columns": cols, "mode": "every value", "bounds": bounds},
+        parameters={
+            "columns": cols,
+            "mode": "every value",
+            "bounds": bounds,
+            "population": population,
+        },
         encryption={
             "mode": "every value",
             "upload_bytes": uploads,
@@ -677,17 +698,24 @@ class _SiteRows:
     """
 
     def __init__(
-        self, columns: Sequence[str], bounds: Mapping[str, float], dropna: bool
+        self,
+        columns: Sequence[str],
+        bounds: Mapping[str, float],
+        dropna: bool,
+        population: Sequence[str] = (),
     ) -> None:
         self._columns = list(columns)
         self._bounds = bounds
         self._dropna = dropna
+        self._population = list(population)
         self._rows: dict[str, tuple[pd.DataFrame, int]] = {}
         self._scaled: dict[tuple[str, str], np.ndarray] = {}
 
     def _kept(self, site: Site) -> tuple[pd.DataFrame, int]:
         if site.name not in self._rows:
-            self._rows[site.name] = site.rows(self._columns, dropna=self._dropna)
+            self._rows[site.name] = site.rows(
+                self._columns, dropna=self._dropna, population=self._population
+            )
         return self._rows[site.name]
 
     def count_totals(self, site: Site, query: Query) -> Totals:
