@@ -108,11 +108,18 @@ def in_span(masks: Sequence[np.ndarray], target: np.ndarray) -> bool:
     return _rank(signatures[:, :-1]) == _rank(signatures)
 
 
-def isolated(masks: Sequence[np.ndarray], k: int) -> set[frozenset[int]] | None:
+def isolated(
+    masks: Sequence[np.ndarray], k: int, units: np.ndarray | None = None
+) -> set[frozenset[int]] | None:
     """The row sets of fewer than ``k`` rows that are the support of a vector in the
     span of ``masks`` (boolean, over the same rows): what combinations of answers
     over ``masks`` would isolate. ``None`` when there are too many candidate sets to
-    test (treat as unsafe)."""
+    test (treat as unsafe).
+
+    With ``units`` (an integer code per row: the person a row belongs to, when rows
+    are user-days), sizes are counted in distinct units: the row sets found are
+    those whose rows belong to fewer than ``k`` units, however many rows they are.
+    """
     found: set[frozenset[int]] = set()
     if not masks or k <= 1:
         return found
@@ -121,12 +128,12 @@ def isolated(masks: Sequence[np.ndarray], k: int) -> set[frozenset[int]] | None:
         return found
     # atoms: rows with the same membership
     used, inverse, signatures, sizes = _atoms(matrix)
+    if units is not None:
+        return _isolated_units(used, inverse, signatures, np.asarray(units)[used], k)
     small = np.flatnonzero(sizes < k)
     if small.size == 0:
         return found
-    u, s, _ = np.linalg.svd(signatures.astype(np.float64), full_matrices=False)
-    rank = int(np.sum(s > _TOL * max(1.0, float(s[0]))))
-    basis = u[:, :rank]
+    basis = _basis(signatures)
     leverage = np.einsum("ij,ij->i", basis, basis)
     # an atom with (numerically) zero leverage is in no support of the span
     live = [int(a) for a in small if leverage[a] > _TOL]
@@ -141,6 +148,51 @@ def isolated(masks: Sequence[np.ndarray], k: int) -> set[frozenset[int]] | None:
             rows = basis[list(combo)]
             if np.linalg.eigvalsh(rows @ rows.T)[-1] > 1.0 - 1e-9:
                 members = np.isin(inverse, combo)
+                found.add(frozenset(int(r) for r in used[members]))
+    return found
+
+
+def _basis(signatures: np.ndarray) -> np.ndarray:
+    """An orthonormal basis of the span, in atom coordinates (atoms × rank)."""
+    u, s, _ = np.linalg.svd(signatures.astype(np.float64), full_matrices=False)
+    rank = int(np.sum(s > _TOL * max(1.0, float(s[0]))))
+    return u[:, :rank]
+
+
+def _isolated_units(
+    used: np.ndarray,
+    inverse: np.ndarray,
+    signatures: np.ndarray,
+    codes: np.ndarray,
+    k: int,
+) -> set[frozenset[int]] | None:
+    """:func:`isolated` counting distinct units: for every set ``U`` of fewer than
+    ``k`` units that is a union of atoms' unit sets, whether the span holds a
+    vector supported on the atoms whose units all lie in ``U``."""
+    found: set[frozenset[int]] = set()
+    pairs = np.unique(np.stack([inverse, codes.astype(np.int64)], axis=1), axis=0)
+    per_atom = np.bincount(pairs[:, 0], minlength=signatures.shape[0])
+    small = np.flatnonzero(per_atom < k)
+    if small.size == 0:
+        return found
+    basis = _basis(signatures)
+    leverage = np.einsum("ij,ij->i", basis, basis)
+    live = [int(a) for a in small if leverage[a] > _TOL]
+    unit_sets = {a: frozenset(int(c) for c in pairs[pairs[:, 0] == a, 1]) for a in live}
+    distinct = sorted(set(unit_sets.values()), key=sorted)
+    count = 0
+    for size in range(1, k):
+        for combo in itertools.combinations(distinct, size):
+            union = frozenset().union(*combo)
+            if len(union) >= k:
+                continue
+            count += 1
+            if count > MAX_CANDIDATES:
+                return None
+            atoms = [a for a in live if unit_sets[a] <= union]
+            rows = basis[atoms]
+            if np.linalg.eigvalsh(rows @ rows.T)[-1] > 1.0 - 1e-9:
+                members = np.isin(inverse, atoms)
                 found.add(frozenset(int(r) for r in used[members]))
     return found
 
@@ -172,10 +224,12 @@ def isolated_sites(
     return found
 
 
-def isolable(masks: Sequence[np.ndarray], k: int) -> bool:
+def isolable(
+    masks: Sequence[np.ndarray], k: int, units: np.ndarray | None = None
+) -> bool:
     """Whether some combination of answers over ``masks`` isolates fewer than
-    ``k`` rows (or the audit cannot tell, which counts as yes)."""
-    sets = isolated(masks, k)
+    ``k`` rows (or units) — or the audit cannot tell, which counts as yes."""
+    sets = isolated(masks, k, units)
     return sets is None or bool(sets)
 
 
@@ -188,10 +242,20 @@ class Auditor:
     """
 
     def __init__(
-        self, n_rows: int, content_hash: str, path: str | os.PathLike[str] | None = None
+        self,
+        n_rows: int,
+        content_hash: str,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        units: np.ndarray | None = None,
+        unit_name: str = "rows",
     ) -> None:
         self.n_rows = n_rows
         self.content_hash = content_hash
+        #: an integer code per row for the person it belongs to (rows = user-days):
+        #: then every size the auditor checks counts distinct persons
+        self.units = None if units is None else np.asarray(units, dtype=np.int64)
+        self.unit_name = unit_name
         self.path = Path(path) if path is not None else None
         self.answered: dict[str, list[bytes]] = {}
         self.refused: dict[str, list[bytes]] = {}
@@ -250,30 +314,35 @@ class Auditor:
         who = (researcher or "").lower()
         new = [np.asarray(m, dtype=bool) for m in masks]
         new = [m for m in new if m.any()]
-        if any(int(m.sum()) < k for m in new):
+        if any(self._size(m) < k for m in new):
             self._refuse(who, new)
             raise DisclosureRefused(
                 f"site {site}: a subset, group, cell or bin of this query would "
-                f"summarize fewer than {k} rows (the site's minimum); use wider bins, "
-                "fewer groups or more data"
+                f"summarize fewer than {k} {self.unit_name} (the site's minimum); use "
+                "wider bins, fewer groups or more data"
             )
         released = self._masks("answered", who)
-        unsafe = isolable(_unique([*released, *new]), k)
+        unsafe = isolable(_unique([*released, *new]), k, self.units)
         probed = self._masks("refused", who)
         if not unsafe and probed:
             # refused queries count as answered: nothing may become isolable that
             # was not already isolable with them
-            before = isolated(_unique([*released, *probed]), k)
-            after = isolated(_unique([*released, *probed, *new]), k)
+            before = isolated(_unique([*released, *probed]), k, self.units)
+            after = isolated(_unique([*released, *probed, *new]), k, self.units)
             unsafe = before is None or after is None or not after <= before
         if unsafe:
             self._refuse(who, new)
             raise DisclosureRefused(
                 f"site {site}: together with what this site answered before, this "
                 f"query would let a combination of answers summarize fewer than {k} "
-                "of its rows (differencing); declare the study's analysis population "
-                "up front, or ask for the same subsets as before"
+                f"of its {self.unit_name} (differencing); declare the study's analysis "
+                "population up front, or ask for the same subsets as before"
             )
+
+    def _size(self, mask: np.ndarray) -> int:
+        if self.units is None:
+            return int(mask.sum())
+        return int(np.unique(self.units[mask]).size)
 
     def check_protected(
         self,

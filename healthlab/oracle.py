@@ -46,10 +46,12 @@ import datetime as dt
 import enum
 import logging
 import math
+import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,6 +61,7 @@ from web3 import Web3
 from web3.logs import DISCARD
 
 from healthlab import errors
+from healthlab._paths import home
 from healthlab.encrypted import KeyHolder, describe
 from healthlab.ledger.artifacts import load_artifact
 from healthlab.ledger.client import (
@@ -775,11 +778,11 @@ class OracleWorker:
         Fewest sites a result pools (never fewer than the policy's).
     from_block:
         The first block scanned for requests (default: the contract's deployment).
-
-    Notes
-    -----
-    Each site's memory of the user-days it answered before (the differencing check)
-    lives in this object: a restarted worker starts with an empty memory.
+    state_dir:
+        Where each site keeps what it answered each requester (the differencing
+        check: user-days counted as distinct users, periods as subsets, and the
+        sets of sites pooled), across restarts. Default:
+        ``$HEALTHLAB_HOME/oracle/<chain id>-<oracle contract>``.
     """
 
     def __init__(
@@ -795,6 +798,7 @@ class OracleWorker:
         min_sites: int = 2,
         keys: KeyHolder | None = None,
         from_block: int | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         if not isinstance(sites, Mapping) or not sites:
             raise errors.InvalidInput(
@@ -816,9 +820,24 @@ class OracleWorker:
             str(name): _score_table(str(name), frame, weights, min_coverage)
             for name, frame in sites.items()
         }
-        # what each site answered before, over all its rows (differencing)
+        folder = (
+            Path(state_dir)
+            if state_dir is not None
+            else home()
+            / "oracle"
+            / f"{client.ledger.chain_id}-{client.address.lower()}"
+        )
+        self.state_dir = folder
+        # what each site answered before, over all its user-days (differencing),
+        # counted in distinct users, kept in state_dir across restarts
         self._memory = {
-            name: Site(name, table[["score"]], policy=self.policy)
+            name: Site(
+                name,
+                table[["score", "user_id"]],
+                policy=self.policy,
+                state_dir=folder,
+                units="user_id",
+            )
             for name, table in self._tables.items()
         }
         self._queue: dict[int, OracleEvent] = {}
@@ -882,6 +901,24 @@ class OracleWorker:
                 f"{len(masks)} site(s) hold the period; a result pools at least "
                 f"{self.min_sites}",
             )
+        pooled_sites = sorted(masks)
+        try:
+            for name in pooled_sites:
+                # the sets of sites pooled for this requester before: no two
+                # periods may differ by one site's user-days
+                others = [
+                    members
+                    for memory in self._memory.values()
+                    for members in memory.auditor.site_sets.get(
+                        (requester or "").lower(), []
+                    )
+                    if name not in members
+                ]
+                self._memory[name].auditor.check_sites(
+                    name, requester, pooled_sites, others, self.min_sites
+                )
+        except errors.DisclosureRefused as exc:
+            return Answer(None, Refusal.DISCLOSURE_REFUSED, str(exc))
         sites = [
             Site(
                 name,
@@ -906,6 +943,7 @@ class OracleWorker:
                 query_hash=str(receipt["result_hash"]),
                 kind="city-score",
                 researcher=requester,
+                participants=pooled_sites,
             )
         pooled = table["score"].to_dict()
         result = ScoreResult(

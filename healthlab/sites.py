@@ -127,6 +127,13 @@ class Site:
         may ask for stricter settings, never weaker ones.
     mask_key:
         The site's X25519 key for pairwise masks (default: a fresh one).
+    state_dir:
+        Where the site keeps what it answered (its auditor's memory), across
+        processes and restarts; default: in memory only.
+    units:
+        A column naming the person each row belongs to, when rows are not persons
+        (user-days): the auditor then counts distinct persons in every subset and
+        every combination of answers, not rows.
 
     Examples
     --------
@@ -146,6 +153,7 @@ class Site:
         content_hash: str | None = None,
         mask_key: X25519PrivateKey | None = None,
         state_dir: str | os.PathLike[str] | None = None,
+        units: str | None = None,
     ) -> None:
         if not name or not isinstance(name, str):
             raise InvalidInput("a site needs a short, non-empty name")
@@ -176,6 +184,11 @@ class Site:
         self._mask_key = mask_key or X25519PrivateKey.generate()
         self._nonces: set[tuple[str, int]] = set()
         self._state_dir = state_dir
+        if units is not None and units not in self._frame.columns:
+            raise InvalidInput(
+                f"site {name}: units={units!r} must name one of its columns"
+            )
+        self._units = units
         self.log: list[QueryLogEntry] = []
 
     @classmethod
@@ -520,7 +533,16 @@ class Site:
         path = None
         if self._state_dir is not None:
             path = Path(self._state_dir) / f"audit-{self.name}.json"
-        return Auditor(self.n_rows, self.content_hash, path)
+        if self._units is None:
+            return Auditor(self.n_rows, self.content_hash, path)
+        codes = pd.factorize(self._frame[self._units].astype(str))[0]
+        return Auditor(
+            self.n_rows,
+            self.content_hash,
+            path,
+            units=codes,
+            unit_name=f"persons ({self._units})",
+        )
 
     # ----------------------------------------------------------------- masks
     def pairwise_seeds(

@@ -228,3 +228,48 @@ def test_the_frame_form_remembers_between_calls() -> None:
     encrypted.describe({"a": a, "b": b}, ["age"])
     with pytest.raises(DisclosureRefused, match="site a: together with"):
         encrypted.describe({"a": a.copy(), "b": b.copy()}, ["age", "bmi"], dropna=True)
+
+
+def brute_isolates_units(masks: list[np.ndarray], units: np.ndarray, k: int) -> bool:
+    """Independent check, counting persons: is there a combination of the masks
+    that is non-zero only on the rows of fewer than k persons? For every set U of
+    fewer than k persons, rank(M) > rank(M without U's rows)."""
+    matrix = np.stack(masks, axis=1).astype(float)
+    rank = np.linalg.matrix_rank(matrix)
+    people = np.unique(units)
+    for size in range(1, k):
+        for chosen in itertools.combinations(people, size):
+            outside = ~np.isin(units, chosen)
+            if rank > np.linalg.matrix_rank(matrix[outside]):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_counting_persons_agrees_with_brute_force(seed: int) -> None:
+    """Rows are user-days (1-4 days per person): the auditor's rank test over
+    persons finds a combination isolating fewer than 3 persons exactly when the
+    brute force does."""
+    rng = np.random.default_rng(seed)
+    people = int(rng.integers(6, 12))
+    days = rng.integers(1, 5, people)
+    units = np.repeat(np.arange(people), days)
+    n = units.size
+    masks = [
+        rng.random(n) < rng.uniform(0.3, 0.9) for _ in range(int(rng.integers(2, 5)))
+    ]
+    masks = [m for m in masks if m.any()]
+    found = isolated(masks, K, units)
+    assert found is not None
+    assert bool(found) == brute_isolates_units(masks, units, K)
+    for rows in found:  # every set found belongs to fewer than K persons
+        assert np.unique(units[sorted(rows)]).size < K
+
+
+def test_three_days_of_one_person_are_one_person() -> None:
+    """Row-counting would let these two subsets (differing by three rows) pass."""
+    units = np.array([0, 1, 2, 3, 4, 5, 0, 0, 0])
+    first = np.array([1, 1, 1, 1, 1, 1, 0, 0, 0], dtype=bool)
+    second = np.ones(9, dtype=bool)
+    assert not isolable([first, second], K)  # 3 rows apart
+    assert isolable([first, second], K, units)  # but one person

@@ -37,6 +37,7 @@ from healthlab.oracle import (
     ScoreResult,
 )
 from healthlab.score import health_score
+from healthlab.sites import DisclosurePolicy
 from tests.conftest import ETHER, require
 
 FEE = ETHER // 100
@@ -47,6 +48,12 @@ EPOCH = dt.date(1970, 1, 1)
 
 
 # ------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True)
+def _own_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test's workers keep their memory in a HEALTHLAB_HOME of its own."""
+    monkeypatch.setenv("HEALTHLAB_HOME", str(tmp_path / "home"))
+
+
 def day(iso: str) -> int:
     return (dt.date.fromisoformat(iso) - EPOCH).days
 
@@ -289,7 +296,7 @@ def test_a_worker_that_is_not_the_registered_oracle_computes_nothing(
             "2025-05-17",
             Refusal.DISCLOSURE_REFUSED,
             "site clinic: a subset, group, cell or bin of this query would summarize "
-            "fewer than 3 rows",
+            "fewer than 3 persons (user_id)",
             True,
             id="2-user-days-at-a-site",
         ),
@@ -298,7 +305,9 @@ def test_a_worker_that_is_not_the_registered_oracle_computes_nothing(
             "2025-05-17",
             "2025-05-18",
             Refusal.DISCLOSURE_REFUSED,
-            "site clinic: the period holds the days of fewer than 3 users",
+            # the auditor counts users, not user-days: refused as a small subset
+            "site clinic: a subset, group, cell or bin of this query would summarize "
+            "fewer than 3 persons (user_id)",
             True,
             id="4-user-days-of-2-users-at-a-site",
         ),
@@ -381,9 +390,16 @@ def test_without_the_users_rule_the_two_user_period_would_be_answered(
     worker_account: str,
     keys: KeyHolder,
 ) -> None:
-    """Control for the case above: 4 user-days pass the row rule, only users fail."""
+    """Control for the case above: 4 user-days of 2 users fail only because users
+    are counted (by min_users and by the auditor, which counts persons): with both
+    thresholds at 2, the period is answered."""
     lax = OracleWorker(
-        oracle, with_clinic, sender=worker_account, keys=keys, min_users=1
+        oracle,
+        with_clinic,
+        sender=worker_account,
+        keys=keys,
+        min_users=1,
+        policy=DisclosurePolicy(min_rows=2, min_difference=2),
     )
     answer = lax.compute("coastal", "2025-05-17", "2025-05-18")
     expected = pandas_answer(with_clinic, "coastal", "2025-05-17", "2025-05-18")
@@ -414,7 +430,11 @@ def _synthetic(users: list[str], days: list[str], city: str) -> pd.DataFrame:
 
 
 def test_a_period_differing_by_one_user_day_from_an_answered_one_is_refused(
-    oracle: OracleClient, worker_account: str, researcher: str, keys: KeyHolder
+    oracle: OracleClient,
+    worker_account: str,
+    researcher: str,
+    keys: KeyHolder,
+    tmp_path: Path,
 ) -> None:
     """Publishing both means would give away that one user-day's score."""
     a = pd.concat(
@@ -448,10 +468,68 @@ def test_a_period_differing_by_one_user_day_from_an_answered_one_is_refused(
     assert oracle.request(two_days).result == expected
     assert oracle.request(again).result == expected, "the same period, the same mean"
     # a worker without that memory would have answered: the refusal is the memory's
-    fresh = OracleWorker(oracle, frames, sender=worker_account, keys=keys)
+    fresh = OracleWorker(
+        oracle, frames, sender=worker_account, keys=keys, state_dir=tmp_path / "new"
+    )
     assert fresh.compute("t", "2025-04-01", "2025-04-03").result == ScoreResult(
         *pandas_answer(frames, "t", "2025-04-01", "2025-04-03")
     )
+    # ... and a restarted worker keeps it (the sites' memory is in state_dir)
+    restarted = OracleWorker(oracle, frames, sender=worker_account, keys=keys)
+    assert restarted.state_dir == worker.state_dir
+    again = restarted.compute("t", "2025-04-01", "2025-04-03", requester=researcher)
+    assert again.refusal is Refusal.DISCLOSURE_REFUSED
+
+
+@pytest.mark.parametrize("extra_days", [1, 3, 5])
+def test_periods_differing_by_days_of_one_citizen_are_refused(
+    oracle: OracleClient,
+    worker_account: str,
+    researcher: str,
+    keys: KeyHolder,
+    extra_days: int,
+) -> None:
+    """Two periods differing by several days of one citizen give that citizen's
+    mean: the auditor counts distinct users, not user-days."""
+    later = [f"2025-04-{d:02d}" for d in range(3, 3 + extra_days)]
+    a = pd.concat(
+        [
+            _synthetic(["a1", "a2", "a3", "a4"], ["2025-04-01", "2025-04-02"], "t"),
+            _synthetic(["a1"], later, "t"),
+        ],
+        ignore_index=True,
+    )
+    b = _synthetic(["b1", "b2", "b3", "b4"], ["2025-04-01", "2025-04-02"], "t")
+    frames = {"a": a, "b": b}
+    worker = OracleWorker(oracle, frames, sender=worker_account, keys=keys)
+    first = worker.compute("t", "2025-04-01", "2025-04-02", requester=researcher)
+    assert first.result is not None
+    last = later[-1]
+    second = worker.compute("t", "2025-04-01", last, requester=researcher)
+    assert second.result is None
+    assert second.refusal is Refusal.DISCLOSURE_REFUSED
+    assert "fewer than 3 of its persons (user_id) (differencing)" in second.reason
+    # another requester has its own memory
+    other = worker.compute("t", "2025-04-01", last, requester=worker_account)
+    assert other.result is not None
+
+
+def test_periods_differing_by_one_sites_days_are_refused(
+    oracle: OracleClient, worker_account: str, researcher: str, keys: KeyHolder
+) -> None:
+    """Site c holds days only from the 3rd: the 1st–2nd over {a, b} and the 1st–3rd
+    over {a, b, c} would give c's days by difference (site-set differencing)."""
+    users = ["u1", "u2", "u3", "u4"]
+    a = _synthetic([f"a{u}" for u in users], ["2025-04-01", "2025-04-02"], "t")
+    b = _synthetic([f"b{u}" for u in users], ["2025-04-01", "2025-04-02"], "t")
+    c = _synthetic([f"c{u}" for u in users], ["2025-04-03"], "t")
+    worker = OracleWorker(
+        oracle, {"a": a, "b": b, "c": c}, sender=worker_account, keys=keys
+    )
+    assert worker.compute("t", "2025-04-01", "2025-04-02", requester=researcher).result
+    refused = worker.compute("t", "2025-04-01", "2025-04-03", requester=researcher)
+    assert refused.refusal is Refusal.DISCLOSURE_REFUSED
+    assert "site-set differencing" in refused.reason
 
 
 # ------------------------------------------------------------- authorization
