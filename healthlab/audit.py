@@ -56,7 +56,7 @@ __all__ = ["Auditor", "in_span", "isolable", "isolated", "isolated_sites"]
 
 #: What the auditor keeps per researcher: subsets answered, refused, protected.
 _FIELDS = ("answered", "refused", "protected")
-_SET_FIELDS = ("site_sets", "site_sets_refused")
+_SET_FIELDS = ("site_sets", "site_sets_refused", "dp_answers")
 #: Above this many candidate small sets, the auditor refuses rather than test them.
 MAX_CANDIDATES = 200_000
 _TOL = 1e-8
@@ -263,6 +263,8 @@ class Auditor:
         #: participant sets of the queries this site answered / refused, per researcher
         self.site_sets: dict[str, list[list[str]]] = {}
         self.site_sets_refused: dict[str, list[list[str]]] = {}
+        #: the noise multiplier of every DP answer, per researcher and grant
+        self.dp_answers: dict[str, list[float]] = {}
         self._load()
 
     # ----------------------------------------------------------- persistence
@@ -307,10 +309,17 @@ class Auditor:
         return [_unpack(p, self.n_rows) for p in stored]
 
     def check(
-        self, site: str, researcher: str | None, masks: Iterable[np.ndarray], k: int
+        self,
+        site: str,
+        researcher: str | None,
+        masks: Iterable[np.ndarray],
+        k: int,
+        *,
+        differencing: bool = True,
     ) -> None:
         """Refuse (and remember the refusal) unless answering ``masks`` keeps every
-        combination of this researcher's answers at ``k`` rows or more."""
+        combination of this researcher's answers at ``k`` rows or more (with
+        ``differencing=False``: every subset itself)."""
         who = (researcher or "").lower()
         new = [np.asarray(m, dtype=bool) for m in masks]
         new = [m for m in new if m.any()]
@@ -321,6 +330,8 @@ class Auditor:
                 f"summarize fewer than {k} {self.unit_name} (the site's minimum); use "
                 "wider bins, fewer groups or more data"
             )
+        if not differencing:
+            return
         released = self._masks("answered", who)
         unsafe = isolable(_unique([*released, *new]), k, self.units)
         probed = self._masks("refused", who)
@@ -414,6 +425,11 @@ class Auditor:
                 "(site-set differencing); ask every query of a study of the same "
                 "sites"
             )
+
+    def record_dp(self, key: str, noise_multiplier: float) -> None:
+        """Count one DP answer (its noise multiplier) against ``key``'s budget."""
+        self.dp_answers.setdefault(key, []).append(float(noise_multiplier))
+        self._save()
 
     def record_sites(self, researcher: str | None, participants: Iterable[str]) -> None:
         """Remember the participant set of an answered query."""

@@ -344,6 +344,17 @@ class EmptyName(InvalidRequest):
     hint = "give the collaboration a public name of 1 to 200 bytes"
 
 
+class InvalidPrivacyBudget(InvalidRequest):
+    hint = (
+        "give epsilon > 0, delta = 10^-k with 1 <= k <= 30 and a noise multiplier "
+        "> 0 (or all zero to remove the budget)"
+    )
+
+
+class SpendDecreased(StateConflict):
+    hint = "a grant's recorded privacy spend only grows"
+
+
 _BY_NAME: dict[str, type[ContractError]] = {
     cls.__name__: cls
     for cls in list(globals().values())

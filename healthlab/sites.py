@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from healthlab.audit import Auditor
+from healthlab.dp import PrivacyBudget, epsilon_spent
 from healthlab.errors import (
     AccessDenied,
     DataRefused,
@@ -75,6 +76,10 @@ class DisclosurePolicy:
     collaboration:
         The id of an on-chain collaboration (:meth:`Ledger.create_collaboration`):
         a gated site then pools only with datasets whose owners are its members.
+    privacy:
+        A differential-privacy budget per researcher (:mod:`healthlab.dp`); a gated
+        site uses its dataset's budget on chain (:meth:`Ledger.set_privacy_budget`)
+        when there is one.
     """
 
     min_rows: int = 3
@@ -83,6 +88,7 @@ class DisclosurePolicy:
     min_difference: int = 3
     max_query_age: int = 900
     collaboration: int | None = None
+    privacy: PrivacyBudget | None = None
 
     def __post_init__(self) -> None:
         if self.min_rows < 1 or self.min_sites < 1 or self.min_difference < 1:
@@ -452,6 +458,67 @@ class Site:
         dropped_rows = outside | rows_bad
         return frame.loc[~dropped_rows, list(columns)], int(dropped_rows.sum())
 
+    # --------------------------------------------------- differential privacy
+    @property
+    def privacy_budget(self) -> PrivacyBudget | None:
+        """The DP budget this site answers under: its dataset's on chain, else the
+        policy's; ``None``: exact answers, audited for differencing."""
+        if self.gated:
+            assert self.ledger is not None
+            assert self.dataset_id is not None
+            on_chain = self.ledger.privacy_budget(self.dataset_id)
+            if on_chain is not None:
+                return on_chain
+        return self._policy.privacy
+
+    def _grant(self, researcher: str | None) -> str:
+        """The key of a researcher's budget: per grant when gated."""
+        who = (researcher or "").lower()
+        if self.gated and researcher is not None:
+            assert self.ledger is not None
+            assert self.dataset_id is not None
+            request = self.ledger.access(self.dataset_id, researcher).request_id
+            return f"{who}#{request}"
+        return who
+
+    def privacy_spent(self, researcher: str | None) -> tuple[int, float]:
+        """(answers, ε) this site spent on ``researcher``'s current grant."""
+        budget = self.privacy_budget
+        used = self.auditor.dp_answers.get(self._grant(researcher), [])
+        delta = budget.delta if budget else 1e-5
+        return len(used), epsilon_spent(used, delta)
+
+    def check_privacy(self, researcher: str | None, noise_multiplier: float) -> float:
+        """Refuse an answer that would spend more than the budget; return the ε the
+        researcher's grant would have spent with it."""
+        budget = self.privacy_budget
+        assert budget is not None
+        used = self.auditor.dp_answers.get(self._grant(researcher), [])
+        after = epsilon_spent([*used, noise_multiplier], budget.delta)
+        if after > budget.epsilon:
+            spent = epsilon_spent(used, budget.delta)
+            raise DisclosureRefused(
+                f"site {self.name}: the privacy budget of this grant is spent "
+                f"(ε {spent:.2f} of {budget.epsilon:g} at δ {budget.delta:g} used by "
+                f"{len(used)} answers; one more would reach {after:.2f}); ask the "
+                "owner for a new grant or a larger budget"
+            )
+        return after
+
+    def record_privacy(self, researcher: str | None, noise_multiplier: float) -> None:
+        """Count one answer against the researcher's budget (kept with the auditor's
+        memory) and, when gated, record the grant's spend on chain (the owner)."""
+        key = self._grant(researcher)
+        self.auditor.record_dp(key, noise_multiplier)
+        if self.gated and researcher is not None:
+            assert self.ledger is not None
+            assert self.dataset_id is not None
+            answers, epsilon = self.privacy_spent(researcher)
+            owner = self.ledger.dataset(self.dataset_id).owner
+            self.ledger.record_privacy_spend(
+                self.dataset_id, researcher, answers, epsilon, sender=owner
+            )
+
     # ---------------------------------------------------------- disclosure
     def check_subsets(
         self,
@@ -459,10 +526,13 @@ class Site:
         *,
         min_rows: int = 0,
         researcher: str | None = None,
+        differencing: bool = True,
     ) -> None:
         """Refuse a query before anything is computed unless every combination of
         its answers with what this site answered ``researcher`` before summarizes
-        at least the site's minimum of rows (:mod:`healthlab.audit`).
+        at least the site's minimum of rows (:mod:`healthlab.audit`). Under a DP
+        budget (``differencing=False``) only each subset's size is checked: the
+        noise covers combinations.
 
         ``subsets`` maps a column name to boolean masks over the site's rows (one per
         group, cell or bin). A non-empty mask must select at least ``min_rows`` rows
@@ -473,7 +543,9 @@ class Site:
         """
         threshold = max(min_rows, self._policy.min_rows, self._policy.min_difference)
         masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
-        self.auditor.check(self.name, researcher, masks, threshold)
+        self.auditor.check(
+            self.name, researcher, masks, threshold, differencing=differencing
+        )
 
     def check_protected(
         self,
@@ -613,7 +685,9 @@ def log_query(
             )
         ledger.log_query(query_hash, [int(m) for m in members], sender=researcher)
     else:
-        _LOCAL_LOG.append(((researcher or "").lower(), query_hash, members))
+        # ungated sites take unsigned queries: they know no researcher (see
+        # Site.authorize), so their log does not either
+        _LOCAL_LOG.append(("", query_hash, members))
     return members
 
 

@@ -131,6 +131,8 @@ def fingerprint(scene: Scene) -> dict[str, Any]:
         "request counter": fns.requestCount().call(),
         "result anchor": fns.resultRequest(bytes.fromhex(RESULT_HASH[2:])).call(),
         "collaboration counter": fns.collaborationCount().call(),
+        "privacy budget": fns.privacyBudget(scene.dataset).call(),
+        "privacy spent": fns.privacySpent(scene.grant_request).call(),
         "curator": fns.collaborationCurator(scene.collaboration).call(),
     }
     for ds in (scene.dataset, scene.other_dataset):
@@ -281,6 +283,26 @@ GUARDED = [
         _nothing,
     ),
     Guarded(
+        "setPrivacyBudget",
+        lambda s: s.ledger.contract.functions.setPrivacyBudget(
+            s.dataset, 2000, 5, 3000
+        ),
+        "owner",
+        NOT_THE_OWNER,
+        errors.NotDatasetOwner,
+        _not_owner,
+    ),
+    Guarded(
+        "recordPrivacySpend",
+        lambda s: s.ledger.contract.functions.recordPrivacySpend(
+            s.dataset, s.holder, 3, 1500
+        ),
+        "owner",
+        NOT_THE_OWNER,
+        errors.NotDatasetOwner,
+        _not_owner,
+    ),
+    Guarded(
         "setMember",
         lambda s: s.ledger.contract.functions.setMember(
             s.collaboration, s.stranger, True
@@ -400,6 +422,22 @@ def _effect_withdraw_to(scene: Scene, before: dict[str, Any]) -> None:
     assert scene.ledger.balance(scene.payee) == before["ether of payee"] + FEE
 
 
+def _effect_set_budget(scene: Scene, before: dict[str, Any]) -> None:
+    budget = scene.ledger.privacy_budget(scene.dataset)
+    assert budget is not None
+    assert (budget.epsilon, budget.delta, budget.noise_multiplier) == (2.0, 1e-5, 3.0)
+    assert scene.ledger.privacy_budget(scene.other_dataset) is None
+
+
+def _effect_record_spend(scene: Scene, before: dict[str, Any]) -> None:
+    spend = scene.ledger.privacy_spent(scene.dataset, scene.holder)
+    assert (spend.request_id, spend.answers, spend.epsilon) == (
+        scene.grant_request,
+        3,
+        1.5,
+    )
+
+
 def _effect_set_member(scene: Scene, before: dict[str, Any]) -> None:
     assert scene.ledger.is_member(scene.collaboration, scene.stranger)
     after = fingerprint(scene)
@@ -420,6 +458,8 @@ EFFECTS: dict[str, Callable[[Scene, dict[str, Any]], None]] = {
     "withdraw": _effect_withdraw,
     "withdrawTo": _effect_withdraw_to,
     "setMember": _effect_set_member,
+    "setPrivacyBudget": _effect_set_budget,
+    "recordPrivacySpend": _effect_record_spend,
 }
 
 

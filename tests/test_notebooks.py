@@ -895,20 +895,24 @@ def test_statistics_gated_results_equal_the_simulation(
 def test_statistics_shows_and_explains_a_disclosure_refusal(
     stats: dict[str, pd.DataFrame], runs: dict[str, Run]
 ) -> None:
-    p = FAST["03_encrypted_statistics"]
     printed = runs["03_encrypted_statistics"].printed()
     assert "DisclosureRefused: site site_c: a subset, group, cell or bin" in printed
     assert "fewer than 3 rows" in printed
-    others = pd.concat([f for n, f in frames().items() if n != "site_c"])
-    counts, _ = np.histogram(others[p["histogram_column"]], bins=p["narrow_edges"])
-    assert stats["histogram-partial"]["count"].tolist() == counts.tolist()
-    took_part = stats["partial-receipt"]["took part"]
-    assert took_part.to_dict() == {
-        "site_a": True,
-        "site_b": True,
-        "site_d": True,
-        "site_c": False,
-    }
+    # asking the three others instead would give site_c's counts by difference
+    # from the all-site histogram: refused too (site-set differencing)
+    assert "site-set differencing" in printed
+    assert "histogram-partial" not in stats
+
+
+def test_statistics_answers_a_declared_population_whole(
+    stats: dict[str, pd.DataFrame],
+) -> None:
+    p = FAST["03_encrypted_statistics"]
+    complete = pooled().dropna(subset=p["columns"])
+    table = stats["population"]
+    assert table.loc["Table 1", "rows"] == len(complete)
+    assert table.loc["regression", "rows"] == len(complete)
+    assert (table["rows"] == table["pandas (complete cases)"]).all()
 
 
 def test_statistics_receipt_verifies_and_tampering_is_caught(
@@ -1005,9 +1009,12 @@ def test_report_table_one_equals_the_library_result(
     report: dict[str, pd.DataFrame],
 ) -> None:
     p = FAST["06_study_report"]
-    overall = encrypted.describe(frames(), p["columns"], dropna=True)
-    grouped = encrypted.describe(frames(), p["columns"], by=p["by"], dropna=True)
-    counts = {c: encrypted.crosstab(frames(), c, p["by"]) for c in p["categorical"]}
+    ask = {"population": p["columns"]}  # the report declares its population
+    overall = encrypted.describe(frames(), p["columns"], **ask)
+    grouped = encrypted.describe(frames(), p["columns"], by=p["by"], **ask)
+    counts = {
+        c: encrypted.crosstab(frames(), c, p["by"], **ask) for c in p["categorical"]
+    }
     expected = table_one(overall, grouped, counts)
     pd.testing.assert_frame_equal(report["table1"], expected, check_names=False)
 
@@ -1016,12 +1023,14 @@ def test_report_figures_and_tables_equal_the_library(
     report: dict[str, pd.DataFrame],
 ) -> None:
     p = FAST["06_study_report"]
-    close(report["corr"], encrypted.corr(frames(), p["columns"], dropna=True))
+    ask = {"population": p["columns"]}  # every table over the same rows
+    close(report["corr"], encrypted.corr(frames(), p["columns"], **ask))
     close(
         report["ols"],
-        encrypted.ols(frames(), p["response"], p["covariates"], dropna=True),
+        encrypted.ols(frames(), p["response"], p["covariates"], **ask),
     )
-    counts, _ = np.histogram(pooled()[p["histogram_column"]], p["histogram_edges"])
+    complete = pooled().dropna(subset=p["columns"])
+    counts, _ = np.histogram(complete[p["histogram_column"]], p["histogram_edges"])
     assert report["histogram"]["count"].tolist() == counts.tolist()
     assert report["history"].index.tolist() == list(range(1, p["rounds"] + 1))
     assert report["odds-ratios"].index.tolist() == p["features"]

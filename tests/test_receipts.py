@@ -105,7 +105,12 @@ def test_gated_receipt_names_every_site_with_its_chain_records(
     logged = [entry.query_hash for entry in study.sites[0].log]
     hashes = [encrypted.Query(**q).hash for q in receipt["queries"]]
     assert hashes == logged
-    assert receipt["parameters"] == {"columns": COLUMNS, "by": None, "dropna": False}
+    assert receipt["parameters"] == {
+        "columns": COLUMNS,
+        "by": None,
+        "dropna": False,
+        "population": [],
+    }
     assert receipt["result_hash"] == result_hash(table)
     assert receipt["receipt_hash"] == receipt.hash
 

@@ -116,6 +116,24 @@ contract HealthLabRegistry {
     /// @dev The site keys each dataset's owner bound last (see `siteKeys`).
     mapping(uint256 datasetId => SiteKeys) internal _siteKeys;
 
+    /// @notice A dataset's differential-privacy budget per researcher and grant (all zero:
+    ///         none). `epsilonMilli`: ε × 1000; `deltaExponent`: δ = 10^-deltaExponent;
+    ///         `noiseMilli`: the noise multiplier × 1000.
+    struct PrivacyBudget {
+        uint32 epsilonMilli;
+        uint8 deltaExponent;
+        uint32 noiseMilli;
+    }
+
+    /// @notice What a grant spent of its dataset's budget (the privacy ledger).
+    struct PrivacySpend {
+        uint32 answers;
+        uint32 epsilonMilli;
+    }
+
+    mapping(uint256 datasetId => PrivacyBudget) public privacyBudget;
+    mapping(uint256 requestId => PrivacySpend) public privacySpent;
+
     /// @dev Collaborations: lists of member owners, each kept by its curator.
     uint256 public collaborationCount;
     mapping(uint256 collaborationId => address) public collaborationCurator;
@@ -166,6 +184,10 @@ contract HealthLabRegistry {
     ///         it pools. Sites answer only logged queries, and audit every logged query
     ///         of the researcher, the ones they take no part in too.
     event QueryLogged(address indexed researcher, bytes32 indexed queryHash, uint256[] datasetIds);
+    event PrivacyBudgetSet(uint256 indexed datasetId, uint32 epsilonMilli, uint8 deltaExponent, uint32 noiseMilli);
+    event PrivacySpent(
+        uint256 indexed requestId, uint256 indexed datasetId, uint32 answers, uint32 epsilonMilli
+    );
     event CollaborationCreated(uint256 indexed collaborationId, address indexed curator, string name);
     event MemberSet(uint256 indexed collaborationId, address indexed member, bool isMember);
     event SiteKeysBound(uint256 indexed datasetId, bytes32 maskKey, bytes32 nodeKeyHash, bytes nodeKey);
@@ -210,6 +232,8 @@ contract HealthLabRegistry {
     error UnknownCollaboration(uint256 collaborationId);
     error NotCurator(uint256 collaborationId, address caller);
     error EmptyName();
+    error InvalidPrivacyBudget();
+    error SpendDecreased(uint256 requestId);
 
     // ----------------------------------------------------------------- modifiers
     modifier nonReentrant() {
@@ -464,6 +488,36 @@ contract HealthLabRegistry {
             if (_datasets[datasetIds[i]].owner == address(0)) revert UnknownDataset(datasetIds[i]);
         }
         emit QueryLogged(msg.sender, queryHash, datasetIds);
+    }
+
+    // ------------------------------------------------------------ privacy budgets
+    /// @notice Give a dataset a differential-privacy budget per researcher and grant, or
+    ///         remove it (all zero). Its sites add noise and refuse once it is spent.
+    function setPrivacyBudget(uint256 datasetId, uint32 epsilonMilli, uint8 deltaExponent, uint32 noiseMilli)
+        external
+        onlyOwner(datasetId)
+    {
+        bool none = epsilonMilli == 0 && deltaExponent == 0 && noiseMilli == 0;
+        if (!none && (epsilonMilli == 0 || deltaExponent == 0 || deltaExponent > 30 || noiseMilli == 0)) {
+            revert InvalidPrivacyBudget();
+        }
+        privacyBudget[datasetId] = PrivacyBudget(epsilonMilli, deltaExponent, noiseMilli);
+        emit PrivacyBudgetSet(datasetId, epsilonMilli, deltaExponent, noiseMilli);
+    }
+
+    /// @notice Record what a grant has spent so far (its site's accountant's figures):
+    ///         answers given and ε spent (× 1000). Only the dataset's owner; never less.
+    function recordPrivacySpend(uint256 datasetId, address researcher, uint32 answers, uint32 epsilonMilli)
+        external
+        onlyOwner(datasetId)
+    {
+        uint256 requestId = _access[datasetId][researcher].requestId;
+        if (requestId == 0) revert NoActiveGrant(datasetId, researcher);
+        PrivacySpend storage spend = privacySpent[requestId];
+        if (answers < spend.answers || epsilonMilli < spend.epsilonMilli) revert SpendDecreased(requestId);
+        spend.answers = answers;
+        spend.epsilonMilli = epsilonMilli;
+        emit PrivacySpent(requestId, datasetId, answers, epsilonMilli);
     }
 
     // ------------------------------------------------------------ collaborations

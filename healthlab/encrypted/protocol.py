@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 import tenseal as ts
 
+from healthlab.dp import gaussian_noise, moments_scales
 from healthlab.encrypted.encoding import (
     DIGITS,
     MAX_SITES,
@@ -181,6 +182,12 @@ class SiteWork:
         # names the site, the rule and the columns, never a value (site_data.at_site)
         columns = query_columns(query)
         what = f"the {query.kind} query"
+        self._budget = site.privacy_budget
+        self.noise_sd: np.ndarray | None = None
+        if self._budget is not None:  # before computing: what one row can change
+            scales = _noise_scales(site, query)
+            self.noise_sd = self._budget.noise_multiplier * scales
+            site.check_privacy(self.researcher, self._budget.noise_multiplier)
         totals, subsets, *rest = at_site(site.name, what, columns, compute, site, query)
         if len(totals) != query.n_totals:
             raise HealthLabError(
@@ -195,7 +202,13 @@ class SiteWork:
             subsets,
             min_rows=query.min_rows,
             researcher=self.researcher,
+            differencing=self._budget is None,
         )
+        if self.noise_sd is not None:  # the site's own noise, on every total
+            totals = (
+                np.asarray(totals, dtype=float)
+                + gaussian_noise(len(totals), 1.0) * self.noise_sd
+            ).tolist()
         _encode(site.name, totals)  # a total the encoding cannot carry: refused now
         self.__totals = [float(t) for t in totals]
         self._subsets = subsets
@@ -338,6 +351,8 @@ class SiteWork:
         for i in self.suppressed:  # a block too few sites hold: zeros from everyone
             block = self._blocks[i]
             totals[block.start : block.stop] = [0.0] * (block.stop - block.start)
+        if self._budget is not None:  # counted before anything leaves the site
+            self.site.record_privacy(self.researcher, self._budget.noise_multiplier)
         digits = _encode(self.site.name, totals)
         seeds = self.site.pairwise_seeds(peers, bytes.fromhex(self.query.hash[2:]))
         masked = mask_digits(digits, mask_vector(seeds, digits.size))
@@ -387,6 +402,38 @@ def count_holders(work: Sequence[SiteWork], peers: Mapping[str, bytes]) -> list[
     announced = [w.announce(peers) for w in work]
     counts = [w.count_holders(peers, announced) for w in work]
     return counts[0]
+
+
+def _noise_scales(site: Site, query: Query) -> np.ndarray:
+    """Per total of ``query``: the noise's standard deviation per unit of noise
+    multiplier (what one row can change in it, scaled; :mod:`healthlab.dp`)."""
+    spec = query.spec
+    if query.kind == "counts":  # a row is in one cell, or dropped, or outside
+        return np.ones(query.n_totals)
+    if query.kind == "moments":
+        bounds = spec.get("bounds")
+        if bounds is None:
+            raise DisclosureRefused(
+                f"site {site.name} answers under a privacy budget: give public "
+                "bounds (bounds=) for every column; values beyond them are clipped"
+            )
+        scales = moments_scales(
+            bounds,
+            spec["center"],
+            order=int(spec["order"]),
+            cross=bool(spec["cross"]),
+            groups=max(1, len(spec.get("groups") or ())),
+        )
+        if scales.size != query.n_totals:
+            raise IntegrityError(
+                f"site {site.name}: the query's layout does not match its spec"
+            )
+        return scales
+    raise DisclosureRefused(
+        f"site {site.name} answers under a privacy budget: {query.kind} queries "
+        "have no noise calibration; use describe, histogram, crosstab, corr, cov or "
+        "ols"
+    )
 
 
 def query_columns(query: Query) -> list[str]:
@@ -499,6 +546,9 @@ class StudyRun:
     holders: list[int] = field(default_factory=list)
     #: The blocks too few sites hold: sent as zeros by every site.
     suppressed: list[int] = field(default_factory=list)
+    #: Standard deviation of the Gaussian noise each site under a DP budget added
+    #: to each of its totals (sites without a budget are not listed).
+    noise_sd: dict[str, list[float]] = field(default_factory=dict)
 
 
 def run_query(
@@ -609,6 +659,11 @@ class PreparedQuery:
             upload_bytes={c.site: c.nbytes for c in contributions},
             holders=holders,
             suppressed=list(self.work[0].suppressed),
+            noise_sd={
+                w.site.name: w.noise_sd.tolist()
+                for w in self.work
+                if w.noise_sd is not None
+            },
             public_params={
                 **public.params.as_dict(),
                 "public_key_fingerprint": public.fingerprint,

@@ -86,7 +86,11 @@ def _moments(site: Site, query: Query) -> Totals:
     kept, dropped = site.rows(
         asked, dropna=bool(spec.get("dropna")), population=spec.get("population", ())
     )
-    values = numeric(site.name, kept, columns) - np.asarray(spec["center"])
+    values = numeric(site.name, kept, columns)
+    if spec.get("bounds") is not None:  # public bounds: a site under DP clips to them
+        limit = np.asarray(spec["bounds"], dtype=float)
+        values = np.clip(values, limit[:, 0], limit[:, 1])
+    values = values - np.asarray(spec["center"])
     masks = _group_masks(kept, by, spec.get("groups", ()))
     totals: list[float] = [float(dropped)]
     p = len(columns)
@@ -188,6 +192,7 @@ def _centers(
         "groups": groups,
         "dropna": options["dropna"],
         "population": options["population"],
+        "bounds": _bounds(options["bounds"], columns),
         "model_params": model_params,
     }
     n_groups = max(1, len(groups))
@@ -227,8 +232,10 @@ def _options(
     dropna: bool,
     on_refusal: str,
     population: Sequence[str] | None = None,
+    bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
     return {
+        "bounds": bounds,
         "keys": keys or KeyHolder(),
         "researcher": researcher,
         "min_sites": min_sites,
@@ -237,6 +244,32 @@ def _options(
         "on_refusal": on_refusal,
         "population": _population(population),
     }
+
+
+def _bounds(bounds: Any, columns: Sequence[str]) -> list[list[float]] | None:
+    """Public bounds ``[low, high]`` per column, in the columns' order (None: none
+    given); ``B`` means ``(-B, B)``.
+
+    A site whose dataset carries a privacy budget clips values to them and scales
+    its noise by them; it refuses a query without them."""
+    if bounds is None:
+        return None
+    if isinstance(bounds, Mapping):
+        missing = [c for c in columns if c not in bounds]
+        if missing:
+            raise InvalidInput(f"bounds= gives no bound for {missing}")
+        given = [bounds[c] for c in columns]
+    else:
+        given = [bounds] * len(columns)
+    chosen = []
+    for b in given:
+        low, high = (-float(b), float(b)) if np.isscalar(b) else map(float, b)  # type: ignore[arg-type]
+        if not (np.isfinite(low) and np.isfinite(high) and low < high):
+            raise InvalidInput(
+                "bounds are (low, high) with low < high, or B for (-B, B), finite"
+            )
+        chosen.append([low, high])
+    return chosen
 
 
 def _population(columns: Sequence[str] | None) -> list[str]:
@@ -282,6 +315,7 @@ def _second_moments(
         "groups": pooled,
         "dropna": options["dropna"],
         "population": options["population"],
+        "bounds": _bounds(options["bounds"], columns),
         "model_params": model_params,
     }
     n_groups = max(1, len(pooled))
@@ -478,6 +512,7 @@ def describe(
     min_rows: int = 0,
     on_refusal: str = "raise",
     population: Sequence[str] | None = None,
+    bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
 ) -> pd.DataFrame:
     """``count``, ``mean``, ``std``, ``var``, ``sum`` and ``sem`` pooled across sites.
 
@@ -509,7 +544,7 @@ def describe(
     site_list = as_sites(sites)
     cols = _columns(columns)
     options = _options(
-        keys, researcher, min_sites, min_rows, dropna, on_refusal, population
+        keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
     groups = list(_grouping_levels(site_list, by, researcher, min_rows)) if by else []
     runs, center, stats = _second_moments(
@@ -529,6 +564,9 @@ def describe(
             else np.full(len(cols), np.nan)
         )
         var = ss / (n - 1) if n > 1 else np.full(len(cols), np.nan)
+        # a constant column's sum of squares may round to -1e-30, and under a DP
+        # budget noise can push it below 0: a variance is never negative
+        var = np.where(np.isnan(var), var, np.maximum(var, 0.0))
         table = pd.DataFrame(
             {
                 "count": float(n),
@@ -583,6 +621,7 @@ def histogram(
     min_rows: int = 0,
     on_refusal: str = "raise",
     population: Sequence[str] | None = None,
+    bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
 ) -> pd.DataFrame:
     """Exact pooled counts per bin, like ``numpy.histogram`` (last bin closed).
 
@@ -612,7 +651,7 @@ def histogram(
     if edges.size < 2 or not np.all(np.diff(edges) > 0) or not np.isfinite(edges).all():
         raise InvalidInput("bin edges must be finite and strictly increasing")
     options = _options(
-        keys, researcher, min_sites, min_rows, dropna, on_refusal, population
+        keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
     spec = {
         "columns": [column],
@@ -621,7 +660,8 @@ def histogram(
         "population": options["population"],
     }
     run = _run(site_list, "counts", spec, edges.size, _counts, **_opts(options))
-    counts = np.rint(run.totals[1:]).astype(np.int64)
+    # under a DP budget counts carry noise: rounded and kept >= 0 (post-processing)
+    counts = np.maximum(np.rint(run.totals[1:]), 0).astype(np.int64)
     result = pd.DataFrame({"left": edges[:-1], "right": edges[1:], "count": counts})
     if dropna or options["population"]:
         result.attrs["missing"] = int(run.totals[0])
@@ -649,6 +689,7 @@ def crosstab(
     min_rows: int = 0,
     on_refusal: str = "raise",
     population: Sequence[str] | None = None,
+    bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
 ) -> pd.DataFrame:
     """Exact pooled counts of ``row`` × ``col`` levels, like ``pandas.crosstab``.
 
@@ -669,7 +710,7 @@ def crosstab(
     row_levels = list(_grouping_levels(site_list, row, researcher, min_rows))
     col_levels = list(_grouping_levels(site_list, col, researcher, min_rows))
     options = _options(
-        keys, researcher, min_sites, min_rows, dropna, on_refusal, population
+        keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
     spec = {
         "columns": [row, col],
@@ -680,7 +721,7 @@ def crosstab(
     n = len(row_levels) * len(col_levels)
     run = _run(site_list, "counts", spec, 1 + n, _counts, **_opts(options))
     counts = (
-        np.rint(run.totals[1:])
+        np.maximum(np.rint(run.totals[1:]), 0)
         .astype(np.int64)
         .reshape(len(row_levels), len(col_levels))
     )
@@ -708,6 +749,7 @@ def cov(
     min_rows: int = 0,
     on_refusal: str = "raise",
     population: Sequence[str] | None = None,
+    bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
 ) -> pd.DataFrame:
     """Pooled sample covariance matrix (complete cases), like ``DataFrame.cov()``.
 
@@ -727,6 +769,7 @@ def cov(
         min_rows,
         on_refusal,
         population,
+        bounds,
     )
 
 
@@ -741,6 +784,7 @@ def corr(
     min_rows: int = 0,
     on_refusal: str = "raise",
     population: Sequence[str] | None = None,
+    bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
 ) -> pd.DataFrame:
     """Pooled Pearson correlation matrix (complete cases), like ``DataFrame.corr()``.
 
@@ -763,6 +807,7 @@ def corr(
         min_rows,
         on_refusal,
         population,
+        bounds,
     )
 
 
@@ -777,11 +822,12 @@ def _matrix(
     min_rows: int,
     on_refusal: str,
     population: Sequence[str] | None,
+    bounds: float | Mapping[str, float | tuple[float, float]] | None,
 ) -> pd.DataFrame:
     site_list = as_sites(sites)
     cols = _columns(columns)
     options = _options(
-        keys, researcher, min_sites, min_rows, dropna, on_refusal, population
+        keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
     runs, _, stats = _second_moments(
         site_list, cols, by=None, groups=[], cross=True, options=options
@@ -820,6 +866,7 @@ def ols(
     min_rows: int = 0,
     on_refusal: str = "raise",
     population: Sequence[str] | None = None,
+    bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
 ) -> pd.DataFrame:
     """Ordinary least squares of ``y`` on ``X`` with an intercept, pooled across sites.
 
@@ -838,7 +885,7 @@ def ols(
         raise InvalidInput(f"{y!r} is both the response and a covariate")
     cols = [*xs, y]
     options = _options(
-        keys, researcher, min_sites, min_rows, dropna, on_refusal, population
+        keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
     runs, center, stats = _second_moments(
         site_list,
@@ -915,6 +962,18 @@ def attach_receipt(
         },
     )
     result.attrs["receipt"] = receipt
+    noisy = [r.noise_sd for r in runs if r.noise_sd]
+    if noisy:
+        # the pooled noise of every total: the sites' own, independent draws
+        result.attrs["noise"] = {
+            "sd_per_total": [
+                np.sqrt(np.sum(np.square(list(n.values())), axis=0)).tolist()
+                for n in noisy
+            ],
+            "sites": noisy,
+            "note": "Gaussian noise the sites added under their privacy budgets, "
+            "per query and total (the queries' layouts are in the receipt)",
+        }
     return result
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 from flwr.app import Context
 
+from healthlab.dp import epsilon_spent
 from healthlab.encrypted import KeyHolder, cov, describe
 from healthlab.errors import (
     DisclosureRefused,
@@ -54,6 +55,8 @@ __all__ = ["FederatedResult", "SimulatedSide", "train"]
 _engine_lock = threading.Lock()
 #: The defaults of every study setting, from :class:`StudySpec`.
 _DEFAULT: dict[str, Any] = {f.name: f.default for f in fields(StudySpec)}
+#: The delta at which a federated study's DP epsilon is reported.
+FEDERATED_DELTA = 1e-5
 
 
 @dataclass
@@ -545,6 +548,14 @@ def _receipt(
             "clipping_norm": spec.dp_clipping_norm,
             "rounds": spec.rounds,
             "sampled_sites_per_round": spec.expected_sites,
+            # every site's clipped update is in every round (no subsampling): the
+            # rounds compose as Gaussian mechanisms, accounted as the sites' DP is
+            "unit": "one site's update (site-level privacy)",
+            "delta": FEDERATED_DELTA,
+            "epsilon": epsilon_spent(
+                [spec.dp_noise_multiplier] * spec.rounds, FEDERATED_DELTA
+            ),
+            "accountant": "prv-accountant, Gaussian composition (healthlab.dp)",
         },
     }
     final = {f"param{i}": p.tolist() for i, p in enumerate(params)}

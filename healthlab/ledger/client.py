@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import math
 import os
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -35,6 +36,7 @@ from web3.exceptions import (
 from web3.logs import DISCARD
 
 from healthlab import errors
+from healthlab.dp import PrivacyBudget
 from healthlab.ledger import deployments
 from healthlab.ledger.artifacts import load_artifact
 from healthlab.ledger.codes import Codes, as_codes
@@ -42,6 +44,7 @@ from healthlab.ledger.records import (
     Access,
     Dataset,
     LoggedQuery,
+    PrivacySpend,
     Request,
     SiteKeys,
     Status,
@@ -723,6 +726,72 @@ class Ledger:
             )
             for e in found
         ]
+
+    # ------------------------------------------------------------ privacy budgets
+    def set_privacy_budget(
+        self,
+        dataset_id: int,
+        budget: PrivacyBudget | None,
+        *,
+        sender: str | None = None,
+    ) -> None:
+        """Give a dataset a DP budget per researcher and grant (owner only), or remove
+        it (``None``). ε is kept to 1/1000, δ as a power of ten, the noise multiplier
+        to 1/1000."""
+        if budget is None:
+            args = (0, 0, 0)
+        else:
+            exponent = round(-math.log10(budget.delta))
+            if not 1 <= exponent <= 30 or not math.isclose(
+                budget.delta, 10.0**-exponent, rel_tol=1e-9
+            ):
+                raise errors.InvalidInput(
+                    "on chain, a budget's delta is a power of ten (1e-5, 1e-6, …)"
+                )
+            epsilon = round(budget.epsilon * 1000)
+            noise = round(budget.noise_multiplier * 1000)
+            if not 0 < epsilon < 2**32 or not 0 < noise < 2**32:
+                raise errors.InvalidInput(
+                    "epsilon and the noise multiplier must be between 0.001 and 4e6"
+                )
+            args = (epsilon, exponent, noise)
+        fn = self.contract.functions.setPrivacyBudget(int(dataset_id), *args)
+        self._transact(fn, sender)
+
+    def privacy_budget(self, dataset_id: int) -> PrivacyBudget | None:
+        """The dataset's DP budget per researcher and grant, or ``None``."""
+        fn = self.contract.functions.privacyBudget(int(dataset_id))
+        epsilon, exponent, noise = self._call(fn)
+        if not epsilon:
+            return None
+        return PrivacyBudget(epsilon / 1000, 10.0 ** -int(exponent), noise / 1000)
+
+    def record_privacy_spend(
+        self,
+        dataset_id: int,
+        researcher: str,
+        answers: int,
+        epsilon: float,
+        *,
+        sender: str | None = None,
+    ) -> None:
+        """Record what the researcher's current grant spent (owner only): the
+        privacy ledger. ε is rounded up to 1/1000."""
+        fn = self.contract.functions.recordPrivacySpend(
+            int(dataset_id),
+            _address(researcher, "researcher"),
+            int(answers),
+            math.ceil(epsilon * 1000 - 1e-9),
+        )
+        self._transact(fn, sender)
+
+    def privacy_spent(self, dataset_id: int, researcher: str) -> PrivacySpend:
+        """What the researcher's current grant on the dataset spent, as recorded."""
+        access = self.access(dataset_id, researcher)
+        answers, epsilon = self._call(
+            self.contract.functions.privacySpent(int(access.request_id))
+        )
+        return PrivacySpend(int(access.request_id), int(answers), epsilon / 1000)
 
     # ------------------------------------------------------------ collaborations
     def create_collaboration(self, name: str, *, sender: str | None = None) -> int:

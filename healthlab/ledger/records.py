@@ -7,7 +7,15 @@ from dataclasses import dataclass
 
 from healthlab.ledger.codes import Codes
 
-__all__ = ["Access", "Dataset", "LoggedQuery", "Request", "SiteKeys", "Status"]
+__all__ = [
+    "Access",
+    "Dataset",
+    "LoggedQuery",
+    "PrivacySpend",
+    "Request",
+    "SiteKeys",
+    "Status",
+]
 
 
 class Status(enum.IntEnum):
@@ -106,3 +114,13 @@ class LoggedQuery:
     query_hash: str
     dataset_ids: tuple[int, ...]
     block: int
+
+
+@dataclass(frozen=True)
+class PrivacySpend:
+    """What one grant spent of its dataset's DP budget, as its site recorded it:
+    answers given (each one decrypted aggregate) and ε spent."""
+
+    request_id: int
+    answers: int
+    epsilon: float
