@@ -52,7 +52,7 @@ import numpy as np
 
 from healthlab.errors import DisclosureRefused
 
-__all__ = ["Auditor", "in_span", "isolable", "isolated", "isolated_sites"]
+__all__ = ["Auditor", "in_span", "isolable", "isolated", "isolated_sites", "reaches"]
 
 #: What the auditor keeps per researcher: subsets answered, refused, protected.
 _FIELDS = ("answered", "refused", "protected")
@@ -92,6 +92,19 @@ def _rank(matrix: np.ndarray) -> int:
         return 0
     s = np.linalg.svd(matrix.astype(np.float64), compute_uv=False)
     return int(np.sum(s > _TOL * max(1.0, float(s[0]))))
+
+
+def reaches(masks: Sequence[np.ndarray], target: np.ndarray) -> bool:
+    """Whether a non-zero combination of the indicators of ``masks`` is supported
+    inside ``target``'s rows: then answers over ``masks`` determine a statistic of
+    some of ``target``'s rows alone (``rank(M) > rank(M outside target)``)."""
+    target = np.asarray(target, dtype=bool)
+    if not target.any() or not masks:
+        return False
+    matrix = np.stack([*(np.asarray(m, dtype=bool) for m in masks), target], axis=1)
+    _, _, signatures, _ = _atoms(matrix)
+    outside = ~signatures[:, -1]
+    return _rank(signatures[:, :-1]) > _rank(signatures[outside, :-1])
 
 
 def in_span(masks: Sequence[np.ndarray], target: np.ndarray) -> bool:
@@ -305,8 +318,20 @@ class Auditor:
 
     # --------------------------------------------------------------- checks
     def _masks(self, field: str, researcher: str) -> list[np.ndarray]:
-        stored = getattr(self, field).get(researcher, [])
+        """What was kept under ``field`` — for every researcher, not only this one:
+        a researcher with a second account (or colleagues who pool their answers)
+        must not start from an empty memory. Stricter than per researcher, never
+        weaker; DP budgets stay per grant."""
+        stored: list[bytes] = []
+        for packed in getattr(self, field).values():
+            stored.extend(p for p in packed if p not in stored)
         return [_unpack(p, self.n_rows) for p in stored]
+
+    def _sets(self, field: str) -> list[list[str]]:
+        found: list[list[str]] = []
+        for sets in getattr(self, field).values():
+            found.extend(s for s in sets if s not in found)
+        return found
 
     def check(
         self,
@@ -362,10 +387,10 @@ class Auditor:
         masks: Iterable[np.ndarray],
         protected: Iterable[np.ndarray] = (),
     ) -> None:
-        """Refuse (and remember the refusal) when answering ``masks`` would put a
-        protected set — kept from before, or ``protected`` now — in the span of this
-        researcher's answers: a combination of answers would then be that set's
-        statistic, which was pooled over too few sites to be released."""
+        """Refuse (and remember the refusal) when answering ``masks`` would let a
+        combination of answers be supported inside a protected set — kept from
+        before, or ``protected`` now (:func:`reaches`): it would be a statistic of
+        (some of) that set's rows, which were pooled over too few sites."""
         who = (researcher or "").lower()
         new = [m for m in (np.asarray(m, dtype=bool) for m in masks) if m.any()]
         guarded = _unique(
@@ -377,12 +402,12 @@ class Auditor:
         if not guarded:
             return
         released = _unique([*self._masks("answered", who), *new])
-        unsafe = any(in_span(released, p) for p in guarded)
+        unsafe = any(reaches(released, p) for p in guarded)
         probed = self._masks("refused", who)
         if not unsafe and probed:
             before = _unique([*self._masks("answered", who), *probed])
             after = _unique([*before, *new])
-            unsafe = any(in_span(after, p) and not in_span(before, p) for p in guarded)
+            unsafe = any(reaches(after, p) and not reaches(before, p) for p in guarded)
         if unsafe:
             self._refuse(who, new)
             raise DisclosureRefused(
@@ -406,9 +431,9 @@ class Auditor:
         keeps every combination of results over at least ``need`` sites."""
         who = (researcher or "").lower()
         new = sorted(set(participants))
-        answered = [*self.site_sets.get(who, []), *(sorted(set(o)) for o in others)]
+        answered = [*self._sets("site_sets"), *(sorted(set(o)) for o in others)]
         unsafe = _unsafe_sites([*answered, new], need)
-        probed = self.site_sets_refused.get(who, [])
+        probed = self._sets("site_sets_refused")
         if not unsafe and probed:
             before = isolated_sites([*answered, *probed], need)
             after = isolated_sites([*answered, *probed, new], need)
@@ -451,6 +476,10 @@ class Auditor:
         self._add("answered", who, masks)
         self._add("protected", who, protected)
         self._save()
+
+    def refuse(self, researcher: str | None, masks: Iterable[np.ndarray]) -> None:
+        """Remember ``masks`` as refused for ``researcher``."""
+        self._refuse((researcher or "").lower(), [np.asarray(m, bool) for m in masks])
 
     def _refuse(self, who: str, masks: list[np.ndarray]) -> None:
         self._add("refused", who, masks)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -347,12 +347,15 @@ class Site:
         *,
         researcher: str | None,
         need: int,
-    ) -> None:
+    ) -> tuple[int, list[str]]:
         """Before computing: the query must be in the shared query log with exactly
         these participants; a gated site counts only datasets of distinct owners
         other than the researcher (Sybils), keeps to its collaboration, and no
         combination of the researcher's logged site sets may single out fewer than
-        ``need`` sites (:meth:`Auditor.check_sites`)."""
+        ``need`` sites (:meth:`Auditor.check_sites`) — sets of *owners*, the
+        researcher's own datasets left out (they add nothing the researcher does not
+        know). Returns how many participants are not distinct other owners (the
+        holder count must exceed them) and the set audited (to remember)."""
         members = sorted(set(participants))
         if self.participant not in members or len(members) != len(participants):
             raise AccessDenied(
@@ -371,20 +374,42 @@ class Site:
                 "these sites; the statistics functions log every query before "
                 "asking (Ledger.log_query)"
             )
+        untrusted = 0
         if self.gated:
-            self._check_owners(members, researcher, need)
+            untrusted = len(members) - self._check_owners(members, researcher, need)
+        owner_of = self._owners(researcher)
+        me = owner_of(self.participant)
         # a logged query of one site was answered by no site (every site's minimum
         # is 2 or more): it pools nothing
-        others = [
-            list(p)
-            for h, p in entries
-            if h != query_hash and self.participant not in p and len(p) >= 2
-        ]
-        self.auditor.check_sites(self.name, researcher, members, others, need)
+        others = []
+        for h, p in entries:
+            mapped = sorted({o for o in map(owner_of, p) if o})
+            if h != query_hash and me not in mapped and len(p) >= 2:
+                others.append(mapped)
+        mine = sorted({o for o in map(owner_of, members) if o})
+        self.auditor.check_sites(self.name, researcher, mine, others, need)
+        return untrusted, mine
+
+    def _owners(self, researcher: str | None) -> Callable[[str], str]:
+        """Participant -> who the site-set audit counts: the dataset's owner when
+        gated ('' for the researcher's own), the participant itself when not."""
+        if not self.gated:
+            return lambda participant: participant
+        assert self.ledger is not None
+        ledger, who = self.ledger, (researcher or "").lower()
+        cache: dict[str, str] = {}
+
+        def owner_of(participant: str) -> str:
+            if participant not in cache:
+                owner = ledger.dataset(int(participant)).owner.lower()
+                cache[participant] = "" if owner == who else f"owner {owner}"
+            return cache[participant]
+
+        return owner_of
 
     def _check_owners(
         self, members: Sequence[str], researcher: str | None, need: int
-    ) -> None:
+    ) -> int:
         assert self.ledger is not None
         try:
             ids = [int(m) for m in members]
@@ -410,6 +435,7 @@ class Site:
                 f"of collaboration #{collaboration}; leave the other sites out, or "
                 "ask the collaboration's curator to admit their owners"
             )
+        return len(others)
 
     # ------------------------------------------------------------------- rows
     def rows(
@@ -543,9 +569,26 @@ class Site:
         """
         threshold = max(min_rows, self._policy.min_rows, self._policy.min_difference)
         masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
+        left_out = [np.asarray(m, dtype=bool) for m in subsets.get(LEFT_OUT, ())]
+        if any(0 < int(m.sum()) < threshold for m in left_out):
+            self.auditor.refuse(researcher, masks)
+            raise DisclosureRefused(
+                f"site {self.name}: the rows this query leaves out (missing values, or "
+                f"outside the population) would be fewer than {threshold}, and their "
+                "count is released; ask without the columns few rows lack, or "
+                "declare a population that keeps those rows out of every query"
+            )
         self.auditor.check(
             self.name, researcher, masks, threshold, differencing=differencing
         )
+
+    def refuse_subsets(
+        self, subsets: Mapping[str, Iterable[np.ndarray]], *, researcher: str | None
+    ) -> None:
+        """Remember ``subsets`` as refused (a refusal the audit did not make, e.g. a
+        total the encoding cannot carry): later queries are audited against them."""
+        masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
+        self.auditor.refuse(researcher, masks)
 
     def check_protected(
         self,
@@ -582,7 +625,7 @@ class Site:
         participants: Sequence[str] = (),
     ) -> None:
         """Record an answered query's subsets, the sets it protects and its
-        participant set (for the auditor), and a log line."""
+        participant set as audited (:meth:`check_participants`), and a log line."""
         masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
         self.auditor.record(researcher, masks, protected)
         if participants:
@@ -656,6 +699,10 @@ class Site:
             ).derive(shared)
         return out
 
+
+#: The subsets key of the rows a query leaves out (missing values, outside the
+#: population): their count is released as ``missing``, so they are audited too.
+LEFT_OUT = "(rows left out)"
 
 #: The shared query log of ungated (teaching) sites, in this process: (researcher,
 #: query hash, participants). Gated sites read the chain's ``QueryLogged`` events.

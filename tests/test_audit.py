@@ -78,7 +78,9 @@ def test_the_attack_is_refused_in_any_order(order: tuple[int, ...]) -> None:
             outcomes.append(True)
         except DisclosureRefused:
             outcomes.append(False)
-    assert outcomes[:3] == [True, True, True] and outcomes[3] is False, outcomes
+    # the attack needs all four answers; the auditor answers at most three, and the
+    # counts of rows left out are audited too, so the refusal may come earlier
+    assert outcomes[:2] == [True, True] and False in outcomes, outcomes
 
 
 def test_the_attack_through_groups_is_refused() -> None:
@@ -226,7 +228,9 @@ def test_the_frame_form_remembers_between_calls() -> None:
     a.loc[0, "bmi"] = np.nan
     b = cohort(14)
     encrypted.describe({"a": a, "b": b}, ["age"])
-    with pytest.raises(DisclosureRefused, match="site a: together with"):
+    with pytest.raises(
+        DisclosureRefused, match=r"site a: (together with|the rows this query leaves)"
+    ):
         encrypted.describe({"a": a.copy(), "b": b.copy()}, ["age", "bmi"], dropna=True)
 
 

@@ -390,6 +390,17 @@ def open_notebook(ui: UI, stack: Stack, name: str, *, workspace: str) -> None:
         ".jp-NotebookPanel:not(.lm-mod-hidden) "
         ".jp-Notebook-ExecutionIndicator[data-status='idle']"
     ).first.wait_for(timeout=START_TIMEOUT * 1000)
+    accept_kernel_dialog(ui)
+
+
+def accept_kernel_dialog(ui: UI) -> None:
+    """JupyterLab sometimes asks which kernel to start (a modal "Select Kernel"
+    dialog, seen on a loaded machine): take the one it proposes, as a user would.
+    Until it is answered, the dialog swallows every click (Run All included)."""
+    dialog = ui.page.locator(".jp-Dialog").filter(has_text="Select Kernel")
+    if dialog.count():
+        dialog.get_by_role("button", name="Select", exact=True).click()
+        dialog.wait_for(state="detached")
 
 
 def run_all_cells(ui: UI, timeout: float = START_TIMEOUT) -> None:
@@ -409,6 +420,7 @@ def run_all_cells(ui: UI, timeout: float = START_TIMEOUT) -> None:
     )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        accept_kernel_dialog(ui)
         tab = ui.page.locator("#jp-main-dock-panel .lm-TabBar-tab.lm-mod-current")
         if tab.count():  # the notebook's tab: makes it the current widget
             tab.first.click()

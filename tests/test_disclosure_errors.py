@@ -360,7 +360,11 @@ def test_identifier_rule_is_more_than_half_distinct() -> None:
     def frames(distinct: int) -> dict[str, pd.DataFrame]:
         common = 11 - distinct
         values = ["A"] * common + [f"L{i}" for i in range(distinct - 1)]
-        return {"a": pd.DataFrame({"g": values + [None] * 5})}
+        # levels are released across at least 2 sites; b's are all "A"
+        return {
+            "a": pd.DataFrame({"g": values + [None] * 5}),
+            "b": pd.DataFrame({"g": ["A"] * 10}),
+        }
 
     found = encrypted.levels(frames(5), "g")
     assert found == ["A"] and found.withheld  # L0…L3: one row each, withheld

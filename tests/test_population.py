@@ -119,16 +119,23 @@ def test_the_attack_through_four_populations_is_refused() -> None:
 
 def test_a_population_and_then_all_rows_is_audited_like_any_subset() -> None:
     """Rows outside the population are 13 here: answering all rows after the
-    population is allowed (13 >= 3); with one row outside, it is refused."""
+    population is allowed (13 >= 3). With one row outside, the population itself
+    is refused (its count of rows left out would be one patient's), and so is all
+    rows minus a population of two rows less."""
     sites, _ = study()
     encrypted.describe(sites, ["age"], population=COLUMNS)
     encrypted.describe(sites, ["age"])
     lone = cohort(5)
     lone.loc[3, "bmi"] = np.nan
     few = [Site("a", lone), Site("b", cohort(6))]
-    encrypted.describe(few, ["age"], population=["age", "bmi"])
-    with pytest.raises(DisclosureRefused, match="site a: together with"):
-        encrypted.describe(few, ["age"])
+    with pytest.raises(DisclosureRefused, match="site a: the rows this query leaves"):
+        encrypted.describe(few, ["age"], population=["age", "bmi"])
+    pair = cohort(7)
+    pair.loc[[3, 4], "bmi"] = np.nan
+    two = [Site("a", pair), Site("b", cohort(8))]
+    encrypted.describe(two, ["age"])
+    with pytest.raises(DisclosureRefused, match="site a: the rows this query leaves"):
+        encrypted.describe(two, ["age"], population=["age", "bmi"])
 
 
 def test_a_population_names_columns() -> None:

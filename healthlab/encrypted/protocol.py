@@ -56,7 +56,7 @@ from healthlab.errors import (
     TooFewSites,
 )
 from healthlab.site_data import at_site
-from healthlab.sites import Site, log_query
+from healthlab.sites import LEFT_OUT, Site, log_query
 
 if TYPE_CHECKING:
     from healthlab.ledger.signing import SignedQuery
@@ -172,7 +172,14 @@ class SiteWork:
         self.site = site
         self.query = query
         self.researcher = site.authorize(signed, query_hash=query.hash)
-        site.check_participants(
+        if query.min_sites < site.policy.min_sites:
+            raise TooFewSites(
+                f"site {site.name} pools only over at least {site.policy.min_sites} "
+                "sites; ask with that min_sites"
+            )
+        #: participants beyond distinct owners other than the researcher: they
+        #: might claim to hold rows, so the holder count must exceed them
+        self.untrusted, self._audited_set = site.check_participants(
             query.hash,
             query.participants,
             researcher=self.researcher,
@@ -209,11 +216,20 @@ class SiteWork:
                 np.asarray(totals, dtype=float)
                 + gaussian_noise(len(totals), 1.0) * self.noise_sd
             ).tolist()
-        _encode(site.name, totals)  # a total the encoding cannot carry: refused now
+        try:  # a total the encoding cannot carry: refused now, and remembered
+            _encode(site.name, totals)
+        except DataRefused:
+            site.refuse_subsets(subsets, researcher=self.researcher)
+            raise
         self.__totals = [float(t) for t in totals]
         self._subsets = subsets
         self._blocks: list[Block] = list(rest[0]) if rest else []
-        masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
+        masks = [
+            np.asarray(m, dtype=bool)
+            for column, ms in subsets.items()
+            if column != LEFT_OUT
+            for m in ms
+        ]
         if not any(m.any() for m in masks):
             # a partner with no rows would make another site's totals "pooled"
             raise DataRefused(
@@ -230,8 +246,9 @@ class SiteWork:
 
     @property
     def need(self) -> int:
-        """Fewest sites a result of this query may pool (the query's or the site's)."""
-        return max(self.site.policy.min_sites, self.query.min_sites)
+        """Fewest sites a result of this query may pool: the query's, which every
+        site uses alike (a site refuses a query asking fewer than its policy)."""
+        return self.query.min_sites
 
     def _context(self, purpose: bytes) -> bytes:
         return bytes.fromhex(self.query.hash[2:]) + b"|" + purpose
@@ -291,13 +308,14 @@ class SiteWork:
             raise IntegrityError(
                 f"site {me}: the holder flags do not cancel to counts (tampering?)"
             )
-        if counts[0] < self.need:
+        need = self.need + self.untrusted
+        if counts[0] < need:
             raise TooFewSites(
                 f"site {me}: only {counts[0]} site(s) of those taking part hold rows "
-                f"for this query, fewer than the {self.need} a pooled result needs; "
+                f"for this query, fewer than the {need} a pooled result needs; "
                 "add sites that hold these columns"
             )
-        self.suppressed = [i for i, c in enumerate(counts[1:]) if c < self.need]
+        self.suppressed = [i for i, c in enumerate(counts[1:]) if c < need]
         released = self._released()
         protected = [
             np.asarray(self._blocks[i].mask, dtype=bool) for i in self.suppressed
@@ -369,7 +387,7 @@ class SiteWork:
             kind=self.query.kind,
             researcher=self.researcher,
             protected=[self._blocks[i].mask for i in self.suppressed],
-            participants=self.query.participants,
+            participants=self._audited_set,
         )
         return Contribution(
             self.site.name,
@@ -600,7 +618,14 @@ def prepare_query(
         # the participant set is part of the signed, logged query: with "skip", a
         # query some sites refused is asked again, anew, of the others
         members = tuple(sorted(s.participant for s in asked))
-        query = replace(query, participants=members, nonce=secrets.randbits(63))
+        # one minimum of sites for every site (the strictest policy's): each site
+        # suppresses groups by it, so no site sends a group another holds back
+        query = replace(
+            query,
+            participants=members,
+            min_sites=minimum,
+            nonce=secrets.randbits(63),
+        )
         log_query(asked, query.hash, researcher)
         signed = sign_query(asked, query, researcher)
         work: list[SiteWork] = []

@@ -23,11 +23,17 @@ import numpy as np
 import pandas as pd
 
 from healthlab.encrypted.keys import KeyHolder
-from healthlab.encrypted.protocol import Block, Query, StudyRun, Totals, run_query
+from healthlab.encrypted.protocol import (
+    Block,
+    Query,
+    StudyRun,
+    Totals,
+    run_query,
+)
 from healthlab.errors import DataRefused, DisclosureRefused, InvalidInput, TooFewSites
 from healthlab.receipts import Receipt, build_receipt
 from healthlab.site_data import at_site, numeric, numeric_column
-from healthlab.sites import Site, as_sites
+from healthlab.sites import LEFT_OUT, Site, as_sites
 
 __all__ = [
     "Levels",
@@ -86,6 +92,8 @@ def _moments(site: Site, query: Query) -> Totals:
     kept, dropped = site.rows(
         asked, dropna=bool(spec.get("dropna")), population=spec.get("population", ())
     )
+    if by:
+        _check_grouping(site, kept, by, site.policy.min_rows)
     values = numeric(site.name, kept, columns)
     if spec.get("bounds") is not None:  # public bounds: a site under DP clips to them
         limit = np.asarray(spec["bounds"], dtype=float)
@@ -112,11 +120,12 @@ def _moments(site: Site, query: Query) -> Totals:
         for mask in full:
             if mask.any():
                 site.check_model(int(model), int(mask.sum()))
+    subsets = {c: full for c in columns} | _left_out(site, kept)
     if by is None:
-        return totals, {c: full for c in columns}
+        return totals, subsets
     ends = [*starts[1:], len(totals)]
     blocks = [Block(a, b, m) for a, b, m in zip(starts, ends, full, strict=True)]
-    return totals, {c: full for c in columns}, blocks
+    return totals, subsets, blocks
 
 
 def _counts(site: Site, query: Query) -> Totals:
@@ -135,12 +144,34 @@ def _counts(site: Site, query: Query) -> Totals:
         masks = [inside & (index == i) for i in range(len(edges) - 1)]
     else:
         row_levels, col_levels = spec["levels"]
+        for column in columns:
+            _check_grouping(site, kept, column, site.policy.min_rows)
         r = kept[columns[0]].astype(str).to_numpy()
         c = kept[columns[1]].astype(str).to_numpy()
         masks = [(r == a) & (c == b) for a in row_levels for b in col_levels]
     totals = [float(dropped)] + [float(m.sum()) for m in masks]
     full = _full_masks(site, kept, masks)
-    return totals, {col: full for col in columns}
+    return totals, {col: full for col in columns} | _left_out(site, kept)
+
+
+def _left_out(site: Site, kept: pd.DataFrame) -> dict[str, list[np.ndarray]]:
+    """The rows a query left out (missing values, outside the population): their
+    count is released as ``missing``, so they are audited as a subset too."""
+    left = np.ones(site.n_rows, dtype=bool)
+    left[kept.index.to_numpy()] = False
+    return {LEFT_OUT: [left]} if left.any() else {}
+
+
+def _check_grouping(site: Site, kept: pd.DataFrame, by: str, k: int) -> None:
+    """At the site: a column that groups rows must be a category, not an
+    identifier (as :func:`levels` refuses it), whatever groups a query names."""
+    labels = kept[by].astype(str)
+    distinct = labels.nunique()
+    if distinct >= k and 2 * distinct > len(labels):
+        raise DataRefused(
+            f"site {site.name}: {by!r} looks like an identifier or a measurement, "
+            "not a category; it cannot group rows"
+        )
 
 
 # ------------------------------------------------------------- researcher side
@@ -459,6 +490,12 @@ def levels(
     Levels(['F', 'M'])
     """
     site_list = as_sites(sites)
+    need = max([2, *(s.policy.min_sites for s in site_list)])
+    if len(site_list) < need:
+        raise TooFewSites(
+            f"levels are released only across at least {need} sites (one site's "
+            "levels are that site's own)"
+        )
     query = Query("levels", {"column": column}, 0, min_rows=min_rows)
     from healthlab.encrypted.protocol import sign_query
 

@@ -59,11 +59,16 @@ from healthlab.encrypted.keys import (
     KeyHolder,
     PublicContext,
 )
-from healthlab.encrypted.protocol import Query, Totals, prepare_query, sign_query
+from healthlab.encrypted.protocol import (
+    Query,
+    Totals,
+    prepare_query,
+    sign_query,
+)
 from healthlab.encrypted.stats import _population, attach_receipt
 from healthlab.errors import DataRefused, InvalidInput
 from healthlab.site_data import numeric_column
-from healthlab.sites import Site, as_sites
+from healthlab.sites import LEFT_OUT, Site, as_sites
 
 __all__ = [
     "EncryptedValues",
@@ -726,7 +731,10 @@ class _SiteRows:
                 self.scaled(column, site)
         mask = np.zeros(site.n_rows, dtype=bool)
         mask[kept.index.to_numpy()] = True
-        return [float(dropped), float(len(kept))], {c: [mask] for c in self._columns}
+        subsets = {c: [mask] for c in self._columns}
+        if not mask.all():  # the rows left out: their count is released too
+            subsets[LEFT_OUT] = [~mask]
+        return [float(dropped), float(len(kept))], subsets
 
     def scaled(self, column: str, site: Site) -> np.ndarray:
         """``column`` at ``site`` divided by its public bound (refused beyond it)."""
