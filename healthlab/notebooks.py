@@ -58,7 +58,6 @@ from healthlab.errors import (
     HealthLabError,
     InvalidInput,
 )
-from healthlab.ledger.records import Status
 from healthlab.sites import DisclosurePolicy, Site
 
 if TYPE_CHECKING:
@@ -177,32 +176,6 @@ class Study:
         return table.astype(
             {"dataset": "Int64", "request": "Int64", "has access": "boolean"}
         )
-
-    def for_researcher(
-        self, researcher: str, *, purpose: str, codes: str = "HMB|NCU"
-    ) -> Study:
-        """The same sites and datasets for another researcher: it requests access to
-        each (paying its fee) and each owner approves. The sites are the same
-        objects; what they answered is kept per researcher.
-
-        Examples
-        --------
-        >>> second = study.for_researcher(
-        ...     ledger.accounts[7], purpose="Table 1"
-        ... )  # doctest: +SKIP
-        """
-        other = Study(
-            self.ledger, researcher, self.sites, dict(self.owners), dict(self.datasets)
-        )
-        for name, ds in self.datasets.items():
-            fee = self.ledger.dataset(ds).fee_wei
-            request = self.ledger.request_access(
-                ds, purpose, codes, fee_wei=fee, sender=researcher
-            )
-            if self.ledger.request(request).status is not Status.APPROVED:
-                self.ledger.approve(request, sender=self.owners[name])
-            other.requests[name] = request
-        return other
 
     def revoke(self, name: str) -> None:
         """The owner of site ``name`` revokes the researcher's grant."""
