@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from machine import cpu_model  # benchmarks/machine.py (run as a script)
 
+from healthlab.dp import PrivacyBudget
 from healthlab.ledger import Ledger, Purpose
 from healthlab.ledger.codes import Codes, as_codes
 from healthlab.ledger.node import AnvilNode, find_tool
@@ -270,6 +271,25 @@ def operation_gas(ledger: Ledger) -> tuple[list[Row], dict[str, int]]:
         lambda: ledger.set_member(collaboration[0], owner, sender=curator),
     )
 
+    # the privacy ledger: a dataset's DP budget, and each grant's recorded spend
+    add(
+        "setPrivacyBudget",
+        "epsilon, delta, noise multiplier (one slot)",
+        lambda: ledger.set_privacy_budget(
+            automatic,
+            PrivacyBudget(epsilon=2.0, delta=1e-6, noise_multiplier=4.0),
+            sender=owner,
+        ),
+    )
+    for answers, condition in ((1, "a grant's first answer (new slot)"), (2, "next")):
+        add(
+            "recordPrivacySpend",
+            condition,
+            lambda answers=answers: ledger.record_privacy_spend(
+                automatic, dave, answers, 0.1 * answers, sender=owner
+            ),
+        )
+
     fresh = register(ledger, new_owner, hashes)
     flow: dict[str, int] = {}
     flow_req: list[int] = []
@@ -389,12 +409,12 @@ def verdict(value: float, limit: float) -> str:
 def print_operations(tables: dict[str, tuple[list[Row], dict[str, int]]]) -> None:
     chains = list(tables)
     base_rows = tables[chains[0]][0]
-    header = f"{'operation':<16}" + "".join(f"{c:>10}" for c in chains) + "  condition"
+    header = f"{'operation':<20}" + "".join(f"{c:>10}" for c in chains) + "  condition"
     print(header)
     print("-" * len(header))
     for index, row in enumerate(base_rows):
         figures = "".join(f"{tables[c][0][index].gas:>10,}" for c in chains)
-        print(f"{row.name:<16}{figures}  {row.condition}")
+        print(f"{row.name:<20}{figures}  {row.condition}")
     for chain in chains[1:]:
         gaps = [
             (abs(row.gas - base.gas), row.name)
