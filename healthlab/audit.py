@@ -52,7 +52,16 @@ import numpy as np
 
 from healthlab.errors import DisclosureRefused
 
-__all__ = ["Auditor", "in_span", "isolable", "isolated", "isolated_sites", "reaches"]
+__all__ = [
+    "Atoms",
+    "Auditor",
+    "in_span",
+    "isolable",
+    "isolated",
+    "isolated_atoms",
+    "isolated_sites",
+    "reaches",
+]
 
 #: What the auditor keeps per researcher: subsets answered, refused, protected.
 _FIELDS = ("answered", "refused", "protected")
@@ -121,6 +130,39 @@ def in_span(masks: Sequence[np.ndarray], target: np.ndarray) -> bool:
     return _rank(signatures[:, :-1]) == _rank(signatures)
 
 
+class Atoms:
+    """The rows of a site grouped by which subsets hold them, kept as an atom id per
+    row and each atom's membership signature — extended by new subsets in one
+    pass over the rows (:meth:`extend`), not recomputed from every subset."""
+
+    def __init__(self, n_rows: int) -> None:
+        self.inverse = np.zeros(n_rows, dtype=np.int64)
+        self.signatures = np.zeros((1, 0), dtype=bool)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.bincount(self.inverse, minlength=self.signatures.shape[0])
+
+    def extend(self, masks: Sequence[np.ndarray]) -> Atoms:
+        """These atoms refined by ``masks`` (a new object; this one is unchanged)."""
+        out = Atoms.__new__(Atoms)
+        out.inverse, out.signatures = self.inverse, self.signatures
+        for start in range(0, len(masks), 30):  # 30 subsets' bits per pass
+            batch = [np.asarray(m, dtype=bool) for m in masks[start : start + 30]]
+            bits = np.zeros(out.inverse.size, dtype=np.int64)
+            for i, mask in enumerate(batch):
+                bits |= mask.astype(np.int64) << i
+            keys = (out.inverse << len(batch)) | bits
+            _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            shifts = np.arange(len(batch), dtype=np.int64)
+            added = ((bits[first][:, None] >> shifts) & 1).astype(bool)
+            out.signatures = np.concatenate(
+                [out.signatures[out.inverse[first]], added], axis=1
+            )
+            out.inverse = np.ravel(inverse).astype(np.int64)
+        return out
+
+
 def isolated(
     masks: Sequence[np.ndarray], k: int, units: np.ndarray | None = None
 ) -> set[frozenset[int]] | None:
@@ -133,26 +175,55 @@ def isolated(
     are user-days), sizes are counted in distinct units: the row sets found are
     those whose rows belong to fewer than ``k`` units, however many rows they are.
     """
-    found: set[frozenset[int]] = set()
     if not masks or k <= 1:
+        return set()
+    n = np.asarray(masks[0]).size
+    return isolated_atoms(Atoms(n).extend(list(masks)), k, units)
+
+
+def isolated_atoms(
+    atoms: Atoms, k: int, units: np.ndarray | None = None
+) -> set[frozenset[int]] | None:
+    """:func:`isolated` on atoms already formed (the auditor keeps its answers'
+    atoms and extends them by each query's subsets)."""
+    found: set[frozenset[int]] = set()
+    inverse, signatures = atoms.inverse, atoms.signatures
+    if k <= 1 or not signatures.any():
         return found
-    matrix = np.stack([np.asarray(m, dtype=bool) for m in masks], axis=1)
-    if not matrix.any():
-        return found
-    # atoms: rows with the same membership
-    used, inverse, signatures, sizes = _atoms(matrix)
     if units is not None:
-        return _isolated_units(used, inverse, signatures, np.asarray(units)[used], k)
+        used = np.arange(inverse.size)
+        return _isolated_units(used, inverse, signatures, np.asarray(units), k)
+    sizes = atoms.sizes
     small = np.flatnonzero(sizes < k)
     if small.size == 0:
         return found
     basis = _basis(signatures)
     leverage = np.einsum("ij,ij->i", basis, basis)
-    # an atom with (numerically) zero leverage is in no support of the span
-    live = [int(a) for a in small if leverage[a] > _TOL]
-    count = 0
-    for size in range(1, k):
-        for combo in itertools.combinations(live, size):
+    # an atom with (numerically) zero leverage is in no support of the span; the
+    # atom of rows in no subset has a zero signature, so zero leverage
+    live = np.asarray([int(a) for a in small if leverage[a] > _TOL], dtype=np.int64)
+    hits: list[tuple[int, ...]] = []
+    # one atom: the span holds a vector on it alone iff its leverage is 1
+    hits += [(int(a),) for a in live if leverage[a] > 1.0 - 1e-9]
+    count = live.size
+    if k > 2 and live.size > 1:
+        # two atoms: the largest eigenvalue of their 2x2 Gram matrix, for all pairs
+        # at once (closed form), among pairs small enough together
+        i, j = np.triu_indices(live.size, 1)
+        fits = sizes[live[i]] + sizes[live[j]] < k
+        i, j = i[fits], j[fits]
+        count += i.size
+        if count > MAX_CANDIDATES:
+            return None
+        gram = basis[live] @ basis[live].T
+        la, lb, c = gram[i, i], gram[j, j], gram[i, j]
+        top = (la + lb) / 2 + np.sqrt(((la - lb) / 2) ** 2 + c**2)
+        hits += [
+            (int(live[x]), int(live[y]))
+            for x, y in zip(i[top > 1 - 1e-9], j[top > 1 - 1e-9], strict=True)
+        ]
+    for size in range(3, k):  # larger sets (k > 3): one by one
+        for combo in itertools.combinations(live.tolist(), size):
             if int(sizes[list(combo)].sum()) >= k:
                 continue
             count += 1
@@ -160,8 +231,10 @@ def isolated(
                 return None
             rows = basis[list(combo)]
             if np.linalg.eigvalsh(rows @ rows.T)[-1] > 1.0 - 1e-9:
-                members = np.isin(inverse, combo)
-                found.add(frozenset(int(r) for r in used[members]))
+                hits.append(tuple(combo))
+    for combo in hits:
+        members = np.isin(inverse, combo)
+        found.add(frozenset(int(r) for r in np.flatnonzero(members)))
     return found
 
 
@@ -322,10 +395,7 @@ class Auditor:
         a researcher with a second account (or colleagues who pool their answers)
         must not start from an empty memory. Stricter than per researcher, never
         weaker; DP budgets stay per grant."""
-        stored: list[bytes] = []
-        for packed in getattr(self, field).values():
-            stored.extend(p for p in packed if p not in stored)
-        return [_unpack(p, self.n_rows) for p in stored]
+        return [_unpack(p, self.n_rows) for p in self._packed(field)]
 
     def _sets(self, field: str) -> list[list[str]]:
         found: list[list[str]] = []
@@ -357,14 +427,19 @@ class Auditor:
             )
         if not differencing:
             return
-        released = self._masks("answered", who)
-        unsafe = isolable(_unique([*released, *new]), k, self.units)
-        probed = self._masks("refused", who)
+        base = self._answered_atoms()
+        with_new = base.extend(new)
+        found = isolated_atoms(with_new, k, self.units)
+        unsafe = found is None or bool(found)
+        # a query refused before and asked again must not count as its own excuse
+        asked = {_pack(m) for m in new}
+        probed = [m for m in self._masks("refused", who) if _pack(m) not in asked]
         if not unsafe and probed:
             # refused queries count as answered: nothing may become isolable that
             # was not already isolable with them
-            before = isolated(_unique([*released, *probed]), k, self.units)
-            after = isolated(_unique([*released, *probed, *new]), k, self.units)
+            with_probed = base.extend(probed)
+            before = isolated_atoms(with_probed, k, self.units)
+            after = isolated_atoms(with_probed.extend(new), k, self.units)
             unsafe = before is None or after is None or not after <= before
         if unsafe:
             self._refuse(who, new)
@@ -374,6 +449,29 @@ class Auditor:
                 f"of its {self.unit_name} (differencing); declare the study's analysis "
                 "population up front, or ask for the same subsets as before"
             )
+
+    def _answered_atoms(self) -> Atoms:
+        """The atoms of every answered subset (all researchers), extended from the
+        last call's by what was answered since: one pass over the rows per query."""
+        packed = self._packed("answered")
+        cached, atoms = getattr(self, "_atoms_cache", ((), None))
+        if atoms is None or tuple(packed[: len(cached)]) != cached:
+            cached, atoms = (), Atoms(self.n_rows)
+        fresh = [_unpack(p, self.n_rows) for p in packed[len(cached) :]]
+        if fresh:
+            atoms = atoms.extend(fresh)
+        self._atoms_cache = (tuple(packed), atoms)
+        return atoms
+
+    def _packed(self, field: str) -> list[bytes]:
+        stored: list[bytes] = []
+        seen: set[bytes] = set()
+        for packed in getattr(self, field).values():
+            for p in packed:
+                if p not in seen:
+                    seen.add(p)
+                    stored.append(p)
+        return stored
 
     def _size(self, mask: np.ndarray) -> int:
         if self.units is None:

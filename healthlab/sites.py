@@ -376,7 +376,7 @@ class Site:
             )
         untrusted = 0
         if self.gated:
-            untrusted = len(members) - self._check_owners(members, researcher, need)
+            untrusted = len(members) - self.check_owners(members, researcher, need)
         owner_of = self._owners(researcher)
         me = owner_of(self.participant)
         # a logged query of one site was answered by no site (every site's minimum
@@ -391,8 +391,10 @@ class Site:
         return untrusted, mine
 
     def _owners(self, researcher: str | None) -> Callable[[str], str]:
-        """Participant -> who the site-set audit counts: the dataset's owner when
-        gated ('' for the researcher's own), the participant itself when not."""
+        """Participant -> who the site-set audit counts: every dataset by itself
+        (each one's totals are its own, even beside another of the same owner),
+        but '' for the researcher's own, which add nothing the researcher does not
+        know."""
         if not self.gated:
             return lambda participant: participant
         assert self.ledger is not None
@@ -402,14 +404,24 @@ class Site:
         def owner_of(participant: str) -> str:
             if participant not in cache:
                 owner = ledger.dataset(int(participant)).owner.lower()
-                cache[participant] = "" if owner == who else f"owner {owner}"
+                cache[participant] = "" if owner == who else participant
             return cache[participant]
 
         return owner_of
 
-    def _check_owners(
+    def count_persons(self, rows: pd.Index | np.ndarray) -> int:
+        """How many persons the rows at these positions are: rows, or distinct
+        values of the ``units`` column when rows are user-days."""
+        if self._units is None:
+            return len(rows)
+        return int(self._frame[self._units].iloc[np.asarray(rows)].nunique())
+
+    def check_owners(
         self, members: Sequence[str], researcher: str | None, need: int
     ) -> int:
+        """Refuse pooling ``members`` (dataset ids) unless they are datasets of at
+        least ``need`` distinct owners other than the researcher, all members of
+        this site's collaboration if it has one; return that count of owners."""
         assert self.ledger is not None
         try:
             ids = [int(m) for m in members]

@@ -167,7 +167,7 @@ def _check_grouping(site: Site, kept: pd.DataFrame, by: str, k: int) -> None:
     identifier (as :func:`levels` refuses it), whatever groups a query names."""
     labels = kept[by].astype(str)
     distinct = labels.nunique()
-    if distinct >= k and 2 * distinct > len(labels):
+    if distinct >= k and 2 * distinct > site.count_persons(kept.index.to_numpy()):
         raise DataRefused(
             f"site {site.name}: {by!r} looks like an identifier or a measurement, "
             "not a category; it cannot group rows"
@@ -426,7 +426,7 @@ class _SiteLevels:
             site.name, "counting levels", [column], _level_counts, kept[column]
         )
         distinct = len(counts)
-        if distinct >= k and 2 * distinct > len(kept):
+        if distinct >= k and 2 * distinct > site.count_persons(kept.index.to_numpy()):
             raise DataRefused(
                 f"site {site.name}: {column!r} looks like an identifier or a "
                 "measurement, not a category (more than half of the site's rows with "
@@ -496,6 +496,15 @@ def levels(
             f"levels are released only across at least {need} sites (one site's "
             "levels are that site's own)"
         )
+    gated = [s for s in site_list if s.gated]
+    if gated and len(gated) != len(site_list):
+        raise InvalidInput(
+            "levels pool either sites that check grants on chain or ungated "
+            "teaching sites, not both"
+        )
+    members = sorted(s.participant for s in site_list)
+    for site in gated:  # distinct owners other than the researcher, as a query
+        site.check_owners(members, researcher, need)
     query = Query("levels", {"column": column}, 0, min_rows=min_rows)
     from healthlab.encrypted.protocol import sign_query
 
