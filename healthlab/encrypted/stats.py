@@ -804,19 +804,10 @@ def cov(
     >>> cov(sites, ["age", "sbp"], researcher=me).loc["age", "sbp"]  # doctest: +SKIP
     61.3
     """
-    return _matrix(
-        sites,
-        columns,
-        "cov",
-        researcher,
-        keys,
-        dropna,
-        min_sites,
-        min_rows,
-        on_refusal,
-        population,
-        bounds,
+    options = _options(
+        keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
+    return _matrix(sites, columns, "cov", options)
 
 
 def corr(
@@ -842,39 +833,17 @@ def corr(
     sbp  0.31  1.00  0.22
     bmi  0.08  0.22  1.00
     """
-    return _matrix(
-        sites,
-        columns,
-        "corr",
-        researcher,
-        keys,
-        dropna,
-        min_sites,
-        min_rows,
-        on_refusal,
-        population,
-        bounds,
-    )
-
-
-def _matrix(
-    sites: SitesLike,
-    columns: Sequence[str],
-    kind: str,
-    researcher: str | None,
-    keys: KeyHolder | None,
-    dropna: bool,
-    min_sites: int,
-    min_rows: int,
-    on_refusal: str,
-    population: Sequence[str] | None,
-    bounds: float | Mapping[str, float | tuple[float, float]] | None,
-) -> pd.DataFrame:
-    site_list = as_sites(sites)
-    cols = _columns(columns)
     options = _options(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
+    return _matrix(sites, columns, "corr", options)
+
+
+def _matrix(
+    sites: SitesLike, columns: Sequence[str], kind: str, options: dict[str, Any]
+) -> pd.DataFrame:
+    site_list = as_sites(sites)
+    cols = _columns(columns)
     runs, _, stats = _second_moments(
         site_list, cols, by=None, groups=[], cross=True, options=options
     )
@@ -894,7 +863,7 @@ def _matrix(
         kind=kind,
         parameters={
             "columns": cols,
-            "dropna": dropna,
+            "dropna": options["dropna"],
             "population": options["population"],
         },
     )
