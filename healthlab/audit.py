@@ -132,21 +132,34 @@ def in_span(masks: Sequence[np.ndarray], target: np.ndarray) -> bool:
 
 class Atoms:
     """The rows of a site grouped by which subsets hold them, kept as an atom id per
-    row and each atom's membership signature — extended by new subsets in one
-    pass over the rows (:meth:`extend`), not recomputed from every subset."""
+    row, each atom's membership signature and an orthonormal basis of the span —
+    extended by new subsets in one pass over the rows (:meth:`extend`), not
+    recomputed from every subset.
+
+    The basis ``q`` (atoms × rank) is orthonormal over *rows*: ``Σ_a size_a q_a q_aᵀ
+    = I``, so refining atoms keeps it (children inherit their parent's row) and a
+    new subset is added by Gram–Schmidt against it, ``O(atoms × rank)``. Scaled by
+    ``√size`` it is an orthonormal basis in atom coordinates (:meth:`basis`),
+    which the support tests use.
+    """
 
     def __init__(self, n_rows: int) -> None:
         self.inverse = np.zeros(n_rows, dtype=np.int64)
         self.signatures = np.zeros((1, 0), dtype=bool)
+        self.q = np.zeros((1, 0), dtype=np.float64)
 
     @property
     def sizes(self) -> np.ndarray:
         return np.bincount(self.inverse, minlength=self.signatures.shape[0])
 
+    def basis(self) -> np.ndarray:
+        """An orthonormal basis of the span in atom coordinates (atoms × rank)."""
+        return self.q * np.sqrt(self.sizes.astype(np.float64))[:, None]
+
     def extend(self, masks: Sequence[np.ndarray]) -> Atoms:
         """These atoms refined by ``masks`` (a new object; this one is unchanged)."""
         out = Atoms.__new__(Atoms)
-        out.inverse, out.signatures = self.inverse, self.signatures
+        out.inverse, out.signatures, out.q = self.inverse, self.signatures, self.q
         for start in range(0, len(masks), 30):  # 30 subsets' bits per pass
             batch = [np.asarray(m, dtype=bool) for m in masks[start : start + 30]]
             bits = np.zeros(out.inverse.size, dtype=np.int64)
@@ -156,11 +169,30 @@ class Atoms:
             _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
             shifts = np.arange(len(batch), dtype=np.int64)
             added = ((bits[first][:, None] >> shifts) & 1).astype(bool)
-            out.signatures = np.concatenate(
-                [out.signatures[out.inverse[first]], added], axis=1
-            )
+            parents = out.inverse[first]
+            out.signatures = np.concatenate([out.signatures[parents], added], axis=1)
+            out.q = out.q[parents]
             out.inverse = np.ravel(inverse).astype(np.int64)
+            sizes = out.sizes.astype(np.float64)
+            for column in added.T:
+                out.q = _orthonormalize(out.q, column.astype(np.float64), sizes)
         return out
+
+
+def _orthonormalize(q: np.ndarray, column: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """``q`` with ``column``'s part outside its span appended (inner product
+    weighted by ``sizes``), when that part is not (numerically) zero."""
+    norm0 = np.sqrt(column @ (sizes * column))
+    if norm0 == 0:
+        return q
+    v = column.copy()
+    for _ in range(2):  # twice: Gram–Schmidt with reorthogonalization
+        if q.shape[1]:
+            v -= q @ (q.T @ (sizes * v))
+    norm = np.sqrt(v @ (sizes * v))
+    if norm <= _TOL * norm0:
+        return q
+    return np.concatenate([q, (v / norm)[:, None]], axis=1)
 
 
 def isolated(
@@ -197,7 +229,7 @@ def isolated_atoms(
     small = np.flatnonzero(sizes < k)
     if small.size == 0:
         return found
-    basis = _basis(signatures)
+    basis = atoms.basis()
     leverage = np.einsum("ij,ij->i", basis, basis)
     # an atom with (numerically) zero leverage is in no support of the span; the
     # atom of rows in no subset has a zero signature, so zero leverage
@@ -232,9 +264,18 @@ def isolated_atoms(
             rows = basis[list(combo)]
             if np.linalg.eigvalsh(rows @ rows.T)[-1] > 1.0 - 1e-9:
                 hits.append(tuple(combo))
-    for combo in hits:
-        members = np.isin(inverse, combo)
-        found.add(frozenset(int(r) for r in np.flatnonzero(members)))
+    if hits:  # the rows of each small atom hit, from one sort of the atom ids
+        order = np.argsort(inverse, kind="stable")
+        sorted_ids = inverse[order]
+        involved = np.unique(np.concatenate([np.asarray(c) for c in hits]))
+        left = np.searchsorted(sorted_ids, involved, side="left")
+        right = np.searchsorted(sorted_ids, involved, side="right")
+        rows_of = {
+            int(a): order[lo:hi].tolist()
+            for a, lo, hi in zip(involved, left, right, strict=True)
+        }
+        for combo in hits:
+            found.add(frozenset(r for a in combo for r in rows_of[a]))
     return found
 
 
