@@ -55,7 +55,6 @@ from healthlab.errors import DisclosureRefused
 __all__ = [
     "Atoms",
     "Auditor",
-    "in_span",
     "isolable",
     "isolated",
     "isolated_atoms",
@@ -114,20 +113,6 @@ def reaches(masks: Sequence[np.ndarray], target: np.ndarray) -> bool:
     _, _, signatures, _ = _atoms(matrix)
     outside = ~signatures[:, -1]
     return _rank(signatures[:, :-1]) > _rank(signatures[outside, :-1])
-
-
-def in_span(masks: Sequence[np.ndarray], target: np.ndarray) -> bool:
-    """Whether the indicator of ``target`` is a linear combination of the
-    indicators of ``masks`` (all boolean over the same rows): then answers over
-    ``masks`` determine the same statistic over ``target``'s rows."""
-    target = np.asarray(target, dtype=bool)
-    if not target.any():
-        return False
-    if not masks:
-        return False
-    matrix = np.stack([*(np.asarray(m, dtype=bool) for m in masks), target], axis=1)
-    _, _, signatures, _ = _atoms(matrix)
-    return _rank(signatures[:, :-1]) == _rank(signatures)
 
 
 class Atoms:
