@@ -273,7 +273,7 @@ def _options(
         "min_rows": min_rows,
         "dropna": dropna,
         "on_refusal": on_refusal,
-        "population": _population(population),
+        "population": population_columns(population),
     }
 
 
@@ -303,7 +303,7 @@ def _bounds(bounds: Any, columns: Sequence[str]) -> list[list[float]] | None:
     return chosen
 
 
-def _population(columns: Sequence[str] | None) -> list[str]:
+def population_columns(columns: Sequence[str] | None) -> list[str]:
     """The declared analysis population: sorted, distinct column names."""
     if columns is None:
         return []

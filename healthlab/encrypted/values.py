@@ -65,7 +65,7 @@ from healthlab.encrypted.protocol import (
     prepare_query,
     sign_query,
 )
-from healthlab.encrypted.stats import _population, attach_receipt
+from healthlab.encrypted.stats import attach_receipt, population_columns
 from healthlab.errors import DataRefused, InvalidInput
 from healthlab.site_data import numeric_column
 from healthlab.sites import LEFT_OUT, Site, as_sites
@@ -549,7 +549,7 @@ def describe_values(
             dropna,
             min_sites,
             on_refusal,
-            _population(population),
+            population_columns(population),
         )
 
 
