@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -113,11 +114,23 @@ def main() -> None:
                 workdir=work / "study",
                 root_certificates=link.root_certificates,
             )
+            logs = [node.runtime_output() for node in nodes]
         finally:
             for node in nodes:
                 node.close()
             link.close()
     rounds = [float(r) for r in run.history["seconds"]]
+    # The site runtimes log each message's handling (the site's own computation) and
+    # the whole task (that plus pulling the message and pushing the reply through
+    # the SuperNode's Runtime API); the rest of a round is Flower's transport.
+    handled = [
+        [float(x) for x in re.findall(r"query\.steps handled in ([0-9.]+) s", log)]
+        for log in logs
+    ]
+    tasks = [
+        [float(x) for x in re.findall(r"task answered in ([0-9.]+) s", log)]
+        for log in logs
+    ]
     print(f"machine: {cpu_model()}, {platform.python_version()}, {sys.platform}")
     print(f"{args.sites} SuperNodes under TLS + node authentication, loopback")
     print(f"processes up (anvil, registry, SuperLink, SuperNodes): {up:.1f} s")
@@ -125,6 +138,18 @@ def main() -> None:
     print("per round (ServerApp's clock: masked train, evaluate and histogram steps):")
     for i, seconds in enumerate(rounds, 1):
         print(f"  round {i}: {seconds:.2f} s")
+    steps = [t for site in handled for t in site]
+    whole = [t for site in tasks for t in site]
+    if steps and whole:
+        slowest = statistics.median(max(site) for site in zip(*handled, strict=False))
+        print(
+            "where a round goes (medians over the study's step messages): a site's "
+            f"own computation {statistics.median(steps):.2f} s (slowest site "
+            f"{slowest:.2f} s); a site's whole task with the Runtime API's pulls and "
+            f"push {statistics.median(whole):.2f} s; the rest of a round is Flower's "
+            "transport (ServerApp -> SuperLink -> SuperNode polls and back) and nine "
+            "Python processes sharing 2 cores"
+        )
     print(
         f"median round {statistics.median(rounds):.2f} s "
         f"(target of issue 12: <= 2 s); the rest of the study is the ServerApp's "
