@@ -249,3 +249,37 @@ def test_on_chain_a_budget_must_be_well_formed(
         ledger.transact(fn, owner)
     ledger.set_privacy_budget(ds, None, sender=owner)
     assert ledger.privacy_budget(ds) is None
+
+
+def test_the_owner_and_the_researcher_see_the_spend_in_their_panels(
+    granted: tuple[Ledger, str, list[Site]],
+) -> None:
+    from healthlab.widgets import OwnerInbox, RequestForm
+
+    ledger, researcher, sites = granted
+    ds = sites[0].dataset_id
+    assert ds is not None
+    owner = ledger.dataset(ds).owner
+    request = ledger.access(ds, researcher).request_id
+    budget = ledger.privacy_budget(ds)
+    assert budget is not None
+    before = OwnerInbox(ledger, owner)
+    assert before.grants.loc[request, "privacy spent"] == "ε 0 of 2 (0 answers)"
+    encrypted.describe(sites, ["age"], bounds=BOUNDS, researcher=researcher)
+    spent = ledger.privacy_spent(ds, researcher)
+    assert spent.answers == 2 and spent.epsilon > 0
+    shown = f"ε {spent.epsilon:.3g} of 2 (2 answers)"
+    inbox = OwnerInbox(ledger, owner)
+    assert inbox.grants.loc[request, "privacy spent"] == shown
+    assert "privacy spent" in inbox.grants_html.value
+    form = RequestForm(ledger, researcher=researcher)
+    assert form.table.loc[request, "privacy spent"] == shown
+    assert shown in form.table_html.value
+    # a dataset without a budget says so, in both panels
+    other = sites[1].dataset_id
+    assert other is not None
+    ledger.set_privacy_budget(other, None, sender=ledger.dataset(other).owner)
+    plain = ledger.access(other, researcher).request_id
+    again = RequestForm(ledger, researcher=researcher)
+    assert again.table.loc[plain, "privacy spent"] == "no budget"
+    assert again.table.loc[request, "privacy spent"] == shown

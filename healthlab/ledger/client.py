@@ -788,10 +788,14 @@ class Ledger:
     def privacy_spent(self, dataset_id: int, researcher: str) -> PrivacySpend:
         """What the researcher's current grant on the dataset spent, as recorded."""
         access = self.access(dataset_id, researcher)
+        return self.request_privacy_spent(access.request_id)
+
+    def request_privacy_spent(self, request_id: int) -> PrivacySpend:
+        """What one request's grant spent, as recorded (zero before any answer)."""
         answers, epsilon = self._call(
-            self.contract.functions.privacySpent(int(access.request_id))
+            self.contract.functions.privacySpent(int(request_id))
         )
-        return PrivacySpend(int(access.request_id), int(answers), epsilon / 1000)
+        return PrivacySpend(int(request_id), int(answers), epsilon / 1000)
 
     # ------------------------------------------------------------ collaborations
     def create_collaboration(self, name: str, *, sender: str | None = None) -> int:

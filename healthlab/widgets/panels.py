@@ -8,6 +8,10 @@ Three panels make the consent registry usable without code:
 - :class:`OwnerInbox` — a data owner approves, declines and revokes, and withdraws
   their earnings.
 
+Both the researcher's requests and the owner's live grants carry a "privacy spent"
+column: the privacy ledger on chain (ε spent of the dataset's DP budget and the
+answers given under the grant, :meth:`Ledger.request_privacy_spent`).
+
 Senders are addresses, never keys: the ledger signs with keys from the environment
 or with the node's unlocked accounts. Every action reports in the panel's ``status``
 line *and* prints the same line, so results also appear in headless runs; an error
@@ -47,6 +51,7 @@ from healthlab.ledger.codes import permits as codes_permit
 from healthlab.ledger.records import Request, Status
 
 if TYPE_CHECKING:
+    from healthlab.dp import PrivacyBudget
     from healthlab.ledger import Ledger
     from healthlab.storage import Keyring
 
@@ -342,8 +347,45 @@ def _offers(terms: Codes, name: str) -> bool:
     return bool(terms & code)
 
 
+# ---------------------------------------------------------------- privacy
+class _PrivacyColumn:
+    """The privacy ledger as a table column: what a grant spent of its dataset's
+    DP budget (ε spent of ε allowed, answers given), read from the chain; "no
+    budget" for a dataset whose owner set none."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self._budgets: dict[int, PrivacyBudget | None] = {}
+
+    def __call__(self, request: Request) -> str:
+        if request.dataset_id not in self._budgets:
+            self._budgets[request.dataset_id] = self.ledger.privacy_budget(
+                request.dataset_id
+            )
+        budget = self._budgets[request.dataset_id]
+        if budget is None:
+            return "no budget"
+        spent = self.ledger.request_privacy_spent(request.id)
+        answers = "answer" if spent.answers == 1 else "answers"
+        return (
+            f"ε {spent.epsilon:.3g} of {budget.epsilon:.3g} ({spent.answers} {answers})"
+        )
+
+
 # ---------------------------------------------------------------- requests
-def _request_rows(requests: list[Request]) -> pd.DataFrame:
+REQUEST_COLUMNS = (
+    "request",
+    "dataset",
+    "codes",
+    "paid (ETH)",
+    "status",
+    "requested",
+    "expires",
+    "privacy spent",
+)
+
+
+def _request_rows(requests: list[Request], privacy: _PrivacyColumn) -> pd.DataFrame:
     frame = pd.DataFrame(
         [
             {
@@ -354,18 +396,12 @@ def _request_rows(requests: list[Request]) -> pd.DataFrame:
                 "status": r.status.name,
                 "requested": _utc(r.created_at),
                 "expires": _utc(r.expires_at),
+                # spent only under a grant: a pending or declined request has none
+                "privacy spent": privacy(r) if r.expires_at is not None else "",
             }
             for r in requests
         ],
-        columns=[
-            "request",
-            "dataset",
-            "codes",
-            "paid (ETH)",
-            "status",
-            "requested",
-            "expires",
-        ],
+        columns=list(REQUEST_COLUMNS),
     )
     return frame.set_index("request")
 
@@ -414,7 +450,7 @@ class RequestForm(_Panel):
         self.download_note = widgets.HTML()
         self.table_html = widgets.HTML()
         #: The researcher's requests (last refresh).
-        self.table = _request_rows([])
+        self.table = _request_rows([], _PrivacyColumn(ledger))
         #: What the last download returned (a DataFrame for Parquet, else bytes).
         self.downloaded: pd.DataFrame | bytes | None = None
         self.dataset.observe(lambda _change: self._run(self._read_fee), names="value")
@@ -590,7 +626,10 @@ class RequestForm(_Panel):
                 [(f"#{i} {frame.at[i, 'pointer']!s}", int(i)) for i in frame.index],
             )
             self._read_fee()  # also when the same dataset stays selected
-            self.table = _request_rows(self.ledger.requests(researcher=self.researcher))
+            self.table = _request_rows(
+                self.ledger.requests(researcher=self.researcher),
+                _PrivacyColumn(self.ledger),
+            )
             self.table_html.value = _html_table(self.table, "no requests yet")
             return self.table
 
@@ -647,7 +686,8 @@ class OwnerInbox(_Panel):
     Pending requests show the purpose codes, the purpose text when this client made
     the request (otherwise only its hash is on chain), the fee and the requester's
     history: how many requests they made before this one (on any dataset) and how
-    many of those were granted.
+    many of those were granted. Live grants show what each spent of its dataset's
+    DP budget (ε of ε allowed, answers), or "no budget".
     """
 
     PENDING_COLUMNS = (
@@ -661,7 +701,14 @@ class OwnerInbox(_Panel):
         "earlier grants",
         "requested",
     )
-    GRANT_COLUMNS = ("request", "dataset", "researcher", "codes", "expires")
+    GRANT_COLUMNS = (
+        "request",
+        "dataset",
+        "researcher",
+        "codes",
+        "expires",
+        "privacy spent",
+    )
 
     def __init__(
         self, ledger: Ledger, owner: str, *, keyring: Keyring | None = None
@@ -793,6 +840,7 @@ class OwnerInbox(_Panel):
                 if str(datasets.at[i, "owner"]).lower() == self.owner.lower()
             }
             everything = self.ledger.requests()
+            privacy = _PrivacyColumn(self.ledger)
             pending, grants = [], []
             self._grants = {}
             for r in everything:
@@ -827,6 +875,7 @@ class OwnerInbox(_Panel):
                             "researcher": r.researcher,
                             "codes": _names(r.codes),
                             "expires": _utc(r.expires_at),
+                            "privacy spent": privacy(r),
                         }
                     )
                     self._grants[r.id] = (r.dataset_id, r.researcher)
