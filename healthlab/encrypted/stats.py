@@ -95,11 +95,14 @@ def _moments(site: Site, query: Query) -> Totals:
     if by:
         _check_grouping(site, kept, by, site.policy.min_rows)
     values = numeric(site.name, kept, columns)
+    masks = _group_masks(kept, by, spec.get("groups", ()))
+    clipped: list[np.ndarray] = []
     if spec.get("bounds") is not None:  # public bounds: a site under DP clips to them
         limit = np.asarray(spec["bounds"], dtype=float)
+        if site.privacy_budget is None:
+            clipped = _clipped_subsets(values, limit, masks)
         values = np.clip(values, limit[:, 0], limit[:, 1])
     values = values - np.asarray(spec["center"])
-    masks = _group_masks(kept, by, spec.get("groups", ()))
     totals: list[float] = [float(dropped)]
     p = len(columns)
     upper = np.triu_indices(p)
@@ -121,11 +124,39 @@ def _moments(site: Site, query: Query) -> Totals:
             if mask.any():
                 site.check_model(int(model), int(mask.sum()))
     subsets = {c: full for c in columns} | _left_out(site, kept)
+    if clipped:
+        subsets[CLIPPED] = _full_masks(site, kept, clipped)
     if by is None:
         return totals, subsets
     ends = [*starts[1:], len(totals)]
     blocks = [Block(a, b, m) for a, b, m in zip(starts, ends, full, strict=True)]
     return totals, subsets, blocks
+
+
+#: The subsets key of the rows a query's bounds clip (audited like any subset).
+CLIPPED = "(clipped)"
+
+
+def _clipped_subsets(
+    values: np.ndarray, limit: np.ndarray, groups: list[np.ndarray]
+) -> list[np.ndarray]:
+    """The rows of each group below, inside and above each column's bounds.
+
+    A clipped sum is Σ_inside x + hi·n_above + lo·n_below, so with the unclipped
+    sum (or another clip) it gives Σ_above (x − hi): the values of the rows above
+    a bound. Without a DP budget (whose noise covers it) the site audits those
+    rows as subsets, like a group: clipping at just below the oldest patient's age
+    would otherwise give that age exactly.
+    """
+    out: list[np.ndarray] = []
+    for j in range(values.shape[1]):
+        below = values[:, j] < limit[j, 0]
+        above = values[:, j] > limit[j, 1]
+        if not (below.any() or above.any()):
+            continue
+        inside = ~(below | above)
+        out.extend(g & part for g in groups for part in (below, inside, above))
+    return out
 
 
 def _counts(site: Site, query: Query) -> Totals:
