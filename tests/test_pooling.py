@@ -166,7 +166,6 @@ ALL_ROWS: dict[str, Callable[[list[Site]], Any]] = {
     "describe": lambda s: encrypted.describe(s, ["age"]),
     "describe of another column": lambda s: encrypted.describe(s, ["sbp"]),
     "histogram": lambda s: encrypted.histogram(s, "age", [0, 50, 60, 200]),
-    "crosstab with the group": lambda s: encrypted.crosstab(s, "region", "sex"),
     "ols": lambda s: encrypted.ols(s, "sbp", ["age"]),
 }
 
@@ -177,6 +176,25 @@ def test_all_rows_minus_the_released_groups_is_refused(follow_up: str) -> None:
     encrypted.describe(sites, ["age"], by="region")
     with pytest.raises(DisclosureRefused, match="site a: a group held by too few"):
         ALL_ROWS[follow_up](sites)
+
+
+@pytest.mark.parametrize("describe_first", [True, False])
+def test_a_crosstab_with_the_group_suppresses_its_cells(describe_first: bool) -> None:
+    """The cells of a group one site holds are that site's counts: every site sends
+    zeros for them (shown <NA>), in either order with the suppressed ``by=`` group;
+    the other cells are exact, and nothing sums to the group's rows."""
+    sites, pooled = rare_region_sites()
+    if describe_first:
+        encrypted.describe(sites, ["age"], by="region")
+    table = encrypted.crosstab(sites, "region", "sex")
+    assert table.attrs["suppressed_cells"] == [("east", "F"), ("east", "M")]
+    assert table.loc["east"].isna().all()
+    expected = pd.crosstab(pooled.region, pooled.sex)
+    for region in ("north", "south"):
+        assert table.loc[region].tolist() == expected.loc[region].tolist()
+    if not describe_first:
+        again = encrypted.describe(sites, ["age"], by="region")
+        assert again.attrs["suppressed_groups"] == ["east"]
 
 
 @pytest.mark.parametrize("first", sorted(ALL_ROWS))

@@ -450,14 +450,21 @@ def histogram_sites(in_middle_bin: int) -> list[Site]:
     return [Site("a", pd.DataFrame({"x": a})), Site("b", pd.DataFrame({"x": b}))]
 
 
-@pytest.mark.parametrize(("count", "allowed"), [(0, True), (1, False), (2, False)])
+@pytest.mark.parametrize(
+    ("count", "allowed"), [(0, True), (1, False), (2, False), (3, True)]
+)
 def test_histogram_bins_with_one_or_two_rows_are_refused(
     count: int, allowed: bool
 ) -> None:
     sites = histogram_sites(count)
     if allowed:
         result = encrypted.histogram(sites, "x", [0, 10, 20, 30])
-        assert result["count"].tolist() == [7, 3 + count, 6]
+        if count:
+            assert result["count"].tolist() == [7, 3 + count, 6]
+        else:  # only b holds [10, 20): its own count, so withheld by both
+            assert result["count"].isna().tolist() == [False, True, False]
+            assert result["count"].dropna().tolist() == [7, 6]
+            assert result.attrs["suppressed_bins"] == [(10.0, 20.0)]
     else:
         with pytest.raises(DisclosureRefused, match=r"site a: a subset.*cell"):
             encrypted.histogram(sites, "x", [0, 10, 20, 30])
@@ -472,7 +479,10 @@ def test_crosstab_cells_with_one_or_two_rows_are_refused(
     sites = [Site("a", a), Site("b", b)]
     if allowed:
         result = encrypted.crosstab(sites, "r", "c")
-        assert result.to_numpy().tolist() == [[5 + 3, 3], [count + 3, 3]]
+        # only b holds c == "q": those cells are b's counts, withheld by both
+        assert result["p"].tolist() == [5 + 3, count + 3]
+        assert result["q"].isna().all()
+        assert result.attrs["suppressed_cells"] == [("u", "q"), ("v", "q")]
     else:  # level v is rare at site a: withheld, so r cannot tabulate rows
         with pytest.raises(DisclosureRefused, match="'r' has a level held by") as e:
             encrypted.crosstab(sites, "r", "c")

@@ -10,6 +10,12 @@ next to the honest variant answered exactly (pandas on the pooled rows).
   clipped rows were audited). Now the rows a bound clips are subsets like a group:
   fewer than ``k`` of them, at any site, is refused; so is a pair of bounds whose
   difference isolates them.
+- **A bin or cell one site holds.** A histogram's top bin only one hospital holds
+  (its patients over 90), or a crosstab cell of a ward only one has, pooled over
+  three sites, was that hospital's own count. The sites now count the holders of
+  every bin and cell among themselves (masked flags, as for ``by=`` groups): such a
+  bin or cell is sent as zeros by every site, shown ``<NA>`` and named; "all rows
+  minus the released bins" is then refused.
 """
 
 from __future__ import annotations
@@ -96,3 +102,59 @@ def test_bounds_that_clip_many_rows_or_none_are_answered_exactly() -> None:
         clipped = rows[column].clip(lo, hi)
         assert table.loc["mean", column] == pytest.approx(clipped.mean(), abs=1e-9)
         assert table.loc["std", column] == pytest.approx(clipped.std(), abs=1e-9)
+
+
+# ------------------------------------------------- cells only one site holds
+def tail_sites() -> tuple[list[Site], pd.DataFrame]:
+    """h1 holds 5 patients aged 90 or more, h2 and h3 none (and 300 rows each)."""
+    frames = [cohort(1), cohort(2), cohort(3)]
+    frames[0].loc[:4, "age"] = [90.5, 91.0, 92.2, 95.0, 97.4]
+    frames[1]["age"] = frames[1]["age"].clip(upper=89.0)
+    frames[2]["age"] = frames[2]["age"].clip(upper=89.0)
+    sites = [Site(f"h{i}", f) for i, f in enumerate(frames, 1)]
+    return sites, pd.concat(frames, ignore_index=True)
+
+
+@pytest.mark.parametrize("edges", [[0, 90, 200], [60, 90, 100], [0, 50, 90, 120]])
+def test_a_bin_one_site_holds_is_withheld_by_every_site(edges: list[float]) -> None:
+    """The top bin's pooled count would be h1's own (5 patients): every site sends
+    zeros for it; the other bins are exact."""
+    sites, rows = tail_sites()
+    table = encrypted.histogram(sites, "age", edges)
+    expected, _ = np.histogram(rows["age"], bins=edges)
+    assert table["count"].isna().tolist()[-1]
+    assert table.attrs["suppressed_bins"] == [(90.0, float(edges[-1]))]
+    assert table["count"].iloc[:-1].tolist() == expected[:-1].tolist()
+    assert int(expected[-1]) == 5
+    if edges[0] > rows["age"].min():  # all rows minus the bins: others' rows too
+        encrypted.describe(sites, ["age"])
+        return
+    # all rows minus the released bins would be the withheld bin: refused
+    with pytest.raises(DisclosureRefused, match="site h1: a group held by too few"):
+        encrypted.describe(sites, ["age"])
+
+
+def test_a_bin_two_sites_hold_is_released() -> None:
+    frames = [cohort(1), cohort(2), cohort(3)]
+    frames[0].loc[:4, "age"] = [90.5, 91.0, 92.2, 95.0, 97.4]
+    frames[1].loc[:2, "age"] = [90.1, 93.0, 94.0]
+    frames[2]["age"] = frames[2]["age"].clip(upper=89.0)
+    sites = [Site(f"h{i}", f) for i, f in enumerate(frames, 1)]
+    rows = pd.concat(frames, ignore_index=True)
+    table = encrypted.histogram(sites, "age", [0, 90, 200])
+    assert table["count"].tolist() == [int((rows.age < 90).sum()), 8]
+    assert "suppressed_bins" not in table.attrs
+
+
+def test_a_crosstab_cell_one_site_holds_is_withheld() -> None:
+    frames = [cohort(1), cohort(2), cohort(3)]
+    frames[0]["ward"] = np.where(np.arange(300) < 10, "icu", "general")
+    frames[0].loc[:9, "sex"] = ["F", "M"] * 5
+    frames[1]["ward"] = "general"
+    frames[2]["ward"] = "general"
+    sites = [Site(f"h{i}", f) for i, f in enumerate(frames, 1)]
+    rows = pd.concat(frames, ignore_index=True)
+    table = encrypted.crosstab(sites, "ward", "sex")
+    assert table.loc["icu"].isna().all()
+    expected = pd.crosstab(rows.ward, rows.sex)
+    assert table.loc["general"].tolist() == expected.loc["general"].tolist()

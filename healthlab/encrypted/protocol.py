@@ -87,6 +87,9 @@ class Block:
     start: int
     stop: int
     mask: np.ndarray = field(repr=False)
+    #: A block no site holds is released as its zeros (a histogram's empty bin:
+    #: it says only that no site holds rows there); else it is suppressed too.
+    empty_released: bool = False
 
 
 #: What a site computes from (its rows, the query): totals, its subsets by column,
@@ -315,7 +318,11 @@ class SiteWork:
                 f"for this query, fewer than the {need} a pooled result needs; "
                 "add sites that hold these columns"
             )
-        self.suppressed = [i for i, c in enumerate(counts[1:]) if c < need]
+        self.suppressed = [
+            i
+            for i, c in enumerate(counts[1:])
+            if c < need and (c > 0 or not self._blocks[i].empty_released)
+        ]
         released = self._released()
         protected = [
             np.asarray(self._blocks[i].mask, dtype=bool) for i in self.suppressed

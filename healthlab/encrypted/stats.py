@@ -182,7 +182,10 @@ def _counts(site: Site, query: Query) -> Totals:
         masks = [(r == a) & (c == b) for a in row_levels for b in col_levels]
     totals = [float(dropped)] + [float(m.sum()) for m in masks]
     full = _full_masks(site, kept, masks)
-    return totals, {col: full for col in columns} | _left_out(site, kept)
+    # every cell is a block: a bin or cell held by fewer sites than the pooling
+    # minimum would be one site's count, so every site sends zeros for it
+    blocks = [Block(1 + i, 2 + i, m, empty_released=True) for i, m in enumerate(full)]
+    return totals, {col: full for col in columns} | _left_out(site, kept), blocks
 
 
 def _left_out(site: Site, kept: pd.DataFrame) -> dict[str, list[np.ndarray]]:
@@ -705,7 +708,9 @@ def histogram(
     ``bins`` are edges, or a number of equal bins over ``range`` (required then: the
     data's minimum and maximum are single rows' values and are not asked for). Values
     outside the edges are not counted. A site refuses when any of its non-empty bins
-    holds fewer than ``min_rows`` rows.
+    holds fewer than ``min_rows`` rows. A bin held by fewer sites than the pooling
+    minimum (it would be one site's count) is sent as zeros by every site and shown
+    as ``<NA>``, named in ``attrs["suppressed_bins"]``; a bin no site holds is 0.
 
     Examples
     --------
@@ -737,11 +742,20 @@ def histogram(
         "population": options["population"],
     }
     run = _run(site_list, "counts", spec, edges.size, _counts, **_opts(options))
-    # under a DP budget counts carry noise: rounded and kept >= 0 (post-processing)
-    counts = np.maximum(np.rint(run.totals[1:]), 0).astype(np.int64)
+    counts = _cell_counts(run)
     result = pd.DataFrame({"left": edges[:-1], "right": edges[1:], "count": counts})
     if dropna or options["population"]:
         result.attrs["missing"] = int(run.totals[0])
+    if run.suppressed:
+        bins = [(float(edges[i]), float(edges[i + 1])) for i in run.suppressed]
+        result.attrs["suppressed_bins"] = bins
+        _log.warning(
+            "histogram: %d bin(s) of %r held by fewer sites than a pooled result "
+            "needs are not shown (count <NA>): %s",
+            len(bins),
+            column,
+            ", ".join(f"[{a:g}, {b:g})" for a, b in bins),
+        )
     return attach_receipt(
         result,
         [run],
@@ -773,7 +787,9 @@ def crosstab(
     Levels are compared as text, and are those :func:`levels` releases: a column
     with a withheld (rare) level, or one that looks like an identifier, is refused.
     A site refuses when any non-empty cell of its own table holds fewer than
-    ``min_rows`` rows.
+    ``min_rows`` rows. A cell held by fewer sites than the pooling minimum is sent
+    as zeros by every site and shown as ``<NA>``, named in
+    ``attrs["suppressed_cells"]`` as (row level, column level).
 
     Examples
     --------
@@ -797,22 +813,38 @@ def crosstab(
     }
     n = len(row_levels) * len(col_levels)
     run = _run(site_list, "counts", spec, 1 + n, _counts, **_opts(options))
-    counts = (
-        np.maximum(np.rint(run.totals[1:]), 0)
-        .astype(np.int64)
-        .reshape(len(row_levels), len(col_levels))
-    )
+    counts = _cell_counts(run).reshape(len(row_levels), len(col_levels))
     result = pd.DataFrame(
-        counts,
+        {level: counts[:, j] for j, level in enumerate(col_levels)},
         index=pd.Index(row_levels, name=row),
-        columns=pd.Index(col_levels, name=col),
     )
+    result.columns = pd.Index(col_levels, name=col)
+    if run.suppressed:
+        cells = [divmod(i, len(col_levels)) for i in run.suppressed]
+        named = [(row_levels[a], col_levels[b]) for a, b in cells]
+        result.attrs["suppressed_cells"] = named
+        _log.warning(
+            "crosstab: %d cell(s) held by fewer sites than a pooled result needs "
+            "are not shown (<NA>): %s",
+            len(named),
+            ", ".join(f"{a} × {b}" for a, b in named),
+        )
     return attach_receipt(
         result,
         [run],
         kind="crosstab",
         parameters={"row": row, "col": col, "population": options["population"]},
     )
+
+
+def _cell_counts(run: StudyRun) -> pd.arrays.IntegerArray:
+    """A count run's cells as integers, <NA> where the cell was suppressed (too few
+    sites hold rows in it: every site sent zeros). Under a DP budget counts carry
+    noise: rounded and kept >= 0 (post-processing)."""
+    counts = np.maximum(np.rint(run.totals[1:]), 0).astype(np.int64)
+    hidden = np.zeros(counts.size, dtype=bool)
+    hidden[list(run.suppressed)] = True
+    return pd.arrays.IntegerArray(counts, hidden)
 
 
 def cov(
