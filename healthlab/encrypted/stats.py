@@ -747,14 +747,14 @@ def histogram(
     if dropna or options["population"]:
         result.attrs["missing"] = int(run.totals[0])
     if run.suppressed:
-        bins = [(float(edges[i]), float(edges[i + 1])) for i in run.suppressed]
-        result.attrs["suppressed_bins"] = bins
+        withheld = [(float(edges[i]), float(edges[i + 1])) for i in run.suppressed]
+        result.attrs["suppressed_bins"] = withheld
         _log.warning(
             "histogram: %d bin(s) of %r held by fewer sites than a pooled result "
             "needs are not shown (count <NA>): %s",
-            len(bins),
+            len(withheld),
             column,
-            ", ".join(f"[{a:g}, {b:g})" for a, b in bins),
+            ", ".join(f"[{a:g}, {b:g})" for a, b in withheld),
         )
     return attach_receipt(
         result,
@@ -813,9 +813,10 @@ def crosstab(
     }
     n = len(row_levels) * len(col_levels)
     run = _run(site_list, "counts", spec, 1 + n, _counts, **_opts(options))
-    counts = _cell_counts(run).reshape(len(row_levels), len(col_levels))
+    counts = _cell_counts(run)
+    width = len(col_levels)
     result = pd.DataFrame(
-        {level: counts[:, j] for j, level in enumerate(col_levels)},
+        {level: counts[j::width] for j, level in enumerate(col_levels)},
         index=pd.Index(row_levels, name=row),
     )
     result.columns = pd.Index(col_levels, name=col)
