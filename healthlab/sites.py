@@ -573,11 +573,12 @@ class Site:
         noise covers combinations.
 
         ``subsets`` maps a column name to boolean masks over the site's rows (one per
-        group, cell or bin). A non-empty mask must select at least ``min_rows`` rows
-        (the policy's, or more if the study asks); no linear combination of it and
-        the subsets answered before may isolate fewer than that (or the policy's
-        ``min_difference``). A refused query is remembered too. Messages name the
-        rule, never counts of rows or values.
+        group, cell or bin). A non-empty mask must select at least the policy's
+        minimum of rows (``min_rows`` is for the site's own callers: a study's
+        threshold never reaches it, see :class:`~healthlab.encrypted.protocol.Query`);
+        no linear combination of it and the subsets answered before may isolate
+        fewer than that (or the policy's ``min_difference``). A refused query is
+        remembered too. Messages name the rule, never counts of rows or values.
         """
         threshold = max(min_rows, self._policy.min_rows, self._policy.min_difference)
         masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]

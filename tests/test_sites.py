@@ -594,7 +594,7 @@ def test_owner_minimum_rows_binds_a_study_asking_for_fewer() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"min_rows": 5}, DisclosureRefused, "fewer than 5 rows"),
+        ({"min_rows": 9}, DisclosureRefused, "fewer than your min_rows=9"),
         ({"min_sites": 3}, TooFewSites, "fewer than the 3 required"),
     ],
 )
@@ -605,6 +605,14 @@ def test_study_can_tighten_the_policy(
     assert encrypted.describe(sites, ["x"]).loc["count", "x"] == 8.0
     with pytest.raises(error, match=message):
         encrypted.describe(two_sites(4, 4), ["x"], **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_studys_min_rows_applies_to_the_pooled_result_not_at_the_sites() -> None:
+    """Each site holds 4 rows: min_rows=5 is met by the pooled 8, so answered (the
+    sites decide by their policies only, or the threshold would be a count oracle
+    on one site's n)."""
+    table = encrypted.describe(two_sites(4, 4), ["x"], min_rows=5)
+    assert table.loc["count", "x"] == 8.0
 
 
 def test_policy_is_fixed_by_the_owner() -> None:

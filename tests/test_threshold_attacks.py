@@ -16,6 +16,12 @@ next to the honest variant answered exactly (pandas on the pooled rows).
   every bin and cell among themselves (masked flags, as for ``by=`` groups): such a
   bin or cell is sent as zeros by every site, shown ``<NA>`` and named; "all rows
   minus the released bins" is then refused.
+- **The researcher's own min_rows.** A site refused when a subset held fewer rows
+  than the larger of its policy and the study's ``min_rows``: bisecting
+  ``min_rows`` gave the smaller site's exact n. The sites now decide by their
+  policies only; the study's ``min_rows`` is applied to the pooled result on the
+  researcher's side (groups, bins and cells of fewer pooled rows withheld; a
+  result of fewer pooled rows refused), and ``levels(min_rows=)`` is refused.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ def cohort(seed: int, n: int = 300) -> pd.DataFrame:
             "age": rng.normal(55, 10, n).round(1),
             "sbp": rng.normal(130, 15, n).round(1),
             "sex": rng.choice(["F", "M"], n),
+            "smoker": rng.choice(["no", "yes"], n, p=[0.7, 0.3]),
         }
     )
 
@@ -158,3 +165,59 @@ def test_a_crosstab_cell_one_site_holds_is_withheld() -> None:
     assert table.loc["icu"].isna().all()
     expected = pd.crosstab(rows.ward, rows.sex)
     assert table.loc["general"].tolist() == expected.loc["general"].tolist()
+
+
+# ------------------------------------------------------- the researcher's min_rows
+def uneven_sites() -> tuple[list[Site], pd.DataFrame]:
+    """h1 holds 40 rows, h2 300: a threshold between them once told them apart."""
+    frames = [cohort(1, n=40), cohort(2)]
+    return [Site(f"h{i}", f) for i, f in enumerate(frames, 1)], pd.concat(frames)
+
+
+@pytest.mark.parametrize("threshold", [30, 39, 40, 41, 45, 100, 340, 341])
+def test_a_min_rows_of_the_researchers_reveals_only_the_pooled_count(
+    threshold: int,
+) -> None:
+    """Bisecting min_rows once found h1's exact n (refused iff a site holds fewer):
+    now the outcome depends on the pooled n (released anyway), never on a site's."""
+    sites, rows = uneven_sites()
+    if threshold <= len(rows):
+        table = encrypted.describe(sites, ["age"], min_rows=threshold)
+        assert table.loc["count", "age"] == len(rows)
+    else:
+        with pytest.raises(DisclosureRefused, match="your min_rows") as refusal:
+            encrypted.describe(sites, ["age"], min_rows=threshold)
+        assert "h1" not in str(refusal.value) and "40" not in str(refusal.value)
+
+
+def test_a_min_rows_withholds_pooled_groups_bins_and_cells_below_it() -> None:
+    sites, rows = uneven_sites()
+    edges = [0, 45, 55, 65, 200]
+    expected, _ = np.histogram(rows["age"], bins=edges)  # 55 117 123 45
+    table = encrypted.histogram(sites, "age", edges, min_rows=100)
+    assert table["count"].isna().tolist() == [True, False, False, True]
+    assert table["count"].dropna().tolist() == [117, 123]
+    assert table.attrs["suppressed_bins"] == [(0.0, 45.0), (65.0, 200.0)]
+    n_f = int((rows.sex == "F").sum())  # 169 F, 171 M pooled
+    by_sex = encrypted.describe(uneven_sites()[0], ["age"], by="sex", min_rows=n_f + 1)
+    assert by_sex.attrs["suppressed_groups"] == ["F"]
+    male = rows[rows.sex == "M"]["age"]
+    assert by_sex[("M", "age")]["count"] == len(male)
+    assert by_sex[("M", "age")]["mean"] == pytest.approx(male.mean(), abs=1e-9)
+    expected = pd.crosstab(rows.sex, rows.smoker).to_numpy()
+    threshold = int(expected.min()) + 1  # the smallest cell falls below
+    cells = encrypted.crosstab(
+        uneven_sites()[0], "sex", "smoker", min_rows=threshold
+    ).to_numpy()
+    below = expected < threshold
+    assert pd.isna(cells).tolist() == below.tolist()
+    assert cells[~below].astype(int).tolist() == expected[~below].tolist()
+
+
+def test_levels_refuse_a_threshold_of_the_researchers() -> None:
+    from healthlab.errors import InvalidInput
+
+    sites, _ = uneven_sites()
+    with pytest.raises(InvalidInput, match="sites' own minimum"):
+        encrypted.levels(sites, "sex", min_rows=21)
+    assert list(encrypted.levels(sites, "sex")) == ["F", "M"]

@@ -106,8 +106,11 @@ class Query:
     """A statistics query, identical for every site; its hash is what gets signed.
 
     ``kind`` names the computation; ``spec`` holds its public parameters (columns,
-    centers, bins, levels…). ``min_rows``/``min_sites`` may tighten, never loosen,
-    the sites' policies.
+    centers, bins, levels…). ``min_sites`` may tighten, never loosen, the sites'
+    policies. ``min_rows`` is the researcher's own reporting threshold, applied to
+    the pooled result on the researcher's side (:func:`stats._own_threshold`): a
+    site decides only by its policy, since a threshold the researcher chooses
+    would make its refusals a count oracle (bisected: a site's exact n).
     """
 
     kind: str
@@ -210,7 +213,6 @@ class SiteWork:
             columns,
             site.check_subsets,
             subsets,
-            min_rows=query.min_rows,
             researcher=self.researcher,
             differencing=self._budget is None,
         )

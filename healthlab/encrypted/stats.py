@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -227,9 +228,40 @@ def _run(
     on_refusal: str,
 ) -> StudyRun:
     query = Query(kind, spec, n_totals, min_rows=min_rows, min_sites=min_sites)
-    return run_query(
+    run = run_query(
         sites, query, compute, keys=keys, researcher=researcher, on_refusal=on_refusal
     )
+    return _own_threshold(run, min_rows)
+
+
+def _own_threshold(run: StudyRun, min_rows: int) -> StudyRun:
+    """The researcher's own ``min_rows``, applied to the pooled result here: a
+    group, bin or cell of fewer pooled rows joins the run's suppressed blocks (it is
+    not shown, as one too few sites hold); a result without groups of fewer pooled
+    rows is refused. The sites never see this threshold (it would make their
+    refusals a count oracle); their policies apply whatever is asked."""
+    if min_rows <= 0:
+        return run
+    spec = run.query.spec
+    pooled = np.asarray(run.totals[1:], dtype=float)
+    if run.query.kind == "counts":
+        starts = np.arange(pooled.size)
+    elif run.query.kind == "moments":
+        p = len(spec["columns"])
+        width = 0 if spec["order"] == 1 else (p * (p + 1) // 2 if spec["cross"] else p)
+        n_groups = max(1, len(spec.get("groups") or ()))
+        starts = np.arange(n_groups) * (1 + p + width)
+    else:
+        return run
+    small = [int(i) for i, n in enumerate(pooled[starts]) if 0 < round(n) < min_rows]
+    if not small:
+        return run
+    if run.query.kind == "moments" and not spec.get("by"):
+        raise DisclosureRefused(
+            f"the pooled result summarizes fewer than your min_rows={min_rows} rows; "
+            "ask with a lower min_rows (the sites' own minimums still apply)"
+        )
+    return replace(run, suppressed=sorted({*run.suppressed, *small}))
 
 
 def _centers(
@@ -505,7 +537,9 @@ def levels(
 
     - **Rare levels are withheld.** A level is released only if at least ``k`` rows
       hold it at *every* site that holds it (``k``: the site's ``policy.min_rows``,
-      default 3, or the stricter ``min_rows`` asked). Sites first offer their common
+      default 3; ``min_rows`` is refused here, since a threshold of the
+      researcher's choosing would make the release a count oracle on one site's
+      rows of a level). Sites first offer their common
       levels; a level one site offers and another holds in 1 to ``k - 1`` rows is
       vetoed by the latter, so it is released by nobody. The result says only that
       something was withheld (``Levels.withheld``), never how many, which, or at
@@ -539,15 +573,22 @@ def levels(
     members = sorted(s.participant for s in site_list)
     for site in gated:  # distinct owners other than the researcher, as a query
         site.check_owners(members, researcher, need)
-    query = Query("levels", {"column": column}, 0, min_rows=min_rows)
+    if min_rows:
+        # a threshold of the researcher's choosing would make "released or not"
+        # a count oracle on one site's rows of a level
+        raise InvalidInput(
+            "levels follow the sites' own minimum of rows; a stricter threshold of "
+            "yours applies to pooled counts: pass min_rows= to describe, histogram "
+            "or crosstab instead"
+        )
+    query = Query("levels", {"column": column}, 0)
     from healthlab.encrypted.protocol import sign_query
 
     signed = sign_query(site_list, query, researcher)
     held: list[_SiteLevels] = []
     for site in site_list:
         site.authorize(signed, query_hash=query.hash)
-        k = max(site.policy.min_rows, min_rows)
-        held.append(_SiteLevels(site, column, k))
+        held.append(_SiteLevels(site, column, site.policy.min_rows))
     offered = frozenset().union(*(h.common for h in held))
     vetoed = frozenset().union(*(h.vetoes(offered) for h in held))
     released = sorted(offered - vetoed)
@@ -561,15 +602,13 @@ def levels(
     return Levels(released, withheld=withheld)
 
 
-def _grouping_levels(
-    sites: list[Site], column: str, researcher: str | None, min_rows: int
-) -> Levels:
+def _grouping_levels(sites: list[Site], column: str, researcher: str | None) -> Levels:
     """Levels of a column that groups (``by=``) or tabulates (``crosstab``) rows.
 
     A withheld level refuses the query: its rows would be in no group or cell, and
     all rows minus the released groups would summarize them.
     """
-    found = levels(sites, column, researcher=researcher, min_rows=min_rows)
+    found = levels(sites, column, researcher=researcher)
     if found.withheld:
         raise DisclosureRefused(
             f"{column!r} has a level held by fewer than the minimum rows at a site "
@@ -626,7 +665,7 @@ def describe(
     options = _options(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
-    groups = list(_grouping_levels(site_list, by, researcher, min_rows)) if by else []
+    groups = list(_grouping_levels(site_list, by, researcher)) if by else []
     runs, center, stats = _second_moments(
         site_list, cols, by=by, groups=groups, cross=False, options=options
     )
@@ -708,9 +747,12 @@ def histogram(
     ``bins`` are edges, or a number of equal bins over ``range`` (required then: the
     data's minimum and maximum are single rows' values and are not asked for). Values
     outside the edges are not counted. A site refuses when any of its non-empty bins
-    holds fewer than ``min_rows`` rows. A bin held by fewer sites than the pooling
-    minimum (it would be one site's count) is sent as zeros by every site and shown
-    as ``<NA>``, named in ``attrs["suppressed_bins"]``; a bin no site holds is 0.
+    holds fewer than its policy's minimum of rows; ``min_rows`` is your own
+    threshold on the pooled counts (a bin of fewer pooled rows is withheld, like a
+    suppressed one, and never reaches the sites). A bin held by fewer sites than
+    the pooling minimum (it would be one site's count) is sent as zeros by every
+    site and shown as ``<NA>``, named in ``attrs["suppressed_bins"]``; a bin no
+    site holds is 0.
 
     Examples
     --------
@@ -786,8 +828,9 @@ def crosstab(
 
     Levels are compared as text, and are those :func:`levels` releases: a column
     with a withheld (rare) level, or one that looks like an identifier, is refused.
-    A site refuses when any non-empty cell of its own table holds fewer than
-    ``min_rows`` rows. A cell held by fewer sites than the pooling minimum is sent
+    A site refuses when any non-empty cell of its own table holds fewer than its
+    policy's minimum of rows (``min_rows``: your own threshold on the pooled
+    cells, applied here). A cell held by fewer sites than the pooling minimum is sent
     as zeros by every site and shown as ``<NA>``, named in
     ``attrs["suppressed_cells"]`` as (row level, column level).
 
@@ -800,8 +843,8 @@ def crosstab(
     M       1488  919
     """
     site_list = as_sites(sites)
-    row_levels = list(_grouping_levels(site_list, row, researcher, min_rows))
-    col_levels = list(_grouping_levels(site_list, col, researcher, min_rows))
+    row_levels = list(_grouping_levels(site_list, row, researcher))
+    col_levels = list(_grouping_levels(site_list, col, researcher))
     options = _options(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
