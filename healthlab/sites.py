@@ -80,6 +80,13 @@ class DisclosurePolicy:
         A differential-privacy budget per researcher (:mod:`healthlab.dp`); a gated
         site uses its dataset's budget on chain (:meth:`Ledger.set_privacy_budget`)
         when there is one.
+    grid:
+        Per numeric column, the width of the only bin edges and clip bounds the site
+        accepts (``{"age": 5}``: edges 30, 35, 40 …). Whether a site answers depends
+        on its rows (a bin of 1 or 2 rows is refused, an empty one is not), so with
+        edges anywhere a researcher can bisect a tail bin's edge and pin the oldest
+        patient's age; on the grid, the most that reveals is the grid cell. Columns
+        not named take any edges.
     """
 
     min_rows: int = 3
@@ -89,8 +96,14 @@ class DisclosurePolicy:
     max_query_age: int = 900
     collaboration: int | None = None
     privacy: PrivacyBudget | None = None
+    grid: Mapping[str, float] | tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
+        pairs = self.grid.items() if isinstance(self.grid, Mapping) else self.grid
+        widths = tuple(sorted((str(c), float(w)) for c, w in pairs))
+        if any(not (np.isfinite(w) and w > 0) for _, w in widths):
+            raise InvalidInput("grid widths must be positive numbers")
+        object.__setattr__(self, "grid", widths)
         if self.min_rows < 1 or self.min_sites < 1 or self.min_difference < 1:
             raise InvalidInput("min_rows, min_sites and min_difference must be >= 1")
         if self.collaboration is not None and self.collaboration < 1:
@@ -101,6 +114,20 @@ class DisclosurePolicy:
             raise InvalidInput("max_param_ratio must be in (0, 1]")
         if self.max_query_age < 1:
             raise InvalidInput("max_query_age must be at least 1 second")
+
+
+    def check_grid(self, site: str, column: str, values: Iterable[float]) -> None:
+        """Refuse bin edges or clip bounds on ``column`` off the owner's grid."""
+        width = dict(self.grid).get(column)  # type: ignore[arg-type]
+        if width is None:
+            return
+        v = np.asarray(list(values), dtype=float) / width
+        if np.any(np.abs(v - np.rint(v)) > 1e-9 * np.maximum(1.0, np.abs(v))):
+            raise DisclosureRefused(
+                f"site {site}: bin edges and bounds on {column!r} must be multiples "
+                f"of {width:g} (its owner's grid, so that edges cannot be bisected "
+                "towards one patient's value); round them to that grid"
+            )
 
 
 @dataclass(frozen=True)

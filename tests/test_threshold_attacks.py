@@ -22,6 +22,12 @@ next to the honest variant answered exactly (pandas on the pooled rows).
   policies only; the study's ``min_rows`` is applied to the pooled result on the
   researcher's side (groups, bins and cells of fewer pooled rows withheld; a
   result of fewer pooled rows refused), and ``levels(min_rows=)`` is refused.
+- **Bisecting a bin's edge.** Whether a site answers depends on its rows (a tail
+  bin of 1–2 rows is refused, an empty one is answered): a dozen histograms pin
+  the oldest patient's age to a hundredth of a year (the control test). An owner
+  closes it with ``DisclosurePolicy(grid={"age": 5})``: edges and clip bounds off
+  the grid are refused whatever the rows, so the most a bisection learns is the
+  5-year cell. Without a grid it stays open (README).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from healthlab import Site, encrypted
+from healthlab import DisclosurePolicy, Site, encrypted
 from healthlab.errors import DisclosureRefused
 
 
@@ -221,3 +227,81 @@ def test_levels_refuse_a_threshold_of_the_researchers() -> None:
     with pytest.raises(InvalidInput, match="sites' own minimum"):
         encrypted.levels(sites, "sex", min_rows=21)
     assert list(encrypted.levels(sites, "sex")) == ["F", "M"]
+
+
+# ----------------------------------------------------------- the owner's grid
+GRID = DisclosurePolicy(grid={"age": 5})
+
+
+def gridded_sites() -> tuple[list[Site], pd.DataFrame]:
+    frames = [cohort(1), cohort(2)]
+    sites = [Site(f"h{i}", f, policy=GRID) for i, f in enumerate(frames, 1)]
+    return sites, pd.concat(frames, ignore_index=True)
+
+
+def bisect_top(sites: list[Site], lo: float, hi: float, step: float) -> float:
+    """The researcher's bisection of a tail bin's edge: [0, t) and [t, 200]; a
+    refusal or a bin of 1-2 rows means someone is above t. Returns the width of
+    the interval the oldest patient's age is then known to lie in."""
+    while hi - lo > step:
+        t = round((lo + hi) / 2 / step) * step
+        if t in (lo, hi):
+            break
+        try:
+            top = encrypted.histogram(sites, "age", [0, t, 200])["count"].iloc[1]
+            above = pd.isna(top) or top > 0
+        except DisclosureRefused:
+            above = True
+        lo, hi = (t, hi) if above else (lo, t)
+    return hi - lo
+
+
+def test_without_a_grid_bisecting_an_edge_pins_the_oldest_age() -> None:
+    """The attack the grid answers (what remains open without one: README)."""
+    sites = two_sites()
+    oldest = pooled()["age"].max()
+    width = bisect_top(sites, 60.0, 150.0, 0.01)
+    assert width <= 0.02  # known to a hundredth of a year
+    assert oldest > 60.0
+
+
+def test_on_the_owners_grid_bisecting_reveals_at_most_the_grid_cell() -> None:
+    sites, rows = gridded_sites()
+    with pytest.raises(DisclosureRefused, match="multiples of 5") as refusal:
+        encrypted.histogram(sites, "age", [0, 83.7, 200])
+    assert "83.7" not in str(refusal.value)
+    # off the grid every edge is refused alike, above or below the oldest patient:
+    # the refusal depends on the edges only, never on the rows
+    messages = set()
+    off_grid = [
+        t for t in np.arange(60.3, 100.0, 0.7) if abs(t / 5 - round(t / 5)) > 1e-6
+    ]
+    for t in off_grid:
+        with pytest.raises(DisclosureRefused, match="multiples of 5") as refused:
+            encrypted.histogram(gridded_sites()[0], "age", [0, float(t), 200])
+        messages.add(str(refused.value))
+    assert len(messages) == 1
+    assert any(t > rows["age"].max() for t in off_grid)
+    with pytest.raises(DisclosureRefused, match="multiples of 5"):
+        encrypted.describe(gridded_sites()[0], ["age"], bounds={"age": (0, 83.7)})
+
+
+def test_on_the_grid_ordinary_histograms_and_bounds_are_answered_exactly() -> None:
+    sites, rows = gridded_sites()
+    edges = [20, 40, 50, 60, 70, 100]
+    table = encrypted.histogram(sites, "age", edges)
+    expected, _ = np.histogram(rows["age"], bins=edges)
+    assert table["count"].tolist() == expected.tolist()
+    wide = encrypted.describe(gridded_sites()[0], ["age"], bounds={"age": (0, 120)})
+    assert wide.loc["mean", "age"] == pytest.approx(rows["age"].mean(), abs=1e-9)
+    sbp = encrypted.histogram(gridded_sites()[0], "sbp", [0, 127.3, 400])
+    assert int(sbp["count"].sum()) == len(rows)  # columns off the grid: any edges
+
+
+def test_a_grid_must_be_positive() -> None:
+    from healthlab.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="grid widths"):
+        DisclosurePolicy(grid={"age": 0})
+    assert DisclosurePolicy(grid={"age": 5}) == GRID
+    hash(GRID)

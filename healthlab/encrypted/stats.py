@@ -100,6 +100,8 @@ def _moments(site: Site, query: Query) -> Totals:
     clipped: list[np.ndarray] = []
     if spec.get("bounds") is not None:  # public bounds: a site under DP clips to them
         limit = np.asarray(spec["bounds"], dtype=float)
+        for column, bound in zip(columns, limit, strict=True):
+            site.policy.check_grid(site.name, column, bound)
         if site.privacy_budget is None:
             clipped = _clipped_subsets(values, limit, masks)
         values = np.clip(values, limit[:, 0], limit[:, 1])
@@ -169,6 +171,7 @@ def _counts(site: Site, query: Query) -> Totals:
     )
     if "edges" in spec:
         edges = np.asarray(spec["edges"], dtype=np.float64)
+        site.policy.check_grid(site.name, columns[0], edges)
         x = numeric_column(site.name, kept[columns[0]], columns[0])
         index = np.searchsorted(edges, x, side="right") - 1
         index[x == edges[-1]] = len(edges) - 2  # numpy: the last bin is closed
