@@ -115,10 +115,9 @@ class DisclosurePolicy:
         if self.max_query_age < 1:
             raise InvalidInput("max_query_age must be at least 1 second")
 
-
     def check_grid(self, site: str, column: str, values: Iterable[float]) -> None:
         """Refuse bin edges or clip bounds on ``column`` off the owner's grid."""
-        width = dict(self.grid).get(column)  # type: ignore[arg-type]
+        width = dict(self.grid).get(column)
         if width is None:
             return
         v = np.asarray(list(values), dtype=float) / width
