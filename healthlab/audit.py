@@ -35,6 +35,14 @@ subsets are kept too: a later query must not make a subset isolable that the
 refused one would have made isolable (so refusals cannot be probed around), while
 the soundness test itself runs against the answers actually released.
 
+4. **Data updates.** The memory follows the rows, not the file: each row's values
+   are hashed, and when the site's data changes (a new content hash) the stored
+   subsets are mapped onto the new rows — an unchanged row keeps its place, a new
+   or edited row takes a new one, and a row no longer held stays as a *ghost* in
+   the earlier answers it was part of. So answers before and after an update that
+   removes, adds or edits one or two patients differ in fewer than ``k`` places,
+   and are refused like any differencing.
+
 Cost: ``O(rows × subsets)`` to form atoms, an SVD of ``atoms × subsets`` and the
 small-set tests; measured in ``benchmarks/encrypted_stats.py``.
 """
@@ -47,8 +55,10 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from healthlab.errors import DisclosureRefused
 
@@ -361,12 +371,27 @@ class Auditor:
         *,
         units: np.ndarray | None = None,
         unit_name: str = "rows",
+        row_keys: np.ndarray | None = None,
     ) -> None:
+        #: The auditor's row space: the site's current rows, then the rows of
+        #: earlier data no longer held (see :meth:`_carry_over`).
         self.n_rows = n_rows
+        self.n_current = n_rows
+        #: where each current row sits in the row space
+        self.position = np.arange(n_rows, dtype=np.int64)
         self.content_hash = content_hash
-        #: an integer code per row for the person it belongs to (rows = user-days):
-        #: then every size the auditor checks counts distinct persons
-        self.units = None if units is None else np.asarray(units, dtype=np.int64)
+        #: a hash per row of its values: memory follows the rows across data updates
+        self._keys = (
+            None if row_keys is None else np.asarray(row_keys, dtype=np.uint64).copy()
+        )
+        #: a label per row for the person it belongs to (rows = user-days): then
+        #: every size the auditor checks counts distinct persons
+        self._unit_keys: np.ndarray | None = None
+        self.units: np.ndarray | None = None
+        if units is not None:
+            self._unit_keys = np.asarray([str(u) for u in units], dtype=object)
+            self.units = pd.factorize(self._unit_keys)[0]
+        self._identity = True
         self.unit_name = unit_name
         self.path = Path(path) if path is not None else None
         self.answered: dict[str, list[bytes]] = {}
@@ -384,22 +409,111 @@ class Auditor:
         if self.path is None or not self.path.exists():
             return
         stored = json.loads(self.path.read_text())
-        if stored.get("content_hash") != self.content_hash:
-            return  # other data: those subsets are over other rows
+        same = stored.get("content_hash") == self.content_hash
+        if not same and not self._carry_over(stored):
+            return  # other data, and no row keys to follow them: a fresh memory
+        if same and "position" in stored:
+            self._set_space(
+                _decode(stored["position"], np.int64),
+                _decode(stored["space_keys"], np.uint64),
+                _decode_units(stored.get("space_units")),
+            )
+        old_n = int(stored.get("space_rows", stored.get("n_rows", self.n_rows)))
         for field in _FIELDS:
             target = getattr(self, field)
             for who, packed in stored.get(field, {}).items():
-                target[who] = [base64.b64decode(p) for p in packed]
+                target[who] = [
+                    _pack(_pad(_unpack(base64.b64decode(p), old_n), self.n_rows))
+                    for p in packed
+                ]
         for field in _SET_FIELDS:
             getattr(self, field).update(stored.get(field, {}))
+
+    def _carry_over(self, stored: dict[str, Any]) -> bool:
+        """Map the stored memory onto changed data by the rows' value hashes.
+
+        A row whose values are unchanged keeps its place (and what it was part
+        of); a new or changed row is a new place that no earlier answer included;
+        a row no longer held stays in the row space as a *ghost*, still part of the
+        earlier answers it was in. So "all rows" before and after one patient is
+        removed, added or changed differ in 1–2 places of the space — isolable,
+        and refused — while unchanged rows are audited as before. Without row keys
+        (an older memory file) the memory starts afresh."""
+        if self._keys is None or "space_keys" not in stored:
+            return False
+        old_keys = _decode(stored["space_keys"], np.uint64)
+        old_current = set(_decode(stored["position"], np.int64).tolist())
+        free: dict[int, list[int]] = {}
+        for place, key in enumerate(old_keys.tolist()):
+            free.setdefault(key, []).append(place)
+        # rows still held first (a ghost may come back: the same values again)
+        for places in free.values():
+            places.sort(key=lambda p: (p not in old_current, p))
+        position = np.empty(self.n_current, dtype=np.int64)
+        extra: list[int] = []
+        for i, key in enumerate(self._keys.tolist()):
+            slots = free.get(key)
+            if slots:
+                position[i] = slots.pop(0)
+            else:
+                position[i] = len(old_keys) + len(extra)
+                extra.append(key)
+        keys = np.concatenate([old_keys, np.asarray(extra, dtype=np.uint64)])
+        units = None
+        if self._unit_keys is not None:
+            old_units = _decode_units(stored.get("space_units"))
+            if old_units is None or len(old_units) != len(old_keys):
+                return False
+            units = np.empty(len(keys), dtype=object)
+            units[: len(old_keys)] = old_units
+            units[position] = self._unit_keys
+        self._set_space(position, keys, units)
+        return True
+
+    def _set_space(
+        self, position: np.ndarray, keys: np.ndarray, units: np.ndarray | None
+    ) -> None:
+        if len(position) != self.n_current:
+            return  # not this data's layout: keep the identity
+        self.position = position
+        self._space_keys = keys
+        self.n_rows = len(keys)
+        self._identity = self.n_rows == self.n_current and bool(
+            np.array_equal(position, np.arange(self.n_current))
+        )
+        if units is not None:
+            self._space_units = units
+            self.units = pd.factorize(units)[0]
+
+    def _lift(self, mask: np.ndarray) -> np.ndarray:
+        """A mask over the site's current rows, as a mask over the row space."""
+        mask = np.asarray(mask, dtype=bool)
+        if self._identity:
+            return mask
+        lifted = np.zeros(self.n_rows, dtype=bool)
+        lifted[self.position] = mask
+        return lifted
 
     def _save(self) -> None:
         if self.path is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        keys = getattr(self, "_space_keys", self._keys)
+        space: dict[str, Any] = {}
+        if keys is not None:
+            units = getattr(self, "_space_units", self._unit_keys)
+            space = {
+                "space_rows": self.n_rows,
+                "position": _encode(self.position),
+                "space_keys": _encode(np.asarray(keys, dtype=np.uint64)),
+                "space_units": None
+                if units is None
+                else [str(u) for u in np.asarray(units).tolist()],
+            }
         data = {
             "content_hash": self.content_hash,
             "n_rows": self.n_rows,
+            **space,
             **{
                 field: {
                     who: [base64.b64encode(p).decode() for p in packed]
@@ -442,7 +556,7 @@ class Auditor:
         combination of this researcher's answers at ``k`` rows or more (with
         ``differencing=False``: every subset itself)."""
         who = (researcher or "").lower()
-        new = [np.asarray(m, dtype=bool) for m in masks]
+        new = [self._lift(m) for m in masks]
         new = [m for m in new if m.any()]
         if any(self._size(m) < k for m in new):
             self._refuse(who, new)
@@ -516,11 +630,11 @@ class Auditor:
         before, or ``protected`` now (:func:`reaches`): it would be a statistic of
         (some of) that set's rows, which were pooled over too few sites."""
         who = (researcher or "").lower()
-        new = [m for m in (np.asarray(m, dtype=bool) for m in masks) if m.any()]
+        new = [m for m in (self._lift(m) for m in masks) if m.any()]
         guarded = _unique(
             [
                 *self._masks("protected", who),
-                *(m for m in (np.asarray(p, dtype=bool) for p in protected) if m.any()),
+                *(m for m in (self._lift(p) for p in protected) if m.any()),
             ]
         )
         if not guarded:
@@ -597,13 +711,13 @@ class Auditor:
     ) -> None:
         """Remember an answered query's subsets, and the sets it protects."""
         who = (researcher or "").lower()
-        self._add("answered", who, masks)
-        self._add("protected", who, protected)
+        self._add("answered", who, [self._lift(m) for m in masks])
+        self._add("protected", who, [self._lift(p) for p in protected])
         self._save()
 
     def refuse(self, researcher: str | None, masks: Iterable[np.ndarray]) -> None:
         """Remember ``masks`` as refused for ``researcher``."""
-        self._refuse((researcher or "").lower(), [np.asarray(m, bool) for m in masks])
+        self._refuse((researcher or "").lower(), [self._lift(m) for m in masks])
 
     def _refuse(self, who: str, masks: list[np.ndarray]) -> None:
         self._add("refused", who, masks)
@@ -615,6 +729,27 @@ class Auditor:
             packed = _pack(mask)
             if np.asarray(mask).any() and packed not in known:
                 known.append(packed)
+
+
+def _pad(mask: np.ndarray, n: int) -> np.ndarray:
+    """A mask over an earlier, smaller row space, over the row space of ``n``."""
+    if mask.size == n:
+        return mask
+    out = np.zeros(n, dtype=bool)
+    out[: mask.size] = mask
+    return out
+
+
+def _encode(values: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(values).tobytes()).decode()
+
+
+def _decode(text: str, dtype: Any) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text), dtype=dtype).copy()
+
+
+def _decode_units(values: list[str] | None) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, dtype=object)
 
 
 def _unique(masks: list[np.ndarray]) -> list[np.ndarray]:

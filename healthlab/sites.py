@@ -687,15 +687,22 @@ class Site:
         path = None
         if self._state_dir is not None:
             path = Path(self._state_dir) / f"audit-{self.name}.json"
+        # a hash of each row's values: the memory follows the rows when the data
+        # changes (appended, removed or edited rows), see Auditor._carry_over
+        try:
+            keys = pd.util.hash_pandas_object(self._frame, index=False).to_numpy()
+        except TypeError:  # cells pandas cannot hash (lists…): memory per content
+            keys = None
         if self._units is None:
-            return Auditor(self.n_rows, self.content_hash, path)
-        codes = pd.factorize(self._frame[self._units].astype(str))[0]
+            return Auditor(self.n_rows, self.content_hash, path, row_keys=keys)
+        persons = self._frame[self._units].astype(str)
         return Auditor(
             self.n_rows,
             self.content_hash,
             path,
-            units=codes,
+            units=pd.util.hash_pandas_object(persons, index=False).to_numpy(),
             unit_name=f"persons ({self._units})",
+            row_keys=keys,
         )
 
     # ----------------------------------------------------------------- masks

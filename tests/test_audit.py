@@ -277,3 +277,88 @@ def test_three_days_of_one_person_are_one_person() -> None:
     second = np.ones(9, dtype=bool)
     assert not isolable([first, second], K)  # 3 rows apart
     assert isolable([first, second], K, units)  # but one person
+
+
+# ------------------------------------------------------------ data updates
+def updated(frame: pd.DataFrame, change: str) -> pd.DataFrame:
+    """Site a's data after one update of the kind ``change``."""
+    out = frame.copy()
+    if change == "remove one":
+        return out.drop(index=7).reset_index(drop=True)
+    if change == "remove two":
+        return out.drop(index=[7, 30]).reset_index(drop=True)
+    if change == "add one":
+        row = cohort(99, n=1)
+        return pd.concat([out, row], ignore_index=True)
+    if change == "edit one":
+        out.loc[12, "age"] += 7.0
+        return out
+    if change == "edit one, shuffled":
+        out.loc[12, "age"] += 7.0
+        return out.sample(frac=1.0, random_state=4).reset_index(drop=True)
+    raise AssertionError(change)
+
+
+def sites_on_disk(tmp_path: Path, a: pd.DataFrame) -> list[Site]:
+    return [
+        Site("a", a, state_dir=tmp_path / "a"),
+        Site("b", cohort(1), state_dir=tmp_path / "b"),
+    ]
+
+
+@pytest.mark.parametrize(
+    "change", ["remove one", "remove two", "add one", "edit one", "edit one, shuffled"]
+)
+def test_all_rows_before_and_after_an_update_are_not_differenced(
+    tmp_path: Path, change: str
+) -> None:
+    """The site's data changes between two answers (a new content hash): its
+    memory follows the rows by their values' hashes, so "all rows" before and after
+    a patient is removed, added or edited — the difference is that patient — is
+    refused, as are the same columns' means by sex."""
+    before = cohort(0)
+    encrypted.describe(sites_on_disk(tmp_path, before), ["age", "sbp"])
+    after = sites_on_disk(tmp_path, updated(before, change))
+    assert after[0].content_hash != Site("a", before).content_hash
+    with pytest.raises(DisclosureRefused, match="site a: together with"):
+        encrypted.describe(after, ["age", "sbp"])
+    with pytest.raises(DisclosureRefused, match="site a: together with"):
+        encrypted.describe(after, ["age"])
+
+
+def test_ordinary_updates_are_answered_and_remembered(tmp_path: Path) -> None:
+    """Many rows added, or the same rows in another order: answered exactly; the
+    memory is carried on (the four-query attack over the update is still refused)."""
+    before = cohort(0)
+    before.loc[0:19, "bmi"] = np.nan
+    before.loc[19:39, "glucose"] = np.nan
+    first = sites_on_disk(tmp_path, before)
+    encrypted.describe(first, ["age"])
+    encrypted.describe(first, ["age", "bmi"], dropna=True)
+    shuffled = before.sample(frac=1.0, random_state=1).reset_index(drop=True)
+    grown = pd.concat([shuffled, cohort(50, n=20)], ignore_index=True)
+    second = sites_on_disk(tmp_path, shuffled)
+    table = encrypted.describe(second, ["age"])  # the same rows: the same answer
+    pooled = pd.concat([shuffled, cohort(1)])
+    assert table.loc["mean", "age"] == pytest.approx(pooled["age"].mean(), abs=1e-9)
+    third = sites_on_disk(tmp_path, grown)
+    table = encrypted.describe(third, ["age", "glucose"], dropna=True)
+    rows = pd.concat([grown, cohort(1)]).dropna(subset=["glucose"])
+    assert table.loc["count", "age"] == len(rows)
+    # the lone patient (no bmi, no glucose) is still not isolable: the earlier
+    # answers were over the rows before the update, and the memory followed them
+    with pytest.raises(DisclosureRefused, match="site a: together with"):
+        encrypted.describe(
+            sites_on_disk(tmp_path, grown), ["age", "bmi", "glucose"], dropna=True
+        )
+
+
+def test_a_removed_row_that_comes_back_is_the_same_row(tmp_path: Path) -> None:
+    before = cohort(0)
+    encrypted.describe(sites_on_disk(tmp_path, before), ["age"])
+    with pytest.raises(DisclosureRefused):
+        encrypted.describe(
+            sites_on_disk(tmp_path, updated(before, "remove one")), ["age"]
+        )
+    again = encrypted.describe(sites_on_disk(tmp_path, before), ["age"])
+    assert again.loc["count", "age"] == 120
