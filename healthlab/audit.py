@@ -142,10 +142,14 @@ class Atoms:
         self.inverse = np.zeros(n_rows, dtype=np.int64)
         self.signatures = np.zeros((1, 0), dtype=bool)
         self.q = np.zeros((1, 0), dtype=np.float64)
+        self._sizes: np.ndarray | None = None
 
     @property
     def sizes(self) -> np.ndarray:
-        return np.bincount(self.inverse, minlength=self.signatures.shape[0])
+        """Rows per atom (computed once per refinement)."""
+        if self._sizes is None:
+            self._sizes = np.bincount(self.inverse, minlength=self.signatures.shape[0])
+        return self._sizes
 
     def basis(self) -> np.ndarray:
         """An orthonormal basis of the span in atom coordinates (atoms × rank)."""
@@ -155,23 +159,51 @@ class Atoms:
         """These atoms refined by ``masks`` (a new object; this one is unchanged)."""
         out = Atoms.__new__(Atoms)
         out.inverse, out.signatures, out.q = self.inverse, self.signatures, self.q
-        for start in range(0, len(masks), 30):  # 30 subsets' bits per pass
-            batch = [np.asarray(m, dtype=bool) for m in masks[start : start + 30]]
+        out._sizes = self._sizes
+        start = 0
+        while start < len(masks):
+            # up to 30 subsets' bits per pass; fewer when that keeps the keys in a
+            # table no larger than ~4 per row (compacted without a sort)
+            room = (4 * out.inverse.size + 4096) // out.signatures.shape[0]
+            fit = max(int(room).bit_length() - 1, 0)
+            width = min(len(masks) - start, 30)
+            if 4 <= fit < width:
+                width = fit
+            batch = [np.asarray(m, dtype=bool) for m in masks[start : start + width]]
+            start += width
             bits = np.zeros(out.inverse.size, dtype=np.int64)
             for i, mask in enumerate(batch):
                 bits |= mask.astype(np.int64) << i
             keys = (out.inverse << len(batch)) | bits
-            _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+            present, inverse = _compact(keys, out.signatures.shape[0] << len(batch))
             shifts = np.arange(len(batch), dtype=np.int64)
-            added = ((bits[first][:, None] >> shifts) & 1).astype(bool)
-            parents = out.inverse[first]
+            added = (
+                ((present & ((1 << len(batch)) - 1))[:, None] >> shifts) & 1
+            ).astype(bool)
+            parents = present >> len(batch)
             out.signatures = np.concatenate([out.signatures[parents], added], axis=1)
             out.q = out.q[parents]
-            out.inverse = np.ravel(inverse).astype(np.int64)
+            out.inverse = inverse
+            out._sizes = None
             sizes = out.sizes.astype(np.float64)
             for column in added.T:
                 out.q = _orthonormalize(out.q, column.astype(np.float64), sizes)
         return out
+
+
+def _compact(keys: np.ndarray, space: int) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ``keys`` (ascending) and each key's index among them: what
+    ``np.unique(keys, return_inverse=True)`` gives, by a table over ``[0, space)``
+    when that is not much larger than ``keys`` (no sort of the rows: O(rows))."""
+    if space > 4 * keys.size + 4096:
+        distinct, inverse = np.unique(keys, return_inverse=True)
+        return distinct, np.ravel(inverse).astype(np.int64)
+    seen = np.zeros(space, dtype=bool)
+    seen[keys] = True
+    distinct = np.flatnonzero(seen)
+    index = np.empty(space, dtype=np.int64)
+    index[distinct] = np.arange(distinct.size, dtype=np.int64)
+    return distinct.astype(np.int64), index[keys]
 
 
 def _orthonormalize(q: np.ndarray, column: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -259,16 +291,14 @@ def isolated_atoms(
             rows = basis[list(combo)]
             if np.linalg.eigvalsh(rows @ rows.T)[-1] > 1.0 - 1e-9:
                 hits.append(tuple(combo))
-    if hits:  # the rows of each small atom hit, from one sort of the atom ids
-        order = np.argsort(inverse, kind="stable")
-        sorted_ids = inverse[order]
+    if hits:  # the rows of each small atom hit, from one pass over the atom ids
         involved = np.unique(np.concatenate([np.asarray(c) for c in hits]))
-        left = np.searchsorted(sorted_ids, involved, side="left")
-        right = np.searchsorted(sorted_ids, involved, side="right")
-        rows_of = {
-            int(a): order[lo:hi].tolist()
-            for a, lo, hi in zip(involved, left, right, strict=True)
-        }
+        wanted = np.zeros(signatures.shape[0], dtype=bool)
+        wanted[involved] = True
+        rows = np.flatnonzero(wanted[inverse])  # fewer than k rows per atom
+        rows_of: dict[int, list[int]] = {int(a): [] for a in involved}
+        for row, atom in zip(rows.tolist(), inverse[rows].tolist(), strict=True):
+            rows_of[atom].append(row)
         for combo in hits:
             found.add(frozenset(r for a in combo for r in rows_of[a]))
     return found
@@ -577,8 +607,7 @@ class Auditor:
         if not unsafe and probed:
             # refused queries count as answered: nothing may become isolable that
             # was not already isolable with them
-            with_probed = base.extend(probed)
-            before = isolated_atoms(with_probed, k, self.units)
+            with_probed, before = self._probed_atoms(base, probed, k)
             after = isolated_atoms(with_probed.extend(new), k, self.units)
             unsafe = before is None or after is None or not after <= before
         if unsafe:
@@ -602,6 +631,20 @@ class Auditor:
             atoms = atoms.extend(fresh)
         self._atoms_cache = (tuple(packed), atoms)
         return atoms
+
+    def _probed_atoms(
+        self, base: Atoms, probed: list[np.ndarray], k: int
+    ) -> tuple[Atoms, set[frozenset[int]] | None]:
+        """The answered atoms refined by the refused subsets, and what they isolate:
+        the same for every query until something is answered or refused (kept)."""
+        key = (id(base), tuple(_pack(m) for m in probed), k)
+        cached = getattr(self, "_probed_cache", None)
+        if cached is not None and cached[0] == key and cached[1] is base:
+            return cached[2], cached[3]
+        atoms = base.extend(probed)
+        found = isolated_atoms(atoms, k, self.units)
+        self._probed_cache = (key, base, atoms, found)
+        return atoms, found
 
     def _packed(self, field: str) -> list[bytes]:
         stored: list[bytes] = []
