@@ -230,16 +230,41 @@ def test_totals_beyond_the_encoding_are_refused(
     }
     with pytest.raises(DataRefused, match="beyond what the encoding carries") as caught:
         calls[statistic]()
-    for site in sites:
-        assert f"site {site}: a total reaches" in str(caught.value)
+    for site in sites:  # the totals, or the squared centre of round 2 (by rule)
+        assert f"site {site}: a total reaches" in str(
+            caught.value
+        ) or f"site {site}: a query's centres" in str(caught.value)
 
 
 def test_largest_totals_the_encoding_carries_are_exact(keys: KeyHolder) -> None:
+    """First moments (round 1 of describe) up to the encoding's limit are exact;
+    second moments refuse centres whose square could pass it (a centre of the
+    caller's choosing must not steer the limit), so describe stops there."""
+    from healthlab.encrypted.protocol import Query, run_query
+    from healthlab.encrypted.stats import _moments
+    from healthlab.sites import as_sites
+
     values = np.full(9, 8.0e26)  # Σx = 2.4e27 per site, just below 2^91
     assert 3 * 8.0e26 < MAX_ABS < 3 * 8.3e26
-    table = encrypted.describe(three_sites_of(values), ["v"], keys=keys)
-    assert table.loc["mean", "v"] == 8.0e26
-    assert table.loc["std", "v"] == 0.0
+    spec = {
+        "columns": ["v"],
+        "center": [0.0],
+        "order": 1,
+        "cross": False,
+        "by": None,
+        "groups": [],
+        "dropna": False,
+        "population": [],
+        "bounds": None,
+    }
+    sites = as_sites(three_sites_of(values))
+    run = run_query(sites, Query("moments", spec, 3), _moments, keys=keys)
+    assert run.totals[1:] == [9.0, 9 * 8.0e26]
+    wrong = {**spec, "center": [1.0]}
+    with pytest.raises(DataRefused, match="centres must be 0 for first moments"):
+        run_query(sites, Query("moments", wrong, 3), _moments, keys=keys)
+    with pytest.raises(DataRefused, match="rescale the column"):
+        encrypted.describe(three_sites_of(values), ["v"], keys=keys)
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

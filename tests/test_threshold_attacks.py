@@ -4,12 +4,14 @@ researcher's own ``min_rows``, and bins or cells only one site holds.
 Each is mounted as the researcher would mount it, asserted refused or withheld,
 next to the honest variant answered exactly (pandas on the pooled rows).
 
-- **Clipping.** ``bounds=`` clip each value at a site; without a DP budget,
-  Σ clip(x, hi) against Σ x gives Σ (x − hi) over the rows above ``hi``: with
-  ``hi`` just below the oldest patient's age, that age exactly (it did, before the
-  clipped rows were audited). Now the rows a bound clips are subsets like a group:
-  fewer than ``k`` of them, at any site, is refused; so is a pair of bounds whose
-  difference isolates them.
+- **Clipping.** ``bounds=`` clip each value at a site: Σ clip(x, hi) against Σ x
+  gives Σ (x − hi) over the rows above ``hi`` — the oldest patient's age with
+  ``hi`` just below it; one site's tail when only it holds rows there; with two
+  clipped columns of a cross moment, the product of one patient's two values; with
+  a bound above every value, a count through the encoding's limit. Auditing the
+  clipped rows (tried first) was not enough (the review found the cross moment, the
+  one-site tail and refusals that spoke). Bounds are for DP budgets, whose noise
+  covers what clipping reveals: a site without one refuses every bound, by rule.
 - **A bin or cell one site holds.** A histogram's top bin only one hospital holds
   (its patients over 90), or a crosstab cell of a ward only one has, pooled over
   three sites, was that hospital's own count. The sites now count the holders of
@@ -37,7 +39,8 @@ import pandas as pd
 import pytest
 
 from healthlab import DisclosurePolicy, Site, encrypted
-from healthlab.errors import DisclosureRefused
+from healthlab.dp import PrivacyBudget
+from healthlab.errors import DataRefused, DisclosureRefused
 
 
 def cohort(seed: int, n: int = 300) -> pd.DataFrame:
@@ -61,60 +64,87 @@ def pooled() -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------- clipping
-@pytest.mark.parametrize("rank", [1, 2])
-def test_a_bound_just_below_the_oldest_patients_is_refused(rank: int) -> None:
-    sites = two_sites()
-    ages = np.sort(pooled()["age"].to_numpy())
-    assert len(set(ages[-3:])) == 3
-    hi = float(ages[-rank - 1])  # clips the `rank` oldest patients of the study
-    encrypted.describe(sites, ["age"])  # the unclipped sums are answered
-    with pytest.raises(DisclosureRefused, match=r"site h[12]"):
-        encrypted.describe(sites, ["age"], bounds={"age": (0.0, hi)})
+def bound_attacks(rows: pd.DataFrame) -> dict[str, dict[str, tuple[float, float]]]:
+    """Bounds an attacker would ask (with the unclipped sums, or each other): just
+    below the oldest patient, above the youngest, two bounds one patient apart,
+    both columns of a cross moment, and a bound far above every value (n·lo
+    overflows the encoding at exactly one site size: a count oracle)."""
+    ages = np.unique(rows["age"])
+    return {
+        "below the oldest": {"age": (0.0, float(ages[-2]))},
+        "above the youngest": {"age": (float(ages[1]), 200.0)},
+        "one patient apart": {"age": (0.0, float(ages[-3]))},
+        "far above every value": {"age": (1e11, 2e11)},
+        "wide": {"age": (0.0, 1000.0)},
+    }
 
 
-def test_a_low_bound_above_the_youngest_is_refused_too() -> None:
-    sites = two_sites()
-    lo = float(np.unique(pooled()["age"])[1])  # clips the youngest (two, tied)
-    with pytest.raises(DisclosureRefused):
-        encrypted.describe(
-            sites, ["age", "sbp"], bounds={"age": (lo, 200.0), "sbp": (0.0, 900.0)}
+@pytest.mark.parametrize("attack", sorted(bound_attacks(pooled())))
+def test_clip_bounds_are_refused_without_a_budget_whatever_the_rows(
+    attack: str,
+) -> None:
+    """Σ clip(x) against Σ x gives the values beyond a bound — the oldest patient's
+    age, one site's tail, a product of two columns in a cross moment, or (with a
+    bound above every value) a count through the encoding's limit. Without a DP
+    budget every bound is refused, by the same rule, before anything is computed:
+    the refusal says nothing about the rows."""
+    bounds = bound_attacks(pooled())[attack]
+    messages = set()
+    for statistic in (encrypted.describe, encrypted.cov, encrypted.corr):
+        with pytest.raises(DisclosureRefused, match="no privacy budget") as refusal:
+            statistic(
+                two_sites(),
+                ["age"] if statistic is encrypted.describe else ["age", "sbp"],
+                bounds=bounds | {"sbp": (0.0, 400.0)},
+            )
+        messages.add(str(refusal.value).split(":")[0])
+    assert messages <= {"2 sites refused the query", "site h1 has no privacy budget"}
+
+
+def test_a_cross_moment_over_two_clipped_columns_is_refused() -> None:
+    """The review's attack: cov with age and bmi clipped (neither, each, both)
+    gave Σ(age − 80)(bmi − 40) over the one patient clipped in both."""
+    with pytest.raises(DisclosureRefused, match="no privacy budget"):
+        encrypted.cov(
+            two_sites(), ["age", "sbp"], bounds={"age": (0, 80), "sbp": (0, 150)}
+        )
+    with pytest.raises(DisclosureRefused, match="no privacy budget"):
+        encrypted.ols(
+            two_sites(), "sbp", ["age"], bounds={"sbp": (0, 150), "age": (0, 80)}
         )
 
 
-def test_two_bounds_whose_difference_isolates_patients_are_refused() -> None:
-    """Each clip holds many rows; between them one site holds one or two."""
-    sites = two_sites()
-    h1 = np.sort(cohort(1)["age"].to_numpy())
-    h2 = np.sort(cohort(2)["age"].to_numpy())
-    # two bounds that each clip >= 3 rows at both sites, with exactly one h1 row
-    # and no h2 row between them
-    for i in range(20, len(h1) - 1):
-        lo_b, hi_b = h1[-i - 1], h1[-i]
-        between_h2 = ((h2 > lo_b) & (h2 <= hi_b)).sum()
-        if h1[-i] > h1[-i - 1] and between_h2 == 0:
-            break
-    else:
-        pytest.fail("no such pair of bounds in this cohort")
-    first = {"age": (0.0, float(hi_b))}
-    second = {"age": (0.0, float(lo_b))}
-    table = encrypted.describe(sites, ["age"], bounds=first)
-    expected = pooled()["age"].clip(0.0, float(hi_b))
-    assert table.loc["mean", "age"] == pytest.approx(expected.mean(), abs=1e-9)
-    with pytest.raises(DisclosureRefused, match="site h1: together with what"):
-        encrypted.describe(sites, ["age"], bounds=second)
+def test_a_crafted_centre_cannot_steer_the_encodings_limit() -> None:
+    """Through the protocol by hand: a centre so large that n·c passes what the
+    encoding carries at one site size only — refused by rule at every site; so is
+    a second-moment centre whose square could."""
+    from healthlab.encrypted.encoding import MAX_ABS
+    from healthlab.encrypted.keys import KeyHolder
+    from healthlab.encrypted.protocol import Query, prepare_query
+    from healthlab.encrypted.stats import _moments
+
+    spec = {
+        "columns": ["age"],
+        "center": [-MAX_ABS / 300.5],
+        "order": 1,
+        "cross": False,
+        "by": None,
+        "groups": [],
+        "dropna": False,
+        "population": [],
+        "bounds": None,
+    }
+    with pytest.raises(DataRefused, match="centres must be 0 for first moments"):
+        prepare_query(
+            two_sites(), Query("moments", spec, 3), _moments, keys=KeyHolder()
+        )
 
 
-def test_bounds_that_clip_many_rows_or_none_are_answered_exactly() -> None:
-    sites = two_sites()
+def test_without_bounds_every_statistic_is_answered_exactly() -> None:
     rows = pooled()
-    wide = encrypted.describe(sites, ["age", "sbp"], bounds=(0.0, 1000.0))
-    assert wide.loc["mean", "age"] == pytest.approx(rows["age"].mean(), abs=1e-9)
-    bounds = {"age": (45.0, 65.0), "sbp": (110.0, 150.0)}
-    table = encrypted.describe(two_sites(), ["age", "sbp"], bounds=bounds)
-    for column, (lo, hi) in bounds.items():
-        clipped = rows[column].clip(lo, hi)
-        assert table.loc["mean", column] == pytest.approx(clipped.mean(), abs=1e-9)
-        assert table.loc["std", column] == pytest.approx(clipped.std(), abs=1e-9)
+    table = encrypted.describe(two_sites(), ["age", "sbp"])
+    assert table.loc["mean", "age"] == pytest.approx(rows["age"].mean(), abs=1e-9)
+    assert table.loc["std", "sbp"] == pytest.approx(rows["sbp"].std(), abs=1e-9)
 
 
 # ------------------------------------------------- cells only one site holds
@@ -282,8 +312,15 @@ def test_on_the_owners_grid_bisecting_reveals_at_most_the_grid_cell() -> None:
         messages.add(str(refused.value))
     assert len(messages) == 1
     assert any(t > rows["age"].max() for t in off_grid)
+    # clip bounds (a DP site's) are held to the grid too
+    dp = DisclosurePolicy(
+        grid={"age": 5}, privacy=PrivacyBudget(10.0, delta=1e-6, noise_multiplier=2.0)
+    )
+    noisy = [Site(f"h{i}", cohort(i), policy=dp) for i in (1, 2)]
     with pytest.raises(DisclosureRefused, match="multiples of 5"):
-        encrypted.describe(gridded_sites()[0], ["age"], bounds={"age": (0, 83.7)})
+        encrypted.describe(noisy, ["age"], bounds={"age": (0, 83.7)})
+    table = encrypted.describe(noisy, ["age"], bounds={"age": (0, 120)})
+    assert table.loc["count", "age"] == pytest.approx(len(rows), abs=60)
 
 
 def test_on_the_grid_ordinary_histograms_and_bounds_are_answered_exactly() -> None:
@@ -292,7 +329,7 @@ def test_on_the_grid_ordinary_histograms_and_bounds_are_answered_exactly() -> No
     table = encrypted.histogram(sites, "age", edges)
     expected, _ = np.histogram(rows["age"], bins=edges)
     assert table["count"].tolist() == expected.tolist()
-    wide = encrypted.describe(gridded_sites()[0], ["age"], bounds={"age": (0, 120)})
+    wide = encrypted.describe(gridded_sites()[0], ["age"])
     assert wide.loc["mean", "age"] == pytest.approx(rows["age"].mean(), abs=1e-9)
     sbp = encrypted.histogram(gridded_sites()[0], "sbp", [0, 127.3, 400])
     assert int(sbp["count"].sum()) == len(rows)  # columns off the grid: any edges

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from healthlab.encrypted.encoding import MAX_ABS
 from healthlab.encrypted.keys import KeyHolder
 from healthlab.encrypted.protocol import (
     Block,
@@ -97,15 +98,41 @@ def _moments(site: Site, query: Query) -> Totals:
         _check_grouping(site, kept, by, site.policy.min_rows)
     values = numeric(site.name, kept, columns)
     masks = _group_masks(kept, by, spec.get("groups", ()))
-    clipped: list[np.ndarray] = []
+    center = np.asarray(spec["center"], dtype=float)
+    # a centre (or bound) of the caller's choosing must not be able to push a
+    # site's totals past what the encoding carries (n·c or n·c² against 2^91: that
+    # refusal, bisected, would count the site's rows): first moments are centred
+    # at 0, second moments at most MAX_PARAMETER, whatever the rows
+    if not np.all(np.isfinite(center)) or (
+        np.any(center != 0)
+        if spec["order"] == 1
+        else np.any(np.abs(center) > MAX_PARAMETER)
+    ):
+        raise DataRefused(
+            f"site {site.name}: a query's centres must be 0 for first moments and at "
+            f"most {MAX_PARAMETER:.3g} in size for second moments (values this large "
+            "are beyond what the encoding carries squared: rescale the column)"
+        )
     if spec.get("bounds") is not None:  # public bounds: a site under DP clips to them
+        if site.privacy_budget is None:
+            # Σ clip(x) against Σ x gives the values beyond a bound (one patient's,
+            # one site's, or a product of two columns' in a cross moment); only a
+            # DP budget's noise covers that, so without one bounds are refused
+            # whatever the rows (no refusal here depends on the data)
+            raise DisclosureRefused(
+                f"site {site.name} has no privacy budget, and clip bounds are only "
+                "for sites with one (their noise covers what clipping reveals); ask "
+                "without bounds=, or leave this site out"
+            )
         limit = np.asarray(spec["bounds"], dtype=float)
+        if np.any(np.abs(limit) > MAX_PARAMETER):
+            raise DisclosureRefused(
+                f"site {site.name}: bounds must be at most {MAX_PARAMETER:.3g} in size"
+            )
         for column, bound in zip(columns, limit, strict=True):
             site.policy.check_grid(site.name, column, bound)
-        if site.privacy_budget is None:
-            clipped = _clipped_subsets(values, limit, masks)
         values = np.clip(values, limit[:, 0], limit[:, 1])
-    values = values - np.asarray(spec["center"])
+    values = values - center
     totals: list[float] = [float(dropped)]
     p = len(columns)
     upper = np.triu_indices(p)
@@ -127,8 +154,6 @@ def _moments(site: Site, query: Query) -> Totals:
             if mask.any():
                 site.check_model(int(model), int(mask.sum()))
     subsets = {c: full for c in columns} | _left_out(site, kept)
-    if clipped:
-        subsets[CLIPPED] = _full_masks(site, kept, clipped)
     if by is None:
         return totals, subsets
     ends = [*starts[1:], len(totals)]
@@ -136,30 +161,10 @@ def _moments(site: Site, query: Query) -> Totals:
     return totals, subsets, blocks
 
 
-#: The subsets key of the rows a query's bounds clip (audited like any subset).
-CLIPPED = "(clipped)"
-
-
-def _clipped_subsets(
-    values: np.ndarray, limit: np.ndarray, groups: list[np.ndarray]
-) -> list[np.ndarray]:
-    """The rows of each group below, inside and above each column's bounds.
-
-    A clipped sum is Σ_inside x + hi·n_above + lo·n_below, so with the unclipped
-    sum (or another clip) it gives Σ_above (x − hi): the values of the rows above
-    a bound. Without a DP budget (whose noise covers it) the site audits those
-    rows as subsets, like a group: clipping at just below the oldest patient's age
-    would otherwise give that age exactly.
-    """
-    out: list[np.ndarray] = []
-    for j in range(values.shape[1]):
-        below = values[:, j] < limit[j, 0]
-        above = values[:, j] > limit[j, 1]
-        if not (below.any() or above.any()):
-            continue
-        inside = ~(below | above)
-        out.extend(g & part for g in groups for part in (below, inside, above))
-    return out
+#: Largest centre of second moments, or bound, a site accepts: its square times a
+#: billion rows stays below what the encoding carries, so no refusal of the
+#: encoding can be steered by the query's parameters.
+MAX_PARAMETER = float(np.sqrt(MAX_ABS / 1e9))
 
 
 def _counts(site: Site, query: Query) -> Totals:
