@@ -636,7 +636,9 @@ def compare(
     """Both results side by side, cell by cell, on the rows and columns they share.
 
     One row per (statistic, column) with both values and their absolute and relative
-    differences; ``.attrs["max_abs"]``/``["max_rel"]`` hold the largest ones.
+    differences; ``.attrs["max_abs"]``/``["max_rel"]`` hold the largest ones over
+    the cells both give, ``.attrs["withheld"]`` how many ``ours`` withheld
+    (``<NA>``; the ``withheld`` column marks them).
     """
     rows = [r for r in ours.index if r in reference.index]
     cols = [c for c in ours.columns if c in reference.columns]
@@ -650,9 +652,13 @@ def compare(
     scale = table[names[1]].abs().where(table[names[1]] != 0, 1.0)
     table["rel diff"] = table["abs diff"] / scale
     table.index.names = ["row", *["group"] * (len(levels) - 1), "column"]
+    # a cell the sites withheld (<NA>: too few sites or rows) is not a match: it
+    # is named, and the largest differences are over the cells both give
+    table["withheld"] = table[names[0]].isna() & table[names[1]].notna()
     table.attrs = {
         "max_abs": float(table["abs diff"].max()),
         "max_rel": float(table["rel diff"].max()),
+        "withheld": int(table["withheld"].sum()),
     }
     return table
 
@@ -796,17 +802,34 @@ def table_one(
         row["overall"] = f"{mean:.{digits}f} ({sd:.{digits}f})"
     for name, cross in (counts or {}).items():
         cross = cross.rename(columns=str)
+        # a cell the sites withheld (<NA>) is shown as such; a share whose total
+        # includes one cannot be computed, so it is not shown either
+        complete = cross.notna().all(axis=0)
         totals = cross.sum(axis=0)
-        everyone = cross.to_numpy().sum()
+        everyone = cross.to_numpy(dtype=float, na_value=np.nan).sum()
         for level in cross.index:
             row = table[f"{name} = {level}, n (%)"] = {}
             for g in groups:
-                n = int(cross.loc[level, g]) if g in cross.columns else 0
-                share = 100 * n / totals[g] if g in cross.columns and totals[g] else 0
-                row[g] = f"{n} ({share:.1f} %)"
-            n = int(cross.loc[level].sum())
-            row["overall"] = f"{n} ({100 * n / everyone:.1f} %)"
+                value = cross.loc[level, g] if g in cross.columns else 0
+                row[g] = _count_cell(
+                    value, totals.get(g, 0), bool(complete.get(g, True))
+                )
+            value = cross.loc[level].sum(min_count=len(cross.columns))
+            whole = bool(np.isfinite(everyone))
+            row["overall"] = _count_cell(value, everyone if whole else 0, whole)
     return pd.DataFrame.from_dict(table, orient="index")[[*groups, "overall"]]
+
+
+def _count_cell(value: Any, total: Any, complete: bool) -> str:
+    """``n (share %)`` of Table 1, ``withheld`` for a cell the sites withheld, and
+    ``n (share withheld)`` when the column's total includes a withheld cell."""
+    if pd.isna(value):
+        return "withheld"
+    n = int(value)
+    if not complete:
+        return f"{n} (share withheld)"
+    share = 100 * n / float(total) if total else 0.0
+    return f"{n} ({share:.1f} %)"
 
 
 def _at(frame: pd.DataFrame, row: str, column: Any) -> float:
@@ -937,7 +960,28 @@ def plot_histogram(table: pd.DataFrame, *, title: str = "") -> Figure | None:
         return None
     fig, ax = plt.subplots(figsize=(6, 3.5))
     widths = table["right"] - table["left"]
-    ax.bar(table["left"], table["count"], width=widths, align="edge", edgecolor="k")
+    counts = table["count"].astype(float)  # <NA> (a withheld bin) becomes NaN
+    shown = counts.notna()
+    ax.bar(
+        table["left"][shown],
+        counts[shown],
+        width=widths[shown],
+        align="edge",
+        edgecolor="k",
+    )
+    if not shown.all():  # a withheld bin: hatched, at the axis, and named
+        top = float(counts[shown].max()) if shown.any() else 1.0
+        ax.bar(
+            table["left"][~shown],
+            top * 0.05,
+            width=widths[~shown],
+            align="edge",
+            fill=False,
+            hatch="//",
+            edgecolor="grey",
+            label="withheld (too few sites or rows)",
+        )
+        ax.legend(loc="upper right", fontsize="small")
     ax.set_ylabel("count")
     ax.set_title(title)
     plt.close(fig)

@@ -1205,11 +1205,50 @@ def test_compare_reports_the_largest_differences() -> None:
     b.loc["s", "x"] = 2.5
     b.loc["m", "y"] = 8.0
     table = compare(a, b)
-    assert table.attrs == {"max_abs": 2.0, "max_rel": 0.25}
+    assert table.attrs == {"max_abs": 2.0, "max_rel": 0.25, "withheld": 0}
     assert table.loc[("s", "x"), "abs diff"] == 0.5
     assert table.loc[("s", "y"), "rel diff"] == 0.0, "a zero reference divides by 1"
     with pytest.raises(InvalidInput, match="share no rows"):
         compare(a, b.rename(index={"m": "q", "s": "r"}))
+
+
+def test_helpers_show_withheld_cells_as_withheld() -> None:
+    """A bin or cell the sites withheld (<NA>) is named by compare, drawn hatched
+    by plot_histogram and shown "withheld" by table_one — never read as 0."""
+    from healthlab.notebooks import plot_histogram
+
+    ours = pd.DataFrame(
+        {"count": pd.array([5, None, 7], dtype="Int64")}, index=["a", "b", "c"]
+    )
+    table = compare(ours, pd.DataFrame({"count": [5, 2, 7]}, index=["a", "b", "c"]))
+    assert table.attrs["withheld"] == 1
+    assert table.loc[("b", "count"), "withheld"]
+    hist = pd.DataFrame(
+        {
+            "left": [0.0, 10.0, 20.0],
+            "right": [10.0, 20.0, 30.0],
+            "count": pd.array([4, None, 6], dtype="Int64"),
+        }
+    )
+    figure = plot_histogram(hist)
+    assert figure is not None
+    hatched = [p for p in figure.axes[0].patches if p.get_hatch() == "//"]
+    assert len(hatched) == 1
+    cross = pd.DataFrame(
+        {
+            "F": pd.array([10, None], dtype="Int64"),
+            "M": pd.array([12, 8], dtype="Int64"),
+        },
+        index=pd.Index(["no", "yes"], name="smoker"),
+    )
+    overall = pd.DataFrame({"age": [30.0, 50.0, 9.0]}, index=["count", "mean", "std"])
+    grouped = pd.concat({"F": overall, "M": overall}, axis=1)
+    one = table_one(overall, grouped, {"smoker": cross})
+    assert one.loc["smoker = yes, n (%)", "F"] == "withheld"
+    assert one.loc["smoker = no, n (%)", "F"] == "10 (share withheld)"
+    assert one.loc["smoker = yes, n (%)", "M"] == "8 (40.0 %)"
+    assert one.loc["smoker = no, n (%)", "overall"] == "22 (share withheld)"
+    assert one.loc["smoker = yes, n (%)", "overall"] == "withheld"
 
 
 def test_plots_fall_back_to_none_without_matplotlib(

@@ -342,3 +342,20 @@ def test_a_grid_must_be_positive() -> None:
         DisclosurePolicy(grid={"age": 0})
     assert DisclosurePolicy(grid={"age": 5}) == GRID
     hash(GRID)
+
+
+def test_counts_refuse_bounds_rather_than_ignore_them() -> None:
+    from healthlab.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="counts take none"):
+        encrypted.histogram(two_sites(), "age", [0, 50, 200], bounds=(0, 100))
+    with pytest.raises(InvalidInput, match="counts take none"):
+        encrypted.crosstab(two_sites(), "sex", "smoker", bounds=(0, 100))
+
+
+def test_withheld_counts_keep_nothing_under_the_mask() -> None:
+    sites, _ = uneven_sites()
+    table = encrypted.histogram(sites, "age", [0, 45, 55, 65, 200], min_rows=100)
+    assert table["count"].array._data.tolist() == [0, 117, 123, 0]
+    # levels with the policy's own minimum (or less) are answered as without
+    assert list(encrypted.levels(sites, "sex", min_rows=3)) == ["F", "M"]

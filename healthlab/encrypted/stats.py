@@ -581,7 +581,7 @@ def levels(
     members = sorted(s.participant for s in site_list)
     for site in gated:  # distinct owners other than the researcher, as a query
         site.check_owners(members, researcher, need)
-    if min_rows:
+    if min_rows > min(s.policy.min_rows for s in site_list):
         # a threshold of the researcher's choosing would make "released or not"
         # a count oracle on one site's rows of a level
         raise InvalidInput(
@@ -782,6 +782,11 @@ def histogram(
         edges = np.asarray(bins, dtype=np.float64)
     if edges.size < 2 or not np.all(np.diff(edges) > 0) or not np.isfinite(edges).all():
         raise InvalidInput("bin edges must be finite and strictly increasing")
+    if bounds is not None:  # not silently ignored
+        raise InvalidInput(
+            "bounds= apply to moments (describe, cov, corr, ols); a count's "
+            "sensitivity is one row per cell, so counts take none"
+        )
     options = _options(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
@@ -801,7 +806,7 @@ def histogram(
         result.attrs["suppressed_bins"] = withheld
         _log.warning(
             "histogram: %d bin(s) of %r held by fewer sites than a pooled result "
-            "needs are not shown (count <NA>): %s",
+            "needs, or below your min_rows, are not shown (count <NA>): %s",
             len(withheld),
             column,
             ", ".join(f"[{a:g}, {b:g})" for a, b in withheld),
@@ -853,6 +858,11 @@ def crosstab(
     site_list = as_sites(sites)
     row_levels = list(_grouping_levels(site_list, row, researcher))
     col_levels = list(_grouping_levels(site_list, col, researcher))
+    if bounds is not None:  # not silently ignored
+        raise InvalidInput(
+            "bounds= apply to moments (describe, cov, corr, ols); a count's "
+            "sensitivity is one row per cell, so counts take none"
+        )
     options = _options(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
@@ -876,8 +886,8 @@ def crosstab(
         named = [(row_levels[a], col_levels[b]) for a, b in cells]
         result.attrs["suppressed_cells"] = named
         _log.warning(
-            "crosstab: %d cell(s) held by fewer sites than a pooled result needs "
-            "are not shown (<NA>): %s",
+            "crosstab: %d cell(s) held by fewer sites than a pooled result needs, "
+            "or below your min_rows, are not shown (<NA>): %s",
             len(named),
             ", ".join(f"{a} × {b}" for a, b in named),
         )
@@ -896,6 +906,7 @@ def _cell_counts(run: StudyRun) -> pd.arrays.IntegerArray:
     counts = np.maximum(np.rint(run.totals[1:]), 0).astype(np.int64)
     hidden = np.zeros(counts.size, dtype=bool)
     hidden[list(run.suppressed)] = True
+    counts[hidden] = 0  # nothing kept under the mask (a min_rows cell's count)
     return pd.arrays.IntegerArray(counts, hidden)
 
 
