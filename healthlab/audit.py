@@ -692,10 +692,12 @@ class Auditor:
         if unsafe:
             self._refuse(who, new)
             raise DisclosureRefused(
-                f"site {site}: a group held by too few sites to be pooled could be "
-                "found by difference between this query's answers and earlier ones "
-                "(e.g. all rows minus the released groups); ask for the same groups "
-                "as before, or group rows more coarsely"
+                f"site {site}: a group held by too few sites to be pooled (or rows "
+                "that too few sites leave out) could be found by difference between "
+                "this query's answers and earlier ones (e.g. all rows minus the "
+                "released groups, or minus the complete cases); ask for the same "
+                "groups as before, group rows more coarsely, or declare the study's "
+                "population up front"
             )
 
     def check_sites(

@@ -42,8 +42,17 @@ def lone_patient_sites(seed: int = 0) -> list[Site]:
     a = cohort(seed)
     a.loc[0:19, "bmi"] = np.nan
     a.loc[19:39, "glucose"] = np.nan
-    b = cohort(seed + 1)
-    return [Site("a", a), Site("b", b)]
+    return [Site("a", a), Site("b", partner(seed + 1))]
+
+
+def partner(seed: int) -> pd.DataFrame:
+    """Site b: rows missing bmi and glucose too (10 each, 5 both), so that both
+    sites leave rows out (a count one site alone leaves out is withheld, and its
+    rows protected) and the row auditor at a is what the attacks meet."""
+    b = cohort(seed)
+    b.loc[0:9, "bmi"] = np.nan
+    b.loc[5:14, "glucose"] = np.nan
+    return b
 
 
 def test_the_four_describe_inclusion_exclusion_attack_is_refused() -> None:
@@ -218,7 +227,7 @@ def _frames(sites: list[Site]) -> list[pd.DataFrame]:
     a = cohort(0)
     a.loc[0:19, "bmi"] = np.nan
     a.loc[19:39, "glucose"] = np.nan
-    return [a, cohort(1)]
+    return [a, partner(1)]
 
 
 def test_the_frame_form_remembers_between_calls() -> None:
@@ -302,7 +311,7 @@ def updated(frame: pd.DataFrame, change: str) -> pd.DataFrame:
 def sites_on_disk(tmp_path: Path, a: pd.DataFrame) -> list[Site]:
     return [
         Site("a", a, state_dir=tmp_path / "a"),
-        Site("b", cohort(1), state_dir=tmp_path / "b"),
+        Site("b", partner(1), state_dir=tmp_path / "b"),
     ]
 
 
@@ -339,11 +348,11 @@ def test_ordinary_updates_are_answered_and_remembered(tmp_path: Path) -> None:
     grown = pd.concat([shuffled, cohort(50, n=20)], ignore_index=True)
     second = sites_on_disk(tmp_path, shuffled)
     table = encrypted.describe(second, ["age"])  # the same rows: the same answer
-    pooled = pd.concat([shuffled, cohort(1)])
+    pooled = pd.concat([shuffled, partner(1)])
     assert table.loc["mean", "age"] == pytest.approx(pooled["age"].mean(), abs=1e-9)
     third = sites_on_disk(tmp_path, grown)
     table = encrypted.describe(third, ["age", "glucose"], dropna=True)
-    rows = pd.concat([grown, cohort(1)]).dropna(subset=["glucose"])
+    rows = pd.concat([grown, partner(1)]).dropna(subset=["glucose"])
     assert table.loc["count", "age"] == len(rows)
     # the lone patient (no bmi, no glucose) is still not isolable: the earlier
     # answers were over the rows before the update, and the memory followed them

@@ -50,7 +50,10 @@ def lone_patient_frames(seed: int = 0) -> list[pd.DataFrame]:
     a = cohort(seed)
     a.loc[0:19, "bmi"] = np.nan
     a.loc[19:39, "glucose"] = np.nan  # row 19 lacks both
-    return [a, cohort(seed + 1)]
+    b = cohort(seed + 1)  # b leaves rows out too (else a's left-out rows are a's)
+    b.loc[0:9, "bmi"] = np.nan
+    b.loc[10:19, "glucose"] = np.nan  # none lacks both: the lone patient is a's
+    return [a, b]
 
 
 def test_the_accountant_is_prv_accountants_composition() -> None:

@@ -254,7 +254,8 @@ def test_a_researcher_running_the_protocol_by_hand_gets_zeros_for_the_group() ->
     keys = KeyHolder()
     run = prepare_query(sites, query, _moments, keys=keys).finish(keys)
     assert run.suppressed == [0]
-    assert run.holders == [3, 1, 3, 3]
+    # rows, then each group, then the sites leaving rows out (none here)
+    assert run.holders == [3, 1, 3, 3, 0]
     assert run.totals[1:3] == [0.0, 0.0]  # east: n and Σage are zeros
     assert run.totals[3] > 0
 
@@ -322,8 +323,8 @@ def test_the_honest_holder_count_agrees_at_every_site() -> None:
     work, peers = _work(sites)
     announced = [w.announce(peers) for w in work]
     counts = [w.count_holders(peers, announced) for w in work]
-    assert counts == [[3, 1, 3]] * 3
-    assert count_holders(*_work(sites)) == [3, 1, 3]
+    assert counts == [[3, 1, 3, 0]] * 3
+    assert count_holders(*_work(sites)) == [3, 1, 3, 0]
     # one site's announcement alone is masked: its flags are not readable
     flags = [list(a.masked) for a in announced]
     assert all(f != [1, 1, 1] and f != [1, 0, 1] for f in flags)

@@ -42,7 +42,9 @@ def study() -> tuple[list[Site], pd.DataFrame]:
     a.loc[4:8, "glucose"] = np.nan
     b = cohort(1)
     b.loc[10:13, "bmi"] = np.nan
-    frames = [a, b, cohort(2)]
+    c = cohort(2)
+    c.loc[20:24, "glucose"] = np.nan  # two sites lack each column
+    frames = [a, b, c]
     sites = [Site(n, f) for n, f in zip("abc", frames, strict=True)]
     return sites, pd.concat(frames, ignore_index=True)
 
@@ -72,7 +74,7 @@ def test_with_a_population_the_whole_table_one_is_answered_exactly() -> None:
     answers = table_one(sites, population=COLUMNS)
     complete = pooled.dropna(subset=COLUMNS)
     n = len(complete)
-    assert n == len(pooled) - 13  # 5 + 5 at a (row 4 lacks both) + 4 at b
+    assert n == len(pooled) - 18  # 9 at a (row 4 lacks both), 4 at b, 5 at c
     for name in ("age", "with bmi", "with glucose", "all"):
         table = answers[name]
         assert table.loc["count"].eq(n).all(), name

@@ -515,11 +515,31 @@ def test_regression_with_more_parameters_than_a_third_of_rows_is_refused(
         assert f"{n} rows" not in str(e.value)  # the site's own row count is its total
 
 
-def differencing_sites(missing_y: int) -> list[Site]:
-    """Twelve rows per site; ``missing_y`` rows of y missing at site a."""
+def differencing_sites(missing_y: int, at_b: int = 3) -> list[Site]:
+    """Twelve rows per site; ``missing_y`` rows of y missing at site a, ``at_b`` at
+    site b (with none at b, the rows a alone leaves out are a's own: protected)."""
     a = frame_of(12)
     a.loc[: missing_y - 1, "y"] = np.nan
-    return [Site("a", a), Site("b", frame_of(12, start=50.0))]
+    b = frame_of(12, start=50.0)
+    if at_b:
+        b.loc[: at_b - 1, "y"] = np.nan
+    return [Site("a", a), Site("b", b)]
+
+
+def test_rows_only_one_site_leaves_out_are_that_sites_and_withheld() -> None:
+    """All rows, then the complete cases of y: the difference is site a's rows
+    without y (b lacks none): one site's totals. Refused; alone, the complete-case
+    query is answered with its missing count withheld (it would be a's)."""
+    sites = differencing_sites(3, at_b=0)
+    encrypted.describe(sites, ["x"])
+    with pytest.raises(DisclosureRefused, match="rows that too few sites leave out"):
+        encrypted.describe(sites, ["x", "y"], dropna=True)
+    fresh = differencing_sites(3, at_b=0)
+    table = encrypted.describe(fresh, ["x", "y"], dropna=True)
+    assert table.loc["count", "x"] == 21.0
+    assert table.loc["missing"].isna().all()
+    with pytest.raises(DisclosureRefused, match="rows that too few sites leave out"):
+        encrypted.describe(fresh, ["x"])
 
 
 @pytest.mark.parametrize(("missing", "allowed"), [(1, False), (2, False), (3, True)])
@@ -531,8 +551,8 @@ def test_subset_differing_by_fewer_than_three_rows_is_refused(
     # x again, now over the rows where y is present: `missing` rows fewer at site a
     if allowed:
         table = encrypted.describe(sites, ["x", "y"], dropna=True)
-        assert table.loc["count", "x"] == 24 - missing
-        assert table.loc["missing", "x"] == missing
+        assert table.loc["count", "x"] == 24 - missing - 3
+        assert table.loc["missing", "x"] == missing + 3
     else:
         # refused: the rows left out (1 or 2) are a released count of so few
         # patients, and differ from the rows answered before by as few
@@ -559,8 +579,8 @@ def test_identical_or_clearly_different_subsets_are_answered_again() -> None:
     first = encrypted.describe(sites, ["x"])
     again = encrypted.describe(sites, ["x"])
     pd.testing.assert_frame_equal(first, again, check_exact=True)
-    narrower = encrypted.describe(sites, ["x", "y"], dropna=True)  # 3 rows fewer
-    assert narrower.loc["count", "x"] == 21.0
+    narrower = encrypted.describe(sites, ["x", "y"], dropna=True)  # 3 + 3 fewer
+    assert narrower.loc["count", "x"] == 18.0
     assert [len(s.log) for s in sites] == [6, 6]
 
 

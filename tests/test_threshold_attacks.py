@@ -18,6 +18,10 @@ next to the honest variant answered exactly (pandas on the pooled rows).
   every bin and cell among themselves (masked flags, as for ``by=`` groups): such a
   bin or cell is sent as zeros by every site, shown ``<NA>`` and named; "all rows
   minus the released bins" is then refused.
+- **Rows only one site leaves out.** With ``dropna``, ``missing`` was that site's
+  own count, and all rows minus the complete cases its totals of those rows: the
+  sites count the holders of left-out rows too; too few, and the count is
+  withheld and the rows protected.
 - **The researcher's own min_rows.** A site refused when a subset held fewer rows
   than the larger of its policy and the study's ``min_rows``: bisecting
   ``min_rows`` gave the smaller site's exact n. The sites now decide by their
@@ -359,3 +363,23 @@ def test_withheld_counts_keep_nothing_under_the_mask() -> None:
     assert table["count"].array._data.tolist() == [0, 117, 123, 0]
     # levels with the policy's own minimum (or less) are answered as without
     assert list(encrypted.levels(sites, "sex", min_rows=3)) == ["F", "M"]
+
+
+# ------------------------------------------------ rows only one site leaves out
+def test_a_missing_count_only_one_site_has_is_withheld() -> None:
+    """With dropna, ``missing`` was h1's own count when only h1 lacks values (the
+    review printed 5); all rows minus the complete cases, h1's totals of them."""
+    frames = [cohort(1), cohort(2)]
+    frames[0].loc[:4, "sbp"] = np.nan
+    sites = [Site(f"h{i}", f) for i, f in enumerate(frames, 1)]
+    table = encrypted.histogram(sites, "age", [0, 50, 200], population=["sbp"])
+    assert table.attrs["missing"] is None
+    assert int(table["count"].sum()) == 595
+    with pytest.raises(DisclosureRefused, match="rows that too few sites leave out"):
+        encrypted.describe(sites, ["age"])
+    frames[1].loc[:2, "sbp"] = np.nan  # both leave rows out: the count is pooled
+    both = [Site(f"h{i}", f) for i, f in enumerate(frames, 1)]
+    assert (
+        encrypted.histogram(both, "age", [0, 200], population=["sbp"]).attrs["missing"]
+        == 8
+    )

@@ -242,9 +242,18 @@ class SiteWork:
                 "rows with missing values); leave it out of the query, or pass "
                 'on_refusal="skip"'
             )
-        self.__flags = [int(any(m.any() for m in masks))] + [
-            int(np.asarray(b.mask).any()) for b in self._blocks
-        ]
+        # the rows the query leaves out: their count (totals[0], released as
+        # ``missing``) is counted among the sites too — when one site alone leaves
+        # rows out, it would be that site's count (and all rows minus the complete
+        # cases that site's totals), so every site then sends it as zero
+        left = subsets.get(LEFT_OUT) or [np.zeros(site.n_rows, dtype=bool)]
+        self._left = np.asarray(left[0], dtype=bool)
+        self.__flags = (
+            [int(any(m.any() for m in masks))]
+            + [int(np.asarray(b.mask).any()) for b in self._blocks]
+            + [int(self._left.any())]
+        )
+        self.missing_withheld = False
         self._peers: dict[str, bytes] | None = None
         self.holders: list[int] | None = None
         self.suppressed: list[int] = []
@@ -322,13 +331,12 @@ class SiteWork:
             )
         self.suppressed = [
             i
-            for i, c in enumerate(counts[1:])
+            for i, c in enumerate(counts[1:-1])
             if c < need and (c > 0 or not self._blocks[i].empty_released)
         ]
+        self.missing_withheld = 0 < counts[-1] < need
         released = self._released()
-        protected = [
-            np.asarray(self._blocks[i].mask, dtype=bool) for i in self.suppressed
-        ]
+        protected = self._protected()
         at_site(
             me,
             f"the {self.query.kind} query",
@@ -342,14 +350,24 @@ class SiteWork:
         self.holders = counts
         return counts
 
+    def _protected(self) -> list[np.ndarray]:
+        """The row sets this answer withholds: suppressed blocks, and the rows left
+        out when too few sites leave rows out."""
+        out = [np.asarray(self._blocks[i].mask, dtype=bool) for i in self.suppressed]
+        if self.missing_withheld:
+            out.append(self._left)
+        return out
+
     def _released(self) -> dict[str, list[np.ndarray]]:
-        """The subsets this site's answer releases: all but the suppressed blocks'."""
-        if not self.suppressed:
+        """The subsets this site's answer releases: all but the suppressed blocks'
+        (and the rows left out, when their count is withheld)."""
+        if not self.suppressed and not self.missing_withheld:
             return self._subsets
         hidden = {np.packbits(self._blocks[i].mask).tobytes() for i in self.suppressed}
         return {
             column: [m for m in masks if np.packbits(m).tobytes() not in hidden]
             for column, masks in self._subsets.items()
+            if not (self.missing_withheld and column == LEFT_OUT)
         }
 
     def _check_peers(self, peers: Mapping[str, bytes]) -> None:
@@ -378,6 +396,8 @@ class SiteWork:
         for i in self.suppressed:  # a block too few sites hold: zeros from everyone
             block = self._blocks[i]
             totals[block.start : block.stop] = [0.0] * (block.stop - block.start)
+        if self.missing_withheld:  # rows too few sites leave out: their count too
+            totals[0] = 0.0
         if self._budget is not None:  # counted before anything leaves the site
             self.site.record_privacy(self.researcher, self._budget.noise_multiplier)
         digits = _encode(self.site.name, totals)
@@ -395,7 +415,7 @@ class SiteWork:
             query_hash=self.query.hash,
             kind=self.query.kind,
             researcher=self.researcher,
-            protected=[self._blocks[i].mask for i in self.suppressed],
+            protected=self._protected(),
             participants=self._audited_set,
         )
         return Contribution(
@@ -573,6 +593,9 @@ class StudyRun:
     holders: list[int] = field(default_factory=list)
     #: The blocks too few sites hold: sent as zeros by every site.
     suppressed: list[int] = field(default_factory=list)
+    #: The count of rows left out (``totals[0]``) was withheld: too few sites
+    #: leave rows out, so it would be one site's (sent as zero by every site).
+    missing_withheld: bool = False
     #: Standard deviation of the Gaussian noise each site under a DP budget added
     #: to each of its totals (sites without a budget are not listed).
     noise_sd: dict[str, list[float]] = field(default_factory=dict)
@@ -693,6 +716,7 @@ class PreparedQuery:
             upload_bytes={c.site: c.nbytes for c in contributions},
             holders=holders,
             suppressed=list(self.work[0].suppressed),
+            missing_withheld=self.work[0].missing_withheld,
             noise_sd={
                 w.site.name: w.noise_sd.tolist()
                 for w in self.work

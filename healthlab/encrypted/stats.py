@@ -461,7 +461,10 @@ def _second_moments(
         else:
             entry["s2"] = row[1 + p :]
         out.append(entry)
-    out[0]["dropped"] = second.totals[0]
+    # the count of rows left out is withheld when too few sites leave rows out
+    # (by either round: each is its own answer)
+    withheld = first.missing_withheld or second.missing_withheld
+    out[0]["dropped"] = np.nan if withheld else second.totals[0]
     return [first, second], center, out
 
 
@@ -713,6 +716,8 @@ def describe(
             result.loc["missing"] = dropped
         else:  # rows dropped (their group may be the missing value) are not per group
             result.attrs["missing"] = dropped
+        if np.isnan(dropped):
+            _log_missing_withheld("describe")
     if suppressed:
         result.attrs["suppressed_groups"] = suppressed
         _log.warning(
@@ -800,7 +805,7 @@ def histogram(
     counts = _cell_counts(run)
     result = pd.DataFrame({"left": edges[:-1], "right": edges[1:], "count": counts})
     if dropna or options["population"]:
-        result.attrs["missing"] = int(run.totals[0])
+        result.attrs["missing"] = _missing(run, "histogram")
     if run.suppressed:
         withheld = [(float(edges[i]), float(edges[i + 1])) for i in run.suppressed]
         result.attrs["suppressed_bins"] = withheld
@@ -896,6 +901,23 @@ def crosstab(
         [run],
         kind="crosstab",
         parameters={"row": row, "col": col, "population": options["population"]},
+    )
+
+
+def _missing(run: StudyRun, kind: str) -> int | None:
+    """The released count of rows a query left out, or None when it was withheld
+    (too few sites leave rows out: it would be one site's count)."""
+    if run.missing_withheld:
+        _log_missing_withheld(kind)
+        return None
+    return int(run.totals[0])
+
+
+def _log_missing_withheld(kind: str) -> None:
+    _log.warning(
+        "%s: the count of rows left out (missing) is withheld: too few sites leave "
+        "rows out, so it would be one site's count",
+        kind,
     )
 
 

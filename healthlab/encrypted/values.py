@@ -670,7 +670,8 @@ def _describe_values(
     results = {c: results[c] for c in cols}
     table = pd.DataFrame(results)
     if dropna or population:  # as in describe(): rows dropped, outside or missing
-        table.loc["missing"] = counted.totals[0]
+        # withheld (NaN) when too few sites leave rows out: one site's count
+        table.loc["missing"] = np.nan if counted.missing_withheld else counted.totals[0]
     return attach_receipt(
         table,
         [counted],
