@@ -21,7 +21,8 @@ next to the honest variant answered exactly (pandas on the pooled rows).
 - **Rows only one site leaves out.** With ``dropna``, ``missing`` was that site's
   own count, and all rows minus the complete cases its totals of those rows: the
   sites count the holders of left-out rows too; too few, and the count is
-  withheld and the rows protected.
+  withheld and the rows protected. So are the rows outside a histogram's edges
+  (all rows minus its bins) when too few sites hold such rows.
 - **The researcher's own min_rows.** A site refused when a subset held fewer rows
   than the larger of its policy and the study's ``min_rows``: bisecting
   ``min_rows`` gave the smaller site's exact n. The sites now decide by their
@@ -383,3 +384,30 @@ def test_a_missing_count_only_one_site_has_is_withheld() -> None:
         encrypted.histogram(both, "age", [0, 200], population=["sbp"]).attrs["missing"]
         == 8
     )
+
+
+@pytest.mark.parametrize("describe_first", [True, False])
+def test_rows_outside_the_edges_that_one_site_holds_are_protected(
+    describe_first: bool,
+) -> None:
+    """All rows minus a histogram's bins are the rows outside its edges: when only
+    h1 holds such rows (its patients over 90), that difference was h1's count."""
+    sites, rows = tail_sites()
+    if describe_first:
+        encrypted.describe(sites, ["age"])
+        with pytest.raises(DisclosureRefused, match="site h1: a group held by too few"):
+            encrypted.histogram(sites, "age", [0, 90])
+        return
+    table = encrypted.histogram(sites, "age", [0, 90])
+    assert table["count"].tolist() == [int((rows.age <= 90).sum())]
+    assert "suppressed_bins" not in table.attrs
+    with pytest.raises(DisclosureRefused, match="site h1: a group held by too few"):
+        encrypted.describe(sites, ["age"])
+
+
+def test_rows_outside_the_edges_that_several_sites_hold_are_answered() -> None:
+    sites = two_sites()
+    rows = pooled()
+    encrypted.describe(sites, ["age"])
+    table = encrypted.histogram(sites, "age", [40, 70])
+    assert table["count"].tolist() == [int(rows.age.between(40, 70).sum())]

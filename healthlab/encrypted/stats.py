@@ -194,6 +194,13 @@ def _counts(site: Site, query: Query) -> Totals:
     # every cell is a block: a bin or cell held by fewer sites than the pooling
     # minimum would be one site's count, so every site sends zeros for it
     blocks = [Block(1 + i, 2 + i, m, empty_released=True) for i, m in enumerate(full)]
+    if "edges" in spec:
+        # the rows outside the edges are not counted, but all rows minus the bins
+        # is them: counted among the sites as a block with no totals, so that when
+        # too few sites hold such rows they are protected
+        outside = _full_masks(site, kept, [~inside])[0]
+        end = len(totals)
+        blocks.append(Block(end, end, outside, empty_released=True))
     return totals, {col: full for col in columns} | _left_out(site, kept), blocks
 
 
@@ -806,8 +813,12 @@ def histogram(
     result = pd.DataFrame({"left": edges[:-1], "right": edges[1:], "count": counts})
     if dropna or options["population"]:
         result.attrs["missing"] = _missing(run, "histogram")
-    if run.suppressed:
-        withheld = [(float(edges[i]), float(edges[i + 1])) for i in run.suppressed]
+    if any(i < len(edges) - 1 for i in run.suppressed):
+        withheld = [
+            (float(edges[i]), float(edges[i + 1]))
+            for i in run.suppressed
+            if i < len(edges) - 1  # the rows outside the edges are no bin
+        ]
         result.attrs["suppressed_bins"] = withheld
         _log.warning(
             "histogram: %d bin(s) of %r held by fewer sites than a pooled result "
@@ -927,7 +938,7 @@ def _cell_counts(run: StudyRun) -> pd.arrays.IntegerArray:
     noise: rounded and kept >= 0 (post-processing)."""
     counts = np.maximum(np.rint(run.totals[1:]), 0).astype(np.int64)
     hidden = np.zeros(counts.size, dtype=bool)
-    hidden[list(run.suppressed)] = True
+    hidden[[i for i in run.suppressed if i < counts.size]] = True  # not "outside"
     counts[hidden] = 0  # nothing kept under the mask (a min_rows cell's count)
     return pd.arrays.IntegerArray(counts, hidden)
 
