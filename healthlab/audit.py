@@ -402,6 +402,7 @@ class Auditor:
         units: np.ndarray | None = None,
         unit_name: str = "rows",
         row_keys: np.ndarray | None = None,
+        columns: Sequence[str] | None = None,
     ) -> None:
         #: The auditor's row space: the site's current rows, then the rows of
         #: earlier data no longer held (see :meth:`_carry_over`).
@@ -422,6 +423,9 @@ class Auditor:
             self._unit_keys = np.asarray([str(u) for u in units], dtype=object)
             self.units = pd.factorize(self._unit_keys)[0]
         self._identity = True
+        self.columns = None if columns is None else sorted(columns)
+        #: why the memory cannot follow the data (then every query is refused)
+        self.frozen: str | None = None
         self.unit_name = unit_name
         self.path = Path(path) if path is not None else None
         self.answered: dict[str, list[bytes]] = {}
@@ -441,7 +445,14 @@ class Auditor:
         stored = json.loads(self.path.read_text())
         same = stored.get("content_hash") == self.content_hash
         if not same and not self._carry_over(stored):
-            return  # other data, and no row keys to follow them: a fresh memory
+            if any(stored.get(f) for f in (*_FIELDS, "site_sets")):
+                # fail closed: a fresh memory would let the answers before and
+                # after this change be differenced (a removed patient's values)
+                self.frozen = (
+                    "its data changed in a way its memory of earlier answers cannot "
+                    "follow (other columns, or cells that cannot be hashed)"
+                )
+            return
         if same and "position" in stored:
             self._set_space(
                 _decode(stored["position"], np.int64),
@@ -459,6 +470,14 @@ class Auditor:
         for field in _SET_FIELDS:
             getattr(self, field).update(stored.get(field, {}))
 
+    def _check_frozen(self, site: str) -> None:
+        if self.frozen:
+            raise DisclosureRefused(
+                f"site {site}: {self.frozen}; it answers nothing until its operator "
+                "restores the data's columns, or deliberately moves the memory file "
+                "(audit-<site>.json in the state directory) aside"
+            )
+
     def _carry_over(self, stored: dict[str, Any]) -> bool:
         """Map the stored memory onto changed data by the rows' value hashes.
 
@@ -471,6 +490,8 @@ class Auditor:
         (an older memory file) the memory starts afresh."""
         if self._keys is None or "space_keys" not in stored:
             return False
+        if stored.get("columns") is not None and stored["columns"] != self.columns:
+            return False  # another schema: rows cannot be matched by their values
         old_keys = _decode(stored["space_keys"], np.uint64)
         old_current = set(_decode(stored["position"], np.int64).tolist())
         free: dict[int, list[int]] = {}
@@ -540,9 +561,12 @@ class Auditor:
                 if units is None
                 else [str(u) for u in np.asarray(units).tolist()],
             }
+        if self.frozen:
+            return  # the stored memory stays as it was, for its operator
         data = {
             "content_hash": self.content_hash,
             "n_rows": self.n_rows,
+            "columns": self.columns,
             **space,
             **{
                 field: {
@@ -585,6 +609,7 @@ class Auditor:
         """Refuse (and remember the refusal) unless answering ``masks`` keeps every
         combination of this researcher's answers at ``k`` rows or more (with
         ``differencing=False``: every subset itself)."""
+        self._check_frozen(site)
         who = (researcher or "").lower()
         new = [self._lift(m) for m in masks]
         new = [m for m in new if m.any()]

@@ -688,13 +688,15 @@ class Site:
         if self._state_dir is not None:
             path = Path(self._state_dir) / f"audit-{self.name}.json"
         # a hash of each row's values: the memory follows the rows when the data
-        # changes (appended, removed or edited rows), see Auditor._carry_over
-        try:
-            keys = pd.util.hash_pandas_object(self._frame, index=False).to_numpy()
-        except TypeError:  # cells pandas cannot hash (lists…): memory per content
-            keys = None
+        # changes (appended, removed or edited rows), see Auditor._carry_over;
+        # columns in name order, numbers as float64, so a reordered file or an int
+        # column read back as float hashes alike
+        keys = _row_keys(self._frame)
+        columns = sorted(str(c) for c in self._frame.columns)
         if self._units is None:
-            return Auditor(self.n_rows, self.content_hash, path, row_keys=keys)
+            return Auditor(
+                self.n_rows, self.content_hash, path, row_keys=keys, columns=columns
+            )
         persons = self._frame[self._units].astype(str)
         return Auditor(
             self.n_rows,
@@ -703,6 +705,7 @@ class Site:
             units=pd.util.hash_pandas_object(persons, index=False).to_numpy(),
             unit_name=f"persons ({self._units})",
             row_keys=keys,
+            columns=columns,
         )
 
     # ----------------------------------------------------------------- masks
@@ -798,6 +801,24 @@ def logged_queries(
         ]
     who = (researcher or "").lower()
     return [(h, members) for r, h, members in _LOCAL_LOG if r == who]
+
+
+def _row_keys(frame: pd.DataFrame) -> np.ndarray | None:
+    """A hash per row of its values, independent of column order and of an
+    integer column's dtype; None when a cell cannot be hashed (lists…)."""
+    canonical = pd.DataFrame(index=range(len(frame)))
+    for name in sorted(frame.columns, key=str):
+        column = frame[name].reset_index(drop=True)
+        if pd.api.types.is_numeric_dtype(column) and not pd.api.types.is_bool_dtype(
+            column
+        ):
+            canonical[str(name)] = column.astype("float64")
+        else:
+            canonical[str(name)] = column.astype(str)
+    try:
+        return pd.util.hash_pandas_object(canonical, index=False).to_numpy()
+    except TypeError:
+        return None
 
 
 def read_table(path: Path) -> pd.DataFrame:

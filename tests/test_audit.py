@@ -371,3 +371,58 @@ def test_a_removed_row_that_comes_back_is_the_same_row(tmp_path: Path) -> None:
         )
     again = encrypted.describe(sites_on_disk(tmp_path, before), ["age"])
     assert again.loc["count", "age"] == 120
+
+
+@pytest.mark.parametrize("rewrite", ["int read as float", "columns reordered"])
+def test_an_update_that_rewrites_the_file_still_follows_the_rows(
+    tmp_path: Path, rewrite: str
+) -> None:
+    """The review's attack: every row's hash changed with the file's layout (an
+    int column read back as float, columns reordered), so all rows became new
+    and one removal could be differenced. Rows are hashed column by name, numbers
+    as floats: the removal is refused."""
+    before = cohort(0)
+    encrypted.describe(sites_on_disk(tmp_path, before), ["age"])
+    after = updated(before, "remove one")
+    if rewrite == "int read as float":
+        after["sex"] = after["sex"].astype(float)
+    else:
+        after = after[list(reversed(after.columns))]
+    with pytest.raises(DisclosureRefused, match="site a: together with"):
+        encrypted.describe(sites_on_disk(tmp_path, after), ["age"])
+
+
+@pytest.mark.parametrize("change", ["a column added", "list cells"])
+def test_an_update_the_memory_cannot_follow_fails_closed(
+    tmp_path: Path, change: str
+) -> None:
+    """A new column leaves no way to match the rows: the site then answers
+    nothing until its operator acts, rather than starting a fresh memory that would
+    let a removal be differenced. List cells (which pandas cannot hash, so they
+    once made the memory start afresh) are hashed as text and followed."""
+    before = cohort(0)
+    if change == "list cells":
+        before["meds"] = [["statin"] if i % 2 else ["none"] for i in range(len(before))]
+        before.to_parquet(tmp_path / "v1.parquet")
+        before.drop(index=7).reset_index(drop=True).to_parquet(tmp_path / "v2.parquet")
+        first: list[Site] = [
+            Site("a", tmp_path / "v1.parquet", state_dir=tmp_path / "a"),
+            Site("b", partner(1), state_dir=tmp_path / "b"),
+        ]
+        second = [
+            Site("a", tmp_path / "v2.parquet", state_dir=tmp_path / "a"),
+            Site("b", partner(1), state_dir=tmp_path / "b"),
+        ]
+    else:
+        first = sites_on_disk(tmp_path, before)
+        after = updated(before, "remove one").assign(enrolled=2024)
+        second = sites_on_disk(tmp_path, after)
+    encrypted.describe(first, ["age"])
+    if change == "list cells":
+        with pytest.raises(DisclosureRefused, match="site a: together with"):
+            encrypted.describe(second, ["age"])
+        return
+    with pytest.raises(DisclosureRefused, match="site a: its data changed in a way"):
+        encrypted.describe(second, ["age"])
+    with pytest.raises(DisclosureRefused, match="site a: its data changed in a way"):
+        encrypted.describe(second, ["sbp"])  # anything, not only the difference
