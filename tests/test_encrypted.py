@@ -243,22 +243,14 @@ def test_largest_totals_the_encoding_carries_are_exact(keys: KeyHolder) -> None:
     from healthlab.encrypted.protocol import Query, run_query
     from healthlab.encrypted.stats import _moments
     from healthlab.sites import as_sites
+    from tests.test_review_attacks import moments_query
 
     values = np.full(9, 8.0e26)  # Σx = 2.4e27 per site, just below 2^91
     assert 3 * 8.0e26 < MAX_ABS < 3 * 8.3e26
-    spec = {
-        "columns": ["v"],
-        "center": [0.0],
-        "order": 1,
-        "cross": False,
-        "by": None,
-        "groups": [],
-        "dropna": False,
-        "population": [],
-        "bounds": None,
-    }
+    query = moments_query("v")
+    spec = query.spec
     sites = as_sites(three_sites_of(values))
-    run = run_query(sites, Query("moments", spec, 3), _moments, keys=keys)
+    run = run_query(sites, query, _moments, keys=keys)
     assert run.totals[1:] == [9.0, 9 * 8.0e26]
     wrong = {**spec, "center": [1.0]}
     with pytest.raises(DataRefused, match="centres must be 0 for first moments"):

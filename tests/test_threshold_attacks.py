@@ -127,21 +127,15 @@ def test_a_crafted_centre_cannot_steer_the_encodings_limit() -> None:
     from healthlab.encrypted.keys import KeyHolder
     from healthlab.encrypted.protocol import Query, prepare_query
     from healthlab.encrypted.stats import _moments
+    from tests.test_review_attacks import moments_query
 
-    spec = {
-        "columns": ["age"],
-        "center": [-MAX_ABS / 300.5],
-        "order": 1,
-        "cross": False,
-        "by": None,
-        "groups": [],
-        "dropna": False,
-        "population": [],
-        "bounds": None,
-    }
+    query = moments_query("age", center=-MAX_ABS / 300.5)
     with pytest.raises(DataRefused, match="centres must be 0 for first moments"):
+        prepare_query(two_sites(), query, _moments, keys=KeyHolder())
+    square = {**query.spec, "order": 2, "center": [2e9]}
+    with pytest.raises(DataRefused, match=r"at most 1\.57e"):
         prepare_query(
-            two_sites(), Query("moments", spec, 3), _moments, keys=KeyHolder()
+            two_sites(), Query("moments", square, 4), _moments, keys=KeyHolder()
         )
 
 
