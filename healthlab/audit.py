@@ -611,8 +611,8 @@ class Auditor:
         ``differencing=False``: every subset itself)."""
         self._check_frozen(site)
         who = (researcher or "").lower()
-        new = [self._lift(m) for m in masks]
-        new = [m for m in new if m.any()]
+        # one mask per distinct subset (a query's columns often share theirs)
+        new = _unique([m for m in (self._lift(m) for m in masks) if m.any()])
         if any(self._size(m) < k for m in new):
             self._refuse(who, new)
             raise DisclosureRefused(
