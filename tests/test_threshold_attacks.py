@@ -30,9 +30,9 @@ next to the honest variant answered exactly (pandas on the pooled rows).
   researcher's side (groups, bins and cells of fewer pooled rows withheld; a
   result of fewer pooled rows refused), and ``levels(min_rows=)`` is refused.
 - **Bisecting a bin's edge.** Whether a site answers depends on its rows (a tail
-  bin of 1–2 rows is refused, an empty one is answered): a dozen histograms pin
-  the oldest patient's age to a hundredth of a year (the control test). An owner
-  closes it with ``DisclosurePolicy(grid={"age": 5})``: edges and clip bounds off
+  bin of 1–2 rows is refused, an empty one is answered): about fourteen
+  histograms pin the oldest patient's age to 0.02 years (the control test). An
+  owner closes it with ``DisclosurePolicy(grid={"age": 5})``: edges and clip bounds off
   the grid are refused whatever the rows, so the most a bisection learns is the
   5-year cell. Without a grid it stays open (README).
 """
@@ -290,7 +290,7 @@ def test_without_a_grid_bisecting_an_edge_pins_the_oldest_age() -> None:
     sites = two_sites()
     oldest = pooled()["age"].max()
     width = bisect_top(sites, 60.0, 150.0, 0.01)
-    assert width <= 0.02  # known to a hundredth of a year
+    assert width <= 0.02  # known to within 0.02 years
     assert oldest > 60.0
 
 
