@@ -628,7 +628,7 @@ class Auditor:
         unsafe = found is None or bool(found)
         # a query refused before and asked again must not count as its own excuse
         asked = {_pack(m) for m in new}
-        probed = [m for m in self._masks("refused", who) if _pack(m) not in asked]
+        probed = [p for p in self._packed("refused") if p not in asked]
         if not unsafe and probed:
             # refused queries count as answered: nothing may become isolable that
             # was not already isolable with them
@@ -658,15 +658,16 @@ class Auditor:
         return atoms
 
     def _probed_atoms(
-        self, base: Atoms, probed: list[np.ndarray], k: int
+        self, base: Atoms, probed: list[bytes], k: int
     ) -> tuple[Atoms, set[frozenset[int]] | None]:
-        """The answered atoms refined by the refused subsets, and what they isolate:
-        the same for every query until something is answered or refused (kept)."""
-        key = (id(base), tuple(_pack(m) for m in probed), k)
+        """The answered atoms refined by the refused subsets (packed), and what
+        they isolate: the same for every query until something is answered or
+        refused (kept)."""
+        key = (id(base), tuple(probed), k)
         cached = getattr(self, "_probed_cache", None)
         if cached is not None and cached[0] == key and cached[1] is base:
             return cached[2], cached[3]
-        atoms = base.extend(probed)
+        atoms = base.extend([_unpack(p, self.n_rows) for p in probed])
         found = isolated_atoms(atoms, k, self.units)
         self._probed_cache = (key, base, atoms, found)
         return atoms, found

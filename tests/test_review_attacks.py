@@ -28,7 +28,7 @@ the researcher makes, and grouping by the person column of user-day data.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import replace
 
 import numpy as np
@@ -48,7 +48,6 @@ from healthlab.errors import (
 )
 from healthlab.ledger import Ledger
 from healthlab.sites import DisclosurePolicy, log_query
-from tests.conftest import Chain
 
 PURPOSE = "review attacks"
 
@@ -64,16 +63,6 @@ def cohort(seed: int, n: int = 40) -> pd.DataFrame:
             "region": rng.choice(["north", "south"], n),
         }
     )
-
-
-@pytest.fixture
-def ledger(chain: Chain) -> Iterator[Ledger]:
-    """A client on the session's embedded chain, rolled back after the test."""
-    snapshot = chain.tester.take_snapshot()
-    try:
-        yield chain.ledger()
-    finally:
-        chain.tester.revert_to_snapshot(snapshot)
 
 
 def gated(
