@@ -9,6 +9,7 @@ summarize against the disclosure policy — which only the site's owner sets.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -53,6 +54,12 @@ __all__ = [
     "read_table",
 ]
 
+_logger = logging.getLogger(__name__)
+_DIGIT_EXAMPLES = {
+    1: " (e.g. 20 or 0.5, not 25)",
+    2: " (e.g. 18, 0.25 or 120, not 18.5)",
+}
+
 
 @dataclass(frozen=True)
 class DisclosurePolicy:
@@ -86,7 +93,13 @@ class DisclosurePolicy:
         on its rows (a bin of 1 or 2 rows is refused, an empty one is not), so with
         edges anywhere a researcher can bisect a tail bin's edge and pin the oldest
         patient's age; on the grid, the most that reveals is the grid cell. Columns
-        not named take any edges.
+        not named fall back on ``grid_digits``.
+    grid_digits:
+        For a numeric column without a ``grid``, the most significant digits a bin
+        edge or clip bound may have (2: edges 18, 19, 120, 0.25, not 18.5 or 83.7),
+        a grid the site can apply without knowing the column's units: a bisection
+        then learns a value to within 1–10 % of it. ``None`` accepts any edge (a
+        loud opt-out: the bisection then pins one patient's value).
     """
 
     min_rows: int = 3
@@ -97,6 +110,7 @@ class DisclosurePolicy:
     collaboration: int | None = None
     privacy: PrivacyBudget | None = None
     grid: Mapping[str, float] | tuple[tuple[str, float], ...] = ()
+    grid_digits: int | None = 2
 
     def __post_init__(self) -> None:
         pairs = self.grid.items() if isinstance(self.grid, Mapping) else self.grid
@@ -104,6 +118,15 @@ class DisclosurePolicy:
         if any(not (np.isfinite(w) and w > 0) for _, w in widths):
             raise InvalidInput("grid widths must be positive numbers")
         object.__setattr__(self, "grid", widths)
+        if self.grid_digits is not None and not (
+            isinstance(self.grid_digits, int) and 1 <= self.grid_digits <= 15
+        ):
+            raise InvalidInput("grid_digits must be a whole number from 1 to 15")
+        if self.grid_digits is None:
+            _logger.warning(
+                "INSECURE DisclosurePolicy(grid_digits=None): bin edges and bounds "
+                "are taken at any precision, so bisecting one pins a patient's value"
+            )
         if self.min_rows < 1 or self.min_sites < 1 or self.min_difference < 1:
             raise InvalidInput("min_rows, min_sites and min_difference must be >= 1")
         if self.collaboration is not None and self.collaboration < 1:
@@ -119,6 +142,7 @@ class DisclosurePolicy:
         """Refuse bin edges or clip bounds on ``column`` off the owner's grid."""
         width = dict(self.grid).get(column)
         if width is None:
+            self._check_digits(site, column, values)
             return
         v = np.asarray(list(values), dtype=float) / width
         if np.any(np.abs(v - np.rint(v)) > 1e-9 * np.maximum(1.0, np.abs(v))):
@@ -126,6 +150,26 @@ class DisclosurePolicy:
                 f"site {site}: bin edges and bounds on {column!r} must be multiples "
                 f"of {width:g} (its owner's grid, so that edges cannot be bisected "
                 "towards one patient's value); round them to that grid"
+            )
+
+    def _check_digits(self, site: str, column: str, values: Iterable[float]) -> None:
+        digits = self.grid_digits
+        if digits is None:
+            return
+        v = np.asarray(list(values), dtype=float)
+        v = v[np.isfinite(v) & (v != 0)]
+        if v.size == 0:
+            return
+        # the value rounded to `digits` significant digits, in its own decade
+        scale = 10.0 ** (np.floor(np.log10(np.abs(v))) - (digits - 1))
+        rounded = np.rint(v / scale) * scale
+        if np.any(np.abs(v - rounded) > 1e-9 * np.abs(v)):
+            raise DisclosureRefused(
+                f"site {site}: bin edges and bounds on {column!r} may have at most "
+                f"{digits} significant digit(s){_DIGIT_EXAMPLES.get(digits, '')}, so "
+                "that edges cannot be bisected towards one patient's value; "
+                "round them, or ask the owner to declare a grid for the column "
+                '(DisclosurePolicy(grid={"column": width}))'
             )
 
 

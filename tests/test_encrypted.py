@@ -138,7 +138,7 @@ def test_ols_equals_least_squares_on_diabetes(keys: KeyHolder, xs: list[str]) ->
         ("bmi", [15.0, 20.0, 25.0, 30.0, 35.0, 45.0], None),
         ("age", 5, (19.0, 79.0)),  # 79 is the maximum: the last bin is closed
         ("bp", [70.0, 80.0, 90.0, 100.0, 110.0], None),  # some rows fall outside
-        ("s5", 3, (3.0, 6.5)),
+        ("s5", 3, (3.0, 6.0)),
     ],
 )
 def test_histogram_counts_equal_numpy(
@@ -152,6 +152,13 @@ def test_histogram_counts_equal_numpy(
     assert result["count"].tolist() == counts.tolist()
     assert result["left"].tolist() == edges[:-1].tolist()
     assert result["right"].tolist() == edges[1:].tolist()
+
+
+def test_equal_bins_must_fall_on_the_default_grid(keys: KeyHolder) -> None:
+    """3 bins over (3, 6.5) have edges 4.1666…: off the 2-digit grid, refused by
+    rule (whatever the rows), with what to do."""
+    with pytest.raises(DisclosureRefused, match="at most 2 significant digit"):
+        encrypted.histogram(thirds(), "s5", 3, range=(3.0, 6.5), keys=keys)
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,7 @@ from healthlab.encrypted.protocol import (
     prepare_query,
 )
 from healthlab.encrypted.stats import _moments
-from healthlab.errors import DataRefused, DisclosureRefused, TooFewSites
+from healthlab.errors import DisclosureRefused, TooFewSites
 from healthlab.sites import log_query
 
 
@@ -95,10 +95,12 @@ def test_an_empty_partner_releases_nothing(statistic: str, partners: int) -> Non
     hospital = Site("site_d", cohort(1))
     empty = [Site(f"empty_{i}", empty_of(READS[statistic])) for i in range(partners)]
     sites = [hospital, *empty]
-    # the empty partners refuse to take part (a zero reveals nobody) ...
-    with pytest.raises(DataRefused, match="holds no rows for this query"):
+    # the empty partners take part with zeros; the sites' holder count refuses,
+    # without naming who holds nothing (that would say its count is 0)
+    with pytest.raises(TooFewSites, match="only 1 site") as refusal:
         STATISTICS[statistic](sites)
-    # ... and without them too few sites are left
+    assert "empty_" not in str(refusal.value)
+    assert "holds no rows" not in str(refusal.value)
     with pytest.raises(TooFewSites):
         STATISTICS[statistic](sites, on_refusal="skip")
     # the refusal came before any site contributed: nothing was answered
@@ -113,9 +115,20 @@ def test_every_statistic_is_answered_when_two_sites_hold_rows(statistic: str) ->
         Site("site_e", cohort(2)),
         Site("empty", empty_of(READS[statistic])),
     ]
-    result = STATISTICS[statistic](sites, on_refusal="skip")
+    result = STATISTICS[statistic](sites)
     assert isinstance(result, pd.DataFrame) and not result.empty
-    assert [s["name"] for s in result.attrs["receipt"]["sites"]] == ["site_d", "site_e"]
+    # the empty site took part (with zeros, so the receipt names it) and the
+    # result is the two holders' pooled one
+    names = [s["name"] for s in result.attrs["receipt"]["sites"]]
+    assert names == ["site_d", "site_e", "empty"]
+    holders = STATISTICS[statistic](
+        [Site("site_d", cohort(1)), Site("site_e", cohort(2))]
+    )
+    if "missing" in result.index:
+        # only the empty site leaves rows out: its count is withheld
+        assert result.loc["missing"].isna().all()
+        result, holders = result.drop("missing"), holders.drop("missing")
+    pd.testing.assert_frame_equal(result, holders, rtol=1e-12, check_dtype=False)
 
 
 def rare_region_sites() -> tuple[list[Site], pd.DataFrame]:

@@ -31,13 +31,16 @@ next to the honest variant answered exactly (pandas on the pooled rows).
   result of fewer pooled rows refused), and ``levels(min_rows=)`` is refused.
 - **Bisecting a bin's edge.** Whether a site answers depends on its rows (a tail
   bin of 1–2 rows is refused, an empty one is answered): about fourteen
-  histograms pin the oldest patient's age to 0.02 years (the control test). An
-  owner closes it with ``DisclosurePolicy(grid={"age": 5})``: edges and clip bounds off
-  the grid are refused whatever the rows, so the most a bisection learns is the
-  5-year cell. Without a grid it stays open (README).
+  histograms pin the oldest patient's age to 0.02 years (the control test, with
+  the grid opted out). So edges and clip bounds off a grid are refused whatever
+  the rows: by default a grid of 2 significant digits (a bisection learns the
+  year of an age), or the owner's own, ``DisclosurePolicy(grid={"age": 5})`` (the
+  5-year cell).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -268,13 +271,25 @@ def gridded_sites() -> tuple[list[Site], pd.DataFrame]:
     return sites, pd.concat(frames, ignore_index=True)
 
 
-def bisect_top(sites: list[Site], lo: float, hi: float, step: float) -> float:
+def two_digits(t: float) -> float:
+    """The finest edge the default policy takes: ``t`` to 2 significant digits."""
+    return float(f"{t:.2g}")
+
+
+def bisect_top(
+    sites: list[Site],
+    lo: float,
+    hi: float,
+    step: float,
+    allowed: Callable[[float], float] = lambda t: t,
+) -> float:
     """The researcher's bisection of a tail bin's edge: [0, t) and [t, 200]; a
-    refusal or a bin of 1-2 rows means someone is above t. Returns the width of
-    the interval the oldest patient's age is then known to lie in."""
+    refusal or a bin of 1-2 rows means someone is above t. ``allowed`` rounds t to
+    the edges the sites accept. Returns the width of the interval the oldest
+    patient's age is then known to lie in."""
     while hi - lo > step:
-        t = round((lo + hi) / 2 / step) * step
-        if t in (lo, hi):
+        t = allowed(round((lo + hi) / 2 / step) * step)
+        if not lo < t < hi:
             break
         try:
             top = encrypted.histogram(sites, "age", [0, t, 200])["count"].iloc[1]
@@ -285,13 +300,52 @@ def bisect_top(sites: list[Site], lo: float, hi: float, step: float) -> float:
     return hi - lo
 
 
-def test_without_a_grid_bisecting_an_edge_pins_the_oldest_age() -> None:
-    """The attack the grid answers (what remains open without one: README)."""
-    sites = two_sites()
+OPTED_OUT = DisclosurePolicy(grid_digits=None)
+
+
+def test_opted_out_of_the_grid_bisecting_an_edge_pins_the_oldest_age(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The control: what the default grid answers (the opt-out says so, loudly)."""
+    with caplog.at_level("WARNING", logger="healthlab.sites"):
+        policy = DisclosurePolicy(grid_digits=None)
+    assert "INSECURE" in caplog.text
+    sites = [Site("h1", cohort(1), policy=policy), Site("h2", cohort(2), policy=policy)]
     oldest = pooled()["age"].max()
     width = bisect_top(sites, 60.0, 150.0, 0.01)
     assert width <= 0.02  # known to within 0.02 years
     assert oldest > 60.0
+
+
+def test_by_default_edges_have_two_digits_and_a_bisection_learns_the_year() -> None:
+    """No grid declared: the sites take edges of 2 significant digits only, and
+    refuse others whatever the rows — so the finest bisection learns the year."""
+    oldest = pooled()["age"].max()
+    width = bisect_top(two_sites(), 60.0, 150.0, 0.01, allowed=two_digits)
+    assert width >= 1.0  # the year (for ages 10-99), never finer
+    # off the 2-digit grid every edge is refused alike, above or below the oldest
+    messages = set()
+    for t in [60.5, 70.25, 83.7, oldest - 0.1, oldest + 0.1, 99.9, 101.0, 135.0]:
+        with pytest.raises(DisclosureRefused, match="2 significant digit") as refused:
+            encrypted.histogram(two_sites(), "age", [0, t, 200])
+        messages.add(str(refused.value))
+        assert f"{t:g}" not in str(refused.value)
+    assert len(messages) == 1
+    # ordinary edges are answered exactly
+    rows = pooled()
+    edges = [0, 18, 40, 0.5e2, 65, 120, 200]
+    table = encrypted.histogram(two_sites(), "age", edges)
+    expected, _ = np.histogram(rows["age"], bins=edges)
+    assert table["count"].tolist() == expected.tolist()
+
+
+def test_grid_digits_must_be_a_small_whole_number() -> None:
+    from healthlab.errors import InvalidInput
+
+    for bad in (0, 16, 2.5):
+        with pytest.raises(InvalidInput, match="grid_digits"):
+            DisclosurePolicy(grid_digits=bad)  # type: ignore[arg-type]
+    assert DisclosurePolicy(grid_digits=3).grid_digits == 3
 
 
 def test_on_the_owners_grid_bisecting_reveals_at_most_the_grid_cell() -> None:
@@ -330,8 +384,10 @@ def test_on_the_grid_ordinary_histograms_and_bounds_are_answered_exactly() -> No
     assert table["count"].tolist() == expected.tolist()
     wide = encrypted.describe(gridded_sites()[0], ["age"])
     assert wide.loc["mean", "age"] == pytest.approx(rows["age"].mean(), abs=1e-9)
-    sbp = encrypted.histogram(gridded_sites()[0], "sbp", [0, 127.3, 400])
-    assert int(sbp["count"].sum()) == len(rows)  # columns off the grid: any edges
+    sbp = encrypted.histogram(gridded_sites()[0], "sbp", [0, 130, 400])
+    assert int(sbp["count"].sum()) == len(rows)  # other columns: 2 digits
+    with pytest.raises(DisclosureRefused, match="2 significant digit"):
+        encrypted.histogram(gridded_sites()[0], "sbp", [0, 127.3, 400])
 
 
 def test_a_grid_must_be_positive() -> None:

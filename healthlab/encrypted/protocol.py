@@ -235,13 +235,9 @@ class SiteWork:
             if column != LEFT_OUT
             for m in ms
         ]
-        if not any(m.any() for m in masks):
-            # a partner with no rows would make another site's totals "pooled"
-            raise DataRefused(
-                f"site {site.name} holds no rows for this query (after leaving out "
-                "rows with missing values); leave it out of the query, or pass "
-                'on_refusal="skip"'
-            )
+        # a partner with no rows takes part with zeros and its holder flag 0: the
+        # holder count then refuses a "pooled" result that only one site holds,
+        # without saying which site holds nothing (naming it said its count is 0)
         # the rows the query leaves out: their count (totals[0], released as
         # ``missing``) is counted among the sites too — when one site alone leaves
         # rows out, it would be that site's count (and all rows minus the complete

@@ -765,14 +765,17 @@ def histogram(
     """Exact pooled counts per bin, like ``numpy.histogram`` (last bin closed).
 
     ``bins`` are edges, or a number of equal bins over ``range`` (required then: the
-    data's minimum and maximum are single rows' values and are not asked for). Values
-    outside the edges are not counted. A site refuses when any of its non-empty bins
-    holds fewer than its policy's minimum of rows; ``min_rows`` is your own
-    threshold on the pooled counts (a bin of fewer pooled rows is withheld, like a
-    suppressed one, and never reaches the sites). A bin held by fewer sites than
+    data's minimum and maximum are single rows' values and are not asked for).
+    Values outside the edges are not counted. Edges must lie on each site's grid
+    (:class:`~healthlab.DisclosurePolicy`: by default at most 2 significant digits,
+    so 18, 0.25 or 120, not 18.5; the owner may declare another per column), which
+    no bisection of an edge can then refine. A site refuses when any of its non-
+    empty bins holds fewer than its policy's minimum of rows; ``min_rows`` is your
+    own threshold on the pooled counts (a bin of fewer pooled rows is withheld, like
+    a suppressed one, and never reaches the sites). A bin held by fewer sites than
     the pooling minimum (it would be one site's count) is sent as zeros by every
-    site and shown as ``<NA>``, named in ``attrs["suppressed_bins"]``; a bin no
-    site holds is 0.
+    site and shown as ``<NA>``, named in ``attrs["suppressed_bins"]``; a bin no site
+    holds is 0.
 
     Examples
     --------
