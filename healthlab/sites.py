@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -55,6 +55,12 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
+
+
+def _beta_key(beta: np.ndarray) -> bytes:
+    return np.ascontiguousarray(beta, dtype="<f8").tobytes()
+
+
 _DIGIT_EXAMPLES = {
     1: " (e.g. 20 or 0.5, not 25)",
     2: " (e.g. 18, 0.25 or 120, not 18.5)",
@@ -266,6 +272,10 @@ class Site:
             )
         self._units = units
         self.log: list[QueryLogEntry] = []
+        # a model's answered iterates (healthlab.encrypted.models): per model, the
+        # coefficients the site answered and its own totals there — the only points
+        # a next Newton step may start from
+        self._iterates: dict[str, dict[bytes, Any]] = {}
 
     @classmethod
     def from_sql(
@@ -686,6 +696,20 @@ class Site:
         ``protected`` by this query)."""
         masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
         self.auditor.check_protected(self.name, researcher, masks, protected)
+
+    def model_iterate(self, model: str, beta: np.ndarray) -> Any | None:
+        """What this site stored when it answered ``model`` at ``beta`` (None: it
+        did not)."""
+        return self._iterates.get(model, {}).get(_beta_key(beta))
+
+    def model_iterations(self, model: str) -> int:
+        """How many iterates of ``model`` this site has answered."""
+        return len(self._iterates.get(model, {}))
+
+    def remember_iterate(self, model: str, beta: np.ndarray, stored: Any) -> None:
+        """Record that this site answered ``model`` at ``beta`` (after the step to it
+        was verified), with its own totals there."""
+        self._iterates.setdefault(model, {})[_beta_key(beta)] = stored
 
     def check_model(self, n_params: int, n_rows: int) -> None:
         """Refuse a model with more parameters than ``max_param_ratio`` × rows."""

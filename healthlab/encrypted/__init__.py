@@ -2,8 +2,9 @@
 
 The public API: :func:`describe`, :func:`histogram`, :func:`crosstab`, :func:`corr`,
 :func:`cov`, :func:`ols` (and :func:`levels`, which withholds rare levels and refuses
-identifiers), :func:`describe_values` (every value encrypted); :class:`KeyHolder` for
-the researcher's keys and :class:`Aggregator` for the server side.
+identifiers), :func:`describe_values` (every value encrypted); models: :func:`glm`
+and :func:`logit` (:mod:`healthlab.encrypted.models`); :class:`KeyHolder` for the
+researcher's keys and :class:`Aggregator` for the server side.
 """
 
 from __future__ import annotations
@@ -13,6 +14,14 @@ from healthlab.encrypted.keys import (
     IntegrityError,
     KeyHolder,
     PublicContext,
+)
+from healthlab.encrypted.models import (
+    AliasedDesign,
+    GLMResults,
+    NotConverged,
+    PerfectSeparation,
+    glm,
+    logit,
 )
 from healthlab.encrypted.protocol import Aggregator, Contribution, Query
 from healthlab.encrypted.stats import (
@@ -29,11 +38,15 @@ from healthlab.encrypted.values import describe_values, square_bias_factor
 
 __all__ = [
     "Aggregator",
+    "AliasedDesign",
     "CKKSParams",
     "Contribution",
+    "GLMResults",
     "IntegrityError",
     "KeyHolder",
     "Levels",
+    "NotConverged",
+    "PerfectSeparation",
     "PublicContext",
     "Query",
     "corr",
@@ -41,8 +54,10 @@ __all__ = [
     "crosstab",
     "describe",
     "describe_values",
+    "glm",
     "histogram",
     "levels",
+    "logit",
     "ols",
     "square_bias_factor",
 ]

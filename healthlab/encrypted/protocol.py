@@ -30,7 +30,7 @@ import json
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -65,6 +65,7 @@ __all__ = [
     "Aggregate",
     "Aggregator",
     "Block",
+    "Check",
     "Contribution",
     "HolderFlags",
     "PreparedQuery",
@@ -90,13 +91,42 @@ class Block:
     #: A block no site holds is released as its zeros (a histogram's empty bin:
     #: it says only that no site holds rows there); else it is suppressed too.
     empty_released: bool = False
+    #: A block the answer cannot do without (a model's dummy column: its totals are
+    #: entangled with every other's): held by too few sites, the query is refused
+    #: by every site rather than sent with the block as zeros.
+    required: bool = False
+    #: What a refusal for a required block says (no count, no site, no value).
+    name: str = ""
+
+
+_CHECK_LIMIT = 1e25
+
+
+@dataclass(frozen=True)
+class Check:
+    """A vector the sites sum among themselves, each checking the sum against its
+    own ``tolerance`` before anything of the answer leaves it.
+
+    A model's iteration uses it to verify that the coefficients asked for follow
+    from what the sites answered before (a Newton step), so a researcher cannot
+    evaluate the model at coefficients of its choosing. The sum travels with the
+    holder count: masked pairwise and tagged for every peer, summed by each site
+    itself; the key holder and the server never see it. ``on_pass`` runs at the
+    site once the check holds.
+    """
+
+    values: np.ndarray = field(repr=False)
+    tolerance: np.ndarray = field(repr=False)
+    rule: str
+    on_pass: Callable[[], None] | None = field(default=None, repr=False)
 
 
 #: What a site computes from (its rows, the query): totals, its subsets by column,
-#: and optionally the answer's blocks (a ``by=`` query's groups).
+#: and optionally the answer's blocks (a ``by=`` query's groups) and a check.
 Totals = (
     tuple[list[float], dict[str, list[np.ndarray]]]
     | tuple[list[float], dict[str, list[np.ndarray]], list[Block]]
+    | tuple[list[float], dict[str, list[np.ndarray]], list[Block], Check | None]
 )
 SiteComputation = Callable[[Site, "Query"], Totals]
 
@@ -228,7 +258,8 @@ class SiteWork:
             raise
         self.__totals = [float(t) for t in totals]
         self._subsets = subsets
-        self._blocks: list[Block] = list(rest[0]) if rest else []
+        self._blocks: list[Block] = list(cast("list[Block]", rest[0])) if rest else []
+        self._check = cast("Check | None", rest[1]) if len(rest) > 1 else None
         masks = [
             np.asarray(m, dtype=bool)
             for column, ms in subsets.items()
@@ -249,6 +280,14 @@ class SiteWork:
             + [int(np.asarray(b.mask).any()) for b in self._blocks]
             + [int(self._left.any())]
         )
+        self._n_flags = len(self.__flags)
+        if self._check is not None:  # summed with the flags, digit by digit
+            # beyond any tolerance, and within what the encoding carries
+            values = np.nan_to_num(
+                np.asarray(self._check.values, dtype=float), nan=_CHECK_LIMIT
+            )
+            values = np.clip(values, -_CHECK_LIMIT, _CHECK_LIMIT)
+            self.__flags += [int(d) for d in _encode(site.name, list(values))]
         self.missing_withheld = False
         self._peers: dict[str, bytes] | None = None
         self.holders: list[int] | None = None
@@ -313,11 +352,13 @@ class SiteWork:
                         f"site {me}: the holder flags from {name} do not carry its tag"
                     )
             total += np.asarray(flags.masked, dtype=np.int64)
-        counts = [int(c) for c in np.mod(total, MODULUS)]
+        summed = np.mod(total, MODULUS)
+        counts = [int(c) for c in summed[: self._n_flags]]
         if any(c > len(peers) for c in counts):
             raise IntegrityError(
                 f"site {me}: the holder flags do not cancel to counts (tampering?)"
             )
+        self._verify(summed[self._n_flags :], len(peers))
         need = self.need + self.untrusted
         if counts[0] < need:
             raise TooFewSites(
@@ -330,6 +371,14 @@ class SiteWork:
             for i, c in enumerate(counts[1:-1])
             if c < need and (c > 0 or not self._blocks[i].empty_released)
         ]
+        required = [
+            self._blocks[i].name for i in self.suppressed if self._blocks[i].required
+        ]
+        if required:
+            raise TooFewSites(
+                f"site {me}: {', '.join(required)} held by too few of the sites "
+                "taking part to be pooled; merge or drop it"
+            )
         self.missing_withheld = 0 < counts[-1] < need
         released = self._released()
         protected = self._protected()
@@ -345,6 +394,23 @@ class SiteWork:
         self._peers = dict(peers)
         self.holders = counts
         return counts
+
+    def _verify(self, digit_sums: np.ndarray, n_sites: int) -> None:
+        """The sum of every site's check vector, against this site's tolerance."""
+        check = self._check
+        if check is None:
+            return
+        size = len(check.values)
+        try:
+            pooled = np.asarray(
+                decode_sum(digit_sums.astype(np.float64), size, n_sites), dtype=float
+            )
+        except (IntegrityError, InvalidInput):
+            pooled = np.full(size, np.inf)
+        if not np.all(np.abs(pooled) <= check.tolerance):
+            raise DisclosureRefused(f"site {self.site.name}: {check.rule}")
+        if check.on_pass is not None:
+            check.on_pass()
 
     def _protected(self) -> list[np.ndarray]:
         """The row sets this answer withholds: suppressed blocks, and the rows left

@@ -1,0 +1,502 @@
+"""Pooled GLMs (issue 14): exact against statsmodels on real datasets, and a site
+answers a model only along its own Newton path.
+
+Parity: statsmodels ``GLM`` on the pooled rows, fitted to ``tol=1e-14``, under
+several splits of each dataset (IID, by a natural grouping, skewed sizes, a 6-row
+site); params and standard errors within 1e-8 relative, deviance within 1e-9.
+
+Attacks: a researcher who drives the protocol by hand evaluates the model at
+coefficients of its choosing — a slope of 1000 around a threshold makes the
+weights pick out the rows near it (two such answers give the oldest patient's
+age); every such query is refused before anything leaves a site.
+"""
+
+from __future__ import annotations
+
+from functools import cache
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.api as sm
+import statsmodels.formula.api as smf
+from lifelines.datasets import load_rossi
+from sklearn.datasets import load_breast_cancer, load_diabetes
+
+from healthlab import DisclosurePolicy, Site, encrypted
+from healthlab.dp import PrivacyBudget
+from healthlab.encrypted import KeyHolder
+from healthlab.encrypted import models as glm_models
+from healthlab.encrypted.models import (
+    AliasedDesign,
+    NotConverged,
+    PerfectSeparation,
+    _iterate,
+    _Layout,
+    design_columns,
+    parse_formula,
+)
+from healthlab.encrypted.protocol import Query, run_query
+from healthlab.errors import DataRefused, DisclosureRefused, InvalidInput, TooFewSites
+
+RTOL = 1e-8  # params and standard errors (the issue's bound)
+DEV_RTOL = 1e-9  # deviance
+
+
+# ------------------------------------------------------------------- datasets
+@cache
+def rossi() -> pd.DataFrame:
+    frame = load_rossi().astype(float)
+    frame["log_week"] = np.log(frame["week"])
+    return frame
+
+
+@cache
+def breast_cancer() -> pd.DataFrame:
+    frame = load_breast_cancer(as_frame=True).frame
+    frame.columns = [c.replace(" ", "_") for c in frame.columns]
+    return frame
+
+
+@cache
+def diabetes() -> pd.DataFrame:
+    return load_diabetes(as_frame=True, scaled=False).frame
+
+
+@cache
+def spector() -> pd.DataFrame:
+    return sm.datasets.spector.load_pandas().data
+
+
+@cache
+def star98() -> pd.DataFrame:
+    data = sm.datasets.star98.load_pandas()
+    frame = pd.concat([data.endog, data.exog], axis=1)
+    frame["TOTAL"] = frame["NABOVE"] + frame["NBELOW"]
+    return frame
+
+
+def splits(
+    frame: pd.DataFrame, group: str | None
+) -> dict[str, dict[str, pd.DataFrame]]:
+    """The issue's splits: IID over 3 sites, by a natural grouping, skewed sizes
+    (70/20/10 %), and one 6-row site beside two large ones."""
+    rng = np.random.default_rng(7)
+    order = rng.permutation(len(frame))
+    shuffled = frame.iloc[order].reset_index(drop=True)
+    n = len(frame)
+    out = {
+        "iid": {f"s{i}": shuffled.iloc[i::3] for i in range(3)},
+        "skewed": {
+            "s0": shuffled.iloc[: int(0.7 * n)],
+            "s1": shuffled.iloc[int(0.7 * n) : int(0.9 * n)],
+            "s2": shuffled.iloc[int(0.9 * n) :],
+        },
+        "six_rows": {
+            "s0": shuffled.iloc[:6],
+            "s1": shuffled.iloc[6 : 6 + (n - 6) // 2],
+            "s2": shuffled.iloc[6 + (n - 6) // 2 :],
+        },
+    }
+    if group is not None:
+        out["grouped"] = {
+            f"g{k}": part for k, (_, part) in enumerate(frame.groupby(group))
+        }
+    return out
+
+
+#: the 6-row site takes a model of 4-5 parameters (DataSHIELD's 0.33 per row would
+#: refuse it); the exactness of the pooled fit is what these tests measure
+SMALL_SITES = DisclosurePolicy(max_param_ratio=1.0)
+
+CASES: dict[str, dict[str, Any]] = {
+    "rossi logit": {
+        "data": rossi,
+        "formula": "arrest ~ fin + age + prio + wexp",
+        "family": "binomial",
+        "group": "mar",
+    },
+    "breast_cancer logit": {
+        "data": breast_cancer,
+        "formula": "target ~ mean_radius + mean_texture + mean_smoothness",
+        "family": "binomial",
+        "group": None,
+    },
+    "spector logit": {
+        "data": spector,
+        "formula": "GRADE ~ GPA + TUCE + PSI",
+        "family": "binomial",
+        "group": None,
+    },
+    "star98 binomial with trials": {
+        "data": star98,
+        "formula": "NABOVE ~ LOWINC + PERASIAN + PERBLACK + PERHISP + AVYRSEXP",
+        "family": "binomial",
+        "trials": "TOTAL",
+        "group": None,
+    },
+    "rossi poisson with offset": {
+        "data": rossi,
+        "formula": "prio ~ age + fin + race",
+        "family": "poisson",
+        "offset": "log_week",
+        "group": "wexp",
+    },
+    "diabetes gaussian with a category": {
+        "data": diabetes,
+        "formula": "target ~ age + bmi + bp + C(sex)",
+        "family": "gaussian",
+        "group": None,
+        # a 6-row site holds fewer than 3 of one sex: levels() withholds it
+        "six_rows": False,
+    },
+}
+
+
+def reference(case: dict[str, Any]) -> Any:
+    """statsmodels' GLM on the pooled rows, converged tightly."""
+    frame = case["data"]()
+    family = {
+        "binomial": sm.families.Binomial(),
+        "poisson": sm.families.Poisson(),
+        "gaussian": sm.families.Gaussian(),
+    }[case["family"]]
+    if case.get("trials"):
+        lhs, rhs = case["formula"].split("~")
+        exog = sm.add_constant(frame[[c.strip() for c in rhs.split("+")]])
+        exog = exog.rename(columns={"const": "Intercept"})
+        endog = np.column_stack(
+            [frame[lhs.strip()], frame[case["trials"]] - frame[lhs.strip()]]
+        )
+        return sm.GLM(endog, exog, family=family).fit(tol=1e-14)
+    offset = frame[case["offset"]] if case.get("offset") else None
+    model = smf.glm(case["formula"], frame, family=family, offset=offset)
+    return model.fit(tol=1e-14)
+
+
+def relative(a: pd.Series, b: pd.Series) -> float:
+    b = b.reindex(a.index)
+    return float(np.max(np.abs(a.to_numpy() - b.to_numpy()) / np.abs(b.to_numpy())))
+
+
+PAIRS = [
+    (name, split)
+    for name, case in CASES.items()
+    for split in [
+        "iid",
+        "skewed",
+        *(["six_rows"] if case.get("six_rows", True) else []),
+        *(["grouped"] if case["group"] else []),
+    ]
+]
+
+
+@pytest.mark.parametrize(("name", "split"), PAIRS)
+def test_a_pooled_glm_equals_statsmodels_on_the_pooled_rows(
+    name: str, split: str
+) -> None:
+    case = CASES[name]
+    frames = splits(case["data"](), case["group"])[split]
+    sites = [Site(k, f, policy=SMALL_SITES) for k, f in frames.items()]
+    fit = encrypted.glm(
+        sites,
+        case["formula"],
+        case["family"],
+        offset=case.get("offset"),
+        trials=case.get("trials"),
+    )
+    ref = reference(case)
+    ref_params = pd.Series(ref.params).reindex(fit.params.index)
+    ref_bse = pd.Series(ref.bse).reindex(fit.params.index)
+    assert fit.converged
+    assert relative(fit.params, ref_params) <= RTOL
+    assert relative(fit.bse, ref_bse) <= RTOL
+    assert fit.deviance == pytest.approx(ref.deviance, rel=DEV_RTOL)
+    assert fit.llf == pytest.approx(ref.llf, rel=DEV_RTOL)
+    assert fit.nobs == ref.nobs and fit.df_resid == ref.df_resid
+    assert fit.df_model == ref.df_model
+    assert fit.aic == pytest.approx(ref.aic, rel=DEV_RTOL)
+    assert fit.bic == pytest.approx(ref.bic_llf, rel=DEV_RTOL)
+    assert fit.scale == pytest.approx(ref.scale, rel=RTOL)
+    assert fit.pearson_chi2 == pytest.approx(ref.pearson_chi2, rel=1e-7)
+    ref_p = pd.Series(ref.pvalues).reindex(fit.params.index)
+    assert np.allclose(fit.pvalues, ref_p, rtol=1e-6, atol=1e-300)
+    ref_ci = pd.DataFrame(ref.conf_int()).reindex(fit.params.index).to_numpy()
+    assert np.allclose(fit.conf_int().to_numpy(), ref_ci, rtol=1e-7)
+    assert fit.sites == list(frames)
+
+
+def test_the_fit_reads_like_statsmodels() -> None:
+    frames = splits(rossi(), "mar")["iid"]
+    fit = encrypted.logit(list(frames.items()) and frames, "arrest ~ fin + age + prio")
+    text = str(fit.summary())
+    assert "Generalized Linear Model Regression Results" in text
+    assert "Binomial" in text and "Logit" in text
+    for term in ("Intercept", "fin", "age", "prio"):
+        assert term in text
+    odds = fit.odds_ratios()
+    assert list(odds.index) == ["fin", "age", "prio"]
+    assert odds["odds_ratio"].tolist() == pytest.approx(np.exp(fit.params[1:]).tolist())
+    assert (odds["0.025"] < odds["odds_ratio"]).all()
+    assert (odds["odds_ratio"] < odds["0.975"]).all()
+    table = fit.to_frame()
+    assert list(table.columns) == ["coef", "std err", "z", "P>|z|", "[0.025", "0.975]"]
+    assert fit.cov_params().shape == (4, 4)
+    # the receipt covers every iteration's query, the first at zero
+    queries = fit.receipt["queries"]
+    assert len(queries) == fit.iterations + 2  # origin, intercept start, steps
+    assert queries[0]["spec"]["step"] == "origin"
+    assert all(q["spec"]["step"] == "newton" for q in queries[2:])
+    with pytest.raises(InvalidInput, match="Poisson"):
+        fit.rate_ratios()
+
+
+def test_rows_with_missing_values_are_left_out_and_counted() -> None:
+    frame = rossi().copy()
+    # three rows at each of two sites (fewer would be refused: a count of 1-2)
+    frame.loc[[0, 3, 6, 1, 4, 7], "prio"] = np.nan
+    frames = {f"s{i}": frame.iloc[i::3] for i in range(3)}
+    fit = encrypted.logit(frames, "arrest ~ fin + age + prio")
+    ref = smf.glm(
+        "arrest ~ fin + age + prio", frame.dropna(), family=sm.families.Binomial()
+    ).fit(tol=1e-14)
+    assert fit.nobs == len(frame) - 6
+    assert relative(fit.params, ref.params) <= RTOL
+    assert fit.missing == 6
+    assert "6 rows left out" in str(fit.summary())
+
+
+# ------------------------------------------------------------ named refusals
+def test_an_aliased_design_is_refused_naming_the_term() -> None:
+    frame = rossi().copy()
+    frame["age_prio"] = frame["age"] + frame["prio"]
+    frame["tenth_age"] = 0.1 * frame["age"]
+    frame["five"] = 5.0
+    frames = {f"s{i}": frame.iloc[i::3] for i in range(3)}
+    with pytest.raises(AliasedDesign, match=r"'age_prio' is .*combination"):
+        encrypted.logit(frames, "arrest ~ age + prio + age_prio")
+    with pytest.raises(AliasedDesign, match="'tenth_age'"):
+        encrypted.logit(frames, "arrest ~ age + tenth_age")
+    with pytest.raises(AliasedDesign, match="'five'"):
+        encrypted.glm(frames, "prio ~ age + five", "gaussian")
+
+
+def test_perfect_separation_is_refused_by_name() -> None:
+    frame = rossi().copy()
+    frame["arrest"] = (frame["age"] > 24).astype(float)  # age separates exactly
+    frames = {f"s{i}": frame.iloc[i::3] for i in range(3)}
+    with pytest.raises(PerfectSeparation, match="predicted exactly"):
+        encrypted.logit(frames, "arrest ~ age + prio")
+
+
+def test_no_convergence_is_refused_by_name() -> None:
+    frames = {f"s{i}": rossi().iloc[i::3] for i in range(3)}
+    with pytest.raises(NotConverged, match="did not converge in 1 Newton"):
+        encrypted.logit(frames, "arrest ~ age + prio", max_iter=1)
+
+
+def test_bad_outcomes_and_formulas_are_refused_with_what_to_do() -> None:
+    frames = {f"s{i}": rossi().iloc[i::3] for i in range(3)}
+    with pytest.raises(DataRefused, match="must be 0/1"):
+        encrypted.logit(frames, "prio ~ age")
+    for formula in (
+        "arrest ~ __import__('os').system('true')",
+        "arrest ~ np.log(age).__class__",
+        "arrest ~ open('x')",
+        "arrest ~ I(age ** 9)",
+        "np.log(arrest) ~ age",
+        "arrest",
+    ):
+        with pytest.raises(InvalidInput) as refused:
+            encrypted.logit(frames, formula)
+        assert "Traceback" not in str(refused.value)
+    with pytest.raises(InvalidInput, match="family"):
+        encrypted.glm(frames, "arrest ~ age", "gamma")
+
+
+def test_a_term_only_one_site_holds_is_refused() -> None:
+    """Every smoker at one hospital: the 0/1 covariate's coefficient would be that
+    site's totals over its smokers."""
+    frame = spector()
+    frames = {"a": frame.iloc[:16], "b": frame.iloc[16:]}  # PSI = 1 only at b
+    sites = [Site(k, f, policy=SMALL_SITES) for k, f in frames.items()]
+    with pytest.raises(TooFewSites, match="term 'PSI'") as refused:
+        encrypted.logit(sites, "GRADE ~ GPA + PSI")
+    assert "16" not in str(refused.value)
+    fit = encrypted.logit(sites, "GRADE ~ GPA + TUCE")
+    assert fit.converged
+
+
+def test_a_site_with_a_privacy_budget_refuses_models() -> None:
+    budget = DisclosurePolicy(privacy=PrivacyBudget(5.0, delta=1e-6))
+    sites = [Site(f"s{i}", rossi().iloc[i::2], policy=budget) for i in range(2)]
+    with pytest.raises(DisclosureRefused, match="no noise calibration"):
+        encrypted.logit(sites, "arrest ~ age")
+
+
+# --------------------------------------------------------------------- attacks
+def threshold_sites() -> list[Site]:
+    return [Site(f"h{i}", rossi().iloc[i::2].reset_index(drop=True)) for i in range(2)]
+
+
+def hand_query(
+    spec: dict[str, Any], beta: list[float], step: str, previous: list[float] | None
+) -> Query:
+    return Query(
+        "glm",
+        {**spec, "beta": beta, "step": step, "previous": previous},
+        _Layout(len(spec["terms"])).size,
+    )
+
+
+def model_spec(formula: str = "arrest ~ age") -> dict[str, Any]:
+    parsed = parse_formula(formula)
+    terms = design_columns(parsed, {})
+    return {
+        "formula": parsed.text,
+        "family": "binomial",
+        "terms": terms,
+        "levels": {},
+        "offset": None,
+        "trials": None,
+        "population": [],
+        "intercept": 0,
+    }
+
+
+def answered(sites: list[Site], keys: KeyHolder) -> int:
+    return sum(len(s.log) for s in sites)
+
+
+def test_a_researcher_cannot_evaluate_a_model_at_coefficients_of_its_choosing() -> None:
+    """The threshold attack: β = (−1000·t, 1000) on age makes μ a step at t, so the
+    score Σ age·(y − μ) differs between t and t + 1 by the rows aged in [t, t+1).
+    Every way to ask such a β is refused before anything leaves a site."""
+    sites = threshold_sites()
+    keys = KeyHolder()
+    spec = model_spec()
+    oldest = float(rossi()["age"].max())
+    steep = [-1000.0 * (oldest - 0.5), 1000.0]
+    # 1. as the first iterate (a model starts at zero)
+    with pytest.raises(DisclosureRefused, match="starts at zero"):
+        run_query(sites, hand_query(spec, steep, "origin", None), _iterate, keys=keys)
+    # 2. as the intercept-only start (every slope must be zero)
+    with pytest.raises(DisclosureRefused, match="every slope at zero"):
+        run_query(sites, hand_query(spec, steep, "start", None), _iterate, keys=keys)
+    # 3. as a "Newton step" from an iterate the sites never answered
+    with pytest.raises(DisclosureRefused, match="did not answer the iterate"):
+        run_query(
+            sites, hand_query(spec, steep, "newton", [1.0, 0.0]), _iterate, keys=keys
+        )
+    # 4. as a step from an answered iterate (zero): the sites' check fails
+    run_query(sites, hand_query(spec, [0.0, 0.0], "origin", None), _iterate, keys=keys)
+    before = answered(sites, keys)
+    with pytest.raises(DisclosureRefused, match="Newton step"):
+        run_query(
+            sites, hand_query(spec, steep, "newton", [0.0, 0.0]), _iterate, keys=keys
+        )
+    # 5. nor a small push off the Newton step
+    honest = encrypted.logit(threshold_sites(), "arrest ~ age")
+    assert honest.converged
+    origin = run_query(
+        sites, hand_query(spec, [0.0, 0.0], "origin", None), _iterate, keys=keys
+    )
+    out = _Layout(2).unpack(origin.totals)
+    step = np.linalg.solve(out["H"], out["g"])
+    for push in ([1e-4, 0.0], [0.0, 1e-5], [0.0, 1.0]):
+        with pytest.raises(DisclosureRefused, match="Newton step"):
+            run_query(
+                sites,
+                hand_query(spec, (step + np.asarray(push)).tolist(), "newton", [0, 0]),
+                _iterate,
+                keys=keys,
+            )
+    # nothing was answered for the refused steps: no log line, no contribution
+    assert answered(sites, keys) == before + len(sites)
+    # the exact Newton step is answered
+    run = run_query(
+        sites,
+        hand_query(spec, step.tolist(), "newton", [0.0, 0.0]),
+        _iterate,
+        keys=keys,
+    )
+    assert _Layout(2).unpack(run.totals)["n"] == len(rossi())
+
+
+def test_a_refused_step_is_not_an_anchor_for_the_next() -> None:
+    sites = threshold_sites()
+    keys = KeyHolder()
+    spec = model_spec()
+    run_query(sites, hand_query(spec, [0.0, 0.0], "origin", None), _iterate, keys=keys)
+    crafted = [-30.0, 1.0]
+    with pytest.raises(DisclosureRefused):
+        run_query(
+            sites, hand_query(spec, crafted, "newton", [0.0, 0.0]), _iterate, keys=keys
+        )
+    with pytest.raises(DisclosureRefused, match="did not answer the iterate"):
+        run_query(
+            sites,
+            hand_query(spec, [-31.0, 1.0], "newton", crafted),
+            _iterate,
+            keys=keys,
+        )
+
+
+def test_an_intercept_start_must_solve_the_intercept_score() -> None:
+    sites = threshold_sites()
+    keys = KeyHolder()
+    spec = model_spec()
+    ybar = float(rossi()["arrest"].mean())
+    exact = float(np.log(ybar / (1 - ybar)))
+    for wrong in (exact + 1e-3, exact - 0.5, 5.0):
+        with pytest.raises(DisclosureRefused, match="Newton step"):
+            run_query(
+                sites,
+                hand_query(spec, [wrong, 0.0], "start", None),
+                _iterate,
+                keys=keys,
+            )
+    run = run_query(
+        sites, hand_query(spec, [exact, 0.0], "start", None), _iterate, keys=keys
+    )
+    assert abs(_Layout(2).unpack(run.totals)["g"][0]) < 1e-9
+
+
+def test_a_model_has_a_bounded_number_of_iterates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(glm_models, "MAX_ITERATES", 3)
+    sites = threshold_sites()
+    with pytest.raises(DisclosureRefused, match="at most 3 iterates"):
+        encrypted.logit(sites, "arrest ~ age + prio")
+
+
+def test_a_formula_is_checked_at_the_site_too() -> None:
+    """A hand-built query with a formula no researcher-side check saw."""
+    sites = threshold_sites()
+    spec = model_spec() | {"formula": "arrest ~ __import__('os').getcwd()"}
+    with pytest.raises(InvalidInput, match=r"not supported|does not parse"):
+        run_query(
+            sites,
+            hand_query(spec, [0.0, 0.0], "origin", None),
+            _iterate,
+            keys=KeyHolder(),
+        )
+
+
+def test_models_differing_by_one_row_are_audited() -> None:
+    """Two models whose populations differ by one patient (each leaving out 3 or
+    more rows, so no count rule fires): the second is refused by the sites'
+    auditors, like any other differencing."""
+    frames = [rossi().iloc[i::2].reset_index(drop=True).copy() for i in range(2)]
+    for frame in frames:
+        frame["a"] = 1.0
+        frame.loc[[0, 1, 2], "a"] = np.nan
+        frame["b"] = frame["a"]
+    frames[0].loc[3, "b"] = np.nan  # b leaves out one more patient at h0
+    sites = [Site(f"h{i}", f) for i, f in enumerate(frames)]
+    fit = encrypted.logit(sites, "arrest ~ age", population=["a"])
+    assert fit.nobs == len(rossi()) - 6
+    with pytest.raises(DisclosureRefused, match=r"\(differencing\)"):
+        encrypted.logit(sites, "arrest ~ age", population=["b"])
