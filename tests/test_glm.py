@@ -13,6 +13,7 @@ age); every such query is refused before anything leaves a site.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
@@ -77,8 +78,26 @@ def star98() -> pd.DataFrame:
     return frame
 
 
+def six_row_split(
+    frame: pd.DataFrame, indicators: Sequence[str]
+) -> dict[str, pd.DataFrame]:
+    """A 6-row site beside two large ones. The 6 rows are 3 + 3 of two patterns of
+    the model's 0/1 covariates, so each covariate's ones there are 0, 3 or 6 (1-2
+    would be refused: a statistic of fewer than 3 of the site's rows)."""
+    patterns = (
+        [part.index for _, part in frame.groupby(list(indicators))]
+        if indicators
+        else [frame.index]
+    )
+    common = [rows for rows in patterns if len(rows) >= 3][:2]
+    small = [*common[0][:3], *common[-1][-3:]]
+    rest = frame.drop(index=small)
+    half = len(rest) // 2
+    return {"s0": frame.loc[small], "s1": rest.iloc[:half], "s2": rest.iloc[half:]}
+
+
 def splits(
-    frame: pd.DataFrame, group: str | None
+    frame: pd.DataFrame, group: str | None, indicators: Sequence[str] = ()
 ) -> dict[str, dict[str, pd.DataFrame]]:
     """The issue's splits: IID over 3 sites, by a natural grouping, skewed sizes
     (70/20/10 %), and one 6-row site beside two large ones."""
@@ -93,11 +112,7 @@ def splits(
             "s1": shuffled.iloc[int(0.7 * n) : int(0.9 * n)],
             "s2": shuffled.iloc[int(0.9 * n) :],
         },
-        "six_rows": {
-            "s0": shuffled.iloc[:6],
-            "s1": shuffled.iloc[6 : 6 + (n - 6) // 2],
-            "s2": shuffled.iloc[6 + (n - 6) // 2 :],
-        },
+        "six_rows": six_row_split(shuffled, indicators),
     }
     if group is not None:
         out["grouped"] = {
@@ -116,6 +131,7 @@ CASES: dict[str, dict[str, Any]] = {
         "formula": "arrest ~ fin + age + prio + wexp",
         "family": "binomial",
         "group": "mar",
+        "indicators": ["fin", "wexp"],
     },
     "breast_cancer logit": {
         "data": breast_cancer,
@@ -128,6 +144,9 @@ CASES: dict[str, dict[str, Any]] = {
         "formula": "GRADE ~ GPA + TUCE + PSI",
         "family": "binomial",
         "group": None,
+        "indicators": ["PSI"],
+        # 32 rows: a 10 % site holds 3, with 1-2 of PSI's ones (refused: k = 3)
+        "skewed": False,
     },
     "star98 binomial with trials": {
         "data": star98,
@@ -142,6 +161,7 @@ CASES: dict[str, dict[str, Any]] = {
         "family": "poisson",
         "offset": "log_week",
         "group": "wexp",
+        "indicators": ["fin", "race"],
     },
     "diabetes gaussian with a category": {
         "data": diabetes,
@@ -185,7 +205,7 @@ PAIRS = [
     for name, case in CASES.items()
     for split in [
         "iid",
-        "skewed",
+        *(["skewed"] if case.get("skewed", True) else []),
         *(["six_rows"] if case.get("six_rows", True) else []),
         *(["grouped"] if case["group"] else []),
     ]
@@ -197,7 +217,7 @@ def test_a_pooled_glm_equals_statsmodels_on_the_pooled_rows(
     name: str, split: str
 ) -> None:
     case = CASES[name]
-    frames = splits(case["data"](), case["group"])[split]
+    frames = splits(case["data"](), case["group"], case.get("indicators", ()))[split]
     sites = [Site(k, f, policy=SMALL_SITES) for k, f in frames.items()]
     fit = encrypted.glm(
         sites,
@@ -319,11 +339,11 @@ def test_a_term_only_one_site_holds_is_refused() -> None:
     """Every smoker at one hospital: the 0/1 covariate's coefficient would be that
     site's totals over its smokers."""
     frame = spector()
-    frames = {"a": frame.iloc[:16], "b": frame.iloc[16:]}  # PSI = 1 only at b
+    frames = {"a": frame[frame.PSI == 0], "b": frame[frame.PSI == 1]}
     sites = [Site(k, f, policy=SMALL_SITES) for k, f in frames.items()]
     with pytest.raises(TooFewSites, match="term 'PSI'") as refused:
         encrypted.logit(sites, "GRADE ~ GPA + PSI")
-    assert "16" not in str(refused.value)
+    assert "14" not in str(refused.value)  # b's count of them
     fit = encrypted.logit(sites, "GRADE ~ GPA + TUCE")
     assert fit.converged
 
@@ -500,3 +520,25 @@ def test_models_differing_by_one_row_are_audited() -> None:
     assert fit.nobs == len(rossi()) - 6
     with pytest.raises(DisclosureRefused, match=r"\(differencing\)"):
         encrypted.logit(sites, "arrest ~ age", population=["b"])
+
+
+def test_a_term_of_fewer_than_k_rows_at_a_site_is_refused() -> None:
+    """A 0/1 covariate with one patient's 1 at each of two sites: held by two
+    sites, but each site's share of its totals is one patient's."""
+    frames = [rossi().iloc[i::2].reset_index(drop=True).copy() for i in range(2)]
+    for frame in frames:
+        frame["rare"] = 0.0
+        frame.loc[5, "rare"] = 1.0
+    sites = [Site(f"h{i}", f) for i, f in enumerate(frames)]
+    with pytest.raises(DisclosureRefused, match="fewer than 3"):
+        encrypted.logit(sites, "arrest ~ age + rare")
+    for frame in frames:
+        frame.loc[[6, 7], "rare"] = 1.0  # three at each site: answered
+    fit = encrypted.logit(
+        [Site(f"h{i}", f) for i, f in enumerate(frames)], "arrest ~ age + rare"
+    )
+    pooled = pd.concat(frames, ignore_index=True)
+    ref = smf.glm("arrest ~ age + rare", pooled, family=sm.families.Binomial()).fit(
+        tol=1e-14
+    )
+    assert relative(fit.params, ref.params) <= RTOL

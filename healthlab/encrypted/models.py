@@ -415,19 +415,29 @@ def _iterate(site: Site, query: Query) -> Totals:
     layout = _Layout(p)
     totals = layout.pack(float(dropped), float(len(y)), float(trials.sum()), h, g, rest)
     full = _full_masks(site, kept, [np.ones(len(kept), dtype=bool)])
-    subsets = {c: full for c in reads} | _left_out(site, kept)
-    # every design column's rows must be held by enough sites (a level of C(sex),
-    # the ones of a 0/1 covariate): else its coefficient is one site's totals
+    # a design column's totals are statistics of the rows where it is not zero: a
+    # column of one value there (a level of C(sex), the ones of a 0/1 covariate,
+    # their interactions) sums the same weights over its rows as the intercept
+    # does over all, so its rows are a subset for the auditor (at least k rows,
+    # no differencing); any other column's rows must be at least k
+    nonzero = _full_masks(site, kept, [x[:, j] != 0 for j in range(p)])
+    indicators = {}
+    for j, term in enumerate(terms):
+        values = x[x[:, j] != 0, j]
+        if np.unique(values).size <= 1:
+            indicators[f"term {term}"] = [nonzero[j]]
+        elif values.size < site.policy.min_rows:
+            raise DisclosureRefused(
+                f"site {site.name}: a subset, group, cell or bin of this query would "
+                f"summarize fewer than {site.policy.min_rows} rows (the site's "
+                "minimum): a term is not zero in too few rows; drop or recode it"
+            )
+    subsets = {c: full for c in reads} | indicators | _left_out(site, kept)
+    # ... and must be held by enough sites: else its coefficient is one site's
     end = len(totals)
     blocks = [
-        Block(
-            end,
-            end,
-            _full_masks(site, kept, [x[:, j] != 0])[0],
-            required=True,
-            name=f"the rows of term {term!r} are",
-        )
-        for j, term in enumerate(terms)
+        Block(end, end, mask, required=True, name=f"the rows of term {term!r} are")
+        for term, mask in zip(terms, nonzero, strict=True)
     ]
     return totals, subsets, blocks, check
 
