@@ -171,10 +171,11 @@ def test_a_bin_one_site_holds_is_withheld_by_every_site(edges: list[float]) -> N
     assert table.attrs["suppressed_bins"] == [(90.0, float(edges[-1]))]
     assert table["count"].iloc[:-1].tolist() == expected[:-1].tolist()
     assert int(expected[-1]) == 5
-    if edges[0] > rows["age"].min():  # all rows minus the bins: others' rows too
-        encrypted.describe(sites, ["age"])
-        return
-    # all rows minus the released bins would be the withheld bin: refused
+    # the rows outside the edges are counted (every site holds some, or none)
+    outside = int(((rows.age < edges[0]) | (rows.age > edges[-1])).sum())
+    assert table.attrs["outside"] == outside
+    # all rows minus the released bins (and the rows outside) would be the
+    # withheld bin: refused
     with pytest.raises(DisclosureRefused, match="site h1: a group held by too few"):
         encrypted.describe(sites, ["age"])
 

@@ -27,6 +27,7 @@ from healthlab.encrypted.protocol import Aggregator, Contribution, Query
 from healthlab.encrypted.stats import (
     Levels,
     corr,
+    counts,
     cov,
     crosstab,
     describe,
@@ -50,6 +51,7 @@ __all__ = [
     "PublicContext",
     "Query",
     "corr",
+    "counts",
     "cov",
     "crosstab",
     "describe",

@@ -51,12 +51,14 @@ from scipy import stats as distributions
 from healthlab.encrypted.keys import KeyHolder
 from healthlab.encrypted.protocol import Block, Check, Query, StudyRun, Totals
 from healthlab.encrypted.stats import (
+    AliasedDesign,
     SitesLike,
     _check_grouping,
     _full_masks,
     _left_out,
     _run,
     attach_receipt,
+    check_aliasing,
     levels,
     population_columns,
 )
@@ -100,10 +102,6 @@ class NotConverged(HealthLabError):
 
 class PerfectSeparation(NotConverged):
     """The outcome is predicted exactly for some rows: the estimates do not exist."""
-
-
-class AliasedDesign(InvalidInput):
-    """A design column is (nearly) a combination of others: it cannot be estimated."""
 
 
 # ------------------------------------------------------------------ formulas
@@ -696,26 +694,8 @@ def _start(family: str, spec: Mapping[str, Any], first: dict[str, Any]) -> float
 
 
 def _aliased(h: np.ndarray, names: list[str]) -> None:
-    """Refuse a design whose information matrix is (nearly) singular, naming the
-    terms that are combinations of the others (never NaN standard errors)."""
-    d = np.sqrt(np.clip(np.diag(h), 0, None))
-    zero = [names[j] for j in range(len(names)) if d[j] == 0]
-    if zero:
-        raise AliasedDesign(
-            f"the term(s) {zero} are zero in every row pooled; drop them"
-        )
-    r = h / np.outer(d, d)  # scaled to unit diagonal
-    kept: list[int] = []
-    for j in range(len(names)):
-        trial = [*kept, j]
-        sub = r[np.ix_(trial, trial)]
-        if np.linalg.eigvalsh(sub).min() <= 1e-10:
-            others = [names[k] for k in kept]
-            raise AliasedDesign(
-                f"the design is aliased: {names[j]!r} is (nearly) a linear "
-                f"combination of {others}; drop it or one of them"
-            )
-        kept.append(j)
+    """Refuse an aliased design (the information matrix, intercept included)."""
+    check_aliasing(h, names)
 
 
 def glm(

@@ -551,8 +551,9 @@ def query_columns(query: Query) -> list[str]:
     named = list(spec.get("columns") or ())
     if spec.get("column") is not None:
         named.append(spec["column"])
-    if spec.get("by"):
-        named.append(spec["by"])
+    by = spec.get("by")
+    if by:
+        named.extend([by] if isinstance(by, str) else list(by))
     return [str(c) for c in named]
 
 

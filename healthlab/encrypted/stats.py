@@ -15,6 +15,7 @@ pandas to ~1e-15 relative.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
@@ -38,8 +39,10 @@ from healthlab.site_data import at_site, numeric, numeric_column
 from healthlab.sites import LEFT_OUT, Site, as_sites
 
 __all__ = [
+    "AliasedDesign",
     "Levels",
     "corr",
+    "counts",
     "cov",
     "crosstab",
     "describe",
@@ -55,13 +58,31 @@ _log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- site side
-def _group_masks(
-    frame: pd.DataFrame, by: str | None, groups: Sequence[str]
-) -> list[np.ndarray]:
+def _by_columns(by: str | Sequence[str] | None) -> list[str]:
+    """The grouping columns of ``by=`` (one name, or several)."""
     if by is None:
+        return []
+    return [by] if isinstance(by, str) else [str(b) for b in by]
+
+
+def _group_masks(
+    frame: pd.DataFrame, by: str | Sequence[str] | None, groups: Sequence[Any]
+) -> list[np.ndarray]:
+    named = _by_columns(by)
+    if not named:
         return [np.ones(len(frame), dtype=bool)]
-    labels = frame[by].astype(str).to_numpy()
-    return [labels == g for g in groups]
+    if isinstance(by, str):
+        labels = frame[by].astype(str).to_numpy()
+        return [labels == g for g in groups]
+    # several columns: a group is one level of each
+    columns = [frame[b].astype(str).to_numpy() for b in named]
+    masks = []
+    for group in groups:
+        mask = np.ones(len(frame), dtype=bool)
+        for values, level in zip(columns, group, strict=True):
+            mask &= values == str(level)
+        masks.append(mask)
+    return masks
 
 
 def _full_masks(
@@ -90,12 +111,12 @@ def _moments(site: Site, query: Query) -> Totals:
     spec = query.spec
     columns: list[str] = list(spec["columns"])
     by = spec.get("by")
-    asked = columns + ([by] if by else [])
+    asked = list(dict.fromkeys(columns + _by_columns(by)))
     kept, dropped = site.rows(
         asked, dropna=bool(spec.get("dropna")), population=spec.get("population", ())
     )
-    if by:
-        _check_grouping(site, kept, by, site.policy.min_rows)
+    for column in _by_columns(by):
+        _check_grouping(site, kept, column, site.policy.min_rows)
     values = numeric(site.name, kept, columns)
     masks = _group_masks(kept, by, spec.get("groups", ()))
     center = np.asarray(spec["center"], dtype=float)
@@ -182,6 +203,10 @@ def _counts(site: Site, query: Query) -> Totals:
         index[x == edges[-1]] = len(edges) - 2  # numpy: the last bin is closed
         inside = (x >= edges[0]) & (x <= edges[-1])
         masks = [inside & (index == i) for i in range(len(edges) - 1)]
+    elif len(columns) == 1:  # one-way counts of a category's levels
+        _check_grouping(site, kept, columns[0], site.policy.min_rows)
+        r = kept[columns[0]].astype(str).to_numpy()
+        masks = [r == a for a in spec["levels"][0]]
     else:
         row_levels, col_levels = spec["levels"]
         for column in columns:
@@ -190,17 +215,22 @@ def _counts(site: Site, query: Query) -> Totals:
         c = kept[columns[1]].astype(str).to_numpy()
         masks = [(r == a) & (c == b) for a in row_levels for b in col_levels]
     totals = [float(dropped)] + [float(m.sum()) for m in masks]
+    if "edges" in spec:  # the rows outside the edges: counted too (a cell of its own)
+        beyond = int((~inside).sum())
+        if 0 < beyond < site.policy.min_rows:
+            raise DisclosureRefused(
+                f"site {site.name}: fewer than {site.policy.min_rows} of its rows fall "
+                "outside the bin edges, and their count is released; move the first "
+                "or last edge out to cover the column's range"
+            )
+        masks.append(~inside)
+        totals.append(float(beyond))
     full = _full_masks(site, kept, masks)
     # every cell is a block: a bin or cell held by fewer sites than the pooling
     # minimum would be one site's count, so every site sends zeros for it
+    # (the rows outside a histogram's edges are the last: all rows minus the bins
+    # is them, so when too few sites hold such rows they are withheld, protected)
     blocks = [Block(1 + i, 2 + i, m, empty_released=True) for i, m in enumerate(full)]
-    if "edges" in spec:
-        # the rows outside the edges are not counted, but all rows minus the bins
-        # is them: counted among the sites as a block with no totals, so that when
-        # too few sites hold such rows they are protected
-        outside = _full_masks(site, kept, [~inside])[0]
-        end = len(totals)
-        blocks.append(Block(end, end, outside, empty_released=True))
     return totals, {col: full for col in columns} | _left_out(site, kept), blocks
 
 
@@ -282,11 +312,11 @@ def _own_threshold(run: StudyRun, min_rows: int) -> StudyRun:
 def _centers(
     sites: list[Site],
     columns: list[str],
-    by: str | None,
-    groups: list[str],
+    by: str | Sequence[str] | None,
+    groups: list[Any],
     options: dict[str, Any],
     model_params: int | None = None,
-) -> tuple[StudyRun, np.ndarray, list[str]]:
+) -> tuple[StudyRun, np.ndarray, list[Any]]:
     """Round 1: pooled n and Σx per column (over all groups) → the public centers,
     and the groups held by enough sites to be pooled.
 
@@ -403,7 +433,7 @@ def _second_moments(
     sites: list[Site],
     columns: list[str],
     *,
-    by: str | None,
+    by: str | Sequence[str] | None,
     groups: list[str],
     cross: bool,
     options: dict[str, Any],
@@ -641,7 +671,7 @@ def describe(
     sites: SitesLike,
     columns: Sequence[str],
     *,
-    by: str | None = None,
+    by: str | Sequence[str] | None = None,
     researcher: str | None = None,
     keys: KeyHolder | None = None,
     dropna: bool = False,
@@ -652,6 +682,9 @@ def describe(
     bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
 ) -> pd.DataFrame:
     """``count``, ``mean``, ``std``, ``var``, ``sum`` and ``sem`` pooled across sites.
+
+    ``by`` is a column, or a list of columns (each group is one level of each:
+    columns ``(level_a, level_b, column)``).
 
     Shaped like ``pandas.DataFrame.describe()`` (statistics as rows, columns as
     columns); with ``by``, columns become ``(group, column)``, and a group held by
@@ -683,7 +716,25 @@ def describe(
     options = _options(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
-    groups = list(_grouping_levels(site_list, by, researcher)) if by else []
+    if not isinstance(by, str) and by is not None:
+        named = _by_columns(by)
+        if not named or len(set(named)) != len(named) or set(named) & set(cols):
+            raise InvalidInput(
+                "by= names one column, or several distinct ones, none of them "
+                "among the columns described"
+            )
+        by = named[0] if len(named) == 1 else named
+    if isinstance(by, str):
+        groups: list[Any] = list(_grouping_levels(site_list, by, researcher))
+    elif by:
+        groups = [
+            tuple(g)
+            for g in itertools.product(
+                *(list(_grouping_levels(site_list, b, researcher)) for b in by)
+            )
+        ]
+    else:
+        groups = []
     runs, center, stats = _second_moments(
         site_list, cols, by=by, groups=groups, cross=False, options=options
     )
@@ -732,7 +783,7 @@ def describe(
             "needs are not shown: %s",
             len(suppressed),
             by,
-            ", ".join(suppressed),
+            ", ".join(map(str, suppressed)),
         )
     return attach_receipt(
         result,
@@ -811,9 +862,11 @@ def histogram(
         "dropna": dropna,
         "population": options["population"],
     }
-    run = _run(site_list, "counts", spec, edges.size, _counts, **_opts(options))
-    counts = _cell_counts(run)
-    result = pd.DataFrame({"left": edges[:-1], "right": edges[1:], "count": counts})
+    run = _run(site_list, "counts", spec, edges.size + 1, _counts, **_opts(options))
+    cells = _cell_counts(run)
+    result = pd.DataFrame({"left": edges[:-1], "right": edges[1:], "count": cells[:-1]})
+    # rows outside the edges (numpy drops them): their count, or None (withheld)
+    result.attrs["outside"] = None if pd.isna(cells[-1]) else int(cells[-1])
     if dropna or options["population"]:
         result.attrs["missing"] = _missing(run, "histogram")
     if any(i < len(edges) - 1 for i in run.suppressed):
@@ -875,13 +928,44 @@ def crosstab(
     M       1488  919
     """
     site_list = as_sites(sites)
-    row_levels = list(_grouping_levels(site_list, row, researcher))
-    col_levels = list(_grouping_levels(site_list, col, researcher))
     if bounds is not None:  # not silently ignored
         raise InvalidInput(
             "bounds= apply to moments (describe, cov, corr, ols); a count's "
             "sensitivity is one row per cell, so counts take none"
         )
+    if row == col:  # pandas.crosstab(s, s): the one-way counts on the diagonal
+        one_way = counts(
+            site_list,
+            row,
+            researcher=researcher,
+            keys=keys,
+            dropna=dropna,
+            min_sites=min_sites,
+            min_rows=min_rows,
+            on_refusal=on_refusal,
+            population=population,
+        )
+        names = list(one_way.index)
+        diagonal = pd.DataFrame(
+            {
+                level: pd.array(
+                    [one_way["count"].iloc[i] if a == level else 0 for a in names],
+                    dtype="Int64",
+                )
+                for i, level in enumerate(names)
+            },
+            index=pd.Index(names, name=row),
+        )
+        diagonal.columns = pd.Index(names, name=col)
+        diagonal.attrs = dict(one_way.attrs)
+        if "suppressed_levels" in one_way.attrs:
+            diagonal.attrs["suppressed_cells"] = [
+                (a, a) for a in one_way.attrs.pop("suppressed_levels")
+            ]
+            diagonal.attrs.pop("suppressed_levels", None)
+        return diagonal
+    row_levels = list(_grouping_levels(site_list, row, researcher))
+    col_levels = list(_grouping_levels(site_list, col, researcher))
     options = _options(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
@@ -893,16 +977,16 @@ def crosstab(
     }
     n = len(row_levels) * len(col_levels)
     run = _run(site_list, "counts", spec, 1 + n, _counts, **_opts(options))
-    counts = _cell_counts(run)
+    cells = _cell_counts(run)
     width = len(col_levels)
     result = pd.DataFrame(
-        {level: counts[j::width] for j, level in enumerate(col_levels)},
+        {level: cells[j::width] for j, level in enumerate(col_levels)},
         index=pd.Index(row_levels, name=row),
     )
     result.columns = pd.Index(col_levels, name=col)
     if run.suppressed:
-        cells = [divmod(i, len(col_levels)) for i in run.suppressed]
-        named = [(row_levels[a], col_levels[b]) for a, b in cells]
+        where = [divmod(i, len(col_levels)) for i in run.suppressed]
+        named = [(row_levels[a], col_levels[b]) for a, b in where]
         result.attrs["suppressed_cells"] = named
         _log.warning(
             "crosstab: %d cell(s) held by fewer sites than a pooled result needs, "
@@ -915,6 +999,61 @@ def crosstab(
         [run],
         kind="crosstab",
         parameters={"row": row, "col": col, "population": options["population"]},
+    )
+
+
+def counts(
+    sites: SitesLike,
+    column: str,
+    *,
+    researcher: str | None = None,
+    keys: KeyHolder | None = None,
+    dropna: bool = False,
+    min_sites: int = 2,
+    min_rows: int = 0,
+    on_refusal: str = "raise",
+    population: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Exact pooled one-way counts of a category's levels, like
+    ``Series.value_counts()`` in the order of :func:`levels`.
+
+    The same rules as :func:`crosstab`'s cells: levels are the released ones, a
+    site refuses when a non-empty level holds fewer than its minimum of rows, and
+    a level fewer sites hold than the pooling minimum is shown ``<NA>`` and named
+    in ``attrs["suppressed_levels"]``. ``attrs["missing"]``: rows without a value
+    (None when too few sites leave rows out: it would be one site's count).
+
+    Examples
+    --------
+    >>> counts(sites, "smoker", researcher=me)  # doctest: +SKIP
+            count
+    smoker
+    no       3190
+    yes      1460
+    """
+    site_list = as_sites(sites)
+    names = list(_grouping_levels(site_list, column, researcher))
+    options = _options(
+        keys, researcher, min_sites, min_rows, dropna, on_refusal, population
+    )
+    spec = {
+        "columns": [column],
+        "levels": [names],
+        "dropna": dropna,
+        "population": options["population"],
+    }
+    run = _run(site_list, "counts", spec, 1 + len(names), _counts, **_opts(options))
+    result = pd.DataFrame(
+        {"count": _cell_counts(run)}, index=pd.Index(names, name=column)
+    )
+    result.attrs["missing"] = _missing(run, "counts")
+    if run.suppressed:
+        result.attrs["suppressed_levels"] = [names[i] for i in run.suppressed]
+    return attach_receipt(
+        result,
+        [run],
+        kind="counts",
+        parameters={"column": column, "population": options["population"]},
     )
 
 
@@ -941,7 +1080,7 @@ def _cell_counts(run: StudyRun) -> pd.arrays.IntegerArray:
     noise: rounded and kept >= 0 (post-processing)."""
     counts = np.maximum(np.rint(run.totals[1:]), 0).astype(np.int64)
     hidden = np.zeros(counts.size, dtype=bool)
-    hidden[[i for i in run.suppressed if i < counts.size]] = True  # not "outside"
+    hidden[[i for i in run.suppressed if i < counts.size]] = True
     counts[hidden] = 0  # nothing kept under the mask (a min_rows cell's count)
     return pd.arrays.IntegerArray(counts, hidden)
 
@@ -1078,14 +1217,19 @@ def ols(
     scatter = m2 - np.outer(s1, s1) / n
     p = len(xs)
     sxx, sxy, syy = scatter[:p, :p], scatter[:p, p], scatter[p, p]
-    try:
-        beta = np.linalg.solve(sxx, sxy)
-        inverse = np.linalg.inv(sxx)
-    except np.linalg.LinAlgError as exc:
-        raise DataRefused("the covariates are collinear; drop one of them") from exc
+    # around the means: a constant covariate is aliased with the intercept
+    check_aliasing(sxx, xs, with_intercept=True)
+    beta = np.linalg.solve(sxx, sxy)
+    inverse = np.linalg.inv(sxx)
     means = center + s1 / n
     intercept = means[p] - means[:p] @ beta
     rss = float(syy - sxy @ beta)
+    if not rss > 1e-12 * float(syy):
+        raise AliasedDesign(
+            f"{y!r} is (nearly) an exact linear combination of the covariates (a "
+            "perfect fit, with no residual to estimate standard errors from); is "
+            "the outcome, or a function of it, among the covariates?"
+        )
     dof = n - p - 1
     sigma2 = rss / dof
     se_beta = np.sqrt(np.diag(inverse) * sigma2)
@@ -1109,6 +1253,48 @@ def ols(
             "population": options["population"],
         },
     )
+
+
+class AliasedDesign(InvalidInput):
+    """A design column is (nearly) a combination of others: it cannot be estimated."""
+
+
+#: Smallest eigenvalue of a design's correlation-scaled information matrix that
+#: still counts as full rank (its reciprocal bounds the variance inflation).
+ALIASING_THRESHOLD = 1e-10
+
+
+def check_aliasing(
+    matrix: np.ndarray, names: Sequence[str], *, with_intercept: bool = False
+) -> None:
+    """Refuse a design whose (pooled) information or scatter matrix is singular or
+    nearly so, naming the term that is a combination of the ones before it —
+    never arbitrary coefficients with NaN standard errors.
+
+    ``with_intercept``: ``matrix`` is a scatter matrix around the means, so a term
+    with no spread is constant, i.e. aliased with the intercept.
+    """
+    diagonal = np.diag(matrix)
+    scale = np.sqrt(np.clip(diagonal, 0, None))
+    base = ["Intercept"] if with_intercept else []
+    flat = [names[j] for j in range(len(names)) if not scale[j] > 0]
+    if flat:
+        what = "constant in the pooled rows" if with_intercept else "zero in every row"
+        raise AliasedDesign(
+            f"the term(s) {flat} are {what}: aliased with {base or 'nothing'}; drop "
+            "them"
+        )
+    scaled = matrix / np.outer(scale, scale)
+    kept: list[int] = []
+    for j in range(len(names)):
+        trial = [*kept, j]
+        if np.linalg.eigvalsh(scaled[np.ix_(trial, trial)]).min() <= ALIASING_THRESHOLD:
+            others = base + [str(names[k]) for k in kept]
+            raise AliasedDesign(
+                f"the design is aliased: {names[j]!r} is (nearly) a linear "
+                f"combination of {others}; drop it or one of them"
+            )
+        kept.append(j)
 
 
 def attach_receipt(
