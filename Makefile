@@ -93,6 +93,7 @@ bench: setup
 	$(BIN)/python benchmarks/gas.py
 	$(BIN)/python benchmarks/encrypted_stats.py
 	$(BIN)/python benchmarks/audit.py
+	$(BIN)/python benchmarks/glm.py
 	$(BIN)/python benchmarks/federated.py
 	$(BIN)/python benchmarks/storage.py
 	$(BIN)/python benchmarks/deploy.py

@@ -95,6 +95,7 @@ __all__ = [
     "oracle_requests",
     "pandas_city_scores",
     "pandas_histogram",
+    "pandas_logit",
     "pandas_ols",
     "parse_parameters",
     "plot_coefficients",
@@ -683,6 +684,18 @@ def pandas_ols(frame: pd.DataFrame, y: str, X: Sequence[str]) -> pd.DataFrame:  
     return pd.DataFrame(
         {"coef": coef, "se": se, "t": coef / se}, index=["Intercept", *X]
     )
+
+
+def pandas_logit(frame: pd.DataFrame, formula: str) -> Any:
+    """statsmodels' logistic GLM on pooled rows (complete cases of the formula's
+    columns): the reference ``encrypted.logit`` is compared with."""
+    import statsmodels.api as sm
+    import statsmodels.formula.api as smf
+
+    from healthlab.encrypted.models import parse_formula
+
+    rows = frame[parse_formula(formula).reads].dropna()
+    return smf.glm(formula, rows, family=sm.families.Binomial()).fit(tol=1e-14)
 
 
 def receipt_table(receipt: Mapping[str, Any]) -> pd.DataFrame:

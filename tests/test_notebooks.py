@@ -855,6 +855,24 @@ def test_statistics_counts_equal_numpy_and_pandas_exactly(
     assert stats["crosstab"].index.tolist() == table.index.tolist()
 
 
+def test_statistics_logit_odds_ratios_equal_statsmodels(
+    stats: dict[str, pd.DataFrame],
+) -> None:
+    import statsmodels.api as sm
+    import statsmodels.formula.api as smf
+
+    formula = "cvd_event_10y ~ age + C(sex) + smoker + sbp"  # the notebook's default
+    rows = pooled()[["cvd_event_10y", "age", "sex", "smoker", "sbp"]].dropna()
+    reference = smf.glm(formula, rows, family=sm.families.Binomial()).fit(tol=1e-14)
+    odds = stats["odds_ratios"]
+    assert odds.index.tolist() == ["age", "C(sex)[T.M]", "smoker", "sbp"]
+    expected = np.exp(reference.params.drop("Intercept"))
+    np.testing.assert_allclose(odds["odds_ratio"], expected, rtol=1e-8)
+    ci = np.exp(reference.conf_int().drop("Intercept"))
+    np.testing.assert_allclose(odds["0.025"], ci[0], rtol=1e-7)
+    np.testing.assert_allclose(odds["0.975"], ci[1], rtol=1e-7)
+
+
 def test_statistics_corr_and_ols_equal_the_library(
     stats: dict[str, pd.DataFrame],
 ) -> None:

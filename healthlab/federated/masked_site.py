@@ -239,9 +239,13 @@ def transform_from_moments(sums: list[float], p: int, *, linear: bool) -> Prepro
     cross = np.zeros((p, p))
     cross[np.triu_indices(p)] = sums[1 + p :]
     cross = cross + np.triu(cross, 1).T
-    cov = (cross - n * np.outer(mean, mean)) / (n - 1)
+    scatter = cross - n * np.outer(mean, mean)
+    cov = scatter / (n - 1)
     if linear:
-        values, vectors = np.linalg.eigh(cov)
+        # the covariance with divisor n: the mean squared loss's Hessian is then
+        # exactly the identity, so one step of size 1 is pooled least squares (with
+        # n - 1, every slope came out times 1 - 1/n)
+        values, vectors = np.linalg.eigh(scatter / n)
         if values.min() <= 1e-12 * values.max():
             raise DataRefused("the features are collinear; drop one to whiten")
         transform = vectors @ np.diag(values**-0.5) @ vectors.T

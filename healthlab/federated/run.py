@@ -162,7 +162,9 @@ def _preprocessing(
         matrix = cov(sites, features, **options)
         stats = describe(sites, features, **options)
         center = stats.loc["mean", features].to_numpy(dtype=float)
-        values, vectors = np.linalg.eigh(matrix.to_numpy())
+        # divisor n, not n - 1: the loss's Hessian is then exactly the identity
+        n = float(stats.loc["count", features].min())
+        values, vectors = np.linalg.eigh(matrix.to_numpy() * (n - 1) / n)
         if values.min() <= 1e-12 * values.max():
             raise InvalidInput("the features are collinear; drop one to whiten")
         transform = vectors @ np.diag(values**-0.5) @ vectors.T
@@ -207,7 +209,17 @@ def train(
     progress: Callable[[RoundReport], None] | None = None,
     update_hook: UpdateHook | None = None,
 ) -> FederatedResult:
-    """Train a model across sites; the data never leaves them.
+    """Train a model across sites for prediction; the data never leaves them.
+
+    This is for prediction (``predict_proba``, held-out metrics), not inference:
+    it returns no standard errors, and its logistic fit is penalized (``l2``) and
+    stops after ``rounds``. For coefficients with standard errors, confidence
+    intervals and p-values use :func:`healthlab.encrypted.glm` (exact pooled
+    maximum likelihood). Each site holds out ``test_fraction`` (default 0.2) of its
+    rows for the history's metrics — ``result.test_index`` names them, the receipt
+    records the fraction; pass ``test_fraction=0`` to train on every row. A site
+    with fewer than its minimum rows to train on refuses; a site left out of a
+    round is logged as a warning and named in the history and the receipt.
 
     Every setting, with its default and validation, is a field of
     :class:`~healthlab.federated.spec.StudySpec` (the same for a deployment).

@@ -13,6 +13,7 @@ progress callback. The masked protocol, the default, is
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ from healthlab.federated.flower_compat import quick_grid
 from healthlab.federated.screening import Screening, site_status
 from healthlab.federated.study import Study
 from healthlab.federated.task import summarize
+
+_log = logging.getLogger(__name__)
 
 __all__ = [
     "STRATEGIES",
@@ -209,6 +212,9 @@ def run_rounds(
         report = RoundReport(
             rnd, taken, refused, rejected, pooled, per_site, time.monotonic() - started
         )
+        for site, reason in {**refused, **rejected}.items():
+            # a site left out of a round is loud: here, in the history, the receipt
+            _log.warning("round %d: site %s left out: %s", rnd, site, reason)
         outcome.rounds.append(report)
         outcome.params = params
         if on_round is not None:

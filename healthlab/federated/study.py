@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from healthlab.errors import AccessDenied, DataRefused, InvalidInput
+from healthlab.errors import AccessDenied, DataRefused, DisclosureRefused, InvalidInput
 from healthlab.federated.task import Model, TrainConfig
 from healthlab.ledger.signing import SignedQuery
 from healthlab.site_data import numeric, numeric_column
@@ -136,6 +136,12 @@ class Study:
                 f"{self.model.name} model"
             )
         test = split_test(len(y), self.test_fraction, self.seed, site.name)
+        if int((~test).sum()) < site.policy.min_rows:
+            # an update from 1-2 rows is a function of those patients' values
+            raise DisclosureRefused(
+                f"site {site.name}: fewer than {site.policy.min_rows} rows to train on "
+                "(after holding out test_fraction of them); leave the site out"
+            )
         return SiteData(x[~test], y[~test], x[test], y[test], list(kept.index[test]))
 
 
