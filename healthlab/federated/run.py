@@ -163,7 +163,7 @@ def _preprocessing(
         stats = describe(sites, features, **options)
         center = stats.loc["mean", features].to_numpy(dtype=float)
         # divisor n, not n - 1: the loss's Hessian is then exactly the identity
-        n = float(stats.loc["count", features].min())
+        n = float(stats.loc["count", features].to_numpy(dtype=float).min())
         values, vectors = np.linalg.eigh(matrix.to_numpy() * (n - 1) / n)
         if values.min() <= 1e-12 * values.max():
             raise InvalidInput("the features are collinear; drop one to whiten")
