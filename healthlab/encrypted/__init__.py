@@ -1,10 +1,12 @@
 """Statistics across sites over homomorphically encrypted site totals (CKKS, TenSEAL).
 
-The public API: :func:`describe`, :func:`histogram`, :func:`crosstab`, :func:`corr`,
-:func:`cov`, :func:`ols` (and :func:`levels`, which withholds rare levels and refuses
-identifiers), :func:`describe_values` (every value encrypted); models: :func:`glm`
-and :func:`logit` (:mod:`healthlab.encrypted.models`); :class:`KeyHolder` for the
-researcher's keys and :class:`Aggregator` for the server side.
+The public API: :func:`describe`, :func:`histogram`, :func:`crosstab`, :func:`counts`,
+:func:`corr`, :func:`cov`, :func:`ols` (and :func:`levels`, which withholds rare
+levels and refuses identifiers), :func:`describe_values` (every value encrypted);
+models: :func:`glm` and :func:`logit` (:mod:`healthlab.encrypted.models`);
+survival: :func:`kaplan_meier` with the log-rank test
+(:mod:`healthlab.encrypted.survival`); :class:`KeyHolder` for the researcher's keys
+and :class:`Aggregator` for the server side.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from healthlab.encrypted.stats import (
     levels,
     ols,
 )
+from healthlab.encrypted.survival import SurvivalResult, kaplan_meier
 from healthlab.encrypted.values import describe_values, square_bias_factor
 
 __all__ = [
@@ -50,6 +53,7 @@ __all__ = [
     "PerfectSeparation",
     "PublicContext",
     "Query",
+    "SurvivalResult",
     "corr",
     "counts",
     "cov",
@@ -58,6 +62,7 @@ __all__ = [
     "describe_values",
     "glm",
     "histogram",
+    "kaplan_meier",
     "levels",
     "logit",
     "ols",

@@ -1,0 +1,329 @@
+"""Survival across sites on a declared time grid: Kaplan–Meier and the log-rank test.
+
+:func:`kaplan_meier` pools, per interval ``(t_{j-1}, t_j]`` of a public grid, the
+exact counts of events and of censorings (and the rows followed beyond the grid)
+from every site — a table of counts like a histogram's, through the same gates,
+cell rule, holder count and auditor. From them: the number at risk at each grid
+time, the Kaplan–Meier estimate with Greenwood's variance and lifelines'
+exponential (log(−log)) confidence interval, and, with ``by=``, the log-rank test.
+They equal lifelines on the pooled rows with durations rounded up to the grid
+(``ceil_to_grid``): the grid is the resolution of the released curve, as a
+histogram's bins are.
+
+A cell (an interval's events or censorings, in a group) held by 1 or 2 rows at a
+site is refused by that site (the cell rule), and a cell only one site holds would
+be that site's count: every site refuses the query. Both say to coarsen the grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as distributions
+
+from healthlab.encrypted.keys import KeyHolder
+from healthlab.encrypted.protocol import Block, Query, Totals
+from healthlab.encrypted.stats import (
+    SitesLike,
+    _check_grouping,
+    _full_masks,
+    _grouping_levels,
+    _left_out,
+    _run,
+    attach_receipt,
+    population_columns,
+)
+from healthlab.errors import DataRefused, InvalidInput
+from healthlab.site_data import numeric_column
+from healthlab.sites import Site, as_sites
+
+__all__ = ["SurvivalResult", "ceil_to_grid", "kaplan_meier"]
+
+
+def ceil_to_grid(durations: np.ndarray, grid: Sequence[float]) -> np.ndarray:
+    """Each duration rounded up to the next grid time (beyond the grid: ``inf``)."""
+    edges = np.asarray(grid, dtype=float)
+    index = np.searchsorted(edges, np.asarray(durations, dtype=float), side="left")
+    return np.where(
+        index < edges.size, edges[np.minimum(index, edges.size - 1)], np.inf
+    )
+
+
+# ------------------------------------------------------------------ site side
+def _cells(site: Site, query: Query) -> Totals:
+    """Per group and interval: events, censorings; then the rows beyond the grid."""
+    spec = query.spec
+    duration, event, by = spec["duration"], spec["event"], spec.get("by")
+    reads = [duration, event, *([by] if by else [])]
+    kept, _ = site.rows(reads, dropna=True, population=spec.get("population", ()))
+    if by:
+        _check_grouping(site, kept, by, site.policy.min_rows)
+    t = numeric_column(site.name, kept[duration], duration)
+    e = numeric_column(site.name, kept[event], event)
+    if not np.all(t > 0):
+        raise DataRefused(
+            f"site {site.name}: the durations {duration!r} must be positive"
+        )
+    if not np.all(np.isin(e, (0.0, 1.0))):
+        raise DataRefused(
+            f"site {site.name}: the event indicator {event!r} must be 0 (censored) "
+            "or 1 (event)"
+        )
+    grid = np.asarray(spec["grid"], dtype=float)
+    for edge_column in (duration,):
+        site.policy.check_grid(site.name, edge_column, grid)
+    index = np.searchsorted(grid, t, side="left")  # interval j: (g[j-1], g[j]]
+    beyond = index >= grid.size
+    groups = spec.get("groups") or [None]
+    labels = kept[by].astype(str).to_numpy() if by else None
+    masks: list[np.ndarray] = []
+    for group in groups:
+        member = np.ones(len(t), dtype=bool) if labels is None else labels == group
+        for j in range(1, grid.size):
+            inside = member & (index == j)
+            masks.append(inside & (e == 1))
+            masks.append(inside & (e == 0))
+        masks.append(member & beyond)
+    totals = [float(site.n_rows - len(kept))] + [float(m.sum()) for m in masks]
+    full = _full_masks(site, kept, masks)
+    # a cell only one site holds would be its count: every site refuses then
+    blocks = [
+        Block(
+            1 + i,
+            2 + i,
+            m,
+            empty_released=True,
+            required=True,
+            name="a cell of the grid (an interval's events or censorings) is",
+        )
+        for i, m in enumerate(full)
+    ]
+    return totals, {duration: full, event: full} | _left_out(site, kept), blocks
+
+
+# ------------------------------------------------------------ researcher side
+@dataclass
+class SurvivalResult:
+    """Pooled Kaplan–Meier curves on a grid, and (with groups) the log-rank test.
+
+    ``table``: one row per group and grid time with ``at_risk``, ``events``,
+    ``censored``, ``survival``, ``se`` (Greenwood) and the ``lower`` / ``upper``
+    confidence limits. ``logrank``: the test's χ², degrees of freedom and p-value
+    (None without ``by``). ``receipt``.
+    """
+
+    duration: str
+    event: str
+    by: str | None
+    grid: list[float]
+    table: pd.DataFrame
+    logrank: dict[str, float] | None
+    beyond: dict[Any, int]
+    missing: float
+    receipt: dict[str, Any]
+
+    def survival_function(self, group: Any = None) -> pd.Series:
+        """S(t) at the grid times (t = grid[0] included, S = 1), one group's."""
+        rows = self._rows(group)
+        times = [self.grid[0], *rows["time"].tolist()]
+        return pd.Series([1.0, *rows["survival"].tolist()], index=times, name="S(t)")
+
+    def _rows(self, group: Any) -> pd.DataFrame:
+        if self.by is None:
+            return self.table
+        if group is None:
+            raise InvalidInput(f"name a group of {self.by!r}")
+        chosen: pd.DataFrame = self.table[self.table["group"] == group]
+        return chosen
+
+    def median(self, group: Any = None) -> float:
+        """The first grid time where S(t) ≤ 0.5 (inf if it never falls that far)."""
+        s = self.survival_function(group)
+        below = s[s <= 0.5]
+        return float(below.index[0]) if len(below) else float("inf")
+
+    def __repr__(self) -> str:
+        groups = "" if self.by is None else f", by={self.by!r}"
+        return f"SurvivalResult({self.duration!r}, {self.event!r}{groups})"
+
+
+def _curve(events: np.ndarray, censored: np.ndarray, beyond: float, z: float) -> dict:
+    """KM, Greenwood and the exponential CI from per-interval counts."""
+    leaving = events + censored
+    # at risk at the start of interval j: everyone leaving in j or later, or beyond
+    at_risk = np.cumsum(leaving[::-1])[::-1] + beyond
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(at_risk > 0, 1 - events / at_risk, 1.0)
+        survival = np.cumprod(factor)
+        terms = np.where(
+            (at_risk > 0) & (at_risk > events),
+            events / (at_risk * (at_risk - events)),
+            0.0,
+        )
+        greenwood = np.cumsum(terms)
+        se = survival * np.sqrt(greenwood)
+        # lifelines' exponential Greenwood bounds: on log(-log S)
+        log_s = np.log(survival)
+        v = np.where(log_s != 0, np.sqrt(greenwood) / np.abs(log_s), np.nan)
+        lower = np.exp(-np.exp(np.log(-log_s) + z * v))
+        upper = np.exp(-np.exp(np.log(-log_s) - z * v))
+    lower = np.where(np.isnan(v), survival, lower)
+    upper = np.where(np.isnan(v), survival, upper)
+    return {
+        "at_risk": at_risk,
+        "events": events,
+        "censored": censored,
+        "survival": survival,
+        "se": se,
+        "lower": lower,
+        "upper": upper,
+    }
+
+
+def _logrank(events: np.ndarray, at_risk: np.ndarray) -> dict[str, float]:
+    """The log-rank test from per-group, per-interval events and numbers at risk
+    (groups × intervals): (O − E)ᵀ V⁻¹ (O − E) on G − 1 degrees of freedom."""
+    d = events.sum(axis=0)
+    n = at_risk.sum(axis=0)
+    use = n > 0
+    d, n, dg, ng = d[use], n[use], events[:, use], at_risk[:, use]
+    expected = (ng * d / n).sum(axis=1)
+    observed = dg.sum(axis=1)
+    groups = events.shape[0]
+    cov = np.zeros((groups, groups))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(n > 1, d * (n - d) / (n * n * (n - 1)), 0.0)
+    for a in range(groups):
+        for b in range(groups):
+            if a == b:
+                cov[a, a] = np.sum(scale * ng[a] * (n - ng[a]))
+            else:
+                cov[a, b] = -np.sum(scale * ng[a] * ng[b])
+    diff = (observed - expected)[:-1]
+    statistic = float(diff @ np.linalg.solve(cov[:-1, :-1], diff))
+    dof = groups - 1
+    return {
+        "statistic": statistic,
+        "df": float(dof),
+        "p_value": float(distributions.chi2.sf(statistic, dof)),
+    }
+
+
+def kaplan_meier(
+    sites: SitesLike,
+    duration: str,
+    event: str,
+    *,
+    grid: Sequence[float],
+    by: str | None = None,
+    researcher: str | None = None,
+    keys: KeyHolder | None = None,
+    population: Sequence[str] | None = None,
+    min_sites: int = 2,
+    on_refusal: str = "raise",
+    alpha: float = 0.05,
+) -> SurvivalResult:
+    """Kaplan–Meier survival pooled across sites on a declared time ``grid``.
+
+    ``duration`` is the follow-up time (positive), ``event`` 1 for an event and 0
+    for a censoring. ``grid`` starts at 0 and is strictly increasing; it must lie
+    on the sites' grid (2 significant digits by default, as bin edges). Durations
+    are counted per interval ``(t_{j-1}, t_j]``, and a row followed beyond the last
+    grid time counts as at risk throughout (censored after it). With ``by`` (a
+    category) there is a curve per level and the log-rank test of their equality.
+    Rows with a missing duration, event or group are left out (complete cases).
+
+    Examples
+    --------
+    >>> km = kaplan_meier(
+    ...     sites, "week", "arrest", grid=range(0, 56, 4)
+    ... )  # doctest: +SKIP
+    >>> km.table[["time", "at_risk", "survival", "lower", "upper"]]  # doctest: +SKIP
+    """
+    site_list = as_sites(sites)
+    edges = np.asarray(list(grid), dtype=float)
+    if edges.size < 2 or edges[0] != 0 or not np.all(np.diff(edges) > 0):
+        raise InvalidInput(
+            "grid= is the survival curve's time grid: starting at 0, strictly "
+            "increasing, with at least one interval"
+        )
+    if not 0 < alpha < 1:
+        raise InvalidInput("alpha must be between 0 and 1")
+    keys = keys or KeyHolder()
+    groups = list(_grouping_levels(site_list, by, researcher)) if by else []
+    if by and len(groups) < 2:
+        raise InvalidInput(f"{by!r} has fewer than 2 released levels to compare")
+    intervals = edges.size - 1
+    per_group = 2 * intervals + 1
+    spec = {
+        "duration": duration,
+        "event": event,
+        "by": by,
+        "groups": groups,
+        "grid": edges.tolist(),
+        "population": population_columns(population),
+        "columns": [duration, event],
+    }
+    n_groups = max(1, len(groups))
+    run = _run(
+        site_list,
+        "survival",
+        spec,
+        1 + n_groups * per_group,
+        _cells,
+        keys=keys,
+        researcher=researcher,
+        min_sites=min_sites,
+        min_rows=0,
+        on_refusal=on_refusal,
+    )
+    counts = np.asarray(run.totals[1:], dtype=float).reshape(n_groups, per_group)
+    z = float(distributions.norm.ppf(1 - alpha / 2))
+    frames = []
+    beyond: dict[Any, int] = {}
+    at_risk_rows, event_rows = [], []
+    for g, row in enumerate(counts):
+        events, censored = row[: 2 * intervals : 2], row[1 : 2 * intervals : 2]
+        curve = _curve(events, censored, row[-1], z)
+        frame = pd.DataFrame({"time": edges[1:], **curve})
+        for column in ("at_risk", "events", "censored"):
+            frame[column] = frame[column].round().astype(int)
+        label = groups[g] if groups else None
+        if groups:
+            frame.insert(0, "group", label)
+        frames.append(frame)
+        beyond[label] = round(row[-1])
+        at_risk_rows.append(curve["at_risk"])
+        event_rows.append(events)
+    table = pd.concat(frames, ignore_index=True)
+    test = (
+        _logrank(np.asarray(event_rows), np.asarray(at_risk_rows)) if groups else None
+    )
+    receipt_table = table.copy()
+    attach_receipt(
+        receipt_table,
+        [run],
+        kind="kaplan_meier",
+        parameters={
+            "duration": duration,
+            "event": event,
+            "by": by,
+            "grid": edges.tolist(),
+            "population": spec["population"],
+        },
+    )
+    return SurvivalResult(
+        duration=duration,
+        event=event,
+        by=by,
+        grid=edges.tolist(),
+        table=table,
+        logrank=test,
+        beyond=beyond,
+        missing=np.nan if run.missing_withheld else float(run.totals[0]),
+        receipt=receipt_table.attrs["receipt"],
+    )
