@@ -790,63 +790,13 @@ def table_one(
     counts: Mapping[str, pd.DataFrame] | None = None,
     *,
     digits: int = 1,
+    p_values: bool = False,
 ) -> pd.DataFrame:
-    """A paper's Table 1 from pooled results: mean (SD) and n (%) per group.
+    """A paper's Table 1 from pooled results (see
+    :func:`healthlab.encrypted.inference.format_table_one`)."""
+    from healthlab.encrypted.inference import format_table_one
 
-    ``overall`` and ``grouped`` are ``encrypted.describe`` results without and with
-    ``by=`` (same columns); ``counts`` maps a categorical variable to its
-    ``encrypted.crosstab(sites, variable, by)``. Columns: each group, then
-    ``overall``. The ``n`` row counts the rows summarized for the continuous
-    variables; each categorical variable's percentages are of its own table.
-    """
-    groups = list(dict.fromkeys(str(g) for g in grouped.columns.get_level_values(0)))
-    columns = [str(c) for c in overall.columns]
-    table: dict[str, dict[str, str]] = {"n": {}}
-    for g in groups:
-        table["n"][g] = f"{_at(grouped, 'count', (g, columns[0])):.0f}"
-    table["n"]["overall"] = f"{_at(overall, 'count', columns[0]):.0f}"
-    for c in columns:
-        row = table[f"{c}, mean (SD)"] = {}
-        for g in groups:
-            mean = _at(grouped, "mean", (g, c))
-            sd = _at(grouped, "std", (g, c))
-            row[g] = f"{mean:.{digits}f} ({sd:.{digits}f})"
-        mean, sd = _at(overall, "mean", c), _at(overall, "std", c)
-        row["overall"] = f"{mean:.{digits}f} ({sd:.{digits}f})"
-    for name, cross in (counts or {}).items():
-        cross = cross.rename(columns=str)
-        # a cell the sites withheld (<NA>) is shown as such; a share whose total
-        # includes one cannot be computed, so it is not shown either
-        complete = cross.notna().all(axis=0)
-        totals = cross.sum(axis=0)
-        everyone = cross.to_numpy(dtype=float, na_value=np.nan).sum()
-        for level in cross.index:
-            row = table[f"{name} = {level}, n (%)"] = {}
-            for g in groups:
-                value = cross.loc[level, g] if g in cross.columns else 0
-                row[g] = _count_cell(
-                    value, totals.get(g, 0), bool(complete.get(g, True))
-                )
-            value = cross.loc[level].sum(min_count=len(cross.columns))
-            whole = bool(np.isfinite(everyone))
-            row["overall"] = _count_cell(value, everyone if whole else 0, whole)
-    return pd.DataFrame.from_dict(table, orient="index")[[*groups, "overall"]]
-
-
-def _count_cell(value: Any, total: Any, complete: bool) -> str:
-    """``n (share %)`` of Table 1, ``withheld`` for a cell the sites withheld, and
-    ``n (share withheld)`` when the column's total includes a withheld cell."""
-    if pd.isna(value):
-        return "withheld"
-    n = int(value)
-    if not complete:
-        return f"{n} (share withheld)"
-    share = 100 * n / float(total) if total else 0.0
-    return f"{n} ({share:.1f} %)"
-
-
-def _at(frame: pd.DataFrame, row: str, column: Any) -> float:
-    return float(np.asarray(frame.loc[row, column], dtype=float))
+    return format_table_one(overall, grouped, counts, digits=digits, p_values=p_values)
 
 
 # -------------------------------------------------------------- federated

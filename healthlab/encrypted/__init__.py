@@ -5,12 +5,15 @@ The public API: :func:`describe`, :func:`histogram`, :func:`crosstab`, :func:`co
 levels and refuses identifiers), :func:`describe_values` (every value encrypted);
 models: :func:`glm` and :func:`logit` (:mod:`healthlab.encrypted.models`);
 survival: :func:`kaplan_meier` with the log-rank test
-(:mod:`healthlab.encrypted.survival`); :class:`KeyHolder` for the researcher's keys
+(:mod:`healthlab.encrypted.survival`); tests: :func:`ttest`, :func:`chi2_test`
+and :func:`table_one` with p-values (:mod:`healthlab.encrypted.inference`);
+:class:`KeyHolder` for the researcher's keys
 and :class:`Aggregator` for the server side.
 """
 
 from __future__ import annotations
 
+from healthlab.encrypted.inference import TestResult, chi2_test, table_one, ttest
 from healthlab.encrypted.keys import (
     CKKSParams,
     IntegrityError,
@@ -54,6 +57,8 @@ __all__ = [
     "PublicContext",
     "Query",
     "SurvivalResult",
+    "TestResult",
+    "chi2_test",
     "corr",
     "counts",
     "cov",
@@ -67,4 +72,6 @@ __all__ = [
     "logit",
     "ols",
     "square_bias_factor",
+    "table_one",
+    "ttest",
 ]

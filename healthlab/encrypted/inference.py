@@ -1,0 +1,317 @@
+"""Tests of a Table 1 from pooled sufficient statistics: Welch's t-test, one-way
+ANOVA and the chi-square test of independence.
+
+Each test is a function of released pooled results only — group counts, means and
+variances from :func:`~healthlab.encrypted.describe` with ``by=``, cell counts from
+:func:`~healthlab.encrypted.crosstab` — so it asks the sites nothing beyond those
+queries (and meets their rules: groups one site holds are suppressed, cells of 1–2
+rows refused). The statistics equal scipy's on the pooled rows (``ttest_ind(...,
+equal_var=False)``, ``f_oneway``, ``chi2_contingency``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats as distributions
+
+from healthlab.encrypted.keys import KeyHolder
+from healthlab.encrypted.stats import SitesLike, crosstab, describe
+from healthlab.errors import DisclosureRefused, InvalidInput
+
+__all__ = [
+    "TestResult",
+    "anova_from_groups",
+    "chi2_from_table",
+    "chi2_test",
+    "format_table_one",
+    "table_one",
+    "ttest",
+    "welch_from_groups",
+]
+
+
+@dataclass(frozen=True)
+class TestResult:
+    """A test's statistic, degrees of freedom and p-value, and what it compared."""
+
+    __test__ = False  # not a pytest class
+
+    method: str
+    statistic: float
+    df: float | tuple[float, float]
+    p_value: float
+    estimate: float | None = None
+    conf_int: tuple[float, float] | None = None
+    receipt: dict[str, Any] = field(default_factory=dict, repr=False)
+
+
+def _groups(grouped: pd.DataFrame, column: str) -> pd.DataFrame:
+    """n, mean, var per group of a ``describe(..., by=)`` result's column."""
+    rows = {}
+    for group in dict.fromkeys(grouped.columns.get_level_values(0)):
+        key = (group, column)
+        if key not in grouped.columns:
+            continue
+        rows[group] = {
+            "n": float(grouped.loc["count", key]),
+            "mean": float(grouped.loc["mean", key]),
+            "var": float(grouped.loc["var", key]),
+        }
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
+Numbers = Sequence[float] | np.ndarray | pd.Series
+
+
+def welch_from_groups(
+    n: Numbers, mean: Numbers, var: Numbers, alpha: float = 0.05
+) -> TestResult:
+    """Welch's t-test of two groups from their n, means and variances."""
+    (n1, n2), (m1, m2), (v1, v2) = (np.asarray(v, dtype=float) for v in (n, mean, var))
+    if min(n1, n2) < 2:
+        raise InvalidInput("each group needs at least 2 rows for a t-test")
+    s1, s2 = v1 / n1, v2 / n2
+    se = float(np.sqrt(s1 + s2))
+    t = (m1 - m2) / se
+    df = (s1 + s2) ** 2 / (s1**2 / (n1 - 1) + s2**2 / (n2 - 1))
+    p = float(2 * distributions.t.sf(abs(t), df))
+    half = float(distributions.t.ppf(1 - alpha / 2, df)) * se
+    diff = float(m1 - m2)
+    return TestResult(
+        "Welch's t-test", float(t), float(df), p, diff, (diff - half, diff + half)
+    )
+
+
+def anova_from_groups(n: Numbers, mean: Numbers, var: Numbers) -> TestResult:
+    """One-way ANOVA (F test) of two or more groups from their n, means, variances."""
+    counts, means, variances = (np.asarray(v, dtype=float) for v in (n, mean, var))
+    k, total = counts.size, counts.sum()
+    grand = float((counts * means).sum() / total)
+    between = float((counts * (means - grand) ** 2).sum())
+    within = float(((counts - 1) * variances).sum())
+    df1, df2 = k - 1, total - k
+    f = (between / df1) / (within / df2)
+    p = float(distributions.f.sf(f, df1, df2))
+    return TestResult("one-way ANOVA", float(f), (float(df1), float(df2)), p)
+
+
+def chi2_from_table(table: pd.DataFrame, correction: bool = True) -> TestResult:
+    """The chi-square test of independence of a table of counts (scipy's
+    ``chi2_contingency``; Yates' correction for a 2 × 2 table when ``correction``)."""
+    values = table.to_numpy(dtype=float, na_value=np.nan)
+    if not np.all(np.isfinite(values)):
+        raise DisclosureRefused(
+            "the table has withheld cells (<NA>): its chi-square test cannot be "
+            "computed; merge levels"
+        )
+    statistic, p, dof, _ = distributions.chi2_contingency(values, correction=correction)
+    return TestResult("chi-square test", float(statistic), float(dof), float(p))
+
+
+def ttest(
+    sites: SitesLike,
+    column: str,
+    by: str,
+    *,
+    groups: Sequence[str] | None = None,
+    researcher: str | None = None,
+    keys: KeyHolder | None = None,
+    dropna: bool = False,
+    population: Sequence[str] | None = None,
+    alpha: float = 0.05,
+) -> TestResult:
+    """Welch's t-test of ``column`` between two levels of ``by`` (``groups=`` picks
+    two when ``by`` has more), from one pooled ``describe(..., by=by)``; the
+    estimate is the first group's mean minus the second's, with its CI."""
+    grouped = describe(
+        sites,
+        [column],
+        by=by,
+        researcher=researcher,
+        keys=keys or KeyHolder(),
+        dropna=dropna,
+        population=population,
+    )
+    table = _groups(grouped, column)
+    chosen = list(groups) if groups is not None else list(table.index)
+    if len(chosen) != 2 or not set(chosen) <= set(table.index):
+        raise InvalidInput(
+            f"a t-test compares two released groups of {by!r} "
+            f"({list(table.index)}); name them with groups="
+        )
+    rows = table.loc[chosen]
+    result = welch_from_groups(rows["n"], rows["mean"], rows["var"], alpha)
+    return TestResult(
+        result.method,
+        result.statistic,
+        result.df,
+        result.p_value,
+        result.estimate,
+        result.conf_int,
+        grouped.attrs["receipt"],
+    )
+
+
+def chi2_test(
+    sites: SitesLike,
+    row: str,
+    col: str,
+    *,
+    correction: bool = True,
+    researcher: str | None = None,
+    keys: KeyHolder | None = None,
+    dropna: bool = False,
+    population: Sequence[str] | None = None,
+) -> TestResult:
+    """The chi-square test of independence of ``row`` and ``col`` from one pooled
+    :func:`crosstab`."""
+    table = crosstab(
+        sites,
+        row,
+        col,
+        researcher=researcher,
+        keys=keys or KeyHolder(),
+        dropna=dropna,
+        population=population,
+    )
+    result = chi2_from_table(table, correction)
+    return TestResult(
+        result.method,
+        result.statistic,
+        result.df,
+        result.p_value,
+        receipt=table.attrs["receipt"],
+    )
+
+
+def format_table_one(
+    overall: pd.DataFrame,
+    grouped: pd.DataFrame,
+    counts: Mapping[str, pd.DataFrame] | None = None,
+    *,
+    digits: int = 1,
+    p_values: bool = False,
+) -> pd.DataFrame:
+    """A paper's Table 1 from pooled results: mean (SD) and n (%) per group.
+
+    ``overall`` and ``grouped`` are ``encrypted.describe`` results without and with
+    ``by=`` (same columns); ``counts`` maps a categorical variable to its
+    ``encrypted.crosstab(sites, variable, by)``. Columns: each group, then
+    ``overall``; with ``p_values``, ``p``: Welch's t-test (two groups) or one-way
+    ANOVA (more) for a continuous variable, the chi-square test for a categorical
+    one (on its first row). The ``n`` row counts the rows summarized for the
+    continuous variables; each categorical variable's percentages are of its own
+    table.
+    """
+    groups = list(dict.fromkeys(str(g) for g in grouped.columns.get_level_values(0)))
+    columns = [str(c) for c in overall.columns]
+    table: dict[str, dict[str, str]] = {"n": {}}
+    for g in groups:
+        table["n"][g] = f"{_at(grouped, 'count', (g, columns[0])):.0f}"
+    table["n"]["overall"] = f"{_at(overall, 'count', columns[0]):.0f}"
+    for c in columns:
+        row = table[f"{c}, mean (SD)"] = {}
+        for g in groups:
+            mean = _at(grouped, "mean", (g, c))
+            sd = _at(grouped, "std", (g, c))
+            row[g] = f"{mean:.{digits}f} ({sd:.{digits}f})"
+        mean, sd = _at(overall, "mean", c), _at(overall, "std", c)
+        row["overall"] = f"{mean:.{digits}f} ({sd:.{digits}f})"
+        if p_values:
+            stats = _groups(grouped, c)
+            test = (welch_from_groups if len(stats) == 2 else anova_from_groups)(
+                stats["n"], stats["mean"], stats["var"]
+            )
+            row["p"] = _p(test.p_value)
+    for name, cross in (counts or {}).items():
+        cross = cross.rename(columns=str)
+        first = True
+        # a cell the sites withheld (<NA>) is shown as such; a share whose total
+        # includes one cannot be computed, so it is not shown either
+        complete = cross.notna().all(axis=0)
+        totals = cross.sum(axis=0)
+        everyone = cross.to_numpy(dtype=float, na_value=np.nan).sum()
+        for level in cross.index:
+            row = table[f"{name} = {level}, n (%)"] = {}
+            for g in groups:
+                value = cross.loc[level, g] if g in cross.columns else 0
+                row[g] = _count_cell(
+                    value, totals.get(g, 0), bool(complete.get(g, True))
+                )
+            value = cross.loc[level].sum(min_count=len(cross.columns))
+            whole = bool(np.isfinite(everyone))
+            row["overall"] = _count_cell(value, everyone if whole else 0, whole)
+            if p_values:
+                if first:
+                    try:
+                        row["p"] = _p(chi2_from_table(cross).p_value)
+                    except DisclosureRefused:
+                        row["p"] = "withheld"
+                else:
+                    row["p"] = ""
+            first = False
+    order = [*groups, "overall", *(["p"] if p_values else [])]
+    return pd.DataFrame.from_dict(table, orient="index").fillna({"p": ""})[order]
+
+
+def _p(value: float) -> str:
+    """A p-value as a paper prints it."""
+    return "<0.001" if value < 0.001 else f"{value:.3f}"
+
+
+def _count_cell(value: Any, total: Any, complete: bool) -> str:
+    """``n (share %)`` of Table 1, ``withheld`` for a cell the sites withheld, and
+    ``n (share withheld)`` when the column's total includes a withheld cell."""
+    if pd.isna(value):
+        return "withheld"
+    n = int(value)
+    if not complete:
+        return f"{n} (share withheld)"
+    share = 100 * n / float(total) if total else 0.0
+    return f"{n} ({share:.1f} %)"
+
+
+def _at(frame: pd.DataFrame, row: str, column: Any) -> float:
+    return float(np.asarray(frame.loc[row, column], dtype=float))
+
+
+def table_one(
+    sites: SitesLike,
+    continuous: Sequence[str],
+    categorical: Sequence[str] = (),
+    *,
+    by: str,
+    researcher: str | None = None,
+    keys: KeyHolder | None = None,
+    population: Sequence[str] | None = None,
+    dropna: bool = True,
+    digits: int = 1,
+) -> pd.DataFrame:
+    """A paper's Table 1 across sites, with p-values: mean (SD) of each
+    ``continuous`` column and n (%) of each level of each ``categorical`` one, per
+    level of ``by`` and overall; ``p``: Welch's t-test or one-way ANOVA, and the
+    chi-square test. Declaring ``population=`` (e.g. every column named) keeps
+    every query on the same rows, so the auditor answers the whole table.
+
+    Examples
+    --------
+    >>> table_one(
+    ...     sites, ["age", "sbp"], ["smoker"], by="sex", researcher=me
+    ... )  # doctest: +SKIP
+    """
+    keys = keys or KeyHolder()
+    options: dict[str, Any] = {
+        "researcher": researcher,
+        "keys": keys,
+        "dropna": dropna,
+        "population": population,
+    }
+    overall = describe(sites, list(continuous), **options)
+    grouped = describe(sites, list(continuous), by=by, **options)
+    counts = {c: crosstab(sites, c, by, **options) for c in categorical}
+    return format_table_one(overall, grouped, counts, digits=digits, p_values=True)

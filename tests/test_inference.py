@@ -1,0 +1,105 @@
+"""Table 1 tests from pooled sufficient statistics (issue 14): Welch's t-test,
+one-way ANOVA and chi-square equal scipy on the pooled rows; table_one has them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from healthlab import encrypted
+from healthlab.data import load_cohort_sites
+from healthlab.encrypted.inference import anova_from_groups
+from healthlab.errors import InvalidInput
+
+RTOL = 1e-10
+
+
+def frames() -> dict[str, pd.DataFrame]:
+    return load_cohort_sites()
+
+
+def pooled() -> pd.DataFrame:
+    return pd.concat(frames().values(), ignore_index=True)
+
+
+def test_welch_t_test_equals_scipy() -> None:
+    result = encrypted.ttest(frames(), "sbp", "sex")
+    rows = pooled()
+    a, b = (rows[rows.sex == s]["sbp"].dropna() for s in ("F", "M"))
+    reference = stats.ttest_ind(a, b, equal_var=False)
+    assert result.statistic == pytest.approx(reference.statistic, rel=RTOL)
+    assert result.p_value == pytest.approx(reference.pvalue, rel=1e-8)
+    assert result.df == pytest.approx(reference.df, rel=RTOL)
+    assert result.estimate == pytest.approx(a.mean() - b.mean(), rel=RTOL)
+    low, high = reference.confidence_interval()
+    assert result.conf_int == pytest.approx((low, high), rel=1e-9)
+    assert result.receipt["kind"] == "describe"
+
+
+def test_a_t_test_needs_two_groups() -> None:
+    sites = {
+        k: f.assign(band=np.resize(["x", "y", "z"], len(f)))
+        for k, f in frames().items()
+    }
+    with pytest.raises(InvalidInput, match="two released groups"):
+        encrypted.ttest(sites, "sbp", "band")
+    result = encrypted.ttest(sites, "sbp", "band", groups=["x", "z"])
+    rows = pd.concat(sites.values())
+    reference = stats.ttest_ind(
+        rows[rows.band == "x"].sbp, rows[rows.band == "z"].sbp, equal_var=False
+    )
+    assert result.statistic == pytest.approx(reference.statistic, rel=RTOL)
+
+
+def test_chi_square_equals_scipy() -> None:
+    rows = pooled()
+    for correction in (True, False):
+        result = encrypted.chi2_test(
+            frames(), "smoker", "cvd_event_10y", correction=correction
+        )
+        table = pd.crosstab(rows.smoker.astype(str), rows.cvd_event_10y.astype(str))
+        statistic, p, dof, _ = stats.chi2_contingency(table, correction=correction)
+        assert result.statistic == pytest.approx(statistic, rel=RTOL)
+        assert result.p_value == pytest.approx(p, rel=1e-8)
+        assert result.df == dof
+
+
+def test_one_way_anova_equals_scipy() -> None:
+    sites = {
+        k: f.assign(band=np.resize(["x", "y", "z"], len(f)))
+        for k, f in frames().items()
+    }
+    rows = pd.concat(sites.values())
+    grouped = encrypted.describe(sites, ["sbp"], by="band")
+    n, mean, var = (
+        [grouped.loc[s, (b, "sbp")] for b in ("x", "y", "z")]
+        for s in ("count", "mean", "var")
+    )
+    result = anova_from_groups(n, mean, var)
+    reference = stats.f_oneway(*(g.sbp for _, g in rows.groupby("band")))
+    assert result.statistic == pytest.approx(reference.statistic, rel=RTOL)
+    assert result.p_value == pytest.approx(reference.pvalue, rel=1e-8, abs=1e-300)
+
+
+def test_table_one_has_p_values_equal_to_scipy() -> None:
+    table = encrypted.table_one(
+        frames(),
+        ["age", "sbp"],
+        ["smoker"],
+        by="sex",
+        population=["age", "sbp", "smoker", "sex"],
+    )
+    assert list(table.columns) == ["F", "M", "overall", "p"]
+    rows = pooled()
+    welch = stats.ttest_ind(
+        rows[rows.sex == "F"].age, rows[rows.sex == "M"].age, equal_var=False
+    )
+    expected = "<0.001" if welch.pvalue < 0.001 else f"{welch.pvalue:.3f}"
+    assert table.loc["age, mean (SD)", "p"] == expected
+    chi = stats.chi2_contingency(pd.crosstab(rows.smoker, rows.sex))[1]
+    assert table.loc["smoker = 0, n (%)", "p"] == (
+        "<0.001" if chi < 0.001 else f"{chi:.3f}"
+    )
+    assert table.loc["smoker = 1, n (%)", "p"] == ""
