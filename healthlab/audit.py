@@ -60,7 +60,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from healthlab.errors import DisclosureRefused
+from healthlab.errors import DisclosureRefused, TooFewRows
 
 __all__ = [
     "Atoms",
@@ -615,7 +615,7 @@ class Auditor:
         new = _unique([m for m in (self._lift(m) for m in masks) if m.any()])
         if any(self._size(m) < k for m in new):
             self._refuse(who, new)
-            raise DisclosureRefused(
+            raise TooFewRows(
                 f"site {site}: a subset, group, cell or bin of this query would "
                 f"summarize fewer than {k} {self.unit_name} (the site's minimum); use "
                 "wider bins, fewer groups or more data"
@@ -637,7 +637,7 @@ class Auditor:
             unsafe = before is None or after is None or not after <= before
         if unsafe:
             self._refuse(who, new)
-            raise DisclosureRefused(
+            raise TooFewRows(
                 f"site {site}: together with what this site answered before, this "
                 f"query would let a combination of answers summarize fewer than {k} "
                 f"of its {self.unit_name} (differencing); declare the study's analysis "
@@ -717,7 +717,7 @@ class Auditor:
             unsafe = any(reaches(after, p) and not reaches(before, p) for p in guarded)
         if unsafe:
             self._refuse(who, new)
-            raise DisclosureRefused(
+            raise TooFewRows(
                 f"site {site}: a group held by too few sites to be pooled (or rows "
                 "that too few sites leave out) could be found by difference between "
                 "this query's answers and earlier ones (e.g. all rows minus the "

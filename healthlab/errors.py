@@ -52,6 +52,7 @@ __all__ = [
     "SiteKeysUnverified",
     "StateConflict",
     "TooEarlyToCancel",
+    "TooFewRows",
     "TooFewSites",
     "TransactionFailed",
     "UnknownCodes",
@@ -116,6 +117,11 @@ class DisclosureRefused(HealthLabError):
 
     Messages name columns, groups and counts of cells, never row-level values.
     """
+
+
+class TooFewRows(DisclosureRefused):
+    """A query, alone or with what a site answered before, would summarize fewer
+    than the site's minimum of rows (the cell rule, differencing)."""
 
 
 class TooFewSites(DisclosureRefused):

@@ -11,7 +11,7 @@ from scipy import stats
 from healthlab import encrypted
 from healthlab.data import load_cohort_sites
 from healthlab.encrypted.inference import anova_from_groups
-from healthlab.errors import InvalidInput
+from healthlab.errors import DisclosureRefused, InvalidInput
 
 RTOL = 1e-10
 
@@ -103,3 +103,63 @@ def test_table_one_has_p_values_equal_to_scipy() -> None:
         "<0.001" if chi < 0.001 else f"{chi:.3f}"
     )
     assert table.loc["smoker = 1, n (%)", "p"] == ""
+
+
+# ------------------------------------------------------------------ quantiles
+def test_quantiles_bracket_numpy_at_the_resolution() -> None:
+    rng = np.random.default_rng(5)
+    frames_ = {f"s{i}": pd.DataFrame({"x": rng.normal(50, 10, 800)}) for i in range(3)}
+    rows = pd.concat(frames_.values())["x"]
+    result = encrypted.quantiles(
+        frames_, "x", [0.1, 0.25, 0.5, 0.75, 0.9], range=(0, 120), resolution=1
+    )
+    for p, row in result.iterrows():
+        true = np.quantile(rows, p, method="inverted_cdf")
+        assert row["lower"] <= true < row["upper"]
+        if row["at_resolution"]:
+            assert row["upper"] - row["lower"] == 1
+    assert result["at_resolution"].all()
+    assert result.attrs["n"] == len(rows)
+    # each step is a count query: about log2(119) of them per quantile, shared
+    assert result.attrs["queries"] <= 5 * 7 + 1
+
+
+def test_on_the_owners_grid_quantiles_are_finer() -> None:
+    from healthlab import DisclosurePolicy, Site
+
+    rng = np.random.default_rng(6)
+    policy = DisclosurePolicy(grid={"sbp": 0.5})
+    frames_ = [pd.DataFrame({"sbp": rng.normal(130, 15, 900)}) for _ in range(2)]
+    sites = [Site(f"s{i}", f, policy=policy) for i, f in enumerate(frames_)]
+    result = encrypted.quantiles(sites, "sbp", [0.5], range=(0, 300), resolution=0.5)
+    true = np.quantile(pd.concat(frames_)["sbp"], 0.5, method="inverted_cdf")
+    assert result.loc[0.5, "lower"] <= true < result.loc[0.5, "upper"]
+    assert result.loc[0.5, "upper"] - result.loc[0.5, "lower"] == 0.5
+    # by default (2 significant digits) 130.5 is off the grid: refused by rule
+    plain = [Site(f"p{i}", f) for i, f in enumerate(frames_)]
+    with pytest.raises(DisclosureRefused, match="significant digit"):
+        encrypted.quantiles(plain, "sbp", [0.5], range=(0, 300), resolution=0.5)
+
+
+def test_a_refused_step_leaves_the_bracket_reached() -> None:
+    """site_c holds one patient aged 67: the step between 66 and 68 is refused by
+    its auditor, and the third quartile is reported as [66, 68)."""
+    rows = pooled()
+    result = encrypted.quantiles(
+        frames(), "age", [0.25, 0.5, 0.75], range=(0, 120), resolution=1
+    )
+    for p, row in result.iterrows():
+        true = np.quantile(rows.age, p, method="inverted_cdf")
+        assert row["lower"] <= true < row["upper"]
+    assert not result.loc[0.75, "at_resolution"]
+    assert (result.loc[0.75, "lower"], result.loc[0.75, "upper"]) == (66, 68)
+
+
+def test_the_minimum_and_maximum_are_not_released() -> None:
+    for q in ([0.0], [1.0], [0.5, 1.0]):
+        with pytest.raises(InvalidInput, match="strictly between 0 and 1"):
+            encrypted.quantiles(frames(), "age", q, range=(0, 120), resolution=1)
+    rng = np.random.default_rng(8)
+    wide = {f"s{i}": pd.DataFrame({"x": rng.normal(50, 10, 800)}) for i in range(2)}
+    with pytest.raises(DisclosureRefused, match="must hold every row"):
+        encrypted.quantiles(wide, "x", [0.5], range=(40, 200), resolution=10)

@@ -13,7 +13,13 @@ and :class:`Aggregator` for the server side.
 
 from __future__ import annotations
 
-from healthlab.encrypted.inference import TestResult, chi2_test, table_one, ttest
+from healthlab.encrypted.inference import (
+    TestResult,
+    chi2_test,
+    quantiles,
+    table_one,
+    ttest,
+)
 from healthlab.encrypted.keys import (
     CKKSParams,
     IntegrityError,
@@ -71,6 +77,7 @@ __all__ = [
     "levels",
     "logit",
     "ols",
+    "quantiles",
     "square_bias_factor",
     "table_one",
     "ttest",

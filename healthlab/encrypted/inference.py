@@ -21,7 +21,7 @@ from scipy import stats as distributions
 
 from healthlab.encrypted.keys import KeyHolder
 from healthlab.encrypted.stats import SitesLike, crosstab, describe
-from healthlab.errors import DisclosureRefused, InvalidInput
+from healthlab.errors import DisclosureRefused, InvalidInput, TooFewRows
 
 __all__ = [
     "TestResult",
@@ -29,6 +29,7 @@ __all__ = [
     "chi2_from_table",
     "chi2_test",
     "format_table_one",
+    "quantiles",
     "table_one",
     "ttest",
     "welch_from_groups",
@@ -315,3 +316,106 @@ def table_one(
     grouped = describe(sites, list(continuous), by=by, **options)
     counts = {c: crosstab(sites, c, by, **options) for c in categorical}
     return format_table_one(overall, grouped, counts, digits=digits, p_values=True)
+
+
+def quantiles(
+    sites: SitesLike,
+    column: str,
+    q: Sequence[float] = (0.25, 0.5, 0.75),
+    *,
+    range: tuple[float, float],
+    resolution: float,
+    researcher: str | None = None,
+    keys: KeyHolder | None = None,
+    dropna: bool = True,
+    population: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Pooled quantiles of ``column`` to within ``resolution``, by bisection on
+    pooled counts.
+
+    Each step is a two-bin :func:`~healthlab.encrypted.histogram` over ``range``
+    (which must hold every row: the minimum and maximum are not released) split at
+    a multiple of ``resolution`` — a count query under every rule of the sites:
+    their grid (``resolution`` must be on it: e.g. 1 year of age by default,
+    finer where the owner declares a grid), their auditor (which refuses when
+    fewer than its minimum of a site's rows lie between two steps, i.e. within
+    one resolution step of the answer). Returns, per probability ``p``, the
+    interval ``[lower, upper)`` that holds numpy's ``quantile(x, p,
+    method="inverted_cdf")`` of the pooled rows: of width ``resolution``, or wider
+    where a step was refused (``at_resolution`` False: the bracket reached).
+    """
+    from healthlab.encrypted.stats import histogram
+
+    low, high = (float(v) for v in range)
+    if not (np.isfinite(low) and np.isfinite(high) and low < high):
+        raise InvalidInput("range= is (low, high), finite, low < high")
+    if not (np.isfinite(resolution) and resolution > 0):
+        raise InvalidInput("resolution= is a positive step")
+    probabilities = [float(p) for p in q]
+    if not all(0 < p < 1 for p in probabilities):
+        raise InvalidInput(
+            "quantiles are strictly between 0 and 1 (the minimum and maximum are "
+            "single rows' values and are not released)"
+        )
+    steps = np.arange(np.ceil(low / resolution), np.floor(high / resolution) + 1)
+    grid = [float(s * resolution) for s in steps if low < s * resolution < high]
+    if not grid:
+        raise InvalidInput("range= holds no multiple of resolution= inside it")
+    options: dict[str, Any] = {
+        "researcher": researcher,
+        "keys": keys or KeyHolder(),
+        "dropna": dropna,
+        "population": population,
+    }
+    below: dict[int, int] = {}
+    total: list[int] = []
+    receipts: list[dict[str, Any]] = []
+
+    def count_below(j: int) -> int:  # pooled rows with value < grid[j]
+        if j not in below:
+            table = histogram(sites, column, [low, grid[j], high], **options)
+            if table.attrs.get("outside"):
+                raise DisclosureRefused(
+                    f"range= must hold every row of {column!r} (the minimum and "
+                    "maximum are not released); widen it"
+                )
+            counts = table["count"]
+            if counts.isna().any():
+                raise DisclosureRefused(
+                    "a bisection step's count was withheld (too few sites hold rows "
+                    "on one side of it); widen range= or coarsen resolution="
+                )
+            below[j] = int(counts.iloc[0])
+            total[:] = [int(counts.sum())]
+            receipts.append(table.attrs["receipt"])
+        return below[j]
+
+    count_below(len(grid) // 2)
+    rows = {}
+    for p in probabilities:
+        needed = int(np.ceil(p * total[0]))
+        first, last = 0, len(grid)  # the first j with count_below(j) >= needed
+        refined = True
+        while first < last:
+            mid = (first + last) // 2
+            try:
+                enough = count_below(mid) >= needed
+            except TooFewRows:
+                # a site's auditor: fewer than its minimum of rows between this
+                # step and one answered before — the answer is known to the
+                # bracket so far, not finer
+                refined = False
+                break
+            if enough:
+                last = mid
+            else:
+                first = mid + 1
+        lower = grid[first - 1] if first > 0 else low
+        upper = grid[last] if last < len(grid) else high
+        rows[p] = {"lower": lower, "upper": upper, "at_resolution": refined}
+    result = pd.DataFrame.from_dict(rows, orient="index")
+    result.index.name = "q"
+    result.attrs["n"] = total[0]
+    result.attrs["queries"] = len(below)
+    result.attrs["receipts"] = receipts
+    return result
