@@ -166,10 +166,9 @@ class DisclosurePolicy:
         v = v[np.isfinite(v) & (v != 0)]
         if v.size == 0:
             return
-        # the value rounded to `digits` significant digits, in its own decade
-        scale = 10.0 ** (np.floor(np.log10(np.abs(v))) - (digits - 1))
-        rounded = np.rint(v / scale) * scale
-        if np.any(np.abs(v - rounded) > 1e-9 * np.abs(v)):
+        # exactly the number `digits` significant digits write (no slack: 18 +
+        # 1e-8 would catch exactly the rows equal to 18)
+        if any(float(f"{x:.{digits}g}") != x for x in v.tolist()):
             raise DisclosureRefused(
                 f"site {site}: bin edges and bounds on {column!r} may have at most "
                 f"{digits} significant digit(s){_DIGIT_EXAMPLES.get(digits, '')}, so "

@@ -107,13 +107,15 @@ class PerfectSeparation(NotConverged):
 # ------------------------------------------------------------------ formulas
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _CATEGORICAL = re.compile(rf"^C\(\s*({_NAME})\s*\)$")
-_TRANSFORM = re.compile(rf"^np\.(?:log|log1p|sqrt|exp)\(\s*({_NAME})\s*\)$")
-_POWER = re.compile(rf"^I\(\s*({_NAME})\s*\*\*\s*[23]\s*\)$")
+# np.exp is not among them: it weights the largest values so that a total is
+# theirs (two patients' ages came out of exp(prio) and exp(prio):age)
+_TRANSFORM = re.compile(rf"^np\.(?:log|log1p|sqrt)\(\s*({_NAME})\s*\)$")
+_POWER = re.compile(rf"^I\(\s*({_NAME})\s*\*\*\s*2\s*\)$")
 _PLAIN = re.compile(rf"^{_NAME}$")
 _SUPPORTED = (
-    "column names, C(column) for a category, np.log / np.log1p / np.sqrt / "
-    "np.exp of a column, I(column ** 2) or I(column ** 3), and interactions a:b "
-    "or a*b; '- 1' drops the intercept"
+    "column names, C(column) for a category, np.log / np.log1p / np.sqrt of a "
+    "column, I(column ** 2), and interactions a:b or a*b; '- 1' drops the "
+    "intercept"
 )
 
 
@@ -146,19 +148,26 @@ def parse_formula(formula: str) -> ModelFormula:
             'a model formula has one "~": the outcome on the left, the terms on the '
             'right, e.g. "cvd ~ age + C(sex) + age:bmi"'
         )
+    reason = ""
     try:
         parsed = Formula(formula)
-    except Exception as exc:  # formulaic's parse errors quote only the formula
-        raise InvalidInput(f"the formula does not parse: {exc}") from None
-    lhs = [f for term in parsed.lhs for f in term.factors]
+        lhs = [f for term in parsed.lhs for f in term.factors]
+        rhs = [(str(t), [f.expr for f in t.factors]) for t in parsed.rhs]
+        rhs_text = str(parsed.rhs)
+    except Exception as exc:  # formulaic's errors quote only the formula
+        reason = f"{type(exc).__name__}: {exc}"
+    if reason:
+        raise InvalidInput(
+            f"the formula does not parse ({reason}); use {_SUPPORTED}"
+        ) from None
     if len(lhs) != 1 or not _PLAIN.match(lhs[0].expr):
         raise InvalidInput("the outcome (left of ~) must be one column's name")
     numeric: list[str] = []
     categorical: list[str] = []
     intercept = False
-    for term in parsed.rhs:
-        for factor in term.factors:
-            expr = factor.expr.strip()
+    for _, factors in rhs:
+        for raw in factors:
+            expr = raw.strip()
             if expr == "1":
                 intercept = True
             elif _PLAIN.match(expr):
@@ -179,7 +188,8 @@ def parse_formula(formula: str) -> ModelFormula:
         raise InvalidInput(
             f"{sorted(both)} are used both as numbers and as C(categories)"
         )
-    text = f"{response} ~ {parsed.rhs}"
+    # formulaic's rhs leaves out "- 1": said again, or the intercept comes back
+    text = f"{response} ~ {rhs_text}" + ("" if intercept else " - 1")
     return ModelFormula(
         text,
         response,
@@ -326,39 +336,76 @@ def _evaluate(
     return h, g, [deviance, pearson, llf, boundary]
 
 
+#: The fields of a model iteration's spec; a site refuses any other (a spare key
+#: would make a fresh model, with a fresh count of iterates).
+MODEL_FIELDS = (
+    "formula",
+    "family",
+    "terms",
+    "levels",
+    "offset",
+    "trials",
+    "population",
+    "intercept",
+)
+_ITERATE_FIELDS = {*MODEL_FIELDS, "beta", "step", "previous"}
+
+
 def model_key(spec: Mapping[str, Any], participants: Sequence[str]) -> str:
-    """A model's identity at a site: everything but the coefficients, with the
+    """A model's identity at a site: its fields but the coefficients, with the
     participants (a Newton path is the pooled data's of these sites)."""
-    fixed = {k: v for k, v in spec.items() if k not in ("beta", "previous", "step")}
+    fixed = {k: spec.get(k) for k in MODEL_FIELDS}
     canonical = json.dumps([fixed, sorted(participants)], sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _check_outcome(site: str, family: str, column: str, y: np.ndarray) -> None:
-    if family == "binomial" and not np.all((y >= 0) & (y <= 1)):
-        raise DataRefused(
-            f"site {site}: the outcome {column!r} of a binomial model must be 0/1 "
-            "(or successes out of trials=)"
+#: The rules a site's rows can break, checked as anonymous flags summed among the
+#: sites (a refusal naming the site would say what its rows hold).
+_FLAGS = (
+    "the outcome is not 0/1 (or not successes out of trials=) at some site",
+    "the outcome of a Poisson model is negative at some site",
+    "a term is not finite (a log of 0 or of a negative number?) at some site",
+    "the model has more parameters than the sites' maximum per row at some site; "
+    "use fewer covariates",
+)
+
+
+def _flags(
+    site: Site, family: str, y: np.ndarray, trials: np.ndarray, x: np.ndarray
+) -> np.ndarray:
+    bad_outcome = (
+        family == "binomial"
+        and bool(len(y))
+        and not (
+            np.all(trials > 0)
+            and np.all(np.isfinite(y))
+            and np.all((y >= 0) & (y <= 1))
         )
-    if family == "poisson" and not np.all(y >= 0):
-        raise DataRefused(
-            f"site {site}: the outcome {column!r} of a Poisson model must be a count "
-            "(non-negative)"
-        )
+    )
+    negative = family == "poisson" and bool(np.any(~(y >= 0)))
+    infinite = not bool(np.all(np.isfinite(x)))
+    too_many = bool(len(y)) and x.shape[1] > site.policy.max_param_ratio * len(y)
+    return np.asarray([bad_outcome, negative, infinite, too_many], dtype=float)
 
 
 def _iterate(site: Site, query: Query) -> Totals:
     """At a site: its totals of one model iterate, and the check of the step."""
     spec = query.spec
+    extra_keys = sorted(set(spec) - _ITERATE_FIELDS)
+    if extra_keys:
+        raise InvalidInput(f"a model query has no fields {extra_keys}")
     formula = parse_formula(spec["formula"])
     family = _family(spec["family"])
     agreed: dict[str, list[str]] = {c: list(v) for c, v in spec["levels"].items()}
+    if set(agreed) != set(formula.categorical):
+        raise InvalidInput("the model's levels do not match its categories")
     extra = [c for c in (spec.get("offset"), spec.get("trials")) if c]
     reads = list(dict.fromkeys([*formula.reads, *extra]))
     kept, _ = site.rows(reads, dropna=True, population=spec.get("population", ()))
     for column in formula.categorical:
         _check_grouping(site, kept, column, site.policy.min_rows)
     # rows of a level that was not released (held by too few rows) are left out
+    # (and audited as such: they are among the rows the query leaves out)
     unreleased = np.zeros(len(kept), dtype=bool)
     for column in formula.categorical:
         unreleased |= ~kept[column].astype(str).isin(agreed[column]).to_numpy()
@@ -367,36 +414,35 @@ def _iterate(site: Site, query: Query) -> Totals:
     frame = kept.copy()
     for column in formula.numeric:
         frame[column] = numeric_column(site.name, kept[column], column)
-    x_frame = _design(formula, frame, agreed)
-    if [str(c) for c in x_frame.columns] != list(spec["terms"]):
+    with np.errstate(all="ignore"):
+        x_frame = _design(formula, frame, agreed)
+    terms: list[str] = list(spec["terms"])
+    if [str(c) for c in x_frame.columns] != terms:
         raise DataRefused(
             f"site {site.name}: the model's design does not have the terms the query "
             "names; ask again"
         )
+    index = spec.get("intercept")
+    if index is not None and (
+        not isinstance(index, int)
+        or not 0 <= index < len(terms)
+        or terms[index] != "Intercept"
+    ):
+        raise InvalidInput("the model's intercept index does not name its intercept")
     x = x_frame.to_numpy(dtype=float)
-    if not np.all(np.isfinite(x)):
-        raise DataRefused(
-            f"site {site.name}: a term of the model is not finite for some rows (a "
-            "log of 0 or of a negative number?); transform the column differently"
-        )
     y = numeric_column(site.name, kept[formula.response], formula.response)
     trials = np.ones(len(y))
     if spec.get("trials"):
         trials = numeric_column(site.name, kept[spec["trials"]], spec["trials"])
-        if not np.all(trials > 0) or not np.all((y >= 0) & (y <= trials)):
-            raise DataRefused(
-                f"site {site.name}: trials {spec['trials']!r} must be positive and at "
-                f"least the successes {formula.response!r}"
-            )
-        y = y / trials
-    _check_outcome(site.name, spec["family"], formula.response, y)
+        with np.errstate(all="ignore"):
+            y = y / trials
     offset = np.zeros(len(y))
     if spec.get("offset"):
         offset = numeric_column(site.name, kept[spec["offset"]], spec["offset"])
-    terms: list[str] = list(spec["terms"])
     p = len(terms)
-    if len(y):
-        site.check_model(p, len(y))
+    flags = _flags(site, spec["family"], y, trials, x)
+    if not np.all(np.isfinite(offset)):
+        flags[2] = 1.0
     beta = np.asarray(spec["beta"], dtype=float)
     if beta.shape != (p,) or not np.all(np.isfinite(beta)):
         raise InvalidInput("the model's coefficients do not match its terms")
@@ -406,38 +452,71 @@ def _iterate(site: Site, query: Query) -> Totals:
             f"site {site.name} answers at most {MAX_ITERATES} iterates of one model; "
             "the model did not converge"
         )
-    h, g, rest = _evaluate(family, x, y, offset, trials, beta)
+    usable = not flags.any()
+    if usable:
+        h, g, rest = _evaluate(family, x, y, offset, trials, beta)
+    else:  # rows that break a rule: nothing is computed, and every site refuses
+        h, g, rest = np.zeros((p, p)), np.zeros(p), [0.0, 0.0, 0.0, 0.0]
+        x, y = np.zeros((0, p)), np.zeros(0)
     check = _step_check(
-        site, spec, key, beta, h, g, terms, (family, x, y, offset, trials)
+        site, spec, key, beta, h, g, terms, (family, x, y, offset, trials), flags
     )
     layout = _Layout(p)
     totals = layout.pack(float(dropped), float(len(y)), float(trials.sum()), h, g, rest)
     full = _full_masks(site, kept, [np.ones(len(kept), dtype=bool)])
-    # a design column's totals are statistics of the rows where it is not zero: a
-    # column of one value there (a level of C(sex), the ones of a 0/1 covariate,
-    # their interactions) sums the same weights over its rows as the intercept
-    # does over all, so its rows are a subset for the auditor (at least k rows,
-    # no differencing); any other column's rows must be at least k
-    nonzero = _full_masks(site, kept, [x[:, j] != 0 for j in range(p)])
-    indicators = {}
-    for j, term in enumerate(terms):
-        values = x[x[:, j] != 0, j]
-        if np.unique(values).size <= 1:
-            indicators[f"term {term}"] = [nonzero[j]]
-        elif values.size < site.policy.min_rows:
-            raise DisclosureRefused(
-                f"site {site.name}: a subset, group, cell or bin of this query would "
-                f"summarize fewer than {site.policy.min_rows} rows (the site's "
-                "minimum): a term is not zero in too few rows; drop or recode it"
-            )
-    subsets = {c: full for c in reads} | indicators | _left_out(site, kept)
-    # ... and must be held by enough sites: else its coefficient is one site's
+    # a design column is a value (age, 1, log(bmi)) times an indicator (a level
+    # of C(sex), a 0/1 covariate, their products): its totals, and in XᵀWX a
+    # pair's, sum a function of the values over the rows its indicators hold in
+    # common. Two such with the same values and sets one patient apart gave that
+    # patient's age and follow-up (age:mar:arrest and age:mar:arrest:race). So
+    # every such set is a subset for the auditor: at least k rows, no
+    # differencing. (A value's own zeros — a count of 0 — are not a set: a sum
+    # over them is a sum over all rows.)
+    supports: list[np.ndarray] = []
+    if usable:
+        indicator = _indicators(formula, frame, agreed)
+        for i in range(p):
+            for j in range(i, p):
+                supports.append(indicator[:, i] & indicator[:, j])
+    full_supports = _full_masks(site, kept, supports)
+    subsets = (
+        {c: full for c in reads}
+        | {"model terms": full_supports}
+        | _left_out(site, kept)
+    )
+    # ... and each column's rows must be held by enough sites: else its
+    # coefficient is one site's
     end = len(totals)
+    # (as many blocks at every site, whatever its rows, or the announcements of
+    # the holder count would not line up)
+    nothing = np.zeros(site.n_rows, dtype=bool)
+    columns = [full_supports[_pair(i, i, p)] if usable else nothing for i in range(p)]
     blocks = [
         Block(end, end, mask, required=True, name=f"the rows of term {term!r} are")
-        for term, mask in zip(terms, nonzero, strict=True)
+        for term, mask in zip(terms, columns, strict=True)
     ]
     return totals, subsets, blocks, check
+
+
+def _indicators(
+    formula: ModelFormula, frame: pd.DataFrame, levels: Mapping[str, Sequence[str]]
+) -> np.ndarray:
+    """Per row and design column, whether the column's indicators (its dummies and
+    0/1 covariates) all hold: the design again with every value set to 2 (where
+    log, sqrt and squares are finite and not zero) and only indicators kept."""
+    marked = frame.copy()
+    for column in formula.numeric:
+        values = np.asarray(frame[column], dtype=float)
+        if np.unique(values[values != 0]).size > 1:  # a value, not an indicator
+            marked[column] = 2.0
+    with np.errstate(all="ignore"):
+        design = _design(formula, marked, levels).to_numpy(dtype=float)
+    return np.asarray(design != 0)
+
+
+def _pair(i: int, j: int, p: int) -> int:
+    """The position of (i, j), i <= j, in the upper triangle's row-major order."""
+    return i * p - i * (i - 1) // 2 + (j - i)
 
 
 def _step_check(
@@ -449,9 +528,11 @@ def _step_check(
     g: np.ndarray,
     terms: list[str],
     data: tuple[Any, ...],
+    flags: np.ndarray,
 ) -> Check:
     """The check that β is the model's start or a Newton step from an iterate this
-    site answered; passing it records β as answered (with the site's H and g)."""
+    site answered, and that no site's rows break a rule of the model (anonymous
+    flags); passing it records β as answered (with the site's H and g)."""
     p = len(terms)
     step = spec.get("step")
 
@@ -463,14 +544,26 @@ def _step_check(
         "Newton step over the sites' own answers (a model is only answered along "
         "its own Newton path); fit it again from the start"
     )
+    labels = (rule,) * p + _FLAGS
+    half = np.full(len(_FLAGS), 0.5)  # any site's flag fails the check
+
+    def check(values: np.ndarray, tolerance: np.ndarray) -> Check:
+        return Check(
+            np.concatenate([values, flags]),
+            np.concatenate([tolerance, half]),
+            rule,
+            remember,
+            labels,
+        )
+
     if step == "origin":
         if np.any(beta != 0):
             raise DisclosureRefused(f"site {site.name}: a model starts at zero")
-        return Check(np.zeros(p), np.full(p, np.inf), rule, remember)
+        return check(np.zeros(p), np.full(p, np.inf))
     if step == "start":
         # the intercept-only fit: every slope exactly 0, the intercept's score 0
         index = spec.get("intercept")
-        if index is None or terms[index] != "Intercept":
+        if index is None:
             raise DisclosureRefused(f"site {site.name}: this model has no intercept")
         slopes = np.delete(beta, index)
         if np.any(slopes != 0):
@@ -482,11 +575,11 @@ def _step_check(
         values[index] = g[index]
         tolerance = np.full(p, np.inf)
         with np.errstate(over="ignore", under="ignore", divide="ignore"):
-            mu = family.link.inverse(x @ beta + offset)
-            w = trials * family.weights(mu) * np.abs(family.link.deriv(mu))
+            mu = family.link.inverse(x @ beta + offset[: len(y)])
+            w = trials[: len(y)] * family.weights(mu) * np.abs(family.link.deriv(mu))
             scale = float(np.sum(w * (np.abs(y) + np.abs(mu))))
         tolerance[index] = STEP_TOLERANCE * scale if len(y) else np.inf
-        return Check(values, tolerance, rule, remember)
+        return check(values, tolerance)
     if step != "newton":
         raise InvalidInput("a model's step is origin, start or newton")
     previous = np.asarray(spec.get("previous") or [], dtype=float)
@@ -497,13 +590,17 @@ def _step_check(
             "fit the model again from the start"
         )
     h_prev, g_prev = stored
-    delta = beta - previous
-    values = h_prev @ delta - g_prev
-    scale = np.abs(h_prev) @ np.abs(delta) + np.abs(g_prev)
+    values = h_prev @ (beta - previous) - g_prev
+    # the tolerance does not grow with the step: a step along a direction the
+    # information matrix (nearly) cannot see would otherwise pass at any length
+    # (a researcher steered β that way until one patient's weight was left)
+    scale = STEP_TOLERANCE * np.abs(g_prev) + 1e-10 * (
+        np.abs(h_prev) @ (np.abs(previous) + 1.0)
+    )
     # a coordinate none of this site's rows touch does not move its rows' fit:
     # the sites whose rows it touches check it
-    tolerance = np.where(np.diag(h_prev) > 0, STEP_TOLERANCE * scale, np.inf)
-    return Check(values, tolerance, rule, remember)
+    tolerance = np.where(np.diag(h_prev) > 0, scale, np.inf)
+    return check(values, tolerance)
 
 
 # ------------------------------------------------------------ researcher side

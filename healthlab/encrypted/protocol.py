@@ -119,6 +119,9 @@ class Check:
     tolerance: np.ndarray = field(repr=False)
     rule: str
     on_pass: Callable[[], None] | None = field(default=None, repr=False)
+    #: per coordinate, the rule a failure there breaks (default: ``rule``); a
+    #: site's 0/1 flag (its rows break a rule) summed this way is anonymous
+    labels: tuple[str, ...] = ()
 
 
 #: What a site computes from (its rows, the query): totals, its subsets by column,
@@ -393,6 +396,8 @@ class SiteWork:
         )
         self._peers = dict(peers)
         self.holders = counts
+        if self._check is not None and self._check.on_pass is not None:
+            self._check.on_pass()  # every check passed: the answer will be sent
         return counts
 
     def _verify(self, digit_sums: np.ndarray, n_sites: int) -> None:
@@ -407,10 +412,11 @@ class SiteWork:
             )
         except (IntegrityError, InvalidInput):
             pooled = np.full(size, np.inf)
-        if not np.all(np.abs(pooled) <= check.tolerance):
-            raise DisclosureRefused(f"site {self.site.name}: {check.rule}")
-        if check.on_pass is not None:
-            check.on_pass()
+        failed = ~(np.abs(pooled) <= check.tolerance)
+        if failed.any():
+            labels = check.labels or (check.rule,) * size
+            broken = list(dict.fromkeys(labels[i] for i in np.flatnonzero(failed)))
+            raise DisclosureRefused(f"site {self.site.name}: {'; '.join(broken)}")
 
     def _protected(self) -> list[np.ndarray]:
         """The row sets this answer withholds: suppressed blocks, and the rows left

@@ -843,7 +843,10 @@ def histogram(
                 "give bin edges, or a number of bins with range=(low, high): the "
                 "minimum and maximum are not released"
             )
-        edges = np.linspace(range[0], range[1], bins + 1)
+        # 12 digits: 0.1 + 0.2 is written 0.3 (the sites take the number, exactly)
+        edges = np.asarray(
+            [float(f"{e:.12g}") for e in np.linspace(range[0], range[1], bins + 1)]
+        )
     else:
         edges = np.asarray(bins, dtype=np.float64)
     if edges.size < 2 or not np.all(np.diff(edges) > 0) or not np.isfinite(edges).all():
