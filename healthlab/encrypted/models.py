@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -388,6 +389,26 @@ def _flags(
     return np.asarray([bad_outcome, negative, infinite, too_many], dtype=float)
 
 
+@dataclass
+class _ModelRows:
+    """A site's rows of one model, prepared once and used by every iterate."""
+
+    x: np.ndarray
+    y: np.ndarray
+    trials: np.ndarray
+    offset: np.ndarray
+    flags: np.ndarray
+    dropped: int
+    subsets: dict[str, list[np.ndarray]]
+    columns: list[np.ndarray]  # each design column's rows (over all the site's)
+
+
+#: Per site, its prepared rows of the models it answers (the latest few).
+_PREPARED: weakref.WeakKeyDictionary[Site, dict[tuple[str, int], _ModelRows]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 def _iterate(site: Site, query: Query) -> Totals:
     """At a site: its totals of one model iterate, and the check of the step."""
     spec = query.spec
@@ -396,6 +417,62 @@ def _iterate(site: Site, query: Query) -> Totals:
         raise InvalidInput(f"a model query has no fields {extra_keys}")
     formula = parse_formula(spec["formula"])
     family = _family(spec["family"])
+    terms: list[str] = list(spec["terms"])
+    p = len(terms)
+    index = spec.get("intercept")
+    if index is not None and (
+        not isinstance(index, int)
+        or not 0 <= index < len(terms)
+        or terms[index] != "Intercept"
+    ):
+        raise InvalidInput("the model's intercept index does not name its intercept")
+    beta = np.asarray(spec["beta"], dtype=float)
+    if beta.shape != (p,) or not np.all(np.isfinite(beta)):
+        raise InvalidInput("the model's coefficients do not match its terms")
+    key = model_key(spec, query.participants)
+    if site.model_iterations(key) >= MAX_ITERATES:
+        raise DisclosureRefused(
+            f"site {site.name} answers at most {MAX_ITERATES} iterates of one model; "
+            "the model did not converge"
+        )
+    cache = _PREPARED.setdefault(site, {})
+    version = (key, id(site._frame))
+    rows = cache.get(version)
+    if rows is None:
+        rows = _model_rows(site, spec, formula, terms)
+        while len(cache) >= 4:  # the latest few models
+            cache.pop(next(iter(cache)))
+        cache[version] = rows
+    flags = rows.flags
+    usable = not flags.any()
+    x, y, trials, offset = rows.x, rows.y, rows.trials, rows.offset
+    if usable:
+        h, g, rest = _evaluate(family, x, y, offset, trials, beta)
+    else:  # rows that break a rule: nothing is computed, and every site refuses
+        h, g, rest = np.zeros((p, p)), np.zeros(p), [0.0, 0.0, 0.0, 0.0]
+        x, y = np.zeros((0, p)), np.zeros(0)
+    check = _step_check(
+        site, spec, key, beta, h, g, terms, (family, x, y, offset, trials), flags
+    )
+    layout = _Layout(p)
+    totals = layout.pack(
+        float(rows.dropped), float(len(y)), float(trials.sum()), h, g, rest
+    )
+    # ... and each column's rows must be held by enough sites: else its
+    # coefficient is one site's
+    end = len(totals)
+    blocks = [
+        Block(end, end, mask, required=True, name=f"the rows of term {term!r} are")
+        for term, mask in zip(terms, rows.columns, strict=True)
+    ]
+    return totals, rows.subsets, blocks, check
+
+
+def _model_rows(
+    site: Site, spec: Mapping[str, Any], formula: ModelFormula, terms: list[str]
+) -> _ModelRows:
+    """A site's rows of a model: its design, outcome, offset, trials, the rules its
+    rows break (flags) and the subsets its totals sum over."""
     agreed: dict[str, list[str]] = {c: list(v) for c, v in spec["levels"].items()}
     if set(agreed) != set(formula.categorical):
         raise InvalidInput("the model's levels do not match its categories")
@@ -410,25 +487,16 @@ def _iterate(site: Site, query: Query) -> Totals:
     for column in formula.categorical:
         unreleased |= ~kept[column].astype(str).isin(agreed[column]).to_numpy()
     kept = kept.loc[~unreleased]
-    dropped = site.n_rows - len(kept)
     frame = kept.copy()
     for column in formula.numeric:
         frame[column] = numeric_column(site.name, kept[column], column)
     with np.errstate(all="ignore"):
         x_frame = _design(formula, frame, agreed)
-    terms: list[str] = list(spec["terms"])
     if [str(c) for c in x_frame.columns] != terms:
         raise DataRefused(
             f"site {site.name}: the model's design does not have the terms the query "
             "names; ask again"
         )
-    index = spec.get("intercept")
-    if index is not None and (
-        not isinstance(index, int)
-        or not 0 <= index < len(terms)
-        or terms[index] != "Intercept"
-    ):
-        raise InvalidInput("the model's intercept index does not name its intercept")
     x = x_frame.to_numpy(dtype=float)
     y = numeric_column(site.name, kept[formula.response], formula.response)
     trials = np.ones(len(y))
@@ -443,26 +511,6 @@ def _iterate(site: Site, query: Query) -> Totals:
     flags = _flags(site, spec["family"], y, trials, x)
     if not np.all(np.isfinite(offset)):
         flags[2] = 1.0
-    beta = np.asarray(spec["beta"], dtype=float)
-    if beta.shape != (p,) or not np.all(np.isfinite(beta)):
-        raise InvalidInput("the model's coefficients do not match its terms")
-    key = model_key(spec, query.participants)
-    if site.model_iterations(key) >= MAX_ITERATES:
-        raise DisclosureRefused(
-            f"site {site.name} answers at most {MAX_ITERATES} iterates of one model; "
-            "the model did not converge"
-        )
-    usable = not flags.any()
-    if usable:
-        h, g, rest = _evaluate(family, x, y, offset, trials, beta)
-    else:  # rows that break a rule: nothing is computed, and every site refuses
-        h, g, rest = np.zeros((p, p)), np.zeros(p), [0.0, 0.0, 0.0, 0.0]
-        x, y = np.zeros((0, p)), np.zeros(0)
-    check = _step_check(
-        site, spec, key, beta, h, g, terms, (family, x, y, offset, trials), flags
-    )
-    layout = _Layout(p)
-    totals = layout.pack(float(dropped), float(len(y)), float(trials.sum()), h, g, rest)
     full = _full_masks(site, kept, [np.ones(len(kept), dtype=bool)])
     # a design column is a value (age, 1, log(bmi)) times an indicator (a level
     # of C(sex), a 0/1 covariate, their products): its totals, and in XᵀWX a
@@ -473,29 +521,27 @@ def _iterate(site: Site, query: Query) -> Totals:
     # differencing. (A value's own zeros — a count of 0 — are not a set: a sum
     # over them is a sum over all rows.)
     supports: list[np.ndarray] = []
-    if usable:
+    if not flags.any():
         indicator = _indicators(formula, frame, agreed)
+        distinct: dict[bytes, np.ndarray] = {}
         for i in range(p):
             for j in range(i, p):
-                supports.append(indicator[:, i] & indicator[:, j])
-    full_supports = _full_masks(site, kept, supports)
+                both = indicator[:, i] & indicator[:, j]
+                distinct.setdefault(np.packbits(both).tobytes(), both)
+        supports = list(distinct.values())
+        column_rows = _full_masks(site, kept, [indicator[:, i] for i in range(p)])
+    else:
+        # as many blocks at every site, whatever its rows, or the announcements
+        # of the holder count would not line up
+        column_rows = [np.zeros(site.n_rows, dtype=bool)] * p
     subsets = (
         {c: full for c in reads}
-        | {"model terms": full_supports}
+        | {"model terms": _full_masks(site, kept, supports)}
         | _left_out(site, kept)
     )
-    # ... and each column's rows must be held by enough sites: else its
-    # coefficient is one site's
-    end = len(totals)
-    # (as many blocks at every site, whatever its rows, or the announcements of
-    # the holder count would not line up)
-    nothing = np.zeros(site.n_rows, dtype=bool)
-    columns = [full_supports[_pair(i, i, p)] if usable else nothing for i in range(p)]
-    blocks = [
-        Block(end, end, mask, required=True, name=f"the rows of term {term!r} are")
-        for term, mask in zip(terms, columns, strict=True)
-    ]
-    return totals, subsets, blocks, check
+    return _ModelRows(
+        x, y, trials, offset, flags, site.n_rows - len(kept), subsets, column_rows
+    )
 
 
 def _indicators(
