@@ -232,6 +232,21 @@ def test_describe_by_two_columns_equals_pandas(keys: KeyHolder) -> None:
         encrypted.describe(split(frame, 150, 300), ["bmi"], by=["sex", "sex"])
 
 
+def test_ols_inference_equals_statsmodels(keys: KeyHolder) -> None:
+    import statsmodels.formula.api as smf
+
+    frame = diabetes()
+    fit = encrypted.ols(split(frame, 150, 300), "bp", ["age", "bmi", "s5"], keys=keys)
+    reference = smf.ols("bp ~ age + bmi + s5", frame).fit()
+    assert relative_error(fit["P>|t|"], reference.pvalues) <= 1e-8
+    ci = reference.conf_int()
+    assert relative_error(fit["[0.025"], ci[0]) <= RTOL
+    assert relative_error(fit["0.975]"], ci[1]) <= RTOL
+    assert relative_error(fit.attrs["r2_adj"], reference.rsquared_adj) <= RTOL
+    assert relative_error(fit.attrs["fvalue"], reference.fvalue) <= RTOL
+    assert relative_error(fit.attrs["f_pvalue"], reference.f_pvalue) <= 1e-8
+
+
 def test_ols_refuses_an_aliased_design_naming_the_term(keys: KeyHolder) -> None:
     frame = diabetes().assign(
         age_bmi=lambda f: f["age"] + f["bmi"],

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats as distributions
 
 from healthlab.encrypted.encoding import MAX_ABS
 from healthlab.encrypted.keys import KeyHolder
@@ -255,10 +256,6 @@ def _check_grouping(site: Site, kept: pd.DataFrame, by: str, k: int) -> None:
 
 
 # ------------------------------------------------------------- researcher side
-def _prepare(sites: SitesLike, keys: KeyHolder | None) -> tuple[list[Site], KeyHolder]:
-    return as_sites(sites), keys or KeyHolder()
-
-
 def _run(
     sites: list[Site],
     kind: str,
@@ -1190,7 +1187,9 @@ def ols(
     """Ordinary least squares of ``y`` on ``X`` with an intercept, pooled across sites.
 
     Returns one row per coefficient (``Intercept`` first) with ``coef``, ``se``,
-    ``t``; ``.attrs`` carries ``r2``, ``n`` and ``rss``. Each site refuses a model
+    ``t``, ``P>|t|`` and the 95 % confidence interval (``[0.025``, ``0.975]``), as
+    statsmodels' OLS; ``.attrs`` carries ``r2``, ``r2_adj``, ``fvalue``,
+    ``f_pvalue``, ``n``, ``dof`` and ``rss``. Each site refuses a model
     with more than ``max_param_ratio`` (0.33) parameters per row of its own.
 
     Examples
@@ -1239,11 +1238,31 @@ def ols(
     se_intercept = float(np.sqrt(sigma2 * (1.0 / n + means[:p] @ inverse @ means[:p])))
     coef = np.concatenate([[intercept], beta])
     se = np.concatenate([[se_intercept], se_beta])
+    t = coef / se
+    half = float(distributions.t.ppf(0.975, dof)) * se
     result = pd.DataFrame(
-        {"coef": coef, "se": se, "t": coef / se}, index=["Intercept", *xs]
+        {
+            "coef": coef,
+            "se": se,
+            "t": t,
+            "P>|t|": 2 * distributions.t.sf(np.abs(t), dof),
+            "[0.025": coef - half,
+            "0.975]": coef + half,
+        },
+        index=["Intercept", *xs],
     )
+    r2 = 1.0 - rss / float(syy)
+    fvalue = (r2 / p) / ((1 - r2) / dof)
     result.attrs.update(
-        {"n": round(n), "r2": 1.0 - rss / float(syy), "rss": rss, "dof": dof}
+        {
+            "n": round(n),
+            "r2": r2,
+            "r2_adj": 1 - (1 - r2) * (n - 1) / dof,
+            "fvalue": fvalue,
+            "f_pvalue": float(distributions.f.sf(fvalue, p, dof)),
+            "rss": rss,
+            "dof": dof,
+        }
     )
     return attach_receipt(
         result,
