@@ -161,7 +161,9 @@ CASES: dict[str, dict[str, Any]] = {
         "family": "poisson",
         "offset": "log_week",
         "group": "wexp",
-        "indicators": ["fin", "paro"],
+        # the offset too: a column of 2 values at the 6-row site is audited by
+        # value (exp(offset) and 1 would solve for each value's count)
+        "indicators": ["fin", "paro", "week"],
     },
     "diabetes gaussian with a category": {
         "data": diabetes,
@@ -691,3 +693,106 @@ def test_removing_the_intercept_is_honoured() -> None:
     assert relative(fit.params, ref.fit(tol=1e-14).params) <= RTOL
     with pytest.raises(InvalidInput, match="does not parse"):
         encrypted.logit(frames, "arrest ~ age | prio")
+
+
+# ------------------------------------- the second review's attacks (refused)
+def test_many_functions_of_a_count_are_audited_by_its_values() -> None:
+    """prio has 17 values; 15 functions of it (products of prio, prio², √prio,
+    log1p prio) and the same times age solved for each value's count and Σ age:
+    the one patient with prio = 15 was 22. A column of few values, next to as
+    many functions of it, is audited by its value sets."""
+    sites = threshold_sites()
+    terms = "prio*I(prio ** 2)*np.sqrt(prio)*np.log1p(prio)"
+    formula = f"arrest ~ ({terms}) + age + age:({terms})"
+    spec = model_spec(formula) | {"family": "gaussian"}
+    p = len(spec["terms"])
+    with pytest.raises(DisclosureRefused, match="fewer than 3"):
+        run_query(
+            sites,
+            hand_query(spec, [0.0] * p, "origin", None),
+            _iterate,
+            keys=KeyHolder(),
+        )
+    # a plain count covariate (3 functions of it, 17 values) is answered
+    fit = encrypted.glm(threshold_sites(), "arrest ~ prio + age", "binomial")
+    assert fit.converged
+
+
+def test_an_offset_of_few_values_is_audited_by_its_values() -> None:
+    frames = [rossi().iloc[i::2].reset_index(drop=True).copy() for i in range(2)]
+    for frame in frames:
+        frame["exposure"] = 1.0
+        frame.loc[0, "exposure"] = 2.0  # one patient per site with another value
+    sites = [Site(f"h{i}", f) for i, f in enumerate(frames)]
+    with pytest.raises(DisclosureRefused, match="fewer than 3"):
+        encrypted.glm(sites, "prio ~ age", "poisson", offset="exposure")
+
+
+def test_rows_at_a_fitted_zero_or_one_are_a_flag_not_a_count() -> None:
+    """arrest ~ week: everyone arrested before week 52, so the Newton path moves a
+    cut up through the weeks and the count of rows at a fitted 0 or 1 rose one
+    patient at a time. The count is not released, the sites refuse such an
+    iterate, and the fit ends in a named refusal."""
+    sites = threshold_sites()
+    with pytest.raises(PerfectSeparation, match="predicted exactly"):
+        encrypted.logit(sites, "arrest ~ week")
+    for site in sites:
+        for entry in site.log:
+            assert "boundary" not in str(entry)
+    keys = KeyHolder()
+    spec = model_spec("arrest ~ week")
+    run = run_query(
+        threshold_sites(),
+        hand_query(spec, [0.0, 0.0], "origin", None),
+        _iterate,
+        keys=keys,
+    )
+    assert _Layout(2).unpack(run.totals)["boundary"] == 0
+
+
+def test_a_total_beyond_the_encoding_is_an_anonymous_flag() -> None:
+    """exp(age) weights (Poisson, offset age): one site's totals pass what the
+    encoding carries, and its refusal named it (a threshold bit on one site's
+    Σ e^age·f(age)). Now a flag: every site refuses alike."""
+    spec = model_spec("arrest ~ I(age ** 2):np.log(age)") | {
+        "family": "poisson",
+        "offset": "age",
+    }
+    with pytest.raises(DisclosureRefused) as refused:
+        run_query(
+            threshold_sites(),
+            hand_query(spec, [0.0, 0.0], "origin", None),
+            _iterate,
+            keys=KeyHolder(),
+        )
+    message = str(refused.value)
+    assert "beyond what the encoding carries at some site" in message
+    assert "reaches" not in message
+
+
+def test_a_binomial_model_with_an_offset_converges_by_halving_steps() -> None:
+    frame = rossi()
+    sites = threshold_sites()
+    fit = encrypted.glm(sites, "arrest ~ age + prio", "binomial", offset="log_week")
+    ref = smf.glm(
+        "arrest ~ age + prio",
+        frame,
+        family=sm.families.Binomial(),
+        offset=frame["log_week"],
+    ).fit(tol=1e-14)
+    assert relative(fit.params, ref.params) <= RTOL
+    assert relative(fit.bse, ref.bse) <= RTOL
+    steps = [q["spec"].get("fraction") for q in fit.receipt["queries"][2:]]
+    assert any(f < 1 for f in steps)  # a full step from zero overshoots
+
+
+def test_numeric_categories_have_statsmodels_reference_level() -> None:
+    frame = rossi().copy()
+    frame["band"] = np.select([frame.age < 20, frame.age < 30], [2.0, 10.0], 30.0)
+    frames = {f"s{i}": frame.iloc[i::3] for i in range(3)}
+    fit = encrypted.logit(frames, "arrest ~ C(band)")
+    ref = smf.glm("arrest ~ C(band)", frame, family=sm.families.Binomial()).fit(
+        tol=1e-14
+    )
+    assert list(fit.params.index) == list(ref.params.index)
+    np.testing.assert_allclose(fit.params, ref.params, rtol=RTOL, atol=1e-12)

@@ -49,6 +49,7 @@ from formulaic import Formula, model_matrix
 from scipy import special
 from scipy import stats as distributions
 
+from healthlab.encrypted.encoding import MAX_ABS
 from healthlab.encrypted.keys import KeyHolder
 from healthlab.encrypted.protocol import Block, Check, Query, StudyRun, Totals
 from healthlab.encrypted.stats import (
@@ -87,6 +88,8 @@ __all__ = [
 MAX_ITERATES = 60
 #: A Newton step's check must hold to this fraction of the site's own totals.
 STEP_TOLERANCE = 1e-8
+#: Totals a site sends at most (beyond: a flag, not a refusal naming the site).
+ENCODABLE = MAX_ABS / 2
 #: Fitted probabilities this close to 0 or 1 mean the estimates do not exist.
 BOUNDARY = 1e-10
 
@@ -349,7 +352,9 @@ MODEL_FIELDS = (
     "population",
     "intercept",
 )
-_ITERATE_FIELDS = {*MODEL_FIELDS, "beta", "step", "previous"}
+_ITERATE_FIELDS = {*MODEL_FIELDS, "beta", "step", "previous", "fraction"}
+#: The step lengths a Newton step may take (halving when a full step overshoots).
+FRACTIONS = tuple(2.0**-j for j in range(11))
 
 
 def model_key(spec: Mapping[str, Any], participants: Sequence[str]) -> str:
@@ -368,6 +373,15 @@ _FLAGS = (
     "a term is not finite (a log of 0 or of a negative number?) at some site",
     "the model has more parameters than the sites' maximum per row at some site; "
     "use fewer covariates",
+)
+#: Flags of one iterate (they depend on the coefficients), after the data's.
+_SEPARATION = (
+    "the outcome is predicted exactly (a fitted probability of 0 or 1) for some "
+    "rows at some site"
+)
+_ITERATE_FLAGS = (
+    _SEPARATION,
+    "a total is beyond what the encoding carries at some site (rescale a column)",
 )
 
 
@@ -451,12 +465,31 @@ def _iterate(site: Site, query: Query) -> Totals:
     else:  # rows that break a rule: nothing is computed, and every site refuses
         h, g, rest = np.zeros((p, p)), np.zeros(p), [0.0, 0.0, 0.0, 0.0]
         x, y = np.zeros((0, p)), np.zeros(0)
-    check = _step_check(
-        site, spec, key, beta, h, g, terms, (family, x, y, offset, trials), flags
-    )
     layout = _Layout(p)
+    # the rows at a fitted 0 or 1 are not counted out loud (a separating path
+    # moved that count one patient at a time): a flag, and every site refuses
+    separated = float(rest[3] > 0)
+    rest = [*rest[:3], 0.0]
     totals = layout.pack(
         float(rows.dropped), float(len(y)), float(trials.sum()), h, g, rest
+    )
+    # nor is a total the encoding cannot carry (its refusal named the site)
+    overflow = float(
+        not (np.all(np.isfinite(totals)) and np.max(np.abs(totals)) < ENCODABLE)
+    )
+    if overflow:
+        totals = [0.0] * len(totals)
+        h, g = np.zeros((p, p)), np.zeros(p)
+    check = _step_check(
+        site,
+        spec,
+        key,
+        beta,
+        h,
+        g,
+        terms,
+        (family, x, y, offset, trials),
+        np.concatenate([flags, [separated, overflow]]),
     )
     # ... and each column's rows must be held by enough sites: else its
     # coefficient is one site's
@@ -534,14 +567,54 @@ def _model_rows(
         # as many blocks at every site, whatever its rows, or the announcements
         # of the holder count would not line up
         column_rows = [np.zeros(site.n_rows, dtype=bool)] * p
+    # a numeric column of few values is a category in disguise: the totals hold
+    # many functions of it (prio, prio², √prio, their products, exp(offset)), and
+    # as many functions as values solve for each value's count and sums (one
+    # patient's age at prio = 15 came out). Such a column's value sets are
+    # subsets too
+    levels_of: dict[str, list[np.ndarray]] = {}
+    if not flags.any():
+        uses = _uses(formula, agreed, terms)
+        for column in sorted({*formula.numeric, *extra}):
+            d = uses.get(column, 0) + (1 if column in extra else 0)
+            # with d functions of it in the design, the totals hold every product
+            # of two of {1, f_1, … f_d}; an offset or trials column alone, its
+            # weight and 1
+            functions = (d + 1) * (d + 2) // 2 if column in uses else 2
+            values = np.asarray(kept[column], dtype=float)
+            seen = np.unique(values)
+            if seen.size <= functions:
+                levels_of[f"values of {column}"] = _full_masks(
+                    site, kept, [values == v for v in seen]
+                )
     subsets = (
         {c: full for c in reads}
         | {"model terms": _full_masks(site, kept, supports)}
+        | levels_of
         | _left_out(site, kept)
     )
     return _ModelRows(
         x, y, trials, offset, flags, site.n_rows - len(kept), subsets, column_rows
     )
+
+
+def _uses(
+    formula: ModelFormula, levels: Mapping[str, Sequence[str]], terms: list[str]
+) -> dict[str, int]:
+    """How many design columns each numeric column enters (from one synthetic row
+    changed in that column: public, no data)."""
+    base = {c: [2.0] for c in formula.numeric} | {
+        c: [next(iter(v))] for c, v in levels.items()
+    }
+    with np.errstate(all="ignore"):
+        reference = _design(formula, pd.DataFrame(base), levels).to_numpy(dtype=float)
+        out = {}
+        for column in formula.numeric:
+            changed = _design(
+                formula, pd.DataFrame(base | {column: [3.0]}), levels
+            ).to_numpy(dtype=float)
+            out[column] = int(np.sum(changed != reference))
+    return out
 
 
 def _indicators(
@@ -590,8 +663,8 @@ def _step_check(
         "Newton step over the sites' own answers (a model is only answered along "
         "its own Newton path); fit it again from the start"
     )
-    labels = (rule,) * p + _FLAGS
-    half = np.full(len(_FLAGS), 0.5)  # any site's flag fails the check
+    labels = (rule,) * p + _FLAGS + _ITERATE_FLAGS
+    half = np.full(len(labels) - p, 0.5)  # any site's flag fails the check
 
     def check(values: np.ndarray, tolerance: np.ndarray) -> Check:
         return Check(
@@ -636,11 +709,14 @@ def _step_check(
             "fit the model again from the start"
         )
     h_prev, g_prev = stored
-    values = h_prev @ (beta - previous) - g_prev
+    fraction = float(spec.get("fraction") or 1.0)
+    if fraction not in FRACTIONS:
+        raise InvalidInput("a Newton step's fraction is 1, 1/2, 1/4, … 1/1024")
+    values = h_prev @ (beta - previous) - fraction * g_prev
     # the tolerance does not grow with the step: a step along a direction the
     # information matrix (nearly) cannot see would otherwise pass at any length
     # (a researcher steered β that way until one patient's weight was left)
-    scale = STEP_TOLERANCE * np.abs(g_prev) + 1e-10 * (
+    scale = STEP_TOLERANCE * fraction * np.abs(g_prev) + 1e-10 * (
         np.abs(h_prev) @ (np.abs(previous) + 1.0)
     )
     # a coordinate none of this site's rows touch does not move its rows' fit:
@@ -841,6 +917,15 @@ def _aliased(h: np.ndarray, names: list[str]) -> None:
     check_aliasing(h, names)
 
 
+def _ordered(levels: list[str]) -> list[str]:
+    """Levels in the order statsmodels uses: numerically when they are numbers
+    (2 before 10), else as text; the first is the reference."""
+    try:
+        return sorted(levels, key=float)
+    except ValueError:
+        return sorted(levels)
+
+
 def glm(
     sites: SitesLike,
     formula: str,
@@ -894,7 +979,7 @@ def glm(
                 f"C({column}) has fewer than 2 levels released by the sites; it "
                 "cannot be a covariate"
             )
-        agreed[column] = list(released)
+        agreed[column] = _ordered(list(released))
     terms = design_columns(parsed, agreed)
     spec: dict[str, Any] = {
         "formula": parsed.text,
@@ -910,7 +995,12 @@ def glm(
     runs: list[StudyRun] = []
     participants = site_list
 
-    def ask(beta: np.ndarray, step: str, previous: np.ndarray | None) -> dict[str, Any]:
+    def ask(
+        beta: np.ndarray,
+        step: str,
+        previous: np.ndarray | None,
+        fraction: float = 1.0,
+    ) -> dict[str, Any]:
         nonlocal participants
         run = _run(
             participants,
@@ -920,6 +1010,7 @@ def glm(
                 "beta": beta.tolist(),
                 "step": step,
                 "previous": None if previous is None else previous.tolist(),
+                "fraction": fraction,
             },
             layout.size,
             _iterate,
@@ -932,14 +1023,23 @@ def glm(
         runs.append(run)
         names = {s.name for s in run.sites}
         participants = [s for s in participants if s.name in names]
-        out = layout.unpack(run.totals)
-        if fam == "binomial" and out["boundary"] > 0:
-            raise PerfectSeparation(
-                "the outcome is predicted exactly (fitted probability 0 or 1) for "
-                "some rows: the maximum-likelihood estimates do not exist. Drop or "
-                "merge the covariate that separates the outcome, or coarsen it"
-            )
-        return out
+        return layout.unpack(run.totals)
+
+    def step_from(beta: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, Any]:
+        """A Newton step, halved while it lands where some row's fitted
+        probability is 0 or 1 (the sites refuse such an iterate, by a flag)."""
+        for fraction in FRACTIONS:
+            target = beta + fraction * delta
+            try:
+                return target, ask(target, "newton", beta, fraction)
+            except DisclosureRefused as refused:
+                if _SEPARATION not in str(refused):
+                    raise
+        raise PerfectSeparation(
+            "the outcome is predicted exactly (fitted probability 0 or 1) for some "
+            "rows: the maximum-likelihood estimates do not exist. Drop or merge the "
+            "covariate that separates the outcome, or coarsen it"
+        )
 
     beta = np.zeros(len(terms))
     current = ask(beta, "origin", None)
@@ -963,8 +1063,7 @@ def glm(
         if np.max(np.abs(delta)) <= tol * (1 + np.max(np.abs(beta))):
             converged = True
             break
-        previous, beta = beta, beta + delta
-        current = ask(beta, "newton", previous)
+        beta, current = step_from(beta, delta)
         iterations += 1
         if not np.isfinite(current["deviance"]):
             break
