@@ -94,6 +94,7 @@ bench: setup
 	$(BIN)/python benchmarks/encrypted_stats.py
 	$(BIN)/python benchmarks/audit.py
 	$(BIN)/python benchmarks/glm.py
+	$(BIN)/python benchmarks/survival.py
 	$(BIN)/python benchmarks/federated.py
 	$(BIN)/python benchmarks/storage.py
 	$(BIN)/python benchmarks/deploy.py
