@@ -163,3 +163,27 @@ def test_the_minimum_and_maximum_are_not_released() -> None:
     wide = {f"s{i}": pd.DataFrame({"x": rng.normal(50, 10, 800)}) for i in range(2)}
     with pytest.raises(DisclosureRefused, match="must hold every row"):
         encrypted.quantiles(wide, "x", [0.5], range=(40, 200), resolution=10)
+
+
+# ------------------------------------------------------- per-column missing
+def test_missing_counts_equal_pandas() -> None:
+    columns = ["age", "bmi", "cholesterol", "glucose"]
+    result = encrypted.missing(frames(), columns)
+    assert result["missing"].tolist() == pooled()[columns].isna().sum().tolist()
+    assert (result["of"] == len(pooled())).all()
+    assert result.attrs["receipt"]["kind"] == "missing"
+
+
+def test_a_missing_count_one_site_holds_is_withheld_and_one_or_two_refused() -> None:
+    data = frames()
+    alone = {k: f.copy() for k, f in data.items()}
+    alone["site_a"].loc[alone["site_a"].index[:5], "sbp"] = np.nan  # only site_a
+    result = encrypted.missing(alone, ["sbp", "bmi"])
+    assert pd.isna(result.loc["sbp", "missing"])
+    assert result.attrs["suppressed"] == ["sbp"]
+    assert result.loc["bmi", "missing"] == pooled()["bmi"].isna().sum()
+    few = {k: f.copy() for k, f in data.items()}
+    for f in few.values():
+        f.loc[f.index[:2], "sbp"] = np.nan  # 2 per site
+    with pytest.raises(DisclosureRefused, match="fewer than 3"):
+        encrypted.missing(few, ["sbp"])

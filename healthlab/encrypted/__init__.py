@@ -44,6 +44,7 @@ from healthlab.encrypted.stats import (
     describe,
     histogram,
     levels,
+    missing,
     ols,
 )
 from healthlab.encrypted.survival import SurvivalResult, kaplan_meier
@@ -76,6 +77,7 @@ __all__ = [
     "kaplan_meier",
     "levels",
     "logit",
+    "missing",
     "ols",
     "quantiles",
     "square_bias_factor",

@@ -49,6 +49,7 @@ __all__ = [
     "describe",
     "histogram",
     "levels",
+    "missing",
     "ols",
 ]
 
@@ -233,6 +234,33 @@ def _counts(site: Site, query: Query) -> Totals:
     # is them, so when too few sites hold such rows they are withheld, protected)
     blocks = [Block(1 + i, 2 + i, m, empty_released=True) for i, m in enumerate(full)]
     return totals, {col: full for col in columns} | _left_out(site, kept), blocks
+
+
+def _missing_counts(site: Site, query: Query) -> Totals:
+    """Per column, the rows of the population without a value (NaN, infinite)."""
+    spec = query.spec
+    columns: list[str] = list(spec["columns"])
+    base, _ = site.rows([], population=spec.get("population", ()))
+    inside = base.index.to_numpy()
+    masks = []
+    for column in columns:
+        kept, _ = site.rows(
+            [column], dropna=True, population=spec.get("population", ())
+        )
+        masks.append(~np.isin(inside, kept.index.to_numpy()))
+    everyone = np.ones(len(inside), dtype=bool)
+    totals = [float(site.n_rows - len(inside)), float(len(inside))] + [
+        float(m.sum()) for m in masks
+    ]
+    full = _full_masks(site, base, [everyone, *masks])
+    # each column's missing rows are a cell: held by too few sites, withheld
+    blocks = [
+        Block(2 + i, 3 + i, m, empty_released=True) for i, m in enumerate(full[1:])
+    ]
+    subsets = {"rows": [full[0]]} | {
+        c: [m] for c, m in zip(columns, full[1:], strict=True)
+    }
+    return totals, subsets | _left_out(site, base), blocks
 
 
 def _left_out(site: Site, kept: pd.DataFrame) -> dict[str, list[np.ndarray]]:
@@ -1054,6 +1082,49 @@ def counts(
         [run],
         kind="counts",
         parameters={"column": column, "population": options["population"]},
+    )
+
+
+def missing(
+    sites: SitesLike,
+    columns: Sequence[str],
+    *,
+    researcher: str | None = None,
+    keys: KeyHolder | None = None,
+    min_sites: int = 2,
+    on_refusal: str = "raise",
+    population: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Pooled per-column counts of rows without a value (NaN or infinite), of the
+    rows in ``population`` (every row by default), like ``frame.isna().sum()``.
+
+    Each column's missing rows are a cell under the sites' rules: 1 or 2 at a site
+    is refused, a count only one site has is withheld (``<NA>``, named in
+    ``attrs["suppressed"]``).
+    """
+    site_list = as_sites(sites)
+    cols = _columns(columns)
+    options = _options(keys, researcher, min_sites, 0, False, on_refusal, population)
+    spec = {"columns": cols, "population": options["population"], "missing": True}
+    run = _run(
+        site_list, "counts", spec, 2 + len(cols), _missing_counts, **_opts(options)
+    )
+    # block i is column i's count (totals[2 + i]); a suppressed one is <NA>
+    values = np.maximum(np.rint(run.totals[2:]), 0).astype(np.int64)
+    withheld = np.isin(np.arange(len(cols)), list(run.suppressed))
+    values[withheld] = 0
+    result = pd.DataFrame(
+        {"missing": pd.arrays.IntegerArray(values, withheld), "of": int(run.totals[1])},
+        index=pd.Index(cols),
+    )
+    hidden = [cols[i] for i in run.suppressed]
+    if hidden:
+        result.attrs["suppressed"] = hidden
+    return attach_receipt(
+        result,
+        [run],
+        kind="missing",
+        parameters={"columns": cols, "population": options["population"]},
     )
 
 
