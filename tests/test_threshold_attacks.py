@@ -462,3 +462,31 @@ def test_rows_outside_the_edges_that_several_sites_hold_are_answered() -> None:
     encrypted.describe(sites, ["age"])
     table = encrypted.histogram(sites, "age", [40, 70])
     assert table["count"].tolist() == [int(rows.age.between(40, 70).sum())]
+
+
+# ------------------------------------------------- a category in disguise
+def test_a_column_of_few_values_is_audited_by_its_values() -> None:
+    """A 0/1/2 column (say, a count of admissions): n, Σx and Σx² give the pooled
+    count of each value, and with another column Σxy its sums over them. One
+    patient with 2 at h1: describe would have said "one patient has 2"."""
+    frames = [cohort(1), cohort(2)]
+    for f in frames:
+        f["admissions"] = np.resize([0.0, 1.0], len(f))
+    frames[0].loc[0, "admissions"] = 2.0
+    sites = [Site(f"h{i}", f) for i, f in enumerate(frames, 1)]
+    with pytest.raises(DisclosureRefused, match="fewer than 3"):
+        encrypted.describe(sites, ["admissions"])
+    with pytest.raises(DisclosureRefused, match="fewer than 3"):
+        encrypted.cov(
+            [Site(f"g{i}", f) for i, f in enumerate(frames, 1)], ["admissions", "age"]
+        )
+    # with 3 or more of each value at each site, answered exactly
+    for f in frames:
+        f.loc[:2, "admissions"] = 2.0
+    rows = pd.concat(frames, ignore_index=True)
+    fresh = [Site(f"k{i}", f) for i, f in enumerate(frames, 1)]
+    table = encrypted.describe(fresh, ["admissions"])
+    assert table.loc["mean", "admissions"] == pytest.approx(rows.admissions.mean())
+    # a measurement whose values all differ is not a category, however few rows
+    tiny = [Site("t1", cohort(3, n=3)), Site("t2", cohort(4))]
+    encrypted.describe(tiny, ["age"])

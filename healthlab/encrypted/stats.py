@@ -177,6 +177,18 @@ def _moments(site: Site, query: Query) -> Totals:
             if mask.any():
                 site.check_model(int(model), int(mask.sum()))
     subsets = {c: full for c in columns} | _left_out(site, kept)
+    # a column of few values is a category in disguise: n, Σx (and Σx²) of a
+    # column of 2 (3) values give each value's count, and Σxy the sums of the
+    # others over them — so its value sets (within each group) are subsets too
+    # (a column whose values all differ is a measurement, whatever their number)
+    few = 2 if spec["order"] == 1 else 3
+    raw = values + center
+    for j, column in enumerate(columns):
+        seen = np.unique(raw[:, j])
+        if seen.size <= few and seen.size < len(raw):
+            subsets[f"values of {column}"] = _full_masks(
+                site, kept, [m & (raw[:, j] == v) for m in masks for v in seen]
+            )
     if by is None:
         return totals, subsets
     ends = [*starts[1:], len(totals)]
