@@ -251,7 +251,7 @@ def test_a_pooled_glm_equals_statsmodels_on_the_pooled_rows(
 
 def test_the_fit_reads_like_statsmodels() -> None:
     frames = splits(rossi(), "mar")["iid"]
-    fit = encrypted.logit(list(frames.items()) and frames, "arrest ~ fin + age + prio")
+    fit = encrypted.logit(frames, "arrest ~ fin + age + prio")
     text = str(fit.summary())
     assert "Generalized Linear Model Regression Results" in text
     assert "Binomial" in text and "Logit" in text

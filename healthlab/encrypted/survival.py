@@ -74,8 +74,7 @@ def _cells(site: Site, query: Query) -> Totals:
             "or 1 (event)"
         )
     grid = np.asarray(spec["grid"], dtype=float)
-    for edge_column in (duration,):
-        site.policy.check_grid(site.name, edge_column, grid)
+    site.policy.check_grid(site.name, duration, grid)
     index = np.searchsorted(grid, t, side="left")  # interval j: (g[j-1], g[j]]
     beyond = index >= grid.size
     groups = spec.get("groups") or [None]
