@@ -97,7 +97,10 @@ def six_row_split(
 
 
 def splits(
-    frame: pd.DataFrame, group: str | None, indicators: Sequence[str] = ()
+    frame: pd.DataFrame,
+    group: str | None,
+    indicators: Sequence[str] = (),
+    iid_sites: int = 3,
 ) -> dict[str, dict[str, pd.DataFrame]]:
     """The issue's splits: IID over 3 sites, by a natural grouping, skewed sizes
     (70/20/10 %), and one 6-row site beside two large ones."""
@@ -106,7 +109,7 @@ def splits(
     shuffled = frame.iloc[order].reset_index(drop=True)
     n = len(frame)
     out = {
-        "iid": {f"s{i}": shuffled.iloc[i::3] for i in range(3)},
+        "iid": {f"s{i}": shuffled.iloc[i::iid_sites] for i in range(iid_sites)},
         "skewed": {
             "s0": shuffled.iloc[: int(0.7 * n)],
             "s1": shuffled.iloc[int(0.7 * n) : int(0.9 * n)],
@@ -131,7 +134,9 @@ CASES: dict[str, dict[str, Any]] = {
         "formula": "arrest ~ fin + age + prio + wexp",
         "family": "binomial",
         "group": "paro",
-        "indicators": ["fin", "wexp"],
+        # the outcome too: its events and non-events in each term's rows are
+        # sums the score releases (each 0 or at least 3 at a site)
+        "indicators": ["fin", "wexp", "arrest"],
     },
     "breast_cancer logit": {
         "data": breast_cancer,
@@ -141,12 +146,17 @@ CASES: dict[str, dict[str, Any]] = {
     },
     "spector logit": {
         "data": spector,
-        "formula": "GRADE ~ GPA + TUCE + PSI",
+        # PSI is left out: 3 of its 0s passed, so any split gives a site 1-2 of
+        # them, whose sums the score holds (refused: see the test below)
+        "formula": "GRADE ~ GPA + TUCE",
         "family": "binomial",
         "group": None,
-        "indicators": ["PSI"],
-        # 32 rows: a 10 % site holds 3, with 1-2 of PSI's ones (refused: k = 3)
+        "indicators": ["GRADE"],
+        # 32 rows, 11 passes: a 10 % site holds 3 rows, and over 3 sites (or
+        # beside a 6-row site) some site holds 1-2 passes (refused: k = 3)
         "skewed": False,
+        "six_rows": False,
+        "iid_sites": 2,
     },
     "star98 binomial with trials": {
         "data": star98,
@@ -219,7 +229,12 @@ def test_a_pooled_glm_equals_statsmodels_on_the_pooled_rows(
     name: str, split: str
 ) -> None:
     case = CASES[name]
-    frames = splits(case["data"](), case["group"], case.get("indicators", ()))[split]
+    frames = splits(
+        case["data"](),
+        case["group"],
+        case.get("indicators", ()),
+        case.get("iid_sites", 3),
+    )[split]
     sites = [Site(k, f, policy=SMALL_SITES) for k, f in frames.items()]
     fit = encrypted.glm(
         sites,
@@ -537,7 +552,12 @@ def test_a_term_of_fewer_than_k_rows_at_a_site_is_refused() -> None:
     with pytest.raises(DisclosureRefused, match="fewer than 3"):
         encrypted.logit(sites, "arrest ~ age + rare")
     for frame in frames:
-        frame.loc[[6, 7], "rare"] = 1.0  # three at each site: answered
+        # six at each site, three of them arrested: every cell of rare by the
+        # outcome holds 0 or at least 3 of a site's rows (the score sums them)
+        frame["rare"] = 0.0
+        arrested = frame.index[frame["arrest"] == 1][:3]
+        free = frame.index[frame["arrest"] == 0][:3]
+        frame.loc[[*arrested, *free], "rare"] = 1.0
     fit = encrypted.logit(
         [Site(f"h{i}", f) for i, f in enumerate(frames)], "arrest ~ age + rare"
     )
@@ -549,6 +569,57 @@ def test_a_term_of_fewer_than_k_rows_at_a_site_is_refused() -> None:
 
 
 # ------------------------------------------- the review's attacks (all refused)
+def test_the_score_over_a_sites_few_events_is_refused() -> None:
+    """The score Σ x (y − μ) sums x over the rows with y = 1: with one arrested
+    patient at a site (and none elsewhere), the origin's score on age was that
+    patient's age. Every way to have 1-2 events of a term at a site, or events
+    only one site holds, is refused before anything leaves a site."""
+    rows = rossi()
+    oldest = rows.index[rows["age"] == rows["age"].max()][0]
+    for arrested in (1, 2, 3):
+        frames = [rows.iloc[i::3].copy() for i in range(3)]
+        for frame in frames:
+            frame["arrest"] = 0.0
+        site0 = frames[0]
+        chosen = [oldest] if oldest in site0.index else []
+        chosen = [*chosen, *site0.index.difference(chosen)][:arrested]
+        site0.loc[chosen, "arrest"] = 1.0
+        sites = [Site(f"s{i}", f.reset_index(drop=True)) for i, f in enumerate(frames)]
+        keys = KeyHolder()
+        # by hand: the origin alone (the answer the attack reads)
+        expected = r"fewer than 3|held by too few of the sites"
+        with pytest.raises(DisclosureRefused, match=expected):
+            run_query(
+                sites, hand_query(model_spec(), [0.0, 0.0], "origin", None), _iterate,
+                keys=keys,
+            )
+        with pytest.raises(DisclosureRefused, match=expected):
+            encrypted.logit(sites, "arrest ~ age")
+    # within a term: 1-2 events among a category's rows at a site (the pooled
+    # events of all rows are plenty): Σ over them is in the score of that term
+    frames = [rows.iloc[i::2].reset_index(drop=True).copy() for i in range(2)]
+    for frame in frames:
+        rare = frame.index[frame["arrest"] == 0][:4]
+        frame["rare"] = 0.0
+        frame.loc[rare, "rare"] = 1.0
+        frame.loc[rare[0], "arrest"] = 1.0  # one event among the 4 rare rows
+    with pytest.raises(DisclosureRefused, match="fewer than 3"):
+        encrypted.logit(
+            [Site(f"h{i}", f) for i, f in enumerate(frames)], "arrest ~ age + rare"
+        )
+
+
+def test_a_logit_with_a_small_cell_of_covariate_by_outcome_is_refused() -> None:
+    """spector: 3 of PSI's 0s passed (GRADE = 1). Split over sites, some site holds
+    1-2 of them, and the score's Σ GPA over them is theirs: refused by name, with
+    what to do, at every split."""
+    frames = splits(spector(), None, ["PSI"])
+    for split in ("iid", "six_rows"):
+        sites = [Site(k, f, policy=SMALL_SITES) for k, f in frames[split].items()]
+        with pytest.raises(DisclosureRefused, match=r"fewer than 3 .*rows"):
+            encrypted.logit(sites, "GRADE ~ GPA + TUCE + PSI")
+
+
 def test_two_columns_one_patient_apart_are_refused_in_one_query() -> None:
     """age:mar:arrest and age:mar:arrest:race differ by the one patient with
     mar = arrest = 1 and race = 0: H's entries gave that patient's age, and the

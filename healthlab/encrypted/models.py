@@ -38,9 +38,9 @@ import hashlib
 import json
 import re
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -92,6 +92,9 @@ STEP_TOLERANCE = 1e-8
 ENCODABLE = MAX_ABS / 2
 #: Fitted probabilities this close to 0 or 1 mean the estimates do not exist.
 BOUNDARY = 1e-10
+#: An outcome of at most this many values is audited by its value sets: the
+#: totals hold y (the score), y·log y (deviance), log y! (llf) and the count.
+OUTCOME_FUNCTIONS = 4
 
 _FAMILIES: dict[str, Any] = {
     "binomial": sm.families.Binomial,
@@ -303,11 +306,12 @@ def _evaluate(
     offset: np.ndarray,
     trials: np.ndarray,
     beta: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """H = XᵀWX, the score g = XᵀW(z − η) and deviance, χ², llf, boundary at β."""
+) -> tuple[np.ndarray, np.ndarray, list[float], np.ndarray]:
+    """H = XᵀWX, the score g = XᵀW(z − η), [deviance, χ², llf, boundary] and each
+    score's scale at β."""
     if len(y) == 0:
         p = x.shape[1]
-        return np.zeros((p, p)), np.zeros(p), [0.0, 0.0, 0.0, 0.0]
+        return np.zeros((p, p)), np.zeros(p), [0.0, 0.0, 0.0, 0.0], np.zeros(p)
     with np.errstate(over="ignore", under="ignore", divide="ignore"):
         eta = x @ beta + offset
         mu = family.link.inverse(eta)
@@ -315,6 +319,10 @@ def _evaluate(
         score = w * family.link.deriv(mu) * (y - mu)
         h = x.T @ (w[:, None] * x)
         g = x.T @ score
+        # each score's own size (its terms' absolute sum): the start's tolerance
+        scale = np.abs(x).T @ np.abs(
+            w * family.link.deriv(mu) * (np.abs(y) + np.abs(mu))
+        )
         deviance = float(family.deviance(y, mu, var_weights=trials))
         pearson = float(np.sum(trials * (y - mu) ** 2 / family.variance(mu)))
         if isinstance(family, sm.families.Gaussian):
@@ -337,7 +345,7 @@ def _evaluate(
     boundary = 0.0
     if isinstance(family, sm.families.Binomial):
         boundary = float(np.sum((mu < BOUNDARY) | (mu > 1 - BOUNDARY)))
-    return h, g, [deviance, pearson, llf, boundary]
+    return h, g, [deviance, pearson, llf, boundary], scale
 
 
 #: The fields of a model iteration's spec; a site refuses any other (a spare key
@@ -352,7 +360,8 @@ MODEL_FIELDS = (
     "population",
     "intercept",
 )
-_ITERATE_FIELDS = {*MODEL_FIELDS, "beta", "step", "previous", "fraction"}
+#: The fields of one iterate of a model: where it is evaluated, and from where.
+STEP_FIELDS = ("beta", "step", "previous", "fraction")
 #: The step lengths a Newton step may take (halving when a full step overshoots).
 FRACTIONS = tuple(2.0**-j for j in range(11))
 
@@ -360,7 +369,7 @@ FRACTIONS = tuple(2.0**-j for j in range(11))
 def model_key(spec: Mapping[str, Any], participants: Sequence[str]) -> str:
     """A model's identity at a site: its fields but the coefficients, with the
     participants (a Newton path is the pooled data's of these sites)."""
-    fixed = {k: spec.get(k) for k in MODEL_FIELDS}
+    fixed = {k: spec.get(k) for k in _kind(spec.get("family")).fields}
     canonical = json.dumps([fixed, sorted(participants)], sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -405,8 +414,9 @@ def _flags(
 
 @dataclass
 class _ModelRows:
-    """A site's rows of one model, prepared once and used by every iterate."""
+    """A site's rows of one GLM, prepared once and used by every iterate."""
 
+    family: Any
     x: np.ndarray
     y: np.ndarray
     trials: np.ndarray
@@ -415,24 +425,72 @@ class _ModelRows:
     dropped: int
     subsets: dict[str, list[np.ndarray]]
     columns: list[np.ndarray]  # each design column's rows (over all the site's)
+    #: a binomial model's rows with y = 1 and with y = 0 in each design column
+    outcomes: list[np.ndarray]
+
+    def evaluate(
+        self, beta: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, list[float], np.ndarray]:
+        return _evaluate(self.family, self.x, self.y, self.offset, self.trials, beta)
+
+    def counts(self) -> tuple[float, float]:
+        """The rows the totals sum over, and their weight (Σ trials)."""
+        return float(len(self.y)), float(self.trials.sum())
+
+    def blocks(self, end: int, terms: Sequence[str]) -> list[Block]:
+        # each column's rows must be held by enough sites: else its coefficient
+        # is one site's
+        blocks = [
+            Block(end, end, mask, required=True, name=f"the rows of term {term!r} are")
+            for term, mask in zip(terms, self.columns, strict=True)
+        ]
+        # ... and so must a binomial outcome's events and non-events in each
+        # column's rows: else the score over them is one site's sums (none
+        # anywhere is separation, which the fit refuses by name)
+        return blocks + [
+            Block(
+                end,
+                end,
+                mask,
+                empty_released=True,
+                required=True,
+                name=f"the rows with outcome {1 - i % 2} in term {terms[i // 2]!r} are",
+            )
+            for i, mask in enumerate(self.outcomes)
+        ]
 
 
-#: Per site, its prepared rows of the models it answers (the latest few).
-_PREPARED: weakref.WeakKeyDictionary[Site, dict[tuple[str, int], _ModelRows]] = (
-    weakref.WeakKeyDictionary()
-)
+class ModelRows(Protocol):
+    """What a site prepares once per model (a GLM's or a Cox model's rows)."""
+
+    flags: np.ndarray
+    dropped: int
+    subsets: dict[str, list[np.ndarray]]
+
+    def evaluate(
+        self, beta: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, list[float], np.ndarray]:
+        """H, g, [deviance, χ², llf, rows at a boundary] and each score's scale."""
+        ...
+
+    def counts(self) -> tuple[float, float]: ...
+
+    def blocks(self, end: int, terms: Sequence[str]) -> list[Block]: ...
 
 
-def _iterate(site: Site, query: Query) -> Totals:
-    """At a site: its totals of one model iterate, and the check of the step."""
-    spec = query.spec
-    extra_keys = sorted(set(spec) - _ITERATE_FIELDS)
-    if extra_keys:
-        raise InvalidInput(f"a model query has no fields {extra_keys}")
-    formula = parse_formula(spec["formula"])
-    family = _family(spec["family"])
-    terms: list[str] = list(spec["terms"])
-    p = len(terms)
+@dataclass(frozen=True)
+class ModelKind:
+    """What a kind of model (GLM, Cox) does at a site: the fields of its spec, how
+    it prepares its rows, which coefficients its start solves for (the rest at
+    zero), and what each of its data flags says."""
+
+    fields: tuple[str, ...]
+    prepare: Callable[[Site, Mapping[str, Any], ModelFormula, list[str]], ModelRows]
+    baseline: Callable[[Mapping[str, Any], list[str]], list[int]]
+    flags: tuple[str, ...]
+
+
+def _glm_baseline(spec: Mapping[str, Any], terms: list[str]) -> list[int]:
     index = spec.get("intercept")
     if index is not None and (
         not isinstance(index, int)
@@ -440,6 +498,36 @@ def _iterate(site: Site, query: Query) -> Totals:
         or terms[index] != "Intercept"
     ):
         raise InvalidInput("the model's intercept index does not name its intercept")
+    return [] if index is None else [index]
+
+
+def _kind(family: Any) -> ModelKind:
+    """The model kind a spec's family names (refused unless one of them)."""
+    if family == "cox":
+        from healthlab.encrypted import cox  # cox builds on this module
+
+        return cox.KIND
+    _family(family)
+    return _GLM
+
+
+#: Per site, its prepared rows of the models it answers (the latest few).
+_PREPARED: weakref.WeakKeyDictionary[Site, dict[tuple[str, int], ModelRows]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _iterate(site: Site, query: Query) -> Totals:
+    """At a site: its totals of one model iterate, and the check of the step."""
+    spec = query.spec
+    kind = _kind(spec.get("family"))
+    extra_keys = sorted(set(spec) - {*kind.fields, *STEP_FIELDS})
+    if extra_keys:
+        raise InvalidInput(f"a model query has no fields {extra_keys}")
+    formula = parse_formula(spec["formula"])
+    terms: list[str] = list(spec["terms"])
+    p = len(terms)
+    baseline = kind.baseline(spec, terms)
     beta = np.asarray(spec["beta"], dtype=float)
     if beta.shape != (p,) or not np.all(np.isfinite(beta)):
         raise InvalidInput("the model's coefficients do not match its terms")
@@ -453,26 +541,23 @@ def _iterate(site: Site, query: Query) -> Totals:
     version = (key, id(site._frame))
     rows = cache.get(version)
     if rows is None:
-        rows = _model_rows(site, spec, formula, terms)
+        rows = kind.prepare(site, spec, formula, terms)
         while len(cache) >= 4:  # the latest few models
             cache.pop(next(iter(cache)))
         cache[version] = rows
     flags = rows.flags
-    usable = not flags.any()
-    x, y, trials, offset = rows.x, rows.y, rows.trials, rows.offset
-    if usable:
-        h, g, rest = _evaluate(family, x, y, offset, trials, beta)
+    n, weight = rows.counts()
+    if not flags.any():
+        h, g, rest, scale = rows.evaluate(beta)
     else:  # rows that break a rule: nothing is computed, and every site refuses
-        h, g, rest = np.zeros((p, p)), np.zeros(p), [0.0, 0.0, 0.0, 0.0]
-        x, y = np.zeros((0, p)), np.zeros(0)
+        h, g, rest, scale = np.zeros((p, p)), np.zeros(p), [0.0] * 4, np.zeros(p)
+        n = 0.0
     layout = _Layout(p)
     # the rows at a fitted 0 or 1 are not counted out loud (a separating path
     # moved that count one patient at a time): a flag, and every site refuses
     separated = float(rest[3] > 0)
     rest = [*rest[:3], 0.0]
-    totals = layout.pack(
-        float(rows.dropped), float(len(y)), float(trials.sum()), h, g, rest
-    )
+    totals = layout.pack(float(rows.dropped), n, weight, h, g, rest)
     # nor is a total the encoding cannot carry (its refusal named the site)
     overflow = float(
         not (np.all(np.isfinite(totals)) and np.max(np.abs(totals)) < ENCODABLE)
@@ -485,25 +570,17 @@ def _iterate(site: Site, query: Query) -> Totals:
         spec,
         key,
         beta,
-        h,
-        g,
-        terms,
-        (family, x, y, offset, trials),
+        (h, g, scale),
+        baseline,
+        kind.flags,
         np.concatenate([flags, [separated, overflow]]),
     )
-    # ... and each column's rows must be held by enough sites: else its
-    # coefficient is one site's
-    end = len(totals)
-    blocks = [
-        Block(end, end, mask, required=True, name=f"the rows of term {term!r} are")
-        for term, mask in zip(terms, rows.columns, strict=True)
-    ]
-    return totals, rows.subsets, blocks, check
+    return totals, rows.subsets, rows.blocks(len(totals), terms), check
 
 
 def _model_rows(
     site: Site, spec: Mapping[str, Any], formula: ModelFormula, terms: list[str]
-) -> _ModelRows:
+) -> ModelRows:
     """A site's rows of a model: its design, outcome, offset, trials, the rules its
     rows break (flags) and the subsets its totals sum over."""
     agreed: dict[str, list[str]] = {c: list(v) for c, v in spec["levels"].items()}
@@ -554,6 +631,7 @@ def _model_rows(
     # differencing. (A value's own zeros — a count of 0 — are not a set: a sum
     # over them is a sum over all rows.)
     supports: list[np.ndarray] = []
+    binary = spec["family"] == "binomial" and not spec.get("trials")
     if not flags.any():
         indicator = _indicators(formula, frame, agreed)
         distinct: dict[bytes, np.ndarray] = {}
@@ -563,10 +641,20 @@ def _model_rows(
                 distinct.setdefault(np.packbits(both).tobytes(), both)
         supports = list(distinct.values())
         column_rows = _full_masks(site, kept, [indicator[:, i] for i in range(p)])
+        outcome_rows = (
+            _full_masks(
+                site,
+                kept,
+                [indicator[:, i] & (y == v) for i in range(p) for v in (1.0, 0.0)],
+            )
+            if binary
+            else []
+        )
     else:
         # as many blocks at every site, whatever its rows, or the announcements
         # of the holder count would not line up
         column_rows = [np.zeros(site.n_rows, dtype=bool)] * p
+        outcome_rows = [np.zeros(site.n_rows, dtype=bool)] * (2 * p if binary else 0)
     # a numeric column of few values is a category in disguise: the totals hold
     # many functions of it (prio, prio², √prio, their products, exp(offset)), and
     # as many functions as values solve for each value's count and sums (one
@@ -587,15 +675,49 @@ def _model_rows(
                 levels_of[f"values of {column}"] = _full_masks(
                     site, kept, [values == v for v in seen]
                 )
+    # the outcome enters the score times every design column: Σ x_j (y − μ). A
+    # 0/1 outcome makes that a sum over the rows with y = 1 among column j's —
+    # the one arrested patient's age came out of an origin answer. So an outcome
+    # of few values has its value sets within every column's rows audited too,
+    # and each value's rows must be held by enough sites (else the score is one
+    # site's sums over them)
+    outcome_sets: list[np.ndarray] = []
+    if not flags.any():
+        raw = np.asarray(kept[formula.response], dtype=float)
+        seen = np.unique(raw)
+        if seen.size <= OUTCOME_FUNCTIONS:
+            # the score's column j sums y over column j's rows (a pair of columns
+            # meets only in XᵀWX, which holds no y); the deviance, over all rows
+            columns = [np.ones(len(raw), dtype=bool)] + [
+                indicator[:, i] for i in range(p)
+            ]
+            outcome_sets = [(raw == v) & rows for v in seen for rows in columns]
     subsets = (
         {c: full for c in reads}
         | {"model terms": _full_masks(site, kept, supports)}
         | levels_of
+        | (
+            {f"values of {formula.response}": _full_masks(site, kept, outcome_sets)}
+            if outcome_sets
+            else {}
+        )
         | _left_out(site, kept)
     )
     return _ModelRows(
-        x, y, trials, offset, flags, site.n_rows - len(kept), subsets, column_rows
+        _family(spec["family"]),
+        x,
+        y,
+        trials,
+        offset,
+        flags,
+        site.n_rows - len(kept),
+        subsets,
+        column_rows,
+        outcome_rows,
     )
+
+
+_GLM = ModelKind(MODEL_FIELDS, _model_rows, _glm_baseline, _FLAGS)
 
 
 def _uses(
@@ -643,16 +765,20 @@ def _step_check(
     spec: Mapping[str, Any],
     key: str,
     beta: np.ndarray,
-    h: np.ndarray,
-    g: np.ndarray,
-    terms: list[str],
-    data: tuple[Any, ...],
+    answer: tuple[np.ndarray, np.ndarray, np.ndarray],
+    baseline: list[int],
+    data_flags: tuple[str, ...],
     flags: np.ndarray,
 ) -> Check:
     """The check that β is the model's start or a Newton step from an iterate this
     site answered, and that no site's rows break a rule of the model (anonymous
-    flags); passing it records β as answered (with the site's H and g)."""
-    p = len(terms)
+    flags); passing it records β as answered (with the site's H and g).
+
+    ``answer`` is this site's H, g and each score's scale at β; ``baseline`` the
+    coefficients a start solves for (a GLM's intercept, a Cox model's baseline
+    hazard), every other one at zero."""
+    h, g, score_scale = answer
+    p = len(g)
     step = spec.get("step")
 
     def remember() -> None:
@@ -663,7 +789,7 @@ def _step_check(
         "Newton step over the sites' own answers (a model is only answered along "
         "its own Newton path); fit it again from the start"
     )
-    labels = (rule,) * p + _FLAGS + _ITERATE_FLAGS
+    labels = (rule,) * p + data_flags + _ITERATE_FLAGS
     half = np.full(len(labels) - p, 0.5)  # any site's flag fails the check
 
     def check(values: np.ndarray, tolerance: np.ndarray) -> Check:
@@ -680,24 +806,20 @@ def _step_check(
             raise DisclosureRefused(f"site {site.name}: a model starts at zero")
         return check(np.zeros(p), np.full(p, np.inf))
     if step == "start":
-        # the intercept-only fit: every slope exactly 0, the intercept's score 0
-        index = spec.get("intercept")
-        if index is None:
+        # the intercept-only fit (a Cox model's: the baseline hazard alone): every
+        # slope exactly 0, the baseline's scores 0
+        if not baseline:
             raise DisclosureRefused(f"site {site.name}: this model has no intercept")
-        slopes = np.delete(beta, index)
-        if np.any(slopes != 0):
+        if np.any(np.delete(beta, baseline) != 0):
             raise DisclosureRefused(
                 f"site {site.name}: a model's start has every slope at zero"
             )
-        family, x, y, offset, trials = data
         values = np.zeros(p)
-        values[index] = g[index]
+        values[baseline] = g[baseline]
         tolerance = np.full(p, np.inf)
-        with np.errstate(over="ignore", under="ignore", divide="ignore"):
-            mu = family.link.inverse(x @ beta + offset[: len(y)])
-            w = trials[: len(y)] * family.weights(mu) * np.abs(family.link.deriv(mu))
-            scale = float(np.sum(w * (np.abs(y) + np.abs(mu))))
-        tolerance[index] = STEP_TOLERANCE * scale if len(y) else np.inf
+        own = score_scale[baseline]
+        # a score none of this site's rows enter is checked by the sites it has
+        tolerance[baseline] = np.where(own > 0, STEP_TOLERANCE * own, np.inf)
         return check(values, tolerance)
     if step != "newton":
         raise InvalidInput("a model's step is origin, start or newton")
@@ -917,6 +1039,63 @@ def _aliased(h: np.ndarray, names: list[str]) -> None:
     check_aliasing(h, names)
 
 
+#: How a model's driver asks the sites for one iterate: (β, step, previous β,
+#: fraction of the Newton step) → the unpacked pooled totals there.
+Ask = Callable[[np.ndarray, str, "np.ndarray | None", float], dict[str, Any]]
+
+
+def follow_newton(
+    ask: Ask,
+    beta: np.ndarray,
+    current: dict[str, Any],
+    terms: list[str],
+    *,
+    max_iter: int,
+    tol: float,
+) -> tuple[np.ndarray, dict[str, Any], int]:
+    """Newton's method from an answered iterate to convergence: each step solves
+    ``H δ = g`` over the pooled totals and asks the sites at ``β + δ`` (halved
+    while it lands where a fitted probability is 0 or 1, which the sites refuse
+    by a flag). Returns the estimate, the totals there and the steps taken;
+    refuses by name an aliased design, perfect separation or no convergence."""
+    for iterations in range(max_iter + 1):
+        h, g = current["H"], current["g"]
+        try:
+            delta = np.linalg.solve(h, g)
+        except np.linalg.LinAlgError:
+            _aliased(h, terms)
+            raise
+        if np.max(np.abs(delta)) <= tol * (1 + np.max(np.abs(beta))):
+            return beta, current, iterations
+        if iterations == max_iter or not np.isfinite(current["deviance"]):
+            break
+        beta, current = _step(ask, beta, delta)
+    raise NotConverged(
+        f"the model did not converge in {max_iter} Newton steps (often a sign of "
+        "separation, or of a covariate on a very large scale); rescale or drop "
+        "covariates"
+    )
+
+
+def _step(
+    ask: Ask, beta: np.ndarray, delta: np.ndarray
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """A Newton step, halved while it lands where some row's fitted probability is
+    0 or 1 (the sites refuse such an iterate, by a flag)."""
+    for fraction in FRACTIONS:
+        target = beta + fraction * delta
+        try:
+            return target, ask(target, "newton", beta, fraction)
+        except DisclosureRefused as refused:
+            if _SEPARATION not in str(refused):
+                raise
+    raise PerfectSeparation(
+        "the outcome is predicted exactly (fitted probability 0 or 1) for some "
+        "rows: the maximum-likelihood estimates do not exist. Drop or merge the "
+        "covariate that separates the outcome, or coarsen it"
+    )
+
+
 def _ordered(levels: list[str]) -> list[str]:
     """Levels in the order statsmodels uses: numerically when they are numbers
     (2 before 10), else as text; the first is the reference."""
@@ -1025,22 +1204,6 @@ def glm(
         participants = [s for s in participants if s.name in names]
         return layout.unpack(run.totals)
 
-    def step_from(beta: np.ndarray, delta: np.ndarray) -> tuple[np.ndarray, Any]:
-        """A Newton step, halved while it lands where some row's fitted
-        probability is 0 or 1 (the sites refuse such an iterate, by a flag)."""
-        for fraction in FRACTIONS:
-            target = beta + fraction * delta
-            try:
-                return target, ask(target, "newton", beta, fraction)
-            except DisclosureRefused as refused:
-                if _SEPARATION not in str(refused):
-                    raise
-        raise PerfectSeparation(
-            "the outcome is predicted exactly (fitted probability 0 or 1) for some "
-            "rows: the maximum-likelihood estimates do not exist. Drop or merge the "
-            "covariate that separates the outcome, or coarsen it"
-        )
-
     beta = np.zeros(len(terms))
     current = ask(beta, "origin", None)
     if current["n"] <= len(terms):
@@ -1051,28 +1214,10 @@ def glm(
         beta = np.zeros(len(terms))
         beta[spec["intercept"]] = start
         current = ask(beta, "start", None)
-    converged = False
-    iterations = 0
-    for _ in range(max_iter):
-        h, g = current["H"], current["g"]
-        try:
-            delta = np.linalg.solve(h, g)
-        except np.linalg.LinAlgError:
-            _aliased(h, terms)
-            raise
-        if np.max(np.abs(delta)) <= tol * (1 + np.max(np.abs(beta))):
-            converged = True
-            break
-        beta, current = step_from(beta, delta)
-        iterations += 1
-        if not np.isfinite(current["deviance"]):
-            break
-    if not converged:
-        raise NotConverged(
-            f"the model did not converge in {max_iter} Newton steps (often a sign of "
-            "separation, or of a covariate on a very large scale); rescale or drop "
-            "covariates"
-        )
+    beta, current, iterations = follow_newton(
+        ask, beta, current, terms, max_iter=max_iter, tol=tol
+    )
+    converged = True
     h = current["H"]
     _aliased(h, terms)
     n = round(current["n"])
