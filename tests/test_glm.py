@@ -590,7 +590,9 @@ def test_the_score_over_a_sites_few_events_is_refused() -> None:
         expected = r"fewer than 3|held by too few of the sites"
         with pytest.raises(DisclosureRefused, match=expected):
             run_query(
-                sites, hand_query(model_spec(), [0.0, 0.0], "origin", None), _iterate,
+                sites,
+                hand_query(model_spec(), [0.0, 0.0], "origin", None),
+                _iterate,
                 keys=keys,
             )
         with pytest.raises(DisclosureRefused, match=expected):

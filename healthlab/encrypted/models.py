@@ -634,12 +634,7 @@ def _model_rows(
     binary = spec["family"] == "binomial" and not spec.get("trials")
     if not flags.any():
         indicator = _indicators(formula, frame, agreed)
-        distinct: dict[bytes, np.ndarray] = {}
-        for i in range(p):
-            for j in range(i, p):
-                both = indicator[:, i] & indicator[:, j]
-                distinct.setdefault(np.packbits(both).tobytes(), both)
-        supports = list(distinct.values())
+        supports = pair_supports(indicator)
         column_rows = _full_masks(site, kept, [indicator[:, i] for i in range(p)])
         outcome_rows = (
             _full_masks(
@@ -655,26 +650,9 @@ def _model_rows(
         # of the holder count would not line up
         column_rows = [np.zeros(site.n_rows, dtype=bool)] * p
         outcome_rows = [np.zeros(site.n_rows, dtype=bool)] * (2 * p if binary else 0)
-    # a numeric column of few values is a category in disguise: the totals hold
-    # many functions of it (prio, prio², √prio, their products, exp(offset)), and
-    # as many functions as values solve for each value's count and sums (one
-    # patient's age at prio = 15 came out). Such a column's value sets are
-    # subsets too
-    levels_of: dict[str, list[np.ndarray]] = {}
-    if not flags.any():
-        uses = _uses(formula, agreed, terms)
-        for column in sorted({*formula.numeric, *extra}):
-            d = uses.get(column, 0) + (1 if column in extra else 0)
-            # with d functions of it in the design, the totals hold every product
-            # of two of {1, f_1, … f_d}; an offset or trials column alone, its
-            # weight and 1
-            functions = (d + 1) * (d + 2) // 2 if column in uses else 2
-            values = np.asarray(kept[column], dtype=float)
-            seen = np.unique(values)
-            if seen.size <= functions:
-                levels_of[f"values of {column}"] = _full_masks(
-                    site, kept, [values == v for v in seen]
-                )
+    levels_of = (
+        {} if flags.any() else value_sets(site, kept, formula, agreed, terms, extra)
+    )
     # the outcome enters the score times every design column: Σ x_j (y − μ). A
     # 0/1 outcome makes that a sum over the rows with y = 1 among column j's —
     # the one arrested patient's age came out of an origin answer. So an outcome
@@ -715,6 +693,50 @@ def _model_rows(
         column_rows,
         outcome_rows,
     )
+
+
+def pair_supports(indicator: np.ndarray) -> list[np.ndarray]:
+    """The distinct row sets two design columns' indicators hold in common (a
+    column with itself included): the sets XᵀWX sums over."""
+    p = indicator.shape[1]
+    distinct: dict[bytes, np.ndarray] = {}
+    for i in range(p):
+        for j in range(i, p):
+            both = indicator[:, i] & indicator[:, j]
+            distinct.setdefault(np.packbits(both).tobytes(), both)
+    return list(distinct.values())
+
+
+def value_sets(
+    site: Site,
+    kept: pd.DataFrame,
+    formula: ModelFormula,
+    agreed: Mapping[str, Sequence[str]],
+    terms: list[str],
+    extra: Sequence[str] = (),
+) -> dict[str, list[np.ndarray]]:
+    """The value sets of a model's numeric columns of few values, as subsets.
+
+    A numeric column of few values is a category in disguise: the totals hold many
+    functions of it (prio, prio², √prio, their products, exp(offset)), and as many
+    functions as values solve for each value's count and sums (one patient's age
+    at prio = 15 came out). ``extra``: columns outside the design (an offset, the
+    trials)."""
+    out: dict[str, list[np.ndarray]] = {}
+    uses = _uses(formula, agreed, terms)
+    for column in sorted({*formula.numeric, *extra}):
+        d = uses.get(column, 0) + (1 if column in extra else 0)
+        # with d functions of it in the design, the totals hold every product of
+        # two of {1, f_1, … f_d}; an offset or trials column alone, its weight
+        # and 1
+        functions = (d + 1) * (d + 2) // 2 if column in uses else 2
+        values = np.asarray(kept[column], dtype=float)
+        seen = np.unique(values)
+        if seen.size <= functions:
+            out[f"values of {column}"] = _full_masks(
+                site, kept, [values == v for v in seen]
+            )
+    return out
 
 
 _GLM = ModelKind(MODEL_FIELDS, _model_rows, _glm_baseline, _FLAGS)
@@ -849,31 +871,13 @@ def _step_check(
 
 # ------------------------------------------------------------ researcher side
 @dataclass
-class GLMResults:
-    """A pooled GLM fit, in statsmodels' shape (``GLMResults``).
+class FittedModel:
+    """Coefficients and their covariance, with the Wald inference every model's
+    results share (statsmodels' names): ``params``, ``bse``, ``tvalues`` (z),
+    ``pvalues``, ``conf_int(alpha)``, ``cov_params()``, ``to_frame()``."""
 
-    ``params``, ``bse``, ``tvalues`` (z), ``pvalues``, ``conf_int(alpha)``,
-    ``cov_params()``, ``nobs``, ``df_model``, ``df_resid``, ``llf``, ``deviance``,
-    ``pearson_chi2``, ``scale``, ``aic``, ``bic`` (from the log-likelihood, as
-    statsmodels' ``bic_llf``), ``converged``, ``iterations``, ``summary()``;
-    ``odds_ratios()`` (binomial) and ``rate_ratios()`` (Poisson) with their CIs;
-    ``to_frame()``; ``receipt``.
-    """
-
-    formula: str
-    family: str
     params: pd.Series
     cov: np.ndarray
-    nobs: int
-    llf: float
-    deviance: float
-    pearson_chi2: float
-    scale: float
-    iterations: int
-    converged: bool
-    sites: list[str]
-    missing: float
-    receipt: dict[str, Any]
 
     @property
     def names(self) -> list[str]:
@@ -906,6 +910,73 @@ class GLMResults:
             self.cov, index=self.params.index, columns=self.params.index
         )
 
+    def _ratios(self, alpha: float) -> pd.DataFrame:
+        """exp(coefficient) and its CI, per term (an intercept left out)."""
+        ci = self.conf_int(alpha)
+        low, high = f"{alpha / 2:.3g}", f"{1 - alpha / 2:.3g}"
+        return pd.DataFrame(
+            {"ratio": np.exp(self.params), low: np.exp(ci[0]), high: np.exp(ci[1])}
+        ).drop(index="Intercept", errors="ignore")
+
+    def to_frame(self, alpha: float = 0.05) -> pd.DataFrame:
+        """coef, std err, z, P>|z| and the CI, one row per term."""
+        ci = self.conf_int(alpha)
+        return pd.DataFrame(
+            {
+                "coef": self.params,
+                "std err": self.bse,
+                "z": self.tvalues,
+                "P>|z|": self.pvalues,
+                f"[{alpha / 2:.3g}": ci[0],
+                f"{1 - alpha / 2:.3g}]": ci[1],
+            }
+        )
+
+    def _params_table(self, alpha: float, yname: str) -> Any:
+        """statsmodels' coefficient table of this fit."""
+        from statsmodels.iolib.summary import summary_params
+
+        return summary_params(
+            (
+                None,
+                self.params.to_numpy(),
+                self.bse.to_numpy(),
+                self.tvalues.to_numpy(),
+                self.pvalues.to_numpy(),
+                self.conf_int(alpha).to_numpy(),
+            ),
+            yname=yname,
+            xname=self.names,
+            alpha=alpha,
+            use_t=False,
+        )
+
+
+@dataclass
+class GLMResults(FittedModel):
+    """A pooled GLM fit, in statsmodels' shape (``GLMResults``).
+
+    ``params``, ``bse``, ``tvalues`` (z), ``pvalues``, ``conf_int(alpha)``,
+    ``cov_params()``, ``nobs``, ``df_model``, ``df_resid``, ``llf``, ``deviance``,
+    ``pearson_chi2``, ``scale``, ``aic``, ``bic`` (from the log-likelihood, as
+    statsmodels' ``bic_llf``), ``converged``, ``iterations``, ``summary()``;
+    ``odds_ratios()`` (binomial) and ``rate_ratios()`` (Poisson) with their CIs;
+    ``to_frame()``; ``receipt``.
+    """
+
+    formula: str
+    family: str
+    nobs: int
+    llf: float
+    deviance: float
+    pearson_chi2: float
+    scale: float
+    iterations: int
+    converged: bool
+    sites: list[str]
+    missing: float
+    receipt: dict[str, Any]
+
     @property
     def df_model(self) -> int:
         return len(self.params) - int("Intercept" in self.params.index)
@@ -922,13 +993,6 @@ class GLMResults:
     def bic(self) -> float:
         return float(-2 * self.llf + (self.df_model + 1) * np.log(self.nobs))
 
-    def _ratios(self, alpha: float) -> pd.DataFrame:
-        ci = self.conf_int(alpha)
-        low, high = f"{alpha / 2:.3g}", f"{1 - alpha / 2:.3g}"
-        return pd.DataFrame(
-            {"ratio": np.exp(self.params), low: np.exp(ci[0]), high: np.exp(ci[1])}
-        ).drop(index="Intercept", errors="ignore")
-
     def odds_ratios(self, alpha: float = 0.05) -> pd.DataFrame:
         """exp(coefficient) with its CI, per term (the intercept left out)."""
         if self.family != "binomial":
@@ -941,23 +1005,9 @@ class GLMResults:
             raise InvalidInput("rate ratios are for Poisson models (log link)")
         return self._ratios(alpha).rename(columns={"ratio": "rate_ratio"})
 
-    def to_frame(self, alpha: float = 0.05) -> pd.DataFrame:
-        """coef, std err, z, P>|z| and the CI, one row per term."""
-        ci = self.conf_int(alpha)
-        return pd.DataFrame(
-            {
-                "coef": self.params,
-                "std err": self.bse,
-                "z": self.tvalues,
-                "P>|z|": self.pvalues,
-                f"[{alpha / 2:.3g}": ci[0],
-                f"{1 - alpha / 2:.3g}]": ci[1],
-            }
-        )
-
     def summary(self, alpha: float = 0.05) -> Any:
         """statsmodels' summary table (``print(fit.summary())``)."""
-        from statsmodels.iolib.summary import Summary, summary_params
+        from statsmodels.iolib.summary import Summary
 
         link = type(_family(self.family).link).__name__
         left = [
@@ -987,23 +1037,7 @@ class GLMResults:
             xname=self.names,
             title="Generalized Linear Model Regression Results",
         )
-        ci = self.conf_int(alpha).to_numpy()
-        out.tables.append(
-            summary_params(
-                (
-                    None,
-                    self.params.to_numpy(),
-                    self.bse.to_numpy(),
-                    self.tvalues.to_numpy(),
-                    self.pvalues.to_numpy(),
-                    ci,
-                ),
-                yname=left[0][1][0],
-                xname=self.names,
-                alpha=alpha,
-                use_t=False,
-            )
-        )
+        out.tables.append(self._params_table(alpha, left[0][1][0]))
         if np.isfinite(self.missing) and self.missing:
             out.add_extra_txt([f"{int(self.missing)} rows left out (missing values)."])
         return out
@@ -1105,6 +1139,85 @@ def _ordered(levels: list[str]) -> list[str]:
         return sorted(levels)
 
 
+def agree_levels(
+    sites: list[Site],
+    parsed: ModelFormula,
+    researcher: str | None,
+    keys: KeyHolder,
+) -> dict[str, list[str]]:
+    """Each C(column)'s levels, agreed across the sites by :func:`levels` (levels
+    too rare anywhere are not released), in statsmodels' order."""
+    agreed: dict[str, list[str]] = {}
+    for column in parsed.categorical:
+        released = levels(sites, column, researcher=researcher, keys=keys)
+        if len(released) < 2:
+            raise DisclosureRefused(
+                f"C({column}) has fewer than 2 levels released by the sites; it "
+                "cannot be a covariate"
+            )
+        agreed[column] = _ordered(list(released))
+    return agreed
+
+
+class ModelSession:
+    """The researcher's side of fitting models: asks the sites for one iterate at
+    a time, keeps every run (for the receipt) and the sites still taking part (a
+    site that refused the origin is left out of the model's later iterates)."""
+
+    def __init__(
+        self,
+        sites: list[Site],
+        keys: KeyHolder,
+        researcher: str | None,
+        *,
+        min_sites: int,
+        on_refusal: str,
+    ) -> None:
+        self.participants = sites
+        self.keys = keys
+        self.researcher = researcher
+        self.min_sites = min_sites
+        self.on_refusal = on_refusal
+        self.runs: list[StudyRun] = []
+
+    def ask(
+        self,
+        spec: Mapping[str, Any],
+        beta: np.ndarray,
+        step: str,
+        previous: np.ndarray | None,
+        fraction: float = 1.0,
+    ) -> dict[str, Any]:
+        """The pooled totals of the model ``spec`` at ``beta``, unpacked."""
+        layout = _Layout(len(spec["terms"]))
+        run = _run(
+            self.participants,
+            "glm",
+            {
+                **spec,
+                "beta": beta.tolist(),
+                "step": step,
+                "previous": None if previous is None else previous.tolist(),
+                "fraction": fraction,
+            },
+            layout.size,
+            _iterate,
+            keys=self.keys,
+            researcher=self.researcher,
+            min_sites=self.min_sites,
+            min_rows=0,
+            on_refusal=self.on_refusal if step == "origin" else "raise",
+        )
+        self.runs.append(run)
+        names = {s.name for s in run.sites}
+        self.participants = [s for s in self.participants if s.name in names]
+        return layout.unpack(run.totals)
+
+    @property
+    def missing_withheld(self) -> bool:
+        return any(r.missing_withheld for r in self.runs)
+
+
 def glm(
     sites: SitesLike,
     formula: str,
@@ -1150,15 +1263,7 @@ def glm(
     if offset and offset in parsed.reads:
         raise InvalidInput(f"the offset {offset!r} is also in the formula")
     keys = keys or KeyHolder()
-    agreed: dict[str, list[str]] = {}
-    for column in parsed.categorical:
-        released = levels(site_list, column, researcher=researcher, keys=keys)
-        if len(released) < 2:
-            raise DisclosureRefused(
-                f"C({column}) has fewer than 2 levels released by the sites; it "
-                "cannot be a covariate"
-            )
-        agreed[column] = _ordered(list(released))
+    agreed = agree_levels(site_list, parsed, researcher, keys)
     terms = design_columns(parsed, agreed)
     spec: dict[str, Any] = {
         "formula": parsed.text,
@@ -1170,39 +1275,14 @@ def glm(
         "population": population_columns(population),
         "intercept": terms.index("Intercept") if "Intercept" in terms else None,
     }
-    layout = _Layout(len(terms))
-    runs: list[StudyRun] = []
-    participants = site_list
+    session = ModelSession(
+        site_list, keys, researcher, min_sites=min_sites, on_refusal=on_refusal
+    )
 
     def ask(
-        beta: np.ndarray,
-        step: str,
-        previous: np.ndarray | None,
-        fraction: float = 1.0,
+        beta: np.ndarray, step: str, previous: np.ndarray | None, fraction: float = 1
     ) -> dict[str, Any]:
-        nonlocal participants
-        run = _run(
-            participants,
-            "glm",
-            {
-                **spec,
-                "beta": beta.tolist(),
-                "step": step,
-                "previous": None if previous is None else previous.tolist(),
-                "fraction": fraction,
-            },
-            layout.size,
-            _iterate,
-            keys=keys,
-            researcher=researcher,
-            min_sites=min_sites,
-            min_rows=0,
-            on_refusal=on_refusal if step == "origin" else "raise",
-        )
-        runs.append(run)
-        names = {s.name for s in run.sites}
-        participants = [s for s in participants if s.name in names]
-        return layout.unpack(run.totals)
+        return session.ask(spec, beta, step, previous, fraction)
 
     beta = np.zeros(len(terms))
     current = ask(beta, "origin", None)
@@ -1230,7 +1310,7 @@ def glm(
         llf = current["llf"]
     cov = np.linalg.inv(h) * scale
     params = pd.Series(beta, index=terms)
-    withheld = any(r.missing_withheld for r in runs)
+    withheld = session.missing_withheld
     result = GLMResults(
         formula=parsed.text,
         family=fam,
@@ -1243,14 +1323,14 @@ def glm(
         scale=float(scale),
         iterations=iterations,
         converged=converged,
-        sites=[s.name for s in participants],
+        sites=[s.name for s in session.participants],
         missing=np.nan if withheld else float(current["dropped"]),
         receipt={},
     )
     table = result.to_frame()
     attach_receipt(
         table,
-        runs,
+        session.runs,
         kind="glm",
         parameters={
             "formula": parsed.text,
