@@ -5,7 +5,8 @@ The public API: :func:`describe`, :func:`histogram`, :func:`crosstab`, :func:`co
 levels and refuses identifiers), :func:`describe_values` (every value encrypted);
 models: :func:`glm` and :func:`logit` (:mod:`healthlab.encrypted.models`);
 survival: :func:`kaplan_meier` with the log-rank test
-(:mod:`healthlab.encrypted.survival`); tests: :func:`ttest`, :func:`chi2_test`
+(:mod:`healthlab.encrypted.survival`) and the Cox model :func:`coxph`
+(:mod:`healthlab.encrypted.cox`); tests: :func:`ttest`, :func:`chi2_test`
 and :func:`table_one` with p-values (:mod:`healthlab.encrypted.inference`);
 :class:`KeyHolder` for the researcher's keys
 and :class:`Aggregator` for the server side.
@@ -13,6 +14,7 @@ and :class:`Aggregator` for the server side.
 
 from __future__ import annotations
 
+from healthlab.encrypted.cox import CoxResults, coxph
 from healthlab.encrypted.inference import (
     TestResult,
     chi2_test,
@@ -55,6 +57,7 @@ __all__ = [
     "AliasedDesign",
     "CKKSParams",
     "Contribution",
+    "CoxResults",
     "GLMResults",
     "IntegrityError",
     "KeyHolder",
@@ -69,6 +72,7 @@ __all__ = [
     "corr",
     "counts",
     "cov",
+    "coxph",
     "crosstab",
     "describe",
     "describe_values",
