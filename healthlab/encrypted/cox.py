@@ -158,8 +158,8 @@ class _CoxRows:
             per = np.column_stack(
                 [np.bincount(self.index, weights=v, minlength=bins) for v in values.T]
             ).reshape(bins, values.shape[1])
-        reverse: np.ndarray = np.cumsum(per[::-1], axis=0)[::-1]
-        return reverse[self.intervals]
+        reverse = np.cumsum(per[::-1], axis=0)[::-1]
+        return np.asarray(reverse[self.intervals], dtype=float)
 
     def evaluate(
         self, theta: np.ndarray
