@@ -9,7 +9,8 @@ Usage::
                                                # if any committed file differs
 
 Every number comes from one ``numpy.random.default_rng(SEED)`` stream, drawn in a
-fixed order; floats are written with one decimal and lines end in ``\\n``, so the
+fixed order (the cohort's follow-up times from one stream per hospital,
+``default_rng([SEED, ord(prefix)])``, so the other columns keep their draws); floats are written with one decimal and lines end in ``\\n``, so the
 output depends only on this script and the numpy version (numpy does not promise
 the same ``Generator`` streams across releases: ``--check`` catches a drift).
 
@@ -48,6 +49,7 @@ COHORT_COLUMNS = [
     "smoker",
     "diabetes",
     "cvd_event_10y",
+    "followup_years",
 ]
 
 
@@ -198,6 +200,18 @@ def hospital_cohort(rng: np.random.Generator, h: Hospital) -> pd.DataFrame:
         risk[rows] = 1 - s0 ** (np.exp(lp - mean) * h.hazard_ratio)
     event = rng.random(n) < risk
 
+    # follow-up, from a stream of its own (the columns above keep their draws): an
+    # exponential time to the event with the same 10-year risk, 1 − e^(−10λ) =
+    # risk, drawn within the 10 years for an event; without one, followed to 10
+    # years, or lost to follow-up earlier (12 %)
+    follow = np.random.default_rng([SEED, ord(h.prefix)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rate = -np.log1p(-risk) / 10
+        event_time = -np.log1p(-follow.random(n) * risk) / rate
+    lost = follow.random(n) < 0.12
+    censored = np.where(lost, follow.uniform(0.5, 10.0, n), 10.0)
+    followup = np.clip(np.where(event, event_time, censored), 0.1, 10.0)
+
     frame = pd.DataFrame(
         {
             "patient_id": [f"{h.prefix}{i:05d}" for i in range(1, n + 1)],
@@ -211,6 +225,7 @@ def hospital_cohort(rng: np.random.Generator, h: Hospital) -> pd.DataFrame:
             "smoker": smoker.astype(int),
             "diabetes": diabetes.astype(int),
             "cvd_event_10y": event.astype(int),
+            "followup_years": np.round(followup, 1),
         }
     )
     for column, share in zip(("bmi", "cholesterol", "glucose"), h.missing, strict=True):

@@ -154,6 +154,7 @@ def test_cohort_loads_every_site_with_the_schema_dtypes() -> None:
         "smoker": "int64",
         "diabetes": "int64",
         "cvd_event_10y": "int64",
+        "followup_years": "float64",
     }
     assert cohort["patient_id"].is_unique
 
@@ -373,7 +374,7 @@ def test_patient_id_reused_by_another_site_is_refused(samples: Path) -> None:
     ("change", "expected"),
     [
         (lambda f: f.drop(columns="sbp"), "missing column(s) 'sbp'"),
-        (lambda f: f.assign(ssn="1"), "unexpected column(s) at position(s) 11"),
+        (lambda f: f.assign(ssn="1"), "unexpected column(s) at position(s) 12"),
         (lambda f: f[["site", *f.columns.drop("site")]], "not in the order"),
     ],
 )

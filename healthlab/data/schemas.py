@@ -157,6 +157,7 @@ SCHEMAS: dict[str, pa.DataFrameSchema] = {
             "smoker": _flag(),
             "diabetes": _flag(),
             "cvd_event_10y": _flag(),
+            "followup_years": _number("float64", 0, 10),
         },
     ),
     "patients": _schema(
