@@ -94,6 +94,7 @@ __all__ = [
     "open_study",
     "oracle_requests",
     "pandas_city_scores",
+    "pandas_coxph",
     "pandas_histogram",
     "pandas_logit",
     "pandas_ols",
@@ -102,6 +103,7 @@ __all__ = [
     "plot_factor_curves",
     "plot_histogram",
     "plot_metric",
+    "plot_survival",
     "progress_printer",
     "provenance",
     "receipt_of",
@@ -698,6 +700,31 @@ def pandas_logit(frame: pd.DataFrame, formula: str) -> Any:
     return smf.glm(formula, rows, family=sm.families.Binomial()).fit(tol=1e-14)
 
 
+def pandas_coxph(
+    frame: pd.DataFrame,
+    formula: str,
+    duration: str,
+    event: str,
+    grid: Sequence[float],
+) -> Any:
+    """statsmodels' Cox model (Breslow ties) on pooled rows with follow-up rounded
+    up to ``grid`` (beyond it: censored after its end) — the reference
+    ``encrypted.coxph`` is compared with."""
+    import statsmodels.api as sm
+
+    from healthlab.encrypted.models import parse_formula
+    from healthlab.encrypted.survival import ceil_to_grid
+
+    rhs = formula.split("~", 1)[-1].strip()
+    reads = parse_formula(f"{event} ~ {rhs}").reads
+    rows = frame[list(dict.fromkeys([duration, *reads]))].dropna()
+    t = ceil_to_grid(rows[duration].to_numpy(), grid)
+    e = np.where(np.isfinite(t), rows[event].to_numpy(), 0)
+    rows = rows.assign(_t=np.where(np.isfinite(t), t, float(grid[-1]) + 1))
+    model = sm.PHReg.from_formula(f"_t ~ {rhs}", rows, status=e, ties="breslow")
+    return model.fit(method="newton", tol=1e-14, maxiter=200)
+
+
 def receipt_table(receipt: Mapping[str, Any]) -> pd.DataFrame:
     """A receipt's sites: dataset, grant (request), a short content hash; refusals."""
     rows = [
@@ -946,6 +973,37 @@ def plot_histogram(table: pd.DataFrame, *, title: str = "") -> Figure | None:
         )
         ax.legend(loc="upper right", fontsize="small")
     ax.set_ylabel("count")
+    ax.set_title(title)
+    plt.close(fig)
+    return fig  # type: ignore[no-any-return]
+
+
+def plot_survival(result: Any, *, title: str = "") -> Figure | None:
+    """Kaplan–Meier steps with their confidence band, one line per group."""
+    plt = _pyplot()
+    if plt is None:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    groups = [None] if result.by is None else list(dict.fromkeys(result.table["group"]))
+    for group in groups:
+        rows = result.curve(group)
+        times = [result.grid[0], *rows["time"].tolist()]
+        label = "all" if group is None else f"{result.by} = {group}"
+        line = ax.step(
+            times, [1.0, *rows["survival"].tolist()], where="post", label=label
+        )[0]
+        ax.fill_between(
+            times,
+            [1.0, *rows["lower"].tolist()],
+            [1.0, *rows["upper"].tolist()],
+            step="post",
+            alpha=0.2,
+            color=line.get_color(),
+        )
+    ax.set_xlabel(result.duration)
+    ax.set_ylabel("S(t)")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower left", fontsize="small")
     ax.set_title(title)
     plt.close(fig)
     return fig  # type: ignore[no-any-return]

@@ -873,6 +873,41 @@ def test_statistics_logit_odds_ratios_equal_statsmodels(
     np.testing.assert_allclose(odds["0.975"], ci[1], rtol=1e-7)
 
 
+def test_statistics_kaplan_meier_and_cox_equal_statsmodels(
+    stats: dict[str, pd.DataFrame],
+) -> None:
+    """The notebook's survival cells: Kaplan–Meier on the grid equals statsmodels'
+    SurvfuncRight on the grid-rounded follow-up, the Cox hazard ratios its PHReg."""
+    import statsmodels.api as sm
+
+    from healthlab.encrypted.survival import ceil_to_grid
+
+    grid = [0, 2, 4, 6, 8, 10]  # the notebook's default
+    rows = pooled()
+    t = ceil_to_grid(rows["followup_years"].to_numpy(), grid)
+    e = np.where(np.isfinite(t), rows["cvd_event_10y"].to_numpy(), 0)
+    t = np.where(np.isfinite(t), t, grid[-1] + 1)
+    reference = sm.SurvfuncRight(t, e)
+    table = stats["kaplan_meier"]
+    expected = pd.Series(reference.surv_prob, index=reference.surv_times)
+    np.testing.assert_allclose(
+        table["survival"], expected.reindex(table["time"]), rtol=1e-12
+    )
+    assert table["at_risk"].iloc[0] == len(rows)
+    formula = "age + C(sex) + sbp"
+    model = sm.PHReg.from_formula(
+        f"_t ~ {formula}", rows.assign(_t=t), status=e, ties="breslow"
+    ).fit(method="newton", tol=1e-14)
+    names = model.model.exog_names
+    ratios = stats["hazard_ratios"]
+    assert sorted(ratios.index) == sorted(names)
+    expected_hr = pd.Series(np.exp(model.params), index=names).reindex(ratios.index)
+    np.testing.assert_allclose(ratios["hazard_ratio"], expected_hr, rtol=1e-8)
+    ci = pd.DataFrame(np.exp(model.conf_int()), index=names).reindex(ratios.index)
+    np.testing.assert_allclose(ratios["0.025"], ci[0], rtol=1e-7)
+    np.testing.assert_allclose(ratios["0.975"], ci[1], rtol=1e-7)
+
+
 def test_statistics_corr_and_ols_equal_the_library(
     stats: dict[str, pd.DataFrame],
 ) -> None:

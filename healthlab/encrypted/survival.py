@@ -127,11 +127,12 @@ class SurvivalResult:
 
     def survival_function(self, group: Any = None) -> pd.Series:
         """S(t) at the grid times (t = grid[0] included, S = 1), one group's."""
-        rows = self._rows(group)
+        rows = self.curve(group)
         times = [self.grid[0], *rows["time"].tolist()]
         return pd.Series([1.0, *rows["survival"].tolist()], index=times, name="S(t)")
 
-    def _rows(self, group: Any) -> pd.DataFrame:
+    def curve(self, group: Any = None) -> pd.DataFrame:
+        """One group's rows of the table (the whole table without ``by``)."""
         if self.by is None:
             return self.table
         if group is None:
