@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -353,7 +353,7 @@ def _centers(
     columns: list[str],
     by: str | Sequence[str] | None,
     groups: list[Any],
-    options: dict[str, Any],
+    options: QueryOptions,
     model_params: int | None = None,
 ) -> tuple[StudyRun, np.ndarray, list[Any]]:
     """Round 1: pooled n and Σx per column (over all groups) → the public centers,
@@ -371,9 +371,9 @@ def _centers(
         "cross": False,
         "by": by,
         "groups": groups,
-        "dropna": options["dropna"],
-        "population": options["population"],
-        "bounds": _bounds(options["bounds"], columns),
+        "dropna": options.dropna,
+        "population": options.population,
+        "bounds": _bounds(options.bounds, columns),
         "model_params": model_params,
     }
     n_groups = max(1, len(groups))
@@ -383,7 +383,7 @@ def _centers(
         spec,
         1 + n_groups * (1 + len(columns)),
         _moments,
-        **_opts(options),
+        **options.run_args(),
     )
     t = np.asarray(run.totals[1:]).reshape(n_groups, 1 + len(columns))
     pooled = [g for i, g in enumerate(groups) if i not in run.suppressed]
@@ -398,33 +398,55 @@ def _centers(
     return run, t[:, 1:].sum(axis=0) / n, pooled
 
 
-def _opts(options: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: options[k]
-        for k in ("keys", "researcher", "min_sites", "min_rows", "on_refusal")
-    }
+@dataclass(frozen=True)
+class QueryOptions:
+    """How a statistic is asked, whatever it is: by whom and with which keys, the
+    pooling and reporting thresholds, complete cases or not, what a refusal does,
+    the declared analysis population and (for a site with a DP budget) the clip
+    bounds. One object instead of a dict, so a misspelled option is an error."""
 
+    keys: KeyHolder
+    researcher: str | None
+    min_sites: int
+    min_rows: int
+    dropna: bool
+    on_refusal: str
+    population: list[str] = field(default_factory=list)
+    bounds: float | Mapping[str, float | tuple[float, float]] | None = None
 
-def _options(
-    keys: KeyHolder | None,
-    researcher: str | None,
-    min_sites: int,
-    min_rows: int,
-    dropna: bool,
-    on_refusal: str,
-    population: Sequence[str] | None = None,
-    bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
-) -> dict[str, Any]:
-    return {
-        "bounds": bounds,
-        "keys": keys or KeyHolder(),
-        "researcher": researcher,
-        "min_sites": min_sites,
-        "min_rows": min_rows,
-        "dropna": dropna,
-        "on_refusal": on_refusal,
-        "population": population_columns(population),
-    }
+    @classmethod
+    def of(
+        cls,
+        keys: KeyHolder | None,
+        researcher: str | None,
+        min_sites: int,
+        min_rows: int,
+        dropna: bool,
+        on_refusal: str,
+        population: Sequence[str] | None = None,
+        bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
+    ) -> QueryOptions:
+        """The options of one call (a fresh key holder unless one is given)."""
+        return cls(
+            keys or KeyHolder(),
+            researcher,
+            min_sites,
+            min_rows,
+            dropna,
+            on_refusal,
+            population_columns(population),
+            bounds,
+        )
+
+    def run_args(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`_run` these options set."""
+        return {
+            "keys": self.keys,
+            "researcher": self.researcher,
+            "min_sites": self.min_sites,
+            "min_rows": self.min_rows,
+            "on_refusal": self.on_refusal,
+        }
 
 
 def _bounds(bounds: Any, columns: Sequence[str]) -> list[list[float]] | None:
@@ -475,7 +497,7 @@ def _second_moments(
     by: str | Sequence[str] | None,
     groups: list[str],
     cross: bool,
-    options: dict[str, Any],
+    options: QueryOptions,
     model_params: int | None = None,
 ) -> tuple[list[StudyRun], np.ndarray, list[dict[str, Any]]]:
     """Both rounds; return runs, centers and per-group {n, s1, s2 | m2, dropped}.
@@ -494,9 +516,9 @@ def _second_moments(
         "cross": cross,
         "by": by,
         "groups": pooled,
-        "dropna": options["dropna"],
-        "population": options["population"],
-        "bounds": _bounds(options["bounds"], columns),
+        "dropna": options.dropna,
+        "population": options.population,
+        "bounds": _bounds(options.bounds, columns),
         "model_params": model_params,
     }
     n_groups = max(1, len(pooled))
@@ -507,7 +529,7 @@ def _second_moments(
         spec,
         1 + n_groups * per_group,
         _moments,
-        **_opts(options),
+        **options.run_args(),
     )
     t = np.asarray(second.totals[1:]).reshape(n_groups, per_group)
     # a group the sites of round 2 suppressed (fewer of them took part) is out too
@@ -752,7 +774,7 @@ def describe(
     """
     site_list = as_sites(sites)
     cols = _columns(columns)
-    options = _options(
+    options = QueryOptions.of(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
     if not isinstance(by, str) and by is not None:
@@ -807,7 +829,7 @@ def describe(
         ).T
         frames[label] = table
     result = frames[None] if by is None else pd.concat(frames, axis=1)
-    if dropna or options["population"]:
+    if dropna or options.population:
         dropped = stats[0]["dropped"]
         if by is None:
             result.loc["missing"] = dropped
@@ -832,7 +854,7 @@ def describe(
             "columns": cols,
             "by": by,
             "dropna": dropna,
-            "population": options["population"],
+            "population": options.population,
         },
     )
 
@@ -895,21 +917,21 @@ def histogram(
             "bounds= apply to moments (describe, cov, corr, ols); a count's "
             "sensitivity is one row per cell, so counts take none"
         )
-    options = _options(
+    options = QueryOptions.of(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
     spec = {
         "columns": [column],
         "edges": edges.tolist(),
         "dropna": dropna,
-        "population": options["population"],
+        "population": options.population,
     }
-    run = _run(site_list, "counts", spec, edges.size + 1, _counts, **_opts(options))
+    run = _run(site_list, "counts", spec, edges.size + 1, _counts, **options.run_args())
     cells = _cell_counts(run)
     result = pd.DataFrame({"left": edges[:-1], "right": edges[1:], "count": cells[:-1]})
     # rows outside the edges (numpy drops them): their count, or None (withheld)
     result.attrs["outside"] = None if pd.isna(cells[-1]) else int(cells[-1])
-    if dropna or options["population"]:
+    if dropna or options.population:
         result.attrs["missing"] = _missing(run, "histogram")
     if any(i < len(edges) - 1 for i in run.suppressed):
         withheld = [
@@ -932,7 +954,7 @@ def histogram(
         parameters={
             "column": column,
             "edges": edges.tolist(),
-            "population": options["population"],
+            "population": options.population,
         },
     )
 
@@ -1008,17 +1030,17 @@ def crosstab(
         return diagonal
     row_levels = list(_grouping_levels(site_list, row, researcher))
     col_levels = list(_grouping_levels(site_list, col, researcher))
-    options = _options(
+    options = QueryOptions.of(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
     spec = {
         "columns": [row, col],
         "levels": [row_levels, col_levels],
         "dropna": dropna,
-        "population": options["population"],
+        "population": options.population,
     }
     n = len(row_levels) * len(col_levels)
-    run = _run(site_list, "counts", spec, 1 + n, _counts, **_opts(options))
+    run = _run(site_list, "counts", spec, 1 + n, _counts, **options.run_args())
     cells = _cell_counts(run)
     width = len(col_levels)
     result = pd.DataFrame(
@@ -1040,7 +1062,7 @@ def crosstab(
         result,
         [run],
         kind="crosstab",
-        parameters={"row": row, "col": col, "population": options["population"]},
+        parameters={"row": row, "col": col, "population": options.population},
     )
 
 
@@ -1075,16 +1097,16 @@ def counts(
     """
     site_list = as_sites(sites)
     names = list(_grouping_levels(site_list, column, researcher))
-    options = _options(
+    options = QueryOptions.of(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population
     )
     spec = {
         "columns": [column],
         "levels": [names],
         "dropna": dropna,
-        "population": options["population"],
+        "population": options.population,
     }
-    run = _run(site_list, "counts", spec, 1 + len(names), _counts, **_opts(options))
+    run = _run(site_list, "counts", spec, 1 + len(names), _counts, **options.run_args())
     result = pd.DataFrame(
         {"count": _cell_counts(run)}, index=pd.Index(names, name=column)
     )
@@ -1095,7 +1117,7 @@ def counts(
         result,
         [run],
         kind="counts",
-        parameters={"column": column, "population": options["population"]},
+        parameters={"column": column, "population": options.population},
     )
 
 
@@ -1118,10 +1140,12 @@ def missing(
     """
     site_list = as_sites(sites)
     cols = _columns(columns)
-    options = _options(keys, researcher, min_sites, 0, False, on_refusal, population)
-    spec = {"columns": cols, "population": options["population"], "missing": True}
+    options = QueryOptions.of(
+        keys, researcher, min_sites, 0, False, on_refusal, population
+    )
+    spec = {"columns": cols, "population": options.population, "missing": True}
     run = _run(
-        site_list, "counts", spec, 2 + len(cols), _missing_counts, **_opts(options)
+        site_list, "counts", spec, 2 + len(cols), _missing_counts, **options.run_args()
     )
     # block i is column i's count (totals[2 + i]); a suppressed one is <NA>
     values = np.maximum(np.rint(run.totals[2:]), 0).astype(np.int64)
@@ -1138,7 +1162,7 @@ def missing(
         result,
         [run],
         kind="missing",
-        parameters={"columns": cols, "population": options["population"]},
+        parameters={"columns": cols, "population": options.population},
     )
 
 
@@ -1190,7 +1214,7 @@ def cov(
     >>> cov(sites, ["age", "sbp"], researcher=me).loc["age", "sbp"]  # doctest: +SKIP
     61.3
     """
-    options = _options(
+    options = QueryOptions.of(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
     return _matrix(sites, columns, "cov", options)
@@ -1219,14 +1243,14 @@ def corr(
     sbp  0.31  1.00  0.22
     bmi  0.08  0.22  1.00
     """
-    options = _options(
+    options = QueryOptions.of(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
     return _matrix(sites, columns, "corr", options)
 
 
 def _matrix(
-    sites: SitesLike, columns: Sequence[str], kind: str, options: dict[str, Any]
+    sites: SitesLike, columns: Sequence[str], kind: str, options: QueryOptions
 ) -> pd.DataFrame:
     site_list = as_sites(sites)
     cols = _columns(columns)
@@ -1249,8 +1273,8 @@ def _matrix(
         kind=kind,
         parameters={
             "columns": cols,
-            "dropna": options["dropna"],
-            "population": options["population"],
+            "dropna": options.dropna,
+            "population": options.population,
         },
     )
 
@@ -1287,7 +1311,7 @@ def ols(
     if y in xs:
         raise InvalidInput(f"{y!r} is both the response and a covariate")
     cols = [*xs, y]
-    options = _options(
+    options = QueryOptions.of(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
     runs, center, stats = _second_moments(
@@ -1357,7 +1381,7 @@ def ols(
             "y": y,
             "X": xs,
             "dropna": dropna,
-            "population": options["population"],
+            "population": options.population,
         },
     )
 
