@@ -123,13 +123,19 @@ def ols_reference(
 def test_ols_equals_least_squares_on_diabetes(keys: KeyHolder, xs: list[str]) -> None:
     fit = encrypted.ols(thirds(), "target", xs, keys=keys)
     beta, se, r2 = ols_reference(diabetes(), "target", xs)
-    assert list(fit.index) == ["Intercept", *xs]
-    np.testing.assert_allclose(fit["coef"], beta, rtol=RTOL)
-    np.testing.assert_allclose(fit["se"], se, rtol=RTOL)
-    np.testing.assert_allclose(fit["t"], beta / se, rtol=RTOL)
-    assert fit.attrs["n"] == 442
-    assert fit.attrs["dof"] == 442 - len(xs) - 1
-    assert relative_error(fit.attrs["r2"], r2) <= RTOL
+    assert list(fit.params.index) == ["Intercept", *xs]
+    np.testing.assert_allclose(fit.params, beta, rtol=RTOL)
+    np.testing.assert_allclose(fit.bse, se, rtol=RTOL)
+    np.testing.assert_allclose(fit.tvalues, beta / se, rtol=RTOL)
+    assert fit.nobs == 442
+    assert fit.df_resid == 442 - len(xs) - 1
+    assert relative_error(fit.rsquared, r2) <= RTOL
+    # the receipted table: the same numbers, in the table's columns
+    table = fit.to_frame()
+    np.testing.assert_allclose(table["coef"], beta, rtol=RTOL)
+    np.testing.assert_allclose(table["se"], se, rtol=RTOL)
+    assert table.attrs["n"] == 442 and "receipt" in table.attrs
+    assert table.attrs["receipt"] == fit.receipt
 
 
 @pytest.mark.parametrize(
@@ -238,13 +244,26 @@ def test_ols_inference_equals_statsmodels(keys: KeyHolder) -> None:
     frame = diabetes()
     fit = encrypted.ols(split(frame, 150, 300), "bp", ["age", "bmi", "s5"], keys=keys)
     reference = smf.ols("bp ~ age + bmi + s5", frame).fit()
-    assert relative_error(fit["P>|t|"], reference.pvalues) <= 1e-8
+    assert relative_error(fit.pvalues, reference.pvalues) <= 1e-8
     ci = reference.conf_int()
-    assert relative_error(fit["[0.025"], ci[0]) <= RTOL
-    assert relative_error(fit["0.975]"], ci[1]) <= RTOL
-    assert relative_error(fit.attrs["r2_adj"], reference.rsquared_adj) <= RTOL
-    assert relative_error(fit.attrs["fvalue"], reference.fvalue) <= RTOL
-    assert relative_error(fit.attrs["f_pvalue"], reference.f_pvalue) <= 1e-8
+    assert relative_error(fit.conf_int()[0], ci[0]) <= RTOL
+    assert relative_error(fit.conf_int()[1], ci[1]) <= RTOL
+    assert relative_error(fit.conf_int(0.1)[1], reference.conf_int(0.1)[1]) <= RTOL
+    assert relative_error(fit.rsquared_adj, reference.rsquared_adj) <= RTOL
+    assert relative_error(fit.fvalue, reference.fvalue) <= RTOL
+    assert relative_error(fit.f_pvalue, reference.f_pvalue) <= 1e-8
+    np.testing.assert_allclose(
+        fit.cov_params().to_numpy(), reference.cov_params().to_numpy(), rtol=1e-9
+    )
+    assert relative_error(fit.llf, reference.llf) <= RTOL
+    assert relative_error(fit.aic, reference.aic) <= RTOL
+    assert relative_error(fit.bic, reference.bic) <= RTOL
+    assert fit.df_model == reference.df_model and fit.df_resid == reference.df_resid
+    assert relative_error(fit.ssr, reference.ssr) <= RTOL
+    table = fit.to_frame()
+    assert relative_error(table["P>|t|"], reference.pvalues) <= 1e-8
+    assert relative_error(table["[0.025"], ci[0]) <= RTOL
+    assert "OLS Regression Results" in str(fit.summary())
 
 
 def test_ols_refuses_an_aliased_design_naming_the_term(keys: KeyHolder) -> None:

@@ -917,7 +917,7 @@ def test_statistics_corr_and_ols_equal_the_library(
         stats["corr"].to_numpy(), reference.to_numpy(), atol=1e-13
     )
     model = encrypted.ols(frames(), p["response"], p["covariates"], dropna=True)
-    close(stats["ols"], model)
+    close(stats["ols"], model.to_frame())
     rows = pooled()[[*p["covariates"], p["response"]]].dropna()
     design = np.column_stack([np.ones(len(rows)), rows[p["covariates"]]])
     coef = np.linalg.lstsq(design, rows[p["response"]], rcond=None)[0]
@@ -1081,7 +1081,7 @@ def test_report_figures_and_tables_equal_the_library(
     close(report["corr"], encrypted.corr(frames(), p["columns"], **ask))
     close(
         report["ols"],
-        encrypted.ols(frames(), p["response"], p["covariates"], **ask),
+        encrypted.ols(frames(), p["response"], p["covariates"], **ask).to_frame(),
     )
     complete = pooled().dropna(subset=p["columns"])
     counts, _ = np.histogram(complete[p["histogram_column"]], p["histogram_edges"])

@@ -74,7 +74,9 @@ STATISTICS: dict[str, Callable[..., Any]] = {
     ),
     "corr": lambda s, **kw: encrypted.corr(s, ["age", "sbp"], dropna=True, **kw),
     "cov": lambda s, **kw: encrypted.cov(s, ["age", "sbp"], dropna=True, **kw),
-    "ols": lambda s, **kw: encrypted.ols(s, "sbp", ["age"], dropna=True, **kw),
+    "ols": lambda s, **kw: encrypted.ols(
+        s, "sbp", ["age"], dropna=True, **kw
+    ).to_frame(),
 }
 #: The columns each statistic reads, emptied at the partner.
 READS = {
@@ -179,7 +181,7 @@ ALL_ROWS: dict[str, Callable[[list[Site]], Any]] = {
     "describe": lambda s: encrypted.describe(s, ["age"]),
     "describe of another column": lambda s: encrypted.describe(s, ["sbp"]),
     "histogram": lambda s: encrypted.histogram(s, "age", [0, 50, 60, 200]),
-    "ols": lambda s: encrypted.ols(s, "sbp", ["age"]),
+    "ols": lambda s: encrypted.ols(s, "sbp", ["age"]).to_frame(),
 }
 
 

@@ -59,7 +59,7 @@ def table_one(sites: list[Site], **ask: object) -> dict[str, pd.DataFrame]:
         "histogram": encrypted.histogram(sites, "age", [0, 50, 60, 200], **ask),
         "crosstab": encrypted.crosstab(sites, "sex", "smoker", **ask),
         "corr": encrypted.corr(sites, COLUMNS, **ask),
-        "ols": encrypted.ols(sites, "sbp", ["age", "bmi", "glucose"], **ask),
+        "ols": encrypted.ols(sites, "sbp", ["age", "bmi", "glucose"], **ask).to_frame(),
     }
 
 

@@ -165,7 +165,7 @@ def test_a_fixed_set_study_is_answered_exactly() -> None:
     assert hist["count"].tolist() == expected.tolist()
     fit = encrypted.ols(sites, "sbp", ["age"])
     slope = np.polyfit(pooled["age"], pooled["sbp"], 1)[0]
-    assert np.isclose(fit.loc["age", "coef"], slope, rtol=1e-10)
+    assert np.isclose(fit.params["age"], slope, rtol=1e-10)
 
 
 def test_nested_site_sets_that_single_out_nobody_are_answered() -> None:

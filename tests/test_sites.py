@@ -508,7 +508,7 @@ def test_regression_with_more_parameters_than_a_third_of_rows_is_refused(
     sites = [Site("a", rows(n)), Site("b", rows(40))]
     if allowed:
         fit = encrypted.ols(sites, "y", ["x1", "x2"])
-        assert fit.attrs["n"] == n + 40
+        assert fit.nobs == n + 40
     else:
         with pytest.raises(DisclosureRefused, match="site a: 3 parameters exceed") as e:
             encrypted.ols(sites, "y", ["x1", "x2"])

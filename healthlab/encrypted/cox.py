@@ -46,7 +46,6 @@ import pandas as pd
 
 from healthlab.encrypted.keys import KeyHolder
 from healthlab.encrypted.models import (
-    FittedModel,
     ModelFormula,
     ModelKind,
     ModelRows,
@@ -62,6 +61,7 @@ from healthlab.encrypted.models import (
     value_sets,
 )
 from healthlab.encrypted.protocol import Block
+from healthlab.encrypted.results import FittedModel
 from healthlab.encrypted.stats import (
     SitesLike,
     _check_grouping,

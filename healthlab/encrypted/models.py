@@ -47,11 +47,11 @@ import pandas as pd
 import statsmodels.api as sm
 from formulaic import Formula, model_matrix
 from scipy import special
-from scipy import stats as distributions
 
 from healthlab.encrypted.encoding import MAX_ABS
 from healthlab.encrypted.keys import KeyHolder
 from healthlab.encrypted.protocol import Block, Check, Query, StudyRun, Totals
+from healthlab.encrypted.results import FittedModel
 from healthlab.encrypted.stats import (
     AliasedDesign,
     SitesLike,
@@ -870,88 +870,6 @@ def _step_check(
 
 
 # ------------------------------------------------------------ researcher side
-@dataclass
-class FittedModel:
-    """Coefficients and their covariance, with the Wald inference every model's
-    results share (statsmodels' names): ``params``, ``bse``, ``tvalues`` (z),
-    ``pvalues``, ``conf_int(alpha)``, ``cov_params()``, ``to_frame()``."""
-
-    params: pd.Series
-    cov: np.ndarray
-
-    @property
-    def names(self) -> list[str]:
-        return [str(n) for n in self.params.index]
-
-    @property
-    def bse(self) -> pd.Series:
-        return pd.Series(np.sqrt(np.diag(self.cov)), index=self.params.index)
-
-    @property
-    def tvalues(self) -> pd.Series:
-        return self.params / self.bse
-
-    @property
-    def pvalues(self) -> pd.Series:
-        return pd.Series(
-            2 * distributions.norm.sf(np.abs(self.tvalues.to_numpy())),
-            index=self.params.index,
-        )
-
-    def conf_int(self, alpha: float = 0.05) -> pd.DataFrame:
-        """Wald confidence intervals (columns 0 and 1, as statsmodels)."""
-        z = distributions.norm.ppf(1 - alpha / 2)
-        return pd.DataFrame(
-            {0: self.params - z * self.bse, 1: self.params + z * self.bse}
-        )
-
-    def cov_params(self) -> pd.DataFrame:
-        return pd.DataFrame(
-            self.cov, index=self.params.index, columns=self.params.index
-        )
-
-    def _ratios(self, alpha: float) -> pd.DataFrame:
-        """exp(coefficient) and its CI, per term (an intercept left out)."""
-        ci = self.conf_int(alpha)
-        low, high = f"{alpha / 2:.3g}", f"{1 - alpha / 2:.3g}"
-        return pd.DataFrame(
-            {"ratio": np.exp(self.params), low: np.exp(ci[0]), high: np.exp(ci[1])}
-        ).drop(index="Intercept", errors="ignore")
-
-    def to_frame(self, alpha: float = 0.05) -> pd.DataFrame:
-        """coef, std err, z, P>|z| and the CI, one row per term."""
-        ci = self.conf_int(alpha)
-        return pd.DataFrame(
-            {
-                "coef": self.params,
-                "std err": self.bse,
-                "z": self.tvalues,
-                "P>|z|": self.pvalues,
-                f"[{alpha / 2:.3g}": ci[0],
-                f"{1 - alpha / 2:.3g}]": ci[1],
-            }
-        )
-
-    def _params_table(self, alpha: float, yname: str) -> Any:
-        """statsmodels' coefficient table of this fit."""
-        from statsmodels.iolib.summary import summary_params
-
-        return summary_params(
-            (
-                None,
-                self.params.to_numpy(),
-                self.bse.to_numpy(),
-                self.tvalues.to_numpy(),
-                self.pvalues.to_numpy(),
-                self.conf_int(alpha).to_numpy(),
-            ),
-            yname=yname,
-            xname=self.names,
-            alpha=alpha,
-            use_t=False,
-        )
-
-
 @dataclass
 class GLMResults(FittedModel):
     """A pooled GLM fit, in statsmodels' shape (``GLMResults``).

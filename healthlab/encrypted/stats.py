@@ -34,6 +34,7 @@ from healthlab.encrypted.protocol import (
     Totals,
     run_query,
 )
+from healthlab.encrypted.results import OLSResults
 from healthlab.errors import DataRefused, DisclosureRefused, InvalidInput, TooFewSites
 from healthlab.receipts import Receipt, build_receipt
 from healthlab.site_data import at_site, numeric, numeric_column
@@ -1292,19 +1293,22 @@ def ols(
     on_refusal: str = "raise",
     population: Sequence[str] | None = None,
     bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
-) -> pd.DataFrame:
+) -> OLSResults:
     """Ordinary least squares of ``y`` on ``X`` with an intercept, pooled across sites.
 
-    Returns one row per coefficient (``Intercept`` first) with ``coef``, ``se``,
-    ``t``, ``P>|t|`` and the 95 % confidence interval (``[0.025``, ``0.975]``), as
-    statsmodels' OLS; ``.attrs`` carries ``r2``, ``r2_adj``, ``fvalue``,
-    ``f_pvalue``, ``n``, ``dof`` and ``rss``. Each site refuses a model
-    with more than ``max_param_ratio`` (0.33) parameters per row of its own.
+    Returns an :class:`~healthlab.encrypted.results.OLSResults` in statsmodels'
+    shape: ``params``, ``bse``, ``pvalues`` (t), ``conf_int()``, ``cov_params()``,
+    ``rsquared``, ``rsquared_adj``, ``fvalue``, ``f_pvalue``, ``summary()``;
+    ``to_frame()`` is the table the receipt covers — one row per coefficient
+    (``Intercept`` first) with ``coef``, ``se``, ``t``, ``P>|t|`` and the 95 %
+    interval, its ``attrs`` ``r2``, ``r2_adj``, ``fvalue``, ``f_pvalue``, ``n``,
+    ``dof`` and ``rss``. Each site refuses a model with more than
+    ``max_param_ratio`` (0.33) parameters per row of its own.
 
     Examples
     --------
     >>> fit = ols(sites, "sbp", ["age", "bmi"], researcher=me)  # doctest: +SKIP
-    >>> fit["coef"], fit.attrs["r2"]  # doctest: +SKIP
+    >>> fit.params, fit.rsquared, fit.to_frame()  # doctest: +SKIP
     """
     site_list = as_sites(sites)
     xs = _columns(X)
@@ -1360,20 +1364,34 @@ def ols(
         },
         index=["Intercept", *xs],
     )
-    r2 = 1.0 - rss / float(syy)
-    fvalue = (r2 / p) / ((1 - r2) / dof)
+    # the covariance of (intercept, β): β's is σ² S⁻¹ around the means
+    shift = inverse @ means[:p]
+    cov = np.empty((p + 1, p + 1))
+    cov[0, 0] = se_intercept**2
+    cov[0, 1:] = cov[1:, 0] = -sigma2 * shift
+    cov[1:, 1:] = sigma2 * inverse
+    fit = OLSResults(
+        params=pd.Series(coef, index=result.index),
+        cov=cov,
+        response=y,
+        nobs=round(n),
+        ssr=rss,
+        centered_tss=float(syy),
+        table=result,
+        receipt={},
+    )
     result.attrs.update(
         {
-            "n": round(n),
-            "r2": r2,
-            "r2_adj": 1 - (1 - r2) * (n - 1) / dof,
-            "fvalue": fvalue,
-            "f_pvalue": float(distributions.f.sf(fvalue, p, dof)),
+            "n": fit.nobs,
+            "r2": fit.rsquared,
+            "r2_adj": fit.rsquared_adj,
+            "fvalue": fit.fvalue,
+            "f_pvalue": fit.f_pvalue,
             "rss": rss,
             "dof": dof,
         }
     )
-    return attach_receipt(
+    attach_receipt(
         result,
         runs,
         kind="ols",
@@ -1384,6 +1402,8 @@ def ols(
             "population": options.population,
         },
     )
+    fit.receipt = result.attrs["receipt"]
+    return fit
 
 
 class AliasedDesign(InvalidInput):
