@@ -275,6 +275,9 @@ class Site:
         # coefficients the site answered and its own totals there — the only points
         # a next Newton step may start from
         self._iterates: dict[str, dict[bytes, Any]] = {}
+        #: per model, per iterate a Newton step starts from: the smallest step
+        #: fraction asked from it, and whether a step from it was answered
+        self._steps: dict[str, dict[bytes, tuple[float, bool]]] = {}
 
     @classmethod
     def from_sql(
@@ -709,6 +712,20 @@ class Site:
         """Record that this site answered ``model`` at ``beta`` (after the step to it
         was verified), with its own totals there."""
         self._iterates.setdefault(model, {})[_beta_key(beta)] = stored
+
+    def newton_steps(self, model: str, start: np.ndarray) -> tuple[float, bool]:
+        """The smallest fraction of a Newton step from ``start`` asked so far (2.0:
+        none) and whether a step from it was answered."""
+        return self._steps.get(model, {}).get(_beta_key(start), (2.0, False))
+
+    def record_step(
+        self, model: str, start: np.ndarray, fraction: float, answered: bool = False
+    ) -> None:
+        """Record a Newton step from ``start`` asked at ``fraction`` (and, once its
+        check passed, answered)."""
+        steps = self._steps.setdefault(model, {})
+        smallest, done = steps.get(_beta_key(start), (2.0, False))
+        steps[_beta_key(start)] = (min(smallest, fraction), done or answered)
 
     def check_model(self, n_params: int, n_rows: int) -> None:
         """Refuse a model with more parameters than ``max_param_ratio`` × rows."""

@@ -758,6 +758,35 @@ def test_a_refused_step_does_not_use_up_the_iterates() -> None:
     ]
 
 
+def test_a_step_is_halved_only_after_the_longer_one_was_refused() -> None:
+    """Every fraction 1 … 1/1024 of one Newton step was answered: eleven iterates
+    along one direction, which solved a covariate's value counts (the review's
+    pat.karno). A fraction is answered only after the longer step from the same
+    iterate was asked and refused, one halving at a time."""
+    sites = threshold_sites()
+    keys = KeyHolder()
+    spec = model_spec()
+    origin = run_query(
+        sites, hand_query(spec, [0.0, 0.0], "origin", None), _iterate, keys=keys
+    )
+    out = _Layout(2).unpack(origin.totals)
+    step = np.linalg.solve(out["H"], out["g"])
+
+    def ask(fraction: float) -> Any:
+        beta = (fraction * step).tolist()
+        fields = {"beta": beta, "step": "newton", "previous": [0.0, 0.0]}
+        query = Query("glm", {**spec, **fields, "fraction": fraction}, _Layout(2).size)
+        return run_query(sites, query, _iterate, keys=keys)
+
+    for fraction in (0.5, 0.25):  # not asked after the full step
+        with pytest.raises(DisclosureRefused, match="halved only after"):
+            ask(fraction)
+    ask(1.0)  # the full step is answered ...
+    for fraction in (0.5, 0.25, 2.0**-10):  # ... so no shorter one is
+        with pytest.raises(DisclosureRefused, match="halved only after"):
+            ask(fraction)
+
+
 def test_removing_the_intercept_is_honoured() -> None:
     frames = {f"s{i}": rossi().iloc[i::3] for i in range(3)}
     fit = encrypted.logit(frames, "arrest ~ age + prio - 1")

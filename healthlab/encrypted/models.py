@@ -805,6 +805,9 @@ def _step_check(
 
     def remember() -> None:
         site.remember_iterate(key, beta, (h, g))
+        if step == "newton":
+            start = np.asarray(spec.get("previous"), dtype=float)
+            site.record_step(key, start, float(spec.get("fraction") or 1.0), True)
 
     rule = (
         "the model's coefficients do not follow from its previous iterate by a "
@@ -856,6 +859,16 @@ def _step_check(
     fraction = float(spec.get("fraction") or 1.0)
     if fraction not in FRACTIONS:
         raise InvalidInput("a Newton step's fraction is 1, 1/2, 1/4, … 1/1024")
+    # a step is halved only after the longer one was asked and not answered (the
+    # sites refused it: a fitted 0 or 1), one halving at a time: else one
+    # direction gives eleven iterates (they solved for a covariate's value counts)
+    smallest, answered = site.newton_steps(key, previous)
+    if fraction < 1 and (answered or smallest != 2 * fraction):
+        raise DisclosureRefused(
+            f"site {site.name}: a Newton step is halved only after the sites refused "
+            "the longer one from the same iterate; fit the model again from the start"
+        )
+    site.record_step(key, previous, fraction)
     values = h_prev @ (beta - previous) - fraction * g_prev
     # the tolerance does not grow with the step: a step along a direction the
     # information matrix (nearly) cannot see would otherwise pass at any length
