@@ -77,8 +77,20 @@ CASES: dict[str, tuple[Any, ...]] = {
         "C(horTh) + age + tsize + pnodes + progrec + estrec",
         [0, 700, 1400, 2700],
         "menostat",
-        ["horTh", "cens"],
-        ("iid", "skewed", "grouped", "six_rows"),
+        (),
+        ("iid", "skewed", "grouped"),
+    ),
+    # the 6-row site: 3 patients at risk late with 5 whole-number measurements
+    # would carry 20 functions of 15 values (refused); with age alone, answered
+    "gbsg2 six rows": (
+        gbsg2,
+        "time",
+        "cens",
+        "C(horTh) + age",
+        [0, 700, 1400, 2700],
+        None,
+        (),
+        ("six_rows",),
     ),
     "gbsg2 five intervals": (
         gbsg2,
@@ -470,3 +482,16 @@ def test_a_spare_field_or_a_foreign_interval_cannot_make_a_fresh_model() -> None
     spec["terms"] = [baseline_name(spec["grid"], 2), *spec["terms"][1:]]
     with pytest.raises(InvalidInput, match="baseline"):
         run_query(sites, hand(spec, [0.0] * 4, "origin", None), _iterate, keys=keys)
+
+
+def test_many_functions_of_age_over_an_interval_s_events_are_refused() -> None:
+    """A grid whose first interval holds 3 arrests at each of 2 sites, and the
+    origin with age, age² and √age: the score's sums over those 6 events (and
+    log age, log1p age from a second model) fitted one multiset of whole-number
+    ages only. Refused: three functions over 3 rows of a site."""
+    sites = attack_sites()
+    spec = spec_for("age + I(age ** 2) + np.sqrt(age)", [1], grid=[0, 6, 52])
+    with pytest.raises(DisclosureRefused, match="functions of the values"):
+        run_query(
+            sites, hand(spec, [0.0] * 4, "origin", None), _iterate, keys=KeyHolder()
+        )

@@ -625,9 +625,11 @@ def test_a_logit_with_a_small_cell_of_covariate_by_outcome_is_refused() -> None:
 def test_two_columns_one_patient_apart_are_refused_in_one_query() -> None:
     """age:mar:arrest and age:mar:arrest:race differ by the one patient with
     mar = arrest = 1 and race = 0: H's entries gave that patient's age, and the
-    fit's parameters the follow-up (public API, no hand driving)."""
+    fit's parameters the follow-up (public API, no hand driving). Refused: the
+    sets' count, Σ age and Σ age² over so few rows are too many functions for
+    them (and the difference would be differencing)."""
     sites = threshold_sites()
-    with pytest.raises(DisclosureRefused, match="differencing"):
+    with pytest.raises(DisclosureRefused, match=r"differencing|functions of the"):
         encrypted.glm(sites, "week ~ age:mar:arrest + age:mar:arrest:race", "gaussian")
 
 
@@ -917,3 +919,87 @@ def test_numeric_categories_have_statsmodels_reference_level() -> None:
     )
     assert list(fit.params.index) == list(ref.params.index)
     np.testing.assert_allclose(fit.params, ref.params, rtol=RTOL, atol=1e-12)
+
+
+# --------------------------------- the third review's attacks (all refused now)
+def glm_hand_spec(formula: str, family: str, trials: str | None = None) -> dict:
+    parsed = parse_formula(formula)
+    terms = design_columns(parsed, {})
+    return {
+        "formula": parsed.text,
+        "family": family,
+        "terms": terms,
+        "levels": {},
+        "offset": None,
+        "trials": trials,
+        "population": [],
+        "intercept": terms.index("Intercept") if "Intercept" in terms else None,
+    }
+
+
+def origin(sites: list[Site], spec: dict) -> Any:
+    query = Query(
+        "glm",
+        {**spec, "beta": [0.0] * len(spec["terms"]), "step": "origin"}
+        | {"previous": None, "fraction": 1.0},
+        _Layout(len(spec["terms"])).size,
+    )
+    return run_query(sites, query, _iterate, keys=KeyHolder())
+
+
+def test_a_pairs_power_sums_over_rows_one_site_holds_are_refused() -> None:
+    """mar and fin:arrest, each with age and age²: XᵀX at zero holds n, Σa … Σa⁴
+    over the 3 patients both hold — all at one site: by Newton's identities
+    their ages. Refused (too many functions for 3 rows; and a pair's rows one
+    site holds)."""
+    rows = rossi()
+    label = np.random.default_rng(1).integers(0, 2, len(rows))
+    sites = [Site(f"h{s}", rows[label == s].reset_index(drop=True)) for s in range(2)]
+    spec = glm_hand_spec(
+        "week ~ mar + fin:arrest + mar:age + fin:arrest:age + mar:I(age**2) + "
+        "fin:arrest:I(age**2)",
+        "gaussian",
+    )
+    with pytest.raises(DisclosureRefused, match=r"functions of the values|too few"):
+        origin(sites, spec)
+    # the same pair's rows held by one site only, with the count alone: refused
+    spec = glm_hand_spec("week ~ mar + fin:arrest", "gaussian")
+    with pytest.raises(DisclosureRefused, match="share are"):
+        origin(sites, spec)
+
+
+def test_many_functions_of_one_column_over_a_group_are_refused() -> None:
+    """Five functions of age within race:mar:arrest (7 patients, 4 + 3 over two
+    sites): XᵀX's pairwise products were 13 moments over 7 ages, which only one
+    multiset of whole numbers fits. Refused; two functions are answered."""
+    sites = threshold_sites()
+    group = "race:mar:arrest"
+    many = glm_hand_spec(
+        f"week ~ {group} + {group}:age + {group}:I(age**2) + "
+        f"{group}:np.sqrt(age) + {group}:np.log(age)",
+        "gaussian",
+    )
+    with pytest.raises(DisclosureRefused, match="functions of the values"):
+        origin(sites, many)
+    with pytest.raises(DisclosureRefused, match="functions of the values"):
+        encrypted.glm(sites, many["formula"], "gaussian")
+
+
+def test_the_outcome_one_site_holds_in_a_column_is_refused_in_every_family() -> None:
+    """All 8 married arrested patients at one site: logit was refused, but the
+    same score came out of Poisson, binomial with trials= and a Cox model (their
+    count and Σ age: that site's totals). Refused in every family."""
+    rows = rossi()
+    label = np.random.default_rng(1).integers(0, 2, len(rows))
+    frames = [rows[label == s].reset_index(drop=True) for s in range(2)]
+    assert [int(((f.mar == 1) & (f.arrest == 1)).sum()) for f in frames] == [0, 8]
+
+    def fresh() -> list[Site]:
+        return [Site(f"h{i}", f) for i, f in enumerate(frames)]
+
+    formula = "arrest ~ mar + mar:age"
+    for family, trials in (("binomial", None), ("poisson", None), ("binomial", "week")):
+        with pytest.raises(DisclosureRefused, match="held by too few of the sites"):
+            origin(fresh(), glm_hand_spec(formula, family, trials))
+    with pytest.raises(DisclosureRefused, match="the events within term 'mar' are"):
+        encrypted.coxph(fresh(), "~ mar + mar:age", "week", "arrest", grid=[0, 60])

@@ -53,11 +53,14 @@ from healthlab.encrypted.models import (
     _aliased,
     _design,
     _indicators,
+    _pairs,
     agree_levels,
+    check_functions,
     design_columns,
     follow_newton,
     pair_supports,
     parse_formula,
+    value_functions,
     value_sets,
 )
 from healthlab.encrypted.protocol import Block
@@ -147,6 +150,9 @@ class _CoxRows:
     at_risk: list[np.ndarray]  # each interval's risk set (over all the site's)
     cells: list[np.ndarray]  # each interval's events (over all the site's)
     size: int  # intervals of the grid, beyond included
+    #: the other row sets a total sums over, each to be held by enough sites
+    #: (events within a column's rows, pairs' shared rows, risk sets within them)
+    shared: list[tuple[np.ndarray, str]]
 
     def _reverse(self, values: np.ndarray) -> np.ndarray:
         """Per model interval: the sum of ``values`` over the rows at risk there
@@ -211,6 +217,7 @@ class _CoxRows:
             where = terms[i].removeprefix("baseline")
             named.append((terms[i], risk, f"the rows at risk in {where} are", False))
             named.append((terms[i], cell, f"the events in {where} are", True))
+        named += [(name, mask, name, True) for mask, name in self.shared]
         return [
             Block(end, end, mask, empty_released=empty, required=True, name=name)
             for _, mask, name, empty in named
@@ -287,6 +294,7 @@ def _cox_rows(
             [empty] * k,
             [empty] * k,
             grid.size,
+            [(empty, name) for name in _shared_names(terms, k)],
         )
     # the sets the totals sum over: each risk set within each set of rows two
     # design columns share (the intercept's: all rows), since over the iterates
@@ -302,6 +310,35 @@ def _cox_rows(
     columns = list(x_frame.columns)
     designed = [str(c) for c in design.columns]
     covariate_rows = [indicator[:, designed.index(str(c))] for c in columns]
+    # the functions of the values each set carries: per interval, XᵀWX's pair
+    # products over the risk set within the pair's rows (one interval alone
+    # isolates them); the score's values over the events within a column's rows
+    vectors, column_reads = value_functions(formula, frame, agreed, designed)
+    q = len(designed)
+    check_functions(
+        site,
+        frame,
+        [
+            (
+                r & indicator[:, a] & indicator[:, b],
+                vectors[a] * vectors[b],
+                column_reads[a] | column_reads[b],
+            )
+            for r in risk
+            for a in range(q)
+            for b in range(a, q)
+        ]
+        + [(events & indicator[:, a], vectors[a], column_reads[a]) for a in range(q)],
+    )
+    # ... and each such set must be held by enough sites (else its totals are one
+    # site's): the events within each column's rows, each pair's shared rows, and
+    # each risk set within a column's or a pair's rows
+    groups = covariate_rows + [
+        covariate_rows[i] & covariate_rows[j] for i, j in _pairs(p)
+    ]
+    shared = [events & c for c in covariate_rows]
+    shared += [covariate_rows[i] & covariate_rows[j] for i, j in _pairs(p)]
+    shared += [r & g for r in risk for g in groups]
     full = _full_masks(site, kept, [np.ones(len(kept), dtype=bool)])
     subsets = (
         {c: full for c in reads}
@@ -321,7 +358,33 @@ def _cox_rows(
         _full_masks(site, kept, risk),
         _full_masks(site, kept, cells),
         grid.size,
+        list(
+            zip(
+                _full_masks(site, kept, shared),
+                _shared_names(terms, k),
+                strict=True,
+            )
+        ),
     )
+
+
+def _shared_names(terms: Sequence[str], k: int) -> list[str]:
+    """The names of :attr:`_CoxRows.shared`'s sets, in its order (public: from the
+    terms alone, the same at every site)."""
+    covariates = list(terms[k:])
+    pairs = [
+        f"terms {covariates[i]!r} and {covariates[j]!r}"
+        for i, j in _pairs(len(covariates))
+    ]
+    groups = [f"term {c!r}" for c in covariates] + pairs
+    names = [f"the events within term {c!r} are" for c in covariates]
+    names += [f"the rows {pair} share are" for pair in pairs]
+    names += [
+        f"the rows at risk in {terms[i].removeprefix('baseline')} within {g} are"
+        for i in range(k)
+        for g in groups
+    ]
+    return names
 
 
 KIND = ModelKind(COX_FIELDS, _cox_rows, _check_spec, _FLAGS)

@@ -69,6 +69,7 @@ from healthlab.errors import (
     DisclosureRefused,
     HealthLabError,
     InvalidInput,
+    TooFewRows,
 )
 from healthlab.site_data import numeric_column
 from healthlab.sites import Site, as_sites
@@ -425,7 +426,9 @@ class _ModelRows:
     dropped: int
     subsets: dict[str, list[np.ndarray]]
     columns: list[np.ndarray]  # each design column's rows (over all the site's)
-    #: a binomial model's rows with y = 1 and with y = 0 in each design column
+    #: the rows each pair of design columns shares (i < j)
+    pairs: list[np.ndarray]
+    #: each design column's rows with y ≠ 0 (a 0/1 outcome: with y = 1, y = 0)
     outcomes: list[np.ndarray]
 
     def evaluate(
@@ -444,20 +447,38 @@ class _ModelRows:
             Block(end, end, mask, required=True, name=f"the rows of term {term!r} are")
             for term, mask in zip(terms, self.columns, strict=True)
         ]
-        # ... and so must a binomial outcome's events and non-events in each
-        # column's rows: else the score over them is one site's sums (none
+        # ... and so must each pair's shared rows (XᵀWX sums over them: three
+        # patients one site held gave their ages from a pair's power sums), and
+        # the outcome's rows in each column's (the score sums over them; none
         # anywhere is separation, which the fit refuses by name)
-        return blocks + [
-            Block(
-                end,
-                end,
-                mask,
-                empty_released=True,
-                required=True,
-                name=f"the rows with outcome {1 - i % 2} in term {terms[i // 2]!r} are",
-            )
-            for i, mask in enumerate(self.outcomes)
+        p = len(terms)
+        per_column = len(self.outcomes) // p if p else 0
+        shared = [
+            (mask, f"the rows terms {terms[i]!r} and {terms[j]!r} share are")
+            for mask, (i, j) in zip(self.pairs, _pairs(p), strict=True)
         ]
+        outcome = [
+            (
+                mask,
+                f"the rows of term {terms[n // per_column]!r} with "
+                + (
+                    "the outcome not 0"
+                    if per_column == 1
+                    else f"outcome {1 - n % per_column}"
+                )
+                + " are",
+            )
+            for n, mask in enumerate(self.outcomes)
+        ]
+        return blocks + [
+            Block(end, end, mask, empty_released=True, required=True, name=name)
+            for mask, name in shared + outcome
+        ]
+
+
+def _pairs(p: int) -> list[tuple[int, int]]:
+    """The pairs of design columns, i < j."""
+    return [(i, j) for i in range(p) for j in range(i + 1, p)]
 
 
 class ModelRows(Protocol):
@@ -632,24 +653,57 @@ def _model_rows(
     # over them is a sum over all rows.)
     supports: list[np.ndarray] = []
     binary = spec["family"] == "binomial" and not spec.get("trials")
+    # the outcome's rows that enter the score (y ≠ 0: Σ x_j y sums over them),
+    # and for a 0/1 outcome its non-events too
+    values = (1.0, 0.0) if binary else (None,)
     if not flags.any():
         indicator = _indicators(formula, frame, agreed)
         supports = pair_supports(indicator)
         column_rows = _full_masks(site, kept, [indicator[:, i] for i in range(p)])
-        outcome_rows = (
-            _full_masks(
-                site,
-                kept,
-                [indicator[:, i] & (y == v) for i in range(p) for v in (1.0, 0.0)],
-            )
-            if binary
-            else []
+        pair_rows = _full_masks(
+            site, kept, [indicator[:, i] & indicator[:, j] for i, j in _pairs(p)]
+        )
+        # XᵀWX sums each pair's value product over the rows the pair shares
+        vectors, column_reads = value_functions(formula, frame, agreed, terms)
+        check_functions(
+            site,
+            frame,
+            [
+                (
+                    indicator[:, i] & indicator[:, j],
+                    vectors[i] * vectors[j],
+                    column_reads[i] | column_reads[j],
+                )
+                for i in range(p)
+                for j in range(i, p)
+            ]
+            # ... and the score each column's value over its rows with y ≠ 0
+            + [
+                (
+                    indicator[:, i] & (y * trials != 0),
+                    vectors[i],
+                    column_reads[i],
+                )
+                for i in range(p)
+            ],
+        )
+        raw = y * trials
+        outcome_rows = _full_masks(
+            site,
+            kept,
+            [
+                indicator[:, i] & (raw != 0 if v is None else raw == v)
+                for i in range(p)
+                for v in values
+            ],
         )
     else:
         # as many blocks at every site, whatever its rows, or the announcements
         # of the holder count would not line up
-        column_rows = [np.zeros(site.n_rows, dtype=bool)] * p
-        outcome_rows = [np.zeros(site.n_rows, dtype=bool)] * (2 * p if binary else 0)
+        empty = np.zeros(site.n_rows, dtype=bool)
+        column_rows = [empty] * p
+        pair_rows = [empty] * len(_pairs(p))
+        outcome_rows = [empty] * (len(values) * p)
     levels_of = (
         {} if flags.any() else value_sets(site, kept, formula, agreed, terms, extra)
     )
@@ -691,8 +745,142 @@ def _model_rows(
         site.n_rows - len(kept),
         subsets,
         column_rows,
+        pair_rows,
         outcome_rows,
     )
+
+
+#: What a whole-number column's value counts as an unknown against the functions
+#: a set carries (a real value: 1): six ages came out of five functions by a
+#: search over the integers, so six whole numbers carry fewer than five unknowns.
+WHOLE_NUMBER_UNKNOWN = 0.75
+#: Probe points at which a design column's values are compared as functions.
+_PROBES = 48
+_LEVEL = re.compile(r"C\(\s*(\w+)\s*\)\[(?:T\.)?([^\]]*)\]")
+
+
+def value_functions(
+    formula: ModelFormula,
+    frame: pd.DataFrame,
+    levels: Mapping[str, Sequence[str]],
+    names: Sequence[str],
+) -> tuple[np.ndarray, list[frozenset[str]]]:
+    """Each design column's values as a function of the numeric columns (its
+    indicators on), at fixed probe points, and the numeric columns it reads.
+
+    A numeric column of one value besides 0 (a 0/1 covariate) is an indicator, as
+    :func:`_indicators` has it; every other one takes the probe values. Public:
+    from the formula, the levels and which columns are indicators here."""
+    rng = np.random.default_rng(20_260_601)
+    valued = [
+        c
+        for c in formula.numeric
+        if np.unique(np.asarray(frame[c], dtype=float)[frame[c] != 0]).size > 1
+    ]
+    probe = {
+        c: (rng.uniform(1.5, 4.5, _PROBES) if c in valued else np.ones(_PROBES))
+        for c in formula.numeric
+    }
+    first = {c: next(iter(v)) for c, v in levels.items()}
+
+    def design(values: Mapping[str, np.ndarray], column: str) -> np.ndarray:
+        chosen = dict(first) | {m.group(1): m.group(2) for m in _LEVEL.finditer(column)}
+        data = dict(values) | {c: [chosen[c]] * _PROBES for c in formula.categorical}
+        with np.errstate(all="ignore"):
+            out = _design(formula, pd.DataFrame(data), levels)
+        return np.asarray(out[column], dtype=float)
+
+    vectors = np.stack([design(probe, c) for c in names])
+    reads = []
+    for i, column in enumerate(names):
+        moved = set()
+        for c in valued:
+            changed = design(probe | {c: probe[c] * 1.37 + 0.11}, column)
+            if not np.allclose(changed, vectors[i]):
+                moved.add(c)
+        reads.append(frozenset(moved))
+    return vectors, reads
+
+
+def _functions(vectors: np.ndarray) -> int:
+    """How many functions of the values (the constant, a count, left out) the
+    vectors span: the rank after removing the constant."""
+    finite = vectors[np.all(np.isfinite(vectors), axis=1)]
+    if not len(finite):
+        return 0
+    centred = finite - finite.mean(axis=1, keepdims=True)
+    scale = np.abs(centred).max(axis=1, keepdims=True)
+    useful = centred[scale[:, 0] > 1e-9] / scale[scale[:, 0] > 1e-9]
+    if not len(useful):
+        return 0
+    singular = np.linalg.svd(useful, compute_uv=False)
+    return int(np.sum(singular > 1e-8 * singular[0]))
+
+
+def check_functions(
+    site: Site,
+    frame: pd.DataFrame,
+    sets: Sequence[tuple[np.ndarray, np.ndarray, frozenset[str]]],
+) -> None:
+    """Refuse a model whose totals sum too many functions of the values over too
+    few of this site's rows.
+
+    With ``e`` functions of ``u`` columns' values over ``n`` rows, the values are
+    determined once ``n·u ≤ e`` (three patients' ages from a pair's count, Σa, Σa²,
+    Σa³, Σa⁴), and for whole numbers in a narrow range before (six ages out of
+    five functions, by searching the integers): so a set's ``n`` rows must carry
+    more unknowns than functions, a column of whole numbers counting
+    :data:`WHOLE_NUMBER_UNKNOWN`.
+    ``sets``: (rows, the function vectors summed over them, the columns those
+    read); entries of one set are combined. Sets of fewer than k rows are the
+    auditor's (refused there)."""
+    grouped: dict[bytes, tuple[np.ndarray, list[np.ndarray], set[str]]] = {}
+    for rows, vectors, reads in sets:
+        if rows.sum() < site.policy.min_rows:
+            continue
+        key = np.packbits(rows).tobytes()
+        entry = grouped.setdefault(key, (rows, [], set()))
+        entry[1].append(np.atleast_2d(vectors))
+        entry[2].update(reads)
+    for rows, parts, columns in grouped.values():
+        functions = _functions(np.concatenate(parts))
+        if not functions:
+            continue
+        unknowns = 0.0
+        for column in columns or {""}:
+            values = np.asarray(frame[column], dtype=float)[rows] if column else [0.0]
+            whole = bool(np.all(np.isfinite(values) & (np.round(values) == values)))
+            unknowns += WHOLE_NUMBER_UNKNOWN if whole else 1.0
+        if int(rows.sum()) * unknowns <= functions:
+            raise TooFewRows(
+                f"site {site.name}: the model sums {functions} functions of the "
+                "values over a set of rows too small for them (its values would be "
+                "determined); use fewer transforms or interactions of one column, or "
+                "a coarser category"
+            )
+
+
+#: A design of at most this many distinct rows at a site is discrete: its totals
+#: at the iterates are sums over the patterns, with their counts as unknowns.
+MAX_PATTERNS = 64
+
+
+def design_patterns(x: np.ndarray) -> list[np.ndarray]:
+    """The rows of each distinct design row (pattern), when the design is discrete
+    (at most :data:`MAX_PATTERNS` of them); else none.
+
+    Each iterate's totals are Σ over patterns of its count × a function of the
+    pattern (the weights change with β): over a model's iterates as many
+    equations as patterns solve for each pattern's count — a 4-valued covariate's
+    one patient at 3 came out of a Cox model's Newton path. So each pattern's
+    rows are a subset for the auditor (0 or at least k rows at a site)."""
+    if not len(x):
+        return []
+    patterns, inverse = np.unique(x, axis=0, return_inverse=True)
+    if len(patterns) > MAX_PATTERNS:
+        return []
+    inverse = np.asarray(inverse).reshape(-1)
+    return [inverse == i for i in range(len(patterns))]
 
 
 def pair_supports(indicator: np.ndarray) -> list[np.ndarray]:
