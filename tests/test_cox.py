@@ -495,3 +495,28 @@ def test_many_functions_of_age_over_an_interval_s_events_are_refused() -> None:
         run_query(
             sites, hand(spec, [0.0] * 4, "origin", None), _iterate, keys=KeyHolder()
         )
+
+
+def test_a_discrete_covariates_counts_do_not_come_out_of_the_newton_path() -> None:
+    """lung's ph.ecog takes 0-3, one patient at 3. A Cox model on it alone: each
+    iterate's totals are sums over the 4 values' counts at risk, weighted by
+    exp(β·ecog), so a few iterates solved for each value's count at risk — the
+    one patient at 3, when she left follow-up, and that she died. From the
+    iterate whose totals number the values, each value's rows are audited:
+    refused; without her, answered (and equal to statsmodels)."""
+    frame = lung().dropna(subset=["ph_ecog"]).reset_index(drop=True)
+    grid = [0, 500, 1100]
+
+    def two(rows: pd.DataFrame) -> list[Site]:
+        return [Site(f"h{i}", rows.iloc[i::2].reset_index(drop=True)) for i in range(2)]
+
+    assert (frame["ph_ecog"] == 3).sum() == 1
+    with pytest.raises(DisclosureRefused, match="fewer than 3"):
+        encrypted.coxph(two(frame), "~ ph_ecog", "time", "status", grid=grid)
+    rest = frame[frame["ph_ecog"] != 3].reset_index(drop=True)
+    fit = encrypted.coxph(two(rest), "~ ph_ecog", "time", "status", grid=grid)
+    t, e = rounded(rest, "time", "status", grid)
+    ref = sm.PHReg(t, rest[["ph_ecog"]], status=e, ties="breslow").fit(
+        method="newton", tol=1e-14
+    )
+    assert fit.params["ph_ecog"] == pytest.approx(ref.params[0], rel=RTOL)

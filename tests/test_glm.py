@@ -1003,3 +1003,28 @@ def test_the_outcome_one_site_holds_in_a_column_is_refused_in_every_family() -> 
             origin(fresh(), glm_hand_spec(formula, family, trials))
     with pytest.raises(DisclosureRefused, match="the events within term 'mar' are"):
         encrypted.coxph(fresh(), "~ mar + mar:age", "week", "arrest", grid=[0, 60])
+
+
+def test_a_discrete_covariates_counts_do_not_come_out_of_the_iterates() -> None:
+    """lung's pat.karno takes 8 values, two of them held by 2 patients each. A
+    Poisson model on it alone, at the origin and eleven fractions of one Newton
+    step, solved for every value's count. Fractions are no longer answered (see
+    above), and from the iterate whose totals number the values each value's
+    rows are audited: refused; on the values held by 3 or more, answered."""
+    from lifelines.datasets import load_lung
+
+    frame = load_lung().rename(columns={"pat.karno": "pat_karno"})
+    frame = frame.dropna(subset=["pat_karno"]).reset_index(drop=True)
+
+    def two(rows: pd.DataFrame) -> list[Site]:
+        return [Site(f"h{i}", rows.iloc[i::2].reset_index(drop=True)) for i in range(2)]
+
+    with pytest.raises(DisclosureRefused, match="fewer than 3"):
+        encrypted.glm(two(frame), "status ~ pat_karno", "poisson")
+    common = frame.groupby("pat_karno")["status"].transform("size") >= 6
+    rest = frame[common].reset_index(drop=True)
+    fit = encrypted.glm(two(rest), "status ~ pat_karno", "poisson")
+    ref = smf.glm("status ~ pat_karno", rest, family=sm.families.Poisson()).fit(
+        tol=1e-14
+    )
+    assert relative(fit.params, ref.params) <= RTOL

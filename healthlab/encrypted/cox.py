@@ -46,6 +46,7 @@ import pandas as pd
 
 from healthlab.encrypted.keys import KeyHolder
 from healthlab.encrypted.models import (
+    MAX_DOMAIN,
     ModelFormula,
     ModelKind,
     ModelRows,
@@ -57,6 +58,7 @@ from healthlab.encrypted.models import (
     agree_levels,
     check_functions,
     design_columns,
+    design_patterns,
     follow_newton,
     pair_supports,
     parse_formula,
@@ -153,6 +155,9 @@ class _CoxRows:
     #: the other row sets a total sums over, each to be held by enough sites
     #: (events within a column's rows, pairs' shared rows, risk sets within them)
     shared: list[tuple[np.ndarray, str]]
+    #: a discrete design's patterns within each risk set (see design_patterns)
+    patterns: list[np.ndarray]
+    domain: int
 
     def _reverse(self, values: np.ndarray) -> np.ndarray:
         """Per model interval: the sum of ``values`` over the rows at risk there
@@ -295,6 +300,8 @@ def _cox_rows(
             [empty] * k,
             grid.size,
             [(empty, name) for name in _shared_names(terms, k)],
+            [],
+            0,
         )
     # the sets the totals sum over: each risk set within each set of rows two
     # design columns share (the intercept's: all rows), since over the iterates
@@ -339,6 +346,8 @@ def _cox_rows(
     shared = [events & c for c in covariate_rows]
     shared += [covariate_rows[i] & covariate_rows[j] for i, j in _pairs(p)]
     shared += [r & g for r in risk for g in groups]
+    # a discrete design's patterns, counted within each risk set
+    patterns, domain = design_patterns(x, MAX_DOMAIN)
     full = _full_masks(site, kept, [np.ones(len(kept), dtype=bool)])
     subsets = (
         {c: full for c in reads}
@@ -365,6 +374,8 @@ def _cox_rows(
                 strict=True,
             )
         ),
+        _full_masks(site, kept, [r & m for r in risk for m in patterns]),
+        domain * k,
     )
 
 

@@ -430,6 +430,9 @@ class _ModelRows:
     pairs: list[np.ndarray]
     #: each design column's rows with y ≠ 0 (a 0/1 outcome: with y = 1, y = 0)
     outcomes: list[np.ndarray]
+    #: a discrete design's patterns (over all the site's rows; see design_patterns)
+    patterns: list[np.ndarray]
+    domain: int
 
     def evaluate(
         self, beta: np.ndarray
@@ -487,6 +490,8 @@ class ModelRows(Protocol):
     flags: np.ndarray
     dropped: int
     subsets: dict[str, list[np.ndarray]]
+    patterns: list[np.ndarray]
+    domain: int
 
     def evaluate(
         self, beta: np.ndarray
@@ -596,7 +601,13 @@ def _iterate(site: Site, query: Query) -> Totals:
         kind.flags,
         np.concatenate([flags, [separated, overflow]]),
     )
-    return totals, rows.subsets, rows.blocks(len(totals), terms), check
+    subsets = rows.subsets
+    # once the iterates' totals number a discrete design's patterns, they solve
+    # for each pattern's count: from then on every pattern is audited
+    answered = site.model_iterations(key)
+    if rows.patterns and rows.domain <= equations(p) * (answered + 1):
+        subsets = subsets | {"patterns of the design": rows.patterns}
+    return totals, subsets, rows.blocks(len(totals), terms), check
 
 
 def _model_rows(
@@ -707,6 +718,7 @@ def _model_rows(
     levels_of = (
         {} if flags.any() else value_sets(site, kept, formula, agreed, terms, extra)
     )
+    patterns, domain = ([], 0) if flags.any() else design_patterns(x, MAX_DOMAIN)
     # the outcome enters the score times every design column: Σ x_j (y − μ). A
     # 0/1 outcome makes that a sum over the rows with y = 1 among column j's —
     # the one arrested patient's age came out of an origin answer. So an outcome
@@ -747,6 +759,8 @@ def _model_rows(
         column_rows,
         pair_rows,
         outcome_rows,
+        _full_masks(site, kept, patterns),
+        domain,
     )
 
 
@@ -860,27 +874,48 @@ def check_functions(
             )
 
 
-#: A design of at most this many distinct rows at a site is discrete: its totals
-#: at the iterates are sums over the patterns, with their counts as unknowns.
-MAX_PATTERNS = 64
+#: The largest domain of a discrete design whose pattern counts are audited. The
+#: iterates' totals solve for the counts of a small domain (4 and 8 values were
+#: solved); for a larger one the system is as large but so ill-conditioned that
+#: totals exact to 1e-15 do not determine it — not proven, see README.
+MAX_DOMAIN = 16
+#: A column is a discrete scale when its values repeat this often on average.
+REPEATS = 3
 
 
-def design_patterns(x: np.ndarray) -> list[np.ndarray]:
-    """The rows of each distinct design row (pattern), when the design is discrete
-    (at most :data:`MAX_PATTERNS` of them); else none.
+def design_patterns(x: np.ndarray, bound: int) -> tuple[list[np.ndarray], int]:
+    """A discrete design's patterns (the rows of each distinct design row) and the
+    size of its domain (the product of each column's distinct values), when the
+    domain holds at most ``bound`` patterns; else none.
 
-    Each iterate's totals are Σ over patterns of its count × a function of the
-    pattern (the weights change with β): over a model's iterates as many
-    equations as patterns solve for each pattern's count — a 4-valued covariate's
-    one patient at 3 came out of a Cox model's Newton path. So each pattern's
-    rows are a subset for the auditor (0 or at least k rows at a site)."""
+    Each iterate's totals are sums over the patterns of a pattern's count times a
+    function of the pattern, and the functions change with β: over a model's
+    iterates, once its totals number the domain's patterns, they solve for each
+    pattern's count (a 4-valued covariate's one patient at 3 came out of a Cox
+    model's Newton path, and a 2-row value of an 8-valued one out of a Poisson
+    model's). So from then on each pattern's rows are a subset for the auditor (0
+    or at least k rows at a site): the model is a crosstab of its covariates."""
     if not len(x):
-        return []
+        return [], 0
+    domain = 1
+    for column in x.T:
+        seen = np.unique(column).size
+        # a scale (each value held by several rows) is discrete; a column of
+        # mostly distinct values is not (the researcher does not know them)
+        if seen * REPEATS > len(column):
+            return [], 0
+        domain *= seen
+        if domain > bound:
+            return [], 0
     patterns, inverse = np.unique(x, axis=0, return_inverse=True)
-    if len(patterns) > MAX_PATTERNS:
-        return []
     inverse = np.asarray(inverse).reshape(-1)
-    return [inverse == i for i in range(len(patterns))]
+    return [inverse == i for i in range(len(patterns))], domain
+
+
+def equations(p: int) -> int:
+    """The totals of one iterate that change with β and not with the outcome:
+    XᵀWX and the score's Σ x μ."""
+    return p * (p + 1) // 2 + p
 
 
 def pair_supports(indicator: np.ndarray) -> list[np.ndarray]:
