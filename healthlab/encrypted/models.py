@@ -797,22 +797,34 @@ def value_functions(
     }
     first = {c: next(iter(v)) for c, v in levels.items()}
 
-    def design(values: Mapping[str, np.ndarray], column: str) -> np.ndarray:
+    # one design per assignment of levels the columns need (a column's own
+    # levels on, the others at their first), and per value column moved
+    assignments: dict[tuple[tuple[str, str], ...], list[int]] = {}
+    for i, column in enumerate(names):
         chosen = dict(first) | {m.group(1): m.group(2) for m in _LEVEL.finditer(column)}
+        assignments.setdefault(tuple(sorted(chosen.items())), []).append(i)
+
+    def design(
+        values: Mapping[str, np.ndarray], chosen: dict[str, str]
+    ) -> pd.DataFrame:
         data = dict(values) | {c: [chosen[c]] * _PROBES for c in formula.categorical}
         with np.errstate(all="ignore"):
-            out = _design(formula, pd.DataFrame(data), levels)
-        return np.asarray(out[column], dtype=float)
+            return _design(formula, pd.DataFrame(data), levels)
 
-    vectors = np.stack([design(probe, c) for c in names])
-    reads = []
-    for i, column in enumerate(names):
-        moved = set()
+    vectors = np.zeros((len(names), _PROBES))
+    moved: list[set[str]] = [set() for _ in names]
+    for assignment, members in assignments.items():
+        chosen = dict(assignment)
+        base = design(probe, chosen)
+        for i in members:
+            vectors[i] = np.asarray(base[names[i]], dtype=float)
         for c in valued:
-            changed = design(probe | {c: probe[c] * 1.37 + 0.11}, column)
-            if not np.allclose(changed, vectors[i]):
-                moved.add(c)
-        reads.append(frozenset(moved))
+            changed = design(probe | {c: probe[c] * 1.37 + 0.11}, chosen)
+            for i in members:
+                after = np.asarray(changed[names[i]], dtype=float)
+                if not np.allclose(after, vectors[i], equal_nan=True):
+                    moved[i].add(c)
+    reads = [frozenset(m) for m in moved]
     return vectors, reads
 
 
