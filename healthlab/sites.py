@@ -727,6 +727,14 @@ class Site:
         smallest, done = steps.get(_beta_key(start), (2.0, False))
         steps[_beta_key(start)] = (min(smallest, fraction), done or answered)
 
+    def undo_step(self, model: str, start: np.ndarray, fraction: float) -> None:
+        """Forget that a Newton step from ``start`` was asked at ``fraction`` (its
+        check failed on its own equation: no refusal to halve after)."""
+        steps = self._steps.get(model, {})
+        smallest, done = steps.get(_beta_key(start), (2.0, False))
+        if smallest == fraction:
+            steps[_beta_key(start)] = (2 * fraction, done)
+
     def check_model(self, n_params: int, n_rows: int) -> None:
         """Refuse a model with more parameters than ``max_param_ratio`` × rows."""
         if n_params > self._policy.max_param_ratio * n_rows:

@@ -712,6 +712,28 @@ def test_a_step_along_a_direction_the_information_cannot_see_is_refused() -> Non
     )
 
 
+def test_an_offset_that_is_also_a_covariate_is_refused_at_the_site() -> None:
+    """offset=age with age in the design: exp(age) weights (the np.exp the
+    formulas do not offer) gave the top of the age distribution. glm() refuses
+    it, and so does every site for a query driven by hand."""
+    spec = model_spec("arrest ~ age") | {"family": "poisson", "offset": "age"}
+    with pytest.raises(InvalidInput, match="also in the formula"):
+        run_query(
+            threshold_sites(),
+            hand_query(spec, [0.0, 0.0], "origin", None),
+            _iterate,
+            keys=KeyHolder(),
+        )
+    spec = model_spec("arrest ~ age") | {"trials": "age"}
+    with pytest.raises(InvalidInput, match="also in the formula"):
+        run_query(
+            threshold_sites(),
+            hand_query(spec, [0.0, 0.0], "origin", None),
+            _iterate,
+            keys=KeyHolder(),
+        )
+
+
 def test_a_spare_field_cannot_make_a_fresh_model() -> None:
     """Extra spec keys gave new model keys: a fresh count of iterates each."""
     sites = threshold_sites()
@@ -783,6 +805,17 @@ def test_a_step_is_halved_only_after_the_longer_one_was_refused() -> None:
     for fraction in (0.5, 0.25):  # not asked after the full step
         with pytest.raises(DisclosureRefused, match="halved only after"):
             ask(fraction)
+    # a deliberately wrong step is no refusal to halve after
+    bogus = Query(
+        "glm",
+        {**spec, "beta": (step + 1e-3).tolist(), "step": "newton"}
+        | {"previous": [0.0, 0.0], "fraction": 1.0},
+        _Layout(2).size,
+    )
+    with pytest.raises(DisclosureRefused, match="Newton step"):
+        run_query(sites, bogus, _iterate, keys=keys)
+    with pytest.raises(DisclosureRefused, match="halved only after"):
+        ask(0.5)
     ask(1.0)  # the full step is answered ...
     for fraction in (0.5, 0.25, 2.0**-10):  # ... so no shorter one is
         with pytest.raises(DisclosureRefused, match="halved only after"):
@@ -879,11 +912,13 @@ def test_a_total_beyond_the_encoding_is_an_anonymous_flag() -> None:
     Σ e^age·f(age)). Now a flag: every site refuses alike."""
     spec = model_spec("arrest ~ I(age ** 2):np.log(age)") | {
         "family": "poisson",
-        "offset": "age",
+        "offset": "exposure",  # a column of its own (age itself is refused)
     }
+    frames = [rossi().iloc[i::2].reset_index(drop=True) for i in range(2)]
+    sites = [Site(f"h{i}", f.assign(exposure=f["age"])) for i, f in enumerate(frames)]
     with pytest.raises(DisclosureRefused) as refused:
         run_query(
-            threshold_sites(),
+            sites,
             hand_query(spec, [0.0, 0.0], "origin", None),
             _iterate,
             keys=KeyHolder(),
@@ -1021,6 +1056,9 @@ def test_a_discrete_covariates_counts_do_not_come_out_of_the_iterates() -> None:
 
     with pytest.raises(DisclosureRefused, match="fewer than 3"):
         encrypted.glm(two(frame), "status ~ pat_karno", "poisson")
+    # its square too: the domain is the 8 values of the column, not 8 × 8
+    with pytest.raises(DisclosureRefused, match="fewer than 3"):
+        encrypted.glm(two(frame), "status ~ pat_karno + I(pat_karno ** 2)", "poisson")
     common = frame.groupby("pat_karno")["status"].transform("size") >= 6
     rest = frame[common].reset_index(drop=True)
     fit = encrypted.glm(two(rest), "status ~ pat_karno", "poisson")

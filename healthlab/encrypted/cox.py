@@ -47,6 +47,7 @@ import pandas as pd
 from healthlab.encrypted.keys import KeyHolder
 from healthlab.encrypted.models import (
     MAX_DOMAIN,
+    FunctionLoad,
     ModelFormula,
     ModelKind,
     ModelRows,
@@ -56,12 +57,13 @@ from healthlab.encrypted.models import (
     _indicators,
     _pairs,
     agree_levels,
-    check_functions,
     design_columns,
     design_patterns,
     follow_newton,
+    function_loads,
     pair_supports,
     parse_formula,
+    raw_columns,
     value_functions,
     value_sets,
 )
@@ -158,6 +160,8 @@ class _CoxRows:
     #: a discrete design's patterns within each risk set (see design_patterns)
     patterns: list[np.ndarray]
     domain: int
+    #: the functions of the values each set carries (see check_functions)
+    loads: list[FunctionLoad]
 
     def _reverse(self, values: np.ndarray) -> np.ndarray:
         """Per model interval: the sum of ``values`` over the rows at risk there
@@ -302,6 +306,7 @@ def _cox_rows(
             [(empty, name) for name in _shared_names(terms, k)],
             [],
             0,
+            [],
         )
     # the sets the totals sum over: each risk set within each set of rows two
     # design columns share (the intercept's: all rows), since over the iterates
@@ -322,7 +327,7 @@ def _cox_rows(
     # isolates them); the score's values over the events within a column's rows
     vectors, column_reads = value_functions(formula, frame, agreed, designed)
     q = len(designed)
-    check_functions(
+    loads = function_loads(
         site,
         frame,
         [
@@ -336,6 +341,7 @@ def _cox_rows(
             for b in range(a, q)
         ]
         + [(events & indicator[:, a], vectors[a], column_reads[a]) for a in range(q)],
+        set().union(*column_reads),
     )
     # ... and each such set must be held by enough sites (else its totals are one
     # site's): the events within each column's rows, each pair's shared rows, and
@@ -347,7 +353,7 @@ def _cox_rows(
     shared += [covariate_rows[i] & covariate_rows[j] for i, j in _pairs(p)]
     shared += [r & g for r in risk for g in groups]
     # a discrete design's patterns, counted within each risk set
-    patterns, domain = design_patterns(x, MAX_DOMAIN)
+    patterns, domain = design_patterns(raw_columns(formula, frame), MAX_DOMAIN)
     full = _full_masks(site, kept, [np.ones(len(kept), dtype=bool)])
     subsets = (
         {c: full for c in reads}
@@ -376,6 +382,7 @@ def _cox_rows(
         ),
         _full_masks(site, kept, [r & m for r in risk for m in patterns]),
         domain * k,
+        loads,
     )
 
 

@@ -433,6 +433,8 @@ class _ModelRows:
     #: a discrete design's patterns (over all the site's rows; see design_patterns)
     patterns: list[np.ndarray]
     domain: int
+    #: the functions of the values each set carries (see check_functions)
+    loads: list[FunctionLoad]
 
     def evaluate(
         self, beta: np.ndarray
@@ -492,6 +494,7 @@ class ModelRows(Protocol):
     subsets: dict[str, list[np.ndarray]]
     patterns: list[np.ndarray]
     domain: int
+    loads: list[FunctionLoad]
 
     def evaluate(
         self, beta: np.ndarray
@@ -602,9 +605,13 @@ def _iterate(site: Site, query: Query) -> Totals:
         np.concatenate([flags, [separated, overflow]]),
     )
     subsets = rows.subsets
+    answered = site.model_iterations(key)
+    if not flags.any():
+        # one iterate's functions (see check_functions: the iterates' weighted
+        # ones are not counted yet — README, "What this leaves")
+        check_functions(site, rows.loads, answered, weighted=False)
     # once the iterates' totals number a discrete design's patterns, they solve
     # for each pattern's count: from then on every pattern is audited
-    answered = site.model_iterations(key)
     if rows.patterns and rows.domain <= equations(p) * (answered + 1):
         subsets = subsets | {"patterns of the design": rows.patterns}
     return totals, subsets, rows.blocks(len(totals), terms), check
@@ -619,6 +626,9 @@ def _model_rows(
     if set(agreed) != set(formula.categorical):
         raise InvalidInput("the model's levels do not match its categories")
     extra = [c for c in (spec.get("offset"), spec.get("trials")) if c]
+    if set(extra) & set(formula.reads):
+        # exp(offset) of a covariate is the np.exp the formulas do not offer
+        raise InvalidInput("an offset or trials column is also in the formula")
     reads = list(dict.fromkeys([*formula.reads, *extra]))
     kept, _ = site.rows(reads, dropna=True, population=spec.get("population", ()))
     for column in formula.categorical:
@@ -676,7 +686,7 @@ def _model_rows(
         )
         # XᵀWX sums each pair's value product over the rows the pair shares
         vectors, column_reads = value_functions(formula, frame, agreed, terms)
-        check_functions(
+        loads = function_loads(
             site,
             frame,
             [
@@ -697,6 +707,7 @@ def _model_rows(
                 )
                 for i in range(p)
             ],
+            set().union(*column_reads),
         )
         raw = y * trials
         outcome_rows = _full_masks(
@@ -712,13 +723,18 @@ def _model_rows(
         # as many blocks at every site, whatever its rows, or the announcements
         # of the holder count would not line up
         empty = np.zeros(site.n_rows, dtype=bool)
+        loads = []
         column_rows = [empty] * p
         pair_rows = [empty] * len(_pairs(p))
         outcome_rows = [empty] * (len(values) * p)
     levels_of = (
         {} if flags.any() else value_sets(site, kept, formula, agreed, terms, extra)
     )
-    patterns, domain = ([], 0) if flags.any() else design_patterns(x, MAX_DOMAIN)
+    patterns, domain = (
+        ([], 0)
+        if flags.any()
+        else design_patterns(raw_columns(formula, frame), MAX_DOMAIN)
+    )
     # the outcome enters the score times every design column: Σ x_j (y − μ). A
     # 0/1 outcome makes that a sum over the rows with y = 1 among column j's —
     # the one arrested patient's age came out of an origin answer. So an outcome
@@ -761,6 +777,7 @@ def _model_rows(
         outcome_rows,
         _full_masks(site, kept, patterns),
         domain,
+        loads,
     )
 
 
@@ -843,23 +860,42 @@ def _functions(vectors: np.ndarray) -> int:
     return int(np.sum(singular > 1e-8 * singular[0]))
 
 
-def check_functions(
+@dataclass(frozen=True)
+class FunctionLoad:
+    """A set of a site's rows and the functions of its values a model sums over
+    it: ``rows`` (its size), ``unknowns`` (per row, of the functions' own value
+    columns), ``functions`` (their rank at one iterate, the constant left out)."""
+
+    rows: int
+    unknowns: float
+    functions: int
+    #: per row, with every value column the iterates' weights read
+    weighted_unknowns: float
+
+
+def _unknowns(frame: pd.DataFrame, rows: np.ndarray, columns: set[str]) -> float:
+    """Per row, the unknowns of ``columns`` over ``rows``: 1 per column, a column
+    of whole numbers :data:`WHOLE_NUMBER_UNKNOWN`."""
+    total = 0.0
+    for column in columns:
+        values = np.asarray(frame[column], dtype=float)[rows]
+        whole = bool(np.all(np.isfinite(values) & (np.round(values) == values)))
+        total += WHOLE_NUMBER_UNKNOWN if whole else 1.0
+    return total
+
+
+def function_loads(
     site: Site,
     frame: pd.DataFrame,
     sets: Sequence[tuple[np.ndarray, np.ndarray, frozenset[str]]],
-) -> None:
-    """Refuse a model whose totals sum too many functions of the values over too
-    few of this site's rows.
+    weighted: set[str],
+) -> list[FunctionLoad]:
+    """The function loads of a model's sets at a site (see :func:`check_functions`).
 
-    With ``e`` functions of ``u`` columns' values over ``n`` rows, the values are
-    determined once ``n·u ≤ e`` (three patients' ages from a pair's count, Σa, Σa²,
-    Σa³, Σa⁴), and for whole numbers in a narrow range before (six ages out of
-    five functions, by searching the integers): so a set's ``n`` rows must carry
-    more unknowns than functions, a column of whole numbers counting
-    :data:`WHOLE_NUMBER_UNKNOWN`.
     ``sets``: (rows, the function vectors summed over them, the columns those
-    read); entries of one set are combined. Sets of fewer than k rows are the
-    auditor's (refused there)."""
+    read); entries of one set are combined. ``weighted``: the value columns the
+    iterates' weights read (every one in the linear predictor): at β ≠ 0 each
+    function is weighted by them. Sets of fewer than k rows are the auditor's."""
     grouped: dict[bytes, tuple[np.ndarray, list[np.ndarray], set[str]]] = {}
     for rows, vectors, reads in sets:
         if rows.sum() < site.policy.min_rows:
@@ -868,21 +904,48 @@ def check_functions(
         entry = grouped.setdefault(key, (rows, [], set()))
         entry[1].append(np.atleast_2d(vectors))
         entry[2].update(reads)
+    loads = []
     for rows, parts, columns in grouped.values():
-        functions = _functions(np.concatenate(parts))
-        if not functions:
-            continue
-        unknowns = 0.0
-        for column in columns or {""}:
-            values = np.asarray(frame[column], dtype=float)[rows] if column else [0.0]
-            whole = bool(np.all(np.isfinite(values) & (np.round(values) == values)))
-            unknowns += WHOLE_NUMBER_UNKNOWN if whole else 1.0
-        if int(rows.sum()) * unknowns <= functions:
+        loads.append(
+            FunctionLoad(
+                int(rows.sum()),
+                # the origin's unknowns are the set's own columns'; an iterate's
+                # weights read every value column of the model
+                _unknowns(frame, rows, columns),
+                _functions(np.concatenate(parts)),
+                _unknowns(frame, rows, columns | weighted),
+            )
+        )
+    return loads
+
+
+def check_functions(
+    site: Site, loads: Sequence[FunctionLoad], answered: int, weighted: bool
+) -> None:
+    """Refuse a model iterate whose totals, with the model's earlier ones, sum too
+    many functions of the values over too few of this site's rows.
+
+    With ``e`` functions of ``u`` unknowns per row over ``n`` rows, the values are
+    determined once ``n·u ≤ e`` (three patients' ages from a pair's count, Σa, Σa²,
+    Σa³, Σa⁴), and for whole numbers in a narrow range before (six ages out of
+    five functions, by searching the integers): so a set's rows must carry more
+    unknowns than functions, a column of whole numbers counting
+    :data:`WHOLE_NUMBER_UNKNOWN`. At β ≠ 0 every function (the count too) comes
+    weighted by the iterate's weights, new functions of the row's values: after
+    ``t`` answered iterates a set has carried ``(e + 1)(t + 1) − 1`` (a 6-row
+    set's ages came out of an honest Poisson path's seven iterates). A Gaussian
+    model's weights are constant (``weighted`` False): its iterates add none."""
+    for load in loads:
+        functions, unknowns = load.functions, load.unknowns
+        if weighted and answered:
+            functions = (load.functions + 1) * (answered + 1) - 1
+            unknowns = load.weighted_unknowns
+        if functions and load.rows * max(unknowns, WHOLE_NUMBER_UNKNOWN) <= functions:
             raise TooFewRows(
                 f"site {site.name}: the model sums {functions} functions of the "
                 "values over a set of rows too small for them (its values would be "
-                "determined); use fewer transforms or interactions of one column, or "
-                "a coarser category"
+                "determined); use fewer transforms or interactions of one column, a "
+                "coarser category, or leave out a site this small"
             )
 
 
@@ -922,6 +985,18 @@ def design_patterns(x: np.ndarray, bound: int) -> tuple[list[np.ndarray], int]:
     patterns, inverse = np.unique(x, axis=0, return_inverse=True)
     inverse = np.asarray(inverse).reshape(-1)
     return [inverse == i for i in range(len(patterns))], domain
+
+
+def raw_columns(formula: ModelFormula, frame: pd.DataFrame) -> np.ndarray:
+    """The columns a design is built from (numbers, and categories as codes): its
+    patterns' domain is theirs, not the design's (pat_karno with its square is 8
+    values, not 64)."""
+    parts = [np.asarray(frame[c], dtype=float) for c in formula.numeric]
+    parts += [
+        pd.Categorical(frame[c].astype(str)).codes.astype(float)
+        for c in formula.categorical
+    ]
+    return np.column_stack(parts) if parts else np.zeros((len(frame), 0))
 
 
 def equations(p: int) -> int:
@@ -1052,13 +1127,26 @@ def _step_check(
     labels = (rule,) * p + data_flags + _ITERATE_FLAGS
     half = np.full(len(labels) - p, 0.5)  # any site's flag fails the check
 
+    # a step's refusal unlocks the next halving only when the step itself held
+    # and only a fitted 0 or 1 (or a total beyond the encoding) refused it: a
+    # deliberately wrong step must not (it unlocked every fraction)
+    halving: list[float | None] = [None]
+
+    def refused(broken: list[str]) -> None:
+        # recorded when asked (a site that refuses first stops the others'
+        # checks); a step whose own equation failed is no refusal to halve after
+        if halving[0] is not None and not set(broken) <= set(_ITERATE_FLAGS):
+            start = np.asarray(spec.get("previous"), dtype=float)
+            site.undo_step(key, start, halving[0])
+
     def check(values: np.ndarray, tolerance: np.ndarray) -> Check:
         return Check(
             np.concatenate([values, flags]),
             np.concatenate([tolerance, half]),
             rule,
             remember,
-            labels,
+            on_fail=refused,
+            labels=labels,
         )
 
     if step == "origin":
@@ -1103,6 +1191,7 @@ def _step_check(
             f"site {site.name}: a Newton step is halved only after the sites refused "
             "the longer one from the same iterate; fit the model again from the start"
         )
+    halving[0] = fraction
     site.record_step(key, previous, fraction)
     values = h_prev @ (beta - previous) - fraction * g_prev
     # the tolerance does not grow with the step: a step along a direction the

@@ -119,6 +119,8 @@ class Check:
     tolerance: np.ndarray = field(repr=False)
     rule: str
     on_pass: Callable[[], None] | None = field(default=None, repr=False)
+    #: at the site when the check fails, with the labels of what failed
+    on_fail: Callable[[list[str]], None] | None = field(default=None, repr=False)
     #: per coordinate, the rule a failure there breaks (default: ``rule``); a
     #: site's 0/1 flag (its rows break a rule) summed this way is anonymous
     labels: tuple[str, ...] = ()
@@ -416,6 +418,8 @@ class SiteWork:
         if failed.any():
             labels = check.labels or (check.rule,) * size
             broken = list(dict.fromkeys(labels[i] for i in np.flatnonzero(failed)))
+            if check.on_fail is not None:
+                check.on_fail(broken)
             raise DisclosureRefused(f"site {self.site.name}: {'; '.join(broken)}")
 
     def _protected(self) -> list[np.ndarray]:
