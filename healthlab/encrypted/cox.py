@@ -74,7 +74,6 @@ from healthlab.encrypted.stats import (
     _check_grouping,
     _full_masks,
     _left_out,
-    attach_receipt,
     population_columns,
 )
 from healthlab.encrypted.survival import ceil_to_grid
@@ -660,12 +659,10 @@ def coxph(
         missing=np.nan if session.missing_withheld else float(current["dropped"]),
         receipt={},
     )
-    table = result.to_frame()
-    attach_receipt(
-        table,
-        session.runs,
-        kind="coxph",
-        parameters={
+    session.attach_receipt(
+        result,
+        "coxph",
+        {
             "formula": result.formula,
             "duration": duration,
             "event": event,
@@ -676,5 +673,4 @@ def coxph(
             "iterations": iterations,
         },
     )
-    result.receipt = table.attrs["receipt"]
     return result

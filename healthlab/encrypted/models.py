@@ -1472,6 +1472,14 @@ class ModelSession:
     def missing_withheld(self) -> bool:
         return any(r.missing_withheld for r in self.runs)
 
+    def attach_receipt(
+        self, result: Any, kind: str, parameters: dict[str, Any]
+    ) -> None:
+        """The receipt of every run of the fit, over its table (``to_frame()``)."""
+        table = result.to_frame()
+        attach_receipt(table, self.runs, kind=kind, parameters=parameters)
+        result.receipt = table.attrs["receipt"]
+
 
 def glm(
     sites: SitesLike,
@@ -1582,12 +1590,10 @@ def glm(
         missing=np.nan if withheld else float(current["dropped"]),
         receipt={},
     )
-    table = result.to_frame()
-    attach_receipt(
-        table,
-        session.runs,
-        kind="glm",
-        parameters={
+    session.attach_receipt(
+        result,
+        "glm",
+        {
             "formula": parsed.text,
             "family": fam,
             "offset": offset,
@@ -1597,7 +1603,6 @@ def glm(
             "iterations": iterations,
         },
     )
-    result.receipt = table.attrs["receipt"]
     return result
 
 
