@@ -61,6 +61,7 @@ from healthlab.encrypted.models import (
     design_patterns,
     follow_newton,
     function_loads,
+    model_frame,
     pair_supports,
     parse_formula,
     raw_columns,
@@ -71,7 +72,6 @@ from healthlab.encrypted.protocol import Block
 from healthlab.encrypted.results import FittedModel
 from healthlab.encrypted.stats import (
     SitesLike,
-    _check_grouping,
     _full_masks,
     _left_out,
     population_columns,
@@ -247,16 +247,7 @@ def _cox_rows(
     if formula.response != event:
         raise InvalidInput("a Cox model's formula has its event on the left")
     reads = list(dict.fromkeys([duration, *formula.reads]))
-    kept, _ = site.rows(reads, dropna=True, population=spec.get("population", ()))
-    for column in formula.categorical:
-        _check_grouping(site, kept, column, site.policy.min_rows)
-    unreleased = np.zeros(len(kept), dtype=bool)
-    for column in formula.categorical:
-        unreleased |= ~kept[column].astype(str).isin(agreed[column]).to_numpy()
-    kept = kept.loc[~unreleased]
-    frame = kept.copy()
-    for column in formula.numeric:
-        frame[column] = numeric_column(site.name, kept[column], column)
+    kept, frame = model_frame(site, spec, formula, agreed, reads)
     grid = np.asarray(spec["grid"], dtype=float)
     site.policy.check_grid(site.name, duration, grid)
     with np.errstate(all="ignore"):

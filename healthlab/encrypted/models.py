@@ -617,6 +617,30 @@ def _iterate(site: Site, query: Query) -> Totals:
     return totals, subsets, rows.blocks(len(totals), terms), check
 
 
+def model_frame(
+    site: Site,
+    spec: Mapping[str, Any],
+    formula: ModelFormula,
+    agreed: Mapping[str, Sequence[str]],
+    reads: list[str],
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """A model's complete cases at a site (its population's), and them with the
+    numeric columns as numbers. Rows of a level that was not released (held by
+    too few rows) are left out, and audited as such: they are among the rows the
+    query leaves out."""
+    kept, _ = site.rows(reads, dropna=True, population=spec.get("population", ()))
+    for column in formula.categorical:
+        _check_grouping(site, kept, column, site.policy.min_rows)
+    unreleased = np.zeros(len(kept), dtype=bool)
+    for column in formula.categorical:
+        unreleased |= ~kept[column].astype(str).isin(agreed[column]).to_numpy()
+    kept = kept.loc[~unreleased]
+    frame = kept.copy()
+    for column in formula.numeric:
+        frame[column] = numeric_column(site.name, kept[column], column)
+    return kept, frame
+
+
 def _model_rows(
     site: Site, spec: Mapping[str, Any], formula: ModelFormula, terms: list[str]
 ) -> ModelRows:
@@ -630,18 +654,7 @@ def _model_rows(
         # exp(offset) of a covariate is the np.exp the formulas do not offer
         raise InvalidInput("an offset or trials column is also in the formula")
     reads = list(dict.fromkeys([*formula.reads, *extra]))
-    kept, _ = site.rows(reads, dropna=True, population=spec.get("population", ()))
-    for column in formula.categorical:
-        _check_grouping(site, kept, column, site.policy.min_rows)
-    # rows of a level that was not released (held by too few rows) are left out
-    # (and audited as such: they are among the rows the query leaves out)
-    unreleased = np.zeros(len(kept), dtype=bool)
-    for column in formula.categorical:
-        unreleased |= ~kept[column].astype(str).isin(agreed[column]).to_numpy()
-    kept = kept.loc[~unreleased]
-    frame = kept.copy()
-    for column in formula.numeric:
-        frame[column] = numeric_column(site.name, kept[column], column)
+    kept, frame = model_frame(site, spec, formula, agreed, reads)
     with np.errstate(all="ignore"):
         x_frame = _design(formula, frame, agreed)
     if [str(c) for c in x_frame.columns] != terms:
