@@ -10,9 +10,10 @@ Usage::
 
 Every number comes from one ``numpy.random.default_rng(SEED)`` stream, drawn in a
 fixed order (the cohort's follow-up times from one stream per hospital,
-``default_rng([SEED, ord(prefix)])``, so the other columns keep their draws); floats are written with one decimal and lines end in ``\\n``, so the
-output depends only on this script and the numpy version (numpy does not promise
-the same ``Generator`` streams across releases: ``--check`` catches a drift).
+``default_rng([SEED, ord(prefix)])``, so the other columns keep their draws);
+floats are written with one decimal and lines end in ``\\n``, so the output
+depends only on this script and the numpy version (numpy does not promise the
+same ``Generator`` streams across releases: ``--check`` catches a drift).
 
 Nothing here describes a real person. See ``data_samples/README.md`` for the data
 dictionary and for how each column is made.
