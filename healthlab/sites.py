@@ -278,6 +278,9 @@ class Site:
         #: per model, per iterate a Newton step starts from: the smallest step
         #: fraction asked from it, and whether a step from it was answered
         self._steps: dict[str, dict[bytes, tuple[float, bool]]] = {}
+        #: per set of rows (packed), the functions of its values models summed
+        #: over it, and its columns' unknowns (healthlab.encrypted.models)
+        self.released_functions: dict[bytes, tuple[Any, Any]] = {}
 
     @classmethod
     def from_sql(

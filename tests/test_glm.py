@@ -611,6 +611,45 @@ def test_the_score_over_a_sites_few_events_is_refused() -> None:
         )
 
 
+def test_functions_of_one_set_add_up_across_models() -> None:
+    """Five models at their origin, each with two functions of age over the
+    same 6 patients (3 + 3 at two sites): each passed alone, and together their
+    sums fitted one multiset of whole-number ages only. The functions a site
+    summed over a set are added up across models: the third is refused."""
+    rows = rossi()
+    label = np.random.default_rng(1).integers(0, 2, len(rows))
+    sites = [Site(f"h{s}", rows[label == s].reset_index(drop=True)) for s in range(2)]
+    cell = "C(race):C(arrest):wexp"
+    levels = {"race": ["0.0", "1.0"], "arrest": ["0.0", "1.0"]}
+
+    def spec_with(function: str) -> dict:
+        parsed = parse_formula(f"week ~ {cell} + {cell}:{function} - 1")
+        return {
+            "formula": parsed.text,
+            "family": "gaussian",
+            "terms": design_columns(parsed, levels),
+            "levels": levels,
+            "offset": None,
+            "trials": None,
+            "population": [],
+            "intercept": None,
+        }
+
+    outcomes = []
+    for function in ("age", "I(age ** 2)", "np.sqrt(age)", "np.log(age)"):
+        try:
+            origin(sites, spec_with(function))
+            outcomes.append("answered")
+        except DisclosureRefused as refused:
+            outcomes.append(str(refused))
+    assert outcomes[0] == "answered"
+    refusals = [o for o in outcomes if o != "answered"]
+    assert refusals and all("functions of the values" in o for o in refusals)
+    # each alone, on fresh sites, is answered
+    fresh = [Site(f"h{s}", rows[label == s].reset_index(drop=True)) for s in range(2)]
+    origin(fresh, spec_with("np.log(age)"))
+
+
 def test_a_logit_with_a_small_cell_of_covariate_by_outcome_is_refused() -> None:
     """spector: 3 of PSI's 0s passed (GRADE = 1). Split over sites, some site holds
     1-2 of them, and the score's Σ GPA over them is theirs: refused by name, with
@@ -998,9 +1037,11 @@ def test_a_pairs_power_sums_over_rows_one_site_holds_are_refused() -> None:
     with pytest.raises(DisclosureRefused, match=r"functions of the values|too few"):
         origin(sites, spec)
     # the same pair's rows held by one site only, with the count alone: refused
+    # (on fresh sites: these remember the functions the first model asked)
     spec = glm_hand_spec("week ~ mar + fin:arrest", "gaussian")
+    fresh = [Site(f"h{s}", rows[label == s].reset_index(drop=True)) for s in range(2)]
     with pytest.raises(DisclosureRefused, match="share are"):
-        origin(sites, spec)
+        origin(fresh, spec)
 
 
 def test_many_functions_of_one_column_over_a_group_are_refused() -> None:

@@ -39,7 +39,7 @@ import json
 import re
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -803,6 +803,12 @@ _PROBES = 48
 _LEVEL = re.compile(r"C\(\s*(\w+)\s*\)\[(?:T\.)?([^\]]*)\]")
 
 
+def _probe(column: str) -> np.ndarray:
+    """A column's probe points: fixed by its name."""
+    seed = int.from_bytes(hashlib.sha256(column.encode()).digest()[:8], "big")
+    return np.random.default_rng(seed).uniform(1.5, 4.5, _PROBES)
+
+
 def value_functions(
     formula: ModelFormula,
     frame: pd.DataFrame,
@@ -815,15 +821,15 @@ def value_functions(
     A numeric column of one value besides 0 (a 0/1 covariate) is an indicator, as
     :func:`_indicators` has it; every other one takes the probe values. Public:
     from the formula, the levels and which columns are indicators here."""
-    rng = np.random.default_rng(20_260_601)
     valued = [
         c
         for c in formula.numeric
         if np.unique(np.asarray(frame[c], dtype=float)[frame[c] != 0]).size > 1
     ]
+    # each column's probe points its own (the same in every model, so that the
+    # functions one set carries can be added up across models)
     probe = {
-        c: (rng.uniform(1.5, 4.5, _PROBES) if c in valued else np.ones(_PROBES))
-        for c in formula.numeric
+        c: (_probe(c) if c in valued else np.ones(_PROBES)) for c in formula.numeric
     }
     first = {c: next(iter(v)) for c, v in levels.items()}
 
@@ -884,17 +890,29 @@ class FunctionLoad:
     functions: int
     #: per row, with every value column the iterates' weights read
     weighted_unknowns: float
+    #: the set (over all the site's rows, packed), its function vectors and
+    #: each value column's unknowns per row: to add up across models
+    key: bytes = b""
+    vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, _PROBES)))
+    columns: tuple[tuple[str, float], ...] = ()
 
 
-def _unknowns(frame: pd.DataFrame, rows: np.ndarray, columns: set[str]) -> float:
-    """Per row, the unknowns of ``columns`` over ``rows``: 1 per column, a column
-    of whole numbers :data:`WHOLE_NUMBER_UNKNOWN`."""
-    total = 0.0
+def _column_unknowns(
+    frame: pd.DataFrame, rows: np.ndarray, columns: set[str]
+) -> dict[str, float]:
+    """Per row, each of ``columns``' unknowns over ``rows``: 1, a column of whole
+    numbers :data:`WHOLE_NUMBER_UNKNOWN`."""
+    out = {}
     for column in columns:
         values = np.asarray(frame[column], dtype=float)[rows]
         whole = bool(np.all(np.isfinite(values) & (np.round(values) == values)))
-        total += WHOLE_NUMBER_UNKNOWN if whole else 1.0
-    return total
+        out[column] = WHOLE_NUMBER_UNKNOWN if whole else 1.0
+    return out
+
+
+def _unknowns(frame: pd.DataFrame, rows: np.ndarray, columns: set[str]) -> float:
+    """Per row, the unknowns of ``columns`` over ``rows``."""
+    return sum(_column_unknowns(frame, rows, columns).values())
 
 
 def function_loads(
@@ -902,6 +920,7 @@ def function_loads(
     frame: pd.DataFrame,
     sets: Sequence[tuple[np.ndarray, np.ndarray, frozenset[str]]],
     weighted: set[str],
+    kept: pd.DataFrame | None = None,
 ) -> list[FunctionLoad]:
     """The function loads of a model's sets at a site (see :func:`check_functions`).
 
@@ -919,14 +938,19 @@ def function_loads(
         entry[2].update(reads)
     loads = []
     for rows, parts, columns in grouped.values():
+        vectors = np.concatenate(parts)
+        full = _full_masks(site, kept if kept is not None else frame, [rows])[0]
         loads.append(
             FunctionLoad(
                 int(rows.sum()),
                 # the origin's unknowns are the set's own columns'; an iterate's
                 # weights read every value column of the model
                 _unknowns(frame, rows, columns),
-                _functions(np.concatenate(parts)),
+                _functions(vectors),
                 _unknowns(frame, rows, columns | weighted),
+                np.packbits(full).tobytes(),
+                vectors,
+                tuple(sorted(_column_unknowns(frame, rows, columns).items())),
             )
         )
     return loads
@@ -948,8 +972,21 @@ def check_functions(
     ``t`` answered iterates a set has carried ``(e + 1)(t + 1) − 1`` (a 6-row
     set's ages came out of an honest Poisson path's seven iterates). A Gaussian
     model's weights are constant (``weighted`` False): its iterates add none."""
+    released = site.released_functions
     for load in loads:
         functions, unknowns = load.functions, load.unknowns
+        # with what this site's earlier models summed over the same set (five
+        # models of two functions each gave six ages): added up
+        before = released.get(load.key) if load.key else None
+        if before is not None:
+            vectors = np.concatenate([before[0], load.vectors])
+            columns = dict(before[1]) | dict(load.columns)
+            functions = max(functions, _functions(vectors))
+            unknowns = sum(columns.values())
+        else:
+            vectors, columns = load.vectors, dict(load.columns)
+        if load.key and not answered:  # once per model (its origin)
+            released[load.key] = (vectors, tuple(sorted(columns.items())))
         if weighted and answered:
             functions = (load.functions + 1) * (answered + 1) - 1
             unknowns = load.weighted_unknowns
