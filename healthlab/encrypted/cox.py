@@ -438,8 +438,6 @@ class CoxResults(FittedModel):
 
     def summary(self, alpha: float = 0.05) -> Any:
         """statsmodels' summary table (``print(fit.summary())``)."""
-        from statsmodels.iolib.summary import Summary
-
         left = [
             ("Model:", ["PH Reg, pooled"]),
             ("Ties:", ["Breslow"]),
@@ -454,19 +452,14 @@ class CoxResults(FittedModel):
             ("Grid times:", [str(len(self.grid) - 1)]),
             ("No. Iterations:", [str(self.iterations)]),
         ]
-        out = Summary()
-        out.add_table_2cols(
-            None,
-            gleft=left,
-            gright=right,
-            yname=self.duration,
-            xname=self.names,
-            title="Results: PHReg (Cox), times on the grid",
+        return self._summary(
+            "Results: PHReg (Cox), times on the grid",
+            self.duration,
+            left,
+            right,
+            alpha,
+            self.missing,
         )
-        out.tables.append(self._params_table(alpha, self.duration))
-        if np.isfinite(self.missing) and self.missing:
-            out.add_extra_txt([f"{int(self.missing)} rows left out (missing values)."])
-        return out
 
     def __repr__(self) -> str:
         return (

@@ -1312,8 +1312,6 @@ class GLMResults(FittedModel):
 
     def summary(self, alpha: float = 0.05) -> Any:
         """statsmodels' summary table (``print(fit.summary())``)."""
-        from statsmodels.iolib.summary import Summary
-
         link = type(_family(self.family).link).__name__
         left = [
             ("Dep. Variable:", [self.formula.split("~")[0].strip()]),
@@ -1333,19 +1331,14 @@ class GLMResults(FittedModel):
             ("Deviance:", [f"{self.deviance:.5g}"]),
             ("Pearson chi2:", [f"{self.pearson_chi2:.3g}"]),
         ]
-        out = Summary()
-        out.add_table_2cols(
-            None,
-            gleft=left,
-            gright=right,
-            yname=left[0][1][0],
-            xname=self.names,
-            title="Generalized Linear Model Regression Results",
+        return self._summary(
+            "Generalized Linear Model Regression Results",
+            left[0][1][0],
+            left,
+            right,
+            alpha,
+            self.missing,
         )
-        out.tables.append(self._params_table(alpha, left[0][1][0]))
-        if np.isfinite(self.missing) and self.missing:
-            out.add_extra_txt([f"{int(self.missing)} rows left out (missing values)."])
-        return out
 
     def __repr__(self) -> str:
         return (

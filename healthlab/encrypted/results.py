@@ -95,6 +95,28 @@ class FittedModel:
             }
         )
 
+    def _summary(
+        self,
+        title: str,
+        yname: str,
+        left: list[tuple[str, list[str]]],
+        right: list[tuple[str, list[str]]],
+        alpha: float,
+        missing: float = 0.0,
+    ) -> Any:
+        """statsmodels' summary: the two columns of facts, the coefficients, and
+        the rows left out for missing values (if any)."""
+        from statsmodels.iolib.summary import Summary
+
+        out = Summary()
+        out.add_table_2cols(
+            None, gleft=left, gright=right, yname=yname, xname=self.names, title=title
+        )
+        out.tables.append(self._params_table(alpha, yname))
+        if np.isfinite(missing) and missing:
+            out.add_extra_txt([f"{int(missing)} rows left out (missing values)."])
+        return out
+
     def _params_table(self, alpha: float, yname: str) -> Any:
         """statsmodels' coefficient table of this fit."""
         from statsmodels.iolib.summary import summary_params
@@ -191,8 +213,6 @@ class OLSResults(FittedModel):
 
     def summary(self, alpha: float = 0.05) -> Any:
         """statsmodels' summary table (``print(fit.summary())``)."""
-        from statsmodels.iolib.summary import Summary
-
         left = [
             ("Dep. Variable:", [self.response]),
             ("Model:", ["OLS, pooled"]),
@@ -207,17 +227,9 @@ class OLSResults(FittedModel):
             ("Prob (F-statistic):", [f"{self.f_pvalue:.3g}"]),
             ("Log-Likelihood:", [f"{self.llf:.5g}"]),
         ]
-        out = Summary()
-        out.add_table_2cols(
-            None,
-            gleft=left,
-            gright=right,
-            yname=self.response,
-            xname=self.names,
-            title="OLS Regression Results",
+        return self._summary(
+            "OLS Regression Results", self.response, left, right, alpha
         )
-        out.tables.append(self._params_table(alpha, self.response))
-        return out
 
     def __repr__(self) -> str:
         return f"OLSResults({self.response!r}, nobs={self.nobs})"
