@@ -755,22 +755,11 @@ def test_an_offset_that_is_also_a_covariate_is_refused_at_the_site() -> None:
     """offset=age with age in the design: exp(age) weights (the np.exp the
     formulas do not offer) gave the top of the age distribution. glm() refuses
     it, and so does every site for a query driven by hand."""
-    spec = model_spec("arrest ~ age") | {"family": "poisson", "offset": "age"}
-    with pytest.raises(InvalidInput, match="also in the formula"):
-        run_query(
-            threshold_sites(),
-            hand_query(spec, [0.0, 0.0], "origin", None),
-            _iterate,
-            keys=KeyHolder(),
-        )
-    spec = model_spec("arrest ~ age") | {"trials": "age"}
-    with pytest.raises(InvalidInput, match="also in the formula"):
-        run_query(
-            threshold_sites(),
-            hand_query(spec, [0.0, 0.0], "origin", None),
-            _iterate,
-            keys=KeyHolder(),
-        )
+    for weight in ({"family": "poisson", "offset": "age"}, {"trials": "age"}):
+        spec = model_spec("arrest ~ age") | weight
+        query = hand_query(spec, [0.0, 0.0], "origin", None)
+        with pytest.raises(InvalidInput, match="also in the formula"):
+            run_query(threshold_sites(), query, _iterate, keys=KeyHolder())
 
 
 def test_a_spare_field_cannot_make_a_fresh_model() -> None:
@@ -1107,3 +1096,18 @@ def test_a_discrete_covariates_counts_do_not_come_out_of_the_iterates() -> None:
         tol=1e-14
     )
     assert relative(fit.params, ref.params) <= RTOL
+
+
+def test_counting_each_iterates_weighted_functions_refuses_as_they_add_up() -> None:
+    """The rule for the iterates' weighted functions (not switched on: README,
+    "What this leaves"): a 6-row set of one whole-number column with 2 functions
+    passes at the origin and is refused once (e + 1)(t + 1) − 1 reaches its
+    unknowns; unweighted (Gaussian) iterates add none."""
+    site = threshold_sites()[0]
+    load = glm_models.FunctionLoad(
+        rows=6, unknowns=0.75, functions=2, weighted_unknowns=0.75
+    )
+    glm_models.check_functions(site, [load], answered=0, weighted=True)
+    glm_models.check_functions(site, [load], answered=5, weighted=False)
+    with pytest.raises(DisclosureRefused, match="functions of the values"):
+        glm_models.check_functions(site, [load], answered=1, weighted=True)

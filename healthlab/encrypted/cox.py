@@ -76,12 +76,11 @@ from healthlab.encrypted.stats import (
     _left_out,
     population_columns,
 )
-from healthlab.encrypted.survival import ceil_to_grid
 from healthlab.errors import DisclosureRefused, InvalidInput
 from healthlab.site_data import numeric_column
 from healthlab.sites import Site, as_sites
 
-__all__ = ["CoxResults", "ceil_to_grid", "coxph"]
+__all__ = ["CoxResults", "coxph", "model_spec"]
 
 #: The fields of a Cox model's spec (a site refuses any other).
 COX_FIELDS = (
