@@ -12,13 +12,18 @@ histogram's bins are.
 
 A cell (an interval's events or censorings, in a group) held by 1 or 2 rows at a
 site is refused by that site (the cell rule), and a cell only one site holds would
-be that site's count: every site refuses the query. Both say to coarsen the grid.
+be that site's count: every site refuses the query. By default the intervals are
+merged first so that neither happens: one query of 0/1 flags (:func:`_merge_plan`,
+summed like any totals) says which grid times some site's cell rule needs removed
+and how many sites hold rows in each run of intervals' cells; the curve is then
+asked on the merged grid (:func:`merged_grid`), under every rule as before.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -41,7 +46,9 @@ from healthlab.errors import DataRefused, InvalidInput
 from healthlab.site_data import numeric_column
 from healthlab.sites import Site, as_sites
 
-__all__ = ["SurvivalResult", "ceil_to_grid", "kaplan_meier"]
+__all__ = ["SurvivalResult", "ceil_to_grid", "kaplan_meier", "merged_grid"]
+
+_log = logging.getLogger(__name__)
 
 
 def ceil_to_grid(durations: np.ndarray, grid: Sequence[float]) -> np.ndarray:
@@ -54,9 +61,20 @@ def ceil_to_grid(durations: np.ndarray, grid: Sequence[float]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------ site side
-def _cells(site: Site, query: Query) -> Totals:
-    """Per group and interval: events, censorings; then the rows beyond the grid."""
-    spec = query.spec
+@dataclass
+class _Leaving:
+    """A site's complete cases for a survival query, each row's grid interval
+    (``index``: j for ``(g[j-1], g[j]]``, beyond the grid ``>= len(grid)``) and
+    event flag, and the rows of each group."""
+
+    kept: pd.DataFrame
+    index: np.ndarray
+    event: np.ndarray
+    members: list[np.ndarray]
+    dropped: int
+
+
+def _leaving(site: Site, spec: Mapping[str, Any]) -> _Leaving:
     duration, event, by = spec["duration"], spec["event"], spec.get("by")
     reads = [duration, event, *([by] if by else [])]
     kept, _ = site.rows(reads, dropna=True, population=spec.get("population", ()))
@@ -75,20 +93,43 @@ def _cells(site: Site, query: Query) -> Totals:
         )
     grid = np.asarray(spec["grid"], dtype=float)
     site.policy.check_grid(site.name, duration, grid)
-    index = np.searchsorted(grid, t, side="left")  # interval j: (g[j-1], g[j]]
-    beyond = index >= grid.size
-    groups = spec.get("groups") or [None]
     labels = kept[by].astype(str).to_numpy() if by else None
+    members = [
+        np.ones(len(t), dtype=bool) if labels is None else labels == group
+        for group in spec.get("groups") or [None]
+    ]
+    index = np.searchsorted(grid, t, side="left")  # interval j: (g[j-1], g[j]]
+    return _Leaving(kept, index, e, members, site.n_rows - len(kept))
+
+
+def _interval_masks(rows: _Leaving, intervals: int) -> list[list[np.ndarray]]:
+    """Per group, per interval: the events' rows and the censorings' rows."""
+    return [
+        [
+            mask
+            for j in range(1, intervals + 1)
+            for mask in (
+                member & (rows.index == j) & (rows.event == 1),
+                member & (rows.index == j) & (rows.event == 0),
+            )
+        ]
+        for member in rows.members
+    ]
+
+
+def _cells(site: Site, query: Query) -> Totals:
+    """Per group and interval: events, censorings; then the rows beyond the grid."""
+    spec = query.spec
+    rows = _leaving(site, spec)
+    intervals = len(spec["grid"]) - 1
+    beyond = rows.index > intervals
     masks: list[np.ndarray] = []
-    for group in groups:
-        member = np.ones(len(t), dtype=bool) if labels is None else labels == group
-        for j in range(1, grid.size):
-            inside = member & (index == j)
-            masks.append(inside & (e == 1))
-            masks.append(inside & (e == 0))
-        masks.append(member & beyond)
-    totals = [float(site.n_rows - len(kept))] + [float(m.sum()) for m in masks]
-    full = _full_masks(site, kept, masks)
+    for member, cells in zip(
+        rows.members, _interval_masks(rows, intervals), strict=True
+    ):
+        masks += [*cells, member & beyond]
+    totals = [float(rows.dropped)] + [float(m.sum()) for m in masks]
+    full = _full_masks(site, rows.kept, masks)
     # a cell only one site holds would be its count: every site refuses then
     blocks = [
         Block(
@@ -101,7 +142,78 @@ def _cells(site: Site, query: Query) -> Totals:
         )
         for i, m in enumerate(full)
     ]
-    return totals, {duration: full, event: full} | _left_out(site, kept), blocks
+    columns = {spec["duration"]: full, spec["event"]: full}
+    return totals, columns | _left_out(site, rows.kept), blocks
+
+
+def local_merges(cells: np.ndarray, minimum: int) -> np.ndarray:
+    """The interior grid times a site needs removed so that each of its cells is
+    empty or holds at least ``minimum`` rows: ``cells`` is (cells, intervals) of
+    row counts; merging runs forward, and a short last run joins the one before.
+    Returns a 0/1 flag per interior boundary (``intervals - 1``)."""
+    intervals = cells.shape[1]
+
+    def ok(c: np.ndarray) -> bool:
+        return bool(np.all((c == 0) | (c >= minimum)))
+
+    runs: list[list[int]] = []
+    current: list[int] = []
+    for j in range(intervals):
+        current.append(j)
+        if ok(cells[:, current].sum(axis=1)):
+            runs.append(current)
+            current = []
+    if current:
+        runs.append(current)
+    while len(runs) > 1 and not ok(cells[:, runs[-1]].sum(axis=1)):
+        last = runs.pop()
+        runs[-1] += last
+    flags = np.ones(intervals - 1, dtype=int)
+    for run in runs:  # a boundary kept only where a run ends
+        if run[-1] < intervals - 1:
+            flags[run[-1]] = 0
+    return flags
+
+
+def interval_runs(intervals: int) -> list[tuple[int, int]]:
+    """Every run ``(first, last)`` of consecutive intervals, in a fixed order."""
+    return [(a, b) for a in range(intervals) for b in range(a, intervals)]
+
+
+#: Most totals a merge plan may take (runs × cells): beyond, give a coarser grid
+MAX_PLAN = 20_000
+
+
+def _merge_plan(site: Site, query: Query) -> Totals:
+    """For the requested grid: per interior grid time, 1 if this site's cell rule
+    needs it removed (:func:`local_merges`); per run of consecutive intervals
+    (:func:`interval_runs`), group and kind (events, censorings), 1 if the site
+    holds rows there. Summed over the sites, they say
+    which grid times to drop so that every site can answer; no count leaves."""
+    spec = query.spec
+    rows = _leaving(site, spec)
+    intervals = len(spec["grid"]) - 1
+    cells = np.asarray(
+        [[m.sum() for m in group] for group in _interval_masks(rows, intervals)]
+    )  # groups × (2 · intervals): events, censorings of interval 1, then 2, ...
+    by_interval = cells.reshape(len(rows.members), intervals, 2)
+    stacked = by_interval.transpose(0, 2, 1).reshape(-1, intervals)
+    minimum = max(site.policy.min_rows, site.policy.min_difference)
+    flags = local_merges(stacked, minimum)
+    # for every run of consecutive intervals: does the site hold rows in each
+    # of its cells (group, kind) — so the holders of any merged cell are known
+    reach = np.cumsum(by_interval, axis=1)
+    reach = np.concatenate([np.zeros_like(reach[:, :1]), reach], axis=1)
+    held = np.concatenate(
+        [
+            (reach[:, b + 1] - reach[:, a] > 0).astype(int).reshape(-1)
+            for a, b in interval_runs(intervals)
+        ]
+    )
+    totals = [float(rows.dropped), *map(float, flags), *map(float, held)]
+    everyone = _full_masks(site, rows.kept, [np.ones(len(rows.kept), dtype=bool)])
+    columns = {spec["duration"]: everyone, spec["event"]: everyone}
+    return totals, columns | _left_out(site, rows.kept)
 
 
 # ------------------------------------------------------------ researcher side
@@ -109,6 +221,7 @@ def _cells(site: Site, query: Query) -> Totals:
 class SurvivalResult:
     """Pooled Kaplan–Meier curves on a grid, and (with groups) the log-rank test.
 
+    ``grid``: the grid used (``requested_grid`` without the ``merged`` times).
     ``table``: one row per group and grid time with ``at_risk``, ``events``,
     ``censored``, ``survival``, ``se`` (Greenwood) and the ``lower`` / ``upper``
     confidence limits. ``logrank``: the test's χ², degrees of freedom and p-value
@@ -124,6 +237,8 @@ class SurvivalResult:
     beyond: dict[Any, int]
     missing: float
     receipt: dict[str, Any]
+    requested_grid: list[float] = field(default_factory=list)
+    merged: list[float] = field(default_factory=list)
 
     def survival_function(self, group: Any = None) -> pd.Series:
         """S(t) at the grid times (t = grid[0] included, S = 1), one group's."""
@@ -213,6 +328,41 @@ def _logrank(events: np.ndarray, at_risk: np.ndarray) -> dict[str, float]:
     }
 
 
+def merged_grid(
+    edges: np.ndarray, removals: np.ndarray, held: np.ndarray, need: int
+) -> np.ndarray:
+    """The grid a survival query is asked on: ``edges`` without the interior times
+    any site's cell rule removes (``removals``: per interior time, how many sites
+    ask), then merged further until each interval's every cell is held by no site
+    or by at least ``need`` (``held``: per run of :func:`interval_runs`, per group
+    and kind, how many sites hold rows there)."""
+    intervals = edges.size - 1
+    runs: list[list[int]] = [[0]]
+    for j in range(1, intervals):
+        if round(float(removals[j - 1])) > 0:
+            runs[-1].append(j)
+        else:
+            runs.append([j])
+    holders = dict(
+        zip(interval_runs(intervals), np.rint(held).astype(int), strict=True)
+    )
+
+    def poolable(run: list[int]) -> bool:
+        count = holders[(run[0], run[-1])]
+        return bool(np.all((count == 0) | (count >= need)))
+
+    merged: list[list[int]] = []
+    for run in runs:
+        if merged and not poolable(merged[-1]):
+            merged[-1] += run
+        else:
+            merged.append(run)
+    while len(merged) > 1 and not poolable(merged[-1]):
+        last = merged.pop()
+        merged[-1] += last
+    return np.asarray([edges[0], *(edges[run[-1] + 1] for run in merged)])
+
+
 def kaplan_meier(
     sites: SitesLike,
     duration: str,
@@ -226,6 +376,7 @@ def kaplan_meier(
     min_sites: int = 2,
     on_refusal: str = "raise",
     alpha: float = 0.05,
+    merge: bool = True,
 ) -> SurvivalResult:
     """Kaplan–Meier survival pooled across sites on a declared time ``grid``.
 
@@ -236,6 +387,16 @@ def kaplan_meier(
     grid time counts as at risk throughout (censored after it). With ``by`` (a
     category) there is a curve per level and the log-rank test of their equality.
     Rows with a missing duration, event or group are left out (complete cases).
+
+    With ``merge=True`` (the default), intervals are merged where a cell would
+    break a rule: each site says, for every interior grid time, whether its cell
+    rule needs it removed (a cell of 1 or 2 rows there: merging runs forward, a
+    short last interval joins the one before) and where it holds rows; only these
+    0/1 flags, summed over the sites, reach you. Times any site needs removed are
+    dropped, and intervals are merged further until each cell is held by no site
+    or by the pooling minimum. The curve is then asked on that grid: ``grid`` is
+    the grid used, ``requested_grid`` the one asked, ``merged`` the times
+    removed (logged as a warning). ``merge=False`` refuses such a grid instead.
 
     Examples
     --------
@@ -257,6 +418,56 @@ def kaplan_meier(
     groups = list(_grouping_levels(site_list, by, researcher)) if by else []
     if by and len(groups) < 2:
         raise InvalidInput(f"{by!r} has fewer than 2 released levels to compare")
+    requested = edges
+    run_args: dict[str, Any] = {
+        "keys": keys,
+        "researcher": researcher,
+        "min_sites": min_sites,
+        "min_rows": 0,
+        "on_refusal": on_refusal,
+    }
+    runs = []
+    if merge and edges.size > 2:
+        plan_spec = {
+            "duration": duration,
+            "event": event,
+            "by": by,
+            "groups": groups,
+            "grid": edges.tolist(),
+            "population": population_columns(population),
+            "columns": [duration, event],
+        }
+        intervals = edges.size - 1
+        n_groups = max(1, len(groups))
+        n_runs = len(interval_runs(intervals))
+        if n_runs * n_groups * 2 > MAX_PLAN:
+            raise InvalidInput(
+                f"a grid of {intervals} intervals is too fine to merge "
+                "automatically; give a coarser grid, or merge=False"
+            )
+        plan = _run(
+            site_list,
+            "survival_grid",
+            plan_spec,
+            1 + (intervals - 1) + n_runs * n_groups * 2,
+            _merge_plan,
+            **run_args,
+        )
+        sums = np.asarray(plan.totals[1:], dtype=float)
+        edges = merged_grid(
+            edges,
+            sums[: intervals - 1],
+            sums[intervals - 1 :].reshape(n_runs, n_groups, 2),
+            min_sites,
+        )
+        runs.append(plan)
+    removed = [float(t) for t in requested if t not in set(edges.tolist())]
+    if removed:
+        _log.warning(
+            "kaplan_meier: grid times %s removed (merging intervals whose cells a "
+            "site could not release)",
+            ", ".join(f"{t:g}" for t in removed),
+        )
     intervals = edges.size - 1
     per_group = 2 * intervals + 1
     spec = {
@@ -275,12 +486,9 @@ def kaplan_meier(
         spec,
         1 + n_groups * per_group,
         _cells,
-        keys=keys,
-        researcher=researcher,
-        min_sites=min_sites,
-        min_rows=0,
-        on_refusal=on_refusal,
+        **run_args,
     )
+    runs.append(run)
     counts = np.asarray(run.totals[1:], dtype=float).reshape(n_groups, per_group)
     z = float(distributions.norm.ppf(1 - alpha / 2))
     frames = []
@@ -306,13 +514,14 @@ def kaplan_meier(
     receipt_table = table.copy()
     attach_receipt(
         receipt_table,
-        [run],
+        runs,
         kind="kaplan_meier",
         parameters={
             "duration": duration,
             "event": event,
             "by": by,
             "grid": edges.tolist(),
+            "requested_grid": requested.tolist(),
             "population": spec["population"],
         },
     )
@@ -321,6 +530,8 @@ def kaplan_meier(
         event=event,
         by=by,
         grid=edges.tolist(),
+        requested_grid=requested.tolist(),
+        merged=removed,
         table=table,
         logrank=test,
         beyond=beyond,
