@@ -165,6 +165,77 @@ def test_the_minimum_and_maximum_are_not_released() -> None:
         encrypted.quantiles(wide, "x", [0.5], range=(40, 200), resolution=10)
 
 
+def test_describe_with_percentiles_brackets_pandas() -> None:
+    """describe(percentiles=) adds each percentile's bracket per column, equal to
+    quantiles() and holding numpy's inverted-cdf percentile of the pooled rows;
+    the moments are unchanged."""
+    rng = np.random.default_rng(12)
+    parts = {
+        f"s{i}": pd.DataFrame(
+            {"x": rng.normal(50, 10, 700), "y": rng.gamma(2.0, 3.0, 700)}
+        )
+        for i in range(3)
+    }
+    rows = pd.concat(parts.values())
+    plain = encrypted.describe(parts, ["x", "y"])
+    table = encrypted.describe(
+        parts,
+        ["x", "y"],
+        percentiles=[0.25, 0.5, 0.75],
+        ranges={"x": (0, 120), "y": (0, 40)},
+        resolution={"x": 1, "y": 0.5},
+    )
+    pd.testing.assert_frame_equal(table.loc[plain.index], plain)
+    for column, step in (("x", 1.0), ("y", 0.5)):
+        for p in (0.25, 0.5, 0.75):
+            label = f"{100 * p:g}%"
+            low = table.loc[f"{label} lower", column]
+            high = table.loc[f"{label} upper", column]
+            true = np.quantile(rows[column], p, method="inverted_cdf")
+            assert low <= true < high
+            assert high - low == step
+        found = table.attrs["percentiles"][column]
+        assert found["at_resolution"].all()
+    receipt = table.attrs["receipt"]
+    assert receipt["parameters"]["percentiles"] == [0.25, 0.5, 0.75]
+    assert receipt["parameters"]["resolution"] == {"x": 1.0, "y": 0.5}
+
+
+def test_describe_percentiles_refuse_what_they_cannot_answer() -> None:
+    """The minimum and maximum stay unreleased; a range must be given and hold
+    every row; by= is refused by name; a site's rule leaves the bracket reached."""
+    parts = frames()
+    with pytest.raises(InvalidInput, match="strictly between 0 and 1"):
+        encrypted.describe(
+            parts, ["age"], percentiles=[0.0], ranges=(0, 120), resolution=1
+        )
+    with pytest.raises(InvalidInput, match="needs ranges="):
+        encrypted.describe(parts, ["age"], percentiles=[0.5])
+    with pytest.raises(InvalidInput, match="go with percentiles"):
+        encrypted.describe(parts, ["age"], resolution=1)
+    with pytest.raises(InvalidInput, match="names no value for 'bmi'"):
+        encrypted.describe(
+            parts,
+            ["age", "bmi"],
+            percentiles=[0.5],
+            ranges={"age": (0, 120)},
+            resolution=1,
+        )
+    with pytest.raises(InvalidInput, match="not built"):
+        encrypted.describe(
+            parts, ["age"], by="sex", percentiles=[0.5], ranges=(0, 120), resolution=1
+        )
+    with pytest.raises(DisclosureRefused, match="must hold every row"):
+        encrypted.describe(
+            parts, ["age"], percentiles=[0.5], ranges=(60, 120), resolution=1
+        )
+    table = encrypted.describe(
+        frames(), ["age"], percentiles=[0.75], ranges=(0, 120), resolution=1
+    )
+    assert (table.loc["75% lower", "age"], table.loc["75% upper", "age"]) == (66, 68)
+    assert not table.attrs["percentiles"]["age"].loc[0.75, "at_resolution"]
+
+
 # ------------------------------------------------------- per-column missing
 def test_missing_counts_equal_pandas() -> None:
     columns = ["age", "bmi", "cholesterol", "glucose"]

@@ -371,26 +371,32 @@ def quantiles(
     total: list[int] = []
     receipts: list[dict[str, Any]] = []
 
+    def counted(edges: list[float]) -> pd.Series:
+        table = histogram(sites, column, edges, **options)
+        if table.attrs.get("outside"):
+            raise DisclosureRefused(
+                f"range= must hold every row of {column!r} (the minimum and "
+                "maximum are not released); widen it"
+            )
+        counts = table["count"]
+        if counts.isna().any():
+            raise DisclosureRefused(
+                "a bisection step's count was withheld (too few sites hold rows "
+                "on one side of it); widen range= or coarsen resolution="
+            )
+        receipts.append(table.attrs["receipt"])
+        return counts
+
     def count_below(j: int) -> int:  # pooled rows with value < grid[j]
         if j not in below:
-            table = histogram(sites, column, [low, grid[j], high], **options)
-            if table.attrs.get("outside"):
-                raise DisclosureRefused(
-                    f"range= must hold every row of {column!r} (the minimum and "
-                    "maximum are not released); widen it"
-                )
-            counts = table["count"]
-            if counts.isna().any():
-                raise DisclosureRefused(
-                    "a bisection step's count was withheld (too few sites hold rows "
-                    "on one side of it); widen range= or coarsen resolution="
-                )
-            below[j] = int(counts.iloc[0])
-            total[:] = [int(counts.sum())]
-            receipts.append(table.attrs["receipt"])
+            below[j] = int(counts_at(j).iloc[0])
         return below[j]
 
-    count_below(len(grid) // 2)
+    def counts_at(j: int) -> pd.Series:
+        return counted([low, grid[j], high])
+
+    # the rows in range: one bin (every row, or the range is refused)
+    total[:] = [int(counted([low, high]).iloc[0])]
     rows = {}
     for p in probabilities:
         needed = int(np.ceil(p * total[0]))
@@ -416,6 +422,6 @@ def quantiles(
     result = pd.DataFrame.from_dict(rows, orient="index")
     result.index.name = "q"
     result.attrs["n"] = total[0]
-    result.attrs["queries"] = len(below)
+    result.attrs["queries"] = len(receipts)
     result.attrs["receipts"] = receipts
     return result

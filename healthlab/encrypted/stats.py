@@ -742,8 +742,19 @@ def describe(
     on_refusal: str = "raise",
     population: Sequence[str] | None = None,
     bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
+    percentiles: Sequence[float] | None = None,
+    ranges: tuple[float, float] | Mapping[str, tuple[float, float]] | None = None,
+    resolution: float | Mapping[str, float] | None = None,
 ) -> pd.DataFrame:
     """``count``, ``mean``, ``std``, ``var``, ``sum`` and ``sem`` pooled across sites.
+
+    ``percentiles`` (e.g. ``[0.25, 0.5, 0.75]``) adds, per column, the interval
+    that holds each pooled percentile, found by :func:`quantiles` at
+    ``resolution`` within ``ranges`` (both a value for every column or a mapping
+    per column; the range must hold every row): rows ``"25% lower"`` and ``"25%
+    upper"``, the bracket ``[lower, upper)`` — of width ``resolution``, wider
+    where a site's rules stopped the bisection (``attrs["percentiles"]`` has each
+    column's brackets, whether each reached the resolution, and their receipts).
 
     ``by`` is a column, or a list of columns (each group is one level of each:
     columns ``(level_a, level_b, column)``).
@@ -778,6 +789,7 @@ def describe(
     options = QueryOptions.of(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
+    asked = _percentile_args(cols, by, percentiles, ranges, resolution)
     if not isinstance(by, str) and by is not None:
         named = _by_columns(by)
         if not named or len(set(named)) != len(named) or set(named) & set(cols):
@@ -847,6 +859,31 @@ def describe(
             by,
             ", ".join(map(str, suppressed)),
         )
+    if asked is not None:
+        from healthlab.encrypted.inference import quantiles
+
+        probabilities, spans, steps = asked
+        found = {
+            column: quantiles(
+                site_list,
+                column,
+                probabilities,
+                range=spans[column],
+                resolution=steps[column],
+                researcher=researcher,
+                keys=options.keys,
+                dropna=True,
+                population=options.population or None,
+            )
+            for column in cols
+        }
+        for p in probabilities:
+            label = f"{100 * p:g}%"
+            for side in ("lower", "upper"):
+                result.loc[f"{label} {side}"] = [
+                    float(found[c][side].loc[p]) for c in cols
+                ]
+        result.attrs["percentiles"] = found
     return attach_receipt(
         result,
         runs,
@@ -856,7 +893,68 @@ def describe(
             "by": by,
             "dropna": dropna,
             "population": options.population,
+            **(
+                {}
+                if asked is None
+                else {
+                    "percentiles": asked[0],
+                    "ranges": {c: list(asked[1][c]) for c in cols},
+                    "resolution": asked[2],
+                }
+            ),
         },
+    )
+
+
+def _percentile_args(
+    columns: list[str],
+    by: str | Sequence[str] | None,
+    percentiles: Sequence[float] | None,
+    ranges: tuple[float, float] | Mapping[str, tuple[float, float]] | None,
+    resolution: float | Mapping[str, float] | None,
+) -> tuple[list[float], dict[str, tuple[float, float]], dict[str, float]] | None:
+    """``describe``'s percentile arguments, per column, or None without them."""
+    if percentiles is None:
+        if ranges is not None or resolution is not None:
+            raise InvalidInput(
+                "ranges= and resolution= go with percentiles=[...]; give the "
+                "percentiles too, or neither"
+            )
+        return None
+    if by is not None:
+        raise InvalidInput(
+            "percentiles= with by= is not built: ask describe(..., by=) for the "
+            "moments, and quantiles() per group's own sites or population"
+        )
+    if ranges is None or resolution is None:
+        raise InvalidInput(
+            "percentiles= needs ranges= (low, high) holding every row, and "
+            "resolution= (a step on the sites' grid): the minimum and maximum are "
+            "single rows' values and are not released"
+        )
+
+    def per_column(given: Any, what: str) -> dict[str, Any]:
+        if isinstance(given, Mapping):
+            absent = [c for c in columns if c not in given]
+            if absent:
+                raise InvalidInput(
+                    f"{what}= names no value for {', '.join(map(repr, absent))}"
+                )
+            return {c: given[c] for c in columns}
+        return dict.fromkeys(columns, given)
+
+    spans = per_column(ranges, "ranges")
+    steps = per_column(resolution, "resolution")
+    for column, span in spans.items():
+        if not (isinstance(span, Sequence) and len(span) == 2):
+            raise InvalidInput(
+                f"ranges= for {column!r} is one (low, high) pair of numbers"
+            )
+    probabilities = [float(p) for p in percentiles]
+    return (
+        probabilities,
+        {c: (float(a), float(b)) for c, (a, b) in spans.items()},
+        {c: float(v) for c, v in steps.items()},
     )
 
 
