@@ -346,7 +346,7 @@ def request_growth(requests: int) -> tuple[list[int], float]:
         else:
             commitment = Purpose.new("cardiovascular risk model").commitment
             fn = fns.requestAccess(
-                dataset_id, FEE, codes, bytes.fromhex(commitment[2:])
+                dataset_id, FEE, GRANT_SECONDS, codes, bytes.fromhex(commitment[2:])
             )
             gas.append(int(send_raw(ledger, fn, who, FEE)["gasUsed"]))
     return gas, time.perf_counter() - started

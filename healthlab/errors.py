@@ -22,14 +22,17 @@ __all__ = [
     "DatasetInactive",
     "DisclosureRefused",
     "DownloadNotPermitted",
+    "DownloadsOutstanding",
     "DuplicateDataset",
     "EmptyPointer",
     "FeeChanged",
     "FeeTooLarge",
+    "GrantDurationChanged",
     "HealthLabError",
     "InvalidEnvelope",
     "InvalidGrantDuration",
     "InvalidInput",
+    "InvalidMaxPending",
     "InvalidPointer",
     "InvalidRequest",
     "InvalidSiteKeys",
@@ -38,6 +41,7 @@ __all__ = [
     "NoPurpose",
     "NotADownloadGrant",
     "NotAuthorized",
+    "NotAwaitingKey",
     "NotDatasetOwner",
     "NotFound",
     "NotPending",
@@ -52,8 +56,10 @@ __all__ = [
     "SiteKeysUnverified",
     "StateConflict",
     "TooEarlyToCancel",
+    "TooEarlyToRefund",
     "TooFewRows",
     "TooFewSites",
+    "TooManyPending",
     "TransactionFailed",
     "UnknownCodes",
     "UnknownDataset",
@@ -213,7 +219,7 @@ class ZeroResultHash(InvalidRequest):
 
 
 class DuplicateDataset(InvalidRequest):
-    hint = "this content is registered already; use the existing dataset id"
+    hint = "you registered this content already; use your existing dataset id"
 
 
 class InvalidGrantDuration(InvalidRequest):
@@ -221,7 +227,7 @@ class InvalidGrantDuration(InvalidRequest):
 
 
 class FeeTooLarge(InvalidRequest):
-    hint = "fees are limited to 2**96-1 wei"
+    hint = "fees are limited to 2**88-1 wei"
 
 
 class UnknownCodes(InvalidRequest):
@@ -281,6 +287,18 @@ class FeeChanged(StateConflict):
             f"{self.values['currentFee']} wei before your request was mined; nothing "
             f"was paid. Request again with fee_wei={self.values['currentFee']} if you "
             "accept."
+        )
+
+
+class GrantDurationChanged(StateConflict):
+    """The owner changed the grant duration after you saw it; nothing was paid."""
+
+    def _default_message(self) -> str:
+        return (
+            f"the dataset's grant duration changed from {self.values['agreedSeconds']}"
+            f" to {self.values['currentSeconds']} s before your request was mined; "
+            "nothing was paid. Request again with grant_seconds="
+            f"{self.values['currentSeconds']} if you accept."
         )
 
 
@@ -359,6 +377,36 @@ class InvalidPrivacyBudget(InvalidRequest):
 
 class SpendDecreased(StateConflict):
     hint = "a grant's recorded privacy spend only grows"
+
+
+class TooManyPending(StateConflict):
+    hint = (
+        "this dataset has as many requests waiting for a decision as its owner "
+        "allows; try again later (nothing was paid)"
+    )
+
+
+class InvalidMaxPending(InvalidRequest):
+    hint = "allow at least 1 pending request (close the dataset to stop requests)"
+
+
+class DownloadsOutstanding(StateConflict):
+    hint = (
+        "download requests or grants waiting for their key are open: release the "
+        "keys, decline the requests or refund the grants (Ledger.refund_download) "
+        "before removing Codes.DL from the terms"
+    )
+
+
+class NotAwaitingKey(StateConflict):
+    hint = "only a live download grant whose key was not released can be refunded"
+
+
+class TooEarlyToRefund(StateConflict):
+    hint = (
+        "the owner may still release the key: a download grant's fee can be taken "
+        "back once the request timeout has passed since the approval"
+    )
 
 
 _BY_NAME: dict[str, type[ContractError]] = {

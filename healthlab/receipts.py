@@ -140,7 +140,7 @@ class Receipt(dict[str, Any]):
         try:
             for request_id in requests:
                 digest = anchor_hash(self["receipt_hash"], request_id)
-                if ledger.result_request(digest) == request_id:  # anchored before
+                if ledger.result_recorded(request_id, digest):  # anchored before
                     done.setdefault(request_id, {"request_id": request_id, "tx": None})
                     continue
                 tx = ledger.record_result(request_id, digest, sender=sender)
@@ -294,13 +294,14 @@ def verify(
             f"request {request_id} on chain does not match the receipt",
         )
     for entry in r.get("anchors", []):
-        found = ledger.result_request(
-            anchor_hash(str(r.get("receipt_hash")), entry["request_id"])
+        found = ledger.result_recorded(
+            entry["request_id"],
+            anchor_hash(str(r.get("receipt_hash")), entry["request_id"]),
         )
         report.add(
             f"anchor {entry['request_id']}",
-            found == entry["request_id"],
-            "not recorded on chain",
+            found,
+            "not recorded on chain under this request",
         )
     return report
 

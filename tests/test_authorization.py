@@ -6,9 +6,10 @@ credits, access records, dataset records, balances, counters and the block heigh
 read before and after. One positive control per function shows that the permitted
 party succeeds from the very same state, so the matrix cannot pass vacuously.
 
-The scene (two datasets, site keys bound to the first, a pending request, a live
-grant, an owner's credit, the request timeout elapsed) is built once per module and
-restored by snapshot.
+The scene (three datasets, site keys bound to the first, a pending request, a live
+download grant whose key waits in escrow, an owner's credit from an auto-approved
+grant, the request timeout elapsed) is built once per module and restored by
+snapshot.
 """
 
 from __future__ import annotations
@@ -37,14 +38,16 @@ class Scene:
     """Parties and records every case starts from."""
 
     ledger: Ledger
-    owner: str  # owns `dataset` and bound its SITE_KEYS; credited FEE for the grant
+    owner: str  # owns `dataset` and `paid_dataset`, bound SITE_KEYS; credited FEE
     researcher: str  # has a pending request on `dataset`, older than the timeout
-    holder: str  # holds a live download grant on `dataset`
+    holder: str  # a live download grant on `dataset` (its fee in escrow), and an
+    # auto-approved compute grant on `paid_dataset` (its fee the owner's credit)
     stranger: str  # nothing to do with either dataset
     other_owner: str  # owns `other_dataset`
     payee: str  # a plain address to withdraw to
     dataset: int
     other_dataset: int
+    paid_dataset: int
     pending_request: int
     grant_request: int
     collaboration: int  # curated by `owner`; nobody is a member yet
@@ -80,6 +83,15 @@ def scene_snapshot(chain: Chain) -> Iterator[tuple[Any, dict[str, Any]]]:
         terms="GRU",
         sender=other_owner,
     )
+    paid_dataset = ledger.register_dataset(
+        "https://hospital.example/registry.csv",
+        content_hash(),
+        fee_wei=FEE,
+        terms="GRU",
+        auto_approve=True,
+        sender=owner,
+    )
+    ledger.request_access(paid_dataset, "CVD risk", "GRU", sender=holder)
     grant_request = ledger.request_access(
         dataset, "CVD risk", "HMB|NCU", download=True, sender=holder
     )
@@ -100,6 +112,7 @@ def scene_snapshot(chain: Chain) -> Iterator[tuple[Any, dict[str, Any]]]:
         "payee": payee,
         "dataset": dataset,
         "other_dataset": other_dataset,
+        "paid_dataset": paid_dataset,
         "pending_request": pending_request,
         "grant_request": grant_request,
         "collaboration": collaboration,
@@ -129,13 +142,16 @@ def fingerprint(scene: Scene) -> dict[str, Any]:
         "contract balance": ledger.balance(ledger.address),
         "dataset counter": fns.datasetCount().call(),
         "request counter": fns.requestCount().call(),
-        "result anchor": fns.resultRequest(bytes.fromhex(RESULT_HASH[2:])).call(),
+        "result anchor": fns.resultRecorded(
+            scene.grant_request, bytes.fromhex(RESULT_HASH[2:])
+        ).call(),
         "collaboration counter": fns.collaborationCount().call(),
         "privacy budget": fns.privacyBudget(scene.dataset).call(),
         "privacy spent": fns.privacySpent(scene.grant_request).call(),
         "curator": fns.collaborationCurator(scene.collaboration).call(),
     }
-    for ds in (scene.dataset, scene.other_dataset):
+    datasets = (scene.dataset, scene.other_dataset, scene.paid_dataset)
+    for ds in datasets:
         state[f"dataset {ds}"] = fns.getDataset(ds).call()
         state[f"site keys of {ds}"] = fns.siteKeys(ds).call()
     for role, address in scene.parties.items():
@@ -144,7 +160,7 @@ def fingerprint(scene: Scene) -> dict[str, Any]:
         state[f"membership of {role}"] = fns.isMember(
             scene.collaboration, address
         ).call()
-        for ds in (scene.dataset, scene.other_dataset):
+        for ds in datasets:
             state[f"access of {role} on {ds}"] = fns.getAccess(ds, address).call()
     return state
 
@@ -187,7 +203,11 @@ GUARDED = [
     Guarded(
         "updateDataset",
         lambda s: s.ledger.contract.functions.updateDataset(
-            s.dataset, 2 * FEE, 3600, 0x1, True
+            s.dataset,
+            2 * FEE,
+            3600,
+            0x1 | 0x1000,
+            True,  # GRU|DL: DL must stay
         ),
         "owner",
         OWNER_REFUSED,
@@ -239,6 +259,24 @@ GUARDED = [
         OWNER_REFUSED,
         errors.NotDatasetOwner,
         _not_owner,
+    ),
+    Guarded(
+        "setMaxPending",
+        lambda s: s.ledger.contract.functions.setMaxPending(s.dataset, 5),
+        "owner",
+        NOT_THE_OWNER,
+        errors.NotDatasetOwner,
+        _not_owner,
+    ),
+    Guarded(
+        "refundDownload",
+        lambda s: s.ledger.contract.functions.refundDownload(
+            s.dataset, s.holder, s.grant_request
+        ),
+        "holder",  # and the owner (giving up the fee): see test_registry
+        ("researcher", "stranger", "other_owner", "payee"),
+        errors.NotRequester,
+        _not_requester("grant_request"),
     ),
     Guarded(
         "bindSiteKeys",
@@ -343,9 +381,13 @@ def _effect_update(scene: Scene, before: dict[str, Any]) -> None:
     assert (record.fee_wei, record.grant_seconds, int(record.terms)) == (
         2 * FEE,
         3600,
-        0x1,
+        0x1001,
     )
     assert record.auto_approve is True
+    # the grant the holder paid for keeps its 30 days
+    assert scene.ledger.access(scene.dataset, scene.holder).grant_seconds == (
+        GRANT_SECONDS
+    )
 
 
 def _effect_set_active(scene: Scene, before: dict[str, Any]) -> None:
@@ -353,12 +395,20 @@ def _effect_set_active(scene: Scene, before: dict[str, Any]) -> None:
     assert scene.ledger.has_access(scene.dataset, scene.holder) is False
 
 
+def _gas(scene: Scene) -> int:
+    receipt = scene.ledger.last_receipt
+    return int(receipt["gasUsed"] * receipt["effectiveGasPrice"])
+
+
 def _effect_approve(scene: Scene, before: dict[str, Any]) -> None:
     access = scene.ledger.access(scene.dataset, scene.researcher)
     assert access.status is Status.APPROVED
     assert access.expires_at == scene.ledger.now() + GRANT_SECONDS
     assert scene.ledger.has_access(scene.dataset, scene.researcher) is True
-    assert scene.ledger.credit(scene.owner) == 2 * FEE  # the holder's and this fee
+    # a compute grant's fee is paid to the owner in the call; the credit is unchanged
+    assert scene.ledger.credit(scene.owner) == FEE
+    after = scene.ledger.balance(scene.owner)
+    assert after == before["ether of owner"] + FEE - _gas(scene)
 
 
 def _effect_decline(scene: Scene, before: dict[str, Any]) -> None:
@@ -372,16 +422,33 @@ def _effect_revoke(scene: Scene, before: dict[str, Any]) -> None:
     assert scene.ledger.access(scene.dataset, scene.holder).status is Status.REVOKED
     assert scene.ledger.has_access(scene.dataset, scene.holder) is False
     assert scene.ledger.credit(scene.owner) == FEE  # the earned fee stays earned
+    # the download grant's key was never released: its fee goes back to the holder
+    assert scene.ledger.credit(scene.holder) == FEE
+    assert scene.ledger.dataset(scene.dataset).downloads_open == 0
 
 
 def _effect_release(scene: Scene, before: dict[str, Any]) -> None:
     assert scene.ledger.key_envelope(scene.grant_request) == ENVELOPE
-    receipt = scene.ledger.last_receipt
-    gas = receipt["gasUsed"] * receipt["effectiveGasPrice"]
+    gas = _gas(scene)
     after = fingerprint(scene)
-    assert after["ether of owner"] == before["ether of owner"] - gas
-    same = {"block number": 0, "ether of owner": 0}
-    assert after | same == before | same, "releasing a key must only log the envelope"
+    # the first release pays the owner the escrowed fee, and marks the key released
+    assert after["ether of owner"] == before["ether of owner"] + FEE - gas
+    assert after["contract balance"] == before["contract balance"] - FEE
+    access = scene.ledger.access(scene.dataset, scene.holder)
+    assert access.key_released and access.status is Status.APPROVED
+    assert scene.ledger.dataset(scene.dataset).downloads_open == 0
+    same = {
+        "block number": 0,
+        "ether of owner": 0,
+        "contract balance": 0,
+        f"dataset {scene.dataset}": 0,
+        f"access of holder on {scene.dataset}": 0,
+    }
+    assert after | same == before | same, "a release changes only the key's payment"
+    again = scene.ledger.release_key(scene.grant_request, ENVELOPE, sender=scene.owner)
+    assert again and scene.ledger.balance(scene.owner) == after[
+        "ether of owner"
+    ] - _gas(scene), "a second release pays nothing"
 
 
 def _effect_bind(scene: Scene, before: dict[str, Any]) -> None:
@@ -407,7 +474,21 @@ def _effect_cancel(scene: Scene, before: dict[str, Any]) -> None:
 
 
 def _effect_record(scene: Scene, before: dict[str, Any]) -> None:
-    assert scene.ledger.result_request(RESULT_HASH) == scene.grant_request
+    assert scene.ledger.result_recorded(scene.grant_request, RESULT_HASH)
+    assert not scene.ledger.result_recorded(scene.pending_request, RESULT_HASH)
+
+
+def _effect_max_pending(scene: Scene, before: dict[str, Any]) -> None:
+    assert scene.ledger.dataset(scene.dataset).max_pending == 5
+    assert scene.ledger.dataset(scene.other_dataset).max_pending == 64
+
+
+def _effect_refund(scene: Scene, before: dict[str, Any]) -> None:
+    access = scene.ledger.access(scene.dataset, scene.holder)
+    assert access.status is Status.CANCELLED
+    assert scene.ledger.credit(scene.holder) == FEE
+    assert scene.ledger.has_access(scene.dataset, scene.holder) is False
+    assert scene.ledger.dataset(scene.dataset).downloads_open == 0
 
 
 def _effect_withdraw(scene: Scene, before: dict[str, Any]) -> None:
@@ -453,6 +534,8 @@ EFFECTS: dict[str, Callable[[Scene, dict[str, Any]], None]] = {
     "revoke": _effect_revoke,
     "releaseKey": _effect_release,
     "bindSiteKeys": _effect_bind,
+    "setMaxPending": _effect_max_pending,
+    "refundDownload": _effect_refund,
     "cancel": _effect_cancel,
     "recordResult": _effect_record,
     "withdraw": _effect_withdraw,

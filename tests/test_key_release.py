@@ -105,7 +105,9 @@ def test_dataframe_round_trip_through_the_chain(
     tx = release_key(ledger, req, keyring=keyring)
     envelope = ledger.key_envelope(req)
     assert envelope is not None and stored.key not in envelope
-    assert ledger.events().iloc[-1]["event"] == "KeyReleased"
+    # the key's release pays the owner the escrowed fee, in the same transaction
+    assert list(ledger.events()["event"].iloc[-2:]) == ["KeyReleased", "FeePaid"]
+    assert ledger.access(ds, researcher).key_released is True
     assert ledger.events().iloc[-1]["tx"] == tx
 
     got = download_frame(ledger, ds, researcher=researcher, store=store)

@@ -180,8 +180,16 @@ def test_unknown_request_is_a_clear_not_found(ledger: Ledger, owner: str) -> Non
 def test_withdraw_pays_exactly_the_credit(
     ledger: Ledger, owner: str, researcher: str, dataset: int
 ) -> None:
-    req = ledger.request_access(dataset, "s", "HMB|NCU", sender=researcher)
-    ledger.approve(req, sender=owner)
+    # an auto-approved request credits the owner (a decision pays them directly)
+    ds = ledger.register_dataset(
+        "https://a.example/auto",
+        content_hash(),
+        fee_wei=ETHER // 100,
+        terms="GRU",
+        auto_approve=True,
+        sender=owner,
+    )
+    ledger.request_access(ds, "s", "HMB", sender=researcher)
     assert ledger.credit(owner) == ETHER // 100
     before = ledger.balance(owner)
     paid = ledger.withdraw(sender=owner)
@@ -212,19 +220,18 @@ def test_events_table_lists_the_flow_in_order_with_exact_amounts(
     )
     req = ledger.request_access(ds, "s", "HMB", sender=researcher)
     ledger.approve(req, sender=owner)
-    ledger.withdraw(sender=owner)
     ledger.revoke(ds, researcher, sender=owner)
     log = ledger.events()
     assert list(log["event"]) == [
         "DatasetRegistered",
         "AccessRequested",
         "AccessGranted",
-        "Withdrawal",
+        "FeePaid",
         "AccessRevoked",
     ]
     assert list(log["amount_wei"][:2]) == [fee, fee]
-    assert log["amount_wei"][3] == fee
-    assert list(log["request"].dropna()) == [req, req, req]
+    assert log["amount_wei"][3] == fee and log["account"][3] == owner
+    assert list(log["request"].dropna()) == [req, req, req, req]
     assert log["block"].is_monotonic_increasing
     assert isinstance(log["time"].dtype, pd.DatetimeTZDtype)
     assert "codes=HMB" in log["details"][1]

@@ -3,10 +3,12 @@
 Six actors (accounts 1..6, each both owner and researcher) register datasets (fees
 including 0, grants of 10..5000 s, random terms, auto-approval on or off), update
 them, open and close them, request access (codes that fit the terms, random codes,
-stale agreed fees, wrong payments), approve, decline, cancel, revoke, record results,
-bind site keys (any sender, valid and invalid keys, rotations), withdraw (to
-themselves, each other, an outside payee or the zero address), and move the clock
-(random jumps and jumps onto grant expiries and cancellation times).
+stale agreed fees and grant durations, wrong payments), approve, decline, cancel,
+revoke, release keys, refund undelivered downloads, cap pending requests, record
+results (fresh digests and copies of anyone's), bind site keys (any sender, valid and
+invalid keys, rotations), withdraw (to themselves, each other, an outside payee or the
+zero address), and move the clock (random jumps and jumps onto grant expiries,
+cancellation and refund times).
 
 Every step's outcome is predicted by the model: a refused step must revert with the
 error class *and arguments* the model names. After every step the whole chain state is
@@ -19,8 +21,12 @@ invariants hold:
 
 * contract balance == escrowed + credited (nothing else can send ether to it);
 * total paid in == total paid out + balance held;
-* every fee is in exactly one place: escrow (its request still pending), its owner's
-  credit or withdrawals, or its researcher's refund credit or withdrawals.
+* every fee is in exactly one place: escrow (its request still pending, or its
+  download grant waiting for the key), its owner's credit or payouts (withdrawals
+  and fees paid on approval or key release), or its researcher's refund credit or
+  withdrawals;
+* a grant lasts the duration its request paid for; DL stays in the terms while any
+  download is open; pending requests never exceed the owner's cap.
 
 Each example runs on the session chain from a snapshot (taken in ``__init__``, restored
 in ``teardown``). Profiles, chosen with ``HEALTHLAB_HYPOTHESIS_PROFILE``:
@@ -109,7 +115,7 @@ ZERO32 = bytes(32)
 class Held(enum.Enum):
     """Where a request's fee is."""
 
-    ESCROW = "escrowed"
+    ESCROW = "escrowed (pending, or a download grant waiting for its key)"
     OWNER = "earned by the owner"
     REFUND = "refunded to the researcher"
 
@@ -125,6 +131,10 @@ class DatasetModel:
     content_hash: bytes
     pointer: str
     old_fees: list[int] = field(default_factory=list)
+    old_grants: list[int] = field(default_factory=list)
+    pending: int = 0
+    max_pending: int = 64
+    downloads_open: int = 0
 
     def as_chain(self) -> tuple[Any, ...]:
         """The tuple ``getDataset`` returns (eth-abi decodes addresses lower-case)."""
@@ -135,6 +145,9 @@ class DatasetModel:
             self.terms,
             self.auto_approve,
             self.active,
+            self.pending,
+            self.max_pending,
+            self.downloads_open,
             self.content_hash,
             self.pointer,
         )
@@ -146,8 +159,17 @@ class AccessModel:
     amount: int = 0
     created_at: int = 0
     expires_at: int = 0
+    grant_seconds: int = 0
     status: Status = Status.NONE
     download: bool = False
+    key_released: bool = False
+
+    @property
+    def awaiting_key(self) -> bool:
+        """A download grant whose fee waits in escrow for its key."""
+        return (
+            self.status is Status.APPROVED and self.download and not self.key_released
+        )
 
     def as_chain(self) -> tuple[int, ...]:
         """The tuple ``getAccess`` returns."""
@@ -156,8 +178,10 @@ class AccessModel:
             self.amount,
             self.created_at,
             self.expires_at,
+            self.grant_seconds,
             int(self.status),
             self.download,
+            self.key_released,
         )
 
 
@@ -210,8 +234,10 @@ class Model:
     access: dict[tuple[int, str], AccessModel] = field(default_factory=dict)
     credits: dict[str, int] = field(default_factory=dict)
     payments: dict[int, Payment] = field(default_factory=dict)
+    #: paid out to each actor: withdrawals, and fees paid straight to owners
     withdrawn: dict[str, int] = field(default_factory=dict)
-    results: dict[bytes, int] = field(default_factory=dict)
+    #: anchors, per (request, result hash)
+    results: set[tuple[int, bytes]] = field(default_factory=set)
     #: dataset -> (mask key, node key, bound at) of its owner's latest binding
     site_keys: dict[int, tuple[bytes, bytes, int]] = field(default_factory=dict)
     paid_in: int = 0
@@ -246,7 +272,7 @@ class Model:
         return None
 
     def config_check(self, fee: int, grant: int, terms: int) -> Refusal | None:
-        if fee >= 1 << 96:
+        if fee >= 1 << 88:
             return _refuse(errors.FeeTooLarge, fee=fee)
         if grant == 0:
             return _refuse(errors.InvalidGrantDuration, grantSeconds=grant)
@@ -259,19 +285,24 @@ class Model:
     def credit(self, payee: str, amount: int) -> None:
         self.credits[payee] = self.credits.get(payee, 0) + amount
 
+    def pay(self, payee: str, amount: int) -> None:
+        """A fee paid straight to ``payee`` (an owner deciding or releasing a key)."""
+        self.withdrawn[payee] = self.withdrawn.get(payee, 0) + amount
+        self.paid_out += amount
+
     # ------------------------------------------------------------ predictions
     def refuse_register(
-        self, digest: bytes, fee: int, grant: int, terms: int
+        self, owner: str, digest: bytes, fee: int, grant: int, terms: int
     ) -> Refusal | None:
-        for ds, record in self.datasets.items():
-            if record.content_hash == digest:
+        for ds, record in self.datasets.items():  # one per owner: no squatting
+            if record.content_hash == digest and record.owner == owner:
                 return _refuse(
                     errors.DuplicateDataset, contentHash=digest, existingId=ds
                 )
         return self.config_check(fee, grant, terms)
 
     def refuse_request(
-        self, ds: int, who: str, agreed: int, value: int, codes: int
+        self, ds: int, who: str, agreed: int, value: int, codes: int, seconds: int
     ) -> Refusal | None:
         if ds not in self.datasets:
             return _refuse(errors.UnknownDataset, datasetId=ds)
@@ -286,6 +317,12 @@ class Model:
             return _refuse(errors.DownloadNotPermitted, datasetId=ds)
         if not model_permits(codes, d.terms):
             return _refuse(errors.PurposeNotPermitted, codes=codes, terms=d.terms)
+        if seconds != d.grant_seconds:
+            return _refuse(
+                errors.GrantDurationChanged,
+                agreedSeconds=seconds,
+                currentSeconds=d.grant_seconds,
+            )
         a = self.record(ds, who)
         if a.status is Status.PENDING:
             return _refuse(errors.RequestAlreadyOpen, requestId=a.request_id)
@@ -294,6 +331,11 @@ class Model:
                 errors.AccessAlreadyGranted,
                 requestId=a.request_id,
                 expiresAt=a.expires_at,
+            )
+        automatic = d.auto_approve and not d.terms & Codes.COL
+        if not automatic and d.pending >= d.max_pending:
+            return _refuse(
+                errors.TooManyPending, datasetId=ds, maxPending=d.max_pending
             )
         return None
 
@@ -340,6 +382,28 @@ class Model:
         a = self.record(ds, who)
         if a.status is not Status.APPROVED or self.next_time >= a.expires_at:
             return _refuse(errors.NoActiveGrant, datasetId=ds, researcher=who)
+        return None
+
+    def refuse_refund(
+        self, ds: int, who: str, request_id: int, caller: str
+    ) -> Refusal | None:
+        a = self.record(ds, who)
+        if a.request_id != request_id or request_id == 0:
+            return _refuse(errors.UnknownRequest, requestId=request_id)
+        owner = self.datasets[ds].owner == caller
+        if caller != who and not owner:
+            return _refuse(errors.NotRequester, requestId=request_id, caller=caller)
+        if not a.awaiting_key:
+            return _refuse(errors.NotAwaitingKey, requestId=request_id)
+        refundable = a.expires_at - a.grant_seconds + self.timeout
+        if (
+            not owner
+            and self.next_time < refundable
+            and self.has_access(ds, who, at=self.next_time)
+        ):
+            return _refuse(
+                errors.TooEarlyToRefund, requestId=request_id, refundableAt=refundable
+            )
         return None
 
     def refuse_withdraw(self, payee: str, to: str | None) -> Refusal | None:
@@ -393,11 +457,9 @@ class Model:
             return _refuse(errors.NotRequester, requestId=request_id, caller=caller)
         if not self.has_access(ds, caller, at=self.next_time):
             return _refuse(errors.NoActiveGrant, datasetId=ds, researcher=caller)
-        if digest in self.results:
+        if (request_id, digest) in self.results:
             return _refuse(
-                errors.ResultAlreadyRecorded,
-                resultHash=digest,
-                requestId=self.results[digest],
+                errors.ResultAlreadyRecorded, resultHash=digest, requestId=request_id
             )
         return None
 
@@ -518,7 +580,7 @@ class RegistryMachine(RuleBasedStateMachine):
         digest: bytes,
     ) -> None:
         pointer = f"https://site{len(self.model.datasets)}.example/cohort.parquet"
-        refusal = self.model.refuse_register(digest, fee, grant, terms)
+        refusal = self.model.refuse_register(owner, digest, fee, grant, terms)
         ds = self.attempt(
             refusal,
             lambda: self.ledger.register_dataset(
@@ -605,6 +667,12 @@ class RegistryMachine(RuleBasedStateMachine):
         refusal = self.model.owner_check(ds, caller) or self.model.config_check(
             fee, new_grant, new_terms
         )
+        if refusal is None and not new_terms & Codes.DL and d.downloads_open:
+            refusal = _refuse(
+                errors.DownloadsOutstanding,
+                datasetId=ds,
+                downloadsOpen=d.downloads_open,
+            )
         record = self.attempt(
             refusal,
             lambda: self.ledger.update_dataset(
@@ -619,6 +687,8 @@ class RegistryMachine(RuleBasedStateMachine):
         if record is not None:
             if fee != d.fee:
                 d.old_fees.append(d.fee)
+            if new_grant != d.grant_seconds:
+                d.old_grants.append(d.grant_seconds)
             d.fee, d.grant_seconds, d.terms = fee, new_grant, new_terms
             d.auto_approve = d.auto_approve if auto is None else auto
             assert (record.fee_wei, record.grant_seconds, int(record.terms)) == (
@@ -648,12 +718,14 @@ class RegistryMachine(RuleBasedStateMachine):
         ds = self.draw_dataset(data)
         d = self.model.datasets[ds]
         codes = data.draw(_fitting_codes(d.terms), label="codes")
-        self.request(ds, self.actors[researcher], codes, d.fee, d.fee)
+        self.request(ds, self.actors[researcher], codes, d.fee, d.fee, d.grant_seconds)
 
     @rule(
         data=st.data(),
         researcher=st.integers(0, 5),
-        fault=st.sampled_from(["codes", "stale fee", "wrong value", "no dataset"]),
+        fault=st.sampled_from(
+            ["codes", "stale fee", "stale grant", "wrong value", "no dataset"]
+        ),
     )
     def request_access_badly(
         self, data: st.DataObject, researcher: int, fault: str
@@ -663,7 +735,13 @@ class RegistryMachine(RuleBasedStateMachine):
         d = self.model.datasets[ds]
         codes = data.draw(_fitting_codes(d.terms), label="codes")
         agreed = value = d.fee
-        if fault == "codes":
+        seconds = d.grant_seconds
+        if fault == "stale grant":  # the owner changed the duration: bait refused
+            stale_grant = st.sampled_from([*d.old_grants, 1]).filter(
+                lambda g: g != d.grant_seconds
+            )
+            seconds = data.draw(stale_grant, label="stale grant")
+        elif fault == "codes":
             codes = data.draw(_any_codes(), label="random codes")
         elif fault == "stale fee":
             stale = st.sampled_from([*d.old_fees, d.fee + 1]).filter(
@@ -673,24 +751,26 @@ class RegistryMachine(RuleBasedStateMachine):
         elif fault == "wrong value":
             wrong = [d.fee + 1, d.fee - 1] if d.fee else [1]
             value = data.draw(st.sampled_from(wrong), label="value")
-        else:
+        elif fault == "no dataset":
             ds = len(self.model.datasets) + 1
-        self.request(ds, self.actors[researcher], codes, agreed, value)
+        self.request(ds, self.actors[researcher], codes, agreed, value, seconds)
 
-    def request(self, ds: int, who: str, codes: int, agreed: int, value: int) -> None:
+    def request(
+        self, ds: int, who: str, codes: int, agreed: int, value: int, seconds: int
+    ) -> None:
         terms = self.model.datasets[ds].terms if ds in self.model.datasets else None
         if terms is not None:
             assert permits(codes, terms) is model_permits(codes, terms), (
                 f"healthlab.permits({codes:#x}, {terms:#x}) breaks the DUO rules"
             )
-        refusal = self.model.refuse_request(ds, who, agreed, value, codes)
+        refusal = self.model.refuse_request(ds, who, agreed, value, codes, seconds)
         paid = self.views.balance(who)
         held = self.views.balance(self.ledger.address)
         if value != agreed:  # the client always pays what it agreed: go around it
 
             def send() -> int:
                 fn = self.ledger.contract.functions.requestAccess(
-                    ds, agreed, codes, b"\x01" * 32
+                    ds, agreed, seconds, codes, b"\x01" * 32
                 )
                 self.ledger.transact(fn, who, value=value)
                 return self.model.request_count + 1
@@ -699,7 +779,12 @@ class RegistryMachine(RuleBasedStateMachine):
 
             def send() -> int:
                 return self.ledger.request_access(
-                    ds, "a study", Codes(codes), fee_wei=agreed, sender=who
+                    ds,
+                    "a study",
+                    Codes(codes),
+                    fee_wei=agreed,
+                    grant_seconds=seconds,
+                    sender=who,
                 )
 
         request_id = self.attempt(refusal, send)
@@ -707,17 +792,24 @@ class RegistryMachine(RuleBasedStateMachine):
             return
         assert request_id == self.model.request_count + 1
         d, at, fee = self.model.datasets[ds], self.model.now, value
+        download = bool(codes & Codes.DL)
+        grant = d.grant_seconds
+        d.downloads_open += download
         if d.auto_approve and not d.terms & Codes.COL:
-            expires = at + d.grant_seconds
+            expires = at + grant
             record = AccessModel(
-                request_id, fee, at, expires, Status.APPROVED, bool(codes & Codes.DL)
+                request_id, fee, at, expires, grant, Status.APPROVED, download
             )
-            self.model.credit(d.owner, fee)
-            place = Held.OWNER
+            if download:  # the fee waits in escrow for the key
+                place = Held.ESCROW
+            else:
+                self.model.credit(d.owner, fee)
+                place = Held.OWNER
         else:
             record = AccessModel(
-                request_id, fee, at, 0, Status.PENDING, bool(codes & Codes.DL)
+                request_id, fee, at, 0, grant, Status.PENDING, download
             )
+            d.pending += 1
             place = Held.ESCROW
         self.model.access[(ds, who)] = record
         self.model.payments[request_id] = Payment(ds, who, fee, place)
@@ -752,17 +844,24 @@ class RegistryMachine(RuleBasedStateMachine):
             refusal = self.model.refuse_approve(ds, who, request_id, caller)
         else:
             refusal = self.model.refuse_decline(ds, who, request_id, caller)
+        owner_before = self.views.balance(d.owner)
         request = self.attempt(refusal, send)
         if request is None:
             return
         a = self.model.record(ds, who)
+        d.pending -= 1
         if approve:
-            expires = self.model.now + d.grant_seconds
+            # the grant lasts what the researcher paid for, whatever the owner set
+            expires = self.model.now + a.grant_seconds
             a = replace(a, status=Status.APPROVED, expires_at=expires)
-            self.model.credit(d.owner, a.amount)
-            payment.held = Held.OWNER
+            if not a.download:  # paid to the owner in the call
+                self.model.pay(d.owner, a.amount)
+                payment.held = Held.OWNER
+                gas = self.gas_paid() if caller == d.owner else 0
+                assert self.views.balance(d.owner) == owner_before + a.amount - gas
         else:
             a = replace(a, status=Status.DECLINED)
+            d.downloads_open -= a.download
             self.model.credit(who, a.amount)
             payment.held = Held.REFUND
         self.model.access[(ds, who)] = a
@@ -794,6 +893,9 @@ class RegistryMachine(RuleBasedStateMachine):
             return
         a = replace(self.model.record(ds, who), status=Status.CANCELLED)
         self.model.access[(ds, who)] = a
+        d = self.model.datasets[ds]
+        d.pending -= 1
+        d.downloads_open -= a.download
         self.model.credit(who, a.amount)
         payment.held = Held.REFUND
         assert request.status is Status.CANCELLED
@@ -801,7 +903,7 @@ class RegistryMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.model.payments)
     @rule(data=st.data())
     def revoke(self, data: st.DataObject) -> None:
-        _, payment = self.draw_request(data, self.requests_in(Status.APPROVED))
+        request_id, payment = self.draw_request(data, self.requests_in(Status.APPROVED))
         ds, who = payment.dataset, payment.researcher
         d = self.model.datasets[ds]
         caller = data.draw(st.one_of(st.just(d.owner), st.sampled_from(self.actors)))
@@ -810,27 +912,85 @@ class RegistryMachine(RuleBasedStateMachine):
             lambda: self.ledger.revoke(ds, who, sender=caller) or True,
         )
         if done:
-            a = replace(self.model.record(ds, who), status=Status.REVOKED)
+            before = self.model.record(ds, who)
+            a = replace(before, status=Status.REVOKED)
             self.model.access[(ds, who)] = a
+            if before.awaiting_key:  # never delivered: the fee goes back
+                d.downloads_open -= 1
+                self.model.credit(who, a.amount)
+                self.model.payments[request_id].held = Held.REFUND
             self.check_client_view(ds, who)
 
     @precondition(lambda self: self.model.payments)
     @rule(data=st.data(), size=st.sampled_from([0, 1, 129, 512, 513]))
     def release_key(self, data: st.DataObject, size: int) -> None:
         """Publish an envelope: only the owner, only for a live download grant of a
-        dataset that allows downloads; it is logged and changes no state."""
+        dataset that allows downloads; it is logged, and the first release pays the
+        owner the escrowed fee."""
         request_id, payment = self.draw_request(data, self.requests_in(Status.APPROVED))
         ds, who = payment.dataset, payment.researcher
         d = self.model.datasets[ds]
         caller = data.draw(st.one_of(st.just(d.owner), st.sampled_from(self.actors)))
         envelope = bytes([size % 251]) * size
         fn = self.ledger.contract.functions.releaseKey(ds, who, request_id, envelope)
+        owner_before = self.views.balance(d.owner)
         done = self.attempt(
             self.model.refuse_release(ds, who, request_id, size, caller),
             lambda: self.ledger.transact(fn, caller),
         )
         if done is not None:
             assert self.ledger.key_envelope(request_id) == envelope
+            a = self.model.record(ds, who)
+            paid = 0
+            if not a.key_released:
+                self.model.access[(ds, who)] = replace(a, key_released=True)
+                d.downloads_open -= 1
+                self.model.pay(d.owner, a.amount)
+                payment.held = Held.OWNER
+                paid = a.amount
+            assert self.views.balance(d.owner) == owner_before + paid - self.gas_paid()
+
+    @precondition(lambda self: self.model.payments)
+    @rule(data=st.data())
+    def refund_download(self, data: st.DataObject) -> None:
+        """Take back an undelivered download's fee: its researcher after the
+        timeout (or once the grant is not live), its owner at any time."""
+        waiting = sorted(
+            a.request_id for a in self.model.access.values() if a.awaiting_key
+        )
+        request_id, payment = self.draw_request(data, waiting)
+        ds, who = payment.dataset, payment.researcher
+        d = self.model.datasets[ds]
+        caller = data.draw(
+            st.one_of(st.just(who), st.just(d.owner), st.sampled_from(self.actors))
+        )
+        done = self.attempt(
+            self.model.refuse_refund(ds, who, request_id, caller),
+            lambda: self.ledger.refund_download(request_id, sender=caller),
+        )
+        if done is None:
+            return
+        a = self.model.record(ds, who)
+        self.model.access[(ds, who)] = replace(a, status=Status.CANCELLED)
+        d.downloads_open -= 1
+        self.model.credit(who, a.amount)
+        payment.held = Held.REFUND
+        assert done.status is Status.CANCELLED
+
+    @rule(data=st.data(), cap=st.sampled_from([0, 1, 2, 3, 64]))
+    def set_max_pending(self, data: st.DataObject, cap: int) -> None:
+        ds = self.draw_dataset(data)
+        d = self.model.datasets[ds]
+        caller = data.draw(st.one_of(st.just(d.owner), st.sampled_from(self.actors)))
+        refusal = self.model.owner_check(ds, caller)
+        if refusal is None and cap == 0:
+            refusal = _refuse(errors.InvalidMaxPending)
+        record = self.attempt(
+            refusal, lambda: self.ledger.set_max_pending(ds, cap, sender=caller)
+        )
+        if record is not None:
+            d.max_pending = cap
+            assert record.max_pending == cap
 
     @precondition(lambda self: self.model.payments)
     @rule(data=st.data(), reuse=st.booleans())
@@ -838,8 +998,10 @@ class RegistryMachine(RuleBasedStateMachine):
         request_id, payment = self.draw_request(data, self.requests_in(Status.APPROVED))
         ds, who = payment.dataset, payment.researcher
         caller = data.draw(st.one_of(st.just(who), st.sampled_from(self.actors)))
-        if reuse and self.model.results:
-            digest = data.draw(st.sampled_from(sorted(self.model.results)))
+        if reuse and self.model.results:  # anyone's digest: a copy cannot block
+            digest = data.draw(
+                st.sampled_from(sorted(d for _, d in self.model.results))
+            )
         else:
             digest = self.fresh_hash()
         done = self.attempt(
@@ -847,8 +1009,11 @@ class RegistryMachine(RuleBasedStateMachine):
             lambda: self.ledger.record_result(request_id, digest, sender=caller),
         )
         if done is not None:
-            self.model.results[digest] = request_id
-            assert self.ledger.result_request(digest) == request_id
+            self.model.results.add((request_id, digest))
+        # anchored or not, the chain agrees with the model for this request
+        assert self.ledger.result_recorded(request_id, digest) is (
+            (request_id, digest) in self.model.results
+        )
 
     @rule(
         data=st.data(),
@@ -947,7 +1112,11 @@ class RegistryMachine(RuleBasedStateMachine):
             else a.created_at + self.model.timeout
             for a in self.model.access.values()
             if a.status in (Status.APPROVED, Status.PENDING)
-        )
+        ) + [  # when an undelivered download's fee may be taken back
+            a.expires_at - a.grant_seconds + self.model.timeout
+            for a in self.model.access.values()
+            if a.awaiting_key
+        ]
         edge = data.draw(st.sampled_from(edges), label="edge")
         target = max(self.model.now + 1, edge + offset)
         assert self.ledger.advance_time(target - self.model.now) == target
@@ -972,7 +1141,7 @@ class RegistryMachine(RuleBasedStateMachine):
                 record = m.record(ds, who)
                 on_chain = view("getAccess", ds, who)
                 assert on_chain == record.as_chain(), f"access of {who} on {ds}"
-                if record.status is Status.PENDING:
+                if record.status is Status.PENDING or record.awaiting_key:
                     escrowed += on_chain[1]
                 assert view("hasAccess", ds, who) is m.has_access(ds, who), (
                     f"hasAccess({ds}, {who}) at t={m.now}: model says "
@@ -993,7 +1162,8 @@ class RegistryMachine(RuleBasedStateMachine):
         for request_id, p in m.payments.items():
             if p.held is Held.ESCROW:
                 a = m.record(p.dataset, p.researcher)
-                assert (a.request_id, a.status) == (request_id, Status.PENDING)
+                assert a.request_id == request_id
+                assert a.status is Status.PENDING or a.awaiting_key
                 in_escrow += p.amount
             elif p.held is Held.OWNER:
                 due[m.datasets[p.dataset].owner] += p.amount
@@ -1001,7 +1171,9 @@ class RegistryMachine(RuleBasedStateMachine):
             else:
                 due[p.researcher] += p.amount
                 refunded += p.amount
-        assert in_escrow == escrowed, "escrow on chain != fees of pending requests"
+        assert in_escrow == escrowed, (
+            "escrow on chain != fees of pending requests and undelivered downloads"
+        )
         assert in_escrow + earned + refunded == m.paid_in
         for who in self.actors:
             assert credits[who] + m.withdrawn.get(who, 0) == due[who], (
@@ -1015,7 +1187,7 @@ def _faulty(
 ) -> tuple[int, T | int, T | int]:
     """Break one field of a dataset configuration (``None`` keeps all fields)."""
     if fault == "fee":
-        return 1 << 96, grant, terms
+        return 1 << 88, grant, terms
     if fault == "grant":
         return fee, 0, terms
     if fault == "purpose":

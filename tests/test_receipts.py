@@ -122,10 +122,8 @@ def test_anchored_receipt_verifies_against_the_chain(
     anchors = receipt.anchor(study.ledger, sender=study.researcher)
     assert [a["request_id"] for a in anchors] == list(study.requests)
     for request_id in study.requests:
-        recorded = study.ledger.result_request(
-            anchor_hash(receipt["receipt_hash"], request_id)
-        )
-        assert recorded == request_id
+        digest = anchor_hash(receipt["receipt_hash"], request_id)
+        assert study.ledger.result_recorded(request_id, digest)
     report = verify(receipt, table, study.ledger)
     assert report.ok, report.problems
     assert report.problems == []
@@ -326,7 +324,7 @@ def test_anchoring_keeps_what_landed_when_a_grant_refuses(
     assert [a["request_id"] for a in receipt["anchors"]] == requests[:-1]
     for request_id in requests[:-1]:
         digest = anchor_hash(receipt["receipt_hash"], request_id)
-        assert study.ledger.result_request(digest) == request_id
+        assert study.ledger.result_recorded(request_id, digest)
     # anchoring again is safe: the landed anchors are recognised, not re-sent
     with pytest.raises(healthlab.errors.NoActiveGrant):
         receipt.anchor(study.ledger)

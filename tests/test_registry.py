@@ -85,7 +85,7 @@ def counters(ledger: Ledger) -> tuple[int, int]:
 def payee_request(ledger: Ledger, payee: Any, dataset: int, funder: str) -> int:
     """Have a payee contract request ``dataset`` (paying FEE); return the request id."""
     receipt = ledger.transact(
-        payee.functions.request(dataset, HMB_NCU, PURPOSE), funder, value=FEE
+        payee.functions.request(dataset, GRANT, HMB_NCU, PURPOSE), funder, value=FEE
     )
     (requested,) = logs(ledger, receipt, "AccessRequested")
     assert requested["researcher"] == payee.address
@@ -237,7 +237,7 @@ def test_request_after_a_fee_change_in_the_same_block_reverts_with_fee_changed(
     with auto_mining_off(ledger) as tester:
         update = functions.updateDataset(dataset, 2 * FEE, GRANT, HMB_NCU, False)
         update_hash = update.transact({"from": owner, "gas": GAS})
-        request = functions.requestAccess(dataset, FEE, HMB_NCU, PURPOSE)
+        request = functions.requestAccess(dataset, FEE, GRANT, HMB_NCU, PURPOSE)
         request_hash = request.transact({"from": researcher, "gas": GAS, "value": FEE})
         tester.mine_blocks(1)
     update_receipt = ledger.w3.eth.get_transaction_receipt(update_hash)
@@ -266,7 +266,7 @@ def test_request_before_a_fee_change_in_the_same_block_keeps_the_old_fee(
     functions = ledger.contract.functions
     researcher_before = ledger.balance(researcher)
     with auto_mining_off(ledger) as tester:
-        request = functions.requestAccess(dataset, FEE, HMB_NCU, PURPOSE)
+        request = functions.requestAccess(dataset, FEE, GRANT, HMB_NCU, PURPOSE)
         request_hash = request.transact({"from": researcher, "gas": GAS, "value": FEE})
         update = functions.updateDataset(dataset, 2 * FEE, GRANT, HMB_NCU, False)
         update_hash = update.transact({"from": owner, "gas": GAS})
@@ -282,10 +282,12 @@ def test_request_before_a_fee_change_in_the_same_block_keeps_the_old_fee(
     assert ledger.balance(ledger.address) == FEE
     assert ledger.dataset(dataset).fee_wei == 2 * FEE
     assert ledger.access(dataset, researcher).amount_wei == FEE
+    owner_before = ledger.balance(owner)
     ledger.approve(requested["requestId"], sender=owner)
-    assert ledger.credit(owner) == FEE, (
-        "the owner must earn the fee agreed, not the new"
-    )
+    (paid,) = logs(ledger, ledger.last_receipt, "FeePaid")
+    assert paid["amount"] == FEE, "the owner must earn the fee agreed, not the new"
+    assert ledger.balance(owner) == owner_before + FEE - gas_cost(ledger.last_receipt)
+    assert ledger.credit(owner) == 0 and ledger.balance(ledger.address) == 0
 
 
 def test_client_raises_fee_changed_for_a_fee_change_earlier_in_the_same_block(
@@ -363,7 +365,7 @@ class Scene:
         purpose: bytes = PURPOSE,
     ) -> Any:
         dataset = self.dataset if dataset is None else dataset
-        return self.functions.requestAccess(dataset, agreed, codes, purpose)
+        return self.functions.requestAccess(dataset, agreed, GRANT, codes, purpose)
 
 
 #: (build(scene) -> (call, sender role, value, expected values), expected error)
@@ -399,7 +401,7 @@ BAD_CALLS: list[Any] = [
             s.register(
                 digest=bytes.fromhex(s.ledger.dataset(s.dataset).content_hash[2:])
             ),
-            "researcher",
+            "owner",  # the owner's own second registration (another owner's is fine)
             0,
             {
                 "contentHash": bytes.fromhex(
@@ -623,9 +625,12 @@ def test_pointer_of_exactly_512_bytes_is_accepted(ledger: Ledger, owner: str) ->
     assert ledger.dataset(ds).pointer == pointer
 
 
-def test_fee_of_2_to_the_96_minus_1_is_accepted(ledger: Ledger, owner: str) -> None:
-    ds = ledger.register_dataset(URI, content_hash(), fee_wei=2**96 - 1, sender=owner)
-    assert ledger.dataset(ds).fee_wei == 2**96 - 1
+def test_fee_of_2_to_the_88_minus_1_is_accepted(ledger: Ledger, owner: str) -> None:
+    ds = ledger.register_dataset(URI, content_hash(), fee_wei=2**88 - 1, sender=owner)
+    assert ledger.dataset(ds).fee_wei == 2**88 - 1
+    with pytest.raises(errors.FeeTooLarge) as caught:
+        ledger.register_dataset(URI, content_hash(), fee_wei=2**88, sender=owner)
+    assert values(caught) == {"fee": 2**88}
 
 
 def test_client_decodes_a_view_revert_into_its_named_error(ledger: Ledger) -> None:
@@ -870,9 +875,10 @@ def test_request_state_machine_for_one_researcher(
         Status.PENDING,
     ]
     assert third == second + 1
-    # one refund (declined) and one earned fee (approved); the third is in escrow
-    assert (ledger.credit(researcher), ledger.credit(owner)) == (FEE, FEE)
-    assert ledger.balance(ledger.address) == 3 * FEE
+    # one refund (declined) and one fee paid to the owner on approval; the third
+    # is in escrow
+    assert (ledger.credit(researcher), ledger.credit(owner)) == (FEE, 0)
+    assert ledger.balance(ledger.address) == 2 * FEE
 
 
 def test_a_superseded_request_id_cannot_be_approved(
@@ -911,8 +917,8 @@ def test_result_is_anchored_once_and_only_under_a_live_grant(
             "resultHash": bytes.fromhex("ab" * 32),
         }
     ]
-    assert ledger.result_request(result) == req
-    assert ledger.result_request("0x" + "cd" * 32) is None
+    assert ledger.result_recorded(req, result)
+    assert not ledger.result_recorded(req, "0x" + "cd" * 32)
 
     with pytest.raises(errors.ResultAlreadyRecorded) as again:
         ledger.record_result(req, result, sender=researcher)
@@ -925,7 +931,7 @@ def test_result_is_anchored_once_and_only_under_a_live_grant(
     with pytest.raises(errors.NoActiveGrant) as revoked:
         ledger.record_result(req, "0x" + "cd" * 32, sender=researcher)
     assert values(revoked) == {"datasetId": dataset, "researcher": researcher}
-    assert ledger.result_request("0x" + "cd" * 32) is None
+    assert not ledger.result_recorded(req, "0x" + "cd" * 32)
 
 
 # ------------------------------------------------------------------ zero fee
@@ -940,7 +946,7 @@ def test_zero_fee_dataset_flows_without_credits(
     ledger.approve(req, sender=owner)
     assert ledger.has_access(ds, researcher) is True
     ledger.record_result(req, "0x" + "ef" * 32, sender=researcher)
-    assert ledger.result_request("0x" + "ef" * 32) == req
+    assert ledger.result_recorded(req, "0x" + "ef" * 32)
 
     assert [ledger.credit(a) for a in (owner, researcher, stranger)] == [0, 0, 0]
     assert ledger.balance(ledger.address) == 0

@@ -11,7 +11,12 @@ pragma solidity 0.8.37;
 ///      which keeps `hasAccess` a single storage read and a request a single new slot.
 ///      Every request still gets a global, sequential id; calls that act on a request
 ///      name that id so an owner can never approve a different request than the one
-///      they reviewed. Payments are pull payments (`withdraw`).
+///      they reviewed. What the researcher paid for is fixed by the request: the fee
+///      and the grant's duration. A compute grant's fee goes to the owner when they
+///      approve (paid to them in that call); a download grant's fee stays in escrow
+///      until the owner releases the key, and comes back to the researcher if it is
+///      not released within `requestTimeout` of the approval. Refunds and
+///      auto-approved earnings are pull payments (`withdraw`).
 contract HealthLabRegistry {
     // ------------------------------------------------------------------ use terms
     // Purpose / permission codes (GA4GH DUO-style). A dataset's terms list the purposes it
@@ -59,27 +64,39 @@ contract HealthLabRegistry {
         Revoked
     }
 
-    /// @notice A registered dataset. Packed: slot 0 = owner + fee, slot 1 = terms and flags.
+    /// @notice A registered dataset. Packed: slot 0 = owner + fee, slot 1 = terms, flags
+    ///         and counters.
+    /// @dev `pending`: requests waiting for a decision (at most `maxPending`).
+    ///      `downloadsOpen`: download requests pending, and download grants whose key
+    ///      has not been released; while any is open, `DL` stays in the terms.
     struct Dataset {
         address owner;
-        uint96 fee;
+        uint88 fee;
         uint32 grantSeconds;
         uint32 terms;
         bool autoApprove;
         bool active;
+        uint16 pending;
+        uint16 maxPending;
+        uint32 downloadsOpen;
         bytes32 contentHash;
         string pointer;
     }
 
     /// @notice The current request or grant of one researcher on one dataset (one slot).
-    /// @dev `download`: the request asked for (and a grant allows) downloading the content.
+    /// @dev `grantSeconds`: the grant's duration as it stood when the researcher paid;
+    ///      the grant, when approved, runs that long whatever the dataset says later.
+    ///      `download`: the request asked for (and a grant allows) downloading the content.
+    ///      `keyReleased`: the owner released a download grant's key (and was paid).
     struct Access {
-        uint64 requestId;
-        uint96 amount;
-        uint40 createdAt;
+        uint40 requestId;
+        uint88 amount;
+        uint32 createdAt;
         uint40 expiresAt;
+        uint32 grantSeconds;
         Status status;
         bool download;
+        bool keyReleased;
     }
 
     /// @notice The public keys of the site that holds a dataset (three slots: two 32-byte
@@ -100,19 +117,28 @@ contract HealthLabRegistry {
     /// @dev Length of an uncompressed SEC1 P-384 point: 0x04 || X (48 bytes) || Y (48 bytes).
     uint256 internal constant NODE_KEY_LENGTH = 97;
 
-    /// @notice Seconds after which a researcher may cancel an unanswered request.
+    /// @notice Seconds after which a researcher may cancel an unanswered request, and
+    ///         take back the fee of a download grant whose key was not released.
     uint256 public immutable requestTimeout;
+
+    /// @notice How many requests may wait for a decision on a dataset, until its owner
+    ///         sets another cap (`setMaxPending`).
+    uint16 public constant DEFAULT_MAX_PENDING = 64;
 
     /// @dev Both counters share one slot, so the first request does not pay for a new slot.
     uint64 public datasetCount;
     uint64 public requestCount;
     mapping(uint256 datasetId => Dataset) internal _datasets;
-    mapping(bytes32 contentHash => uint256 datasetId) public datasetByContentHash;
+    /// @notice The dataset an owner registered with a content hash (0: none). The same
+    ///         content may be registered by several owners; each owner once.
+    mapping(address owner => mapping(bytes32 contentHash => uint256 datasetId)) public datasetOf;
     mapping(uint256 datasetId => mapping(address researcher => Access)) internal _access;
     /// @notice Withdrawable balance of each payee (owners' earnings, researchers' refunds).
     mapping(address payee => uint256) public credits;
-    /// @notice The request each anchored result hash was recorded against (0: none).
-    mapping(bytes32 resultHash => uint256 requestId) public resultRequest;
+    /// @dev Anchored results, keyed by keccak256(requestId, resultHash): only the
+    ///      request's researcher can anchor under it, so a copied digest can neither
+    ///      block nor impersonate another researcher's anchor.
+    mapping(bytes32 anchor => bool) internal _anchored;
     /// @dev The site keys each dataset's owner bound last (see `siteKeys`).
     mapping(uint256 datasetId => SiteKeys) internal _siteKeys;
 
@@ -170,6 +196,12 @@ contract HealthLabRegistry {
     event RequestCancelled(uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher);
     event AccessRevoked(uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher);
     event Withdrawal(address indexed payee, address indexed to, uint256 amount);
+    /// @notice A fee paid straight to the owner (when they approve, or release a key).
+    event FeePaid(uint256 indexed requestId, address indexed owner, uint256 amount);
+    /// @notice A download grant whose key was not released in time ended; its fee was
+    ///         credited back to the researcher.
+    event DownloadRefunded(uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher);
+    event MaxPendingSet(uint256 indexed datasetId, uint16 maxPending);
     event ResultRecorded(
         uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher, bytes32 resultHash
     );
@@ -209,6 +241,7 @@ contract HealthLabRegistry {
     error PurposeNotPermitted(uint32 codes, uint32 terms);
     error DatasetInactive(uint256 datasetId);
     error FeeChanged(uint256 agreedFee, uint256 currentFee);
+    error GrantDurationChanged(uint32 agreedSeconds, uint32 currentSeconds);
     error WrongPayment(uint256 expected, uint256 sent);
     error RequestAlreadyOpen(uint256 requestId);
     error AccessAlreadyGranted(uint256 requestId, uint40 expiresAt);
@@ -234,6 +267,11 @@ contract HealthLabRegistry {
     error EmptyName();
     error InvalidPrivacyBudget();
     error SpendDecreased(uint256 requestId);
+    error TooManyPending(uint256 datasetId, uint16 maxPending);
+    error InvalidMaxPending();
+    error DownloadsOutstanding(uint256 datasetId, uint32 downloadsOpen);
+    error NotAwaitingKey(uint256 requestId);
+    error TooEarlyToRefund(uint256 requestId, uint256 refundableAt);
 
     // ----------------------------------------------------------------- modifiers
     modifier nonReentrant() {
@@ -256,7 +294,8 @@ contract HealthLabRegistry {
     // ------------------------------------------------------------------ datasets
     /// @notice Register a dataset you hold.
     /// @param pointer where the (possibly encrypted) content lives: `https://…` or `ipfs://…`.
-    /// @param contentHash sha256 of the content; one registration per content hash.
+    /// @param contentHash sha256 of the content; one registration per owner and content
+    ///        hash (another owner registering the same content does not block yours).
     /// @param fee wei a researcher pays per request (escrowed until a decision).
     /// @param grantSeconds how long an approved grant lasts.
     /// @param terms permitted purposes and requirements (see the code constants).
@@ -272,34 +311,41 @@ contract HealthLabRegistry {
     ) external returns (uint256 datasetId) {
         _checkPointer(pointer);
         if (contentHash == bytes32(0)) revert ZeroContentHash();
-        uint256 existing = datasetByContentHash[contentHash];
+        uint256 existing = datasetOf[msg.sender][contentHash];
         if (existing != 0) revert DuplicateDataset(contentHash, existing);
         _checkConfig(fee, grantSeconds, terms);
         uint64 id = ++datasetCount;
         datasetId = id;
         _datasets[id] = Dataset({
             owner: msg.sender,
-            fee: uint96(fee),
+            fee: uint88(fee),
             grantSeconds: grantSeconds,
             terms: terms,
             autoApprove: autoApprove,
             active: true,
+            pending: 0,
+            maxPending: DEFAULT_MAX_PENDING,
+            downloadsOpen: 0,
             contentHash: contentHash,
             pointer: pointer
         });
-        datasetByContentHash[contentHash] = datasetId;
+        datasetOf[msg.sender][contentHash] = datasetId;
         emit DatasetRegistered(datasetId, msg.sender, contentHash, pointer, fee, grantSeconds, terms, autoApprove);
     }
 
     /// @notice Change a dataset's fee, grant duration, terms and auto-approval at once.
-    /// @dev Pending requests keep the fee they paid; new requests must name the new fee.
+    /// @dev Requests made before keep the fee and grant duration they paid for; new
+    ///      requests must name the new fee. `DL` cannot leave the terms while download
+    ///      requests or unreleased download grants are open (`DownloadsOutstanding`).
     function updateDataset(uint256 datasetId, uint256 fee, uint32 grantSeconds, uint32 terms, bool autoApprove)
         external
         onlyOwner(datasetId)
     {
         _checkConfig(fee, grantSeconds, terms);
         Dataset storage d = _datasets[datasetId];
-        d.fee = uint96(fee);
+        uint32 open = d.downloadsOpen;
+        if (terms & DL == 0 && open != 0) revert DownloadsOutstanding(datasetId, open);
+        d.fee = uint88(fee);
         d.grantSeconds = grantSeconds;
         d.terms = terms;
         d.autoApprove = autoApprove;
@@ -312,6 +358,15 @@ contract HealthLabRegistry {
         Dataset storage d = _datasets[datasetId];
         d.active = active;
         emit DatasetUpdated(datasetId, d.fee, d.grantSeconds, d.terms, d.autoApprove, active);
+    }
+
+    /// @notice Cap the requests that may wait for your decision on a dataset (at least 1);
+    ///         a request over the cap reverts with `TooManyPending`. Decline or let
+    ///         requests be cancelled to make room.
+    function setMaxPending(uint256 datasetId, uint16 maxPending) external onlyOwner(datasetId) {
+        if (maxPending == 0) revert InvalidMaxPending();
+        _datasets[datasetId].maxPending = maxPending;
+        emit MaxPendingSet(datasetId, maxPending);
     }
 
     // ----------------------------------------------------------------- site keys
@@ -340,26 +395,21 @@ contract HealthLabRegistry {
     /// @notice Ask for access to a dataset and pay its fee into escrow.
     /// @param datasetId the dataset.
     /// @param agreedFee the fee you saw; the call reverts with `FeeChanged` if it differs.
+    /// @param agreedSeconds the grant duration you saw; the call reverts with
+    ///        `GrantDurationChanged` if it differs. The grant, when approved, lasts this long.
     /// @param codes purposes pursued and requirements attested (see the code constants).
     /// @param purposeHash keccak256 of the free-text purpose; the text stays off chain.
     /// @return requestId the new request's id; granted at once when the dataset auto-approves.
-    function requestAccess(uint256 datasetId, uint256 agreedFee, uint32 codes, bytes32 purposeHash)
-        external
-        payable
-        returns (uint256 requestId)
-    {
+    function requestAccess(
+        uint256 datasetId,
+        uint256 agreedFee,
+        uint32 agreedSeconds,
+        uint32 codes,
+        bytes32 purposeHash
+    ) external payable returns (uint256 requestId) {
         Dataset storage d = _datasets[datasetId];
-        address owner = d.owner;
-        if (owner == address(0)) revert UnknownDataset(datasetId);
-        if (!d.active) revert DatasetInactive(datasetId);
-        uint256 fee = d.fee;
-        if (agreedFee != fee) revert FeeChanged(agreedFee, fee);
-        if (msg.value != fee) revert WrongPayment(fee, msg.value);
-        if (purposeHash == bytes32(0)) revert ZeroPurposeHash();
-        uint32 terms = d.terms;
-        if (codes & DL != 0 && terms & DL == 0) revert DownloadNotPermitted(datasetId);
-        if (!_permits(codes, terms)) revert PurposeNotPermitted(codes, terms);
-
+        _checkRequest(d, datasetId, agreedFee, codes, purposeHash);
+        if (agreedSeconds != d.grantSeconds) revert GrantDurationChanged(agreedSeconds, d.grantSeconds);
         Access storage a = _access[datasetId][msg.sender];
         Status status = a.status;
         if (status == Status.Pending) revert RequestAlreadyOpen(a.requestId);
@@ -367,39 +417,55 @@ contract HealthLabRegistry {
             revert AccessAlreadyGranted(a.requestId, a.expiresAt);
         }
 
-        uint64 id = ++requestCount;
-        requestId = id;
-        emit AccessRequested(id, datasetId, msg.sender, codes, purposeHash, fee);
-        if (d.autoApprove && (terms & COL) == 0) {
-            uint40 expiresAt = uint40(block.timestamp + d.grantSeconds);
-            _access[datasetId][msg.sender] =
-                Access(id, uint96(fee), uint40(block.timestamp), expiresAt, Status.Approved, codes & DL != 0);
-            if (fee != 0) credits[owner] += fee;
-            emit AccessGranted(id, datasetId, msg.sender, expiresAt, true);
+        requestId = ++requestCount;
+        bool download = codes & DL != 0;
+        uint256 fee = d.fee;
+        uint40 expiresAt;
+        emit AccessRequested(requestId, datasetId, msg.sender, codes, purposeHash, fee);
+        if (download) ++d.downloadsOpen;
+        if (d.autoApprove && (d.terms & COL) == 0) {
+            status = Status.Approved;
+            expiresAt = uint40(block.timestamp + d.grantSeconds);
+            // a download's fee waits in escrow for the key
+            if (fee != 0 && !download) credits[d.owner] += fee;
+            emit AccessGranted(requestId, datasetId, msg.sender, expiresAt, true);
         } else {
-            _access[datasetId][msg.sender] =
-                Access(id, uint96(fee), uint40(block.timestamp), 0, Status.Pending, codes & DL != 0);
+            status = Status.Pending;
+            uint16 pending = d.pending;
+            if (pending >= d.maxPending) revert TooManyPending(datasetId, d.maxPending);
+            d.pending = pending + 1;
         }
+        _access[datasetId][msg.sender] = Access(
+            uint40(requestId), uint88(fee), uint32(block.timestamp), expiresAt, d.grantSeconds, status, download, false
+        );
     }
 
-    /// @notice Approve a pending request: a grant until now + the dataset's duration; the
-    ///         escrowed fee becomes withdrawable by the owner.
-    function approve(uint256 datasetId, address researcher, uint256 requestId) external onlyOwner(datasetId) {
+    /// @notice Approve a pending request: a grant for the duration the researcher paid for,
+    ///         from now. A compute grant's fee is paid to you in this call (credited to you
+    ///         instead if your address rejects it); a download grant's fee stays in escrow
+    ///         until you release the key (`releaseKey`).
+    function approve(uint256 datasetId, address researcher, uint256 requestId)
+        external
+        onlyOwner(datasetId)
+        nonReentrant
+    {
         Dataset storage d = _datasets[datasetId];
         if (!d.active) revert DatasetInactive(datasetId);
         Access storage a = _pending(datasetId, researcher, requestId);
-        uint40 expiresAt = uint40(block.timestamp + d.grantSeconds);
+        uint40 expiresAt = uint40(block.timestamp + a.grantSeconds);
         a.status = Status.Approved;
         a.expiresAt = expiresAt;
-        uint256 amount = a.amount;
-        if (amount != 0) credits[d.owner] += amount;
+        --d.pending;
         emit AccessGranted(requestId, datasetId, researcher, expiresAt, false);
+        uint256 amount = a.amount;
+        if (amount != 0 && !a.download) _payOwner(requestId, amount);
     }
 
     /// @notice Decline a pending request; the escrowed fee becomes withdrawable by the researcher.
     function decline(uint256 datasetId, address researcher, uint256 requestId) external onlyOwner(datasetId) {
         Access storage a = _pending(datasetId, researcher, requestId);
         a.status = Status.Declined;
+        _closeRequest(_datasets[datasetId], a);
         uint256 amount = a.amount;
         if (amount != 0) credits[researcher] += amount;
         emit AccessDeclined(requestId, datasetId, researcher);
@@ -416,12 +482,15 @@ contract HealthLabRegistry {
             revert TooEarlyToCancel(requestId, cancellableAt);
         }
         a.status = Status.Cancelled;
+        _closeRequest(_datasets[datasetId], a);
         uint256 amount = a.amount;
         if (amount != 0) credits[msg.sender] += amount;
         emit RequestCancelled(requestId, datasetId, msg.sender);
     }
 
-    /// @notice Revoke a researcher's live grant at once. The fee already earned stays earned.
+    /// @notice Revoke a researcher's live grant at once. The fee already earned stays
+    ///         earned; the fee of a download grant whose key you never released goes back
+    ///         to the researcher.
     function revoke(uint256 datasetId, address researcher) external onlyOwner(datasetId) {
         Access storage a = _access[datasetId][researcher];
         if (a.status != Status.Approved || block.timestamp >= a.expiresAt) {
@@ -429,25 +498,54 @@ contract HealthLabRegistry {
         }
         a.status = Status.Revoked;
         emit AccessRevoked(a.requestId, datasetId, researcher);
+        if (a.download && !a.keyReleased) _refundDownload(datasetId, a, researcher);
+    }
+
+    /// @notice End a download grant whose key was not released, crediting its fee back
+    ///         to the researcher. The researcher may, once `requestTimeout` has passed
+    ///         since the approval, or at once when the grant is no longer live (expired,
+    ///         or the dataset closed); the owner may at any time (giving up the fee).
+    ///         The grant ends (`Cancelled`).
+    function refundDownload(uint256 datasetId, address researcher, uint256 requestId) external {
+        Access storage a = _access[datasetId][researcher];
+        if (a.requestId != requestId || requestId == 0) revert UnknownRequest(requestId);
+        bool owner = _datasets[datasetId].owner == msg.sender;
+        if (msg.sender != researcher && !owner) revert NotRequester(requestId, msg.sender);
+        if (a.status != Status.Approved || !a.download || a.keyReleased) revert NotAwaitingKey(requestId);
+        uint256 refundableAt = uint256(a.expiresAt) - a.grantSeconds + requestTimeout;
+        if (!owner && block.timestamp < refundableAt && _live(datasetId, a)) {
+            revert TooEarlyToRefund(requestId, refundableAt);
+        }
+        a.status = Status.Cancelled;
+        _refundDownload(datasetId, a, researcher);
     }
 
     /// @notice Publish the dataset's data key for a researcher's live download grant,
     ///         encrypted to that researcher's public key (see `KeyReleased`). Only the
     ///         owner can; a revoked or expired grant, a compute-only grant or a dataset
-    ///         that no longer allows downloads gets no envelope.
+    ///         that no longer allows downloads gets no envelope. The first release pays
+    ///         you the grant's escrowed fee (credited instead if your address rejects it).
     /// @param requestId the grant's request id: an envelope is always for one grant.
     /// @param envelope the wrapped key (1 to `MAX_ENVELOPE` bytes); only logged, never stored.
     function releaseKey(uint256 datasetId, address researcher, uint256 requestId, bytes calldata envelope)
         external
         onlyOwner(datasetId)
+        nonReentrant
     {
         if (envelope.length == 0 || envelope.length > MAX_ENVELOPE) revert InvalidEnvelope(envelope.length);
         Access storage a = _access[datasetId][researcher];
         if (a.requestId != requestId || requestId == 0) revert UnknownRequest(requestId);
         if (!_live(datasetId, a)) revert NoActiveGrant(datasetId, researcher);
         if (!a.download) revert NotADownloadGrant(requestId);
-        if (_datasets[datasetId].terms & DL == 0) revert DownloadNotPermitted(datasetId);
+        Dataset storage d = _datasets[datasetId];
+        if (d.terms & DL == 0) revert DownloadNotPermitted(datasetId);
         emit KeyReleased(requestId, datasetId, researcher, envelope);
+        if (!a.keyReleased) {
+            a.keyReleased = true;
+            --d.downloadsOpen;
+            uint256 amount = a.amount;
+            if (amount != 0) _payOwner(requestId, amount);
+        }
     }
 
     // ------------------------------------------------------------------ payments
@@ -465,16 +563,23 @@ contract HealthLabRegistry {
     }
 
     // ------------------------------------------------------------------- results
-    /// @notice Anchor the hash of a result computed under your live grant.
+    /// @notice Anchor the hash of a result computed under your live grant. Anchors are
+    ///         per request: another researcher recording the same hash under their own
+    ///         grant neither blocks nor replaces yours.
     function recordResult(uint256 datasetId, uint256 requestId, bytes32 resultHash) external {
         if (resultHash == bytes32(0)) revert ZeroResultHash();
         Access storage a = _access[datasetId][msg.sender];
         if (a.requestId != requestId || requestId == 0) revert NotRequester(requestId, msg.sender);
         if (!_live(datasetId, a)) revert NoActiveGrant(datasetId, msg.sender);
-        uint256 existing = resultRequest[resultHash];
-        if (existing != 0) revert ResultAlreadyRecorded(resultHash, existing);
-        resultRequest[resultHash] = requestId;
+        bytes32 anchor = keccak256(abi.encode(requestId, resultHash));
+        if (_anchored[anchor]) revert ResultAlreadyRecorded(resultHash, requestId);
+        _anchored[anchor] = true;
         emit ResultRecorded(requestId, datasetId, msg.sender, resultHash);
+    }
+
+    /// @notice Whether `resultHash` was anchored under request `requestId` (by its researcher).
+    function resultRecorded(uint256 requestId, bytes32 resultHash) external view returns (bool) {
+        return _anchored[keccak256(abi.encode(requestId, resultHash))];
     }
 
     // --------------------------------------------------------- the shared query log
@@ -588,6 +693,48 @@ contract HealthLabRegistry {
         if (!ok) revert PaymentFailed(to, amount);
     }
 
+    /// @dev Pay the caller (the dataset's owner, checked by the caller of this) a fee
+    ///      straight away; an address that rejects ether is credited instead, so the owner
+    ///      can never block their own decision. Callers are `nonReentrant`.
+    function _payOwner(uint256 requestId, uint256 amount) internal {
+        (bool ok,) = payable(msg.sender).call{value: amount}("");
+        if (ok) {
+            emit FeePaid(requestId, msg.sender, amount);
+        } else {
+            credits[msg.sender] += amount;
+        }
+    }
+
+    /// @dev A pending request leaves the queue (declined or cancelled).
+    function _closeRequest(Dataset storage d, Access storage a) internal {
+        --d.pending;
+        if (a.download) --d.downloadsOpen;
+    }
+
+    /// @dev An unreleased download grant ends: its escrowed fee is credited back.
+    function _refundDownload(uint256 datasetId, Access storage a, address researcher) internal {
+        --_datasets[datasetId].downloadsOpen;
+        uint256 amount = a.amount;
+        if (amount != 0) credits[researcher] += amount;
+        emit DownloadRefunded(a.requestId, datasetId, researcher);
+    }
+
+    /// @dev What a request must satisfy before anything is paid or stored.
+    function _checkRequest(Dataset storage d, uint256 datasetId, uint256 agreedFee, uint32 codes, bytes32 purposeHash)
+        internal
+        view
+    {
+        if (d.owner == address(0)) revert UnknownDataset(datasetId);
+        if (!d.active) revert DatasetInactive(datasetId);
+        uint256 fee = d.fee;
+        if (agreedFee != fee) revert FeeChanged(agreedFee, fee);
+        if (msg.value != fee) revert WrongPayment(fee, msg.value);
+        if (purposeHash == bytes32(0)) revert ZeroPurposeHash();
+        uint32 terms = d.terms;
+        if (codes & DL != 0 && terms & DL == 0) revert DownloadNotPermitted(datasetId);
+        if (!_permits(codes, terms)) revert PurposeNotPermitted(codes, terms);
+    }
+
     function _pending(uint256 datasetId, address researcher, uint256 requestId)
         internal
         view
@@ -609,7 +756,7 @@ contract HealthLabRegistry {
     }
 
     function _checkConfig(uint256 fee, uint32 grantSeconds, uint32 terms) internal pure {
-        if (fee > type(uint96).max) revert FeeTooLarge(fee);
+        if (fee > type(uint88).max) revert FeeTooLarge(fee);
         if (grantSeconds == 0) revert InvalidGrantDuration(grantSeconds);
         if (terms & ~KNOWN_CODES != 0) revert UnknownCodes(terms);
         if (terms & PURPOSES == 0) revert NoPurpose();

@@ -4,10 +4,22 @@ pragma solidity 0.8.37;
 /// @dev TEST ONLY. A researcher contract that tries to re-enter `withdraw` from its
 ///      receive hook to be paid twice.
 interface IRegistry {
-    function requestAccess(uint256 datasetId, uint256 agreedFee, uint32 codes, bytes32 purposeHash)
-        external
-        payable
-        returns (uint256);
+    function requestAccess(
+        uint256 datasetId,
+        uint256 agreedFee,
+        uint32 agreedSeconds,
+        uint32 codes,
+        bytes32 purposeHash
+    ) external payable returns (uint256);
+    function registerDataset(
+        string calldata pointer,
+        bytes32 contentHash,
+        uint256 fee,
+        uint32 grantSeconds,
+        uint32 terms,
+        bool autoApprove
+    ) external returns (uint256);
+    function approve(uint256 datasetId, address researcher, uint256 requestId) external;
     function cancel(uint256 datasetId, uint256 requestId) external;
     function withdraw() external returns (uint256);
     function withdrawTo(address payable to) external returns (uint256);
@@ -23,8 +35,24 @@ contract ReentrantPayee {
         registry = registry_;
     }
 
-    function request(uint256 datasetId, uint32 codes, bytes32 purposeHash) external payable returns (uint256) {
-        return registry.requestAccess{value: msg.value}(datasetId, msg.value, codes, purposeHash);
+    function request(uint256 datasetId, uint32 grantSeconds, uint32 codes, bytes32 purposeHash)
+        external
+        payable
+        returns (uint256)
+    {
+        return registry.requestAccess{value: msg.value}(datasetId, msg.value, grantSeconds, codes, purposeHash);
+    }
+
+    /// @dev As a dataset's owner: register, then approve (and be paid in that call).
+    function register(string calldata pointer, bytes32 contentHash, uint256 fee, uint32 grantSeconds, uint32 terms)
+        external
+        returns (uint256)
+    {
+        return registry.registerDataset(pointer, contentHash, fee, grantSeconds, terms, false);
+    }
+
+    function approve(uint256 datasetId, address researcher, uint256 requestId) external {
+        registry.approve(datasetId, researcher, requestId);
     }
 
     function cancel(uint256 datasetId, uint256 requestId) external {
@@ -55,8 +83,24 @@ contract RevertingPayee {
         registry = registry_;
     }
 
-    function request(uint256 datasetId, uint32 codes, bytes32 purposeHash) external payable returns (uint256) {
-        return registry.requestAccess{value: msg.value}(datasetId, msg.value, codes, purposeHash);
+    function request(uint256 datasetId, uint32 grantSeconds, uint32 codes, bytes32 purposeHash)
+        external
+        payable
+        returns (uint256)
+    {
+        return registry.requestAccess{value: msg.value}(datasetId, msg.value, grantSeconds, codes, purposeHash);
+    }
+
+    /// @dev As a dataset's owner: register, then approve (and be paid in that call).
+    function register(string calldata pointer, bytes32 contentHash, uint256 fee, uint32 grantSeconds, uint32 terms)
+        external
+        returns (uint256)
+    {
+        return registry.registerDataset(pointer, contentHash, fee, grantSeconds, terms, false);
+    }
+
+    function approve(uint256 datasetId, address researcher, uint256 requestId) external {
+        registry.approve(datasetId, researcher, requestId);
     }
 
     function cancel(uint256 datasetId, uint256 requestId) external {

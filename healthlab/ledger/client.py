@@ -59,12 +59,19 @@ __all__ = ["DEFAULT_GRANT_SECONDS", "DEFAULT_REQUEST_TIMEOUT", "Ledger", "sha256
 
 DEFAULT_GRANT_SECONDS = 30 * 24 * 3600
 DEFAULT_REQUEST_TIMEOUT = 7 * 24 * 3600
-_DECISIONS = ("AccessGranted", "AccessDeclined", "RequestCancelled", "AccessRevoked")
+_DECISIONS = (
+    "AccessGranted",
+    "AccessDeclined",
+    "RequestCancelled",
+    "AccessRevoked",
+    "DownloadRefunded",
+)
 _FINAL = {
     "AccessGranted": Status.APPROVED,
     "AccessDeclined": Status.DECLINED,
     "RequestCancelled": Status.CANCELLED,
     "AccessRevoked": Status.REVOKED,
+    "DownloadRefunded": Status.CANCELLED,
 }
 _CONNECTION_ERRORS = (requests.exceptions.ConnectionError, ProviderConnectionError)
 _REVERTS: tuple[type[Exception], ...] = (
@@ -359,7 +366,8 @@ class Ledger:
     def dataset(self, dataset_id: int) -> Dataset:
         """The dataset's record."""
         raw = self._call(self.contract.functions.getDataset(dataset_id))
-        owner, fee, grant, terms, auto, active, content_hash, pointer = raw
+        owner, fee, grant, terms, auto, active, pending, cap, downloads = raw[:9]
+        content_hash, pointer = raw[9:]
         return Dataset(
             id=int(dataset_id),
             owner=owner,
@@ -370,7 +378,22 @@ class Ledger:
             terms=Codes(terms),
             auto_approve=bool(auto),
             active=bool(active),
+            pending=int(pending),
+            max_pending=int(cap),
+            downloads_open=int(downloads),
         )
+
+    def set_max_pending(
+        self, dataset_id: int, max_pending: int, *, sender: str | None = None
+    ) -> Dataset:
+        """Cap the requests that may wait for the owner's decision (owner only; at
+        least 1). A request over the cap is refused with
+        :class:`~healthlab.errors.TooManyPending` and pays nothing."""
+        fn = self.contract.functions.setMaxPending(
+            dataset_id, _uint(max_pending, "max_pending", bits=16)
+        )
+        self._transact(fn, sender)
+        return self.dataset(dataset_id)
 
     def datasets(self) -> pd.DataFrame:
         """All datasets as a table, one row per dataset (the catalogue)."""
@@ -468,6 +491,7 @@ class Ledger:
         codes: Codes | int | str | Iterable[str],
         *,
         fee_wei: int | None = None,
+        grant_seconds: int | None = None,
         download: bool = False,
         sender: str | None = None,
     ) -> int:
@@ -483,12 +507,19 @@ class Ledger:
         is the fee you agree to pay; by default the fee read from the chain now. If the
         owner changes it before your transaction is mined,
         :class:`~healthlab.errors.FeeChanged` is raised and nothing is paid.
+        ``grant_seconds`` is the grant duration you agree to, likewise (by default
+        the dataset's now; :class:`~healthlab.errors.GrantDurationChanged` if the
+        owner changes it first): an approved grant lasts exactly that long, whatever
+        the owner sets later.
         """
         commitment = Purpose.new(purpose)
-        agreed = self.dataset(dataset_id).fee_wei if fee_wei is None else fee_wei
+        record = self.dataset(dataset_id)
+        agreed = record.fee_wei if fee_wei is None else fee_wei
+        seconds = record.grant_seconds if grant_seconds is None else grant_seconds
         fn = self.contract.functions.requestAccess(
             dataset_id,
             _uint(agreed, "fee_wei"),
+            _uint(seconds, "grant_seconds", bits=32),
             int(as_codes(codes) | (Codes.DL if download else Codes(0))),
             bytes.fromhex(commitment.commitment[2:]),
         )
@@ -513,7 +544,9 @@ class Ledger:
         return Purpose(text, salt).commitment == self.request(request_id).purpose_hash
 
     def approve(self, request_id: int, *, sender: str | None = None) -> Request:
-        """Approve a pending request (owner only); the fee becomes the owner's."""
+        """Approve a pending request (owner only), for the grant duration the
+        researcher paid for. A compute grant's fee is paid to the owner in the same
+        transaction; a download grant's fee waits in escrow for :meth:`release_key`."""
         req = self._request_event(request_id)
         fn = self.contract.functions.approve(
             req["datasetId"], req["researcher"], request_id
@@ -557,6 +590,7 @@ class Ledger:
         (:class:`~healthlab.errors.NoActiveGrant`), a compute grant
         (:class:`~healthlab.errors.NotADownloadGrant`) or a dataset that no longer
         allows downloads (:class:`~healthlab.errors.DownloadNotPermitted`) is refused.
+        The first release pays the owner the grant's escrowed fee.
         """
         req = self._request_event(request_id)
         fn = self.contract.functions.releaseKey(
@@ -564,6 +598,19 @@ class Ledger:
         )
         receipt = self._transact(fn, sender)
         return str(receipt["transactionHash"].to_0x_hex())
+
+    def refund_download(self, request_id: int, *, sender: str | None = None) -> Request:
+        """End a download grant whose key was not released; its fee is credited back
+        to the researcher (:meth:`withdraw`). The researcher may once the request
+        timeout has passed since the approval, or at once when the grant is no longer
+        live; the owner may at any time. Too early:
+        :class:`~healthlab.errors.TooEarlyToRefund`."""
+        req = self._request_event(request_id)
+        fn = self.contract.functions.refundDownload(
+            req["datasetId"], req["researcher"], request_id
+        )
+        self._transact(fn, sender)
+        return self.request(request_id)
 
     def key_envelope(self, request_id: int) -> bytes | None:
         """The latest key envelope released for ``request_id``, or ``None``."""
@@ -596,7 +643,7 @@ class Ledger:
         """The current request or grant of ``researcher`` on ``dataset_id``."""
         who = _address(researcher, "researcher")
         raw = self._call(self.contract.functions.getAccess(dataset_id, who))
-        request_id, amount, created, expires, status, download = raw
+        request_id, amount, created, expires, grant, status, download, released = raw
         state = Status(status)
         if state is Status.APPROVED and self._now() >= expires:
             state = Status.EXPIRED
@@ -609,6 +656,8 @@ class Ledger:
             int(expires),
             state,
             bool(download),
+            int(grant),
+            bool(released),
         )
 
     def request(self, request_id: int) -> Request:
@@ -686,16 +735,15 @@ class Ledger:
         receipt = self._transact(fn, sender)
         return str(receipt["transactionHash"].to_0x_hex())
 
-    def result_request(self, result_hash: str | bytes) -> int | None:
-        """The request a result hash was anchored against, or ``None``."""
-        found = int(
-            self._call(
-                self.contract.functions.resultRequest(
-                    _bytes32(result_hash, "result_hash")
-                )
-            )
+    def result_recorded(self, request_id: int, result_hash: str | bytes) -> bool:
+        """Whether ``result_hash`` was anchored under ``request_id`` by its researcher.
+
+        Anchors are per request: another researcher recording the same hash under
+        their own grant neither blocks nor replaces this one."""
+        fn = self.contract.functions.resultRecorded(
+            int(request_id), _bytes32(result_hash, "result_hash")
         )
-        return found or None
+        return bool(self._call(fn))
 
     # ------------------------------------------------------- the shared query log
     def log_query(
@@ -1136,7 +1184,13 @@ class Ledger:
                 t
                 for t in topics[0]
                 if events[t]["name"]
-                in ("AccessRequested", *_DECISIONS, "ResultRecorded", "KeyReleased")
+                in (
+                    "AccessRequested",
+                    *_DECISIONS,
+                    "ResultRecorded",
+                    "KeyReleased",
+                    "FeePaid",
+                )
             ]
             topics.append("0x" + int(request_id).to_bytes(32, "big").hex())
         if dataset_id is not None:  # events whose first indexed argument is datasetId

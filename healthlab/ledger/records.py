@@ -43,6 +43,11 @@ class Dataset:
     terms: Codes
     auto_approve: bool
     active: bool
+    #: requests waiting for the owner's decision, and the most that may
+    pending: int = 0
+    max_pending: int = 0
+    #: download requests pending and download grants whose key is not released
+    downloads_open: int = 0
 
     @property
     def downloadable(self) -> bool:
@@ -62,6 +67,10 @@ class Access:
     expires_at: int
     status: Status
     download: bool = False
+    #: the grant's duration the researcher paid for (fixed at the request)
+    grant_seconds: int = 0
+    #: a download grant's key was released (and its fee paid to the owner)
+    key_released: bool = False
 
 
 @dataclass(frozen=True)
