@@ -1,0 +1,325 @@
+"""Fair exchange on the registry (issue 15): each attack found, tried as its attacker
+would, must fail — and the honest flow next to it must still work.
+
+* squatting: a stranger registering a hospital's pointer and hash first;
+* duration bait: the owner shortening the grant before approving (or in the same
+  block as the request);
+* paid, never delivered: a download grant whose key is never released;
+* anchor front-running: a rival recording the researcher's digest first;
+* request spam: unbounded pending requests at fee 0;
+* an owner whose address rejects ether, or re-enters, when paid on approval.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from healthlab import errors
+from healthlab.ledger import Codes, Ledger, Status
+from tests.conftest import content_hash
+from tests.test_registry import (
+    FEE,
+    GAS,
+    GRANT,
+    HMB_NCU,
+    PURPOSE,
+    auto_mining_off,
+    deploy_payee,
+    gas_cost,
+    logs,
+    values,
+)
+
+HOSPITAL_URI = "https://hospital.example/cohort.csv"
+ENVELOPE = b"\x04" + bytes(range(100))
+
+
+def timeout(ledger: Ledger) -> int:
+    return int(ledger.contract.functions.requestTimeout().call())
+
+
+def download_dataset(ledger: Ledger, owner: str, *, auto: bool = False) -> int:
+    return ledger.register_dataset(
+        "https://hospital.example/images.tar",
+        content_hash(),
+        fee_wei=FEE,
+        grant_seconds=GRANT,
+        terms="HMB|DL",
+        auto_approve=auto,
+        sender=owner,
+    )
+
+
+# ------------------------------------------------------------------ squatting
+def test_a_squatter_cannot_block_the_owner_or_take_its_fees(
+    ledger: Ledger, owner: str, researcher: str, stranger: str
+) -> None:
+    digest = content_hash()
+    squat = ledger.register_dataset(HOSPITAL_URI, digest, fee_wei=FEE, sender=stranger)
+    # the hospital registers its own content all the same
+    real = ledger.register_dataset(HOSPITAL_URI, digest, fee_wei=FEE, sender=owner)
+    assert real != squat
+    assert ledger.contract.functions.datasetOf(owner, bytes.fromhex(digest[2:])).call()
+    assert ledger.dataset(real).owner == owner
+    assert ledger.dataset(squat).owner == stranger  # shown: the catalogue names it
+    # a researcher requesting the hospital's dataset pays the hospital
+    before = ledger.balance(owner)
+    req = ledger.request_access(real, "CVD risk", "HMB", sender=researcher)
+    ledger.approve(req, sender=owner)
+    assert ledger.balance(owner) == before + FEE - gas_cost(ledger.last_receipt)
+    assert ledger.credit(stranger) == 0
+    # the squatter cannot decide on, or earn from, the hospital's dataset
+    with pytest.raises(errors.NotDatasetOwner):
+        ledger.revoke(real, researcher, sender=stranger)
+    # each owner registers a content once
+    with pytest.raises(errors.DuplicateDataset) as again:
+        ledger.register_dataset(HOSPITAL_URI, digest, sender=owner)
+    assert values(again) == {
+        "contentHash": bytes.fromhex(digest[2:]),
+        "existingId": real,
+    }
+
+
+# ------------------------------------------------------------- duration bait
+def test_the_grant_lasts_what_the_researcher_paid_for(
+    ledger: Ledger, owner: str, researcher: str, dataset: int
+) -> None:
+    req = ledger.request_access(dataset, "CVD risk", "HMB|NCU", sender=researcher)
+    assert ledger.access(dataset, researcher).grant_seconds == GRANT
+    # the owner shortens the duration just before approving
+    ledger.update_dataset(dataset, grant_seconds=1, sender=owner)
+    granted = ledger.approve(req, sender=owner)
+    assert granted.expires_at == ledger.now() + GRANT
+    ledger.advance_time(3600)
+    assert ledger.has_access(dataset, researcher) is True
+    # later requests get the new terms (and must agree to them)
+    with pytest.raises(errors.GrantDurationChanged) as stale:
+        ledger.request_access(
+            dataset, "again", "HMB|NCU", grant_seconds=GRANT, sender=ledger.accounts[4]
+        )
+    assert values(stale) == {"agreedSeconds": GRANT, "currentSeconds": 1}
+    assert "nothing was paid" in str(stale.value)
+
+
+def test_a_duration_change_ahead_of_the_request_in_its_block_is_refused(
+    ledger: Ledger, owner: str, researcher: str, dataset: int
+) -> None:
+    """The owner front-runs a request with a 1 s grant: the request reverts with
+    GrantDurationChanged and the researcher pays only gas."""
+    functions = ledger.contract.functions
+    before = ledger.balance(researcher)
+    with auto_mining_off(ledger) as tester:
+        update = functions.updateDataset(dataset, FEE, 1, HMB_NCU, False)
+        update_hash = update.transact({"from": owner, "gas": GAS})
+        request = functions.requestAccess(dataset, FEE, GRANT, HMB_NCU, PURPOSE)
+        request_hash = request.transact({"from": researcher, "gas": GAS, "value": FEE})
+        tester.mine_blocks(1)
+    receipt = ledger.w3.eth.get_transaction_receipt(request_hash)
+    update_receipt = ledger.w3.eth.get_transaction_receipt(update_hash)
+    assert update_receipt["blockNumber"] == receipt["blockNumber"], "not one block"
+    assert (update_receipt["status"], receipt["status"]) == (1, 0)
+    assert ledger.balance(researcher) == before - gas_cost(receipt)
+    assert ledger.access(dataset, researcher).status is Status.NONE
+
+
+# ------------------------------------------------------ paid, never delivered
+def test_a_download_fee_waits_for_the_key_and_is_paid_on_release(
+    ledger: Ledger, owner: str, researcher: str
+) -> None:
+    ds = download_dataset(ledger, owner)
+    req = ledger.request_access(ds, "imaging", "HMB", download=True, sender=researcher)
+    before = ledger.balance(owner)
+    ledger.approve(req, sender=owner)
+    approve_gas = gas_cost(ledger.last_receipt)
+    assert ledger.balance(owner) == before - approve_gas, "paid before delivery"
+    assert ledger.balance(ledger.address) == FEE
+    assert ledger.dataset(ds).downloads_open == 1
+    ledger.release_key(req, ENVELOPE, sender=owner)
+    release_gas = gas_cost(ledger.last_receipt)
+    assert ledger.balance(owner) == before - approve_gas - release_gas + FEE
+    assert ledger.balance(ledger.address) == 0
+    assert ledger.access(ds, researcher).key_released
+    with pytest.raises(errors.NotAwaitingKey):
+        ledger.refund_download(req, sender=researcher)
+    # delivered: DL may now leave the terms
+    assert ledger.dataset(ds).downloads_open == 0
+    ledger.update_dataset(ds, terms="HMB", sender=owner)
+
+
+def test_an_undelivered_download_is_refunded_after_the_timeout(
+    ledger: Ledger, owner: str, researcher: str
+) -> None:
+    ds = download_dataset(ledger, owner)
+    req = ledger.request_access(ds, "imaging", "HMB", download=True, sender=researcher)
+    ledger.approve(req, sender=owner)
+    approved_at = ledger.now()
+    # the owner cannot make a willing release impossible by dropping DL
+    with pytest.raises(errors.DownloadsOutstanding) as kept:
+        ledger.update_dataset(ds, terms="HMB", sender=owner)
+    assert values(kept) == {"datasetId": ds, "downloadsOpen": 1}
+    # too early: the owner may still deliver
+    with pytest.raises(errors.TooEarlyToRefund) as early:
+        ledger.refund_download(req, sender=researcher)
+    assert values(early) == {
+        "requestId": req,
+        "refundableAt": approved_at + timeout(ledger),
+    }
+    with pytest.raises(errors.NotRequester):
+        ledger.refund_download(req, sender=ledger.accounts[5])
+    ledger.advance_time(timeout(ledger))
+    refunded = ledger.refund_download(req, sender=researcher)
+    assert refunded.status is Status.CANCELLED
+    assert ledger.credit(researcher) == FEE
+    assert ledger.credit(owner) == 0
+    # the key can no longer be released for it, nor the fee taken twice
+    with pytest.raises(errors.NoActiveGrant):
+        ledger.release_key(req, ENVELOPE, sender=owner)
+    with pytest.raises(errors.NotAwaitingKey):
+        ledger.refund_download(req, sender=researcher)
+    before = ledger.balance(researcher)
+    assert ledger.withdraw(sender=researcher) == FEE
+    assert ledger.balance(researcher) == before + FEE - gas_cost(ledger.last_receipt)
+    assert ledger.balance(ledger.address) == 0
+    ledger.update_dataset(ds, terms="HMB", sender=owner)  # nothing open now
+
+
+@pytest.mark.parametrize("how", ["revoked", "expired", "closed", "owner gives up"])
+def test_a_download_that_cannot_be_delivered_goes_back_to_the_researcher(
+    ledger: Ledger, owner: str, researcher: str, how: str
+) -> None:
+    ds = download_dataset(ledger, owner, auto=how == "expired")
+    req = ledger.request_access(ds, "imaging", "HMB", download=True, sender=researcher)
+    if how != "expired":
+        ledger.approve(req, sender=owner)
+    assert ledger.balance(ledger.address) == FEE  # escrow, even when auto-approved
+    if how == "revoked":
+        ledger.revoke(ds, researcher, sender=owner)  # refunds at once
+    else:
+        if how == "expired":
+            ledger.advance_time(GRANT)
+        elif how == "closed":
+            ledger.set_active(ds, False, sender=owner)
+        sender = owner if how == "owner gives up" else researcher
+        ledger.refund_download(req, sender=sender)  # not live: no wait
+    assert ledger.credit(researcher) == FEE
+    assert ledger.credit(owner) == 0
+    assert ledger.dataset(ds).downloads_open == 0
+
+
+def test_a_pending_download_request_also_keeps_dl_in_the_terms(
+    ledger: Ledger, owner: str, researcher: str
+) -> None:
+    ds = download_dataset(ledger, owner)
+    req = ledger.request_access(ds, "imaging", "HMB", download=True, sender=researcher)
+    with pytest.raises(errors.DownloadsOutstanding):
+        ledger.update_dataset(ds, terms="HMB", sender=owner)
+    ledger.decline(req, sender=owner)
+    assert ledger.credit(researcher) == FEE
+    ledger.update_dataset(ds, terms="HMB", sender=owner)
+    assert not ledger.dataset(ds).downloadable
+
+
+# -------------------------------------------------------- anchor front-running
+def test_a_copied_digest_neither_blocks_nor_impersonates_the_researcher(
+    ledger: Ledger, owner: str, researcher: str, dataset: int
+) -> None:
+    rival = ledger.accounts[5]
+    mine = ledger.request_access(dataset, "CVD risk", "HMB|NCU", sender=researcher)
+    theirs = ledger.request_access(dataset, "copying", "HMB|NCU", sender=rival)
+    ledger.approve(mine, sender=owner)
+    ledger.approve(theirs, sender=owner)
+    digest = "0x" + "ab" * 32
+    functions = ledger.contract.functions
+    # the rival sees the researcher's recordResult in the mempool and goes first
+    with auto_mining_off(ledger) as tester:
+        copied = functions.recordResult(dataset, theirs, bytes.fromhex(digest[2:]))
+        copy_hash = copied.transact({"from": rival, "gas": GAS})
+        own = functions.recordResult(dataset, mine, bytes.fromhex(digest[2:]))
+        own_hash = own.transact({"from": researcher, "gas": GAS})
+        tester.mine_blocks(1)
+    statuses = [
+        ledger.w3.eth.get_transaction_receipt(h)["status"]
+        for h in (copy_hash, own_hash)
+    ]
+    assert statuses == [1, 1], "the researcher's anchor was blocked"
+    assert ledger.result_recorded(mine, digest)
+    assert ledger.result_recorded(theirs, digest)  # under the rival's own grant only
+    # the rival cannot anchor under the researcher's request
+    with pytest.raises(errors.NotRequester):
+        ledger.transact(
+            functions.recordResult(dataset, mine, bytes.fromhex("cd" * 32)), rival
+        )
+    assert not ledger.result_recorded(mine, "0x" + "cd" * 32)
+
+
+# ---------------------------------------------------------------- request spam
+def test_pending_requests_are_capped_and_room_comes_back(
+    ledger: Ledger, owner: str
+) -> None:
+    ds = ledger.register_dataset(
+        "https://hospital.example/free.csv", content_hash(), terms="GRU", sender=owner
+    )
+    assert ledger.dataset(ds).max_pending == 64  # bounded by default
+    ledger.set_max_pending(ds, 2, sender=owner)
+    spam = ledger.accounts[4:8]
+    first = ledger.request_access(ds, "a", "GRU", sender=spam[0])
+    ledger.request_access(ds, "b", "GRU", sender=spam[1])
+    before = ledger.balance(spam[2])
+    with pytest.raises(errors.TooManyPending) as full:
+        ledger.request_access(ds, "c", "GRU", sender=spam[2])
+    assert values(full) == {"datasetId": ds, "maxPending": 2}
+    assert ledger.dataset(ds).pending == 2
+    assert ledger.balance(spam[2]) == before  # refused before sending: nothing spent
+    ledger.decline(first, sender=owner)
+    ledger.request_access(ds, "c", "GRU", sender=spam[2])  # room again
+    assert ledger.dataset(ds).pending == 2
+    with pytest.raises(errors.InvalidMaxPending):
+        ledger.set_max_pending(ds, 0, sender=owner)
+    with pytest.raises(errors.NotDatasetOwner):
+        ledger.set_max_pending(ds, 1000, sender=spam[3])
+
+
+def test_auto_approved_requests_do_not_fill_the_queue(
+    ledger: Ledger, owner: str
+) -> None:
+    ds = ledger.register_dataset(
+        "https://hospital.example/open.csv",
+        content_hash(),
+        terms="GRU",
+        auto_approve=True,
+        sender=owner,
+    )
+    ledger.set_max_pending(ds, 1, sender=owner)
+    for who in ledger.accounts[4:7]:
+        ledger.request_access(ds, "open data", "GRU", sender=who)
+        assert ledger.has_access(ds, who)
+    assert ledger.dataset(ds).pending == 0
+
+
+# ------------------------------------------------------- paying the owner
+@pytest.mark.parametrize("name", ["RevertingPayee", "ReentrantPayee"])
+def test_an_owner_contract_is_paid_once_or_credited(
+    ledger: Ledger, researcher: str, name: str
+) -> None:
+    """An owner whose receive hook reverts is credited instead (its own decision is
+    never blocked); one that re-enters withdraw is paid exactly once."""
+    funder = ledger.accounts[4]
+    owner = deploy_payee(ledger, name, funder)
+    register = owner.functions.register(
+        HOSPITAL_URI, bytes.fromhex(content_hash()[2:]), FEE, GRANT, int(Codes.GRU)
+    )
+    receipt = ledger.transact(register, funder)
+    (registered,) = logs(ledger, receipt, "DatasetRegistered")
+    ds = registered["datasetId"]
+    req = ledger.request_access(ds, "CVD risk", "HMB", sender=researcher)
+    receipt = ledger.transact(owner.functions.approve(ds, researcher, req), funder)
+    assert receipt["status"] == 1 and ledger.has_access(ds, researcher)
+    if name == "RevertingPayee":
+        assert ledger.credit(owner.address) == FEE
+        assert ledger.balance(owner.address) == 0
+        assert logs(ledger, receipt, "FeePaid") == []
+    else:
+        assert ledger.balance(owner.address) == FEE
+        assert owner.functions.reentrySuccesses().call() == 0
+        assert ledger.credit(owner.address) == 0
+    assert ledger.balance(ledger.address) == ledger.credit(owner.address)
