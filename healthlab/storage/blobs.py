@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from healthlab.errors import InvalidInput
+from healthlab.storage.bounds import Deadline, blob_limit, bounded
 from healthlab.storage.cid import UnixFSHasher, parse_cid
 from healthlab.storage.encryption import (
     KEY_SIZE,
@@ -216,42 +217,44 @@ def _verified(
     content_hash: bytes | str,
     store: BlobStore | None,
     sink: Callable[[bytes], object],
+    *,
+    max_size: int | None,
+    deadline: float | None,
 ) -> str:
     """Stream blob ``cid`` from the store, decrypt into ``sink``, check everything.
 
-    The CID is checked before any decryption error is reported (a swapped blob says
-    so), and the plaintext hash after the last segment.
+    The served bytes are bounded (:mod:`healthlab.storage.bounds`: the blob's size,
+    the deadline); decryption stops at the first segment that fails, reading
+    nothing more; the CID and the plaintext hash are checked after the last segment.
     """
     cid = parse_cid(uri_or_cid)
     key = check_key(key)
     expected = _content_hash(content_hash)
     store = default_store() if store is None else store
+    clock = Deadline(deadline)
     hasher, plain = UnixFSHasher(), hashlib.sha256()
-    failure: BlobCorrupted | WrongKey | None = None
 
     def hashed(chunks: Iterable[bytes]) -> Iterator[bytes]:
         for chunk in chunks:
             hasher.update(chunk)
             yield chunk
 
-    with store.open(cid) as chunks:
-        served = hashed(chunks)
+    limit = blob_limit(cid, store, clock, max_size)
+    with store.open(cid, deadline=clock) as chunks:
         try:
-            for segment in decrypt_stream(served, key):
+            for segment in decrypt_stream(
+                hashed(bounded(chunks, limit, clock, store, cid)), key
+            ):
                 plain.update(segment)
                 sink(segment)
-        except (BlobCorrupted, WrongKey) as exc:
-            failure = exc
-            for _ in served:  # hash the rest: was this the blob asked for?
-                pass
+        except (BlobCorrupted, WrongKey) as exc:  # say which blob, from where
+            raise type(exc)(f"{cid} from {store!r}: {exc}") from None
     actual = hasher.cid()
     if actual != cid:
         raise CidMismatch(
             f"{store!r} served a blob whose CID is {actual}, not {cid}: it was "
             "altered or swapped. Nothing was returned; fetch from another store"
         )
-    if failure is not None:
-        raise failure
     if plain.digest() != expected:
         raise ContentHashMismatch(
             f"the content of {cid} has sha256 0x{plain.hexdigest()}, not the "
@@ -267,6 +270,8 @@ def fetch(
     *,
     content_hash: bytes | str,
     store: BlobStore | None = None,
+    max_size: int | None = None,
+    deadline: float | None = None,
 ) -> bytes:
     """The dataset behind ``ipfs://CID``, checked and decrypted.
 
@@ -274,9 +279,26 @@ def fetch(
     ``key``, and the plaintext's sha256 must be ``content_hash``; otherwise a
     :class:`~healthlab.storage.errors.BlobRejected` says which check failed and
     nothing is returned.
+
+    At most the blob's size is read: a raw CID's block is at most 256 KiB, a dag-pb
+    CID's root block (from an IPFS node or gateway) states it; a store that serves
+    no blocks (a static web host) is held to ``max_size`` (bytes, default 4 GiB).
+    ``deadline`` (seconds) bounds the whole fetch (default
+    ``$HEALTHLAB_FETCH_DEADLINE`` or 600). A store that sends more stops the fetch
+    with :class:`~healthlab.storage.errors.BlobTooLarge`, one too slow with
+    :class:`~healthlab.storage.errors.FetchDeadlineExceeded`; a segment that fails
+    to authenticate stops it before anything more is read.
     """
     parts: list[bytes] = []
-    _verified(uri_or_cid, key, content_hash, store, parts.append)
+    _verified(
+        uri_or_cid,
+        key,
+        content_hash,
+        store,
+        parts.append,
+        max_size=max_size,
+        deadline=deadline,
+    )
     return b"".join(parts)
 
 
@@ -286,10 +308,20 @@ def fetch_frame(
     *,
     content_hash: bytes | str,
     store: BlobStore | None = None,
+    max_size: int | None = None,
+    deadline: float | None = None,
 ) -> pd.DataFrame:
-    """:func:`fetch` a dataset stored from a DataFrame, as a DataFrame."""
+    """:func:`fetch` a dataset stored from a DataFrame, as a DataFrame (same checks
+    and bounds)."""
     _require_pyarrow()
-    data = fetch(uri_or_cid, key, content_hash=content_hash, store=store)
+    data = fetch(
+        uri_or_cid,
+        key,
+        content_hash=content_hash,
+        store=store,
+        max_size=max_size,
+        deadline=deadline,
+    )
     try:
         frame = pd.read_parquet(io.BytesIO(data), engine="pyarrow")
     except Exception as exc:  # pyarrow raises several kinds for non-Parquet bytes
@@ -307,6 +339,8 @@ def fetch_file(
     *,
     content_hash: bytes | str,
     store: BlobStore | None = None,
+    max_size: int | None = None,
+    deadline: float | None = None,
 ) -> Path:
     """:func:`fetch` into file ``path`` in bounded memory; the file appears (renamed
     into place) only once every check passed."""
@@ -317,7 +351,15 @@ def fetch_file(
     ) as handle:
         temp = Path(handle.name)
         try:
-            _verified(uri_or_cid, key, content_hash, store, handle.write)
+            _verified(
+                uri_or_cid,
+                key,
+                content_hash,
+                store,
+                handle.write,
+                max_size=max_size,
+                deadline=deadline,
+            )
         except BaseException:
             handle.close()
             temp.unlink(missing_ok=True)

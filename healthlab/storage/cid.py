@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,9 +38,12 @@ from healthlab.storage.errors import InvalidCid
 __all__ = [
     "CHUNK_SIZE",
     "MAX_LINKS",
+    "MAX_ROOT_BLOCK",
     "UnixFSHasher",
     "cid_of",
     "cid_of_file",
+    "file_size_of_root",
+    "is_raw",
     "parse_cid",
 ]
 
@@ -52,6 +56,9 @@ RAW = 0x55
 DAG_PB = 0x70
 _SHA2_256 = b"\x12\x20"  # multihash: sha2-256, 32 bytes
 _READ = 1 << 20
+#: Bytes a root block of the default layout never exceeds (174 links of about 50
+#: bytes, and their block sizes: under 10 KiB); a longer answer is not one.
+MAX_ROOT_BLOCK = 32_768
 
 
 def _varint(value: int) -> bytes:
@@ -128,6 +135,7 @@ class UnixFSHasher:
         self._levels: list[list[_Link]] = [[]]
         self._leaves = 0
         self._root: _Link | None = None
+        self._block: bytes | None = None  # the last dag-pb node built
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         """Feed the next bytes of the file."""
@@ -157,6 +165,14 @@ class UnixFSHasher:
             self._root = self._finish()
         return self._text(self._root.cid)
 
+    def root_block(self) -> bytes | None:
+        """The root's block if it is a dag-pb node (None: the file is one raw block),
+        as an IPFS node serves it for ``block/get``; call :meth:`cid` first."""
+        if self._root is None:
+            raise ValueError("call cid() first")
+        raw_root = self._raw_leaves and self._leaves == 1
+        return None if raw_root else self._block
+
     # ----------------------------------------------------------------- internals
     def _binary(self, codec: int, block: bytes | memoryview) -> bytes:
         digest = _SHA2_256 + hashlib.sha256(block).digest()
@@ -175,6 +191,7 @@ class UnixFSHasher:
             unixfs = _number(1, 2) + (_field(2, bytes(chunk)) if len(chunk) else b"")
             block = _field(1, unixfs + _number(3, len(chunk)))
             link = _Link(self._binary(DAG_PB, block), len(block), len(chunk))
+            self._block = block
         self._push(0, link)
 
     def _push(self, depth: int, link: _Link) -> None:
@@ -198,6 +215,7 @@ class UnixFSHasher:
         )
         block = encoded + _field(1, unixfs)
         tsize = len(block) + sum(link.tsize for link in links)
+        self._block = block
         return _Link(self._binary(DAG_PB, block), tsize, filesize)
 
     def _finish(self) -> _Link:
@@ -276,3 +294,83 @@ def parse_cid(pointer: str) -> str:
     if _base32(raw) != text:  # non-canonical trailing bits
         raise InvalidCid(f"{pointer!r} is not in canonical base32; {hint}")
     return text
+
+
+def _digest_and_codec(cid: str) -> tuple[int, bytes]:
+    text = parse_cid(cid)[1:]
+    raw = base64.b32decode(text.upper() + "=" * (-len(text) % 8))
+    return raw[1], raw[4:]
+
+
+def is_raw(cid: str) -> bool:
+    """Whether ``cid`` names one raw block: a file of at most :data:`CHUNK_SIZE`
+    bytes (a longer file's CID is a dag-pb node's)."""
+    return _digest_and_codec(cid)[0] == RAW
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, int | bytes]]:
+    """(field number, varint or bytes) of a protobuf message; ValueError if
+    malformed (only wire types 0 and 2 occur in dag-pb and UnixFS)."""
+    at = 0
+
+    def varint() -> int:
+        nonlocal at
+        value = shift = 0
+        while True:
+            if at >= len(data) or shift > 63:
+                raise ValueError("truncated varint")
+            byte = data[at]
+            at += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    while at < len(data):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            yield number, varint()
+        elif wire == 2:
+            length = varint()
+            if at + length > len(data):
+                raise ValueError("truncated field")
+            yield number, data[at : at + length]
+            at += length
+        else:
+            raise ValueError(f"wire type {wire}")
+
+
+def file_size_of_root(cid: str, block: bytes) -> int:
+    """The file size a dag-pb root block states, once the block is checked to be the
+    one ``cid`` names (its sha2-256).
+
+    Raises :class:`ValueError` if the block is not ``cid``'s or not a UnixFS file
+    node: the caller decides what that means (a store that lies).
+
+    Examples
+    --------
+    >>> hasher = UnixFSHasher()
+    >>> hasher.update(bytes(300_000))
+    >>> cid = hasher.cid()
+    >>> file_size_of_root(cid, hasher.root_block())
+    300000
+    """
+    codec, digest = _digest_and_codec(cid)
+    if codec != DAG_PB:
+        raise ValueError("not a dag-pb CID")
+    if hashlib.sha256(block).digest() != digest:
+        raise ValueError("the block's sha2-256 is not the CID's")
+    unixfs = [value for number, value in _fields(block) if number == 1]
+    if len(unixfs) != 1 or not isinstance(unixfs[0], bytes):
+        raise ValueError("no UnixFS data in the node")
+    fields = list(_fields(unixfs[0]))
+    if (1, 2) not in fields:
+        raise ValueError("not a UnixFS file node")
+    sizes = [value for number, value in fields if number == 3]
+    blocks = [value for number, value in fields if number == 4]
+    if sizes and isinstance(sizes[0], int):
+        return sizes[0]
+    if blocks and all(isinstance(size, int) for size in blocks):
+        return sum(size for size in blocks if isinstance(size, int))
+    raise ValueError("the UnixFS node states no size")

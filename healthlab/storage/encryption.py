@@ -202,36 +202,59 @@ def decrypt_stream(chunks: Iterable[bytes], key: bytes) -> Iterator[bytes]:
     commitment = header[6 + _SALT + _PREFIX :]
     if not hmac.compare_digest(commitment, _derive(key, salt, _COMMIT_INFO)):
         raise WrongKey(
-            "this data key does not open this blob: it belongs to another dataset "
+            "this data key does not open this blob: the store served another blob "
+            "(fetch it from another store), the key belongs to another dataset "
             "(check the CID and the key you were given), or the blob's header was "
             "altered"
         )
     aead = AESGCM(_derive(key, salt, _KEY_INFO))
     size = (1 << log2) + TAG_SIZE
-    current, index = read(size), 0
-    if not current:
-        raise BlobCorrupted("the blob has a header but no segment: it was cut short")
+    index = 0
     while True:
-        following = read(size) if len(current) == size else b""
-        last = not following
+        # No read-ahead: a segment is authenticated before the next byte is read,
+        # so a reader stops at the first one that fails. A full segment is tried
+        # as not-last, then as last (then nothing may follow it).
+        current = read(size)
+        if not current:
+            raise BlobCorrupted(
+                "the blob has a header but no segment: it was cut short"
+                if index == 0
+                else f"the blob ends after segment {index - 1}, which was not "
+                "sealed as the last: it was cut short"
+            )
         if len(current) < TAG_SIZE:
             raise BlobCorrupted(
                 f"segment {index} is shorter than its tag: the blob was cut short"
             )
-        try:
-            plain = aead.decrypt(_nonce(prefix, index, last), current, header)
-        except InvalidTag:
-            raise BlobCorrupted(
-                f"segment {index} of the blob failed authentication: the blob was "
-                "altered, cut short, extended or its segments reordered; fetch it "
-                "again from a store you trust"
-            ) from None
+        plain, last = _open_segment(aead, prefix, index, current, header, size)
         if not plain and index:
             raise BlobCorrupted(f"segment {index} is empty: the blob was altered")
+        if last and len(current) == size and read(1):
+            raise BlobCorrupted(
+                f"bytes follow segment {index}, which was sealed as the last: the "
+                "blob was extended; fetch it again from a store you trust"
+            )
         yield plain
         if last:
             return
-        current, index = following, index + 1
+        index += 1
+
+
+def _open_segment(
+    aead: AESGCM, prefix: bytes, index: int, sealed: bytes, header: bytes, size: int
+) -> tuple[bytes, bool]:
+    """(plaintext, is the last) of segment ``index``; a short one can only be last."""
+    tries = (False, True) if len(sealed) == size else (True,)
+    for last in tries:
+        try:
+            return aead.decrypt(_nonce(prefix, index, last), sealed, header), last
+        except InvalidTag:
+            continue
+    raise BlobCorrupted(
+        f"segment {index} of the blob failed authentication: the blob was "
+        "altered, cut short, extended or its segments reordered (nothing after it "
+        "was read); fetch it again from a store you trust"
+    )
 
 
 def decrypt(blob: bytes, key: bytes) -> bytes:

@@ -12,10 +12,12 @@ __all__ = [
     "BlobCorrupted",
     "BlobNotFound",
     "BlobRejected",
+    "BlobTooLarge",
     "CidMismatch",
     "ContentHashMismatch",
     "EnvelopeNotForYou",
     "EnvelopeRejected",
+    "FetchDeadlineExceeded",
     "InvalidCid",
     "InvalidKey",
     "KeyNotInKeyring",
@@ -42,6 +44,11 @@ class StoreRefused(StorageError):
     """The store answered with an error (an HTTP status, an IPFS node's message)."""
 
 
+class FetchDeadlineExceeded(StorageError, TimeoutError):
+    """The whole fetch outlasted its deadline (a slow, stalled or trickling store):
+    it was stopped and nothing was returned."""
+
+
 class BlobNotFound(StorageError, LookupError):
     """The store has no blob with this CID."""
 
@@ -62,6 +69,11 @@ class ContentHashMismatch(BlobRejected):
 class BlobCorrupted(BlobRejected):
     """The encrypted blob is not well formed or a segment failed authentication:
     altered, truncated, extended or reordered."""
+
+
+class BlobTooLarge(BlobRejected):
+    """The store sent more bytes than the blob has (its size as the CID's DAG
+    states it, or the fetch's ``max_size``): it was stopped, nothing returned."""
 
 
 class WrongKey(BlobRejected):

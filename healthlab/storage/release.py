@@ -193,18 +193,28 @@ def download(
     researcher: str,
     private_key: bytes | None = None,
     store: Store | None = None,
+    max_size: int | None = None,
+    deadline: float | None = None,
 ) -> bytes:
     """Fetch, verify and decrypt a dataset under ``researcher``'s live download grant.
 
     The data key comes from the envelope the owner released for this grant, opened
     with ``private_key`` (default: this client's key for ``researcher`` — environment
     keys or the development chain's published keys). The blob must match the CID of
-    the registered pointer and its plaintext the registered content hash.
+    the registered pointer and its plaintext the registered content hash; it is read
+    within ``max_size`` and ``deadline`` as :func:`~healthlab.storage.fetch` says.
     """
     from healthlab.storage import fetch
 
     pointer, key, content_hash = _data_key(ledger, dataset_id, researcher, private_key)
-    return fetch(pointer, key, content_hash=content_hash, store=store)
+    return fetch(
+        pointer,
+        key,
+        content_hash=content_hash,
+        store=store,
+        max_size=max_size,
+        deadline=deadline,
+    )
 
 
 def download_frame(
@@ -214,9 +224,18 @@ def download_frame(
     researcher: str,
     private_key: bytes | None = None,
     store: Store | None = None,
+    max_size: int | None = None,
+    deadline: float | None = None,
 ) -> pd.DataFrame:
     """:func:`download` a dataset stored as a DataFrame (Parquet) and read it."""
     from healthlab.storage import fetch_frame
 
     pointer, key, content_hash = _data_key(ledger, dataset_id, researcher, private_key)
-    return fetch_frame(pointer, key, content_hash=content_hash, store=store)
+    return fetch_frame(
+        pointer,
+        key,
+        content_hash=content_hash,
+        store=store,
+        max_size=max_size,
+        deadline=deadline,
+    )

@@ -9,7 +9,10 @@
   settings :mod:`healthlab.storage.cid` assumes) and ``cat``.
 
 Stores move bytes only; :func:`healthlab.storage.fetch` checks every blob's CID,
-whichever store served it.
+whichever store served it, and bounds its size and time
+(:mod:`healthlab.storage.bounds`). A network store's part in that: it serves the
+CID's root block when it can (so the size is known), yields bytes as they arrive,
+and lets the fetch's deadline cut its sockets.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import contextlib
 import io
 import json
 import os
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -26,14 +30,20 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import requests
+import urllib3
+from requests.adapters import HTTPAdapter
+from urllib3.connection import HTTPConnection, HTTPSConnection
+from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
 from healthlab._paths import home
 from healthlab.errors import InvalidInput
-from healthlab.storage.cid import CHUNK_SIZE, parse_cid
+from healthlab.storage.bounds import Deadline
+from healthlab.storage.cid import CHUNK_SIZE, MAX_ROOT_BLOCK, parse_cid
 from healthlab.storage.errors import (
     BlobNotFound,
     CidMismatch,
     ReadOnlyStore,
+    StorageError,
     StoreRefused,
     StoreUnreachable,
 )
@@ -69,11 +79,20 @@ class BlobStore(abc.ABC):
         """
 
     @abc.abstractmethod
-    def open(self, cid: str) -> contextlib.AbstractContextManager[Iterator[bytes]]:
-        """The blob's bytes in pieces, unchecked.
+    def open(
+        self, cid: str, *, deadline: Deadline | None = None
+    ) -> contextlib.AbstractContextManager[Iterator[bytes]]:
+        """The blob's bytes in pieces of at most 1 MiB as they arrive, unchecked.
 
-        Raises :class:`BlobNotFound` when the store has no such blob.
+        A network store never blocks past ``deadline``. Raises :class:`BlobNotFound`
+        when the store has no such blob.
         """
+
+    def root_block(self, cid: str, *, deadline: Deadline | None = None) -> bytes | None:
+        """The raw bytes of the dag-pb root block of ``cid`` (at most
+        ``MAX_ROOT_BLOCK`` bytes), unchecked; None if this store serves no blocks.
+        The fetch reads the blob's size in it, once its hash is checked."""
+        return None
 
 
 #: Another name for :class:`BlobStore`.
@@ -133,7 +152,9 @@ class LocalStore(BlobStore):
         os.replace(path, target)
 
     @contextlib.contextmanager
-    def open(self, cid: str) -> Iterator[Iterator[bytes]]:
+    def open(
+        self, cid: str, *, deadline: Deadline | None = None
+    ) -> Iterator[Iterator[bytes]]:
         path = self.path(cid)
         try:
             handle = path.open("rb")
@@ -157,10 +178,19 @@ def _check_url(url: str, what: str) -> str:
     return url.rstrip("/")
 
 
-def _unreachable(url: str, exc: Exception) -> StoreUnreachable:
-    if isinstance(exc, requests.Timeout) or "timed out" in str(exc).lower():
+def _unreachable(
+    url: str, exc: Exception, deadline: Deadline | None = None
+) -> StorageError:
+    if deadline is not None and deadline.expired():  # the watchdog cut the socket
+        return deadline.error(url)
+    if isinstance(exc, requests.Timeout | urllib3.exceptions.TimeoutError) or (
+        "timed out" in str(exc).lower()
+    ):
         why = "timed out"
-    elif isinstance(exc, requests.exceptions.ChunkedEncodingError):
+    elif isinstance(
+        exc,
+        requests.exceptions.ChunkedEncodingError | urllib3.exceptions.ProtocolError,
+    ):
         why = "the connection broke while sending the blob"
     else:
         why = f"could not connect ({type(exc).__name__})"
@@ -169,28 +199,128 @@ def _unreachable(url: str, exc: Exception) -> StoreUnreachable:
     )
 
 
-@contextlib.contextmanager
-def _session(given: requests.Session | None) -> Iterator[requests.Session]:
-    """The caller's session, or a fresh one closed afterwards (no stray sockets)."""
-    if given is not None:
-        yield given
-        return
-    with requests.Session() as session:
-        yield session
+def _cuttable_pool(
+    pool: type[HTTPConnectionPool], connection: type[HTTPConnection], opened: list[Any]
+) -> type[HTTPConnectionPool]:
+    class Connection(connection):  # type: ignore[valid-type,misc]
+        def _new_conn(self) -> socket.socket:
+            sock: socket.socket = super()._new_conn()
+            opened.append(sock)
+            return sock
+
+    class Pool(pool):  # type: ignore[valid-type,misc]
+        ConnectionCls = Connection
+
+    return Pool
 
 
-def _stream(response: requests.Response, url: str) -> Iterator[bytes]:
-    try:
-        yield from response.iter_content(_PIECE)
-    except requests.RequestException as exc:
-        raise _unreachable(url, exc) from None
+class _CuttableAdapter(HTTPAdapter):
+    """requests' adapter, remembering every socket it opens so that :meth:`cut`
+    can shut them down from another thread (a read blocked on them returns)."""
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        self.sockets: list[socket.socket] = []
+        self.poolmanager.pool_classes_by_scheme = {
+            "http": _cuttable_pool(HTTPConnectionPool, HTTPConnection, self.sockets),
+            "https": _cuttable_pool(HTTPSConnectionPool, HTTPSConnection, self.sockets),
+        }
+
+    def cut(self) -> None:
+        for sock in list(self.sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class _Transfer:
+    """One store request (or two) under a fetch's deadline.
+
+    Its own session (unless the caller gave one) opens sockets the deadline's
+    watchdog can shut down, so a server that stalls or trickles its headers or body
+    is stopped at the deadline; with a caller's session, the body is.
+    """
+
+    def __init__(self, given: requests.Session | None, deadline: Deadline | None):
+        self.deadline = deadline
+        self._own = given is None
+        self.session = requests.Session() if given is None else given
+        self._adapter: _CuttableAdapter | None = None
+        if given is None:
+            self._adapter = _CuttableAdapter()
+            self.session.mount("http://", self._adapter)
+            self.session.mount("https://", self._adapter)
+        self._responses: list[requests.Response] = []
+
+    def timeout(self, per_read: float) -> float:
+        return per_read if self.deadline is None else self.deadline.timeout(per_read)
+
+    def watch(self, response: requests.Response) -> requests.Response:
+        self._responses.append(response)
+        return response
+
+    def cut(self) -> None:
+        if self._adapter is not None:
+            self._adapter.cut()
+        for response in list(self._responses):
+            with contextlib.suppress(Exception):
+                response.raw.shutdown()
+
+    def __enter__(self) -> _Transfer:
+        self._watchdog = (
+            contextlib.nullcontext()
+            if self.deadline is None
+            else self.deadline.watchdog(self.cut)
+        )
+        self._watchdog.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            self._watchdog.__exit__(None, None, None)
+        finally:
+            if self._own:
+                self.session.close()
+
+
+def _stream(
+    response: requests.Response, url: str, deadline: Deadline | None
+) -> Iterator[bytes]:
+    """The body in pieces as they arrive (one read each, so a trickle is seen)."""
+    raw = response.raw
+    while True:
+        try:
+            piece = raw.read1(_PIECE, decode_content=True)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _unreachable(url, exc, deadline) from None
+        if deadline is not None:
+            deadline.check(url)  # a cut read ends like the body does: say why
+        if not piece:
+            return
+        yield piece
+
+
+def _head(response: requests.Response, limit: int) -> bytes | None:
+    """The body if it has at most ``limit`` bytes, else None (read no further)."""
+    data = b""
+    while len(data) <= limit:
+        piece = response.raw.read1(limit + 1 - len(data), decode_content=True)
+        if not piece:
+            return data
+        data += piece
+    return None
+
+
+#: The media type of one raw block (the trustless gateway specification).
+IPLD_RAW = "application/vnd.ipld.raw"
 
 
 class HTTPStore(BlobStore):
     """Blobs on any web host at ``{base_url}/{cid}`` (read-only).
 
     Publish a :class:`LocalStore`'s files as they are; an IPFS gateway works too:
-    ``HTTPStore("https://gateway.example/ipfs")``.
+    ``HTTPStore("https://gateway.example/ipfs")``. A gateway also serves a CID's
+    root block (``?format=raw``), which tells the fetch the blob's size; from a
+    static host the fetch is held to its ``max_size``.
     """
 
     read_only = (
@@ -215,19 +345,46 @@ class HTTPStore(BlobStore):
     def add_file(self, path: Path, cid: str) -> None:
         raise ReadOnlyStore(str(self.read_only))
 
-    @contextlib.contextmanager
-    def open(self, cid: str) -> Iterator[Iterator[bytes]]:
-        url = f"{self.base_url}/{parse_cid(cid)}"
-        with _session(self._session) as session:
-            try:
-                response = session.get(url, stream=True, timeout=self.timeout)
-            except (requests.ConnectionError, requests.Timeout) as exc:
-                raise _unreachable(url, exc) from None
+    def _get(self, transfer: _Transfer, url: str, **kwargs: Any) -> requests.Response:
+        wait = transfer.timeout(self.timeout)
+        try:
+            return transfer.watch(
+                transfer.session.get(url, stream=True, timeout=wait, **kwargs)
+            )
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _unreachable(url, exc, transfer.deadline) from None
+
+    def root_block(self, cid: str, *, deadline: Deadline | None = None) -> bytes | None:
+        url = f"{self.base_url}/{parse_cid(cid)}?format=raw"
+        headers = {"Accept": IPLD_RAW, "Accept-Encoding": "identity"}
+        with _Transfer(self._session, deadline) as transfer:
+            response = self._get(transfer, url, headers=headers)
             with response:
-                yield _checked(response, url, cid)
+                kind = response.headers.get("Content-Type", "")
+                if response.status_code != 200 or not kind.startswith(IPLD_RAW):
+                    return None  # a static host, or no such blob: the GET says
+                try:
+                    block = _head(response, MAX_ROOT_BLOCK)
+                except (urllib3.exceptions.HTTPError, OSError) as exc:
+                    raise _unreachable(url, exc, deadline) from None
+                if deadline is not None:
+                    deadline.check(url)  # cut short by the watchdog
+                return block
+
+    @contextlib.contextmanager
+    def open(
+        self, cid: str, *, deadline: Deadline | None = None
+    ) -> Iterator[Iterator[bytes]]:
+        url = f"{self.base_url}/{parse_cid(cid)}"
+        with _Transfer(self._session, deadline) as transfer:
+            response = self._get(transfer, url, headers={"Accept-Encoding": "identity"})
+            with response:
+                yield _checked(response, url, cid, deadline)
 
 
-def _checked(response: requests.Response, url: str, cid: str) -> Iterator[bytes]:
+def _checked(
+    response: requests.Response, url: str, cid: str, deadline: Deadline | None
+) -> Iterator[bytes]:
     """The body of a 200 answer in pieces, or the error its status means."""
     if response.status_code in (404, 410):
         raise BlobNotFound(
@@ -239,7 +396,7 @@ def _checked(response: requests.Response, url: str, cid: str) -> Iterator[bytes]
             f"{url} answered HTTP {response.status_code} {response.reason}; try "
             "again later or ask the host's administrator"
         )
-    return _stream(response, url)
+    return _stream(response, url, deadline)
 
 
 class _Multipart:
@@ -280,7 +437,8 @@ class IPFSStore(BlobStore):
 
     ``add`` pins the blob with CIDv1, raw leaves and 256 KiB chunks, and checks the
     node computed the same CID as healthlab; ``cat`` reads it back (from the node,
-    or through it from the IPFS network).
+    or through it from the IPFS network); ``block/get`` of the root tells the fetch
+    the blob's size first.
     """
 
     def __init__(
@@ -299,16 +457,24 @@ class IPFSStore(BlobStore):
 
     def _post(
         self,
-        session: requests.Session,
+        transfer: _Transfer,
         command: str,
         params: dict[str, str],
         **kwargs: Any,
     ) -> requests.Response:
         url = f"{self.api_url}/api/v0/{command}"
         try:
-            response = session.post(url, params=params, timeout=self.timeout, **kwargs)
+            response = transfer.watch(
+                transfer.session.post(
+                    url,
+                    params=params,
+                    stream=True,  # read on only within bounds
+                    timeout=transfer.timeout(self.timeout),
+                    **kwargs,
+                )
+            )
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise _unreachable(url, exc) from None
+            raise _unreachable(url, exc, transfer.deadline) from None
         if response.status_code != 200:
             with response:
                 message = _node_message(response)
@@ -334,10 +500,10 @@ class IPFSStore(BlobStore):
         }
         body = _Multipart(Path(path), cid)
         kind = f"multipart/form-data; boundary={body.boundary}"
-        with _session(self._session) as session:
+        with _Transfer(self._session, None) as transfer:
             try:
                 response = self._post(
-                    session, "add", params, data=body, headers={"Content-Type": kind}
+                    transfer, "add", params, data=body, headers={"Content-Type": kind}
                 )
             finally:
                 body.close()
@@ -358,16 +524,40 @@ class IPFSStore(BlobStore):
                 "recent kubo. Nothing was registered"
             )
 
-    @contextlib.contextmanager
-    def open(self, cid: str) -> Iterator[Iterator[bytes]]:
-        with _session(self._session) as session:
-            response = self._post(session, "cat", {"arg": parse_cid(cid)}, stream=True)
+    def root_block(self, cid: str, *, deadline: Deadline | None = None) -> bytes | None:
+        url = f"{self.api_url}/api/v0/block/get"
+        with _Transfer(self._session, deadline) as transfer:
+            try:
+                response = self._post(transfer, "block/get", {"arg": parse_cid(cid)})
+            except (BlobNotFound, StoreRefused):
+                return None  # `cat` says what is wrong (or is held to max_size)
             with response:
-                yield _stream(response, f"{self.api_url}/api/v0/cat")
+                try:
+                    block = _head(response, MAX_ROOT_BLOCK)
+                except (urllib3.exceptions.HTTPError, OSError) as exc:
+                    raise _unreachable(url, exc, deadline) from None
+                if deadline is not None:
+                    deadline.check(url)  # cut short by the watchdog
+                return block
+
+    @contextlib.contextmanager
+    def open(
+        self, cid: str, *, deadline: Deadline | None = None
+    ) -> Iterator[Iterator[bytes]]:
+        with _Transfer(self._session, deadline) as transfer:
+            response = self._post(transfer, "cat", {"arg": parse_cid(cid)})
+            with response:
+                yield _stream(response, f"{self.api_url}/api/v0/cat", deadline)
 
 
 def _node_message(response: requests.Response) -> str:
     try:
-        return str(response.json()["Message"])
+        body = _head(response, 65_536)  # an error message, not a stream
+    except (urllib3.exceptions.HTTPError, OSError):
+        body = None
+    if body is None:
+        return response.reason
+    try:
+        return str(json.loads(body)["Message"])
     except (ValueError, KeyError, TypeError):
-        return response.text[:200].strip() or response.reason
+        return body[:200].decode("utf-8", "replace").strip() or response.reason
