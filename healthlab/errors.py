@@ -34,6 +34,7 @@ __all__ = [
     "InvalidInput",
     "InvalidMaxPending",
     "InvalidPointer",
+    "InvalidPrivateKey",
     "InvalidRequest",
     "InvalidSiteKeys",
     "KeyNotReleased",
@@ -64,6 +65,7 @@ __all__ = [
     "UnknownCodes",
     "UnknownDataset",
     "UnknownRequest",
+    "UnreadableFile",
     "WrongPayment",
     "ZeroAddress",
     "ZeroContentHash",
@@ -87,6 +89,57 @@ class ChainUnreachable(HealthLabError, ConnectionError):
 
 class InvalidInput(HealthLabError, ValueError):
     """An argument was rejected before anything was sent."""
+
+
+class UnreadableFile(InvalidInput):
+    """A data file the user supplied cannot be read as a table.
+
+    It is empty or holds no rows, is binary or not UTF-8 text, has a row with more or
+    fewer fields than its header, or is not a Parquet file. The message names the
+    file, and the line and column where they are known, and says what to do; it never
+    quotes the file's content (nor does the exception's chain).
+
+    Attributes
+    ----------
+    path:
+        The file.
+    line:
+        The 1-based line of the file where reading failed, if known.
+    field:
+        The 1-based position of the field on that line, if known.
+    column:
+        That field's column name, when a schema declares it (a file's own header is
+        not quoted: a lost header's first row would be data).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        problem: str,
+        fix: str,
+        *,
+        line: int | None = None,
+        field: int | None = None,
+        column: str | None = None,
+    ) -> None:
+        self.path = path
+        self.line = line
+        self.field = field
+        self.column = column
+        where = f", line {line}" if line is not None else ""
+        if column is not None:
+            where += f", column '{column}'"
+        elif field is not None:
+            where += f", column {field}"
+        super().__init__(f"{path}{where}: {problem}; {fix}")
+
+
+class InvalidPrivateKey(ConfigurationError, InvalidInput):
+    """A private key is not exactly 32 bytes written as 64 hex digits (``0x`` optional).
+
+    The message says where the key came from (which environment variable or line of a
+    key file), never the key or any part of it.
+    """
 
 
 class TransactionFailed(HealthLabError):

@@ -117,8 +117,26 @@ class Receipt(dict[str, Any]):
 
     @classmethod
     def from_json(cls, text: str) -> Receipt:
-        """Read a receipt written by :meth:`to_json`."""
-        return cls(json.loads(text))
+        """Read a receipt written by :meth:`to_json`.
+
+        Text that is not a JSON object is refused with
+        :class:`~healthlab.errors.InvalidInput` naming the line and column, never the
+        text.
+        """
+        where = ""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            where = f" (line {exc.lineno}, column {exc.colno})"
+            data = None
+        except (TypeError, UnicodeDecodeError):
+            data = None
+        if not isinstance(data, dict):  # raised here: the parser's error is not chained
+            raise InvalidInput(
+                f"not a receipt: a receipt is the JSON object Receipt.to_json writes"
+                f"{where}; load the receipt file as it was saved"
+            )
+        return cls(data)
 
     def anchor(
         self, ledger: Ledger, *, sender: str | None = None

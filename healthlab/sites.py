@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from healthlab.audit import Auditor
+from healthlab.datafiles import read_data_file
 from healthlab.dp import PrivacyBudget, epsilon_spent
 from healthlab.errors import (
     AccessDenied,
@@ -917,12 +918,15 @@ def _row_keys(frame: pd.DataFrame) -> np.ndarray | None:
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """A site's data file (CSV, or Parquet by its suffix) as a frame."""
+    """A site's data file (CSV, or Parquet by its suffix) as a frame.
+
+    A file that cannot be read as a table (empty, header only, binary, not UTF-8,
+    ragged, not Parquet) is refused with :class:`~healthlab.errors.UnreadableFile`
+    naming the file and the line, never its content.
+    """
     if not path.is_file():
         raise InvalidInput(f"no data file at {path}")
-    if path.suffix in (".parquet", ".pq"):
-        return pd.read_parquet(path)
-    return pd.read_csv(path)
+    return read_data_file(path)
 
 
 #: The ``{name: DataFrame}`` form's sites, kept between calls (by name and content)

@@ -39,7 +39,7 @@ from healthlab.data import (
 )
 from healthlab.data.postgres import find_pg_bin
 from healthlab.data.stores import CATALOGUE
-from healthlab.errors import ConfigurationError, InvalidInput
+from healthlab.errors import ConfigurationError, InvalidInput, UnreadableFile
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "data_samples"
@@ -404,8 +404,10 @@ def test_malformed_csv_is_refused_without_its_content(samples: Path) -> None:
     lines = path.read_text().splitlines()
     lines[5] += ",secret-extra-field"
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataValidationError, match="not a readable CSV") as caught:
+    with pytest.raises(UnreadableFile, match="has 6 fields where the header") as caught:
         load_city_tables(root=samples)
+    assert (caught.value.path, caught.value.line) == (str(path), 6)
+    assert str(caught.value).startswith(f"{path}, line 6: ")
     assert "secret-extra-field" not in full_text(caught.value)
 
 

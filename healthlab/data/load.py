@@ -17,7 +17,8 @@ from typing import NamedTuple
 
 import pandas as pd
 
-from healthlab.data.schemas import DataValidationError, Problem, failure, validate
+from healthlab.data.schemas import failure, schema_for, validate
+from healthlab.datafiles import read_csv_file
 from healthlab.errors import ConfigurationError, InvalidInput
 
 __all__ = [
@@ -58,7 +59,10 @@ def read_csv(path: str | os.PathLike[str], schema: str) -> pd.DataFrame:
     """Read a CSV file and validate it against ``schema`` (see :mod:`.schemas`).
 
     Every cell is read as text and coerced by the schema, so a bad cell is reported
-    by its column and row, never by its value. Empty cells are missing values.
+    by its column and row, never by its value. Empty cells are missing values. A file
+    that is empty, holds only its header, is binary or not UTF-8, or has a row with
+    another number of fields than its header is refused with
+    :class:`~healthlab.errors.UnreadableFile` (file, line and column where known).
     """
     path = Path(path)
     if not path.is_file():
@@ -66,14 +70,15 @@ def read_csv(path: str | os.PathLike[str], schema: str) -> pd.DataFrame:
             f"{path} does not exist: run `python data_samples/generate.py` to make "
             "the samples, or check the path"
         )
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        reason = f"not a readable CSV file ({type(exc).__name__})"
-    else:
-        return validate(frame, schema, source=str(path), header_lines=1)
-    # the parser's message may quote the file's content: keep it out of the chain
-    raise DataValidationError(str(path), [Problem(None, reason)], header_lines=None)
+    checked = schema_for(schema)
+    frame = read_csv_file(
+        path,
+        columns=list(checked.columns),
+        dtype=str,
+        keep_default_na=False,
+        na_values=[""],
+    )
+    return validate(frame, checked, source=str(path), header_lines=1)
 
 
 def cohort_sites(root: str | os.PathLike[str] | None = None) -> list[str]:

@@ -21,11 +21,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
 
+import numpy as np
 import pandas as pd
 import sqlalchemy as sa
 
 from healthlab._paths import home
-from healthlab.data.schemas import validate
+from healthlab.data.schemas import failure, validate
 from healthlab.errors import ConfigurationError, InvalidInput
 
 __all__ = ["CATALOGUE", "ROW", "SQLStore", "UnknownTable", "default_url"]
@@ -242,7 +243,7 @@ class SQLStore:
                 query = query.order_by(table.c[ROW])
             frame = pd.read_sql_query(query, conn)
             stored = self._stored_dtypes(conn, name)
-        frame = _restore(frame, stored or {})
+        frame = _restore(frame, stored or {}, f"table {name} in {self.url}")
         if schema is not None:
             frame = validate(frame, schema, source=f"table {name} in {self.url}")
         return frame
@@ -316,13 +317,46 @@ def _check_name(name: str) -> None:
         )
 
 
-def _restore(frame: pd.DataFrame, dtypes: dict[str, str]) -> pd.DataFrame:
-    """Cast columns read from SQL back to the dtypes they were written with."""
+def _restore(frame: pd.DataFrame, dtypes: dict[str, str], source: str) -> pd.DataFrame:
+    """Cast columns read from SQL back to the dtypes they were written with.
+
+    A cell another tool wrote into a stored column that does not convert back (text
+    in a number column, say) is refused by its column and row, never by its value.
+    """
     for column, dtype in dtypes.items():
         if column not in frame.columns:
             continue
         values = frame[column]
-        if dtype.startswith("datetime64"):
-            values = pd.to_datetime(values)
-        frame[column] = values.astype(pd.api.types.pandas_dtype(dtype))
+        converted = None
+        try:
+            if dtype.startswith("datetime64"):
+                values = pd.to_datetime(values)
+            converted = values.astype(pd.api.types.pandas_dtype(dtype))
+        except (TypeError, ValueError, OverflowError):
+            pass  # the error quotes the cell: reported below without it
+        if converted is None:
+            raise failure(
+                source,
+                column,
+                f"not readable back as {dtype} (a value written to the table outside "
+                "HealthLab?); fix those rows or write the table again with "
+                "SQLStore.write_table",
+                _unconvertible(frame[column], dtype),
+            )
+        frame[column] = converted
     return frame
+
+
+def _unconvertible(values: pd.Series, dtype: str) -> np.ndarray:
+    """Which cells of ``values`` do not convert to ``dtype`` (by position)."""
+    target = pd.api.types.pandas_dtype(dtype)
+    bad = np.zeros(len(values), dtype=bool)
+    for i, value in enumerate(values.tolist()):
+        try:
+            single = pd.Series([value], dtype=object)
+            if dtype.startswith("datetime64"):
+                single = pd.to_datetime(single)
+            single.astype(target)
+        except (TypeError, ValueError, OverflowError):
+            bad[i] = True
+    return bad

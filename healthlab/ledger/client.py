@@ -40,6 +40,7 @@ from healthlab.dp import PrivacyBudget
 from healthlab.ledger import deployments
 from healthlab.ledger.artifacts import load_artifact
 from healthlab.ledger.codes import Codes, as_codes
+from healthlab.ledger.keys import account_from_key
 from healthlab.ledger.records import (
     Access,
     Dataset,
@@ -1022,7 +1023,9 @@ class Ledger:
         if tester is not None:
             for key in tester.backend.account_keys:
                 if key.public_key.to_checksum_address() == address:
-                    return Account.from_key(key.to_bytes())  # type: ignore[no-any-return]
+                    return account_from_key(
+                        key.to_bytes(), source="the embedded chain's dev account"
+                    )
             return None
         if self.chain_id == ANVIL_CHAIN_ID:
             return _anvil_dev_accounts().get(address)
@@ -1340,9 +1343,17 @@ def _anvil_dev_accounts(count: int = 10) -> dict[str, LocalAccount]:
 
 
 def _signers_from_env() -> list[LocalAccount]:
-    keys: list[str] = []
-    if os.environ.get("HEALTHLAB_PRIVATE_KEY"):
-        keys += os.environ["HEALTHLAB_PRIVATE_KEY"].split(",")
+    """The accounts of ``$HEALTHLAB_PRIVATE_KEY`` (comma-separated) and of the lines of
+    ``$HEALTHLAB_KEY_FILE`` (``#`` starts a comment line); blanks around a key are
+    dropped, everything else must be the key (see :mod:`healthlab.ledger.keys`)."""
+    keys: list[tuple[str, str]] = []
+    listed = os.environ.get("HEALTHLAB_PRIVATE_KEY")
+    if listed:
+        parts = listed.split(",")
+        keys += [
+            (part.strip(), "HEALTHLAB_PRIVATE_KEY" + (f" (key {i})" if i > 1 else ""))
+            for i, part in enumerate(parts, 1)
+        ]
     key_file = os.environ.get("HEALTHLAB_KEY_FILE")
     if key_file:
         path = Path(key_file)
@@ -1354,20 +1365,21 @@ def _signers_from_env() -> list[LocalAccount]:
             raise errors.ConfigurationError(
                 f"{key_file} is readable by other users; run `chmod 600 {key_file}`"
             )
-        keys += [
-            ln.strip()
-            for ln in path.read_text().splitlines()
-            if ln.strip() and not ln.startswith("#")
-        ]
-    accounts = []
-    for number, key in enumerate(keys, 1):
         try:
-            accounts.append(Account.from_key(key.strip()))
-        except (ValueError, TypeError) as exc:  # never echo the key itself
-            raise errors.ConfigurationError(
-                f"private key #{number} from the environment is not a 32-byte hex key"
-            ) from exc
-    return accounts
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            text = None
+        if text is None:  # raised here: the decoding error would quote a byte
+            raise errors.InvalidPrivateKey(
+                f"HEALTHLAB_KEY_FILE {key_file} is not UTF-8 text: write one hex key "
+                "a line"
+            )
+        keys += [
+            (ln.strip(), f"HEALTHLAB_KEY_FILE {key_file}, line {number}")
+            for number, ln in enumerate(text.splitlines(), 1)
+            if ln.strip() and not ln.lstrip().startswith("#")
+        ]
+    return [account_from_key(key, source=source) for key, source in keys]
 
 
 def _first_node_account(w3: Web3, url: str) -> str:
