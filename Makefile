@@ -43,7 +43,9 @@ demo: setup
 	$(BIN)/python -m healthlab.demo
 	$(BIN)/healthlab demo --out reports
 
-CHAIN_UP = $(BIN)/healthlab chain up --port $(CHAIN_PORT) --dir $(CHAIN_DIR)
+# SHARED_HOST=1: start even where other users run processes (they can reach it)
+CHAIN_UP = $(BIN)/healthlab chain up --port $(CHAIN_PORT) --dir $(CHAIN_DIR) \
+	$(if $(SHARED_HOST),--shared-host)
 
 lab: setup
 	@url=$$($(CHAIN_UP)) && \

@@ -185,13 +185,24 @@ def chain_up(
     deploy: Annotated[
         bool, typer.Option(help="Deploy the registry unless one is recorded.")
     ] = True,
+    shared_host: Annotated[
+        bool,
+        typer.Option(
+            "--shared-host",
+            envvar="HEALTHLAB_SHARED_HOST",
+            help="Start even where other users run processes: its port and dev "
+            "accounts are open to them (a teaching chain with no real value only).",
+        ),
+    ] = False,
 ) -> None:
     """Start the shared node (or reuse it), deploy the registry once, print its URL.
 
     Messages go to stderr and only the URL to stdout, so a script can run
-    ``export HEALTHLAB_RPC_URL=$(healthlab chain up)``.
+    ``export HEALTHLAB_RPC_URL=$(healthlab chain up)``. On a machine where other
+    people run processes it refuses to start without ``--shared-host``: anvil's
+    port on 127.0.0.1 is open to every local user, who could act as any account.
     """
-    node = LocalChain(directory, port).up()
+    node = LocalChain(directory, port, shared_host=shared_host).up()
     typer.echo(_describe(node), err=True)
     if deploy:
         ledger = Ledger.connect(node.url)

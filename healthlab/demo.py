@@ -1,8 +1,8 @@
 """The walkthrough ``make demo`` runs: the consent ledger end to end.
 
 A hospital registers a dataset, a researcher asks for access and pays into escrow, the
-hospital approves, a site checks the grant, the hospital withdraws its fee and later
-revokes the grant. The event log is printed as a table at the end.
+hospital approves and is paid the fee in that transaction, a site checks the grant,
+and the hospital later revokes it. The event log is printed as a table at the end.
 
 Run ``python -m healthlab.demo`` (or ``--rpc-url URL`` to use a node instead).
 """
@@ -60,21 +60,21 @@ def walkthrough(ledger: Ledger) -> pd.DataFrame:
     print(f"on chain: purpose hash {r.purpose_hash[:18]}… (the text stays off chain)")
     print(f"has access before approval? {ledger.has_access(ds, researcher)}")
 
-    _step("3. The hospital approves; a grant with an expiry is created")
+    _step(
+        "3. The hospital approves: a grant for the 30 days paid for, and the fee "
+        "paid to the hospital in the same transaction"
+    )
     r = ledger.approve(req, sender=hospital)
     assert r.expires_at is not None  # an approved request always has an expiry
     expires = pd.Timestamp(r.expires_at, unit="s", tz="UTC")
     print(f"request {req}: {r.status.name} until {expires:%Y-%m-%d %H:%M} UTC")
+    paid = ledger.events().query("event == 'FeePaid'")["amount_wei"].sum()
+    print(f"paid out {paid / ETHER} ETH to the hospital; nothing left in escrow")
 
     _step("4. A site checks the grant before computing")
     print(f"has access? {ledger.has_access(ds, researcher)}")
 
-    _step("5. The hospital withdraws its fee (pull payment)")
-    print(f"credited {ledger.credit(hospital) / ETHER} ETH")
-    paid = ledger.withdraw(sender=hospital)
-    print(f"paid out {paid / ETHER} ETH; credit now {ledger.credit(hospital)}")
-
-    _step("6. The hospital revokes the grant; sites stop at once")
+    _step("5. The hospital revokes the grant; sites stop at once")
     ledger.revoke(ds, researcher, sender=hospital)
     print(f"has access? {ledger.has_access(ds, researcher)}")
     print(f"request {req}: {ledger.request(req).status.name}")

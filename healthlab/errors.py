@@ -50,6 +50,7 @@ __all__ = [
     "NothingToWithdraw",
     "PaymentFailed",
     "PurposeNotPermitted",
+    "PurposeUnverified",
     "Reentrancy",
     "RequestAlreadyOpen",
     "ResultAlreadyRecorded",
@@ -346,6 +347,8 @@ class FeeChanged(StateConflict):
 class GrantDurationChanged(StateConflict):
     """The owner changed the grant duration after you saw it; nothing was paid."""
 
+    hint = "request again with the dataset's current grant duration if you accept it"
+
     def _default_message(self) -> str:
         return (
             f"the dataset's grant duration changed from {self.values['agreedSeconds']}"
@@ -353,6 +356,10 @@ class GrantDurationChanged(StateConflict):
             "nothing was paid. Request again with grant_seconds="
             f"{self.values['currentSeconds']} if you accept."
         )
+
+
+class PurposeUnverified(HealthLabError):
+    """A request's sealed purpose is not the text its on-chain hash commits to."""
 
 
 class WrongPayment(StateConflict):

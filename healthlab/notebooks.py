@@ -433,9 +433,11 @@ def ensure_catalogue(
     """Register the sample datasets the chain lacks; return all of them with ids.
 
     Hospital cohorts are registered by ``owner``, citizen records by ``citizen``
-    (default: ``owner``). A dataset whose content hash is registered already — by
-    an earlier run, another notebook or anyone — is left as it is, so calling this
-    again changes nothing; ``registered now`` says which rows this call added.
+    (default: ``owner``). A dataset its owner registered already — in an earlier
+    run or another notebook — is left as it is, so calling this again changes
+    nothing; ``registered now`` says which rows this call added. Someone else's
+    registration of the same content is not the owner's dataset and is never
+    adopted (registrations are per owner: a squatter blocks nothing).
 
     Returns one row per sample dataset (by name): kind, dataset id, owner,
     pointer, content hash, fee, terms, grant duration and ``registered now``.
@@ -452,7 +454,8 @@ def ensure_catalogue(
     known = _registered(ledger)
     rows = []
     for spec in sample_datasets(citizens, root=root):
-        key = spec.content_hash.lower()
+        holder = owner if spec.kind == "hospital cohort" else who_cites
+        key = (holder.lower(), spec.content_hash.lower())
         added = False
         if key not in known:
             try:
@@ -462,10 +465,10 @@ def ensure_catalogue(
                     fee_wei=spec.fee_wei,
                     grant_seconds=spec.grant_days * 86400,
                     terms=spec.terms,
-                    sender=owner if spec.kind == "hospital cohort" else who_cites,
+                    sender=holder,
                 )
                 added = True
-            except DuplicateDataset:  # another kernel registered it just now
+            except DuplicateDataset:  # another of its kernels registered it just now
                 pass
             known = _registered(ledger)
         record = ledger.dataset(known[key])
@@ -492,11 +495,15 @@ def _code_names(codes: int) -> str:
     return "|".join(c.name or "" for c in Codes if int(codes) & c)
 
 
-def _registered(ledger: Ledger) -> dict[str, int]:
-    """Registered content hashes (lower case) and their dataset ids."""
+def _registered(ledger: Ledger) -> dict[tuple[str, str], int]:
+    """Dataset ids by (owner, content hash), both lower case: an owner registers a
+    content once (others may register the same content as theirs)."""
     frame = ledger.datasets()
-    hashes = frame["content_hash"].tolist()
-    return {str(h).lower(): int(i) for i, h in zip(frame.index, hashes, strict=True)}
+    keys = zip(frame["owner"].tolist(), frame["content_hash"].tolist(), strict=True)
+    return {
+        (str(o).lower(), str(h).lower()): int(i)
+        for i, (o, h) in zip(frame.index, keys, strict=True)
+    }
 
 
 def _eth(wei: int) -> str:

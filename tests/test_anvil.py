@@ -97,19 +97,17 @@ def test_consent_flow_on_anvil_agrees_with_cast(anvil: AnvilNode, cast: str) -> 
     assert ledger.request(req).status is Status.PENDING
     check("requested")
     credit = ledger.credit(owner)
-    assert ledger.approve(req, sender=owner).status is Status.APPROVED
-    assert ledger.credit(owner) == credit + FEE, "approval must credit the fee"
-    check("approved")
     before = ledger.balance(owner)
-    paid = ledger.withdraw(sender=owner)
+    assert ledger.approve(req, sender=owner).status is Status.APPROVED
     receipt = ledger.last_receipt
-    assert paid == credit + FEE
-    assert ledger.credit(owner) == 0
+    assert ledger.credit(owner) == credit, "a compute fee is paid, not credited"
     assert (
         ledger.balance(owner)
-        == before + paid - receipt["gasUsed"] * receipt["effectiveGasPrice"]
-    ), "the owner must receive exactly the credit, minus the gas paid"
-    check("withdrawn")
+        == before + FEE - receipt["gasUsed"] * receipt["effectiveGasPrice"]
+    ), "approval must pay the owner exactly the fee, minus the gas paid"
+    check("approved")
+    ledger.advance_time(60)
+    check("paid")
     ledger.revoke(ds, researcher, sender=owner)
     assert ledger.request(req).status is Status.REVOKED
     check("revoked")
@@ -119,7 +117,7 @@ def test_consent_flow_on_anvil_agrees_with_cast(anvil: AnvilNode, cast: str) -> 
         ("registered", False, False),
         ("requested", False, False),
         ("approved", True, True),
-        ("withdrawn", True, True),
+        ("paid", True, True),
         ("revoked", False, False),
     ]
 

@@ -22,9 +22,9 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from healthlab import cli
-from healthlab.errors import ChainUnreachable
+from healthlab.errors import ChainUnreachable, ConfigurationError
 from healthlab.ledger import Ledger
-from healthlab.ledger.node import AnvilNode, LocalChain
+from healthlab.ledger.node import AnvilNode, LocalChain, check_single_user, other_users
 from healthlab.ledger.records import Status
 from healthlab.services import free_port
 from tests.conftest import ETHER, content_hash, require
@@ -33,9 +33,14 @@ pytestmark = pytest.mark.anvil
 
 
 @pytest.fixture
-def chain_dir(tmp_path: Path, home: Path) -> Iterator[Path]:
+def chain_dir(
+    tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
     """A folder for the node's files; whatever node it records is stopped at the end."""
     require("anvil")
+    if other_users():  # a shared test machine: these tests are about the node's
+        # life cycle; the refusal there has its own tests below
+        monkeypatch.setenv("HEALTHLAB_SHARED_HOST", "1")
     folder = tmp_path / "chain"
     yield folder
     record = folder / "anvil.pid"
@@ -140,7 +145,9 @@ def test_a_dataset_and_a_grant_survive_down_and_up(chain_dir: Path) -> None:
     assert list(again.events()["event"]) == [
         "DatasetRegistered",
         "AccessRequested",
+        "PurposeSealed",
         "AccessGranted",
+        "FeePaid",
     ]
     new_pid = json.loads((chain_dir / "anvil.pid").read_text())["pid"]
     assert chain("status", "--port", str(port), "--dir", str(chain_dir)).stdout == (
@@ -238,3 +245,56 @@ def test_up_on_another_port_while_the_node_runs_is_refused(chain_dir: Path) -> N
         f"{json.loads((chain_dir / 'anvil.pid').read_text())['pid']}); use its port, "
         f"or stop it first with `healthlab chain down --dir {chain_dir}`"
     )
+
+
+# ------------------------------------------------------ a machine others share
+def fake_proc(root: Path, uids: dict[int, int]) -> Path:
+    """A /proc with one process per pid, run by the given uid."""
+    for pid, uid in uids.items():
+        entry = root / str(pid)
+        entry.mkdir(parents=True)
+        entry.joinpath("status").write_text(
+            f"Name:\tbash\nState:\tS (sleeping)\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
+        )
+    (root / "self").mkdir(exist_ok=True)  # not a pid: ignored
+    return root
+
+
+def test_other_people_are_found_but_services_and_nobody_are_not(
+    tmp_path: Path,
+) -> None:
+    me = os.getuid()
+    proc = fake_proc(tmp_path / "proc", {1: 0, 2: 101, 3: 65534, 4: me})
+    assert other_users(proc) == ({0} if me != 0 else set())
+    proc = fake_proc(tmp_path / "proc2", {10: me, 11: 1000, 12: 1001, 13: 1001})
+    assert other_users(proc) == {1000, 1001} - {me}
+
+
+def test_the_lab_chain_refuses_a_shared_machine_without_the_flag(
+    tmp_path: Path,
+) -> None:
+    proc = fake_proc(tmp_path / "proc", {7: os.getuid(), 8: 4242})
+    with pytest.raises(ConfigurationError, match="--shared-host") as refused:
+        check_single_user(False, proc)
+    assert "1 other user account" in str(refused.value)
+    assert "4242" not in str(refused.value)  # no account named
+    check_single_user(True, proc)  # the explicit, loud opt-in
+    check_single_user(False, fake_proc(tmp_path / "alone", {7: os.getuid()}))
+
+
+def test_chain_up_on_a_shared_machine_starts_nothing_unless_asked(
+    chain_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import healthlab.ledger.node as node
+
+    monkeypatch.delenv("HEALTHLAB_SHARED_HOST", raising=False)
+    monkeypatch.setattr(node, "other_users", lambda proc="/proc": {4242})
+    port = free_port()
+    result = chain("up", "--port", str(port), "--dir", str(chain_dir), code=1)
+    assert "--shared-host" in str(result.exception or result.output)
+    assert not (chain_dir / "anvil.pid").exists()
+    with pytest.raises(ConfigurationError):
+        LocalChain(chain_dir, port).up()
+    started = LocalChain(chain_dir, port, shared_host=True).up()
+    assert started.started and started.pid is not None
+    assert (chain_dir.stat().st_mode & 0o777) == 0o700

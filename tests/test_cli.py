@@ -143,9 +143,8 @@ def test_events_lists_the_event_names_in_order(
     owner, researcher = ledger.accounts[1], ledger.accounts[2]
     ds = register(ledger)
     req = ledger.request_access(ds, "CVD risk", "HMB|NCU", sender=researcher)
-    ledger.approve(req, sender=owner)
+    ledger.approve(req, sender=owner)  # the fee is paid to the owner in it
     approval_block = ledger.last_receipt["blockNumber"]
-    ledger.withdraw(sender=owner)
     args = ["events", "--rpc-url", anvil.url]
     if from_approval:
         args += ["--from-block", str(approval_block)]
@@ -154,8 +153,14 @@ def test_events_lists_the_event_names_in_order(
 
     names = [i["name"] for i in ledger.contract.abi if i["type"] == "event"]
     shown = re.findall(rf"\b({'|'.join(names)})\b", output)
-    everything = ["DatasetRegistered", "AccessRequested", "AccessGranted", "Withdrawal"]
-    assert shown == (everything[2:] if from_approval else everything)
+    everything = [
+        "DatasetRegistered",
+        "AccessRequested",
+        "PurposeSealed",
+        "AccessGranted",
+        "FeePaid",
+    ]
+    assert shown == (everything[3:] if from_approval else everything)
 
 
 def run_main(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:

@@ -14,8 +14,9 @@ def test_walkthrough_produces_the_whole_flow() -> None:
     assert list(log["event"]) == [
         "DatasetRegistered",
         "AccessRequested",
+        "PurposeSealed",
         "AccessGranted",
-        "Withdrawal",
+        "FeePaid",
         "AccessRevoked",
     ]
 

@@ -16,7 +16,7 @@ import pytest
 
 from healthlab import errors
 from healthlab.ledger import Codes, Ledger, Status
-from tests.conftest import content_hash
+from tests.conftest import Chain, content_hash
 from tests.test_registry import (
     FEE,
     GAS,
@@ -111,7 +111,7 @@ def test_a_duration_change_ahead_of_the_request_in_its_block_is_refused(
     with auto_mining_off(ledger) as tester:
         update = functions.updateDataset(dataset, FEE, 1, HMB_NCU, False)
         update_hash = update.transact({"from": owner, "gas": GAS})
-        request = functions.requestAccess(dataset, FEE, GRANT, HMB_NCU, PURPOSE)
+        request = functions.requestAccess(dataset, FEE, GRANT, HMB_NCU, PURPOSE, b"")
         request_hash = request.transact({"from": researcher, "gas": GAS, "value": FEE})
         tester.mine_blocks(1)
     receipt = ledger.w3.eth.get_transaction_receipt(request_hash)
@@ -323,3 +323,123 @@ def test_an_owner_contract_is_paid_once_or_credited(
         assert owner.functions.reentrySuccesses().call() == 0
         assert ledger.credit(owner.address) == 0
     assert ledger.balance(ledger.address) == ledger.credit(owner.address)
+
+
+# ---------------------------------------------------- the owner reads the purpose
+PURPOSE_TEXT = "Sex differences in 10-year cardiovascular risk, pooled"
+
+
+def _sealed(ledger: Ledger, request_id: int) -> bytes:
+    (entry,) = ledger.contract.events.PurposeSealed().get_logs(from_block=0)[-1:]
+    assert entry["args"]["requestId"] == request_id
+    return bytes(entry["args"]["envelope"])
+
+
+def test_the_owner_reads_the_purpose_sealed_to_it_and_nobody_else_can(
+    chain: Chain, ledger: Ledger, owner: str, researcher: str, dataset: int
+) -> None:
+    req = ledger.request_access(dataset, PURPOSE_TEXT, "HMB|NCU", sender=researcher)
+    # the owner's client is another client: it did not make the request
+    inbox = chain.ledger()
+    with pytest.raises(errors.InvalidInput):
+        inbox.purpose_of(req)
+    opened = inbox.sealed_purpose(req, owner=owner)
+    assert opened is not None and opened.text == PURPOSE_TEXT
+    assert inbox.verify_purpose(req, opened.text, opened.salt)
+    from healthlab.widgets import OwnerInbox
+
+    shown = OwnerInbox(inbox, owner).pending
+    assert shown.loc[req, "purpose"] == PURPOSE_TEXT  # the approver reads it
+    # the chain holds no purpose in clear: not in the transaction, not in a log
+    tx = ledger.w3.eth.get_transaction(ledger.request(req).request_tx)
+    receipt = ledger.w3.eth.get_transaction_receipt(tx["hash"])
+    clear = PURPOSE_TEXT.encode()
+    assert clear not in bytes(tx["input"])
+    assert all(clear not in bytes(log["data"]) for log in receipt["logs"])
+    # nobody but the owner opens it: the researcher, a stranger, another owner
+    for other in (researcher, ledger.accounts[3], ledger.accounts[5]):
+        with pytest.raises(errors.PurposeUnverified):
+            inbox.sealed_purpose(req, owner=other)
+
+
+def test_a_sealed_purpose_that_is_not_the_committed_one_is_flagged(
+    chain: Chain, ledger: Ledger, owner: str, researcher: str, dataset: int
+) -> None:
+    """A researcher sealing a text other than the one its hash commits to, an
+    envelope replayed from another request, or an altered envelope: each is
+    refused as unverified, never shown as the purpose."""
+    from healthlab.ledger.client import Purpose
+    from healthlab.storage.envelope import seal_message
+
+    honest = ledger.request_access(dataset, PURPOSE_TEXT, "HMB|NCU", sender=researcher)
+    copied = _sealed(ledger, honest)
+    functions = ledger.contract.functions
+    key = ledger.owner_public_key(dataset)
+    assert key is not None
+    context = ledger._purpose_context(dataset, ledger.accounts[4])
+    committed = Purpose.new("Blood pressure trends")
+    lying = seal_message(
+        b'{"text": "Sex differences", "salt": "' + committed.salt.encode() + b'"}',
+        key,
+        context=context,
+    )
+    inbox = chain.ledger()
+    for who, envelope in (
+        (ledger.accounts[4], lying),  # the text is not what the hash commits to
+        (ledger.accounts[5], copied),  # replayed: bound to the honest request's
+        (ledger.accounts[6], copied[:-1] + bytes([copied[-1] ^ 1])),  # altered
+    ):
+        fn = functions.requestAccess(
+            dataset,
+            FEE,
+            GRANT,
+            HMB_NCU,
+            bytes.fromhex(committed.commitment[2:]),
+            envelope,
+        )
+        receipt = ledger.transact(fn, who, value=FEE)
+        (requested,) = logs(ledger, receipt, "AccessRequested")
+        with pytest.raises(errors.PurposeUnverified, match="ask the researcher"):
+            inbox.sealed_purpose(requested["requestId"], owner=owner)
+    assert inbox.sealed_purpose(honest, owner=owner).text == PURPOSE_TEXT
+    # too long for the chain: refused by the contract, nothing paid
+    with pytest.raises(errors.InvalidEnvelope):
+        ledger.transact(
+            functions.requestAccess(
+                dataset, FEE, GRANT, HMB_NCU, PURPOSE, b"\x01" * 1025
+            ),
+            ledger.accounts[7],
+            value=FEE,
+        )
+
+
+def test_an_owner_without_a_key_gets_the_hash_only(
+    chain: Chain, ledger: Ledger, researcher: str
+) -> None:
+    """A contract owner has no public key: the request carries no sealed purpose,
+    and the inbox says so instead of showing anything."""
+    from healthlab.widgets import OwnerInbox
+
+    funder = ledger.accounts[4]
+    owner = deploy_payee(ledger, "RevertingPayee", funder)
+    register = owner.functions.register(
+        HOSPITAL_URI, bytes.fromhex(content_hash()[2:]), FEE, GRANT, int(Codes.GRU)
+    )
+    (registered,) = logs(ledger, ledger.transact(register, funder), "DatasetRegistered")
+    ds = registered["datasetId"]
+    assert ledger.owner_public_key(ds) is None
+    req = ledger.request_access(ds, PURPOSE_TEXT, "HMB", sender=researcher)
+    assert ledger.sealed_purpose(req, owner=owner.address) is None
+    inbox = OwnerInbox(chain.ledger(), owner.address)  # not the requesting client
+    assert inbox._purpose(req) == (
+        "(not sealed: only its hash is on chain; ask the researcher)"
+    )
+
+
+def test_a_purpose_too_long_to_seal_is_refused_before_anything_is_paid(
+    ledger: Ledger, researcher: str, dataset: int
+) -> None:
+    before = ledger.balance(researcher)
+    with pytest.raises(errors.InvalidInput, match="fewer words"):
+        ledger.request_access(dataset, "x" * 2000, "HMB|NCU", sender=researcher)
+    assert ledger.balance(researcher) == before

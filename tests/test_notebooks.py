@@ -41,7 +41,7 @@ from web3 import EthereumTesterProvider
 
 from healthlab import Site, cli, encrypted
 from healthlab.data import city_days, load_city_tables, load_cohort_sites
-from healthlab.errors import ChainUnreachable, DuplicateDataset, InvalidInput
+from healthlab.errors import ChainUnreachable, InvalidInput
 from healthlab.ledger import Ledger
 from healthlab.ledger.node import AnvilNode, find_tool
 from healthlab.notebooks import (
@@ -602,8 +602,11 @@ def test_request_page_shows_the_fee_then_pays_exactly_it(
     assert mine["codes"] == "HMB|NCU" and mine["expires"] == ""
     # the chain's own log agrees with the panel: one request, the fee in escrow
     events = page01["events"]
-    assert events["event"].tolist() == ["DatasetRegistered"] * 6 + ["AccessRequested"]
-    last = events.iloc[-1]
+    assert events["event"].tolist() == ["DatasetRegistered"] * 6 + [
+        "AccessRequested",
+        "PurposeSealed",  # the purpose, sealed to the owner: only it reads the text
+    ]
+    last = events.iloc[-2]
     assert (last["dataset"], last["request"]) == (1, 1)
     assert last["account"] == dev_account(p["researcher_account"])
     assert last["amount (wei)"] == str(fee)
@@ -653,11 +656,10 @@ def test_owner_page_lists_requests_with_codes_purpose_fee_and_history(
 
 
 @pytest.mark.parametrize(
-    ("step", "pending", "grants", "credit_wei", "withdrawn"),
-    [
-        ("after-approving", [2], [1], 10**16, "0"),
-        ("after-declining", [], [1], 10**16, "0"),
-        ("after-withdrawing", [], [1], 0, "0.01"),
+    ("step", "pending", "grants", "credit_wei", "paid"),
+    [  # approving pays the fee at once: nothing waits to be withdrawn
+        ("after-approving", [2], [1], 0, "0.01"),
+        ("after-declining", [], [1], 0, "0.01"),
         ("after-revoking", [], [], 0, "0.01"),
     ],
 )
@@ -667,13 +669,13 @@ def test_owner_page_shows_the_inbox_after_each_decision(
     pending: list[int],
     grants: list[int],
     credit_wei: int,
-    withdrawn: str,
+    paid: str,
 ) -> None:
     assert page02[f"pending_requests-{step}"].index.tolist() == pending
     assert page02[f"live_grants-{step}"].index.tolist() == grants
     earnings = page02[f"earnings-{step}"].iloc[0]
     assert earnings["credit (wei)"] == str(credit_wei)
-    assert earnings["withdrawn (ETH)"] == withdrawn
+    assert earnings["paid out (ETH)"] == paid
     assert (earnings["pending"], earnings["live grants"]) == (len(pending), len(grants))
 
 
@@ -688,29 +690,32 @@ def test_owner_page_decisions_are_on_chain_with_their_amounts(
     story = events.iloc[4 + p["citizens"] :]
     assert story["event"].tolist() == [
         "AccessRequested",
+        "PurposeSealed",
         "AccessRequested",
+        "PurposeSealed",
         "AccessGranted",
+        "FeePaid",
         "AccessDeclined",
-        "Withdrawal",
         "AccessRevoked",
     ]
-    assert story["account"].tolist() == [
+    decisions = story[story["event"] != "PurposeSealed"]
+    assert decisions["account"].tolist() == [
         approved,
         declined,
         approved,
-        declined,
         owner,
+        declined,
         approved,
     ]
-    assert story["amount (wei)"].tolist()[:2] == [str(10**16)] * 2
-    assert story["amount (wei)"].iloc[4] == str(10**16), "the owner withdrew the fee"
+    assert decisions["amount (wei)"].tolist()[:2] == [str(10**16)] * 2
+    assert decisions["amount (wei)"].iloc[3] == str(10**16), "the owner was paid"
     printed = runs["02_approve_requests"].printed()
     assert f"approved request #1: {approved} may use dataset #1" in printed
     assert (
         f"declined request #2 on dataset #1; 0.01 ETH credited back to {declined}"
         in printed
     )
-    assert f"withdrew 0.01 ETH (10000000000000000 wei) to {owner}" in printed
+    assert "0.01 ETH paid to you" in printed
     assert f"revoked request #1: {approved} no longer has access" in printed
     assert "error" not in printed
 
@@ -1350,7 +1355,9 @@ def test_open_study_registers_every_site_and_grants_the_chosen_ones(
         granted = ledger.has_access(study.datasets[name], study.researcher)
         assert granted == (name in ("site_a", "site_c")), name
     assert sorted(study.requests) == ["site_a", "site_c"]
-    assert ledger.credit(study.owners["site_a"]) == 10**15, "the fee was not paid"
+    paid = ledger.events().query("event == 'FeePaid'")
+    assert paid["account"].tolist() == [study.owners["site_a"], study.owners["site_c"]]
+    assert paid["amount_wei"].tolist() == [10**15] * 2, "the fee was not paid"
     parties = study.parties()
     assert parties["has access"].tolist()[:4] == [True, False, True, False]
     with pytest.raises(InvalidInput, match="unknown sites"):
@@ -1470,38 +1477,41 @@ def test_ensure_catalogue_registers_each_sample_dataset_once(ledger: Ledger) -> 
     assert len(ledger.datasets()) == len(SITES) + 2
 
 
-def test_ensure_catalogue_keeps_datasets_someone_else_registered(
+def test_ensure_catalogue_never_adopts_a_squatters_registration(
     ledger: Ledger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """A stranger registered site_b's pointer and hash first: the hospital's own
+    dataset is registered all the same (the catalogue never lists the stranger's);
+    a race with another of the owner's own kernels reuses that kernel's dataset."""
     owner, stranger = ledger.accounts[1], ledger.accounts[3]
     specs = {s.name: s for s in sample_datasets(1)}
     taken = specs["site_b"]
-    early = ledger.register_dataset(
+    squat = ledger.register_dataset(
         taken.pointer, taken.content_hash, terms="GRU", sender=stranger
     )
-    # another kernel registers site_c between our read and our transaction
+    # another kernel of the owner registers site_c between our read and our write
     racing = specs["site_c"]
     original = ledger.register_dataset
-    raced: list[str] = []
+    raced: list[int] = []
 
     def register(uri: str, content_hash: str, **kwargs: Any) -> int:
         if content_hash == racing.content_hash and not raced:
-            raced.append(content_hash)
-            original(uri, content_hash, terms="GRU", sender=stranger)
+            raced.append(original(uri, content_hash, **kwargs))
         return original(uri, content_hash, **kwargs)
 
     monkeypatch.setattr(ledger, "register_dataset", register)
     table = ensure_catalogue(ledger, owner, citizens=1)
     assert raced, "the race was not staged"
-    assert table.loc["site_b", "dataset"] == early
-    for name in ("site_b", "site_c"):
-        assert table.loc[name, "owner"] == stranger, name
-        assert not table.loc[name, "registered now"], name
-        assert table.loc[name, "terms"] == "GRU", name
-    assert table.loc["site_a", "owner"] == owner
-    assert table["registered now"].sum() == 3
-    with pytest.raises(DuplicateDataset):
-        original(racing.pointer, racing.content_hash, sender=owner)
+    assert table.loc["site_b", "dataset"] != squat
+    assert table.loc["site_b", "owner"] == owner
+    assert table.loc["site_b", "registered now"]
+    assert table.loc["site_c", "dataset"] == raced[0]
+    assert not table.loc["site_c", "registered now"]
+    assert (table.loc[["site_a", "site_b", "site_c"], "owner"] == owner).all()
+    assert table["registered now"].sum() == 4
+    again = ensure_catalogue(ledger, owner, citizens=1)
+    assert not again["registered now"].any()
+    assert again["dataset"].tolist() == table["dataset"].tolist()
 
 
 @pytest.mark.parametrize("citizens", [-1, True, 241, 2.0])
@@ -1591,9 +1601,9 @@ def test_pages_on_a_shared_node_never_act_by_themselves(
     tables02 = owner.tables
     pending = tables02["pending_requests-when-opened"]
     assert pending.index.tolist() == [shared_node.request]
-    assert pending.loc[shared_node.request, "purpose"].startswith(
-        "(only its hash is on chain"
-    ), "the purpose text stays with the client that made the request"
+    # another client made the request: the owner's page reads the purpose the
+    # researcher sealed to it, checked against its hash on chain
+    assert pending.loc[shared_node.request, "purpose"] == "CVD risk (another client)"
     assert not any(k.endswith("-with-two-requests") for k in tables02)
     assert len(tables02["events"]) == shared_node.events
     assert "requests come from researchers' pages" in owner.printed()

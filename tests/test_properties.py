@@ -770,7 +770,7 @@ class RegistryMachine(RuleBasedStateMachine):
 
             def send() -> int:
                 fn = self.ledger.contract.functions.requestAccess(
-                    ds, agreed, seconds, codes, b"\x01" * 32
+                    ds, agreed, seconds, codes, b"\x01" * 32, b""
                 )
                 self.ledger.transact(fn, who, value=value)
                 return self.model.request_count + 1

@@ -237,7 +237,7 @@ def test_request_after_a_fee_change_in_the_same_block_reverts_with_fee_changed(
     with auto_mining_off(ledger) as tester:
         update = functions.updateDataset(dataset, 2 * FEE, GRANT, HMB_NCU, False)
         update_hash = update.transact({"from": owner, "gas": GAS})
-        request = functions.requestAccess(dataset, FEE, GRANT, HMB_NCU, PURPOSE)
+        request = functions.requestAccess(dataset, FEE, GRANT, HMB_NCU, PURPOSE, b"")
         request_hash = request.transact({"from": researcher, "gas": GAS, "value": FEE})
         tester.mine_blocks(1)
     update_receipt = ledger.w3.eth.get_transaction_receipt(update_hash)
@@ -266,7 +266,7 @@ def test_request_before_a_fee_change_in_the_same_block_keeps_the_old_fee(
     functions = ledger.contract.functions
     researcher_before = ledger.balance(researcher)
     with auto_mining_off(ledger) as tester:
-        request = functions.requestAccess(dataset, FEE, GRANT, HMB_NCU, PURPOSE)
+        request = functions.requestAccess(dataset, FEE, GRANT, HMB_NCU, PURPOSE, b"")
         request_hash = request.transact({"from": researcher, "gas": GAS, "value": FEE})
         update = functions.updateDataset(dataset, 2 * FEE, GRANT, HMB_NCU, False)
         update_hash = update.transact({"from": owner, "gas": GAS})
@@ -365,7 +365,7 @@ class Scene:
         purpose: bytes = PURPOSE,
     ) -> Any:
         dataset = self.dataset if dataset is None else dataset
-        return self.functions.requestAccess(dataset, agreed, GRANT, codes, purpose)
+        return self.functions.requestAccess(dataset, agreed, GRANT, codes, purpose, b"")
 
 
 #: (build(scene) -> (call, sender role, value, expected values), expected error)

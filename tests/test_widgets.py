@@ -329,22 +329,38 @@ def test_owner_inbox_lists_pending_requests_with_codes_fee_and_history(
     assert OwnerInbox(ledger, stranger).pending.empty, "stranger's requests are decided"
 
 
-def test_owner_inbox_approve_grants_access_and_credits_owner(
+def test_owner_inbox_approve_grants_access_and_pays_owner(
     ledger: Ledger, owner: str, researcher: str, dataset: int
 ) -> None:
     request_id = _request(ledger, dataset, researcher)
     inbox = OwnerInbox(ledger, owner)
     assert not ledger.has_access(dataset, researcher)
     inbox.pending_select.value = request_id
+    before = ledger.balance(owner)
     inbox.approve_button.click()
     assert inbox.error is None, inbox.message
+    receipt = ledger.last_receipt
+    gas = receipt["gasUsed"] * receipt["effectiveGasPrice"]
     assert ledger.has_access(dataset, researcher)
     assert ledger.request(request_id).status is Status.APPROVED
-    assert ledger.credit(owner) == inbox.credit_wei == ETHER // 100
-    assert "0.01 ETH" in inbox.credit.value
+    assert ledger.balance(owner) == before + ETHER // 100 - gas  # paid in the call
+    assert ledger.credit(owner) == inbox.credit_wei == 0
     assert inbox.pending.empty
     assert list(inbox.grants.index) == [request_id]
     assert inbox.message.startswith(f"approved request #{request_id}")
+    assert inbox.message.endswith("; 0.01 ETH paid to you")
+
+
+def _auto_dataset(ledger: Ledger, owner: str) -> int:
+    """An auto-approving dataset: its grants credit the owner (a pull payment)."""
+    return ledger.register_dataset(
+        "https://hospital.example/open.csv",
+        content_hash(),
+        fee_wei=ETHER // 100,
+        terms="HMB|NCU",
+        auto_approve=True,
+        sender=owner,
+    )
 
 
 def test_owner_inbox_decline_refunds_researcher(
@@ -387,8 +403,9 @@ def test_owner_inbox_revoke_ends_selected_grant_only(
 def test_owner_inbox_withdraw_pays_owner_exactly_the_credit(
     ledger: Ledger, owner: str, researcher: str, dataset: int
 ) -> None:
+    auto = _auto_dataset(ledger, owner)
     for who in (researcher, ledger.accounts[4]):
-        ledger.approve(_request(ledger, dataset, who), sender=owner)
+        _request(ledger, auto, who)  # granted at once: the fee is credited
     inbox = OwnerInbox(ledger, owner)
     assert inbox.credit_wei == 2 * ETHER // 100
     before = ledger.balance(owner)
@@ -579,16 +596,20 @@ def test_owner_inbox_earnings_follow_approvals_and_withdrawals(
         "credit (wei)": "0",
         "live grants": 0,
         "pending": 0,
-        "withdrawn (ETH)": "0",
+        "paid out (ETH)": "0",
     }
     inbox.refresh()
     ledger.approve(_request(ledger, dataset, researcher), sender=owner)
     inbox.refresh()
+    paid = inbox.earnings().loc[owner]
+    assert (paid["credit (wei)"], paid["paid out (ETH)"]) == ("0", "0.01")
+    _request(ledger, _auto_dataset(ledger, owner), ledger.accounts[4])
+    inbox.refresh()
     assert inbox.earnings().loc[owner, "credit (wei)"] == str(ETHER // 100)
     inbox.withdraw()
     after = inbox.earnings().loc[owner]
-    assert (after["credit (wei)"], after["withdrawn (ETH)"]) == ("0", "0.01")
-    assert after["live grants"] == 1
+    assert (after["credit (wei)"], after["paid out (ETH)"]) == ("0", "0.02")
+    assert after["live grants"] == 2
 
 
 def test_inbox_and_form_show_each_step_under_its_own_key(

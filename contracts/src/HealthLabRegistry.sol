@@ -114,6 +114,9 @@ contract HealthLabRegistry {
     /// @notice Largest key envelope accepted by `releaseKey`, in bytes.
     uint256 public constant MAX_ENVELOPE = 512;
 
+    /// @notice Largest sealed purpose a request may carry, in bytes.
+    uint256 public constant MAX_SEALED_PURPOSE = 1024;
+
     /// @dev Length of an uncompressed SEC1 P-384 point: 0x04 || X (48 bytes) || Y (48 bytes).
     uint256 internal constant NODE_KEY_LENGTH = 97;
 
@@ -196,6 +199,9 @@ contract HealthLabRegistry {
     event RequestCancelled(uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher);
     event AccessRevoked(uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher);
     event Withdrawal(address indexed payee, address indexed to, uint256 amount);
+    /// @notice A request's purpose text and salt, sealed to the dataset owner's public key:
+    ///         only the owner reads it (and checks it against the request's purpose hash).
+    event PurposeSealed(uint256 indexed requestId, bytes envelope);
     /// @notice A fee paid straight to the owner (when they approve, or release a key).
     event FeePaid(uint256 indexed requestId, address indexed owner, uint256 amount);
     /// @notice A download grant whose key was not released in time ended; its fee was
@@ -398,18 +404,34 @@ contract HealthLabRegistry {
     /// @param agreedSeconds the grant duration you saw; the call reverts with
     ///        `GrantDurationChanged` if it differs. The grant, when approved, lasts this long.
     /// @param codes purposes pursued and requirements attested (see the code constants).
-    /// @param purposeHash keccak256 of the free-text purpose; the text stays off chain.
+    /// @param purposeHash keccak256 of the free-text purpose; the text stays off chain in
+    ///        clear.
+    /// @param sealedPurpose the purpose text and its salt sealed to the owner's public key
+    ///        (ECIES; up to `MAX_SEALED_PURPOSE` bytes, empty when the owner has no key,
+    ///        e.g. a contract); only logged (`PurposeSealed`), for the owner to read and
+    ///        check against `purposeHash`.
     /// @return requestId the new request's id; granted at once when the dataset auto-approves.
     function requestAccess(
         uint256 datasetId,
         uint256 agreedFee,
         uint32 agreedSeconds,
         uint32 codes,
-        bytes32 purposeHash
+        bytes32 purposeHash,
+        bytes calldata sealedPurpose
     ) external payable returns (uint256 requestId) {
+        if (sealedPurpose.length > MAX_SEALED_PURPOSE) revert InvalidEnvelope(sealedPurpose.length);
         Dataset storage d = _datasets[datasetId];
         _checkRequest(d, datasetId, agreedFee, codes, purposeHash);
         if (agreedSeconds != d.grantSeconds) revert GrantDurationChanged(agreedSeconds, d.grantSeconds);
+        requestId = _open(d, datasetId, codes, purposeHash);
+        if (sealedPurpose.length != 0) emit PurposeSealed(requestId, sealedPurpose);
+    }
+
+    /// @dev Store a checked request (or its automatic grant) and log it.
+    function _open(Dataset storage d, uint256 datasetId, uint32 codes, bytes32 purposeHash)
+        internal
+        returns (uint256 requestId)
+    {
         Access storage a = _access[datasetId][msg.sender];
         Status status = a.status;
         if (status == Status.Pending) revert RequestAlreadyOpen(a.requestId);
@@ -420,7 +442,7 @@ contract HealthLabRegistry {
         requestId = ++requestCount;
         bool download = codes & DL != 0;
         uint256 fee = d.fee;
-        uint40 expiresAt;
+        uint40 expiresAt = 0; // a pending request has no expiry yet
         emit AccessRequested(requestId, datasetId, msg.sender, codes, purposeHash, fee);
         if (download) ++d.downloadsOpen;
         if (d.autoApprove && (d.terms & COL) == 0) {

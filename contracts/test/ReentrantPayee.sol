@@ -9,7 +9,8 @@ interface IRegistry {
         uint256 agreedFee,
         uint32 agreedSeconds,
         uint32 codes,
-        bytes32 purposeHash
+        bytes32 purposeHash,
+        bytes calldata sealedPurpose
     ) external payable returns (uint256);
     function registerDataset(
         string calldata pointer,
@@ -40,7 +41,7 @@ contract ReentrantPayee {
         payable
         returns (uint256)
     {
-        return registry.requestAccess{value: msg.value}(datasetId, msg.value, grantSeconds, codes, purposeHash);
+        return registry.requestAccess{value: msg.value}(datasetId, msg.value, grantSeconds, codes, purposeHash, "");
     }
 
     /// @dev As a dataset's owner: register, then approve (and be paid in that call).
@@ -88,7 +89,7 @@ contract RevertingPayee {
         payable
         returns (uint256)
     {
-        return registry.requestAccess{value: msg.value}(datasetId, msg.value, grantSeconds, codes, purposeHash);
+        return registry.requestAccess{value: msg.value}(datasetId, msg.value, grantSeconds, codes, purposeHash, "");
     }
 
     /// @dev As a dataset's owner: register, then approve (and be paid in that call).

@@ -503,8 +503,12 @@ class Ledger:
         (:func:`healthlab.storage.download`). A compute-only dataset refuses it with
         :class:`~healthlab.errors.DownloadNotPermitted` and nothing is paid.
 
-        ``purpose`` stays off chain: only a salted hash is recorded, and the text and
-        salt are kept by this client (:meth:`purpose_of`) to show the owner. ``fee_wei``
+        ``purpose`` never goes on chain in clear: a salted hash is recorded, and the
+        text and salt are sealed to the owner's public key (recovered from the
+        dataset's registration) and logged, so the owner's inbox reads them
+        (:meth:`sealed_purpose`) and checks them against the hash; this client keeps
+        them too (:meth:`purpose_of`). An owner without a key (a contract) gets the
+        hash only. ``fee_wei``
         is the fee you agree to pay; by default the fee read from the chain now. If the
         owner changes it before your transaction is mined,
         :class:`~healthlab.errors.FeeChanged` is raised and nothing is paid.
@@ -517,17 +521,102 @@ class Ledger:
         record = self.dataset(dataset_id)
         agreed = record.fee_wei if fee_wei is None else fee_wei
         seconds = record.grant_seconds if grant_seconds is None else grant_seconds
+        sealed = self._seal_purpose(commitment, dataset_id, self._sender(sender))
         fn = self.contract.functions.requestAccess(
             dataset_id,
             _uint(agreed, "fee_wei"),
             _uint(seconds, "grant_seconds", bits=32),
             int(as_codes(codes) | (Codes.DL if download else Codes(0))),
             bytes.fromhex(commitment.commitment[2:]),
+            sealed,
         )
         receipt = self._transact(fn, sender, value=agreed)
         request_id = int(self._event(receipt, "AccessRequested")["requestId"])
         self._purposes[request_id] = commitment
         return request_id
+
+    def owner_public_key(self, dataset_id: int) -> bytes | None:
+        """The owner's 64-byte public key, recovered from the signature of the
+        transaction that registered ``dataset_id`` — or ``None`` when the owner did
+        not send it (a contract owner has no key)."""
+        from healthlab.storage.envelope import address_of
+
+        found = self._logs(event="DatasetRegistered", dataset_id=dataset_id)
+        if not found:
+            raise errors.UnknownDataset("UnknownDataset", {"datasetId": dataset_id})
+        with self._rpc():
+            tx = self.w3.eth.get_transaction(found[0]["transactionHash"])
+        key = transaction_public_key(tx)
+        owner = str(found[0]["args"]["owner"])
+        return key if address_of(key).lower() == owner.lower() else None
+
+    def _purpose_context(self, dataset_id: int, researcher: str) -> bytes:
+        """What a sealed purpose is bound to: chain, registry, dataset, researcher."""
+        return (
+            b"healthlab purpose v1|"
+            + self.chain_id.to_bytes(8, "big")
+            + bytes.fromhex(self.address[2:])
+            + int(dataset_id).to_bytes(32, "big")
+            + bytes.fromhex(_address(researcher, "researcher")[2:])
+        )
+
+    def _seal_purpose(
+        self, purpose: Purpose, dataset_id: int, researcher: str
+    ) -> bytes:
+        from healthlab.storage.envelope import MAX_MESSAGE, seal_message
+
+        key = self.owner_public_key(dataset_id)
+        if key is None:
+            return b""
+        message = json.dumps({"text": purpose.text, "salt": purpose.salt}).encode()
+        if len(message) > MAX_MESSAGE:
+            raise errors.InvalidInput(
+                f"the purpose is too long to seal for the owner ({len(message)} bytes "
+                f"with its salt, at most {MAX_MESSAGE}): say it in fewer words"
+            )
+        return seal_message(
+            message, key, context=self._purpose_context(dataset_id, researcher)
+        )
+
+    def sealed_purpose(self, request_id: int, *, owner: str) -> Purpose | None:
+        """The purpose text and salt a request sealed to its dataset's owner, opened
+        with ``owner``'s key (held by this client) and checked against the hash on
+        chain; ``None`` when the request carries none.
+
+        Raises :class:`~healthlab.errors.PurposeUnverified` when the sealed text is
+        not what the request committed to on chain (or does not open), and
+        :class:`~healthlab.errors.ConfigurationError` without ``owner``'s key.
+        """
+        from healthlab.storage.envelope import open_message
+        from healthlab.storage.errors import StorageError
+
+        req = self._request_event(request_id)
+        found = self._logs(event="PurposeSealed", request_id=request_id)
+        if not found:
+            return None
+        key = self._private_key(owner)
+        if key is None:
+            raise errors.ConfigurationError(
+                f"this client holds no key for {owner}: read sealed purposes as the "
+                "dataset's owner (HEALTHLAB_PRIVATE_KEY or HEALTHLAB_KEY_FILE)"
+            )
+        context = self._purpose_context(req["datasetId"], req["researcher"])
+        try:
+            opened = json.loads(
+                open_message(bytes(found[0]["args"]["envelope"]), key, context=context)
+            )
+            purpose = Purpose(text=str(opened["text"]), salt=str(opened["salt"]))
+            committed = "0x" + bytes(req["purposeHash"]).hex()
+            matches = purpose.commitment == committed
+        except (StorageError, ValueError, KeyError, TypeError):
+            matches = False
+        if not matches:
+            raise errors.PurposeUnverified(
+                f"the purpose sealed with request {request_id} does not open for "
+                f"{owner}, or is not the text its hash on chain commits to: ask the "
+                "researcher for the purpose, and check it with verify_purpose()"
+            )
+        return purpose
 
     def purpose_of(self, request_id: int) -> Purpose:
         """The purpose text and salt of a request made from this client."""
@@ -1193,6 +1282,7 @@ class Ledger:
                     "ResultRecorded",
                     "KeyReleased",
                     "FeePaid",
+                    "PurposeSealed",
                 )
             ]
             topics.append("0x" + int(request_id).to_bytes(32, "big").hex())

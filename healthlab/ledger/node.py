@@ -167,6 +167,57 @@ class ChainProcess:
     started: bool = False
 
 
+#: Lowest UID of a person's account (Debian's FIRST_UID); below it, system services.
+FIRST_USER_UID = 1000
+#: The unprivileged "nobody" account, never a person.
+NOBODY_UID = 65534
+
+
+def other_users(proc: str | os.PathLike[str] = "/proc") -> set[int]:
+    """UIDs of people other than us with processes on this machine (from ``/proc``):
+    any account from :data:`FIRST_USER_UID` up, but ``nobody``, and root when we are
+    not root. Unreadable entries (a process that just ended) are skipped."""
+    me = os.getuid()
+    found: set[int] = set()
+    for status in Path(proc).glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        for line in text.splitlines():
+            if line.startswith("Uid:"):
+                fields = line.split()
+                uid = int(fields[1]) if len(fields) > 1 else me
+                person = uid >= FIRST_USER_UID and uid != NOBODY_UID
+                if uid != me and (person or (uid == 0 and me != 0)):
+                    found.add(uid)
+                break
+    return found
+
+
+def check_single_user(
+    allow_shared: bool, proc: str | os.PathLike[str] = "/proc"
+) -> None:
+    """Refuse to start the lab node where other people run processes, unless
+    ``allow_shared``: anvil's HTTP port on 127.0.0.1 is open to every local user,
+    and it signs for its unlocked dev accounts and answers cheat RPCs
+    (``anvil_impersonateAccount``, ``anvil_setBalance``) — another user could act
+    as any owner or researcher on it."""
+    if allow_shared:
+        return
+    others = other_users(proc)
+    if others:
+        raise ConfigurationError(
+            f"{len(others)} other user account(s) run processes on this machine: "
+            "the lab chain's port on 127.0.0.1 would be open to them, and anvil "
+            "signs for its dev accounts and answers cheat calls, so they could "
+            "approve grants or withdraw as anyone. Run the lab where only you are "
+            "logged in (your laptop, a container), or accept the risk for a "
+            "teaching chain with no real value: `healthlab chain up --shared-host` "
+            "(make lab SHARED_HOST=1, or HEALTHLAB_SHARED_HOST=1)"
+        )
+
+
 def _alive(pid: int) -> bool:
     """Whether process ``pid`` runs (a zombie child is reaped and counts as gone)."""
     with contextlib.suppress(ChildProcessError):
@@ -238,6 +289,7 @@ class LocalChain:
         *,
         chain_id: int = 31337,
         accounts: int = 10,
+        shared_host: bool = False,
     ) -> None:
         if not 0 < port < 65536:
             raise ConfigurationError(f"port {port} is not a TCP port (1-65535)")
@@ -245,6 +297,7 @@ class LocalChain:
         self.port = port
         self.chain_id = chain_id
         self.accounts = accounts
+        self.shared_host = shared_host
         self.state_file = self.directory / "anvil-state.json"
         self.pid_file = self.directory / "anvil.pid"
         self.log_path = self.directory / "anvil.log"
@@ -260,7 +313,7 @@ class LocalChain:
         dashboard``)."""
         import fcntl
 
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         with (self.directory / "anvil.lock").open("a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
@@ -315,6 +368,7 @@ class LocalChain:
                 return ours
             if _answers(self.url):
                 return ChainProcess(self.url, None)
+            check_single_user(self.shared_host)
             pid = self._spawn()
             self.pid_file.write_text(
                 json.dumps({"pid": pid, "url": self.url, "state": str(self.state_file)})

@@ -38,12 +38,22 @@ from healthlab.errors import InvalidInput
 from healthlab.storage.encryption import check_key
 from healthlab.storage.errors import EnvelopeNotForYou, EnvelopeRejected, InvalidKey
 
-__all__ = ["ENVELOPE_SIZE", "address_of", "open_key", "public_key_of", "seal_key"]
+__all__ = [
+    "ENVELOPE_SIZE",
+    "address_of",
+    "open_key",
+    "open_message",
+    "public_key_of",
+    "seal_key",
+    "seal_message",
+]
 
 VERSION = 1
 _CURVE = ec.SECP256K1()
 _ORDER = SECPK1_N  # the order of secp256k1
 _INFO = b"healthlab key envelope v1"
+#: HKDF info of a sealed message (a request's purpose): keys never cross uses
+_MESSAGE_INFO = b"healthlab sealed message v1"
 _ADDRESS, _EPHEMERAL = 20, 33
 _PREFIX = 1 + _ADDRESS + _EPHEMERAL
 #: Bytes of an envelope.
@@ -111,10 +121,56 @@ def _context(context: object) -> bytes:
 
 
 def _wrap_key(
-    shared: bytes, ephemeral: bytes, recipient: bytes
+    shared: bytes, ephemeral: bytes, recipient: bytes, info: bytes = _INFO
 ) -> tuple[AESGCM, bytes]:
-    material = HKDF(hashes.SHA256(), 44, ephemeral + recipient, _INFO).derive(shared)
+    material = HKDF(hashes.SHA256(), 44, ephemeral + recipient, info).derive(shared)
     return AESGCM(material[:32]), material[32:]
+
+
+def _seal(
+    payload: bytes, recipient_public_key: bytes, bound: bytes, info: bytes
+) -> bytes:
+    recipient = _public(recipient_public_key)
+    recipient_raw = _uncompressed(recipient)
+    ephemeral = ec.generate_private_key(_CURVE)
+    ephemeral_raw = ephemeral.public_key().public_bytes(
+        Encoding.X962, PublicFormat.CompressedPoint
+    )
+    aead, nonce = _wrap_key(
+        ephemeral.exchange(ec.ECDH(), recipient), ephemeral_raw, recipient_raw, info
+    )
+    prefix = bytes([VERSION]) + keccak(recipient_raw[1:])[-_ADDRESS:] + ephemeral_raw
+    return prefix + aead.encrypt(nonce, payload, prefix + bound)
+
+
+def _open(sealed: bytes, private_key: bytes, bound: bytes, info: bytes) -> bytes:
+    """Open an envelope whose size the caller checked (>= prefix + tag)."""
+    private = _private(private_key)
+    mine = _uncompressed(private.public_key())
+    recipient = sealed[1 : 1 + _ADDRESS]
+    if recipient != keccak(mine[1:])[-_ADDRESS:]:
+        raise EnvelopeNotForYou(
+            f"this envelope was sealed for {to_checksum_address(recipient)}, not for "
+            f"{to_checksum_address(keccak(mine[1:])[-_ADDRESS:])} (the account of this "
+            "private key): open it with that account, or ask its sender for yours"
+        )
+    ephemeral_raw = sealed[1 + _ADDRESS : _PREFIX]
+    altered = (
+        "the envelope does not open: it was sealed for another context (chain, "
+        "registry, dataset, researcher or content hash) than the one given, or it "
+        "was altered; ask its sender to seal it again"
+    )
+    try:
+        ephemeral = ec.EllipticCurvePublicKey.from_encoded_point(_CURVE, ephemeral_raw)
+    except ValueError:
+        raise EnvelopeRejected(altered) from None
+    aead, nonce = _wrap_key(
+        private.exchange(ec.ECDH(), ephemeral), ephemeral_raw, mine, info
+    )
+    try:
+        return aead.decrypt(nonce, sealed[_PREFIX:], sealed[:_PREFIX] + bound)
+    except InvalidTag:
+        raise EnvelopeRejected(altered) from None
 
 
 def seal_key(data_key: bytes, recipient_public_key: bytes, *, context: bytes) -> bytes:
@@ -141,18 +197,7 @@ def seal_key(data_key: bytes, recipient_public_key: bytes, *, context: bytes) ->
     True
     """
     key = check_key(data_key)
-    bound = _context(context)
-    recipient = _public(recipient_public_key)
-    recipient_raw = _uncompressed(recipient)
-    ephemeral = ec.generate_private_key(_CURVE)
-    ephemeral_raw = ephemeral.public_key().public_bytes(
-        Encoding.X962, PublicFormat.CompressedPoint
-    )
-    aead, nonce = _wrap_key(
-        ephemeral.exchange(ec.ECDH(), recipient), ephemeral_raw, recipient_raw
-    )
-    prefix = bytes([VERSION]) + keccak(recipient_raw[1:])[-_ADDRESS:] + ephemeral_raw
-    return prefix + aead.encrypt(nonce, key, prefix + bound)
+    return _seal(key, recipient_public_key, _context(context), _INFO)
 
 
 def open_key(envelope: bytes, private_key: bytes, *, context: bytes) -> bytes:
@@ -177,27 +222,39 @@ def open_key(envelope: bytes, private_key: bytes, *, context: bytes) -> bytes:
             f"this is not a version-{VERSION} key envelope ({len(sealed)} bytes, "
             f"expected {ENVELOPE_SIZE}): take it from the owner's key-release event"
         )
-    private = _private(private_key)
-    mine = _uncompressed(private.public_key())
-    recipient = sealed[1 : 1 + _ADDRESS]
-    if recipient != keccak(mine[1:])[-_ADDRESS:]:
-        raise EnvelopeNotForYou(
-            f"this envelope was sealed for {to_checksum_address(recipient)}, not for "
-            f"{to_checksum_address(keccak(mine[1:])[-_ADDRESS:])} (the account of this "
-            "private key): open it with that account, or ask the owner for yours"
+    return _open(sealed, private_key, bound, _INFO)
+
+
+#: Largest message :func:`seal_message` seals (a request's purpose and its salt).
+MAX_MESSAGE = 900
+
+
+def seal_message(
+    message: bytes, recipient_public_key: bytes, *, context: bytes
+) -> bytes:
+    """Seal ``message`` (at most :data:`MAX_MESSAGE` bytes) so only the holder of
+    ``recipient_public_key`` opens it: the key envelope's construction (ECIES on
+    secp256k1, HKDF-SHA256, AES-256-GCM) under its own HKDF label, so an envelope
+    of one use never opens as the other. ``context`` is authenticated, not stored.
+    """
+    if (
+        not isinstance(message, bytes | bytearray)
+        or not 0 < len(message) <= MAX_MESSAGE
+    ):
+        raise InvalidInput(
+            f"a sealed message is 1 to {MAX_MESSAGE} bytes: shorten the purpose text"
         )
-    ephemeral_raw = sealed[1 + _ADDRESS : _PREFIX]
-    altered = (
-        "the envelope does not open: it was sealed for another context (chain, "
-        "registry, dataset, researcher or content hash) than the one given, or it "
-        "was altered; ask the owner to release the key again"
-    )
-    try:
-        ephemeral = ec.EllipticCurvePublicKey.from_encoded_point(_CURVE, ephemeral_raw)
-    except ValueError:
-        raise EnvelopeRejected(altered) from None
-    aead, nonce = _wrap_key(private.exchange(ec.ECDH(), ephemeral), ephemeral_raw, mine)
-    try:
-        return aead.decrypt(nonce, sealed[_PREFIX:], sealed[:_PREFIX] + bound)
-    except InvalidTag:
-        raise EnvelopeRejected(altered) from None
+    return _seal(bytes(message), recipient_public_key, _context(context), _MESSAGE_INFO)
+
+
+def open_message(envelope: bytes, private_key: bytes, *, context: bytes) -> bytes:
+    """The message in a :func:`seal_message` envelope, opened with the recipient's
+    private key (:class:`EnvelopeNotForYou`, :class:`EnvelopeRejected` as for keys)."""
+    bound = _context(context)
+    sealed = bytes(envelope) if isinstance(envelope, bytes | bytearray) else b""
+    if len(sealed) <= _PREFIX + 16 or sealed[0] != VERSION:
+        raise EnvelopeRejected(
+            f"this is not a version-{VERSION} sealed message: take it from the "
+            "request's PurposeSealed event"
+        )
+    return _open(sealed, private_key, bound, _MESSAGE_INFO)

@@ -45,7 +45,12 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import ipywidgets as widgets
 import pandas as pd
 
-from healthlab.errors import HealthLabError, InvalidInput
+from healthlab.errors import (
+    ConfigurationError,
+    HealthLabError,
+    InvalidInput,
+    PurposeUnverified,
+)
 from healthlab.ledger.codes import ATTESTABLE, DESCRIPTIONS, PURPOSES, Codes, as_codes
 from healthlab.ledger.codes import permits as codes_permit
 from healthlab.ledger.records import Request, Status
@@ -683,8 +688,9 @@ class RequestForm(_Panel):
 class OwnerInbox(_Panel):
     """A data owner's pending requests and live grants, and their earnings.
 
-    Pending requests show the purpose codes, the purpose text when this client made
-    the request (otherwise only its hash is on chain), the fee and the requester's
+    Pending requests show the purpose codes, the purpose text (sealed by the
+    researcher to the owner's key and checked here against its hash on chain), the
+    fee and the requester's
     history: how many requests they made before this one (on any dataset) and how
     many of those were granted. Live grants show what each spent of its dataset's
     DP budget (ε of ε allowed, answers), or "no budget".
@@ -802,8 +808,8 @@ class OwnerInbox(_Panel):
         """The owner's credit (withdrawable now) and what the chain says was paid out.
 
         One row: credit in ETH and wei, live grants and pending requests (as of
-        the last refresh), and the total the registry's events show withdrawn by
-        the owner.
+        the last refresh), and the total the registry's events show paid to the
+        owner: fees paid on approval or key release (``FeePaid``) and withdrawals.
         """
         events = self.ledger.events()
         withdrawn = sum(
@@ -811,7 +817,8 @@ class OwnerInbox(_Panel):
             for kind, who, a in zip(
                 events["event"], events["account"], events["amount_wei"], strict=True
             )
-            if kind == "Withdrawal" and str(who).lower() == self.owner.lower()
+            if kind in ("Withdrawal", "FeePaid")
+            and str(who).lower() == self.owner.lower()
         )
         row = {
             "owner": self.owner,
@@ -819,15 +826,29 @@ class OwnerInbox(_Panel):
             "credit (wei)": str(self.credit_wei),
             "live grants": len(self.grants),
             "pending": len(self.pending),
-            "withdrawn (ETH)": eth(withdrawn),
+            "paid out (ETH)": eth(withdrawn),
         }
         return pd.DataFrame([row]).set_index("owner")
 
     def _purpose(self, request_id: int) -> str:
+        """The purpose text: as this client sent it, else as the researcher sealed
+        it to the owner, checked against its hash on chain."""
         try:
             return self.ledger.purpose_of(request_id).text
         except InvalidInput:
-            return "(only its hash is on chain; ask the researcher)"
+            pass
+        try:
+            sealed = self.ledger.sealed_purpose(request_id, owner=self.owner)
+        except PurposeUnverified:
+            return (
+                "(the sealed purpose does not match its hash on chain: ask the "
+                "researcher)"
+            )
+        except ConfigurationError:
+            return "(sealed to the owner: open the inbox with the owner's key)"
+        if sealed is None:
+            return "(not sealed: only its hash is on chain; ask the researcher)"
+        return sealed.text
 
     def refresh(self) -> pd.DataFrame | None:
         """Reload requests, grants and credit from the chain."""
@@ -921,7 +942,9 @@ class OwnerInbox(_Panel):
         return int(select.value)
 
     def approve(self) -> Request | None:
-        """Approve the selected pending request; the fee becomes the owner's credit."""
+        """Approve the selected pending request: a compute grant's fee is paid to
+        the owner in the same transaction; a download grant's when its key is
+        released (done here when the data key is in the keyring)."""
 
         def act() -> Request:
             done = self.ledger.approve(
@@ -929,11 +952,16 @@ class OwnerInbox(_Panel):
                 sender=self.owner,
             )
             released = self._release(done)
+            if not done.download:
+                fee = f"; {eth(done.amount_wei)} ETH paid to you"
+            elif released.startswith("; its data key"):
+                fee = f"; {eth(done.amount_wei)} ETH paid to you on the key's release"
+            else:
+                fee = f"; its {eth(done.amount_wei)} ETH wait in escrow for the key"
             self.refresh()
             self._say(
                 f"approved request #{done.id}: {done.researcher} may use dataset "
-                f"#{done.dataset_id} until {_utc(done.expires_at)}; "
-                f"{eth(done.amount_wei)} ETH credited to you{released}"
+                f"#{done.dataset_id} until {_utc(done.expires_at)}{fee}{released}"
             )
             return done
 
