@@ -28,6 +28,7 @@ SOURCES = {
     "src/HealthLabRegistry.sol": ["HealthLabRegistry"],
     "src/CityScoreOracle.sol": ["CityScoreOracle"],
     "test/ReentrantPayee.sol": ["ReentrantPayee", "RevertingPayee"],
+    "test/Multicall.sol": ["Multicall"],
 }
 SETTINGS: dict[str, object] = {
     "optimizer": {"enabled": True, "runs": 10_000},

@@ -341,6 +341,16 @@ GUARDED = [
         _not_owner,
     ),
     Guarded(
+        "nameMember",
+        lambda s: s.ledger.contract.functions.nameMember(
+            s.collaboration, s.other_owner, "Hospital B"
+        ),
+        "owner",  # the collaboration's curator
+        NOT_THE_OWNER,
+        errors.NotCurator,
+        _not_curator,
+    ),
+    Guarded(
         "setMember",
         lambda s: s.ledger.contract.functions.setMember(
             s.collaboration, s.stranger, True
@@ -526,6 +536,19 @@ def _effect_set_member(scene: Scene, before: dict[str, Any]) -> None:
     assert after | same == before | same, "admitting a member changes only that"
 
 
+def _effect_name_member(scene: Scene, before: dict[str, Any]) -> None:
+    fn = scene.ledger.contract.functions.memberNameHash
+    assert bytes(fn(scene.collaboration, scene.other_owner).call()) == keccak(
+        b"Hospital B"
+    )
+    # named, but not a member: a directory vouches only for its members
+    assert scene.ledger.owner_name(scene.collaboration, scene.other_owner) is None
+    scene.ledger.set_member(scene.collaboration, scene.other_owner, sender=scene.owner)
+    assert scene.ledger.owner_name(scene.collaboration, scene.other_owner) == (
+        "Hospital B"
+    )
+
+
 EFFECTS: dict[str, Callable[[Scene, dict[str, Any]], None]] = {
     "updateDataset": _effect_update,
     "setActive": _effect_set_active,
@@ -541,6 +564,7 @@ EFFECTS: dict[str, Callable[[Scene, dict[str, Any]], None]] = {
     "withdraw": _effect_withdraw,
     "withdrawTo": _effect_withdraw_to,
     "setMember": _effect_set_member,
+    "nameMember": _effect_name_member,
     "setPrivacyBudget": _effect_set_budget,
     "recordPrivacySpend": _effect_record_spend,
 }

@@ -29,6 +29,7 @@ def _solc_available() -> None:
         ("HealthLabRegistry", "src/HealthLabRegistry.sol"),
         ("test/ReentrantPayee", "test/ReentrantPayee.sol"),
         ("test/RevertingPayee", "test/ReentrantPayee.sol"),
+        ("test/Multicall", "test/Multicall.sol"),
     ],
 )
 def test_artifact_records_its_source_and_compiler(name: str, source: str) -> None:

@@ -443,3 +443,54 @@ def test_a_purpose_too_long_to_seal_is_refused_before_anything_is_paid(
     with pytest.raises(errors.InvalidInput, match="fewer words"):
         ledger.request_access(dataset, "x" * 2000, "HMB|NCU", sender=researcher)
     assert ledger.balance(researcher) == before
+
+
+# ------------------------------------------------------------- owner directory
+def test_the_catalogue_names_vouched_owners_and_marks_a_squatter_unverified(
+    ledger: Ledger, owner: str, stranger: str
+) -> None:
+    from healthlab.widgets import Catalogue
+
+    curator = ledger.accounts[9]
+    directory = ledger.create_collaboration("Hospital directory", sender=curator)
+    ledger.set_member(directory, owner, sender=curator)
+    ledger.name_member(
+        directory, owner, "St. Mary's University Hospital", sender=curator
+    )
+    digest = content_hash()
+    squat = ledger.register_dataset(HOSPITAL_URI, digest, sender=stranger)
+    real = ledger.register_dataset(HOSPITAL_URI, digest, sender=owner)
+    table = Catalogue(ledger, directory=directory).all
+    assert table.loc[real, "owner name"] == "St. Mary's University Hospital"
+    assert table.loc[squat, "owner name"] == "unverified"
+    assert Catalogue(ledger).all.loc[real, "owner name"].startswith("unverified")
+    found = Catalogue(ledger, directory=directory).filter(contains="st. mary")
+    assert found.index.tolist() == [real]
+    # only the curator names members; a removed member is no longer vouched for
+    with pytest.raises(errors.NotCurator):
+        ledger.name_member(directory, stranger, "St. Mary's", sender=stranger)
+    ledger.set_member(directory, owner, False, sender=curator)
+    assert ledger.owner_name(directory, owner) is None
+
+
+def test_a_name_altered_in_the_logs_is_not_believed(
+    ledger: Ledger, owner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The node serving logs could alter the name: only the one hashing to the
+    stored hash is shown."""
+    curator = ledger.accounts[9]
+    directory = ledger.create_collaboration("Hospital directory", sender=curator)
+    ledger.set_member(directory, owner, sender=curator)
+    ledger.name_member(directory, owner, "St. Mary's", sender=curator)
+    real_logs = ledger._logs
+
+    def altered(**kwargs: object) -> list[object]:
+        found = real_logs(**kwargs)  # type: ignore[arg-type]
+        if kwargs.get("event") != "MemberNamed":
+            return found
+        return [
+            {**entry, "args": {**entry["args"], "name": "Evil Corp"}} for entry in found
+        ]
+
+    monkeypatch.setattr(ledger, "_logs", altered)
+    assert ledger.owner_name(directory, owner) is None

@@ -167,6 +167,8 @@ contract HealthLabRegistry {
     uint256 public collaborationCount;
     mapping(uint256 collaborationId => address) public collaborationCurator;
     mapping(uint256 collaborationId => mapping(address owner => bool)) public isMember;
+    /// @notice keccak256 of the name a collaboration's curator gave a member (0: none).
+    mapping(uint256 collaborationId => mapping(address member => bytes32)) public memberNameHash;
 
     bool private transient _entered;
 
@@ -228,6 +230,7 @@ contract HealthLabRegistry {
     );
     event CollaborationCreated(uint256 indexed collaborationId, address indexed curator, string name);
     event MemberSet(uint256 indexed collaborationId, address indexed member, bool isMember);
+    event MemberNamed(uint256 indexed collaborationId, address indexed member, bytes32 nameHash, string name);
     event SiteKeysBound(uint256 indexed datasetId, bytes32 maskKey, bytes32 nodeKeyHash, bytes nodeKey);
 
     // -------------------------------------------------------------------- errors
@@ -666,6 +669,21 @@ contract HealthLabRegistry {
         if (member == address(0)) revert ZeroAddress();
         isMember[collaborationId][member] = member_;
         emit MemberSet(collaborationId, member, member_);
+    }
+
+    /// @notice Name a member in words a researcher trusts (an institution's name), as
+    ///         the collaboration's curator vouches for it: a collaboration used as an
+    ///         owner directory. The name is logged (`MemberNamed`), its keccak256 stored,
+    ///         so a node that alters the log is caught. Curator only; 1 to 200 bytes.
+    function nameMember(uint256 collaborationId, address member, string calldata name) external {
+        address curator = collaborationCurator[collaborationId];
+        if (curator == address(0)) revert UnknownCollaboration(collaborationId);
+        if (curator != msg.sender) revert NotCurator(collaborationId, msg.sender);
+        if (member == address(0)) revert ZeroAddress();
+        if (bytes(name).length == 0 || bytes(name).length > 200) revert EmptyName();
+        bytes32 nameHash = keccak256(bytes(name));
+        memberNameHash[collaborationId][member] = nameHash;
+        emit MemberNamed(collaborationId, member, nameHash, name);
     }
 
     // --------------------------------------------------------------------- views

@@ -965,6 +965,47 @@ class Ledger:
         )
         return bool(self._call(fn))
 
+    def name_member(
+        self,
+        collaboration_id: int,
+        owner: str,
+        name: str,
+        *,
+        sender: str | None = None,
+    ) -> None:
+        """Give a member a name researchers trust (an institution's), as the
+        collaboration's curator vouches for it (curator only; 1 to 200 bytes). A
+        collaboration whose members are named serves as an owner directory
+        (:meth:`owner_name`)."""
+        if not isinstance(name, str) or not name.strip():
+            raise errors.InvalidInput("give the member's public name (1 to 200 bytes)")
+        fn = self.contract.functions.nameMember(
+            int(collaboration_id), _address(owner, "owner"), name
+        )
+        self._transact(fn, sender)
+
+    def owner_name(self, directory: int, owner: str) -> str | None:
+        """The name ``directory``'s curator gave ``owner``, verified: ``owner`` must
+        be a member now and the logged name must hash to the stored one (a node
+        that alters logs is not believed). ``None``: not in the directory."""
+        who = _address(owner, "owner")
+        if not self.is_member(directory, who):
+            return None
+        fn = self.contract.functions.memberNameHash(int(directory), who)
+        stored = bytes(self._call(fn))
+        if stored == bytes(32):
+            return None
+        topic = "0x" + bytes(12).hex() + who[2:].lower()
+        found = self._logs(
+            event="MemberNamed",
+            extra_topics=["0x" + int(directory).to_bytes(32, "big").hex(), topic],
+        )
+        for entry in reversed(found):
+            name = str(entry["args"]["name"])
+            if keccak(name.encode()) == stored:
+                return name
+        return None
+
     def collaboration_curator(self, collaboration_id: int) -> str | None:
         """The collaboration's curator, or ``None`` if there is no such one."""
         fn = self.contract.functions.collaborationCurator(int(collaboration_id))

@@ -199,14 +199,22 @@ class _Panel:
 class Catalogue(_Panel):
     """The datasets of a ledger as a filterable table; ``.selected`` is a dataset id.
 
-    Filters: ``text`` (case-insensitive, in the pointer or the owner's address),
-    ``use`` (a code: for a purpose, datasets whose terms permit it once its
-    requirements are attested — GRU permits every purpose, HMB permits DS; for a
-    requirement such as NCU or COL, datasets whose terms set it) and ``active_only``.
+    Filters: ``text`` (case-insensitive, in the pointer, the owner's address or
+    its name), ``use`` (a code: for a purpose, datasets whose terms permit it once
+    its requirements are attested — GRU permits every purpose, HMB permits DS; for
+    a requirement such as NCU or COL, datasets whose terms set it) and
+    ``active_only``.
+
+    ``directory`` (default ``$HEALTHLAB_DIRECTORY``) is the collaboration whose
+    curator names the owners it vouches for: the ``owner name`` column shows that
+    name, verified on chain, and marks every other owner ``unverified`` — a
+    squatter registering a hospital's pointer and hash shows as unverified, under
+    its own address.
     """
 
     COLUMNS = (
         "owner",
+        "owner name",
         "pointer",
         "fee (ETH)",
         "grant (days)",
@@ -216,11 +224,26 @@ class Catalogue(_Panel):
         "download",
     )
 
-    def __init__(self, ledger: Ledger, *, active_only: bool = True) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        active_only: bool = True,
+        directory: int | None = None,
+    ) -> None:
         super().__init__()
         self.ledger = ledger
+        if directory is None and os.environ.get("HEALTHLAB_DIRECTORY", "").strip():
+            text = os.environ["HEALTHLAB_DIRECTORY"].strip()
+            if not text.isdigit():
+                raise InvalidInput(
+                    "HEALTHLAB_DIRECTORY is the id of the collaboration that names "
+                    "owners (a whole number)"
+                )
+            directory = int(text)
+        self.directory = directory
         self.text = widgets.Text(
-            description="contains", placeholder="pointer or owner address"
+            description="contains", placeholder="pointer, owner address or name"
         )
         self.use = widgets.Dropdown(
             description="use",
@@ -288,6 +311,7 @@ class Catalogue(_Panel):
             rows = pd.DataFrame(
                 {
                     "owner": raw["owner"],
+                    "owner name": [self._owner_name(str(o)) for o in raw["owner"]],
                     "pointer": raw["pointer"],
                     "fee (ETH)": [eth(int(w)) for w in raw["fee_wei"]],
                     "grant (days)": [int(s) / 86400 for s in raw["grant_seconds"]],
@@ -309,14 +333,23 @@ class Catalogue(_Panel):
 
         return self._run(load)
 
+    def _owner_name(self, owner: str) -> str:
+        """The directory's verified name for ``owner``, else ``unverified``."""
+        if self.directory is None:
+            return "unverified (no owner directory set)"
+        name = self.ledger.owner_name(self.directory, owner)
+        return "unverified" if name is None else name
+
     def _apply(self) -> pd.DataFrame:
         rows = self.all
         keep = pd.Series(True, index=rows.index)
         needle = self.text.value.strip().lower()
         if needle:
-            keep &= rows["pointer"].str.lower().str.contains(
-                needle, regex=False
-            ) | rows["owner"].str.lower().str.contains(needle, regex=False)
+            keep &= (
+                rows["pointer"].str.lower().str.contains(needle, regex=False)
+                | rows["owner"].str.lower().str.contains(needle, regex=False)
+                | rows["owner name"].str.lower().str.contains(needle, regex=False)
+            )
         if self.use.value != _ANY:
             keep &= rows["terms"].map(lambda t: _offers(as_codes(t), self.use.value))
         if self.active_only.value:
