@@ -450,6 +450,8 @@ def ensure_catalogue(
     >>> bool(again["registered now"].any())
     False
     """
+    from healthlab.ledger.codes import code_names
+
     who_cites = citizen or owner
     known = _registered(ledger)
     rows = []
@@ -481,18 +483,12 @@ def ensure_catalogue(
                 "pointer": record.pointer,
                 "content hash": record.content_hash,
                 "fee (ETH)": _eth(record.fee_wei),
-                "terms": _code_names(record.terms),
+                "terms": code_names(record.terms),
                 "grant (days)": record.grant_seconds / 86400,
                 "registered now": added,
             }
         )
     return pd.DataFrame(rows).set_index("name")
-
-
-def _code_names(codes: int) -> str:
-    from healthlab.ledger import Codes
-
-    return "|".join(c.name or "" for c in Codes if int(codes) & c)
 
 
 def _registered(ledger: Ledger) -> dict[tuple[str, str], int]:

@@ -64,12 +64,8 @@ from healthlab import errors
 from healthlab._paths import home
 from healthlab.encrypted import KeyHolder, describe
 from healthlab.ledger.artifacts import load_artifact
-from healthlab.ledger.client import (
-    Ledger,
-    _error_table,
-    _revert_data,
-    _rpc_errors,
-)
+from healthlab.ledger.client import Ledger
+from healthlab.ledger.reverts import ErrorTable, error_table, revert_data, rpc_errors
 from healthlab.receipts import Receipt
 from healthlab.score import health_score
 from healthlab.sites import DisclosurePolicy, Site
@@ -400,7 +396,7 @@ class OracleClient:
         self.contract = self.w3.eth.contract(address=self.address, abi=artifact["abi"])
         self.from_block = int(from_block)
         self.last_receipt: Any = None
-        self._errors = _error_table(artifact["abi"])
+        self._errors = error_table(artifact["abi"])
 
     @classmethod
     def deploy(
@@ -421,7 +417,7 @@ class OracleClient:
         factory = ledger.w3.eth.contract(
             abi=artifact["abi"], bytecode=artifact["bytecode"]
         )
-        table = _error_table(artifact["abi"])
+        table = error_table(artifact["abi"])
         receipt = ledger.transact(
             factory.constructor(int(request_timeout)),
             sender,
@@ -618,7 +614,7 @@ class OracleClient:
                     f"{', '.join(sorted(set(names.values())))}"
                 )
             params["topics"] = [topics]
-        with _rpc_errors(self.ledger.rpc_url):
+        with rpc_errors(self.ledger.rpc_url):
             raw = self.w3.eth.get_logs(params)  # type: ignore[arg-type]
         out = []
         for entry in raw:
@@ -668,7 +664,7 @@ class OracleClient:
         return receipt
 
     def _call(self, fn: Any) -> Any:
-        return self.ledger._call(fn, self._decode)
+        return self.ledger.call(fn, self._decode)
 
     def _decode(self, exc: Exception) -> errors.ContractError:
         return _decode(self._errors, exc)
@@ -682,12 +678,9 @@ class OracleClient:
         return logs[0]["args"]
 
 
-ErrorTable = dict[str, tuple[str, list[str], list[str]]]
-
-
 def _decode(table: ErrorTable, exc: Exception) -> errors.ContractError:
     """The oracle's error class for a revert, with its decoded arguments."""
-    data = _revert_data(exc)
+    data = revert_data(exc)
     if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
         found = table.get(data[2:10])
         if found is not None:

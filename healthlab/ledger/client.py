@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import math
 import os
 import secrets
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
@@ -22,16 +21,13 @@ from eth_abi.abi import decode as abi_decode
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
-from eth_utils.abi import function_abi_to_4byte_selector
 from eth_utils.crypto import keccak
 from web3 import Web3
 from web3.exceptions import (
     ContractCustomError,
     ContractLogicError,
     ContractPanicError,
-    ProviderConnectionError,
     TimeExhausted,
-    Web3RPCError,
 )
 from web3.logs import DISCARD
 
@@ -39,7 +35,7 @@ from healthlab import errors
 from healthlab.dp import PrivacyBudget
 from healthlab.ledger import deployments
 from healthlab.ledger.artifacts import load_artifact
-from healthlab.ledger.codes import Codes, as_codes
+from healthlab.ledger.codes import Codes, as_codes, code_names
 from healthlab.ledger.keys import account_from_key
 from healthlab.ledger.records import (
     Access,
@@ -49,6 +45,12 @@ from healthlab.ledger.records import (
     Request,
     SiteKeys,
     Status,
+)
+from healthlab.ledger.reverts import (
+    CONNECTION_ERRORS,
+    error_table,
+    revert_data,
+    rpc_errors,
 )
 from healthlab.ledger.signing import (
     SignedQuery,
@@ -74,7 +76,6 @@ _FINAL = {
     "AccessRevoked": Status.REVOKED,
     "DownloadRefunded": Status.CANCELLED,
 }
-_CONNECTION_ERRORS = (requests.exceptions.ConnectionError, ProviderConnectionError)
 _REVERTS: tuple[type[Exception], ...] = (
     ContractCustomError,
     ContractLogicError,
@@ -165,7 +166,7 @@ class Ledger:
         self.default_sender = default_sender
         self.last_receipt: Any = None
         self._purposes: dict[int, Purpose] = {}
-        self._errors = _error_table(artifact["abi"])
+        self._errors = error_table(artifact["abi"])
         self._timestamps: dict[int, int] = {}
 
     # ----------------------------------------------------------- construction
@@ -227,7 +228,7 @@ class Ledger:
         try:
             chain_id = w3.eth.chain_id
             genesis = w3.eth.get_block(0)["hash"]
-        except (*_CONNECTION_ERRORS, requests.exceptions.Timeout, OSError) as exc:
+        except (*CONNECTION_ERRORS, requests.exceptions.Timeout, OSError) as exc:
             raise errors.ChainUnreachable(
                 f"cannot reach an Ethereum node at {url} ({type(exc).__name__}); "
                 "start one with `make node` or check HEALTHLAB_RPC_URL"
@@ -401,7 +402,7 @@ class Ledger:
         count = int(self._call(self.contract.functions.datasetCount()))
         rows = [self.dataset(i).__dict__ for i in range(1, count + 1)]
         frame = pd.DataFrame(rows, columns=list(Dataset.__dataclass_fields__))
-        frame["terms"] = frame["terms"].map(lambda c: _flag_names(c))
+        frame["terms"] = frame["terms"].map(code_names)
         return frame.set_index("id")
 
     # --------------------------------------------------------------- site keys
@@ -1252,6 +1253,14 @@ class Ledger:
             )
         return receipt
 
+    def call(
+        self, fn: Any, decode: Callable[[Exception], Exception] | None = None
+    ) -> Any:
+        """Call a prepared view (``contract.functions.X(...)``) of this or another
+        HealthLab contract on this node; a revert becomes the error ``decode``
+        makes of it (by default the registry's named error)."""
+        return self._call(fn, decode)
+
     def _call(
         self, fn: Any, decode: Callable[[Exception], Exception] | None = None
     ) -> Any:
@@ -1262,10 +1271,10 @@ class Ledger:
                 raise (decode or self._decode)(exc) from None
 
     def _rpc(self) -> AbstractContextManager[None]:
-        return _rpc_errors(self.rpc_url)
+        return rpc_errors(self.rpc_url)
 
     def _decode(self, exc: Exception) -> Exception:
-        data = _revert_data(exc)
+        data = revert_data(exc)
         if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
             selector = data[2:10]
             if selector in self._errors:
@@ -1363,25 +1372,6 @@ class Ledger:
         return out
 
 
-@contextmanager
-def _rpc_errors(url: str | None) -> Iterator[None]:
-    """Turn a lost connection into :class:`~healthlab.errors.ChainUnreachable`."""
-    try:
-        yield
-    except (*_CONNECTION_ERRORS, requests.exceptions.Timeout) as exc:
-        raise errors.ChainUnreachable(
-            f"lost the Ethereum node at {url} ({type(exc).__name__}); is it still "
-            "running? Start one with `make node` or check HEALTHLAB_RPC_URL"
-        ) from exc
-    except Web3RPCError as exc:
-        if "insufficient funds" not in str(exc):
-            raise
-        raise errors.InvalidInput(
-            "the sender cannot pay for this transaction (fee plus gas); fund the "
-            "account first"
-        ) from exc
-
-
 def deploy_registry(
     w3: Web3,
     deployer: str,
@@ -1412,50 +1402,12 @@ def deploy_registry(
 
 
 # ------------------------------------------------------------------- helpers
-def _revert_data(exc: BaseException) -> str | None:
-    """The revert payload as hex, from web3's error or eth-tester's raw bytes."""
-    seen: BaseException | None = exc
-    while seen is not None:
-        data = getattr(seen, "data", None)
-        if isinstance(data, dict):
-            data = data.get("data")
-        if isinstance(data, str) and data.startswith("0x"):
-            return data
-        for arg in getattr(seen, "args", ()):
-            if isinstance(arg, bytes):
-                return "0x" + arg.hex()
-            quote = next(
-                (q for q in ("b'", 'b"') if isinstance(arg, str) and q in arg), ""
-            )
-            if quote:  # eth-tester: the repr of the bytes, b'…' or b"…"
-                try:
-                    raw = ast.literal_eval(arg[arg.index(quote) :])
-                except (ValueError, SyntaxError):
-                    continue
-                if isinstance(raw, bytes):
-                    return "0x" + raw.hex()
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 def _decoded_value(name: str, kind: str, value: Any) -> Any:
     if name == "status":
         return Status(value)
     if kind == "address":
         return Web3.to_checksum_address(value)
     return value
-
-
-def _error_table(
-    abi: list[dict[str, Any]],
-) -> dict[str, tuple[str, list[str], list[str]]]:
-    table = {}
-    for item in abi:
-        if item["type"] == "error":
-            selector = function_abi_to_4byte_selector(item).hex()  # type: ignore[arg-type]
-            types = [i["type"] for i in item["inputs"]]
-            table[selector] = (item["name"], types, [i["name"] for i in item["inputs"]])
-    return table
 
 
 #: anvil's default chain id and the public test mnemonic its dev accounts come from.
@@ -1635,13 +1587,9 @@ def _detail(key: str, value: Any) -> str:
     if isinstance(value, bytes):
         return "0x" + value.hex()[:12] + "…"
     if key in ("codes", "terms"):
-        return _flag_names(value) or "none"
+        return code_names(value) or "none"
     if key == "expiresAt":
         return pd.Timestamp(int(value), unit="s", tz="UTC").strftime(
             "%Y-%m-%dT%H:%M:%SZ"
         )
     return str(value)
-
-
-def _flag_names(codes: Codes | int) -> str:
-    return "|".join(c.name or "" for c in Codes if int(codes) & c)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 
-__all__ = ["Codes", "as_codes", "permits"]
+__all__ = ["Codes", "as_codes", "code_names", "permits"]
 
 
 class Codes(enum.IntFlag):
@@ -119,6 +119,12 @@ def permits(codes: Codes | int, terms: Codes | int) -> bool:
         return False
     required = terms & int(ATTESTABLE)
     return codes & required == required
+
+
+def code_names(codes: Codes | int) -> str:
+    """The codes' names joined by ``|`` (``"HMB|NCU"``), in the order of
+    :class:`Codes`; ``""`` for none."""
+    return "|".join(c.name or "" for c in Codes if int(codes) & c)
 
 
 def describe(codes: Codes | int) -> str:

@@ -51,7 +51,14 @@ from healthlab.errors import (
     InvalidInput,
     PurposeUnverified,
 )
-from healthlab.ledger.codes import ATTESTABLE, DESCRIPTIONS, PURPOSES, Codes, as_codes
+from healthlab.ledger.codes import (
+    ATTESTABLE,
+    DESCRIPTIONS,
+    PURPOSES,
+    Codes,
+    as_codes,
+    code_names,
+)
 from healthlab.ledger.codes import permits as codes_permit
 from healthlab.ledger.records import Request, Status
 
@@ -83,10 +90,6 @@ def _utc(timestamp: int | None) -> str:
     return pd.Timestamp(int(timestamp), unit="s", tz="UTC").strftime(
         "%Y-%m-%d %H:%M UTC"
     )
-
-
-def _names(codes: Codes | int) -> str:
-    return "|".join(c.name or "" for c in Codes if int(codes) & c)
 
 
 def _short(address: str) -> str:
@@ -429,7 +432,7 @@ def _request_rows(requests: list[Request], privacy: _PrivacyColumn) -> pd.DataFr
             {
                 "request": r.id,
                 "dataset": r.dataset_id,
-                "codes": _names(r.codes),
+                "codes": code_names(r.codes),
                 "paid (ETH)": eth(r.amount_wei),
                 "status": r.status.name,
                 "requested": _utc(r.created_at),
@@ -566,11 +569,11 @@ class RequestForm(_Panel):
             "dataset": record.id,
             "owner": record.owner,
             "pointer": record.pointer,
-            "terms": _names(record.terms),
+            "terms": code_names(record.terms),
             "grant (days)": record.grant_seconds / 86400,
             "fee (ETH)": eth(record.fee_wei),
             "fee (wei)": str(record.fee_wei),
-            "your codes": _names(chosen),
+            "your codes": code_names(chosen),
             "permitted": codes_permit(chosen, record.terms),
         }
         return pd.DataFrame([row]).set_index("dataset")
@@ -593,7 +596,8 @@ class RequestForm(_Panel):
             "declined"
         )
         self.terms.value = (
-            f"use terms: {html.escape(_names(record.terms) or 'none')}; grants last "
+            f"use terms: {html.escape(code_names(record.terms) or 'none')}; "
+            "grants last "
             f"{record.grant_seconds / 86400:g} days; "
             + (
                 "downloadable (add DL to your codes to ask for a download grant)"
@@ -911,7 +915,7 @@ class OwnerInbox(_Panel):
                             "request": r.id,
                             "dataset": r.dataset_id,
                             "researcher": r.researcher,
-                            "codes": _names(r.codes),
+                            "codes": code_names(r.codes),
                             "purpose": self._purpose(r.id),
                             "fee (ETH)": eth(r.amount_wei),
                             "earlier requests": len(earlier),
@@ -927,7 +931,7 @@ class OwnerInbox(_Panel):
                             "request": r.id,
                             "dataset": r.dataset_id,
                             "researcher": r.researcher,
-                            "codes": _names(r.codes),
+                            "codes": code_names(r.codes),
                             "expires": _utc(r.expires_at),
                             "privacy spent": privacy(r),
                         }
