@@ -291,6 +291,13 @@ def operation_gas(ledger: Ledger) -> tuple[list[Row], dict[str, int]]:
         "admit an owner",
         lambda: ledger.set_member(collaboration[0], owner, sender=curator),
     )
+    add(
+        "nameMember",
+        "an owner directory's entry: a 30-byte name logged, its hash stored",
+        lambda: ledger.name_member(
+            collaboration[0], owner, "St. Mary's University Hospital", sender=curator
+        ),
+    )
 
     # the privacy ledger: a dataset's DP budget, and each grant's recorded spend
     add(

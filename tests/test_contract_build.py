@@ -109,11 +109,17 @@ def test_abi_exposes_no_function_taking_purpose_text() -> None:
         for arg in item["inputs"]
         if arg["type"] == "string"
     ]
-    # the only text on chain: pointers, and a collaboration's public name
+    # the only text on chain: pointers, a collaboration's public name and the
+    # public names its curator gives members (an owner directory)
     assert sorted(strings) == [
         ("CollaborationCreated", "name"),
         ("DatasetRegistered", "pointer"),
+        ("MemberNamed", "name"),
         ("createCollaboration", "name"),
+        ("nameMember", "name"),
         ("registerDataset", "pointer"),
     ]
     assert json.dumps(abi).count("purposeHash") >= 2
+    # the purpose travels only sealed (bytes), never as text
+    (request,) = (i for i in abi if i.get("name") == "requestAccess")
+    assert [a["type"] for a in request["inputs"]][-2:] == ["bytes32", "bytes"]

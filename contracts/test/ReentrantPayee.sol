@@ -26,11 +26,9 @@ interface IRegistry {
     function withdrawTo(address payable to) external returns (uint256);
 }
 
-contract ReentrantPayee {
+/// @dev TEST ONLY. A contract acting as a researcher or a dataset's owner on the registry.
+abstract contract RegistryParty {
     IRegistry public immutable registry;
-    uint256 public reentryAttempts;
-    uint256 public reentrySuccesses;
-    uint256 public received;
 
     constructor(IRegistry registry_) {
         registry = registry_;
@@ -63,6 +61,14 @@ contract ReentrantPayee {
     function withdraw() external returns (uint256) {
         return registry.withdraw();
     }
+}
+
+contract ReentrantPayee is RegistryParty {
+    uint256 public reentryAttempts;
+    uint256 public reentrySuccesses;
+    uint256 public received;
+
+    constructor(IRegistry registry_) RegistryParty(registry_) {}
 
     receive() external payable {
         received += msg.value;
@@ -77,40 +83,8 @@ contract ReentrantPayee {
 
 /// @dev TEST ONLY. A payee whose receive hook always reverts; it can still move its
 ///      credit elsewhere with `withdrawTo`.
-contract RevertingPayee {
-    IRegistry public immutable registry;
-
-    constructor(IRegistry registry_) {
-        registry = registry_;
-    }
-
-    function request(uint256 datasetId, uint32 grantSeconds, uint32 codes, bytes32 purposeHash)
-        external
-        payable
-        returns (uint256)
-    {
-        return registry.requestAccess{value: msg.value}(datasetId, msg.value, grantSeconds, codes, purposeHash, "");
-    }
-
-    /// @dev As a dataset's owner: register, then approve (and be paid in that call).
-    function register(string calldata pointer, bytes32 contentHash, uint256 fee, uint32 grantSeconds, uint32 terms)
-        external
-        returns (uint256)
-    {
-        return registry.registerDataset(pointer, contentHash, fee, grantSeconds, terms, false);
-    }
-
-    function approve(uint256 datasetId, address researcher, uint256 requestId) external {
-        registry.approve(datasetId, researcher, requestId);
-    }
-
-    function cancel(uint256 datasetId, uint256 requestId) external {
-        registry.cancel(datasetId, requestId);
-    }
-
-    function withdraw() external returns (uint256) {
-        return registry.withdraw();
-    }
+contract RevertingPayee is RegistryParty {
+    constructor(IRegistry registry_) RegistryParty(registry_) {}
 
     function withdrawTo(address payable to) external returns (uint256) {
         return registry.withdrawTo(to);

@@ -426,17 +426,21 @@ def kaplan_meier(
         "min_rows": 0,
         "on_refusal": on_refusal,
     }
-    runs = []
-    if merge and edges.size > 2:
-        plan_spec = {
+
+    def spec_on(grid: np.ndarray) -> dict[str, Any]:
+        return {
             "duration": duration,
             "event": event,
             "by": by,
             "groups": groups,
-            "grid": edges.tolist(),
+            "grid": grid.tolist(),
             "population": population_columns(population),
             "columns": [duration, event],
         }
+
+    runs = []
+    if merge and edges.size > 2:
+        plan_spec = spec_on(edges)
         intervals = edges.size - 1
         n_groups = max(1, len(groups))
         n_runs = len(interval_runs(intervals))
@@ -470,15 +474,7 @@ def kaplan_meier(
         )
     intervals = edges.size - 1
     per_group = 2 * intervals + 1
-    spec = {
-        "duration": duration,
-        "event": event,
-        "by": by,
-        "groups": groups,
-        "grid": edges.tolist(),
-        "population": population_columns(population),
-        "columns": [duration, event],
-    }
+    spec = spec_on(edges)
     n_groups = max(1, len(groups))
     run = _run(
         site_list,
