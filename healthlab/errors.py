@@ -22,6 +22,7 @@ __all__ = [
     "DatasetInactive",
     "DisclosureRefused",
     "DownloadNotPermitted",
+    "DownloadNotSettled",
     "DownloadsOutstanding",
     "DuplicateDataset",
     "EmptyPointer",
@@ -52,6 +53,9 @@ __all__ = [
     "PurposeNotPermitted",
     "PurposeUnverified",
     "Reentrancy",
+    "RefundAlreadyRequested",
+    "RefundNotRequested",
+    "ReleaseTooLate",
     "RequestAlreadyOpen",
     "ResultAlreadyRecorded",
     "SignatureInvalid",
@@ -467,6 +471,28 @@ class TooEarlyToRefund(StateConflict):
         "the owner may still release the key: a download grant's fee can be taken "
         "back once the request timeout has passed since the approval"
     )
+
+
+class RefundNotRequested(StateConflict):
+    hint = (
+        "ask for the refund first (Ledger.request_download_refund): the owner then "
+        "has a grace period to release the key"
+    )
+
+
+class RefundAlreadyRequested(StateConflict):
+    hint = "the refund is asked for already: complete it once its time has come"
+
+
+class DownloadNotSettled(StateConflict):
+    hint = (
+        "your earlier download grant on this dataset still holds its fee (the key "
+        "never came): ask for the refund and complete it before requesting again"
+    )
+
+
+class ReleaseTooLate(HealthLabError):
+    """A key release could land after the researcher's refund: not sent."""
 
 
 _BY_NAME: dict[str, type[ContractError]] = {

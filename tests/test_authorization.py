@@ -273,8 +273,18 @@ GUARDED = [
         lambda s: s.ledger.contract.functions.refundDownload(
             s.dataset, s.holder, s.grant_request
         ),
-        "holder",  # and the owner (giving up the fee): see test_registry
+        "owner",  # at any time; the holder after asking and a grace period
         ("researcher", "stranger", "other_owner", "payee"),
+        errors.NotRequester,
+        _not_requester("grant_request"),
+    ),
+    Guarded(
+        "requestDownloadRefund",
+        lambda s: s.ledger.contract.functions.requestDownloadRefund(
+            s.dataset, s.grant_request
+        ),
+        "holder",  # the timeout has passed since the approval: the key never came
+        ("owner", "researcher", "stranger", "other_owner"),
         errors.NotRequester,
         _not_requester("grant_request"),
     ),
@@ -493,6 +503,17 @@ def _effect_max_pending(scene: Scene, before: dict[str, Any]) -> None:
     assert scene.ledger.dataset(scene.other_dataset).max_pending == 64
 
 
+def _effect_ask_refund(scene: Scene, before: dict[str, Any]) -> None:
+    at = scene.ledger.contract.functions.refundableAt(scene.grant_request).call()
+    grace = scene.ledger.contract.functions.REFUND_GRACE().call()
+    assert at == scene.ledger.now() + grace
+    # until then the owner may still deliver, and is paid; the grant is unchanged
+    access = scene.ledger.access(scene.dataset, scene.holder)
+    assert access.status is Status.APPROVED and not access.key_released
+    with pytest.raises(errors.TooEarlyToRefund):
+        scene.ledger.refund_download(scene.grant_request, sender=scene.holder)
+
+
 def _effect_refund(scene: Scene, before: dict[str, Any]) -> None:
     access = scene.ledger.access(scene.dataset, scene.holder)
     assert access.status is Status.CANCELLED
@@ -559,6 +580,7 @@ EFFECTS: dict[str, Callable[[Scene, dict[str, Any]], None]] = {
     "bindSiteKeys": _effect_bind,
     "setMaxPending": _effect_max_pending,
     "refundDownload": _effect_refund,
+    "requestDownloadRefund": _effect_ask_refund,
     "cancel": _effect_cancel,
     "recordResult": _effect_record,
     "withdraw": _effect_withdraw,

@@ -12,6 +12,8 @@ would, must fail — and the honest flow next to it must still work.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from healthlab import errors
@@ -36,6 +38,10 @@ ENVELOPE = b"\x04" + bytes(range(100))
 
 def timeout(ledger: Ledger) -> int:
     return int(ledger.contract.functions.requestTimeout().call())
+
+
+def grace(ledger: Ledger) -> int:
+    return int(ledger.contract.functions.REFUND_GRACE().call())
 
 
 def download_dataset(ledger: Ledger, owner: str, *, auto: bool = False) -> int:
@@ -159,21 +165,35 @@ def test_an_undelivered_download_is_refunded_after_the_timeout(
     assert values(kept) == {"datasetId": ds, "downloadsOpen": 1}
     # too early: the owner may still deliver
     with pytest.raises(errors.TooEarlyToRefund) as early:
-        ledger.refund_download(req, sender=researcher)
+        ledger.request_download_refund(req, sender=researcher)
     assert values(early) == {
         "requestId": req,
         "refundableAt": approved_at + timeout(ledger),
     }
+    with pytest.raises(errors.RefundNotRequested):
+        ledger.refund_download(req, sender=researcher)
     with pytest.raises(errors.NotRequester):
         ledger.refund_download(req, sender=ledger.accounts[5])
     ledger.advance_time(timeout(ledger))
+    at = ledger.request_download_refund(req, sender=researcher)
+    assert at == ledger.now() + grace(ledger)
+    with pytest.raises(errors.RefundAlreadyRequested):
+        ledger.request_download_refund(req, sender=researcher)
+    with pytest.raises(errors.TooEarlyToRefund):  # the owner's grace to deliver
+        ledger.refund_download(req, sender=researcher)
+    ledger.advance_time(grace(ledger))
     refunded = ledger.refund_download(req, sender=researcher)
     assert refunded.status is Status.CANCELLED
     assert ledger.credit(researcher) == FEE
     assert ledger.credit(owner) == 0
-    # the key can no longer be released for it, nor the fee taken twice
-    with pytest.raises(errors.NoActiveGrant):
+    # the key can no longer be released for it (and the client refuses to send a
+    # release that could land after the refund), nor the fee taken twice
+    with pytest.raises(errors.ReleaseTooLate):
         ledger.release_key(req, ENVELOPE, sender=owner)
+    with pytest.raises(errors.NoActiveGrant):
+        ledger.transact(
+            ledger.contract.functions.releaseKey(ds, researcher, req, ENVELOPE), owner
+        )
     with pytest.raises(errors.NotAwaitingKey):
         ledger.refund_download(req, sender=researcher)
     before = ledger.balance(researcher)
@@ -199,8 +219,12 @@ def test_a_download_that_cannot_be_delivered_goes_back_to_the_researcher(
             ledger.advance_time(GRANT)
         elif how == "closed":
             ledger.set_active(ds, False, sender=owner)
-        sender = owner if how == "owner gives up" else researcher
-        ledger.refund_download(req, sender=sender)  # not live: no wait
+        if how == "owner gives up":
+            ledger.refund_download(req, sender=owner)  # at any time
+        else:  # not live: no timeout to wait, only the owner's grace
+            ledger.request_download_refund(req, sender=researcher)
+            ledger.advance_time(grace(ledger))
+            ledger.refund_download(req, sender=researcher)
     assert ledger.credit(researcher) == FEE
     assert ledger.credit(owner) == 0
     assert ledger.dataset(ds).downloads_open == 0
@@ -494,3 +518,185 @@ def test_a_name_altered_in_the_logs_is_not_believed(
 
     monkeypatch.setattr(ledger, "_logs", altered)
     assert ledger.owner_name(directory, owner) is None
+
+
+# ------------------------------------- attacks found by review (issue 15), refused
+def _envelope_for(ledger: Ledger, request_id: int) -> tuple[bytes, bytes]:
+    """What the owner's client sends: a data key sealed to the researcher."""
+    from healthlab.storage import seal_key
+    from healthlab.storage.release import key_release_context
+
+    request = ledger.request(request_id)
+    dataset = ledger.dataset(request.dataset_id)
+    data_key = bytes(range(32))
+    envelope = seal_key(
+        data_key,
+        ledger.requester_public_key(request_id),
+        context=key_release_context(ledger, dataset, request_id, request.researcher),
+    )
+    return data_key, envelope
+
+
+def test_an_expired_undelivered_download_must_be_settled_before_asking_again(
+    ledger: Ledger, owner: str, researcher: str
+) -> None:
+    """Requesting again used to overwrite the grant's record: its fee was owed to
+    nobody and DL pinned in the terms forever. Now the request is refused until
+    the fee is settled, and settling it frees DL."""
+    ds = download_dataset(ledger, owner, auto=True)
+    first = ledger.request_access(ds, "x", "HMB", download=True, sender=researcher)
+    ledger.advance_time(GRANT)  # expired; the key never came
+    with pytest.raises(errors.DownloadNotSettled) as refused:
+        ledger.request_access(ds, "again", "HMB", sender=researcher)
+    assert values(refused) == {"requestId": first}
+    ledger.request_download_refund(first, sender=researcher)
+    ledger.advance_time(grace(ledger))
+    ledger.refund_download(first, sender=researcher)
+    assert ledger.credit(researcher) == FEE
+    assert ledger.dataset(ds).downloads_open == 0
+    ledger.request_access(ds, "again", "HMB", sender=researcher)  # settled: allowed
+    ledger.update_dataset(ds, terms="HMB", auto_approve=True, sender=owner)
+    # held: the refund and the second (auto-approved) grant's fee, both credited
+    assert ledger.credit(owner) == FEE
+    assert ledger.balance(ledger.address) == ledger.credit(researcher) + FEE
+
+
+def test_a_refund_cannot_race_the_key_release(
+    ledger: Ledger, owner: str, researcher: str
+) -> None:
+    """The researcher asks for the refund once the timeout has passed: the owner
+    may still deliver during the grace and is paid; the researcher never holds the
+    key and the fee at once. A release at or after the grant's expiry still
+    delivers (it is what was paid for)."""
+    ds = download_dataset(ledger, owner)
+    req = ledger.request_access(ds, "imaging", "HMB", download=True, sender=researcher)
+    ledger.approve(req, sender=owner)
+    ledger.advance_time(GRANT)  # expired, and past the timeout
+    ledger.request_download_refund(req, sender=researcher)
+    _, envelope = _envelope_for(ledger, req)
+    before = ledger.balance(owner)
+    ledger.release_key(req, envelope, sender=owner)  # within the grace: delivered
+    assert ledger.balance(owner) == before + FEE - gas_cost(ledger.last_receipt)
+    assert ledger.key_envelope(req) == envelope
+    with pytest.raises(errors.NotAwaitingKey):
+        ledger.refund_download(req, sender=researcher)
+    assert ledger.credit(researcher) == 0
+
+
+def test_the_owner_client_refuses_a_release_that_could_land_after_the_refund(
+    ledger: Ledger, owner: str, researcher: str
+) -> None:
+    """A reverted release still publishes its envelope: near the refund's time the
+    client sends nothing, so the key cannot reach a refunded researcher."""
+    from healthlab.ledger.client import RELEASE_MARGIN
+
+    ds = download_dataset(ledger, owner)
+    req = ledger.request_access(ds, "imaging", "HMB", download=True, sender=researcher)
+    ledger.approve(req, sender=owner)
+    ledger.advance_time(timeout(ledger))
+    at = ledger.request_download_refund(req, sender=researcher)
+    ledger.mine(at - RELEASE_MARGIN)
+    block = ledger.w3.eth.block_number
+    _, envelope = _envelope_for(ledger, req)
+    with pytest.raises(errors.ReleaseTooLate, match="Nothing was sent"):
+        ledger.release_key(req, envelope, sender=owner)
+    assert ledger.w3.eth.block_number == block  # no transaction at all
+    assert ledger.key_envelope(req) is None
+
+
+def _forging_node(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch, request_id: int, text: str
+) -> None:
+    """A node serving logs: it seals its own text to the owner's public key and
+    rewrites the request's purpose hash and sealed purpose in the logs."""
+    import json
+
+    from healthlab.ledger.client import Purpose
+    from healthlab.storage.envelope import seal_message
+
+    real_logs = ledger._logs
+    req = real_logs(event="AccessRequested", request_id=request_id)[0]["args"]
+    fake = Purpose.new(text)
+    key = ledger.owner_public_key(req["datasetId"])
+    assert key is not None
+    envelope = seal_message(
+        json.dumps({"text": fake.text, "salt": fake.salt}).encode(),
+        key,
+        context=ledger._purpose_context(req["datasetId"], req["researcher"]),
+    )
+
+    def altered(**kwargs: Any) -> list[Any]:
+        out = []
+        for entry in real_logs(**kwargs):
+            args = entry["args"]
+            if args.get("requestId") == request_id:
+                if entry["event"] == "AccessRequested":
+                    args = {**args, "purposeHash": bytes.fromhex(fake.commitment[2:])}
+                elif entry["event"] == "PurposeSealed":
+                    args = {**args, "envelope": envelope}
+                entry = {**entry, "args": args}
+            out.append(entry)
+        return out
+
+    monkeypatch.setattr(ledger, "_logs", altered)
+
+
+def test_a_node_rewriting_logs_cannot_show_the_owner_a_false_purpose(
+    chain: Chain,
+    ledger: Ledger,
+    owner: str,
+    researcher: str,
+    dataset: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    real = "Re-identify patients for an insurer"
+    req = ledger.request_access(dataset, real, "HMB|NCU", sender=researcher)
+    inbox = chain.ledger()
+    _forging_node(inbox, monkeypatch, req, "Sex differences in CVD risk")
+    # the purpose is read from the researcher's signed transaction, not the logs
+    shown = inbox.sealed_purpose(req, owner=owner)
+    assert shown is not None and shown.text == real
+
+
+def test_a_node_rewriting_the_owner_cannot_redirect_the_sealed_purpose(
+    ledger: Ledger,
+    owner: str,
+    researcher: str,
+    stranger: str,
+    dataset: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The owner's key comes from a registration the owner stored on chain signed
+    (checked against getDataset, sent to this registry), never from the owner a
+    log names."""
+    own = ledger.register_dataset(
+        "https://evil.example/x.csv", content_hash(), terms="GRU", sender=stranger
+    )
+    stranger_tx = ledger._logs(event="DatasetRegistered", dataset_id=own)[0][
+        "transactionHash"
+    ]
+    real_logs = ledger._logs
+
+    def altered(**kwargs: Any) -> list[Any]:
+        found = real_logs(**kwargs)
+        if (
+            kwargs.get("event") != "DatasetRegistered"
+            or kwargs.get("dataset_id") != dataset
+        ):
+            return found
+        return [
+            {
+                **e,
+                "transactionHash": stranger_tx,
+                "args": {**e["args"], "owner": stranger},
+            }
+            for e in found
+        ]
+
+    monkeypatch.setattr(ledger, "_logs", altered)
+    assert ledger.owner_public_key(dataset) is None  # not sealed to the stranger
+    monkeypatch.setattr(ledger, "_logs", real_logs)
+    key = ledger.owner_public_key(dataset)
+    from healthlab.storage.envelope import address_of
+
+    assert key is not None and address_of(key) == owner

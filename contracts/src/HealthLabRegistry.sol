@@ -124,6 +124,13 @@ contract HealthLabRegistry {
     ///         take back the fee of a download grant whose key was not released.
     uint256 public immutable requestTimeout;
 
+    /// @notice How long the owner may still release a key after the researcher asked for
+    ///         the download's fee back (`requestDownloadRefund`).
+    uint256 public constant REFUND_GRACE = 1 days;
+
+    /// @notice When a researcher's asked-for download refund may complete (0: not asked).
+    mapping(uint256 requestId => uint40) public refundableAt;
+
     /// @notice How many requests may wait for a decision on a dataset, until its owner
     ///         sets another cap (`setMaxPending`).
     uint16 public constant DEFAULT_MAX_PENDING = 64;
@@ -210,6 +217,11 @@ contract HealthLabRegistry {
     ///         credited back to the researcher.
     event DownloadRefunded(uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher);
     event MaxPendingSet(uint256 indexed datasetId, uint16 maxPending);
+    /// @notice A researcher asked for an undelivered download's fee back; the owner may
+    ///         still release the key until `refundableAt`.
+    event DownloadRefundRequested(
+        uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher, uint40 refundableAt
+    );
     event ResultRecorded(
         uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher, bytes32 resultHash
     );
@@ -281,6 +293,9 @@ contract HealthLabRegistry {
     error DownloadsOutstanding(uint256 datasetId, uint32 downloadsOpen);
     error NotAwaitingKey(uint256 requestId);
     error TooEarlyToRefund(uint256 requestId, uint256 refundableAt);
+    error RefundNotRequested(uint256 requestId);
+    error RefundAlreadyRequested(uint256 requestId, uint256 refundableAt);
+    error DownloadNotSettled(uint256 requestId);
 
     // ----------------------------------------------------------------- modifiers
     modifier nonReentrant() {
@@ -441,6 +456,8 @@ contract HealthLabRegistry {
         if (status == Status.Approved && block.timestamp < a.expiresAt) {
             revert AccessAlreadyGranted(a.requestId, a.expiresAt);
         }
+        // an expired download whose key never came still holds its fee: settle it first
+        if (_awaitingKey(a)) revert DownloadNotSettled(a.requestId);
 
         requestId = ++requestCount;
         bool download = codes & DL != 0;
@@ -526,30 +543,51 @@ contract HealthLabRegistry {
         if (a.download && !a.keyReleased) _refundDownload(datasetId, a, researcher);
     }
 
+    /// @notice Ask for your download grant's fee back: its key was not released within
+    ///         `requestTimeout` of the approval, or the grant is no longer live (expired, or
+    ///         the dataset closed). The refund can be completed (`refundDownload`) after
+    ///         `REFUND_GRACE`; until then the owner may still release the key, and is paid.
+    ///         So a refund can never race a release: the researcher never holds both the
+    ///         key and the fee.
+    function requestDownloadRefund(uint256 datasetId, uint256 requestId) external {
+        Access storage a = _access[datasetId][msg.sender];
+        if (a.requestId != requestId || requestId == 0) revert NotRequester(requestId, msg.sender);
+        if (!_awaitingKey(a)) revert NotAwaitingKey(requestId);
+        if (refundableAt[requestId] != 0) revert RefundAlreadyRequested(requestId, refundableAt[requestId]);
+        uint256 askableAt = uint256(a.expiresAt) - a.grantSeconds + requestTimeout;
+        if (block.timestamp < askableAt && _live(datasetId, a)) revert TooEarlyToRefund(requestId, askableAt);
+        uint40 at = uint40(block.timestamp + REFUND_GRACE);
+        refundableAt[requestId] = at;
+        emit DownloadRefundRequested(requestId, datasetId, msg.sender, at);
+    }
+
     /// @notice End a download grant whose key was not released, crediting its fee back
-    ///         to the researcher. The researcher may, once `requestTimeout` has passed
-    ///         since the approval, or at once when the grant is no longer live (expired,
-    ///         or the dataset closed); the owner may at any time (giving up the fee).
-    ///         The grant ends (`Cancelled`).
+    ///         to the researcher: by the researcher once the grace after its
+    ///         `requestDownloadRefund` has passed, by the owner at any time (giving up the
+    ///         fee). The grant ends (`Cancelled`).
     function refundDownload(uint256 datasetId, address researcher, uint256 requestId) external {
         Access storage a = _access[datasetId][researcher];
         if (a.requestId != requestId || requestId == 0) revert UnknownRequest(requestId);
         bool owner = _datasets[datasetId].owner == msg.sender;
         if (msg.sender != researcher && !owner) revert NotRequester(requestId, msg.sender);
-        if (a.status != Status.Approved || !a.download || a.keyReleased) revert NotAwaitingKey(requestId);
-        uint256 refundableAt = uint256(a.expiresAt) - a.grantSeconds + requestTimeout;
-        if (!owner && block.timestamp < refundableAt && _live(datasetId, a)) {
-            revert TooEarlyToRefund(requestId, refundableAt);
+        if (!_awaitingKey(a)) revert NotAwaitingKey(requestId);
+        if (!owner) {
+            uint256 at = refundableAt[requestId];
+            if (at == 0) revert RefundNotRequested(requestId);
+            if (block.timestamp < at) revert TooEarlyToRefund(requestId, at);
         }
         a.status = Status.Cancelled;
         _refundDownload(datasetId, a, researcher);
     }
 
-    /// @notice Publish the dataset's data key for a researcher's live download grant,
-    ///         encrypted to that researcher's public key (see `KeyReleased`). Only the
-    ///         owner can; a revoked or expired grant, a compute-only grant or a dataset
-    ///         that no longer allows downloads gets no envelope. The first release pays
-    ///         you the grant's escrowed fee (credited instead if your address rejects it).
+    /// @notice Publish the dataset's data key for a researcher's download grant, encrypted
+    ///         to that researcher's public key (see `KeyReleased`). Only the owner can. The
+    ///         first release delivers what was paid for, so it is accepted while the grant
+    ///         waits for its key — even once expired, its dataset closed, or a refund asked
+    ///         for (until the refund completes) — and pays you the escrowed fee (credited
+    ///         instead if your address rejects it). Later releases need a live grant. A
+    ///         revoked or refunded grant, a compute-only grant or a dataset that no longer
+    ///         allows downloads gets no envelope.
     /// @param requestId the grant's request id: an envelope is always for one grant.
     /// @param envelope the wrapped key (1 to `MAX_ENVELOPE` bytes); only logged, never stored.
     function releaseKey(uint256 datasetId, address researcher, uint256 requestId, bytes calldata envelope)
@@ -560,7 +598,7 @@ contract HealthLabRegistry {
         if (envelope.length == 0 || envelope.length > MAX_ENVELOPE) revert InvalidEnvelope(envelope.length);
         Access storage a = _access[datasetId][researcher];
         if (a.requestId != requestId || requestId == 0) revert UnknownRequest(requestId);
-        if (!_live(datasetId, a)) revert NoActiveGrant(datasetId, researcher);
+        if (!_awaitingKey(a) && !_live(datasetId, a)) revert NoActiveGrant(datasetId, researcher);
         if (!a.download) revert NotADownloadGrant(requestId);
         Dataset storage d = _datasets[datasetId];
         if (d.terms & DL == 0) revert DownloadNotPermitted(datasetId);
@@ -783,6 +821,11 @@ contract HealthLabRegistry {
         a = _access[datasetId][researcher];
         if (a.requestId != requestId || requestId == 0) revert UnknownRequest(requestId);
         if (a.status != Status.Pending) revert NotPending(requestId, a.status);
+    }
+
+    /// @dev A download grant whose fee waits in escrow for its key (live or not).
+    function _awaitingKey(Access storage a) internal view returns (bool) {
+        return a.status == Status.Approved && a.download && !a.keyReleased;
     }
 
     function _live(uint256 datasetId, Access storage a) internal view returns (bool) {

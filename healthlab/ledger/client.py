@@ -542,14 +542,17 @@ class Ledger:
         not send it (a contract owner has no key)."""
         from healthlab.storage.envelope import address_of
 
+        owner = self.dataset(dataset_id).owner  # storage, not the log a node serves
         found = self._logs(event="DatasetRegistered", dataset_id=dataset_id)
-        if not found:
-            raise errors.UnknownDataset("UnknownDataset", {"datasetId": dataset_id})
-        with self._rpc():
-            tx = self.w3.eth.get_transaction(found[0]["transactionHash"])
-        key = transaction_public_key(tx)
-        owner = str(found[0]["args"]["owner"])
-        return key if address_of(key).lower() == owner.lower() else None
+        for entry in found:
+            with self._rpc():
+                tx = self.w3.eth.get_transaction(entry["transactionHash"])
+            if str(tx.get("to") or "").lower() != self.address.lower():
+                continue  # not a call to this registry
+            key = transaction_public_key(tx)  # the signature's, checked against from
+            if address_of(key).lower() == owner.lower():
+                return key
+        return None
 
     def _purpose_context(self, dataset_id: int, researcher: str) -> bytes:
         """What a sealed purpose is bound to: chain, registry, dataset, researcher."""
@@ -591,10 +594,27 @@ class Ledger:
         from healthlab.storage.envelope import open_message
         from healthlab.storage.errors import StorageError
 
-        req = self._request_event(request_id)
-        found = self._logs(event="PurposeSealed", request_id=request_id)
-        if not found:
+        created = self._logs(event="AccessRequested", request_id=request_id)
+        if not created:
+            raise errors.UnknownRequest("UnknownRequest", {"requestId": request_id})
+        # read the request from the researcher's signed transaction, not from logs a
+        # node could rewrite: its signature must be the researcher's, sent to this
+        # registry, for this dataset
+        args = created[0]["args"]
+        with self._rpc():
+            tx = self.w3.eth.get_transaction(created[0]["transactionHash"])
+        signed = self._signed_request(tx, args["researcher"], args["datasetId"])
+        if signed is None:
+            raise errors.PurposeUnverified(
+                f"request {request_id}'s transaction is not the researcher's signed "
+                "request to this registry (the node serving it altered it?): ask the "
+                "researcher for the purpose, and use a node you trust"
+            )
+        purpose_hash, envelope = signed
+        if not envelope:
             return None
+        req = {**args, "purposeHash": purpose_hash}
+        found = [{"args": {"envelope": envelope}}]
         key = self._private_key(owner)
         if key is None:
             raise errors.ConfigurationError(
@@ -618,6 +638,26 @@ class Ledger:
                 "researcher for the purpose, and check it with verify_purpose()"
             )
         return purpose
+
+    def _signed_request(
+        self, tx: Any, researcher: str, dataset_id: int
+    ) -> tuple[bytes, bytes] | None:
+        """The purpose hash and sealed purpose of ``tx`` when it is ``researcher``'s
+        signed ``requestAccess`` of ``dataset_id`` on this registry, else None."""
+        from healthlab.storage.envelope import address_of
+
+        if str(tx.get("to") or "").lower() != self.address.lower():
+            return None
+        try:
+            signer = address_of(transaction_public_key(tx))
+            fn, values = self.contract.decode_function_input(tx["input"])
+        except (errors.HealthLabError, ValueError):
+            return None
+        if signer.lower() != str(researcher).lower() or fn.fn_name != "requestAccess":
+            return None
+        if int(values["datasetId"]) != int(dataset_id):
+            return None
+        return bytes(values["purposeHash"]), bytes(values["sealedPurpose"])
 
     def purpose_of(self, request_id: int) -> Purpose:
         """The purpose text and salt of a request made from this client."""
@@ -684,18 +724,40 @@ class Ledger:
         The first release pays the owner the grant's escrowed fee.
         """
         req = self._request_event(request_id)
+        # a release mined after the researcher's refund completes reverts, but its
+        # envelope is public all the same: do not send one that could land that late
+        deadline = int(self._call(self.contract.functions.refundableAt(request_id)))
+        if deadline and self._now() + RELEASE_MARGIN >= deadline:
+            raise errors.ReleaseTooLate(
+                f"the researcher's refund of request {request_id} completes at "
+                f"{deadline} (chain time), within {RELEASE_MARGIN} s: a key released "
+                "now could be mined after it and reach the researcher unpaid. Nothing "
+                "was sent; refund the grant instead (refund_download)"
+            )
         fn = self.contract.functions.releaseKey(
             req["datasetId"], req["researcher"], request_id, bytes(envelope)
         )
         receipt = self._transact(fn, sender)
         return str(receipt["transactionHash"].to_0x_hex())
 
+    def request_download_refund(
+        self, request_id: int, *, sender: str | None = None
+    ) -> int:
+        """Ask for your download grant's fee back (its key did not come within the
+        request timeout of the approval, or the grant is no longer live); return
+        when the refund may complete (:meth:`refund_download`). Until then the owner
+        may still release the key, and is paid: a refund never races a release."""
+        req = self._request_event(request_id)
+        fn = self.contract.functions.requestDownloadRefund(req["datasetId"], request_id)
+        receipt = self._transact(fn, sender)
+        return int(self._event(receipt, "DownloadRefundRequested")["refundableAt"])
+
     def refund_download(self, request_id: int, *, sender: str | None = None) -> Request:
         """End a download grant whose key was not released; its fee is credited back
-        to the researcher (:meth:`withdraw`). The researcher may once the request
-        timeout has passed since the approval, or at once when the grant is no longer
-        live; the owner may at any time. Too early:
-        :class:`~healthlab.errors.TooEarlyToRefund`."""
+        to the researcher (:meth:`withdraw`). The researcher may once the grace after
+        :meth:`request_download_refund` has passed; the owner may at any time. Too
+        early: :class:`~healthlab.errors.TooEarlyToRefund`; not asked:
+        :class:`~healthlab.errors.RefundNotRequested`."""
         req = self._request_event(request_id)
         fn = self.contract.functions.refundDownload(
             req["datasetId"], req["researcher"], request_id
@@ -1409,6 +1471,10 @@ def _decoded_value(name: str, kind: str, value: Any) -> Any:
         return Web3.to_checksum_address(value)
     return value
 
+
+#: Seconds before a researcher's refund completes within which a key is not released:
+#: a release mined after the refund would reveal the key unpaid.
+RELEASE_MARGIN = 600
 
 #: anvil's default chain id and the public test mnemonic its dev accounts come from.
 ANVIL_CHAIN_ID = 31337
