@@ -556,9 +556,9 @@ contract HealthLabRegistry {
         if (refundableAt[requestId] != 0) revert RefundAlreadyRequested(requestId, refundableAt[requestId]);
         uint256 askableAt = uint256(a.expiresAt) - a.grantSeconds + requestTimeout;
         if (block.timestamp < askableAt && _live(datasetId, a)) revert TooEarlyToRefund(requestId, askableAt);
-        uint40 at = uint40(block.timestamp + REFUND_GRACE);
-        refundableAt[requestId] = at;
-        emit DownloadRefundRequested(requestId, datasetId, msg.sender, at);
+        uint40 due = uint40(block.timestamp + REFUND_GRACE);
+        refundableAt[requestId] = due;
+        emit DownloadRefundRequested(requestId, datasetId, msg.sender, due);
     }
 
     /// @notice End a download grant whose key was not released, crediting its fee back
@@ -572,9 +572,9 @@ contract HealthLabRegistry {
         if (msg.sender != researcher && !owner) revert NotRequester(requestId, msg.sender);
         if (!_awaitingKey(a)) revert NotAwaitingKey(requestId);
         if (!owner) {
-            uint256 at = refundableAt[requestId];
-            if (at == 0) revert RefundNotRequested(requestId);
-            if (block.timestamp < at) revert TooEarlyToRefund(requestId, at);
+            uint256 due = refundableAt[requestId];
+            if (due == 0) revert RefundNotRequested(requestId);
+            if (block.timestamp < due) revert TooEarlyToRefund(requestId, due);
         }
         a.status = Status.Cancelled;
         _refundDownload(datasetId, a, researcher);
