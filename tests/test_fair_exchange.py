@@ -700,3 +700,38 @@ def test_a_node_rewriting_the_owner_cannot_redirect_the_sealed_purpose(
     from healthlab.storage.envelope import address_of
 
     assert key is not None and address_of(key) == owner
+
+
+# -------------------------- known gaps (an attack review found them; not closed yet)
+# Each test states the guarantee a user would expect and fails today (strict xfail):
+# when the gap is closed it passes, and the marker must go.
+@pytest.mark.xfail(strict=True, reason="the contract cannot check that a key opens")
+def test_gap_an_owner_is_not_paid_for_an_envelope_that_does_not_open(
+    ledger: Ledger, owner: str, researcher: str
+) -> None:
+    ds = download_dataset(ledger, owner)
+    req = ledger.request_access(ds, "imaging", "HMB", download=True, sender=researcher)
+    ledger.approve(req, sender=owner)
+    before = ledger.balance(owner)
+    ledger.release_key(req, b"\x00", sender=owner)  # garbage, not a key
+    assert ledger.balance(owner) <= before  # expected: no payment for garbage
+
+
+@pytest.mark.xfail(strict=True, reason="a compute fee is paid in full on approval")
+def test_gap_a_grant_revoked_at_once_refunds_the_unused_time(
+    ledger: Ledger, owner: str, researcher: str, dataset: int
+) -> None:
+    req = ledger.request_access(dataset, "CVD risk", "HMB|NCU", sender=researcher)
+    ledger.approve(req, sender=owner)
+    ledger.revoke(dataset, researcher, sender=owner)  # the same minute
+    assert ledger.credit(researcher) > 0  # expected: the unused part comes back
+
+
+@pytest.mark.xfail(strict=True, reason="no deposit: a declined request is refunded")
+def test_gap_holding_the_queue_costs_a_spammer_more_than_gas(
+    ledger: Ledger, owner: str, dataset: int
+) -> None:
+    spammer = ledger.accounts[6]
+    req = ledger.request_access(dataset, "spam", "HMB|NCU", sender=spammer)
+    ledger.decline(req, sender=owner)
+    assert ledger.credit(spammer) < FEE  # expected: something kept on a decline
