@@ -342,7 +342,9 @@ def test_chain_clock_moves_forward_exactly_or_refuses_clearly(ledger: Ledger) ->
     assert moved >= now + 5
     assert ledger.mine(moved + 100) == moved + 100
     # the embedded chain never stamps a block before its pending block's time
-    pending = int(ledger._tester.get_block_by_number("pending")["timestamp"])
+    pending = int(
+        ledger.w3.provider.ethereum_tester.get_block_by_number("pending")["timestamp"]
+    )
     assert pending > moved + 100
     if pending > ledger.now() + 1:
         with pytest.raises(errors.InvalidInput, match="follows the wall clock"):

@@ -10,7 +10,7 @@ import secrets
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from functools import cache, cached_property
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,6 @@ import pandas as pd
 import requests
 from cryptography.hazmat.primitives.asymmetric import ec
 from eth_abi.abi import decode as abi_decode
-from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
@@ -36,6 +35,7 @@ from healthlab.dp import PrivacyBudget
 from healthlab.ledger import deployments
 from healthlab.ledger.artifacts import load_artifact
 from healthlab.ledger.codes import Codes, as_codes, code_names
+from healthlab.ledger.devchain import DevChain, dev_chain
 from healthlab.ledger.keys import account_from_key
 from healthlab.ledger.records import (
     Access,
@@ -1126,29 +1126,11 @@ class Ledger:
         The embedded chain stamps blocks with the wall clock at the least, so a
         ``timestamp`` before its next block's time is refused rather than missed.
         """
-        tester = self._tester
         if timestamp is not None and timestamp <= self._now():
             raise errors.InvalidInput(
                 f"the chain is at {self._now()}; a new block needs a later timestamp"
             )
-        if tester is not None:
-            if timestamp is not None:
-                pending = int(tester.get_block_by_number("pending")["timestamp"])
-                if timestamp < pending:
-                    raise errors.InvalidInput(
-                        f"the embedded chain's next block is at {pending} (it follows "
-                        "the wall clock); pick that time or a later one"
-                    )
-                if timestamp > pending:
-                    tester.time_travel(timestamp)  # mines a block at timestamp - 1 …
-            tester.mine_blocks(1)  # … and this one at timestamp
-        else:
-            if timestamp is not None:
-                self.w3.provider.make_request(
-                    "evm_setNextBlockTimestamp",  # type: ignore[arg-type]
-                    [timestamp],
-                )
-            self.w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+        self._dev.mine(timestamp)
         mined = self._now()
         if timestamp is not None and mined != timestamp:
             raise errors.TransactionFailed(
@@ -1161,12 +1143,8 @@ class Ledger:
         if seconds < 1:
             raise errors.InvalidInput("advance the clock by at least one second")
         target = self._now() + int(seconds)
-        tester = self._tester
-        if tester is not None:  # the embedded chain never stamps behind the wall clock
-            target = max(
-                target, int(tester.get_block_by_number("pending")["timestamp"])
-            )
-        return self.mine(target)
+        earliest = self._dev.next_block_time()  # the embedded chain: the wall clock
+        return self.mine(target if earliest is None else max(target, earliest))
 
     # ----------------------------------------------------------------- signing
     def sign_query(
@@ -1212,22 +1190,13 @@ class Ledger:
     def _dev_signer(self, address: str) -> LocalAccount | None:
         """The published key of a development account: the embedded chain's, or one
         of anvil's default accounts on chain 31337 (its well-known test mnemonic)."""
-        tester = self._tester
-        if tester is not None:
-            for key in tester.backend.account_keys:
-                if key.public_key.to_checksum_address() == address:
-                    return account_from_key(
-                        key.to_bytes(), source="the embedded chain's dev account"
-                    )
-            return None
-        if self.chain_id == ANVIL_CHAIN_ID:
-            return _anvil_dev_accounts().get(address)
-        return None
+        return self._dev.dev_signer(address)
 
     # ---------------------------------------------------------------- plumbing
-    @property
-    def _tester(self) -> Any:
-        return getattr(self.w3.provider, "ethereum_tester", None)
+    @cached_property
+    def _dev(self) -> DevChain:
+        """This chain's development operations (mining, dev keys)."""
+        return dev_chain(self.w3, self.chain_id)
 
     def _now(self) -> int:
         return int(self.w3.eth.get_block("latest")["timestamp"])
@@ -1475,20 +1444,6 @@ def _decoded_value(name: str, kind: str, value: Any) -> Any:
 #: Seconds before a researcher's refund completes within which a key is not released:
 #: a release mined after the refund would reveal the key unpaid.
 RELEASE_MARGIN = 600
-
-#: anvil's default chain id and the public test mnemonic its dev accounts come from.
-ANVIL_CHAIN_ID = 31337
-ANVIL_MNEMONIC = "test test test test test test test test test test test junk"
-
-
-@cache
-def _anvil_dev_accounts(count: int = 10) -> dict[str, LocalAccount]:
-    Account.enable_unaudited_hdwallet_features()
-    accounts = (
-        Account.from_mnemonic(ANVIL_MNEMONIC, account_path=f"m/44'/60'/0'/0/{i}")
-        for i in range(count)
-    )
-    return {a.address: a for a in accounts}
 
 
 def _signers_from_env() -> list[LocalAccount]:
