@@ -629,6 +629,23 @@ class RegistryMachine(RuleBasedStateMachine):
         request_id = data.draw(choices, label="request")
         return request_id, self.model.payments[request_id]
 
+    def draw_undelivered(self, data: st.DataObject) -> tuple[int, Payment, str]:
+        """A request (preferably a download waiting for its key) and a caller: its
+        researcher, its owner or anyone."""
+        waiting = sorted(
+            a.request_id for a in self.model.access.values() if a.awaiting_key
+        )
+        request_id, payment = self.draw_request(data, waiting)
+        owner = self.model.datasets[payment.dataset].owner
+        caller = data.draw(
+            st.one_of(
+                st.just(payment.researcher),
+                st.just(owner),
+                st.sampled_from(self.actors),
+            )
+        )
+        return request_id, payment, caller
+
     def requests_in(self, status: Status) -> list[int]:
         return sorted(
             a.request_id for a in self.model.access.values() if a.status is status
@@ -1019,15 +1036,9 @@ class RegistryMachine(RuleBasedStateMachine):
     def refund_download(self, data: st.DataObject) -> None:
         """Take back an undelivered download's fee: its researcher after the
         timeout (or once the grant is not live), its owner at any time."""
-        waiting = sorted(
-            a.request_id for a in self.model.access.values() if a.awaiting_key
-        )
-        request_id, payment = self.draw_request(data, waiting)
+        request_id, payment, caller = self.draw_undelivered(data)
         ds, who = payment.dataset, payment.researcher
         d = self.model.datasets[ds]
-        caller = data.draw(
-            st.one_of(st.just(who), st.just(d.owner), st.sampled_from(self.actors))
-        )
         done = self.attempt(
             self.model.refuse_refund(ds, who, request_id, caller),
             lambda: self.ledger.refund_download(request_id, sender=caller),
@@ -1047,15 +1058,8 @@ class RegistryMachine(RuleBasedStateMachine):
         """Ask for an undelivered download's fee back: the researcher only, once
         the timeout has passed (or the grant is not live); the owner keeps a grace
         period to deliver."""
-        waiting = sorted(
-            a.request_id for a in self.model.access.values() if a.awaiting_key
-        )
-        request_id, payment = self.draw_request(data, waiting)
-        ds, who = payment.dataset, payment.researcher
-        d = self.model.datasets[ds]
-        caller = data.draw(
-            st.one_of(st.just(who), st.just(d.owner), st.sampled_from(self.actors))
-        )
+        request_id, payment, caller = self.draw_undelivered(data)
+        ds = payment.dataset
         at = self.attempt(
             self.model.refuse_ask_refund(ds, request_id, caller),
             lambda: self.ledger.request_download_refund(request_id, sender=caller),

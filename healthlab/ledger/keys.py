@@ -19,6 +19,7 @@ import re
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_keys.constants import SECPK1_N
 
 from healthlab.errors import InvalidPrivateKey
 
@@ -28,7 +29,7 @@ __all__ = ["KEY_BYTES", "account_from_key", "parse_private_key"]
 KEY_BYTES = 32
 _HEX_KEY = re.compile(r"(?:0[xX])?[0-9a-fA-F]{64}")
 #: The order of secp256k1: a key is a scalar in [1, n - 1].
-_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+_ORDER = SECPK1_N
 
 
 def parse_private_key(key: object, *, source: str) -> bytes:

@@ -299,6 +299,20 @@ def _stream(
         yield piece
 
 
+def _root_block(
+    response: requests.Response, url: str, deadline: Deadline | None
+) -> bytes | None:
+    """A CID's root block from ``response``, within the fetch's deadline (None
+    when larger than :data:`MAX_ROOT_BLOCK`)."""
+    try:
+        block = _head(response, MAX_ROOT_BLOCK)
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise _unreachable(url, exc, deadline) from None
+    if deadline is not None:
+        deadline.check(url)  # cut short by the watchdog
+    return block
+
+
 def _head(response: requests.Response, limit: int) -> bytes | None:
     """The body if it has at most ``limit`` bytes, else None (read no further)."""
     data = b""
@@ -363,13 +377,7 @@ class HTTPStore(BlobStore):
                 kind = response.headers.get("Content-Type", "")
                 if response.status_code != 200 or not kind.startswith(IPLD_RAW):
                     return None  # a static host, or no such blob: the GET says
-                try:
-                    block = _head(response, MAX_ROOT_BLOCK)
-                except (urllib3.exceptions.HTTPError, OSError) as exc:
-                    raise _unreachable(url, exc, deadline) from None
-                if deadline is not None:
-                    deadline.check(url)  # cut short by the watchdog
-                return block
+                return _root_block(response, url, deadline)
 
     @contextlib.contextmanager
     def open(
@@ -532,13 +540,7 @@ class IPFSStore(BlobStore):
             except (BlobNotFound, StoreRefused):
                 return None  # `cat` says what is wrong (or is held to max_size)
             with response:
-                try:
-                    block = _head(response, MAX_ROOT_BLOCK)
-                except (urllib3.exceptions.HTTPError, OSError) as exc:
-                    raise _unreachable(url, exc, deadline) from None
-                if deadline is not None:
-                    deadline.check(url)  # cut short by the watchdog
-                return block
+                return _root_block(response, url, deadline)
 
     @contextlib.contextmanager
     def open(
