@@ -255,6 +255,12 @@ def operation_gas(ledger: Ledger) -> tuple[list[Row], dict[str, int]]:
     frank_request = ledger.request_access(
         automatic, "download, never delivered", TERMS, download=True, sender=frank
     )
+    ledger.advance_time(ledger.contract.functions.requestTimeout().call())
+    add(
+        "requestDownloadRefund",
+        "the key did not come in time: the refund asked for (one new slot)",
+        lambda: ledger.request_download_refund(frank_request, sender=frank),
+    )
     add(
         "refundDownload",
         "the owner gives up an undelivered download (researcher's first credit)",
