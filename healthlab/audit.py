@@ -65,6 +65,7 @@ from healthlab.errors import DisclosureRefused, TooFewRows
 __all__ = [
     "Atoms",
     "Auditor",
+    "covers",
     "isolable",
     "isolated",
     "isolated_atoms",
@@ -356,24 +357,54 @@ def isolated_sites(
     over ``sets`` (participant sets) would single out: ``T`` is singled out when the
     span of the sets' indicator vectors holds a non-zero vector supported on ``T``,
     i.e. ``rank(V) > rank(V without T's columns)``. ``None`` when there are too many
-    candidate sets to test (treat as unsafe)."""
+    candidate sets to test (treat as unsafe).
+
+    Every vector of the span is constant on each *atom* (the sites that are in
+    exactly the same sets), so the test runs on unions of whole atoms: the sites of a
+    1,000-site study asked twice form two or three atoms, not 1,000 columns. The
+    sets returned are those unions (every other singled-out set contains one):
+    compare two answers with :func:`covers`."""
     found: set[frozenset[str]] = set()
     listed = [frozenset(s) for s in sets]
     if need <= 1 or not listed:
         return found
     universe = sorted(frozenset().union(*listed))
-    matrix = np.array([[name in s for name in universe] for s in listed], dtype=float)
+    groups: dict[tuple[bool, ...], list[str]] = {}
+    for name in universe:
+        groups.setdefault(tuple(name in s for s in listed), []).append(name)
+    atoms = list(groups.values())
+    matrix = np.array(list(groups), dtype=float).T  # sets × atoms
     rank = _rank(matrix)
+    small = [i for i, members in enumerate(atoms) if len(members) < need]
     count = 0
-    for size in range(1, min(need, len(universe) + 1)):
-        for combo in itertools.combinations(range(len(universe)), size):
+
+    def extend(chosen: list[int], size: int, start: int) -> bool:
+        nonlocal count
+        for position in range(start, len(small)):
+            atom = small[position]
+            total = size + len(atoms[atom])
+            if total >= need:
+                continue
+            combo = [*chosen, atom]
             count += 1
             if count > MAX_CANDIDATES:
-                return None
-            rest = [i for i in range(len(universe)) if i not in combo]
+                return False
+            rest = [i for i in range(len(atoms)) if i not in combo]
             if rank > _rank(matrix[:, rest]):
-                found.add(frozenset(universe[i] for i in combo))
+                found.add(frozenset(n for i in combo for n in atoms[i]))
+            if not extend(combo, total, position + 1):
+                return False
+        return True
+
+    if not extend([], 0, 0):
+        return None
     return found
+
+
+def covers(before: set[frozenset[str]], after: set[frozenset[str]]) -> bool:
+    """Whether every set :func:`isolated_sites` found in ``after`` contains one it
+    found in ``before`` (nothing newly singled out)."""
+    return all(any(b <= a for b in before) for a in after)
 
 
 def isolable(
@@ -746,7 +777,7 @@ class Auditor:
         if not unsafe and probed:
             before = isolated_sites([*answered, *probed], need)
             after = isolated_sites([*answered, *probed, new], need)
-            unsafe = before is None or after is None or not after <= before
+            unsafe = before is None or after is None or not covers(before, after)
         if unsafe:
             known = self.site_sets_refused.setdefault(who, [])
             if new not in known:

@@ -65,6 +65,7 @@ __all__ = [
     "TooEarlyToRefund",
     "TooFewRows",
     "TooFewSites",
+    "TooManyDropouts",
     "TooManyPending",
     "TransactionFailed",
     "UnknownCodes",
@@ -190,6 +191,11 @@ class TooFewRows(DisclosureRefused):
 
 class TooFewSites(DisclosureRefused):
     """Fewer sites than the policy's minimum would take part in a pooled result."""
+
+
+class TooManyDropouts(TooFewSites):
+    """Too many sites dropped out of a masked sum for it to be recovered, or for its
+    groups to stay pooled over enough sites: nothing was released; ask again."""
 
 
 class DataRefused(InvalidInput):

@@ -264,6 +264,8 @@ class Site:
         self._content_hash = content_hash
         # a deployed site keeps one key across processes; a simulated one makes its own
         self._mask_key = mask_key or X25519PrivateKey.generate()
+        #: X25519 secrets shared with peers' public keys (static keys: computed once)
+        self._shared: dict[bytes, bytes] = {}
         self._nonces: set[tuple[str, int]] = set()
         self._state_dir = state_dir
         if units is not None and units not in self._frame.columns:
@@ -826,19 +828,26 @@ class Site:
         context: bytes,
         *,
         me: str | None = None,
+        length: int = 32,
     ) -> dict[str, bytes]:
-        """A 32-byte secret shared with every other member (X25519 + HKDF-SHA256),
-        separate per ``purpose`` (masks, message tags) and ``context``."""
+        """A ``length``-byte secret shared with every other member (X25519 +
+        HKDF-SHA256), separate per ``purpose`` (masks, message tags) and
+        ``context``."""
         me = self.name if me is None else me
         out = {}
         for peer, public in sorted(peers.items()):
             if peer == me:
                 continue
-            shared = self._mask_key.exchange(X25519PublicKey.from_public_bytes(public))
+            shared = self._shared.get(public)
+            if shared is None:  # one exchange per peer key, then HKDF per use
+                shared = self._mask_key.exchange(
+                    X25519PublicKey.from_public_bytes(public)
+                )
+                self._shared[public] = shared
             pair = "|".join(sorted((me, peer))).encode()
             out[peer] = HKDF(
                 algorithm=hashes.SHA256(),
-                length=32,
+                length=length,
                 salt=None,
                 info=purpose + b"|" + pair + b"|" + context,
             ).derive(shared)

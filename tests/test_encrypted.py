@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
 from functools import cache
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,7 +38,12 @@ from healthlab.encrypted import (
 from healthlab.encrypted import values as every_value
 from healthlab.encrypted.encoding import DIGITS, MAX_ABS, MODULUS, encode_totals
 from healthlab.encrypted.keys import WeakParameters
-from healthlab.encrypted.protocol import SiteWork, count_holders, decrypt_totals
+from healthlab.encrypted.protocol import (
+    Aggregate,
+    SiteWork,
+    decrypt_totals,
+    unmask,
+)
 from healthlab.errors import (
     DataRefused,
     DisclosureRefused,
@@ -488,8 +494,37 @@ def contribute(
     log_query(sites, query.hash, None)  # what prepare_query does before asking
     work = [SiteWork(site, query, None, compute) for site in sites]
     peers = {site.name: site.mask_public_key for site in sites}
-    count_holders(work, peers)
-    return [w.contribute(peers, public) for w in work]
+    announced = [w.announce(peers) for w in work]
+    for w in work:
+        w.count_holders(peers, announced)
+    contributions = [w.contribute(peers, public) for w in work]
+    _SESSIONS[query.hash + public.fingerprint] = (
+        work,
+        {a.site: a for a in announced},
+        contributions,
+    )
+    return contributions
+
+
+#: the sites' side of each query run by hand: (work, announcements, contributions)
+_SESSIONS: dict[str, tuple[list[SiteWork], dict[str, Any], list[Contribution]]] = {}
+
+
+def open_sum(keys: KeyHolder, aggregate: Aggregate) -> list[float]:
+    """The rest of the protocol by hand: the summed sites reveal their shares, the
+    key holder unmasks and decrypts."""
+    work, announced, sent = _SESSIONS[aggregate.query_hash + aggregate.fingerprint]
+    survivors = sorted(aggregate.sites)
+    by_site = {c.site: c for c in sent}
+    reveals = [
+        w.reveal(
+            survivors,
+            {s: by_site[s].confirms.get(w.site.name, "") for s in survivors},
+        )
+        for w in work
+        if w.site.name in survivors
+    ]
+    return decrypt_totals(keys, aggregate, unmask(aggregate, announced, reveals))
 
 
 def test_contributions_cannot_be_decrypted_by_sites_or_aggregator(
@@ -531,7 +566,7 @@ def test_single_site_digits_are_masked_and_the_sum_is_exact(
         chi2 = float(np.sum((buckets - expected) ** 2 / expected))
         assert chi2 < 60, f"top-bit buckets {buckets.tolist()} (χ²₁₅ = {chi2:.1f})"
     aggregate = Aggregator(public).add(contributions)
-    pooled = decrypt_totals(keys, aggregate)
+    pooled = open_sum(keys, aggregate)
     exact = [math.fsum(column) for column in zip(*totals.values(), strict=True)]
     assert pooled == exact, "the sum over sites decodes exactly (correctly rounded)"
 
@@ -564,8 +599,8 @@ def test_ciphertext_under_another_key_with_the_right_tag_fails_decoding(
     mixed = [*good[: 3 - forged], *relabelled[3 - forged :]]
     aggregate = Aggregator(public).add(mixed)  # tags and layout look right
     with pytest.raises(IntegrityError):
-        decrypt_totals(keys, aggregate)
-    assert decrypt_totals(keys, Aggregator(public).add(good)) == [
+        open_sum(keys, aggregate)
+    assert open_sum(keys, Aggregator(public).add(good)) == [
         math.fsum(column) for column in zip(*totals.values(), strict=True)
     ]
 
@@ -598,7 +633,7 @@ def test_key_holder_refuses_to_decrypt_a_single_site(keys: KeyHolder) -> None:
     contributions = contribute("ab", keys.public_context(), site_totals("ab"))
     single = Aggregator(keys.public_context()).add(contributions[:1])
     with pytest.raises(TooFewSites, match="at least two sites"):
-        decrypt_totals(keys, single)
+        decrypt_totals(keys, single, np.zeros(TOTALS * DIGITS, dtype=np.int64))
 
 
 def test_aggregator_rejects_a_site_contributing_twice(keys: KeyHolder) -> None:

@@ -33,6 +33,7 @@ __all__ = [
     "MAX_SITES",
     "decode_sum",
     "encode_totals",
+    "mask_stream",
     "mask_vector",
 ]
 
@@ -76,33 +77,58 @@ def encode_totals(values: Sequence[float] | np.ndarray) -> np.ndarray:
     return digits
 
 
-def mask_vector(seeds: Sequence[tuple[bytes, int]], size: int) -> np.ndarray:
-    """The sum of pairwise masks mod 2^16 for one site.
+def mask_stream(seed: bytes, size: int, modulus: int = MODULUS) -> np.ndarray:
+    """``size`` uniform values in ``[0, modulus)`` (a power of two) from SHAKE-256 of
+    ``seed``: 2 bytes a value up to 2^16, 4 beyond."""
+    width = 2 if modulus <= MODULUS else 4
+    stream = hashlib.shake_256(seed).digest(width * size)
+    values = np.frombuffer(stream, dtype="<u2" if width == 2 else "<u4")
+    return np.mod(values.astype(np.int64), modulus)
+
+
+def mask_vector(
+    seeds: Sequence[tuple[bytes, int]], size: int, modulus: int = MODULUS
+) -> np.ndarray:
+    """The sum of pairwise masks mod ``modulus`` (2^16 by default) for one site.
 
     ``seeds`` holds ``(seed, sign)`` pairs: +1 when this site adds the pair's stream,
     -1 when it subtracts it (the other site of the pair does the opposite), so the
-    masks of all sites cancel modulo 2^16. The stream is SHAKE-256 of the seed.
+    masks of all sites cancel modulo the modulus. The stream is SHAKE-256 of the seed.
     """
     total = np.zeros(size, dtype=np.int64)
     for seed, sign in seeds:
-        stream = hashlib.shake_256(seed).digest(2 * size)
-        total += sign * np.frombuffer(stream, dtype="<u2").astype(np.int64)
-    return np.mod(total, MODULUS)
+        total += sign * mask_stream(seed, size, modulus)
+    return np.mod(total, modulus)
 
 
-def mask_digits(digits: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Masked digits: uniform in [0, 2^16) to anyone without all other sites' masks."""
-    return np.asarray(np.mod(digits + mask, MODULUS), dtype=np.int64)
+def mask_digits(
+    digits: np.ndarray, mask: np.ndarray, modulus: int = MODULUS
+) -> np.ndarray:
+    """Masked digits: uniform in [0, modulus) to anyone without the other masks."""
+    return np.asarray(np.mod(digits + mask, modulus), dtype=np.int64)
 
 
-def decode_sum(slots: np.ndarray, n_totals: int, n_sites: int) -> list[float]:
+def decode_sum(
+    slots: np.ndarray,
+    n_totals: int,
+    n_sites: int,
+    *,
+    modulus: int = MODULUS,
+    correction: np.ndarray | None = None,
+) -> list[float]:
     """Rebuild ``n_totals`` sums across ``n_sites`` from decrypted slot values.
 
-    Every used slot must be near an integer in ``[0, n_sites · 2^16)`` and every unused
-    slot near 0; otherwise :class:`IntegrityError` (another key, overflow, tampering).
+    Every used slot must be near an integer in ``[0, n_sites · modulus)`` and every
+    unused slot near 0; otherwise :class:`IntegrityError` (another key, overflow,
+    tampering). ``correction`` (mod ``modulus``) is subtracted first: the masks that
+    did not cancel (a self mask, a dropped site's pairwise masks); the digit sums
+    left must then be sums of ``n_sites`` digits.
     """
-    if not 1 <= n_sites <= MAX_SITES:
-        raise InvalidInput(f"between 1 and {MAX_SITES} sites can be summed exactly")
+    if n_sites < 1 or n_sites * ((1 << DIGIT_BITS) - 1) >= modulus:
+        raise InvalidInput(
+            f"{n_sites} site(s) cannot be summed exactly under a mask modulus of "
+            f"2^{modulus.bit_length() - 1} (healthlab.encrypted.secagg.modulus)"
+        )
     used = n_totals * DIGITS
     rounded = np.rint(slots)
     if np.abs(slots - rounded).max(initial=0.0) > _TOLERANCE:
@@ -113,9 +139,18 @@ def decode_sum(slots: np.ndarray, n_totals: int, n_sites: int) -> list[float]:
     body, rest = rounded[:used], rounded[used:]
     if rest.size and np.abs(rest).max() > 0:
         raise IntegrityError("unused slots of the aggregate are not zero: tampering?")
-    if body.size and (body.min() < 0 or body.max() >= n_sites * MODULUS):
+    if body.size and (body.min() < 0 or body.max() >= n_sites * modulus):
         raise IntegrityError("an aggregate slot is out of range: tampering or overflow")
-    digit_sums = np.mod(body.astype(np.int64), MODULUS)
+    digit_sums = np.mod(body.astype(np.int64), modulus)
+    if correction is not None:
+        digit_sums = np.mod(
+            digit_sums - np.asarray(correction[:used], np.int64), modulus
+        )
+        if digit_sums.size and digit_sums.max() > n_sites * ((1 << DIGIT_BITS) - 1):
+            raise IntegrityError(
+                "the unmasked aggregate is not a sum of digits: a contribution or a "
+                "revealed share was tampered with"
+            )
     totals = []
     scale = 1 << FRACTION_BITS
     for i in range(n_totals):

@@ -24,22 +24,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import functools
 import hashlib
 import hmac
 import json
 import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
 import tenseal as ts
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from healthlab.dp import gaussian_noise, moments_scales
+from healthlab.encrypted import secagg
 from healthlab.encrypted.encoding import (
     DIGITS,
-    MAX_SITES,
     MODULUS,
     decode_sum,
     encode_totals,
@@ -54,6 +60,7 @@ from healthlab.errors import (
     HealthLabError,
     InvalidInput,
     TooFewSites,
+    TooManyDropouts,
 )
 from healthlab.site_data import at_site
 from healthlab.sites import LEFT_OUT, Site, log_query
@@ -67,15 +74,19 @@ __all__ = [
     "Block",
     "Check",
     "Contribution",
+    "DroppedOut",
     "HolderFlags",
     "PreparedQuery",
     "Query",
+    "Relay",
+    "Reveal",
     "SiteWork",
     "StudyRun",
     "count_holders",
     "prepare_query",
     "run_query",
     "sign_query",
+    "using_relay",
 ]
 
 
@@ -162,9 +173,10 @@ class Query:
         """JSON-ready form (for hashing and receipts)."""
         return json.loads(json.dumps(asdict(self), default=_json_default))  # type: ignore[no-any-return]
 
-    @property
+    @functools.cached_property
     def hash(self) -> str:
-        """``0x`` + sha256 of the canonical JSON of the query."""
+        """``0x`` + sha256 of the canonical JSON of the query (computed once: the
+        query is frozen)."""
         canonical = json.dumps(self.as_dict(), sort_keys=True, separators=(",", ":"))
         return "0x" + hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -178,6 +190,11 @@ class Contribution:
     fingerprint: str
     n_totals: int
     ciphertexts: tuple[bytes, ...] = field(repr=False)
+    #: the mask modulus of the query's sum (:func:`secagg.modulus` of its sites)
+    modulus: int = MODULUS
+    #: per neighbour, an HMAC of the holder announcements this site counted
+    #: (checked by each neighbour before it reveals any share)
+    confirms: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def nbytes(self) -> int:
@@ -194,6 +211,7 @@ class Aggregate:
     n_totals: int
     sites: tuple[str, ...]
     ciphertexts: tuple[bytes, ...] = field(repr=False)
+    modulus: int = MODULUS
 
 
 class SiteWork:
@@ -294,6 +312,15 @@ class SiteWork:
             values = np.clip(values, -_CHECK_LIMIT, _CHECK_LIMIT)
             self.__flags += [int(d) for d in _encode(site.name, list(values))]
         self.missing_withheld = False
+        self._graph: dict[str, tuple[str, ...]] = {}
+        self._modulus = MODULUS
+        self._threshold = 0
+        self._contributed = False
+        self._listed = b""
+        self._held: dict[str, np.ndarray] = {}
+        self._announced: dict[str, HolderFlags] = {}
+        self._peer_keys: dict[str, bytes] = {}
+        self._pair: dict[str, _PairKeys] = {}
         self._peers: dict[str, bytes] | None = None
         self.holders: list[int] | None = None
         self.suppressed: list[int] = []
@@ -307,21 +334,74 @@ class SiteWork:
     def _context(self, purpose: bytes) -> bytes:
         return bytes.fromhex(self.query.hash[2:]) + b"|" + purpose
 
+    def _near(self, peers: Mapping[str, bytes]) -> dict[str, bytes]:
+        """This site and its neighbours in the query's mask graph, with their keys."""
+        me = self.site.name
+        return {p: peers[p] for p in (*self._graph[me], me)}
+
     def announce(self, peers: Mapping[str, bytes]) -> HolderFlags:
         """This site's masked 0/1 flags — holds rows for the query, for each block —
-        tagged for every peer (its pairwise tag key), for the holder count."""
+        and the public half of its masks for this query, tagged for each neighbour
+        in the mask graph (their pairwise tag key); with its two fresh mask seeds
+        split among the neighbours (:mod:`~healthlab.encrypted.secagg`), each share
+        sealed to its holder."""
         self._check_peers(peers)
+        me = self.site.name
+        self._graph = secagg.neighbours(list(peers), self._context(b"graph"))
+        self._modulus = secagg.modulus(len(peers))
+        near = self._graph[me]
+        around = self._near(peers)
+        # one HKDF per neighbour: this query's holder-mask seed, tag, share-box and
+        # confirmation keys with it
+        derived = self.site.pairwise_keys(
+            around, b"healthlab-query-keys", self._context(b"pairs"), length=128
+        )
+        self._pair = {
+            v: _PairKeys(k[:32], k[32:64], k[64:96], k[96:]) for v, k in derived.items()
+        }
         flags = np.asarray(self.__flags, dtype=np.int64)
-        seeds = self.site.pairwise_seeds(peers, self._context(b"holders"))
+        seeds = [(self._pair[v].mask, 1 if me < v else -1) for v in near]
         masked = tuple(
-            int(v) for v in mask_digits(flags, mask_vector(seeds, flags.size))
+            int(v)
+            for v in mask_digits(
+                flags, mask_vector(seeds, flags.size, self._modulus), self._modulus
+            )
         )
-        keys = self.site.pairwise_keys(
-            peers, b"healthlab-holders-tag", self._context(b"holders")
+        # this query's own mask seeds: a self mask, and an X25519 key for the
+        # pairwise masks; both split among the neighbours, any `t` rebuild them
+        self.__self_seed = secrets.token_bytes(secagg.SECRET_BYTES)
+        key_seed = secrets.token_bytes(secagg.SECRET_BYTES)
+        self.__ephemeral = secagg.ephemeral_key(key_seed, self._context(b"ephemeral"))
+        ephemeral = self.__ephemeral.public_key().public_bytes(
+            Encoding.Raw, PublicFormat.Raw
         )
-        body = _holder_body(self.site.name, self.query.hash, masked)
-        tags = {p: hmac.new(k, body, "sha256").hexdigest() for p, k in keys.items()}
-        return HolderFlags(self.site.name, self.query.hash, masked, tags)
+        self._threshold = secagg.threshold(len(near), self.untrusted)
+        sealed: dict[str, bytes] = {}
+        if near:
+            shares = secagg.split(
+                self.__self_seed + key_seed, self._threshold, range(1, len(near) + 1)
+            )
+            sealed = {
+                v: _seal(self._pair[v].box, self.query.hash, me, v, shares[i])
+                for i, v in enumerate(near)
+            }
+        announced = HolderFlags(
+            me,
+            self.query.hash,
+            masked,
+            {},
+            participant=self.site.participant,
+            ephemeral=ephemeral,
+            threshold=self._threshold,
+            commitment=secagg.commitment(self.__self_seed, self._context(b"self")),
+            shares=sealed,
+        )
+        body = announced.body
+        tags = {
+            v: hmac.new(k.tag, body, "sha256").hexdigest()
+            for v, k in self._pair.items()
+        }
+        return replace(announced, tags=tags)
 
     def count_holders(
         self, peers: Mapping[str, bytes], announced: Sequence[HolderFlags]
@@ -336,28 +416,41 @@ class SiteWork:
         """
         self._check_peers(peers)
         me = self.site.name
+        if not self._graph:
+            raise IntegrityError(f"site {me}: announce this site's flags first")
+        near = set(self._graph[me])
         by_site = {a.site: a for a in announced}
         if set(by_site) != set(peers) or len(announced) != len(peers):
             raise IntegrityError(
                 f"site {me}: the holder count needs one announcement from every site "
                 "taking part, and only from them"
             )
-        keys = self.site.pairwise_keys(
-            peers, b"healthlab-holders-tag", self._context(b"holders")
-        )
-        total = np.zeros(len(self.__flags), dtype=np.int64)
-        for name, flags in by_site.items():
-            if flags.query_hash != self.query.hash or len(flags.masked) != total.size:
+        size = len(self.__flags)
+        for name in sorted(by_site):
+            flags = by_site[name]
+            if flags.query_hash != self.query.hash or len(flags.masked) != size:
                 raise IntegrityError(f"site {me}: {name} announced for another query")
-            if name != me:
-                body = _holder_body(name, self.query.hash, flags.masked)
-                expected = hmac.new(keys[name], body, "sha256").hexdigest()
+            # a neighbour's announcement is checked here; every other one by its
+            # own neighbours, who confirm (with their contributions) the same list
+            if name in near:
+                expected = hmac.new(
+                    self._pair[name].tag, flags.body, "sha256"
+                ).hexdigest()
                 if not hmac.compare_digest(expected, flags.tags.get(me, "")):
                     raise IntegrityError(
                         f"site {me}: the holder flags from {name} do not carry its tag"
                     )
-            total += np.asarray(flags.masked, dtype=np.int64)
-        summed = np.mod(total, MODULUS)
+        own = by_site.get(me)
+        if own is None or own.body != self._own_body(own):
+            raise IntegrityError(f"site {me}: its own announcement was altered")
+        self._listed = hashlib.sha256(
+            b"".join(by_site[n].body for n in sorted(by_site))
+        ).digest()
+        total = np.sum(
+            np.array([by_site[n].masked for n in sorted(by_site)], dtype=np.int64),
+            axis=0,
+        )
+        summed = np.mod(total, self._modulus)
         counts = [int(c) for c in summed[: self._n_flags]]
         if any(c > len(peers) for c in counts):
             raise IntegrityError(
@@ -396,6 +489,8 @@ class SiteWork:
             protected,
             researcher=self.researcher,
         )
+        self._held = self._open_shares(by_site)
+        self._announced = by_site
         self._peers = dict(peers)
         self.holders = counts
         if self._check is not None and self._check.on_pass is not None:
@@ -410,7 +505,13 @@ class SiteWork:
         size = len(check.values)
         try:
             pooled = np.asarray(
-                decode_sum(digit_sums.astype(np.float64), size, n_sites), dtype=float
+                decode_sum(
+                    digit_sums.astype(np.float64),
+                    size,
+                    n_sites,
+                    modulus=self._modulus,
+                ),
+                dtype=float,
             )
         except (IntegrityError, InvalidInput):
             pooled = np.full(size, np.inf)
@@ -421,6 +522,40 @@ class SiteWork:
             if check.on_fail is not None:
                 check.on_fail(broken)
             raise DisclosureRefused(f"site {self.site.name}: {'; '.join(broken)}")
+
+    def _own_body(self, own: HolderFlags) -> bytes:
+        """What this site announced (the server may not change it)."""
+        return HolderFlags(
+            own.site,
+            self.query.hash,
+            own.masked,
+            {},
+            participant=self.site.participant,
+            ephemeral=self.__ephemeral.public_key().public_bytes(
+                Encoding.Raw, PublicFormat.Raw
+            ),
+            threshold=self._threshold,
+            commitment=secagg.commitment(self.__self_seed, self._context(b"self")),
+        ).body
+
+    def _open_shares(self, by_site: Mapping[str, HolderFlags]) -> dict[str, np.ndarray]:
+        """The shares of each neighbour's mask seeds sealed to this site."""
+        me = self.site.name
+        held = {}
+        for v in self._graph[me]:
+            box = by_site[v].shares.get(me)
+            share = (
+                None
+                if box is None
+                else _open(self._pair[v].box, self.query.hash, v, me, box)
+            )
+            if share is None:
+                raise IntegrityError(
+                    f"site {me}: the shares of {v}'s mask seeds meant for it are "
+                    "missing or altered"
+                )
+            held[v] = share
+        return held
 
     def _protected(self) -> list[np.ndarray]:
         """The row sets this answer withholds: suppressed blocks, and the rows left
@@ -443,6 +578,10 @@ class SiteWork:
         }
 
     def _check_peers(self, peers: Mapping[str, bytes]) -> None:
+        self._peer_keys = dict(peers)
+        self._check_peers_match(peers)
+
+    def _check_peers_match(self, peers: Mapping[str, bytes]) -> None:
         if self.site.name not in peers or len(peers) != len(self.query.participants):
             raise IntegrityError(
                 f"site {self.site.name}: the sites taking part are not the sites "
@@ -473,15 +612,31 @@ class SiteWork:
         if self._budget is not None:  # counted before anything leaves the site
             self.site.record_privacy(self.researcher, self._budget.noise_multiplier)
         digits = _encode(self.site.name, totals)
-        seeds = self.site.pairwise_seeds(peers, bytes.fromhex(self.query.hash[2:]))
-        masked = mask_digits(digits, mask_vector(seeds, digits.size))
-        context = public.load()
+        me = self.site.name
+        context = bytes.fromhex(self.query.hash[2:])
+        seeds = []
+        for v in self._graph[me]:  # pairwise masks, from this query's own keys
+            peer = X25519PublicKey.from_public_bytes(self._announced[v].ephemeral)
+            shared = self.__ephemeral.exchange(peer)
+            seeds.append(
+                (secagg.pair_seed(shared, me, v, context), 1 if me < v else -1)
+            )
+        mask = mask_vector(seeds, digits.size, self._modulus) + secagg.self_mask(
+            self.__self_seed, digits.size, self._modulus, self._context(b"self")
+        )
+        masked = mask_digits(digits, mask, self._modulus)
+        loaded = public.load()
         slots = public.params.slots
         chunks = [masked[i : i + slots] for i in range(0, masked.size, slots)]
         ciphertexts = tuple(
-            ts.ckks_vector(context, chunk.astype(np.float64)).serialize()
+            ts.ckks_vector(loaded, chunk.astype(np.float64)).serialize()
             for chunk in chunks
         )
+        confirms = {
+            v: hmac.new(k.confirm, self._listed, "sha256").hexdigest()
+            for v, k in self._pair.items()
+        }
+        self._contributed = True
         self.site.remember(
             self._released(),
             query_hash=self.query.hash,
@@ -496,7 +651,91 @@ class SiteWork:
             public.fingerprint,
             self.query.n_totals,
             ciphertexts,
+            modulus=self._modulus,
+            confirms=confirms,
         )
+
+    def reveal(self, survivors: Sequence[str], confirms: Mapping[str, str]) -> Reveal:
+        """Once the contributions are in: check the sum over ``survivors`` (the
+        sites the server says contributed) is one this site may release, and reveal,
+        for each neighbour, a share of its self-mask seed if it is among them, else
+        a share of its pairwise-mask key — never both.
+
+        Refused (nothing revealed) when a neighbour among the survivors did not
+        confirm the holder announcements this site counted (the server showed the
+        sites different ones), when fewer neighbours than the threshold survived
+        (a server declaring them dropped could else unmask this site), when so many
+        sites dropped that a released group could come from fewer than the pooling
+        minimum, or when the survivors' set fails the site-set audit.
+        """
+        me = self.site.name
+        if not self._contributed or self.holders is None:
+            raise IntegrityError(f"site {me}: contribute to this query first")
+        alive = set(survivors)
+        members = set(self._peer_keys)
+        if me not in alive or not alive <= members or len(alive) != len(survivors):
+            raise IntegrityError(
+                f"site {me}: the survivors named are not sites of this query"
+            )
+        near = self._graph[me]
+        for v in near:
+            if v not in alive:
+                continue
+            expected = hmac.new(
+                self._pair[v].confirm, self._listed, "sha256"
+            ).hexdigest()
+            if not hmac.compare_digest(expected, confirms.get(v, "")):
+                raise IntegrityError(
+                    f"site {me}: {v} did not confirm the holder announcements this "
+                    "site counted (were the sites shown different ones?)"
+                )
+        kept = sum(v in alive for v in near)
+        if kept < self._threshold:
+            raise TooManyDropouts(
+                f"site {me}: only {kept} of its {len(near)} neighbours in the mask "
+                f"graph contributed; revealing needs {self._threshold}; ask again"
+            )
+        dropped = len(members) - len(alive)
+        if dropped:
+            self._check_survivors(alive, dropped)
+        shares = {}
+        for v in near:
+            row = self._held[v]
+            if v in alive:  # its contribution is in the sum: its self mask goes
+                shares[v] = ("self", row[: secagg.LIMBS])
+            else:  # it dropped: the pairwise masks it left behind go
+                shares[v] = ("key", row[secagg.LIMBS :])
+        return Reveal(me, self.query.hash, shares)
+
+    def _check_survivors(self, alive: set[str], dropped: int) -> None:
+        """The disclosure rules again, on the sites whose contributions are summed."""
+        me = self.site.name
+        assert self.holders is not None
+        need = self.need + self.untrusted
+        counts = self.holders
+        released = [counts[0]] + [
+            c for i, c in enumerate(counts[1:-1]) if i not in self.suppressed and c > 0
+        ]
+        if counts[-1] > 0 and not self.missing_withheld:
+            released.append(counts[-1])
+        if min(released) - dropped < need:
+            raise TooManyDropouts(
+                f"site {me}: {dropped} site(s) dropped out; a part of the answer "
+                f"held by the fewest sites could then be pooled over fewer than "
+                f"{need}; ask again"
+            )
+        participants = sorted(self._announced[n].participant for n in alive)
+        _, audited = at_site(
+            me,
+            f"the {self.query.kind} query",
+            query_columns(self.query),
+            self.site.check_participants,
+            self.query.hash,
+            participants,
+            researcher=self.researcher,
+            need=self.need,
+        )
+        self.site.auditor.record_sites(self.researcher, audited)
 
 
 @dataclass(frozen=True)
@@ -509,10 +748,97 @@ class HolderFlags:
     query_hash: str
     masked: tuple[int, ...]
     tags: Mapping[str, str] = field(repr=False)
+    #: how the site is named in the query's participant set
+    participant: str = ""
+    #: the X25519 public key of its pairwise masks for this query
+    ephemeral: bytes = field(default=b"", repr=False)
+    #: shares that rebuild its mask seeds
+    threshold: int = 0
+    #: sha256 commitment to its self-mask seed
+    commitment: str = field(default="", repr=False)
+    #: its mask seeds' shares, each sealed to the neighbour that holds it
+    shares: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+
+    @functools.cached_property
+    def body(self) -> bytes:
+        """What the tags and the neighbours' confirmations cover."""
+        return _holder_body(
+            self.site,
+            self.query_hash,
+            self.masked,
+            self.participant,
+            self.ephemeral,
+            self.threshold,
+            self.commitment,
+        )
 
 
-def _holder_body(site: str, query_hash: str, masked: Sequence[int]) -> bytes:
-    return json.dumps([site, query_hash, list(masked)]).encode()
+def _holder_body(
+    site: str,
+    query_hash: str,
+    masked: Sequence[int],
+    participant: str = "",
+    ephemeral: bytes = b"",
+    threshold: int = 0,
+    commitment: str = "",
+) -> bytes:
+    return json.dumps(
+        [
+            site,
+            query_hash,
+            list(masked),
+            participant,
+            ephemeral.hex(),
+            threshold,
+            commitment,
+        ]
+    ).encode()
+
+
+@dataclass(frozen=True)
+class _PairKeys:
+    """What a site shares with one neighbour for one query (one HKDF output)."""
+
+    mask: bytes  # the seed of the holder flags' pairwise mask
+    tag: bytes  # the holder announcement's HMAC key
+    box: bytes  # the AES-GCM key of the mask seeds' shares
+    confirm: bytes  # the HMAC key of the confirmation of the announcements
+
+
+@dataclass(frozen=True)
+class Reveal:
+    """One surviving site's shares for the key holder: per neighbour, a share of
+    its self-mask seed (``"self"``: it contributed) or of its pairwise-mask key
+    (``"key"``: it dropped out)."""
+
+    site: str
+    query_hash: str
+    shares: Mapping[str, tuple[str, np.ndarray]] = field(repr=False)
+
+
+def _seal(
+    key: bytes, query_hash: str, sender: str, receiver: str, share: np.ndarray
+) -> bytes:
+    """A share for one neighbour, under the pair's key (AES-GCM; one message per
+    direction and query, so the nonce names the direction)."""
+    nonce = hashlib.sha256(f"{sender}>{receiver}".encode()).digest()[:12]
+    aad = f"{query_hash}|{sender}>{receiver}".encode()
+    return AESGCM(key).encrypt(nonce, np.asarray(share, dtype="<u4").tobytes(), aad)
+
+
+def _open(
+    key: bytes, query_hash: str, sender: str, receiver: str, box: bytes
+) -> np.ndarray | None:
+    nonce = hashlib.sha256(f"{sender}>{receiver}".encode()).digest()[:12]
+    aad = f"{query_hash}|{sender}>{receiver}".encode()
+    try:
+        plain = AESGCM(key).decrypt(nonce, box, aad)
+    except Exception:
+        return None
+    share = np.frombuffer(plain, dtype="<u4").astype(np.int64)
+    if share.size != 2 * secagg.LIMBS or share.max(initial=0) >= secagg.PRIME:
+        return None
+    return share
 
 
 def count_holders(work: Sequence[SiteWork], peers: Mapping[str, bytes]) -> list[int]:
@@ -598,18 +924,21 @@ class Aggregator:
         names = [c.site for c in contributions]
         if len(set(names)) != len(names):
             raise IntegrityError(f"a site contributed twice: {names}")
-        if len(contributions) > MAX_SITES:
-            raise InvalidInput(f"at most {MAX_SITES} sites can be summed exactly")
+        if len(contributions) > secagg.MAX_SITES:
+            raise InvalidInput(
+                f"at most {secagg.MAX_SITES} sites can be summed exactly"
+            )
         for c in contributions:
             if c.fingerprint != self.public.fingerprint:
                 raise IntegrityError(
                     f"site {c.site} encrypted under another public key "
                     f"({c.fingerprint[:19]}…); it must use the study's public context"
                 )
-            if (c.query_hash, c.n_totals, len(c.ciphertexts)) != (
+            if (c.query_hash, c.n_totals, len(c.ciphertexts), c.modulus) != (
                 first.query_hash,
                 first.n_totals,
                 len(first.ciphertexts),
+                first.modulus,
             ):
                 raise IntegrityError(f"site {c.site} answered another query or layout")
         sums = []
@@ -632,11 +961,93 @@ class Aggregator:
             first.n_totals,
             tuple(names),
             tuple(sums),
+            modulus=first.modulus,
         )
 
 
-def decrypt_totals(keys: KeyHolder, aggregate: Aggregate) -> list[float]:
-    """Decrypt an aggregate across at least two sites and rebuild the exact sums."""
+def unmask(
+    aggregate: Aggregate,
+    announced: Mapping[str, HolderFlags],
+    reveals: Sequence[Reveal],
+) -> np.ndarray:
+    """The masks that do not cancel in ``aggregate`` (mod its modulus), rebuilt by
+    the key holder from the survivors' revealed shares: every summed site's self
+    mask, and the pairwise masks each dropped site shared with summed ones.
+
+    Raises :class:`~healthlab.errors.TooManyDropouts` when too few shares of a
+    seed came back, and :class:`IntegrityError` when a rebuilt seed does not match
+    what its site announced (a wrong share)."""
+    members = sorted(announced)
+    summed = set(aggregate.sites)
+    query_hash = aggregate.query_hash
+    context = bytes.fromhex(query_hash[2:])
+
+    def labelled(purpose: bytes) -> bytes:
+        return context + b"|" + purpose
+
+    graph = secagg.neighbours(members, labelled(b"graph"))
+    size = aggregate.n_totals * DIGITS
+    modulus = aggregate.modulus
+    position = {v: {u: i + 1 for i, u in enumerate(near)} for v, near in graph.items()}
+    got: dict[tuple[str, str], list[tuple[int, np.ndarray]]] = {}
+    for r in reveals:
+        if r.query_hash != query_hash:
+            raise IntegrityError(f"{r.site} revealed shares of another query")
+        for v, (kind, share) in r.shares.items():
+            x = position.get(v, {}).get(r.site)
+            if x is None:
+                raise IntegrityError(f"{r.site} revealed a share it cannot hold")
+            got.setdefault((v, kind), []).append((x, np.asarray(share)))
+
+    def rebuild(site: str, kind: str) -> bytes:
+        shares = got.get((site, kind), [])
+        t = announced[site].threshold
+        if len(shares) < t:
+            raise TooManyDropouts(
+                f"only {len(shares)} share(s) of {site}'s mask seed came back, "
+                f"{t} needed: too many sites dropped out; nothing is released, ask "
+                "again"
+            )
+        try:
+            return secagg.combine(shares, t)
+        except ValueError:
+            raise IntegrityError(
+                f"the shares of {site}'s mask seed do not agree"
+            ) from None
+
+    correction = np.zeros(size, dtype=np.int64)
+    for w in sorted(summed):
+        seed = rebuild(w, "self")
+        if secagg.commitment(seed, labelled(b"self")) != announced[w].commitment:
+            raise IntegrityError(f"a share of {w}'s self-mask seed is wrong")
+        correction += secagg.self_mask(seed, size, modulus, labelled(b"self"))
+    for w in members:
+        if w in summed:
+            continue
+        left = [u for u in graph[w] if u in summed]
+        if not left:
+            continue
+        key = secagg.ephemeral_key(rebuild(w, "key"), labelled(b"ephemeral"))
+        public = key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        if public != announced[w].ephemeral:
+            raise IntegrityError(f"a share of {w}'s mask key is wrong")
+        for u in left:
+            shared = key.exchange(
+                X25519PublicKey.from_public_bytes(announced[u].ephemeral)
+            )
+            seed = secagg.pair_seed(shared, u, w, context)
+            sign = 1 if u < w else -1  # the sign u gave the pair's stream
+            correction += sign * mask_vector([(seed, 1)], size, modulus)
+    return np.mod(correction, modulus)
+
+
+def decrypt_totals(
+    keys: KeyHolder,
+    aggregate: Aggregate,
+    correction: np.ndarray,
+) -> list[float]:
+    """Decrypt an aggregate across at least two sites and rebuild the exact sums
+    (``correction``: the masks that do not cancel, from :func:`unmask`)."""
     if len(aggregate.sites) < 2:
         raise TooFewSites("the key holder decrypts only sums across at least two sites")
     slots = [
@@ -648,7 +1059,13 @@ def decrypt_totals(keys: KeyHolder, aggregate: Aggregate) -> list[float]:
     capacity = keys.params.slots * len(slots)
     if used > capacity:
         raise IntegrityError("the aggregate is shorter than its layout")
-    return decode_sum(flat, aggregate.n_totals, len(aggregate.sites))
+    return decode_sum(
+        flat,
+        aggregate.n_totals,
+        len(aggregate.sites),
+        modulus=aggregate.modulus,
+        correction=correction,
+    )
 
 
 @dataclass
@@ -672,6 +1089,8 @@ class StudyRun:
     #: Standard deviation of the Gaussian noise each site under a DP budget added
     #: to each of its totals (sites without a budget are not listed).
     noise_sd: dict[str, list[float]] = field(default_factory=dict)
+    #: Sites that dropped out of the masked sum (their rows are not in it).
+    dropped: list[str] = field(default_factory=list)
 
 
 def run_query(
@@ -688,9 +1107,25 @@ def run_query(
     ``on_refusal="raise"`` (default) stops when any site refuses, naming every
     reason; ``"skip"`` goes on without the refusing sites as long as enough remain.
     """
-    return prepare_query(
-        sites, query, compute, keys=keys, researcher=researcher, on_refusal=on_refusal
-    ).finish(keys)
+    asked = list(sites)
+    dropped: list[str] = []
+    while True:
+        prepared = prepare_query(
+            asked,
+            query,
+            compute,
+            keys=keys,
+            researcher=researcher,
+            on_refusal=on_refusal,
+        )
+        try:
+            run = prepared.finish(keys)
+        except DroppedOut as exc:  # nothing was sent: ask the others anew
+            dropped += exc.sites
+            asked = [s for s in asked if s.name not in exc.sites]
+            continue
+        run.dropped = sorted({*dropped, *run.dropped})
+        return run
 
 
 def prepare_query(
@@ -758,6 +1193,73 @@ def prepare_query(
         asked = [w.site for w in work]
 
 
+class DroppedOut(HealthLabError):
+    """Sites went offline before the masks were set: nothing was sent; the query is
+    asked again of the others (:func:`run_query`)."""
+
+    def __init__(self, sites: Sequence[str]) -> None:
+        super().__init__(
+            f"{len(sites)} site(s) dropped out before the masks were set; ask again "
+            "without them"
+        )
+        self.sites = list(sites)
+
+
+class Relay:
+    """The server's part of one query in this process: it carries every message
+    between the sites and to the key holder, and decides nothing.
+
+    The default delivers everything. A subclass models a real network or an
+    attacking server: sites that go offline at a step (:meth:`drops`), messages
+    dropped, altered or shown differently to different sites. The sites' checks,
+    not the relay, make the result right.
+    """
+
+    def drops(self, step: str) -> set[str]:
+        """Sites that go offline at ``step``: ``"announce"`` (before the masks are
+        set), ``"contribute"`` (masks set, no contribution) or ``"reveal"``
+        (contributed, reveals no share)."""
+        return set()
+
+    def announcements(
+        self, site: str, announced: list[HolderFlags]
+    ) -> list[HolderFlags]:
+        """The holder announcements ``site`` receives."""
+        return announced
+
+    def contributions(self, received: list[Contribution]) -> list[Contribution]:
+        """The contributions the server sums (the survivors are their sites)."""
+        return received
+
+    def survivors(self, site: str, survivors: list[str]) -> list[str]:
+        """The survivors ``site`` is told of."""
+        return survivors
+
+    def confirms(self, site: str, confirms: dict[str, str]) -> dict[str, str]:
+        """The survivors' confirmations ``site`` receives (sender -> its tag)."""
+        return confirms
+
+    def reveals(self, received: list[Reveal]) -> list[Reveal]:
+        """The revealed shares the key holder receives."""
+        return received
+
+
+_RELAY: contextvars.ContextVar[Relay | None] = contextvars.ContextVar(
+    "healthlab_relay", default=None
+)
+
+
+@contextlib.contextmanager
+def using_relay(relay: Relay) -> Iterator[Relay]:
+    """Run the queries inside the ``with`` block through ``relay`` (a simulated
+    network: dropouts, an attacking server)."""
+    token = _RELAY.set(relay)
+    try:
+        yield relay
+    finally:
+        _RELAY.reset(token)
+
+
 @dataclass
 class PreparedQuery:
     """A query every participating site has authorized and checked."""
@@ -772,24 +1274,66 @@ class PreparedQuery:
         """The participating sites."""
         return [w.site for w in self.work]
 
-    def finish(self, keys: KeyHolder) -> StudyRun:
-        """Steps 3–5: contribute, aggregate, decrypt the pooled totals."""
+    def finish(self, keys: KeyHolder, relay: Relay | None = None) -> StudyRun:
+        """Steps 3–5: announce, contribute, reveal, aggregate, decrypt the pooled
+        totals — every message carried by ``relay`` (default: the one set by
+        :func:`using_relay`, else one that delivers everything).
+
+        A site that drops out before every announcement is in raises
+        :class:`DroppedOut` (nothing was sent: ask again without it); one that drops
+        later is recovered from its neighbours' shares (:mod:`secagg`)."""
+        relay = relay or _RELAY.get() or Relay()
         public = keys.public_context()
         peers = {w.site.name: w.site.mask_public_key for w in self.work}
-        holders = count_holders(self.work, peers)
-        contributions = [w.contribute(peers, public) for w in self.work]
-        aggregate = Aggregator(public).add(contributions)
-        totals = decrypt_totals(keys, aggregate)
+        gone = relay.drops("announce") & set(peers)
+        announced = [w.announce(peers) for w in self.work if w.site.name not in gone]
+        if gone:
+            raise DroppedOut(sorted(gone))
+        holders: list[int] = []
+        for w in self.work:
+            holders = w.count_holders(
+                peers, relay.announcements(w.site.name, announced)
+            )
+        gone |= relay.drops("contribute")
+        sent = [
+            w.contribute(peers, public) for w in self.work if w.site.name not in gone
+        ]
+        kept = relay.contributions(sent)
+        survivors = sorted(c.site for c in kept)
+        dropped = sorted(set(peers) - set(survivors))
+        if dropped:  # the released set is logged before any site reveals
+            alive = [w.site for w in self.work if w.site.name in survivors]
+            log_query(
+                alive, self.query.hash, self.signed.researcher if self.signed else None
+            )
+        gone |= relay.drops("reveal")
+        reveals = [
+            w.reveal(
+                relay.survivors(w.site.name, survivors),
+                relay.confirms(
+                    w.site.name, {c.site: c.confirms.get(w.site.name, "") for c in kept}
+                ),
+            )
+            for w in self.work
+            if w.site.name in survivors and w.site.name not in gone
+        ]
+        aggregate = Aggregator(public).add(kept)
+        correction = unmask(
+            aggregate, {a.site: a for a in announced}, relay.reveals(reveals)
+        )
+        totals = decrypt_totals(keys, aggregate, correction)
+        first = next(w for w in self.work if w.site.name in survivors)
         return StudyRun(
             query=self.query,
             totals=totals,
-            sites=self.sites,
+            sites=[w.site for w in self.work if w.site.name in survivors],
+            dropped=dropped,
             refused=self.refused,
             signed=self.signed,
-            upload_bytes={c.site: c.nbytes for c in contributions},
+            upload_bytes={c.site: c.nbytes for c in kept},
             holders=holders,
-            suppressed=list(self.work[0].suppressed),
-            missing_withheld=self.work[0].missing_withheld,
+            suppressed=list(first.suppressed),
+            missing_withheld=first.missing_withheld,
             noise_sd={
                 w.site.name: w.noise_sd.tolist()
                 for w in self.work
