@@ -643,7 +643,6 @@ class SiteWork:
             kind=self.query.kind,
             researcher=self.researcher,
             protected=self._protected(),
-            participants=self._audited_set,
         )
         return Contribution(
             self.site.name,
@@ -696,8 +695,10 @@ class SiteWork:
                 f"graph contributed; revealing needs {self._threshold}; ask again"
             )
         dropped = len(members) - len(alive)
-        if dropped:
-            self._check_survivors(alive, dropped)
+        # the set of sites whose totals this sum releases is audited and
+        # remembered now, when it is known: the survivors
+        audited = self._check_survivors(alive, dropped) if dropped else None
+        self.site.auditor.record_sites(self.researcher, audited or self._audited_set)
         shares = {}
         for v in near:
             row = self._held[v]
@@ -707,7 +708,7 @@ class SiteWork:
                 shares[v] = ("key", row[secagg.LIMBS :])
         return Reveal(me, self.query.hash, shares)
 
-    def _check_survivors(self, alive: set[str], dropped: int) -> None:
+    def _check_survivors(self, alive: set[str], dropped: int) -> list[str]:
         """The disclosure rules again, on the sites whose contributions are summed."""
         me = self.site.name
         assert self.holders is not None
@@ -735,7 +736,7 @@ class SiteWork:
             researcher=self.researcher,
             need=self.need,
         )
-        self.site.auditor.record_sites(self.researcher, audited)
+        return list(audited)
 
 
 @dataclass(frozen=True)

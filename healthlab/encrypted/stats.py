@@ -35,7 +35,13 @@ from healthlab.encrypted.protocol import (
     run_query,
 )
 from healthlab.encrypted.results import OLSResults
-from healthlab.errors import DataRefused, DisclosureRefused, InvalidInput, TooFewSites
+from healthlab.errors import (
+    DataRefused,
+    DisclosureRefused,
+    InvalidInput,
+    TooFewSites,
+    TooManyDropouts,
+)
 from healthlab.receipts import Receipt, build_receipt
 from healthlab.site_data import at_site, numeric, numeric_column
 from healthlab.sites import LEFT_OUT, Site, as_sites
@@ -1554,7 +1560,18 @@ def attach_receipt(
     parameters: dict[str, Any],
     encryption: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """Attach the receipt of ``runs`` to ``result`` (``result.attrs["receipt"]``)."""
+    """Attach the receipt of ``runs`` to ``result`` (``result.attrs["receipt"]``).
+
+    Raises :class:`~healthlab.errors.TooManyDropouts` when sites dropped out
+    between the queries the result is built from: its totals would pool different
+    sites (a silent mix), so it is refused; ask again."""
+    if any(r.dropped for r in runs):
+        taking_part = {tuple(sorted(s.name for s in r.sites)) for r in runs}
+        if len(taking_part) > 1:
+            raise TooManyDropouts(
+                "sites dropped out between the queries this result is built from, "
+                "so its totals would pool different sites; ask again"
+            )
     last = runs[-1]
     receipt: Receipt = build_receipt(
         kind=kind,
@@ -1570,7 +1587,13 @@ def attach_receipt(
                 **runs[0].public_params,
                 "upload_bytes": _uploads(runs),
                 **(encryption or {}),
-            }
+            },
+            # sites that went offline: their rows are in no total of this result
+            **(
+                {"dropped": sorted({d for r in runs for d in r.dropped})}
+                if any(r.dropped for r in runs)
+                else {}
+            ),
         },
     )
     result.attrs["receipt"] = receipt
