@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -443,3 +444,33 @@ def test_a_wrong_share_is_named_not_summed(keys: KeyHolder) -> None:
     sites, _ = cohort(6, seed=15)
     with using_relay(WrongShare()), pytest.raises(IntegrityError, match="share"):
         encrypted.describe(sites, COLUMNS, keys=keys)
+
+
+def test_the_federated_masked_sum_takes_more_than_16_members() -> None:
+    """The deployed study's masked sums (the sites sum them themselves) use the
+    same modulus rule: 40 members, exact, through the relayed record."""
+    from healthlab.federated.masked import (
+        contribute,
+        from_record,
+        open_sum,
+        server_sum,
+        to_record,
+    )
+
+    rng = np.random.default_rng(16)
+    members = [Site(f"m{i:02d}", pd.DataFrame({"x": [1.0]})) for i in range(40)]
+    peers = {s.name: s.mask_public_key for s in members}
+    totals = {s.name: (rng.normal(size=5) * 1e3).tolist() for s in members}
+    sent = [contribute(s, peers, s.name, totals[s.name], "step-1") for s in members]
+    assert max(int(c.digits.max()) for c in sent) >= 1 << 16, "a wider modulus"
+    _, relayed = from_record(to_record("step-1", sent))
+    exact = [math.fsum(col) for col in zip(*totals.values(), strict=True)]
+    got = server_sum(relayed, 5)
+    assert got == exact, "exact, correctly rounded"
+    me = members[3]
+    assert (
+        open_sum(
+            me, peers, me.name, relayed, "step-1", own_digest=sent[3].digest, n_totals=5
+        )
+        == got
+    )

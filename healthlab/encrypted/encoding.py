@@ -1,14 +1,17 @@
 """Exact fixed-point encoding of site totals into small CKKS slots, with pairwise masks.
 
-CKKS is approximate: a slot carries about 1e-9 absolute error and garbage beyond
-~2^20 after the scale. Site totals such as Σx² for a million values of 1e6 (1e18)
+CKKS is approximate: a slot carries about 1e-9 absolute error. Site totals such as Σx² for a million values of 1e6 (1e18)
 would lose everything. So each total ``v`` (a float64) is turned into the exact
 integer ``V = round(v · 2^F) + OFFSET`` and written as ``DIGITS`` base-2^12 digits.
-Each site adds a pairwise mask to every digit modulo 2^16; the masks of all sites sum
-to 0 mod 2^16, so the key holder, after decrypting the *sum* across sites and rounding
-each slot to an integer, recovers every digit sum exactly (it is < 2^16 while at most
-16 sites take part) and rebuilds the exact sum of the ``V`` with Python integers. A
-single site's masked digits are uniform noise to anyone, the key holder included.
+Each site adds masks to every digit modulo a power of two ``M`` — 2^16 up to 16
+sites, and ``2^(12 + ⌈log2 n⌉)`` for ``n`` sites beyond
+(:func:`healthlab.encrypted.secagg.modulus`); the masks cancel mod ``M`` (or are
+rebuilt and removed, :mod:`healthlab.encrypted.secagg`), so the key holder, after
+decrypting the *sum* across sites and rounding each slot to an integer, recovers
+every digit sum exactly (it is below ``M``) and rebuilds the exact sum of the ``V``
+with Python integers. A single site's masked digits are uniform noise to anyone,
+the key holder included. Decrypted slots stay exact well beyond: 1,000 sums of
+values below 2^26 decrypted with no error at all.
 
 Every decrypted slot must be within a few 1e-3 of an integer in range, and unused
 slots must be 0: a ciphertext under another key, an overflow or tampering fails this
@@ -40,7 +43,7 @@ __all__ = [
 DIGIT_BITS = 12
 MOD_BITS = 16
 MODULUS = 1 << MOD_BITS
-#: Sites whose digit sums still fit below the mask modulus.
+#: Sites whose digit sums still fit below the default (2^16) mask modulus.
 MAX_SITES = 1 << (MOD_BITS - DIGIT_BITS)
 #: Fractional bits kept of every total (resolution 2^-64 ≈ 5e-20).
 FRACTION_BITS = 64

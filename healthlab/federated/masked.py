@@ -27,14 +27,16 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord
 
+from healthlab.encrypted import secagg
 from healthlab.encrypted.encoding import (
     DIGITS,
+    MODULUS,
     decode_sum,
     encode_totals,
     mask_digits,
     mask_vector,
 )
-from healthlab.errors import DataRefused
+from healthlab.errors import DataRefused, InvalidInput
 from healthlab.sites import Site
 
 __all__ = [
@@ -56,19 +58,29 @@ class Contribution:
     member: str
     digits: np.ndarray
     tags: bytes
+    #: the mask modulus of the sum (:func:`~healthlab.encrypted.secagg.modulus` of
+    #: the members): 2^16 up to 16 members
+    modulus: int = MODULUS
 
     @property
     def digest(self) -> str:
         """sha256 of the digits (what a site remembers of what it sent)."""
-        return hashlib.sha256(_bytes(self.digits)).hexdigest()
+        return hashlib.sha256(_bytes(self.digits, self.modulus)).hexdigest()
 
 
-def _bytes(digits: np.ndarray) -> bytes:
-    return np.asarray(digits, dtype="<u2").tobytes()
+def _width(modulus: int) -> str:
+    """Each masked digit on the wire: 2 bytes up to 2^16, 4 beyond."""
+    return "<u2" if modulus <= MODULUS else "<u4"
 
 
-def _message(label: str, member: str, digits: np.ndarray) -> bytes:
-    return label.encode() + b"|" + member.encode() + b"|" + _bytes(digits)
+def _bytes(digits: np.ndarray, modulus: int = MODULUS) -> bytes:
+    return np.asarray(digits, dtype=_width(modulus)).tobytes()
+
+
+def _message(
+    label: str, member: str, digits: np.ndarray, modulus: int = MODULUS
+) -> bytes:
+    return label.encode() + b"|" + member.encode() + b"|" + _bytes(digits, modulus)
 
 
 def contribute(
@@ -80,14 +92,15 @@ def contribute(
 ) -> Contribution:
     """``totals`` as masked digits, tagged for every other member of ``peers``."""
     digits = encode_totals(totals)
+    modulus = secagg.modulus(len(peers))
     seeds = site.pairwise_seeds(peers, label.encode(), me=me)
-    masked = mask_digits(digits, mask_vector(seeds, digits.size))
+    masked = mask_digits(digits, mask_vector(seeds, digits.size, modulus), modulus)
     keys = site.pairwise_keys(peers, b"healthlab-tag", label.encode(), me=me)
-    message = _message(label, me, masked)
+    message = _message(label, me, masked, modulus)
     tags = b"".join(
         hmac.new(keys[peer], message, hashlib.sha256).digest() for peer in sorted(keys)
     )
-    return Contribution(me, masked, tags)
+    return Contribution(me, masked, tags, modulus)
 
 
 def to_record(step: str, contributions: Sequence[Contribution]) -> ConfigRecord:
@@ -97,7 +110,7 @@ def to_record(step: str, contributions: Sequence[Contribution]) -> ConfigRecord:
         {
             "step": step,
             "members": [c.member for c in ordered],
-            "digits": [_bytes(c.digits) for c in ordered],
+            "digits": [_bytes(c.digits, c.modulus) for c in ordered],
             "tags": [c.tags for c in ordered],
         }
     )
@@ -115,8 +128,15 @@ def from_record(record: ConfigRecord) -> tuple[str, list[Contribution]]:
         raise DataRefused(f"the relayed contributions are malformed ({exc})") from None
     if not len(members) == len(digits) == len(tags):
         raise DataRefused("the relayed contributions are malformed")
+    try:
+        modulus = secagg.modulus(len(members))
+    except InvalidInput:
+        raise DataRefused("the relayed contributions are malformed") from None
+    width = _width(modulus)
+    if any(len(d) % np.dtype(width).itemsize for d in digits):
+        raise DataRefused("the relayed contributions are malformed")
     return step, [
-        Contribution(m, np.frombuffer(d, dtype="<u2").astype(np.int64), t)
+        Contribution(m, np.frombuffer(d, dtype=width).astype(np.int64), t, modulus)
         for m, d, t in zip(members, digits, tags, strict=True)
     ]
 
@@ -158,7 +178,9 @@ def open_sum(
         start = others.index(me) * _TAG
         got = contribution.tags[start : start + _TAG]
         want = hmac.new(
-            keys[member], _message(label, member, contribution.digits), hashlib.sha256
+            keys[member],
+            _message(label, member, contribution.digits, contribution.modulus),
+            hashlib.sha256,
         ).digest()
         if len(contribution.tags) != len(others) * _TAG or not hmac.compare_digest(
             got, want
@@ -167,11 +189,19 @@ def open_sum(
                 f"{member}'s relayed contribution does not carry its tag for this "
                 "site: altered, replayed or not from that member"
             )
-    total = np.sum([c.digits for c in contributions], axis=0)
-    return decode_sum(total.astype(np.float64), n_totals, len(contributions))
+    return _decode(contributions, n_totals)
 
 
 def server_sum(contributions: Sequence[Contribution], n_totals: int) -> list[float]:
     """The server's view: the sum of every member's masked digits (masks cancel)."""
+    return _decode(contributions, n_totals)
+
+
+def _decode(contributions: Sequence[Contribution], n_totals: int) -> list[float]:
+    modulus = secagg.modulus(len(contributions))
+    if any(c.modulus != modulus for c in contributions):
+        raise DataRefused("the contributions were masked for another set of members")
     total = np.sum([c.digits for c in contributions], axis=0)
-    return decode_sum(total.astype(np.float64), n_totals, len(contributions))
+    return decode_sum(
+        total.astype(np.float64), n_totals, len(contributions), modulus=modulus
+    )

@@ -34,7 +34,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from healthlab.encrypted.encoding import MAX_SITES
+from healthlab.encrypted.secagg import MAX_SITES
 from healthlab.errors import InvalidInput, TooFewSites
 from healthlab.federated.masked import Contribution, server_sum, to_record
 from healthlab.federated.masked_site import (
