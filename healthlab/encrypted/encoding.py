@@ -1,8 +1,9 @@
 """Exact fixed-point encoding of site totals into small CKKS slots, with pairwise masks.
 
-CKKS is approximate: a slot carries about 1e-9 absolute error. Site totals such as Σx² for a million values of 1e6 (1e18)
-would lose everything. So each total ``v`` (a float64) is turned into the exact
-integer ``V = round(v · 2^F) + OFFSET`` and written as ``DIGITS`` base-2^12 digits.
+CKKS is approximate: a slot carries about 1e-9 absolute error. Site totals such as
+Σx² for a million values of 1e6 (1e18) would lose everything. So each total ``v``
+(a float64) is turned into the exact integer ``V = round(v · 2^F) + OFFSET`` and
+written as ``DIGITS`` base-2^12 digits.
 Each site adds masks to every digit modulo a power of two ``M`` — 2^16 up to 16
 sites, and ``2^(12 + ⌈log2 n⌉)`` for ``n`` sites beyond
 (:func:`healthlab.encrypted.secagg.modulus`); the masks cancel mod ``M`` (or are
