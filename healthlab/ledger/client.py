@@ -1021,6 +1021,20 @@ class Ledger(ContractClient):
         found = str(self.call(fn))
         return None if int(found, 16) == 0 else found
 
+    def collaborations(self, *, curator: str | None = None) -> dict[int, str]:
+        """Collaborations (of one ``curator`` if given) by id, oldest first, with the
+        name each was created with. The curator is checked against the registry's
+        storage; the name is only logged (a lookup aid, not a credential)."""
+        who = None if curator is None else checked_address(curator, "curator")
+        topics = [] if who is None else [None, address_topic(who)]
+        found = self._logs(event="CollaborationCreated", extra_topics=topics)
+        return {
+            int(e["args"]["collaborationId"]): str(e["args"]["name"])
+            for e in found
+            if self.collaboration_curator(e["args"]["collaborationId"])
+            == e["args"]["curator"]
+        }
+
     # ------------------------------------------------------------------ events
     def events(self, *, from_block: int | None = None) -> pd.DataFrame:
         """Every registry event as a table, one row per event, oldest first.

@@ -257,6 +257,10 @@ class ContractClient:
         """The node's URL (``None``: the embedded chain)."""
         return self.connection.rpc_url
 
+    @rpc_url.setter
+    def rpc_url(self, url: str | None) -> None:
+        self.connection.rpc_url = url
+
     @property
     def default_sender(self) -> str | None:
         """Who sends when ``sender`` is not given (the first environment key)."""
