@@ -112,7 +112,12 @@ class Ledger(ContractClient):
     """A connection to the HealthLab registry on an EVM chain.
 
     Use :meth:`local` for the embedded chain (tests, teaching, a single notebook) and
-    :meth:`connect` for a node (anvil, a testnet, a consortium chain).
+    :meth:`connect` for a node (anvil, a testnet, a consortium chain). Sending,
+    calls, revert decoding (into :mod:`healthlab.errors`), events, logs, credits,
+    withdrawals and the dev-chain clock are the
+    :class:`~healthlab.ledger.contract.ContractClient`'s; this class adds the
+    registry's operations. Other contracts' clients share its :attr:`connection`
+    (e.g. :class:`~healthlab.oracle.OracleClient`).
 
     Examples
     --------
