@@ -1,8 +1,11 @@
 """The walkthrough ``make demo`` runs: the consent ledger end to end.
 
-A hospital registers a dataset, a researcher asks for access and pays into escrow, the
-hospital approves and is paid the fee in that transaction, a site checks the grant,
-and the hospital later revokes it. The event log is printed as a table at the end.
+A curator names the hospital in an owner directory, the hospital registers a dataset,
+a stranger registers a copy of it, and the researcher's catalogue tells the two apart
+(the hospital's name, verified on chain; the copy ``unverified``). The researcher asks
+for access and pays into escrow, the hospital approves and is paid the fee in that
+transaction, a site checks the grant, and the hospital later revokes it. The event
+log is printed as a table at the end.
 
 Run ``python -m healthlab.demo`` (or ``--rpc-url URL`` to use a node instead).
 """
@@ -16,8 +19,11 @@ import pandas as pd
 
 from healthlab.ledger import Codes, Ledger
 from healthlab.ledger.codes import describe
+from healthlab.notebooks import ensure_directory
 
 ETHER = 10**18
+#: The hospital's name in the owner directory.
+HOSPITAL = "St. Mary's Hospital (synthetic)"
 
 
 def _step(text: str) -> None:
@@ -27,17 +33,27 @@ def _step(text: str) -> None:
 def walkthrough(ledger: Ledger) -> pd.DataFrame:
     """Run the consent flow on ``ledger`` and return its event log."""
     hospital, researcher = ledger.accounts[1], ledger.accounts[2]
+    stranger, curator = ledger.accounts[3], ledger.accounts[5]
     print(f"chain {ledger.chain_id}, registry {ledger.address}")
     print(f"hospital   {hospital}\nresearcher {researcher}")
+
+    _step(
+        "0. A curator (the consortium's office) names the hospital in an owner "
+        "directory"
+    )
+    directory = ensure_directory(ledger, curator, {hospital: HOSPITAL})
+    print(f"directory {directory}: {hospital} is {HOSPITAL!r}")
 
     _step(
         "1. The hospital registers a dataset: a pointer and a content hash, never rows"
     )
     content = b"synthetic cohort: age,sex,bmi,sbp,chol,event\n"
+    pointer = "ipfs://bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
+    digest = "0x" + hashlib.sha256(content).hexdigest()
     terms = Codes.HMB | Codes.NCU | Codes.IRB
     ds = ledger.register_dataset(
-        "ipfs://bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy",
-        "0x" + hashlib.sha256(content).hexdigest(),
+        pointer,
+        digest,
         fee_wei=ETHER // 100,
         grant_seconds=30 * 24 * 3600,
         terms=terms,
@@ -45,6 +61,14 @@ def walkthrough(ledger: Ledger) -> pd.DataFrame:
     )
     d = ledger.dataset(ds)
     print(f"dataset {ds}: fee {d.fee_wei / ETHER} ETH, terms: {describe(d.terms)}")
+    copy = ledger.register_dataset(pointer, digest, fee_wei=ETHER, sender=stranger)
+    print(f"a stranger registers the same pointer and hash: dataset {copy}, its own")
+
+    _step("The researcher's catalogue: whose data each is, verified on chain")
+    for number in (ds, copy):
+        owner = ledger.dataset(number).owner
+        name = ledger.owner_name(directory, owner) or "unverified"
+        print(f"dataset {number}: owner {owner[:10]}… {name}")
 
     _step(
         "2. The researcher requests access with purpose codes; the fee goes to escrow"

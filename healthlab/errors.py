@@ -214,6 +214,8 @@ class ContractError(HealthLabError):
     """
 
     hint = "see the registry's NatSpec for this error"
+    #: Who refused, as the message names it.
+    contract = "the registry"
 
     def __init__(
         self, error_name: str, values: dict[str, Any], message: str | None = None
@@ -224,7 +226,9 @@ class ContractError(HealthLabError):
 
     def _default_message(self) -> str:
         shown = ", ".join(f"{k}={_show(v)}" for k, v in self.values.items())
-        return f"the registry refused the call: {self.error_name}({shown}); {self.hint}"
+        return (
+            f"{self.contract} refused the call: {self.error_name}({shown}); {self.hint}"
+        )
 
 
 class NotAuthorized(ContractError, PermissionError):

@@ -19,7 +19,8 @@ live here, typed and tested:
   :func:`connect_chain` picks the shared node (``rpc_url``, else
   ``$HEALTHLAB_RPC_URL``) or the embedded chain, :func:`node_account` picks an
   account by index, :func:`ensure_catalogue` registers the sample datasets once
-  (idempotent), :func:`chain_table` and :func:`chain_events` show the chain.
+  and :func:`ensure_directory` the owner directory that names their owners (both
+  idempotent), :func:`chain_table` and :func:`chain_events` show the chain.
 - The citizen health score (``05``): :func:`factor_table`,
   :func:`plot_factor_curves`, :func:`score_sites` (scores computed at each site),
   :func:`city_scores` (per-city aggregates over encrypted site totals) next to
@@ -74,6 +75,8 @@ __all__ = [
     "CITIZEN_TERMS",
     "HOSPITAL_TERMS",
     "NOTEBOOKS_DIR",
+    "SAMPLE_DIRECTORY",
+    "SAMPLE_HOSPITALS",
     "TABLE_MIMETYPE",
     "Connection",
     "SampleDataset",
@@ -85,6 +88,7 @@ __all__ = [
     "compare",
     "connect_chain",
     "ensure_catalogue",
+    "ensure_directory",
     "export_html",
     "factor_table",
     "federated_vs_centralized",
@@ -489,6 +493,56 @@ def ensure_catalogue(
             }
         )
     return pd.DataFrame(rows).set_index("name")
+
+
+#: What the sample owner directory is called on chain.
+SAMPLE_DIRECTORY = "HealthLab sample owner directory"
+#: The name its curator gives the owner of the sample hospital cohorts.
+SAMPLE_HOSPITALS = "HealthLab Sample Hospitals (synthetic data)"
+
+
+def ensure_directory(
+    ledger: Ledger,
+    curator: str,
+    names: Mapping[str, str],
+    *,
+    title: str = SAMPLE_DIRECTORY,
+) -> int:
+    """The owner directory ``curator`` keeps under ``title``, naming each owner of
+    ``names`` (``{owner address: institution name}``); return its id.
+
+    Created and named once per chain: the curator's oldest collaboration called
+    ``title`` is used, a missing member is added and a missing or different name
+    set, so calling this again (from another kernel too) sends nothing. Pass the id
+    to :class:`~healthlab.widgets.Catalogue` (``directory=``): owners named here
+    show their name, verified on chain; every other owner shows ``unverified``.
+
+    Examples
+    --------
+    >>> ledger = Ledger.local()
+    >>> owner, curator = ledger.accounts[1], ledger.accounts[5]
+    >>> directory = ensure_directory(ledger, curator, {owner: "St. Mary's"})
+    >>> ledger.owner_name(directory, owner)
+    "St. Mary's"
+    >>> ensure_directory(ledger, curator, {owner: "St. Mary's"}) == directory
+    True
+    """
+    if not isinstance(title, str) or not title.strip():
+        raise InvalidInput("give the directory a title (its collaboration's name)")
+    found = [i for i, n in ledger.collaborations(curator=curator).items() if n == title]
+    if not found:
+        ledger.create_collaboration(title, sender=curator)
+        # another kernel may have created one meanwhile: every caller takes the oldest
+        found = [
+            i for i, n in ledger.collaborations(curator=curator).items() if n == title
+        ]
+    directory = found[0]
+    for owner, name in names.items():
+        if not ledger.is_member(directory, owner):
+            ledger.set_member(directory, owner, sender=curator)
+        if ledger.owner_name(directory, owner) != name:
+            ledger.name_member(directory, owner, name, sender=curator)
+    return directory
 
 
 def _registered(ledger: Ledger) -> dict[tuple[str, str], int]:

@@ -56,16 +56,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from eth_abi.abi import decode as abi_decode
-from web3 import Web3
-from web3.logs import DISCARD
 
 from healthlab import errors
 from healthlab._paths import home
 from healthlab.encrypted import KeyHolder, describe
-from healthlab.ledger.artifacts import load_artifact
 from healthlab.ledger.client import Ledger
-from healthlab.ledger.reverts import ErrorTable, error_table, revert_data, rpc_errors
+from healthlab.ledger.contract import ContractClient, checked_address
 from healthlab.receipts import Receipt
 from healthlab.score import health_score
 from healthlab.sites import DisclosurePolicy, Site
@@ -201,12 +197,7 @@ class OracleEvent:
 class _OracleError(errors.ContractError):
     """Mixin: the message names the oracle contract rather than the registry."""
 
-    def _default_message(self) -> str:
-        shown = ", ".join(f"{k}={_show(v)}" for k, v in self.values.items())
-        return (
-            f"the city score oracle refused the call: {self.error_name}({shown}); "
-            f"{self.hint}"
-        )
+    contract = "the city score oracle"
 
 
 class NotOwner(_OracleError, errors.NotAuthorized):
@@ -367,36 +358,38 @@ def _uint(value: int, name: str, high: int) -> int:
     return value
 
 
-def _address(value: str, name: str) -> str:
-    if not isinstance(value, str) or not Web3.is_address(value):
-        raise errors.InvalidInput(f"{name} must be an Ethereum address")
-    return str(Web3.to_checksum_address(value))
-
-
 # ------------------------------------------------------------------- client
-class OracleClient:
+class OracleClient(ContractClient):
     """The Python client of a deployed ``CityScoreOracle``, on a :class:`Ledger`'s
-    connection (its node, accounts and keys).
+    connection (its node, keys and default sender, shared).
+
+    Sending, calls, revert decoding, events, logs, credits and withdrawals are the
+    :class:`~healthlab.ledger.contract.ContractClient`'s; reverts become this
+    module's error classes (:meth:`revert_error`).
 
     Parameters
     ----------
     ledger:
-        The connection; transactions are sent through :meth:`Ledger.transact`.
+        Whose connection to use.
     address:
         The oracle contract.
     from_block:
         Where event scans start (the deployment block).
     """
 
+    artifact = "CityScoreOracle"
+    status_type = RequestStatus
+
     def __init__(self, ledger: Ledger, address: str, *, from_block: int = 0) -> None:
-        artifact = load_artifact("CityScoreOracle")
+        super().__init__(
+            ledger.connection, checked_address(address), from_block=from_block
+        )
         self.ledger = ledger
-        self.w3 = ledger.w3
-        self.address = Web3.to_checksum_address(_address(address, "address"))
-        self.contract = self.w3.eth.contract(address=self.address, abi=artifact["abi"])
-        self.from_block = int(from_block)
-        self.last_receipt: Any = None
-        self._errors = error_table(artifact["abi"])
+
+    @classmethod
+    def revert_error(cls, name: str, values: dict[str, Any]) -> errors.ContractError:
+        """This module's class of the oracle contract's error ``name``."""
+        return _ERRORS.get(name, _OracleError)(name, values)
 
     @classmethod
     def deploy(
@@ -413,15 +406,8 @@ class OracleClient:
         _uint(request_timeout, "request_timeout", _UINT32)
         if request_timeout == 0:
             raise errors.InvalidInput("request_timeout must be at least 1 second")
-        artifact = load_artifact("CityScoreOracle")
-        factory = ledger.w3.eth.contract(
-            abi=artifact["abi"], bytecode=artifact["bytecode"]
-        )
-        table = error_table(artifact["abi"])
-        receipt = ledger.transact(
-            factory.constructor(int(request_timeout)),
-            sender,
-            decode=lambda exc: _decode(table, exc),
+        receipt = cls.deploy_contract(
+            ledger.connection, int(request_timeout), sender=sender
         )
         client = cls(
             ledger,
@@ -439,33 +425,33 @@ class OracleClient:
     @property
     def owner(self) -> str:
         """The account that registers the oracle and sets the fee."""
-        return str(self._call(self.contract.functions.owner()))
+        return str(self.call(self.contract.functions.owner()))
 
     @property
     def oracle(self) -> str | None:
         """The registered oracle account (``None`` until one is registered)."""
-        found = str(self._call(self.contract.functions.oracle()))
+        found = str(self.call(self.contract.functions.oracle()))
         return None if int(found, 16) == 0 else found
 
     @property
     def fee_wei(self) -> int:
         """What a new request pays into escrow."""
-        return int(self._call(self.contract.functions.fee()))
+        return int(self.call(self.contract.functions.fee()))
 
     @cached_property
     def request_timeout(self) -> int:
         """Seconds after which an unanswered request may be cancelled."""
-        return int(self._call(self.contract.functions.requestTimeout()))
+        return int(self.call(self.contract.functions.requestTimeout()))
 
     def set_oracle(self, oracle: str, *, sender: str | None = None) -> None:
         """Register the account that answers requests (owner only)."""
-        who = _address(oracle, "oracle")
-        self._transact(self.contract.functions.setOracle(who), sender)
+        who = checked_address(oracle, "oracle")
+        self.transact(self.contract.functions.setOracle(who), sender)
 
     def set_fee(self, fee_wei: int, *, sender: str | None = None) -> None:
         """Set the fee of new requests (owner only); pending ones keep theirs."""
         fee = _uint(fee_wei, "fee_wei", _UINT96)
-        self._transact(self.contract.functions.setFee(fee), sender)
+        self.transact(self.contract.functions.setFee(fee), sender)
 
     # ------------------------------------------------------------ requests
     def request_score(
@@ -491,8 +477,8 @@ class OracleClient:
             )
         pay = self.fee_wei if fee_wei is None else _uint(fee_wei, "fee_wei", _UINT96)
         fn = self.contract.functions.requestScore(city_id(city), start, end)
-        receipt = self._transact(fn, sender, value=pay)
-        return int(self._event(receipt, "ScoreRequested")["requestId"])
+        receipt = self.transact(fn, sender, value=pay)
+        return int(self.receipt_event(receipt, "ScoreRequested")["requestId"])
 
     def fulfil(
         self,
@@ -508,7 +494,7 @@ class OracleClient:
             _uint(result.user_days, "user_days", _UINT32),
             _uint(result.sites, "sites", (1 << 16) - 1),
         )
-        self._transact(fn, sender)
+        self.transact(fn, sender)
         return self.request(request_id)
 
     def refuse(
@@ -521,7 +507,7 @@ class OracleClient:
         fn = self.contract.functions.refuse(
             _uint(request_id, "request_id", (1 << 64) - 1), int(code)
         )
-        self._transact(fn, sender)
+        self.transact(fn, sender)
         return self.request(request_id)
 
     def cancel(self, request_id: int, *, sender: str | None = None) -> ScoreRequest:
@@ -529,12 +515,12 @@ class OracleClient:
         fn = self.contract.functions.cancel(
             _uint(request_id, "request_id", (1 << 64) - 1)
         )
-        self._transact(fn, sender)
+        self.transact(fn, sender)
         return self.request(request_id)
 
     def request(self, request_id: int) -> ScoreRequest:
         """A request's record as the contract holds it now."""
-        raw = self._call(self.contract.functions.getRequest(int(request_id)))
+        raw = self.call(self.contract.functions.getRequest(int(request_id)))
         requester, amount, cid, start, end, created, status, refusal = raw[:8]
         score_x100, user_days, sites = raw[8:]
         state = RequestStatus(status)
@@ -558,7 +544,7 @@ class OracleClient:
     @property
     def request_count(self) -> int:
         """How many requests were ever made."""
-        return int(self._call(self.contract.functions.requestCount()))
+        return int(self.call(self.contract.functions.requestCount()))
 
     def requests(
         self,
@@ -567,7 +553,7 @@ class OracleClient:
         status: RequestStatus | None = None,
     ) -> list[ScoreRequest]:
         """Every request, oldest first, optionally of one requester and/or status."""
-        who = None if requester is None else _address(requester, "requester")
+        who = None if requester is None else checked_address(requester, "requester")
         found = [self.request(i) for i in range(1, self.request_count + 1)]
         return [
             r
@@ -575,21 +561,6 @@ class OracleClient:
             if (who is None or r.requester == who)
             and (status is None or r.status is status)
         ]
-
-    # ------------------------------------------------------------ payments
-    def credit(self, address: str) -> int:
-        """Wei credited to ``address`` on the oracle and withdrawable now."""
-        who = _address(address, "address")
-        return int(self._call(self.contract.functions.credits(who)))
-
-    def withdraw(self, *, sender: str | None = None, to: str | None = None) -> int:
-        """Pay out what is credited to ``sender`` (to ``to`` if given); return wei."""
-        if to is None:
-            fn = self.contract.functions.withdraw()
-        else:
-            fn = self.contract.functions.withdrawTo(_address(to, "to"))
-        receipt = self._transact(fn, sender)
-        return int(self._event(receipt, "Withdrawal")["amount"])
 
     # -------------------------------------------------------------- events
     def events(
@@ -600,38 +571,23 @@ class OracleClient:
         to_block: int | str = "latest",
     ) -> list[OracleEvent]:
         """The contract's events (of one kind if ``event`` is given), oldest first."""
-        params: dict[str, Any] = {
-            "address": self.address,
-            "fromBlock": self.from_block if from_block is None else int(from_block),
-            "toBlock": to_block,
-        }
-        names = self._event_names
-        if event is not None:
-            topics = [t for t, n in names.items() if n == event]
-            if not topics:
-                raise errors.InvalidInput(
-                    f"the oracle has no event {event!r}; it has "
-                    f"{', '.join(sorted(set(names.values())))}"
-                )
-            params["topics"] = [topics]
-        with rpc_errors(self.ledger.rpc_url):
-            raw = self.w3.eth.get_logs(params)  # type: ignore[arg-type]
+        found = self.logs(
+            events=None if event is None else [event],
+            from_block=from_block,
+            to_block=to_block,
+        )
         out = []
-        for entry in raw:
-            name = names.get(entry["topics"][0].to_0x_hex())
-            if name is None:
-                continue
-            decoded = getattr(self.contract.events, name)().process_log(entry)
+        for entry in found:
             args = {
                 k: ("0x" + bytes(v).hex() if isinstance(v, bytes) else v)
-                for k, v in decoded["args"].items()
+                for k, v in entry["args"].items()
             }
-            if name == "ScoreRefused":
+            if entry["event"] == "ScoreRefused":
                 args["reason"] = Refusal(int(args["reason"]))
             request_id = args.get("requestId")
             out.append(
                 OracleEvent(
-                    event=name,
+                    event=str(entry["event"]),
                     block=int(entry["blockNumber"]),
                     log_index=int(entry["logIndex"]),
                     tx=entry["transactionHash"].to_0x_hex(),
@@ -640,74 +596,6 @@ class OracleClient:
                 )
             )
         return out
-
-    @cached_property
-    def _event_names(self) -> dict[str, str]:
-        out = {}
-        for item in self.contract.abi:
-            if item["type"] == "event":
-                types = ",".join(i["type"] for i in item["inputs"])
-                topic = Web3.keccak(text=f"{item['name']}({types})").to_0x_hex()
-                out[topic] = str(item["name"])
-        return out
-
-    # ------------------------------------------------------------ plumbing
-    def transact(self, fn: Any, sender: str | None = None, *, value: int = 0) -> Any:
-        """Send a prepared call (e.g. ``client.contract.functions.X(...)``); return
-        its receipt. Low level: no client-side checks; reverts still become this
-        module's error classes."""
-        return self._transact(fn, sender, value=value)
-
-    def _transact(self, fn: Any, sender: str | None, *, value: int = 0) -> Any:
-        receipt = self.ledger.transact(fn, sender, value=value, decode=self._decode)
-        self.last_receipt = receipt
-        return receipt
-
-    def _call(self, fn: Any) -> Any:
-        return self.ledger.call(fn, self._decode)
-
-    def _decode(self, exc: Exception) -> errors.ContractError:
-        return _decode(self._errors, exc)
-
-    def _event(self, receipt: Any, name: str) -> Any:
-        logs = getattr(self.contract.events, name)().process_receipt(
-            receipt, errors=DISCARD
-        )
-        if not logs:
-            raise errors.TransactionFailed(f"no {name} event in transaction receipt")
-        return logs[0]["args"]
-
-
-def _decode(table: ErrorTable, exc: Exception) -> errors.ContractError:
-    """The oracle's error class for a revert, with its decoded arguments."""
-    data = revert_data(exc)
-    if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
-        found = table.get(data[2:10])
-        if found is not None:
-            name, types, names = found
-            values = abi_decode(types, bytes.fromhex(data[10:]))
-            decoded = {
-                k: _decoded_value(k, t, v)
-                for k, t, v in zip(names, types, values, strict=True)
-            }
-            return _ERRORS.get(name, _OracleError)(name, decoded)
-    return _OracleError("revert", {"reason": str(exc)})
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, enum.Enum):
-        return value.name
-    if isinstance(value, bytes):
-        return "0x" + value.hex()
-    return str(value)
-
-
-def _decoded_value(name: str, kind: str, value: Any) -> Any:
-    if name == "status":
-        return RequestStatus(value)
-    if kind == "address":
-        return Web3.to_checksum_address(value)
-    return value
 
 
 # ------------------------------------------------------------------- worker
@@ -797,13 +685,13 @@ class OracleWorker:
             raise errors.InvalidInput(
                 "sites must be a non-empty mapping {site name: city-days frame}"
             )
-        who = sender or client.ledger.default_sender
+        who = sender or client.default_sender
         if who is None:
             raise errors.InvalidInput("pass sender=<the registered oracle account>")
         if isinstance(min_users, bool) or not isinstance(min_users, int):
             raise errors.InvalidInput("min_users must be a whole number")
         self.client = client
-        self.sender = _address(who, "sender")
+        self.sender = checked_address(who, "sender")
         self.policy = policy or DisclosurePolicy()
         self.min_users = max(1, min_users)
         self.min_sites = max(int(min_sites), self.policy.min_sites)
@@ -816,9 +704,7 @@ class OracleWorker:
         folder = (
             Path(state_dir)
             if state_dir is not None
-            else home()
-            / "oracle"
-            / f"{client.ledger.chain_id}-{client.address.lower()}"
+            else home() / "oracle" / f"{client.chain_id}-{client.address.lower()}"
         )
         self.state_dir = folder
         # what each site answered before, over all its user-days (differencing),

@@ -202,8 +202,8 @@ def test_an_envelope_for_someone_else_does_not_open(
     envelope = ledger.key_envelope(req)
     assert envelope is not None
     context = key_release_context(ledger, ledger.dataset(ds), req, researcher)
-    theirs = ledger._private_key(stranger)
-    mine = ledger._private_key(researcher)
+    theirs = ledger.private_key(stranger)
+    mine = ledger.private_key(researcher)
     assert theirs is not None and mine is not None
     with pytest.raises(errors.HealthLabError) as caught:
         open_key(envelope, theirs, context=context)
@@ -307,7 +307,7 @@ def test_an_envelope_to_a_dev_account_opens_and_fits_the_contracts_limit(
     ledger: Ledger,
 ) -> None:
     researcher = ledger.accounts[2]
-    private = ledger._private_key(researcher)
+    private = ledger.private_key(researcher)
     assert private is not None
     public = keys.PrivateKey(private).public_key.to_bytes()
     envelope = seal_key(b"k" * 32, public, context=b"ctx")

@@ -48,11 +48,14 @@ from healthlab.notebooks import (
     CITIZEN_TERMS,
     HOSPITAL_TERMS,
     NOTEBOOKS_DIR,
+    SAMPLE_DIRECTORY,
+    SAMPLE_HOSPITALS,
     TABLE_MIMETYPE,
     chain_table,
     compare,
     connect_chain,
     ensure_catalogue,
+    ensure_directory,
     export_html,
     node_account,
     notebook_path,
@@ -242,6 +245,9 @@ def shared_node(
         ledger, _ = connect_chain(anvil.url)
         samples = ensure_catalogue(
             ledger, node_account(ledger, 1), citizen=node_account(ledger, 3)
+        )
+        ensure_directory(
+            ledger, node_account(ledger, 5), {node_account(ledger, 1): SAMPLE_HOSPITALS}
         )
         request = ledger.request_access(
             int(samples.loc["site_a", "dataset"]),
@@ -581,6 +587,12 @@ def test_request_page_registers_the_sample_catalogue(
         catalogue["pointer"].tolist()
         == samples.loc[samples["dataset"].isin(kept), "pointer"].tolist()
     )
+    # the sample directory vouches for the hospitals' owner; the citizens are in none
+    names = catalogue["owner name"]
+    hospitals = samples.loc[["site_a", "site_b", "site_c"], "dataset"].tolist()
+    citizens = samples.loc[["U0001", "U0002"], "dataset"].tolist()
+    assert (names[hospitals] == SAMPLE_HOSPITALS).all(), names.to_dict()
+    assert (names[citizens] == "unverified").all(), names.to_dict()
 
 
 def test_request_page_shows_the_fee_then_pays_exactly_it(
@@ -603,6 +615,9 @@ def test_request_page_shows_the_fee_then_pays_exactly_it(
     # the chain's own log agrees with the panel: one request, the fee in escrow
     events = page01["events"]
     assert events["event"].tolist() == ["DatasetRegistered"] * 6 + [
+        "CollaborationCreated",  # the sample owner directory, named once
+        "MemberSet",
+        "MemberNamed",
         "AccessRequested",
         "PurposeSealed",  # the purpose, sealed to the owner: only it reads the text
     ]
@@ -639,6 +654,7 @@ def test_owner_page_lists_requests_with_codes_purpose_fee_and_history(
     mine = page02["catalogue"]
     assert mine.index.tolist() == [1, 2, 3, 4], "the owner's four hospital cohorts"
     assert (mine["owner"] == dev_account(p["owner_account"])).all()
+    assert (mine["owner name"] == SAMPLE_HOSPITALS).all(), "named by the directory"
     pending = page02["pending_requests-with-two-requests"]
     assert pending.index.tolist() == [1, 2]
     assert pending["researcher"].tolist() == [
@@ -687,7 +703,13 @@ def test_owner_page_decisions_are_on_chain_with_their_amounts(
     approved = dev_account(p["researcher_account"])
     declined = dev_account(p["other_researcher_account"])
     events = page02["events"]
-    story = events.iloc[4 + p["citizens"] :]
+    setup = events.iloc[: 4 + p["citizens"] + 3]  # the samples, then their directory
+    assert setup["event"].tolist()[-3:] == [
+        "CollaborationCreated",
+        "MemberSet",
+        "MemberNamed",
+    ]
+    story = events.iloc[len(setup) :]
     assert story["event"].tolist() == [
         "AccessRequested",
         "PurposeSealed",
@@ -1514,6 +1536,34 @@ def test_ensure_catalogue_never_adopts_a_squatters_registration(
     assert again["dataset"].tolist() == table["dataset"].tolist()
 
 
+def test_ensure_directory_names_the_owners_once_and_reuses_the_oldest(
+    ledger: Ledger,
+) -> None:
+    """Called again (another kernel) it sends nothing; a second directory of the
+    same title (a race) is ignored for the oldest; a stranger's directory of that
+    title is never used; a changed name is set again."""
+    owner, citizen, stranger, curator = (ledger.accounts[i] for i in (1, 3, 4, 5))
+    decoy = ledger.create_collaboration(SAMPLE_DIRECTORY, sender=stranger)
+    ledger.set_member(decoy, citizen, sender=stranger)
+    ledger.name_member(decoy, citizen, SAMPLE_HOSPITALS, sender=stranger)
+    directory = ensure_directory(ledger, curator, {owner: SAMPLE_HOSPITALS})
+    assert directory != decoy and ledger.collaboration_curator(directory) == curator
+    assert ledger.owner_name(directory, owner) == SAMPLE_HOSPITALS
+    assert ledger.owner_name(directory, citizen) is None, "only the named owners"
+    events = len(ledger.events())
+    assert ensure_directory(ledger, curator, {owner: SAMPLE_HOSPITALS}) == directory
+    assert len(ledger.events()) == events, "a second call sent something"
+    raced = ledger.create_collaboration(SAMPLE_DIRECTORY, sender=curator)
+    assert ensure_directory(ledger, curator, {owner: "Renamed"}) == directory
+    assert ledger.owner_name(directory, owner) == "Renamed"
+    assert ledger.owner_name(raced, owner) is None
+    assert ledger.collaborations(curator=curator) == {
+        directory: SAMPLE_DIRECTORY,
+        raced: SAMPLE_DIRECTORY,
+    }
+    assert list(ledger.collaborations()) == [decoy, directory, raced]
+
+
 @pytest.mark.parametrize("citizens", [-1, True, 241, 2.0])
 def test_sample_datasets_refuse_impossible_citizen_counts(citizens: Any) -> None:
     with pytest.raises(InvalidInput, match="citizen"):
@@ -1590,6 +1640,8 @@ def test_pages_on_a_shared_node_never_act_by_themselves(
     assert tables01["chain"].loc["chain", "value"].startswith("shared node")
     assert not tables01["samples"]["registered now"].any(), "registered twice"
     assert len(tables01["samples"]) == len(SITES) + 4
+    names = tables01["catalogue"]["owner name"]
+    assert set(names) == {SAMPLE_HOSPITALS, "unverified"}, "the sample directory"
     mine = tables01["my_requests"]
     assert mine.index.tolist() == [shared_node.request]
     assert mine.loc[shared_node.request, "status"] == "PENDING"

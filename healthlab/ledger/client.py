@@ -7,35 +7,29 @@ import json
 import math
 import os
 import secrets
-from collections.abc import Callable, Iterable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import requests
 from cryptography.hazmat.primitives.asymmetric import ec
-from eth_abi.abi import decode as abi_decode
-from eth_account.messages import encode_typed_data
 from eth_account.signers.local import LocalAccount
 from eth_utils.crypto import keccak
 from web3 import Web3
-from web3.exceptions import (
-    ContractCustomError,
-    ContractLogicError,
-    ContractPanicError,
-    TimeExhausted,
-)
-from web3.logs import DISCARD
 
 from healthlab import errors
 from healthlab.dp import PrivacyBudget
 from healthlab.ledger import deployments
-from healthlab.ledger.artifacts import load_artifact
 from healthlab.ledger.codes import Codes, as_codes, code_names
-from healthlab.ledger.devchain import DevChain, dev_chain
+from healthlab.ledger.contract import (
+    Connection,
+    ContractClient,
+    address_topic,
+    checked_address,
+    uint_topic,
+)
 from healthlab.ledger.keys import account_from_key
 from healthlab.ledger.records import (
     Access,
@@ -46,12 +40,7 @@ from healthlab.ledger.records import (
     SiteKeys,
     Status,
 )
-from healthlab.ledger.reverts import (
-    CONNECTION_ERRORS,
-    error_table,
-    revert_data,
-    rpc_errors,
-)
+from healthlab.ledger.reverts import CONNECTION_ERRORS
 from healthlab.ledger.signing import (
     SignedQuery,
     query_typed_data,
@@ -69,6 +58,15 @@ _DECISIONS = (
     "AccessRevoked",
     "DownloadRefunded",
 )
+#: The events indexed by a request id first.
+_OF_REQUEST = (
+    "AccessRequested",
+    *_DECISIONS,
+    "ResultRecorded",
+    "KeyReleased",
+    "FeePaid",
+    "PurposeSealed",
+)
 _FINAL = {
     "AccessGranted": Status.APPROVED,
     "AccessDeclined": Status.DECLINED,
@@ -76,17 +74,6 @@ _FINAL = {
     "AccessRevoked": Status.REVOKED,
     "DownloadRefunded": Status.CANCELLED,
 }
-_REVERTS: tuple[type[Exception], ...] = (
-    ContractCustomError,
-    ContractLogicError,
-    ContractPanicError,
-)
-try:  # the embedded chain reports reverts in estimate_gas with its own exception
-    from eth_tester.exceptions import TransactionFailed as _TesterFailed
-
-    _REVERTS += (_TesterFailed,)
-except ImportError:  # pragma: no cover - eth-tester is an optional runtime
-    pass
 
 
 def sha256_of(data: bytes | str | os.PathLike[str]) -> str:
@@ -121,11 +108,16 @@ class Purpose:
         return cls(text=text, salt="0x" + secrets.token_hex(16))
 
 
-class Ledger:
+class Ledger(ContractClient):
     """A connection to the HealthLab registry on an EVM chain.
 
     Use :meth:`local` for the embedded chain (tests, teaching, a single notebook) and
-    :meth:`connect` for a node (anvil, a testnet, a consortium chain).
+    :meth:`connect` for a node (anvil, a testnet, a consortium chain). Sending,
+    calls, revert decoding (into :mod:`healthlab.errors`), events, logs, credits,
+    withdrawals and the dev-chain clock are the
+    :class:`~healthlab.ledger.contract.ContractClient`'s; this class adds the
+    registry's operations. Other contracts' clients share its :attr:`connection`
+    (e.g. :class:`~healthlab.oracle.OracleClient`).
 
     Examples
     --------
@@ -146,6 +138,9 @@ class Ledger:
     True
     """
 
+    artifact = "HealthLabRegistry"
+    status_type = Status
+
     def __init__(
         self,
         w3: Web3,
@@ -156,18 +151,11 @@ class Ledger:
         from_block: int = 0,
         default_sender: str | None = None,
     ) -> None:
-        artifact = load_artifact("HealthLabRegistry")
-        self.w3 = w3
-        self.rpc_url = rpc_url
-        self.address = Web3.to_checksum_address(registry_address)
-        self.contract = w3.eth.contract(address=self.address, abi=artifact["abi"])
-        self.from_block = from_block
-        self._signers: dict[str, LocalAccount] = {a.address: a for a in signers}
-        self.default_sender = default_sender
-        self.last_receipt: Any = None
+        connection = Connection(
+            w3, signers=signers, rpc_url=rpc_url, default_sender=default_sender
+        )
+        super().__init__(connection, registry_address, from_block=from_block)
         self._purposes: dict[int, Purpose] = {}
-        self._errors = error_table(artifact["abi"])
-        self._timestamps: dict[int, int] = {}
 
     # ----------------------------------------------------------- construction
     @classmethod
@@ -271,22 +259,6 @@ class Ledger:
             default_sender=default,
         )
 
-    # ---------------------------------------------------------------- accounts
-    @cached_property
-    def accounts(self) -> list[str]:
-        """Addresses to send from: this client's keys, then the node's unlocked ones."""
-        own = list(self._signers)
-        return own + [str(a) for a in self.w3.eth.accounts if a not in self._signers]
-
-    @property
-    def chain_id(self) -> int:
-        """The chain's id (31337 on anvil)."""
-        return int(self.w3.eth.chain_id)
-
-    def balance(self, address: str) -> int:
-        """Ether balance of ``address`` in wei."""
-        return int(self.w3.eth.get_balance(Web3.to_checksum_address(address)))
-
     # ---------------------------------------------------------------- datasets
     def register_dataset(
         self,
@@ -324,8 +296,8 @@ class Ledger:
             int(as_codes(terms)),
             bool(auto_approve),
         )
-        receipt = self._transact(fn, sender)
-        return int(self._event(receipt, "DatasetRegistered")["datasetId"])
+        receipt = self.transact(fn, sender)
+        return int(self.receipt_event(receipt, "DatasetRegistered")["datasetId"])
 
     def update_dataset(
         self,
@@ -350,14 +322,14 @@ class Ledger:
             int(d.terms if terms is None else as_codes(terms)),
             d.auto_approve if auto_approve is None else bool(auto_approve),
         )
-        self._transact(fn, sender)
+        self.transact(fn, sender)
         return self.dataset(dataset_id)
 
     def set_active(
         self, dataset_id: int, active: bool, *, sender: str | None = None
     ) -> None:
         """Open or close (``active=False``) a dataset; closed ones grant no access."""
-        self._transact(
+        self.transact(
             self.contract.functions.setActive(dataset_id, bool(active)), sender
         )
 
@@ -367,7 +339,7 @@ class Ledger:
 
     def dataset(self, dataset_id: int) -> Dataset:
         """The dataset's record."""
-        raw = self._call(self.contract.functions.getDataset(dataset_id))
+        raw = self.call(self.contract.functions.getDataset(dataset_id))
         owner, fee, grant, terms, auto, active, pending, cap, downloads = raw[:9]
         content_hash, pointer = raw[9:]
         return Dataset(
@@ -394,12 +366,12 @@ class Ledger:
         fn = self.contract.functions.setMaxPending(
             dataset_id, _uint(max_pending, "max_pending", bits=16)
         )
-        self._transact(fn, sender)
+        self.transact(fn, sender)
         return self.dataset(dataset_id)
 
     def datasets(self) -> pd.DataFrame:
         """All datasets as a table, one row per dataset (the catalogue)."""
-        count = int(self._call(self.contract.functions.datasetCount()))
+        count = int(self.call(self.contract.functions.datasetCount()))
         rows = [self.dataset(i).__dict__ for i in range(1, count + 1)]
         frame = pd.DataFrame(rows, columns=list(Dataset.__dataclass_fields__))
         frame["terms"] = frame["terms"].map(code_names)
@@ -447,13 +419,13 @@ class Ledger:
         fn = self.contract.functions.bindSiteKeys(
             dataset_id, _mask_key(mask_key), _node_key(node_key)
         )
-        receipt = self._transact(fn, sender)
-        bound = self._event(receipt, "SiteKeysBound")
+        receipt = self.transact(fn, sender)
+        bound = self.receipt_event(receipt, "SiteKeysBound")
         return SiteKeys(
             dataset_id=int(dataset_id),
             mask_key=bytes(bound["maskKey"]),
             node_key=bytes(bound["nodeKey"]),
-            bound_at=self._block_time(receipt["blockNumber"]),
+            bound_at=self.block_time(receipt["blockNumber"]),
         )
 
     def site_keys(self, dataset_id: int) -> SiteKeys | None:
@@ -466,7 +438,7 @@ class Ledger:
         an unverified key is never returned.
         """
         fn = self.contract.functions.siteKeys(dataset_id)
-        mask_key, node_key_hash, bound_at = self._call(fn)
+        mask_key, node_key_hash, bound_at = self.call(fn)
         if bytes(mask_key) == bytes(32):  # the contract never binds a zero mask key
             return None
         stored = bytes(node_key_hash)
@@ -522,7 +494,9 @@ class Ledger:
         record = self.dataset(dataset_id)
         agreed = record.fee_wei if fee_wei is None else fee_wei
         seconds = record.grant_seconds if grant_seconds is None else grant_seconds
-        sealed = self._seal_purpose(commitment, dataset_id, self._sender(sender))
+        sealed = self._seal_purpose(
+            commitment, dataset_id, self.connection.sender(sender)
+        )
         fn = self.contract.functions.requestAccess(
             dataset_id,
             _uint(agreed, "fee_wei"),
@@ -531,8 +505,8 @@ class Ledger:
             bytes.fromhex(commitment.commitment[2:]),
             sealed,
         )
-        receipt = self._transact(fn, sender, value=agreed)
-        request_id = int(self._event(receipt, "AccessRequested")["requestId"])
+        receipt = self.transact(fn, sender, value=agreed)
+        request_id = int(self.receipt_event(receipt, "AccessRequested")["requestId"])
         self._purposes[request_id] = commitment
         return request_id
 
@@ -545,8 +519,7 @@ class Ledger:
         owner = self.dataset(dataset_id).owner  # storage, not the log a node serves
         found = self._logs(event="DatasetRegistered", dataset_id=dataset_id)
         for entry in found:
-            with self._rpc():
-                tx = self.w3.eth.get_transaction(entry["transactionHash"])
+            tx = self.transaction(entry["transactionHash"])
             if str(tx.get("to") or "").lower() != self.address.lower():
                 continue  # not a call to this registry
             key = transaction_public_key(tx)  # the signature's, checked against from
@@ -561,7 +534,7 @@ class Ledger:
             + self.chain_id.to_bytes(8, "big")
             + bytes.fromhex(self.address[2:])
             + int(dataset_id).to_bytes(32, "big")
-            + bytes.fromhex(_address(researcher, "researcher")[2:])
+            + bytes.fromhex(checked_address(researcher, "researcher")[2:])
         )
 
     def _seal_purpose(
@@ -601,8 +574,7 @@ class Ledger:
         # node could rewrite: its signature must be the researcher's, sent to this
         # registry, for this dataset
         args = created[0]["args"]
-        with self._rpc():
-            tx = self.w3.eth.get_transaction(created[0]["transactionHash"])
+        tx = self.transaction(created[0]["transactionHash"])
         signed = self._signed_request(tx, args["researcher"], args["datasetId"])
         if signed is None:
             raise errors.PurposeUnverified(
@@ -615,7 +587,7 @@ class Ledger:
             return None
         req = {**args, "purposeHash": purpose_hash}
         found = [{"args": {"envelope": envelope}}]
-        key = self._private_key(owner)
+        key = self.private_key(owner)
         if key is None:
             raise errors.ConfigurationError(
                 f"this client holds no key for {owner}: read sealed purposes as the "
@@ -682,7 +654,7 @@ class Ledger:
         fn = self.contract.functions.approve(
             req["datasetId"], req["researcher"], request_id
         )
-        self._transact(fn, sender)
+        self.transact(fn, sender)
         return self.request(request_id)
 
     def decline(self, request_id: int, *, sender: str | None = None) -> Request:
@@ -691,13 +663,13 @@ class Ledger:
         fn = self.contract.functions.decline(
             req["datasetId"], req["researcher"], request_id
         )
-        self._transact(fn, sender)
+        self.transact(fn, sender)
         return self.request(request_id)
 
     def cancel(self, request_id: int, *, sender: str | None = None) -> Request:
         """Cancel your unanswered request after the timeout; you get a refund."""
         req = self._request_event(request_id)
-        self._transact(
+        self.transact(
             self.contract.functions.cancel(req["datasetId"], request_id), sender
         )
         return self.request(request_id)
@@ -706,8 +678,8 @@ class Ledger:
         self, dataset_id: int, researcher: str, *, sender: str | None = None
     ) -> None:
         """Revoke a researcher's live grant at once (owner only)."""
-        who = _address(researcher, "researcher")
-        self._transact(self.contract.functions.revoke(dataset_id, who), sender)
+        who = checked_address(researcher, "researcher")
+        self.transact(self.contract.functions.revoke(dataset_id, who), sender)
 
     # ------------------------------------------------------------- key release
     def release_key(
@@ -726,8 +698,8 @@ class Ledger:
         req = self._request_event(request_id)
         # a release mined after the researcher's refund completes reverts, but its
         # envelope is public all the same: do not send one that could land that late
-        deadline = int(self._call(self.contract.functions.refundableAt(request_id)))
-        if deadline and self._now() + RELEASE_MARGIN >= deadline:
+        deadline = int(self.call(self.contract.functions.refundableAt(request_id)))
+        if deadline and self.now() + RELEASE_MARGIN >= deadline:
             raise errors.ReleaseTooLate(
                 f"the researcher's refund of request {request_id} completes at "
                 f"{deadline} (chain time), within {RELEASE_MARGIN} s: a key released "
@@ -737,7 +709,7 @@ class Ledger:
         fn = self.contract.functions.releaseKey(
             req["datasetId"], req["researcher"], request_id, bytes(envelope)
         )
-        receipt = self._transact(fn, sender)
+        receipt = self.transact(fn, sender)
         return str(receipt["transactionHash"].to_0x_hex())
 
     def request_download_refund(
@@ -749,8 +721,10 @@ class Ledger:
         may still release the key, and is paid: a refund never races a release."""
         req = self._request_event(request_id)
         fn = self.contract.functions.requestDownloadRefund(req["datasetId"], request_id)
-        receipt = self._transact(fn, sender)
-        return int(self._event(receipt, "DownloadRefundRequested")["refundableAt"])
+        receipt = self.transact(fn, sender)
+        return int(
+            self.receipt_event(receipt, "DownloadRefundRequested")["refundableAt"]
+        )
 
     def refund_download(self, request_id: int, *, sender: str | None = None) -> Request:
         """End a download grant whose key was not released; its fee is credited back
@@ -762,7 +736,7 @@ class Ledger:
         fn = self.contract.functions.refundDownload(
             req["datasetId"], req["researcher"], request_id
         )
-        self._transact(fn, sender)
+        self.transact(fn, sender)
         return self.request(request_id)
 
     def key_envelope(self, request_id: int) -> bytes | None:
@@ -777,28 +751,20 @@ class Ledger:
         sender, so an owner can encrypt to the researcher without asking for a key.
         """
         req = self.request(request_id)
-        with self._rpc():
-            tx = self.w3.eth.get_transaction(req.request_tx)  # type: ignore[arg-type]
-        return transaction_public_key(tx)
-
-    def _private_key(self, address: str) -> bytes | None:
-        """This client's key for ``address`` (environment or development key)."""
-        who = _address(address, "address")
-        signer = self._signers.get(who) or self._dev_signer(who)
-        return None if signer is None else bytes(signer.key)
+        return transaction_public_key(self.transaction(req.request_tx))
 
     def has_access(self, dataset_id: int, researcher: str) -> bool:
         """Whether ``researcher`` holds an approved, unexpired, unrevoked grant now."""
-        who = _address(researcher, "researcher")
-        return bool(self._call(self.contract.functions.hasAccess(dataset_id, who)))
+        who = checked_address(researcher, "researcher")
+        return bool(self.call(self.contract.functions.hasAccess(dataset_id, who)))
 
     def access(self, dataset_id: int, researcher: str) -> Access:
         """The current request or grant of ``researcher`` on ``dataset_id``."""
-        who = _address(researcher, "researcher")
-        raw = self._call(self.contract.functions.getAccess(dataset_id, who))
+        who = checked_address(researcher, "researcher")
+        raw = self.call(self.contract.functions.getAccess(dataset_id, who))
         request_id, amount, created, expires, grant, status, download, released = raw
         state = Status(status)
-        if state is Status.APPROVED and self._now() >= expires:
+        if state is Status.APPROVED and self.now() >= expires:
             state = Status.EXPIRED
         return Access(
             int(dataset_id),
@@ -837,7 +803,7 @@ class Ledger:
             purpose_hash="0x" + bytes(args["purposeHash"]).hex(),
             amount_wei=int(args["amount"]),
             status=status,
-            created_at=self._block_time(created["blockNumber"]),
+            created_at=self.block_time(created["blockNumber"]),
             expires_at=int(grant["args"]["expiresAt"]) if grant else None,
             request_tx=created["transactionHash"].to_0x_hex(),
             decision_tx=decisions[0]["transactionHash"].to_0x_hex()
@@ -854,27 +820,12 @@ class Ledger:
             args = entry["args"]
             if dataset_id is not None and args["datasetId"] != dataset_id:
                 continue
-            if researcher is not None and args["researcher"] != _address(
+            if researcher is not None and args["researcher"] != checked_address(
                 researcher, "researcher"
             ):
                 continue
             ids.append(int(args["requestId"]))
         return [self.request(i) for i in ids]
-
-    # ---------------------------------------------------------------- payments
-    def credit(self, address: str) -> int:
-        """Wei credited to ``address`` and withdrawable now (earnings or refunds)."""
-        who = _address(address, "address")
-        return int(self._call(self.contract.functions.credits(who)))
-
-    def withdraw(self, *, sender: str | None = None, to: str | None = None) -> int:
-        """Pay out what is credited to ``sender`` (to ``to`` if given); return wei."""
-        if to is None:
-            fn = self.contract.functions.withdraw()
-        else:
-            fn = self.contract.functions.withdrawTo(_address(to, "to"))
-        receipt = self._transact(fn, sender)
-        return int(self._event(receipt, "Withdrawal")["amount"])
 
     # ----------------------------------------------------------------- results
     def record_result(
@@ -885,7 +836,7 @@ class Ledger:
         fn = self.contract.functions.recordResult(
             req["datasetId"], request_id, _bytes32(result_hash, "result_hash")
         )
-        receipt = self._transact(fn, sender)
+        receipt = self.transact(fn, sender)
         return str(receipt["transactionHash"].to_0x_hex())
 
     def result_recorded(self, request_id: int, result_hash: str | bytes) -> bool:
@@ -896,7 +847,7 @@ class Ledger:
         fn = self.contract.functions.resultRecorded(
             int(request_id), _bytes32(result_hash, "result_hash")
         )
-        return bool(self._call(fn))
+        return bool(self.call(fn))
 
     # ------------------------------------------------------- the shared query log
     def log_query(
@@ -910,14 +861,13 @@ class Ledger:
         """
         ids = [int(i) for i in dataset_ids]
         fn = self.contract.functions.logQuery(_bytes32(query_hash, "query_hash"), ids)
-        receipt = self._transact(fn, sender)
+        receipt = self.transact(fn, sender)
         return str(receipt["transactionHash"].to_0x_hex())
 
     def logged_queries(self, researcher: str) -> list[LoggedQuery]:
         """Every query ``researcher`` logged, oldest first (read from the chain)."""
-        who = _address(researcher, "researcher")
-        topic = "0x" + bytes(12).hex() + who[2:].lower()
-        found = self._logs(event="QueryLogged", extra_topics=[topic])
+        who = checked_address(researcher, "researcher")
+        found = self._logs(event="QueryLogged", extra_topics=[address_topic(who)])
         return [
             LoggedQuery(
                 researcher=str(e["args"]["researcher"]),
@@ -957,12 +907,12 @@ class Ledger:
                 )
             args = (epsilon, exponent, noise)
         fn = self.contract.functions.setPrivacyBudget(int(dataset_id), *args)
-        self._transact(fn, sender)
+        self.transact(fn, sender)
 
     def privacy_budget(self, dataset_id: int) -> PrivacyBudget | None:
         """The dataset's DP budget per researcher and grant, or ``None``."""
         fn = self.contract.functions.privacyBudget(int(dataset_id))
-        epsilon, exponent, noise = self._call(fn)
+        epsilon, exponent, noise = self.call(fn)
         if not epsilon:
             return None
         return PrivacyBudget(epsilon / 1000, 10.0 ** -int(exponent), noise / 1000)
@@ -980,11 +930,11 @@ class Ledger:
         privacy ledger. ε is rounded up to 1/1000."""
         fn = self.contract.functions.recordPrivacySpend(
             int(dataset_id),
-            _address(researcher, "researcher"),
+            checked_address(researcher, "researcher"),
             int(answers),
             math.ceil(epsilon * 1000 - 1e-9),
         )
-        self._transact(fn, sender)
+        self.transact(fn, sender)
 
     def privacy_spent(self, dataset_id: int, researcher: str) -> PrivacySpend:
         """What the researcher's current grant on the dataset spent, as recorded."""
@@ -993,7 +943,7 @@ class Ledger:
 
     def request_privacy_spent(self, request_id: int) -> PrivacySpend:
         """What one request's grant spent, as recorded (zero before any answer)."""
-        answers, epsilon = self._call(
+        answers, epsilon = self.call(
             self.contract.functions.privacySpent(int(request_id))
         )
         return PrivacySpend(int(request_id), int(answers), epsilon / 1000)
@@ -1002,10 +952,12 @@ class Ledger:
     def create_collaboration(self, name: str, *, sender: str | None = None) -> int:
         """Start a collaboration curated by ``sender``: a list of member owners that
         a site can restrict its pooling to; return its id."""
-        receipt = self._transact(
+        receipt = self.transact(
             self.contract.functions.createCollaboration(name), sender
         )
-        return int(self._event(receipt, "CollaborationCreated")["collaborationId"])
+        return int(
+            self.receipt_event(receipt, "CollaborationCreated")["collaborationId"]
+        )
 
     def set_member(
         self,
@@ -1017,16 +969,16 @@ class Ledger:
     ) -> None:
         """Add (or, with ``member=False``, remove) an owner (curator only)."""
         fn = self.contract.functions.setMember(
-            int(collaboration_id), _address(owner, "owner"), bool(member)
+            int(collaboration_id), checked_address(owner, "owner"), bool(member)
         )
-        self._transact(fn, sender)
+        self.transact(fn, sender)
 
     def is_member(self, collaboration_id: int, owner: str) -> bool:
         """Whether ``owner`` is a member of the collaboration now."""
         fn = self.contract.functions.isMember(
-            int(collaboration_id), _address(owner, "owner")
+            int(collaboration_id), checked_address(owner, "owner")
         )
-        return bool(self._call(fn))
+        return bool(self.call(fn))
 
     def name_member(
         self,
@@ -1043,25 +995,24 @@ class Ledger:
         if not isinstance(name, str) or not name.strip():
             raise errors.InvalidInput("give the member's public name (1 to 200 bytes)")
         fn = self.contract.functions.nameMember(
-            int(collaboration_id), _address(owner, "owner"), name
+            int(collaboration_id), checked_address(owner, "owner"), name
         )
-        self._transact(fn, sender)
+        self.transact(fn, sender)
 
     def owner_name(self, directory: int, owner: str) -> str | None:
         """The name ``directory``'s curator gave ``owner``, verified: ``owner`` must
         be a member now and the logged name must hash to the stored one (a node
         that alters logs is not believed). ``None``: not in the directory."""
-        who = _address(owner, "owner")
+        who = checked_address(owner, "owner")
         if not self.is_member(directory, who):
             return None
         fn = self.contract.functions.memberNameHash(int(directory), who)
-        stored = bytes(self._call(fn))
+        stored = bytes(self.call(fn))
         if stored == bytes(32):
             return None
-        topic = "0x" + bytes(12).hex() + who[2:].lower()
         found = self._logs(
             event="MemberNamed",
-            extra_topics=["0x" + int(directory).to_bytes(32, "big").hex(), topic],
+            extra_topics=[uint_topic(directory), address_topic(who)],
         )
         for entry in reversed(found):
             name = str(entry["args"]["name"])
@@ -1072,8 +1023,22 @@ class Ledger:
     def collaboration_curator(self, collaboration_id: int) -> str | None:
         """The collaboration's curator, or ``None`` if there is no such one."""
         fn = self.contract.functions.collaborationCurator(int(collaboration_id))
-        found = str(self._call(fn))
+        found = str(self.call(fn))
         return None if int(found, 16) == 0 else found
+
+    def collaborations(self, *, curator: str | None = None) -> dict[int, str]:
+        """Collaborations (of one ``curator`` if given) by id, oldest first, with the
+        name each was created with. The curator is checked against the registry's
+        storage; the name is only logged (a lookup aid, not a credential)."""
+        who = None if curator is None else checked_address(curator, "curator")
+        topics = [] if who is None else [None, address_topic(who)]
+        found = self._logs(event="CollaborationCreated", extra_topics=topics)
+        return {
+            int(e["args"]["collaborationId"]): str(e["args"]["name"])
+            for e in found
+            if self.collaboration_curator(e["args"]["collaborationId"])
+            == e["args"]["curator"]
+        }
 
     # ------------------------------------------------------------------ events
     def events(self, *, from_block: int | None = None) -> pd.DataFrame:
@@ -1100,7 +1065,7 @@ class Ledger:
         return {
             "block": int(entry["blockNumber"]),
             "time": pd.Timestamp(
-                self._block_time(entry["blockNumber"]), unit="s", tz="UTC"
+                self.block_time(entry["blockNumber"]), unit="s", tz="UTC"
             ),
             "event": entry["event"],
             "dataset": args.get("datasetId"),
@@ -1115,37 +1080,6 @@ class Ledger:
             },
         }
 
-    # -------------------------------------------------------------------- time
-    def now(self) -> int:
-        """Timestamp of the latest block (what the contract's view calls see)."""
-        return self._now()
-
-    def mine(self, timestamp: int | None = None) -> int:
-        """Mine a block, at ``timestamp`` if given (dev chains only); return its time.
-
-        The embedded chain stamps blocks with the wall clock at the least, so a
-        ``timestamp`` before its next block's time is refused rather than missed.
-        """
-        if timestamp is not None and timestamp <= self._now():
-            raise errors.InvalidInput(
-                f"the chain is at {self._now()}; a new block needs a later timestamp"
-            )
-        self._dev.mine(timestamp)
-        mined = self._now()
-        if timestamp is not None and mined != timestamp:
-            raise errors.TransactionFailed(
-                f"the node mined at {mined} instead of {timestamp}"
-            )
-        return mined
-
-    def advance_time(self, seconds: int) -> int:
-        """Move the chain's clock forward by at least ``seconds`` (dev chains only)."""
-        if seconds < 1:
-            raise errors.InvalidInput("advance the clock by at least one second")
-        target = self._now() + int(seconds)
-        earliest = self._dev.next_block_time()  # the embedded chain: the wall clock
-        return self.mine(target if earliest is None else max(target, earliest))
-
     # ----------------------------------------------------------------- signing
     def sign_query(
         self, researcher: str, query_hash: str, *, nonce: int
@@ -1156,8 +1090,8 @@ class Ledger:
         chain's dev keys), else asks the node (``eth_signTypedData_v4``, as anvil's
         unlocked accounts allow). The key itself is never exposed.
         """
-        who = _address(researcher, "researcher")
-        issued_at = self._now()
+        who = checked_address(researcher, "researcher")
+        issued_at = self.now()
         typed = query_typed_data(
             researcher=who,
             query_hash=query_hash,
@@ -1166,165 +1100,10 @@ class Ledger:
             chain_id=self.chain_id,
             registry=self.address,
         )
-        signer = self._signers.get(who) or self._dev_signer(who)
-        if signer is not None:
-            signed = signer.sign_message(encode_typed_data(full_message=typed))
-            signature = "0x" + bytes(signed.signature).hex()
-        else:
-            wire = dict(typed, message=dict(typed["message"], queryHash=query_hash))
-            with self._rpc():
-                reply = self.w3.provider.make_request(
-                    "eth_signTypedData_v4",  # type: ignore[arg-type]
-                    [who, json.dumps(wire)],
-                )
-            if "result" not in reply:
-                raise errors.ConfigurationError(
-                    f"cannot sign as {who}: no key for it here and the node refused "
-                    "(set HEALTHLAB_PRIVATE_KEY or HEALTHLAB_KEY_FILE)"
-                )
-            signature = str(reply["result"])
+        signature = self.sign_typed_data(who, typed)
         return SignedQuery(
             who, query_hash, nonce, issued_at, self.chain_id, self.address, signature
         )
-
-    def _dev_signer(self, address: str) -> LocalAccount | None:
-        """The published key of a development account: the embedded chain's, or one
-        of anvil's default accounts on chain 31337 (its well-known test mnemonic)."""
-        return self._dev.dev_signer(address)
-
-    # ---------------------------------------------------------------- plumbing
-    @cached_property
-    def _dev(self) -> DevChain:
-        """This chain's development operations (mining, dev keys)."""
-        return dev_chain(self.w3, self.chain_id)
-
-    def _now(self) -> int:
-        return int(self.w3.eth.get_block("latest")["timestamp"])
-
-    def _block_time(self, number: int) -> int:
-        if number not in self._timestamps:
-            self._timestamps[number] = int(self.w3.eth.get_block(number)["timestamp"])
-        return self._timestamps[number]
-
-    def _sender(self, sender: str | None) -> str:
-        chosen = sender or self.default_sender
-        if chosen is None:
-            raise errors.InvalidInput(
-                "say who sends this transaction: pass sender=<address> "
-                "(for example ledger.accounts[1])"
-            )
-        return _address(chosen, "sender")
-
-    def transact(
-        self,
-        fn: Any,
-        sender: str | None = None,
-        *,
-        value: int = 0,
-        decode: Callable[[Exception], Exception] | None = None,
-    ) -> Any:
-        """Send a prepared contract call (or constructor); return its receipt.
-
-        Low level, for tools and other contracts' clients: ``decode`` turns a revert
-        into an exception (default: the registry's named errors).
-        """
-        return self._transact(fn, sender, value=value, decode=decode)
-
-    def _transact(
-        self,
-        fn: Any,
-        sender: str | None,
-        *,
-        value: int = 0,
-        decode: Callable[[Exception], Exception] | None = None,
-    ) -> Any:
-        decode = decode or self._decode
-        sender = self._sender(sender)
-        tx: dict[str, Any] = {"from": sender, "value": int(value)}
-        with self._rpc():
-            try:
-                gas = fn.estimate_gas(tx)
-            except _REVERTS as exc:
-                raise decode(exc) from None
-            tx["gas"] = int(gas * 1.25) + 10_000
-            signer = self._signers.get(sender)
-            if signer is not None:
-                tx["nonce"] = self.w3.eth.get_transaction_count(
-                    Web3.to_checksum_address(sender), "pending"
-                )
-                built = fn.build_transaction(tx)
-                raw = signer.sign_transaction(built).raw_transaction
-                tx_hash = self.w3.eth.send_raw_transaction(raw)
-            else:
-                tx_hash = fn.transact(tx)
-            try:
-                receipt = self.w3.eth.wait_for_transaction_receipt(
-                    tx_hash, timeout=120, poll_latency=0.01
-                )
-            except TimeExhausted as exc:
-                raise errors.TransactionFailed(
-                    f"transaction {tx_hash.to_0x_hex()} was not mined within 120 s; "
-                    "check the node and look the transaction up later"
-                ) from exc
-        self.last_receipt = receipt
-        if receipt["status"] != 1:
-            # Replay on the state the transaction met: after its block (a revert
-            # changes nothing, so earlier transactions of the block are included),
-            # then before it.
-            for block in (receipt["blockNumber"], receipt["blockNumber"] - 1):
-                if not hasattr(fn, "call"):  # a constructor: nothing to replay
-                    break
-                try:
-                    fn.call(tx, block_identifier=block)
-                except _REVERTS as exc:
-                    raise decode(exc) from None
-            raise errors.TransactionFailed(
-                f"transaction {tx_hash.to_0x_hex()} failed (out of gas or reverted by "
-                "state that changed in the same block); try again"
-            )
-        return receipt
-
-    def call(
-        self, fn: Any, decode: Callable[[Exception], Exception] | None = None
-    ) -> Any:
-        """Call a prepared view (``contract.functions.X(...)``) of this or another
-        HealthLab contract on this node; a revert becomes the error ``decode``
-        makes of it (by default the registry's named error)."""
-        return self._call(fn, decode)
-
-    def _call(
-        self, fn: Any, decode: Callable[[Exception], Exception] | None = None
-    ) -> Any:
-        with self._rpc():
-            try:
-                return fn.call()
-            except _REVERTS as exc:
-                raise (decode or self._decode)(exc) from None
-
-    def _rpc(self) -> AbstractContextManager[None]:
-        return rpc_errors(self.rpc_url)
-
-    def _decode(self, exc: Exception) -> Exception:
-        data = revert_data(exc)
-        if isinstance(data, str) and data.startswith("0x") and len(data) >= 10:
-            selector = data[2:10]
-            if selector in self._errors:
-                name, types, names = self._errors[selector]
-                values = abi_decode(types, bytes.fromhex(data[10:]))
-                decoded = {
-                    k: _decoded_value(k, t, v)
-                    for k, t, v in zip(names, types, values, strict=True)
-                }
-                return errors.contract_error(name, decoded)
-        return errors.ContractError("revert", {"reason": str(exc)})
-
-    def _event(self, receipt: Any, name: str) -> Any:
-        logs = getattr(self.contract.events, name)().process_receipt(
-            receipt, errors=DISCARD
-        )
-        if not logs:
-            raise errors.TransactionFailed(f"no {name} event in transaction receipt")
-        return logs[0]["args"]
 
     def _request_event(self, request_id: int) -> Any:
         found = self._logs(event="AccessRequested", request_id=request_id)
@@ -1341,66 +1120,21 @@ class Ledger:
         from_block: int | None = None,
         extra_topics: Sequence[Any] = (),
     ) -> list[Any]:
-        extra = list(extra_topics)
+        """The registry's logs: of one ``event`` (default every kind), of one
+        request or of one dataset (the events indexed by it first), with further
+        indexed ``extra_topics``."""
         if request_id is not None and dataset_id is not None:
             raise ValueError("filter logs by a request or by a dataset, not both")
-        events = self._event_abis
-        topics: list[Any] = [
-            [
-                topic
-                for topic, abi in events.items()
-                if event is None or abi["name"] == event
-            ]
-        ]
+        abis = [a for a in self.event_abis.values() if event in (None, a["name"])]
+        topics = list(extra_topics)
         if request_id is not None:
-            topics[0] = [
-                t
-                for t in topics[0]
-                if events[t]["name"]
-                in (
-                    "AccessRequested",
-                    *_DECISIONS,
-                    "ResultRecorded",
-                    "KeyReleased",
-                    "FeePaid",
-                    "PurposeSealed",
-                )
-            ]
-            topics.append("0x" + int(request_id).to_bytes(32, "big").hex())
-        if dataset_id is not None:  # events whose first indexed argument is datasetId
-            topics[0] = [
-                t
-                for t in topics[0]
-                if next((i["name"] for i in events[t]["inputs"] if i["indexed"]), None)
-                == "datasetId"
-            ]
-            topics.append("0x" + int(dataset_id).to_bytes(32, "big").hex())
-        params = {
-            "address": self.address,
-            "fromBlock": self.from_block if from_block is None else from_block,
-            "toBlock": "latest",
-            "topics": topics + extra,
-        }
-        with self._rpc():
-            raw = self.w3.eth.get_logs(params)  # type: ignore[arg-type]
-        decoded = []
-        for log in raw:
-            abi = events[log["topics"][0].to_0x_hex()]
-            decoded.append(
-                getattr(self.contract.events, abi["name"])().process_log(log)
-            )
-        return decoded
-
-    @cached_property
-    def _event_abis(self) -> dict[str, dict[str, Any]]:
-        out = {}
-        for item in self.contract.abi:
-            if item["type"] == "event":
-                signature = (
-                    f"{item['name']}({','.join(i['type'] for i in item['inputs'])})"
-                )
-                out["0x" + keccak(text=signature).hex()] = dict(item)
-        return out
+            abis = [a for a in abis if a["name"] in _OF_REQUEST]
+            topics.insert(0, uint_topic(request_id))
+        if dataset_id is not None:
+            abis = [a for a in abis if _first_indexed(a) == "datasetId"]
+            topics.insert(0, uint_topic(dataset_id))
+        names = [a["name"] for a in abis]
+        return self.logs(events=names, topics=topics, from_block=from_block)
 
 
 def deploy_registry(
@@ -1410,40 +1144,26 @@ def deploy_registry(
     *,
     signer: LocalAccount | None = None,
 ) -> tuple[str, int]:
-    """Deploy the registry from ``deployer``; return (address, block number)."""
-    artifact = load_artifact("HealthLabRegistry")
-    factory = w3.eth.contract(abi=artifact["abi"], bytecode=artifact["bytecode"])
-    ctor = factory.constructor(int(request_timeout))
-    if signer is not None:
-        tx = ctor.build_transaction(
-            {
-                "from": signer.address,
-                "nonce": w3.eth.get_transaction_count(signer.address),
-            }
-        )
-        tx_hash = w3.eth.send_raw_transaction(
-            signer.sign_transaction(tx).raw_transaction
-        )
-    else:
-        tx_hash = ctor.transact({"from": deployer})
-    receipt = w3.eth.wait_for_transaction_receipt(tx_hash, timeout=120)
-    if receipt["status"] != 1 or receipt["contractAddress"] is None:
-        raise errors.TransactionFailed("deploying the registry failed")
+    """Deploy the registry from ``deployer`` (signed with ``signer`` when given, else
+    by the node); return (address, block number)."""
+    connection = Connection(w3, signers=() if signer is None else (signer,))
+    receipt = Ledger.deploy_contract(
+        connection,
+        int(request_timeout),
+        sender=deployer if signer is None else signer.address,
+    )
     return str(receipt["contractAddress"]), int(receipt["blockNumber"])
 
 
 # ------------------------------------------------------------------- helpers
-def _decoded_value(name: str, kind: str, value: Any) -> Any:
-    if name == "status":
-        return Status(value)
-    if kind == "address":
-        return Web3.to_checksum_address(value)
-    return value
-
-
 #: Seconds before a researcher's refund completes within which a key is not released:
 #: a release mined after the refund would reveal the key unpaid.
 RELEASE_MARGIN = 600
+
+
+def _first_indexed(abi: dict[str, Any]) -> str | None:
+    """The name of an event's first indexed argument."""
+    return next((i["name"] for i in abi["inputs"] if i["indexed"]), None)
 
 
 def _signers_from_env() -> list[LocalAccount]:
@@ -1571,14 +1291,6 @@ def _uint(value: int, name: str, bits: int = 256) -> int:
             f"{name} must be a whole number from 0 to 2**{bits}-1"
         )
     return value
-
-
-def _address(value: str, name: str) -> str:
-    if not isinstance(value, str) or not Web3.is_address(value):
-        raise errors.InvalidInput(
-            f"{name} must be an Ethereum address (0x + 40 hex digits)"
-        )
-    return str(Web3.to_checksum_address(value))
 
 
 _EVENT_COLUMNS = (

@@ -175,7 +175,7 @@ def _data_key(
             f"{access.request_id} yet; their client does it after approving "
             "(healthlab.storage.release_key) — try again later"
         )
-    key = private_key if private_key is not None else ledger._private_key(researcher)
+    key = private_key if private_key is not None else ledger.private_key(researcher)
     if key is None:
         raise errors.ConfigurationError(
             f"no private key for {researcher} here: set HEALTHLAB_PRIVATE_KEY or "
