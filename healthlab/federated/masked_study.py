@@ -34,6 +34,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
+from healthlab.encrypted import secagg
 from healthlab.encrypted.secagg import MAX_SITES
 from healthlab.errors import InvalidInput, TooFewSites
 from healthlab.federated.masked import Contribution, server_sum, to_record
@@ -251,7 +252,12 @@ def _collect(
     for member, content in _member_replies(grid, joined, study, messages, what):
         digits = np.asarray(content["arrays"].to_numpy_ndarrays()[0], dtype=np.int64)
         contributions.append(
-            Contribution(member, digits, bytes(content["status"]["tags"]))
+            Contribution(
+                member,
+                digits,
+                bytes(content["status"]["tags"]),
+                secagg.modulus(len(joined)),
+            )
         )
     return contributions
 
@@ -398,7 +404,12 @@ def _collect_steps(
             raise TooFewSites(f"site {got['site']} sent a malformed reply ({what})")
         for step, digits, tag in zip(steps, arrays, tags, strict=True):
             out.setdefault(step, []).append(
-                Contribution(member, np.asarray(digits, dtype=np.int64), tag)
+                Contribution(
+                    member,
+                    np.asarray(digits, dtype=np.int64),
+                    tag,
+                    secagg.modulus(len(joined)),
+                )
             )
     wanted = {f"{kind}-{rnd}" for kind, rnd in asked.items() if rnd}
     if set(out) != wanted or any(len(v) != len(joined) for v in out.values()):
