@@ -14,7 +14,6 @@ def test_walkthrough_produces_the_whole_flow() -> None:
     assert list(log["event"]) == [
         "DatasetRegistered",
         "AccessRequested",
-        "PurposeSealed",
         "AccessGranted",
         "FeePaid",
         "AccessRevoked",
