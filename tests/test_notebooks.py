@@ -665,8 +665,8 @@ def test_owner_page_lists_requests_with_codes_purpose_fee_and_history(
 @pytest.mark.parametrize(
     ("step", "pending", "grants", "credit_wei", "paid"),
     [  # approving pays the fee at once: nothing waits to be withdrawn
-        ("after-approving", [2], [1], 0, "0.01"),
-        ("after-declining", [], [1], 0, "0.01"),
+        ("after-approving", [request_id(1, 2)], [request_id(1, 1)], 0, "0.01"),
+        ("after-declining", [], [request_id(1, 1)], 0, "0.01"),
         ("after-revoking", [], [], 0, "0.01"),
     ],
 )
