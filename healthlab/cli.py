@@ -91,6 +91,15 @@ def deploy(
     typer.echo(f"registry at {ledger.address} on chain {ledger.chain_id}")
 
 
+def _request_total(ledger: Ledger) -> int:
+    """Requests made on the registry: the sum of its datasets' request counters."""
+    fns = ledger.contract.functions
+    return sum(
+        int(fns.requestCount(dataset_id).call())
+        for dataset_id in range(1, int(fns.datasetCount().call()) + 1)
+    )
+
+
 @app.command()
 def status(rpc_url: RpcUrl = None, registry: Registry = None) -> None:
     """Show the node, the registry and its counters."""
@@ -100,7 +109,7 @@ def status(rpc_url: RpcUrl = None, registry: Registry = None) -> None:
     typer.echo(f"registry        {ledger.address}")
     typer.echo(f"latest block    {ledger.w3.eth.block_number}")
     typer.echo(f"datasets        {fns.datasetCount().call()}")
-    typer.echo(f"requests        {fns.requestCount().call()}")
+    typer.echo(f"requests        {_request_total(ledger)}")
     typer.echo(f"request timeout {fns.requestTimeout().call()} s")
     typer.echo(f"escrow + credit {ledger.balance(ledger.address)} wei")
 
@@ -238,7 +247,7 @@ def chain_status(port: ChainPort = 8545, directory: ChainDir = ".healthlab") -> 
     typer.echo(
         f"registry {ledger.address} on chain {ledger.chain_id}: block "
         f"{ledger.w3.eth.block_number}, {fns.datasetCount().call()} datasets, "
-        f"{fns.requestCount().call()} requests"
+        f"{_request_total(ledger)} requests"
     )
 
 

@@ -141,7 +141,9 @@ def fingerprint(scene: Scene) -> dict[str, Any]:
         "block number": ledger.w3.eth.block_number,
         "contract balance": ledger.balance(ledger.address),
         "dataset counter": fns.datasetCount().call(),
-        "request counter": fns.requestCount().call(),
+        "request counters": [
+            fns.requestCount(d).call() for d in range(1, fns.datasetCount().call() + 1)
+        ],
         "result anchor": fns.resultRecorded(
             scene.grant_request, bytes.fromhex(RESULT_HASH[2:])
         ).call(),

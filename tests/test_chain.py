@@ -145,7 +145,6 @@ def test_a_dataset_and_a_grant_survive_down_and_up(chain_dir: Path) -> None:
     assert list(again.events()["event"]) == [
         "DatasetRegistered",
         "AccessRequested",
-        "PurposeSealed",
         "AccessGranted",
         "FeePaid",
     ]

@@ -156,11 +156,10 @@ def test_events_lists_the_event_names_in_order(
     everything = [
         "DatasetRegistered",
         "AccessRequested",
-        "PurposeSealed",
         "AccessGranted",
         "FeePaid",
     ]
-    assert shown == (everything[3:] if from_approval else everything)
+    assert shown == (everything[2:] if from_approval else everything)
 
 
 def run_main(argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:

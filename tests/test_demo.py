@@ -18,7 +18,6 @@ def test_walkthrough_produces_the_whole_flow() -> None:
         "DatasetRegistered",
         "DatasetRegistered",  # the stranger's copy: a dataset of its own
         "AccessRequested",
-        "PurposeSealed",
         "AccessGranted",
         "FeePaid",
         "AccessRevoked",

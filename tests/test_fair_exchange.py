@@ -354,9 +354,11 @@ PURPOSE_TEXT = "Sex differences in 10-year cardiovascular risk, pooled"
 
 
 def _sealed(ledger: Ledger, request_id: int) -> bytes:
-    (entry,) = ledger.contract.events.PurposeSealed().get_logs(from_block=0)[-1:]
-    assert entry["args"]["requestId"] == request_id
-    return bytes(entry["args"]["envelope"])
+    """The sealed purpose in the call data of ``request_id``'s transaction (it is
+    neither stored nor logged)."""
+    tx = ledger.w3.eth.get_transaction(ledger.request(request_id).request_tx)
+    _, args = ledger.contract.decode_function_input(tx["input"])
+    return bytes(args["sealedPurpose"])
 
 
 def test_the_owner_reads_the_purpose_sealed_to_it_and_nobody_else_can(
@@ -607,23 +609,13 @@ def test_the_owner_client_refuses_a_release_that_could_land_after_the_refund(
 def _forging_node(
     ledger: Ledger, monkeypatch: pytest.MonkeyPatch, request_id: int, text: str
 ) -> None:
-    """A node serving logs: it seals its own text to the owner's public key and
-    rewrites the request's purpose hash and sealed purpose in the logs."""
-    import json
-
+    """A node serving logs: it rewrites the request's purpose hash in the logs to
+    the hash of its own text (the sealed purpose is in no log: only in the
+    researcher's signed transaction)."""
     from healthlab.ledger.client import Purpose
-    from healthlab.storage.envelope import seal_message
 
     real_logs = ledger._logs
-    req = real_logs(event="AccessRequested", request_id=request_id)[0]["args"]
     fake = Purpose.new(text)
-    key = ledger.owner_public_key(req["datasetId"])
-    assert key is not None
-    envelope = seal_message(
-        json.dumps({"text": fake.text, "salt": fake.salt}).encode(),
-        key,
-        context=ledger._purpose_context(req["datasetId"], req["researcher"]),
-    )
 
     def altered(**kwargs: Any) -> list[Any]:
         out = []
@@ -632,8 +624,6 @@ def _forging_node(
             if args.get("requestId") == request_id:
                 if entry["event"] == "AccessRequested":
                     args = {**args, "purposeHash": bytes.fromhex(fake.commitment[2:])}
-                elif entry["event"] == "PurposeSealed":
-                    args = {**args, "envelope": envelope}
                 entry = {**entry, "args": args}
             out.append(entry)
         return out

@@ -225,14 +225,13 @@ def test_events_table_lists_the_flow_in_order_with_exact_amounts(
     assert list(log["event"]) == [
         "DatasetRegistered",
         "AccessRequested",
-        "PurposeSealed",
         "AccessGranted",
         "FeePaid",
         "AccessRevoked",
     ]
     assert list(log["amount_wei"][:2]) == [fee, fee]
-    assert log["amount_wei"][4] == fee and log["account"][4] == owner
-    assert list(log["request"].dropna()) == [req] * 5
+    assert log["amount_wei"][3] == fee and log["account"][3] == owner
+    assert list(log["request"].dropna()) == [req] * 4
     assert log["block"].is_monotonic_increasing
     assert isinstance(log["time"].dtype, pd.DatetimeTZDtype)
     assert "codes=HMB" in log["details"][1]

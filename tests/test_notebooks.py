@@ -544,6 +544,11 @@ def test_tour_receipt_is_anchored_and_verifies(runs: dict[str, Run]) -> None:
     assert receipt["gated"] is True
 
 
+def request_id(dataset: int, number: int) -> int:
+    """The registry's id of request ``number`` (1, 2, ...) on ``dataset``."""
+    return dataset << 40 | number
+
+
 # --------------------------------------------------- 01 request access
 def dev_account(index: int) -> str:
     """The embedded chain's account ``index``: its key is ``index + 1``."""
@@ -607,8 +612,9 @@ def test_request_page_shows_the_fee_then_pays_exactly_it(
     assert (row["terms"], row["grant (days)"]) == (terms, days)
     assert (row["your codes"], row["permitted"]) == ("|".join(p["codes"]), True)
     requests = page01["my_requests"]
-    assert requests.index.tolist() == [1]
-    mine = requests.loc[1]
+    first = request_id(1, 1)
+    assert requests.index.tolist() == [first]
+    mine = requests.loc[first]
     assert (mine["dataset"], mine["status"]) == (1, "PENDING")
     assert mine["paid (ETH)"] == "0.01"
     assert mine["codes"] == "HMB|NCU" and mine["expires"] == ""
@@ -618,16 +624,17 @@ def test_request_page_shows_the_fee_then_pays_exactly_it(
         "CollaborationCreated",  # the sample owner directory, named once
         "MemberSet",
         "MemberNamed",
-        "AccessRequested",
-        "PurposeSealed",  # the purpose, sealed to the owner: only it reads the text
+        "AccessRequested",  # the purpose, sealed to the owner, is in its call data
     ]
-    last = events.iloc[-2]
-    assert (last["dataset"], last["request"]) == (1, 1)
+    last = events.iloc[-1]
+    assert (last["dataset"], last["request"]) == (1, first)
     assert last["account"] == dev_account(p["researcher_account"])
     assert last["amount (wei)"] == str(fee)
     printed = runs["01_request_access"].printed()
     assert f"you are the researcher {dev_account(p['researcher_account'])}" in printed
-    assert "request #1 on dataset #1: PENDING; paid 0.01 ETH into escrow" in printed
+    assert f"request #{first} on dataset #1: PENDING; paid 0.01 ETH into escrow" in (
+        printed
+    )
 
 
 def test_request_page_html_shows_panel_notes_not_widget_state(
@@ -656,7 +663,7 @@ def test_owner_page_lists_requests_with_codes_purpose_fee_and_history(
     assert (mine["owner"] == dev_account(p["owner_account"])).all()
     assert (mine["owner name"] == SAMPLE_HOSPITALS).all(), "named by the directory"
     pending = page02["pending_requests-with-two-requests"]
-    assert pending.index.tolist() == [1, 2]
+    assert pending.index.tolist() == [request_id(1, 1), request_id(1, 2)]
     assert pending["researcher"].tolist() == [
         dev_account(p["researcher_account"]),
         dev_account(p["other_researcher_account"]),
@@ -674,8 +681,8 @@ def test_owner_page_lists_requests_with_codes_purpose_fee_and_history(
 @pytest.mark.parametrize(
     ("step", "pending", "grants", "credit_wei", "paid"),
     [  # approving pays the fee at once: nothing waits to be withdrawn
-        ("after-approving", [2], [1], 0, "0.01"),
-        ("after-declining", [], [1], 0, "0.01"),
+        ("after-approving", [request_id(1, 2)], [request_id(1, 1)], 0, "0.01"),
+        ("after-declining", [], [request_id(1, 1)], 0, "0.01"),
         ("after-revoking", [], [], 0, "0.01"),
     ],
 )
@@ -712,15 +719,13 @@ def test_owner_page_decisions_are_on_chain_with_their_amounts(
     story = events.iloc[len(setup) :]
     assert story["event"].tolist() == [
         "AccessRequested",
-        "PurposeSealed",
         "AccessRequested",
-        "PurposeSealed",
         "AccessGranted",
         "FeePaid",
         "AccessDeclined",
         "AccessRevoked",
     ]
-    decisions = story[story["event"] != "PurposeSealed"]
+    decisions = story
     assert decisions["account"].tolist() == [
         approved,
         declined,
@@ -732,13 +737,14 @@ def test_owner_page_decisions_are_on_chain_with_their_amounts(
     assert decisions["amount (wei)"].tolist()[:2] == [str(10**16)] * 2
     assert decisions["amount (wei)"].iloc[3] == str(10**16), "the owner was paid"
     printed = runs["02_approve_requests"].printed()
-    assert f"approved request #1: {approved} may use dataset #1" in printed
+    first, second = request_id(1, 1), request_id(1, 2)
+    assert f"approved request #{first}: {approved} may use dataset #1" in printed
     assert (
-        f"declined request #2 on dataset #1; 0.01 ETH credited back to {declined}"
-        in printed
+        f"declined request #{second} on dataset #1; 0.01 ETH credited back to "
+        f"{declined}" in printed
     )
     assert "0.01 ETH paid to you" in printed
-    assert f"revoked request #1: {approved} no longer has access" in printed
+    assert f"revoked request #{first}: {approved} no longer has access" in printed
     assert "error" not in printed
 
 
@@ -1005,7 +1011,12 @@ def test_statistics_receipt_verifies_and_tampering_is_caught(
     receipt = runs["03_encrypted_statistics"].receipts()["receipt"]
     assert receipt.hash == receipt["receipt_hash"]
     assert receipt["parameters"]["by"] == FAST["03_encrypted_statistics"]["by"]
-    assert [a["request_id"] for a in receipt["anchors"]] == [1, 2, 3, 4]
+    # each site's dataset, registered for the study, got its first request
+    firsts = sorted(
+        request_id(s["dataset_id"], 1) for s in receipt["sites"] if s.get("request_id")
+    )
+    assert [a["request_id"] for a in receipt["anchors"]] == firsts
+    assert len(firsts) == 4
 
 
 # ------------------------------------------------- 04 federated training

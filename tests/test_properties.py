@@ -6,18 +6,27 @@ them, open and close them, request access (codes that fit the terms, random code
 stale agreed fees and grant durations, wrong payments), approve, decline, cancel,
 revoke, release keys, refund undelivered downloads, cap pending requests, record
 results (fresh digests and copies of anyone's), bind site keys (any sender, valid and
-invalid keys, rotations), withdraw (to themselves, each other, an outside payee or the
-zero address), and move the clock (random jumps and jumps onto grant expiries,
-cancellation and refund times).
+invalid keys, rotations), start collaborations and keep them as owner directories
+(admit and remove members, name them; curators and anyone else, the zero address,
+names of 0, 1, 200 and 201 bytes), withdraw (to themselves, each other, an outside
+payee or the zero address), and move the clock (random jumps and jumps onto grant
+expiries, cancellation and refund times).
 
 Every step's outcome is predicted by the model: a refused step must revert with the
 error class *and arguments* the model names. After every step the whole chain state is
 compared with the model: every dataset record, every (dataset, actor) access record,
 ``hasAccess`` for every pair, the site keys of every dataset (and of one that does not
-exist), every credit, both counters, the clock and the contract's balance, and these
-invariants hold:
+exist), every credit, the dataset counter and each dataset's request counter, every
+collaboration's curator (and that of one that does not exist), its members' flags and
+name hashes (after every collaboration step, and every ``MEMBER_READS_EVERY``-th other
+step), the clock and the contract's balance, and these invariants hold:
 
 * the keys stored for a dataset are only ever those its owner last bound;
+* a request's id is ``datasetId << 40 | number``, numbered per dataset from 1: unique
+  across datasets, and an id never acts on another dataset's request;
+* only a collaboration's curator changes its members and names; a member's stored
+  name hash is keccak256 of the name the curator gave last, and the client's
+  directory reads that name for a member and nothing for anyone else;
 
 * contract balance == escrowed + credited (nothing else can send ether to it);
 * total paid in == total paid out + balance held;
@@ -115,6 +124,26 @@ FAULTS = st.sampled_from([None] * 6 + ["fee", "grant", "purpose"])
 MASK_KEYS = [mask_key(i) for i in range(3)]
 NODE_KEYS = [node_key(i) for i in range(3)]
 ZERO32 = bytes(32)
+#: A request's id is its dataset's id shifted by this, or'd with its number there.
+REQUEST_NUMBER_BITS = 40
+MAX_COLLABORATIONS = 2
+#: The actors a curator admits and names (all six may call): fewer reads per step.
+MEMBERS = 3
+#: Members and name hashes are read after every collaboration step, and after every
+#: this many other steps (which cannot change them: a later read still catches a
+#: change that stays, e.g. a storage slot overwritten).
+MEMBER_READS_EVERY = 8
+#: Names a curator gives (collaborations and members): the contract takes 1 to 200
+#: bytes of UTF-8; "" and the 201-byte name must be refused, the 200-byte one taken.
+NAMES = [
+    "CVD consortium",
+    "St. Mary's University Hospital",
+    "Hôpital Européen Georges-Pompidou",
+    "é" * 100,  # 200 bytes
+    " ",  # accepted by the contract (the client refuses it before sending)
+    "",
+    "x" * 201,
+]
 
 
 # ------------------------------------------------------------------------ model
@@ -141,6 +170,8 @@ class DatasetModel:
     pending: int = 0
     max_pending: int = 64
     downloads_open: int = 0
+    #: requests made on the dataset (its last request's number)
+    requests: int = 0
 
     def as_chain(self) -> tuple[Any, ...]:
         """The tuple ``getDataset`` returns (eth-abi decodes addresses lower-case)."""
@@ -189,6 +220,25 @@ class AccessModel:
             self.download,
             self.key_released,
         )
+
+
+@dataclass
+class CollaborationModel:
+    """A collaboration (an owner directory when its members are named)."""
+
+    curator: str
+    members: set[str] = field(default_factory=set)
+    #: the name its curator last gave each account (member or not)
+    names: dict[str, str] = field(default_factory=dict)
+
+    def name_hash(self, who: str) -> bytes:
+        """What ``memberNameHash`` must return for ``who``."""
+        name = self.names.get(who)
+        return ZERO32 if name is None else keccak(name.encode())
+
+    def directory_name(self, who: str) -> str | None:
+        """What a client reads as ``who``'s name: a member's last given name."""
+        return self.names.get(who) if who in self.members else None
 
 
 @dataclass
@@ -249,6 +299,7 @@ class Model:
     grace: int = 0
     #: dataset -> (mask key, node key, bound at) of its owner's latest binding
     site_keys: dict[int, tuple[bytes, bytes, int]] = field(default_factory=dict)
+    collaborations: dict[int, CollaborationModel] = field(default_factory=dict)
     paid_in: int = 0
     paid_out: int = 0
 
@@ -257,9 +308,9 @@ class Model:
         """Timestamp of the next transaction's block."""
         return self.now + 1
 
-    @property
-    def request_count(self) -> int:
-        return len(self.payments)
+    def next_request_id(self, ds: int) -> int:
+        """The id the dataset's next request gets: ``ds << 40 | number``."""
+        return ds << REQUEST_NUMBER_BITS | self.datasets[ds].requests + 1
 
     def record(self, ds: int, who: str) -> AccessModel:
         return self.access.get((ds, who), AccessModel())
@@ -481,6 +532,25 @@ class Model:
         mask, node, at = self.site_keys[ds]
         return (mask, keccak(node), at)
 
+    def refuse_curate(self, cid: int, caller: str) -> Refusal | None:
+        """Only an existing collaboration's curator keeps its list and names."""
+        if cid not in self.collaborations:
+            return _refuse(errors.UnknownCollaboration, collaborationId=cid)
+        if self.collaborations[cid].curator != caller:
+            return _refuse(errors.NotCurator, collaborationId=cid, caller=caller)
+        return None
+
+    def refuse_member(
+        self, cid: int, caller: str, member: str, name: str | None = None
+    ) -> Refusal | None:
+        """``setMember`` (``name`` None) or ``nameMember``."""
+        refusal = self.refuse_curate(cid, caller)
+        if refusal is None and member == ZERO_ADDRESS:
+            refusal = _refuse(errors.ZeroAddress)
+        if refusal is None and name is not None:
+            refusal = refuse_name(name)
+        return refusal
+
     def refuse_result(
         self, ds: int, request_id: int, digest: bytes, caller: str
     ) -> Refusal | None:
@@ -494,6 +564,13 @@ class Model:
                 errors.ResultAlreadyRecorded, resultHash=digest, requestId=request_id
             )
         return None
+
+
+def refuse_name(name: str) -> Refusal | None:
+    """A collaboration's or a member's name: 1 to 200 bytes."""
+    if not 0 < len(name.encode()) <= 200:
+        return _refuse(errors.EmptyName)
+    return None
 
 
 # ------------------------------------------------------------------ chain reads
@@ -574,7 +651,6 @@ class RegistryMachine(RuleBasedStateMachine):
         self.actors = list(accounts[1:7])
         self.outsider = accounts[7]  # only ever receives withdrawals
         assert self.views("datasetCount") == 0, "the session chain must be clean"
-        assert self.views("requestCount") == 0, "the session chain must be clean"
         assert self.views.balance(self.ledger.address) == 0, "the registry holds ether"
         now = self.ledger.mine(self.views.now() + CLOCK_LEAD)
         self.model = Model(
@@ -583,6 +659,8 @@ class RegistryMachine(RuleBasedStateMachine):
             grace=int(self.views("REFUND_GRACE")),
         )
         self.hashes = 0
+        #: a collaboration rule ran since the last invariant check
+        self.curated = False
 
     def teardown(self) -> None:
         self.chain.tester.revert_to_snapshot(self.snapshot)
@@ -709,6 +787,7 @@ class RegistryMachine(RuleBasedStateMachine):
             )
         for researcher in researchers:
             self.permitted_request(data, researcher)
+        self.create(self.actors[data.draw(st.integers(0, 5), label="curator")], "dir")
 
     @precondition(lambda self: len(self.model.datasets) < MAX_DATASETS)
     @rule(
@@ -854,7 +933,7 @@ class RegistryMachine(RuleBasedStateMachine):
                     ds, agreed, seconds, codes, b"\x01" * 32, b""
                 )
                 self.ledger.transact(fn, who, value=value)
-                return self.model.request_count + 1
+                return self.model.next_request_id(ds)
 
         else:
 
@@ -871,8 +950,9 @@ class RegistryMachine(RuleBasedStateMachine):
         request_id = self.attempt(refusal, send)
         if request_id is None:
             return
-        assert request_id == self.model.request_count + 1
+        assert request_id == self.model.next_request_id(ds)
         d, at, fee = self.model.datasets[ds], self.model.now, value
+        d.requests += 1
         download = bool(codes & Codes.DL)
         grant = d.grant_seconds
         d.downloads_open += download
@@ -907,8 +987,14 @@ class RegistryMachine(RuleBasedStateMachine):
         d = self.model.datasets[ds]
         caller = data.draw(st.one_of(st.just(d.owner), st.sampled_from(self.actors)))
         if data.draw(st.sampled_from([False] * 5 + [True]), label="never made"):
-            # ids the client cannot look up: the contract itself must refuse them
-            request_id = data.draw(st.sampled_from([0, 10**6]), label="request")
+            # ids the client cannot look up: the contract itself must refuse them;
+            # among them the drawn request's number alone, and its number under
+            # another dataset's id (an id that names a request of nobody here)
+            number = request_id & (1 << REQUEST_NUMBER_BITS) - 1
+            other = (ds % MAX_DATASETS + 1) << REQUEST_NUMBER_BITS | number
+            request_id = data.draw(
+                st.sampled_from([0, 10**6, number, other]), label="request"
+            )
             name = "approve" if approve else "decline"
             fn = getattr(self.ledger.contract.functions, name)(ds, who, request_id)
 
@@ -1151,6 +1237,102 @@ class RegistryMachine(RuleBasedStateMachine):
         expected = SiteKeys(ds, mask_key, node_key, self.model.now)
         assert self.ledger.site_keys(ds) == expected
 
+    # --------------------------------------------- collaborations, the directory
+    def create(self, curator: str, name: str) -> None:
+        self.curated = True
+        cid = self.attempt(
+            refuse_name(name),
+            lambda: self.ledger.create_collaboration(name, sender=curator),
+        )
+        if cid is not None:
+            assert cid == len(self.model.collaborations) + 1
+            self.model.collaborations[cid] = CollaborationModel(curator)
+            assert self.ledger.collaboration_curator(cid) == curator
+
+    @precondition(lambda self: len(self.model.collaborations) < MAX_COLLABORATIONS)
+    @rule(curator=st.integers(0, 5), name=st.sampled_from(NAMES))
+    def create_collaboration(self, curator: int, name: str) -> None:
+        """Anyone starts a collaboration and curates it; a name is 1 to 200 bytes."""
+        self.create(self.actors[curator], name)
+
+    def draw_curation(self, data: st.DataObject) -> tuple[int, str, str]:
+        """A collaboration (or one that does not exist), a caller (its curator or
+        anyone) and an account to act on (an actor, or the zero address)."""
+        m = self.model
+        cid = data.draw(
+            st.sampled_from([*sorted(m.collaborations), len(m.collaborations) + 1]),
+            label="collaboration",
+        )
+        callers = st.sampled_from(self.actors)
+        if cid in m.collaborations:
+            callers = st.one_of(st.just(m.collaborations[cid].curator), callers)
+        caller = data.draw(callers, label="caller")
+        member = data.draw(
+            st.one_of(st.sampled_from(self.actors[:MEMBERS]), st.just(ZERO_ADDRESS)),
+            label="member",
+        )
+        return cid, caller, member
+
+    def check_directory(self, cid: int, who: str) -> None:
+        """The client reads a name only for a member, and only the one the
+        curator gave last (checked against the stored hash)."""
+        expected = self.model.collaborations[cid].directory_name(who)
+        assert self.ledger.owner_name(cid, who) == expected, (
+            f"owner_name({cid}, {who}) is not the curator's latest name of a member"
+        )
+        assert self.ledger.is_member(cid, who) is (
+            who in self.model.collaborations[cid].members
+        )
+
+    @rule(data=st.data(), admit=st.sampled_from([True, True, False]))
+    def set_member(self, data: st.DataObject, admit: bool) -> None:
+        """Admit or remove an owner: the curator only, never the zero address."""
+        cid, caller, member = self.draw_curation(data)
+        self.curated = True
+        if member == ZERO_ADDRESS:  # the client refuses it: go around it
+            fn = self.ledger.contract.functions.setMember(cid, member, admit)
+
+            def send() -> Any:
+                return self.ledger.transact(fn, caller)
+
+        else:
+
+            def send() -> Any:
+                self.ledger.set_member(cid, member, admit, sender=caller)
+                return True
+
+        if not self.attempt(self.model.refuse_member(cid, caller, member), send):
+            return
+        members = self.model.collaborations[cid].members
+        if admit:
+            members.add(member)
+        else:
+            members.discard(member)
+        self.check_directory(cid, member)
+
+    @rule(data=st.data(), name=st.sampled_from(NAMES))
+    def name_member(self, data: st.DataObject, name: str) -> None:
+        """Name an account in a directory: the curator only; the name is logged
+        and its hash stored, replacing the one before."""
+        cid, caller, member = self.draw_curation(data)
+        self.curated = True
+        if name.strip() and member != ZERO_ADDRESS:
+
+            def send() -> Any:
+                self.ledger.name_member(cid, member, name, sender=caller)
+                return True
+
+        else:  # the client refuses blank names and the zero address: go around it
+            fn = self.ledger.contract.functions.nameMember(cid, member, name)
+
+            def send() -> Any:
+                return self.ledger.transact(fn, caller)
+
+        if not self.attempt(self.model.refuse_member(cid, caller, member, name), send):
+            return
+        self.model.collaborations[cid].names[member] = name
+        self.check_directory(cid, member)
+
     @rule(data=st.data(), payee=st.integers(0, 5))
     def withdraw(self, data: st.DataObject, payee: int) -> None:
         credited = sorted(a for a, c in self.model.credits.items() if c)
@@ -1232,15 +1414,30 @@ class RegistryMachine(RuleBasedStateMachine):
         assert view.now() == m.now, "a refused call mined a block (or time drifted)"
         pairs = [(ds, who) for ds in m.datasets for who in self.actors]
         keyed = [*m.datasets, len(m.datasets) + 1]
-        calls: list[tuple[Any, ...]] = [("datasetCount",), ("requestCount",)]
+        calls: list[tuple[Any, ...]] = [("datasetCount",)]
+        calls += [("requestCount", ds) for ds in keyed]
         calls += [("getDataset", ds) for ds in m.datasets]
         calls += [("siteKeys", ds) for ds in keyed]
         calls += [("getAccess", ds, who) for ds, who in pairs]
         calls += [("hasAccess", ds, who) for ds, who in pairs]
         calls += [("credits", who) for who in self.actors]
+        collaborations = [*m.collaborations, len(m.collaborations) + 1]
+        calls += [("collaborationCount",)]
+        calls += [("collaborationCurator", cid) for cid in collaborations]
+        members = [
+            (cid, who)
+            for cid in m.collaborations
+            for who in self.actors[:MEMBERS]
+            if self.curated or STEPS[0] % MEMBER_READS_EVERY == 0
+        ]
+        self.curated = False
+        calls += [("isMember", cid, who) for cid, who in members]
+        calls += [("memberNameHash", cid, who) for cid, who in members]
         read = iter(view.many(calls))
         assert next(read) == len(m.datasets)
-        assert next(read) == m.request_count
+        for ds in keyed:
+            made = m.datasets[ds].requests if ds in m.datasets else 0
+            assert next(read) == made, f"dataset {ds}'s request counter"
         for ds, d in m.datasets.items():
             assert next(read) == d.as_chain(), f"dataset {ds} differs"
         for ds in keyed:
@@ -1261,10 +1458,35 @@ class RegistryMachine(RuleBasedStateMachine):
             )
         credits = {who: next(read) for who in self.actors}
         assert credits == {who: m.credits.get(who, 0) for who in self.actors}
+        self.check_collaborations(read, collaborations, members)
         held = view.balance(self.ledger.address)
         assert held == escrowed + sum(credits.values()), "balance != escrow + credits"
         assert m.paid_in == m.paid_out + held, "paid in != paid out + held"
         self.check_settlement(escrowed, credits)
+
+    def check_collaborations(
+        self,
+        read: Any,
+        collaborations: list[int],
+        members: list[tuple[int, str]],
+    ) -> None:
+        """Curators, member lists and name hashes are the model's: each changed
+        only by its own curator's accepted calls."""
+        m = self.model
+        assert next(read) == len(m.collaborations), "collaboration counter"
+        for cid in collaborations:
+            known = m.collaborations.get(cid)
+            expected = ZERO_ADDRESS if known is None else known.curator
+            assert next(read) == expected.lower(), f"the curator of collaboration {cid}"
+        for cid, who in members:
+            assert next(read) is (who in m.collaborations[cid].members), (
+                f"membership of {who} in collaboration {cid}"
+            )
+        for cid, who in members:
+            assert next(read) == m.collaborations[cid].name_hash(who), (
+                f"the name hash of {who} in collaboration {cid} is not the keccak256 "
+                "of the name its curator gave last"
+            )
 
     def check_settlement(self, escrowed: int, credits: dict[str, int]) -> None:
         """Each fee is in exactly one place: escrow, the owner's or the researcher's."""

@@ -77,9 +77,11 @@ def values(exc: pytest.ExceptionInfo[Any]) -> dict[str, Any]:
 
 
 def counters(ledger: Ledger) -> tuple[int, int]:
-    """``(datasetCount, requestCount)``."""
+    """``(datasetCount, requests made on all datasets)``."""
     functions = ledger.contract.functions
-    return functions.datasetCount().call(), functions.requestCount().call()
+    datasets = functions.datasetCount().call()
+    made = sum(functions.requestCount(d).call() for d in range(1, datasets + 1))
+    return datasets, made
 
 
 def payee_request(ledger: Ledger, payee: Any, dataset: int, funder: str) -> int:
@@ -898,6 +900,43 @@ def test_a_superseded_request_id_cannot_be_approved(
     assert ledger.request(second).status is Status.PENDING
     assert ledger.approve(second, sender=owner).status is Status.APPROVED
     assert ledger.request(first).status is Status.DECLINED
+
+
+def test_request_ids_are_unique_across_datasets_and_name_their_dataset(
+    ledger: Ledger, owner: str, researcher: str, stranger: str, dataset: int
+) -> None:
+    """Each dataset numbers its own requests (no shared counter to write), and a
+    request's id is ``datasetId << 40 | number``: the first requests of two datasets
+    get different ids, and an id used with the other dataset names no request there,
+    so an owner cannot act on (or a researcher anchor under) another dataset's."""
+    other = register(ledger, stranger)
+    mine = ledger.request_access(dataset, "cohort study", HMB_NCU, sender=researcher)
+    theirs = ledger.request_access(other, "cohort study", HMB_NCU, sender=researcher)
+    assert (mine, theirs) == ((dataset << 40) | 1, (other << 40) | 1)
+    functions = ledger.contract.functions
+    assert [functions.requestCount(d).call() for d in (dataset, other)] == [1, 1]
+    assert ledger.access(other, researcher).request_id == theirs
+
+    # the stranger owns `other`: it names `mine` (dataset's request) with its dataset
+    with pytest.raises(errors.UnknownRequest) as caught:
+        ledger.transact(functions.approve(other, researcher, mine), stranger)
+    assert values(caught) == {"requestId": mine}
+    with pytest.raises(errors.UnknownRequest):  # nor the bare number
+        ledger.transact(functions.approve(other, researcher, 1), stranger)
+    assert ledger.request(theirs).status is Status.PENDING
+
+    ledger.approve(mine, sender=owner)
+    ledger.approve(theirs, sender=stranger)
+    result = "0x" + "ab" * 32
+    ledger.record_result(mine, result, sender=researcher)
+    # the same digest under the other grant is its own anchor, not a duplicate
+    ledger.record_result(theirs, result, sender=researcher)
+    assert ledger.result_recorded(mine, result)
+    assert ledger.result_recorded(theirs, result)
+    with pytest.raises(errors.NotRequester):  # an id of one dataset under another
+        ledger.transact(
+            functions.recordResult(other, mine, bytes.fromhex("cd" * 32)), researcher
+        )
 
 
 # ------------------------------------------------------------------- results

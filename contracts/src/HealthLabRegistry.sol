@@ -9,9 +9,11 @@ pragma solidity 0.8.37;
 ///         and amounts are ever stored or logged: no health data, no purpose text.
 /// @dev Access is keyed by (dataset, researcher): one open request or grant per pair,
 ///      which keeps `hasAccess` a single storage read and a request a single new slot.
-///      Every request still gets a global, sequential id; calls that act on a request
-///      name that id so an owner can never approve a different request than the one
-///      they reviewed. What the researcher paid for is fixed by the request: the fee
+///      Every request still gets a globally unique id, `datasetId << 40 | number`, where
+///      `number` counts the dataset's requests (1, 2, ...; kept in the slot the request
+///      writes anyway, so no request pays for a shared counter); calls that act on a
+///      request name that id so an owner can never approve a different request than the
+///      one they reviewed. What the researcher paid for is fixed by the request: the fee
 ///      and the grant's duration. A compute grant's fee goes to the owner when they
 ///      approve (paid to them in that call); a download grant's fee stays in escrow
 ///      until the owner releases the key, and comes back to the researcher if it is
@@ -64,8 +66,7 @@ contract HealthLabRegistry {
         Revoked
     }
 
-    /// @notice A registered dataset. Packed: slot 0 = owner + fee, slot 1 = terms, flags
-    ///         and counters.
+    /// @notice A registered dataset as `getDataset` returns it.
     /// @dev `pending`: requests waiting for a decision (at most `maxPending`).
     ///      `downloadsOpen`: download requests pending, and download grants whose key
     ///      has not been released; while any is open, `DL` stays in the terms.
@@ -83,13 +84,47 @@ contract HealthLabRegistry {
         string pointer;
     }
 
-    /// @notice The current request or grant of one researcher on one dataset (one slot).
+    /// @dev A dataset as stored. Slot 0 holds what an owner's decision reads and writes
+    ///      (owner, active, the pending count), and the request counter a request bumps
+    ///      with the pending count: `approve` touches one slot of the dataset, a request
+    ///      writes one. Slot 1 holds the terms a request reads. `requests`: how many
+    ///      requests were made (the last request's number).
+    struct DatasetSlots {
+        address owner;
+        bool active;
+        uint16 pending;
+        uint16 maxPending;
+        uint40 requests;
+        uint88 fee;
+        uint32 grantSeconds;
+        uint32 terms;
+        bool autoApprove;
+        uint32 downloadsOpen;
+        bytes32 contentHash;
+        string pointer;
+    }
+
+    /// @notice The current request or grant of one researcher on one dataset, as
+    ///         `getAccess` returns it (`requestId` 0: none).
     /// @dev `grantSeconds`: the grant's duration as it stood when the researcher paid;
     ///      the grant, when approved, runs that long whatever the dataset says later.
     ///      `download`: the request asked for (and a grant allows) downloading the content.
     ///      `keyReleased`: the owner released a download grant's key (and was paid).
     struct Access {
-        uint40 requestId;
+        uint256 requestId;
+        uint88 amount;
+        uint32 createdAt;
+        uint40 expiresAt;
+        uint32 grantSeconds;
+        Status status;
+        bool download;
+        bool keyReleased;
+    }
+
+    /// @dev An `Access` as stored (one slot): `number` is the request's number on its
+    ///      dataset (0: none), its id `datasetId << 40 | number`.
+    struct AccessSlot {
+        uint40 number;
         uint88 amount;
         uint32 createdAt;
         uint40 expiresAt;
@@ -135,18 +170,17 @@ contract HealthLabRegistry {
     ///         sets another cap (`setMaxPending`).
     uint16 public constant DEFAULT_MAX_PENDING = 64;
 
-    /// @dev Both counters share one slot, so the first request does not pay for a new slot.
+    /// @notice How many datasets were registered (the last dataset's id).
     uint64 public datasetCount;
-    uint64 public requestCount;
-    mapping(uint256 datasetId => Dataset) internal _datasets;
+    mapping(uint256 datasetId => DatasetSlots) internal _datasets;
     /// @notice The dataset an owner registered with a content hash (0: none). The same
     ///         content may be registered by several owners; each owner once.
     mapping(address owner => mapping(bytes32 contentHash => uint256 datasetId)) public datasetOf;
-    mapping(uint256 datasetId => mapping(address researcher => Access)) internal _access;
+    mapping(uint256 datasetId => mapping(address researcher => AccessSlot)) internal _access;
     /// @notice Withdrawable balance of each payee (owners' earnings, researchers' refunds).
     mapping(address payee => uint256) public credits;
-    /// @dev Anchored results, keyed by keccak256(requestId, resultHash): only the
-    ///      request's researcher can anchor under it, so a copied digest can neither
+    /// @dev Anchored results, keyed by keccak256(requestId, resultHash) (request ids are
+    ///      unique across datasets): only the request's researcher can anchor under it, so a copied digest can neither
     ///      block nor impersonate another researcher's anchor.
     mapping(bytes32 anchor => bool) internal _anchored;
     /// @dev The site keys each dataset's owner bound last (see `siteKeys`).
@@ -208,9 +242,6 @@ contract HealthLabRegistry {
     event RequestCancelled(uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher);
     event AccessRevoked(uint256 indexed requestId, uint256 indexed datasetId, address indexed researcher);
     event Withdrawal(address indexed payee, address indexed to, uint256 amount);
-    /// @notice A request's purpose text and salt, sealed to the dataset owner's public key:
-    ///         only the owner reads it (and checks it against the request's purpose hash).
-    event PurposeSealed(uint256 indexed requestId, bytes envelope);
     /// @notice A fee paid straight to the owner (when they approve, or release a key).
     event FeePaid(uint256 indexed requestId, address indexed owner, uint256 amount);
     /// @notice A download grant whose key was not released in time ended; its fee was
@@ -340,15 +371,16 @@ contract HealthLabRegistry {
         _checkConfig(fee, grantSeconds, terms);
         uint64 id = ++datasetCount;
         datasetId = id;
-        _datasets[id] = Dataset({
+        _datasets[id] = DatasetSlots({
             owner: msg.sender,
+            active: true,
+            pending: 0,
+            maxPending: DEFAULT_MAX_PENDING,
+            requests: 0,
             fee: uint88(fee),
             grantSeconds: grantSeconds,
             terms: terms,
             autoApprove: autoApprove,
-            active: true,
-            pending: 0,
-            maxPending: DEFAULT_MAX_PENDING,
             downloadsOpen: 0,
             contentHash: contentHash,
             pointer: pointer
@@ -366,7 +398,7 @@ contract HealthLabRegistry {
         onlyOwner(datasetId)
     {
         _checkConfig(fee, grantSeconds, terms);
-        Dataset storage d = _datasets[datasetId];
+        DatasetSlots storage d = _datasets[datasetId];
         uint32 open = d.downloadsOpen;
         if (terms & DL == 0 && open != 0) revert DownloadsOutstanding(datasetId, open);
         d.fee = uint88(fee);
@@ -379,7 +411,7 @@ contract HealthLabRegistry {
     /// @notice Open or close a dataset. While inactive nobody has access, no request can be
     ///         made or approved, and researchers may cancel pending requests at once.
     function setActive(uint256 datasetId, bool active) external onlyOwner(datasetId) {
-        Dataset storage d = _datasets[datasetId];
+        DatasetSlots storage d = _datasets[datasetId];
         d.active = active;
         emit DatasetUpdated(datasetId, d.fee, d.grantSeconds, d.terms, d.autoApprove, active);
     }
@@ -426,8 +458,9 @@ contract HealthLabRegistry {
     ///        clear.
     /// @param sealedPurpose the purpose text and its salt sealed to the owner's public key
     ///        (ECIES; up to `MAX_SEALED_PURPOSE` bytes, empty when the owner has no key,
-    ///        e.g. a contract); only logged (`PurposeSealed`), for the owner to read and
-    ///        check against `purposeHash`.
+    ///        e.g. a contract). Neither stored nor logged: the owner reads it from this
+    ///        call's data in the researcher's signed transaction (which also proves who
+    ///        sealed it) and checks it against `purposeHash`.
     /// @return requestId the new request's id; granted at once when the dataset auto-approves.
     function requestAccess(
         uint256 datasetId,
@@ -438,28 +471,29 @@ contract HealthLabRegistry {
         bytes calldata sealedPurpose
     ) external payable returns (uint256 requestId) {
         if (sealedPurpose.length > MAX_SEALED_PURPOSE) revert InvalidEnvelope(sealedPurpose.length);
-        Dataset storage d = _datasets[datasetId];
+        DatasetSlots storage d = _datasets[datasetId];
         _checkRequest(d, datasetId, agreedFee, codes, purposeHash);
         if (agreedSeconds != d.grantSeconds) revert GrantDurationChanged(agreedSeconds, d.grantSeconds);
         requestId = _open(d, datasetId, codes, purposeHash);
-        if (sealedPurpose.length != 0) emit PurposeSealed(requestId, sealedPurpose);
     }
 
     /// @dev Store a checked request (or its automatic grant) and log it.
-    function _open(Dataset storage d, uint256 datasetId, uint32 codes, bytes32 purposeHash)
+    function _open(DatasetSlots storage d, uint256 datasetId, uint32 codes, bytes32 purposeHash)
         internal
         returns (uint256 requestId)
     {
-        Access storage a = _access[datasetId][msg.sender];
+        AccessSlot storage a = _access[datasetId][msg.sender];
         Status status = a.status;
-        if (status == Status.Pending) revert RequestAlreadyOpen(a.requestId);
+        if (status == Status.Pending) revert RequestAlreadyOpen(_requestId(datasetId, a.number));
         if (status == Status.Approved && block.timestamp < a.expiresAt) {
-            revert AccessAlreadyGranted(a.requestId, a.expiresAt);
+            revert AccessAlreadyGranted(_requestId(datasetId, a.number), a.expiresAt);
         }
         // an expired download whose key never came still holds its fee: settle it first
-        if (_awaitingKey(a)) revert DownloadNotSettled(a.requestId);
+        if (_awaitingKey(a)) revert DownloadNotSettled(_requestId(datasetId, a.number));
 
-        requestId = ++requestCount;
+        uint40 number = d.requests + 1; // checked: reverts rather than reuse a number
+        d.requests = number;
+        requestId = _requestId(datasetId, number);
         bool download = codes & DL != 0;
         uint256 fee = d.fee;
         uint40 expiresAt = 0; // a pending request has no expiry yet
@@ -477,8 +511,8 @@ contract HealthLabRegistry {
             if (pending >= d.maxPending) revert TooManyPending(datasetId, d.maxPending);
             d.pending = pending + 1;
         }
-        _access[datasetId][msg.sender] = Access(
-            uint40(requestId), uint88(fee), uint32(block.timestamp), expiresAt, d.grantSeconds, status, download, false
+        _access[datasetId][msg.sender] = AccessSlot(
+            number, uint88(fee), uint32(block.timestamp), expiresAt, d.grantSeconds, status, download, false
         );
     }
 
@@ -491,9 +525,9 @@ contract HealthLabRegistry {
         onlyOwner(datasetId)
         nonReentrant
     {
-        Dataset storage d = _datasets[datasetId];
+        DatasetSlots storage d = _datasets[datasetId];
         if (!d.active) revert DatasetInactive(datasetId);
-        Access storage a = _pending(datasetId, researcher, requestId);
+        AccessSlot storage a = _pending(datasetId, researcher, requestId);
         uint40 expiresAt = uint40(block.timestamp + a.grantSeconds);
         a.status = Status.Approved;
         a.expiresAt = expiresAt;
@@ -505,7 +539,7 @@ contract HealthLabRegistry {
 
     /// @notice Decline a pending request; the escrowed fee becomes withdrawable by the researcher.
     function decline(uint256 datasetId, address researcher, uint256 requestId) external onlyOwner(datasetId) {
-        Access storage a = _pending(datasetId, researcher, requestId);
+        AccessSlot storage a = _pending(datasetId, researcher, requestId);
         a.status = Status.Declined;
         _closeRequest(_datasets[datasetId], a);
         uint256 amount = a.amount;
@@ -516,8 +550,8 @@ contract HealthLabRegistry {
     /// @notice Cancel your own unanswered request after `requestTimeout` (at once if the
     ///         dataset was deactivated); the fee becomes withdrawable by you.
     function cancel(uint256 datasetId, uint256 requestId) external {
-        Access storage a = _access[datasetId][msg.sender];
-        if (a.requestId != requestId || requestId == 0) revert NotRequester(requestId, msg.sender);
+        AccessSlot storage a = _access[datasetId][msg.sender];
+        if (!_is(datasetId, a, requestId)) revert NotRequester(requestId, msg.sender);
         if (a.status != Status.Pending) revert NotPending(requestId, a.status);
         uint256 cancellableAt = uint256(a.createdAt) + requestTimeout;
         if (block.timestamp < cancellableAt && _datasets[datasetId].active) {
@@ -534,12 +568,12 @@ contract HealthLabRegistry {
     ///         earned; the fee of a download grant whose key you never released goes back
     ///         to the researcher.
     function revoke(uint256 datasetId, address researcher) external onlyOwner(datasetId) {
-        Access storage a = _access[datasetId][researcher];
+        AccessSlot storage a = _access[datasetId][researcher];
         if (a.status != Status.Approved || block.timestamp >= a.expiresAt) {
             revert NoActiveGrant(datasetId, researcher);
         }
         a.status = Status.Revoked;
-        emit AccessRevoked(a.requestId, datasetId, researcher);
+        emit AccessRevoked(_requestId(datasetId, a.number), datasetId, researcher);
         if (a.download && !a.keyReleased) _refundDownload(datasetId, a, researcher);
     }
 
@@ -550,8 +584,8 @@ contract HealthLabRegistry {
     ///         So a refund can never race a release: the researcher never holds both the
     ///         key and the fee.
     function requestDownloadRefund(uint256 datasetId, uint256 requestId) external {
-        Access storage a = _access[datasetId][msg.sender];
-        if (a.requestId != requestId || requestId == 0) revert NotRequester(requestId, msg.sender);
+        AccessSlot storage a = _access[datasetId][msg.sender];
+        if (!_is(datasetId, a, requestId)) revert NotRequester(requestId, msg.sender);
         if (!_awaitingKey(a)) revert NotAwaitingKey(requestId);
         if (refundableAt[requestId] != 0) revert RefundAlreadyRequested(requestId, refundableAt[requestId]);
         uint256 askableAt = uint256(a.expiresAt) - a.grantSeconds + requestTimeout;
@@ -566,8 +600,8 @@ contract HealthLabRegistry {
     ///         `requestDownloadRefund` has passed, by the owner at any time (giving up the
     ///         fee). The grant ends (`Cancelled`).
     function refundDownload(uint256 datasetId, address researcher, uint256 requestId) external {
-        Access storage a = _access[datasetId][researcher];
-        if (a.requestId != requestId || requestId == 0) revert UnknownRequest(requestId);
+        AccessSlot storage a = _access[datasetId][researcher];
+        if (!_is(datasetId, a, requestId)) revert UnknownRequest(requestId);
         bool owner = _datasets[datasetId].owner == msg.sender;
         if (msg.sender != researcher && !owner) revert NotRequester(requestId, msg.sender);
         if (!_awaitingKey(a)) revert NotAwaitingKey(requestId);
@@ -596,11 +630,11 @@ contract HealthLabRegistry {
         nonReentrant
     {
         if (envelope.length == 0 || envelope.length > MAX_ENVELOPE) revert InvalidEnvelope(envelope.length);
-        Access storage a = _access[datasetId][researcher];
-        if (a.requestId != requestId || requestId == 0) revert UnknownRequest(requestId);
+        AccessSlot storage a = _access[datasetId][researcher];
+        if (!_is(datasetId, a, requestId)) revert UnknownRequest(requestId);
         if (!_awaitingKey(a) && !_live(datasetId, a)) revert NoActiveGrant(datasetId, researcher);
         if (!a.download) revert NotADownloadGrant(requestId);
-        Dataset storage d = _datasets[datasetId];
+        DatasetSlots storage d = _datasets[datasetId];
         if (d.terms & DL == 0) revert DownloadNotPermitted(datasetId);
         emit KeyReleased(requestId, datasetId, researcher, envelope);
         if (!a.keyReleased) {
@@ -631,8 +665,8 @@ contract HealthLabRegistry {
     ///         grant neither blocks nor replaces yours.
     function recordResult(uint256 datasetId, uint256 requestId, bytes32 resultHash) external {
         if (resultHash == bytes32(0)) revert ZeroResultHash();
-        Access storage a = _access[datasetId][msg.sender];
-        if (a.requestId != requestId || requestId == 0) revert NotRequester(requestId, msg.sender);
+        AccessSlot storage a = _access[datasetId][msg.sender];
+        if (!_is(datasetId, a, requestId)) revert NotRequester(requestId, msg.sender);
         if (!_live(datasetId, a)) revert NoActiveGrant(datasetId, msg.sender);
         bytes32 anchor = keccak256(abi.encode(requestId, resultHash));
         if (_anchored[anchor]) revert ResultAlreadyRecorded(resultHash, requestId);
@@ -679,8 +713,9 @@ contract HealthLabRegistry {
         external
         onlyOwner(datasetId)
     {
-        uint256 requestId = _access[datasetId][researcher].requestId;
-        if (requestId == 0) revert NoActiveGrant(datasetId, researcher);
+        uint40 number = _access[datasetId][researcher].number;
+        if (number == 0) revert NoActiveGrant(datasetId, researcher);
+        uint256 requestId = _requestId(datasetId, number);
         PrivacySpend storage spend = privacySpent[requestId];
         if (answers < spend.answers || epsilonMilli < spend.epsilonMilli) revert SpendDecreased(requestId);
         spend.answers = answers;
@@ -733,14 +768,43 @@ contract HealthLabRegistry {
 
     /// @notice A dataset's full record.
     function getDataset(uint256 datasetId) external view returns (Dataset memory) {
-        Dataset memory d = _datasets[datasetId];
+        DatasetSlots storage d = _datasets[datasetId];
         if (d.owner == address(0)) revert UnknownDataset(datasetId);
-        return d;
+        return Dataset({
+            owner: d.owner,
+            fee: d.fee,
+            grantSeconds: d.grantSeconds,
+            terms: d.terms,
+            autoApprove: d.autoApprove,
+            active: d.active,
+            pending: d.pending,
+            maxPending: d.maxPending,
+            downloadsOpen: d.downloadsOpen,
+            contentHash: d.contentHash,
+            pointer: d.pointer
+        });
+    }
+
+    /// @notice How many requests were made on `datasetId` (its last request's number;
+    ///         0 for an unknown dataset). Request `n` of dataset `d` has id `d << 40 | n`.
+    function requestCount(uint256 datasetId) external view returns (uint256) {
+        return _datasets[datasetId].requests;
     }
 
     /// @notice The current request or grant of `researcher` on `datasetId` (zeroes if none).
     function getAccess(uint256 datasetId, address researcher) external view returns (Access memory) {
-        return _access[datasetId][researcher];
+        AccessSlot storage a = _access[datasetId][researcher];
+        uint40 number = a.number;
+        return Access({
+            requestId: number == 0 ? 0 : _requestId(datasetId, number),
+            amount: a.amount,
+            createdAt: a.createdAt,
+            expiresAt: a.expiresAt,
+            grantSeconds: a.grantSeconds,
+            status: a.status,
+            download: a.download,
+            keyReleased: a.keyReleased
+        });
     }
 
     /// @notice The public keys the owner of `datasetId` bound last (all zero if never bound).
@@ -784,21 +848,21 @@ contract HealthLabRegistry {
     }
 
     /// @dev A pending request leaves the queue (declined or cancelled).
-    function _closeRequest(Dataset storage d, Access storage a) internal {
+    function _closeRequest(DatasetSlots storage d, AccessSlot storage a) internal {
         --d.pending;
         if (a.download) --d.downloadsOpen;
     }
 
     /// @dev An unreleased download grant ends: its escrowed fee is credited back.
-    function _refundDownload(uint256 datasetId, Access storage a, address researcher) internal {
+    function _refundDownload(uint256 datasetId, AccessSlot storage a, address researcher) internal {
         --_datasets[datasetId].downloadsOpen;
         uint256 amount = a.amount;
         if (amount != 0) credits[researcher] += amount;
-        emit DownloadRefunded(a.requestId, datasetId, researcher);
+        emit DownloadRefunded(_requestId(datasetId, a.number), datasetId, researcher);
     }
 
     /// @dev What a request must satisfy before anything is paid or stored.
-    function _checkRequest(Dataset storage d, uint256 datasetId, uint256 agreedFee, uint32 codes, bytes32 purposeHash)
+    function _checkRequest(DatasetSlots storage d, uint256 datasetId, uint256 agreedFee, uint32 codes, bytes32 purposeHash)
         internal
         view
     {
@@ -816,19 +880,30 @@ contract HealthLabRegistry {
     function _pending(uint256 datasetId, address researcher, uint256 requestId)
         internal
         view
-        returns (Access storage a)
+        returns (AccessSlot storage a)
     {
         a = _access[datasetId][researcher];
-        if (a.requestId != requestId || requestId == 0) revert UnknownRequest(requestId);
+        if (!_is(datasetId, a, requestId)) revert UnknownRequest(requestId);
         if (a.status != Status.Pending) revert NotPending(requestId, a.status);
     }
 
+    /// @dev A request's id: unique across datasets (`number` < 2^40, checked when counted).
+    function _requestId(uint256 datasetId, uint40 number) internal pure returns (uint256) {
+        return (datasetId << 40) | number;
+    }
+
+    /// @dev Whether `a` (of `datasetId`) is request `requestId`; never for an empty slot.
+    function _is(uint256 datasetId, AccessSlot storage a, uint256 requestId) internal view returns (bool) {
+        uint40 number = a.number;
+        return number != 0 && _requestId(datasetId, number) == requestId;
+    }
+
     /// @dev A download grant whose fee waits in escrow for its key (live or not).
-    function _awaitingKey(Access storage a) internal view returns (bool) {
+    function _awaitingKey(AccessSlot storage a) internal view returns (bool) {
         return a.status == Status.Approved && a.download && !a.keyReleased;
     }
 
-    function _live(uint256 datasetId, Access storage a) internal view returns (bool) {
+    function _live(uint256 datasetId, AccessSlot storage a) internal view returns (bool) {
         return a.status == Status.Approved && block.timestamp < a.expiresAt && _datasets[datasetId].active;
     }
 

@@ -65,7 +65,6 @@ _OF_REQUEST = (
     "ResultRecorded",
     "KeyReleased",
     "FeePaid",
-    "PurposeSealed",
 )
 _FINAL = {
     "AccessGranted": Status.APPROVED,
@@ -478,7 +477,7 @@ class Ledger(ContractClient):
 
         ``purpose`` never goes on chain in clear: a salted hash is recorded, and the
         text and salt are sealed to the owner's public key (recovered from the
-        dataset's registration) and logged, so the owner's inbox reads them
+        dataset's registration) and sent as call data, so the owner's inbox reads them
         (:meth:`sealed_purpose`) and checks them against the hash; this client keeps
         them too (:meth:`purpose_of`). An owner without a key (a contract) gets the
         hash only. ``fee_wei``

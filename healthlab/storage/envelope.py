@@ -255,6 +255,6 @@ def open_message(envelope: bytes, private_key: bytes, *, context: bytes) -> byte
     if len(sealed) <= _PREFIX + 16 or sealed[0] != VERSION:
         raise EnvelopeRejected(
             f"this is not a version-{VERSION} sealed message: take it from the "
-            "request's PurposeSealed event"
+            "request's transaction (requestAccess's sealedPurpose)"
         )
     return _open(sealed, private_key, bound, _MESSAGE_INFO)
