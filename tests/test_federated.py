@@ -740,3 +740,14 @@ def test_a_masked_step_takes_no_member_or_key_from_the_server() -> None:
     )
     twice = send({"members": pair}, state)["status"]
     assert "already contributed" in str(twice["refused"])
+
+
+def test_a_masked_study_of_twenty_sites_gives_the_in_clear_fedavg_model() -> None:
+    """Past the old limit of 16 members (issue 16): the masked sums widen their
+    modulus and the model is still exactly the in-clear FedAvg's."""
+    sites = iid(cancer(), 20, seed=3)
+    masked = run(sites, rounds=2)
+    plain = run(sites, rounds=2, secure="none")
+    difference = np.abs(flat(masked) - flat(plain)).max()
+    assert difference < 1e-12, f"masked vs plain parameters differ by {difference:.3g}"
+    assert [len(s) for s in masked.history["sites"]] == [20, 20]
