@@ -12,6 +12,7 @@ from healthlab import encrypted
 from healthlab.data import load_cohort_sites
 from healthlab.encrypted.inference import anova_from_groups
 from healthlab.errors import DisclosureRefused, InvalidInput
+from healthlab.receipts import verify
 
 RTOL = 1e-10
 
@@ -119,9 +120,13 @@ def test_quantiles_bracket_numpy_at_the_resolution() -> None:
         if row["at_resolution"]:
             assert row["upper"] - row["lower"] == 1
     assert result["at_resolution"].all()
-    assert result.attrs["n"] == len(rows)
+    assert result.n == len(rows)
     # each step is a count query: about log2(119) of them per quantile, shared
-    assert result.attrs["queries"] <= 5 * 7 + 1
+    assert len(result.receipts) <= 5 * 7 + 1
+    assert result.receipt["kind"] == "quantiles"
+    assert verify(result.receipt, result).ok
+    assert result.receipt["parts"] == [r["receipt_hash"] for r in result.receipts]
+    assert len(result.receipt["queries"]) == len(result.receipts)
 
 
 def test_on_the_owners_grid_quantiles_are_finer() -> None:
@@ -194,9 +199,9 @@ def test_describe_with_percentiles_brackets_pandas() -> None:
             true = np.quantile(rows[column], p, method="inverted_cdf")
             assert low <= true < high
             assert high - low == step
-        found = table.attrs["percentiles"][column]
+        found = table.percentiles[column]
         assert found["at_resolution"].all()
-    receipt = table.attrs["receipt"]
+    receipt = table.receipt
     assert receipt["parameters"]["percentiles"] == [0.25, 0.5, 0.75]
     assert receipt["parameters"]["resolution"] == {"x": 1.0, "y": 0.5}
 
@@ -233,7 +238,7 @@ def test_describe_percentiles_refuse_what_they_cannot_answer() -> None:
         frames(), ["age"], percentiles=[0.75], ranges=(0, 120), resolution=1
     )
     assert (table.loc["75% lower", "age"], table.loc["75% upper", "age"]) == (66, 68)
-    assert not table.attrs["percentiles"]["age"].loc[0.75, "at_resolution"]
+    assert not table.percentiles["age"].loc[0.75, "at_resolution"]
 
 
 # ------------------------------------------------------- per-column missing
@@ -242,7 +247,7 @@ def test_missing_counts_equal_pandas() -> None:
     result = encrypted.missing(frames(), columns)
     assert result["missing"].tolist() == pooled()[columns].isna().sum().tolist()
     assert (result["of"] == len(pooled())).all()
-    assert result.attrs["receipt"]["kind"] == "missing"
+    assert result.receipt["kind"] == "missing"
 
 
 def test_a_missing_count_one_site_holds_is_withheld_and_one_or_two_refused() -> None:
@@ -251,7 +256,7 @@ def test_a_missing_count_one_site_holds_is_withheld_and_one_or_two_refused() -> 
     alone["site_a"].loc[alone["site_a"].index[:5], "sbp"] = np.nan  # only site_a
     result = encrypted.missing(alone, ["sbp", "bmi"])
     assert pd.isna(result.loc["sbp", "missing"])
-    assert result.attrs["suppressed"] == ["sbp"]
+    assert result.suppressed == ["sbp"]
     assert result.loc["bmi", "missing"] == pooled()["bmi"].isna().sum()
     few = {k: f.copy() for k, f in data.items()}
     for f in few.values():

@@ -20,8 +20,16 @@ import pandas as pd
 from scipy import stats as distributions
 
 from healthlab.encrypted.keys import KeyHolder
-from healthlab.encrypted.stats import SitesLike, crosstab, describe
+from healthlab.encrypted.stats import (
+    SitesLike,
+    combined_receipt,
+    crosstab,
+    describe,
+)
+from healthlab.encrypted.tables import ResultTable
 from healthlab.errors import DisclosureRefused, InvalidInput, TooFewRows
+from healthlab.receipts import Receipt
+from healthlab.sites import as_sites
 
 __all__ = [
     "TestResult",
@@ -154,7 +162,7 @@ def ttest(
         result.p_value,
         result.estimate,
         result.conf_int,
-        grouped.attrs["receipt"],
+        grouped.receipt,
     )
 
 
@@ -186,7 +194,7 @@ def chi2_test(
         result.statistic,
         result.df,
         result.p_value,
-        receipt=table.attrs["receipt"],
+        receipt=table.receipt,
     )
 
 
@@ -292,12 +300,17 @@ def table_one(
     population: Sequence[str] | None = None,
     dropna: bool = True,
     digits: int = 1,
-) -> pd.DataFrame:
+) -> ResultTable:
     """A paper's Table 1 across sites, with p-values: mean (SD) of each
     ``continuous`` column and n (%) of each level of each ``categorical`` one, per
     level of ``by`` and overall; ``p``: Welch's t-test or one-way ANOVA, and the
     chi-square test. Declaring ``population=`` (e.g. every column named) keeps
     every query on the same rows, so the auditor answers the whole table.
+
+    ``.receipt`` covers the formatted table (every query of its parts);
+    ``.receipts`` are the parts' own (overall, by group, each categorical table);
+    ``.suppressed`` names what they withheld (groups; ``(level, group)`` cells);
+    ``.missing`` the rows left out (of the overall description).
 
     Examples
     --------
@@ -315,7 +328,31 @@ def table_one(
     overall = describe(sites, list(continuous), **options)
     grouped = describe(sites, list(continuous), by=by, **options)
     counts = {c: crosstab(sites, c, by, **options) for c in categorical}
-    return format_table_one(overall, grouped, counts, digits=digits, p_values=True)
+    table = format_table_one(overall, grouped, counts, digits=digits, p_values=True)
+    parts = [overall, grouped, *counts.values()]
+    receipt = combined_receipt(
+        table,
+        [p.receipt for p in parts],
+        as_sites(sites),
+        kind="table_one",
+        parameters={
+            "continuous": list(continuous),
+            "categorical": list(categorical),
+            "by": by,
+            "dropna": dropna,
+            "population": list(population or ()),
+        },
+    )
+    return ResultTable.released(
+        table,
+        receipt,
+        missing=overall.missing,
+        suppressed=[
+            *grouped.suppressed,
+            *(cell for c in counts.values() for cell in c.suppressed),
+        ],
+        receipts=[p.receipt for p in parts],
+    )
 
 
 def quantiles(
@@ -329,7 +366,7 @@ def quantiles(
     keys: KeyHolder | None = None,
     dropna: bool = True,
     population: Sequence[str] | None = None,
-) -> pd.DataFrame:
+) -> ResultTable:
     """Pooled quantiles of ``column`` to within ``resolution``, by bisection on
     pooled counts.
 
@@ -343,6 +380,9 @@ def quantiles(
     interval ``[lower, upper)`` that holds numpy's ``quantile(x, p,
     method="inverted_cdf")`` of the pooled rows: of width ``resolution``, or wider
     where a step was refused (``at_resolution`` False: the bracket reached).
+
+    ``.n``: the pooled rows (in range) the quantiles are of; ``.receipts``: each
+    step's receipt; ``.receipt``: one over the table, naming every step's query.
     """
     from healthlab.encrypted.stats import histogram
 
@@ -369,11 +409,12 @@ def quantiles(
     }
     below: dict[int, int] = {}
     total: list[int] = []
-    receipts: list[dict[str, Any]] = []
+    receipts: list[Receipt] = []
 
     def counted(edges: list[float]) -> pd.Series:
         table = histogram(sites, column, edges, **options)
-        if table.attrs.get("outside"):
+        # None: the count outside is withheld, i.e. some site has rows there
+        if table.outside is None or table.outside:
             raise DisclosureRefused(
                 f"range= must hold every row of {column!r} (the minimum and "
                 "maximum are not released); widen it"
@@ -384,7 +425,7 @@ def quantiles(
                 "a bisection step's count was withheld (too few sites hold rows "
                 "on one side of it); widen range= or coarsen resolution="
             )
-        receipts.append(table.attrs["receipt"])
+        receipts.append(table.receipt)
         return counts
 
     def count_below(j: int) -> int:  # pooled rows with value < grid[j]
@@ -421,7 +462,18 @@ def quantiles(
         rows[p] = {"lower": lower, "upper": upper, "at_resolution": refined}
     result = pd.DataFrame.from_dict(rows, orient="index")
     result.index.name = "q"
-    result.attrs["n"] = total[0]
-    result.attrs["queries"] = len(receipts)
-    result.attrs["receipts"] = receipts
-    return result
+    receipt = combined_receipt(
+        result,
+        receipts,
+        as_sites(sites),
+        kind="quantiles",
+        parameters={
+            "column": column,
+            "q": probabilities,
+            "range": [low, high],
+            "resolution": float(resolution),
+            "dropna": dropna,
+            "population": list(population or ()),
+        },
+    )
+    return ResultTable.released(result, receipt, n=total[0], receipts=receipts)
