@@ -111,9 +111,7 @@ def test_with_a_population_the_whole_table_one_is_answered_exactly() -> None:
     assert answers["ols"].receipt["kind"] == "ols"
     assert verify(answers["ols"].receipt, answers["ols"]).ok
     # the receipt says which population every answer summarizes
-    assert answers["ols"].receipt["parameters"]["population"] == sorted(
-        COLUMNS
-    )
+    assert answers["ols"].receipt["parameters"]["population"] == sorted(COLUMNS)
 
 
 def test_the_attack_through_four_populations_is_refused() -> None:

@@ -431,10 +431,7 @@ def test_a_missing_count_only_one_site_has_is_withheld() -> None:
         encrypted.describe(sites, ["age"])
     frames[1].loc[:2, "sbp"] = np.nan  # both leave rows out: the count is pooled
     both = [Site(f"h{i}", f) for i, f in enumerate(frames, 1)]
-    assert (
-        encrypted.histogram(both, "age", [0, 200], population=["sbp"]).missing
-        == 8
-    )
+    assert encrypted.histogram(both, "age", [0, 200], population=["sbp"]).missing == 8
 
 
 @pytest.mark.parametrize("describe_first", [True, False])
