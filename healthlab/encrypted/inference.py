@@ -27,7 +27,7 @@ from healthlab.encrypted.stats import (
     describe,
 )
 from healthlab.encrypted.tables import ResultTable
-from healthlab.errors import DisclosureRefused, InvalidInput, TooFewRows
+from healthlab.errors import DisclosureRefused, InvalidInput, TooFewRows, TooFewSites
 from healthlab.receipts import Receipt
 from healthlab.sites import as_sites
 
@@ -205,8 +205,15 @@ def format_table_one(
     *,
     digits: int = 1,
     p_values: bool = False,
+    medians: Mapping[Any, pd.DataFrame | None] | None = None,
 ) -> pd.DataFrame:
     """A paper's Table 1 from pooled results: mean (SD) and n (%) per group.
+
+    ``medians`` (optional) maps ``column`` (overall) and ``(group, column)`` to
+    :func:`quantiles` of 0.25, 0.5 and 0.75 (``None``: withheld): a row
+    ``"{column}, median [IQR]"`` follows the column's mean (SD), each value the
+    bracket's lower end when it reached the resolution (the value itself, for
+    values on the resolution's grid), else ``lower–upper``.
 
     ``overall`` and ``grouped`` are ``encrypted.describe`` results without and with
     ``by=`` (same columns); ``counts`` maps a categorical variable to its
@@ -237,6 +244,13 @@ def format_table_one(
                 stats["n"], stats["mean"], stats["var"]
             )
             row["p"] = _p(test.p_value)
+        if medians is not None and c in medians:
+            row = table[f"{c}, median [IQR]"] = {}
+            for g in groups:
+                row[g] = _median_iqr(medians.get((g, c)))
+            row["overall"] = _median_iqr(medians[c])
+            if p_values:
+                row["p"] = ""
     for name, cross in (counts or {}).items():
         cross = cross.rename(columns=str)
         first = True
@@ -266,6 +280,21 @@ def format_table_one(
             first = False
     order = [*groups, "overall", *(["p"] if p_values else [])]
     return pd.DataFrame.from_dict(table, orient="index").fillna({"p": ""})[order]
+
+
+def _median_iqr(found: pd.DataFrame | None) -> str:
+    """``median [Q1, Q3]`` from a :func:`quantiles` table of 0.25, 0.5, 0.75."""
+    if found is None:
+        return "withheld"
+
+    def value(p: float) -> str:
+        row = found.to_dict(orient="index")[p]
+        lower, upper = float(row["lower"]), float(row["upper"])
+        if bool(row["at_resolution"]):
+            return f"{lower:g}"
+        return f"{lower:g}–{upper:g}"
+
+    return f"{value(0.5)} [{value(0.25)}, {value(0.75)}]"
 
 
 def _p(value: float) -> str:
@@ -300,12 +329,22 @@ def table_one(
     population: Sequence[str] | None = None,
     dropna: bool = True,
     digits: int = 1,
+    nonnormal: Sequence[str] = (),
+    ranges: tuple[float, float] | Mapping[str, tuple[float, float]] | None = None,
+    resolution: float | Mapping[str, float] | None = None,
 ) -> ResultTable:
     """A paper's Table 1 across sites, with p-values: mean (SD) of each
     ``continuous`` column and n (%) of each level of each ``categorical`` one, per
     level of ``by`` and overall; ``p``: Welch's t-test or one-way ANOVA, and the
     chi-square test. Declaring ``population=`` (e.g. every column named) keeps
     every query on the same rows, so the auditor answers the whole table.
+
+    ``nonnormal`` (some of ``continuous``) adds a ``median [IQR]`` row per column,
+    overall and per group, by :func:`quantiles` at ``resolution`` within
+    ``ranges`` (as :func:`~healthlab.encrypted.describe`'s ``percentiles=``; of
+    the rows with a value of the column, or of the declared ``population``). A
+    group's quartiles whose step count cannot be released are ``withheld`` and
+    named in ``.suppressed`` as ``(group, column)``.
 
     ``.receipt`` covers the formatted table (every query of its parts);
     ``.receipts`` are the parts' own (overall, by group, each categorical table);
@@ -328,8 +367,23 @@ def table_one(
     overall = describe(sites, list(continuous), **options)
     grouped = describe(sites, list(continuous), by=by, **options)
     counts = {c: crosstab(sites, c, by, **options) for c in categorical}
-    table = format_table_one(overall, grouped, counts, digits=digits, p_values=True)
-    parts = [overall, grouped, *counts.values()]
+    medians, withheld = _medians(
+        sites,
+        grouped,
+        list(continuous),
+        list(nonnormal),
+        by,
+        ranges,
+        resolution,
+        keys,
+        researcher,
+        population,
+    )
+    table = format_table_one(
+        overall, grouped, counts, digits=digits, p_values=True, medians=medians
+    )
+    found = [t for t in medians.values() if isinstance(t, ResultTable)]
+    parts = [overall, grouped, *counts.values(), *found]
     receipt = combined_receipt(
         table,
         [p.receipt for p in parts],
@@ -350,9 +404,58 @@ def table_one(
         suppressed=[
             *grouped.suppressed,
             *(cell for c in counts.values() for cell in c.suppressed),
+            *withheld,
         ],
         receipts=[p.receipt for p in parts],
     )
+
+
+def _medians(
+    sites: SitesLike,
+    grouped: ResultTable,
+    continuous: list[str],
+    nonnormal: list[str],
+    by: str,
+    ranges: tuple[float, float] | Mapping[str, tuple[float, float]] | None,
+    resolution: float | Mapping[str, float] | None,
+    keys: KeyHolder,
+    researcher: str | None,
+    population: Sequence[str] | None,
+) -> tuple[dict[Any, ResultTable | None], list[tuple[Any, str]]]:
+    """``table_one``'s quartiles of each ``nonnormal`` column: overall, and per
+    released group of ``grouped`` (``None`` and named when withheld)."""
+    from healthlab.encrypted.stats import _percentile_args
+
+    if not nonnormal:
+        if ranges is not None or resolution is not None:
+            raise InvalidInput("ranges= and resolution= go with nonnormal=[...]")
+        return {}, []
+    if not set(nonnormal) <= set(continuous):
+        raise InvalidInput("nonnormal= names columns among the continuous ones")
+    asked = _percentile_args(nonnormal, [0.25, 0.5, 0.75], ranges, resolution)
+    assert asked is not None
+    probabilities, spans, steps = asked
+    groups = list(dict.fromkeys(grouped.columns.get_level_values(0)))
+    options: dict[str, Any] = {
+        "researcher": researcher,
+        "keys": keys,
+        "dropna": True,
+        "population": population,
+    }
+    found: dict[Any, ResultTable | None] = {}
+    withheld: list[tuple[Any, str]] = []
+    for c in nonnormal:
+        ask = {"range": spans[c], "resolution": steps[c], **options}
+        found[c] = quantiles(sites, c, probabilities, **ask)
+        for g in groups:
+            try:
+                found[(g, c)] = quantiles(
+                    sites, c, probabilities, within={by: g}, **ask
+                )
+            except TooFewSites:
+                found[(g, c)] = None
+                withheld.append((g, c))
+    return found, withheld
 
 
 def quantiles(
@@ -366,6 +469,7 @@ def quantiles(
     keys: KeyHolder | None = None,
     dropna: bool = True,
     population: Sequence[str] | None = None,
+    within: Mapping[str, Any] | None = None,
 ) -> ResultTable:
     """Pooled quantiles of ``column`` to within ``resolution``, by bisection on
     pooled counts.
@@ -381,10 +485,16 @@ def quantiles(
     method="inverted_cdf")`` of the pooled rows: of width ``resolution``, or wider
     where a step was refused (``at_resolution`` False: the bracket reached).
 
+    ``within`` (``{"sex": "F"}``): the quantiles of one group's rows, one released
+    level (:func:`~healthlab.encrypted.levels`) of each named column; every step
+    counts that group's rows only. A step whose count is withheld (too few sites
+    hold the group's rows on one side of it) is refused with
+    :class:`~healthlab.errors.TooFewSites`.
+
     ``.n``: the pooled rows (in range) the quantiles are of; ``.receipts``: each
     step's receipt; ``.receipt``: one over the table, naming every step's query.
     """
-    from healthlab.encrypted.stats import histogram
+    from healthlab.encrypted.stats import _grouping_levels, histogram
 
     low, high = (float(v) for v in range)
     if not (np.isfinite(low) and np.isfinite(high) and low < high):
@@ -401,11 +511,20 @@ def quantiles(
     grid = [float(s * resolution) for s in steps if low < s * resolution < high]
     if not grid:
         raise InvalidInput("range= holds no multiple of resolution= inside it")
+    if within:
+        for name, level in within.items():
+            released = _grouping_levels(as_sites(sites), name, researcher)
+            if str(level) not in released:
+                raise InvalidInput(
+                    f"within= names a level of {name!r} that is not among its "
+                    "released levels (encrypted.levels)"
+                )
     options: dict[str, Any] = {
         "researcher": researcher,
         "keys": keys or KeyHolder(),
         "dropna": dropna,
         "population": population,
+        "within": dict(within) if within else None,
     }
     below: dict[int, int] = {}
     total: list[int] = []
@@ -421,7 +540,7 @@ def quantiles(
             )
         counts = table["count"]
         if counts.isna().any():
-            raise DisclosureRefused(
+            raise TooFewSites(
                 "a bisection step's count was withheld (too few sites hold rows "
                 "on one side of it); widen range= or coarsen resolution="
             )
@@ -438,6 +557,12 @@ def quantiles(
 
     # the rows in range: one bin (every row, or the range is refused)
     total[:] = [int(counted([low, high]).iloc[0])]
+    if not total[0]:
+        raise InvalidInput(
+            f"no pooled rows of {column!r}"
+            + (" in the group asked (within=)" if within else "")
+            + " lie in range=: there is no quantile to find"
+        )
     rows = {}
     for p in probabilities:
         needed = int(np.ceil(p * total[0]))
@@ -474,6 +599,11 @@ def quantiles(
             "resolution": float(resolution),
             "dropna": dropna,
             "population": list(population or ()),
+            **(
+                {"within": {str(k): str(v) for k, v in within.items()}}
+                if within
+                else {}
+            ),
         },
     )
     return ResultTable.released(result, receipt, n=total[0], receipts=receipts)

@@ -212,8 +212,13 @@ def _counts(site: Site, query: Query) -> Totals:
     """Cell counts of a histogram (one numeric column) or a cross-tabulation."""
     spec = query.spec
     columns: list[str] = list(spec["columns"])
+    # a histogram of one group's rows: [column, level] pairs, levels as text
+    within = [(str(c), str(v)) for c, v in spec.get("within") or ()]
+    if within and "edges" not in spec:
+        raise DataRefused(f"site {site.name}: within= applies to histograms only")
+    reads = list(dict.fromkeys([*columns, *(c for c, _ in within)]))
     kept, dropped = site.rows(
-        columns, dropna=bool(spec.get("dropna")), population=spec.get("population", ())
+        reads, dropna=bool(spec.get("dropna")), population=spec.get("population", ())
     )
     if "edges" in spec:
         edges = np.asarray(spec["edges"], dtype=np.float64)
@@ -221,7 +226,12 @@ def _counts(site: Site, query: Query) -> Totals:
         x = numeric_column(site.name, kept[columns[0]], columns[0])
         index = np.searchsorted(edges, x, side="right") - 1
         index[x == edges[-1]] = len(edges) - 2  # numpy: the last bin is closed
-        inside = (x >= edges[0]) & (x <= edges[-1])
+        member = np.ones(len(kept), dtype=bool)
+        for column, level in within:
+            _check_grouping(site, kept, column, site.policy.min_rows)
+            member &= kept[column].astype(str).to_numpy() == level
+        in_range = (x >= edges[0]) & (x <= edges[-1])
+        inside = member & in_range
         masks = [inside & (index == i) for i in range(len(edges) - 1)]
     elif len(columns) == 1:  # one-way counts of a category's levels
         _check_grouping(site, kept, columns[0], site.policy.min_rows)
@@ -236,14 +246,15 @@ def _counts(site: Site, query: Query) -> Totals:
         masks = [(r == a) & (c == b) for a in row_levels for b in col_levels]
     totals = [float(dropped)] + [float(m.sum()) for m in masks]
     if "edges" in spec:  # the rows outside the edges: counted too (a cell of its own)
-        beyond = int((~inside).sum())
+        outside = member & ~in_range
+        beyond = int(outside.sum())
         if 0 < beyond < site.policy.min_rows:
             raise DisclosureRefused(
                 f"site {site.name}: fewer than {site.policy.min_rows} of its rows fall "
                 "outside the bin edges, and their count is released; move the first "
                 "or last edge out to cover the column's range"
             )
-        masks.append(~inside)
+        masks.append(outside)
         totals.append(float(beyond))
     full = _full_masks(site, kept, masks)
     # every cell is a block: a bin or cell held by fewer sites than the pooling
@@ -251,7 +262,7 @@ def _counts(site: Site, query: Query) -> Totals:
     # (the rows outside a histogram's edges are the last: all rows minus the bins
     # is them, so when too few sites hold such rows they are withheld, protected)
     blocks = [Block(1 + i, 2 + i, m, empty_released=True) for i, m in enumerate(full)]
-    return totals, {col: full for col in columns} | _left_out(site, kept), blocks
+    return totals, {col: full for col in reads} | _left_out(site, kept), blocks
 
 
 def _missing_counts(site: Site, query: Query) -> Totals:
@@ -758,6 +769,13 @@ def describe(
     upper"``, the bracket ``[lower, upper)`` — of width ``resolution``, wider
     where a site's rules stopped the bisection (``.percentiles`` has each
     column's brackets, whether each reached the resolution, and their receipts).
+    With ``by``, per released group, by the same bisection on the group's pooled
+    counts (``.percentiles`` keyed by the result's columns, ``(group, column)``);
+    a group's column whose steps cannot be released (too few sites hold its rows
+    on one side of a step, or the auditor refuses every step) is ``NaN`` and
+    named in ``.suppressed`` as ``(group, column)`` — never a bracket of other
+    rows; a bracket some steps narrowed but not to the resolution is shown, with
+    ``at_resolution`` False in ``.percentiles``.
 
     ``by`` is a column, or a list of columns (each group is one level of each:
     columns ``(level_a, level_b, column)``).
@@ -793,7 +811,7 @@ def describe(
     options = QueryOptions.of(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
-    asked = _percentile_args(cols, by, percentiles, ranges, resolution)
+    asked = _percentile_args(cols, percentiles, ranges, resolution)
     if not isinstance(by, str) and by is not None:
         named = _by_columns(by)
         if not named or len(set(named)) != len(named) or set(named) & set(cols):
@@ -866,29 +884,10 @@ def describe(
         )
     found: dict[Any, ResultTable] | None = None
     if asked is not None:
-        from healthlab.encrypted.inference import quantiles
-
-        probabilities, spans, steps = asked
-        found = {
-            column: quantiles(
-                site_list,
-                column,
-                probabilities,
-                range=spans[column],
-                resolution=steps[column],
-                researcher=researcher,
-                keys=options.keys,
-                dropna=True,
-                population=options.population or None,
-            )
-            for column in cols
-        }
-        for p in probabilities:
-            label = f"{100 * p:g}%"
-            for side in ("lower", "upper"):
-                result.loc[f"{label} {side}"] = [
-                    float(found[c][side].loc[p]) for c in cols
-                ]
+        found, withheld = _describe_percentiles(
+            site_list, result, cols, by, groups, suppressed, asked, options
+        )
+        suppressed = [*suppressed, *withheld]
     return release(
         result,
         runs,
@@ -914,9 +913,88 @@ def describe(
     )
 
 
+def _describe_percentiles(
+    site_list: list[Site],
+    result: pd.DataFrame,
+    cols: list[str],
+    by: str | list[str] | None,
+    groups: list[Any],
+    suppressed: list[Any],
+    asked: tuple[list[float], dict[str, tuple[float, float]], dict[str, float]],
+    options: QueryOptions,
+) -> tuple[dict[Any, ResultTable], list[Any]]:
+    """``describe``'s percentile rows (``"25% lower"``, ``"25% upper"``, ...) added
+    to ``result`` in place, by :func:`quantiles` per column — and with ``by``,
+    per released group (each step counts the group's rows only). A group's
+    column whose step count is withheld (too few sites hold its rows on one side
+    of a step) gets ``NaN`` and is returned, keyed as the result's column
+    ``(group, column)``, to be named in ``.suppressed``."""
+    from healthlab.encrypted.inference import quantiles
+
+    probabilities, spans, steps = asked
+    named = _by_columns(by)
+    cells: list[tuple[Any, Any]] = (
+        [(None, c) for c in cols]
+        if by is None
+        else [(g, c) for g in groups if g not in suppressed for c in cols]
+    )
+    found: dict[Any, ResultTable] = {}
+    withheld: list[Any] = []
+    for group, column in cells:
+        within = None
+        key: Any = column
+        if by is not None:
+            levels_of = [group] if isinstance(by, str) else list(group)
+            within = dict(zip(named, levels_of, strict=True))
+            key = (*levels_of, column)  # the result's column
+        try:
+            answer = quantiles(
+                site_list,
+                column,
+                probabilities,
+                range=spans[column],
+                resolution=steps[column],
+                researcher=options.researcher,
+                keys=options.keys,
+                dropna=True,
+                population=options.population or None,
+                within=within,
+            )
+        except TooFewSites:
+            if by is None:
+                raise
+            answer = None
+        # with by=, a bracket that is the whole range says nothing of the group:
+        # no step could be answered, so it is withheld and named, like a refusal
+        if by is not None and (
+            answer is None
+            or (
+                (answer["lower"] == spans[column][0])
+                & (answer["upper"] == spans[column][1])
+            ).any()
+        ):
+            withheld.append(key)
+            _log.warning(
+                "describe: the percentiles of %r in group %s are withheld (the "
+                "sites' rules answer no bisection step of the group's rows)",
+                column,
+                group,
+            )
+            continue
+        assert answer is not None
+        found[key] = answer
+    where = list(result.columns)
+    for p in probabilities:
+        label = f"{100 * p:g}%"
+        for side in ("lower", "upper"):
+            result.loc[f"{label} {side}"] = [
+                float(found[k][side].loc[p]) if k in found else np.nan for k in where
+            ]
+    return found, withheld
+
+
 def _percentile_args(
     columns: list[str],
-    by: str | Sequence[str] | None,
     percentiles: Sequence[float] | None,
     ranges: tuple[float, float] | Mapping[str, tuple[float, float]] | None,
     resolution: float | Mapping[str, float] | None,
@@ -929,11 +1007,6 @@ def _percentile_args(
                 "percentiles too, or neither"
             )
         return None
-    if by is not None:
-        raise InvalidInput(
-            "percentiles= with by= is not built: ask describe(..., by=) for the "
-            "moments, and quantiles() per group's own sites or population"
-        )
     if ranges is None or resolution is None:
         raise InvalidInput(
             "percentiles= needs ranges= (low, high) holding every row, and "
@@ -980,8 +1053,13 @@ def histogram(
     on_refusal: str = "raise",
     population: Sequence[str] | None = None,
     bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
+    within: Mapping[str, Any] | None = None,
 ) -> ResultTable:
     """Exact pooled counts per bin, like ``numpy.histogram`` (last bin closed).
+
+    ``within`` (``{"sex": "F"}``) counts only the rows of one group: one level of
+    each named column, compared as text (the columns must be categories; the
+    sites' cell rule and holder count apply to the group's bins as to any).
 
     ``bins`` are edges, or a number of equal bins over ``range`` (required then: the
     data's minimum and maximum are single rows' values and are not asked for).
@@ -1028,12 +1106,16 @@ def histogram(
     options = QueryOptions.of(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
-    spec = {
+    spec: dict[str, Any] = {
         "columns": [column],
         "edges": edges.tolist(),
         "dropna": dropna,
         "population": options.population,
     }
+    if within:
+        if column in within:
+            raise InvalidInput(f"within= restricts rows by {column!r} itself")
+        spec["within"] = [[str(c), str(v)] for c, v in within.items()]
     run = _run(site_list, "counts", spec, edges.size + 1, _counts, **options.run_args())
     cells = _cell_counts(run)
     result = pd.DataFrame({"left": edges[:-1], "right": edges[1:], "count": cells[:-1]})
@@ -1062,6 +1144,7 @@ def histogram(
             "column": column,
             "edges": edges.tolist(),
             "population": options.population,
+            **({"within": spec["within"]} if within else {}),
         },
     )
 
@@ -1621,8 +1704,7 @@ def noise_of(runs: list[StudyRun]) -> dict[str, Any] | None:
     # the pooled noise of every total: the sites' own, independent draws
     return {
         "sd_per_total": [
-            np.sqrt(np.sum(np.square(list(n.values())), axis=0)).tolist()
-            for n in noisy
+            np.sqrt(np.sum(np.square(list(n.values())), axis=0)).tolist() for n in noisy
         ],
         "sites": noisy,
         "note": "Gaussian noise the sites added under their privacy budgets, "
