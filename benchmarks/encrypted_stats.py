@@ -58,7 +58,7 @@ import tenseal.sealapi as sealapi
 from machine import cpu_model  # benchmarks/machine.py (run as a script)
 
 from healthlab import encrypted
-from healthlab.encrypted import KeyHolder, values
+from healthlab.encrypted import KeyHolder, ResultTable, values
 from healthlab.encrypted.encoding import DIGITS
 from healthlab.encrypted.keys import PublicContext
 
@@ -496,7 +496,7 @@ def totals_mode(
     contributions = clock.captured[_CONTRIBUTION]
     queries = list(dict.fromkeys(c.query_hash for c in contributions))
     one = ciphertext_size(keys.public_context())
-    receipt = traced_result.attrs["receipt"]
+    receipt = traced_result.receipt
     receipt_bytes = receipt["encryption"]["upload_bytes"]
 
     print(
@@ -612,7 +612,7 @@ VALUES_PHASES = [
         "concurrent.futures.process.ProcessPoolExecutor.shutdown",
         "stop the pool (join its workers)",
     ),
-    (f"{_V}.attach_receipt", "receipt (sha256 of every site's data)"),
+    (f"{_V}.release", "receipt (sha256 of every site's data)"),
 ]
 #: what the timed describe_values run keeps: (site, bytes) per value ciphertext
 #: added, and the count query's Contribution objects
@@ -783,7 +783,7 @@ def values_mode(
 
     print("\n-- Relative error, largest over the columns --")
     error_rows(result, {"pandas describe()": pandas_table, "exact (fsum)": reference})
-    encryption = result.attrs["receipt"]["encryption"]
+    encryption = result.receipt["encryption"]
     rounding = encryption.get("rounding")
     print(
         "(CKKS-approximate by design: no target; totals mode is exact)"
@@ -813,11 +813,11 @@ def values_mode(
 def upload_table(
     frames: Mapping[str, pd.DataFrame],
     keys: KeyHolder,
-    result: pd.DataFrame,
+    result: ResultTable,
     phases: PhaseClock,
 ) -> None:
     """Ciphertexts and bytes each site uploaded, from what the aggregator received."""
-    upload = result.attrs["receipt"]["encryption"]["upload_bytes"]
+    upload = result.receipt["encryption"]["upload_bytes"]
     added: list[tuple[str, int]] = phases.captured.get(_ADD, [])
     counted = phases.captured.get(_COUNT_CONTRIBUTION, [])
     one = ciphertext_size(keys.public_context())

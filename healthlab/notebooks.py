@@ -45,7 +45,7 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -78,6 +78,8 @@ __all__ = [
     "SAMPLE_DIRECTORY",
     "SAMPLE_HOSPITALS",
     "TABLE_MIMETYPE",
+    "CityScores",
+    "Comparison",
     "Connection",
     "SampleDataset",
     "Study",
@@ -687,18 +689,42 @@ def _frame(payload: Mapping[str, Any]) -> pd.DataFrame:
     )
 
 
+class Comparison(pd.DataFrame):
+    """:func:`compare`'s table, with its largest differences as attributes:
+    ``max_abs``, ``max_rel`` (over the cells both give) and ``n_withheld`` (cells
+    ``ours`` withheld); :meth:`figures` has the three as a dict."""
+
+    _metadata: ClassVar[list[str]] = ["max_abs", "max_rel", "n_withheld"]
+
+    max_abs: float
+    max_rel: float
+    n_withheld: int
+
+    @property
+    def _constructor(self) -> type[Comparison]:
+        return Comparison
+
+    def figures(self) -> dict[str, float]:
+        """``{"max_abs": ..., "max_rel": ..., "withheld": ...}``."""
+        return {
+            "max_abs": self.max_abs,
+            "max_rel": self.max_rel,
+            "withheld": self.n_withheld,
+        }
+
+
 def compare(
     ours: pd.DataFrame,
     reference: pd.DataFrame,
     *,
     names: tuple[str, str] = ("encrypted", "pandas"),
-) -> pd.DataFrame:
+) -> Comparison:
     """Both results side by side, cell by cell, on the rows and columns they share.
 
     One row per (statistic, column) with both values and their absolute and relative
-    differences; ``.attrs["max_abs"]``/``["max_rel"]`` hold the largest ones over
-    the cells both give, ``.attrs["withheld"]`` how many ``ours`` withheld
-    (``<NA>``; the ``withheld`` column marks them).
+    differences; ``.max_abs``/``.max_rel`` are the largest ones over the cells both
+    give, ``.n_withheld`` how many ``ours`` withheld (``<NA>``; the ``withheld``
+    column marks them).
     """
     rows = [r for r in ours.index if r in reference.index]
     cols = [c for c in ours.columns if c in reference.columns]
@@ -715,12 +741,15 @@ def compare(
     # a cell the sites withheld (<NA>: too few sites or rows) is not a match: it
     # is named, and the largest differences are over the cells both give
     table["withheld"] = table[names[0]].isna() & table[names[1]].notna()
-    table.attrs = {
+    result = Comparison(table)
+    figures = {
         "max_abs": float(table["abs diff"].max()),
         "max_rel": float(table["rel diff"].max()),
-        "withheld": int(table["withheld"].sum()),
+        "n_withheld": int(table["withheld"].sum()),
     }
-    return table
+    for name, value in figures.items():
+        object.__setattr__(result, name, value)
+    return result
 
 
 def pandas_histogram(
@@ -817,8 +846,9 @@ def provenance(
 ) -> pd.DataFrame:
     """Anchor each result's receipt on chain (by its researcher) and verify it.
 
-    ``results`` maps a label to an encrypted-statistics result (its receipt in
-    ``.attrs["receipt"]``) or a :class:`~healthlab.federated.FederatedResult`. One row
+    ``results`` maps a label to an encrypted-statistics result (its ``.receipt``:
+    a table, or a fitted model, whose receipt covers its ``to_frame()``) or a
+    :class:`~healthlab.federated.FederatedResult`. One row
     per result: kind, sites, receipt hash, anchored requests, and whether every
     check of :func:`healthlab.receipts.verify` passed.
     """
@@ -853,18 +883,23 @@ def receipt_of(result: Any) -> Receipt:
 
     if isinstance(result, FederatedResult):
         return result.receipt
-    receipt: Receipt | None = getattr(result, "attrs", {}).get("receipt")
-    if receipt is None:
+    receipt: Receipt | None = getattr(result, "receipt", None)
+    if not receipt:
         raise InvalidInput("this result carries no receipt")
     return receipt
 
 
 def _hashed(result: Any) -> Any:
-    """What a result's ``result_hash`` covers (a model: its final parameters)."""
+    """What a result's ``result_hash`` covers (a federated model: its final
+    parameters; a fitted model: its ``to_frame()``; a table: itself)."""
     from healthlab.federated import FederatedResult
 
     if isinstance(result, FederatedResult):
         return {f"param{i}": p.tolist() for i, p in enumerate(result.params)}
+    if not isinstance(result, pd.DataFrame) and callable(
+        getattr(result, "to_frame", None)
+    ):
+        return result.to_frame()
     return result
 
 
@@ -1206,6 +1241,19 @@ def in_period(
     return out
 
 
+class CityScores(pd.DataFrame):
+    """:func:`city_scores`' table, with ``results``: each answered city's
+    ``describe`` result (a :class:`~healthlab.encrypted.ResultTable`)."""
+
+    _metadata: ClassVar[list[str]] = ["results"]
+
+    results: dict[str, Any]
+
+    @property
+    def _constructor(self) -> type[CityScores]:
+        return CityScores
+
+
 def city_scores(
     sites: Mapping[str, pd.DataFrame],
     first_day: str,
@@ -1213,7 +1261,7 @@ def city_scores(
     *,
     keys: KeyHolder | None = None,
     min_sites: int = 2,
-) -> pd.DataFrame:
+) -> CityScores:
     """Each city's mean score over a period, pooled over encrypted site totals.
 
     For every city, the sites holding any of its user-days in the period (each
@@ -1224,8 +1272,8 @@ def city_scores(
     is printed per city as it is computed.
 
     Returns one row per city: ``sites``, ``user-days``, ``mean``, ``std``, ``sem``
-    and ``refused``; ``.attrs["results"]`` maps each answered city to its
-    ``describe`` result (with its receipt).
+    and ``refused``; ``.results`` maps each answered city to its ``describe``
+    result (with its receipt).
     """
     from healthlab import encrypted
 
@@ -1255,9 +1303,9 @@ def city_scores(
             row["refused"] = ""
             print(f"{city}: {len(holding)} sites, {column['count']:.0f} user-days")
         rows.append(row)
-    table = pd.DataFrame(rows).set_index("city")
-    table.attrs["results"] = results
-    return table
+    scores = CityScores(pd.DataFrame(rows).set_index("city"))
+    object.__setattr__(scores, "results", results)
+    return scores
 
 
 def pandas_city_scores(

@@ -815,7 +815,7 @@ class OracleWorker:
                 if isinstance(exc, kind):
                     return Answer(None, code, str(exc))
             raise
-        receipt = table.attrs["receipt"]
+        receipt = table.receipt
         for name, mask in masks.items():
             self._memory[name].remember(
                 {"score": [mask]},

@@ -10,7 +10,7 @@ the chain. Receipts never hold keys, purpose text or row-level values.
 Examples
 --------
 >>> table = encrypted.describe(sites, ["age"], researcher=me)
->>> receipt = table.attrs["receipt"]
+>>> receipt = table.receipt
 >>> receipt.anchor(ledger, sender=me)  # doctest: +SKIP
 >>> verify(receipt, table, ledger).ok  # doctest: +SKIP
 True

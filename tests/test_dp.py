@@ -79,7 +79,7 @@ def test_honest_results_are_within_their_stated_noise() -> None:
     sites = budgeted(frames, PrivacyBudget(epsilon=10.0, noise_multiplier=3.0))
     pooled = pd.concat(frames, ignore_index=True)
     table = encrypted.describe(sites, ["age", "sbp"], bounds=BOUNDS)
-    noise = table.attrs["noise"]
+    noise = table.noise
     # round 2's layout: [dropped, n, Σ(age-c), Σ(sbp-c), Σ(age-c)², Σ(sbp-c)²]
     sd_n, sd_age = noise["sd_per_total"][1][1], noise["sd_per_total"][1][2]
     assert sd_n > 0 and set(noise["sites"][1]) == {"a", "b", "c"}
@@ -90,7 +90,7 @@ def test_honest_results_are_within_their_stated_noise() -> None:
     )
     hist = encrypted.histogram(sites, "age", [0, 50, 60, 120])
     expected, _ = np.histogram(pooled["age"], [0, 50, 60, 120])
-    sd_cell = hist.attrs["noise"]["sd_per_total"][0][1]
+    sd_cell = hist.noise["sd_per_total"][0][1]
     assert np.all(np.abs(hist["count"].to_numpy() - expected) < 5 * sd_cell + 1)
 
 
@@ -155,10 +155,10 @@ def test_inclusion_exclusion_under_dp_gives_noise_of_the_stated_scale() -> None:
         )
         # round 2's n and Σ(age - c): totals 1 and 2 of the layout
         predicted_n.append(
-            np.sqrt(sum(t.attrs["noise"]["sd_per_total"][1][1] ** 2 for t in tables))
+            np.sqrt(sum(t.noise["sd_per_total"][1][1] ** 2 for t in tables))
         )
         predicted_sum.append(
-            np.sqrt(sum(t.attrs["noise"]["sd_per_total"][1][2] ** 2 for t in tables))
+            np.sqrt(sum(t.noise["sd_per_total"][1][2] ** 2 for t in tables))
         )
     error_n = np.asarray(counts) - 1.0  # one patient lacks both
     ratio_n = np.std(error_n, ddof=1) / np.mean(predicted_n)
@@ -223,7 +223,7 @@ def test_on_chain_the_owner_sets_the_budget_and_the_spend_is_recorded(
         ledger.set_privacy_budget(ds, None, sender=researcher)
     assert ledger.privacy_spent(ds, researcher).answers == 0
     table = encrypted.describe(sites, ["age"], bounds=BOUNDS, researcher=researcher)
-    assert "noise" in table.attrs
+    assert table.noise is not None
     spend = ledger.privacy_spent(ds, researcher)
     assert spend.answers == 2  # the two rounds of describe
     assert spend.epsilon == pytest.approx(budget.spent(2), abs=0.001)

@@ -50,6 +50,7 @@ from healthlab.errors import (
     InvalidInput,
     TooFewSites,
 )
+from healthlab.receipts import verify
 from healthlab.sites import log_query
 
 RTOL = 1e-9  # the bound for means, variances, correlations, coefficients
@@ -140,8 +141,10 @@ def test_ols_equals_least_squares_on_diabetes(keys: KeyHolder, xs: list[str]) ->
     table = fit.to_frame()
     np.testing.assert_allclose(table["coef"], beta, rtol=RTOL)
     np.testing.assert_allclose(table["se"], se, rtol=RTOL)
-    assert table.attrs["n"] == 442 and "receipt" in table.attrs
-    assert table.attrs["receipt"] == fit.receipt
+    assert type(table) is pd.DataFrame, "to_frame() is a plain frame"
+    assert fit.table.receipt == fit.receipt
+    assert verify(fit.receipt, table).ok, "the receipt covers to_frame()"
+    assert fit.table.missing == 0
 
 
 @pytest.mark.parametrize(
@@ -168,7 +171,7 @@ def test_histogram_counts_equal_numpy(
     column_values = diabetes()[column]
     low, high = edges[0], edges[-1]
     outside = int(((column_values < low) | (column_values > high)).sum())
-    assert result.attrs["outside"] == outside
+    assert result.outside == outside
 
 
 def test_a_histogram_with_few_rows_outside_its_edges_is_refused(
@@ -221,7 +224,7 @@ def test_one_way_counts_equal_pandas(keys: KeyHolder) -> None:
         expected = frame[column].astype(str).value_counts().sort_index()
         assert list(table.index) == list(expected.index)
         assert table["count"].tolist() == expected.tolist()
-        assert table.attrs["receipt"]["kind"] == "counts"
+        assert table.receipt["kind"] == "counts"
     # crosstab(x, x) (pandas: the counts on the diagonal; it raised IndexError)
     diagonal = encrypted.crosstab(sites, "older", "older", keys=keys)
     expected = pd.crosstab(frame["older"].astype(str), frame["older"].astype(str))
@@ -425,7 +428,7 @@ def test_a_histogram_drops_only_its_own_columns_missing_rows(keys: KeyHolder) ->
     sites = split(frame, 150, 300)
     # a histogram asks for one column: only that column's missing rows are dropped
     hist = encrypted.histogram(sites, "bmi", [15, 25, 35, 45], dropna=True, keys=keys)
-    assert hist.attrs["missing"] == 9
+    assert hist.missing == 9
     counts, _ = np.histogram(frame["bmi"].dropna(), [15, 25, 35, 45])
     assert hist["count"].tolist() == counts.tolist()
 
@@ -774,11 +777,11 @@ def test_every_value_mode_uploads_a_ciphertext_per_4096_values(
     every_value_run: tuple[pd.DataFrame, dict[str, pd.DataFrame], pd.DataFrame],
 ) -> None:
     _, sites, table = every_value_run
-    receipt = table.attrs["receipt"]
+    receipt = table.receipt
     assert receipt["encryption"]["mode"] == "every value"
     values_upload = receipt["encryption"]["upload_bytes"]
     totals = encrypted.describe(sites, ["x", "y"], keys=keys)
-    totals_upload = totals.attrs["receipt"]["encryption"]["upload_bytes"]
+    totals_upload = totals.receipt["encryption"]["upload_bytes"]
     ciphertext = len(
         every_value.encrypt_values(np.zeros(1), keys.evaluation_context())[0]
     )

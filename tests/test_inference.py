@@ -12,6 +12,7 @@ from healthlab import encrypted
 from healthlab.data import load_cohort_sites
 from healthlab.encrypted.inference import anova_from_groups
 from healthlab.errors import DisclosureRefused, InvalidInput
+from healthlab.receipts import verify
 
 RTOL = 1e-10
 
@@ -119,9 +120,13 @@ def test_quantiles_bracket_numpy_at_the_resolution() -> None:
         if row["at_resolution"]:
             assert row["upper"] - row["lower"] == 1
     assert result["at_resolution"].all()
-    assert result.attrs["n"] == len(rows)
+    assert result.n == len(rows)
     # each step is a count query: about log2(119) of them per quantile, shared
-    assert result.attrs["queries"] <= 5 * 7 + 1
+    assert len(result.receipts) <= 5 * 7 + 1
+    assert result.receipt["kind"] == "quantiles"
+    assert verify(result.receipt, result).ok
+    assert result.receipt["parts"] == [r["receipt_hash"] for r in result.receipts]
+    assert len(result.receipt["queries"]) == len(result.receipts)
 
 
 def test_on_the_owners_grid_quantiles_are_finer() -> None:
@@ -194,16 +199,16 @@ def test_describe_with_percentiles_brackets_pandas() -> None:
             true = np.quantile(rows[column], p, method="inverted_cdf")
             assert low <= true < high
             assert high - low == step
-        found = table.attrs["percentiles"][column]
+        found = table.percentiles[column]
         assert found["at_resolution"].all()
-    receipt = table.attrs["receipt"]
+    receipt = table.receipt
     assert receipt["parameters"]["percentiles"] == [0.25, 0.5, 0.75]
     assert receipt["parameters"]["resolution"] == {"x": 1.0, "y": 0.5}
 
 
 def test_describe_percentiles_refuse_what_they_cannot_answer() -> None:
     """The minimum and maximum stay unreleased; a range must be given and hold
-    every row; by= is refused by name; a site's rule leaves the bracket reached."""
+    every row; a site's rule leaves the bracket reached."""
     parts = frames()
     with pytest.raises(InvalidInput, match="strictly between 0 and 1"):
         encrypted.describe(
@@ -221,10 +226,6 @@ def test_describe_percentiles_refuse_what_they_cannot_answer() -> None:
             ranges={"age": (0, 120)},
             resolution=1,
         )
-    with pytest.raises(InvalidInput, match="not built"):
-        encrypted.describe(
-            parts, ["age"], by="sex", percentiles=[0.5], ranges=(0, 120), resolution=1
-        )
     with pytest.raises(DisclosureRefused, match="must hold every row"):
         encrypted.describe(
             parts, ["age"], percentiles=[0.5], ranges=(60, 120), resolution=1
@@ -233,7 +234,7 @@ def test_describe_percentiles_refuse_what_they_cannot_answer() -> None:
         frames(), ["age"], percentiles=[0.75], ranges=(0, 120), resolution=1
     )
     assert (table.loc["75% lower", "age"], table.loc["75% upper", "age"]) == (66, 68)
-    assert not table.attrs["percentiles"]["age"].loc[0.75, "at_resolution"]
+    assert not table.percentiles["age"].loc[0.75, "at_resolution"]
 
 
 # ------------------------------------------------------- per-column missing
@@ -242,7 +243,7 @@ def test_missing_counts_equal_pandas() -> None:
     result = encrypted.missing(frames(), columns)
     assert result["missing"].tolist() == pooled()[columns].isna().sum().tolist()
     assert (result["of"] == len(pooled())).all()
-    assert result.attrs["receipt"]["kind"] == "missing"
+    assert result.receipt["kind"] == "missing"
 
 
 def test_a_missing_count_one_site_holds_is_withheld_and_one_or_two_refused() -> None:
@@ -251,10 +252,159 @@ def test_a_missing_count_one_site_holds_is_withheld_and_one_or_two_refused() -> 
     alone["site_a"].loc[alone["site_a"].index[:5], "sbp"] = np.nan  # only site_a
     result = encrypted.missing(alone, ["sbp", "bmi"])
     assert pd.isna(result.loc["sbp", "missing"])
-    assert result.attrs["suppressed"] == ["sbp"]
+    assert result.suppressed == ["sbp"]
     assert result.loc["bmi", "missing"] == pooled()["bmi"].isna().sum()
     few = {k: f.copy() for k, f in data.items()}
     for f in few.values():
         f.loc[f.index[:2], "sbp"] = np.nan  # 2 per site
     with pytest.raises(DisclosureRefused, match="fewer than 3"):
         encrypted.missing(few, ["sbp"])
+
+
+# ------------------------------------------------ percentiles per group
+def grouped_parts(seed: int = 8, n: int = 1200) -> dict[str, pd.DataFrame]:
+    """Sites whose groups (and groups of g × h) hold enough rows at every
+    bisection step (the ranges' quarter points included) for the cell rule."""
+    rng = np.random.default_rng(seed)
+    return {
+        f"s{i}": pd.DataFrame(
+            {
+                "x": rng.normal(50, 10, n).round(0),
+                "y": rng.normal(20, 5, n),
+                "g": rng.choice(["a", "b"], n),
+                "h": rng.choice(["u", "v"], n),
+            }
+        )
+        for i in range(3)
+    }
+
+
+@pytest.mark.parametrize("by", ["g", ["g", "h"]])
+def test_describe_percentiles_by_group_bracket_numpy_per_group(
+    by: str | list[str],
+) -> None:
+    """describe(by=, percentiles=): each released group's bracket, by bisection on
+    that group's pooled counts, holds numpy's inverted-cdf percentile of the
+    group's pooled rows, at the resolution; the moments are unchanged."""
+    parts = grouped_parts()
+    rows = pd.concat(parts.values(), ignore_index=True)
+    plain = encrypted.describe(parts, ["x", "y"], by=by)
+    table = encrypted.describe(
+        parts,
+        ["x", "y"],
+        by=by,
+        percentiles=[0.25, 0.5, 0.75],
+        ranges={"x": (0, 120), "y": (0, 40)},
+        resolution={"x": 1, "y": 1},
+    )
+    pd.testing.assert_frame_equal(table.loc[plain.index], plain)
+    named = [by] if isinstance(by, str) else by
+    assert table.suppressed == []
+    assert table.percentiles is not None
+    assert sorted(table.percentiles) == sorted(table.columns)
+    for key in table.columns:
+        *levels, column = key
+        mask = np.ones(len(rows), dtype=bool)
+        for name, level in zip(named, levels, strict=True):
+            mask &= (rows[name] == level).to_numpy()
+        values = rows.loc[mask, column]
+        found = table.percentiles[key]
+        reached = found["at_resolution"].to_dict()
+        for p in (0.25, 0.5, 0.75):
+            label = f"{100 * p:g}%"
+            low = table.loc[f"{label} lower", key]
+            high = table.loc[f"{label} upper", key]
+            true = np.quantile(values, p, method="inverted_cdf")
+            assert low <= true < high, (key, p)
+            # the resolution, or wider where a site's rule stopped the bisection
+            assert (high - low == 1.0) == reached[p], (key, p)
+        assert found.n == len(values), key
+        if isinstance(by, str):  # 1800 rows per group: every step is answered
+            assert all(reached.values()), key
+        assert found.receipt["parameters"]["within"] == dict(
+            zip(named, levels, strict=True)
+        )
+        assert verify(found.receipt, found).ok
+    assert verify(table.receipt, table).ok
+
+
+def test_a_group_percentile_that_cannot_be_released_is_withheld_and_named() -> None:
+    """Group b is held by two sites, but its low values only at one and its high
+    values only at the other: every bisection step's count would be one site's,
+    so the sites answer none — b's percentiles are NaN and named, a's exact."""
+    rng = np.random.default_rng(4)
+    parts = {
+        f"s{i}": pd.DataFrame({"x": rng.normal(50, 5, 300).round(0), "g": "a"})
+        for i in range(3)
+    }
+    parts["s0"].loc[:19, ["x", "g"]] = [[v, "b"] for v in np.arange(10.0, 30.0)]
+    parts["s1"].loc[:19, ["x", "g"]] = [[v, "b"] for v in np.arange(70.0, 90.0)]
+    rows = pd.concat(parts.values(), ignore_index=True)
+    table = encrypted.describe(
+        parts, ["x"], by="g", percentiles=[0.5], ranges=(0, 120), resolution=1
+    )
+    assert table.suppressed == [("b", "x")]
+    assert np.isnan(table.loc["50% lower", ("b", "x")])
+    assert np.isnan(table.loc["50% upper", ("b", "x")])
+    assert table.loc["count", ("b", "x")] == 40, "the moments are still released"
+    assert table.percentiles is not None and ("b", "x") not in table.percentiles
+    a = rows.loc[rows.g == "a", "x"]
+    true = np.quantile(a, 0.5, method="inverted_cdf")
+    assert table.loc["50% lower", ("a", "x")] == true
+    assert table.loc["50% upper", ("a", "x")] == true + 1
+    # asked alone, the group's median is known only to the whole range
+    alone = encrypted.quantiles(
+        parts, "x", [0.5], range=(0, 120), resolution=1, within={"g": "b"}
+    )
+    assert alone.to_dict(orient="index")[0.5] == {
+        "lower": 0.0,
+        "upper": 120.0,
+        "at_resolution": False,
+    }
+    with pytest.raises(InvalidInput, match="not among its released levels"):
+        encrypted.quantiles(
+            parts, "x", [0.5], range=(0, 120), resolution=1, within={"g": "c"}
+        )
+
+
+def test_table_one_shows_median_and_iqr_per_group() -> None:
+    parts = grouped_parts(9)
+    rows = pd.concat(parts.values(), ignore_index=True)
+    table = encrypted.table_one(
+        parts,
+        ["x", "y"],
+        ["h"],
+        by="g",
+        nonnormal=["x"],
+        ranges={"x": (0, 120)},
+        resolution={"x": 1},
+    )
+
+    def holds(cell: str, values: pd.Series) -> None:
+        """``median [Q1, Q3]``: each the value (at the resolution: x is on it) or
+        a ``lower–upper`` bracket holding numpy's percentile of the rows."""
+        median, quartiles = cell.rstrip("]").split(" [")
+        shown = [quartiles.split(", ")[0], median, quartiles.split(", ")[1]]
+        for text, p in zip(shown, (0.25, 0.5, 0.75), strict=True):
+            true = np.quantile(values, p, method="inverted_cdf")
+            if "–" in text:
+                low, high = (float(v) for v in text.split("–"))
+                assert low <= true < high and high - low > 1, (cell, p)
+            else:
+                assert float(text) == true, (cell, p)
+
+    row = table.loc["x, median [IQR]"]
+    for g in ("a", "b"):
+        holds(row[g], rows.loc[rows.g == g, "x"])
+    holds(row["overall"], rows["x"])
+    assert row["overall"].count("–") == 0, "the overall quartiles reach 1 year"
+    assert row["p"] == ""
+    assert "y, median [IQR]" not in table.index
+    # x's mean (SD) row and its p stay; the quartiles' receipts are parts
+    assert table.loc["x, mean (SD)", "p"] != ""
+    assert [r["kind"] for r in table.receipts].count("quantiles") == 3
+    assert verify(table.receipt, table).ok
+    with pytest.raises(InvalidInput, match="among the continuous"):
+        encrypted.table_one(
+            parts, ["x"], by="g", nonnormal=["y"], ranges=(0, 60), resolution=1
+        )

@@ -17,7 +17,9 @@ import pandas as pd
 import pytest
 
 from healthlab import Site, encrypted
+from healthlab.encrypted import ResultTable
 from healthlab.errors import DataRefused, DisclosureRefused, InvalidInput
+from healthlab.receipts import verify
 
 COLUMNS = ["age", "sbp", "bmi", "glucose"]
 
@@ -49,7 +51,7 @@ def study() -> tuple[list[Site], pd.DataFrame]:
     return sites, pd.concat(frames, ignore_index=True)
 
 
-def table_one(sites: list[Site], **ask: object) -> dict[str, pd.DataFrame]:
+def table_one(sites: list[Site], **ask: object) -> dict[str, ResultTable]:
     return {
         "age": encrypted.describe(sites, ["age", "sbp"], **ask),
         "with bmi": encrypted.describe(sites, ["age", "sbp", "bmi"], **ask),
@@ -59,7 +61,7 @@ def table_one(sites: list[Site], **ask: object) -> dict[str, pd.DataFrame]:
         "histogram": encrypted.histogram(sites, "age", [0, 50, 60, 200], **ask),
         "crosstab": encrypted.crosstab(sites, "sex", "smoker", **ask),
         "corr": encrypted.corr(sites, COLUMNS, **ask),
-        "ols": encrypted.ols(sites, "sbp", ["age", "bmi", "glucose"], **ask).to_frame(),
+        "ols": encrypted.ols(sites, "sbp", ["age", "bmi", "glucose"], **ask).table,
     }
 
 
@@ -94,7 +96,10 @@ def test_with_a_population_the_whole_table_one_is_answered_exactly() -> None:
         )
     counts, _ = np.histogram(complete["age"], [0, 50, 60, 200])
     assert answers["histogram"]["count"].tolist() == counts.tolist()
-    assert answers["histogram"].attrs["missing"] == len(pooled) - n
+    assert answers["histogram"].missing == len(pooled) - n
+    # every answer counts the rows outside the population alike
+    for name in ("by sex", "crosstab", "corr", "ols"):
+        assert answers[name].missing == len(pooled) - n, name
     cross = pd.crosstab(complete["sex"], complete["smoker"])
     assert answers["crosstab"].to_numpy().tolist() == cross.to_numpy().tolist()
     assert np.allclose(answers["corr"], complete[COLUMNS].corr(), rtol=1e-12)
@@ -103,11 +108,10 @@ def test_with_a_population_the_whole_table_one_is_answered_exactly() -> None:
     )
     beta = np.linalg.lstsq(design, complete["sbp"].to_numpy(), rcond=None)[0]
     assert np.allclose(answers["ols"]["coef"], beta, rtol=1e-10)
-    assert answers["ols"].attrs["n"] == n
+    assert answers["ols"].receipt["kind"] == "ols"
+    assert verify(answers["ols"].receipt, answers["ols"]).ok
     # the receipt says which population every answer summarizes
-    assert answers["ols"].attrs["receipt"]["parameters"]["population"] == sorted(
-        COLUMNS
-    )
+    assert answers["ols"].receipt["parameters"]["population"] == sorted(COLUMNS)
 
 
 def test_the_attack_through_four_populations_is_refused() -> None:

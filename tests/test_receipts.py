@@ -66,7 +66,7 @@ def study(chain: Chain, described: tuple[Any, Study, pd.DataFrame]) -> Iterator[
 def table(described: tuple[Any, Study, pd.DataFrame]) -> pd.DataFrame:
     """The gated describe, with a receipt of its own."""
     result = described[2].copy()
-    result.attrs["receipt"] = fresh(described[2].attrs["receipt"])
+    result.receipt = fresh(described[2].receipt)
     return result
 
 
@@ -78,7 +78,7 @@ def fresh(receipt: Receipt) -> Receipt:
 def test_gated_receipt_names_every_site_with_its_chain_records(
     study: Study, table: pd.DataFrame
 ) -> None:
-    receipt = table.attrs["receipt"]
+    receipt = table.receipt
     ledger = study.ledger
     assert receipt["kind"] == "describe"
     assert receipt["gated"] is True
@@ -118,7 +118,7 @@ def test_gated_receipt_names_every_site_with_its_chain_records(
 def test_anchored_receipt_verifies_against_the_chain(
     study: Study, table: pd.DataFrame
 ) -> None:
-    receipt = table.attrs["receipt"]
+    receipt = table.receipt
     anchors = receipt.anchor(study.ledger, sender=study.researcher)
     assert [a["request_id"] for a in anchors] == list(study.requests)
     for request_id in study.requests:
@@ -145,7 +145,7 @@ def test_anchored_receipt_verifies_against_the_chain(
 def test_unanchored_gated_receipt_verifies_its_grants(
     study: Study, table: pd.DataFrame
 ) -> None:
-    report = verify(table.attrs["receipt"], table, study.ledger)
+    report = verify(table.receipt, table, study.ledger)
     assert report.ok, report.problems
 
 
@@ -221,7 +221,7 @@ TAMPERS: dict[str, tuple[Tamper, str]] = {
 def test_tampering_fails_verification(
     study: Study, table: pd.DataFrame, tamper: str
 ) -> None:
-    original = table.attrs["receipt"]
+    original = table.receipt
     original.anchor(study.ledger, sender=study.researcher)
     assert verify(original, table, study.ledger).ok, "control: verifies untouched"
     change, failing = TAMPERS[tamper]
@@ -235,7 +235,7 @@ def test_tampering_fails_verification(
 def test_receipt_of_a_study_on_another_registry_fails(
     study: Study, table: pd.DataFrame
 ) -> None:
-    receipt = fresh(table.attrs["receipt"])
+    receipt = fresh(table.receipt)
     receipt["chain"]["registry"] = "0x" + "22" * 20
     receipt["receipt_hash"] = receipt.hash
     report = verify(receipt, table, study.ledger)
@@ -244,7 +244,7 @@ def test_receipt_of_a_study_on_another_registry_fails(
 
 def test_ungated_receipt_verifies_hashes_but_has_no_grants(study: Study) -> None:
     table = encrypted.describe(thirds(diabetes()), COLUMNS)
-    receipt = table.attrs["receipt"]
+    receipt = table.receipt
     assert receipt["gated"] is False
     assert receipt["researcher"] is None
     assert receipt["chain"] is None
@@ -263,7 +263,7 @@ def test_ungated_receipt_verifies_hashes_but_has_no_grants(study: Study) -> None
 
 
 def test_receipt_json_round_trip(study: Study, table: pd.DataFrame) -> None:
-    receipt = table.attrs["receipt"]
+    receipt = table.receipt
     receipt.anchor(study.ledger, sender=study.researcher)
     text = receipt.to_json()
     again = Receipt.from_json(text)
@@ -277,7 +277,7 @@ HEX64 = re.compile(r"(?<![0-9a-fA-F])[0-9a-fA-F]{64}(?![0-9a-fA-F])")
 
 
 def test_receipt_holds_no_keys_or_purpose(study: Study, table: pd.DataFrame) -> None:
-    receipt = table.attrs["receipt"]
+    receipt = table.receipt
     receipt.anchor(study.ledger, sender=study.researcher)
     text = receipt.to_json(indent=None)
     assert PURPOSE not in text
@@ -299,7 +299,7 @@ def test_receipt_holds_no_keys_or_purpose(study: Study, table: pd.DataFrame) -> 
 def test_receipt_with_data_other_than_registered_fails_verification(
     study: Study, table: pd.DataFrame
 ) -> None:
-    forged = Receipt(table.attrs["receipt"])
+    forged = Receipt(table.receipt)
     forged["sites"] = [dict(s) for s in forged["sites"]]
     forged["sites"][0]["content_hash"] = "0x" + "ab" * 32
     forged["receipt_hash"] = forged.hash  # a consistent forgery of the body
@@ -313,7 +313,7 @@ def test_receipt_with_data_other_than_registered_fails_verification(
 def test_anchoring_keeps_what_landed_when_a_grant_refuses(
     study: Study, table: pd.DataFrame
 ) -> None:
-    receipt = Receipt(table.attrs["receipt"])
+    receipt = Receipt(table.receipt)
     requests = sorted(study.requests)
     revoked = requests[-1]
     site = next(s for s in receipt["sites"] if s["request_id"] == revoked)

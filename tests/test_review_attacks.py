@@ -131,7 +131,7 @@ def test_one_minimum_of_sites_for_every_site() -> None:
     strict = DisclosurePolicy(min_sites=3)
     sites = [Site("a", a), Site("b", b), Site("c", c, policy=strict)]
     table = encrypted.describe(sites, ["age"], by="region")
-    assert table.attrs["suppressed_groups"] == ["east"]
+    assert table.suppressed == ["east"]
     assert ("east", "age") not in table.columns
     pooled = pd.concat([a, b, c])
     for region in ("north", "south"):
@@ -222,7 +222,7 @@ def test_a_suppressed_group_minus_some_patients_is_refused(
     7 or 5 of its 8 rows, each at or above the minimum of rows."""
     sites = [Site(n, f) for n, f in east_at_a(lacking).items()]
     grouped = encrypted.describe(sites, ["age"], by="region")
-    assert grouped.attrs["suppressed_groups"] == ["east"]
+    assert grouped.suppressed == ["east"]
     with pytest.raises(DisclosureRefused, match=reason):
         encrypted.describe(sites, ["age"], population=["bmi"])
 
@@ -288,7 +288,7 @@ def test_an_own_dataset_does_not_hold_a_group(ledger: Ledger) -> None:
     table = encrypted.describe(
         list(sites.values()), ["age"], by="region", researcher=researcher
     )
-    assert table.attrs["suppressed_groups"] == ["east"]
+    assert table.suppressed == ["east"]
     assert ("east", "age") not in table.columns
     pooled = pd.concat(frames.values())
     for region in ("north", "south"):

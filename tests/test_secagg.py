@@ -68,8 +68,7 @@ def pool(sites: Sequence[Site], leave_out: Sequence[str] = ()) -> pd.DataFrame:
 
 
 def receipt_of(table: Any) -> Any:
-    receipt = getattr(table, "receipt", None)
-    return receipt if receipt is not None else table.attrs["receipt"]
+    return table.receipt
 
 
 def assert_matches(table: pd.DataFrame, pooled: pd.DataFrame) -> None:

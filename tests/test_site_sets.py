@@ -286,7 +286,7 @@ def test_on_chain_every_query_is_logged_and_a_fixed_study_answered(
         + hashlib.sha256(
             json.dumps(q, sort_keys=True, separators=(",", ":")).encode()
         ).hexdigest()
-        for q in table.attrs["receipt"]["queries"]
+        for q in table.receipt["queries"]
     ]
     assert [q.query_hash for q in logged] == hashes  # the receipt's queries
 

@@ -370,7 +370,7 @@ def test_refusing_site_is_skipped_and_listed_in_the_receipt(study: Study) -> Non
         study.sites, COLUMNS, researcher=study.researcher, on_refusal="skip"
     )
     assert_matches_pandas(table, diabetes().iloc[:300])
-    receipt = table.attrs["receipt"]
+    receipt = table.receipt
     assert [s["name"] for s in receipt["sites"]] == ["a", "b"]
     assert list(receipt["refused"]) == ["c"]
     assert "no live grant" in receipt["refused"]["c"]
@@ -464,7 +464,7 @@ def test_histogram_bins_with_one_or_two_rows_are_refused(
         else:  # only b holds [10, 20): its own count, so withheld by both
             assert result["count"].isna().tolist() == [False, True, False]
             assert result["count"].dropna().tolist() == [7, 6]
-            assert result.attrs["suppressed_bins"] == [(10.0, 20.0)]
+            assert result.suppressed == [(10.0, 20.0)]
     else:
         with pytest.raises(DisclosureRefused, match=r"site a: a subset.*cell"):
             encrypted.histogram(sites, "x", [0, 10, 20, 30])
@@ -482,7 +482,7 @@ def test_crosstab_cells_with_one_or_two_rows_are_refused(
         # only b holds c == "q": those cells are b's counts, withheld by both
         assert result["p"].tolist() == [5 + 3, count + 3]
         assert result["q"].isna().all()
-        assert result.attrs["suppressed_cells"] == [("u", "q"), ("v", "q")]
+        assert result.suppressed == [("u", "q"), ("v", "q")]
     else:  # level v is rare at site a: withheld, so r cannot tabulate rows
         with pytest.raises(DisclosureRefused, match="'r' has a level held by") as e:
             encrypted.crosstab(sites, "r", "c")
@@ -749,7 +749,7 @@ def test_a_group_held_by_one_site_is_not_released_as_pooled(
     frames = _cities()
     with caplog.at_level("WARNING"):
         table = encrypted.describe(frames, ["score"], by="city")
-    assert table.attrs["suppressed_groups"] == ["inland"]
+    assert table.suppressed == ["inland"]
     assert "inland" not in table.columns.get_level_values(0)
     assert "inland" in caplog.text and "fewer sites" in caplog.text
     pooled = pd.concat(frames.values())
@@ -771,10 +771,10 @@ def test_an_owner_policy_of_three_sites_applies_to_every_group() -> None:
     strict = DisclosurePolicy(min_sites=3)
     sites = [Site(name, frame, policy=strict) for name, frame in frames.items()]
     table = encrypted.describe(sites, ["score"], by="city")
-    assert table.attrs["suppressed_groups"] == ["inland"]
+    assert table.suppressed == ["inland"]
     assert list(table.columns.get_level_values(0)) == ["coastal"]
     table2 = encrypted.describe(frames, ["score"], by="city")  # default: 2 sites
-    assert "suppressed_groups" not in table2.attrs
+    assert table2.suppressed == []
     assert set(table2.columns.get_level_values(0)) == {"coastal", "inland"}
 
 

@@ -168,12 +168,12 @@ def test_a_bin_one_site_holds_is_withheld_by_every_site(edges: list[float]) -> N
     table = encrypted.histogram(sites, "age", edges)
     expected, _ = np.histogram(rows["age"], bins=edges)
     assert table["count"].isna().tolist()[-1]
-    assert table.attrs["suppressed_bins"] == [(90.0, float(edges[-1]))]
+    assert table.suppressed == [(90.0, float(edges[-1]))]
     assert table["count"].iloc[:-1].tolist() == expected[:-1].tolist()
     assert int(expected[-1]) == 5
     # the rows outside the edges are counted (every site holds some, or none)
     outside = int(((rows.age < edges[0]) | (rows.age > edges[-1])).sum())
-    assert table.attrs["outside"] == outside
+    assert table.outside == outside
     # all rows minus the released bins (and the rows outside) would be the
     # withheld bin: refused
     with pytest.raises(DisclosureRefused, match="site h1: a group held by too few"):
@@ -189,7 +189,7 @@ def test_a_bin_two_sites_hold_is_released() -> None:
     rows = pd.concat(frames, ignore_index=True)
     table = encrypted.histogram(sites, "age", [0, 90, 200])
     assert table["count"].tolist() == [int((rows.age < 90).sum()), 8]
-    assert "suppressed_bins" not in table.attrs
+    assert table.suppressed == []
 
 
 def test_a_crosstab_cell_one_site_holds_is_withheld() -> None:
@@ -236,10 +236,10 @@ def test_a_min_rows_withholds_pooled_groups_bins_and_cells_below_it() -> None:
     table = encrypted.histogram(sites, "age", edges, min_rows=100)
     assert table["count"].isna().tolist() == [True, False, False, True]
     assert table["count"].dropna().tolist() == [117, 123]
-    assert table.attrs["suppressed_bins"] == [(0.0, 45.0), (65.0, 200.0)]
+    assert table.suppressed == [(0.0, 45.0), (65.0, 200.0)]
     n_f = int((rows.sex == "F").sum())  # 169 F, 171 M pooled
     by_sex = encrypted.describe(uneven_sites()[0], ["age"], by="sex", min_rows=n_f + 1)
-    assert by_sex.attrs["suppressed_groups"] == ["F"]
+    assert by_sex.suppressed == ["F"]
     male = rows[rows.sex == "M"]["age"]
     assert by_sex[("M", "age")]["count"] == len(male)
     assert by_sex[("M", "age")]["mean"] == pytest.approx(male.mean(), abs=1e-9)
@@ -425,16 +425,13 @@ def test_a_missing_count_only_one_site_has_is_withheld() -> None:
     frames[0].loc[:4, "sbp"] = np.nan
     sites = [Site(f"h{i}", f) for i, f in enumerate(frames, 1)]
     table = encrypted.histogram(sites, "age", [0, 50, 200], population=["sbp"])
-    assert table.attrs["missing"] is None
+    assert table.missing is None
     assert int(table["count"].sum()) == 595
     with pytest.raises(DisclosureRefused, match="rows that too few sites leave out"):
         encrypted.describe(sites, ["age"])
     frames[1].loc[:2, "sbp"] = np.nan  # both leave rows out: the count is pooled
     both = [Site(f"h{i}", f) for i, f in enumerate(frames, 1)]
-    assert (
-        encrypted.histogram(both, "age", [0, 200], population=["sbp"]).attrs["missing"]
-        == 8
-    )
+    assert encrypted.histogram(both, "age", [0, 200], population=["sbp"]).missing == 8
 
 
 @pytest.mark.parametrize("describe_first", [True, False])
@@ -451,7 +448,7 @@ def test_rows_outside_the_edges_that_one_site_holds_are_protected(
         return
     table = encrypted.histogram(sites, "age", [0, 90])
     assert table["count"].tolist() == [int((rows.age <= 90).sum())]
-    assert "suppressed_bins" not in table.attrs
+    assert table.suppressed == []
     with pytest.raises(DisclosureRefused, match="site h1: a group held by too few"):
         encrypted.describe(sites, ["age"])
 

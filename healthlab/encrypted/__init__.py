@@ -9,7 +9,9 @@ survival: :func:`kaplan_meier` with the log-rank test
 (:mod:`healthlab.encrypted.cox`); tests: :func:`ttest`, :func:`chi2_test`
 and :func:`table_one` with p-values (:mod:`healthlab.encrypted.inference`);
 :class:`KeyHolder` for the researcher's keys
-and :class:`Aggregator` for the server side.
+and :class:`Aggregator` for the server side. Table statistics return a
+:class:`ResultTable` (a DataFrame with ``receipt``, ``missing``, ``suppressed``, ...;
+:mod:`healthlab.encrypted.tables`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from healthlab.encrypted.stats import (
     ols,
 )
 from healthlab.encrypted.survival import SurvivalResult, kaplan_meier
+from healthlab.encrypted.tables import ResultTable
 from healthlab.encrypted.values import describe_values, square_bias_factor
 
 __all__ = [
@@ -66,6 +69,7 @@ __all__ = [
     "PerfectSeparation",
     "PublicContext",
     "Query",
+    "ResultTable",
     "SurvivalResult",
     "TestResult",
     "chi2_test",

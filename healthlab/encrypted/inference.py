@@ -20,8 +20,16 @@ import pandas as pd
 from scipy import stats as distributions
 
 from healthlab.encrypted.keys import KeyHolder
-from healthlab.encrypted.stats import SitesLike, crosstab, describe
-from healthlab.errors import DisclosureRefused, InvalidInput, TooFewRows
+from healthlab.encrypted.stats import (
+    SitesLike,
+    combined_receipt,
+    crosstab,
+    describe,
+)
+from healthlab.encrypted.tables import ResultTable
+from healthlab.errors import DisclosureRefused, InvalidInput, TooFewRows, TooFewSites
+from healthlab.receipts import Receipt
+from healthlab.sites import as_sites
 
 __all__ = [
     "TestResult",
@@ -154,7 +162,7 @@ def ttest(
         result.p_value,
         result.estimate,
         result.conf_int,
-        grouped.attrs["receipt"],
+        grouped.receipt,
     )
 
 
@@ -186,7 +194,7 @@ def chi2_test(
         result.statistic,
         result.df,
         result.p_value,
-        receipt=table.attrs["receipt"],
+        receipt=table.receipt,
     )
 
 
@@ -197,8 +205,15 @@ def format_table_one(
     *,
     digits: int = 1,
     p_values: bool = False,
+    medians: Mapping[Any, pd.DataFrame | None] | None = None,
 ) -> pd.DataFrame:
     """A paper's Table 1 from pooled results: mean (SD) and n (%) per group.
+
+    ``medians`` (optional) maps ``column`` (overall) and ``(group, column)`` to
+    :func:`quantiles` of 0.25, 0.5 and 0.75 (``None``: withheld): a row
+    ``"{column}, median [IQR]"`` follows the column's mean (SD), each value the
+    bracket's lower end when it reached the resolution (the value itself, for
+    values on the resolution's grid), else ``lower–upper``.
 
     ``overall`` and ``grouped`` are ``encrypted.describe`` results without and with
     ``by=`` (same columns); ``counts`` maps a categorical variable to its
@@ -229,6 +244,13 @@ def format_table_one(
                 stats["n"], stats["mean"], stats["var"]
             )
             row["p"] = _p(test.p_value)
+        if medians is not None and c in medians:
+            row = table[f"{c}, median [IQR]"] = {}
+            for g in groups:
+                row[g] = _median_iqr(medians.get((g, c)))
+            row["overall"] = _median_iqr(medians[c])
+            if p_values:
+                row["p"] = ""
     for name, cross in (counts or {}).items():
         cross = cross.rename(columns=str)
         first = True
@@ -258,6 +280,21 @@ def format_table_one(
             first = False
     order = [*groups, "overall", *(["p"] if p_values else [])]
     return pd.DataFrame.from_dict(table, orient="index").fillna({"p": ""})[order]
+
+
+def _median_iqr(found: pd.DataFrame | None) -> str:
+    """``median [Q1, Q3]`` from a :func:`quantiles` table of 0.25, 0.5, 0.75."""
+    if found is None:
+        return "withheld"
+
+    def value(p: float) -> str:
+        row = found.to_dict(orient="index")[p]
+        lower, upper = float(row["lower"]), float(row["upper"])
+        if bool(row["at_resolution"]):
+            return f"{lower:g}"
+        return f"{lower:g}–{upper:g}"
+
+    return f"{value(0.5)} [{value(0.25)}, {value(0.75)}]"
 
 
 def _p(value: float) -> str:
@@ -292,12 +329,27 @@ def table_one(
     population: Sequence[str] | None = None,
     dropna: bool = True,
     digits: int = 1,
-) -> pd.DataFrame:
+    nonnormal: Sequence[str] = (),
+    ranges: tuple[float, float] | Mapping[str, tuple[float, float]] | None = None,
+    resolution: float | Mapping[str, float] | None = None,
+) -> ResultTable:
     """A paper's Table 1 across sites, with p-values: mean (SD) of each
     ``continuous`` column and n (%) of each level of each ``categorical`` one, per
     level of ``by`` and overall; ``p``: Welch's t-test or one-way ANOVA, and the
     chi-square test. Declaring ``population=`` (e.g. every column named) keeps
     every query on the same rows, so the auditor answers the whole table.
+
+    ``nonnormal`` (some of ``continuous``) adds a ``median [IQR]`` row per column,
+    overall and per group, by :func:`quantiles` at ``resolution`` within
+    ``ranges`` (as :func:`~healthlab.encrypted.describe`'s ``percentiles=``; of
+    the rows with a value of the column, or of the declared ``population``). A
+    group's quartiles whose step count cannot be released are ``withheld`` and
+    named in ``.suppressed`` as ``(group, column)``.
+
+    ``.receipt`` covers the formatted table (every query of its parts);
+    ``.receipts`` are the parts' own (overall, by group, each categorical table);
+    ``.suppressed`` names what they withheld (groups; ``(level, group)`` cells);
+    ``.missing`` the rows left out (of the overall description).
 
     Examples
     --------
@@ -315,7 +367,95 @@ def table_one(
     overall = describe(sites, list(continuous), **options)
     grouped = describe(sites, list(continuous), by=by, **options)
     counts = {c: crosstab(sites, c, by, **options) for c in categorical}
-    return format_table_one(overall, grouped, counts, digits=digits, p_values=True)
+    medians, withheld = _medians(
+        sites,
+        grouped,
+        list(continuous),
+        list(nonnormal),
+        by,
+        ranges,
+        resolution,
+        keys,
+        researcher,
+        population,
+    )
+    table = format_table_one(
+        overall, grouped, counts, digits=digits, p_values=True, medians=medians
+    )
+    found = [t for t in medians.values() if isinstance(t, ResultTable)]
+    parts = [overall, grouped, *counts.values(), *found]
+    receipt = combined_receipt(
+        table,
+        [p.receipt for p in parts],
+        as_sites(sites),
+        kind="table_one",
+        parameters={
+            "continuous": list(continuous),
+            "categorical": list(categorical),
+            "by": by,
+            "dropna": dropna,
+            "population": list(population or ()),
+        },
+    )
+    return ResultTable.released(
+        table,
+        receipt,
+        missing=overall.missing,
+        suppressed=[
+            *grouped.suppressed,
+            *(cell for c in counts.values() for cell in c.suppressed),
+            *withheld,
+        ],
+        receipts=[p.receipt for p in parts],
+    )
+
+
+def _medians(
+    sites: SitesLike,
+    grouped: ResultTable,
+    continuous: list[str],
+    nonnormal: list[str],
+    by: str,
+    ranges: tuple[float, float] | Mapping[str, tuple[float, float]] | None,
+    resolution: float | Mapping[str, float] | None,
+    keys: KeyHolder,
+    researcher: str | None,
+    population: Sequence[str] | None,
+) -> tuple[dict[Any, ResultTable | None], list[tuple[Any, str]]]:
+    """``table_one``'s quartiles of each ``nonnormal`` column: overall, and per
+    released group of ``grouped`` (``None`` and named when withheld)."""
+    from healthlab.encrypted.stats import _percentile_args
+
+    if not nonnormal:
+        if ranges is not None or resolution is not None:
+            raise InvalidInput("ranges= and resolution= go with nonnormal=[...]")
+        return {}, []
+    if not set(nonnormal) <= set(continuous):
+        raise InvalidInput("nonnormal= names columns among the continuous ones")
+    asked = _percentile_args(nonnormal, [0.25, 0.5, 0.75], ranges, resolution)
+    assert asked is not None
+    probabilities, spans, steps = asked
+    groups = list(dict.fromkeys(grouped.columns.get_level_values(0)))
+    options: dict[str, Any] = {
+        "researcher": researcher,
+        "keys": keys,
+        "dropna": True,
+        "population": population,
+    }
+    found: dict[Any, ResultTable | None] = {}
+    withheld: list[tuple[Any, str]] = []
+    for c in nonnormal:
+        ask = {"range": spans[c], "resolution": steps[c], **options}
+        found[c] = quantiles(sites, c, probabilities, **ask)
+        for g in groups:
+            try:
+                found[(g, c)] = quantiles(
+                    sites, c, probabilities, within={by: g}, **ask
+                )
+            except TooFewSites:
+                found[(g, c)] = None
+                withheld.append((g, c))
+    return found, withheld
 
 
 def quantiles(
@@ -329,7 +469,8 @@ def quantiles(
     keys: KeyHolder | None = None,
     dropna: bool = True,
     population: Sequence[str] | None = None,
-) -> pd.DataFrame:
+    within: Mapping[str, Any] | None = None,
+) -> ResultTable:
     """Pooled quantiles of ``column`` to within ``resolution``, by bisection on
     pooled counts.
 
@@ -343,8 +484,17 @@ def quantiles(
     interval ``[lower, upper)`` that holds numpy's ``quantile(x, p,
     method="inverted_cdf")`` of the pooled rows: of width ``resolution``, or wider
     where a step was refused (``at_resolution`` False: the bracket reached).
+
+    ``within`` (``{"sex": "F"}``): the quantiles of one group's rows, one released
+    level (:func:`~healthlab.encrypted.levels`) of each named column; every step
+    counts that group's rows only. A step whose count is withheld (too few sites
+    hold the group's rows on one side of it) is refused with
+    :class:`~healthlab.errors.TooFewSites`.
+
+    ``.n``: the pooled rows (in range) the quantiles are of; ``.receipts``: each
+    step's receipt; ``.receipt``: one over the table, naming every step's query.
     """
-    from healthlab.encrypted.stats import histogram
+    from healthlab.encrypted.stats import _grouping_levels, histogram
 
     low, high = (float(v) for v in range)
     if not (np.isfinite(low) and np.isfinite(high) and low < high):
@@ -361,30 +511,40 @@ def quantiles(
     grid = [float(s * resolution) for s in steps if low < s * resolution < high]
     if not grid:
         raise InvalidInput("range= holds no multiple of resolution= inside it")
+    if within:
+        for name, level in within.items():
+            released = _grouping_levels(as_sites(sites), name, researcher)
+            if str(level) not in released:
+                raise InvalidInput(
+                    f"within= names a level of {name!r} that is not among its "
+                    "released levels (encrypted.levels)"
+                )
     options: dict[str, Any] = {
         "researcher": researcher,
         "keys": keys or KeyHolder(),
         "dropna": dropna,
         "population": population,
+        "within": dict(within) if within else None,
     }
     below: dict[int, int] = {}
     total: list[int] = []
-    receipts: list[dict[str, Any]] = []
+    receipts: list[Receipt] = []
 
     def counted(edges: list[float]) -> pd.Series:
         table = histogram(sites, column, edges, **options)
-        if table.attrs.get("outside"):
+        # None: the count outside is withheld, i.e. some site has rows there
+        if table.outside is None or table.outside:
             raise DisclosureRefused(
                 f"range= must hold every row of {column!r} (the minimum and "
                 "maximum are not released); widen it"
             )
         counts = table["count"]
         if counts.isna().any():
-            raise DisclosureRefused(
+            raise TooFewSites(
                 "a bisection step's count was withheld (too few sites hold rows "
                 "on one side of it); widen range= or coarsen resolution="
             )
-        receipts.append(table.attrs["receipt"])
+        receipts.append(table.receipt)
         return counts
 
     def count_below(j: int) -> int:  # pooled rows with value < grid[j]
@@ -397,6 +557,12 @@ def quantiles(
 
     # the rows in range: one bin (every row, or the range is refused)
     total[:] = [int(counted([low, high]).iloc[0])]
+    if not total[0]:
+        raise InvalidInput(
+            f"no pooled rows of {column!r}"
+            + (" in the group asked (within=)" if within else "")
+            + " lie in range=: there is no quantile to find"
+        )
     rows = {}
     for p in probabilities:
         needed = int(np.ceil(p * total[0]))
@@ -421,7 +587,23 @@ def quantiles(
         rows[p] = {"lower": lower, "upper": upper, "at_resolution": refined}
     result = pd.DataFrame.from_dict(rows, orient="index")
     result.index.name = "q"
-    result.attrs["n"] = total[0]
-    result.attrs["queries"] = len(receipts)
-    result.attrs["receipts"] = receipts
-    return result
+    receipt = combined_receipt(
+        result,
+        receipts,
+        as_sites(sites),
+        kind="quantiles",
+        parameters={
+            "column": column,
+            "q": probabilities,
+            "range": [low, high],
+            "resolution": float(resolution),
+            "dropna": dropna,
+            "population": list(population or ()),
+            **(
+                {"within": {str(k): str(v) for k, v in within.items()}}
+                if within
+                else {}
+            ),
+        },
+    )
+    return ResultTable.released(result, receipt, n=total[0], receipts=receipts)

@@ -59,10 +59,10 @@ from healthlab.encrypted.stats import (
     _full_masks,
     _left_out,
     _run,
-    attach_receipt,
     check_aliasing,
     levels,
     population_columns,
+    receipt_for,
 )
 from healthlab.errors import (
     DataRefused,
@@ -1519,9 +1519,9 @@ class ModelSession:
         self, result: Any, kind: str, parameters: dict[str, Any]
     ) -> None:
         """The receipt of every run of the fit, over its table (``to_frame()``)."""
-        table = result.to_frame()
-        attach_receipt(table, self.runs, kind=kind, parameters=parameters)
-        result.receipt = table.attrs["receipt"]
+        result.receipt = receipt_for(
+            result.to_frame(), self.runs, kind=kind, parameters=parameters
+        )
 
 
 def glm(

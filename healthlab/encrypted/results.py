@@ -1,4 +1,5 @@
-"""Fitted models' results, in statsmodels' shape: objects, not ``DataFrame.attrs``.
+"""Fitted models' results, in statsmodels' shape: objects, not ``DataFrame.attrs``
+(tables' results are :class:`~healthlab.encrypted.tables.ResultTable`).
 
 :class:`FittedModel` holds the coefficients and their covariance and gives the
 Wald inference every model shares — ``bse``, ``tvalues``, ``pvalues``,
@@ -16,6 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from scipy import stats as distributions
+
+from healthlab.encrypted.tables import ResultTable
 
 __all__ = ["FittedModel", "OLSResults"]
 
@@ -145,14 +148,16 @@ class OLSResults(FittedModel):
     ``conf_int(alpha)``, ``cov_params()``, ``nobs``, ``df_model``, ``df_resid``,
     ``ssr``, ``rsquared``, ``rsquared_adj``, ``fvalue``, ``f_pvalue``, ``scale``,
     ``llf``, ``aic``, ``bic``, ``summary()``; ``to_frame()`` — the table (``coef``,
-    ``se``, ``t``, ``P>|t|``, the 95 % CI) the receipt covers; ``receipt``.
+    ``se``, ``t``, ``P>|t|``, the 95 % CI) the receipt covers, a plain frame;
+    ``table`` — the same as a :class:`~healthlab.encrypted.tables.ResultTable`
+    (with ``.receipt``, ``.missing``, ``.noise``); ``receipt``.
     """
 
     response: str
     nobs: int
     ssr: float
     centered_tss: float
-    table: pd.DataFrame
+    table: ResultTable
     receipt: dict[str, Any]
 
     use_t = True
@@ -200,16 +205,14 @@ class OLSResults(FittedModel):
         return float(-2 * self.llf + len(self.params) * np.log(self.nobs))
 
     def to_frame(self, alpha: float = 0.05) -> pd.DataFrame:
-        """The coefficient table the receipt covers (``attrs``: the receipt, ``n``,
-        ``r2``, ``r2_adj``, ``fvalue``, ``f_pvalue``, ``rss``, ``dof``)."""
+        """The coefficient table the receipt covers, a plain frame (``table`` has
+        it with its metadata)."""
         if alpha != 0.05:
             raise ValueError(
                 "the receipted table has 95 % intervals; use conf_int(alpha) for "
                 "another level"
             )
-        table = self.table.copy()
-        table.attrs = dict(self.table.attrs)
-        return table
+        return self.table.to_frame()
 
     def summary(self, alpha: float = 0.05) -> Any:
         """statsmodels' summary table (``print(fit.summary())``)."""

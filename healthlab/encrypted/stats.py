@@ -2,8 +2,10 @@
 
 Every function takes ``sites`` — a list of :class:`~healthlab.Site` (gated by grants
 on chain, queries signed by ``researcher``) or ``{name: DataFrame}`` for an ungated
-local simulation — and returns a pandas object whose ``.attrs["receipt"]`` ties it to
-the sites, the query and (when gated) the grants that allowed it.
+local simulation — and returns a :class:`~healthlab.encrypted.tables.ResultTable`, a
+pandas table whose ``.receipt`` ties it to the sites, the query and (when gated) the
+grants that allowed it, and whose ``.missing``, ``.suppressed`` (and per statistic
+``.outside``, ``.percentiles``, ``.noise``) say what the sites' rules left out.
 
 Moments are computed in two rounds: the first pools ``n`` and ``Σx`` to get a public
 center (the pooled mean), the second pools sums of deviations from it, so variances,
@@ -35,6 +37,7 @@ from healthlab.encrypted.protocol import (
     run_query,
 )
 from healthlab.encrypted.results import OLSResults
+from healthlab.encrypted.tables import ResultTable
 from healthlab.errors import (
     DataRefused,
     DisclosureRefused,
@@ -215,8 +218,13 @@ def _counts(site: Site, query: Query) -> Totals:
     """Cell counts of a histogram (one numeric column) or a cross-tabulation."""
     spec = query.spec
     columns: list[str] = list(spec["columns"])
+    # a histogram of one group's rows: [column, level] pairs, levels as text
+    within = [(str(c), str(v)) for c, v in spec.get("within") or ()]
+    if within and "edges" not in spec:
+        raise DataRefused(f"site {site.name}: within= applies to histograms only")
+    reads = list(dict.fromkeys([*columns, *(c for c, _ in within)]))
     kept, dropped = site.rows(
-        columns, dropna=bool(spec.get("dropna")), population=spec.get("population", ())
+        reads, dropna=bool(spec.get("dropna")), population=spec.get("population", ())
     )
     if "edges" in spec:
         edges = np.asarray(spec["edges"], dtype=np.float64)
@@ -224,7 +232,12 @@ def _counts(site: Site, query: Query) -> Totals:
         x = numeric_column(site.name, kept[columns[0]], columns[0])
         index = np.searchsorted(edges, x, side="right") - 1
         index[x == edges[-1]] = len(edges) - 2  # numpy: the last bin is closed
-        inside = (x >= edges[0]) & (x <= edges[-1])
+        member = np.ones(len(kept), dtype=bool)
+        for column, level in within:
+            _check_grouping(site, kept, column, site.policy.min_rows)
+            member &= kept[column].astype(str).to_numpy() == level
+        in_range = (x >= edges[0]) & (x <= edges[-1])
+        inside = member & in_range
         masks = [inside & (index == i) for i in range(len(edges) - 1)]
     elif len(columns) == 1:  # one-way counts of a category's levels
         _check_grouping(site, kept, columns[0], site.policy.min_rows)
@@ -239,14 +252,15 @@ def _counts(site: Site, query: Query) -> Totals:
         masks = [(r == a) & (c == b) for a in row_levels for b in col_levels]
     totals = [float(dropped)] + [float(m.sum()) for m in masks]
     if "edges" in spec:  # the rows outside the edges: counted too (a cell of its own)
-        beyond = int((~inside).sum())
+        outside = member & ~in_range
+        beyond = int(outside.sum())
         if 0 < beyond < site.policy.min_rows:
             raise DisclosureRefused(
                 f"site {site.name}: fewer than {site.policy.min_rows} of its rows fall "
                 "outside the bin edges, and their count is released; move the first "
                 "or last edge out to cover the column's range"
             )
-        masks.append(~inside)
+        masks.append(outside)
         totals.append(float(beyond))
     full = _full_masks(site, kept, masks)
     # every cell is a block: a bin or cell held by fewer sites than the pooling
@@ -254,7 +268,7 @@ def _counts(site: Site, query: Query) -> Totals:
     # (the rows outside a histogram's edges are the last: all rows minus the bins
     # is them, so when too few sites hold such rows they are withheld, protected)
     blocks = [Block(1 + i, 2 + i, m, empty_released=True) for i, m in enumerate(full)]
-    return totals, {col: full for col in columns} | _left_out(site, kept), blocks
+    return totals, {col: full for col in reads} | _left_out(site, kept), blocks
 
 
 def _missing_counts(site: Site, query: Query) -> Totals:
@@ -751,7 +765,7 @@ def describe(
     percentiles: Sequence[float] | None = None,
     ranges: tuple[float, float] | Mapping[str, tuple[float, float]] | None = None,
     resolution: float | Mapping[str, float] | None = None,
-) -> pd.DataFrame:
+) -> ResultTable:
     """``count``, ``mean``, ``std``, ``var``, ``sum`` and ``sem`` pooled across sites.
 
     ``percentiles`` (e.g. ``[0.25, 0.5, 0.75]``) adds, per column, the interval
@@ -759,8 +773,15 @@ def describe(
     ``resolution`` within ``ranges`` (both a value for every column or a mapping
     per column; the range must hold every row): rows ``"25% lower"`` and ``"25%
     upper"``, the bracket ``[lower, upper)`` — of width ``resolution``, wider
-    where a site's rules stopped the bisection (``attrs["percentiles"]`` has each
+    where a site's rules stopped the bisection (``.percentiles`` has each
     column's brackets, whether each reached the resolution, and their receipts).
+    With ``by``, per released group, by the same bisection on the group's pooled
+    counts (``.percentiles`` keyed by the result's columns, ``(group, column)``);
+    a group's column whose steps cannot be released (too few sites hold its rows
+    on one side of a step, or the auditor refuses every step) is ``NaN`` and
+    named in ``.suppressed`` as ``(group, column)`` — never a bracket of other
+    rows; a bracket some steps narrowed but not to the resolution is shown, with
+    ``at_resolution`` False in ``.percentiles``.
 
     ``by`` is a column, or a list of columns (each group is one level of each:
     columns ``(level_a, level_b, column)``).
@@ -768,12 +789,13 @@ def describe(
     Shaped like ``pandas.DataFrame.describe()`` (statistics as rows, columns as
     columns); with ``by``, columns become ``(group, column)``, and a group held by
     fewer sites than a pooled result needs (``min_sites`` or any site's policy) is
-    left out and named in ``attrs["suppressed_groups"]``. The groups are the levels
+    left out and named in ``.suppressed``. The groups are the levels
     :func:`levels` releases; a level of ``by`` held by fewer than a site's minimum
     rows there is withheld, and then the query is refused (its rows would be
     summarized by difference), without naming the site. Minimum, maximum and
     quantiles are single rows' values and are not released. With ``dropna=True``
-    rows with a missing value are dropped at the sites and counted in ``missing``.
+    rows with a missing value are dropped at the sites and counted in ``.missing``
+    (and, without ``by``, a ``missing`` row).
 
     ``population`` declares the study's analysis population: the complete cases of
     these columns at every site (every statistic takes it). Queries over the same
@@ -787,7 +809,7 @@ def describe(
     >>> table = describe({"a": frame_a, "b": frame_b}, ["age", "bmi"])
     >>> table.loc["mean", "age"]  # doctest: +SKIP
     54.2
-    >>> table.attrs["receipt"]["sites"][0]["name"]  # doctest: +SKIP
+    >>> table.receipt["sites"][0]["name"]  # doctest: +SKIP
     'a'
     """
     site_list = as_sites(sites)
@@ -795,7 +817,7 @@ def describe(
     options = QueryOptions.of(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
-    asked = _percentile_args(cols, by, percentiles, ranges, resolution)
+    asked = _percentile_args(cols, percentiles, ranges, resolution)
     if not isinstance(by, str) and by is not None:
         named = _by_columns(by)
         if not named or len(set(named)) != len(named) or set(named) & set(cols):
@@ -848,16 +870,17 @@ def describe(
         ).T
         frames[label] = table
     result = frames[None] if by is None else pd.concat(frames, axis=1)
+    left_out: int | None = 0
     if dropna or options.population:
         dropped = stats[0]["dropped"]
         if by is None:
             result.loc["missing"] = dropped
-        else:  # rows dropped (their group may be the missing value) are not per group
-            result.attrs["missing"] = dropped
+        # with by=, rows dropped (their group may be the missing value) are not
+        # per group: only .missing counts them
+        left_out = None if np.isnan(dropped) else round(dropped)
         if np.isnan(dropped):
             _log_missing_withheld("describe")
     if suppressed:
-        result.attrs["suppressed_groups"] = suppressed
         _log.warning(
             "describe: %d group(s) of %r held by fewer sites than a pooled result "
             "needs are not shown: %s",
@@ -865,34 +888,18 @@ def describe(
             by,
             ", ".join(map(str, suppressed)),
         )
+    found: dict[Any, ResultTable] | None = None
     if asked is not None:
-        from healthlab.encrypted.inference import quantiles
-
-        probabilities, spans, steps = asked
-        found = {
-            column: quantiles(
-                site_list,
-                column,
-                probabilities,
-                range=spans[column],
-                resolution=steps[column],
-                researcher=researcher,
-                keys=options.keys,
-                dropna=True,
-                population=options.population or None,
-            )
-            for column in cols
-        }
-        for p in probabilities:
-            label = f"{100 * p:g}%"
-            for side in ("lower", "upper"):
-                result.loc[f"{label} {side}"] = [
-                    float(found[c][side].loc[p]) for c in cols
-                ]
-        result.attrs["percentiles"] = found
-    return attach_receipt(
+        found, withheld = _describe_percentiles(
+            site_list, result, cols, by, groups, suppressed, asked, options
+        )
+        suppressed = [*suppressed, *withheld]
+    return release(
         result,
         runs,
+        missing=left_out,
+        suppressed=suppressed,
+        percentiles=found,
         kind="describe",
         parameters={
             "columns": cols,
@@ -912,9 +919,88 @@ def describe(
     )
 
 
+def _describe_percentiles(
+    site_list: list[Site],
+    result: pd.DataFrame,
+    cols: list[str],
+    by: str | list[str] | None,
+    groups: list[Any],
+    suppressed: list[Any],
+    asked: tuple[list[float], dict[str, tuple[float, float]], dict[str, float]],
+    options: QueryOptions,
+) -> tuple[dict[Any, ResultTable], list[Any]]:
+    """``describe``'s percentile rows (``"25% lower"``, ``"25% upper"``, ...) added
+    to ``result`` in place, by :func:`quantiles` per column — and with ``by``,
+    per released group (each step counts the group's rows only). A group's
+    column whose step count is withheld (too few sites hold its rows on one side
+    of a step) gets ``NaN`` and is returned, keyed as the result's column
+    ``(group, column)``, to be named in ``.suppressed``."""
+    from healthlab.encrypted.inference import quantiles
+
+    probabilities, spans, steps = asked
+    named = _by_columns(by)
+    cells: list[tuple[Any, Any]] = (
+        [(None, c) for c in cols]
+        if by is None
+        else [(g, c) for g in groups if g not in suppressed for c in cols]
+    )
+    found: dict[Any, ResultTable] = {}
+    withheld: list[Any] = []
+    for group, column in cells:
+        within = None
+        key: Any = column
+        if by is not None:
+            levels_of = [group] if isinstance(by, str) else list(group)
+            within = dict(zip(named, levels_of, strict=True))
+            key = (*levels_of, column)  # the result's column
+        try:
+            answer = quantiles(
+                site_list,
+                column,
+                probabilities,
+                range=spans[column],
+                resolution=steps[column],
+                researcher=options.researcher,
+                keys=options.keys,
+                dropna=True,
+                population=options.population or None,
+                within=within,
+            )
+        except TooFewSites:
+            if by is None:
+                raise
+            answer = None
+        # with by=, a bracket that is the whole range says nothing of the group:
+        # no step could be answered, so it is withheld and named, like a refusal
+        if by is not None and (
+            answer is None
+            or (
+                (answer["lower"] == spans[column][0])
+                & (answer["upper"] == spans[column][1])
+            ).any()
+        ):
+            withheld.append(key)
+            _log.warning(
+                "describe: the percentiles of %r in group %s are withheld (the "
+                "sites' rules answer no bisection step of the group's rows)",
+                column,
+                group,
+            )
+            continue
+        assert answer is not None
+        found[key] = answer
+    where = list(result.columns)
+    for p in probabilities:
+        label = f"{100 * p:g}%"
+        for side in ("lower", "upper"):
+            result.loc[f"{label} {side}"] = [
+                float(found[k][side].loc[p]) if k in found else np.nan for k in where
+            ]
+    return found, withheld
+
+
 def _percentile_args(
     columns: list[str],
-    by: str | Sequence[str] | None,
     percentiles: Sequence[float] | None,
     ranges: tuple[float, float] | Mapping[str, tuple[float, float]] | None,
     resolution: float | Mapping[str, float] | None,
@@ -927,11 +1013,6 @@ def _percentile_args(
                 "percentiles too, or neither"
             )
         return None
-    if by is not None:
-        raise InvalidInput(
-            "percentiles= with by= is not built: ask describe(..., by=) for the "
-            "moments, and quantiles() per group's own sites or population"
-        )
     if ranges is None or resolution is None:
         raise InvalidInput(
             "percentiles= needs ranges= (low, high) holding every row, and "
@@ -978,21 +1059,27 @@ def histogram(
     on_refusal: str = "raise",
     population: Sequence[str] | None = None,
     bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
-) -> pd.DataFrame:
+    within: Mapping[str, Any] | None = None,
+) -> ResultTable:
     """Exact pooled counts per bin, like ``numpy.histogram`` (last bin closed).
+
+    ``within`` (``{"sex": "F"}``) counts only the rows of one group: one level of
+    each named column, compared as text (the columns must be categories; the
+    sites' cell rule and holder count apply to the group's bins as to any).
 
     ``bins`` are edges, or a number of equal bins over ``range`` (required then: the
     data's minimum and maximum are single rows' values and are not asked for).
-    Values outside the edges are not counted. Edges must lie on each site's grid
-    (:class:`~healthlab.DisclosurePolicy`: by default at most 2 significant digits,
-    so 18, 0.25 or 120, not 18.5; the owner may declare another per column), which
+    Values outside the edges are in no bin: ``.outside`` counts them. Edges must
+    lie on each site's grid (:class:`~healthlab.DisclosurePolicy`: by default at
+    most 2 significant digits, so 18, 0.25 or 120, not 18.5; the owner may
+    declare another per column), which
     no bisection of an edge can then refine. A site refuses when any of its non-
     empty bins holds fewer than its policy's minimum of rows; ``min_rows`` is your
     own threshold on the pooled counts (a bin of fewer pooled rows is withheld, like
     a suppressed one, and never reaches the sites). A bin held by fewer sites than
     the pooling minimum (it would be one site's count) is sent as zeros by every
-    site and shown as ``<NA>``, named in ``attrs["suppressed_bins"]``; a bin no site
-    holds is 0.
+    site and shown as ``<NA>``, named in ``.suppressed`` as ``(left, right)``; a bin
+    no site holds is 0. ``.missing``: rows left out (``dropna``, ``population``).
 
     Examples
     --------
@@ -1025,26 +1112,25 @@ def histogram(
     options = QueryOptions.of(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
-    spec = {
+    spec: dict[str, Any] = {
         "columns": [column],
         "edges": edges.tolist(),
         "dropna": dropna,
         "population": options.population,
     }
+    if within:
+        if column in within:
+            raise InvalidInput(f"within= restricts rows by {column!r} itself")
+        spec["within"] = [[str(c), str(v)] for c, v in within.items()]
     run = _run(site_list, "counts", spec, edges.size + 1, _counts, **options.run_args())
     cells = _cell_counts(run)
     result = pd.DataFrame({"left": edges[:-1], "right": edges[1:], "count": cells[:-1]})
-    # rows outside the edges (numpy drops them): their count, or None (withheld)
-    result.attrs["outside"] = None if pd.isna(cells[-1]) else int(cells[-1])
-    if dropna or options.population:
-        result.attrs["missing"] = _missing(run, "histogram")
-    if any(i < len(edges) - 1 for i in run.suppressed):
-        withheld = [
-            (float(edges[i]), float(edges[i + 1]))
-            for i in run.suppressed
-            if i < len(edges) - 1  # the rows outside the edges are no bin
-        ]
-        result.attrs["suppressed_bins"] = withheld
+    withheld = [
+        (float(edges[i]), float(edges[i + 1]))
+        for i in run.suppressed
+        if i < len(edges) - 1  # the rows outside the edges are no bin
+    ]
+    if withheld:
         _log.warning(
             "histogram: %d bin(s) of %r held by fewer sites than a pooled result "
             "needs, or below your min_rows, are not shown (count <NA>): %s",
@@ -1052,14 +1138,19 @@ def histogram(
             column,
             ", ".join(f"[{a:g}, {b:g})" for a, b in withheld),
         )
-    return attach_receipt(
+    return release(
         result,
         [run],
+        # rows outside the edges (numpy drops them): their count, or None (withheld)
+        outside=None if pd.isna(cells[-1]) else int(cells[-1]),
+        missing=_missing(run, "histogram"),
+        suppressed=withheld,
         kind="histogram",
         parameters={
             "column": column,
             "edges": edges.tolist(),
             "population": options.population,
+            **({"within": spec["within"]} if within else {}),
         },
     )
 
@@ -1077,7 +1168,7 @@ def crosstab(
     on_refusal: str = "raise",
     population: Sequence[str] | None = None,
     bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
-) -> pd.DataFrame:
+) -> ResultTable:
     """Exact pooled counts of ``row`` × ``col`` levels, like ``pandas.crosstab``.
 
     Levels are compared as text, and are those :func:`levels` releases: a column
@@ -1086,7 +1177,7 @@ def crosstab(
     policy's minimum of rows (``min_rows``: your own threshold on the pooled
     cells, applied here). A cell held by fewer sites than the pooling minimum is sent
     as zeros by every site and shown as ``<NA>``, named in
-    ``attrs["suppressed_cells"]`` as (row level, column level).
+    ``.suppressed`` as (row level, column level). ``.missing``: rows left out.
 
     Examples
     --------
@@ -1126,13 +1217,26 @@ def crosstab(
             index=pd.Index(names, name=row),
         )
         diagonal.columns = pd.Index(names, name=col)
-        diagonal.attrs = dict(one_way.attrs)
-        if "suppressed_levels" in one_way.attrs:
-            diagonal.attrs["suppressed_cells"] = [
-                (a, a) for a in one_way.attrs.pop("suppressed_levels")
-            ]
-            diagonal.attrs.pop("suppressed_levels", None)
-        return diagonal
+        # the one-way receipt covers the counts the sites released; the diagonal
+        # is their arrangement, so it gets a receipt over itself
+        return ResultTable.released(
+            diagonal,
+            combined_receipt(
+                diagonal,
+                [one_way.receipt],
+                site_list,
+                kind="crosstab",
+                parameters={
+                    "row": row,
+                    "col": col,
+                    "population": list(population or ()),
+                },
+            ),
+            missing=one_way.missing,
+            suppressed=[(a, a) for a in one_way.suppressed],
+            noise=one_way.noise,
+            receipts=[one_way.receipt],
+        )
     row_levels = list(_grouping_levels(site_list, row, researcher))
     col_levels = list(_grouping_levels(site_list, col, researcher))
     options = QueryOptions.of(
@@ -1153,19 +1257,20 @@ def crosstab(
         index=pd.Index(row_levels, name=row),
     )
     result.columns = pd.Index(col_levels, name=col)
-    if run.suppressed:
-        where = [divmod(i, len(col_levels)) for i in run.suppressed]
-        named = [(row_levels[a], col_levels[b]) for a, b in where]
-        result.attrs["suppressed_cells"] = named
+    where = [divmod(i, len(col_levels)) for i in run.suppressed]
+    named = [(row_levels[a], col_levels[b]) for a, b in where]
+    if named:
         _log.warning(
             "crosstab: %d cell(s) held by fewer sites than a pooled result needs, "
             "or below your min_rows, are not shown (<NA>): %s",
             len(named),
             ", ".join(f"{a} × {b}" for a, b in named),
         )
-    return attach_receipt(
+    return release(
         result,
         [run],
+        missing=_missing(run, "crosstab"),
+        suppressed=named,
         kind="crosstab",
         parameters={"row": row, "col": col, "population": options.population},
     )
@@ -1182,14 +1287,14 @@ def counts(
     min_rows: int = 0,
     on_refusal: str = "raise",
     population: Sequence[str] | None = None,
-) -> pd.DataFrame:
+) -> ResultTable:
     """Exact pooled one-way counts of a category's levels, like
     ``Series.value_counts()`` in the order of :func:`levels`.
 
     The same rules as :func:`crosstab`'s cells: levels are the released ones, a
     site refuses when a non-empty level holds fewer than its minimum of rows, and
     a level fewer sites hold than the pooling minimum is shown ``<NA>`` and named
-    in ``attrs["suppressed_levels"]``. ``attrs["missing"]``: rows without a value
+    in ``.suppressed``. ``.missing``: rows without a value
     (None when too few sites leave rows out: it would be one site's count).
 
     Examples
@@ -1215,12 +1320,11 @@ def counts(
     result = pd.DataFrame(
         {"count": _cell_counts(run)}, index=pd.Index(names, name=column)
     )
-    result.attrs["missing"] = _missing(run, "counts")
-    if run.suppressed:
-        result.attrs["suppressed_levels"] = [names[i] for i in run.suppressed]
-    return attach_receipt(
+    return release(
         result,
         [run],
+        missing=_missing(run, "counts"),
+        suppressed=[names[i] for i in run.suppressed],
         kind="counts",
         parameters={"column": column, "population": options.population},
     )
@@ -1235,13 +1339,13 @@ def missing(
     min_sites: int = 2,
     on_refusal: str = "raise",
     population: Sequence[str] | None = None,
-) -> pd.DataFrame:
+) -> ResultTable:
     """Pooled per-column counts of rows without a value (NaN or infinite), of the
     rows in ``population`` (every row by default), like ``frame.isna().sum()``.
 
     Each column's missing rows are a cell under the sites' rules: 1 or 2 at a site
     is refused, a count only one site has is withheld (``<NA>``, named in
-    ``attrs["suppressed"]``).
+    ``.suppressed``). ``.missing``: the rows outside ``population`` (None withheld).
     """
     site_list = as_sites(sites)
     cols = _columns(columns)
@@ -1260,12 +1364,11 @@ def missing(
         {"missing": pd.arrays.IntegerArray(values, withheld), "of": int(run.totals[1])},
         index=pd.Index(cols),
     )
-    hidden = [cols[i] for i in run.suppressed]
-    if hidden:
-        result.attrs["suppressed"] = hidden
-    return attach_receipt(
+    return release(
         result,
         [run],
+        missing=_missing(run, "missing"),
+        suppressed=[cols[i] for i in run.suppressed],
         kind="missing",
         parameters={"columns": cols, "population": options.population},
     )
@@ -1311,7 +1414,7 @@ def cov(
     on_refusal: str = "raise",
     population: Sequence[str] | None = None,
     bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
-) -> pd.DataFrame:
+) -> ResultTable:
     """Pooled sample covariance matrix (complete cases), like ``DataFrame.cov()``.
 
     Examples
@@ -1337,7 +1440,7 @@ def corr(
     on_refusal: str = "raise",
     population: Sequence[str] | None = None,
     bounds: float | Mapping[str, float | tuple[float, float]] | None = None,
-) -> pd.DataFrame:
+) -> ResultTable:
     """Pooled Pearson correlation matrix (complete cases), like ``DataFrame.corr()``.
 
     Examples
@@ -1356,7 +1459,7 @@ def corr(
 
 def _matrix(
     sites: SitesLike, columns: Sequence[str], kind: str, options: QueryOptions
-) -> pd.DataFrame:
+) -> ResultTable:
     site_list = as_sites(sites)
     cols = _columns(columns)
     runs, _, stats = _second_moments(
@@ -1372,9 +1475,11 @@ def _matrix(
             matrix = scatter / np.outer(scale, scale)
         np.fill_diagonal(matrix, np.where(scale > 0, 1.0, np.nan))
     result = pd.DataFrame(matrix, index=cols, columns=cols)
-    return attach_receipt(
+    dropped = entry["dropped"]
+    return release(
         result,
         runs,
+        missing=None if np.isnan(dropped) else round(dropped),
         kind=kind,
         parameters={
             "columns": cols,
@@ -1405,9 +1510,9 @@ def ols(
     ``rsquared``, ``rsquared_adj``, ``fvalue``, ``f_pvalue``, ``summary()``;
     ``to_frame()`` is the table the receipt covers — one row per coefficient
     (``Intercept`` first) with ``coef``, ``se``, ``t``, ``P>|t|`` and the 95 %
-    interval, its ``attrs`` ``r2``, ``r2_adj``, ``fvalue``, ``f_pvalue``, ``n``,
-    ``dof`` and ``rss``. Each site refuses a model with more than
-    ``max_param_ratio`` (0.33) parameters per row of its own.
+    interval, a plain frame (``fit.table`` is the same with its ``receipt``;
+    ``nobs``, ``df_resid`` and ``ssr`` are the fit's). Each site refuses a model
+    with more than ``max_param_ratio`` (0.33) parameters per row of its own.
 
     Examples
     --------
@@ -1474,30 +1579,11 @@ def ols(
     cov[0, 0] = se_intercept**2
     cov[0, 1:] = cov[1:, 0] = -sigma2 * shift
     cov[1:, 1:] = sigma2 * inverse
-    fit = OLSResults(
-        params=pd.Series(coef, index=result.index),
-        cov=cov,
-        response=y,
-        nobs=round(n),
-        ssr=rss,
-        centered_tss=float(syy),
-        table=result,
-        receipt={},
-    )
-    result.attrs.update(
-        {
-            "n": fit.nobs,
-            "r2": fit.rsquared,
-            "r2_adj": fit.rsquared_adj,
-            "fvalue": fit.fvalue,
-            "f_pvalue": fit.f_pvalue,
-            "rss": rss,
-            "dof": dof,
-        }
-    )
-    attach_receipt(
+    dropped = entry["dropped"]
+    table = release(
         result,
         runs,
+        missing=None if np.isnan(dropped) else round(dropped),
         kind="ols",
         parameters={
             "y": y,
@@ -1506,8 +1592,16 @@ def ols(
             "population": options.population,
         },
     )
-    fit.receipt = result.attrs["receipt"]
-    return fit
+    return OLSResults(
+        params=pd.Series(coef, index=result.index),
+        cov=cov,
+        response=y,
+        nobs=round(n),
+        ssr=rss,
+        centered_tss=float(syy),
+        table=table,
+        receipt=table.receipt,
+    )
 
 
 class AliasedDesign(InvalidInput):
@@ -1552,28 +1646,22 @@ def check_aliasing(
         kept.append(j)
 
 
-def attach_receipt(
+def receipt_for(
     result: pd.DataFrame,
     runs: list[StudyRun],
     *,
     kind: str,
     parameters: dict[str, Any],
     encryption: dict[str, Any] | None = None,
-) -> pd.DataFrame:
-    """Attach the receipt of ``runs`` to ``result`` (``result.attrs["receipt"]``).
+) -> Receipt:
+    """The receipt of ``runs`` over ``result`` (the table its hash covers).
 
     Raises :class:`~healthlab.errors.TooManyDropouts` when sites dropped out
     between the queries the result is built from: its totals would pool different
     sites (a silent mix), so it is refused; ask again."""
-    if any(r.dropped for r in runs):
-        taking_part = {tuple(sorted(s.name for s in r.sites)) for r in runs}
-        if len(taking_part) > 1:
-            raise TooManyDropouts(
-                "sites dropped out between the queries this result is built from, "
-                "so its totals would pool different sites; ask again"
-            )
+    _same_sites([[s.name for s in r.sites] for r in runs], any(r.dropped for r in runs))
     last = runs[-1]
-    receipt: Receipt = build_receipt(
+    return build_receipt(
         kind=kind,
         result=result,
         queries=[r.query.as_dict() for r in runs],
@@ -1596,20 +1684,80 @@ def attach_receipt(
             ),
         },
     )
-    result.attrs["receipt"] = receipt
+
+
+def _same_sites(taking_part: Sequence[Sequence[str]], dropped: bool) -> None:
+    """A result built from several queries pools the same sites in each: after a
+    dropout that changed them, it is refused rather than mixed."""
+    if dropped and len({tuple(sorted(names)) for names in taking_part}) > 1:
+        raise TooManyDropouts(
+            "sites dropped out between the queries this result is built from, so "
+            "its totals would pool different sites; ask again"
+        )
+
+
+def combined_receipt(
+    result: pd.DataFrame,
+    parts: Sequence[Receipt],
+    sites: Sequence[Site],
+    *,
+    kind: str,
+    parameters: dict[str, Any],
+) -> Receipt:
+    """One receipt over ``result``, computed from released results whose receipts
+    are ``parts``: their queries, sites (of ``sites``) and refusals, and each
+    part's hash (``parts``)."""
+    _same_sites(
+        [[r["name"] for r in part["sites"]] for part in parts],
+        any(part.get("dropped") for part in parts),
+    )
+    names = {r["name"] for part in parts for r in part["sites"]}
+    return build_receipt(
+        kind=kind,
+        result=result,
+        queries=[q for part in parts for q in part["queries"]],
+        parameters=parameters,
+        sites=[s for s in sites if s.name in names],
+        researcher=parts[-1]["researcher"],
+        refused={k: v for part in parts for k, v in part["refused"].items()},
+        extra={
+            "encryption": parts[-1]["encryption"],
+            "parts": [part["receipt_hash"] for part in parts],
+        },
+    )
+
+
+def noise_of(runs: list[StudyRun]) -> dict[str, Any] | None:
+    """The pooled noise the sites added under DP budgets (None without any)."""
     noisy = [r.noise_sd for r in runs if r.noise_sd]
-    if noisy:
-        # the pooled noise of every total: the sites' own, independent draws
-        result.attrs["noise"] = {
-            "sd_per_total": [
-                np.sqrt(np.sum(np.square(list(n.values())), axis=0)).tolist()
-                for n in noisy
-            ],
-            "sites": noisy,
-            "note": "Gaussian noise the sites added under their privacy budgets, "
-            "per query and total (the queries' layouts are in the receipt)",
-        }
-    return result
+    if not noisy:
+        return None
+    # the pooled noise of every total: the sites' own, independent draws
+    return {
+        "sd_per_total": [
+            np.sqrt(np.sum(np.square(list(n.values())), axis=0)).tolist() for n in noisy
+        ],
+        "sites": noisy,
+        "note": "Gaussian noise the sites added under their privacy budgets, "
+        "per query and total (the queries' layouts are in the receipt)",
+    }
+
+
+def release(
+    result: pd.DataFrame,
+    runs: list[StudyRun],
+    *,
+    kind: str,
+    parameters: dict[str, Any],
+    encryption: dict[str, Any] | None = None,
+    **metadata: Any,
+) -> ResultTable:
+    """``result`` as a :class:`~healthlab.encrypted.tables.ResultTable`: its
+    receipt over ``runs``, their noise, and ``metadata`` (``missing``, ...)."""
+    receipt = receipt_for(
+        result, runs, kind=kind, parameters=parameters, encryption=encryption
+    )
+    return ResultTable.released(result, receipt, noise=noise_of(runs), **metadata)
 
 
 def _uploads(runs: list[StudyRun]) -> dict[str, int]:

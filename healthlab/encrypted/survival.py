@@ -39,8 +39,8 @@ from healthlab.encrypted.stats import (
     _grouping_levels,
     _left_out,
     _run,
-    attach_receipt,
     population_columns,
+    receipt_for,
 )
 from healthlab.errors import DataRefused, InvalidInput
 from healthlab.site_data import numeric_column
@@ -225,7 +225,7 @@ class SurvivalResult:
     ``table``: one row per group and grid time with ``at_risk``, ``events``,
     ``censored``, ``survival``, ``se`` (Greenwood) and the ``lower`` / ``upper``
     confidence limits. ``logrank``: the test's χ², degrees of freedom and p-value
-    (None without ``by``). ``receipt``.
+    (None without ``by``). ``receipt``: it covers ``to_frame()``, the table.
     """
 
     duration: str
@@ -239,6 +239,10 @@ class SurvivalResult:
     receipt: dict[str, Any]
     requested_grid: list[float] = field(default_factory=list)
     merged: list[float] = field(default_factory=list)
+
+    def to_frame(self) -> pd.DataFrame:
+        """The pooled table the receipt covers (a copy)."""
+        return self.table.copy()
 
     def survival_function(self, group: Any = None) -> pd.Series:
         """S(t) at the grid times (t = grid[0] included, S = 1), one group's."""
@@ -507,9 +511,8 @@ def kaplan_meier(
     test = (
         _logrank(np.asarray(event_rows), np.asarray(at_risk_rows)) if groups else None
     )
-    receipt_table = table.copy()
-    attach_receipt(
-        receipt_table,
+    receipt = receipt_for(
+        table,
         runs,
         kind="kaplan_meier",
         parameters={
@@ -532,5 +535,5 @@ def kaplan_meier(
         logrank=test,
         beyond=beyond,
         missing=np.nan if run.missing_withheld else float(run.totals[0]),
-        receipt=receipt_table.attrs["receipt"],
+        receipt=receipt,
     )

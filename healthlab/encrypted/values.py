@@ -65,7 +65,8 @@ from healthlab.encrypted.protocol import (
     prepare_query,
     sign_query,
 )
-from healthlab.encrypted.stats import attach_receipt, population_columns
+from healthlab.encrypted.stats import population_columns, release
+from healthlab.encrypted.tables import ResultTable
 from healthlab.errors import DataRefused, InvalidInput
 from healthlab.site_data import numeric_column
 from healthlab.sites import LEFT_OUT, Site, as_sites
@@ -501,7 +502,7 @@ def describe_values(
     min_sites: int = 2,
     on_refusal: str = "raise",
     population: Sequence[str] | None = None,
-) -> pd.DataFrame:
+) -> ResultTable:
     """``count``, ``mean``, ``std``, ``var``, ``sum`` with every value encrypted.
 
     ``bound`` is a public bound on ``|x|`` per column (a site refuses values beyond
@@ -566,7 +567,7 @@ def _describe_values(
     min_sites: int,
     on_refusal: str,
     population: list[str],
-) -> pd.DataFrame:
+) -> ResultTable:
     query = Query(
         "values",
         {"columns": cols, "dropna": dropna, "population": population},
@@ -669,12 +670,14 @@ def _describe_values(
         raise DataRefused(f"no values were aggregated for {missing}")
     results = {c: results[c] for c in cols}
     table = pd.DataFrame(results)
+    # withheld (None) when too few sites leave rows out: one site's count
+    left_out = None if counted.missing_withheld else round(counted.totals[0])
     if dropna or population:  # as in describe(): rows dropped, outside or missing
-        # withheld (NaN) when too few sites leave rows out: one site's count
-        table.loc["missing"] = np.nan if counted.missing_withheld else counted.totals[0]
-    return attach_receipt(
+        table.loc["missing"] = np.nan if left_out is None else counted.totals[0]
+    return release(
         table,
         [counted],
+        missing=left_out,
         kind="describe",
         parameters={
             "columns": cols,
