@@ -541,8 +541,9 @@ def test_tour_receipt_is_anchored_and_verifies(runs: dict[str, Run]) -> None:
     run = runs["00_tour"]
     checks = run.tables["verification"]
     assert checks["passed"].all(), checks[~checks["passed"]]
+    # one anchor per grant: each site's first request on its own dataset
     assert [c for c in checks.index if c.startswith("anchor")] == [
-        f"anchor {i}" for i in range(1, 5)
+        f"anchor {request_id(i, 1)}" for i in range(1, 5)
     ]
     (receipt,) = run.receipts().values()
     assert receipt.hash == receipt["receipt_hash"]
@@ -555,6 +556,11 @@ def test_tour_receipt_is_anchored_and_verifies(runs: dict[str, Run]) -> None:
 def request_id(dataset: int, number: int) -> int:
     """The registry's id of request ``number`` (1, 2, ...) on ``dataset``."""
     return dataset << 40 | number
+
+
+#: The grants a study over the four sample sites anchors under: each site's first
+#: request on its own dataset.
+FIRST_REQUESTS = ", ".join(str(request_id(i, 1)) for i in range(1, 5))
 
 
 # --------------------------------------------------- 01 request access
@@ -1093,7 +1099,7 @@ def test_federated_receipt_is_anchored_and_verifies(
     fl: dict[str, pd.DataFrame], runs: dict[str, Run]
 ) -> None:
     row = fl["provenance"].loc["federated model"]
-    assert row["verified"] and row["anchored requests"] == "1, 2, 3, 4", row
+    assert row["verified"] and row["anchored requests"] == FIRST_REQUESTS, row
     receipt = runs["04_federated_training"].receipts()["receipt"]
     assert receipt.hash == receipt["receipt_hash"] == row["receipt hash"]
     assert len(receipt["history"]) == FAST["04_federated_training"]["rounds"]
@@ -1167,7 +1173,7 @@ def test_report_anchors_and_verifies_every_result(
     provenance = report["provenance"]
     assert len(provenance) == 6 + len(p["categorical"])
     assert provenance["verified"].all(), provenance["problems"]
-    assert (provenance["anchored requests"] == "1, 2, 3, 4").all()
+    assert (provenance["anchored requests"] == FIRST_REQUESTS).all()
     receipts = runs["06_study_report"].receipts()
     assert list(receipts) == provenance.index.tolist()
     for label, receipt in receipts.items():

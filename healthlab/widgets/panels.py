@@ -901,14 +901,13 @@ class OwnerInbox(_Panel):
             privacy = _PrivacyColumn(self.ledger)
             pending, grants = [], []
             self._grants = {}
-            for r in everything:
+            for position, r in enumerate(everything):
                 if r.dataset_id not in owned:
                     continue
                 if r.status is Status.PENDING:
+                    # oldest first: ids number each dataset's requests on their own
                     earlier = [
-                        q
-                        for q in everything
-                        if q.researcher == r.researcher and q.id < r.id
+                        q for q in everything[:position] if q.researcher == r.researcher
                     ]
                     pending.append(
                         {
