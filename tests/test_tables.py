@@ -14,22 +14,7 @@ from healthlab import Site, encrypted
 from healthlab.encrypted import ResultTable
 from healthlab.errors import DisclosureRefused
 from healthlab.receipts import verify
-
-
-def cohort(seed: int, n: int = 40, *, region: str | None = None) -> pd.DataFrame:
-    rng = np.random.default_rng(seed)
-    frame = pd.DataFrame(
-        {
-            "age": rng.normal(55, 10, n).round(1),
-            "sbp": rng.normal(130, 15, n).round(1),
-            "sex": rng.choice(["F", "M"], n),
-            "region": rng.choice(["north", "south"], n),
-        }
-    )
-    if region is not None:  # rows 0-7 of this site are the only ones in ``region``
-        frame.loc[0:7, "region"] = region
-        frame.loc[0:7, "sex"] = ["F", "M"] * 4
-    return frame
+from tests.test_pooling import cohort
 
 
 def rare_region_sites() -> tuple[list[Site], pd.DataFrame]:
