@@ -766,6 +766,8 @@ class OracleWorker:
         selection that differs from one it answered before by fewer than
         ``min_difference`` user-days. The pooled mean and count come from
         :func:`healthlab.encrypted.describe` over the sites holding any such day.
+        Citizen sites (:meth:`DisclosurePolicy.citizen`) are audited pooled
+        instead: see the class's *Citizens as sites*.
         """
         start, end = day_number(from_day), day_number(to_day)
         masks: dict[str, np.ndarray] = {}
