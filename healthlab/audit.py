@@ -675,6 +675,33 @@ class Auditor:
                 "population up front, or ask for the same subsets as before"
             )
 
+    def check_record(
+        self, site: str, researcher: str | None, masks: Iterable[np.ndarray]
+    ) -> None:
+        """A citizen site's audit: refuse (and remember the refusal) unless every
+        non-empty subset of ``masks`` is the site's *record* — the one non-empty
+        subset it answered before (anyone), or, the first time, one subset.
+
+        With one row every subset is that row or empty, so this never refuses; a
+        site of a few rows of one person answers the same rows every time. Then
+        every combination of answers weighs each citizen's rows alike (a multiple
+        of its record), so what it isolates is a set of *sites*, which the pooled
+        holder count and the site-set audit (:func:`isolated_sites`, ``need`` the
+        pooled minimum) keep at the pooled minimum or more. Sizes are not tested:
+        any subset of one person's rows is that person's."""
+        self._check_frozen(site)
+        who = (researcher or "").lower()
+        new = _unique([m for m in (self._lift(m) for m in masks) if m.any()])
+        record = {_pack(m) for m in new} | set(self._packed("answered"))
+        if len(record) > 1:
+            self._refuse(who, new)
+            raise TooFewRows(
+                f"site {site} is a citizen's site: it answers one set of its rows "
+                "(its record), and this query would sum another (some of its rows, "
+                "or other rows than before), so answers could be differenced within "
+                "one person's rows; ask for all of the citizens' rows, as before"
+            )
+
     def _answered_atoms(self) -> Atoms:
         """The atoms of every answered subset (all researchers), extended from the
         last call's by what was answered since: one pass over the rows per query."""

@@ -651,7 +651,9 @@ class OracleWorker:
         Passed to :func:`healthlab.score.health_score`.
     policy:
         Every site's disclosure policy (default :class:`DisclosurePolicy`: at least 3
-        user-days per site, 2 sites, differencing by at least 3 user-days).
+        user-days per site, 2 sites, differencing by at least 3 user-days). With
+        :meth:`DisclosurePolicy.citizen` every site is one citizen's device (see
+        *Citizens as sites* below).
     min_users:
         Fewest distinct users whose days a site pools (default 3), so a site's share
         of a mean is never one or two people's.
@@ -664,6 +666,27 @@ class OracleWorker:
         check: user-days counted as distinct users, periods as subsets, and the
         sets of sites pooled), across restarts. Default:
         ``$HEALTHLAB_HOME/oracle/<chain id>-<oracle contract>``.
+
+    Citizens as sites
+    -----------------
+    With ``policy=DisclosurePolicy.citizen(min_contributors=K)`` each site is one
+    citizen's device of a few user-days, too few for a per-site minimum. The worker
+    then audits the *pooled* subsets instead of each site's: one auditor over every
+    citizen's user-days (``audit-citizens.json`` in ``state_dir``), counting
+    distinct persons (``user_id``), with ``k = K``. A period is answered only when
+    at least ``K`` sites hold days of it (else ``TOO_FEW_SITES``), its pooled days
+    are of at least ``K`` persons, and no combination of it with the periods
+    answered before isolates fewer than ``K`` persons (differencing, e.g. two
+    periods that differ by one citizen's days) nor fewer than ``K`` sites (the
+    site-set audit with ``need = K``). This is sound because the published mean and
+    count are functions of the pooled subset's rows alone, exactly as one site's
+    answer is of its rows: the pooled auditor is the per-site auditor of a site
+    holding every citizen's rows. The sum itself is the secure sum over the citizen
+    sites (each masks and encrypts its own totals; the key holder decrypts only the
+    pooled sum), under the citizen rules of :meth:`DisclosurePolicy.citizen`. It
+    needs the worker to see which citizen holds which days (as the data holder of
+    the health-score programme does); devices answering on their own have the
+    general citizen rules only.
     """
 
     def __init__(
@@ -708,17 +731,23 @@ class OracleWorker:
         )
         self.state_dir = folder
         # what each site answered before, over all its user-days (differencing),
-        # counted in distinct users, kept in state_dir across restarts
-        self._memory = {
-            name: Site(
-                name,
-                table[["score", "user_id"]],
-                policy=self.policy,
-                state_dir=folder,
-                units="user_id",
-            )
-            for name, table in self._tables.items()
-        }
+        # counted in distinct users, kept in state_dir across restarts; citizens:
+        # one auditor over the pooled user-days of every citizen site
+        self._memory: dict[str, Site] = {}
+        self._pooled: Site | None = None
+        if self.policy.is_citizen:
+            self._pooled = _pooled_memory(self._tables, self.policy, folder)
+        else:
+            self._memory = {
+                name: Site(
+                    name,
+                    table[["score", "user_id"]],
+                    policy=self.policy,
+                    state_dir=folder,
+                    units="user_id",
+                )
+                for name, table in self._tables.items()
+            }
         self._queue: dict[int, OracleEvent] = {}
 
     # ------------------------------------------------------------ compute
@@ -737,6 +766,8 @@ class OracleWorker:
         selection that differs from one it answered before by fewer than
         ``min_difference`` user-days. The pooled mean and count come from
         :func:`healthlab.encrypted.describe` over the sites holding any such day.
+        Citizen sites (:meth:`DisclosurePolicy.citizen`) are audited pooled
+        instead: see the class's *Citizens as sites*.
         """
         start, end = day_number(from_day), day_number(to_day)
         masks: dict[str, np.ndarray] = {}
@@ -755,6 +786,8 @@ class OracleWorker:
             if not mask.any():
                 continue
             masks[name] = mask
+            if self._pooled is not None:
+                continue  # audited pooled, below
             try:
                 self._memory[name].check_subsets(
                     {"score": [mask]}, researcher=requester
@@ -781,8 +814,12 @@ class OracleWorker:
                 f"{self.min_sites}",
             )
         pooled_sites = sorted(masks)
+        if self._pooled is not None:
+            refusal = self._check_pooled(masks, pooled_sites, requester)
+            if refusal is not None:
+                return refusal
         try:
-            for name in pooled_sites:
+            for name in pooled_sites if self._pooled is None else ():
                 # the sets of sites pooled for this requester before: no two
                 # periods may differ by one site's user-days
                 others = [
@@ -816,7 +853,15 @@ class OracleWorker:
                     return Answer(None, code, str(exc))
             raise
         receipt = table.receipt
-        for name, mask in masks.items():
+        if self._pooled is not None:
+            self._pooled.remember(
+                {"score": [self._pooled_mask(masks)]},
+                query_hash=str(receipt["result_hash"]),
+                kind="city-score",
+                researcher=requester,
+                participants=pooled_sites,
+            )
+        for name, mask in masks.items() if self._pooled is None else ():
             self._memory[name].remember(
                 {"score": [mask]},
                 query_hash=str(receipt["result_hash"]),
@@ -831,6 +876,39 @@ class OracleWorker:
             sites=len(sites),
         )
         return Answer(result, None, "", receipt)
+
+    def _pooled_mask(self, masks: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The period's user-days among every citizen's, in the pooled order."""
+        return np.concatenate(
+            [
+                masks[name] if name in masks else np.zeros(len(table), dtype=bool)
+                for name, table in self._tables.items()
+            ]
+        )
+
+    def _check_pooled(
+        self,
+        masks: Mapping[str, np.ndarray],
+        pooled_sites: list[str],
+        requester: str | None,
+    ) -> Answer | None:
+        """Citizen sites: the pooled audit (persons and sets of sites), or the
+        refusal it gives."""
+        assert self._pooled is not None
+        try:
+            # fewer than K persons, or differencing with the periods answered
+            # before (any requester) down to fewer than K persons
+            self._pooled.check_subsets(
+                {"score": [self._pooled_mask(masks)]}, researcher=requester
+            )
+            # no combination of the sets of citizens pooled singles out fewer
+            # than K of them
+            self._pooled.auditor.check_sites(
+                "the citizens' sites", requester, pooled_sites, [], self.min_sites
+            )
+        except errors.DisclosureRefused as exc:
+            return Answer(None, Refusal.DISCLOSURE_REFUSED, str(exc))
+        return None
 
     # ---------------------------------------------------------------- loop
     def run_once(self) -> list[WorkerAction]:
@@ -917,6 +995,24 @@ class OracleWorker:
             int(receipt["gasUsed"]),
             answer.reason,
         )
+
+
+def _pooled_memory(
+    tables: Mapping[str, pd.DataFrame], policy: DisclosurePolicy, folder: Path
+) -> Site:
+    """The auditor of citizen sites' pooled user-days: every citizen's rows as one
+    site's, persons counted by ``user_id``, ``k`` the pooled minimum."""
+    assert policy.min_contributors is not None
+    k = policy.min_contributors
+    pooled = pd.concat(
+        [
+            table[["score", "user_id", "day"]].assign(site=name)
+            for name, table in tables.items()
+        ],
+        ignore_index=True,
+    )
+    rules = DisclosurePolicy(min_rows=k, min_difference=k, min_sites=policy.min_sites)
+    return Site("citizens", pooled, policy=rules, state_dir=folder, units="user_id")
 
 
 def _score_table(

@@ -107,6 +107,11 @@ class DisclosurePolicy:
         a grid the site can apply without knowing the column's units: a bisection
         then learns a value to within 1–10 % of it. ``None`` accepts any edge (a
         loud opt-out: the bisection then pins one patient's value).
+    min_contributors:
+        ``None`` (the default, every hospital site): the per-site rules above. A
+        number: this is a *citizen site* (one person's device, a few rows) — see
+        :meth:`citizen`, the only way to build one; ``min_sites`` is then at least
+        this number.
     """
 
     min_rows: int = 3
@@ -118,6 +123,58 @@ class DisclosurePolicy:
     privacy: PrivacyBudget | None = None
     grid: Mapping[str, float] | tuple[tuple[str, float], ...] = ()
     grid_digits: int | None = 2
+    min_contributors: int | None = None
+
+    @classmethod
+    def citizen(cls, min_contributors: int = 10, **options: Any) -> DisclosurePolicy:
+        """The policy of a citizen site: one person's rows (a phone, a wearable),
+        too few for any per-site minimum, answered only inside a pooled sum of at
+        least ``min_contributors`` persons.
+
+        What changes against the hospital policy, and why it still protects a row:
+
+        - *No per-site row minimum, no per-site differencing test.* Every subset of
+          one person's rows is that person's, whatever its size; a per-site ``k``
+          cannot protect it (with one row, every subset is that row or empty).
+          What protects it is the pooled sum: the site contributes only under
+          secure aggregation (masked, CKKS-encrypted), so nobody sees its totals.
+        - *A pooled minimum of contributors.* ``min_sites`` is at least
+          ``min_contributors``: the holder count (computed privately among the
+          sites) refuses a query fewer than that many sites hold rows for, and the
+          site-set audit (:func:`healthlab.audit.isolated_sites`) runs with that
+          ``need``, so no combination of results over the logged sets of sites
+          singles out fewer than ``min_contributors`` citizens.
+        - *Contributors are the logged sites.* A citizen site takes part only when
+          every site of the query holds rows for it (checked on the holder count,
+          anonymously): the sets of contributors are then the sets of sites the
+          site-set audit checks, so "all citizens, then all but the one whose row
+          a filter leaves out" is refused like "all but one site".
+        - *One record per citizen.* Its auditor allows one non-empty set of its
+          rows, ever (its *record*): every query it answers sums that set, so
+          any combination of answers weighs a citizen's rows all alike, and
+          is a combination over sites. With one row this holds by itself; a
+          device of a few rows that answered all its rows refuses a query of
+          some of them (one day against the others).
+        - *No groups.* A ``by=`` group, a histogram bin, a crosstab cell or a
+          per-column missing count is refused: a group's holder count is the number
+          of citizens in it, and groups of two columns differenced (``A=1`` minus
+          ``B=1``) give the citizens in one but not the other, which no citizen
+          can see from its own row.
+
+        Each citizen counts as one person only if a site holds one person's rows
+        and no one registers many sites (left to governance: on chain, sites of one
+        owner count once). ``options`` are the other :class:`DisclosurePolicy`
+        fields (``min_sites`` may only raise the pooled minimum).
+        """
+        if isinstance(min_contributors, bool) or not isinstance(min_contributors, int):
+            raise InvalidInput("min_contributors must be a whole number")
+        options["min_sites"] = max(int(options.get("min_sites", 0)), min_contributors)
+        return cls(min_contributors=min_contributors, **options)
+
+    @property
+    def is_citizen(self) -> bool:
+        """Whether this is a citizen site's policy (:meth:`citizen`)."""
+        return self.min_contributors is not None
 
     def __post_init__(self) -> None:
         pairs = self.grid.items() if isinstance(self.grid, Mapping) else self.grid
@@ -136,6 +193,18 @@ class DisclosurePolicy:
             )
         if self.min_rows < 1 or self.min_sites < 1 or self.min_difference < 1:
             raise InvalidInput("min_rows, min_sites and min_difference must be >= 1")
+        if self.min_contributors is not None:
+            floor = max(self.min_rows, self.min_difference, 2)
+            if self.min_contributors < floor:
+                raise InvalidInput(
+                    "a citizen site's min_contributors (the pooled minimum of "
+                    "persons) must be at least its min_rows and min_difference"
+                )
+            if self.min_sites < self.min_contributors:
+                raise InvalidInput(
+                    "a citizen site pools over at least min_contributors sites: "
+                    "min_sites must be at least min_contributors"
+                )
         if self.collaboration is not None and self.collaboration < 1:
             raise InvalidInput(
                 "collaboration must be the id of an on-chain collaboration"
@@ -668,6 +737,9 @@ class Site:
         fewer than that (or the policy's ``min_difference``). A refused query is
         remembered too. Messages name the rule, never counts of rows or values.
         """
+        if self._policy.is_citizen:
+            self._check_citizen(subsets, researcher)
+            return
         threshold = max(min_rows, self._policy.min_rows, self._policy.min_difference)
         masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
         left_out = [np.asarray(m, dtype=bool) for m in subsets.get(LEFT_OUT, ())]
@@ -682,6 +754,29 @@ class Site:
         self.auditor.check(
             self.name, researcher, masks, threshold, differencing=differencing
         )
+
+    def _check_citizen(
+        self, subsets: Mapping[str, Iterable[np.ndarray]], researcher: str | None
+    ) -> None:
+        """A citizen site's audit (:meth:`DisclosurePolicy.citizen`): no groups,
+        and every non-empty subset it answers is its one record. The sets of a
+        column's few values (``values of …``) are functions of the record, not
+        other rows: they are not subsets of it here."""
+        rows = {
+            column: [np.asarray(m, dtype=bool) for m in ms]
+            for column, ms in subsets.items()
+            if not str(column).startswith(VALUES_OF)
+        }
+        masks = [m for ms in rows.values() for m in ms]
+        if any(len(ms) > 1 for column, ms in rows.items() if column != LEFT_OUT):
+            self.auditor.refuse(researcher, masks)
+            raise DisclosureRefused(
+                f"site {self.name} is a citizen's site: it answers no groups, bins "
+                "or cells (a group's holder count is the number of citizens in it, "
+                "and groups differenced single citizens out); ask for totals over "
+                "all of the citizens' rows"
+            )
+        self.auditor.check_record(self.name, researcher, masks)
 
     def refuse_subsets(
         self, subsets: Mapping[str, Iterable[np.ndarray]], *, researcher: str | None
@@ -762,8 +857,15 @@ class Site:
         participants: Sequence[str] = (),
     ) -> None:
         """Record an answered query's subsets, the sets it protects and its
-        participant set as audited (:meth:`check_participants`), and a log line."""
-        masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
+        participant set as audited (:meth:`check_participants`), and a log line.
+        A citizen site keeps its record only (not the sets of a column's values:
+        functions of the record, see :meth:`_check_citizen`)."""
+        masks = [
+            np.asarray(m, dtype=bool)
+            for column, ms in subsets.items()
+            if not (self._policy.is_citizen and str(column).startswith(VALUES_OF))
+            for m in ms
+        ]
         self.auditor.record(researcher, masks, protected)
         if participants:
             self.auditor.record_sites(researcher, participants)
@@ -853,6 +955,10 @@ class Site:
             ).derive(shared)
         return out
 
+
+#: The subsets keys' prefix of a column's few values' row sets (a category in
+#: disguise, :func:`healthlab.encrypted.stats._moments`).
+VALUES_OF = "values of "
 
 #: The subsets key of the rows a query leaves out (missing values, outside the
 #: population): their count is released as ``missing``, so they are audited too.

@@ -283,6 +283,13 @@ class SiteWork:
         self._subsets = subsets
         self._blocks: list[Block] = list(cast("list[Block]", rest[0])) if rest else []
         self._check = cast("Check | None", rest[1]) if len(rest) > 1 else None
+        if self._blocks and site.policy.is_citizen:  # whatever its rows
+            site.refuse_subsets(subsets, researcher=self.researcher)
+            raise DisclosureRefused(
+                f"site {site.name} is a citizen's site: it answers no groups, bins "
+                "or cells (a group's holder count is the number of citizens in it); "
+                "ask for totals over all of the citizens' rows"
+            )
         masks = [
             np.asarray(m, dtype=bool)
             for column, ms in subsets.items()
@@ -463,6 +470,15 @@ class SiteWork:
                 f"site {me}: only {counts[0]} site(s) of those taking part hold rows "
                 f"for this query, fewer than the {need} a pooled result needs; "
                 "add sites that hold these columns"
+            )
+        if self.site.policy.is_citizen and counts[0] < len(peers):
+            # a citizen's contributors must be the logged sites: then the site-set
+            # audit sees every set of citizens a result sums (which ones hold
+            # nothing, nobody learns: every citizen refuses alike)
+            raise TooFewSites(
+                f"site {me} is a citizen's site: it takes part only when every site "
+                "of the query holds rows for it, and some hold none; ask the "
+                "citizens whose rows the query selects"
             )
         self.suppressed = [
             i
