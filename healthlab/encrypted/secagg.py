@@ -233,18 +233,33 @@ def split(secret: bytes, t: int, xs: Sequence[int]) -> np.ndarray:
     ``(len(xs), 5 × blocks)`` — each block's 5 limbs shared alone, so a block's
     columns can be revealed without the others."""
     points = np.asarray(xs, dtype=np.int64)
-    if not 1 <= t <= points.size:
+    if not 1 <= t <= points.size or t >= 1 << 15:
         raise InvalidInput(f"a threshold of {t} with {points.size} shares")
     if len(set(points.tolist())) != points.size or points.min(initial=1) < 1:
         raise InvalidInput("share points must be distinct and positive")
     limbs = _limbs(secret)
     coefficients = _field_elements((t - 1) * limbs.size).reshape(t - 1, limbs.size)
-    shares = np.zeros((points.size, limbs.size), dtype=np.int64)
-    x = points[:, None]
-    for c in coefficients[::-1]:  # Horner, highest degree first
-        shares = (shares + c[None, :]) % PRIME
-        shares = (shares * x) % PRIME
+    powers = _powers(tuple(points.tolist()), t - 1)  # x^1 .. x^(t-1), mod p
+    # powers @ coefficients mod p without overflow: the coefficients in 16-bit halves
+    # (a product < 2^47, a sum of t of them < 2^63 while t < 2^15)
+    low = (powers @ (coefficients & 0xFFFF)) % PRIME
+    high = (powers @ (coefficients >> 16)) % PRIME
+    shares = ((high << 16) % PRIME + low) % PRIME
     return np.asarray((shares + limbs[None, :]) % PRIME, dtype=np.int64)
+
+
+@lru_cache(maxsize=64)
+def _powers(points: tuple[int, ...], degree: int) -> np.ndarray:
+    """``x^1 .. x^degree`` mod :data:`PRIME` for each point (one table per graph
+    degree and threshold: every site of a query uses the same)."""
+    table = np.ones((len(points), degree), dtype=np.int64)
+    x = np.asarray(points, dtype=np.int64)
+    column = np.ones(len(points), dtype=np.int64)
+    for d in range(degree):
+        column = (column * x) % PRIME
+        table[:, d] = column
+    table.setflags(write=False)
+    return table
 
 
 def combine(
