@@ -424,7 +424,7 @@ def _medians(
 ) -> tuple[dict[Any, ResultTable | None], list[tuple[Any, str]]]:
     """``table_one``'s quartiles of each ``nonnormal`` column: overall, and per
     released group of ``grouped`` (``None`` and named when withheld)."""
-    from healthlab.encrypted.stats import _percentile_args
+    from healthlab.encrypted.stats import percentile_args
 
     if not nonnormal:
         if ranges is not None or resolution is not None:
@@ -432,7 +432,7 @@ def _medians(
         return {}, []
     if not set(nonnormal) <= set(continuous):
         raise InvalidInput("nonnormal= names columns among the continuous ones")
-    asked = _percentile_args(nonnormal, [0.25, 0.5, 0.75], ranges, resolution)
+    asked = percentile_args(nonnormal, [0.25, 0.5, 0.75], ranges, resolution)
     assert asked is not None
     probabilities, spans, steps = asked
     groups = list(dict.fromkeys(grouped.columns.get_level_values(0)))
@@ -494,7 +494,7 @@ def quantiles(
     ``.n``: the pooled rows (in range) the quantiles are of; ``.receipts``: each
     step's receipt; ``.receipt``: one over the table, naming every step's query.
     """
-    from healthlab.encrypted.stats import _grouping_levels, histogram
+    from healthlab.encrypted.stats import grouping_levels, histogram
 
     low, high = (float(v) for v in range)
     if not (np.isfinite(low) and np.isfinite(high) and low < high):
@@ -513,7 +513,7 @@ def quantiles(
         raise InvalidInput("range= holds no multiple of resolution= inside it")
     if within:
         for name, level in within.items():
-            released = _grouping_levels(as_sites(sites), name, researcher)
+            released = grouping_levels(as_sites(sites), name, researcher)
             if str(level) not in released:
                 raise InvalidInput(
                     f"within= names a level of {name!r} that is not among its "

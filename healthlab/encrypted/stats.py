@@ -732,7 +732,7 @@ def levels(
     return Levels(released, withheld=withheld)
 
 
-def _grouping_levels(sites: list[Site], column: str, researcher: str | None) -> Levels:
+def grouping_levels(sites: list[Site], column: str, researcher: str | None) -> Levels:
     """Levels of a column that groups (``by=``) or tabulates (``crosstab``) rows.
 
     A withheld level refuses the query: its rows would be in no group or cell, and
@@ -817,7 +817,7 @@ def describe(
     options = QueryOptions.of(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
-    asked = _percentile_args(cols, percentiles, ranges, resolution)
+    asked = percentile_args(cols, percentiles, ranges, resolution)
     if not isinstance(by, str) and by is not None:
         named = _by_columns(by)
         if not named or len(set(named)) != len(named) or set(named) & set(cols):
@@ -827,12 +827,12 @@ def describe(
             )
         by = named[0] if len(named) == 1 else named
     if isinstance(by, str):
-        groups: list[Any] = list(_grouping_levels(site_list, by, researcher))
+        groups: list[Any] = list(grouping_levels(site_list, by, researcher))
     elif by:
         groups = [
             tuple(g)
             for g in itertools.product(
-                *(list(_grouping_levels(site_list, b, researcher)) for b in by)
+                *(list(grouping_levels(site_list, b, researcher)) for b in by)
             )
         ]
     else:
@@ -999,7 +999,7 @@ def _describe_percentiles(
     return found, withheld
 
 
-def _percentile_args(
+def percentile_args(
     columns: list[str],
     percentiles: Sequence[float] | None,
     ranges: tuple[float, float] | Mapping[str, tuple[float, float]] | None,
@@ -1237,8 +1237,8 @@ def crosstab(
             noise=one_way.noise,
             receipts=[one_way.receipt],
         )
-    row_levels = list(_grouping_levels(site_list, row, researcher))
-    col_levels = list(_grouping_levels(site_list, col, researcher))
+    row_levels = list(grouping_levels(site_list, row, researcher))
+    col_levels = list(grouping_levels(site_list, col, researcher))
     options = QueryOptions.of(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population, bounds
     )
@@ -1306,7 +1306,7 @@ def counts(
     yes      1460
     """
     site_list = as_sites(sites)
-    names = list(_grouping_levels(site_list, column, researcher))
+    names = list(grouping_levels(site_list, column, researcher))
     options = QueryOptions.of(
         keys, researcher, min_sites, min_rows, dropna, on_refusal, population
     )

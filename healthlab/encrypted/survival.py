@@ -36,9 +36,9 @@ from healthlab.encrypted.stats import (
     SitesLike,
     _check_grouping,
     _full_masks,
-    _grouping_levels,
     _left_out,
     _run,
+    grouping_levels,
     population_columns,
     receipt_for,
 )
@@ -419,7 +419,7 @@ def kaplan_meier(
     if not 0 < alpha < 1:
         raise InvalidInput("alpha must be between 0 and 1")
     keys = keys or KeyHolder()
-    groups = list(_grouping_levels(site_list, by, researcher)) if by else []
+    groups = list(grouping_levels(site_list, by, researcher)) if by else []
     if by and len(groups) < 2:
         raise InvalidInput(f"{by!r} has fewer than 2 released levels to compare")
     requested = edges
