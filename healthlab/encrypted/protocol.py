@@ -323,6 +323,8 @@ class SiteWork:
         self._modulus = MODULUS
         self._threshold = 0
         self._contributed = False
+        #: the survivors this site revealed its shares for, and what it revealed
+        self._revealed: tuple[frozenset[str], Reveal] | None = None
         self._listed = b""
         self._held: dict[str, np.ndarray] = {}
         self._announced: dict[str, HolderFlags] = {}
@@ -686,6 +688,14 @@ class SiteWork:
         me = self.site.name
         if not self._contributed or self.holders is None:
             raise IntegrityError(f"site {me}: contribute to this query first")
+        if self._revealed is not None:  # once per query: else "dropped", then
+            # "alive", would give both seeds of a neighbour away
+            if set(survivors) != self._revealed[0]:
+                raise IntegrityError(
+                    f"site {me} already revealed its shares for this query, for "
+                    "other survivors; it reveals once"
+                )
+            return self._revealed[1]
         alive = set(survivors)
         members = set(self._peer_keys)
         if me not in alive or not alive <= members or len(alive) != len(survivors):
@@ -722,7 +732,9 @@ class SiteWork:
                 shares[v] = ("self", row[: secagg.LIMBS])
             else:  # it dropped: the pairwise masks it left behind go
                 shares[v] = ("key", row[secagg.LIMBS :])
-        return Reveal(me, self.query.hash, shares)
+        revealed = Reveal(me, self.query.hash, shares)
+        self._revealed = (frozenset(alive), revealed)
+        return revealed
 
     def _check_survivors(self, alive: set[str], dropped: int) -> list[str]:
         """The disclosure rules again, on the sites whose contributions are summed."""
