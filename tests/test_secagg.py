@@ -473,3 +473,45 @@ def test_the_federated_masked_sum_takes_more_than_16_members() -> None:
         )
         == got
     )
+
+
+def test_each_step_of_a_site_runs_once_per_query(keys: KeyHolder) -> None:
+    """Announcing twice would reuse the share boxes' nonces; counting and
+    contributing twice would send the same masks over two counts (their
+    difference in clear); revealing twice for other survivors would give both
+    seeds of a neighbour. Each is refused by name; the honest order still works."""
+    from dataclasses import replace
+
+    from healthlab.encrypted.protocol import Query, SiteWork, count_holders
+
+    sites, _ = cohort(4, seed=17)
+    query = Query("custom", {"what": "once"}, 1)
+    query = replace(query, participants=tuple(sorted(s.participant for s in sites)))
+    log_query(sites, query.hash, None)
+
+    def compute(
+        site: Site, _: Query
+    ) -> tuple[list[float], dict[str, list[np.ndarray]]]:
+        return [float(site.n_rows)], {"x": [np.ones(site.n_rows, dtype=bool)]}
+
+    work = [SiteWork(site, query, None, compute) for site in sites]
+    peers = {s.name: s.mask_public_key for s in sites}
+    with pytest.raises(IntegrityError, match="announce this site's flags first"):
+        work[0].count_holders(peers, [])
+    count_holders(work, peers)
+    with pytest.raises(IntegrityError, match="already announced"):
+        work[0].announce(peers)
+    with pytest.raises(IntegrityError, match="already counted"):
+        work[0].count_holders(peers, [])
+    public = keys.public_context()
+    sent = [w.contribute(peers, public) for w in work]
+    with pytest.raises(IntegrityError, match="already contributed"):
+        work[0].contribute(peers, public)
+    names = sorted(peers)
+    confirms = {c.site: c for c in sent}
+    first = work[1].reveal(
+        names, {n: confirms[n].confirms.get("s0001", "") for n in names}
+    )
+    assert work[1].reveal(names, {}) is first, "the same survivors: the same reveal"
+    with pytest.raises(IntegrityError, match="it reveals once"):
+        work[1].reveal(names[1:], {})

@@ -356,6 +356,8 @@ class SiteWork:
         sealed to its holder."""
         self._check_peers(peers)
         me = self.site.name
+        if self._graph:  # fresh seeds twice would reuse the share boxes' nonces
+            raise IntegrityError(f"site {me} already announced for this query")
         self._graph = secagg.neighbours(list(peers), self._context(b"graph"))
         self._modulus = secagg.modulus(len(peers))
         near = self._graph[me]
@@ -427,6 +429,8 @@ class SiteWork:
         me = self.site.name
         if not self._graph:
             raise IntegrityError(f"site {me}: announce this site's flags first")
+        if self.holders is not None:  # one count, one contribution per query
+            raise IntegrityError(f"site {me} already counted the holders")
         near = set(self._graph[me])
         by_site = {a.site: a for a in announced}
         if set(by_site) != set(peers) or len(announced) != len(peers):
@@ -621,6 +625,8 @@ class SiteWork:
             raise IntegrityError(
                 f"site {self.site.name}: count the holders among these sites first"
             )
+        if self._contributed:  # the same masks twice: their difference is clear
+            raise IntegrityError(f"site {self.site.name} already contributed")
         totals = list(self.__totals)
         for i in self.suppressed:  # a block too few sites hold: zeros from everyone
             block = self._blocks[i]

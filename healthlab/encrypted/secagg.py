@@ -273,7 +273,14 @@ def combine(
         raise ValueError(f"{len(items)} shares, {t} needed")
     items = items[:t]
     xs = np.array([x for x, _ in items], dtype=np.int64)
-    ys = np.array([np.asarray(y, dtype=np.int64) for _, y in items])
+    try:
+        ys = np.array([np.asarray(y, dtype=np.int64) for _, y in items])
+    except (ValueError, OverflowError, TypeError):
+        raise ValueError("shares of different shapes") from None
+    if ys.ndim != 2 or ys.min(initial=0) < 0 or ys.max(initial=0) >= PRIME:
+        raise ValueError("a share is not made of field elements")
+    if xs.min(initial=1) < 1 or xs.max(initial=1) >= PRIME:
+        raise ValueError("a share point is not in the field")
     if len(set(xs.tolist())) != xs.size:
         raise ValueError("two shares at one point")
     # Lagrange at 0: λ_i = Π_{j≠i} x_j / (x_j − x_i)
