@@ -260,6 +260,58 @@ class QueryLogEntry:
     rows: int
 
 
+class SiteProxy:
+    """A site that runs elsewhere (a deployed SuperNode), as the researcher's side of
+    a statistic sees it: its public facts only.
+
+    Everything that touches rows — authorization, the disclosure checks, the
+    computation, the auditor — runs at the site, reached through ``remote`` (the
+    deployment's session, :class:`healthlab.federated.deploy.DeployedSites`).
+    """
+
+    def __init__(
+        self,
+        remote: Any,
+        name: str,
+        *,
+        dataset_id: int,
+        ledger: Ledger,
+        policy: DisclosurePolicy,
+        mask_public_key: bytes,
+        content_hash: str,
+        node_id: int,
+    ) -> None:
+        self.remote = remote
+        self.name = name
+        self.dataset_id = dataset_id
+        self.ledger = ledger
+        self.policy = policy
+        self.mask_public_key = mask_public_key
+        self.content_hash = content_hash
+        self.node_id = node_id
+
+    gated = True
+
+    @property
+    def participant(self) -> str:
+        """The site's name in a query's participant set: its dataset id."""
+        return str(self.dataset_id)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise InvalidInput(
+            f"site {self.__dict__.get('name', '?')} is a deployed site: {name!r} is "
+            "at the site, not here; this statistic does not run on a deployment "
+            "(run it on sites in this process, or ask for one that does)"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"SiteProxy({self.name!r}, dataset {self.dataset_id}, node {self.node_id})"
+        )
+
+
 class Site:
     """One data holder.
 
@@ -292,6 +344,9 @@ class Site:
     >>> site.gated
     True
     """
+
+    #: A site in this process (a :class:`SiteProxy` is reached through its session).
+    remote: Any = None
 
     def __init__(
         self,
@@ -1071,7 +1126,7 @@ def as_sites(sites: Sequence[Site] | Mapping[str, pd.DataFrame]) -> list[Site]:
     if isinstance(sites, Mapping):
         return [_teaching_site(str(name), frame) for name, frame in sites.items()]
     listed = list(sites)
-    if not listed or not all(isinstance(s, Site) for s in listed):
+    if not listed or not all(isinstance(s, (Site, SiteProxy)) for s in listed):
         raise InvalidInput(
             "sites must be a list of healthlab.Site or a mapping {name: DataFrame}"
         )

@@ -50,7 +50,14 @@ from scipy import special
 
 from healthlab.encrypted.encoding import MAX_ABS
 from healthlab.encrypted.keys import KeyHolder
-from healthlab.encrypted.protocol import Block, Check, Query, StudyRun, Totals
+from healthlab.encrypted.protocol import (
+    Block,
+    Check,
+    Query,
+    StudyRun,
+    Totals,
+    computation,
+)
 from healthlab.encrypted.results import FittedModel
 from healthlab.encrypted.stats import (
     AliasedDesign,
@@ -546,6 +553,7 @@ _PREPARED: weakref.WeakKeyDictionary[Site, dict[tuple[str, int], ModelRows]] = (
 )
 
 
+@computation("glm")
 def _iterate(site: Site, query: Query) -> Totals:
     """At a site: its totals of one model iterate, and the check of the step."""
     spec = query.spec
@@ -1499,7 +1507,6 @@ class ModelSession:
                 "fraction": fraction,
             },
             layout.size,
-            _iterate,
             keys=self.keys,
             researcher=self.researcher,
             min_sites=self.min_sites,

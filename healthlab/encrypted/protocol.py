@@ -146,6 +146,35 @@ Totals = (
 )
 SiteComputation = Callable[[Site, "Query"], Totals]
 
+#: Every site computation by the query kind it answers. A deployed site runs only
+#: these (the installed package's code), chosen by the signed query's ``kind``:
+#: no code travels with a query.
+COMPUTATIONS: dict[str, SiteComputation] = {}
+
+
+def computation(kind: str) -> Callable[[SiteComputation], SiteComputation]:
+    """Register the site computation that answers queries of ``kind``."""
+
+    def register(compute: SiteComputation) -> SiteComputation:
+        if COMPUTATIONS.get(kind, compute) is not compute:
+            raise HealthLabError(f"two site computations answer {kind!r} queries")
+        COMPUTATIONS[kind] = compute
+        return compute
+
+    return register
+
+
+def computation_for(kind: str) -> SiteComputation:
+    """The registered computation of ``kind`` (a query of another kind is refused)."""
+    import healthlab.encrypted  # noqa: F401 - every statistic registers its own
+
+    try:
+        return COMPUTATIONS[kind]
+    except KeyError:
+        raise DataRefused(
+            f"no site computation answers {kind!r} queries in this HealthLab version"
+        ) from None
+
 
 @dataclass(frozen=True)
 class Query:
@@ -1206,12 +1235,16 @@ def prepare_query(
         work: list[SiteWork] = []
         errors: list[HealthLabError] = []
         now: dict[str, str] = {}
-        for site in asked:
-            try:
-                work.append(SiteWork(site, query, signed, compute))
-            except (AccessDenied, DisclosureRefused, DataRefused) as exc:
-                now[site.name] = str(exc)
-                errors.append(exc)
+        for site, got in zip(
+            asked, _prepare_all(asked, query, signed, compute), strict=True
+        ):
+            if isinstance(got, (AccessDenied, DisclosureRefused, DataRefused)):
+                now[site.name] = str(got)
+                errors.append(got)
+            elif isinstance(got, BaseException):
+                raise got
+            else:
+                work.append(got)
         refused.update(now)
         if now and on_refusal == "raise":
             raise _refusal(now, errors) from None
@@ -1226,6 +1259,51 @@ def prepare_query(
         if not now:
             return PreparedQuery(query, signed, work, refused)
         asked = [w.site for w in work]
+
+
+def _prepare_all(
+    sites: Sequence[Site],
+    query: Query,
+    signed: SignedQuery | None,
+    compute: SiteComputation,
+) -> list[SiteWork | BaseException]:
+    """Every site's :class:`SiteWork` for ``query``, or the error it refused with.
+
+    A site in this process computes with ``compute``; a deployed site
+    (:class:`~healthlab.sites.SiteProxy`) with the computation its own installed
+    package registers for the query's kind (:data:`COMPUTATIONS`), all deployed
+    sites asked at once."""
+    proxies = [s for s in sites if s.remote is not None]
+    if proxies:
+        if len(proxies) != len(sites) or len({id(s.remote) for s in proxies}) > 1:
+            raise InvalidInput(
+                "a query pools the sites of one deployment, or sites in this "
+                "process, not both"
+            )
+        if COMPUTATIONS.get(query.kind) is not compute:
+            raise InvalidInput(
+                f"deployed sites answer only the registered {query.kind!r} computation"
+            )
+        return proxies[0].remote.prepare(proxies, query, signed)  # type: ignore[union-attr,no-any-return]
+    out: list[SiteWork | BaseException] = []
+    for site in sites:
+        try:
+            out.append(SiteWork(site, query, signed, compute))
+        except (AccessDenied, DisclosureRefused, DataRefused) as exc:
+            out.append(exc)
+    return out
+
+
+def each(work: Sequence[Any], step: str, args: Sequence[tuple[Any, ...]]) -> list[Any]:
+    """``work[i].<step>(*args[i])`` for every site's work: in turn in this process,
+    or as one message to every deployed site (their replies, in order; the first
+    error raised)."""
+    if not work:
+        return []
+    remote = getattr(work[0], "remote", None)
+    if remote is not None:
+        return remote.step(list(work), step, list(args))  # type: ignore[no-any-return]
+    return [getattr(w, step)(*a) for w, a in zip(work, args, strict=True)]
 
 
 class DroppedOut(HealthLabError):
@@ -1321,17 +1399,31 @@ class PreparedQuery:
         public = keys.public_context()
         peers = {w.site.name: w.site.mask_public_key for w in self.work}
         gone = relay.drops("announce") & set(peers)
-        announced = [w.announce(peers) for w in self.work if w.site.name not in gone]
+        announcing = [w for w in self.work if w.site.name not in gone]
+        announced = each(announcing, "announce", [(peers,)] * len(announcing))
         if gone:
             raise DroppedOut(sorted(gone))
-        holders: list[int] = []
-        for w in self.work:
-            holders = w.count_holders(
-                peers, relay.announcements(w.site.name, announced)
+        counted = each(
+            self.work,
+            "count_holders",
+            [(peers, relay.announcements(w.site.name, announced)) for w in self.work],
+        )
+        # a deployed site that did not answer (None) has dropped out
+        gone |= {
+            w.site.name for w, c in zip(self.work, counted, strict=True) if c is None
+        }
+        last = next((c for c in reversed(counted) if c is not None), None)
+        if last is None:
+            raise TooManyDropouts(
+                "no site answered the holder count; nothing is released"
             )
+        holders: list[int] = last
         gone |= relay.drops("contribute")
+        giving = [w for w in self.work if w.site.name not in gone]
         sent = [
-            w.contribute(peers, public) for w in self.work if w.site.name not in gone
+            c
+            for c in each(giving, "contribute", [(peers, public)] * len(giving))
+            if c is not None
         ]
         kept = relay.contributions(sent)
         survivors = sorted(c.site for c in kept)
@@ -1342,16 +1434,24 @@ class PreparedQuery:
                 alive, self.query.hash, self.signed.researcher if self.signed else None
             )
         gone |= relay.drops("reveal")
-        reveals = [
-            w.reveal(
-                relay.survivors(w.site.name, survivors),
-                relay.confirms(
-                    w.site.name, {c.site: c.confirms.get(w.site.name, "") for c in kept}
-                ),
-            )
-            for w in self.work
-            if w.site.name in survivors and w.site.name not in gone
+        revealing = [
+            w for w in self.work if w.site.name in survivors and w.site.name not in gone
         ]
+        reveals = each(
+            revealing,
+            "reveal",
+            [
+                (
+                    relay.survivors(w.site.name, survivors),
+                    relay.confirms(
+                        w.site.name,
+                        {c.site: c.confirms.get(w.site.name, "") for c in kept},
+                    ),
+                )
+                for w in revealing
+            ],
+        )
+        reveals = [r for r in reveals if r is not None]
         aggregate = Aggregator(public).add(kept)
         correction = unmask(
             aggregate, {a.site: a for a in announced}, relay.reveals(reveals)

@@ -21,7 +21,7 @@ import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,9 @@ from healthlab.encrypted.protocol import (
     Query,
     StudyRun,
     Totals,
+    computation,
+    computation_for,
+    each,
     run_query,
 )
 from healthlab.encrypted.results import OLSResults
@@ -48,6 +51,9 @@ from healthlab.errors import (
 from healthlab.receipts import Receipt, build_receipt
 from healthlab.site_data import at_site, numeric, numeric_column
 from healthlab.sites import LEFT_OUT, Site, as_sites
+
+if TYPE_CHECKING:
+    from healthlab.ledger.signing import SignedQuery
 
 __all__ = [
     "AliasedDesign",
@@ -113,6 +119,7 @@ def _full_masks(
     return full
 
 
+@computation("moments")
 def _moments(site: Site, query: Query) -> Totals:
     """n, Σ(x-c), Σ(x-c)² (or the upper triangle of Σ(x-c)(x-c)ᵀ) per group.
 
@@ -271,6 +278,15 @@ def _counts(site: Site, query: Query) -> Totals:
     return totals, {col: full for col in reads} | _left_out(site, kept), blocks
 
 
+@computation("counts")
+def _count_query(site: Site, query: Query) -> Totals:
+    """A ``counts`` query: per-column missing counts (``spec["missing"]``), else
+    the cells of a histogram, one-way table or crosstab."""
+    if query.spec.get("missing"):
+        return _missing_counts(site, query)
+    return _counts(site, query)
+
+
 def _missing_counts(site: Site, query: Query) -> Totals:
     """Per column, the rows of the population without a value (NaN, infinite)."""
     spec = query.spec
@@ -324,7 +340,6 @@ def _run(
     kind: str,
     spec: dict[str, Any],
     n_totals: int,
-    compute: Any,
     *,
     keys: KeyHolder,
     researcher: str | None,
@@ -334,7 +349,12 @@ def _run(
 ) -> StudyRun:
     query = Query(kind, spec, n_totals, min_rows=min_rows, min_sites=min_sites)
     run = run_query(
-        sites, query, compute, keys=keys, researcher=researcher, on_refusal=on_refusal
+        sites,
+        query,
+        computation_for(kind),
+        keys=keys,
+        researcher=researcher,
+        on_refusal=on_refusal,
     )
     return _own_threshold(run, min_rows)
 
@@ -403,7 +423,6 @@ def _centers(
         "moments",
         spec,
         1 + n_groups * (1 + len(columns)),
-        _moments,
         **options.run_args(),
     )
     t = np.asarray(run.totals[1:]).reshape(n_groups, 1 + len(columns))
@@ -549,7 +568,6 @@ def _second_moments(
         "moments",
         spec,
         1 + n_groups * per_group,
-        _moments,
         **options.run_args(),
     )
     t = np.asarray(second.totals[1:]).reshape(n_groups, per_group)
@@ -607,7 +625,7 @@ class Levels(list[str]):
         return f"Levels({list(self)!r}{note})"
 
 
-class _SiteLevels:
+class SiteLevels:
     """At one site: its levels of a column, split at its minimum rows ``k``.
 
     Only ``common`` (levels at least ``k`` of the site's rows hold) and the answer
@@ -701,8 +719,6 @@ def levels(
             "teaching sites, not both"
         )
     members = sorted(s.participant for s in site_list)
-    for site in gated:  # distinct owners other than the researcher, as a query
-        site.check_owners(members, researcher, need)
     if min_rows > min(s.policy.min_rows for s in site_list):
         # a threshold of the researcher's choosing would make "released or not"
         # a count oracle on one site's rows of a level
@@ -714,13 +730,13 @@ def levels(
     query = Query("levels", {"column": column}, 0)
     from healthlab.encrypted.protocol import sign_query
 
+    if site_list[0].remote is None:
+        for site in gated:  # distinct owners other than the researcher, as a query
+            site.check_owners(members, researcher, need)
     signed = sign_query(site_list, query, researcher)
-    held: list[_SiteLevels] = []
-    for site in site_list:
-        site.authorize(signed, query_hash=query.hash)
-        held.append(_SiteLevels(site, column, site.policy.min_rows))
+    held = offer_levels(site_list, query, signed, column, members, need)
     offered = frozenset().union(*(h.common for h in held))
-    vetoed = frozenset().union(*(h.vetoes(offered) for h in held))
+    vetoed = frozenset().union(*each(held, "vetoes", [(offered,)] * len(held)))
     released = sorted(offered - vetoed)
     withheld = any(h.withholds for h in held)
     if not released:
@@ -730,6 +746,26 @@ def levels(
             "values); merge rare levels into wider ones at the sites"
         )
     return Levels(released, withheld=withheld)
+
+
+def offer_levels(
+    sites: list[Site],
+    query: Query,
+    signed: SignedQuery | None,
+    column: str,
+    members: Sequence[str],
+    need: int,
+) -> list[SiteLevels]:
+    """At every site: authorize the signed ``levels`` query, then its levels of
+    ``column`` split at its minimum rows (deployed sites: one message each, where
+    each also checks that the ``members`` have enough distinct owners)."""
+    if sites[0].remote is not None:
+        return sites[0].remote.levels(sites, query, signed, column, members, need)  # type: ignore[no-any-return]
+    held = []
+    for site in sites:
+        site.authorize(signed, query_hash=query.hash)
+        held.append(SiteLevels(site, column, site.policy.min_rows))
+    return held
 
 
 def grouping_levels(sites: list[Site], column: str, researcher: str | None) -> Levels:
@@ -1122,7 +1158,7 @@ def histogram(
         if column in within:
             raise InvalidInput(f"within= restricts rows by {column!r} itself")
         spec["within"] = [[str(c), str(v)] for c, v in within.items()]
-    run = _run(site_list, "counts", spec, edges.size + 1, _counts, **options.run_args())
+    run = _run(site_list, "counts", spec, edges.size + 1, **options.run_args())
     cells = _cell_counts(run)
     result = pd.DataFrame({"left": edges[:-1], "right": edges[1:], "count": cells[:-1]})
     withheld = [
@@ -1249,7 +1285,7 @@ def crosstab(
         "population": options.population,
     }
     n = len(row_levels) * len(col_levels)
-    run = _run(site_list, "counts", spec, 1 + n, _counts, **options.run_args())
+    run = _run(site_list, "counts", spec, 1 + n, **options.run_args())
     cells = _cell_counts(run)
     width = len(col_levels)
     result = pd.DataFrame(
@@ -1316,7 +1352,7 @@ def counts(
         "dropna": dropna,
         "population": options.population,
     }
-    run = _run(site_list, "counts", spec, 1 + len(names), _counts, **options.run_args())
+    run = _run(site_list, "counts", spec, 1 + len(names), **options.run_args())
     result = pd.DataFrame(
         {"count": _cell_counts(run)}, index=pd.Index(names, name=column)
     )
@@ -1353,9 +1389,7 @@ def missing(
         keys, researcher, min_sites, 0, False, on_refusal, population
     )
     spec = {"columns": cols, "population": options.population, "missing": True}
-    run = _run(
-        site_list, "counts", spec, 2 + len(cols), _missing_counts, **options.run_args()
-    )
+    run = _run(site_list, "counts", spec, 2 + len(cols), **options.run_args())
     # block i is column i's count (totals[2 + i]); a suppressed one is <NA>
     values = np.maximum(np.rint(run.totals[2:]), 0).astype(np.int64)
     withheld = np.isin(np.arange(len(cols)), list(run.suppressed))

@@ -31,7 +31,7 @@ import pandas as pd
 from scipy import stats as distributions
 
 from healthlab.encrypted.keys import KeyHolder
-from healthlab.encrypted.protocol import Block, Query, Totals
+from healthlab.encrypted.protocol import Block, Query, Totals, computation
 from healthlab.encrypted.stats import (
     SitesLike,
     _check_grouping,
@@ -117,6 +117,7 @@ def _interval_masks(rows: _Leaving, intervals: int) -> list[list[np.ndarray]]:
     ]
 
 
+@computation("survival")
 def _cells(site: Site, query: Query) -> Totals:
     """Per group and interval: events, censorings; then the rows beyond the grid."""
     spec = query.spec
@@ -184,6 +185,7 @@ def interval_runs(intervals: int) -> list[tuple[int, int]]:
 MAX_PLAN = 20_000
 
 
+@computation("survival_grid")
 def _merge_plan(site: Site, query: Query) -> Totals:
     """For the requested grid: per interior grid time, 1 if this site's cell rule
     needs it removed (:func:`local_merges`); per run of consecutive intervals
@@ -458,7 +460,6 @@ def kaplan_meier(
             "survival_grid",
             plan_spec,
             1 + (intervals - 1) + n_runs * n_groups * 2,
-            _merge_plan,
             **run_args,
         )
         sums = np.asarray(plan.totals[1:], dtype=float)
@@ -485,7 +486,6 @@ def kaplan_meier(
         "survival",
         spec,
         1 + n_groups * per_group,
-        _cells,
         **run_args,
     )
     runs.append(run)

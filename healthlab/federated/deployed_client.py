@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from healthlab.errors import (
     AccessDenied,
@@ -66,16 +66,20 @@ from healthlab.sites import Site, read_table
 
 __all__ = [
     "PREPROCESSING",
+    "STATISTICS",
     "DeployedSide",
     "app",
     "load_site",
     "peer_id",
     "preprocessing_record",
+    "statistics",
     "study_peers",
 ]
 
 #: Content key of the public pooled preprocessing the server attaches to messages.
 PREPROCESSING = "preprocessing"
+#: Content key of a statistics message's request (and of the site's reply).
+STATISTICS = "statistics"
 _logger = logging.getLogger("healthlab.federated.site")
 
 
@@ -110,8 +114,11 @@ def _preprocessing(msg: Message, study: StudySpec) -> Preprocessing:
     return Preprocessing(tuple(center), tuple(tuple(r) for r in rows))
 
 
-def load_site(config: SiteConfig) -> Site:
+def load_site(config: SiteConfig, *, stateful: bool = False) -> Site:
     """The site's data, dataset, chain and key material, from its node config.
+
+    ``stateful``: the site keeps what it answered (its auditor's memory) in
+    ``state-dir``, as it does for statistics queries.
 
     A file is read again whenever it changes (size or modification time), a SQL
     table for every message; replay protection across messages and runs lives in
@@ -140,6 +147,7 @@ def load_site(config: SiteConfig) -> Site:
             ledger=ledger,
             content_hash=content_hash,
             mask_key=mask_key,
+            state_dir=config.state_dir if stateful else None,
         )
         _verify_content(config, site)
         return site
@@ -158,7 +166,7 @@ def load_site(config: SiteConfig) -> Site:
             )
         finally:
             store.close()
-    site = _site(config, data, ledger, key_path)
+    site = _site(config, data, ledger, key_path, stateful)
     _verify_content(config, site)
     return site
 
@@ -179,7 +187,13 @@ def _ledger(rpc_url: str | None, registry: str | None) -> Any:
     return _LEDGERS[key]
 
 
-def _site(config: SiteConfig, data: Any, ledger: Any, key_path: str | None) -> Site:
+def _site(
+    config: SiteConfig,
+    data: Any,
+    ledger: Any,
+    key_path: str | None,
+    stateful: bool = False,
+) -> Site:
     # the site keeps one mask key (its own, bound on chain) across messages and runs
     return Site(
         config.name,
@@ -187,6 +201,7 @@ def _site(config: SiteConfig, data: Any, ledger: Any, key_path: str | None) -> S
         dataset_id=config.dataset_id,
         ledger=ledger,
         mask_key=load_site_key(key_path) if key_path is not None else None,
+        state_dir=config.state_dir if stateful else None,
     )
 
 
@@ -404,3 +419,20 @@ def _delegate(msg: Message, context: Context) -> Message:
 _REFUSED = (HealthLabError, OSError)
 
 app = make_site_app(DeployedSide(), in_clear=_delegate)
+
+
+@app.query("statistics")
+def statistics(msg: Message, context: Context) -> Message:
+    """One step of a statistics query (:mod:`healthlab.federated.deploy.answers`)."""
+    from healthlab.federated.deploy.answers import answer
+
+    config = SiteConfig.from_node_config(context.node_config)
+    content: Any = msg.content
+    try:
+        body = bytes(content[STATISTICS]["body"])
+    except (KeyError, TypeError):
+        return refusal(msg, config.name, "a statistics message carries no request")
+    reply = answer(body, config, int(context.run_id))
+    return Message(
+        RecordDict({STATISTICS: ConfigRecord({"body": reply})}), reply_to=msg
+    )

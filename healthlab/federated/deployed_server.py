@@ -124,6 +124,13 @@ class _DeclaredSite:
 def main(grid: Grid, context: Context) -> None:
     """Run the study described by the run config."""
     quick_object_pulls()  # replies' objects arrive within ms on loopback
+    if context.run_config.get("session"):  # a statistics session: a relay only
+        from healthlab.federated.deploy.statistics import serve_session
+
+        _logger.info("statistics session: relaying the researcher's queries")
+        serve_session(grid, context)
+        _logger.info("statistics session closed")
+        return
     study = StudySpec.from_run_config(context.run_config)
     log = StudyLog(study, study.result_path or None)
     try:

@@ -85,6 +85,8 @@ class StudySpec:
     node_timeout: float = 120.0
     round_timeout: float = 120.0
     result_path: str = ""
+    #: a statistics session's socket (set by DeployedSites.open; a study has none)
+    session: str = ""
 
     SIGNATURE_FIELDS: ClassVar[tuple[str, ...]] = (
         "researcher",
@@ -100,6 +102,7 @@ class StudySpec:
         "node_timeout",
         "round_timeout",
         "result_path",
+        "session",
     )
 
     def __post_init__(self) -> None:

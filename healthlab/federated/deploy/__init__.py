@@ -140,13 +140,16 @@ from healthlab.federated.deploy.site import (
     ensure_state_dir,
     load_site_key,
 )
+from healthlab.federated.deploy.statistics import DeployedSites, InProcessNodes
 from healthlab.federated.spec import MODEL_DEFAULTS, StudySpec
 
 __all__ = [
     "APP_DIR",
     "CONNECTION",
     "MODEL_DEFAULTS",
+    "DeployedSites",
     "DeployedStudy",
+    "InProcessNodes",
     "SiteConfig",
     "SiteNode",
     "StudySpec",

@@ -1,0 +1,294 @@
+"""A deployed site's answers to statistics queries (the SuperNode's side).
+
+Every statistic of :mod:`healthlab.encrypted` reaches a deployed site as a few
+``query.statistics`` messages, relayed by the study's ServerApp
+(:mod:`~healthlab.federated.deploy.statistics`). Each carries one step of the secure
+sum, and the site answers it with the same code a site in the researcher's process
+runs — :class:`~healthlab.encrypted.protocol.SiteWork` and the computation the
+installed package registers for the query's kind — on its own data, grant gate,
+disclosure policy and auditor (kept in its ``state-dir`` across messages, runs and
+restarts):
+
+``hello``
+    the site's public facts: name, dataset, disclosure policy, mask key;
+``prepare``
+    the researcher's signed query: signature, freshness, replay, live grant, the
+    shared query log, the disclosure checks and the site's totals (kept here);
+``announce``, ``count_holders``, ``contribute``, ``reveal``
+    the steps of :meth:`~healthlab.encrypted.protocol.PreparedQuery.finish`;
+``levels``, ``vetoes``
+    the two steps of :func:`healthlab.encrypted.levels`.
+
+No code travels with a message: a step names a method of this fixed set and its
+arguments are protocol objects read by :mod:`healthlab.encrypted.wire` (JSON, never
+unpickled). The peers' mask keys a step names must be exactly the keys the owners of
+the query's signed participants bound on chain, so a server cannot put a key of its
+own among them. A refusal names the rule and the site, never a value; any other
+error is logged at the site and answered without its message.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+from healthlab.encrypted import wire
+from healthlab.encrypted.keys import PublicContext
+from healthlab.encrypted.protocol import Query, SiteWork, computation_for
+from healthlab.errors import DataRefused, DisclosureRefused, HealthLabError
+from healthlab.federated.deploy.site import SiteConfig
+from healthlab.sites import Site
+
+__all__ = ["STEPS", "answer", "public_policy"]
+
+_logger = logging.getLogger("healthlab.federated.site")
+
+#: What a statistics message may ask of a site.
+STEPS = (
+    "hello",
+    "prepare",
+    "announce",
+    "count_holders",
+    "contribute",
+    "reveal",
+    "levels",
+    "vetoes",
+)
+#: Queries in progress: (run, site, query hash) -> the site's work (bounded).
+_WORK: OrderedDict[tuple[int, str, str], Any] = OrderedDict()
+_MAX_WORK = 256
+#: Public CKKS contexts received, by fingerprint (deserialized once).
+_PUBLIC: OrderedDict[str, PublicContext] = OrderedDict()
+
+
+def public_policy(site: Site) -> dict[str, Any]:
+    """The disclosure policy's public settings, as the researcher's side uses them."""
+    policy = site.policy
+    return {
+        "min_rows": policy.min_rows,
+        "max_param_ratio": policy.max_param_ratio,
+        "min_sites": policy.min_sites,
+        "min_difference": policy.min_difference,
+        "max_query_age": policy.max_query_age,
+        "grid_digits": policy.grid_digits,
+        "min_contributors": policy.min_contributors,
+        "grid": [[str(k), float(v)] for k, v in dict(policy.grid).items()],
+    }
+
+
+def answer(body: bytes, config: SiteConfig, run_id: int) -> bytes:
+    """The site's reply (bytes) to one statistics message of run ``run_id``."""
+    step = "?"
+    try:
+        request = wire.load(body)
+        if not isinstance(request, Mapping) or request.get("step") not in STEPS:
+            raise DataRefused(
+                f"site {config.name} answers only the statistics steps {list(STEPS)}"
+            )
+        step = str(request["step"])
+        args = request.get("args") or {}
+        if not isinstance(args, Mapping):
+            raise DataRefused("a statistics message's arguments are malformed")
+        result = _STEP[step](config, run_id, args)
+        return wire.dump({"ok": result})
+    except HealthLabError as exc:
+        _logger.info("site %s refused the %s step: %s", config.name, step, exc)
+        return wire.dump({"refused": wire.error_to(exc)})
+    except Exception:
+        _logger.exception("site %s: the %s step failed", config.name, step)
+        return wire.dump(
+            {
+                "refused": wire.error_to(
+                    HealthLabError(
+                        f"site {config.name} could not answer the {step} step; its "
+                        "operator has the details in the site's log"
+                    )
+                )
+            }
+        )
+
+
+def _site(config: SiteConfig) -> Site:
+    """The site of ``config``, one object while its data is unchanged: what it
+    remembers between messages (its auditor, a model fit's iterates) lasts across
+    the steps of a statistic, and the auditor across runs and restarts too (in
+    ``state-dir``)."""
+    from healthlab.federated.deployed_client import load_site
+
+    fresh = load_site(config, stateful=True)
+    key = (config.name, config.dataset_id, config.state_dir)
+    kept = _SITES.get(key)
+    if kept is not None and kept.content_hash == fresh.content_hash:
+        return kept
+    _SITES[key] = fresh
+    return fresh
+
+
+#: One site object per (name, dataset, state dir) while its data is unchanged.
+_SITES: dict[tuple[str, int | None, str | None], Site] = {}
+
+
+def _hello(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
+    site = _site(config)
+    return {
+        "site": site.name,
+        "dataset_id": int(site.dataset_id or 0),
+        "policy": public_policy(site),
+        "mask_key": site.mask_public_key,
+        "content_hash": site.content_hash,
+    }
+
+
+def _keep(run_id: int, site: str, query_hash: str, work: Any) -> None:
+    _WORK[(run_id, site, query_hash)] = work
+    _WORK.move_to_end((run_id, site, query_hash))
+    while len(_WORK) > _MAX_WORK:
+        _WORK.popitem(last=False)
+
+
+def _work(config: SiteConfig, run_id: int, args: Mapping[str, Any], kind: type) -> Any:
+    key = (run_id, config.name, str(args.get("query_hash", "")))
+    work = _WORK.get(key)
+    if not isinstance(work, kind):
+        raise DataRefused(
+            "this site has no prepared query of that hash in this run; ask it with "
+            "prepare first"
+        )
+    return work
+
+
+def _prepare(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
+    query = args["query"]
+    if not isinstance(query, Query):
+        raise DataRefused("a prepare message carries no query")
+    site = _site(config)
+    if site.ledger is None:
+        raise DisclosureRefused(
+            f"site {config.name} has no chain to check grants on; it answers no "
+            "statistics"
+        )
+    work = SiteWork(site, query, args.get("signed"), computation_for(query.kind))
+    _keep(run_id, config.name, query.hash, work)
+    return {"noise_sd": None if work.noise_sd is None else work.noise_sd.tolist()}
+
+
+def _bound_peers(work: SiteWork, peers: Any) -> dict[str, bytes]:
+    """``peers`` (name -> mask key), checked against the chain: their keys are
+    exactly those the owners of the query's signed participants bound, and this
+    site's own is its own."""
+    if not isinstance(peers, Mapping) or not all(
+        isinstance(k, bytes) for k in peers.values()
+    ):
+        raise DataRefused("a step's peers are malformed")
+    ledger = work.site.ledger
+    assert ledger is not None
+    bound: list[bytes] = []
+    for participant in work.query.participants:
+        keys = ledger.site_keys(int(participant))
+        if keys is None:
+            raise DisclosureRefused(
+                f"site {work.site.name}: dataset {participant} of the query has no "
+                "site keys bound on chain; its owner binds them "
+                "(Ledger.bind_site_keys) before a masked sum"
+            )
+        bound.append(bytes(keys.mask_key))
+    if sorted(peers.values()) != sorted(bound) or len(set(bound)) != len(bound):
+        raise DisclosureRefused(
+            f"site {work.site.name}: the peers' mask keys are not the keys bound on "
+            "chain to the query's participants"
+        )
+    if peers.get(work.site.name) != work.site.mask_public_key:
+        raise DisclosureRefused(
+            f"site {work.site.name}: its mask key is not the one bound to dataset "
+            f"{work.site.dataset_id} on chain"
+        )
+    return dict(peers)
+
+
+def _announce(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
+    work = _work(config, run_id, args, SiteWork)
+    return work.announce(_bound_peers(work, args["peers"]))
+
+
+def _count_holders(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
+    work = _work(config, run_id, args, SiteWork)
+    announced = args["announced"]
+    if not isinstance(announced, list):
+        raise DataRefused("a count message's announcements are malformed")
+    holders = work.count_holders(_bound_peers(work, args["peers"]), announced)
+    return {
+        "holders": list(holders),
+        "suppressed": list(work.suppressed),
+        "missing_withheld": bool(work.missing_withheld),
+    }
+
+
+def _contribute(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
+    work = _work(config, run_id, args, SiteWork)
+    public = args.get("public")
+    if isinstance(public, PublicContext):
+        _PUBLIC[public.fingerprint] = public
+        while len(_PUBLIC) > 8:
+            _PUBLIC.popitem(last=False)
+    else:
+        public = _PUBLIC.get(str(args.get("fingerprint", "")))
+        if public is None:
+            raise DataRefused(
+                "this site holds no public context of that fingerprint; send it"
+            )
+    return work.contribute(_bound_peers(work, args["peers"]), public)
+
+
+def _reveal(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
+    work = _work(config, run_id, args, SiteWork)
+    survivors = args["survivors"]
+    confirms = args["confirms"]
+    if not isinstance(survivors, list) or not isinstance(confirms, Mapping):
+        raise DataRefused("a reveal message is malformed")
+    return work.reveal([str(s) for s in survivors], dict(confirms))
+
+
+def _levels(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
+    from healthlab.encrypted.stats import SiteLevels
+
+    query = args["query"]
+    signed = args.get("signed")
+    if not isinstance(query, Query) or query.kind != "levels":
+        raise DataRefused("a levels message carries no levels query")
+    column = str(query.spec.get("column"))
+    if args.get("column") != column:
+        raise DataRefused("a levels message names another column than its query")
+    site = _site(config)
+    researcher = site.authorize(signed, query_hash=query.hash)
+    members = [str(m) for m in args["members"]]
+    site.check_owners(
+        members, researcher, max(int(args["need"]), site.policy.min_sites)
+    )
+    held = SiteLevels(site, column, site.policy.min_rows)
+    _keep(run_id, config.name, query.hash, held)
+    return {"common": held.common, "withholds": held.withholds}
+
+
+def _vetoes(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
+    from healthlab.encrypted.stats import SiteLevels
+
+    held = _work(config, run_id, args, SiteLevels)
+    candidates = args["candidates"]
+    if not isinstance(candidates, frozenset):
+        raise DataRefused("a vetoes message's candidates are malformed")
+    _WORK.pop((run_id, config.name, str(args["query_hash"])), None)  # asked once
+    return held.vetoes(frozenset(str(c) for c in candidates))
+
+
+_STEP = {
+    "hello": _hello,
+    "prepare": _prepare,
+    "announce": _announce,
+    "count_holders": _count_holders,
+    "contribute": _contribute,
+    "reveal": _reveal,
+    "levels": _levels,
+    "vetoes": _vetoes,
+}
