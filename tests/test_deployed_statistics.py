@@ -26,7 +26,6 @@ from healthlab.federated.deploy import (
     InProcessNodes,
     SiteConfig,
     bind_site_keys,
-    load_site_key,
 )
 from healthlab.federated.deploy.answers import answer
 from healthlab.ledger import Ledger, sha256_of
@@ -78,7 +77,12 @@ def _key(config: SiteConfig) -> str:
 def consortium(
     anvil: AnvilNode, tmp_path_factory: pytest.TempPathFactory
 ) -> Consortium:
-    work = tmp_path_factory.mktemp("deployed-stats")
+    return make_consortium(anvil, tmp_path_factory.mktemp("deployed-stats"))
+
+
+def make_consortium(anvil: AnvilNode, work: Path) -> Consortium:
+    """The four hospitals on a registry of their own: each its owner, grant to
+    the researcher, node config and site keys bound on chain."""
     ledger = registry(anvil)
     researcher = ledger.accounts[9]
     configs, owners, datasets = [], {}, {}

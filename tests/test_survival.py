@@ -225,7 +225,6 @@ def test_merging_sends_only_flags_never_a_count() -> None:
     # hashes, so ask the run itself)
     from healthlab.encrypted.keys import KeyHolder
     from healthlab.encrypted.stats import _run
-    from healthlab.encrypted.survival import _merge_plan
 
     grid = [float(t) for t in range(0, 56, 4)]
     spec = {
@@ -245,7 +244,6 @@ def test_merging_sends_only_flags_never_a_count() -> None:
             "survival_grid",
             spec,
             size,
-            _merge_plan,
             keys=KeyHolder(),
             researcher=None,
             min_sites=2,

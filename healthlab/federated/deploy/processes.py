@@ -382,6 +382,10 @@ class SiteNode(_FlowerProcess):
         No TLS, no node key: a loud development opt-in.
     env:
         Extra, non-secret environment for both processes.
+    poll:
+        Seconds between the SuperNode's polls of the SuperLink, and the site
+        runtime's of the SuperNode, when idle: a message waits about this long at
+        each hop (a statistic takes five messages per query).
     """
 
     kind = "SuperNode"
@@ -397,9 +401,11 @@ class SiteNode(_FlowerProcess):
         port: int | None = None,
         home: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
+        poll: float = 0.05,
     ) -> None:
         super().__init__(port, home, env)
         self.superlink = superlink
+        self.poll = poll
         self.insecure = insecure
         if not insecure and root_certificates is None:
             raise ConfigurationError(
@@ -443,6 +449,8 @@ class SiteNode(_FlowerProcess):
             "-m",
             "healthlab.federated.deploy.runtime",
             "supernode",
+            "--poll",
+            str(self.poll),
             "--superlink",
             self.superlink,
             "--host",
@@ -481,6 +489,8 @@ class SiteNode(_FlowerProcess):
                 str(self._secret_file()),
                 "--parent-pid",
                 str(self.process.pid),
+                "--poll",
+                str(self.poll),
             ],
             self.runtime_log,
         )

@@ -133,13 +133,18 @@ def main(argv: list[str] | None = None) -> None:
     """``serve`` (the site runtime) or ``supernode`` (Flower's SuperNode)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args[:1] == ["supernode"]:
-        run_supernode(args[1:])
+        rest = args[1:]
+        poll = 0.3
+        if rest[:1] == ["--poll"]:  # ours, before Flower's own arguments
+            poll, rest = float(rest[1]), rest[2:]
+        run_supernode(rest, poll=poll)
         return
     parser = argparse.ArgumentParser(prog="healthlab-site-runtime")
     parser.add_argument("command", choices=["serve"])
     parser.add_argument("--runtime-api", required=True)
     parser.add_argument("--secret-file", required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--poll", type=float, default=0.2)
     parsed = parser.parse_args(args)
     secret_file = Path(parsed.secret_file)
     if secret_file.stat().st_mode & 0o077:
@@ -155,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                 parsed.runtime_api,
                 secret_file.read_bytes(),
                 parent_pid=parsed.parent_pid,
+                poll=parsed.poll,
             )
             return
         except Exception as exc:

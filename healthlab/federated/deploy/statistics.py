@@ -318,9 +318,12 @@ class DeployedSites(Sequence[SiteProxy]):
     def close(self) -> None:
         """End the session: the relay's Flower run finishes."""
         self.channel.close()
-        if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
-            self._process.wait(10)
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.terminate()
+                self._process.wait(10)
+            if self._process.stdout is not None:
+                self._process.stdout.close()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
