@@ -101,6 +101,7 @@ bench: setup
 	$(BIN)/python benchmarks/storage.py
 	$(BIN)/python benchmarks/deploy.py
 	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/deployed_stats.py
 
 clean:
 	rm -rf $(VENV) .tools contracts/node_modules .pytest_cache .mypy_cache .ruff_cache .hypothesis

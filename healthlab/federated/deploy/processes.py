@@ -401,7 +401,7 @@ class SiteNode(_FlowerProcess):
         port: int | None = None,
         home: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
-        poll: float = 0.05,
+        poll: float = 0.1,
     ) -> None:
         super().__init__(port, home, env)
         self.superlink = superlink

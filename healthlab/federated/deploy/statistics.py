@@ -41,6 +41,7 @@ shares recover the sum over the others (:mod:`healthlab.encrypted.secagg`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import struct
@@ -71,6 +72,8 @@ __all__ = [
     "RelayChannel",
     "serve_session",
 ]
+
+_logger = logging.getLogger("flwr")
 
 #: The message type of a statistics step (the sites' ``@app.query("statistics")``).
 MESSAGE_TYPE = "query.statistics"
@@ -649,12 +652,15 @@ def serve_session(grid: Grid, context: Context, poll: float = 0.01) -> None:
                     )
                     for node, body in bodies.items()
                 ]
+                t0 = time.monotonic()
                 waiting = {
                     mid: m.metadata.dst_node_id
                     for mid, m in zip(
                         grid.push_messages(messages), messages, strict=True
                     )
                 }
+                t1 = time.monotonic()
+                arrivals = []
                 end = time.monotonic() + float(request["timeout"])
                 replies: dict[str, Any] = {}
                 while waiting and time.monotonic() < end:
@@ -665,11 +671,20 @@ def serve_session(grid: Grid, context: Context, poll: float = 0.01) -> None:
                         if reply.has_error():
                             replies[str(node)] = None
                             continue
+                        arrivals.append(time.monotonic())
                         content: Any = reply.content
                         body = bytes(content[STATISTICS]["body"])
                         replies[str(node)] = wire.encode(body)
                     if waiting:
                         time.sleep(poll)
+                _logger.info(
+                    "statistics step to %d node(s): pushed in %.3f s, %d replies "
+                    "after %s s",
+                    len(messages),
+                    t1 - t0,
+                    len(arrivals),
+                    [round(t - t0, 3) for t in arrivals],
+                )
                 _send_frame(sock, {"replies": replies})
             except (ConnectionError, OSError):
                 return
