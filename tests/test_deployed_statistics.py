@@ -229,7 +229,7 @@ def test_a_site_runs_no_computation_the_package_does_not_register(
 def test_a_site_that_stops_answering_after_the_masks_are_set_is_recovered(
     consortium: Consortium, tmp_path: Path
 ) -> None:
-    """site_d answers prepare, announce and the count, then goes offline: the sum
+    """site_d answers prepare (with its announcement), then goes offline: the sum
     over the other three is recovered from its neighbours' shares, equals the
     in-process result over those three, and the receipt says who dropped."""
     r = consortium.researcher
@@ -240,7 +240,7 @@ def test_a_site_that_stops_answering_after_the_masks_are_set_is_recovered(
 
     def dropping(bodies, timeout):  # type: ignore[no-untyped-def]
         steps = {wire.load(b)["step"] for b in bodies.values()}
-        if steps & {"contribute", "reveal"}:
+        if steps & {"count_holders", "contribute", "reveal"}:
             nodes.offline = {4}
         return exchange(bodies, timeout)
 
@@ -265,3 +265,29 @@ def test_bad_wire_data_is_refused_with_a_named_error() -> None:
         wire.error_from({"error": "NoSuchThing", "message": "m"}), HealthLabError
     )
     assert np.array_equal(wire.load(wire.dump(np.arange(3))), [0, 1, 2])
+
+
+def test_a_site_silent_at_reveal_is_still_in_the_sum(
+    consortium: Consortium, tmp_path: Path
+) -> None:
+    """site_d contributes, then does not answer the reveal step: its neighbours'
+    shares of its self mask rebuild what the sum needs, and the result equals the
+    in-process call over all four sites."""
+    r = consortium.researcher
+    keys = KeyHolder()
+    sites = consortium.deployed(tmp_path)
+    nodes = sites.channel
+    assert isinstance(nodes, InProcessNodes)
+    exchange = nodes.exchange
+
+    def silent_at_reveal(bodies, timeout):  # type: ignore[no-untyped-def]
+        steps = {wire.load(b)["step"] for b in bodies.values()}
+        nodes.offline = {4} if "reveal" in steps else set()
+        return exchange(bodies, timeout)
+
+    nodes.exchange = silent_at_reveal  # type: ignore[method-assign]
+    there = encrypted.describe(sites, ["age", "sbp"], researcher=r, keys=keys)
+    here = encrypted.describe(
+        consortium.local(), ["age", "sbp"], researcher=r, keys=keys
+    )
+    _frames_equal(there.to_frame(), here.to_frame())

@@ -1294,15 +1294,25 @@ def _prepare_all(
     return out
 
 
-def each(work: Sequence[Any], step: str, args: Sequence[tuple[Any, ...]]) -> list[Any]:
+def each(
+    work: Sequence[Any],
+    step: str,
+    args: Sequence[tuple[Any, ...]],
+    then: Sequence[tuple[Any, ...] | None] | None = None,
+) -> list[Any]:
     """``work[i].<step>(*args[i])`` for every site's work: in turn in this process,
     or as one message to every deployed site (their replies, in order; the first
-    error raised)."""
+    error raised).
+
+    ``then``: the arguments of the step that follows for each site (``None``: it
+    will not be asked). A deployed site may answer it in the same message (the
+    caller asks it next as usual, and gets that answer); sites in this process
+    ignore it."""
     if not work:
         return []
     remote = getattr(work[0], "remote", None)
     if remote is not None:
-        return remote.step(list(work), step, list(args))  # type: ignore[no-any-return]
+        return remote.step(list(work), step, list(args), then)  # type: ignore[no-any-return]
     return [getattr(w, step)(*a) for w, a in zip(work, args, strict=True)]
 
 
@@ -1403,10 +1413,12 @@ class PreparedQuery:
         announced = each(announcing, "announce", [(peers,)] * len(announcing))
         if gone:
             raise DroppedOut(sorted(gone))
+        late = relay.drops("contribute")
         counted = each(
             self.work,
             "count_holders",
             [(peers, relay.announcements(w.site.name, announced)) for w in self.work],
+            then=[None if w.site.name in late else (peers, public) for w in self.work],
         )
         # a deployed site that did not answer (None) has dropped out
         gone |= {
@@ -1418,7 +1430,7 @@ class PreparedQuery:
                 "no site answered the holder count; nothing is released"
             )
         holders: list[int] = last
-        gone |= relay.drops("contribute")
+        gone |= late
         giving = [w for w in self.work if w.site.name not in gone]
         sent = [
             c

@@ -171,7 +171,12 @@ def _prepare(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
         )
     work = SiteWork(site, query, args.get("signed"), computation_for(query.kind))
     _keep(run_id, config.name, query.hash, work)
-    return {"noise_sd": None if work.noise_sd is None else work.noise_sd.tolist()}
+    out: dict[str, Any] = {
+        "noise_sd": None if work.noise_sd is None else work.noise_sd.tolist()
+    }
+    if args.get("peers") is not None:  # the announcement, in the same message
+        out["announced"] = work.announce(_bound_peers(work, args["peers"]))
+    return out
 
 
 def _bound_peers(work: SiteWork, peers: Any) -> dict[str, bytes]:
@@ -218,11 +223,19 @@ def _count_holders(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> 
     if not isinstance(announced, list):
         raise DataRefused("a count message's announcements are malformed")
     holders = work.count_holders(_bound_peers(work, args["peers"]), announced)
-    return {
+    out: dict[str, Any] = {
         "holders": list(holders),
         "suppressed": list(work.suppressed),
         "missing_withheld": bool(work.missing_withheld),
     }
+    ahead = args.get("contribute")
+    if ahead is not None:  # the contribution, in the same message
+        if not isinstance(ahead, Mapping):
+            raise DataRefused("a count message's contribution request is malformed")
+        out["contribution"] = _contribute(
+            config, run_id, {**ahead, "query_hash": args["query_hash"]}
+        )
+    return out
 
 
 def _contribute(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:

@@ -212,6 +212,11 @@ class RemoteWork:
         self.holders: list[int] | None = None
         self.suppressed: list[int] = []
         self.missing_withheld = False
+        #: answers a site gave ahead, in the message of the step before
+        self.announced: Any = None
+        self.announced_for: dict[str, bytes] | None = None
+        self.contributed: Any = None
+        self.contributed_for: tuple[dict[str, bytes], str] | None = None
 
 
 class RemoteLevels:
@@ -364,8 +369,13 @@ class DeployedSites(Sequence[SiteProxy]):
     ) -> list[Any]:
         """Every site's work for ``query`` (or the error it refused with); a site
         that does not answer has dropped out before anything was computed."""
+        # every site announces in the same message, for the peers the query
+        # pools (PreparedQuery.finish names the same peers when all sites prepared)
+        peers = {s.name: s.mask_public_key for s in sites}
         got = self._ask_each(
-            sites, "prepare", [{"query": query, "signed": signed}] * len(sites)
+            sites,
+            "prepare",
+            [{"query": query, "signed": signed, "peers": peers}] * len(sites),
         )
         silent = [s.name for s, g in zip(sites, got, strict=True) if g is None]
         if silent:
@@ -373,19 +383,38 @@ class DeployedSites(Sequence[SiteProxy]):
                 f"site(s) {silent} did not answer within {self.step_timeout:g} s; ask "
                 "again, or without them"
             )
-        return [
-            g
-            if isinstance(g, BaseException)
-            else RemoteWork(s, query, g.get("noise_sd"))
-            for s, g in zip(sites, got, strict=True)
-        ]
+        out: list[Any] = []
+        for s, g in zip(sites, got, strict=True):
+            if isinstance(g, BaseException):
+                out.append(g)
+                continue
+            work = RemoteWork(s, query, g.get("noise_sd"))
+            work.announced = g.get("announced")
+            work.announced_for = peers
+            out.append(work)
+        return out
 
     def step(
-        self, work: list[Any], step: str, args: list[tuple[Any, ...]]
+        self,
+        work: list[Any],
+        step: str,
+        args: list[tuple[Any, ...]],
+        then: Sequence[tuple[Any, ...] | None] | None = None,
     ) -> list[Any]:
-        """One step of :meth:`PreparedQuery.finish` at every site of ``work``."""
+        """One step of :meth:`PreparedQuery.finish` at every site of ``work``
+        (with ``then``, a site contributes in the count's message)."""
         if step == "vetoes":
             return self._vetoes(work, args)
+        if step == "announce" and all(
+            w.announced is not None and w.announced_for == a[0]
+            for w, a in zip(work, args, strict=True)
+        ):
+            return [w.announced for w in work]
+        if step == "contribute" and all(
+            w.contributed is not None and w.contributed_for == (a[0], a[1].fingerprint)
+            for w, a in zip(work, args, strict=True)
+        ):
+            return [w.contributed for w in work]
         requests: list[dict[str, Any]] = []
         for w, a in zip(work, args, strict=True):
             request: dict[str, Any] = {"query_hash": w.query.hash}
@@ -393,13 +422,12 @@ class DeployedSites(Sequence[SiteProxy]):
                 request["peers"] = a[0]
             elif step == "count_holders":
                 request["peers"], request["announced"] = a[0], list(a[1])
+                ahead = None if then is None else then[len(requests)]
+                if ahead is not None:
+                    request["contribute"] = self._contribute_args(w, *ahead)
+                    w.contributed_for = (ahead[0], ahead[1].fingerprint)
             elif step == "contribute":
-                request["peers"] = a[0]
-                public = a[1]
-                if self._sent_public.get(w.site.node_id) == public.fingerprint:
-                    request["fingerprint"] = public.fingerprint
-                else:
-                    request["public"] = public
+                request.update(self._contribute_args(w, *a))
             elif step == "reveal":
                 request["survivors"], request["confirms"] = list(a[0]), dict(a[1])
             else:
@@ -418,6 +446,9 @@ class DeployedSites(Sequence[SiteProxy]):
                     self._sent_public[w.site.node_id] = g.fingerprint
         if step == "count_holders":
             for w, g in zip(work, got, strict=True):
+                if g is not None and g.get("contribution") is not None:
+                    w.contributed = g["contribution"]
+                    self._sent_public[w.site.node_id] = w.contributed_for[1]
                 if g is not None:
                     w.holders = [int(h) for h in g["holders"]]
                     w.suppressed = [int(i) for i in g["suppressed"]]
@@ -426,6 +457,16 @@ class DeployedSites(Sequence[SiteProxy]):
                 None if g is None else w.holders for w, g in zip(work, got, strict=True)
             ]
         return got
+
+    def _contribute_args(
+        self, work: RemoteWork, peers: Mapping[str, bytes], public: Any
+    ) -> dict[str, Any]:
+        args: dict[str, Any] = {"peers": dict(peers)}
+        if self._sent_public.get(work.site.node_id) == public.fingerprint:
+            args["fingerprint"] = public.fingerprint
+        else:
+            args["public"] = public
+        return args
 
     def levels(
         self,
