@@ -291,3 +291,32 @@ def test_a_site_silent_at_reveal_is_still_in_the_sum(
         consortium.local(), ["age", "sbp"], researcher=r, keys=keys
     )
     _frames_equal(there.to_frame(), here.to_frame())
+
+
+def test_a_signed_query_replayed_after_a_site_restart_is_refused(
+    consortium: Consortium, tmp_path: Path
+) -> None:
+    """The relay keeps a signed prepare message and sends it again in another run
+    after the site's process has forgotten everything (new site objects, the same
+    state dir): the site refuses the replay."""
+    from healthlab.federated.deploy import answers
+
+    sites = consortium.deployed(tmp_path)
+    nodes = sites.channel
+    assert isinstance(nodes, InProcessNodes)
+    kept: list[bytes] = []
+    exchange = nodes.exchange
+
+    def keeping(bodies, timeout):  # type: ignore[no-untyped-def]
+        for node, body in bodies.items():
+            if node == 1 and wire.load(body)["step"] == "prepare":
+                kept.append(body)
+        return exchange(bodies, timeout)
+
+    nodes.exchange = keeping  # type: ignore[method-assign]
+    encrypted.describe(sites, ["age"], researcher=consortium.researcher)
+    assert kept
+    answers.forget()  # the site runtime restarts
+    reply = wire.load(answer(kept[0], nodes.configs[1], 99))
+    assert reply["refused"]["error"] == "SignatureInvalid"
+    assert "replay" in reply["refused"]["message"]

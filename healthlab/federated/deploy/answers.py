@@ -41,7 +41,7 @@ from healthlab.errors import DataRefused, DisclosureRefused, HealthLabError
 from healthlab.federated.deploy.site import SiteConfig
 from healthlab.sites import Site
 
-__all__ = ["STEPS", "answer", "public_policy"]
+__all__ = ["STEPS", "answer", "forget", "public_policy"]
 
 _logger = logging.getLogger("healthlab.federated.site")
 
@@ -61,6 +61,15 @@ _WORK: OrderedDict[tuple[int, str, str], Any] = OrderedDict()
 _MAX_WORK = 256
 #: Public CKKS contexts received, by fingerprint (deserialized once).
 _PUBLIC: OrderedDict[str, PublicContext] = OrderedDict()
+
+
+def forget() -> None:
+    """Drop what this process holds between messages (its site objects, queries in
+    progress, public contexts), as a restart of the site runtime does; what the
+    site keeps in its ``state-dir`` stays."""
+    _WORK.clear()
+    _SITES.clear()
+    _PUBLIC.clear()
 
 
 def public_policy(site: Site) -> dict[str, Any]:
