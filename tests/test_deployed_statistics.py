@@ -172,12 +172,18 @@ def test_the_deployed_sites_auditor_remembers_across_sessions(
     """The four-query inclusion-exclusion attack, split over two sessions (a new
     session, new site objects, the same state dirs): the fourth query is refused."""
     r = consortium.researcher
-    first = consortium.deployed(tmp_path)
+    # control: with no memory, the fourth query alone is answered
+    fresh = consortium.deployed(tmp_path / "fresh")
+    encrypted.describe(fresh, ["age", "bmi", "glucose"], dropna=True, researcher=r)
+    first = consortium.deployed(tmp_path / "remembering")
     encrypted.describe(first, ["age"], researcher=r)
     encrypted.describe(first, ["age", "bmi"], dropna=True, researcher=r)
     encrypted.describe(first, ["age", "glucose"], dropna=True, researcher=r)
-    again = consortium.deployed(tmp_path)
-    with pytest.raises(DisclosureRefused):
+    from healthlab.federated.deploy import answers
+
+    answers.forget()  # the site runtimes restart: only the state dirs remain
+    again = consortium.deployed(tmp_path / "remembering")
+    with pytest.raises(DisclosureRefused, match="combination|differenc|determine"):
         encrypted.describe(again, ["age", "bmi", "glucose"], dropna=True, researcher=r)
 
 
