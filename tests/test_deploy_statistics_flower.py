@@ -17,7 +17,13 @@ from healthlab.errors import DataRefused
 from healthlab.federated.deploy import DeployedSites, SiteNode, SuperLink
 from healthlab.ledger.node import AnvilNode
 from tests.test_deploy import require_flower
-from tests.test_deployed_statistics import COHORT, NAMES, Consortium, make_consortium
+from tests.test_deployed_statistics import (
+    COHORT,
+    NAMES,
+    Consortium,
+    make_consortium,
+    statistics_calls,
+)
 
 pytestmark = pytest.mark.anvil
 
@@ -80,32 +86,9 @@ def test_deployed_statistics_equal_the_in_process_calls(
     keys = KeyHolder()
     local = consortium.local()
     assert [s.name for s in sites] == NAMES
-    calls = {
-        "describe": lambda s: encrypted.describe(
-            s, ["age", "sbp"], researcher=r, keys=keys
-        ).to_frame(),
-        "histogram": lambda s: encrypted.histogram(
-            s, "age", [30, 40, 50, 60, 70, 90], researcher=r, keys=keys
-        ).to_frame(),
-        "crosstab": lambda s: encrypted.crosstab(
-            s, "sex", "smoker", researcher=r, keys=keys
-        ).to_frame(),
-        "corr": lambda s: encrypted.corr(
-            s, ["age", "sbp", "bmi"], dropna=True, researcher=r, keys=keys
-        ).to_frame(),
-        "ols": lambda s: encrypted.ols(
-            s, "sbp", ["age", "bmi"], dropna=True, researcher=r, keys=keys
-        ).to_frame(),
-        # a Gaussian GLM (one IRLS step); the binomial fit over the same site code
-        # is compared in test_deployed_statistics (each IRLS step is two queries)
-        "glm": lambda s: encrypted.glm(
-            s,
-            "sbp ~ age + C(sex) + smoker",
-            family="gaussian",
-            researcher=r,
-            keys=keys,
-        ).to_frame(),
-    }
+    # a Gaussian GLM (one IRLS step); the binomial fit over the same site code
+    # is compared in test_deployed_statistics (each IRLS step is two queries)
+    calls = statistics_calls(r, keys, glm="gaussian")
     import pandas as pd
 
     for name, call in calls.items():
