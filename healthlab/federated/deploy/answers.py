@@ -12,8 +12,10 @@ restarts):
 ``hello``
     the site's public facts: name, dataset, disclosure policy, mask key;
 ``prepare``
-    the researcher's signed query: signature, freshness, replay, live grant, the
-    shared query log, the disclosure checks and the site's totals (kept here);
+    the researcher's signed query: signature, freshness, replay (a query hash is
+    prepared once, whatever its signature's nonce, in any run and across restarts:
+    ``state-dir``), live grant, the shared query log, the disclosure checks and the
+    site's totals (kept here);
 ``announce``, ``count_holders``, ``contribute``, ``reveal``
     the steps of :meth:`~healthlab.encrypted.protocol.PreparedQuery.finish`;
 ``levels``, ``vetoes``
@@ -29,7 +31,9 @@ error is logged at the site and answered without its message.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -37,8 +41,14 @@ from typing import Any
 from healthlab.encrypted import wire
 from healthlab.encrypted.keys import PublicContext
 from healthlab.encrypted.protocol import Query, SiteWork, computation_for
-from healthlab.errors import DataRefused, DisclosureRefused, HealthLabError
-from healthlab.federated.deploy.site import SiteConfig
+from healthlab.errors import (
+    DataRefused,
+    DisclosureRefused,
+    HealthLabError,
+    SignatureInvalid,
+)
+from healthlab.federated.deploy.site import SiteConfig, ensure_state_dir
+from healthlab.ledger.signing import SignedQuery, recover_signer
 from healthlab.sites import Site
 
 __all__ = ["STEPS", "answer", "public_policy"]
@@ -61,6 +71,8 @@ _WORK: OrderedDict[tuple[int, str, str], Any] = OrderedDict()
 _MAX_WORK = 256
 #: Public CKKS contexts received, by fingerprint (deserialized once).
 _PUBLIC: OrderedDict[str, PublicContext] = OrderedDict()
+#: The queries a site without a state dir prepared (this process only).
+_USED: dict[str, set[str]] = {}
 
 
 def public_policy(site: Site) -> dict[str, Any]:
@@ -159,6 +171,45 @@ def _work(config: SiteConfig, run_id: int, args: Mapping[str, Any], kind: type) 
     return work
 
 
+def _first_use(config: SiteConfig, query: Query, signed: Any) -> None:
+    """Refuse a query this site was asked before: the same signature (a replay) or
+    the same query hash signed again (another nonce), in any run and across
+    restarts (kept in ``state-dir``).
+
+    A site's keys for a query come from its mask key and the query's hash alone,
+    so a query prepared twice (two runs) opens a neighbour's sealed shares twice:
+    told "dropped" in one run and "alive" in the other, the neighbours would give
+    both of its seeds away, and with them its own totals."""
+    if not isinstance(signed, SignedQuery) or signed.query_hash != query.hash:
+        return  # refused by Site.authorize
+    if recover_signer(signed).lower() != signed.researcher.lower():
+        return  # refused by Site.authorize (nothing recorded for a forgery)
+    marks = {
+        f"query:{query.hash.lower()}",
+        f"signature:{signed.researcher.lower()}:{int(signed.nonce)}",
+    }
+    file = (
+        None
+        if config.state_dir is None
+        else ensure_state_dir(config.state_dir) / f"statistics-{config.name}.json"
+    )
+    if file is None:
+        used = _USED.setdefault(config.name, set())
+    else:
+        used = set(json.loads(file.read_text())) if file.exists() else set()
+    if marks & used:
+        raise SignatureInvalid(
+            f"site {config.name}: this query was already asked of this site (a "
+            "replay, or the same query signed again); it answers a query once; "
+            "sign a new one"
+        )
+    used |= marks
+    if file is not None:
+        tmp = file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(sorted(used), indent=0))
+        os.replace(tmp, file)
+
+
 def _prepare(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
     query = args["query"]
     if not isinstance(query, Query):
@@ -169,6 +220,7 @@ def _prepare(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
             f"site {config.name} has no chain to check grants on; it answers no "
             "statistics"
         )
+    _first_use(config, query, args.get("signed"))
     work = SiteWork(site, query, args.get("signed"), computation_for(query.kind))
     _keep(run_id, config.name, query.hash, work)
     return {"noise_sd": None if work.noise_sd is None else work.noise_sd.tolist()}
@@ -261,6 +313,7 @@ def _levels(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
     if args.get("column") != column:
         raise DataRefused("a levels message names another column than its query")
     site = _site(config)
+    _first_use(config, query, signed)
     researcher = site.authorize(signed, query_hash=query.hash)
     members = [str(m) for m in args["members"]]
     site.check_owners(
