@@ -32,7 +32,7 @@ from healthlab.encrypted.protocol import (
     computation_for,
     prepare_query,
 )
-from healthlab.errors import HealthLabError
+from healthlab.errors import AccessDenied, HealthLabError
 from healthlab.federated.deploy import InProcessNodes, SiteConfig
 from healthlab.federated.deploy import answers as answers_module
 from healthlab.federated.deploy.answers import answer
@@ -321,7 +321,7 @@ def test_a_site_contributes_nothing_once_the_grant_is_revoked(
     )
     own.ledger.revoke(own.datasets["site_d"], r, sender=own.owners["site_d"])
     assert not own.ledger.has_access(own.datasets["site_d"], r)
-    with pytest.raises(HealthLabError):
+    with pytest.raises(AccessDenied, match="no longer live"):
         prepared.finish(keys)
 
 

@@ -17,7 +17,9 @@ restarts):
     ``state-dir``), live grant, the shared query log, the disclosure checks and the
     site's totals (kept here);
 ``announce``, ``count_holders``, ``contribute``, ``reveal``
-    the steps of :meth:`~healthlab.encrypted.protocol.PreparedQuery.finish`;
+    the steps of :meth:`~healthlab.encrypted.protocol.PreparedQuery.finish` (the
+    grant checked on chain again before the contribution and the reveal: the
+    server chooses when they come);
 ``levels``, ``vetoes``
     the two steps of :func:`healthlab.encrypted.levels`.
 
@@ -36,12 +38,14 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from healthlab.encrypted import wire
 from healthlab.encrypted.keys import PublicContext
 from healthlab.encrypted.protocol import Query, SiteWork, computation_for
 from healthlab.errors import (
+    AccessDenied,
     DataRefused,
     DisclosureRefused,
     HealthLabError,
@@ -259,6 +263,19 @@ def _bound_peers(work: SiteWork, peers: Any) -> dict[str, bytes]:
     return dict(peers)
 
 
+def _live(site: Site, researcher: str | None) -> None:
+    """The grant checked again before anything of an answer leaves the site: the
+    server decides when a prepared query's steps come, and may hold one back until
+    after the owner revoked the grant (or it expired)."""
+    assert site.ledger is not None
+    assert site.dataset_id is not None
+    if researcher is None or not site.ledger.has_access(site.dataset_id, researcher):
+        raise AccessDenied(
+            f"site {site.name}: the grant on dataset {site.dataset_id} is no longer "
+            "live (revoked or expired); this site answers nothing more of the query"
+        )
+
+
 def _announce(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
     work = _work(config, run_id, args, SiteWork)
     return work.announce(_bound_peers(work, args["peers"]))
@@ -290,7 +307,9 @@ def _contribute(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any
             raise DataRefused(
                 "this site holds no public context of that fingerprint; send it"
             )
-    return work.contribute(_bound_peers(work, args["peers"]), public)
+    peers = _bound_peers(work, args["peers"])
+    _live(work.site, work.researcher)
+    return work.contribute(peers, public)
 
 
 def _reveal(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
@@ -299,6 +318,7 @@ def _reveal(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
     confirms = args["confirms"]
     if not isinstance(survivors, list) or not isinstance(confirms, Mapping):
         raise DataRefused("a reveal message is malformed")
+    _live(work.site, work.researcher)
     return work.reveal([str(s) for s in survivors], dict(confirms))
 
 
@@ -320,19 +340,27 @@ def _levels(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
         members, researcher, max(int(args["need"]), site.policy.min_sites)
     )
     held = SiteLevels(site, column, site.policy.min_rows)
-    _keep(run_id, config.name, query.hash, held)
+    _keep(run_id, config.name, query.hash, _HeldLevels(held, site, researcher))
     return {"common": held.common, "withholds": held.withholds}
 
 
-def _vetoes(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
-    from healthlab.encrypted.stats import SiteLevels
+@dataclass
+class _HeldLevels:
+    """A site's levels of one ``levels`` query, and whom it answers."""
 
-    held = _work(config, run_id, args, SiteLevels)
+    levels: Any  # healthlab.encrypted.stats.SiteLevels
+    site: Site
+    researcher: str | None
+
+
+def _vetoes(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
+    held = _work(config, run_id, args, _HeldLevels)
     candidates = args["candidates"]
     if not isinstance(candidates, frozenset):
         raise DataRefused("a vetoes message's candidates are malformed")
     _WORK.pop((run_id, config.name, str(args["query_hash"])), None)  # asked once
-    return held.vetoes(frozenset(str(c) for c in candidates))
+    _live(held.site, held.researcher)
+    return held.levels.vetoes(frozenset(str(c) for c in candidates))
 
 
 _STEP = {
