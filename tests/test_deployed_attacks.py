@@ -411,7 +411,8 @@ def test_vetoes_do_not_answer_levels_no_site_offered(
     """The vetoes step answers for any candidate the server names: asked with
     every age from 18 to 100 (levels no site offered), site_c answers exactly the
     ages 1 or 2 of its patients have. An honest run only asks about levels some
-    site offered (held by at least k rows there)."""
+    member offered (held by at least k rows there): the candidates must be the
+    union of the members' offers, each tagged by its member for this site."""
     configs = fresh(consortium, tmp_path)
     ds = consortium.datasets
     members = [str(ds["site_a"]), str(ds["site_c"])]
@@ -427,11 +428,14 @@ def test_vetoes_do_not_answer_levels_no_site_offered(
             members=members,
             need=2,
         )
+        ages = [str(a) for a in range(18, 101)]
         vetoed = server.ask(
             "site_c",
             "vetoes",
             query_hash=query.hash,
-            candidates=frozenset(str(a) for a in range(18, 101)),
+            candidates=frozenset(ages),
+            # "site_a offered every age" (the server has no tag of site_a's)
+            offers={str(ds["site_a"]): {"common": ages, "tag": "00" * 32}},
         )
     except Refused:
         return

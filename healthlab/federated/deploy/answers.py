@@ -21,7 +21,10 @@ restarts):
     grant checked on chain again before the contribution and the reveal: the
     server chooses when they come);
 ``levels``, ``vetoes``
-    the two steps of :func:`healthlab.encrypted.levels`.
+    the two steps of :func:`healthlab.encrypted.levels`: the members are those the
+    signed query names, and the vetoes answer only on the union of the members'
+    offers, each tagged by its member for this site (a key from the mask keys
+    bound on chain), never on levels of the server's choosing.
 
 No code travels with a message: a step names a method of this fixed set and its
 arguments are protocol objects read by :mod:`healthlab.encrypted.wire` (JSON, never
@@ -33,6 +36,7 @@ error is logged at the site and answered without its message.
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import os
@@ -42,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from healthlab.encrypted import wire
-from healthlab.encrypted.keys import PublicContext
+from healthlab.encrypted.keys import IntegrityError, PublicContext
 from healthlab.encrypted.protocol import Query, SiteWork, computation_for
 from healthlab.errors import (
     AccessDenied,
@@ -332,35 +336,114 @@ def _levels(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
     column = str(query.spec.get("column"))
     if args.get("column") != column:
         raise DataRefused("a levels message names another column than its query")
+    members = query.spec.get("members")
+    if not isinstance(members, list) or not all(isinstance(m, str) for m in members):
+        raise DataRefused(
+            "a levels query names its members (signed); ask through "
+            "healthlab.encrypted.levels"
+        )
     site = _site(config)
+    if site.participant not in members or len(set(members)) != len(members):
+        raise DataRefused(
+            f"site {site.name} is not among this levels query's members, or a member "
+            "is named twice"
+        )
     _first_use(config, query, signed)
     researcher = site.authorize(signed, query_hash=query.hash)
-    members = [str(m) for m in args["members"]]
-    site.check_owners(
-        members, researcher, max(int(args["need"]), site.policy.min_sites)
-    )
+    need = max(int(args.get("need") or 2), site.policy.min_sites, 2)
+    site.check_owners(members, researcher, need)
+    keys = _level_keys(site, query, members)
     held = SiteLevels(site, column, site.policy.min_rows)
-    _keep(run_id, config.name, query.hash, _HeldLevels(held, site, researcher))
-    return {"common": held.common, "withholds": held.withholds}
+    body = _offer_body(query.hash, site.participant, held.common)
+    tags = {m: hmac.new(k, body, "sha256").hexdigest() for m, k in keys.items()}
+    _keep(
+        run_id,
+        config.name,
+        query.hash,
+        _HeldLevels(held, site, researcher, query.hash, keys),
+    )
+    return {"common": held.common, "withholds": held.withholds, "tags": tags}
+
+
+def _level_keys(site: Site, query: Query, members: list[str]) -> dict[str, bytes]:
+    """Per other member (its dataset id), the key this site shares with it for this
+    levels query: from the mask keys the members' owners bound on chain."""
+    assert site.ledger is not None
+    peers: dict[str, bytes] = {}
+    for member in members:
+        keys = site.ledger.site_keys(int(member))
+        if keys is None:
+            raise DisclosureRefused(
+                f"site {site.name}: dataset {member} of the levels query has no site "
+                "keys bound on chain; its owner binds them (Ledger.bind_site_keys)"
+            )
+        peers[member] = bytes(keys.mask_key)
+    if peers[site.participant] != site.mask_public_key:
+        raise DisclosureRefused(
+            f"site {site.name}: its mask key is not the one bound to dataset "
+            f"{site.dataset_id} on chain"
+        )
+    return site.pairwise_keys(
+        peers,
+        b"healthlab-levels",
+        bytes.fromhex(query.hash[2:]),
+        me=site.participant,
+    )
+
+
+def _offer_body(query_hash: str, member: str, common: frozenset[str]) -> bytes:
+    return json.dumps([query_hash, member, sorted(str(c) for c in common)]).encode()
 
 
 @dataclass
 class _HeldLevels:
-    """A site's levels of one ``levels`` query, and whom it answers."""
+    """A site's levels of one ``levels`` query, whom it answers, and the keys it
+    shares with the other members for it."""
 
     levels: Any  # healthlab.encrypted.stats.SiteLevels
     site: Site
     researcher: str | None
+    query_hash: str
+    keys: dict[str, bytes]
 
 
 def _vetoes(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
+    """The offered levels this site holds in too few rows. The candidates must be
+    exactly the union of every member's offer, each offer carrying its member's tag
+    for this site: a server cannot ask about a level no member offered (a site's
+    answer would say that 1 to k - 1 of its rows hold it)."""
     held = _work(config, run_id, args, _HeldLevels)
     candidates = args["candidates"]
-    if not isinstance(candidates, frozenset):
-        raise DataRefused("a vetoes message's candidates are malformed")
+    offers = args.get("offers")
+    if not isinstance(candidates, frozenset) or not isinstance(offers, Mapping):
+        raise DataRefused("a vetoes message's candidates or offers are malformed")
     _WORK.pop((run_id, config.name, str(args["query_hash"])), None)  # asked once
+    me = held.site.participant
+    union = set(held.levels.common)
+    for member, key in held.keys.items():
+        offer = offers.get(member)
+        if not isinstance(offer, Mapping) or not isinstance(offer.get("common"), list):
+            raise IntegrityError(
+                f"site {held.site.name}: the vetoes need every member's offer of "
+                "levels; one is missing"
+            )
+        common = frozenset(str(c) for c in offer["common"])
+        expected = hmac.new(
+            key, _offer_body(held.query_hash, member, common), "sha256"
+        ).hexdigest()
+        if not hmac.compare_digest(expected, str(offer.get("tag", ""))):
+            raise IntegrityError(
+                f"site {held.site.name}: the offer of levels from dataset {member} "
+                "does not carry its tag"
+            )
+        union |= common
+    if frozenset(str(c) for c in candidates) != union:
+        raise IntegrityError(
+            f"site {held.site.name} (dataset {me}): the candidate levels are not the "
+            "members' offers"
+        )
     _live(held.site, held.researcher)
-    return held.levels.vetoes(frozenset(str(c) for c in candidates))
+    return held.levels.vetoes(frozenset(union))
 
 
 _STEP = {
