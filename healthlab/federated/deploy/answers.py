@@ -41,7 +41,7 @@ import json
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,7 +56,7 @@ from healthlab.errors import (
     SignatureInvalid,
 )
 from healthlab.federated.deploy.site import SiteConfig, ensure_state_dir
-from healthlab.ledger.signing import SignedQuery, recover_signer
+from healthlab.ledger.signing import SignedQuery
 from healthlab.sites import Site
 
 __all__ = ["STEPS", "answer", "public_policy"]
@@ -179,19 +179,18 @@ def _work(config: SiteConfig, run_id: int, args: Mapping[str, Any], kind: type) 
     return work
 
 
-def _first_use(config: SiteConfig, query: Query, signed: Any) -> None:
-    """Refuse a query this site was asked before: the same signature (a replay) or
+def _first_use(config: SiteConfig, query: Query, signed: Any) -> Callable[[], None]:
+    """Refuse a query this site answered before: the same signature (a replay) or
     the same query hash signed again (another nonce), in any run and across
-    restarts (kept in ``state-dir``).
+    restarts (kept in ``state-dir``); return what records this one, called once the
+    site accepted it (so that no stranger's signature takes room).
 
     A site's keys for a query come from its mask key and the query's hash alone,
     so a query prepared twice (two runs) opens a neighbour's sealed shares twice:
     told "dropped" in one run and "alive" in the other, the neighbours would give
     both of its seeds away, and with them its own totals."""
-    if not isinstance(signed, SignedQuery) or signed.query_hash != query.hash:
-        return  # refused by Site.authorize
-    if recover_signer(signed).lower() != signed.researcher.lower():
-        return  # refused by Site.authorize (nothing recorded for a forgery)
+    if not isinstance(signed, SignedQuery):
+        return lambda: None  # refused by Site.authorize
     marks = {
         f"query:{query.hash.lower()}",
         f"signature:{signed.researcher.lower()}:{int(signed.nonce)}",
@@ -201,21 +200,29 @@ def _first_use(config: SiteConfig, query: Query, signed: Any) -> None:
         if config.state_dir is None
         else ensure_state_dir(config.state_dir) / f"statistics-{config.name}.json"
     )
-    if file is None:
-        used = _USED.setdefault(config.name, set())
-    else:
-        used = set(json.loads(file.read_text())) if file.exists() else set()
-    if marks & used:
+
+    def used() -> set[str]:
+        if file is None:
+            return _USED.setdefault(config.name, set())
+        return set(json.loads(file.read_text())) if file.exists() else set()
+
+    if marks & used():
         raise SignatureInvalid(
             f"site {config.name}: this query was already asked of this site (a "
             "replay, or the same query signed again); it answers a query once; "
             "sign a new one"
         )
-    used |= marks
-    if file is not None:
+
+    def record() -> None:
+        known = used() | marks
+        if file is None:
+            _USED[config.name] = known
+            return
         tmp = file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(sorted(used), indent=0))
+        tmp.write_text(json.dumps(sorted(known), indent=0))
         os.replace(tmp, file)
+
+    return record
 
 
 def _prepare(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
@@ -228,8 +235,9 @@ def _prepare(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
             f"site {config.name} has no chain to check grants on; it answers no "
             "statistics"
         )
-    _first_use(config, query, args.get("signed"))
+    accepted = _first_use(config, query, args.get("signed"))
     work = SiteWork(site, query, args.get("signed"), computation_for(query.kind))
+    accepted()
     _keep(run_id, config.name, query.hash, work)
     return {"noise_sd": None if work.noise_sd is None else work.noise_sd.tolist()}
 
@@ -348,8 +356,9 @@ def _levels(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
             f"site {site.name} is not among this levels query's members, or a member "
             "is named twice"
         )
-    _first_use(config, query, signed)
+    accepted = _first_use(config, query, signed)
     researcher = site.authorize(signed, query_hash=query.hash)
+    accepted()
     need = max(int(args.get("need") or 2), site.policy.min_sites, 2)
     site.check_owners(members, researcher, need)
     keys = _level_keys(site, query, members)
