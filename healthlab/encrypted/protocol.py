@@ -663,6 +663,9 @@ class SiteWork:
         if self.missing_withheld:  # rows too few sites leave out: their count too
             totals[0] = 0.0
         if self._budget is not None:  # counted before anything leaves the site
+            # checked again where it is spent: queries prepared together each
+            # passed the check at prepare, before any of them was counted
+            self.site.check_privacy(self.researcher, self._budget.noise_multiplier)
             self.site.record_privacy(self.researcher, self._budget.noise_multiplier)
         digits = _encode(self.site.name, totals)
         me = self.site.name

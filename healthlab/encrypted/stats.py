@@ -727,7 +727,9 @@ def levels(
             "yours applies to pooled counts: pass min_rows= to describe, histogram "
             "or crosstab instead"
         )
-    query = Query("levels", {"column": column}, 0)
+    # the members are signed: a deployed site answers only for them, and takes
+    # part in the vetoes only on the union of their (tagged) offers
+    query = Query("levels", {"column": column, "members": members}, 0)
     from healthlab.encrypted.protocol import sign_query
 
     if site_list[0].remote is None:

@@ -223,13 +223,20 @@ class RemoteLevels:
     """One deployed site's offered levels (its rare ones stay at the site)."""
 
     def __init__(
-        self, site: SiteProxy, query_hash: str, common: frozenset[str], withholds: bool
+        self,
+        site: SiteProxy,
+        query_hash: str,
+        common: frozenset[str],
+        withholds: bool,
+        tags: Mapping[str, str] | None = None,
     ) -> None:
         self.site = site
         self.remote: DeployedSites = site.remote
         self.query_hash = query_hash
         self.common = frozenset(str(c) for c in common)
         self.withholds = bool(withholds)
+        #: per other member (dataset id), the site's tag of its offer for it
+        self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
 
 
 # ---------------------------------------------------------------- the session
@@ -494,7 +501,11 @@ class DeployedSites(Sequence[SiteProxy]):
                 )
             if isinstance(g, BaseException):
                 raise g
-            out.append(RemoteLevels(site, query.hash, g["common"], g["withholds"]))
+            out.append(
+                RemoteLevels(
+                    site, query.hash, g["common"], g["withholds"], g.get("tags")
+                )
+            )
         return out
 
     def _vetoes(self, held: list[Any], args: list[tuple[Any, ...]]) -> list[Any]:
@@ -502,7 +513,19 @@ class DeployedSites(Sequence[SiteProxy]):
             [h.site for h in held],
             "vetoes",
             [
-                {"query_hash": h.query_hash, "candidates": frozenset(a[0])}
+                {
+                    "query_hash": h.query_hash,
+                    "candidates": frozenset(a[0]),
+                    # every other member's offer, with its tag for this site
+                    "offers": {
+                        o.site.participant: {
+                            "common": sorted(o.common),
+                            "tag": o.tags.get(h.site.participant, ""),
+                        }
+                        for o in held
+                        if o is not h
+                    },
+                }
                 for h, a in zip(held, args, strict=True)
             ],
         )
