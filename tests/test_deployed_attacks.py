@@ -377,6 +377,12 @@ def _levels_query(
     return query, consortium.ledger.sign_query(r, query.hash, nonce=query.nonce)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: a site's offered levels leave it in clear (in process too, to the "
+    "researcher's process); a masked union of levels among the signed members "
+    "would close it (README, Statistics on the deployment, Not yet)",
+)
 def test_a_sites_levels_are_not_released_by_that_site_alone(
     consortium: Consortium, tmp_path: Path
 ) -> None:

@@ -163,7 +163,13 @@ def test_every_statistic_equals_the_same_call_in_process(
     local = consortium.local()
     sites = consortium.deployed(tmp_path)
     assert [s.name for s in sites] == NAMES
-    calls = statistics_calls(r, keys)
+    # the Flower test compares the others over real processes; here the calls it
+    # leaves out (the binomial fit) and two that every other one builds on
+    calls = {
+        k: v
+        for k, v in statistics_calls(r, keys).items()
+        if k in ("describe", "describe_by", "glm")
+    }
     for name, call in calls.items():
         here = call(local)
         there = call(sites)
@@ -253,11 +259,14 @@ def test_a_site_runs_no_computation_the_package_does_not_register(
 
 
 def test_a_site_that_stops_answering_after_the_masks_are_set_is_recovered(
-    consortium: Consortium, tmp_path: Path
+    anvil: AnvilNode, tmp_path: Path
 ) -> None:
     """site_d answers prepare (with its announcement), then goes offline: the sum
     over the other three is recovered from its neighbours' shares, equals the
     in-process result over those three, and the receipt says who dropped."""
+    # a registry of its own: the survivors' site set goes into the shared query
+    # log, and later queries over all four sites would be refused as differencing
+    consortium = make_consortium(anvil, tmp_path / "chain")
     r = consortium.researcher
     sites = consortium.deployed(tmp_path)
     nodes = sites.channel

@@ -262,7 +262,10 @@ def test_an_unexpected_failure_at_the_site_quotes_no_value(
     def explode(site: Site, query: Any) -> Any:
         raise ValueError("could not convert string to float: 'C00449'")
 
-    monkeypatch.setattr(encrypted.stats, "_moments", explode)
+    from healthlab.encrypted import protocol
+
+    # the sites compute what the registry names for the query's kind
+    monkeypatch.setitem(protocol.COMPUTATIONS, "moments", explode)
     error = attack(site_frames(), "describe", "age", {"keys": keys})
     assert isinstance(error, DataRefused)
     assert "(ValueError)" in str(error)

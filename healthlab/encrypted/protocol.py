@@ -1287,7 +1287,7 @@ def _prepare_all(
             raise InvalidInput(
                 f"deployed sites answer only the registered {query.kind!r} computation"
             )
-        return proxies[0].remote.prepare(proxies, query, signed)  # type: ignore[union-attr,no-any-return]
+        return proxies[0].remote.prepare(proxies, query, signed)  # type: ignore[no-any-return]
     out: list[SiteWork | BaseException] = []
     for site in sites:
         try:

@@ -405,7 +405,7 @@ class SiteNode(_FlowerProcess):
     ) -> None:
         super().__init__(port, home, env)
         self.superlink = superlink
-        self.poll = poll
+        self.node_poll = poll
         self.insecure = insecure
         if not insecure and root_certificates is None:
             raise ConfigurationError(
@@ -450,7 +450,7 @@ class SiteNode(_FlowerProcess):
             "healthlab.federated.deploy.runtime",
             "supernode",
             "--poll",
-            str(self.poll),
+            str(self.node_poll),
             "--superlink",
             self.superlink,
             "--host",
@@ -490,7 +490,7 @@ class SiteNode(_FlowerProcess):
                 "--parent-pid",
                 str(self.process.pid),
                 "--poll",
-                str(self.poll),
+                str(self.node_poll),
             ],
             self.runtime_log,
         )
