@@ -22,7 +22,12 @@ import pytest
 from healthlab import encrypted
 from healthlab.encrypted import wire
 from healthlab.encrypted.keys import KeyHolder
-from healthlab.errors import DataRefused, DisclosureRefused, HealthLabError
+from healthlab.errors import (
+    DataRefused,
+    DisclosureRefused,
+    HealthLabError,
+    InvalidInput,
+)
 from healthlab.federated.deploy import (
     DeployedSites,
     InProcessNodes,
@@ -355,3 +360,17 @@ def test_a_signed_query_replayed_after_a_site_restart_is_refused(
     reply = wire.load(answer(kept[0], nodes.configs[1], 99))
     assert reply["refused"]["error"] == "SignatureInvalid"
     assert "replay" in reply["refused"]["message"]
+
+
+def test_what_does_not_run_on_a_deployment_is_refused_by_name(
+    consortium: Consortium, tmp_path: Path
+) -> None:
+    """Every-value mode computes with code the sites have registered for no query
+    kind: refused before any site is asked, with an error that says why."""
+    sites = consortium.deployed(tmp_path)
+    with pytest.raises(InvalidInput, match="deployed"):
+        encrypted.describe_values(
+            sites, ["age"], bound=150, researcher=consortium.researcher
+        )
+    with pytest.raises(InvalidInput, match="deployed site"):
+        sites[0].rows(["age"])
