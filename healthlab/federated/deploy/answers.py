@@ -40,6 +40,7 @@ import hmac
 import json
 import logging
 import os
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -256,14 +257,11 @@ def _prepare(config: SiteConfig, run_id: int, args: Mapping[str, Any]) -> Any:
     return out
 
 
-def _bound_peers(work: SiteWork, peers: Any) -> dict[str, bytes]:
-    """``peers`` (name -> mask key), checked against the chain: their keys are
-    exactly those the owners of the query's signed participants bound, and this
-    site's own is its own."""
-    if not isinstance(peers, Mapping) or not all(
-        isinstance(k, bytes) for k in peers.values()
-    ):
-        raise DataRefused("a step's peers are malformed")
+#: The chain-bound mask keys of each query's participants, read at its first step.
+_BOUND: weakref.WeakKeyDictionary[SiteWork, list[bytes]] = weakref.WeakKeyDictionary()
+
+
+def _chain_keys(work: SiteWork) -> list[bytes]:
     ledger = work.site.ledger
     assert ledger is not None
     bound: list[bytes] = []
@@ -276,6 +274,21 @@ def _bound_peers(work: SiteWork, peers: Any) -> dict[str, bytes]:
                 "(Ledger.bind_site_keys) before a masked sum"
             )
         bound.append(bytes(keys.mask_key))
+    return bound
+
+
+def _bound_peers(work: SiteWork, peers: Any) -> dict[str, bytes]:
+    """``peers`` (name -> mask key), checked against the chain: their keys are
+    exactly those the owners of the query's signed participants bound, and this
+    site's own is its own."""
+    if not isinstance(peers, Mapping) or not all(
+        isinstance(k, bytes) for k in peers.values()
+    ):
+        raise DataRefused("a step's peers are malformed")
+    bound = _BOUND.get(work)
+    if bound is None:  # read once per query: every step of it names the same keys
+        bound = _chain_keys(work)
+        _BOUND[work] = bound
     if sorted(peers.values()) != sorted(bound) or len(set(bound)) != len(bound):
         raise DisclosureRefused(
             f"site {work.site.name}: the peers' mask keys are not the keys bound on "
