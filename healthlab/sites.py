@@ -9,7 +9,6 @@ summarize against the disclosure policy — which only the site's owner sets.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
@@ -539,7 +538,7 @@ class Site:
                 f"site {self.name}: the query was signed {age} s ago; sign it again"
             )
         key = (signed.researcher.lower(), signed.nonce)
-        if key in self._nonces or self._nonce_seen(key):
+        if key in self._nonces:
             raise SignatureInvalid(
                 f"site {self.name}: this signed query was already used (replay); "
                 "sign a new one"
@@ -551,38 +550,7 @@ class Site:
                 "request access with Ledger.request_access"
             )
         self._nonces.add(key)
-        self._record_nonce(key, signed.issued_at)
         return signed.researcher
-
-    def _nonce_file(self) -> Path | None:
-        if self._state_dir is None:
-            return None
-        return Path(self._state_dir) / f"nonces-{self.name}.json"
-
-    def _stored_nonces(self) -> dict[str, int]:
-        file = self._nonce_file()
-        if file is None or not file.exists():
-            return {}
-        return {str(k): int(v) for k, v in json.loads(file.read_text()).items()}
-
-    def _nonce_seen(self, key: tuple[str, int]) -> bool:
-        """Whether a signed query was used before, by any object of this site that
-        shares its state dir (across processes and restarts)."""
-        return f"{key[0]}:{key[1]}" in self._stored_nonces()
-
-    def _record_nonce(self, key: tuple[str, int], issued_at: int) -> None:
-        file = self._nonce_file()
-        if file is None:
-            return
-        assert self.ledger is not None
-        # a query older than the freshness window is refused anyway: forget it
-        oldest = self.ledger.now() - self._policy.max_query_age - 120
-        kept = {k: v for k, v in self._stored_nonces().items() if v >= oldest}
-        kept[f"{key[0]}:{key[1]}"] = int(issued_at)
-        file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(kept))
-        os.replace(tmp, file)
 
     def check_participants(
         self,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -246,10 +246,3 @@ def error_from(data: Mapping[str, Any]) -> HealthLabError:
         return cls(message)
     except TypeError:  # an error class with other arguments
         return HealthLabError(message)
-
-
-def sequence(value: Any, length: int) -> Sequence[Any]:
-    """``value`` as a list of ``length`` items (refused otherwise)."""
-    if not isinstance(value, list) or len(value) != length:
-        raise DataRefused("a site's reply has the wrong number of items")
-    return value
