@@ -567,6 +567,11 @@ class Auditor:
             self._space_units = units
             self.units = pd.factorize(units)[0]
 
+    def lift(self, mask: np.ndarray) -> np.ndarray:
+        """A mask over the site's current rows, as a mask over the row space (which
+        keeps earlier rows no longer held)."""
+        return self._lift(mask)
+
     def _lift(self, mask: np.ndarray) -> np.ndarray:
         """A mask over the site's current rows, as a mask over the row space."""
         mask = np.asarray(mask, dtype=bool)

@@ -30,6 +30,7 @@ __all__ = [
     "FeeTooLarge",
     "GrantDurationChanged",
     "HealthLabError",
+    "HeldByTooFewSites",
     "InvalidEnvelope",
     "InvalidGrantDuration",
     "InvalidInput",
@@ -191,6 +192,11 @@ class TooFewRows(DisclosureRefused):
 
 class TooFewSites(DisclosureRefused):
     """Fewer sites than the policy's minimum would take part in a pooled result."""
+
+
+class HeldByTooFewSites(TooFewSites):
+    """Together with earlier answers over the same sites, an answer would let a
+    difference of pooled results be fewer sites' own (:mod:`healthlab.holders`)."""
 
 
 class TooManyDropouts(TooFewSites):

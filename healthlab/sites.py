@@ -39,6 +39,7 @@ from healthlab.errors import (
     SignatureInvalid,
     TooFewSites,
 )
+from healthlab.holders import HolderPatterns
 from healthlab.ledger.signing import SignedQuery, recover_signer
 from healthlab.site_data import at_site
 
@@ -935,6 +936,15 @@ class Site:
                 max(sizes, default=0),
             )
         )
+
+    @cached_property
+    def holder_patterns(self) -> HolderPatterns:
+        """Which released cells this site's rows are in, per set of sites
+        (:mod:`healthlab.holders`); persistent with ``state_dir``."""
+        path = None
+        if self._state_dir is not None:
+            path = Path(self._state_dir) / f"holders-{self.name}.json"
+        return HolderPatterns(path)
 
     @cached_property
     def auditor(self) -> Auditor:

@@ -46,13 +46,17 @@ def budgeted(frames: list[pd.DataFrame], budget: PrivacyBudget | None) -> list[S
     return [Site(n, f, policy=policy) for n, f in zip("abc", frames, strict=False)]
 
 
-def lone_patient_frames(seed: int = 0) -> list[pd.DataFrame]:
+def lone_patient_frames(seed: int = 0, *, both: bool = False) -> list[pd.DataFrame]:
+    """Site a's row 19 lacks bmi and glucose; with ``both``, b's row 20 too (then
+    the patients lacking both are not one site's rows)."""
     a = cohort(seed)
     a.loc[0:19, "bmi"] = np.nan
     a.loc[19:39, "glucose"] = np.nan  # row 19 lacks both
     b = cohort(seed + 1)  # b leaves rows out too (else a's left-out rows are a's)
     b.loc[0:9, "bmi"] = np.nan
     b.loc[10:19, "glucose"] = np.nan  # none lacks both: the lone patient is a's
+    if both:
+        b.loc[20, ["bmi", "glucose"]] = np.nan
     return [a, b]
 
 
@@ -126,12 +130,14 @@ def test_a_spent_budget_is_refused_and_the_spend_is_accounted() -> None:
 
 
 def test_inclusion_exclusion_under_dp_gives_noise_of_the_stated_scale() -> None:
-    """The four-query attack on the lone patient, repeated on fresh budgets: the
-    recovered count and age sum scatter with the standard deviation the results
-    state (the sum of the four answers' noise variances), far wider than one
-    patient."""
-    frames = lone_patient_frames()
-    lone = frames[0].loc[19]
+    """The four-query attack on the patients lacking both (one at each site: the
+    combination is not one site's, so the sites answer under their budget; with
+    the lone patient at one site it is refused, below), repeated on fresh
+    budgets: the recovered count and age sum scatter with the standard deviation
+    the results state (the sum of the four answers' noise variances), far wider
+    than one patient."""
+    frames = lone_patient_frames(both=True)
+    lone_age = frames[0].loc[19, "age"] + frames[1].loc[20, "age"]
     queries = [
         (["age"], ["age"]),
         (["age", "bmi"], ["age", "bmi"]),
@@ -160,16 +166,36 @@ def test_inclusion_exclusion_under_dp_gives_noise_of_the_stated_scale() -> None:
         predicted_sum.append(
             np.sqrt(sum(t.noise["sd_per_total"][1][2] ** 2 for t in tables))
         )
-    error_n = np.asarray(counts) - 1.0  # one patient lacks both
+    error_n = np.asarray(counts) - 2.0  # two patients lack both
     ratio_n = np.std(error_n, ddof=1) / np.mean(predicted_n)
     assert 0.6 < ratio_n < 1.5, f"count noise {ratio_n:.2f}x the stated scale"
     assert abs(np.mean(error_n)) < 4 * np.mean(predicted_n) / np.sqrt(40)
     assert np.mean(predicted_n) > 3, "the noise hides whether the patient exists"
     # the age sum's noise is at least its stated Σ(age-c) part: far beyond one age
-    error_sum = np.asarray(sums) - lone["age"]
+    error_sum = np.asarray(sums) - lone_age
     assert np.std(error_sum, ddof=1) > 0.6 * np.mean(predicted_sum)
     # one standard deviation spans several times any age the bounds allow (120)
     assert np.std(error_sum, ddof=1) > 3 * 120, "one patient's age is lost in it"
+
+
+def test_inclusion_exclusion_onto_one_sites_patient_is_refused_under_dp() -> None:
+    """With the patient lacking both at site a alone, the four answers' combination
+    is a's own total: DP protects the patient, not the hospital's totals, so the
+    sites' holder rule refuses the query that would complete it."""
+    bounds = {**BOUNDS, "glucose": (0.0, 30.0)}
+    sites = budgeted(
+        lone_patient_frames(), PrivacyBudget(epsilon=50.0, noise_multiplier=2.0)
+    )
+    columns = [["age"], ["age", "bmi"], ["age", "glucose"], ["age", "bmi", "glucose"]]
+    refused: DisclosureRefused | None = None
+    for cols in columns:
+        try:
+            encrypted.describe(sites, cols, dropna=True, bounds=bounds)
+        except DisclosureRefused as exc:
+            refused = exc
+            break
+    assert refused is not None, "the four answers were all released"
+    assert "one site's own" in str(refused)
 
 
 def test_site_set_differencing_is_still_refused_under_dp() -> None:

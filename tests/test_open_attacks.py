@@ -38,32 +38,6 @@ def ages(values: list[float] | np.ndarray) -> pd.DataFrame:
 @pytest.mark.xfail(
     strict=True,
     raises=pytest.fail.Exception,
-    reason="open: holders are counted per query and bin; two histograms whose bins "
-    "are each held by both sites differ by the rows between two edges, which only "
-    "one site holds (README, Holders of a difference)",
-)
-def test_two_edges_do_not_release_one_sites_rows_between_them() -> None:
-    """Edges 60 then 63: every bin of both histograms is held by both sites, each
-    site's auditor sees a difference of 4 rows (at least its minimum of 3), and
-    the difference of the two answers is site a's count in [60, 63) — one site's
-    count. The attack must be refused (or the bins withheld)."""
-    rng = np.random.default_rng(3)
-    a = ages(np.r_[rng.uniform(20, 59, 30).round(), [60, 61, 62, 61], [65, 70, 75]])
-    b = ages(np.r_[rng.uniform(20, 59, 30).round(), [64, 66, 71, 78, 79]])
-    assert not ((b.age >= 60) & (b.age < 63)).any()  # only a holds rows between
-    sites = [Site("a", a), Site("b", b)]
-    first = encrypted.histogram(sites, "age", [20, 60, 100])
-    second = answered(lambda: encrypted.histogram(sites, "age", [20, 63, 100]))
-    if second is None:
-        return
-    leaked = int(first["count"].iloc[1]) - int(second["count"].iloc[1])
-    assert leaked == int(((a.age >= 60) & (a.age < 63)).sum())  # a's own count
-    pytest.fail("released site a's count of rows in [60, 63) by difference")
-
-
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,
     reason="open: a by= group's holders are a subset of the participants the "
     "site-set audit does not see; {A,B,C} and {A,B,D}, where C holds none of the "
     "group, differ by D's totals of it (README, Governance)",

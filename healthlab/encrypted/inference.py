@@ -27,7 +27,13 @@ from healthlab.encrypted.stats import (
     describe,
 )
 from healthlab.encrypted.tables import ResultTable
-from healthlab.errors import DisclosureRefused, InvalidInput, TooFewRows, TooFewSites
+from healthlab.errors import (
+    DisclosureRefused,
+    HeldByTooFewSites,
+    InvalidInput,
+    TooFewRows,
+    TooFewSites,
+)
 from healthlab.receipts import Receipt
 from healthlab.sites import as_sites
 
@@ -572,10 +578,10 @@ def quantiles(
             mid = (first + last) // 2
             try:
                 enough = count_below(mid) >= needed
-            except TooFewRows:
+            except (TooFewRows, HeldByTooFewSites):
                 # a site's auditor: fewer than its minimum of rows between this
-                # step and one answered before — the answer is known to the
-                # bracket so far, not finer
+                # step and one answered before, or rows between them that too few
+                # sites hold — the answer is known to the bracket so far, not finer
                 refined = False
                 break
             if enough:

@@ -347,6 +347,23 @@ class SiteWork:
             )
             values = np.clip(values, -_CHECK_LIMIT, _CHECK_LIMIT)
             self.__flags += [int(d) for d in _encode(site.name, list(values))]
+        self._n_check = len(self.__flags) - self._n_flags
+        # this site's patterns across the queries over these sites (holders.py):
+        # their table is counted with the flags, so no difference of answers is
+        # fewer sites' own; a citizen's site claims none (its record is in every
+        # query of its sites: the site-set audit covers it), with a table alike
+        self._patterns = site.holder_patterns.prepare(
+            ",".join(sorted(query.participants)),
+            query.hash,
+            {} if site.policy.is_citizen else subsets,
+            []
+            if site.policy.is_citizen
+            else [(f"block {i}", b.mask) for i, b in enumerate(self._blocks)],
+            site.auditor.lift,
+            site.auditor.n_rows,
+            len(query.participants),
+        )
+        self.__flags += self._patterns.table.tolist()
         self.missing_withheld = False
         self._graph: dict[str, tuple[str, ...]] = {}
         self._modulus = MODULUS
@@ -498,7 +515,7 @@ class SiteWork:
             raise IntegrityError(
                 f"site {me}: the holder flags do not cancel to counts (tampering?)"
             )
-        self._verify(summed[self._n_flags :], len(peers))
+        self._verify(summed[self._n_flags : self._n_flags + self._n_check], len(peers))
         need = self.need + self.untrusted
         if counts[0] < need:
             raise TooFewSites(
@@ -540,6 +557,21 @@ class SiteWork:
             protected,
             researcher=self.researcher,
         )
+        # after the protected sets (whose refusal says more): the patterns
+        if not self.site.policy.is_citizen:
+            at_site(
+                me,
+                f"the {self.query.kind} query",
+                query_columns(self.query),
+                self.site.holder_patterns.check,
+                self._patterns,
+                summed[self._n_flags + self._n_check :],
+                protected,
+                need,
+                me,
+                self.site.auditor.lift,
+                self._modulus,
+            )
         self._held = self._open_shares(by_site)
         self._announced = by_site
         self._peers = dict(peers)
@@ -700,6 +732,7 @@ class SiteWork:
             researcher=self.researcher,
             protected=self._protected(),
         )
+        self.site.holder_patterns.record(self._patterns)
         return Contribution(
             self.site.name,
             self.query.hash,
@@ -791,6 +824,14 @@ class SiteWork:
                 f"held by the fewest sites could then be pooled over fewer than "
                 f"{need}; ask again"
             )
+        if not self.site.policy.is_citizen:  # its patterns, as held by survivors
+            try:
+                self.site.holder_patterns.recheck(self._patterns, need + dropped, me)
+            except DisclosureRefused:
+                raise TooManyDropouts(
+                    f"site {me}: {dropped} site(s) dropped out; this answer's cells, "
+                    "with earlier ones, could then be fewer sites' own; ask again"
+                ) from None
         participants = sorted(self._announced[n].participant for n in alive)
         _, audited = at_site(
             me,

@@ -1,0 +1,424 @@
+"""Holders across queries: no combination of pooled answers is fewer sites' own.
+
+The holder count of one query makes every released cell (a group, a bin, a cell,
+the rows left out) be held by at least ``need`` sites. Two answers can still differ
+by rows only one site holds: edges 60 then 63 over two sites that both hold rows in
+every bin, where only one holds rows in between — the difference of the two
+``[60, 100)`` and ``[63, 100)`` counts is that site's count. This module closes
+that class for every combination of the queries over one set of sites.
+
+**Patterns.** Over the queries a set of sites answered together (the *scope*: the
+participant set, every researcher alike), each site groups its rows by which
+released cells include them: a row's *pattern*. Every pooled answer, and every
+linear combination of them, is at each site a sum over its patterns. A
+combination depends on the sites of a set ``T`` alone only if some pattern of a
+site in ``T`` is not a combination of patterns that sites outside ``T`` hold.
+
+**The rule.** A site answers only when each of its patterns lies in the span of
+its own patterns that at least ``need`` sites hold (``need`` = the pooling minimum
+plus the participants that are not distinct other owners). That is sound for every
+``T`` of fewer than ``need`` sites: each such shared pattern is held by a site
+outside ``T``, so a combination that cancels every site outside ``T`` cancels each
+shared pattern, hence each pattern of ``T``. And it lets ordinary margins through
+— a table by sex and then a histogram, where one site alone has women over 90: the
+site's (woman, over 90) pattern is (woman, 80–90) − (man, 80–90) + (man, over 90),
+all held by both sites.
+
+**Counting holders privately.** Each site puts each of its patterns in three buckets
+of a table (by the pattern's id, a hash of its history of cells), with a fingerprint
+of the id, inside the holder count's masked flags: the sites learn, per bucket,
+how many sites hold a pattern there and the sum of their fingerprints — a site
+holding pattern ``p`` trusts the count only when the sum is the count times ``p``'s
+fingerprint (two patterns in one bucket never pass as one; a bucket that does not
+verify counts as not shared, which refuses more, never less). Nobody learns which
+site holds which pattern.
+
+What this leaves (README, "Not proven"): queries over *different* sets of sites
+(each set is its own scope; the site-set audit sees the sets, not which sites hold
+a cell — two sets that differ by a site holding none of a group still differ by
+another's totals); a column's few-value sets and a model's design patterns (the
+auditor's, at each site) are not cells here.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from healthlab.errors import DisclosureRefused, HeldByTooFewSites
+
+__all__ = ["TABLE_VALUES", "HolderPatterns", "Pending", "buckets"]
+
+#: per bucket: the number of sites with a pattern there, and four 16-bit
+#: fingerprint digits (each site's fingerprint once per pattern)
+TABLE_VALUES = 5
+_DIGIT = 1 << 16
+#: cells a site leaves out of its patterns: functions of its own rows'
+#: values (a column's few values, a design's patterns), indexed by what the site
+#: found, so the same index names different cells at different sites
+EXCLUDED = ("values of ", "patterns of the design")
+_TOL = 1e-9
+
+
+def buckets(n_sites: int) -> int:
+    """Buckets of the pattern table for a query over ``n_sites``: every site sums
+    every site's table, so it shrinks as the sites grow."""
+    if n_sites <= 16:
+        return 8192
+    return 2048 if n_sites <= 100 else 512
+
+
+#: each pattern goes in this many buckets; it counts as shared when one of them
+#: verifies (two patterns in every one of its buckets is rare: ~load³)
+POSITIONS = 3
+
+
+def _id(parent: bytes, query_hash: str, labels: Sequence[str]) -> bytes:
+    """A pattern's id after a query: its parent's and the cells it is in."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(parent)
+    digest.update(query_hash.encode())
+    for label in labels:
+        digest.update(b"\x1f" + label.encode())
+    return digest.digest()
+
+
+def _slots(pattern: bytes, size: int) -> tuple[list[int], list[int]]:
+    """A pattern's buckets and fingerprint digits."""
+    h = hashlib.blake2b(pattern, digest_size=4 * POSITIONS + 8).digest()
+    places = [
+        int.from_bytes(h[4 * i : 4 * i + 4], "big") % size for i in range(POSITIONS)
+    ]
+    base = 4 * POSITIONS
+    digits = [
+        int.from_bytes(h[base + 2 * i : base + 2 * i + 2], "big") for i in range(4)
+    ]
+    return places, digits
+
+
+@dataclass
+class _Scope:
+    """One site's patterns over the queries of one set of sites."""
+
+    #: per row of the auditor's row space, its pattern (0: in no released cell)
+    labels: np.ndarray
+    #: per pattern, its id (the empty pattern's is b"")
+    ids: list[bytes] = field(default_factory=lambda: [b""])
+    #: per pattern, the cells it is in (indices into this site's cells)
+    vectors: list[tuple[int, ...]] = field(default_factory=lambda: [()])
+    #: this site's cells so far (distinct row sets, each a column of the span)
+    n_cells: int = 0
+    queries: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Pending:
+    """One query's patterns at one site, before it is answered."""
+
+    scope: str
+    query_hash: str
+    size: int
+    #: the query's cells: a label set and a mask over the row space, each
+    cells: list[tuple[tuple[str, ...], np.ndarray]]
+    #: what the site's patterns become when every cell is released
+    full: _Scope
+    table: np.ndarray
+    #: after the holder count: the released patterns and their holders
+    released: _Scope | None = None
+    holders: list[int] = field(default_factory=list)
+
+
+class HolderPatterns:
+    """A site's patterns per scope; persistent with ``path`` (JSON)."""
+
+    def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
+        self.path = Path(path) if path is not None else None
+        self.scopes: dict[str, _Scope] = {}
+        if self.path is not None and self.path.exists():
+            for key, stored in json.loads(self.path.read_text()).items():
+                self.scopes[key] = _Scope(
+                    np.frombuffer(
+                        base64.b64decode(stored["labels"]), dtype=np.int32
+                    ).copy(),
+                    [bytes.fromhex(h) for h in stored["ids"]],
+                    [tuple(v) for v in stored["vectors"]],
+                    int(stored["n_cells"]),
+                    list(stored["queries"]),
+                )
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        data = {
+            key: {
+                "labels": base64.b64encode(
+                    s.labels.astype(np.int32).tobytes()
+                ).decode(),
+                "ids": [i.hex() for i in s.ids],
+                "vectors": [list(v) for v in s.vectors],
+                "n_cells": s.n_cells,
+                "queries": s.queries,
+            }
+            for key, s in self.scopes.items()
+        }
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle)
+        os.replace(tmp, self.path)
+
+    def _scope(self, key: str, n_rows: int) -> _Scope:
+        scope = self.scopes.get(key)
+        if scope is None:
+            return _Scope(np.zeros(n_rows, dtype=np.int32))
+        if len(scope.labels) > n_rows:
+            raise DisclosureRefused(
+                "this site's memory of which sites held its answers does not fit "
+                "its rows (its audit memory was moved aside?); it answers nothing "
+                "over these sites until its operator restores both memory files"
+            )
+        if len(scope.labels) < n_rows:  # new rows since: in no earlier cell
+            labels = np.zeros(n_rows, dtype=np.int32)
+            labels[: len(scope.labels)] = scope.labels
+            scope.labels = labels
+        return scope
+
+    def prepare(
+        self,
+        scope: str,
+        query_hash: str,
+        subsets: Mapping[str, Iterable[np.ndarray]],
+        extra: Sequence[tuple[str, np.ndarray]],
+        lift: Callable[[np.ndarray], np.ndarray],
+        n_rows: int,
+        n_sites: int,
+    ) -> Pending:
+        """This site's patterns if the query is answered, and its table for the
+        holder count (``extra``: the blocks' masks, labelled)."""
+        labelled = [
+            (f"{column}\x1e{i}", np.asarray(m, dtype=bool))
+            for column, masks in subsets.items()
+            if not str(column).startswith(EXCLUDED)
+            for i, m in enumerate(masks)
+        ] + [(label, np.asarray(m, dtype=bool)) for label, m in extra]
+        cells: dict[bytes, tuple[list[str], np.ndarray]] = {}
+        for label, mask in labelled:
+            lifted = lift(mask)
+            if not lifted.any():
+                continue
+            key = np.packbits(lifted).tobytes()
+            cells.setdefault(key, ([], lifted))[0].append(label)
+        merged = [(tuple(sorted(ls)), m) for ls, m in cells.values()]
+        base = self._scope(scope, n_rows)
+        full = _refine(base, query_hash, merged)
+        size = buckets(n_sites)
+        return Pending(scope, query_hash, size, merged, full, _table(full, size))
+
+    def check(
+        self,
+        pending: Pending,
+        summed: np.ndarray,
+        hidden: Sequence[np.ndarray],
+        need: int,
+        site: str,
+        lift: Callable[[np.ndarray], np.ndarray],
+        modulus: int,
+    ) -> None:
+        """Refuse unless every pattern this site would release lies in the span of
+        its patterns at least ``need`` sites hold (``summed``: every site's table,
+        summed; ``hidden``: the masks of the cells withheld from this answer)."""
+        base = self._scope(pending.scope, len(pending.full.labels))
+        withheld = [
+            np.packbits(lift(np.asarray(m, dtype=bool))).tobytes() for m in hidden
+        ]
+        cells = [
+            (labels, mask)
+            for labels, mask in pending.cells
+            if np.packbits(mask).tobytes() not in withheld
+        ]
+        released = (
+            pending.full
+            if len(cells) == len(pending.cells)
+            else _refine(base, pending.query_hash, cells)
+        )
+        holders = _holders(pending.full, released, summed, pending.size, modulus)
+        pending.released, pending.holders = released, holders
+        _check_span(released, holders, need, site)
+
+    def recheck(self, pending: Pending, need: int, site: str) -> None:
+        """The rule again, at a larger ``need`` (sites dropped after counting)."""
+        assert pending.released is not None
+        _check_span(pending.released, pending.holders, need, site)
+
+    def record(self, pending: Pending) -> None:
+        """Remember an answered query's released patterns."""
+        if pending.released is None:
+            return
+        pending.released.queries = [*pending.released.queries, pending.query_hash]
+        self.scopes[pending.scope] = pending.released
+        self._save()
+
+
+def _refine(
+    base: _Scope, query_hash: str, cells: Sequence[tuple[tuple[str, ...], np.ndarray]]
+) -> _Scope:
+    """``base``'s patterns split by the query's ``cells``."""
+    if not cells:
+        return _Scope(
+            base.labels.copy(),
+            list(base.ids),
+            list(base.vectors),
+            base.n_cells,
+            list(base.queries),
+        )
+    member = np.stack([m for _, m in cells], axis=1)  # rows × cells
+    keys = np.concatenate(
+        [
+            base.labels.astype(np.int64)[:, None].view(np.uint8),
+            np.packbits(member, axis=1),
+        ],
+        axis=1,
+    )
+    rows = np.ascontiguousarray(keys).view(np.dtype((np.void, keys.shape[1])))[:, 0]
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    parents = base.labels[first].astype(int).tolist()
+    inside = [np.flatnonzero(member[r]).tolist() for r in first.tolist()]
+    # a query's cell that covers exactly the patterns an earlier cell of this site
+    # covers is the same row set: the same column of the span here
+    covers: dict[int, set[int]] = {c: set() for c in range(len(cells))}
+    for u, cs in enumerate(inside):
+        for c in cs:
+            covers[c].add(u)
+    earlier: dict[frozenset[int], int] = {}
+    for j in range(base.n_cells):
+        earlier.setdefault(
+            frozenset(u for u, p in enumerate(parents) if j in base.vectors[p]), j
+        )
+    n_cells = base.n_cells
+    column: list[int] = []
+    for c in range(len(cells)):
+        same = earlier.get(frozenset(covers[c]))
+        if same is None:
+            same, n_cells = n_cells, n_cells + 1
+        column.append(same)
+    ids: list[bytes] = [b""]
+    vectors: list[tuple[int, ...]] = [()]
+    index: dict[bytes, int] = {b"": 0}
+    relabel = np.zeros(len(first), dtype=np.int32)
+    for u in np.argsort(first).tolist():  # numbered by first row: stable
+        parent = parents[u]
+        if inside[u]:
+            labels = sorted(label for c in inside[u] for label in cells[c][0])
+            pattern = _id(base.ids[parent], query_hash, labels)
+            vector = tuple(
+                sorted({*base.vectors[parent], *(column[c] for c in inside[u])})
+            )
+        else:
+            pattern, vector = base.ids[parent], base.vectors[parent]
+        if pattern not in index:
+            index[pattern] = len(ids)
+            ids.append(pattern)
+            vectors.append(vector)
+        relabel[u] = index[pattern]
+    return _Scope(
+        relabel[inverse.reshape(-1)], ids, vectors, n_cells, list(base.queries)
+    )
+
+
+def _table(scope: _Scope, size: int) -> np.ndarray:
+    """This site's pattern table: 1 and the fingerprint in each pattern's bucket."""
+    table = np.zeros((size, TABLE_VALUES), dtype=np.int64)
+    spoiled: set[int] = set()
+    for p in np.unique(scope.labels).tolist():
+        pattern = scope.ids[p]
+        if not pattern:
+            continue
+        places, digits = _slots(pattern, size)
+        for bucket in places:
+            if table[bucket, 0] or bucket in spoiled:
+                # two of this site's patterns in one bucket: it cannot say both,
+                # so neither verifies there (refuses more, never less): a count of
+                # 0 here, and a fingerprint that no count matches
+                spoiled.add(bucket)
+                table[bucket] = [0, 1, 0, 0, 0]
+                continue
+            table[bucket] = [1, *digits]
+    return table.reshape(-1)
+
+
+def _verified(table: np.ndarray, pattern: bytes, size: int, modulus: int) -> int:
+    """How many sites hold ``pattern`` by the summed table (0: no bucket of it
+    verifies)."""
+    places, digits = _slots(pattern, size)
+    best = 0
+    for bucket in places:
+        count = int(table[bucket, 0])
+        if count and all(
+            int(table[bucket, 1 + i]) == (count * d) % modulus
+            for i, d in enumerate(digits)
+        ):
+            best = max(best, count)
+    return best
+
+
+def _holders(
+    full: _Scope, released: _Scope, summed: np.ndarray, size: int, modulus: int
+) -> list[int]:
+    """Per released pattern, at least how many sites hold it."""
+    table = np.asarray(summed, dtype=np.int64).reshape(size, TABLE_VALUES)
+    pairs = np.unique(np.stack([released.labels, full.labels], axis=1), axis=0)
+    finer: dict[int, set[int]] = {}
+    for r, a in pairs.tolist():
+        finer.setdefault(int(r), set()).add(int(a))
+    counts = [0] * len(released.ids)
+    for r, own in finer.items():
+        pattern = released.ids[r]
+        if not pattern:
+            continue
+        best = 0
+        if pattern not in {full.ids[a] for a in own}:  # others' full pattern = it
+            others = _verified(table, pattern, size, modulus)
+            best = others + 1 if others else 0
+        for a in own:  # every site holding a finer pattern holds this one
+            best = max(best, _verified(table, full.ids[a], size, modulus))
+        counts[r] = best
+    return counts
+
+
+def _check_span(scope: _Scope, holders: Sequence[int], need: int, site: str) -> None:
+    held = [p for p in np.unique(scope.labels).tolist() if scope.vectors[p]]
+    alone = [p for p in held if holders[p] < need]
+    if not alone:
+        return
+    shared = [p for p in held if holders[p] >= need]
+
+    def matrix(patterns: Sequence[int]) -> np.ndarray:
+        out = np.zeros((len(patterns), scope.n_cells))
+        for i, p in enumerate(patterns):
+            out[i, list(scope.vectors[p])] = 1.0
+        return out
+
+    if shared:
+        _, s, vt = np.linalg.svd(matrix(shared), full_matrices=False)
+        basis = vt[s > _TOL * max(1.0, float(s[0]))]
+        test = matrix(alone)
+        residual = test - (test @ basis.T) @ basis
+        inside = np.linalg.norm(residual, axis=1) <= 1e-7 * np.linalg.norm(test, axis=1)
+    else:
+        inside = np.zeros(len(alone), dtype=bool)
+    if not inside.all():
+        raise HeldByTooFewSites(
+            f"site {site}: together with earlier answers over these sites, this "
+            "answer would let a difference of pooled results be one site's own (or "
+            f"fewer than {need} sites'): some of its rows fall in cells, across the "
+            "queries, that too few of the sites hold. Ask for the same groups, "
+            "bins and populations as before, or coarser ones"
+        )
