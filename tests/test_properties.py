@@ -1555,6 +1555,7 @@ def _profile() -> settings:
 STEPS = [0]
 
 
+@pytest.mark.slow  # scheduled first (tests/conftest.py): it runs beside the others
 def test_registry_matches_its_model_under_random_operations(chain: Chain) -> None:
     before = STEPS[0]
     profile = _profile()
