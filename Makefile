@@ -9,6 +9,9 @@ SHELL := /bin/bash
 VENV := .venv
 BIN := $(VENV)/bin
 PYTEST_ARGS ?=
+# `make test` runs pytest on this many workers (pytest-xdist), a test file per worker at
+# a time (their module fixtures are set up once); TEST_WORKERS=0 runs in one process
+TEST_WORKERS ?= 2
 # The shared local node (anvil) of `make lab` and `make dashboard`: its chain is kept
 # in $(CHAIN_DIR)/anvil-state.json across runs; `make chain-down` stops it.
 CHAIN_PORT ?= 8545
@@ -84,7 +87,7 @@ lint: setup
 
 test: setup lint contracts-check
 	$(BIN)/python data_samples/generate.py --check
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 # Run the study report notebook headless (papermill) into reports/ as HTML.
 .PHONY: report

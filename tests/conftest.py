@@ -23,6 +23,41 @@ from healthlab.ledger import Ledger
 from healthlab.ledger.client import deploy_registry
 from healthlab.ledger.node import AnvilNode, find_tool
 
+
+def _share_jump_analysis() -> None:
+    """Let py-evm analyse a contract's code for valid jump targets once per code, not
+    once per call: its ``CodeStream`` caches which positions are opcodes (not PUSH
+    data) in sets of its own, and a new one is made for every message, so every call
+    of a view re-scans the registry's 22 KB of code behind each jump (a tenth of the
+    property test's time). The validity of a position is a function of the code
+    bytes alone, so streams of the same code share the sets py-evm itself fills.
+    Checked against py-evm 0.12 (the version web3[tester] pins); on another layout
+    this does nothing.
+    """
+    from importlib.metadata import version
+
+    from eth.vm.code_stream import CodeStream
+
+    slots = {"valid_positions", "invalid_positions"}
+    if not version("py-evm").startswith("0.12.") or not slots <= set(
+        CodeStream.__slots__
+    ):
+        return
+    analysed: dict[bytes, tuple[set[int], set[int]]] = {}
+    init = CodeStream.__init__
+
+    def shared(self: CodeStream, code_bytes: bytes) -> None:
+        init(self, code_bytes)
+        known = analysed.setdefault(
+            code_bytes, (self.valid_positions, self.invalid_positions)
+        )
+        self.valid_positions, self.invalid_positions = known
+
+    CodeStream.__init__ = shared  # type: ignore[method-assign]
+
+
+_share_jump_analysis()
+
 ETHER = 10**18
 #: Request timeout the test registry is deployed with (seconds).
 TEST_TIMEOUT = 3600
@@ -161,6 +196,13 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     for name in HEALTHLAB_SETTINGS:
         monkeypatch.delenv(name, raising=False)
     return tmp_path / "home"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` first, the rest in their order: on two workers
+    (``make test``: ``-n 2 --dist loadfile``) one worker starts with the long
+    property run while the other takes the files after it."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(autouse=True)
