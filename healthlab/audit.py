@@ -247,6 +247,7 @@ class _Memory:
         self._row = np.zeros(1, dtype=np.int64)  # a row of each atom
         self.members = np.zeros((1, 0), dtype=bool)  # atoms × subsets
         self._index: dict[bytes, int] = {}
+        self._objects: dict[bytes, bytes] = {}  # each key of _index, to itself
         self._bases: dict[frozenset[int], np.ndarray] = {}
         self._found: dict[tuple[frozenset[int], int], set[frozenset[int]] | None] = {}
 
@@ -264,6 +265,7 @@ class _Memory:
                 values = mask[self._row]
                 if np.array_equal(values[self.inverse], mask):
                     self._index[p] = self.members.shape[1]
+                    self._objects[p] = p
                     self.members = np.concatenate(
                         [self.members, values[:, None]], axis=1
                     )
@@ -275,6 +277,11 @@ class _Memory:
         if pending:
             self._split(pending)
         return [self._index[p] for p in packed]
+
+    def intern(self, packed: bytes) -> bytes:
+        """The subset ``packed`` as the object this memory keeps for it (if any):
+        the auditor stores that one, so looking it up again compares no bytes."""
+        return self._objects.get(packed, packed)
 
     def _width(self) -> int:
         """Subsets per refining pass: up to 30, fewer when that keeps the keys in a
@@ -296,6 +303,7 @@ class _Memory:
         parents = present >> width
         for i, p in enumerate(pending):
             self._index[p] = self.members.shape[1] + i
+            self._objects[p] = p
         self.members = np.concatenate([self.members[parents], added], axis=1)
         self.inverse = inverse
         self.sizes = np.bincount(inverse, minlength=present.size)
@@ -370,7 +378,8 @@ class _Memory:
         for atom, group in enumerate(coarse.tolist()):
             if group in fine:
                 fine[group].append(atom)
-        return {frozenset(f for a in combo for f in fine[a]) for combo in hits}
+        sets = {a: frozenset(atoms) for a, atoms in fine.items()}
+        return {frozenset.union(*map(sets.__getitem__, combo)) for combo in hits}
 
     def rows(self, found: set[frozenset[int]]) -> set[frozenset[int]]:
         """Sets of atoms (:meth:`isolated` without units) as the row sets."""
@@ -455,15 +464,27 @@ def _small_sets(
     count = live.size
     if k > 2 and live.size > 1:
         # two atoms: the largest eigenvalue of their 2x2 Gram matrix (closed form),
-        # among pairs small enough together; it is at most the trace (the other
-        # eigenvalue is >= 0), so only pairs whose leverages sum to about 1 are
-        # computed
-        i, j = np.triu_indices(live.size, 1)
-        fits = sizes[live[i]] + sizes[live[j]] < k
-        i, j = i[fits], j[fits]
-        count += i.size
+        # among pairs small enough together (counted without listing them all)
+        order = np.argsort(sizes[live], kind="stable")
+        ascending = sizes[live][order]
+        ends = np.searchsorted(ascending, k - ascending)
+        count += (int(ends.sum()) - int(np.count_nonzero(2 * ascending < k))) // 2
         if count > MAX_CANDIDATES:
             return None
+        # that eigenvalue is at most the pair's trace (the other one is >= 0): a
+        # pair reaching 1 has an atom of leverage 1/2 or more, so only pairs with
+        # one are listed, and computed where their leverages sum to about 1
+        high = np.flatnonzero(leverage[live] > (1.0 - 1e-6) / 2)
+        ends = np.searchsorted(ascending, k - sizes[live[high]])
+        starts = np.repeat(np.cumsum(ends) - ends, ends)
+        i = np.repeat(high, ends)
+        j = order[np.arange(i.size) - starts]
+        is_high = np.zeros(live.size, dtype=bool)
+        is_high[high] = True
+        i, j = (
+            i[(i != j) & (~is_high[j] | (j > i))],
+            j[(i != j) & (~is_high[j] | (j > i))],
+        )
         la, lb = leverage[live[i]], leverage[live[j]]
         near = la + lb > 1.0 - 1e-6
         i, j, la, lb = i[near], j[near], la[near], lb[near]
@@ -825,7 +846,8 @@ class Auditor:
         self._check_frozen(site)
         who = (researcher or "").lower()
         # one mask per distinct subset (a query's columns often share theirs)
-        new = _unique([m for m in (self._lift(m) for m in masks) if m.any()])
+        distinct = _distinct([m for m in (self._lift(m) for m in masks) if m.any()])
+        new = list(distinct.values())
         if any(self._size(m) < k for m in new):
             self._refuse(who, new)
             raise TooFewRows(
@@ -837,7 +859,7 @@ class Auditor:
             return
         memory = self._atoms()
         answered = memory.add(self._packed("answered"))
-        asked = memory.add([_pack(m) for m in new], new)
+        asked = memory.add(list(distinct), new)
         # a query refused before and asked again must not count as its own excuse
         asking = set(asked)
         probed = [c for c in memory.add(self._packed("refused")) if c not in asking]
@@ -1018,6 +1040,8 @@ class Auditor:
         known = getattr(self, field).setdefault(who, [])
         for mask in masks:
             packed = _pack(mask)
+            if self._memory is not None:
+                packed = self._memory.intern(packed)
             if np.asarray(mask).any() and packed not in known:
                 known.append(packed)
 
@@ -1044,13 +1068,14 @@ def _decode_units(values: list[str] | None) -> np.ndarray | None:
 
 
 def _unique(masks: list[np.ndarray]) -> list[np.ndarray]:
-    seen: set[bytes] = set()
-    out = []
+    return list(_distinct(masks).values())
+
+
+def _distinct(masks: list[np.ndarray]) -> dict[bytes, np.ndarray]:
+    """The distinct ``masks``, by their packed bytes (in order)."""
+    out: dict[bytes, np.ndarray] = {}
     for mask in masks:
-        packed = _pack(mask)
-        if packed not in seen:
-            seen.add(packed)
-            out.append(mask)
+        out.setdefault(_pack(mask), mask)
     return out
 
 
