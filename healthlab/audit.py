@@ -481,10 +481,8 @@ def _small_sets(
         j = order[np.arange(i.size) - starts]
         is_high = np.zeros(live.size, dtype=bool)
         is_high[high] = True
-        i, j = (
-            i[(i != j) & (~is_high[j] | (j > i))],
-            j[(i != j) & (~is_high[j] | (j > i))],
-        )
+        once = (i != j) & (~is_high[j] | (j > i))  # a pair of two high atoms once
+        i, j = i[once], j[once]
         la, lb = leverage[live[i]], leverage[live[j]]
         near = la + lb > 1.0 - 1e-6
         i, j, la, lb = i[near], j[near], la[near], lb[near]
