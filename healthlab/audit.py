@@ -43,8 +43,11 @@ the soundness test itself runs against the answers actually released.
    removes, adds or edits one or two patients differ in fewer than ``k`` places,
    and are refused like any differencing.
 
-Cost: ``O(rows × subsets)`` to form atoms, an SVD of ``atoms × subsets`` and the
-small-set tests; measured in ``benchmarks/encrypted_stats.py``.
+Cost: the auditor keeps the finest atoms of every subset it has met and tests each
+span on them (``O(atoms × rank)``, no pass over the rows); a query costs one pass
+over the rows per new subset that is a union of kept atoms, and one per up to 30
+that split atoms. Measured in ``benchmarks/audit.py``: a ``describe`` at 1M rows
+after 190 answered queries takes 0.97–1.06× a fresh one (it was 4.4×).
 """
 
 from __future__ import annotations
