@@ -10,13 +10,15 @@ describe-like queries a researcher asks in an ordinary study — the complete ca
 one to three of the measurements, overall or by sex or region — recorded at each
 site as its auditor records an answered query (its kept subsets, each group's, and
 the rows it left out). Then one ``describe`` of two columns over all rows is timed
-on those sites and on fresh ones (best of ``--repeat``); where the time goes is
-printed from the auditor's two steps (atoms and the rank test).
+on those sites (each repeat from a copy of their memory as built) and on fresh ones,
+best of ``--repeat``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import time
 
 import numpy as np
@@ -87,6 +89,8 @@ def main() -> int:
     print("HealthLab auditor benchmark")
     print(f"machine    {cpu_model()}")
     print(f"rows       {args.rows:,} over 2 sites; {args.queries} answered queries")
+    load = os.getloadavg()[0]
+    print(f"load       {load:.2f} (1 min, at start); best of {args.repeat}")
 
     fresh = [Site(n, f) for n, f in frames.items()]
     fresh_s = timed(fresh, args.repeat)
@@ -113,11 +117,18 @@ def main() -> int:
         f"{subsets_total} distinct subsets (built in "
         f"{time.perf_counter() - start:.0f} s)"
     )
-    # the repeated describe answers the same subsets: time the first, audited one
+    # a describe after the answered queries answers new subsets once: each repeat
+    # starts from a copy of the memory as built (the site's auditor, with what it
+    # keeps between queries), so every timed describe is that first, audited one
+    built = {site.name: copy.deepcopy(site.auditor) for site in busy}
     keys = KeyHolder()
-    start = time.perf_counter()
-    encrypted.describe(busy, ["m0", "m1"], keys=keys, dropna=True)
-    busy_s = time.perf_counter() - start
+    busy_s = float("inf")
+    for _ in range(args.repeat):
+        for site in busy:
+            vars(site)["auditor"] = copy.deepcopy(built[site.name])  # cached_property
+        start = time.perf_counter()
+        encrypted.describe(busy, ["m0", "m1"], keys=keys, dropna=True)
+        busy_s = min(busy_s, time.perf_counter() - start)
     ratio = busy_s / fresh_s
     print(f"\n{'describe, fresh sites':<40}{fresh_s:8.2f} s")
     print(f"{'describe after the answered queries':<40}{busy_s:8.2f} s")

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 
 from healthlab import Site, encrypted
-from healthlab.audit import isolable, isolated
-from healthlab.errors import DisclosureRefused
+from healthlab.audit import Auditor, isolable, isolated
+from healthlab.errors import DisclosureRefused, TooFewRows
 
 K = 3
 
@@ -426,3 +426,156 @@ def test_an_update_the_memory_cannot_follow_fails_closed(
         encrypted.describe(second, ["age"])
     with pytest.raises(DisclosureRefused, match="site a: its data changed in a way"):
         encrypted.describe(second, ["sbp"])  # anything, not only the difference
+
+
+# ------------------------------- the auditor's kept atoms against the definition
+def reference_isolated(
+    masks: list[np.ndarray], k: int, units: np.ndarray | None = None
+) -> set[frozenset[int]]:
+    """What :func:`isolated` is defined to find, from the explicit indicator
+    matrix: group the rows into atoms (equal rows of the matrix); a set of atoms in
+    some subset, fewer than ``k`` rows (with ``units``: whose atoms' persons are
+    fewer than ``k``, all atoms within those persons), is found when deleting its
+    rows lowers the rank (a combination of answers is supported inside it)."""
+    if not masks:
+        return set()
+    matrix = np.stack(masks, axis=1).astype(float)
+    n = matrix.shape[0]
+    groups: dict[tuple[bool, ...], list[int]] = {}
+    for row, signature in enumerate(map(tuple, matrix.astype(bool))):
+        groups.setdefault(signature, []).append(row)
+    atoms = [rows for signature, rows in groups.items() if any(signature)]
+    rank = np.linalg.matrix_rank(matrix)
+
+    def lowers(rows: list[int]) -> bool:
+        return bool(rank > np.linalg.matrix_rank(matrix[np.setdiff1d(range(n), rows)]))
+
+    found: set[frozenset[int]] = set()
+    if units is None:
+        for size in range(1, k):
+            for combo in itertools.combinations(atoms, size):
+                rows = [r for atom in combo for r in atom]
+                if len(rows) < k and lowers(rows):
+                    found.add(frozenset(rows))
+        return found
+    persons = {i: frozenset(units[atom].tolist()) for i, atom in enumerate(atoms)}
+    small = {p for p in persons.values() if len(p) < k}
+    for size in range(1, k):
+        for combo in itertools.combinations(sorted(small, key=sorted), size):
+            union = frozenset().union(*combo)
+            inside = [r for i, a in enumerate(atoms) if persons[i] <= union for r in a]
+            if len(union) < k and lowers(inside):
+                found.add(frozenset(inside))
+    return found
+
+
+def reference_refuses(
+    answered: list[np.ndarray],
+    refused: list[np.ndarray],
+    new: list[np.ndarray],
+    k: int,
+    units: np.ndarray | None,
+) -> bool:
+    """The auditor's rule on the definition: a subset smaller than ``k``, a
+    combination with the answers isolating fewer than ``k``, or one that isolates
+    something the answers and the refused subsets (other than these) did not."""
+
+    def size(mask: np.ndarray) -> int:
+        return int(mask.sum()) if units is None else np.unique(units[mask]).size
+
+    if any(size(m) < k for m in new):
+        return True
+    if reference_isolated([*answered, *new], k, units):
+        return True
+    probed = [r for r in refused if not any(np.array_equal(r, m) for m in new)]
+    if not probed:
+        return False
+    before = reference_isolated([*answered, *probed], k, units)
+    return not reference_isolated([*answered, *probed, *new], k, units) <= before
+
+
+def random_query(
+    rng: np.random.Generator, n: int, asked: list[np.ndarray]
+) -> list[np.ndarray]:
+    """1–3 subsets: random, all rows, or made from earlier ones (complements,
+    intersections, differences, one row moved): unions of kept atoms, and not."""
+    out = []
+    for _ in range(int(rng.integers(1, 4))):
+        kind = int(rng.integers(0, 6)) if len(asked) > 1 else 5
+        a, b = (
+            (asked[int(i)] for i in rng.choice(len(asked), 2)) if kind < 5 else (0, 0)
+        )
+        if kind == 0:
+            mask = ~a
+        elif kind == 1:
+            mask = a & b
+        elif kind == 2:
+            mask = a & ~b
+        elif kind == 3:
+            mask = a.copy()
+            mask[int(rng.integers(0, n))] ^= True
+        elif kind == 4:
+            mask = np.ones(n, dtype=bool)
+        else:
+            mask = rng.random(n) < rng.uniform(0.2, 0.95)
+        out.append(mask)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["rows", "persons", "update"])
+@pytest.mark.parametrize("seed", range(40))
+def test_the_kept_atoms_decide_as_the_definition_does(
+    tmp_path: Path, mode: str, seed: int
+) -> None:
+    """Random query sequences (refusals kept, several researchers, ``k`` of 2–5
+    and now and then another, persons, a data update that leaves a ghost row):
+    every decision of the auditor's kept atoms equals the rank test on the
+    explicit matrix of all subsets, and what the answers isolate equals
+    :func:`reference_isolated`."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 15))
+    k = int(rng.choice([2, 3, 3, 4, 5]))
+    units = rng.integers(0, max(2, n // 2), n) if mode == "persons" else None
+    keys = np.arange(1, n + 1, dtype=np.uint64)
+    path = tmp_path / "audit.json"
+    auditor = Auditor(n, "v1", path, units=units, row_keys=keys)
+    answered: list[np.ndarray] = []  # over the auditor's row space
+    refused: list[np.ndarray] = []
+    asked: list[np.ndarray] = []  # over the current rows
+    steps = int(rng.integers(4, 12))
+    for step in range(steps):
+        if mode == "update" and step == steps // 2:
+            gone = int(rng.integers(0, n))  # the row stays, as a ghost
+            keys, n = np.delete(keys, gone), n - 1
+            auditor = Auditor(n, "v2", path, row_keys=keys)
+            assert auditor.n_rows == n + 1, "the removed row is kept as a ghost"
+            asked = [np.delete(m, gone) for m in asked]
+        masks = random_query(rng, n, asked)
+        asked += masks
+        who = str(rng.choice(["", "ann", "bob"]))
+        space = [np.zeros(auditor.n_rows, dtype=bool) for _ in masks]
+        for lifted, mask in zip(space, masks, strict=True):
+            lifted[auditor.position] = mask  # over the row space, ghosts included
+        new = [
+            m
+            for i, m in enumerate(space)
+            if m.any() and not any(np.array_equal(m, o) for o in space[:i])
+        ]
+        # the site's minimum is the study's, or higher for some callers
+        least = k if rng.random() < 0.8 else int(rng.integers(2, 6))
+        expect = reference_refuses(answered, refused, new, least, auditor.units)
+        try:
+            auditor.check("a", who, masks, least)
+            refuses = False
+        except TooFewRows:
+            refuses = True
+        assert refuses == expect, f"step {step}: auditor {refuses}, definition {expect}"
+        if refuses:
+            refused += new
+        else:
+            auditor.record(who, masks)
+            answered += new
+        if answered and step % 3 == 0:
+            assert isolated(answered, k, auditor.units) == reference_isolated(
+                answered, k, auditor.units
+            )
