@@ -236,6 +236,13 @@ class HolderPatterns:
         its patterns at least ``need`` sites hold (``summed``: every site's table,
         summed; ``hidden``: the masks of the cells withheld from this answer)."""
         base = self._scope(pending.scope, len(pending.full.labels))
+        if base.queries != pending.full.queries:
+            # another query over these sites was answered since this one was
+            # prepared: its counts are of patterns that no longer hold here
+            raise HeldByTooFewSites(
+                f"site {site}: another query over these sites was answered while "
+                "this one waited; ask it again"
+            )
         withheld = [
             np.packbits(lift(np.asarray(m, dtype=bool))).tobytes() for m in hidden
         ]

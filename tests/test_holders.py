@@ -225,3 +225,27 @@ def test_no_answered_sequence_isolates_a_site(seed: int) -> None:
             )
         assert not _isolated(frames, released), f"edges {edges} isolated a site"
     assert answered >= 1  # the search asked something the sites answered
+
+
+def test_a_query_prepared_before_another_was_answered_is_asked_again() -> None:
+    """Two queries prepared over the same sites, the later answered first: the
+    earlier one's table counts patterns that no longer hold, so it is refused
+    (answering it would forget the other's cells)."""
+    from healthlab.holders import HolderPatterns
+
+    memory = HolderPatterns()
+    rows = np.arange(12)
+    first = {"age": [rows < 6]}
+    second = {"age": [rows < 8]}
+
+    def lift(m: np.ndarray) -> np.ndarray:
+        return m
+
+    early = memory.prepare("a,b", "0x01", first, [], lift, 12, 2)
+    late = memory.prepare("a,b", "0x02", second, [], lift, 12, 2)
+    # every pattern held by both sites: the table summed with an equal one
+    doubled = (2 * late.table) % (1 << 16)
+    memory.check(late, doubled, [], 2, "a", lift, 1 << 16)
+    memory.record(late)
+    with pytest.raises(HeldByTooFewSites, match="ask it again"):
+        memory.check(early, (2 * early.table) % (1 << 16), [], 2, "a", lift, 1 << 16)
