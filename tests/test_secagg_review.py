@@ -7,6 +7,7 @@ for two survivor sets) broke it until a site revealed once per query.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from healthlab.encrypted import KeyHolder, secagg
 from healthlab.encrypted.encoding import DIGITS, decode_sum, mask_vector
 from healthlab.encrypted.keys import IntegrityError
 from healthlab.encrypted.protocol import (
+    HolderFlags,
     PreparedQuery,
     Relay,
     Reveal,
@@ -294,5 +296,36 @@ def test_replayed_reveals_from_another_query_are_refused(keys: KeyHolder) -> Non
     with (
         using_relay(ReplayOldReveals()),
         pytest.raises(IntegrityError, match="another query"),
+    ):
+        encrypted.describe(sites, COLUMNS, keys=keys)
+
+
+# ------------------------------------------------------------------ attack 8
+class OutOfRangeDigits(Relay):
+    """A server that shows every site one announcement with digits beyond the mask
+    modulus: shifted by it (the sum mod the modulus would not change) or beyond
+    int64."""
+
+    def __init__(self, shift: int) -> None:
+        self.shift = shift
+
+    def announcements(
+        self, site: str, announced: list[HolderFlags]
+    ) -> list[HolderFlags]:
+        first = announced[-1]
+        forged = replace(
+            first, masked=(first.masked[0] + self.shift, *first.masked[1:])
+        )
+        return [*announced[:-1], forged]
+
+
+@pytest.mark.parametrize("shift", [1 << 16, 1 << 70, -(1 << 16)])
+def test_holder_digits_outside_the_modulus_are_refused(
+    keys: KeyHolder, shift: int
+) -> None:
+    sites = cohort(4, seed=42, prefix="o")
+    with (
+        using_relay(OutOfRangeDigits(shift)),
+        pytest.raises(IntegrityError, match="not masked digits"),
     ):
         encrypted.describe(sites, COLUMNS, keys=keys)

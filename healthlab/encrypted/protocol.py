@@ -419,10 +419,9 @@ class SiteWork:
         flags = np.asarray(self.__flags, dtype=np.int64)
         seeds = [(self._pair[v].mask, 1 if me < v else -1) for v in near]
         masked = tuple(
-            int(v)
-            for v in mask_digits(
+            mask_digits(
                 flags, mask_vector(seeds, flags.size, self._modulus), self._modulus
-            )
+            ).tolist()
         )
         # this query's own mask seeds: a self mask, and an X25519 key for the
         # pairwise masks; both split among the neighbours, any `t` rebuild them
@@ -453,9 +452,9 @@ class SiteWork:
             commitment=secagg.commitment(self.__self_seed, self._context(b"self")),
             shares=sealed,
         )
-        body = announced.body
+        digest = announced.digest  # the tags cover the body by its SHA-256
         tags = {
-            v: hmac.new(k.tag, body, "sha256").hexdigest()
+            v: hmac.new(k.tag, digest, "sha256").hexdigest()
             for v, k in self._pair.items()
         }
         return replace(announced, tags=tags)
@@ -489,11 +488,15 @@ class SiteWork:
             flags = by_site[name]
             if flags.query_hash != self.query.hash or len(flags.masked) != size:
                 raise IntegrityError(f"site {me}: {name} announced for another query")
+            if not _digits_in(flags, self._modulus):
+                raise IntegrityError(
+                    f"site {me}: the holder flags from {name} are not masked digits"
+                )
             # a neighbour's announcement is checked here; every other one by its
             # own neighbours, who confirm (with their contributions) the same list
             if name in near:
                 expected = hmac.new(
-                    self._pair[name].tag, flags.body, "sha256"
+                    self._pair[name].tag, flags.digest, "sha256"
                 ).hexdigest()
                 if not hmac.compare_digest(expected, flags.tags.get(me, "")):
                     raise IntegrityError(
@@ -502,13 +505,13 @@ class SiteWork:
         own = by_site.get(me)
         if own is None or own.body != self._own_body(own):
             raise IntegrityError(f"site {me}: its own announcement was altered")
+        # what the neighbours confirm: the list of announcements, by their digests
         self._listed = hashlib.sha256(
-            b"".join(by_site[n].body for n in sorted(by_site))
+            b"".join(by_site[n].digest for n in sorted(by_site))
         ).digest()
-        total = np.sum(
-            np.array([by_site[n].masked for n in sorted(by_site)], dtype=np.int64),
-            axis=0,
-        )
+        total = np.zeros(size, dtype=np.int64)
+        for name in sorted(by_site):
+            total += by_site[name].values
         summed = np.mod(total, self._modulus)
         counts = [int(c) for c in summed[: self._n_flags]]
         if any(c > len(peers) for c in counts):
@@ -880,6 +883,27 @@ class HolderFlags:
             self.commitment,
         )
 
+    @functools.cached_property
+    def digest(self) -> bytes:
+        """SHA-256 of :attr:`body`: one entry of the list the neighbours confirm."""
+        return hashlib.sha256(self.body).digest()
+
+    @functools.cached_property
+    def values(self) -> np.ndarray:
+        """:attr:`masked` as a read-only array (read once per announcement)."""
+        out = np.asarray(self.masked, dtype=np.int64)
+        out.flags.writeable = False
+        return out
+
+
+def _digits_in(flags: HolderFlags, modulus: int) -> bool:
+    """Whether every masked digit of an announcement lies in ``[0, modulus)``."""
+    try:
+        values = flags.values
+    except (OverflowError, TypeError, ValueError):
+        return False
+    return bool(values.size == 0 or (values.min() >= 0 and values.max() < modulus))
+
 
 def _holder_body(
     site: str,
@@ -890,17 +914,12 @@ def _holder_body(
     threshold: int = 0,
     commitment: str = "",
 ) -> bytes:
-    return json.dumps(
-        [
-            site,
-            query_hash,
-            list(masked),
-            participant,
-            ephemeral.hex(),
-            threshold,
-            commitment,
-        ]
-    ).encode()
+    fields = [site, query_hash, len(masked), participant, ephemeral.hex()]
+    header = json.dumps([*fields, threshold, commitment]).encode()
+    # the masked digits as fixed-width integers (count_holders refuses a digit
+    # outside the modulus before any body is read)
+    values = np.asarray(masked, dtype=np.int64)
+    return header + b"\n" + values.astype(">i8").tobytes()
 
 
 @dataclass(frozen=True)
