@@ -116,14 +116,28 @@ class _Scope:
     #: this site's cells so far (distinct row sets, each a column of the span)
     n_cells: int = 0
     queries: list[str] = field(default_factory=list)
+    #: per answered query, its participants (as the signed query names them)
+    participants: list[tuple[str, ...]] = field(default_factory=list)
+    #: per column of the span, the answered queries (indices) with a cell there
+    columns: list[tuple[int, ...]] = field(default_factory=list)
+
+    def possible_holders(self, p: int) -> frozenset[str] | None:
+        """The sites that can hold pattern ``p``: those that took part in every
+        query with a cell it is in (None: it is in no cell)."""
+        support = {q for c in self.vectors[p] for q in self.columns[c]}
+        if not support:
+            return None
+        return frozenset.intersection(
+            *(frozenset(self.participants[q]) for q in support)
+        )
 
 
 @dataclass
 class Pending:
     """One query's patterns at one site, before it is answered."""
 
-    scope: str
     query_hash: str
+    participants: tuple[str, ...]
     size: int
     #: the query's cells: a label set and a mask over the row space, each
     cells: list[tuple[tuple[str, ...], np.ndarray]]
@@ -133,41 +147,57 @@ class Pending:
     #: after the holder count: the released patterns and their holders
     released: _Scope | None = None
     holders: list[int] = field(default_factory=list)
+    #: the patterns before this query that sites outside it may still hold
+    kept: list[tuple[int, ...]] = field(default_factory=list)
 
 
 class HolderPatterns:
-    """A site's patterns per scope; persistent with ``path`` (JSON)."""
+    """A site's patterns over every query it answered; persistent with ``path``
+    (JSON)."""
+
+    #: the memory file's layout (1: one memory per set of sites, before the
+    #: patterns spanned every set)
+    VERSION = 2
 
     def __init__(self, path: str | os.PathLike[str] | None = None) -> None:
         self.path = Path(path) if path is not None else None
-        self.scopes: dict[str, _Scope] = {}
+        self.scope: _Scope | None = None
+        self._outdated = False
         if self.path is not None and self.path.exists():
-            for key, stored in json.loads(self.path.read_text()).items():
-                self.scopes[key] = _Scope(
-                    np.frombuffer(
-                        base64.b64decode(stored["labels"]), dtype=np.int32
-                    ).copy(),
-                    [bytes.fromhex(h) for h in stored["ids"]],
-                    [tuple(v) for v in stored["vectors"]],
-                    int(stored["n_cells"]),
-                    list(stored["queries"]),
-                )
+            data = json.loads(self.path.read_text())
+            if data.get("version") != self.VERSION:
+                # per-set memories cannot be merged into one soundly
+                self._outdated = bool(data)
+                return
+            stored = data["scope"]
+            labels = base64.b64decode(stored["labels"])
+            self.scope = _Scope(
+                np.frombuffer(labels, dtype=np.int32).copy(),
+                [bytes.fromhex(h) for h in stored["ids"]],
+                [tuple(v) for v in stored["vectors"]],
+                int(stored["n_cells"]),
+                list(stored["queries"]),
+                [tuple(p) for p in stored["participants"]],
+                [tuple(c) for c in stored["columns"]],
+            )
 
     def _save(self) -> None:
-        if self.path is None:
+        if self.path is None or self.scope is None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        s = self.scope
+        labels = s.labels.astype(np.int32).tobytes()
         data = {
-            key: {
-                "labels": base64.b64encode(
-                    s.labels.astype(np.int32).tobytes()
-                ).decode(),
+            "version": self.VERSION,
+            "scope": {
+                "labels": base64.b64encode(labels).decode(),
                 "ids": [i.hex() for i in s.ids],
                 "vectors": [list(v) for v in s.vectors],
                 "n_cells": s.n_cells,
                 "queries": s.queries,
-            }
-            for key, s in self.scopes.items()
+                "participants": [list(p) for p in s.participants],
+                "columns": [list(c) for c in s.columns],
+            },
         }
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -175,15 +205,21 @@ class HolderPatterns:
             json.dump(data, handle)
         os.replace(tmp, self.path)
 
-    def _scope(self, key: str, n_rows: int) -> _Scope:
-        scope = self.scopes.get(key)
+    def _current(self, n_rows: int) -> _Scope:
+        if self._outdated:
+            raise DisclosureRefused(
+                "this site's memory of which sites held its answers is in an earlier "
+                "layout (one per set of sites), which cannot be merged soundly; its "
+                "operator should start a new state directory for the site"
+            )
+        scope = self.scope
         if scope is None:
             return _Scope(np.zeros(n_rows, dtype=np.int32))
         if len(scope.labels) > n_rows:
             raise DisclosureRefused(
                 "this site's memory of which sites held its answers does not fit "
                 "its rows (its audit memory was moved aside?); it answers nothing "
-                "over these sites until its operator restores both memory files"
+                "until its operator restores both memory files"
             )
         if len(scope.labels) < n_rows:  # new rows since: in no earlier cell
             labels = np.zeros(n_rows, dtype=np.int32)
@@ -193,7 +229,7 @@ class HolderPatterns:
 
     def prepare(
         self,
-        scope: str,
+        participants: Sequence[str],
         query_hash: str,
         subsets: Mapping[str, Iterable[np.ndarray]],
         extra: Sequence[tuple[str, np.ndarray]],
@@ -202,7 +238,8 @@ class HolderPatterns:
         n_sites: int,
     ) -> Pending:
         """This site's patterns if the query is answered, and its table for the
-        holder count (``extra``: the blocks' masks, labelled)."""
+        holder count (``participants``: the query's, as it names them; ``extra``:
+        the blocks' masks, labelled)."""
         labelled = [
             (f"{column}\x1e{i}", np.asarray(m, dtype=bool))
             for column, masks in subsets.items()
@@ -217,10 +254,11 @@ class HolderPatterns:
             key = np.packbits(lifted).tobytes()
             cells.setdefault(key, ([], lifted))[0].append(label)
         merged = [(tuple(sorted(ls)), m) for ls, m in cells.values()]
-        base = self._scope(scope, n_rows)
-        full = _refine(base, query_hash, merged)
+        members = tuple(sorted(participants))
+        base = self._current(n_rows)
+        full = _refine(base, query_hash, members, merged)
         size = buckets(n_sites)
-        return Pending(scope, query_hash, size, merged, full, _table(full, size))
+        return Pending(query_hash, members, size, merged, full, _table(full, size))
 
     def check(
         self,
@@ -232,16 +270,18 @@ class HolderPatterns:
         lift: Callable[[np.ndarray], np.ndarray],
         modulus: int,
     ) -> None:
-        """Refuse unless every pattern this site would release lies in the span of
-        its patterns at least ``need`` sites hold (``summed``: every site's table,
-        summed; ``hidden``: the masks of the cells withheld from this answer)."""
-        base = self._scope(pending.scope, len(pending.full.labels))
+        """Refuse unless every pattern this site would release, and every earlier
+        pattern of it that sites outside this query may still hold, lies in the
+        span of its patterns at least ``need`` sites hold (``summed``: every site's
+        table, summed; ``hidden``: the masks of the cells withheld from this
+        answer)."""
+        base = self._current(len(pending.full.labels))
         if base.queries != pending.full.queries:
-            # another query over these sites was answered since this one was
-            # prepared: its counts are of patterns that no longer hold here
+            # another query was answered since this one was prepared: its counts
+            # are of patterns that no longer hold here
             raise HeldByTooFewSites(
-                f"site {site}: another query over these sites was answered while "
-                "this one waited; ask it again"
+                f"site {site}: another query was answered while this one waited; "
+                "ask it again"
             )
         withheld = [
             np.packbits(lift(np.asarray(m, dtype=bool))).tobytes() for m in hidden
@@ -254,30 +294,46 @@ class HolderPatterns:
         released = (
             pending.full
             if len(cells) == len(pending.cells)
-            else _refine(base, pending.query_hash, cells)
+            else _refine(base, pending.query_hash, pending.participants, cells)
         )
         holders = _holders(pending.full, released, summed, pending.size, modulus)
-        pending.released, pending.holders = released, holders
-        _check_span(released, holders, need, site)
+        # an earlier pattern that a site outside this query may hold stays as it
+        # was there, while this query splits it here: it must stay a combination
+        # of patterns that enough sites hold (else the difference of this answer
+        # and an earlier one is those outside sites' own)
+        inside = frozenset(pending.participants)
+        kept = []
+        for p in np.unique(base.labels).tolist():
+            possible = base.possible_holders(p)
+            if possible is not None and not possible <= inside:
+                kept.append(base.vectors[p])
+        pending.released, pending.holders, pending.kept = released, holders, kept
+        _check_span(released, holders, need, site, kept)
 
     def recheck(self, pending: Pending, need: int, site: str) -> None:
         """The rule again, at a larger ``need`` (sites dropped after counting)."""
         assert pending.released is not None
-        _check_span(pending.released, pending.holders, need, site)
+        _check_span(pending.released, pending.holders, need, site, pending.kept)
 
     def record(self, pending: Pending) -> None:
         """Remember an answered query's released patterns."""
         if pending.released is None:
             return
-        pending.released.queries = [*pending.released.queries, pending.query_hash]
-        self.scopes[pending.scope] = pending.released
+        released = pending.released
+        released.queries = [*released.queries, pending.query_hash]
+        released.participants = [*released.participants, pending.participants]
+        self.scope = released
         self._save()
 
 
 def _refine(
-    base: _Scope, query_hash: str, cells: Sequence[tuple[tuple[str, ...], np.ndarray]]
+    base: _Scope,
+    query_hash: str,
+    participants: tuple[str, ...],
+    cells: Sequence[tuple[tuple[str, ...], np.ndarray]],
 ) -> _Scope:
-    """``base``'s patterns split by the query's ``cells``."""
+    """``base``'s patterns split by the query's ``cells`` (the query is answered
+    by ``participants``; :meth:`HolderPatterns.record` adds them)."""
     if not cells:
         return _Scope(
             base.labels.copy(),
@@ -285,6 +341,8 @@ def _refine(
             list(base.vectors),
             base.n_cells,
             list(base.queries),
+            list(base.participants),
+            list(base.columns),
         )
     member = np.stack([m for _, m in cells], axis=1)  # rows × cells
     keys = np.concatenate(
@@ -298,24 +356,13 @@ def _refine(
     _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
     parents = base.labels[first].astype(int).tolist()
     inside = [np.flatnonzero(member[r]).tolist() for r in first.tolist()]
-    # a query's cell that covers exactly the patterns an earlier cell of this site
-    # covers is the same row set: the same column of the span here
-    covers: dict[int, set[int]] = {c: set() for c in range(len(cells))}
-    for u, cs in enumerate(inside):
-        for c in cs:
-            covers[c].add(u)
-    earlier: dict[frozenset[int], int] = {}
-    for j in range(base.n_cells):
-        earlier.setdefault(
-            frozenset(u for u, p in enumerate(parents) if j in base.vectors[p]), j
-        )
-    n_cells = base.n_cells
-    column: list[int] = []
-    for c in range(len(cells)):
-        same = earlier.get(frozenset(covers[c]))
-        if same is None:
-            same, n_cells = n_cells, n_cells + 1
-        column.append(same)
+    # each cell of the query is a new column of the span, even where its rows are
+    # an earlier cell's here: the two are one row set at this site, not at a site
+    # outside the query that may hold this site's earlier patterns
+    query = len(base.queries)  # this query's index once recorded
+    columns = [*base.columns, *([(query,)] * len(cells))]
+    column = list(range(base.n_cells, base.n_cells + len(cells)))
+    n_cells = base.n_cells + len(cells)
     ids: list[bytes] = [b""]
     vectors: list[tuple[int, ...]] = [()]
     index: dict[bytes, int] = {b"": 0}
@@ -336,7 +383,13 @@ def _refine(
             vectors.append(vector)
         relabel[u] = index[pattern]
     return _Scope(
-        relabel[inverse.reshape(-1)], ids, vectors, n_cells, list(base.queries)
+        relabel[inverse.reshape(-1)],
+        ids,
+        vectors,
+        n_cells,
+        list(base.queries),
+        list(base.participants),
+        columns,
     )
 
 
@@ -400,21 +453,34 @@ def _holders(
     return counts
 
 
-def _check_span(scope: _Scope, holders: Sequence[int], need: int, site: str) -> None:
+def _check_span(
+    scope: _Scope,
+    holders: Sequence[int],
+    need: int,
+    site: str,
+    kept: Sequence[tuple[int, ...]] = (),
+) -> None:
+    """Refuse unless each pattern held by fewer than ``need`` sites, and each of
+    ``kept`` (earlier patterns, as columns of ``scope``), is a combination of the
+    patterns at least ``need`` sites hold."""
     held = [p for p in np.unique(scope.labels).tolist() if scope.vectors[p]]
-    alone = [p for p in held if holders[p] < need]
+    shared = [p for p in held if holders[p] >= need]
+    shared_vectors = {scope.vectors[p] for p in shared}
+    alone = [scope.vectors[p] for p in held if holders[p] < need]
+    alone += [v for v in kept if v and v not in shared_vectors]
     if not alone:
         return
-    shared = [p for p in held if holders[p] >= need]
 
-    def matrix(patterns: Sequence[int]) -> np.ndarray:
-        out = np.zeros((len(patterns), scope.n_cells))
-        for i, p in enumerate(patterns):
-            out[i, list(scope.vectors[p])] = 1.0
+    def matrix(vectors: Sequence[tuple[int, ...]]) -> np.ndarray:
+        out = np.zeros((len(vectors), scope.n_cells))
+        for i, v in enumerate(vectors):
+            out[i, list(v)] = 1.0
         return out
 
     if shared:
-        _, s, vt = np.linalg.svd(matrix(shared), full_matrices=False)
+        _, s, vt = np.linalg.svd(
+            matrix([scope.vectors[p] for p in shared]), full_matrices=False
+        )
         basis = vt[s > _TOL * max(1.0, float(s[0]))]
         test = matrix(alone)
         residual = test - (test @ basis.T) @ basis
@@ -423,9 +489,10 @@ def _check_span(scope: _Scope, holders: Sequence[int], need: int, site: str) -> 
         inside = np.zeros(len(alone), dtype=bool)
     if not inside.all():
         raise HeldByTooFewSites(
-            f"site {site}: together with earlier answers over these sites, this "
-            "answer would let a difference of pooled results be one site's own (or "
-            f"fewer than {need} sites'): some of its rows fall in cells, across the "
-            "queries, that too few of the sites hold. Ask for the same groups, "
-            "bins and populations as before, or coarser ones"
+            f"site {site}: together with earlier answers, this answer would let a "
+            "difference of pooled results be one site's own (or fewer than "
+            f"{need} sites'): some of its rows fall in cells, across the queries, "
+            "that too few of the sites hold. Ask the same sites (or add or leave "
+            "out sites only in groups that are a pooled result themselves) for the "
+            "same groups, bins and populations as before, or coarser ones"
         )

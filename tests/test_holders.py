@@ -9,6 +9,8 @@ the released pooled counts depends on one site's rows alone.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -241,11 +243,151 @@ def test_a_query_prepared_before_another_was_answered_is_asked_again() -> None:
     def lift(m: np.ndarray) -> np.ndarray:
         return m
 
-    early = memory.prepare("a,b", "0x01", first, [], lift, 12, 2)
-    late = memory.prepare("a,b", "0x02", second, [], lift, 12, 2)
+    early = memory.prepare(["a", "b"], "0x01", first, [], lift, 12, 2)
+    late = memory.prepare(["a", "b"], "0x02", second, [], lift, 12, 2)
     # every pattern held by both sites: the table summed with an equal one
     doubled = (2 * late.table) % (1 << 16)
     memory.check(late, doubled, [], 2, "a", lift, 1 << 16)
     memory.record(late)
     with pytest.raises(HeldByTooFewSites, match="ask it again"):
         memory.check(early, (2 * early.table) % (1 << 16), [], 2, "a", lift, 1 << 16)
+
+
+# --------------------------------------------------------------- across site sets
+def sexes(seed: int, holds: dict[str, list[str]], n: int = 40) -> dict[str, Site]:
+    """Sites of ``n`` rows with an age and a sex drawn from each site's list."""
+    rng = np.random.default_rng(seed)
+    return {
+        name: Site(
+            name,
+            pd.DataFrame(
+                {"age": rng.normal(55, 10, n).round(1), "sex": rng.choice(kinds, n)}
+            ),
+        )
+        for name, kinds in holds.items()
+    }
+
+
+def pick(sites: dict[str, Site], names: str) -> list[Site]:
+    return [sites[n] for n in names]
+
+
+@pytest.mark.parametrize(("empty", "kinds"), [("c", ["M"]), ("d", ["M"]), ("d", ["X"])])
+def test_two_site_sets_do_not_release_one_sites_group(
+    empty: str, kinds: list[str]
+) -> None:
+    """A group over {a, b, c} and over {a, b, d}, where c (or d) holds none of it:
+    each pooled group is held by two sites and the sets single no site out, yet
+    the difference of the two answers would be d's (or c's) n and sum in it. The
+    second query is refused: d's rows in it are held by no other site, or (d
+    holding only a group nobody else has, suppressed) an earlier pattern of a
+    and b that c holds would no longer be a combination of patterns that enough
+    sites hold."""
+    holds = {n: ["F", "M"] for n in "abcd"}
+    holds[empty] = kinds
+    sites = sexes(5, holds)
+    encrypted.describe(pick(sites, "abc"), ["age"], by="sex")
+    with pytest.raises(HeldByTooFewSites, match=HOLDERS):
+        encrypted.describe(pick(sites, "abd"), ["age"], by="sex")
+
+
+def test_leaving_sites_out_of_an_asked_set_is_refused() -> None:
+    """All four sites by sex, then two of them: where c holds no women, the two
+    answers' difference would be d's women. The sites asked cannot count what
+    the sites left out hold, so any such subset is refused, with or without
+    groups."""
+    holds = {n: ["F", "M"] for n in "abcd"}
+    holds["c"] = ["M"]
+    sites = sexes(6, holds)
+    encrypted.describe(pick(sites, "abcd"), ["age"], by="sex")
+    with pytest.raises(HeldByTooFewSites, match=HOLDERS):
+        encrypted.describe(pick(sites, "ab"), ["age"], by="sex")
+    with pytest.raises(HeldByTooFewSites, match=HOLDERS):
+        encrypted.describe(pick(sites, "ab"), ["age"])
+
+
+def test_disjoint_sets_then_their_union_and_the_same_sets_again_are_answered() -> None:
+    """Two regions apart, then together, then each region again: every site moves
+    with at least one other site, so no difference is one site's; each answer
+    equals pandas on the pooled rows."""
+    sites = sexes(7, {n: ["F", "M"] for n in "abcd"})
+    for names in ("ab", "cd", "abcd", "ab", "cd", "abcd"):
+        table = encrypted.describe(pick(sites, names), ["age"], by="sex")
+        pooled = pd.concat([sites[n].rows(["age", "sex"])[0] for n in names])
+        for sex in ("F", "M"):
+            group = pooled.age[pooled.sex == sex]
+            assert table[(sex, "age")]["count"] == len(group)
+            assert table[(sex, "age")]["mean"] == pytest.approx(group.mean(), rel=1e-12)
+
+
+@pytest.mark.parametrize("added", ["c", "cd"])
+def test_sites_join_an_asked_set_two_at_a_time(added: str) -> None:
+    """{a, b}, then with c alone (the difference would be c's: refused) or with
+    c and d (answered, equal to pandas)."""
+    sites = sexes(8, {n: ["F", "M"] for n in "abcd"})
+    encrypted.describe(pick(sites, "ab"), ["age"])
+    if len(added) == 1:
+        with pytest.raises(DisclosureRefused):
+            encrypted.describe(pick(sites, "ab" + added), ["age"])
+        return
+    table = encrypted.describe(pick(sites, "ab" + added), ["age"])
+    pooled = pd.concat([sites[n].rows(["age"])[0] for n in "ab" + added])
+    assert table.loc["count", "age"] == len(pooled)
+
+
+SETS = ["ab", "cd", "abcd", "abc", "abd", "bcd", "abcde", "cde"]
+
+
+@pytest.mark.parametrize("without", ["c", "cd"])
+def test_no_two_site_sets_isolate_a_site(without: str) -> None:
+    """Every ordered pair of eight site sets over five sites, by sex then by sex or
+    an age histogram, where the sites in ``without`` hold no women: whenever both
+    are answered, no combination of the released pooled cells (a site outside a
+    query holds none of its cells) is one site's own — checked in clear on the
+    rows. The sites answer pairs that add or leave out a pooled result's sites
+    as a block."""
+    from healthlab import sites as site_module
+
+    holds = {n: ["F", "M"] for n in "abcde"}
+    for n in without:
+        holds[n] = ["M"]
+    answered = 0
+    for first, second, group in itertools.product(SETS, SETS, (True, False)):
+        site_module._LOCAL_LOG.clear()  # each pair from a fresh study
+        sites = sexes(9, holds)
+        names = list(sites)
+        frames = [sites[n].rows(["age", "sex"])[0] for n in names]
+        released: list[list[np.ndarray]] = []
+
+        def cells(
+            chosen: str,
+            select: Callable[[pd.DataFrame], np.ndarray],
+            names: list[str] = names,
+            frames: list[pd.DataFrame] = frames,
+        ) -> list[np.ndarray]:
+            return [
+                select(f) if n in chosen else np.zeros(len(f), dtype=bool)
+                for n, f in zip(names, frames, strict=True)
+            ]
+
+        try:
+            table = encrypted.describe(pick(sites, first), ["age"], by="sex")
+            for sex in ("F", "M"):
+                if (sex, "age") in table.columns:  # a suppressed group is absent
+                    released.append(cells(first, lambda f, s=sex: f.sex == s))
+            if group:
+                table = encrypted.describe(pick(sites, second), ["age"], by="sex")
+                for sex in ("F", "M"):
+                    if (sex, "age") in table.columns:
+                        released.append(cells(second, lambda f, s=sex: f.sex == s))
+            else:
+                table = encrypted.histogram(pick(sites, second), "age", [0, 55, 200])
+                released.append(cells(second, lambda f: f.age < 55))  # [0, 55)
+                released.append(cells(second, lambda f: f.age >= 55))  # [55, 200]
+        except DisclosureRefused:
+            continue
+        answered += 1
+        released = [[np.asarray(m, dtype=bool) for m in r] for r in released]
+        assert not _isolated(frames, released), f"{first} then {second} isolated"
+    # the same set twice, a set and a disjoint one, a set and one with two more
+    assert answered >= 12

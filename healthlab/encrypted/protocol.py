@@ -348,12 +348,12 @@ class SiteWork:
             values = np.clip(values, -_CHECK_LIMIT, _CHECK_LIMIT)
             self.__flags += [int(d) for d in _encode(site.name, list(values))]
         self._n_check = len(self.__flags) - self._n_flags
-        # this site's patterns across the queries over these sites (holders.py):
+        # this site's patterns across the queries it answered (holders.py):
         # their table is counted with the flags, so no difference of answers is
         # fewer sites' own; a citizen's site claims none (its record is in every
         # query of its sites: the site-set audit covers it), with a table alike
         self._patterns = site.holder_patterns.prepare(
-            ",".join(sorted(query.participants)),
+            query.participants,
             query.hash,
             {} if site.policy.is_citizen else subsets,
             []
