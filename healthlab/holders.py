@@ -5,12 +5,12 @@ the rows left out) be held by at least ``need`` sites. Two answers can still dif
 by rows only one site holds: edges 60 then 63 over two sites that both hold rows in
 every bin, where only one holds rows in between — the difference of the two
 ``[60, 100)`` and ``[63, 100)`` counts is that site's count. This module closes
-that class for every combination of the queries over one set of sites.
+that class for every combination of the queries, over any sets of sites.
 
-**Patterns.** Over the queries a set of sites answered together (the *scope*: the
-participant set, every researcher alike), each site groups its rows by which
-released cells include them: a row's *pattern*. Every pooled answer, and every
-linear combination of them, is at each site a sum over its patterns. A
+**Patterns.** Over every query a site answered (any set of sites, every researcher
+alike), it groups its rows by which released cells include them: a row's
+*pattern* (a site outside a query holds none of its cells). Every pooled answer,
+and every linear combination of them, is at each site a sum over its patterns. A
 combination depends on the sites of a set ``T`` alone only if some pattern of a
 site in ``T`` is not a combination of patterns that sites outside ``T`` hold.
 
@@ -33,11 +33,18 @@ fingerprint (two patterns in one bucket never pass as one; a bucket that does no
 verify counts as not shared, which refuses more, never less). Nobody learns which
 site holds which pattern.
 
-What this leaves (README, "Not proven"): queries over *different* sets of sites
-(each set is its own scope; the site-set audit sees the sets, not which sites hold
-a cell — two sets that differ by a site holding none of a group still differ by
-another's totals); a column's few-value sets and a model's design patterns (the
-auditor's, at each site) are not cells here.
+**Sites outside a query.** They keep their patterns while the query splits the
+same patterns at the sites inside, and they do not check. So a site inside also
+checks each earlier pattern that a site outside may hold (one whose queries all
+had a participant this query lacks, :meth:`_Scope.possible_holders`): it must stay
+in the span of the patterns ``need`` of this query's sites hold. By induction every
+pattern of every site stays in the span of shared patterns: a pattern split here
+was checked here, one held only outside is unchanged and still held by as many.
+Sites therefore join or leave an asked set only in groups that are a pooled result
+themselves (a subset of an asked set is refused: its sites cannot count the others).
+
+What this leaves (README, "Not proven"): a column's few-value sets and a model's
+design patterns (the auditor's, at each site) are not cells here.
 """
 
 from __future__ import annotations
@@ -147,8 +154,13 @@ class Pending:
     #: after the holder count: the released patterns and their holders
     released: _Scope | None = None
     holders: list[int] = field(default_factory=list)
-    #: the patterns before this query that sites outside it may still hold
-    kept: list[tuple[int, ...]] = field(default_factory=list)
+    #: the patterns before this query, with the sites that may hold them
+    earlier: list[tuple[tuple[int, ...], frozenset[str]]] = field(default_factory=list)
+
+    def kept(self, inside: Iterable[str]) -> list[tuple[int, ...]]:
+        """The earlier patterns that a site outside ``inside`` may still hold."""
+        members = frozenset(inside)
+        return [v for v, possible in self.earlier if not possible <= members]
 
 
 class HolderPatterns:
@@ -254,7 +266,7 @@ class HolderPatterns:
             key = np.packbits(lifted).tobytes()
             cells.setdefault(key, ([], lifted))[0].append(label)
         merged = [(tuple(sorted(ls)), m) for ls, m in cells.values()]
-        members = tuple(sorted(participants))
+        members = _members(participants)
         base = self._current(n_rows)
         full = _refine(base, query_hash, members, merged)
         size = buckets(n_sites)
@@ -269,12 +281,14 @@ class HolderPatterns:
         site: str,
         lift: Callable[[np.ndarray], np.ndarray],
         modulus: int,
+        enforce: bool = True,
     ) -> None:
         """Refuse unless every pattern this site would release, and every earlier
         pattern of it that sites outside this query may still hold, lies in the
         span of its patterns at least ``need`` sites hold (``summed``: every site's
         table, summed; ``hidden``: the masks of the cells withheld from this
-        answer)."""
+        answer; ``enforce`` False: only what :meth:`record` keeps, for a site with
+        nothing to protect from the researcher)."""
         base = self._current(len(pending.full.labels))
         if base.queries != pending.full.queries:
             # another query was answered since this one was prepared: its counts
@@ -301,19 +315,32 @@ class HolderPatterns:
         # was there, while this query splits it here: it must stay a combination
         # of patterns that enough sites hold (else the difference of this answer
         # and an earlier one is those outside sites' own)
-        inside = frozenset(pending.participants)
-        kept = []
+        earlier = []
         for p in np.unique(base.labels).tolist():
             possible = base.possible_holders(p)
-            if possible is not None and not possible <= inside:
-                kept.append(base.vectors[p])
-        pending.released, pending.holders, pending.kept = released, holders, kept
-        _check_span(released, holders, need, site, kept)
+            if possible is not None:
+                earlier.append((base.vectors[p], possible))
+        pending.released, pending.holders, pending.earlier = released, holders, earlier
+        if enforce:
+            kept = pending.kept(pending.participants)
+            _check_span(released, holders, need, site, kept)
 
-    def recheck(self, pending: Pending, need: int, site: str) -> None:
-        """The rule again, at a larger ``need`` (sites dropped after counting)."""
+    def recheck(
+        self, pending: Pending, need: int, site: str, survivors: Sequence[str]
+    ) -> None:
+        """The rule again, at a larger ``need`` and over the ``survivors`` (sites
+        dropped after counting: they hold earlier patterns unsplit, as a site
+        outside the query does); the answered query is then remembered as theirs."""
         assert pending.released is not None
-        _check_span(pending.released, pending.holders, need, site, pending.kept)
+        members = _members(survivors)
+        kept = pending.kept(members)
+        _check_span(pending.released, pending.holders, need, site, kept)
+        pending.participants = members
+        scope = self.scope
+        last = scope.queries[-1] if scope is not None and scope.queries else None
+        if scope is not None and last == pending.query_hash:
+            scope.participants[-1] = members
+            self._save()
 
     def record(self, pending: Pending) -> None:
         """Remember an answered query's released patterns."""
@@ -324,6 +351,14 @@ class HolderPatterns:
         released.participants = [*released.participants, pending.participants]
         self.scope = released
         self._save()
+
+
+def _members(participants: Iterable[str]) -> tuple[str, ...]:
+    """The sites of a participant set, as the memory names them: a gated site by
+    its dataset, a teaching site by its name (its participant name also carries a
+    prefix of its content hash, which an update of its rows changes — the same
+    site, whose own rows the auditor follows)."""
+    return tuple(sorted({str(p).split("@", 1)[0] for p in participants}))
 
 
 def _refine(

@@ -603,6 +603,10 @@ class Site:
         self.auditor.check_sites(self.name, researcher, mine, others, need)
         return untrusted, mine
 
+    def owned_by(self, researcher: str | None) -> bool:
+        """Whether this gated site's dataset is the researcher's own."""
+        return self.gated and self._owners(researcher)(self.participant) == ""
+
     def _owners(self, researcher: str | None) -> Callable[[str], str]:
         """Participant -> who the site-set audit counts: every dataset by itself
         (each one's totals are its own, even beside another of the same owner),
@@ -939,8 +943,8 @@ class Site:
 
     @cached_property
     def holder_patterns(self) -> HolderPatterns:
-        """Which released cells this site's rows are in, per set of sites
-        (:mod:`healthlab.holders`); persistent with ``state_dir``."""
+        """Which released cells this site's rows are in, over every query it
+        answered (:mod:`healthlab.holders`); persistent with ``state_dir``."""
         path = None
         if self._state_dir is not None:
             path = Path(self._state_dir) / f"holders-{self.name}.json"

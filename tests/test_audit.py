@@ -308,10 +308,12 @@ def updated(frame: pd.DataFrame, change: str) -> pd.DataFrame:
     raise AssertionError(change)
 
 
-def sites_on_disk(tmp_path: Path, a: pd.DataFrame) -> list[Site]:
+def sites_on_disk(
+    tmp_path: Path, a: pd.DataFrame, b: pd.DataFrame | None = None
+) -> list[Site]:
     return [
         Site("a", a, state_dir=tmp_path / "a"),
-        Site("b", partner(1), state_dir=tmp_path / "b"),
+        Site("b", partner(1) if b is None else b, state_dir=tmp_path / "b"),
     ]
 
 
@@ -336,8 +338,10 @@ def test_all_rows_before_and_after_an_update_are_not_differenced(
 
 
 def test_ordinary_updates_are_answered_and_remembered(tmp_path: Path) -> None:
-    """Many rows added, or the same rows in another order: answered exactly; the
-    memory is carried on (the four-query attack over the update is still refused)."""
+    """The same rows in another order, or many rows added at both sites: answered
+    exactly; the memory is carried on (the four-query attack over the update is
+    still refused). Rows added at one site alone are refused: the difference of the
+    answers before and after would be that site's new rows (healthlab/holders.py)."""
     before = cohort(0)
     before.loc[0:19, "bmi"] = np.nan
     before.loc[19:39, "glucose"] = np.nan
@@ -350,15 +354,20 @@ def test_ordinary_updates_are_answered_and_remembered(tmp_path: Path) -> None:
     table = encrypted.describe(second, ["age"])  # the same rows: the same answer
     pooled = pd.concat([shuffled, partner(1)])
     assert table.loc["mean", "age"] == pytest.approx(pooled["age"].mean(), abs=1e-9)
-    third = sites_on_disk(tmp_path, grown)
+    with pytest.raises(DisclosureRefused, match="too few of the sites hold"):
+        encrypted.describe(sites_on_disk(tmp_path, grown), ["age"])
+    partner_grown = pd.concat([partner(1), cohort(51, n=20)], ignore_index=True)
+    third = sites_on_disk(tmp_path, grown, partner_grown)
     table = encrypted.describe(third, ["age", "glucose"], dropna=True)
-    rows = pd.concat([grown, partner(1)]).dropna(subset=["glucose"])
+    rows = pd.concat([grown, partner_grown]).dropna(subset=["glucose"])
     assert table.loc["count", "age"] == len(rows)
     # the lone patient (no bmi, no glucose) is still not isolable: the earlier
     # answers were over the rows before the update, and the memory followed them
     with pytest.raises(DisclosureRefused, match="site a: together with"):
         encrypted.describe(
-            sites_on_disk(tmp_path, grown), ["age", "bmi", "glucose"], dropna=True
+            sites_on_disk(tmp_path, grown, partner_grown),
+            ["age", "bmi", "glucose"],
+            dropna=True,
         )
 
 

@@ -31,7 +31,13 @@ from healthlab.encrypted.protocol import (
     Reveal,
     using_relay,
 )
-from healthlab.errors import AccessDenied, DisclosureRefused, TooManyDropouts
+from healthlab.errors import (
+    AccessDenied,
+    DataRefused,
+    DisclosureRefused,
+    HeldByTooFewSites,
+    TooManyDropouts,
+)
 from healthlab.sites import log_query
 
 COLUMNS = ["age", "sbp"]
@@ -203,9 +209,28 @@ def test_drops_at_two_steps_of_one_query(keys: KeyHolder) -> None:
     """One site drops before contributing and a neighbour of it after: the
     pairwise mask they shared is rebuilt from the dropped site's key shares."""
     sites, _ = cohort(12, seed=7)
+    edges = [0, 50, 60, 200]
     with using_relay(Drops(contribute=["s0001", "s0002"], reveal=["s0003", "s0004"])):
-        table = encrypted.describe(sites, COLUMNS, keys=keys)
-    assert_matches(table, pool(sites, ["s0001", "s0002"]))
+        table = encrypted.histogram(sites, "age", edges, keys=keys)
+    expected, _ = np.histogram(pool(sites, ["s0001", "s0002"])["age"], edges)
+    assert [int(c) for c in table["count"]] == expected.tolist()
+
+
+def test_a_site_back_after_dropping_at_reveal_refuses_a_query_without_the_dropped(
+    keys: KeyHolder,
+) -> None:
+    """A site that dropped at the reveal never learned which sites' contributions
+    were summed, so it keeps the signed set as the query's: a ``describe``'s
+    second query, over the first one's survivors, leaves out sites that may hold
+    its earlier patterns, and it refuses (stricter, never weaker). Asked again of
+    every site, the statistic is answered exactly."""
+    sites, pooled = cohort(12, seed=17)
+    with (
+        using_relay(Drops(contribute=["s0001", "s0002"], reveal=["s0003", "s0004"])),
+        pytest.raises(HeldByTooFewSites, match=r"site s000[34]: together with"),
+    ):
+        encrypted.describe(sites, COLUMNS, keys=keys)
+    assert_matches(encrypted.describe(sites, COLUMNS, keys=keys), pooled)
 
 
 def test_a_third_drop_over_a_sparse_graph(keys: KeyHolder) -> None:
@@ -276,7 +301,10 @@ def test_claiming_a_live_site_dropped_does_not_single_it_out(keys: KeyHolder) ->
     assert_matches(encrypted.describe(sites, COLUMNS, keys=keys), pooled)
     with (
         using_relay(Withhold("s0003")),
-        pytest.raises(DisclosureRefused, match="site-set differencing"),
+        pytest.raises(
+            DisclosureRefused,
+            match=r"site-set differencing|could then be fewer sites' own",
+        ),
     ):
         encrypted.describe(sites, COLUMNS, keys=keys)
 
@@ -515,3 +543,112 @@ def test_each_step_of_a_site_runs_once_per_query(keys: KeyHolder) -> None:
     assert work[1].reveal(names, {}) is first, "the same survivors: the same reveal"
     with pytest.raises(IntegrityError, match="it reveals once"):
         work[1].reveal(names[1:], {})
+
+
+# ------------------------------------------------ federated sums, sparse graph
+def _federated_members(n: int, seed: int) -> tuple[list[Site], dict[str, bytes]]:
+    members = [Site(f"f{i:03d}", pd.DataFrame({"x": [1.0]})) for i in range(n)]
+    return members, {s.name: s.mask_public_key for s in members}
+
+
+def test_the_federated_masked_sum_masks_with_neighbours_only() -> None:
+    """60 members: each masks with and tags for its O(log n) neighbours, not all
+    59 others, and the sum is still exact."""
+    from healthlab.federated.masked import contribute, graph, open_sum, server_sum
+
+    members, peers = _federated_members(60, 1)
+    mesh = graph(peers, "step-1")
+    assert all(len(v) == secagg.degree(60) < 59 for v in mesh.values())
+    rng = np.random.default_rng(2)
+    totals = {s.name: (rng.normal(size=4) * 1e3).tolist() for s in members}
+    sent = [contribute(s, peers, s.name, totals[s.name], "step-1") for s in members]
+    assert all(len(c.tags) == 32 * len(mesh[c.member]) for c in sent)
+    exact = [math.fsum(col) for col in zip(*totals.values(), strict=True)]
+    assert server_sum(sent, 4) == exact
+    for i in (0, 17, 59):
+        me = members[i]
+        got = open_sum(
+            me, peers, me.name, sent, "step-1", own_digest=sent[i].digest, n_totals=4
+        )
+        assert got == exact
+
+
+def test_a_server_that_shows_one_site_another_list_learns_only_noise() -> None:
+    """Equivocation over a sparse graph: the server alters member j's vector in the
+    list it shows site x, a non-neighbour of j (x does not check j's tag). x then
+    masks the next step under another chain than its neighbours: they refuse its
+    tags, and the next step's sum is noise that the check total refuses — for
+    the server as for the sites."""
+    from healthlab.federated.masked import (
+        Contribution,
+        chain,
+        contribute,
+        graph,
+        open_sum,
+        server_sum,
+    )
+
+    members, peers = _federated_members(60, 3)
+    mesh = graph(peers, "step-1")
+    x = members[0].name
+    j = next(s.name for s in members[1:] if s.name not in mesh[x])
+    rng = np.random.default_rng(4)
+    first = {s.name: rng.normal(size=3).tolist() for s in members}
+    sent = [contribute(s, peers, s.name, first[s.name], "step-1") for s in members]
+    digests = {c.member: c.digest for c in sent}
+    shifted = {c.member: c.digits.copy() for c in sent}
+    # the first total's digits, not the check total's
+    shifted[j][:DIGITS] = (shifted[j][:DIGITS] + 7) % sent[0].modulus
+    forged = [
+        Contribution(c.member, shifted[j], c.tags, c.modulus) if c.member == j else c
+        for c in sent
+    ]
+    # x does not see it: j is not its neighbour (j's neighbours would refuse)
+    seen = {s.name: forged if s.name == x else sent for s in members}
+    chains, opened = {}, {}
+    for s in members:
+        opened[s.name] = open_sum(
+            s,
+            peers,
+            s.name,
+            seen[s.name],
+            "step-1",
+            own_digest=digests[s.name],
+            n_totals=3,
+        )
+        chains[s.name] = chain(b"", "step-1", seen[s.name])
+    assert opened[x] != opened[members[1].name], "x summed another list"
+    assert chains[x] != chains[members[1].name]
+    second = {s.name: rng.normal(size=3).tolist() for s in members}
+    step2 = [
+        contribute(s, peers, s.name, second[s.name], "step-2", chain=chains[s.name])
+        for s in members
+    ]
+    with pytest.raises(DataRefused, match="masks do not cancel"):
+        server_sum(step2, 3)
+    truth = np.array([math.fsum(c) for c in zip(*second.values(), strict=True)])
+    raw = np.sum([c.digits for c in step2], axis=0) % step2[0].modulus
+    honest = [
+        contribute(
+            s, peers, s.name, second[s.name], "step-2", chain=chains[members[1].name]
+        )
+        for s in members
+    ]
+    assert np.array_equal(np.asarray(server_sum(honest, 3)), truth)
+    assert not np.array_equal(
+        raw, np.sum([c.digits for c in honest], axis=0) % honest[0].modulus
+    ), "the equivocated step's digits are not the true sum's"
+    near_x = [s for s in members if s.name in graph(peers, "step-2")[x]]
+    for s in near_x[:3]:  # x's neighbours refuse its tag
+        own = next(c for c in step2 if c.member == s.name)
+        with pytest.raises(DataRefused, match=f"{x}'s relayed contribution"):
+            open_sum(
+                s,
+                peers,
+                s.name,
+                step2,
+                "step-2",
+                own_digest=own.digest,
+                n_totals=3,
+                chain=chains[s.name],
+            )

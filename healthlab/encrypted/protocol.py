@@ -351,13 +351,18 @@ class SiteWork:
         # this site's patterns across the queries it answered (holders.py):
         # their table is counted with the flags, so no difference of answers is
         # fewer sites' own; a citizen's site claims none (its record is in every
-        # query of its sites: the site-set audit covers it), with a table alike
+        # query of its sites: the site-set audit covers it), with a table alike;
+        # the researcher's own dataset counts its patterns but does not refuse
+        # (nothing of it to protect from the researcher)
+        citizen = site.policy.is_citizen
+        self._holds_patterns = not citizen
+        self._enforces = not (citizen or site.owned_by(self.researcher))
         self._patterns = site.holder_patterns.prepare(
             query.participants,
             query.hash,
-            {} if site.policy.is_citizen else subsets,
+            {} if citizen else subsets,
             []
-            if site.policy.is_citizen
+            if citizen
             else [(f"block {i}", b.mask) for i, b in enumerate(self._blocks)],
             site.auditor.lift,
             site.auditor.n_rows,
@@ -561,7 +566,7 @@ class SiteWork:
             researcher=self.researcher,
         )
         # after the protected sets (whose refusal says more): the patterns
-        if not self.site.policy.is_citizen:
+        if self._holds_patterns:
             at_site(
                 me,
                 f"the {self.query.kind} query",
@@ -574,6 +579,7 @@ class SiteWork:
                 me,
                 self.site.auditor.lift,
                 self._modulus,
+                self._enforces,
             )
         self._held = self._open_shares(by_site)
         self._announced = by_site
@@ -827,15 +833,17 @@ class SiteWork:
                 f"held by the fewest sites could then be pooled over fewer than "
                 f"{need}; ask again"
             )
-        if not self.site.policy.is_citizen:  # its patterns, as held by survivors
+        participants = sorted(self._announced[n].participant for n in alive)
+        if self._enforces:  # its patterns, as held by survivors
             try:
-                self.site.holder_patterns.recheck(self._patterns, need + dropped, me)
+                self.site.holder_patterns.recheck(
+                    self._patterns, need + dropped, me, participants
+                )
             except DisclosureRefused:
                 raise TooManyDropouts(
                     f"site {me}: {dropped} site(s) dropped out; this answer's cells, "
                     "with earlier ones, could then be fewer sites' own; ask again"
                 ) from None
-        participants = sorted(self._announced[n].participant for n in alive)
         _, audited = at_site(
             me,
             f"the {self.query.kind} query",

@@ -3,17 +3,27 @@
 Every value a site sends in a deployment — its standardization moments, its
 weighted model update, its held-out metric sums — is a vector of exact fixed-point
 digits (:func:`healthlab.encrypted.encoding.encode_totals`) plus pairwise masks
-shared with every other member of the study (X25519 keys bound on chain), so that a
-single site's vector is uniform noise and only the sum over all members is
-readable.
+shared with its neighbours in the step's mask graph (X25519 keys bound on chain;
+every other member up to :data:`~healthlab.encrypted.secagg.COMPLETE_UP_TO`
+members, then a Harary graph of O(log n) neighbours, as SecAgg+ and the
+statistics), so that a single site's vector is uniform noise and only the sum over
+all members is readable. A site's cost per step is then about constant in the
+members, but for reading and adding their vectors.
 
-A site also **tags** its vector for every other member with a key only the two of
-them share (HMAC-SHA256 under an X25519-derived key). The server relays the
-members' vectors with the next message; each site checks every tag meant for it
-and its own vector, sums them itself and so knows the aggregate without trusting
-the server: the next model is the one the sites' own updates produce, not one the
-server chooses. A server that drops, alters, replays or invents a vector fails the
-check at every site, which refuses and sends nothing.
+A site also **tags** its vector for each neighbour with a key only the two of them
+share (HMAC-SHA256 under an X25519-derived key). The server relays the members'
+vectors with the next message; each site checks its neighbours' tags and its own
+vector, sums every vector itself and so knows the aggregate without trusting the
+server: the next model is the one the sites' own updates produce, not one the
+server chooses. A non-neighbour's vector is checked by that member's neighbours;
+that every site summed **the same** vectors is enforced by the next step: a site
+keys its next masks and tags with a digest of every list it has opened
+(``chain``). A site shown another list than its neighbours then fails their tag
+checks, and its masks no longer cancel with theirs — the next sum is noise, which
+the sum's check total (every member adds 1; the sum must be the member count)
+refuses at every site. So a server that drops, alters, replays, invents or
+equivocates a vector learns nothing from the steps that follow, and every site
+refuses.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from healthlab.encrypted.encoding import (
     mask_digits,
     mask_vector,
 )
+from healthlab.encrypted.keys import IntegrityError
 from healthlab.errors import DataRefused, InvalidInput
 from healthlab.sites import Site
 
@@ -83,22 +94,42 @@ def _message(
     return label.encode() + b"|" + member.encode() + b"|" + _bytes(digits, modulus)
 
 
+def graph(peers: Mapping[str, bytes], label: str) -> dict[str, tuple[str, ...]]:
+    """The step's mask graph over the members (the same at every site)."""
+    return secagg.neighbours(list(peers), hashlib.sha256(label.encode()).digest())
+
+
+def chain(previous: bytes, step: str, contributions: Sequence[Contribution]) -> bytes:
+    """The digest of the lists a site has opened: ``previous`` and this step's
+    list (every member's vector, by member)."""
+    digest = hashlib.sha256(previous + b"|" + step.encode())
+    for c in sorted(contributions, key=lambda c: c.member):
+        digest.update(c.member.encode() + b"|" + bytes.fromhex(c.digest))
+    return digest.digest()
+
+
 def contribute(
     site: Site,
     peers: Mapping[str, bytes],
     me: str,
     totals: Sequence[float] | np.ndarray,
     label: str,
+    chain: bytes = b"",
 ) -> Contribution:
-    """``totals`` as masked digits, tagged for every other member of ``peers``."""
-    digits = encode_totals(totals)
+    """``totals`` and the check total 1 as masked digits, masked with and tagged for
+    this member's neighbours in the step's graph, under keys bound to ``chain``
+    (the lists this site opened before)."""
+    digits = encode_totals([*np.asarray(totals, dtype=float).tolist(), 1.0])
     modulus = secagg.modulus(len(peers))
-    seeds = site.pairwise_seeds(peers, label.encode(), me=me)
+    near = graph(peers, label)[me]
+    neighbours = {v: peers[v] for v in (*near, me)}
+    context = label.encode() + b"|" + chain.hex().encode()
+    seeds = site.pairwise_seeds(neighbours, context, me=me)
     masked = mask_digits(digits, mask_vector(seeds, digits.size, modulus), modulus)
-    keys = site.pairwise_keys(peers, b"healthlab-tag", label.encode(), me=me)
+    keys = site.pairwise_keys(neighbours, b"healthlab-tag", context, me=me)
     message = _message(label, me, masked, modulus)
     tags = b"".join(
-        hmac.new(keys[peer], message, hashlib.sha256).digest() for peer in sorted(keys)
+        hmac.new(keys[peer], message, hashlib.sha256).digest() for peer in near
     )
     return Contribution(me, masked, tags, modulus)
 
@@ -150,12 +181,16 @@ def open_sum(
     *,
     own_digest: str,
     n_totals: int,
+    chain: bytes = b"",
 ) -> list[float]:
-    """The exact sum of the members' totals, after checking every tag for ``me``.
+    """The exact sum of the members' totals, after checking every neighbour's tag
+    for ``me`` (under ``chain``, the lists this site opened before) and the check
+    total.
 
     Refuses (:class:`~healthlab.errors.DataRefused`) unless the contributions are
     exactly one per member of ``peers``, this site's is the one it sent
-    (``own_digest``) and every other's carries a valid tag for this site.
+    (``own_digest``), every neighbour's carries a valid tag for this site and the
+    masks cancel (every member masked under the same lists).
     """
     by_member = {c.member: c for c in contributions}
     if sorted(by_member) != sorted(peers) or len(by_member) != len(contributions):
@@ -163,31 +198,38 @@ def open_sum(
             f"the relayed contributions are from {sorted(by_member)}, not exactly the "
             f"study's members {sorted(peers)}"
         )
-    keys = site.pairwise_keys(peers, b"healthlab-tag", label.encode(), me=me)
-    size = n_totals * DIGITS
+    mesh = graph(peers, label)
+    near = mesh[me]
+    context = label.encode() + b"|" + chain.hex().encode()
+    keys = site.pairwise_keys(
+        {v: peers[v] for v in (*near, me)}, b"healthlab-tag", context, me=me
+    )
+    size = (n_totals + 1) * DIGITS
     for member, contribution in sorted(by_member.items()):
         if contribution.digits.size != size:
             raise DataRefused(f"{member}'s contribution has the wrong size")
+        if len(contribution.tags) != len(mesh[member]) * _TAG:
+            raise DataRefused(f"{member}'s contribution has the wrong tags")
         if member == me:
             if contribution.digest != own_digest:
                 raise DataRefused(
                     "the relayed copy of this site's contribution differs"
                 )
             continue
-        others = sorted(p for p in peers if p != member)
-        start = others.index(me) * _TAG
+        if member not in near:  # checked by its own neighbours (module docstring)
+            continue
+        start = mesh[member].index(me) * _TAG
         got = contribution.tags[start : start + _TAG]
         want = hmac.new(
             keys[member],
             _message(label, member, contribution.digits, contribution.modulus),
             hashlib.sha256,
         ).digest()
-        if len(contribution.tags) != len(others) * _TAG or not hmac.compare_digest(
-            got, want
-        ):
+        if not hmac.compare_digest(got, want):
             raise DataRefused(
                 f"{member}'s relayed contribution does not carry its tag for this "
-                "site: altered, replayed or not from that member"
+                "site: altered, replayed, not from that member, or masked after "
+                "other relayed sums than this site's"
             )
     return _decode(contributions, n_totals)
 
@@ -198,10 +240,20 @@ def server_sum(contributions: Sequence[Contribution], n_totals: int) -> list[flo
 
 
 def _decode(contributions: Sequence[Contribution], n_totals: int) -> list[float]:
-    modulus = secagg.modulus(len(contributions))
+    n = len(contributions)
+    modulus = secagg.modulus(n)
     if any(c.modulus != modulus for c in contributions):
         raise DataRefused("the contributions were masked for another set of members")
     total = np.sum([c.digits for c in contributions], axis=0)
-    return decode_sum(
-        total.astype(np.float64), n_totals, len(contributions), modulus=modulus
+    refused = DataRefused(
+        "the members' masks do not cancel: some member masked after other relayed "
+        "sums than its neighbours (the server showed the sites different lists) or "
+        "sent a malformed vector; nothing of this step is released"
     )
+    try:
+        sums = decode_sum(total.astype(np.float64), n_totals + 1, n, modulus=modulus)
+    except (IntegrityError, InvalidInput, ValueError, OverflowError):
+        raise refused from None
+    if sums[-1] != n:  # every member adds exactly 1
+        raise refused
+    return sums[:-1]

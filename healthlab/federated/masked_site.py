@@ -42,7 +42,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from healthlab.errors import DataRefused, DisclosureRefused, HealthLabError
-from healthlab.federated.masked import Contribution, contribute, from_record, open_sum
+from healthlab.federated.masked import (
+    Contribution,
+    chain,
+    contribute,
+    from_record,
+    open_sum,
+)
 from healthlab.federated.spec import StudySpec
 from healthlab.federated.study import Preprocessing, Study
 from healthlab.federated.task import Model
@@ -210,10 +216,19 @@ def _send(
             "site contributes to each step once"
         )
     peers = _peers(side, site, study, msg, context)
+    # keyed to every list this site has opened (masked.chain): a site shown other
+    # lists than its neighbours no longer cancels with them
+    opened = str(record.get("chain", ""))
     sent = contribute(
-        site, peers, side.member(site), totals, _label(study, step, context, peers)
+        site,
+        peers,
+        side.member(site),
+        totals,
+        _label(study, step, context, peers),
+        chain=bytes.fromhex(opened),
     )
     record[f"sent-{step}"] = sent.digest
+    record[f"chain-{step}"] = opened
     return sent
 
 
@@ -295,15 +310,22 @@ def _open_relayed(
     if step != want:
         raise DataRefused(f"the relayed step is {step!r}, this site expects {want!r}")
     peers = _peers(side, site, study, msg, context)
-    return open_sum(
+    record = state(context)
+    sums = open_sum(
         site,
         peers,
         side.member(site),
         contributions,
         _label(study, step, context, peers),
-        own_digest=str(state(context).get(f"sent-{step}", "")),
+        own_digest=str(record.get(f"sent-{step}", "")),
         n_totals=n_totals,
+        chain=bytes.fromhex(str(record.get(f"chain-{step}", ""))),
     )
+    if f"opened-{step}" not in record:  # each list enters the chain once
+        before = bytes.fromhex(str(record.get("chain", "")))
+        record["chain"] = chain(before, step, contributions).hex()
+        record[f"opened-{step}"] = True
+    return sums
 
 
 def _apply_relayed(
