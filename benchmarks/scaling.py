@@ -1,6 +1,7 @@
 """Consortium scale (issue 16): one ``describe`` of two columns over 2 / 16 / 100 /
 1,000 simulated sites of ``--rows`` rows each, on this machine, and where the time
-goes; then the same with a third of the sites dropping out after the masks are set.
+goes; then the same with a third of the sites dropping out after the masks are set;
+then a masked ``federated.train`` over the same numbers of sites.
 
 Run by ``make bench`` (``.venv/bin/python benchmarks/scaling.py``). It is a
 measurement, not a test: it always exits 0 and ends with a one-line summary
@@ -32,7 +33,7 @@ import numpy as np
 import pandas as pd
 from machine import cpu_model  # benchmarks/machine.py (run as a script)
 
-from healthlab import Site, encrypted
+from healthlab import Site, encrypted, federated
 from healthlab.encrypted import KeyHolder, secagg
 from healthlab.encrypted.protocol import Relay, using_relay
 
@@ -107,6 +108,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1000)
     parser.add_argument("--sites", type=int, nargs="+", default=[2, 16, 100, 1000])
+    parser.add_argument(
+        "--federated-rows",
+        type=int,
+        default=50,
+        help="rows a site of the federated runs (0: no federated runs)",
+    )
+    parser.add_argument("--federated-rounds", type=int, default=2)
     args = parser.parse_args()
     keys = KeyHolder()
     print(f"describe of 2 columns, {args.rows} rows a site; {cpu_model()}")
@@ -126,11 +134,48 @@ def main() -> None:
     largest = max(args.sites)
     took = figures[(largest, 0.0)]
     verdict = "met" if took <= TARGET_SECONDS else "MISSED"
+    trained = {}
+    if args.federated_rows:
+        print(
+            f"\nfederated.train (masked, logistic, 2 features, {args.federated_rounds} "
+            f"rounds), {args.federated_rows} rows a site"
+        )
+        print(f"{'sites':>6} {'k':>4} {'seconds':>8}  {'per round':>9}")
+        for n in args.sites:
+            seconds = train_sites(n, args.federated_rows, args.federated_rounds)
+            trained[n] = seconds
+            print(
+                f"{n:>6} {secagg.degree(n):>4} {seconds:>8.2f}  "
+                f"{seconds / args.federated_rounds:>9.2f}"
+            )
     print(
         f"summary: describe over {largest} sites took {took:.1f} s "
         f"(target <= {TARGET_SECONDS:.0f} s: {verdict}); with a third dropped "
         f"{figures.get((largest, 1 / 3), float('nan')):.1f} s"
+        + (
+            f"; federated.train over {largest} sites {trained[largest]:.1f} s"
+            if largest in trained
+            else ""
+        )
     )
+
+
+def train_sites(n: int, rows: int, rounds: int) -> float:
+    """Seconds of a masked ``federated.train`` over ``n`` simulated sites (every
+    site in this process, one after another, as the statistics above)."""
+    rng = np.random.default_rng(n)
+    frames = {}
+    for i in range(n):
+        x = rng.normal(0, 1, (rows, 2))
+        y = (x @ [1.0, -0.5] + rng.normal(0, 1, rows) > 0).astype(int)
+        frames[f"site{i:04d}"] = pd.DataFrame({"x1": x[:, 0], "x2": x[:, 1], "y": y})
+    start = time.perf_counter()
+    result = federated.train(
+        frames, "y", rounds=rounds, round_timeout=3600.0, progress=lambda r: None
+    )
+    took = time.perf_counter() - start
+    assert [len(s) for s in result.history["sites"]] == [n] * rounds
+    return took
 
 
 if __name__ == "__main__":

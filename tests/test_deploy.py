@@ -14,6 +14,7 @@ outside the study, revoked grants, data that differs from what was registered.
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import json
 import os
@@ -920,15 +921,17 @@ def test_masked_moments_reveal_only_the_pooled_totals(
     ]
     p = len(FEATURES)
     n_totals = 1 + p + p * (p + 1) // 2
-    assert masked[0].shape == (n_totals * DIGITS,)
-    plain = encode_totals(_moment_totals(frames["site_0"]))
+    # the totals and the check total (each member adds 1)
+    assert masked[0].shape == ((n_totals + 1) * DIGITS,)
+    plain = encode_totals([*_moment_totals(frames["site_0"]), 1.0])
     assert np.mean(masked[0] == plain) < 0.01, "site_0's digits are not masked"
     decoded = decode_sum(
-        np.sum(masked, axis=0).astype(np.float64), n_totals, len(SITES)
+        np.sum(masked, axis=0).astype(np.float64), n_totals + 1, len(SITES)
     )
     expected = sum(_moment_totals(frames[name]) for name in SITES)
-    np.testing.assert_allclose(decoded, expected, rtol=1e-14)
+    np.testing.assert_allclose(decoded[:-1], expected, rtol=1e-14)
     assert decoded[0] == sum(SIZES)
+    assert decoded[-1] == len(SITES)
 
 
 def _moments_sites(
@@ -990,8 +993,10 @@ def test_a_server_cannot_choose_the_peers_or_their_keys(
         target=TARGET, features=tuple(FEATURES), datasets=tuple(datasets)
     ).sign(chain, researcher)
     members = ",".join(sorted(f"dataset-{d}" for d in datasets))
-    context = f"{study.hash}|moments|1|{members}".encode()
-    plain = encode_totals(_moment_totals(frames["site_0"]))
+    # the mask keys' context: the step's label as a digest, then the (empty) chain
+    label = f"{study.hash}|moments|1|{members}".encode()
+    context = hashlib.sha256(label).digest() + b"|"
+    plain = encode_totals([*_moment_totals(frames["site_0"]), 1.0])
     victim = Site(
         "site_0", frames["site_0"], mask_key=load_site_key(str(configs[0].key_path))
     )

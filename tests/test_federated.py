@@ -11,6 +11,7 @@ tests are cached; a train() of four sites costs ~0.5 s plus ~0.1 s per round.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import threading
 import time
@@ -714,18 +715,19 @@ def test_a_masked_step_takes_no_member_or_key_from_the_server() -> None:
     got = np.asarray(swapped["arrays"].to_numpy_ndarrays()[0], dtype=np.int64)
     x = frames[victim.name][features].to_numpy(dtype=np.float64)
     upper = np.triu_indices(len(features))
-    plain = encode_totals(
-        np.concatenate([[float(len(x))], x.sum(axis=0), (x.T @ x)[upper]])
+    plain = encode_totals(  # with the check total 1
+        np.concatenate([[float(len(x))], x.sum(axis=0), (x.T @ x)[upper], [1.0]])
     )
     # the mask the server could remove, had the site used its key for `other`
     evil = X25519PrivateKey.generate()
     evil_public = evil.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
     attacker = Site(other.name, frames[other.name], mask_key=evil)
     label = f"{spec.hash}|moments|1|{','.join(sorted(pair))}".encode()
+    context = hashlib.sha256(label).digest() + b"|"  # the label's digest, no chain
     evil_mask = mask_vector(
         attacker.pairwise_seeds(
             {victim.name: victim.mask_public_key, other.name: evil_public},
-            label,
+            context,
             me=other.name,
         ),
         got.size,

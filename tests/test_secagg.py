@@ -552,9 +552,17 @@ def _federated_members(n: int, seed: int) -> tuple[list[Site], dict[str, bytes]]
 
 
 def test_the_federated_masked_sum_masks_with_neighbours_only() -> None:
-    """60 members: each masks with and tags for its O(log n) neighbours, not all
-    59 others, and the sum is still exact."""
-    from healthlab.federated.masked import contribute, graph, open_sum, server_sum
+    """60 members: each masks with its O(log n) neighbours, not all 59 others (its
+    vector minus those neighbours' pairwise masks is its digits), and the sum is
+    still exact; every member still tags for every other."""
+    from healthlab.encrypted.encoding import encode_totals, mask_vector
+    from healthlab.federated.masked import (
+        _digest,
+        contribute,
+        graph,
+        open_sum,
+        server_sum,
+    )
 
     members, peers = _federated_members(60, 1)
     mesh = graph(peers, "step-1")
@@ -562,7 +570,14 @@ def test_the_federated_masked_sum_masks_with_neighbours_only() -> None:
     rng = np.random.default_rng(2)
     totals = {s.name: (rng.normal(size=4) * 1e3).tolist() for s in members}
     sent = [contribute(s, peers, s.name, totals[s.name], "step-1") for s in members]
-    assert all(len(c.tags) == 32 * len(mesh[c.member]) for c in sent)
+    assert all(len(c.tags) == 32 * 59 for c in sent)
+    me, mine = members[5], sent[5]
+    near = {v: peers[v] for v in (*mesh[me.name], me.name)}
+    seeds = me.pairwise_seeds(near, _digest("step-1") + b"|", me=me.name)
+    unmasked = (mine.digits - mask_vector(seeds, mine.digits.size, mine.modulus)) % (
+        mine.modulus
+    )
+    assert np.array_equal(unmasked, encode_totals([*totals[me.name], 1.0]))
     exact = [math.fsum(col) for col in zip(*totals.values(), strict=True)]
     assert server_sum(sent, 4) == exact
     for i in (0, 17, 59):
@@ -573,20 +588,13 @@ def test_the_federated_masked_sum_masks_with_neighbours_only() -> None:
         assert got == exact
 
 
-def test_a_server_that_shows_one_site_another_list_learns_only_noise() -> None:
-    """Equivocation over a sparse graph: the server alters member j's vector in the
-    list it shows site x, a non-neighbour of j (x does not check j's tag). x then
-    masks the next step under another chain than its neighbours: they refuse its
-    tags, and the next step's sum is noise that the check total refuses — for
-    the server as for the sites."""
-    from healthlab.federated.masked import (
-        Contribution,
-        chain,
-        contribute,
-        graph,
-        open_sum,
-        server_sum,
-    )
+def test_a_vector_altered_for_one_site_is_refused_there_before_it_sums() -> None:
+    """Over a sparse mask graph the server alters member j's vector only in the
+    list it shows site x, a member j does not mask with (so that x's neighbours all
+    see the honest list): x still checks j's tag and refuses before it computes
+    anything from the sum — no refusal, or not, of x can then depend on its rows
+    under a sum the server chose."""
+    from healthlab.federated.masked import Contribution, contribute, graph, open_sum
 
     members, peers = _federated_members(60, 3)
     mesh = graph(peers, "step-1")
@@ -595,60 +603,53 @@ def test_a_server_that_shows_one_site_another_list_learns_only_noise() -> None:
     rng = np.random.default_rng(4)
     first = {s.name: rng.normal(size=3).tolist() for s in members}
     sent = [contribute(s, peers, s.name, first[s.name], "step-1") for s in members]
-    digests = {c.member: c.digest for c in sent}
     shifted = {c.member: c.digits.copy() for c in sent}
-    # the first total's digits, not the check total's
+    # the first total's digits, not the check total's: the sum's check still holds
     shifted[j][:DIGITS] = (shifted[j][:DIGITS] + 7) % sent[0].modulus
     forged = [
         Contribution(c.member, shifted[j], c.tags, c.modulus) if c.member == j else c
         for c in sent
     ]
-    # x does not see it: j is not its neighbour (j's neighbours would refuse)
-    seen = {s.name: forged if s.name == x else sent for s in members}
-    chains, opened = {}, {}
-    for s in members:
-        opened[s.name] = open_sum(
-            s,
+    with pytest.raises(DataRefused, match=f"{j}'s relayed contribution"):
+        open_sum(
+            members[0],
             peers,
-            s.name,
-            seen[s.name],
+            x,
+            forged,
             "step-1",
-            own_digest=digests[s.name],
+            own_digest=sent[0].digest,
             n_totals=3,
         )
-        chains[s.name] = chain(b"", "step-1", seen[s.name])
-    assert opened[x] != opened[members[1].name], "x summed another list"
-    assert chains[x] != chains[members[1].name]
-    second = {s.name: rng.normal(size=3).tolist() for s in members}
+
+
+def test_members_keyed_to_other_lists_give_noise_that_every_site_refuses() -> None:
+    """A member whose next step is keyed to another list than the others' (the
+    chain of lists it opened differs): its masks do not cancel with its neighbours'
+    — the server's sum is refused as noise, not read — and its tags do not verify
+    anywhere."""
+    from healthlab.federated.masked import chain, contribute, open_sum, server_sum
+
+    members, peers = _federated_members(60, 5)
+    rng = np.random.default_rng(6)
+    totals = {s.name: rng.normal(size=3).tolist() for s in members}
+    honest = chain(b"", "step-1", [])
+    other = chain(b"", "step-1-forged", [])
+    keyed = {s.name: other if s is members[0] else honest for s in members}
     step2 = [
-        contribute(s, peers, s.name, second[s.name], "step-2", chain=chains[s.name])
+        contribute(s, peers, s.name, totals[s.name], "step-2", chain=keyed[s.name])
         for s in members
     ]
     with pytest.raises(DataRefused, match="masks do not cancel"):
         server_sum(step2, 3)
-    truth = np.array([math.fsum(c) for c in zip(*second.values(), strict=True)])
-    raw = np.sum([c.digits for c in step2], axis=0) % step2[0].modulus
-    honest = [
-        contribute(
-            s, peers, s.name, second[s.name], "step-2", chain=chains[members[1].name]
-        )
-        for s in members
-    ]
-    assert np.array_equal(np.asarray(server_sum(honest, 3)), truth)
-    assert not np.array_equal(
-        raw, np.sum([c.digits for c in honest], axis=0) % honest[0].modulus
-    ), "the equivocated step's digits are not the true sum's"
-    near_x = [s for s in members if s.name in graph(peers, "step-2")[x]]
-    for s in near_x[:3]:  # x's neighbours refuse its tag
-        own = next(c for c in step2 if c.member == s.name)
-        with pytest.raises(DataRefused, match=f"{x}'s relayed contribution"):
+    for i in (1, 30, 59):
+        with pytest.raises(DataRefused, match=f"{members[0].name}'s relayed"):
             open_sum(
-                s,
+                members[i],
                 peers,
-                s.name,
+                members[i].name,
                 step2,
                 "step-2",
-                own_digest=own.digest,
+                own_digest=step2[i].digest,
                 n_totals=3,
-                chain=chains[s.name],
+                chain=honest,
             )

@@ -7,23 +7,23 @@ shared with its neighbours in the step's mask graph (X25519 keys bound on chain;
 every other member up to :data:`~healthlab.encrypted.secagg.COMPLETE_UP_TO`
 members, then a Harary graph of O(log n) neighbours, as SecAgg+ and the
 statistics), so that a single site's vector is uniform noise and only the sum over
-all members is readable. A site's cost per step is then about constant in the
-members, but for reading and adding their vectors.
+all members is readable.
 
-A site also **tags** its vector for each neighbour with a key only the two of them
-share (HMAC-SHA256 under an X25519-derived key). The server relays the members'
-vectors with the next message; each site checks its neighbours' tags and its own
-vector, sums every vector itself and so knows the aggregate without trusting the
-server: the next model is the one the sites' own updates produce, not one the
-server chooses. A non-neighbour's vector is checked by that member's neighbours;
-that every site summed **the same** vectors is enforced by the next step: a site
-keys its next masks and tags with a digest of every list it has opened
-(``chain``). A site shown another list than its neighbours then fails their tag
-checks, and its masks no longer cancel with theirs — the next sum is noise, which
-the sum's check total (every member adds 1; the sum must be the member count)
-refuses at every site. So a server that drops, alters, replays, invents or
-equivocates a vector learns nothing from the steps that follow, and every site
-refuses.
+A site also **tags** its vector for every other member with a key only the two of
+them share (HMAC-SHA256 under an X25519-derived key). The server relays the
+members' vectors with the next message; each site checks every tag meant for it
+and its own vector, sums them itself and so knows the aggregate without trusting
+the server: the next model is the one the sites' own updates produce, not one the
+server chooses. A server that drops, alters, replays, invents or shows different
+sites different vectors fails the check at every site it tries it on, which
+refuses before it computes anything from the sum. (Tags only for the mask graph's
+neighbours are not enough: a site acts on a sum before anyone could tell it the
+list was forged — its refusals or not, from its own rows, are then answers about
+them.) Each step's masks and tags are also keyed to a digest of every list the
+site has opened (``chain``) and carry a check total (each member adds 1; the sum
+must be the member count): sites that opened different lists do not cancel, and
+their sum is refused as noise. The tags are O(n) per site (32 bytes and an HKDF
+per member and step); the masks are O(log n).
 """
 
 from __future__ import annotations
@@ -91,12 +91,19 @@ def _bytes(digits: np.ndarray, modulus: int = MODULUS) -> bytes:
 def _message(
     label: str, member: str, digits: np.ndarray, modulus: int = MODULUS
 ) -> bytes:
-    return label.encode() + b"|" + member.encode() + b"|" + _bytes(digits, modulus)
+    return _digest(label) + b"|" + member.encode() + b"|" + _bytes(digits, modulus)
+
+
+def _digest(label: str) -> bytes:
+    """A step's label (it names every member) as 32 bytes: what the tags, the mask
+    keys and the graph are bound to, at a cost that does not grow with the
+    members."""
+    return hashlib.sha256(label.encode()).digest()
 
 
 def graph(peers: Mapping[str, bytes], label: str) -> dict[str, tuple[str, ...]]:
     """The step's mask graph over the members (the same at every site)."""
-    return secagg.neighbours(list(peers), hashlib.sha256(label.encode()).digest())
+    return secagg.neighbours(list(peers), _digest(label))
 
 
 def chain(previous: bytes, step: str, contributions: Sequence[Contribution]) -> bytes:
@@ -116,20 +123,19 @@ def contribute(
     label: str,
     chain: bytes = b"",
 ) -> Contribution:
-    """``totals`` and the check total 1 as masked digits, masked with and tagged for
-    this member's neighbours in the step's graph, under keys bound to ``chain``
-    (the lists this site opened before)."""
+    """``totals`` and the check total 1 as masked digits, masked with this member's
+    neighbours in the step's graph and tagged for every other member, under keys
+    bound to ``chain`` (the lists this site opened before)."""
     digits = encode_totals([*np.asarray(totals, dtype=float).tolist(), 1.0])
     modulus = secagg.modulus(len(peers))
     near = graph(peers, label)[me]
-    neighbours = {v: peers[v] for v in (*near, me)}
-    context = label.encode() + b"|" + chain.hex().encode()
-    seeds = site.pairwise_seeds(neighbours, context, me=me)
+    context = _digest(label) + b"|" + chain
+    seeds = site.pairwise_seeds({v: peers[v] for v in (*near, me)}, context, me=me)
     masked = mask_digits(digits, mask_vector(seeds, digits.size, modulus), modulus)
-    keys = site.pairwise_keys(neighbours, b"healthlab-tag", context, me=me)
+    keys = site.pairwise_keys(peers, b"healthlab-tag", context, me=me)
     message = _message(label, me, masked, modulus)
     tags = b"".join(
-        hmac.new(keys[peer], message, hashlib.sha256).digest() for peer in near
+        hmac.new(keys[peer], message, hashlib.sha256).digest() for peer in sorted(keys)
     )
     return Contribution(me, masked, tags, modulus)
 
@@ -183,14 +189,14 @@ def open_sum(
     n_totals: int,
     chain: bytes = b"",
 ) -> list[float]:
-    """The exact sum of the members' totals, after checking every neighbour's tag
+    """The exact sum of the members' totals, after checking every member's tag
     for ``me`` (under ``chain``, the lists this site opened before) and the check
     total.
 
     Refuses (:class:`~healthlab.errors.DataRefused`) unless the contributions are
     exactly one per member of ``peers``, this site's is the one it sent
-    (``own_digest``), every neighbour's carries a valid tag for this site and the
-    masks cancel (every member masked under the same lists).
+    (``own_digest``), every other's carries a valid tag for this site and the
+    masks cancel.
     """
     by_member = {c.member: c for c in contributions}
     if sorted(by_member) != sorted(peers) or len(by_member) != len(contributions):
@@ -198,17 +204,13 @@ def open_sum(
             f"the relayed contributions are from {sorted(by_member)}, not exactly the "
             f"study's members {sorted(peers)}"
         )
-    mesh = graph(peers, label)
-    near = mesh[me]
-    context = label.encode() + b"|" + chain.hex().encode()
-    keys = site.pairwise_keys(
-        {v: peers[v] for v in (*near, me)}, b"healthlab-tag", context, me=me
-    )
+    context = _digest(label) + b"|" + chain
+    keys = site.pairwise_keys(peers, b"healthlab-tag", context, me=me)
     size = (n_totals + 1) * DIGITS
     for member, contribution in sorted(by_member.items()):
         if contribution.digits.size != size:
             raise DataRefused(f"{member}'s contribution has the wrong size")
-        if len(contribution.tags) != len(mesh[member]) * _TAG:
+        if len(contribution.tags) != (len(peers) - 1) * _TAG:
             raise DataRefused(f"{member}'s contribution has the wrong tags")
         if member == me:
             if contribution.digest != own_digest:
@@ -216,9 +218,8 @@ def open_sum(
                     "the relayed copy of this site's contribution differs"
                 )
             continue
-        if member not in near:  # checked by its own neighbours (module docstring)
-            continue
-        start = mesh[member].index(me) * _TAG
+        others = sorted(p for p in peers if p != member)
+        start = others.index(me) * _TAG
         got = contribution.tags[start : start + _TAG]
         want = hmac.new(
             keys[member],
