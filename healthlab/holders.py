@@ -276,7 +276,7 @@ class HolderPatterns:
         self,
         pending: Pending,
         summed: np.ndarray,
-        hidden: Sequence[np.ndarray],
+        hidden: Sequence[str | np.ndarray],
         need: int,
         site: str,
         lift: Callable[[np.ndarray], np.ndarray],
@@ -286,9 +286,10 @@ class HolderPatterns:
         """Refuse unless every pattern this site would release, and every earlier
         pattern of it that sites outside this query may still hold, lies in the
         span of its patterns at least ``need`` sites hold (``summed``: every site's
-        table, summed; ``hidden``: the masks of the cells withheld from this
-        answer; ``enforce`` False: only what :meth:`record` keeps, for a site with
-        nothing to protect from the researcher)."""
+        table, summed; ``hidden``: the labels of the entries withheld from this
+        answer, or row sets whose every cell is withheld; ``enforce`` False: only
+        what :meth:`record` keeps, for a site with nothing to protect from the
+        researcher)."""
         base = self._current(len(pending.full.labels))
         if base.queries != pending.full.queries:
             # another query was answered since this one was prepared: its counts
@@ -297,17 +298,25 @@ class HolderPatterns:
                 f"site {site}: another query was answered while this one waited; "
                 "ask it again"
             )
-        withheld = [
-            np.packbits(lift(np.asarray(m, dtype=bool))).tobytes() for m in hidden
-        ]
-        cells = [
-            (labels, mask)
-            for labels, mask in pending.cells
-            if np.packbits(mask).tobytes() not in withheld
-        ]
+        # a cell is withheld by its labels: a released entry with the same rows
+        # here (all of a site's rows, and its rows missing a column it lacks) is
+        # still released; a bare row set withholds every cell with those rows
+        labels_out = {h for h in hidden if isinstance(h, str)}
+        rows_out = {
+            np.packbits(lift(np.asarray(h, dtype=bool))).tobytes()
+            for h in hidden
+            if not isinstance(h, str)
+        }
+        cells = []
+        for labels, mask in pending.cells:
+            if np.packbits(mask).tobytes() in rows_out:
+                continue
+            still = tuple(label for label in labels if label not in labels_out)
+            if still:
+                cells.append((still, mask))
         released = (
             pending.full
-            if len(cells) == len(pending.cells)
+            if [labels for labels, _ in cells] == [ls for ls, _ in pending.cells]
             else _refine(base, pending.query_hash, pending.participants, cells)
         )
         holders = _holders(pending.full, released, summed, pending.size, modulus)

@@ -108,6 +108,11 @@ class Block:
     required: bool = False
     #: What a refusal for a required block says (no count, no site, no value).
     name: str = ""
+    #: The entries of the answer's subsets that are this block's rows, as
+    #: (subset key, index): withheld with it, and only they (another entry with
+    #: the same rows here is another released cell). Empty: every entry with the
+    #: block's rows.
+    cells: tuple[tuple[str, int], ...] = ()
 
 
 _CHECK_LIMIT = 1e25
@@ -574,7 +579,7 @@ class SiteWork:
                 self.site.holder_patterns.check,
                 self._patterns,
                 summed[self._n_flags + self._n_check :],
-                protected,
+                self._withheld_labels(),
                 need,
                 me,
                 self.site.auditor.lift,
@@ -657,17 +662,53 @@ class SiteWork:
             out.append(self._left)
         return out
 
+    def _withheld(self) -> tuple[set[tuple[str, int]], set[bytes]]:
+        """The subset entries this answer withholds (the suppressed blocks' own
+        entries, the rows left out when their count is withheld), and the row
+        sets of suppressed blocks that do not name their entries."""
+        entries: set[tuple[str, int]] = set()
+        rows: set[bytes] = set()
+        for i in self.suppressed:
+            block = self._blocks[i]
+            if block.cells:
+                entries.update(block.cells)
+            else:
+                rows.add(np.packbits(np.asarray(block.mask, dtype=bool)).tobytes())
+        if self.missing_withheld:
+            left = self._subsets.get(LEFT_OUT, [])
+            entries.update((LEFT_OUT, j) for j in range(len(left)))
+        return entries, rows
+
+    def _withheld_labels(self) -> list[str | np.ndarray]:
+        """What the holder patterns leave out of this answer's cells: the labels
+        of the withheld entries and blocks (:mod:`healthlab.holders`), and the
+        rows of suppressed blocks that do not name their entries."""
+        entries, _ = self._withheld()
+        out: list[str | np.ndarray] = [f"{c}\x1e{j}" for c, j in sorted(entries)]
+        out += [f"block {i}" for i in self.suppressed]
+        out += [
+            np.asarray(self._blocks[i].mask, dtype=bool)
+            for i in self.suppressed
+            if not self._blocks[i].cells
+        ]
+        return out
+
     def _released(self) -> dict[str, list[np.ndarray]]:
         """The subsets this site's answer releases: all but the suppressed blocks'
         (and the rows left out, when their count is withheld)."""
         if not self.suppressed and not self.missing_withheld:
             return self._subsets
-        hidden = {np.packbits(self._blocks[i].mask).tobytes() for i in self.suppressed}
-        return {
-            column: [m for m in masks if np.packbits(m).tobytes() not in hidden]
+        entries, rows = self._withheld()
+        out = {
+            column: [
+                m
+                for j, m in enumerate(masks)
+                if (column, j) not in entries
+                and np.packbits(np.asarray(m, dtype=bool)).tobytes() not in rows
+            ]
             for column, masks in self._subsets.items()
-            if not (self.missing_withheld and column == LEFT_OUT)
         }
+        return {column: masks for column, masks in out.items() if masks}
 
     def _check_peers(self, peers: Mapping[str, bytes]) -> None:
         self._peer_keys = dict(peers)

@@ -211,7 +211,10 @@ def _moments(site: Site, query: Query) -> Totals:
     if by is None:
         return totals, subsets
     ends = [*starts[1:], len(totals)]
-    blocks = [Block(a, b, m) for a, b, m in zip(starts, ends, full, strict=True)]
+    blocks = [
+        Block(a, b, m, cells=tuple((c, g) for c in columns))
+        for g, (a, b, m) in enumerate(zip(starts, ends, full, strict=True))
+    ]
     return totals, subsets, blocks
 
 
@@ -274,7 +277,10 @@ def _counts(site: Site, query: Query) -> Totals:
     # minimum would be one site's count, so every site sends zeros for it
     # (the rows outside a histogram's edges are the last: all rows minus the bins
     # is them, so when too few sites hold such rows they are withheld, protected)
-    blocks = [Block(1 + i, 2 + i, m, empty_released=True) for i, m in enumerate(full)]
+    blocks = [
+        Block(1 + i, 2 + i, m, empty_released=True, cells=tuple((c, i) for c in reads))
+        for i, m in enumerate(full)
+    ]
     return totals, {col: full for col in reads} | _left_out(site, kept), blocks
 
 
@@ -306,7 +312,8 @@ def _missing_counts(site: Site, query: Query) -> Totals:
     full = _full_masks(site, base, [everyone, *masks])
     # each column's missing rows are a cell: held by too few sites, withheld
     blocks = [
-        Block(2 + i, 3 + i, m, empty_released=True) for i, m in enumerate(full[1:])
+        Block(2 + i, 3 + i, m, empty_released=True, cells=((columns[i], 0),))
+        for i, m in enumerate(full[1:])
     ]
     subsets = {"rows": [full[0]]} | {
         c: [m] for c, m in zip(columns, full[1:], strict=True)
