@@ -391,6 +391,8 @@ class Site:
         self._mask_key = mask_key or X25519PrivateKey.generate()
         #: X25519 secrets shared with peers' public keys (static keys: computed once)
         self._shared: dict[bytes, bytes] = {}
+        #: long-lived pair keys (context b""), by peer key, pair and purpose
+        self._pair_keys: dict[tuple[bytes, bytes, bytes, int], bytes] = {}
         self._nonces: set[tuple[str, int]] = set()
         self._state_dir = state_dir
         if units is not None and units not in self._frame.columns:
@@ -1003,7 +1005,7 @@ class Site:
     ) -> dict[str, bytes]:
         """A ``length``-byte secret shared with every other member (X25519 +
         HKDF-SHA256), separate per ``purpose`` (masks, message tags) and
-        ``context``."""
+        ``context``; with no ``context``, a long-lived key, derived once."""
         me = self.name if me is None else me
         out = {}
         for peer, public in sorted(peers.items()):
@@ -1016,12 +1018,18 @@ class Site:
                 )
                 self._shared[public] = shared
             pair = "|".join(sorted((me, peer))).encode()
+            cached = (public, pair, purpose, length)
+            if not context and cached in self._pair_keys:
+                out[peer] = self._pair_keys[cached]
+                continue
             out[peer] = HKDF(
                 algorithm=hashes.SHA256(),
                 length=length,
                 salt=None,
                 info=purpose + b"|" + pair + b"|" + context,
             ).derive(shared)
+            if not context:  # a long-lived key (its uses bind their context)
+                self._pair_keys[cached] = out[peer]
         return out
 
 

@@ -22,8 +22,8 @@ list was forged — its refusals or not, from its own rows, are then answers abo
 them.) Each step's masks and tags are also keyed to a digest of every list the
 site has opened (``chain``) and carry a check total (each member adds 1; the sum
 must be the member count): sites that opened different lists do not cancel, and
-their sum is refused as noise. The tags are O(n) per site (32 bytes and an HKDF
-per member and step); the masks are O(log n).
+their sum is refused as noise. The tags are O(n) per site (32 bytes and an HMAC
+per member and step, under a pair key derived once); the masks are O(log n).
 """
 
 from __future__ import annotations
@@ -89,9 +89,24 @@ def _bytes(digits: np.ndarray, modulus: int = MODULUS) -> bytes:
 
 
 def _message(
-    label: str, member: str, digits: np.ndarray, modulus: int = MODULUS
+    label: str,
+    member: str,
+    digits: np.ndarray,
+    modulus: int = MODULUS,
+    chain: bytes = b"",
 ) -> bytes:
-    return _digest(label) + b"|" + member.encode() + b"|" + _bytes(digits, modulus)
+    """What a tag covers: the step (its label's digest), the lists the member
+    opened before (``chain``), the member and its digits."""
+    return (
+        b"tag|"
+        + _digest(label)
+        + b"|"
+        + chain
+        + b"|"
+        + member.encode()
+        + b"|"
+        + _bytes(digits, modulus)
+    )
 
 
 def _digest(label: str) -> bytes:
@@ -132,8 +147,10 @@ def contribute(
     context = _digest(label) + b"|" + chain
     seeds = site.pairwise_seeds({v: peers[v] for v in (*near, me)}, context, me=me)
     masked = mask_digits(digits, mask_vector(seeds, digits.size, modulus), modulus)
-    keys = site.pairwise_keys(peers, b"healthlab-tag", context, me=me)
-    message = _message(label, me, masked, modulus)
+    # one long-lived tag key per pair (an HKDF per member once a run would be n
+    # per site and step); each tag binds the step and the chain in its message
+    keys = site.pairwise_keys(peers, b"healthlab-tag", b"", me=me)
+    message = _message(label, me, masked, modulus, chain)
     tags = b"".join(
         hmac.new(keys[peer], message, hashlib.sha256).digest() for peer in sorted(keys)
     )
@@ -204,8 +221,7 @@ def open_sum(
             f"the relayed contributions are from {sorted(by_member)}, not exactly the "
             f"study's members {sorted(peers)}"
         )
-    context = _digest(label) + b"|" + chain
-    keys = site.pairwise_keys(peers, b"healthlab-tag", context, me=me)
+    keys = site.pairwise_keys(peers, b"healthlab-tag", b"", me=me)
     size = (n_totals + 1) * DIGITS
     for member, contribution in sorted(by_member.items()):
         if contribution.digits.size != size:
@@ -223,7 +239,7 @@ def open_sum(
         got = contribution.tags[start : start + _TAG]
         want = hmac.new(
             keys[member],
-            _message(label, member, contribution.digits, contribution.modulus),
+            _message(label, member, contribution.digits, contribution.modulus, chain),
             hashlib.sha256,
         ).digest()
         if not hmac.compare_digest(got, want):
