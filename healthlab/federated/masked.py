@@ -89,7 +89,7 @@ def _bytes(digits: np.ndarray, modulus: int = MODULUS) -> bytes:
 
 
 def _message(
-    label: str,
+    step: bytes,
     member: str,
     digits: np.ndarray,
     modulus: int = MODULUS,
@@ -99,7 +99,7 @@ def _message(
     opened before (``chain``), the member and its digits."""
     return (
         b"tag|"
-        + _digest(label)
+        + step
         + b"|"
         + chain
         + b"|"
@@ -126,7 +126,9 @@ def chain(previous: bytes, step: str, contributions: Sequence[Contribution]) -> 
     list (every member's vector, by member)."""
     digest = hashlib.sha256(previous + b"|" + step.encode())
     for c in sorted(contributions, key=lambda c: c.member):
-        digest.update(c.member.encode() + b"|" + bytes.fromhex(c.digest))
+        body = _bytes(c.digits, c.modulus)
+        digest.update(b"%d|%s|%d|" % (len(c.member), c.member.encode(), len(body)))
+        digest.update(body)
     return digest.digest()
 
 
@@ -150,7 +152,7 @@ def contribute(
     # one long-lived tag key per pair (an HKDF per member once a run would be n
     # per site and step); each tag binds the step and the chain in its message
     keys = site.pairwise_keys(peers, b"healthlab-tag", b"", me=me)
-    message = _message(label, me, masked, modulus, chain)
+    message = _message(_digest(label), me, masked, modulus, chain)
     tags = b"".join(
         hmac.new(keys[peer], message, hashlib.sha256).digest() for peer in sorted(keys)
     )
@@ -223,6 +225,8 @@ def open_sum(
         )
     keys = site.pairwise_keys(peers, b"healthlab-tag", b"", me=me)
     size = (n_totals + 1) * DIGITS
+    order = {p: i for i, p in enumerate(sorted(peers))}
+    step = _digest(label)  # once: the label names every member
     for member, contribution in sorted(by_member.items()):
         if contribution.digits.size != size:
             raise DataRefused(f"{member}'s contribution has the wrong size")
@@ -234,12 +238,12 @@ def open_sum(
                     "the relayed copy of this site's contribution differs"
                 )
             continue
-        others = sorted(p for p in peers if p != member)
-        start = others.index(me) * _TAG
+        # this site's place among the member's tags: the others, sorted
+        start = (order[me] - (order[member] < order[me])) * _TAG
         got = contribution.tags[start : start + _TAG]
         want = hmac.new(
             keys[member],
-            _message(label, member, contribution.digits, contribution.modulus, chain),
+            _message(step, member, contribution.digits, contribution.modulus, chain),
             hashlib.sha256,
         ).digest()
         if not hmac.compare_digest(got, want):

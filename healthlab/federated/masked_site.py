@@ -511,7 +511,8 @@ def make_site_app(side: SiteSide, in_clear: Handler | None = None) -> ClientApp:
         prep = _site_prep(context, study)
         key = (site.name, site.content_hash, study.hash, prep)
         if key not in prepared:
-            if len(prepared) >= 64:
+            # one entry per site and study (a simulation runs every site here)
+            if len(prepared) >= 4096:
                 prepared.pop(next(iter(prepared)))
             prepared[key] = local_study(site, study, prep).data(site)
         return prepared[key]
