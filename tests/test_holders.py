@@ -127,6 +127,27 @@ def test_the_rule_is_kept_across_a_restart(tmp_path: Path) -> None:
         encrypted.histogram(sites(), "age", [20, 63, 100])
 
 
+def test_a_memory_in_the_per_site_set_layout_is_refused_not_forgotten(
+    tmp_path: Path,
+) -> None:
+    """A memory written one per set of sites (the layout before one memory over
+    every query) cannot be merged soundly: read as empty it would forget what the
+    site answered, so the site refuses and says what its operator should do."""
+    import json
+
+    a, b = between_sites()
+    old = tmp_path / "a" / "holders-a.json"
+    old.parent.mkdir(parents=True)
+    old.write_text(json.dumps({"a@x,b@y": {"labels": "", "ids": [""]}}))
+    sites = [
+        Site("a", a, state_dir=tmp_path / "a"),
+        Site("b", b, state_dir=tmp_path / "b"),
+    ]
+    with pytest.raises(DisclosureRefused, match="new state directory") as refused:
+        encrypted.histogram(sites, "age", [20, 60, 100])
+    assert not any(ch.isdigit() for ch in str(refused.value).split(":", 1)[-1])
+
+
 def test_margins_are_answered_exactly() -> None:
     """A table by sex, then a histogram of age, where only site a has women over
     80: the (woman, over 80) rows are (woman, 60-80) - (man, 60-80) + (man, over
