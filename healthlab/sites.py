@@ -108,6 +108,17 @@ class DisclosurePolicy:
         a grid the site can apply without knowing the column's units: a bisection
         then learns a value to within 1–10 % of it. ``None`` accepts any edge (a
         loud opt-out: the bisection then pins one patient's value).
+    count_iterates:
+        ``True`` (the default): a model's iterates count against the functions a
+        set of this site's rows may carry. At every iterate of a GLM (but the
+        Gaussian's) or a Cox model the weights change with β, so each iterate sums
+        new functions of the rows' values; an honest Poisson path's seven iterates
+        over a 6-row cell gave its true ages. So a small set of rows (a site of a
+        few rows, a rare level) is refused once the iterates' functions reach its
+        unknowns, and the fit stops with :class:`~healthlab.errors.TooFewRows`.
+        ``False`` answers every iterate the Newton path needs (exact models on a
+        site of 6 rows): a loud opt-in for an owner who accepts that the path's
+        totals may determine a small set's values.
     min_contributors:
         ``None`` (the default, every hospital site): the per-site rules above. A
         number: this is a *citizen site* (one person's device, a few rows) — see
@@ -125,6 +136,7 @@ class DisclosurePolicy:
     grid: Mapping[str, float] | tuple[tuple[str, float], ...] = ()
     grid_digits: int | None = 2
     min_contributors: int | None = None
+    count_iterates: bool = True
 
     @classmethod
     def citizen(cls, min_contributors: int = 10, **options: Any) -> DisclosurePolicy:
@@ -191,6 +203,14 @@ class DisclosurePolicy:
             _logger.warning(
                 "INSECURE DisclosurePolicy(grid_digits=None): bin edges and bounds "
                 "are taken at any precision, so bisecting one pins a patient's value"
+            )
+        if not isinstance(self.count_iterates, bool):
+            raise InvalidInput("count_iterates must be True or False")
+        if not self.count_iterates:
+            _logger.warning(
+                "INSECURE DisclosurePolicy(count_iterates=False): every iterate of a "
+                "model is answered, so a Newton path's totals may determine the "
+                "values of a small set of this site's rows"
             )
         if self.min_rows < 1 or self.min_sites < 1 or self.min_difference < 1:
             raise InvalidInput("min_rows, min_sites and min_difference must be >= 1")
@@ -411,6 +431,10 @@ class Site:
         #: per set of rows (packed), the functions of its values models summed
         #: over it, and its columns' unknowns (healthlab.encrypted.models)
         self.released_functions: dict[bytes, tuple[Any, Any]] = {}
+        #: per set of rows (packed), the weighted functions every model's iterates
+        #: after its origin summed over it (each new iterate: its functions and
+        #: the count, weighted by that iterate's weights)
+        self.weighted_functions: dict[bytes, int] = {}
 
     @classmethod
     def from_sql(

@@ -39,7 +39,7 @@ from healthlab.encrypted.models import (
     parse_formula,
 )
 from healthlab.encrypted.protocol import Query, run_query
-from healthlab.errors import DisclosureRefused, InvalidInput, TooFewSites
+from healthlab.errors import DisclosureRefused, InvalidInput, TooFewRows, TooFewSites
 
 RTOL = 1e-8  # params and standard errors (the issue's bound)
 DEV_RTOL = 1e-9  # deviance
@@ -127,6 +127,19 @@ def splits(
 #: the 6-row site takes a model of 4-5 parameters (DataSHIELD's 0.33 per row would
 #: refuse it); the exactness of the pooled fit is what these tests measure
 SMALL_SITES = DisclosurePolicy(max_param_ratio=1.0)
+#: ... and where a site is too small to carry the Newton path's weighted
+#: functions (refused by default, by name), the owners' loud opt-out
+UNCOUNTED = DisclosurePolicy(max_param_ratio=1.0, count_iterates=False)
+#: the splits whose small sites refuse a model's iterates by default: 6 rows, or
+#: spector's 16 a site (GPA and TUCE over 16 patients: 28 unknowns, and the
+#: fifth iterate brings the functions to 29)
+ITERATES_REFUSED = {
+    ("rossi logit", "six_rows"),
+    ("breast_cancer logit", "six_rows"),
+    ("spector logit", "iid"),
+    ("star98 binomial with trials", "six_rows"),
+    ("rossi poisson with offset", "six_rows"),
+}
 
 CASES: dict[str, dict[str, Any]] = {
     "rossi logit": {
@@ -235,14 +248,22 @@ def test_a_pooled_glm_equals_statsmodels_on_the_pooled_rows(
         case.get("indicators", ()),
         case.get("iid_sites", 3),
     )[split]
-    sites = [Site(k, f, policy=SMALL_SITES) for k, f in frames.items()]
-    fit = encrypted.glm(
-        sites,
-        case["formula"],
-        case["family"],
-        offset=case.get("offset"),
-        trials=case.get("trials"),
-    )
+
+    def fit_with(policy: DisclosurePolicy) -> Any:
+        return encrypted.glm(
+            [Site(k, f, policy=policy) for k, f in frames.items()],
+            case["formula"],
+            case["family"],
+            offset=case.get("offset"),
+            trials=case.get("trials"),
+        )
+
+    if (name, split) in ITERATES_REFUSED:
+        with pytest.raises(TooFewRows, match="functions of the values"):
+            fit_with(SMALL_SITES)
+        fit = fit_with(UNCOUNTED)
+    else:
+        fit = fit_with(SMALL_SITES)
     ref = reference(case)
     ref_params = pd.Series(ref.params).reindex(fit.params.index)
     ref_bse = pd.Series(ref.bse).reindex(fit.params.index)
@@ -363,6 +384,10 @@ def test_a_term_only_one_site_holds_is_refused() -> None:
     with pytest.raises(TooFewSites, match="term 'PSI'") as refused:
         encrypted.logit(sites, "GRADE ~ GPA + PSI")
     assert "14" not in str(refused.value)  # b's count of them
+    # without PSI the model is answered (16-18 patients a site carry its
+    # iterates only where the owners opted out of counting them)
+    opted_out = DisclosurePolicy(max_param_ratio=1.0, count_iterates=False)
+    sites = [Site(k, f, policy=opted_out) for k, f in frames.items()]
     fit = encrypted.logit(sites, "GRADE ~ GPA + TUCE")
     assert fit.converged
 
@@ -552,11 +577,13 @@ def test_a_term_of_fewer_than_k_rows_at_a_site_is_refused() -> None:
     with pytest.raises(DisclosureRefused, match="fewer than 3"):
         encrypted.logit(sites, "arrest ~ age + rare")
     for frame in frames:
-        # six at each site, three of them arrested: every cell of rare by the
-        # outcome holds 0 or at least 3 of a site's rows (the score sums them)
+        # twenty at each site, ten of them arrested: every cell of rare by the
+        # outcome holds 0 or at least 3 of a site's rows (the score sums them),
+        # and the cell carries the Newton path's weighted functions of age (six
+        # a site would not: test_an_honest_newton_path_does_not_release_…)
         frame["rare"] = 0.0
-        arrested = frame.index[frame["arrest"] == 1][:3]
-        free = frame.index[frame["arrest"] == 0][:3]
+        arrested = frame.index[frame["arrest"] == 1][:10]
+        free = frame.index[frame["arrest"] == 0][:10]
         frame.loc[[*arrested, *free], "rare"] = 1.0
     fit = encrypted.logit(
         [Site(f"h{i}", f) for i, f in enumerate(frames)], "arrest ~ age + rare"
@@ -1099,10 +1126,10 @@ def test_a_discrete_covariates_counts_do_not_come_out_of_the_iterates() -> None:
 
 
 def test_counting_each_iterates_weighted_functions_refuses_as_they_add_up() -> None:
-    """The rule for the iterates' weighted functions (not switched on: README,
-    "What this leaves"): a 6-row set of one whole-number column with 2 functions
-    passes at the origin and is refused once (e + 1)(t + 1) − 1 reaches its
-    unknowns; unweighted (Gaussian) iterates add none."""
+    """The rule for the iterates' weighted functions: a 6-row set of one
+    whole-number column with 2 functions passes at the origin and is refused once
+    (e + 1)(t + 1) − 1 reaches its unknowns; unweighted (Gaussian) iterates add
+    none."""
     site = threshold_sites()[0]
     load = glm_models.FunctionLoad(
         rows=6, unknowns=0.75, functions=2, weighted_unknowns=0.75
@@ -1111,3 +1138,144 @@ def test_counting_each_iterates_weighted_functions_refuses_as_they_add_up() -> N
     glm_models.check_functions(site, [load], answered=5, weighted=False)
     with pytest.raises(DisclosureRefused, match="functions of the values"):
         glm_models.check_functions(site, [load], answered=1, weighted=True)
+
+
+def _rare_cell_sites(policy: DisclosurePolicy) -> tuple[list[Site], np.ndarray]:
+    """Two sites of 200 patients each, and a rare exposure 3 patients at each hold
+    (the cell a model's coefficient is about): 6 whole-number ages in 30-80."""
+    rng = np.random.default_rng(11)
+    frames, cell = [], []
+    for _ in range(2):
+        age = rng.integers(30, 81, 203).astype(float)
+        rare = np.r_[np.zeros(200), np.ones(3)]
+        y = rng.poisson(np.exp(-2.0 + 0.03 * age + 0.5 * rare)).astype(float)
+        y[200:] = np.maximum(y[200:], 1.0)  # the cell's outcomes are not 0
+        frames.append(pd.DataFrame({"y": y, "rare": rare, "age": age}))
+        cell.extend(age[200:])
+    sites = [Site(f"h{i}", f, policy=policy) for i, f in enumerate(frames)]
+    return sites, np.sort(np.asarray(cell))
+
+
+def _walk_newton_path(
+    sites: list[Site], spec: dict[str, Any], steps: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The researcher's honest Newton path from zero, driven by hand: each
+    answered iterate's β and pooled information matrix."""
+    keys = KeyHolder()
+    p = len(spec["terms"])
+    beta = np.zeros(p)
+    origin = hand_query(spec, [0.0] * p, "origin", None)
+    out = _Layout(p).unpack(run_query(sites, origin, _iterate, keys=keys).totals)
+    path = [(beta, out["H"])]
+    for _ in range(steps):
+        step = beta + np.linalg.solve(out["H"], out["g"])
+        run = run_query(
+            sites,
+            hand_query(spec, step.tolist(), "newton", beta.tolist()),
+            _iterate,
+            keys=keys,
+        )
+        beta, out = step, _Layout(p).unpack(run.totals)
+        path.append((beta, out["H"]))
+    return path
+
+
+def test_an_honest_newton_path_does_not_release_a_small_cells_values() -> None:
+    """B3, the attack the second review mounted: a Poisson model ``y ~ rare +
+    age`` along its own honest Newton path. Each iterate's information matrix
+    holds Σ μᵢ and Σ μᵢ·ageᵢ over the 6 rare patients, with μᵢ = exp(β₀ + β₁ +
+    β₂·ageᵢ) and β₂ changing every iterate: new functions of the 6 ages each
+    time. With the weighted count switched off (the owner's loud opt-out), the
+    path's totals pick the true ages out of candidates that differ by one year
+    in one patient; by default every site refuses the first step after the
+    origin (3 rows a site cannot carry the functions), so only the origin's
+    Σ age over 6 patients leaves."""
+    parsed = parse_formula("y ~ rare + age")
+    spec = {
+        **model_spec(),
+        "formula": parsed.text,
+        "family": "poisson",
+        "terms": design_columns(parsed, {}),
+    }
+
+    # the attack, where the owner switched the count off
+    sites, true_ages = _rare_cell_sites(DisclosurePolicy(count_iterates=False))
+    path = _walk_newton_path(sites, spec, steps=5)
+
+    def residual(ages: np.ndarray, iterates: int = len(path)) -> float:
+        """How far the path's (rare, rare) and (rare, age) entries are from
+        those the candidate ages would give (the cell's factor exp(β₀ + β₁)
+        known from β)."""
+        worst = 0.0
+        for beta, h in path[:iterates]:
+            weight = np.exp(beta[0] + beta[1] + beta[2] * ages)
+            model = np.array([weight.sum(), (weight * ages).sum()])
+            seen = np.array([h[1, 1], h[1, 2]])
+            worst = max(worst, float(np.max(np.abs(model - seen) / np.abs(seen))))
+        return worst
+
+    candidates = [true_ages]
+    for i in range(6):
+        for shift in (-1.0, 1.0):
+            other = true_ages.copy()
+            other[i] += shift
+            candidates.append(other)
+    # the same Σ age as the truth (the origin's total): only the iterates tell
+    for i in range(5):
+        other = true_ages.copy()
+        other[i] -= 1.0
+        other[i + 1] += 1.0
+        candidates.append(other)
+    scores = [residual(c) for c in candidates]
+    assert scores[0] < 1e-12
+    assert min(scores[1:]) > 1e3 * max(scores[0], 1e-16)
+    # the origin alone cannot tell them apart: the iterates are the leak
+    assert all(residual(c, iterates=1) < 1e-12 for c in candidates[-5:])
+
+    # the default: refused at the first step, by every site, by name
+    sites, _ = _rare_cell_sites(DisclosurePolicy())
+    with pytest.raises(TooFewRows, match="functions of the values"):
+        _walk_newton_path(sites, spec, steps=1)
+    assert all(s.model_iterations(next(iter(s._iterates))) == 1 for s in sites)
+
+
+def test_the_iterates_weighted_functions_add_up_across_models() -> None:
+    """Two models' Newton paths over the same 8 patients: each iterate after the
+    origin adds e + 1 weighted functions, whichever model asks it. Model A's
+    first step (2 + 3 = 5 functions of 6 unknowns) passes, and asking that same
+    iterate again adds nothing; model B's first step over the same set brings
+    them to 8 and is refused."""
+    site = threshold_sites()[0]
+    load = glm_models.FunctionLoad(
+        rows=8, unknowns=0.75, functions=2, weighted_unknowns=0.75, key=b"set"
+    )
+    glm_models.check_functions(site, [load], answered=1, weighted=True)
+    glm_models.check_functions(site, [load], answered=1, weighted=True, new=False)
+    assert site.weighted_functions[b"set"] == 3
+    with pytest.raises(TooFewRows, match="8 functions"):
+        glm_models.check_functions(site, [load], answered=1, weighted=True)
+    # a design of levels alone (weights constant on each set) adds none
+    fixed = glm_models.FunctionLoad(
+        rows=8, unknowns=0.75, functions=2, weighted_unknowns=0.75, varying=False
+    )
+    glm_models.check_functions(site, [fixed], answered=6, weighted=True)
+
+
+def test_a_sample_hospitals_small_cell_refuses_the_path_naming_its_terms() -> None:
+    """The sample cohort: site_c's 900 patients hold 5 smokers with diabetes.
+    ``cvd_event_10y ~ age + smoker + diabetes`` is refused at its fifth iterate
+    (the 5 ages under four iterates' weights: the rows are too few), by the
+    terms whose shared rows they are and never by their count; without
+    ``diabetes`` the model is answered."""
+    from pathlib import Path
+
+    cohort = Path(__file__).resolve().parents[1] / "data_samples" / "cohort"
+    frames = {p.stem: pd.read_csv(p) for p in sorted(cohort.glob("site_*.csv"))}
+    with pytest.raises(TooFewRows) as refused:
+        encrypted.logit(frames, "cvd_event_10y ~ age + smoker + diabetes")
+    message = str(refused.value)
+    assert "site site_c" in message
+    assert "terms 'smoker' and 'diabetes' share" in message
+    assert "5" not in message and "900" not in message  # no count of rows
+    fit = encrypted.logit(frames, "cvd_event_10y ~ age + smoker + sbp")
+    assert fit.converged

@@ -48,6 +48,7 @@ from healthlab.encrypted.keys import KeyHolder
 from healthlab.encrypted.models import (
     MAX_DOMAIN,
     FunctionLoad,
+    FunctionSet,
     ModelFormula,
     ModelKind,
     ModelRows,
@@ -56,6 +57,7 @@ from healthlab.encrypted.models import (
     _design,
     _indicators,
     _pairs,
+    _shared_rows,
     agree_levels,
     design_columns,
     design_patterns,
@@ -320,16 +322,28 @@ def _cox_rows(
         site,
         frame,
         [
-            (
+            FunctionSet(
                 r & indicator[:, a] & indicator[:, b],
                 vectors[a] * vectors[b],
                 column_reads[a] | column_reads[b],
+                name=f"those at risk in interval {k + 1} among "
+                + _shared_rows(designed[a], designed[b]),
             )
-            for r in risk
+            for k, r in enumerate(risk)
             for a in range(q)
             for b in range(a, q)
         ]
-        + [(events & indicator[:, a], vectors[a], column_reads[a]) for a in range(q)],
+        # the events' Σ x: the same at every iterate
+        + [
+            FunctionSet(
+                events & indicator[:, a],
+                vectors[a],
+                column_reads[a],
+                False,
+                f"the events among the rows of term {designed[a]!r}",
+            )
+            for a in range(q)
+        ],
         set().union(*column_reads),
     )
     # ... and each such set must be held by enough sites (else its totals are one

@@ -488,6 +488,13 @@ class _ModelRows:
         ]
 
 
+def _shared_rows(a: str, b: str) -> str:
+    """The rows two design columns share, in words."""
+    if a == b:
+        return f"the rows of term {a!r}"
+    return f"the rows terms {a!r} and {b!r} share"
+
+
 def _pairs(p: int) -> list[tuple[int, int]]:
     """The pairs of design columns, i < j."""
     return [(i, j) for i in range(p) for j in range(i + 1, p)]
@@ -615,9 +622,18 @@ def _iterate(site: Site, query: Query) -> Totals:
     subsets = rows.subsets
     answered = site.model_iterations(key)
     if not flags.any():
-        # one iterate's functions (see check_functions: the iterates' weighted
-        # ones are not counted yet — README, "What this leaves")
-        check_functions(site, rows.loads, answered, weighted=False)
+        # the functions this iterate adds, with the model's earlier iterates'
+        # (a GLM's weights other than the Gaussian's, and a Cox model's risk-set
+        # weights, change with β: each iterate adds weighted functions)
+        # (a discrete design's weights are a function of each row's pattern:
+        # what its iterates solve for are the patterns' counts, audited below)
+        weighted = (
+            spec.get("family") != "gaussian"
+            and site.policy.count_iterates
+            and not rows.patterns
+        )
+        new = site.model_iterate(key, beta) is None
+        check_functions(site, rows.loads, answered, weighted=weighted, new=new)
     # once the iterates' totals number a discrete design's patterns, they solve
     # for each pattern's count: from then on every pattern is audited
     if rows.patterns and rows.domain <= equations(p) * (answered + 1):
@@ -711,20 +727,23 @@ def _model_rows(
             site,
             frame,
             [
-                (
+                FunctionSet(
                     indicator[:, i] & indicator[:, j],
                     vectors[i] * vectors[j],
                     column_reads[i] | column_reads[j],
+                    name=_shared_rows(terms[i], terms[j]),
                 )
                 for i in range(p)
                 for j in range(i, p)
             ]
             # ... and the score each column's value over its rows with y ≠ 0
             + [
-                (
+                FunctionSet(
                     indicator[:, i] & (y * trials != 0),
                     vectors[i],
                     column_reads[i],
+                    False,  # Σ x y: the same at every iterate
+                    f"the rows of term {terms[i]!r} with the outcome not 0",
                 )
                 for i in range(p)
             ],
@@ -888,6 +907,20 @@ def _functions(vectors: np.ndarray) -> int:
 
 
 @dataclass(frozen=True)
+class FunctionSet:
+    """A set of a site's rows a model's totals sum functions of the values over:
+    its rows, the function vectors (one row each), the value columns they read,
+    whether they change with β (``varying``: else they are the same at every
+    iterate, as the score's Σ x·y) and what it is, in words (for a refusal)."""
+
+    rows: np.ndarray
+    vectors: np.ndarray
+    reads: frozenset[str] | set[str]
+    varying: bool = True
+    name: str = "a set of rows"
+
+
+@dataclass(frozen=True)
 class FunctionLoad:
     """A set of a site's rows and the functions of its values a model sums over
     it: ``rows`` (its size), ``unknowns`` (per row, of the functions' own value
@@ -903,6 +936,12 @@ class FunctionLoad:
     key: bytes = b""
     vectors: np.ndarray = field(default_factory=lambda: np.zeros((0, _PROBES)))
     columns: tuple[tuple[str, float], ...] = ()
+    #: whether the iterates' weights read a value column: else they are a
+    #: function of the rows' levels alone (audited as the design's patterns), and
+    #: an iterate adds no function of the values
+    varying: bool = True
+    #: the set, in words
+    name: str = "a set of rows"
 
 
 def _column_unknowns(
@@ -926,26 +965,30 @@ def _unknowns(frame: pd.DataFrame, rows: np.ndarray, columns: set[str]) -> float
 def function_loads(
     site: Site,
     frame: pd.DataFrame,
-    sets: Sequence[tuple[np.ndarray, np.ndarray, frozenset[str]]],
+    sets: Sequence[FunctionSet],
     weighted: set[str],
     kept: pd.DataFrame | None = None,
 ) -> list[FunctionLoad]:
     """The function loads of a model's sets at a site (see :func:`check_functions`).
 
     ``sets``: (rows, the function vectors summed over them, the columns those
-    read); entries of one set are combined. ``weighted``: the value columns the
-    iterates' weights read (every one in the linear predictor): at β ≠ 0 each
-    function is weighted by them. Sets of fewer than k rows are the auditor's."""
-    grouped: dict[bytes, tuple[np.ndarray, list[np.ndarray], set[str]]] = {}
-    for rows, vectors, reads in sets:
+    read); entries of one set are combined (named by the first). ``weighted``:
+    the value columns the iterates' weights read (every one in the linear
+    predictor): at β ≠ 0 each varying function is weighted by them. Sets of fewer
+    than k rows are the auditor's."""
+    grouped: dict[bytes, tuple[np.ndarray, list[np.ndarray], set[str], list[Any]]]
+    grouped = {}
+    for entry_set in sets:
+        rows = entry_set.rows
         if rows.sum() < site.policy.min_rows:
             continue
         key = np.packbits(rows).tobytes()
-        entry = grouped.setdefault(key, (rows, [], set()))
-        entry[1].append(np.atleast_2d(vectors))
-        entry[2].update(reads)
+        entry = grouped.setdefault(key, (rows, [], set(), [False, entry_set.name]))
+        entry[1].append(np.atleast_2d(entry_set.vectors))
+        entry[2].update(entry_set.reads)
+        entry[3][0] = entry[3][0] or entry_set.varying
     loads = []
-    for rows, parts, columns in grouped.values():
+    for rows, parts, columns, (varies, name) in grouped.values():
         vectors = np.concatenate(parts)
         full = _full_masks(site, kept if kept is not None else frame, [rows])[0]
         loads.append(
@@ -959,13 +1002,19 @@ def function_loads(
                 np.packbits(full).tobytes(),
                 vectors,
                 tuple(sorted(_column_unknowns(frame, rows, columns).items())),
+                bool(weighted) and varies,
+                name,
             )
         )
     return loads
 
 
 def check_functions(
-    site: Site, loads: Sequence[FunctionLoad], answered: int, weighted: bool
+    site: Site,
+    loads: Sequence[FunctionLoad],
+    answered: int,
+    weighted: bool,
+    new: bool = True,
 ) -> None:
     """Refuse a model iterate whose totals, with the model's earlier ones, sum too
     many functions of the values over too few of this site's rows.
@@ -978,9 +1027,14 @@ def check_functions(
     :data:`WHOLE_NUMBER_UNKNOWN`. At β ≠ 0 every function (the count too) comes
     weighted by the iterate's weights, new functions of the row's values: after
     ``t`` answered iterates a set has carried ``(e + 1)(t + 1) − 1`` (a 6-row
-    set's ages came out of an honest Poisson path's seven iterates). A Gaussian
-    model's weights are constant (``weighted`` False): its iterates add none."""
+    set's ages came out of an honest Poisson path's seven iterates), and every
+    model's iterates over the same set add up (``site.weighted_functions``; an
+    iterate asked again, ``new`` False, adds nothing). A Gaussian model's weights
+    are constant (``weighted`` False), and so are those of a design of levels
+    alone, or a set's Σ x y: their iterates add none. The owner's loud opt-out,
+    ``DisclosurePolicy(count_iterates=False)``, switches the weighted count off."""
     released = site.released_functions
+    spent = site.weighted_functions
     for load in loads:
         functions, unknowns = load.functions, load.unknowns
         # with what this site's earlier models summed over the same set (five
@@ -995,15 +1049,21 @@ def check_functions(
             vectors, columns = load.vectors, dict(load.columns)
         if load.key and not answered:  # once per model (its origin)
             released[load.key] = (vectors, tuple(sorted(columns.items())))
-        if weighted and answered:
-            functions = (load.functions + 1) * (answered + 1) - 1
+        if weighted and answered and load.varying:
+            # the origin's functions, every iterate's before this one (of any
+            # model), and this one's
+            earlier = spent.get(load.key, 0) if load.key else 0
+            functions = functions + earlier + (load.functions + 1) * int(new)
             unknowns = load.weighted_unknowns
+            if load.key and new:  # counted when asked: a refusal counts too
+                spent[load.key] = earlier + load.functions + 1
         if functions and load.rows * max(unknowns, WHOLE_NUMBER_UNKNOWN) <= functions:
             raise TooFewRows(
                 f"site {site.name}: the model sums {functions} functions of the "
-                "values over a set of rows too small for them (its values would be "
-                "determined); use fewer transforms or interactions of one column, a "
-                "coarser category, or leave out a site this small"
+                f"values over {load.name}, too few rows at this site for them (their "
+                "values would be determined); use fewer transforms or interactions "
+                "of one column, a coarser category or time grid, or leave out a "
+                "site this small"
             )
 
 
