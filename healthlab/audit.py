@@ -53,10 +53,11 @@ after 190 answered queries takes 0.97–1.06× a fresh one (it was 4.4×).
 from __future__ import annotations
 
 import base64
+import contextlib
 import itertools
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,15 @@ _SET_FIELDS = ("site_sets", "site_sets_refused", "dp_answers")
 #: Above this many candidate small sets, the auditor refuses rather than test them.
 MAX_CANDIDATES = 200_000
 _TOL = 1e-8
+
+
+def _combine(columns: np.ndarray) -> np.ndarray:
+    """One hash per row of several columns' value hashes (FNV-style, mod 2⁶⁴)."""
+    key = np.full(len(columns), 0xCBF29CE484222325, dtype=np.uint64)
+    prime = np.uint64(0x100000001B3)
+    for j in range(columns.shape[1]):
+        key = (key ^ columns[:, j]) * prime
+    return key
 
 
 def _pack(mask: np.ndarray) -> bytes:
@@ -637,6 +647,7 @@ class Auditor:
         unit_name: str = "rows",
         row_keys: np.ndarray | None = None,
         columns: Sequence[str] | None = None,
+        column_keys: np.ndarray | None = None,
     ) -> None:
         #: The auditor's row space: the site's current rows, then the rows of
         #: earlier data no longer held (see :meth:`_carry_over`).
@@ -658,6 +669,20 @@ class Auditor:
             self.units = pd.factorize(self._unit_keys)[0]
         self._identity = True
         self.columns = None if columns is None else sorted(columns)
+        #: per place of the row space, a hash of each column's value (columns in
+        #: ``columns`` order), and whether the place was made by a data update:
+        #: a query that reads only columns in which an updated row equals a row
+        #: no longer held sums the same values as that row did (see :meth:`lift`)
+        self._space_columns: np.ndarray | None = None
+        self._born = np.zeros(n_rows, dtype=bool)
+        if column_keys is not None and self.columns is not None:
+            keys_2d = np.asarray(column_keys, dtype=np.uint64)
+            if keys_2d.shape == (n_rows, len(self.columns)):
+                self._space_columns = keys_2d.copy()
+        self._columns_dirty = True
+        #: the columns the query being audited reads (None: not known)
+        self._reading: frozenset[str] | None = None
+        self._remapped: dict[frozenset[str], np.ndarray | None] = {}
         #: why the memory cannot follow the data (then every query is refused)
         self.frozen: str | None = None
         self.unit_name = unit_name
@@ -694,6 +719,10 @@ class Auditor:
                 _decode(stored["space_keys"], np.uint64),
                 _decode_units(stored.get("space_units")),
             )
+            stored_columns = self._stored_columns(self.n_rows)
+            if stored_columns is not None:
+                self._space_columns, self._born = stored_columns
+                self._columns_dirty = False
         old_n = int(stored.get("space_rows", stored.get("n_rows", self.n_rows)))
         for field in _FIELDS:
             target = getattr(self, field)
@@ -745,6 +774,21 @@ class Auditor:
                 position[i] = len(old_keys) + len(extra)
                 extra.append(key)
         keys = np.concatenate([old_keys, np.asarray(extra, dtype=np.uint64)])
+        # each place's column hashes: the earlier places' from the stored file,
+        # the new ones' from the current rows (an older memory without the file
+        # cannot say which values an updated row shares with a removed one)
+        old_columns = self._stored_columns(len(old_keys))
+        current_columns = self._space_columns
+        self._space_columns = None
+        if old_columns is not None and current_columns is not None:
+            space_columns = np.zeros((len(keys), current_columns.shape[1]), np.uint64)
+            space_columns[: len(old_keys)] = old_columns[0]
+            space_columns[position] = current_columns
+            born = np.zeros(len(keys), dtype=bool)
+            born[: len(old_keys)] = old_columns[1]
+            born[len(old_keys) :] = True
+            self._space_columns, self._born = space_columns, born
+        self._columns_dirty = True
         units = None
         if self._unit_keys is not None:
             old_units = _decode_units(stored.get("space_units"))
@@ -771,19 +815,105 @@ class Auditor:
             self._space_units = units
             self.units = pd.factorize(units)[0]
 
-    def lift(self, mask: np.ndarray) -> np.ndarray:
+    @contextlib.contextmanager
+    def reading(self, columns: Iterable[str] | None) -> Iterator[None]:
+        """Audit within this block as a query that reads ``columns`` (None: not
+        known, every updated row a place of its own)."""
+        before = self._reading
+        self._reading = None if columns is None else frozenset(map(str, columns))
+        try:
+            yield
+        finally:
+            self._reading = before
+
+    def lift(
+        self, mask: np.ndarray, columns: Iterable[str] | None = None
+    ) -> np.ndarray:
         """A mask over the site's current rows, as a mask over the row space (which
-        keeps earlier rows no longer held)."""
-        return self._lift(mask)
+        keeps earlier rows no longer held), for a query reading ``columns`` (or
+        those of the :meth:`reading` block)."""
+        if columns is None:
+            return self._lift(mask)
+        with self.reading(columns):
+            return self._lift(mask)
 
     def _lift(self, mask: np.ndarray) -> np.ndarray:
-        """A mask over the site's current rows, as a mask over the row space."""
+        """A mask over the site's current rows, as a mask over the row space.
+
+        A row a data update made (an edit, an added patient) is a place of its
+        own; but for a query whose columns it shares, value for value, with a row
+        no longer held (the same patient before an edit in a column the query
+        does not read), it sums exactly what that row did, and takes that row's
+        place — else "all rows" before and after an edit elsewhere plus one
+        removal would differ in three places, and the difference be the removed
+        patient's values. Each such earlier row stands for one current row."""
         mask = np.asarray(mask, dtype=bool)
-        if self._identity:
-            return mask
+        position = self._positions()
+        if position is None:
+            if self._identity:
+                return mask
+            position = self.position
         lifted = np.zeros(self.n_rows, dtype=bool)
-        lifted[self.position] = mask
+        lifted[position] = mask
         return lifted
+
+    def _positions(self) -> np.ndarray | None:
+        """Where each current row sits for the query being audited, when an
+        updated row takes the place of an earlier one (else None)."""
+        columns = self._reading
+        if (
+            columns is None
+            or self._space_columns is None
+            or self.units is not None
+            or self.columns is None
+            or self._identity
+        ):
+            return None
+        if columns in self._remapped:
+            return self._remapped[columns]
+        result: np.ndarray | None = None
+        if columns <= set(self.columns):
+            index = [self.columns.index(c) for c in sorted(columns)]
+            held = np.zeros(self.n_rows, dtype=bool)
+            held[self.position] = True
+            ghosts = np.flatnonzero(~held)
+            fresh = np.flatnonzero(self._born[self.position])
+            if len(ghosts) and len(fresh):
+                keys = _combine(self._space_columns[:, index])
+                free: dict[int, list[int]] = {}
+                for place in ghosts.tolist():
+                    free.setdefault(int(keys[place]), []).append(place)
+                position = self.position.copy()
+                order = fresh[np.argsort(self.position[fresh], kind="stable")]
+                moved = False
+                for row in order.tolist():
+                    slots = free.get(int(keys[self.position[row]]))
+                    if slots:
+                        position[row] = slots.pop(0)
+                        moved = True
+                result = position if moved else None
+        self._remapped[columns] = result
+        return result
+
+    @property
+    def _columns_path(self) -> Path | None:
+        if self.path is None:
+            return None
+        return self.path.with_name(self.path.stem + ".columns.npy")
+
+    def _stored_columns(self, places: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The stored column hashes of ``places`` places and which of them a data
+        update made, when the file holds exactly that layout."""
+        path = self._columns_path
+        if path is None or self.columns is None or not path.exists():
+            return None
+        try:
+            stored = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None
+        if stored.dtype != np.uint64 or stored.shape != (places, len(self.columns) + 1):
+            return None
+        return stored[:, :-1].copy(), stored[:, -1].astype(bool)
 
     def _save(self) -> None:
         if self.path is None:
@@ -803,6 +933,22 @@ class Auditor:
             }
         if self.frozen:
             return  # the stored memory stays as it was, for its operator
+        columns_path = self._columns_path
+        if (
+            columns_path is not None
+            and self._columns_dirty
+            and self._space_columns is not None
+            and len(self._space_columns) == self.n_rows
+        ):
+            table = np.column_stack(
+                [self._space_columns, self._born.astype(np.uint64)]
+            ).astype(np.uint64)
+            tmp_columns = columns_path.with_name(columns_path.name + ".tmp")
+            fd = os.open(tmp_columns, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                np.save(handle, table, allow_pickle=False)
+            os.replace(tmp_columns, columns_path)
+            self._columns_dirty = False
         data = {
             "content_hash": self.content_hash,
             "n_rows": self.n_rows,

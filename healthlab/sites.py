@@ -8,11 +8,12 @@ summarize against the disclosure policy — which only the site's owner sets.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import (
 )
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from pandas.util import hash_array
 
 from healthlab.audit import Auditor
 from healthlab.datafiles import read_data_file
@@ -407,6 +409,8 @@ class Site:
                 name, "reading its data file", (), read_table, self._path
             )
         self._content_hash = content_hash
+        #: the columns the computation under way has read (see :meth:`reads`)
+        self._reads: set[str] | None = None
         # a deployed site keeps one key across processes; a simulated one makes its own
         self._mask_key = mask_key or X25519PrivateKey.generate()
         #: X25519 secrets shared with peers' public keys (static keys: computed once)
@@ -693,6 +697,24 @@ class Site:
         return len(others)
 
     # ------------------------------------------------------------------- rows
+    @contextlib.contextmanager
+    def reads(self) -> Iterator[set[str]]:
+        """The columns a computation in this block reads from the site's rows
+        (:meth:`rows` notes them): the auditor matches an updated row to an earlier
+        one by these columns' values only (:meth:`Auditor.lift`)."""
+        before = self._reads
+        self._reads = set()
+        try:
+            yield self._reads
+        finally:
+            self._reads = before
+
+    def note_reads(self, columns: Iterable[str]) -> None:
+        """Count ``columns`` among those the computation under way reads (a
+        computation that reuses rows it prepared earlier names them again)."""
+        if self._reads is not None:
+            self._reads.update(str(c) for c in columns)
+
     def rows(
         self,
         columns: Sequence[str],
@@ -709,6 +731,7 @@ class Site:
         refused unless ``dropna``; then those rows are dropped and counted too.
         """
         wanted = list(dict.fromkeys([*columns, *population]))
+        self.note_reads(wanted)
         missing = [c for c in wanted if c not in self._frame.columns]
         if missing:
             raise DataRefused(
@@ -808,6 +831,7 @@ class Site:
         min_rows: int = 0,
         researcher: str | None = None,
         differencing: bool = True,
+        columns: Iterable[str] | None = None,
     ) -> None:
         """Refuse a query before anything is computed unless every combination of
         its answers with what this site answered ``researcher`` before summarizes
@@ -822,7 +846,18 @@ class Site:
         no linear combination of it and the subsets answered before may isolate
         fewer than that (or the policy's ``min_difference``). A refused query is
         remembered too. Messages name the rule, never counts of rows or values.
+        ``columns``: those the query reads (:meth:`reads`), for the auditor.
         """
+        with self.auditor.reading(columns):
+            self._check_subsets(subsets, min_rows, researcher, differencing)
+
+    def _check_subsets(
+        self,
+        subsets: Mapping[str, Iterable[np.ndarray]],
+        min_rows: int,
+        researcher: str | None,
+        differencing: bool,
+    ) -> None:
         if self._policy.is_citizen:
             self._check_citizen(subsets, researcher)
             return
@@ -865,12 +900,17 @@ class Site:
         self.auditor.check_record(self.name, researcher, masks)
 
     def refuse_subsets(
-        self, subsets: Mapping[str, Iterable[np.ndarray]], *, researcher: str | None
+        self,
+        subsets: Mapping[str, Iterable[np.ndarray]],
+        *,
+        researcher: str | None,
+        columns: Iterable[str] | None = None,
     ) -> None:
         """Remember ``subsets`` as refused (a refusal the audit did not make, e.g. a
         total the encoding cannot carry): later queries are audited against them."""
         masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
-        self.auditor.refuse(researcher, masks)
+        with self.auditor.reading(columns):
+            self.auditor.refuse(researcher, masks)
 
     def check_protected(
         self,
@@ -878,13 +918,15 @@ class Site:
         protected: Iterable[np.ndarray] = (),
         *,
         researcher: str | None = None,
+        columns: Iterable[str] | None = None,
     ) -> None:
         """Refuse answering ``subsets`` when a combination of them and what this
         site answered before would give a protected set's statistic: the site's rows
         of a group that too few sites held to be pooled (kept from before, or
         ``protected`` by this query)."""
         masks = [np.asarray(m, dtype=bool) for ms in subsets.values() for m in ms]
-        self.auditor.check_protected(self.name, researcher, masks, protected)
+        with self.auditor.reading(columns):
+            self.auditor.check_protected(self.name, researcher, masks, protected)
 
     def model_iterate(self, model: str, beta: np.ndarray) -> Any | None:
         """What this site stored when it answered ``model`` at ``beta`` (None: it
@@ -941,6 +983,7 @@ class Site:
         researcher: str | None,
         protected: Iterable[np.ndarray] = (),
         participants: Sequence[str] = (),
+        columns: Iterable[str] | None = None,
     ) -> None:
         """Record an answered query's subsets, the sets it protects and its
         participant set as audited (:meth:`check_participants`), and a log line.
@@ -952,7 +995,8 @@ class Site:
             if not (self._policy.is_citizen and str(column).startswith(VALUES_OF))
             for m in ms
         ]
-        self.auditor.record(researcher, masks, protected)
+        with self.auditor.reading(columns):
+            self.auditor.record(researcher, masks, protected)
         if participants:
             self.auditor.record_sites(researcher, participants)
         sizes = [int(m.sum()) for m in masks if m.any()]
@@ -986,11 +1030,16 @@ class Site:
         # changes (appended, removed or edited rows), see Auditor._carry_over;
         # columns in name order, numbers as float64, so a reordered file or an int
         # column read back as float hashes alike
-        keys = _row_keys(self._frame)
+        keys, column_keys = _value_hashes(self._frame)
         columns = sorted(str(c) for c in self._frame.columns)
         if self._units is None:
             return Auditor(
-                self.n_rows, self.content_hash, path, row_keys=keys, columns=columns
+                self.n_rows,
+                self.content_hash,
+                path,
+                row_keys=keys,
+                columns=columns,
+                column_keys=column_keys,
             )
         persons = self._frame[self._units].astype(str)
         return Auditor(
@@ -1115,9 +1164,9 @@ def logged_queries(
     return [(h, members) for r, h, members in _LOCAL_LOG if r == who]
 
 
-def _row_keys(frame: pd.DataFrame) -> np.ndarray | None:
-    """A hash per row of its values, independent of column order and of an
-    integer column's dtype; None when a cell cannot be hashed (lists…)."""
+def _canonical(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows' values, columns in name order, numbers as float64 and everything
+    else as text: a reordered file or an int column read back as float alike."""
     canonical = pd.DataFrame(index=range(len(frame)))
     for name in sorted(frame.columns, key=str):
         column = frame[name].reset_index(drop=True)
@@ -1127,10 +1176,24 @@ def _row_keys(frame: pd.DataFrame) -> np.ndarray | None:
             canonical[str(name)] = column.astype("float64")
         else:
             canonical[str(name)] = column.astype(str)
+    return canonical
+
+
+def _value_hashes(
+    frame: pd.DataFrame,
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A hash per row of its values (independent of column order and of an integer
+    column's dtype), and one per row and column of each value (columns in name
+    order); both None when a cell cannot be hashed (lists…)."""
+    canonical = _canonical(frame)
     try:
-        return pd.util.hash_pandas_object(canonical, index=False).to_numpy()
+        rows = pd.util.hash_pandas_object(canonical, index=False).to_numpy()
+        parts = [hash_array(canonical[c].to_numpy()) for c in canonical.columns]
     except TypeError:
-        return None
+        return None, None
+    if not parts:
+        return rows, None
+    return rows, np.column_stack(parts).astype(np.uint64)
 
 
 def read_table(path: Path) -> pd.DataFrame:

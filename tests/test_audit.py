@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -399,6 +400,90 @@ def test_an_update_that_rewrites_the_file_still_follows_the_rows(
         after = after[list(reversed(after.columns))]
     with pytest.raises(DisclosureRefused, match="site a: together with"):
         encrypted.describe(sites_on_disk(tmp_path, after), ["age"])
+
+
+def edited_elsewhere(frame: pd.DataFrame, change: str) -> pd.DataFrame:
+    """One site's data after an edit in columns the queries below do not read
+    (bmi, glucose), with one patient removed, or with the rows shuffled too."""
+    out = frame.copy()
+    out.loc[12, "bmi"] += 1.0
+    if change == "two columns edited":
+        out.loc[12, "glucose"] += 0.5
+    if change == "two patients edited":
+        out.loc[13, "bmi"] -= 1.0
+    out = out.drop(index=7).reset_index(drop=True)
+    if change == "shuffled":
+        out = out.sample(frac=1.0, random_state=3).reset_index(drop=True)
+    return out
+
+
+ELSEWHERE = [
+    "one column edited",
+    "two columns edited",
+    "two patients edited",
+    "shuffled",
+]
+
+
+@pytest.mark.parametrize("change", ELSEWHERE)
+@pytest.mark.parametrize("ask", ["all rows", "by sex", "histogram"])
+def test_an_edit_elsewhere_and_a_removal_at_each_site_are_not_differenced(
+    tmp_path: Path, change: str, ask: str
+) -> None:
+    """The attack README listed as open (it was a strict xfail): between two
+    answers each of two sites edits a patient's bmi (never asked about) and
+    removes another. An edited row was a new place in the auditor's row space, so
+    "all rows" before and after differed in three places at each site (the
+    removed row, the edited row before and after) and passed, though the
+    difference of the ages was the two removed patients' ages. A row an update
+    made now takes the place of a row no longer held whose values it shares in
+    every column the query reads: the difference is one place, refused — for
+    groups and bins too, with the rows shuffled, two columns or two patients
+    edited."""
+
+    def query(sites: list[Site]) -> Any:
+        if ask == "by sex":
+            return encrypted.describe(sites, ["age"], by="sex")
+        if ask == "histogram":
+            return encrypted.histogram(sites, "age", [0, 50, 60, 200])
+        return encrypted.describe(sites, ["age"])
+
+    a, b = cohort(0), cohort(1)
+    query(sites_on_disk(tmp_path, a, b))
+    after = sites_on_disk(
+        tmp_path, edited_elsewhere(a, change), edited_elsewhere(b, change)
+    )
+    with pytest.raises(DisclosureRefused, match="together with"):
+        query(after)
+
+
+def test_an_edit_in_a_column_not_asked_leaves_its_answers_answered(
+    tmp_path: Path,
+) -> None:
+    """A hospital corrects one patient's bmi. "All rows'" age and sbp, and by sex,
+    asked again: the same rows' same values, answered exactly (an edited row was
+    a new place, and this was refused). The memory persists with its column
+    hashes (audit-a.columns.npy, readable by the site's user only). The edited
+    column over those rows is refused: the difference would be that patient's
+    change."""
+    before = cohort(0)
+    first = encrypted.describe(sites_on_disk(tmp_path, before), ["age", "sbp"])
+    encrypted.describe(sites_on_disk(tmp_path, before), ["age"], by="sex")
+    fixed = before.copy()
+    fixed.loc[12, "bmi"] += 1.0
+    again = encrypted.describe(sites_on_disk(tmp_path, fixed), ["age", "sbp"])
+    pd.testing.assert_frame_equal(again.to_frame(), first.to_frame())
+    encrypted.describe(sites_on_disk(tmp_path, fixed), ["age"], by="sex")
+    stored = tmp_path / "a" / "audit-a.columns.npy"
+    assert stored.exists() and stored.stat().st_mode & 0o077 == 0
+    with pytest.raises(DisclosureRefused, match="together with"):
+        encrypted.describe(sites_on_disk(tmp_path, fixed), ["age", "bmi"])
+    # a later update (another removal) still follows both earlier layouts
+    with pytest.raises(DisclosureRefused, match="together with"):
+        encrypted.describe(
+            sites_on_disk(tmp_path, fixed.drop(index=3).reset_index(drop=True)),
+            ["age", "sbp"],
+        )
 
 
 @pytest.mark.parametrize("change", ["a column added", "list cells"])

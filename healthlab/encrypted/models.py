@@ -555,9 +555,9 @@ def _kind(family: Any) -> ModelKind:
 
 
 #: Per site, its prepared rows of the models it answers (the latest few).
-_PREPARED: weakref.WeakKeyDictionary[Site, dict[tuple[str, int], ModelRows]] = (
-    weakref.WeakKeyDictionary()
-)
+_PREPARED: weakref.WeakKeyDictionary[
+    Site, dict[tuple[str, int], tuple[ModelRows, frozenset[str]]]
+] = weakref.WeakKeyDictionary()
 
 
 @computation("glm")
@@ -583,12 +583,15 @@ def _iterate(site: Site, query: Query) -> Totals:
         )
     cache = _PREPARED.setdefault(site, {})
     version = (key, id(site._frame))
-    rows = cache.get(version)
-    if rows is None:
-        rows = kind.prepare(site, spec, formula, terms)
+    prepared = cache.get(version)
+    if prepared is None:
+        with site.reads() as reads:
+            rows = kind.prepare(site, spec, formula, terms)
         while len(cache) >= 4:  # the latest few models
             cache.pop(next(iter(cache)))
-        cache[version] = rows
+        cache[version] = prepared = (rows, frozenset(reads))
+    rows, read = prepared
+    site.note_reads(read)  # the columns this iterate reads, as its first did
     flags = rows.flags
     n, weight = rows.counts()
     if not flags.any():

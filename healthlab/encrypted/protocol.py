@@ -288,7 +288,14 @@ class SiteWork:
             scales = _noise_scales(site, query)
             self.noise_sd = self._budget.noise_multiplier * scales
             site.check_privacy(self.researcher, self._budget.noise_multiplier)
-        totals, subsets, *rest = at_site(site.name, what, columns, compute, site, query)
+        with site.reads() as reads:
+            totals, subsets, *rest = at_site(
+                site.name, what, columns, compute, site, query
+            )
+        #: the columns the computation read: the auditor matches a row a data
+        #: update made to an earlier one by these columns' values
+        self._reads: frozenset[str] | None = frozenset(reads) if reads else None
+        self._lift = functools.partial(site.auditor.lift, columns=self._reads)
         if len(totals) != query.n_totals:
             raise HealthLabError(
                 f"site {site.name} computed {len(totals)} totals, expected "
@@ -302,6 +309,7 @@ class SiteWork:
             subsets,
             researcher=self.researcher,
             differencing=self._budget is None,
+            columns=self._reads,
         )
         if self.noise_sd is not None:  # the site's own noise, on every total
             totals = (
@@ -311,14 +319,18 @@ class SiteWork:
         try:  # a total the encoding cannot carry: refused now, and remembered
             _encode(site.name, totals)
         except DataRefused:
-            site.refuse_subsets(subsets, researcher=self.researcher)
+            site.refuse_subsets(
+                subsets, researcher=self.researcher, columns=self._reads
+            )
             raise
         self.__totals = [float(t) for t in totals]
         self._subsets = subsets
         self._blocks: list[Block] = list(cast("list[Block]", rest[0])) if rest else []
         self._check = cast("Check | None", rest[1]) if len(rest) > 1 else None
         if self._blocks and site.policy.is_citizen:  # whatever its rows
-            site.refuse_subsets(subsets, researcher=self.researcher)
+            site.refuse_subsets(
+                subsets, researcher=self.researcher, columns=self._reads
+            )
             raise DisclosureRefused(
                 f"site {site.name} is a citizen's site: it answers no groups, bins "
                 "or cells (a group's holder count is the number of citizens in it); "
@@ -369,7 +381,7 @@ class SiteWork:
             []
             if citizen
             else [(f"block {i}", b.mask) for i, b in enumerate(self._blocks)],
-            site.auditor.lift,
+            self._lift,
             site.auditor.n_rows,
             len(query.participants),
         )
@@ -569,6 +581,7 @@ class SiteWork:
             released,
             protected,
             researcher=self.researcher,
+            columns=self._reads,
         )
         # after the protected sets (whose refusal says more): the patterns
         if self._holds_patterns:
@@ -582,7 +595,7 @@ class SiteWork:
                 self._withheld_labels(),
                 need,
                 me,
-                self.site.auditor.lift,
+                self._lift,
                 self._modulus,
                 self._enforces,
             )
@@ -781,6 +794,7 @@ class SiteWork:
             kind=self.query.kind,
             researcher=self.researcher,
             protected=self._protected(),
+            columns=self._reads,
         )
         self.site.holder_patterns.record(self._patterns)
         return Contribution(
