@@ -43,8 +43,10 @@ was checked here, one held only outside is unchanged and still held by as many.
 Sites therefore join or leave an asked set only in groups that are a pooled result
 themselves (a subset of an asked set is refused: its sites cannot count the others).
 
-What this leaves (README, "Not proven"): a column's few-value sets and a model's
-design patterns (the auditor's, at each site) are not cells here.
+A column's few-value sets and a discrete design's patterns are cells too, keyed
+by the value (the design row's values), so the same cell is named alike at every
+site: a value only one site holds is that site's count and sums, however the
+moments or a model's iterates solve for it.
 """
 
 from __future__ import annotations
@@ -67,10 +69,6 @@ __all__ = ["TABLE_VALUES", "HolderPatterns", "Pending", "buckets"]
 #: fingerprint digits (each site's fingerprint once per pattern)
 TABLE_VALUES = 5
 _DIGIT = 1 << 16
-#: cells a site leaves out of its patterns: functions of its own rows'
-#: values (a column's few values, a design's patterns), indexed by what the site
-#: found, so the same index names different cells at different sites
-EXCLUDED = ("values of ", "patterns of the design")
 _TOL = 1e-9
 
 
@@ -255,7 +253,6 @@ class HolderPatterns:
         labelled = [
             (f"{column}\x1e{i}", np.asarray(m, dtype=bool))
             for column, masks in subsets.items()
-            if not str(column).startswith(EXCLUDED)
             for i, m in enumerate(masks)
         ] + [(label, np.asarray(m, dtype=bool)) for label, m in extra]
         cells: dict[bytes, tuple[list[str], np.ndarray]] = {}

@@ -445,3 +445,103 @@ def test_a_withheld_cell_with_a_released_cells_rows_is_withheld_alone() -> None:
     full = [Site("b", b), Site("c", c), Site("d", d)]
     assert int(encrypted.missing(full, ["bmi"])["of"].iloc[0]) == 75
     assert encrypted.describe(full, ["bmi"], dropna=True).loc["count", "bmi"] == 75
+
+
+# ------------------------------------- a column's few values, a design's patterns
+def _staged(name: str, stages: list[int], seed: int) -> Site:
+    rng = np.random.default_rng(seed)
+    n = len(stages)
+    frame = pd.DataFrame(
+        {
+            "stage": np.asarray(stages, dtype=float),
+            "age": rng.normal(60, 8, n).round(),
+            "sex": np.arange(n) % 2,
+        }
+    )
+    return Site(name, frame)
+
+
+@pytest.mark.parametrize("ask", ["describe", "by sex", "corr"])
+def test_a_value_only_one_site_holds_is_not_released_through_the_moments(
+    ask: str,
+) -> None:
+    """stage takes 0, 1 and 2, and only site a has stage-2 patients (5 of them).
+    n, Σ stage and Σ stage² give each value's pooled count — the count of stage 2
+    was site a's own (n₂ = (Σx² − Σx) / 2 came out as a's count), as were Σ age over
+    them through the cross moments. A column's value sets are holder cells keyed
+    by the value, alike at every site: refused. Both sites holding stage 2:
+    answered."""
+
+    def query(sites: list[Site]) -> pd.DataFrame:
+        if ask == "by sex":
+            return encrypted.describe(sites, ["stage"], by="sex")
+        if ask == "corr":
+            return encrypted.corr(sites, ["stage", "age"])
+        return encrypted.describe(sites, ["stage"])
+
+    lone = [
+        _staged("a", [0] * 40 + [1] * 30 + [2] * 12, 1),
+        _staged("b", [0] * 50 + [1] * 25, 2),
+    ]
+    with pytest.raises(HeldByTooFewSites, match="site a"):
+        query(lone)
+    both = [
+        _staged("a", [0] * 40 + [1] * 30 + [2] * 12, 1),
+        _staged("b", [0] * 50 + [1] * 25 + [2] * 10, 2),
+    ]
+    answer = query(both)
+    if ask == "describe":
+        pooled = pd.concat([s._frame for s in both])
+        assert answer.loc["mean", "stage"] == pytest.approx(pooled["stage"].mean())
+
+
+def test_an_outcome_value_only_one_site_holds_is_refused_in_a_model() -> None:
+    """A Poisson outcome of 0, 1 and 2 where only site a has a 2: the score's
+    Σ x·y over the outcome's value sets gave a's sums over its y = 2 patients.
+    Refused; with a 2 at both sites, answered."""
+    rng = np.random.default_rng(3)
+
+    def frame(twos: int) -> pd.DataFrame:
+        age = rng.normal(60, 8, 80).round()
+        y = (rng.random(80) < 0.3).astype(float)
+        y[:twos] = 2.0
+        return pd.DataFrame({"y": y, "age": age})
+
+    with pytest.raises(HeldByTooFewSites):
+        encrypted.glm([Site("a", frame(5)), Site("b", frame(0))], "y ~ age", "poisson")
+    fit = encrypted.glm(
+        [Site("a", frame(5)), Site("b", frame(4))], "y ~ age", "poisson"
+    )
+    assert fit.converged
+
+
+def test_a_design_pattern_only_one_site_holds_is_refused() -> None:
+    """y ~ g + x + z over three 0/1 covariates: 8 design patterns, each held by
+    12 patients at site a; site b holds every pattern but (1, 1, 1), yet every
+    pair of covariates' shared rows at both. A discrete design's iterates solve
+    for each pattern's pooled count (healthlab.encrypted.models.design_patterns),
+    and (1, 1, 1)'s was site a's own: the patterns are holder cells keyed by the
+    design row's values. Refused; with every pattern at both sites, answered."""
+    rng = np.random.default_rng(5)
+
+    def frame(skip: bool) -> pd.DataFrame:
+        rows = [
+            pattern
+            for pattern in itertools.product([0.0, 1.0], repeat=3)
+            if not (skip and pattern == (1.0, 1.0, 1.0))
+            for _ in range(12)
+        ]
+        out = pd.DataFrame(rows, columns=["g", "x", "z"])
+        out["y"] = (rng.random(len(out)) < 0.4).astype(float)
+        return out
+
+    with pytest.raises(HeldByTooFewSites):
+        encrypted.glm(
+            [Site("a", frame(False)), Site("b", frame(True))],
+            "y ~ g + x + z",
+            "poisson",
+        )
+    fit = encrypted.glm(
+        [Site("a", frame(False)), Site("b", frame(False))], "y ~ g + x + z", "poisson"
+    )
+    assert fit.converged

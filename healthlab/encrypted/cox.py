@@ -66,6 +66,7 @@ from healthlab.encrypted.models import (
     model_frame,
     pair_supports,
     parse_formula,
+    pattern_labels,
     raw_columns,
     value_functions,
     value_sets,
@@ -157,8 +158,9 @@ class _CoxRows:
     #: the other row sets a total sums over, each to be held by enough sites
     #: (events within a column's rows, pairs' shared rows, risk sets within them)
     shared: list[tuple[np.ndarray, str]]
-    #: a discrete design's patterns within each risk set (see design_patterns)
-    patterns: list[np.ndarray]
+    #: a discrete design's patterns within each risk set (see design_patterns),
+    #: by name (pattern_labels, and the interval)
+    patterns: dict[str, np.ndarray]
     domain: int
     #: the functions of the values each set carries (see check_functions)
     loads: list[FunctionLoad]
@@ -295,7 +297,7 @@ def _cox_rows(
             [empty] * k,
             grid.size,
             [(empty, name) for name in _shared_names(terms, k)],
-            [],
+            {},
             0,
             [],
         )
@@ -357,6 +359,7 @@ def _cox_rows(
     shared += [r & g for r in risk for g in groups]
     # a discrete design's patterns, counted within each risk set
     patterns, domain = design_patterns(raw_columns(formula, frame), MAX_DOMAIN)
+    names = pattern_labels(formula, frame, patterns)
     full = _full_masks(site, kept, [np.ones(len(kept), dtype=bool)])
     subsets = (
         {c: full for c in reads}
@@ -383,7 +386,17 @@ def _cox_rows(
                 strict=True,
             )
         ),
-        _full_masks(site, kept, [r & m for r in risk for m in patterns]),
+        dict(
+            zip(
+                [
+                    f"{n} at risk in interval {j + 1}"
+                    for j in range(len(risk))
+                    for n in names
+                ],
+                _full_masks(site, kept, [r & m for r in risk for m in patterns]),
+                strict=True,
+            )
+        ),
         domain * k,
         loads,
     )

@@ -70,6 +70,7 @@ from healthlab.encrypted.stats import (
     levels,
     population_columns,
     receipt_for,
+    value_key,
 )
 from healthlab.errors import (
     DataRefused,
@@ -437,8 +438,9 @@ class _ModelRows:
     pairs: list[np.ndarray]
     #: each design column's rows with y ≠ 0 (a 0/1 outcome: with y = 1, y = 0)
     outcomes: list[np.ndarray]
-    #: a discrete design's patterns (over all the site's rows; see design_patterns)
-    patterns: list[np.ndarray]
+    #: a discrete design's patterns (over all the site's rows; see
+    #: design_patterns), by the design row's values (pattern_labels)
+    patterns: dict[str, np.ndarray]
     domain: int
     #: the functions of the values each set carries (see check_functions)
     loads: list[FunctionLoad]
@@ -506,7 +508,7 @@ class ModelRows(Protocol):
     flags: np.ndarray
     dropped: int
     subsets: dict[str, list[np.ndarray]]
-    patterns: list[np.ndarray]
+    patterns: dict[str, np.ndarray]
     domain: int
     loads: list[FunctionLoad]
 
@@ -640,7 +642,9 @@ def _iterate(site: Site, query: Query) -> Totals:
     # once the iterates' totals number a discrete design's patterns, they solve
     # for each pattern's count: from then on every pattern is audited
     if rows.patterns and rows.domain <= equations(p) * (answered + 1):
-        subsets = subsets | {"patterns of the design": rows.patterns}
+        subsets = subsets | {
+            f"{DESIGN_PATTERN}{name}": [mask] for name, mask in rows.patterns.items()
+        }
     return totals, subsets, rows.blocks(len(totals), terms), check
 
 
@@ -778,13 +782,14 @@ def _model_rows(
         if flags.any()
         else design_patterns(raw_columns(formula, frame), MAX_DOMAIN)
     )
+    pattern_names = pattern_labels(formula, frame, patterns)
     # the outcome enters the score times every design column: Σ x_j (y − μ). A
     # 0/1 outcome makes that a sum over the rows with y = 1 among column j's —
     # the one arrested patient's age came out of an origin answer. So an outcome
     # of few values has its value sets within every column's rows audited too,
     # and each value's rows must be held by enough sites (else the score is one
     # site's sums over them)
-    outcome_sets: list[np.ndarray] = []
+    outcome_sets: dict[str, list[np.ndarray]] = {}
     if not flags.any():
         raw = np.asarray(kept[formula.response], dtype=float)
         seen = np.unique(raw)
@@ -794,16 +799,15 @@ def _model_rows(
             columns = [np.ones(len(raw), dtype=bool)] + [
                 indicator[:, i] for i in range(p)
             ]
-            outcome_sets = [(raw == v) & rows for v in seen for rows in columns]
+            outcome_sets = {
+                value_key(formula.response, v): [(raw == v) & rows for rows in columns]
+                for v in seen
+            }
     subsets = (
         {c: full for c in reads}
         | {"model terms": _full_masks(site, kept, supports)}
         | levels_of
-        | (
-            {f"values of {formula.response}": _full_masks(site, kept, outcome_sets)}
-            if outcome_sets
-            else {}
-        )
+        | {key: _full_masks(site, kept, sets) for key, sets in outcome_sets.items()}
         | _left_out(site, kept)
     )
     return _ModelRows(
@@ -818,7 +822,7 @@ def _model_rows(
         column_rows,
         pair_rows,
         outcome_rows,
-        _full_masks(site, kept, patterns),
+        dict(zip(pattern_names, _full_masks(site, kept, patterns), strict=True)),
         domain,
         loads,
     )
@@ -1120,6 +1124,25 @@ def raw_columns(formula: ModelFormula, frame: pd.DataFrame) -> np.ndarray:
     return np.column_stack(parts) if parts else np.zeros((len(frame), 0))
 
 
+#: The subset key prefix of a discrete design's pattern (followed by its values).
+DESIGN_PATTERN = "patterns of the design: "
+
+
+def pattern_labels(
+    formula: ModelFormula, frame: pd.DataFrame, patterns: Sequence[np.ndarray]
+) -> list[str]:
+    """Each pattern by its design row's values (the raw columns' own, numbers as
+    floats): the same pattern is named alike at every site, whatever values
+    another site holds (a category's codes are each site's own)."""
+    names = []
+    for mask in patterns:
+        first = int(np.flatnonzero(mask)[0])
+        parts = [f"{c}={float(frame[c].iloc[first])!r}" for c in formula.numeric]
+        parts += [f"{c}={str(frame[c].iloc[first])!r}" for c in formula.categorical]
+        names.append(", ".join(parts))
+    return names
+
+
 def equations(p: int) -> int:
     """The totals of one iterate that change with β and not with the outcome:
     XᵀWX and the score's Σ x μ."""
@@ -1164,9 +1187,8 @@ def value_sets(
         values = np.asarray(kept[column], dtype=float)
         seen = np.unique(values)
         if seen.size <= functions:
-            out[f"values of {column}"] = _full_masks(
-                site, kept, [values == v for v in seen]
-            )
+            for v in seen:  # a key per value: the same cell alike at every site
+                out[value_key(column, v)] = _full_masks(site, kept, [values == v])
     return out
 
 

@@ -50,7 +50,7 @@ from healthlab.errors import (
 )
 from healthlab.receipts import Receipt, build_receipt
 from healthlab.site_data import at_site, numeric, numeric_column
-from healthlab.sites import LEFT_OUT, Site, as_sites
+from healthlab.sites import LEFT_OUT, VALUES_OF, Site, as_sites
 
 if TYPE_CHECKING:
     from healthlab.ledger.signing import SignedQuery
@@ -198,24 +198,37 @@ def _moments(site: Site, query: Query) -> Totals:
     # column of 2 (3) values give each value's count, and Σxy the sums of the
     # others over them — so its value sets (within each group) are subsets too
     # (a column whose values all differ is a measurement, whatever their number)
+    # — one subset key per value, its entries by group, so that the holder
+    # patterns name the same cell alike at every site (a value one site alone
+    # holds is that site's count and sums: healthlab/holders.py)
     few = 2 if spec["order"] == 1 else 3
     raw = values + center
+    value_keys: list[str] = []
     for j, column in enumerate(columns):
         if np.unique(raw[:256, j]).size > few:  # a measurement: no full pass
             continue
         seen = np.unique(raw[:, j])
         if seen.size <= few and seen.size < len(raw):
-            subsets[f"values of {column}"] = _full_masks(
-                site, kept, [m & (raw[:, j] == v) for m in masks for v in seen]
-            )
+            for v in seen:
+                key = value_key(column, v)
+                subsets[key] = _full_masks(
+                    site, kept, [m & (raw[:, j] == v) for m in masks]
+                )
+                value_keys.append(key)
     if by is None:
         return totals, subsets
     ends = [*starts[1:], len(totals)]
     blocks = [
-        Block(a, b, m, cells=tuple((c, g) for c in columns))
+        Block(a, b, m, cells=tuple((c, g) for c in [*columns, *value_keys]))
         for g, (a, b, m) in enumerate(zip(starts, ends, full, strict=True))
     ]
     return totals, subsets, blocks
+
+
+def value_key(column: str, value: float) -> str:
+    """The subset key of a column's rows of one value (a few-value column's
+    value set): the same at every site for the same value."""
+    return f"{VALUES_OF}{column} = {float(value)!r}"
 
 
 #: Largest centre of second moments, or bound, a site accepts: its square times a
