@@ -432,13 +432,9 @@ class Site:
         #: per model, per iterate a Newton step starts from: the smallest step
         #: fraction asked from it, and whether a step from it was answered
         self._steps: dict[str, dict[bytes, tuple[float, bool]]] = {}
-        #: per set of rows (packed), the functions of its values models summed
-        #: over it, and its columns' unknowns (healthlab.encrypted.models)
-        self.released_functions: dict[bytes, tuple[Any, Any]] = {}
-        #: per set of rows (packed), the weighted functions every model's iterates
-        #: after its origin summed over it (each new iterate: its functions and
-        #: the count, weighted by that iterate's weights)
-        self.weighted_functions: dict[bytes, int] = {}
+        #: the functions of its values every model summed, on the atoms of every
+        #: set of rows they summed over (healthlab.encrypted.models.FunctionAtoms)
+        self._function_atoms: Any = None
 
     @classmethod
     def from_sql(
@@ -697,6 +693,16 @@ class Site:
         return len(others)
 
     # ------------------------------------------------------------------- rows
+    @property
+    def function_atoms(self) -> Any:
+        """What this site's models summed over its rows, on the atoms of their
+        sets (:class:`healthlab.encrypted.models.FunctionAtoms`)."""
+        if self._function_atoms is None:
+            from healthlab.encrypted.models import FunctionAtoms
+
+            self._function_atoms = FunctionAtoms(self.n_rows)
+        return self._function_atoms
+
     @contextlib.contextmanager
     def reads(self) -> Iterator[set[str]]:
         """The columns a computation in this block reads from the site's rows

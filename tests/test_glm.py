@@ -23,6 +23,7 @@ import pytest
 import statsmodels.api as sm
 import statsmodels.formula.api as smf
 from lifelines.datasets import load_rossi
+from scipy import special
 from sklearn.datasets import load_breast_cancer, load_diabetes
 
 from healthlab import DisclosurePolicy, Site, encrypted
@@ -1256,18 +1257,29 @@ def test_an_honest_newton_path_does_not_release_a_small_cells_values() -> None:
 
 
 def test_the_iterates_weighted_functions_add_up_across_models() -> None:
-    """Two models' Newton paths over the same 8 patients: each iterate after the
-    origin adds e + 1 weighted functions, whichever model asks it. Model A's
-    first step (2 + 3 = 5 functions of 6 unknowns) passes, and asking that same
-    iterate again adds nothing; model B's first step over the same set brings
-    them to 8 and is refused."""
+    """Two models' Newton paths over the same 8 patients (whole-number ages: 6
+    unknowns): the origin's 2 functions of age, and each iterate after it e + 1
+    weighted ones (the count among them), whichever model asks it. Model A's
+    first step (2 + 3 = 5 functions) passes, and asking that same iterate again
+    adds nothing; model B's first step over the same set brings them to 8 and is
+    refused."""
     site = threshold_sites()[0]
+    rows = np.zeros(site.n_rows, dtype=bool)
+    rows[:8] = True
+    probes = np.linspace(1.0, 2.0, glm_models._PROBES)
     load = glm_models.FunctionLoad(
-        rows=8, unknowns=0.75, functions=2, weighted_unknowns=0.75, key=b"set"
+        rows=8,
+        unknowns=0.75,
+        functions=2,
+        weighted_unknowns=0.75,
+        key=np.packbits(rows).tobytes(),
+        vectors=np.vstack([probes, probes**2]),
+        columns=(("age", 0.75),),
+        weighted_columns=("age",),
     )
+    glm_models.check_functions(site, [load], answered=0, weighted=True)
     glm_models.check_functions(site, [load], answered=1, weighted=True)
     glm_models.check_functions(site, [load], answered=1, weighted=True, new=False)
-    assert site.weighted_functions[b"set"] == 3
     with pytest.raises(TooFewRows, match="8 functions"):
         glm_models.check_functions(site, [load], answered=1, weighted=True)
     # a design of levels alone (weights constant on each set) adds none
@@ -1295,3 +1307,97 @@ def test_a_sample_hospitals_small_cell_refuses_the_path_naming_its_terms() -> No
     assert "5" not in message and "900" not in message  # no count of rows
     fit = encrypted.logit(frames, "cvd_event_10y ~ age + smoker + sbp")
     assert fit.converged
+
+
+# ----------------------- the third review: differences of sets (all refused)
+def _rare_frames(seed: int = 11) -> list[pd.DataFrame]:
+    """Two sites of 200 patients and a rare level 3 at each hold (level "a",
+    which sorts first: the reference level of C(grp))."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for _ in range(2):
+        age = rng.integers(30, 81, 203).astype(float)
+        rare = np.r_[np.zeros(200), np.ones(3)]
+        y = rng.poisson(np.exp(-2.0 + 0.03 * age + 0.5 * rare)).astype(float)
+        y[200:] = np.maximum(y[200:], 1.0)
+        frames.append(
+            pd.DataFrame(
+                {"y": y, "rare": rare, "age": age, "grp": np.where(rare == 1, "a", "b")}
+            )
+        )
+    return frames
+
+
+def test_a_rare_reference_level_is_counted_as_the_difference_it_is() -> None:
+    """The rare cell as the reference level of ``C(grp)``: the design's sets are
+    all rows and grp = b, each large, and the cell is their difference — its Σμ,
+    Σμ·age, Σμ·age² at every iterate, which gave its 6 ages. Every function is
+    followed over the sets it was summed over, and the cell they isolate carries
+    it: refused by default; answered where the owners opted out."""
+    formula = "y ~ C(grp) + age + C(grp):age"
+    with pytest.raises(TooFewRows, match="functions of the values"):
+        encrypted.glm(
+            [Site(f"h{i}", f) for i, f in enumerate(_rare_frames())], formula, "poisson"
+        )
+    sites = [Site(f"h{i}", f, policy=UNCOUNTED) for i, f in enumerate(_rare_frames())]
+    assert encrypted.glm(sites, formula, "poisson").converged
+
+
+def test_two_models_a_population_apart_are_counted_on_their_difference() -> None:
+    """A Gaussian model over all rows, then the same over the rows with a lab
+    value — missing for exactly the 6 rare patients: the two origins' XᵀX
+    differ by the 6 patients' sums of 1, √a, a, a², a^1.5 … (8 functions; their
+    ages came out). Each model alone is answered; the second after the first is
+    refused."""
+
+    def frames() -> list[pd.DataFrame]:
+        out = []
+        for i, f in enumerate(_rare_frames(seed=5)):
+            f = f.copy()
+            f["y"] = np.random.default_rng(i).normal(120, 15, len(f)).round(1)
+            f["lab"] = np.where(f["rare"] == 1, np.nan, 1.0 + f.index % 7)
+            out.append(f)
+        return out
+
+    formula = "y ~ np.sqrt(age) + age + I(age ** 2)"
+    sites = [Site(f"h{i}", f) for i, f in enumerate(frames())]
+    encrypted.glm(sites, formula, "gaussian")
+    with pytest.raises(TooFewRows, match="functions of the values"):
+        encrypted.glm(sites, formula, "gaussian", population=["lab"])
+    fresh = [Site(f"h{i}", f) for i, f in enumerate(frames())]
+    assert encrypted.glm(fresh, formula, "gaussian", population=["lab"]).converged
+
+
+def test_a_binomial_offset_is_a_value_the_weights_read() -> None:
+    """``y ~ C(grp)``, binomial, with a private z-score as the offset: a design
+    of levels alone, so its iterates were not counted, yet expit(η + offset)
+    does not factor by level, and two such fits gave the 6 rare patients'
+    z-scores. The offset is a value column the weights read: refused by
+    default; answered where the owners opted out."""
+    rng = np.random.default_rng(21)
+
+    def frames() -> list[pd.DataFrame]:
+        out = []
+        for _ in range(2):
+            chol = np.round(rng.uniform(-1.5, 1.5, 203), 2)
+            y = rng.binomial(10, special.expit(-2.5 + chol)).astype(float)
+            y[200:] = np.clip(y[200:], 1, 9)
+            out.append(
+                pd.DataFrame(
+                    {
+                        "y": y,
+                        "grp": np.array(["b"] * 200 + ["z"] * 3),
+                        "chol": chol,
+                        "n": 10.0,
+                    }
+                )
+            )
+        return out
+
+    def fit(policy: DisclosurePolicy) -> Any:
+        sites = [Site(f"h{i}", f, policy=policy) for i, f in enumerate(frames())]
+        return encrypted.glm(sites, "y ~ C(grp)", "binomial", offset="chol", trials="n")
+
+    with pytest.raises(TooFewRows, match="functions of the values"):
+        fit(DisclosurePolicy())
+    assert fit(UNCOUNTED).converged

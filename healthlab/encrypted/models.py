@@ -38,7 +38,7 @@ import hashlib
 import json
 import re
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -635,7 +635,7 @@ def _iterate(site: Site, query: Query) -> Totals:
         weighted = (
             spec.get("family") != "gaussian"
             and site.policy.count_iterates
-            and not rows.patterns
+            and (not rows.patterns or bool(_offset_reads(spec)))
         )
         new = site.model_iterate(key, beta) is None
         check_functions(site, rows.loads, answered, weighted=weighted, new=new)
@@ -670,6 +670,12 @@ def model_frame(
     for column in formula.numeric:
         frame[column] = numeric_column(site.name, kept[column], column)
     return kept, frame
+
+
+def _offset_reads(spec: Mapping[str, Any]) -> set[str]:
+    """The offset column, when the weights read its values (a binomial model's)."""
+    offset = spec.get("offset")
+    return {str(offset)} if spec.get("family") == "binomial" and offset else set()
 
 
 def _model_rows(
@@ -754,7 +760,10 @@ def _model_rows(
                 )
                 for i in range(p)
             ],
-            set().union(*column_reads),
+            # (a binomial model's offset too: expit(η + offset) does not factor
+            # by the design's patterns, so its weights read the offset's values;
+            # a Poisson offset's exp(offset) factors out of each pattern)
+            set().union(*column_reads) | _offset_reads(spec),
         )
         raw = y * trials
         outcome_rows = _full_masks(
@@ -949,6 +958,9 @@ class FunctionLoad:
     varying: bool = True
     #: the set, in words
     name: str = "a set of rows"
+    #: the value columns the iterates' weights read (with the set's own: what an
+    #: iterate's weighted functions are functions of)
+    weighted_columns: tuple[str, ...] = ()
 
 
 def _column_unknowns(
@@ -1011,9 +1023,145 @@ def function_loads(
                 tuple(sorted(_column_unknowns(frame, rows, columns).items())),
                 bool(weighted) and varies,
                 name,
+                tuple(sorted(weighted)),
             )
         )
     return loads
+
+
+def _function_key(vector: np.ndarray) -> bytes:
+    """One function of the values (a row of a load's probe vectors), up to scale:
+    the same function summed over another set, or by another model, has the same
+    key."""
+    v = np.asarray(vector, dtype=float)
+    if not np.all(np.isfinite(v)):
+        return b"nonfinite" + v.tobytes()
+    top = float(np.abs(v).max(initial=0.0))
+    if top == 0.0:
+        return b"zero"
+    v = v / top
+    first = v[np.flatnonzero(np.abs(v) > 1e-12)[0]]
+    v = v * np.sign(first)
+    return bytes(np.round(v, 9).tobytes())
+
+
+@dataclass
+class _Unit:
+    """A set of a site's rows a researcher can isolate for some function (a block
+    of the partition that function's sets make, in their span): the functions
+    it carries and the value columns they read."""
+
+    rows: int
+    vectors: list[np.ndarray] = field(default_factory=list)
+    weighted: int = 0
+    columns: set[str] = field(default_factory=set)
+    weighted_columns: set[str] = field(default_factory=set)
+
+
+class FunctionAtoms:
+    """What a site's models summed over its rows, followed on the sets a
+    researcher can isolate: every model, population and interval alike.
+
+    A model's totals over two sets are differenced as easily as two answers: a
+    rare level as the reference (all rows minus the other levels), a model over
+    all rows and again over a population without 6 patients, consecutive risk
+    sets (an interval's leavers). So each function of the values is followed over
+    the sets it was summed over, and every block of the partition those sets make
+    that is a linear combination of them (the reference level, the 6 patients,
+    the leavers) is a *unit* that carries the function: the origins' functions
+    (unweighted: alike in every model, counted by their rank) and each later
+    iterate's weighted ones (new each iterate, the count among them). A unit whose
+    rows carry no more unknowns than its functions is refused, whichever query
+    asked. The sets are kept on the *atoms* of every set seen (the finest
+    partition), in memory, as the site's iterates."""
+
+    def __init__(self, n_rows: int) -> None:
+        self.n_rows = n_rows
+        self._bytes = (n_rows + 7) // 8
+        self.atoms: list[np.ndarray] = []
+        self._inside: dict[bytes, list[int]] = {}
+        self._blocks: dict[tuple[bytes, ...], list[tuple[int, ...]]] = {}
+        #: every origin's (unweighted) function, of any model: its vector, the
+        #: sets it was summed over, the value columns it reads
+        self.origin: dict[bytes, tuple[np.ndarray, set[bytes], set[str]]] = {}
+        #: the weighted functions units carry, by the unit's rows (packed)
+        self.units: dict[bytes, _Unit] = {}
+
+    def _split(self, packed: np.ndarray) -> bool:
+        """Refine the atoms by a set; whether any changed."""
+        changed = False
+        for i in range(len(self.atoms)):
+            atom = self.atoms[i]
+            inside = np.bitwise_and(atom, packed)
+            if not inside.any() or np.array_equal(inside, atom):
+                continue
+            self.atoms[i] = inside
+            self.atoms.append(np.bitwise_and(atom, np.bitwise_not(packed)))
+            changed = True
+        covered = np.zeros(self._bytes, dtype=np.uint8)
+        for atom in self.atoms:
+            covered |= atom
+        rest = np.bitwise_and(packed, np.bitwise_not(covered))
+        if rest.any():
+            self.atoms.append(rest)
+            changed = True
+        if changed:
+            self._inside = {}
+            self._blocks = {}
+        return changed
+
+    def inside(self, key: bytes) -> list[int]:
+        """The atoms inside a set (packed, as a load's key), refining by it."""
+        if key not in self._inside:
+            packed = np.frombuffer(key, dtype=np.uint8)
+            self._split(packed)
+            self._inside[key] = [
+                i
+                for i, atom in enumerate(self.atoms)
+                if not np.bitwise_and(atom, np.bitwise_not(packed)).any()
+            ]
+        return self._inside[key]
+
+    def units_of(self, keys: Iterable[bytes]) -> list[bytes]:
+        """The units of a function summed over these sets: the blocks of the
+        partition they make (atoms alike in every set) whose rows are a linear
+        combination of the sets, each as its rows (packed)."""
+        distinct = tuple(sorted(set(keys)))
+        for k in distinct:
+            self.inside(k)
+        if distinct not in self._blocks:
+            members = [set(self.inside(k)) for k in distinct]
+            used = sorted(set().union(*members)) if members else []
+            blocks: dict[tuple[bool, ...], list[int]] = {}
+            for a in used:
+                blocks.setdefault(tuple(a in m for m in members), []).append(a)
+            out: list[tuple[int, ...]] = []
+            if used:
+                where = {a: r for r, a in enumerate(used)}
+                matrix = np.zeros((len(used), len(distinct)))
+                for j, m in enumerate(members):
+                    matrix[[where[a] for a in m], j] = 1.0
+                # a block is in the span iff its indicator has no part in the
+                # left null space of the atoms-by-sets matrix
+                u, singular, _ = np.linalg.svd(matrix, full_matrices=True)
+                rank = int(np.sum(singular > 1e-9 * max(1.0, float(singular[0]))))
+                null = u[:, rank:]
+                for block in blocks.values():
+                    part = null[[where[a] for a in block]].sum(axis=0)
+                    if float(np.abs(part).max(initial=0.0)) < 1e-9:
+                        out.append(tuple(block))
+            self._blocks[distinct] = out
+        units = []
+        for members_of in self._blocks[distinct]:
+            packed = np.zeros(self._bytes, dtype=np.uint8)
+            for a in members_of:
+                packed |= self.atoms[a]
+            units.append(packed.tobytes())
+        return units
+
+    def rows(self, key: bytes) -> np.ndarray:
+        packed = np.frombuffer(key, dtype=np.uint8)
+        return np.unpackbits(packed, count=self.n_rows).astype(bool)
 
 
 def check_functions(
@@ -1023,55 +1171,113 @@ def check_functions(
     weighted: bool,
     new: bool = True,
 ) -> None:
-    """Refuse a model iterate whose totals, with the model's earlier ones, sum too
+    """Refuse a model iterate whose totals, with every earlier model's, sum too
     many functions of the values over too few of this site's rows.
 
     With ``e`` functions of ``u`` unknowns per row over ``n`` rows, the values are
     determined once ``n·u ≤ e`` (three patients' ages from a pair's count, Σa, Σa²,
     Σa³, Σa⁴), and for whole numbers in a narrow range before (six ages out of
-    five functions, by searching the integers): so a set's rows must carry more
-    unknowns than functions, a column of whole numbers counting
+    five functions, by searching the integers): so rows must carry more unknowns
+    than functions, a column of whole numbers counting
     :data:`WHOLE_NUMBER_UNKNOWN`. At β ≠ 0 every function (the count too) comes
     weighted by the iterate's weights, new functions of the row's values: after
     ``t`` answered iterates a set has carried ``(e + 1)(t + 1) − 1`` (a 6-row
-    set's ages came out of an honest Poisson path's seven iterates), and every
-    model's iterates over the same set add up (``site.weighted_functions``; an
-    iterate asked again, ``new`` False, adds nothing). A Gaussian model's weights
-    are constant (``weighted`` False), and so are those of a design of levels
-    alone, or a set's Σ x y: their iterates add none. The owner's loud opt-out,
+    set's ages came out of an honest Poisson path's seven iterates); an iterate
+    asked again (``new`` False) adds nothing. A Gaussian model's weights are
+    constant (``weighted`` False), and so are those of a design of levels alone,
+    or a set's Σ x y: their iterates add none. Everything is counted on the sets
+    a researcher can isolate from every model's sets (:class:`FunctionAtoms`),
+    so no difference of two sets escapes the count. The owner's loud opt-out,
     ``DisclosurePolicy(count_iterates=False)``, switches the weighted count off."""
-    released = site.released_functions
-    spent = site.weighted_functions
+    atoms = site.function_atoms
+    names: dict[bytes, str] = {}
+    keyed = [load for load in loads if load.key]
+    for load in keyed:
+        names.setdefault(load.key, load.name)
+    if not answered:  # the origin's functions, each with the sets it was over
+        for load in keyed:
+            reads = {c for c, _ in load.columns}
+            for vector in np.atleast_2d(load.vectors):
+                entry = atoms.origin.setdefault(
+                    _function_key(vector), (vector, set(), set())
+                )
+                entry[1].add(load.key)
+                entry[2].update(reads)
+    checked: dict[bytes, _Unit] = {}
+    asked = {load.key for load in keyed}
+    # each origin function reaches the units its sets isolate (checked when this
+    # query sums it: another's units are as they were)
+    reached: dict[bytes, _Unit] = {}
+    for vector, keys, reads in atoms.origin.values():
+        for unit in atoms.units_of(keys):
+            entry = reached.setdefault(unit, _Unit(0))
+            entry.vectors.append(vector)
+            entry.columns.update(reads)
+    for _, keys, _ in atoms.origin.values():
+        if not keys & asked:
+            continue
+        for unit in atoms.units_of(keys):
+            checked[unit] = reached[unit]
+    if answered and weighted and new:
+        # this iterate's weighted functions, the count among them: each reaches
+        # the units its sets isolate (the reference level: all rows minus the
+        # others; an interval's leavers: two risk sets apart), not a part only
+        # an unweighted set (Σ x y over the outcome's rows) cuts out
+        families: dict[bytes, tuple[set[bytes], set[str]]] = {}
+        for load in keyed:
+            if not load.varying:
+                continue
+            reads = {c for c, _ in load.columns} | set(load.weighted_columns)
+            for vector in [np.ones(_PROBES), *np.atleast_2d(load.vectors)]:
+                family = families.setdefault(_function_key(vector), (set(), set()))
+                family[0].add(load.key)
+                family[1].update(reads)
+        for keys, reads in families.values():
+            for unit in atoms.units_of(keys):
+                stored = atoms.units.setdefault(unit, _Unit(0))
+                stored.weighted += 1
+                stored.weighted_columns.update(reads)
+                checked[unit] = reached.get(unit, _Unit(0))
+    # a load without a key (a unit's own check) is its own set
     for load in loads:
-        functions, unknowns = load.functions, load.unknowns
-        # with what this site's earlier models summed over the same set (five
-        # models of two functions each gave six ages): added up
-        before = released.get(load.key) if load.key else None
-        if before is not None:
-            vectors = np.concatenate([before[0], load.vectors])
-            columns = dict(before[1]) | dict(load.columns)
-            functions = max(functions, _functions(vectors))
-            unknowns = sum(columns.values())
-        else:
-            vectors, columns = load.vectors, dict(load.columns)
-        if load.key and not answered:  # once per model (its origin)
-            released[load.key] = (vectors, tuple(sorted(columns.items())))
+        if load.key:
+            continue
+        functions = load.functions
+        unknowns = load.unknowns
         if weighted and answered and load.varying:
-            # the origin's functions, every iterate's before this one (of any
-            # model), and this one's
-            earlier = spent.get(load.key, 0) if load.key else 0
-            functions = functions + earlier + (load.functions + 1) * int(new)
+            functions = (load.functions + 1) * (answered + 1) - 1
             unknowns = load.weighted_unknowns
-            if load.key and new:  # counted when asked: a refusal counts too
-                spent[load.key] = earlier + load.functions + 1
-        if functions and load.rows * max(unknowns, WHOLE_NUMBER_UNKNOWN) <= functions:
-            raise TooFewRows(
-                f"site {site.name}: the model sums {functions} functions of the "
-                f"values over {load.name}, too few rows at this site for them (their "
-                "values would be determined); use fewer transforms or interactions "
-                "of one column, a coarser category or time grid, or leave out a "
-                "site this small"
-            )
+        _refuse_if_determined(site, load.rows, unknowns, functions, load.name)
+    frame = site._frame
+    for unit, entry in checked.items():
+        stored = atoms.units.get(unit)
+        extra = stored.weighted if stored is not None else 0
+        origin = _functions(np.asarray(entry.vectors)) if entry.vectors else 0
+        functions = origin + extra
+        if not functions:
+            continue
+        rows = atoms.rows(unit)
+        if rows.sum() < site.policy.min_rows:
+            continue  # the auditor's (a subset of fewer than k rows)
+        columns = set(entry.columns)
+        if extra and stored is not None:
+            columns |= stored.weighted_columns
+        unknowns = _unknowns(frame, rows, columns) if columns else 0.0
+        name = names.get(unit, "a part of the model's rows")
+        _refuse_if_determined(site, int(rows.sum()), unknowns, functions, name)
+
+
+def _refuse_if_determined(
+    site: Site, rows: int, unknowns: float, functions: int, name: str
+) -> None:
+    if functions and rows * max(unknowns, WHOLE_NUMBER_UNKNOWN) <= functions:
+        raise TooFewRows(
+            f"site {site.name}: the model sums {functions} functions of the "
+            f"values over {name}, too few rows at this site for them (their "
+            "values would be determined); use fewer transforms or interactions "
+            "of one column, a coarser category or time grid, or leave out a "
+            "site this small"
+        )
 
 
 #: The largest domain of a discrete design whose pattern counts are audited. The
