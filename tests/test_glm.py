@@ -579,7 +579,11 @@ def test_models_differing_by_one_row_are_audited() -> None:
     sites = [Site(f"h{i}", f) for i, f in enumerate(frames)]
     fit = encrypted.logit(sites, "arrest ~ age", population=["a"])
     assert fit.nobs == len(rossi()) - 6
-    with pytest.raises(DisclosureRefused, match=r"\(differencing\)"):
+    # (the auditor's differencing, or the model's own count of what its sets
+    # isolate: the one patient b leaves out)
+    with pytest.raises(
+        DisclosureRefused, match=r"\(differencing\)|isolates in fewer than 3"
+    ):
         encrypted.logit(sites, "arrest ~ age", population=["b"])
 
 
@@ -1401,3 +1405,51 @@ def test_a_binomial_offset_is_a_value_the_weights_read() -> None:
     with pytest.raises(TooFewRows, match="functions of the values"):
         fit(DisclosurePolicy())
     assert fit(UNCOUNTED).converged
+
+
+def _offset_frames(three: bool) -> list[pd.DataFrame]:
+    """Two sites of 203 patients; an offset column ``o``: the rare cell's flag
+    (3 patients a site at 1), or three-valued with its rare value 2 held by 2
+    patients a site."""
+    rng = np.random.default_rng(7)
+    frames = []
+    for _ in range(2):
+        age = rng.integers(30, 81, 203).astype(float)
+        rare = np.r_[np.zeros(200), np.ones(3)]
+        o = np.r_[rng.integers(0, 2, 201), [2, 2]].astype(float) if three else rare
+        frames.append(
+            pd.DataFrame(
+                {
+                    "age": age,
+                    "o": o,
+                    "y": rng.poisson(3, 203).astype(float),
+                    "ev": rng.integers(0, 2, 203).astype(float),
+                }
+            )
+        )
+    return frames
+
+
+def test_an_offset_of_few_values_splits_the_sets_it_weights() -> None:
+    """The fourth review: at the origin an offset weights each row's functions
+    (exp(o)); against the same model without it, a 0/1 offset's difference is Σ
+    over its ones of every function (3 patients' ages a site came out), and a
+    3-valued one's, from three weightings (Poisson, none, binomial), its rare
+    value's 2 patients a site. Once a site has seen as many weightings of an
+    offset as it has values, the parts at each value count as sets: refused.
+    One weighting alone is answered."""
+    formula = "y ~ np.sqrt(age) + age + I(age ** 2)"
+    sites = [Site(f"h{i}", f) for i, f in enumerate(_offset_frames(False))]
+    encrypted.glm(sites, formula, "poisson")
+    with pytest.raises(TooFewRows):
+        encrypted.glm(sites, formula, "poisson", offset="o")
+    fresh = [Site(f"h{i}", f) for i, f in enumerate(_offset_frames(False))]
+    assert encrypted.glm(fresh, formula, "poisson", offset="o").converged
+    sites = [Site(f"h{i}", f) for i, f in enumerate(_offset_frames(True))]
+    encrypted.glm(sites, formula, "poisson")
+    encrypted.glm(sites, formula, "poisson", offset="o")  # two weightings: answered
+    answered = [len(s.log) for s in sites]
+    binomial = "ev ~ np.sqrt(age) + age + I(age ** 2)"
+    with pytest.raises(TooFewRows):  # the third weighting: refused at its origin
+        encrypted.glm(sites, binomial, "binomial", offset="o")
+    assert [len(s.log) for s in sites] == answered  # nothing of it answered

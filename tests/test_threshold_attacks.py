@@ -471,9 +471,11 @@ def test_a_column_of_few_values_is_audited_by_its_values() -> None:
         f["admissions"] = np.resize([0.0, 1.0], len(f))
     frames[0].loc[0, "admissions"] = 2.0
     sites = [Site(f"h{i}", f) for i, f in enumerate(frames, 1)]
-    with pytest.raises(DisclosureRefused, match="fewer than 3"):
+    # (the value only h1 holds is a holder cell too: either rule refuses)
+    either = "fewer than 3|too few of the sites hold"
+    with pytest.raises(DisclosureRefused, match=either):
         encrypted.describe(sites, ["admissions"])
-    with pytest.raises(DisclosureRefused, match="fewer than 3"):
+    with pytest.raises(DisclosureRefused, match=either):
         encrypted.cov(
             [Site(f"g{i}", f) for i, f in enumerate(frames, 1)], ["admissions", "age"]
         )

@@ -343,6 +343,7 @@ def _cox_rows(
                 column_reads[a],
                 False,
                 f"the events among the rows of term {designed[a]!r}",
+                outcome=True,
             )
             for a in range(q)
         ],

@@ -672,6 +672,62 @@ def model_frame(
     return kept, frame
 
 
+#: An offset of at most this many values splits a model's sets by its values
+#: (the functions' weights are then constant on each part); one of more values
+#: weights every row apart, and is not split (not shown exploitable: README).
+OFFSET_VALUES = 16
+
+
+def _by_offset(
+    sets: list[FunctionSet], offset: np.ndarray | None, spec: Mapping[str, Any]
+) -> list[FunctionSet]:
+    """A model's function sets, and with an offset of few values their parts at
+    each value.
+
+    At the origin an offset weights each row's functions by exp(offset) (or
+    expit's slope there): against the same model without it, a 0/1 offset's
+    difference was Σ over its ones of every function (a third review gave 3
+    patients' ages a site, and 2 a site at a 3-valued offset's rare value from
+    three weightings). With as many weightings of its values as the offset has
+    values, each part is summed on its own: the parts count (FunctionAtoms),
+    once the site has seen that many."""
+    if offset is None:
+        return sets
+    column, family = str(spec.get("offset")), str(spec.get("family"))
+    seen = np.unique(offset)
+    whole = [
+        FunctionSet(
+            e.rows,
+            e.vectors,
+            e.reads,
+            e.varying,
+            e.name,
+            e.outcome,
+            (column, family, 0),
+        )
+        for e in sets
+    ]
+    if seen.size > OFFSET_VALUES:
+        return whole
+    split = []
+    for entry in sets:
+        for v in seen:
+            part = entry.rows & (offset == v)
+            if part.any() and not np.array_equal(part, entry.rows):
+                split.append(
+                    FunctionSet(
+                        part,
+                        entry.vectors,
+                        entry.reads,
+                        entry.varying,
+                        f"{entry.name}, at one value of the offset",
+                        entry.outcome,
+                        (column, family, int(seen.size)),
+                    )
+                )
+    return whole + split
+
+
 def _offset_reads(spec: Mapping[str, Any]) -> set[str]:
     """The offset column, when the weights read its values (a binomial model's)."""
     offset = spec.get("offset")
@@ -739,27 +795,32 @@ def _model_rows(
         loads = function_loads(
             site,
             frame,
-            [
-                FunctionSet(
-                    indicator[:, i] & indicator[:, j],
-                    vectors[i] * vectors[j],
-                    column_reads[i] | column_reads[j],
-                    name=_shared_rows(terms[i], terms[j]),
-                )
-                for i in range(p)
-                for j in range(i, p)
-            ]
-            # ... and the score each column's value over its rows with y ≠ 0
-            + [
-                FunctionSet(
-                    indicator[:, i] & (y * trials != 0),
-                    vectors[i],
-                    column_reads[i],
-                    False,  # Σ x y: the same at every iterate
-                    f"the rows of term {terms[i]!r} with the outcome not 0",
-                )
-                for i in range(p)
-            ],
+            _by_offset(
+                [
+                    FunctionSet(
+                        indicator[:, i] & indicator[:, j],
+                        vectors[i] * vectors[j],
+                        column_reads[i] | column_reads[j],
+                        name=_shared_rows(terms[i], terms[j]),
+                    )
+                    for i in range(p)
+                    for j in range(i, p)
+                ]
+                # ... and the score each column's value over its rows with y ≠ 0
+                + [
+                    FunctionSet(
+                        indicator[:, i] & (y * trials != 0),
+                        vectors[i],
+                        column_reads[i],
+                        False,  # Σ x y: the same at every iterate
+                        f"the rows of term {terms[i]!r} with the outcome not 0",
+                        outcome=True,
+                    )
+                    for i in range(p)
+                ],
+                offset if spec.get("offset") else None,
+                spec,
+            ),
             # (a binomial model's offset too: expit(η + offset) does not factor
             # by the design's patterns, so its weights read the offset's values;
             # a Poisson offset's exp(offset) factors out of each pattern)
@@ -934,6 +995,12 @@ class FunctionSet:
     reads: frozenset[str] | set[str]
     varying: bool = True
     name: str = "a set of rows"
+    #: the functions are the values times the outcome (the score's Σ x·y, a Cox
+    #: model's events' Σ x): other functions than the same values' own
+    outcome: bool = False
+    #: a model with an offset: (its column, the family weighting by it, and for
+    #: a part at one of its values, how many values it takes here; else 0)
+    weighting: tuple[str, str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -961,6 +1028,10 @@ class FunctionLoad:
     #: the value columns the iterates' weights read (with the set's own: what an
     #: iterate's weighted functions are functions of)
     weighted_columns: tuple[str, ...] = ()
+    #: the functions are the values times the outcome (see FunctionSet)
+    outcome: bool = False
+    #: the offset weighting the functions (see FunctionSet)
+    weighting: tuple[str, str, int] | None = None
 
 
 def _column_unknowns(
@@ -1001,13 +1072,22 @@ def function_loads(
         rows = entry_set.rows
         if rows.sum() < site.policy.min_rows:
             continue
-        key = np.packbits(rows).tobytes()
-        entry = grouped.setdefault(key, (rows, [], set(), [False, entry_set.name]))
+        key = np.packbits(rows).tobytes() + (b"y" if entry_set.outcome else b"")
+        key += repr(entry_set.weighting).encode()
+        entry = grouped.setdefault(
+            key,
+            (
+                rows,
+                [],
+                set(),
+                [False, entry_set.name, entry_set.outcome, entry_set.weighting],
+            ),
+        )
         entry[1].append(np.atleast_2d(entry_set.vectors))
         entry[2].update(entry_set.reads)
         entry[3][0] = entry[3][0] or entry_set.varying
     loads = []
-    for rows, parts, columns, (varies, name) in grouped.values():
+    for rows, parts, columns, (varies, name, outcome, weighting) in grouped.values():
         vectors = np.concatenate(parts)
         full = _full_masks(site, kept if kept is not None else frame, [rows])[0]
         loads.append(
@@ -1024,6 +1104,8 @@ def function_loads(
                 bool(weighted) and varies,
                 name,
                 tuple(sorted(weighted)),
+                outcome,
+                weighting,
             )
         )
     return loads
@@ -1084,6 +1166,14 @@ class FunctionAtoms:
         #: every origin's (unweighted) function, of any model: its vector, the
         #: sets it was summed over, the value columns it reads
         self.origin: dict[bytes, tuple[np.ndarray, set[bytes], set[str]]] = {}
+        #: per offset column, the weightings of its values the origins summed
+        #: with (a family's, "none" for a model without it)
+        self.weightings: dict[str, set[str]] = {}
+        self.plain = False
+        #: the origin functions over an offset's parts, with the offset and its
+        #: number of values: they count once that many weightings were seen
+        self.parts: dict[bytes, tuple[np.ndarray, set[bytes], set[str]]] = {}
+        self.part_of: dict[bytes, tuple[str, int, bytes]] = {}
         #: the weighted functions units carry, by the unit's rows (packed)
         self.units: dict[bytes, _Unit] = {}
 
@@ -1159,6 +1249,16 @@ class FunctionAtoms:
             units.append(packed.tobytes())
         return units
 
+    def parts_open(self, column: str) -> bool:
+        """Whether an offset's parts are summed on their own: the site has seen
+        as many weightings of its values as it takes (the fewest of its parts'
+        counts)."""
+        counts = [v for c, v, _ in self.part_of.values() if c == column]
+        if not counts:
+            return False
+        seen = len(self.weightings.get(column, set())) + int(self.plain)
+        return seen >= min(counts)
+
     def rows(self, key: bytes) -> np.ndarray:
         packed = np.frombuffer(key, dtype=np.uint8)
         return np.unpackbits(packed, count=self.n_rows).astype(bool)
@@ -1193,28 +1293,57 @@ def check_functions(
     names: dict[bytes, str] = {}
     keyed = [load for load in loads if load.key]
     for load in keyed:
-        names.setdefault(load.key, load.name)
+        names.setdefault(_rows_key(load), load.name)
+    newly: set[str] = set()  # offset columns whose parts this query unlocked
     if not answered:  # the origin's functions, each with the sets it was over
+        before = {c: atoms.parts_open(c) for c in atoms.weightings}
+        if any(load.weighting is None for load in keyed):
+            atoms.plain = True
+        for load in keyed:
+            if load.weighting is not None:
+                atoms.weightings.setdefault(load.weighting[0], set()).add(
+                    load.weighting[1]
+                )
         for load in keyed:
             reads = {c for c, _ in load.columns}
+            marker = b"y:" if load.outcome else b""
+            target = atoms.origin
+            base = marker
+            if load.weighting is not None and load.weighting[2]:
+                target = atoms.parts
+                column, values = load.weighting[0], load.weighting[2]
+                marker += f"part:{column}:".encode()
             for vector in np.atleast_2d(load.vectors):
-                entry = atoms.origin.setdefault(
-                    _function_key(vector), (vector, set(), set())
-                )
-                entry[1].add(load.key)
+                fkey = _function_key(vector)
+                key = marker + fkey
+                entry = target.setdefault(key, (vector, set(), set()))
+                entry[1].add(_rows_key(load))
                 entry[2].update(reads)
+                if target is atoms.parts:
+                    atoms.part_of[key] = (column, values, base + fkey)
+        newly = {
+            c for c in atoms.weightings if atoms.parts_open(c) and not before.get(c)
+        }
     checked: dict[bytes, _Unit] = {}
-    asked = {load.key for load in keyed}
+    asked = {_rows_key(load) for load in keyed}
     # each origin function reaches the units its sets isolate (checked when this
     # query sums it: another's units are as they were)
     reached: dict[bytes, _Unit] = {}
-    for vector, keys, reads in atoms.origin.values():
+    # an offset's parts, once open, are summed with the whole sets the same
+    # function was summed over (all rows minus the other parts: the rare value)
+    followed = list(atoms.origin.items())
+    for k, (vector, keys, reads) in atoms.parts.items():
+        if atoms.parts_open(atoms.part_of[k][0]):
+            whole = atoms.origin.get(atoms.part_of[k][2])
+            followed.append((k, (vector, keys | (whole[1] if whole else set()), reads)))
+    for _, (vector, keys, reads) in followed:
         for unit in atoms.units_of(keys):
             entry = reached.setdefault(unit, _Unit(0))
             entry.vectors.append(vector)
             entry.columns.update(reads)
-    for _, keys, _ in atoms.origin.values():
-        if not keys & asked:
+    for key, (_, keys, _) in followed:
+        unlocked = key in atoms.part_of and atoms.part_of[key][0] in newly
+        if not (keys & asked or unlocked):
             continue
         for unit in atoms.units_of(keys):
             checked[unit] = reached[unit]
@@ -1225,12 +1354,14 @@ def check_functions(
         # an unweighted set (Σ x y over the outcome's rows) cuts out
         families: dict[bytes, tuple[set[bytes], set[str]]] = {}
         for load in keyed:
-            if not load.varying:
+            # (an offset's parts count at the origins, once open: at an iterate
+            # each is weighted alike with its whole set)
+            if not load.varying or (load.weighting and load.weighting[2]):
                 continue
             reads = {c for c, _ in load.columns} | set(load.weighted_columns)
             for vector in [np.ones(_PROBES), *np.atleast_2d(load.vectors)]:
                 family = families.setdefault(_function_key(vector), (set(), set()))
-                family[0].add(load.key)
+                family[0].add(_rows_key(load))
                 family[1].update(reads)
         for keys, reads in families.values():
             for unit in atoms.units_of(keys):
@@ -1258,13 +1389,27 @@ def check_functions(
             continue
         rows = atoms.rows(unit)
         if rows.sum() < site.policy.min_rows:
-            continue  # the auditor's (a subset of fewer than k rows)
+            # a unit of fewer than k rows a researcher can isolate: its count at
+            # least is a statistic of 1–2 patients (a set the subset auditor may
+            # not see: an offset's rare value)
+            where = names.get(unit, "a part of the model's rows")
+            raise TooFewRows(
+                f"site {site.name}: the model sums functions of the values over "
+                f"{where} that a combination of its sets isolates in fewer than "
+                f"{site.policy.min_rows} rows; use a coarser category, offset or "
+                "time grid, or leave out a site this small"
+            )
         columns = set(entry.columns)
         if extra and stored is not None:
             columns |= stored.weighted_columns
         unknowns = _unknowns(frame, rows, columns) if columns else 0.0
         name = names.get(unit, "a part of the model's rows")
         _refuse_if_determined(site, int(rows.sum()), unknowns, functions, name)
+
+
+def _rows_key(load: FunctionLoad) -> bytes:
+    """A load's rows (packed)."""
+    return load.key
 
 
 def _refuse_if_determined(
