@@ -1133,7 +1133,6 @@ class _Unit:
     of the partition that function's sets make, in their span): the functions
     it carries and the value columns they read."""
 
-    rows: int
     vectors: list[np.ndarray] = field(default_factory=list)
     weighted: int = 0
     columns: set[str] = field(default_factory=set)
@@ -1338,7 +1337,7 @@ def check_functions(
             followed.append((k, (vector, keys | (whole[1] if whole else set()), reads)))
     for _, (vector, keys, reads) in followed:
         for unit in atoms.units_of(keys):
-            entry = reached.setdefault(unit, _Unit(0))
+            entry = reached.setdefault(unit, _Unit())
             entry.vectors.append(vector)
             entry.columns.update(reads)
     for key, (_, keys, _) in followed:
@@ -1365,10 +1364,10 @@ def check_functions(
                 family[1].update(reads)
         for keys, reads in families.values():
             for unit in atoms.units_of(keys):
-                stored = atoms.units.setdefault(unit, _Unit(0))
+                stored = atoms.units.setdefault(unit, _Unit())
                 stored.weighted += 1
                 stored.weighted_columns.update(reads)
-                checked[unit] = reached.get(unit, _Unit(0))
+                checked[unit] = reached.get(unit, _Unit())
     # a load without a key (a unit's own check) is its own set
     for load in loads:
         if load.key:
