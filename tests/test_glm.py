@@ -13,7 +13,7 @@ age); every such query is refused before anything leaves a site.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any
 
@@ -1453,3 +1453,89 @@ def test_an_offset_of_few_values_splits_the_sets_it_weights() -> None:
     with pytest.raises(TooFewRows):  # the third weighting: refused at its origin
         encrypted.glm(sites, binomial, "binomial", offset="o")
     assert [len(s.log) for s in sites] == answered  # nothing of it answered
+
+
+# ----------------------- a fifth review: columns related to each other (refused)
+def _related_frames(
+    derive: Callable[[pd.DataFrame], pd.Series] | None,
+) -> list[pd.DataFrame]:
+    """The population-apart frames (a lab value missing for exactly the 6 rare
+    patients), with a column ``age_fu`` derived from ``age`` (as a data
+    dictionary would state it)."""
+    out = []
+    for i, f in enumerate(_rare_frames(seed=5)):
+        f = f.copy()
+        f["y"] = np.random.default_rng(i).normal(120, 15, len(f)).round(1)
+        f["lab"] = np.where(f["rare"] == 1, np.nan, 1.0 + f.index % 7)
+        f["age_fu"] = derive(f)
+        out.append(f)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("derive", "second"),
+    [
+        # follow-up age: a shifted copy of age
+        (lambda f: f["age"] + 5, "y ~ np.sqrt(age_fu) + age_fu + I(age_fu ** 2)"),
+        # age in months, less three: scaled and shifted
+        (lambda f: 12 * f["age"] - 3, "y ~ np.sqrt(age_fu) + age_fu + I(age_fu ** 2)"),
+        # a copy, under other transforms
+        (lambda f: f["age"].copy(), "y ~ np.log(age_fu) + age_fu + I(age_fu ** 2)"),
+    ],
+    ids=["shifted column", "scaled column", "copied column"],
+)
+def test_a_column_related_to_another_is_counted_with_it(
+    derive: Callable[[pd.DataFrame], pd.Series], second: str
+) -> None:
+    """The population-apart attack with the second model over another column
+    (or transform) of the same values: Σ(age + 5)ᵏ with the count is Σ ageʲ, so
+    the two models' functions still differ by the 6 patients' sums. Each
+    function counts over every set whose functions span it, and a column that
+    is an affine function of others on the site's rows takes their functions:
+    refused. Each model alone is answered."""
+    first = "y ~ np.sqrt(age) + age + I(age ** 2)"
+    sites = [Site(f"h{i}", f) for i, f in enumerate(_related_frames(derive))]
+    encrypted.glm(sites, first, "gaussian")
+    answered = [len(s.log) for s in sites]
+    with pytest.raises(TooFewRows, match="functions of the values"):
+        encrypted.glm(sites, second, "gaussian", population=["lab"])
+    assert [len(s.log) for s in sites] == answered
+    fresh = [Site(f"h{i}", f) for i, f in enumerate(_related_frames(derive))]
+    assert encrypted.glm(fresh, second, "gaussian", population=["lab"]).converged
+    # the honest order: both models over one population
+    fresh = [Site(f"h{i}", f) for i, f in enumerate(_related_frames(derive))]
+    encrypted.glm(fresh, first, "gaussian")
+    assert encrypted.glm(fresh, second, "gaussian").converged
+
+
+def test_column_relations_are_found_on_every_row_and_only_there() -> None:
+    """A shifted, a scaled and a summed column are affine functions of their
+    bases; a column equal to another but on one row, a non-affine transform and
+    0/1 flags are not; a relation holds where the column has values."""
+    rng = np.random.default_rng(3)
+    n = 5000
+    a = rng.integers(30, 81, n).astype(float)
+    b = rng.normal(27, 4, n).round(2)
+    near = a + 5
+    near[17] += 1  # one patient's follow-up a year later
+    fu = a + 5
+    fu[::7] = np.nan  # not followed up: no value, the relation holds elsewhere
+    frame = pd.DataFrame(
+        {
+            "age": a,
+            "bmi": b,
+            "age_fu": fu,
+            "months": 12 * a - 3,
+            "total": a + 2 * b,
+            "near": near,
+            "log_age": np.log(a),
+            "flag": (a > 50).astype(float),
+            "name": ["x"] * n,
+        }
+    )
+    relations = glm_models.column_relations(Site("s", frame))
+    assert set(relations) == {"age_fu", "months", "total"}
+    assert dict(relations["age_fu"].terms) == pytest.approx({"age": 1.0})
+    assert relations["age_fu"].constant == pytest.approx(5.0)
+    assert dict(relations["months"].terms) == pytest.approx({"age": 12.0})
+    assert dict(relations["total"].terms) == pytest.approx({"age": 1.0, "bmi": 2.0})

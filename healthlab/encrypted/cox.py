@@ -59,6 +59,7 @@ from healthlab.encrypted.models import (
     _pairs,
     _shared_rows,
     agree_levels,
+    column_relations,
     design_columns,
     design_patterns,
     follow_newton,
@@ -318,7 +319,9 @@ def _cox_rows(
     # the functions of the values each set carries: per interval, XᵀWX's pair
     # products over the risk set within the pair's rows (one interval alone
     # isolates them); the score's values over the events within a column's rows
-    vectors, column_reads = value_functions(formula, frame, agreed, designed)
+    vectors, column_reads = value_functions(
+        formula, frame, agreed, designed, column_relations(site)
+    )
     q = len(designed)
     loads = function_loads(
         site,

@@ -791,7 +791,9 @@ def _model_rows(
             site, kept, [indicator[:, i] & indicator[:, j] for i, j in _pairs(p)]
         )
         # XᵀWX sums each pair's value product over the rows the pair shares
-        vectors, column_reads = value_functions(formula, frame, agreed, terms)
+        vectors, column_reads = value_functions(
+            formula, frame, agreed, terms, column_relations(site)
+        )
         loads = function_loads(
             site,
             frame,
@@ -907,6 +909,114 @@ _PROBES = 48
 _LEVEL = re.compile(r"C\(\s*(\w+)\s*\)\[(?:T\.)?([^\]]*)\]")
 
 
+@dataclass(frozen=True)
+class Relation:
+    """A value column that is, on every row of the site holding it, an affine
+    function of other value columns: ``constant + Σ coefficient · column``."""
+
+    terms: tuple[tuple[str, float], ...]
+    constant: float
+
+    @property
+    def columns(self) -> frozenset[str]:
+        return frozenset(c for c, _ in self.terms)
+
+
+#: Rows a relation between columns is first tried on (then confirmed on all).
+_RELATION_SAMPLE = 2048
+#: Per site, its frame and its value columns' relations.
+_RELATIONS: weakref.WeakKeyDictionary[Site, tuple[Any, dict[str, Relation]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _valued(values: np.ndarray) -> bool:
+    """Whether a column takes more than one value besides 0 (else it is an
+    indicator, or constant: a set of rows, not a value)."""
+    finite = values[np.isfinite(values)]
+    return bool(np.unique(finite[finite != 0]).size > 1)
+
+
+def column_relations(site: Site) -> dict[str, Relation]:
+    """The site's value columns that are affine functions of others on its rows
+    (``age_fu = age + 5``, a total of its parts), each over a basis of columns
+    that are not: a model of ``age_fu`` sums functions of ``age``'s values, and
+    is counted with them.
+
+    Found on the site's own rows (a relation that holds on every row is one a
+    data dictionary states, not a coincidence); greedily in the frame's order, so
+    the basis is the same for every model. A relation that holds on part of the
+    rows only, or that is not affine (a logarithm kept as a column), is not found:
+    README, "What is proven"."""
+    frame = site._frame
+    cached = _RELATIONS.get(site)
+    if cached is not None and cached[0] is frame:
+        return cached[1]
+    values: dict[str, np.ndarray] = {}
+    for column in frame.columns:
+        series = frame[column]
+        if not pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(
+            series
+        ):
+            continue
+        v = np.asarray(series, dtype=float)
+        if _valued(v):
+            values[str(column)] = v
+    relations: dict[str, Relation] = {}
+    basis: list[str] = []
+    for column, v in values.items():
+        present = np.flatnonzero(np.isfinite(v))
+        usable = [b for b in basis if np.all(np.isfinite(values[b][present]))]
+        found = None
+        if usable and present.size >= len(usable) + 3:
+            found = _affine(v, [values[b] for b in usable], present)
+        if found is None:
+            basis.append(column)
+            continue
+        constant, coefficients = found
+        scale = max(1.0, float(np.abs(v[present]).max()))
+        terms = tuple(
+            (b, float(c))
+            for b, c in zip(usable, coefficients, strict=True)
+            if abs(c) * max(1.0, float(np.abs(values[b][present]).max()))
+            > 1e-12 * scale
+        )
+        if terms:
+            relations[column] = Relation(terms, float(constant))
+        else:  # constant where present: a set of rows, not a value
+            basis.append(column)
+    _RELATIONS[site] = (frame, relations)
+    return relations
+
+
+def _affine(
+    v: np.ndarray, others: list[np.ndarray], present: np.ndarray
+) -> tuple[float, np.ndarray] | None:
+    """``v`` as ``c + Σ s_i · others_i`` on the rows ``present``, exactly (to
+    rounding), or None: tried on a sample of rows, then confirmed on all."""
+    if present.size > _RELATION_SAMPLE:
+        sample = present[
+            np.linspace(0, present.size - 1, _RELATION_SAMPLE).astype(np.int64)
+        ]
+    else:
+        sample = present
+
+    def design(rows: np.ndarray) -> np.ndarray:
+        return np.column_stack([np.ones(rows.size)] + [o[rows] for o in others])
+
+    solution, *_ = np.linalg.lstsq(design(sample), v[sample], rcond=None)
+    size = float(np.abs(v[present]).max()) + sum(
+        abs(float(s)) * float(np.abs(o[present]).max())
+        for s, o in zip(solution[1:], others, strict=True)
+    )
+    tolerance = 1e-9 * max(1.0, size)
+    for rows in (sample, present):
+        residual = v[rows] - design(rows) @ solution
+        if float(np.abs(residual).max()) > tolerance:
+            return None
+    return float(solution[0]), solution[1:]
+
+
 def _probe(column: str) -> np.ndarray:
     """A column's probe points: fixed by its name."""
     seed = int.from_bytes(hashlib.sha256(column.encode()).digest()[:8], "big")
@@ -918,23 +1028,42 @@ def value_functions(
     frame: pd.DataFrame,
     levels: Mapping[str, Sequence[str]],
     names: Sequence[str],
+    relations: Mapping[str, Relation] | None = None,
 ) -> tuple[np.ndarray, list[frozenset[str]]]:
     """Each design column's values as a function of the numeric columns (its
     indicators on), at fixed probe points, and the numeric columns it reads.
 
     A numeric column of one value besides 0 (a 0/1 covariate) is an indicator, as
-    :func:`_indicators` has it; every other one takes the probe values. Public:
-    from the formula, the levels and which columns are indicators here."""
-    valued = [
-        c
-        for c in formula.numeric
-        if np.unique(np.asarray(frame[c], dtype=float)[frame[c] != 0]).size > 1
-    ]
-    # each column's probe points its own (the same in every model, so that the
-    # functions one set carries can be added up across models)
-    probe = {
-        c: (_probe(c) if c in valued else np.ones(_PROBES)) for c in formula.numeric
-    }
+    :func:`_indicators` has it; every other one takes the probe values. A column
+    that is an affine function of others on the site's rows (``relations``, see
+    :func:`column_relations`) takes the same function of their probe values, and
+    reads them: ``age_fu = age + 5`` sums functions of ``age``. From the formula,
+    the levels, which columns are indicators here and how they relate."""
+    relations = relations or {}
+    valued = [c for c in formula.numeric if _valued(np.asarray(frame[c], dtype=float))]
+    # the value columns the formula's are functions of
+    bases = sorted(
+        set().union(*(relations[c].columns if c in relations else {c} for c in valued))
+    )
+
+    # each basis column's probe points its own (the same in every model, so
+    # that the functions one set carries can be added up across models)
+    def probes(points: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {}
+        for c in formula.numeric:
+            if c not in valued:
+                out[c] = np.ones(_PROBES)
+            elif c in relations:
+                relation = relations[c]
+                out[c] = relation.constant + sum(
+                    (s * points[b] for b, s in relation.terms), np.zeros(_PROBES)
+                )
+            else:
+                out[c] = points[c]
+        return out
+
+    points = {b: _probe(b) for b in bases}
+    probe = probes(points)
     first = {c: next(iter(v)) for c, v in levels.items()}
 
     # one design per assignment of levels the columns need (a column's own
@@ -958,8 +1087,9 @@ def value_functions(
         base = design(probe, chosen)
         for i in members:
             vectors[i] = np.asarray(base[names[i]], dtype=float)
-        for c in valued:
-            changed = design(probe | {c: probe[c] * 1.37 + 0.11}, chosen)
+        for c in bases:
+            moved_points = points | {c: points[c] * 1.37 + 0.11}
+            changed = design(probes(moved_points), chosen)
             for i in members:
                 after = np.asarray(changed[names[i]], dtype=float)
                 if not np.allclose(after, vectors[i], equal_nan=True):
@@ -1090,17 +1220,19 @@ def function_loads(
     for rows, parts, columns, (varies, name, outcome, weighting) in grouped.values():
         vectors = np.concatenate(parts)
         full = _full_masks(site, kept if kept is not None else frame, [rows])[0]
+        # (over the site's frame: the columns read may be ones the model's
+        # columns are functions of, not in the model)
         loads.append(
             FunctionLoad(
                 int(rows.sum()),
                 # the origin's unknowns are the set's own columns'; an iterate's
                 # weights read every value column of the model
-                _unknowns(frame, rows, columns),
+                _unknowns(site._frame, full, columns),
                 _functions(vectors),
-                _unknowns(frame, rows, columns | weighted),
+                _unknowns(site._frame, full, columns | weighted),
                 np.packbits(full).tobytes(),
                 vectors,
-                tuple(sorted(_column_unknowns(frame, rows, columns).items())),
+                tuple(sorted(_column_unknowns(site._frame, full, columns).items())),
                 bool(weighted) and varies,
                 name,
                 tuple(sorted(weighted)),
@@ -1125,6 +1257,27 @@ def _function_key(vector: np.ndarray) -> bytes:
     first = v[np.flatnonzero(np.abs(v) > 1e-12)[0]]
     v = v * np.sign(first)
     return bytes(np.round(v, 9).tobytes())
+
+
+def _orthonormal(vectors: np.ndarray) -> np.ndarray:
+    """An orthonormal basis (columns) of the span of function vectors (rows)."""
+    finite = vectors[np.all(np.isfinite(vectors), axis=1)]
+    scale = np.abs(finite).max(axis=1, keepdims=True)
+    useful = finite[scale[:, 0] > 0] / scale[scale[:, 0] > 0]
+    u, singular, _ = np.linalg.svd(useful.T, full_matrices=False)
+    return u[:, singular > 1e-9 * singular[0]]
+
+
+def _in_span(vector: np.ndarray, basis: np.ndarray) -> bool:
+    """Whether a function vector is a combination of a span's (orthonormal)."""
+    v = np.asarray(vector, dtype=float)
+    if not np.all(np.isfinite(v)):
+        return False
+    norm = float(np.linalg.norm(v))
+    if norm == 0.0:
+        return True
+    residual = v - basis @ (basis.T @ v)
+    return bool(np.linalg.norm(residual) <= 1e-8 * norm)
 
 
 @dataclass
@@ -1175,6 +1328,14 @@ class FunctionAtoms:
         self.part_of: dict[bytes, tuple[str, int, bytes]] = {}
         #: the weighted functions units carry, by the unit's rows (packed)
         self.units: dict[bytes, _Unit] = {}
+        #: per kind of function (the origin's, the outcome's, a part's marker),
+        #: the span of the functions each set was summed with (orthonormal
+        #: columns), the count among them
+        self.spans: dict[bytes, dict[bytes, np.ndarray]] = {}
+        self._spread: set[tuple[bytes, bytes]] = set()
+        self._spread_keys: set[bytes] = set()
+        #: each function's kind (its key's marker)
+        self.marker_of: dict[bytes, bytes] = {}
 
     def _split(self, packed: np.ndarray) -> bool:
         """Refine the atoms by a set; whether any changed."""
@@ -1248,6 +1409,35 @@ class FunctionAtoms:
             units.append(packed.tobytes())
         return units
 
+    def span_over(self, marker: bytes, rows: bytes, vectors: np.ndarray) -> None:
+        """Add functions summed over a set (its rows, packed) to the span the
+        set carries of its kind (``marker``: the origin's, the outcome's, an
+        offset's part's), the count always among them."""
+        spans = self.spans.setdefault(marker, {})
+        before = spans.get(rows)
+        stacked = [np.ones((1, _PROBES)), np.atleast_2d(vectors)]
+        if before is not None:
+            stacked.append(before.T)
+        basis = _orthonormal(np.concatenate(stacked))
+        if before is None or basis.shape[1] > before.shape[1]:
+            spans[rows] = basis
+            self._spread.add((marker, rows))
+
+    def spread(self) -> None:
+        """Give every function the sets whose span holds it (after new sets or
+        functions): the origin's and the offset parts', each of its kind."""
+        for target in (self.origin, self.parts):
+            for key, (vector, keys, _) in target.items():
+                marker = self.marker_of[key]
+                fresh = key not in self._spread_keys
+                for rows, basis in self.spans.get(marker, {}).items():
+                    if rows in keys or not (fresh or (marker, rows) in self._spread):
+                        continue
+                    if _in_span(vector, basis):
+                        keys.add(rows)
+                self._spread_keys.add(key)
+        self._spread = set()
+
     def parts_open(self, column: str) -> bool:
         """Whether an offset's parts are summed on their own: the site has seen
         as many weightings of its values as it takes (the fewest of its parts'
@@ -1312,14 +1502,20 @@ def check_functions(
                 target = atoms.parts
                 column, values = load.weighting[0], load.weighting[2]
                 marker += f"part:{column}:".encode()
+            atoms.span_over(marker, _rows_key(load), load.vectors)
             for vector in np.atleast_2d(load.vectors):
                 fkey = _function_key(vector)
                 key = marker + fkey
                 entry = target.setdefault(key, (vector, set(), set()))
                 entry[1].add(_rows_key(load))
                 entry[2].update(reads)
+                atoms.marker_of[key] = marker
                 if target is atoms.parts:
                     atoms.part_of[key] = (column, values, base + fkey)
+        # a function is summed over every set whose functions span it, whichever
+        # model's column it was (Σ(age + 5) with the count is Σ age; Σ age and
+        # Σ bmi are Σ(age + bmi))
+        atoms.spread()
         newly = {
             c for c in atoms.weightings if atoms.parts_open(c) and not before.get(c)
         }
