@@ -24,7 +24,7 @@ shared pattern, hence each pattern of ``T``. And it lets ordinary margins throug
 site's (woman, over 90) pattern is (woman, 80–90) − (man, 80–90) + (man, over 90),
 all held by both sites.
 
-**Counting holders privately.** Each site puts each of its patterns in three buckets
+**Counting holders privately.** Each site puts each of its patterns in four buckets
 of a table (by the pattern's id, a hash of its history of cells), with a fingerprint
 of the id, inside the holder count's masked flags: the sites learn, per bucket,
 how many sites hold a pattern there and the sum of their fingerprints — a site
@@ -75,14 +75,16 @@ _TOL = 1e-9
 def buckets(n_sites: int) -> int:
     """Buckets of the pattern table for a query over ``n_sites``: every site sums
     every site's table, so it shrinks as the sites grow."""
+    if n_sites <= 4:  # few sites: a larger table, fewer false refusals
+        return 16384
     if n_sites <= 16:
         return 8192
     return 2048 if n_sites <= 100 else 512
 
 
 #: each pattern goes in this many buckets; it counts as shared when one of them
-#: verifies (two patterns in every one of its buckets is rare: ~load³)
-POSITIONS = 3
+#: verifies (a pattern each of whose buckets holds another is rare: ~load⁴)
+POSITIONS = 4
 
 
 def _id(parent: bytes, query_hash: str, labels: Sequence[str]) -> bytes:
