@@ -397,10 +397,24 @@ def accept_kernel_dialog(ui: UI) -> None:
     """JupyterLab sometimes asks which kernel to start (a modal "Select Kernel"
     dialog, seen on a loaded machine): take the one it proposes, as a user would.
     Until it is answered, the dialog swallows every click (Run All included)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     dialog = ui.page.locator(".jp-Dialog").filter(has_text="Select Kernel")
+    deadline = time.monotonic() + START_TIMEOUT
+    # a click that lands while the dialog still opens (on a loaded machine) does
+    # nothing: press again until it has gone
+    while dialog.count() and time.monotonic() < deadline:
+        try:
+            dialog.get_by_role("button", name="Select", exact=True).click(
+                timeout=10_000
+            )
+            dialog.wait_for(state="detached", timeout=10_000)
+        except PlaywrightTimeout:
+            continue
     if dialog.count():
-        dialog.get_by_role("button", name="Select", exact=True).click()
-        dialog.wait_for(state="detached")
+        raise AssertionError(
+            f"the Select Kernel dialog stayed open for {START_TIMEOUT:.0f} s"
+        )
 
 
 def run_all_cells(ui: UI, timeout: float = START_TIMEOUT) -> None:

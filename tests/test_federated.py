@@ -780,3 +780,18 @@ def test_a_masked_study_over_a_sparse_mask_graph_gives_the_in_clear_fedavg_model
     difference = np.abs(flat(masked) - flat(plain)).max()
     assert difference < 1e-12, f"masked vs plain parameters differ by {difference:.3g}"
     assert [len(s) for s in masked.history["sites"]] == [60, 60]
+
+
+def test_a_simulated_rounds_deadline_grows_with_the_sites() -> None:
+    """The default step deadline is the study's 120 s up to 500 sites and grows
+    with their square beyond (1,000 sites: 480 s; a step there took ~70 s on an
+    idle 2-core machine, over 120 s on a loaded one); an explicit one is kept,
+    and a deadline that is not positive is refused before anything runs."""
+    from healthlab.federated.run import simulation_round_timeout
+
+    assert simulation_round_timeout(2) == 120.0
+    assert simulation_round_timeout(500) == 120.0
+    assert simulation_round_timeout(1000) == pytest.approx(480.0)
+    assert simulation_round_timeout(2000) > simulation_round_timeout(1000)
+    with pytest.raises(InvalidInput, match="round_timeout must be positive"):
+        train(three_sites(), target="target", rounds=1, round_timeout=0.0)
