@@ -43,6 +43,7 @@ from healthlab.errors import (
 )
 from healthlab.holders import HolderPatterns
 from healthlab.ledger.signing import SignedQuery, recover_signer
+from healthlab.relations import Relations, find_relations
 from healthlab.site_data import at_site
 
 if TYPE_CHECKING:
@@ -743,6 +744,18 @@ class Site:
             raise DataRefused(
                 f"site {self.name} has no column(s) {missing}; it has {self.columns}"
             )
+        near = self.column_relations().near
+        related = [c for c in wanted if c in near]
+        if related:
+            # beside its basis, any statistic of such a column is the few rows'
+            column = related[0]
+            raise DisclosureRefused(
+                f"site {self.name}: column {column!r} equals an affine function of "
+                f"{near[column].words()} on all its rows but a few, so its "
+                "statistics beside theirs would be those rows' own; compute on "
+                f"{near[column].words()}, or ask the owner to correct or drop "
+                f"{column!r}"
+            )
         # index = row positions, so study code can map subsets back to all rows
         frame = self._frame.loc[:, wanted].reset_index(drop=True)
         bad = frame.isna()
@@ -767,6 +780,15 @@ class Site:
             )
         dropped_rows = outside | rows_bad
         return frame.loc[~dropped_rows, list(columns)], int(dropped_rows.sum())
+
+    def column_relations(self) -> Relations:
+        """How this site's value columns relate on its rows
+        (:mod:`healthlab.relations`), found once per version of its data."""
+        cached = self.__dict__.get("_relations")
+        if cached is None or cached[0] is not self._frame:
+            found = find_relations(self._frame, self._policy.min_rows)
+            self.__dict__["_relations"] = cached = (self._frame, found)
+        return cached[1]
 
     # --------------------------------------------------- differential privacy
     @property

@@ -673,3 +673,61 @@ def test_the_kept_atoms_decide_as_the_definition_does(
             assert isolated(answered, k, auditor.units) == reference_isolated(
                 answered, k, auditor.units
             )
+
+
+# ------------------------------- a column that equals another but on a few rows
+def _follow_up_sites(late: int, seed: int = 4) -> list[Site]:
+    """Two sites of 200 patients with an age at follow-up ``age_fu = age + 5``,
+    except ``late`` patients at the first site followed up a year later."""
+    out = []
+    for i in range(2):
+        rng = np.random.default_rng(seed + i)
+        age = rng.integers(30, 81, 200).astype(float)
+        fu = age + 5
+        if i == 0:
+            fu[:late] += 1
+        sbp = rng.normal(130, 15, 200).round(1)
+        out.append(Site(f"s{i}", pd.DataFrame({"age": age, "age_fu": fu, "sbp": sbp})))
+    return out
+
+
+@pytest.mark.parametrize("late", [1, 2])
+def test_a_column_equal_to_another_but_on_few_rows_is_refused(late: int) -> None:
+    """Σ age_fu − Σ age − 5n over the same rows is the late patients' delay: two
+    ordinary describes gave it. The site refuses to compute on ``age_fu`` — a
+    describe, a histogram, a model, a population — naming the columns, never a
+    count or a value; ``age`` and the other columns are answered as before."""
+    sites = _follow_up_sites(late)
+    pooled = pd.concat([s._frame for s in sites], ignore_index=True)
+    table = encrypted.describe(sites, ["age", "sbp"])
+    assert table.loc["mean", "age"] == pytest.approx(pooled["age"].mean(), rel=1e-13)
+    calls = [
+        lambda: encrypted.describe(sites, ["age_fu"]),
+        lambda: encrypted.describe(sites, ["age", "age_fu"]),
+        lambda: encrypted.histogram(sites, "age_fu", bins=[30, 50, 70, 90]),
+        lambda: encrypted.glm(sites, "sbp ~ age_fu", "gaussian"),
+        lambda: encrypted.describe(sites, ["sbp"], population=["age_fu"]),
+    ]
+    for call in calls:
+        with pytest.raises(DisclosureRefused) as refused:
+            call()
+        message = str(refused.value)
+        assert "'age_fu' equals an affine function of 'age'" in message
+        assert "site s0" in message and "site s1" not in message
+        assert not any(ch.isdigit() for ch in message.replace("s0", ""))
+    assert encrypted.describe(sites, ["sbp"]).loc["count", "sbp"] == 400
+
+
+def test_a_column_related_on_every_row_or_on_many_rows_is_answered() -> None:
+    """The honest cases: a follow-up age of exactly age + 5 (a relation on every
+    row: counted with age's functions, answered) and one where as many patients
+    as the site's minimum or more were followed up late (a statistic of at least
+    k rows) are described exactly."""
+    for late in (0, 3, 40):
+        sites = _follow_up_sites(late)
+        pooled = pd.concat([s._frame for s in sites], ignore_index=True)
+        table = encrypted.describe(sites, ["age", "age_fu"])
+        for column in ("age", "age_fu"):
+            assert table.loc["mean", column] == pytest.approx(
+                pooled[column].mean(), rel=1e-13
+            )

@@ -1533,8 +1533,14 @@ def test_column_relations_are_found_on_every_row_and_only_there() -> None:
             "name": ["x"] * n,
         }
     )
-    relations = glm_models.column_relations(Site("s", frame))
+    site = Site("s", frame)
+    relations = glm_models.column_relations(site)
     assert set(relations) == {"age_fu", "months", "total"}
+    # equal to age + 5 but on one row: refused at the site (tests/test_audit.py)
+    assert set(site.column_relations().near) == {"near"}
+    assert dict(site.column_relations().near["near"].terms) == pytest.approx(
+        {"age": 1.0}
+    )
     assert dict(relations["age_fu"].terms) == pytest.approx({"age": 1.0})
     assert relations["age_fu"].constant == pytest.approx(5.0)
     assert dict(relations["months"].terms) == pytest.approx({"age": 12.0})

@@ -79,6 +79,8 @@ from healthlab.errors import (
     InvalidInput,
     TooFewRows,
 )
+from healthlab.relations import Relation
+from healthlab.relations import valued as _valued
 from healthlab.site_data import numeric_column
 from healthlab.sites import Site, as_sites
 
@@ -909,112 +911,11 @@ _PROBES = 48
 _LEVEL = re.compile(r"C\(\s*(\w+)\s*\)\[(?:T\.)?([^\]]*)\]")
 
 
-@dataclass(frozen=True)
-class Relation:
-    """A value column that is, on every row of the site holding it, an affine
-    function of other value columns: ``constant + Σ coefficient · column``."""
-
-    terms: tuple[tuple[str, float], ...]
-    constant: float
-
-    @property
-    def columns(self) -> frozenset[str]:
-        return frozenset(c for c, _ in self.terms)
-
-
-#: Rows a relation between columns is first tried on (then confirmed on all).
-_RELATION_SAMPLE = 2048
-#: Per site, its frame and its value columns' relations.
-_RELATIONS: weakref.WeakKeyDictionary[Site, tuple[Any, dict[str, Relation]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _valued(values: np.ndarray) -> bool:
-    """Whether a column takes more than one value besides 0 (else it is an
-    indicator, or constant: a set of rows, not a value)."""
-    finite = values[np.isfinite(values)]
-    return bool(np.unique(finite[finite != 0]).size > 1)
-
-
 def column_relations(site: Site) -> dict[str, Relation]:
     """The site's value columns that are affine functions of others on its rows
-    (``age_fu = age + 5``, a total of its parts), each over a basis of columns
-    that are not: a model of ``age_fu`` sums functions of ``age``'s values, and
-    is counted with them.
-
-    Found on the site's own rows (a relation that holds on every row is one a
-    data dictionary states, not a coincidence); greedily in the frame's order, so
-    the basis is the same for every model. A relation that holds on part of the
-    rows only, or that is not affine (a logarithm kept as a column), is not found:
-    README, "What is proven"."""
-    frame = site._frame
-    cached = _RELATIONS.get(site)
-    if cached is not None and cached[0] is frame:
-        return cached[1]
-    values: dict[str, np.ndarray] = {}
-    for column in frame.columns:
-        series = frame[column]
-        if not pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(
-            series
-        ):
-            continue
-        v = np.asarray(series, dtype=float)
-        if _valued(v):
-            values[str(column)] = v
-    relations: dict[str, Relation] = {}
-    basis: list[str] = []
-    for column, v in values.items():
-        present = np.flatnonzero(np.isfinite(v))
-        usable = [b for b in basis if np.all(np.isfinite(values[b][present]))]
-        found = None
-        if usable and present.size >= len(usable) + 3:
-            found = _affine(v, [values[b] for b in usable], present)
-        if found is None:
-            basis.append(column)
-            continue
-        constant, coefficients = found
-        scale = max(1.0, float(np.abs(v[present]).max()))
-        terms = tuple(
-            (b, float(c))
-            for b, c in zip(usable, coefficients, strict=True)
-            if abs(c) * max(1.0, float(np.abs(values[b][present]).max()))
-            > 1e-12 * scale
-        )
-        if terms:
-            relations[column] = Relation(terms, float(constant))
-        else:  # constant where present: a set of rows, not a value
-            basis.append(column)
-    _RELATIONS[site] = (frame, relations)
-    return relations
-
-
-def _affine(
-    v: np.ndarray, others: list[np.ndarray], present: np.ndarray
-) -> tuple[float, np.ndarray] | None:
-    """``v`` as ``c + Σ s_i · others_i`` on the rows ``present``, exactly (to
-    rounding), or None: tried on a sample of rows, then confirmed on all."""
-    if present.size > _RELATION_SAMPLE:
-        sample = present[
-            np.linspace(0, present.size - 1, _RELATION_SAMPLE).astype(np.int64)
-        ]
-    else:
-        sample = present
-
-    def design(rows: np.ndarray) -> np.ndarray:
-        return np.column_stack([np.ones(rows.size)] + [o[rows] for o in others])
-
-    solution, *_ = np.linalg.lstsq(design(sample), v[sample], rcond=None)
-    size = float(np.abs(v[present]).max()) + sum(
-        abs(float(s)) * float(np.abs(o[present]).max())
-        for s, o in zip(solution[1:], others, strict=True)
-    )
-    tolerance = 1e-9 * max(1.0, size)
-    for rows in (sample, present):
-        residual = v[rows] - design(rows) @ solution
-        if float(np.abs(residual).max()) > tolerance:
-            return None
-    return float(solution[0]), solution[1:]
+    (:func:`healthlab.relations.find_relations`): a model of ``age_fu = age + 5``
+    sums functions of ``age``'s values, and is counted with them."""
+    return site.column_relations().exact
 
 
 def _probe(column: str) -> np.ndarray:
