@@ -1545,3 +1545,32 @@ def test_column_relations_are_found_on_every_row_and_only_there() -> None:
     assert relations["age_fu"].constant == pytest.approx(5.0)
     assert dict(relations["months"].terms) == pytest.approx({"age": 12.0})
     assert dict(relations["total"].terms) == pytest.approx({"age": 1.0, "bmi": 2.0})
+
+
+def test_a_stored_total_counts_one_unknown_not_its_parts() -> None:
+    """``total = a + b`` over its parts' basis: its powers over the 6 patients a
+    population leaves out determine their totals (not their parts), so they count
+    one unknown a row, not two; the same model a population apart is refused, as
+    for any column. With a part beside it, two."""
+
+    def frames() -> list[pd.DataFrame]:
+        out = []
+        for i, f in enumerate(_related_frames(lambda f: f["age"] + 5)):
+            f = f.copy()
+            f["b"] = np.random.default_rng(10 + i).integers(1, 9, len(f)).astype(float)
+            f["total"] = f["age"] + f["b"]
+            out.append(f)
+        return out
+
+    formula = "y ~ total + I(total ** 2) + np.sqrt(total)"
+    sites = [Site(f"h{i}", f) for i, f in enumerate(frames())]
+    assert set(sites[0].column_relations().exact) >= {"total", "age_fu"}
+    encrypted.glm(sites, formula, "gaussian")
+    with pytest.raises(TooFewRows, match="functions of the values"):
+        encrypted.glm(sites, formula, "gaussian", population=["lab"])
+    relations = glm_models.column_relations(sites[0])
+    frame, rows = sites[0]._frame, np.ones(sites[0].n_rows, dtype=bool)
+    unknowns = glm_models._unknowns
+    assert unknowns(frame, rows, {"total"}, relations) == pytest.approx(0.75)
+    assert unknowns(frame, rows, {"total", "age"}, relations) == pytest.approx(1.5)
+    assert unknowns(frame, rows, {"age_fu", "age"}, relations) == pytest.approx(0.75)

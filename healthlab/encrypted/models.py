@@ -938,7 +938,8 @@ def value_functions(
     :func:`_indicators` has it; every other one takes the probe values. A column
     that is an affine function of others on the site's rows (``relations``, see
     :func:`column_relations`) takes the same function of their probe values, and
-    reads them: ``age_fu = age + 5`` sums functions of ``age``. From the formula,
+    reads it by its own name (its unknowns are counted with its basis by
+    direction, :func:`_unknowns`): ``age_fu = age + 5`` sums functions of ``age``. From the formula,
     the levels, which columns are indicators here and how they relate."""
     relations = relations or {}
     valued = [c for c in formula.numeric if _valued(np.asarray(frame[c], dtype=float))]
@@ -988,9 +989,10 @@ def value_functions(
         base = design(probe, chosen)
         for i in members:
             vectors[i] = np.asarray(base[names[i]], dtype=float)
-        for c in bases:
-            moved_points = points | {c: points[c] * 1.37 + 0.11}
-            changed = design(probes(moved_points), chosen)
+        # (each column read by its own name: its unknowns are counted with its
+        # relations' by their directions, see _unknowns)
+        for c in valued:
+            changed = design(probe | {c: probe[c] * 1.37 + 0.11}, chosen)
             for i in members:
                 after = np.asarray(changed[names[i]], dtype=float)
                 if not np.allclose(after, vectors[i], equal_nan=True):
@@ -1078,9 +1080,39 @@ def _column_unknowns(
     return out
 
 
-def _unknowns(frame: pd.DataFrame, rows: np.ndarray, columns: set[str]) -> float:
-    """Per row, the unknowns of ``columns`` over ``rows``."""
-    return sum(_column_unknowns(frame, rows, columns).values())
+def _unknowns(
+    frame: pd.DataFrame,
+    rows: np.ndarray,
+    columns: set[str],
+    relations: Mapping[str, Relation] | None = None,
+) -> float:
+    """Per row, the unknowns of ``columns`` over ``rows``: with ``relations``
+    (columns that are affine functions of others), as many as the independent
+    directions the columns take in their basis — ``age`` and ``age_fu = age + 5``
+    are one unknown, ``total = a + b`` alone one (its powers determine the total,
+    not its parts), with ``a`` two. Whole-number columns are taken first (their
+    unknown is the smaller)."""
+    each = _column_unknowns(frame, rows, columns)
+    if not relations or not any(c in relations for c in each):
+        return sum(each.values())
+    bases = sorted(
+        set().union(*(relations[c].columns if c in relations else {c} for c in each))
+    )
+    where = {b: i for i, b in enumerate(bases)}
+    chosen: list[np.ndarray] = []
+    total = 0.0
+    for column in sorted(each, key=lambda c: (each[c], c)):
+        direction = np.zeros(len(bases))
+        if column in relations:
+            for b, s in relations[column].terms:
+                direction[where[b]] = s
+        else:
+            direction[where[column]] = 1.0
+        trial = [*chosen, direction / np.abs(direction).max()]
+        if np.linalg.matrix_rank(np.vstack(trial), tol=1e-9) > len(chosen):
+            chosen = trial
+            total += each[column]
+    return total
 
 
 def function_loads(
@@ -1118,6 +1150,7 @@ def function_loads(
         entry[2].update(entry_set.reads)
         entry[3][0] = entry[3][0] or entry_set.varying
     loads = []
+    relations = column_relations(site)
     for rows, parts, columns, (varies, name, outcome, weighting) in grouped.values():
         vectors = np.concatenate(parts)
         full = _full_masks(site, kept if kept is not None else frame, [rows])[0]
@@ -1128,9 +1161,9 @@ def function_loads(
                 int(rows.sum()),
                 # the origin's unknowns are the set's own columns'; an iterate's
                 # weights read every value column of the model
-                _unknowns(site._frame, full, columns),
+                _unknowns(site._frame, full, columns, relations),
                 _functions(vectors),
-                _unknowns(site._frame, full, columns | weighted),
+                _unknowns(site._frame, full, columns | weighted, relations),
                 np.packbits(full).tobytes(),
                 vectors,
                 tuple(sorted(_column_unknowns(site._frame, full, columns).items())),
@@ -1498,7 +1531,9 @@ def check_functions(
         columns = set(entry.columns)
         if extra and stored is not None:
             columns |= stored.weighted_columns
-        unknowns = _unknowns(frame, rows, columns) if columns else 0.0
+        unknowns = (
+            _unknowns(frame, rows, columns, column_relations(site)) if columns else 0.0
+        )
         name = names.get(unit, "a part of the model's rows")
         _refuse_if_determined(site, int(rows.sum()), unknowns, functions, name)
 
