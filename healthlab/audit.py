@@ -788,6 +788,19 @@ class Auditor:
             born[: len(old_keys)] = old_columns[1]
             born[len(old_keys) :] = True
             self._space_columns, self._born = space_columns, born
+        elif current_columns is not None and self._unit_keys is None:
+            # a memory written before the column hashes were kept: a row an update
+            # made may equal a row no longer held in the columns a query reads
+            # (an edit elsewhere), which then sums what that row did — unknown
+            # here, so an update that both drops and makes rows fails closed
+            held = np.zeros(len(keys), dtype=bool)
+            held[position] = True
+            if extra and not held[: len(old_keys)].all():
+                self.frozen = (
+                    "its memory of earlier answers predates the per-column row "
+                    "hashes, and its data changed by rows both removed or edited and "
+                    "added, which that memory cannot tell apart"
+                )
         self._columns_dirty = True
         units = None
         if self._unit_keys is not None:

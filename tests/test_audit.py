@@ -731,3 +731,45 @@ def test_a_column_related_on_every_row_or_on_many_rows_is_answered() -> None:
             assert table.loc["mean", column] == pytest.approx(
                 pooled[column].mean(), rel=1e-13
             )
+
+
+@pytest.mark.parametrize("change", ELSEWHERE)
+def test_a_memory_without_column_hashes_fails_closed_on_an_edit_and_a_removal(
+    tmp_path: Path, change: str
+) -> None:
+    """A memory written before the per-column hashes were kept (no
+    audit-<site>.columns.npy) cannot tell which values an edited row shares with
+    its earlier version, so the edit-elsewhere attack above worked across its
+    first update. Such a memory facing rows both removed or edited and added
+    answers nothing (naming why and what to do); facing only added rows, or only
+    removed ones, it follows them as before."""
+    a, b = cohort(0), cohort(1)
+    encrypted.describe(sites_on_disk(tmp_path, a, b), ["age"])
+    for site in ("a", "b"):
+        (tmp_path / site / f"audit-{site}.columns.npy").unlink()
+    after = sites_on_disk(
+        tmp_path, edited_elsewhere(a, change), edited_elsewhere(b, change)
+    )
+    with pytest.raises(DisclosureRefused, match="predates the per-column row hashes"):
+        encrypted.describe(after, ["age"])
+    with pytest.raises(DisclosureRefused, match="predates the per-column row hashes"):
+        encrypted.describe(after, ["sbp"])
+
+
+def test_a_memory_without_column_hashes_follows_additions_and_removals(
+    tmp_path: Path,
+) -> None:
+    """Such a memory facing only an added or only a removed patient follows the
+    rows by their hashes as before: "all rows" again is refused by the
+    differencing rule (one place apart), not frozen; a query over the rows that
+    stayed is answered."""
+    a = cohort(0)
+    encrypted.describe(sites_on_disk(tmp_path, a), ["age"], by="sex")
+    for change in ("add one", "remove one"):
+        (tmp_path / "a" / "audit-a.columns.npy").unlink(missing_ok=True)
+        with pytest.raises(DisclosureRefused, match="together with") as refused:
+            encrypted.describe(sites_on_disk(tmp_path, updated(a, change)), ["age"])
+        assert "predates" not in str(refused.value)
+    (tmp_path / "a" / "audit-a.columns.npy").unlink(missing_ok=True)
+    table = encrypted.describe(sites_on_disk(tmp_path, a), ["age"], by="sex")
+    assert table.loc["count"].sum() == len(a) + len(partner(1))
