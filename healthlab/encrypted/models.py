@@ -939,8 +939,9 @@ def value_functions(
     that is an affine function of others on the site's rows (``relations``, see
     :func:`column_relations`) takes the same function of their probe values, and
     reads it by its own name (its unknowns are counted with its basis by
-    direction, :func:`_unknowns`): ``age_fu = age + 5`` sums functions of ``age``. From the formula,
-    the levels, which columns are indicators here and how they relate."""
+    direction, :func:`_unknowns`): ``age_fu = age + 5`` sums functions of
+    ``age``. From the formula, the levels, which columns are indicators here and
+    how they relate."""
     relations = relations or {}
     valued = [c for c in formula.numeric if _valued(np.asarray(frame[c], dtype=float))]
     # the value columns the formula's are functions of
