@@ -750,8 +750,8 @@ class Site:
             # beside its basis, any statistic of such a column is the few rows'
             column = related[0]
             raise DisclosureRefused(
-                f"site {self.name}: column {column!r} equals an affine function of "
-                f"{near[column].words()} on all its rows but a few, so its "
+                f"site {self.name}: column {column!r} equals "
+                f"{near[column].kind_words()} on all its rows but a few, so its "
                 "statistics beside theirs would be those rows' own; compute on "
                 f"{near[column].words()}, or ask the owner to correct or drop "
                 f"{column!r}"

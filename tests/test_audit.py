@@ -9,6 +9,7 @@ restarts. Next to them: the ordinary work that must still be answered.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -712,10 +713,80 @@ def test_a_column_equal_to_another_but_on_few_rows_is_refused(late: int) -> None
         with pytest.raises(DisclosureRefused) as refused:
             call()
         message = str(refused.value)
-        assert "'age_fu' equals an affine function of 'age'" in message
+        assert "'age_fu' equals an affine function of 'age' " in message
         assert "site s0" in message and "site s1" not in message
         assert not any(ch.isdigit() for ch in message.replace("s0", ""))
     assert encrypted.describe(sites, ["sbp"]).loc["count", "sbp"] == 400
+
+
+_TRANSFORMS: dict[str, tuple[Callable[[pd.DataFrame], pd.Series], str]] = {
+    # a stored square: Σ d against the variance of age
+    "square": (lambda f: f["age"] ** 2, "'age'"),
+    # a stored product: Σ d against age and sbp's cross moment
+    "product": (lambda f: f["age"] * f["sbp"], "'age' and 'sbp'"),
+    # a stored logarithm, or a ratio: against a model's np.log terms
+    "log": (lambda f: np.log(f["age"]), "'age'"),
+    "ratio": (lambda f: f["age"] / f["sbp"], "'age' and 'sbp'"),
+}
+
+
+def _transform_sites(
+    derive: Callable[[pd.DataFrame], pd.Series], off: int
+) -> list[Site]:
+    """Two sites with a column ``d`` derived from others, except on ``off`` rows
+    at the first (a transcription slip, a unit mixed up)."""
+    out = []
+    for i in range(2):
+        rng = np.random.default_rng(7 + i)
+        frame = pd.DataFrame(
+            {
+                "age": rng.integers(30, 81, 200).astype(float),
+                "sbp": rng.normal(130, 15, 200).round(1),
+            }
+        )
+        d = np.asarray(derive(frame), dtype=float).copy()
+        if i == 0:
+            d[:off] *= 1.01
+        frame["d"] = d
+        out.append(Site(f"s{i}", frame))
+    return out
+
+
+@pytest.mark.parametrize("off", [1, 2])
+@pytest.mark.parametrize("kind", sorted(_TRANSFORMS))
+def test_a_column_equal_to_a_transform_but_on_few_rows_is_refused(
+    kind: str, off: int
+) -> None:
+    """The same with a transform the statistics also compute: ``d = age²`` but on
+    a row gives that row's slip from Σ d and age's variance over the same rows
+    (a product from a cross moment; a logarithm or a ratio from two models with
+    np.log terms). Refused at the site, naming the columns it is a function of;
+    the basis columns are answered."""
+    derive, basis = _TRANSFORMS[kind]
+    sites = _transform_sites(derive, off)
+    for call in (
+        lambda: encrypted.describe(sites, ["d"]),
+        lambda: encrypted.glm(sites, "sbp ~ np.log(d)", "gaussian"),
+    ):
+        with pytest.raises(DisclosureRefused) as refused:
+            call()
+        message = str(refused.value)
+        assert f"'d' equals a function of {basis} on all its rows but a few" in message
+        assert not any(ch.isdigit() for ch in message.replace("s0", ""))
+    pooled = pd.concat([s._frame for s in sites], ignore_index=True)
+    table = encrypted.describe(sites, ["age", "sbp"])
+    assert table.loc["mean", "sbp"] == pytest.approx(pooled["sbp"].mean(), rel=1e-13)
+
+
+@pytest.mark.parametrize("kind", sorted(_TRANSFORMS))
+def test_a_column_equal_to_a_transform_on_every_row_is_answered(kind: str) -> None:
+    """The honest case: a stored transform that holds on every row is a
+    relation, counted with its basis' functions: described exactly."""
+    sites = _transform_sites(_TRANSFORMS[kind][0], 0)
+    assert "d" in sites[0].column_relations().exact
+    pooled = pd.concat([s._frame for s in sites], ignore_index=True)
+    table = encrypted.describe(sites, ["d"])
+    assert table.loc["mean", "d"] == pytest.approx(pooled["d"].mean(), rel=1e-12)
 
 
 def test_a_column_related_on_every_row_or_on_many_rows_is_answered() -> None:

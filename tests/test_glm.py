@@ -1467,33 +1467,77 @@ def _related_frames(
         f = f.copy()
         f["y"] = np.random.default_rng(i).normal(120, 15, len(f)).round(1)
         f["lab"] = np.where(f["rare"] == 1, np.nan, 1.0 + f.index % 7)
+        f["b"] = np.random.default_rng(20 + i).normal(27, 4, len(f)).round(2)
         f["age_fu"] = derive(f)
         out.append(f)
     return out
 
 
+_FIRST = "y ~ np.sqrt(age) + age + I(age ** 2)"
+
+
 @pytest.mark.parametrize(
-    ("derive", "second"),
+    ("derive", "first", "second"),
     [
         # follow-up age: a shifted copy of age
-        (lambda f: f["age"] + 5, "y ~ np.sqrt(age_fu) + age_fu + I(age_fu ** 2)"),
+        (
+            lambda f: f["age"] + 5,
+            _FIRST,
+            "y ~ np.sqrt(age_fu) + age_fu + I(age_fu ** 2)",
+        ),
         # age in months, less three: scaled and shifted
-        (lambda f: 12 * f["age"] - 3, "y ~ np.sqrt(age_fu) + age_fu + I(age_fu ** 2)"),
+        (
+            lambda f: 12 * f["age"] - 3,
+            _FIRST,
+            "y ~ np.sqrt(age_fu) + age_fu + I(age_fu ** 2)",
+        ),
         # a copy, under other transforms
-        (lambda f: f["age"].copy(), "y ~ np.log(age_fu) + age_fu + I(age_fu ** 2)"),
+        (
+            lambda f: f["age"].copy(),
+            _FIRST,
+            "y ~ np.log(age_fu) + age_fu + I(age_fu ** 2)",
+        ),
+        # a stored square: √(age²), age², log(age²) span age, age², log age
+        (
+            lambda f: f["age"] ** 2,
+            "y ~ age + I(age ** 2) + np.log(age)",
+            "y ~ np.sqrt(age_fu) + age_fu + np.log(age_fu)",
+        ),
+        # a stored product: the interaction's own values
+        (lambda f: f["age"] * f["b"], "y ~ age + b + age:b", "y ~ age + b + age_fu"),
+        # a stored ratio: its logarithm is log age − log b
+        (
+            lambda f: f["age"] / f["b"],
+            "y ~ np.log(age) + np.log(b) + age",
+            "y ~ np.log(age_fu) + np.log(b) + age",
+        ),
+        # a stored logarithm
+        (
+            lambda f: np.log(f["age"]),
+            "y ~ np.log(age) + age + np.sqrt(age)",
+            "y ~ age_fu + age + np.sqrt(age)",
+        ),
     ],
-    ids=["shifted column", "scaled column", "copied column"],
+    ids=[
+        "shifted column",
+        "scaled column",
+        "copied column",
+        "squared column",
+        "product column",
+        "ratio column",
+        "logarithm column",
+    ],
 )
 def test_a_column_related_to_another_is_counted_with_it(
-    derive: Callable[[pd.DataFrame], pd.Series], second: str
+    derive: Callable[[pd.DataFrame], pd.Series], first: str, second: str
 ) -> None:
     """The population-apart attack with the second model over another column
-    (or transform) of the same values: Σ(age + 5)ᵏ with the count is Σ ageʲ, so
-    the two models' functions still differ by the 6 patients' sums. Each
-    function counts over every set whose functions span it, and a column that
-    is an affine function of others on the site's rows takes their functions:
-    refused. Each model alone is answered."""
-    first = "y ~ np.sqrt(age) + age + I(age ** 2)"
+    (or transform) of the same values: Σ(age + 5)ᵏ with the count is Σ ageʲ, a
+    stored age² or age · b is the first model's own function, so the two models'
+    functions still differ by the 6 patients' sums. Each function counts over
+    every set whose functions span it, and a column that is a function of others
+    on the site's rows (affine, or of their squares, products, logarithms) takes
+    their functions: refused. Each model alone is answered."""
     sites = [Site(f"h{i}", f) for i, f in enumerate(_related_frames(derive))]
     encrypted.glm(sites, first, "gaussian")
     answered = [len(s.log) for s in sites]
@@ -1510,8 +1554,10 @@ def test_a_column_related_to_another_is_counted_with_it(
 
 def test_column_relations_are_found_on_every_row_and_only_there() -> None:
     """A shifted, a scaled and a summed column are affine functions of their
-    bases; a column equal to another but on one row, a non-affine transform and
-    0/1 flags are not; a relation holds where the column has values."""
+    bases, a logarithm, a square, a product and a ratio functions of theirs; a
+    column equal to another but on one row, a transform outside the families
+    (a rounded one, an exponent of a product) and 0/1 flags are not; a relation
+    holds where the column has values."""
     rng = np.random.default_rng(3)
     n = 5000
     a = rng.integers(30, 81, n).astype(float)
@@ -1529,22 +1575,48 @@ def test_column_relations_are_found_on_every_row_and_only_there() -> None:
             "total": a + 2 * b,
             "near": near,
             "log_age": np.log(a),
+            "age_sq": a**2,
+            "age_bmi": a * b,
+            "ratio": 1e4 * a / b**2,
+            "rounded": np.round(a**2 / 7, 1),
+            "power": np.exp(a * b / 1000),
             "flag": (a > 50).astype(float),
             "name": ["x"] * n,
         }
     )
     site = Site("s", frame)
     relations = glm_models.column_relations(site)
-    assert set(relations) == {"age_fu", "months", "total"}
+    assert set(relations) == {
+        "age_fu",
+        "months",
+        "total",
+        "log_age",
+        "age_sq",
+        "age_bmi",
+        "ratio",
+    }
     # equal to age + 5 but on one row: refused at the site (tests/test_audit.py)
     assert set(site.column_relations().near) == {"near"}
-    assert dict(site.column_relations().near["near"].terms) == pytest.approx(
+    assert site.column_relations().near["near"].coefficients == pytest.approx(
         {"age": 1.0}
     )
-    assert dict(relations["age_fu"].terms) == pytest.approx({"age": 1.0})
+    assert relations["age_fu"].coefficients == pytest.approx({"age": 1.0})
     assert relations["age_fu"].constant == pytest.approx(5.0)
-    assert dict(relations["months"].terms) == pytest.approx({"age": 12.0})
-    assert dict(relations["total"].terms) == pytest.approx({"age": 1.0, "bmi": 2.0})
+    assert relations["months"].coefficients == pytest.approx({"age": 12.0})
+    assert relations["total"].coefficients == pytest.approx({"age": 1.0, "bmi": 2.0})
+    assert all(relations[c].affine for c in ("age_fu", "months", "total"))
+    assert relations["log_age"].coefficients == pytest.approx({"log(age)": 1.0})
+    assert relations["age_sq"].coefficients == pytest.approx({"age**2": 1.0})
+    assert relations["age_bmi"].coefficients == pytest.approx({"age*bmi": 1.0})
+    ratio = relations["ratio"]
+    assert (ratio.outer, ratio.constant) == ("log", pytest.approx(np.log(1e4)))
+    assert ratio.coefficients == pytest.approx({"log(age)": 1.0, "log(bmi)": -2.0})
+    # each evaluates to its column's values from its basis', where it has them
+    for column, relation in relations.items():
+        held = frame[column].notna().to_numpy()
+        np.testing.assert_allclose(
+            relation.evaluate(frame)[held], frame[column][held], rtol=1e-9
+        )
 
 
 def test_a_stored_total_counts_one_unknown_not_its_parts() -> None:

@@ -912,9 +912,10 @@ _LEVEL = re.compile(r"C\(\s*(\w+)\s*\)\[(?:T\.)?([^\]]*)\]")
 
 
 def column_relations(site: Site) -> dict[str, Relation]:
-    """The site's value columns that are affine functions of others on its rows
+    """The site's value columns that are functions of others on its rows
     (:func:`healthlab.relations.find_relations`): a model of ``age_fu = age + 5``
-    sums functions of ``age``'s values, and is counted with them."""
+    or of ``age_sq = age²`` sums functions of ``age``'s values, and is counted
+    with them."""
     return site.column_relations().exact
 
 
@@ -936,12 +937,12 @@ def value_functions(
 
     A numeric column of one value besides 0 (a 0/1 covariate) is an indicator, as
     :func:`_indicators` has it; every other one takes the probe values. A column
-    that is an affine function of others on the site's rows (``relations``, see
+    that is a function of others on the site's rows (``relations``, see
     :func:`column_relations`) takes the same function of their probe values, and
     reads it by its own name (its unknowns are counted with its basis by
-    direction, :func:`_unknowns`): ``age_fu = age + 5`` sums functions of
-    ``age``. From the formula, the levels, which columns are indicators here and
-    how they relate."""
+    direction, :func:`_unknowns`): ``age_fu = age + 5`` and ``age_sq = age²``
+    sum functions of ``age``. From the formula, the levels, which columns are
+    indicators here and how they relate."""
     relations = relations or {}
     valued = [c for c in formula.numeric if _valued(np.asarray(frame[c], dtype=float))]
     # the value columns the formula's are functions of
@@ -957,10 +958,7 @@ def value_functions(
             if c not in valued:
                 out[c] = np.ones(_PROBES)
             elif c in relations:
-                relation = relations[c]
-                out[c] = relation.constant + sum(
-                    (s * points[b] for b, s in relation.terms), np.zeros(_PROBES)
-                )
+                out[c] = relations[c].evaluate(points)
             else:
                 out[c] = points[c]
         return out
@@ -1088,7 +1086,7 @@ def _unknowns(
     relations: Mapping[str, Relation] | None = None,
 ) -> float:
     """Per row, the unknowns of ``columns`` over ``rows``: with ``relations``
-    (columns that are affine functions of others), as many as the independent
+    (columns that are functions of others), as many as the independent
     directions the columns take in their basis — ``age`` and ``age_fu = age + 5``
     are one unknown, ``total = a + b`` alone one (its powers determine the total,
     not its parts), with ``a`` two. Whole-number columns are taken first (their
@@ -1100,13 +1098,16 @@ def _unknowns(
         set().union(*(relations[c].columns if c in relations else {c} for c in each))
     )
     where = {b: i for i, b in enumerate(bases)}
+    # a relation's direction: its gradient, at a probe point (an affine one's is
+    # its coefficients anywhere; another's, generic at that point)
+    point = {b: float(_probe(b)[0]) for b in bases}
     chosen: list[np.ndarray] = []
     total = 0.0
     for column in sorted(each, key=lambda c: (each[c], c)):
         direction = np.zeros(len(bases))
         if column in relations:
-            for b, s in relations[column].terms:
-                direction[where[b]] = s
+            for b, g in relations[column].gradient(point).items():
+                direction[where[b]] = g
         else:
             direction[where[column]] = 1.0
         trial = [*chosen, direction / np.abs(direction).max()]
