@@ -71,9 +71,10 @@ class Feature:
             if self.kind == "value":
                 return x
             if self.kind == "square":
-                return x * x
+                return np.asarray(x * x, dtype=float)
             if self.kind == "product":
-                return x * np.asarray(values[self.columns[1]], dtype=float)
+                other = np.asarray(values[self.columns[1]], dtype=float)
+                return np.asarray(x * other, dtype=float)
             return np.asarray(getattr(np, self.kind)(x), dtype=float)
 
     def derivative(self, column: str, point: Mapping[str, float]) -> float:
